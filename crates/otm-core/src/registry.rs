@@ -1,0 +1,83 @@
+//! The [`Registry`] trait: the source of truth for tenants, instances, inboxes and fleet settings.
+
+use crate::{Appended, FailOutcome, InboxItem, InboxView, InstanceId, InstanceRecord, Result, Tenant, TenantId, TenantStatus};
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+/// Settings shared by the whole fleet, changed at run time through the admin API.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FleetSettings {
+    /// How many started, unbound instances to keep ready.
+    pub warm_pool_target: u32,
+}
+
+/// The source of truth.
+///
+/// Contract, for every backend:
+/// - Every method that returns `Ok` has made its write durable: a crash right after it returns
+///   loses nothing.
+/// - [`Registry::inbox_append`] is idempotent per `(tenant, update_id)`: the first call stores the
+///   update, later ones return [`Appended::Duplicate`] and write nothing, for as long as the update
+///   is pending or was delivered within the retention window.
+/// - Per tenant, [`Registry::inbox_next`] returns the pending update with the lowest sequence
+///   number; sequence numbers grow in append order.
+/// - Writes that take a `fence` fail with [`crate::Error::Conflict`] when a larger fence was already
+///   used for that tenant, so a stale lock holder cannot overwrite a newer one.
+/// - Missing tenants or instances are [`crate::Error::NotFound`] for updates, `Ok(None)` for gets.
+#[async_trait]
+pub trait Registry: Send + Sync + std::fmt::Debug + 'static {
+    /// Stores a new tenant; [`crate::Error::AlreadyExists`] if the id is taken.
+    async fn create_tenant(&self, tenant: &Tenant) -> Result<()>;
+    /// One tenant.
+    async fn get_tenant(&self, id: &TenantId) -> Result<Option<Tenant>>;
+    /// All tenants, ordered by id.
+    async fn list_tenants(&self) -> Result<Vec<Tenant>>;
+    /// Replaces a tenant's settings and secrets (not its status or activity).
+    async fn update_tenant(&self, tenant: &Tenant) -> Result<()>;
+    /// Deletes a tenant and its inbox; returns false if there was none.
+    async fn delete_tenant(&self, id: &TenantId) -> Result<bool>;
+    /// Sets a tenant's status; with a fence, only if no larger fence was used for it.
+    async fn set_tenant_status(&self, id: &TenantId, status: TenantStatus, fence: Option<u64>) -> Result<()>;
+    /// Records activity now (`at_ms`), pushing the idle deadline out.
+    async fn touch_tenant(&self, id: &TenantId, at_ms: i64) -> Result<()>;
+    /// Running tenants whose idle deadline is at or before `now_ms`, at most `limit`.
+    async fn idle_due(&self, now_ms: i64, limit: usize) -> Result<Vec<TenantId>>;
+
+    /// Stores or replaces an instance record.
+    async fn put_instance(&self, instance: &InstanceRecord) -> Result<()>;
+    /// One instance.
+    async fn get_instance(&self, id: &InstanceId) -> Result<Option<InstanceRecord>>;
+    /// The instance bound to a tenant, if any.
+    async fn instance_of(&self, tenant: &TenantId) -> Result<Option<InstanceRecord>>;
+    /// The live instance whose surrogate token has this digest.
+    async fn instance_by_surrogate(&self, digest: &str) -> Result<Option<InstanceRecord>>;
+    /// All instances.
+    async fn list_instances(&self) -> Result<Vec<InstanceRecord>>;
+    /// Deletes an instance record; false if there was none.
+    async fn delete_instance(&self, id: &InstanceId) -> Result<bool>;
+    /// Atomically takes one warm instance and binds it to `tenant` (state becomes binding).
+    async fn claim_warm_instance(&self, tenant: &TenantId) -> Result<Option<InstanceRecord>>;
+
+    /// Appends an update to a tenant's inbox, durably.
+    async fn inbox_append(&self, tenant: &TenantId, update_id: i64, payload: &[u8]) -> Result<Appended>;
+    /// The oldest pending update of a tenant.
+    async fn inbox_next(&self, tenant: &TenantId) -> Result<Option<InboxItem>>;
+    /// Marks an update delivered; it leaves the pending list but still counts for deduplication.
+    async fn inbox_ack(&self, tenant: &TenantId, seq: i64) -> Result<()>;
+    /// Records a failed delivery; after `max_attempts` failures the update is dead-lettered.
+    async fn inbox_fail(&self, tenant: &TenantId, seq: i64, error: &str, max_attempts: u32) -> Result<FailOutcome>;
+    /// Pending and dead-lettered updates, oldest first, at most `limit` of each.
+    async fn inbox_view(&self, tenant: &TenantId, limit: usize) -> Result<InboxView>;
+    /// Number of pending updates of a tenant.
+    async fn inbox_depth(&self, tenant: &TenantId) -> Result<u64>;
+    /// Tenants that have pending updates.
+    async fn inbox_pending_tenants(&self) -> Result<Vec<TenantId>>;
+    /// Forgets delivered updates accepted before `before_ms`; returns how many.
+    async fn inbox_prune(&self, before_ms: i64) -> Result<u64>;
+
+    /// The fleet settings (defaults if never written).
+    async fn get_settings(&self) -> Result<FleetSettings>;
+    /// Replaces the fleet settings.
+    async fn put_settings(&self, settings: &FleetSettings) -> Result<()>;
+}

@@ -1,0 +1,87 @@
+//! The tenant record.
+
+use crate::{Secret, TenantId};
+use serde::{Deserialize, Serialize};
+
+/// Default idle timeout: ten minutes.
+pub const DEFAULT_IDLE_TIMEOUT_S: u64 = 600;
+
+/// Where a tenant is in its lifecycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TenantStatus {
+    /// No instance; the next update wakes it.
+    Idle,
+    /// A wake is under way.
+    Provisioning,
+    /// An instance is bound and ready.
+    Running,
+    /// The instance is being stopped.
+    Stopping,
+}
+
+impl TenantStatus {
+    /// The lower-case name used in storage and answers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TenantStatus::Idle => "idle",
+            TenantStatus::Provisioning => "provisioning",
+            TenantStatus::Running => "running",
+            TenantStatus::Stopping => "stopping",
+        }
+    }
+
+    /// Parses [`TenantStatus::as_str`] output.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "idle" => TenantStatus::Idle,
+            "provisioning" => TenantStatus::Provisioning,
+            "running" => TenantStatus::Running,
+            "stopping" => TenantStatus::Stopping,
+            _ => return None,
+        })
+    }
+}
+
+/// One customer: id, channel binding, settings, secrets.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Tenant {
+    pub id: TenantId,
+    /// The agent profile that serves this tenant (`reference`, `openclaw`).
+    pub profile: String,
+    /// Seconds without a delivery after which the tenant is put to sleep.
+    pub idle_timeout_s: u64,
+    /// The real Telegram bot token; never leaves the control plane.
+    pub bot_token: Option<Secret>,
+    /// The secret Telegram sends in `X-Telegram-Bot-Api-Secret-Token`.
+    pub webhook_secret: Secret,
+    /// Send a short "starting up" message on a cold wake.
+    pub cold_start_notice: bool,
+    pub status: TenantStatus,
+    pub created_at_ms: i64,
+    /// Last accepted or delivered update.
+    pub last_active_ms: i64,
+}
+
+impl Tenant {
+    /// A new idle tenant with a fresh webhook secret.
+    pub fn new(id: TenantId, profile: impl Into<String>, bot_token: Option<Secret>) -> Self {
+        let now = crate::time::now_ms();
+        Tenant {
+            id,
+            profile: profile.into(),
+            idle_timeout_s: DEFAULT_IDLE_TIMEOUT_S,
+            bot_token,
+            webhook_secret: Secret::random(),
+            cold_start_notice: false,
+            status: TenantStatus::Idle,
+            created_at_ms: now,
+            last_active_ms: now,
+        }
+    }
+
+    /// When the tenant becomes idle if nothing arrives, in Unix milliseconds.
+    pub fn idle_deadline_ms(&self) -> i64 {
+        self.last_active_ms.saturating_add((self.idle_timeout_s as i64).saturating_mul(1000))
+    }
+}

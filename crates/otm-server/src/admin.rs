@@ -1,0 +1,428 @@
+//! The admin API under `/v1/` (bearer token) and `/metrics`. Errors are
+//! `{"error": {"code", "message"}}`. Secrets are write-only: no answer contains one.
+
+use crate::app::App;
+use crate::orchestrator;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use otm_core::{Error, FleetSettings, InboxItem, InstanceRecord, Secret, Tenant, TenantId};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+/// An API error: HTTP status, a stable code, and a message that says what to do.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into() }
+    }
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+    fn not_found(what: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({"error": {"code": self.code, "message": self.message}}))).into_response()
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let (status, code) = match &e {
+            Error::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
+            Error::AlreadyExists { .. } => (StatusCode::CONFLICT, "already_exists"),
+            Error::Conflict { .. } => (StatusCode::CONFLICT, "conflict"),
+            Error::InvalidInput { .. } => (StatusCode::BAD_REQUEST, "invalid_request"),
+            Error::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Error::Corrupt { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "corrupt"),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// JSON bodies that fail to parse answer in the API's error shape.
+struct ApiJson<T>(T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(e) => Err(ApiError::bad_request(e.body_text())),
+        }
+    }
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    let v1 = Router::new()
+        .route("/tenants", get(list_tenants).post(create_tenant))
+        .route("/tenants/{id}", get(get_tenant).patch(patch_tenant).delete(delete_tenant))
+        .route("/tenants/{id}/wake", post(wake_tenant))
+        .route("/tenants/{id}/stop", post(stop_tenant))
+        .route("/tenants/{id}/inbox", get(inbox))
+        .route("/tenants/{id}/snapshots", get(snapshots))
+        .route("/tenants/{id}/logs", get(logs))
+        .route("/instances", get(instances))
+        .route("/config", get(get_config).put(put_config))
+        .route("/status", get(status))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        // Authentication wraps every /v1 route, the fallback included.
+        .layer(middleware::from_fn_with_state(app.clone(), authorize));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(app)
+}
+
+async fn authorize(State(app): State<Arc<App>>, headers: HeaderMap, req: Request, next: Next) -> Response {
+    let presented = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
+    match presented {
+        Some(t) if app.admin_token.matches(t.trim()) => next.run(req).await,
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong admin token").into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing admin token: send Authorization: Bearer <token> (see <data-dir>/admin.token)",
+        )
+        .into_response(),
+    }
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
+    ([("content-type", "text/plain; version=0.0.4; charset=utf-8")], app.metrics.encode())
+}
+
+/// A tenant as the API shows it: no secrets, only whether a bot token is set.
+#[derive(Serialize)]
+struct TenantView {
+    id: TenantId,
+    profile: String,
+    status: &'static str,
+    idle_timeout_s: u64,
+    cold_start_notice: bool,
+    has_bot_token: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    webhook_url: Option<String>,
+    created_at_ms: i64,
+    last_active_ms: i64,
+    instance: Option<String>,
+    inbox_pending: u64,
+}
+
+async fn view(app: &App, t: &Tenant) -> TenantView {
+    let instance = app.registry.instance_of(&t.id).await.ok().flatten().map(|i| i.id.to_string());
+    TenantView {
+        id: t.id.clone(),
+        profile: t.profile.clone(),
+        status: t.status.as_str(),
+        idle_timeout_s: t.idle_timeout_s,
+        cold_start_notice: t.cold_start_notice,
+        has_bot_token: t.bot_token.is_some(),
+        webhook_url: app.webhook_url(&t.id),
+        created_at_ms: t.created_at_ms,
+        last_active_ms: t.last_active_ms,
+        instance,
+        inbox_pending: app.registry.inbox_depth(&t.id).await.unwrap_or(0),
+    }
+}
+
+fn parse_id(id: &str) -> ApiResult<TenantId> {
+    TenantId::parse(id).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+async fn load(app: &App, id: &str) -> ApiResult<Tenant> {
+    let id = parse_id(id)?;
+    app.registry.get_tenant(&id).await?.ok_or_else(|| ApiError::not_found(&format!("tenant {id}")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateTenant {
+    id: String,
+    bot_token: Option<String>,
+    idle_timeout_s: Option<u64>,
+    profile: Option<String>,
+    cold_start_notice: Option<bool>,
+    /// The secret Telegram must send; generated when absent (it is then only ever given to
+    /// Telegram through setWebhook).
+    webhook_secret: Option<String>,
+}
+
+fn check_profile(p: &str) -> ApiResult<()> {
+    if otm_shim::known_profiles().contains(&p) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!("unknown profile `{p}`; known profiles: {}", otm_shim::known_profiles().join(", "))))
+    }
+}
+
+fn check_idle_timeout(s: u64) -> ApiResult<()> {
+    if s == 0 { Err(ApiError::bad_request("idle_timeout_s must be at least 1")) } else { Ok(()) }
+}
+
+fn check_bot_token(t: &str) -> ApiResult<Secret> {
+    let t = t.trim();
+    let ok = t.split_once(':').is_some_and(|(id, rest)| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) && !rest.is_empty())
+        && t.bytes().all(|b| b.is_ascii_graphic());
+    if ok { Ok(Secret::new(t)) } else { Err(ApiError::bad_request("bot_token must look like <digits>:<secret> as BotFather gives it")) }
+}
+
+/// Telegram allows 1 to 256 characters of A-Z, a-z, 0-9, `_` and `-`.
+fn check_webhook_secret(s: &str) -> ApiResult<Secret> {
+    let ok = !s.is_empty() && s.len() <= 256 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok { Ok(Secret::new(s)) } else { Err(ApiError::bad_request("webhook_secret must be 1 to 256 of A-Z, a-z, 0-9, _ and -")) }
+}
+
+async fn register_webhook(app: &App, t: &Tenant) -> ApiResult<()> {
+    let (Some(url), Some(token)) = (app.webhook_url(&t.id), t.bot_token.as_ref()) else { return Ok(()) };
+    app.telegram.set_webhook(token, &url, &t.webhook_secret).await.map_err(|e| {
+        ApiError::new(StatusCode::BAD_GATEWAY, "telegram_error", format!("{e}; check the bot token and --public-url"))
+    })
+}
+
+async fn create_tenant(State(app): State<Arc<App>>, ApiJson(body): ApiJson<CreateTenant>) -> ApiResult<(StatusCode, Json<TenantView>)> {
+    let id = parse_id(&body.id)?;
+    let profile = body.profile.unwrap_or_else(|| "reference".into());
+    check_profile(&profile)?;
+    let bot_token = body.bot_token.as_deref().map(check_bot_token).transpose()?;
+    let mut t = Tenant::new(id.clone(), profile, bot_token);
+    if let Some(s) = body.idle_timeout_s {
+        check_idle_timeout(s)?;
+        t.idle_timeout_s = s;
+    }
+    t.cold_start_notice = body.cold_start_notice.unwrap_or(false);
+    if let Some(secret) = body.webhook_secret {
+        t.webhook_secret = check_webhook_secret(&secret)?;
+    }
+    app.registry.create_tenant(&t).await.map_err(|e| match e {
+        Error::AlreadyExists { .. } => ApiError::new(StatusCode::CONFLICT, "already_exists", format!("tenant {id} already exists")),
+        e => e.into(),
+    })?;
+    if let Err(e) = register_webhook(&app, &t).await {
+        let _ = app.registry.delete_tenant(&id).await;
+        return Err(e);
+    }
+    tracing::info!(tenant = %id, profile = %t.profile, "tenant created");
+    Ok((StatusCode::CREATED, Json(view(&app, &t).await)))
+}
+
+async fn list_tenants(State(app): State<Arc<App>>) -> ApiResult<Json<Vec<TenantView>>> {
+    let mut out = Vec::new();
+    for t in app.registry.list_tenants().await? {
+        out.push(view(&app, &t).await);
+    }
+    Ok(Json(out))
+}
+
+async fn get_tenant(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult<Json<TenantView>> {
+    let t = load(&app, &id).await?;
+    Ok(Json(view(&app, &t).await))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchTenant {
+    bot_token: Option<String>,
+    idle_timeout_s: Option<u64>,
+    profile: Option<String>,
+    cold_start_notice: Option<bool>,
+}
+
+async fn patch_tenant(State(app): State<Arc<App>>, Path(id): Path<String>, ApiJson(body): ApiJson<PatchTenant>) -> ApiResult<Json<TenantView>> {
+    let mut t = load(&app, &id).await?;
+    if let Some(s) = body.idle_timeout_s {
+        check_idle_timeout(s)?;
+        t.idle_timeout_s = s;
+    }
+    if let Some(p) = body.profile {
+        check_profile(&p)?;
+        t.profile = p;
+    }
+    if let Some(c) = body.cold_start_notice {
+        t.cold_start_notice = c;
+    }
+    let token_changed = if let Some(tok) = body.bot_token.as_deref() {
+        t.bot_token = Some(check_bot_token(tok)?);
+        true
+    } else {
+        false
+    };
+    if token_changed {
+        register_webhook(&app, &t).await?;
+    }
+    app.registry.update_tenant(&t).await?;
+    let t = load(&app, &id).await?;
+    Ok(Json(view(&app, &t).await))
+}
+
+async fn delete_tenant(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    let t = load(&app, &id).await?;
+    orchestrator::stop(&app, &t.id, "deleted").await?;
+    if let (Some(_), Some(token)) = (app.webhook_url(&t.id), t.bot_token.as_ref()) {
+        if let Err(e) = app.telegram.delete_webhook(token).await {
+            tracing::warn!(tenant = %t.id, error = %e, "could not delete the webhook");
+        }
+    }
+    app.registry.delete_tenant(&t.id).await?;
+    tracing::info!(tenant = %t.id, "tenant deleted; its snapshots are kept");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn wake_tenant(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let t = load(&app, &id).await?;
+    let woken = orchestrator::wake(&app, &t.id).await?;
+    let phases: serde_json::Map<String, Value> = woken.phases.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+    Ok(Json(json!({
+        "tenant": t.id, "instance": woken.instance, "path": woken.path, "total_ms": woken.total_ms, "phases_ms": phases
+    })))
+}
+
+async fn stop_tenant(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let t = load(&app, &id).await?;
+    let stopped = orchestrator::stop(&app, &t.id, "admin").await?;
+    Ok(Json(json!({"tenant": t.id, "stopped": stopped})))
+}
+
+#[derive(Serialize)]
+struct InboxEntry {
+    seq: i64,
+    update_id: i64,
+    attempts: u32,
+    accepted_at_ms: i64,
+    last_error: Option<String>,
+}
+
+impl From<&InboxItem> for InboxEntry {
+    fn from(i: &InboxItem) -> Self {
+        InboxEntry { seq: i.seq, update_id: i.update_id, attempts: i.attempts, accepted_at_ms: i.accepted_at_ms, last_error: i.last_error.clone() }
+    }
+}
+
+async fn inbox(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let t = load(&app, &id).await?;
+    let v = app.registry.inbox_view(&t.id, 1000).await?;
+    let pending: Vec<InboxEntry> = v.pending.iter().map(Into::into).collect();
+    let dead: Vec<InboxEntry> = v.dead.iter().map(Into::into).collect();
+    Ok(Json(json!({"tenant": t.id, "pending": pending, "dead": dead})))
+}
+
+async fn snapshots(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let id = parse_id(&id)?;
+    let head = app.state.head(&id).await?.map(|h| h.id);
+    let list: Vec<Value> = app
+        .state
+        .list(&id)
+        .await?
+        .into_iter()
+        .map(|m| {
+            json!({"id": m.id, "size": m.size, "sha256": m.sha256, "created_at_ms": m.created_at_ms,
+                   "reason": m.reason, "head": Some(&m.id) == head.as_ref()})
+        })
+        .collect();
+    Ok(Json(json!({"tenant": id, "head": head, "snapshots": list})))
+}
+
+#[derive(Deserialize)]
+struct LogsQuery {
+    tail: Option<usize>,
+    #[serde(default)]
+    follow: bool,
+}
+
+async fn logs(State(app): State<Arc<App>>, Path(id): Path<String>, Query(q): Query<LogsQuery>) -> ApiResult<Response> {
+    let t = load(&app, &id).await?;
+    let rec = app
+        .registry
+        .instance_of(&t.id)
+        .await?
+        .ok_or_else(|| ApiError::new(StatusCode::CONFLICT, "not_running", format!("tenant {} has no instance; wake it first", t.id)))?;
+    let shim = otm_shim::ShimClient::new(rec.address.clone(), rec.shim_token.clone());
+    let stream = shim.logs(q.tail.unwrap_or(100), q.follow).await?;
+    let body = axum::body::Body::from_stream(futures::StreamExt::map(stream, |r| r.map_err(std::io::Error::other)));
+    Ok(([("content-type", "text/plain; charset=utf-8")], body).into_response())
+}
+
+#[derive(Serialize)]
+struct InstanceView {
+    id: String,
+    tenant: Option<TenantId>,
+    state: &'static str,
+    created_at_ms: i64,
+    bound_at_ms: Option<i64>,
+}
+
+impl From<&InstanceRecord> for InstanceView {
+    fn from(r: &InstanceRecord) -> Self {
+        InstanceView { id: r.id.to_string(), tenant: r.tenant.clone(), state: r.state.as_str(), created_at_ms: r.created_at_ms, bound_at_ms: r.bound_at_ms }
+    }
+}
+
+async fn instances(State(app): State<Arc<App>>) -> ApiResult<Json<Vec<InstanceView>>> {
+    Ok(Json(app.registry.list_instances().await?.iter().map(Into::into).collect()))
+}
+
+async fn get_config(State(app): State<Arc<App>>) -> ApiResult<Json<FleetSettings>> {
+    Ok(Json(app.registry.get_settings().await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutConfig {
+    warm_pool_target: Option<u32>,
+}
+
+async fn put_config(State(app): State<Arc<App>>, ApiJson(body): ApiJson<PutConfig>) -> ApiResult<Json<FleetSettings>> {
+    let mut s = app.registry.get_settings().await?;
+    if let Some(n) = body.warm_pool_target {
+        if n > 1000 {
+            return Err(ApiError::bad_request("warm_pool_target must be at most 1000"));
+        }
+        s.warm_pool_target = n;
+    }
+    app.registry.put_settings(&s).await?;
+    let _ = app.coordinator.publish(otm_core::Notification::SettingsChanged).await;
+    Ok(Json(s))
+}
+
+async fn status(State(app): State<Arc<App>>) -> ApiResult<Json<Value>> {
+    let tenants = app.registry.list_tenants().await?;
+    let instances = app.registry.list_instances().await?;
+    let mut pending = 0;
+    for t in app.registry.inbox_pending_tenants().await? {
+        pending += app.registry.inbox_depth(&t).await?;
+    }
+    let running = tenants.iter().filter(|t| t.status == otm_core::TenantStatus::Running).count();
+    Ok(Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": app.started.elapsed().as_secs(),
+        "role": "all",
+        "runtime": app.runtime.name(),
+        "isolation": app.runtime.isolation(),
+        "tenants": tenants.len(),
+        "tenants_running": running,
+        "instances": instances.len(),
+        "inbox_pending": pending,
+        "settings": app.registry.get_settings().await?,
+    })))
+}

@@ -1,0 +1,82 @@
+//! [`App`]: the context every component gets. Tests build one with their own backends.
+
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::telegram::Telegram;
+use otm_core::{Coordinator, Registry, Runtime, Secret, StateStore, TenantId};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Shared state of one server process.
+#[derive(Debug)]
+pub struct App {
+    pub settings: Settings,
+    pub registry: Arc<dyn Registry>,
+    pub coordinator: Arc<dyn Coordinator>,
+    pub state: Arc<dyn StateStore>,
+    pub runtime: Arc<dyn Runtime>,
+    pub metrics: Metrics,
+    /// The real Bot API.
+    pub telegram: Telegram,
+    /// Outbound HTTP for the Bot API proxy.
+    pub http: reqwest::Client,
+    /// The Bot API proxy's root as agents see it.
+    pub egress_url: String,
+    pub admin_token: Secret,
+    pub started: Instant,
+    pub shutdown: CancellationToken,
+    /// One lock per tenant: wakes join, stops wait.
+    pub(crate) tenant_locks: Mutex<HashMap<TenantId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Running dispatchers, woken through their `Notify`.
+    pub(crate) dispatchers: Mutex<HashMap<TenantId, Arc<Notify>>>,
+}
+
+impl App {
+    /// Assembles the context.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        settings: Settings,
+        registry: Arc<dyn Registry>,
+        coordinator: Arc<dyn Coordinator>,
+        state: Arc<dyn StateStore>,
+        runtime: Arc<dyn Runtime>,
+        egress_url: String,
+        admin_token: Secret,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .pool_idle_timeout(std::time::Duration::from_secs(60))
+            .build()
+            .expect("HTTP client");
+        Arc::new(App {
+            telegram: Telegram::new(&settings.telegram_api, http.clone()),
+            settings,
+            registry,
+            coordinator,
+            state,
+            runtime,
+            metrics: Metrics::new(),
+            http,
+            egress_url,
+            admin_token,
+            started: Instant::now(),
+            shutdown,
+            tenant_locks: Mutex::new(HashMap::new()),
+            dispatchers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The lock that serializes wakes and stops of one tenant in this process.
+    pub(crate) fn tenant_lock(&self, tenant: &TenantId) -> Arc<tokio::sync::Mutex<()>> {
+        self.tenant_locks.lock().unwrap().entry(tenant.clone()).or_default().clone()
+    }
+
+    /// The URL Telegram should call for a tenant, if a public URL is configured.
+    pub fn webhook_url(&self, tenant: &TenantId) -> Option<String> {
+        self.settings.public_url.as_ref().map(|u| format!("{}/tg/{tenant}", u.trim_end_matches('/')))
+    }
+}

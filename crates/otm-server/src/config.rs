@@ -1,0 +1,166 @@
+//! Server settings: defaults, the optional TOML file, and validation before anything binds.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Everything `otm server` can be told. Flags and `OTM_*` variables override the TOML file,
+/// which overrides the defaults.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Public listener: Telegram webhooks and `/healthz`.
+    pub listen: String,
+    /// Admin listener: `/v1/` and `/metrics`.
+    pub admin_listen: String,
+    /// Egress listener: the Bot API proxy agents call.
+    pub egress_listen: String,
+    /// The egress proxy's root URL as agents see it; derived from the egress listener when unset.
+    pub egress_url: Option<String>,
+    /// Where the embedded registry, snapshots and instances live.
+    pub data_dir: PathBuf,
+    /// The real Telegram Bot API root.
+    pub telegram_api: String,
+    /// This server's public URL; when set, tenants' webhooks are registered with Telegram.
+    pub public_url: Option<String>,
+    /// Registry URL; `sqlite://<data-dir>/otm.db` when unset.
+    pub registry: Option<String>,
+    /// Coordinator URL; `memory` when unset.
+    pub coordinator: Option<String>,
+    /// State store URL; `file://<data-dir>/state` when unset.
+    pub state: Option<String>,
+    /// `auto`, `bubblewrap` or `none`.
+    pub sandbox: String,
+    /// The `otm` binary instances run as `otm shim`; this executable when unset.
+    pub otm_binary: Option<PathBuf>,
+    /// Failed deliveries of one update before it moves to the dead-letter list.
+    pub max_delivery_attempts: u32,
+    /// How long an agent may take to become ready, seconds.
+    pub wake_timeout_s: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listen: "127.0.0.1:8080".into(),
+            admin_listen: "127.0.0.1:8081".into(),
+            egress_listen: "127.0.0.1:8082".into(),
+            egress_url: None,
+            data_dir: PathBuf::from("./otm-data"),
+            telegram_api: "https://api.telegram.org".into(),
+            public_url: None,
+            registry: None,
+            coordinator: None,
+            state: None,
+            sandbox: "auto".into(),
+            otm_binary: None,
+            max_delivery_attempts: 10,
+            wake_timeout_s: 120,
+        }
+    }
+}
+
+/// A setting that cannot work; the message names it and says what is expected.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting `{name}`: {message}")]
+pub struct InvalidSetting {
+    pub name: &'static str,
+    pub message: String,
+}
+
+fn invalid(name: &'static str, message: impl Into<String>) -> InvalidSetting {
+    InvalidSetting { name, message: message.into() }
+}
+
+/// Listener addresses after validation.
+#[derive(Clone, Copy, Debug)]
+pub struct Listeners {
+    pub public: SocketAddr,
+    pub admin: SocketAddr,
+    pub egress: SocketAddr,
+}
+
+impl Settings {
+    /// Reads a TOML file of settings.
+    pub fn from_toml_file(path: &std::path::Path) -> Result<Self, InvalidSetting> {
+        let text = std::fs::read_to_string(path).map_err(|e| invalid("config", format!("cannot read {}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| invalid("config", format!("{}: {e}", path.display())))
+    }
+
+    /// Checks every setting; returns the listener addresses to bind.
+    pub fn validate(&self) -> Result<Listeners, InvalidSetting> {
+        let addr = |name: &'static str, v: &str| -> Result<SocketAddr, InvalidSetting> {
+            v.parse().map_err(|_| invalid(name, format!("`{v}` is not an address like 127.0.0.1:8080")))
+        };
+        let listeners = Listeners {
+            public: addr("listen", &self.listen)?,
+            admin: addr("admin-listen", &self.admin_listen)?,
+            egress: addr("egress-listen", &self.egress_listen)?,
+        };
+        let distinct = [listeners.public, listeners.admin, listeners.egress];
+        for (i, a) in distinct.iter().enumerate() {
+            if a.port() != 0 && distinct[..i].iter().any(|b| b.port() == a.port() && b.ip() == a.ip()) {
+                return Err(invalid("listen", format!("{a} is used by two listeners; give each its own port")));
+            }
+        }
+        check_url("telegram-api", &self.telegram_api)?;
+        if let Some(u) = &self.public_url {
+            check_url("public-url", u)?;
+        }
+        if let Some(u) = &self.egress_url {
+            check_url("egress-url", u)?;
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data-dir", "must not be empty"));
+        }
+        if !matches!(self.sandbox.as_str(), "auto" | "bubblewrap" | "none") {
+            return Err(invalid("sandbox", format!("`{}` is not one of auto, bubblewrap, none", self.sandbox)));
+        }
+        if self.max_delivery_attempts == 0 {
+            return Err(invalid("max-delivery-attempts", "must be at least 1"));
+        }
+        if self.wake_timeout_s == 0 {
+            return Err(invalid("wake-timeout-s", "must be at least 1"));
+        }
+        Ok(listeners)
+    }
+}
+
+fn check_url(name: &'static str, v: &str) -> Result<(), InvalidSetting> {
+    let rest = v.strip_prefix("http://").or_else(|| v.strip_prefix("https://"));
+    match rest {
+        Some(r) if !r.is_empty() && !r.starts_with('/') => Ok(()),
+        _ => Err(invalid(name, format!("`{v}` is not an http:// or https:// URL"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let l = Settings::default().validate().unwrap();
+        assert_eq!(l.public.port(), 8080);
+        assert_eq!(l.admin.port(), 8081);
+        assert_eq!(l.egress.port(), 8082);
+    }
+
+    #[test]
+    fn bad_settings_name_themselves() {
+        let s = Settings { listen: "nope".into(), ..Settings::default() };
+        assert_eq!(s.validate().unwrap_err().name, "listen");
+        let s = Settings { telegram_api: "ftp://x".into(), ..Settings::default() };
+        assert_eq!(s.validate().unwrap_err().name, "telegram-api");
+        let s = Settings { admin_listen: "127.0.0.1:8080".into(), ..Settings::default() };
+        assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn toml_rejects_unknown_keys() {
+        assert!(toml::from_str::<Settings>("listen = \"127.0.0.1:1\"\nbogus = 1").is_err());
+        let s: Settings = toml::from_str("listen = \"127.0.0.1:1\"").unwrap();
+        assert_eq!(s.listen, "127.0.0.1:1");
+        assert_eq!(s.admin_listen, "127.0.0.1:8081");
+    }
+}

@@ -1,0 +1,160 @@
+//! Dispatchers: one task per tenant with pending updates drains its inbox in order, one update at
+//! a time, waking the tenant as needed. An update leaves the inbox only after the agent
+//! acknowledged it; failures retry with backoff and end in the dead-letter list.
+
+use crate::app::App;
+use crate::orchestrator;
+use otm_core::{FailOutcome, InboxItem, TenantId};
+use otm_shim::ShimClient;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+/// A dispatcher with nothing to do ends after this long.
+const IDLE_EXIT: Duration = Duration::from_secs(10);
+/// Longest pause between attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Tells the tenant's dispatcher there is work, starting one if none runs.
+pub fn kick(app: &Arc<App>, tenant: &TenantId) {
+    let mut running = app.dispatchers.lock().unwrap();
+    if let Some(notify) = running.get(tenant) {
+        notify.notify_one();
+        return;
+    }
+    let notify = Arc::new(Notify::new());
+    running.insert(tenant.clone(), notify.clone());
+    drop(running);
+    let app = app.clone();
+    let tenant = tenant.clone();
+    tokio::spawn(async move {
+        run(&app, &tenant, notify).await;
+    });
+}
+
+async fn run(app: &Arc<App>, tenant: &TenantId, notify: Arc<Notify>) {
+    let span = tracing::info_span!("dispatch", %tenant);
+    let _enter = span.enter();
+    drop(_enter);
+    loop {
+        if app.shutdown.is_cancelled() {
+            break;
+        }
+        let next = match app.registry.inbox_next(tenant).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(%tenant, error = %e, "cannot read the inbox");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        match next {
+            Some(item) => deliver_one(app, tenant, item).await,
+            None => {
+                tokio::select! {
+                    _ = notify.notified() => continue,
+                    _ = app.shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(IDLE_EXIT) => {}
+                }
+                // Leave; a kick that raced with this sees no dispatcher and starts a new one.
+                app.dispatchers.lock().unwrap().remove(tenant);
+                if matches!(app.registry.inbox_next(tenant).await, Ok(Some(_))) {
+                    kick(app, tenant);
+                }
+                return;
+            }
+        }
+    }
+    app.dispatchers.lock().unwrap().remove(tenant);
+}
+
+async fn deliver_one(app: &Arc<App>, tenant: &TenantId, item: InboxItem) {
+    let started = Instant::now();
+    let result = attempt(app, tenant, &item).await;
+    app.metrics.delivery_seconds.observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(()) => {
+            app.metrics.delivery("acked");
+            if let Err(e) = app.registry.inbox_ack(tenant, item.seq).await {
+                tracing::error!(%tenant, update_id = item.update_id, error = %e, "could not remove a delivered update");
+            }
+            let _ = app.registry.touch_tenant(tenant, otm_core::time::now_ms()).await;
+        }
+        Err(message) => {
+            tracing::warn!(%tenant, update_id = item.update_id, attempt = item.attempts + 1, %message, "delivery failed");
+            let max = app.settings.max_delivery_attempts;
+            match app.registry.inbox_fail(tenant, item.seq, &message, max).await {
+                Ok(FailOutcome::DeadLettered) => {
+                    app.metrics.delivery("dead_lettered");
+                    tracing::error!(%tenant, update_id = item.update_id, "update moved to the dead-letter list");
+                }
+                Ok(FailOutcome::Retry { attempts }) => {
+                    app.metrics.delivery("failed");
+                    tokio::time::sleep(backoff(attempts)).await;
+                }
+                Err(e) => {
+                    tracing::error!(%tenant, error = %e, "could not record a failed delivery");
+                    tokio::time::sleep(MAX_BACKOFF).await;
+                }
+            }
+        }
+    }
+}
+
+/// One delivery attempt: wake if needed, deliver through the shim, check the acknowledgement.
+async fn attempt(app: &Arc<App>, tenant: &TenantId, item: &InboxItem) -> Result<(), String> {
+    let woken = orchestrator::wake(app, tenant).await.map_err(|e| format!("wake failed: {e}"))?;
+    let shim = ShimClient::new(woken.endpoint.address.clone(), woken.endpoint.shim_token.clone());
+    let timeout = Duration::from_secs(60);
+    match shim.deliver(bytes::Bytes::from(item.payload.clone()), timeout).await {
+        Ok(r) if r.acknowledged => Ok(()),
+        Ok(r) => Err(r.detail.unwrap_or_else(|| format!("agent answered {}", r.status))),
+        Err(e) => {
+            // The instance may be gone; forget the endpoint so the next attempt looks again.
+            let _ = app.coordinator.clear_endpoint(tenant).await;
+            Err(e.to_string())
+        }
+    }
+}
+
+/// 100 ms, 200 ms, 400 ms … up to five seconds.
+fn backoff(attempts: u32) -> Duration {
+    let ms = 100u64.saturating_mul(1u64 << attempts.saturating_sub(1).min(16));
+    Duration::from_millis(ms).min(MAX_BACKOFF)
+}
+
+/// Kicks every tenant with pending updates; runs every few seconds so no wake-up is lost.
+pub async fn run_sweeper(app: Arc<App>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = app.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match app.registry.inbox_pending_tenants().await {
+            Ok(tenants) => {
+                let mut pending = 0i64;
+                for t in &tenants {
+                    pending += app.registry.inbox_depth(t).await.unwrap_or(0) as i64;
+                    kick(&app, t);
+                }
+                app.metrics.inbox_pending.set(pending);
+            }
+            Err(e) => tracing::warn!(error = %e, "inbox sweep failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert_eq!(backoff(1), Duration::from_millis(100));
+        assert_eq!(backoff(2), Duration::from_millis(200));
+        assert_eq!(backoff(4), Duration::from_millis(800));
+        assert_eq!(backoff(30), MAX_BACKOFF);
+    }
+}

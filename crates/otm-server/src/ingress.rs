@@ -1,0 +1,85 @@
+//! The public listener: Telegram webhooks (`POST /tg/{tenant}`) and `GET /healthz`.
+//!
+//! An update is answered 200 only after it is stored durably in the tenant's inbox. Unknown
+//! tenants (404), a missing or wrong secret (401), oversized (413) or malformed (400) bodies store
+//! nothing and wake nothing.
+
+use crate::app::App;
+use axum::extract::{Path, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use otm_core::{Appended, TenantId};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Largest update accepted, as Telegram's own limit for webhooks.
+pub const MAX_UPDATE_BYTES: usize = 1 << 20;
+
+/// The header Telegram sends the webhook secret in.
+pub const SECRET_HEADER: &str = "x-telegram-bot-api-secret-token";
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new().route("/tg/{tenant}", post(webhook)).route("/healthz", get(healthz)).with_state(app)
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+fn reject(app: &App, status: StatusCode, reason: &str, description: &str) -> Response {
+    app.metrics.rejected(reason);
+    (status, Json(json!({"ok": false, "error_code": status.as_u16(), "description": description}))).into_response()
+}
+
+async fn webhook(State(app): State<Arc<App>>, Path(tenant): Path<String>, req: Request) -> Response {
+    let started = Instant::now();
+    let Ok(tenant) = TenantId::parse(&tenant) else {
+        return reject(&app, StatusCode::NOT_FOUND, "unknown_tenant", "unknown tenant");
+    };
+    let t = match app.registry.get_tenant(&tenant).await {
+        Ok(Some(t)) => t,
+        Ok(None) => return reject(&app, StatusCode::NOT_FOUND, "unknown_tenant", "unknown tenant"),
+        Err(e) => {
+            tracing::error!(%tenant, error = %e, "registry unavailable");
+            return reject(&app, StatusCode::SERVICE_UNAVAILABLE, "unavailable", "try again later");
+        }
+    };
+    let presented = req.headers().get(SECRET_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !t.webhook_secret.matches(presented) {
+        return reject(&app, StatusCode::UNAUTHORIZED, "bad_secret", "missing or wrong secret token");
+    }
+    let body = match axum::body::to_bytes(req.into_body(), MAX_UPDATE_BYTES).await {
+        Ok(b) => b,
+        Err(_) => return reject(&app, StatusCode::PAYLOAD_TOO_LARGE, "too_large", "update larger than 1 MiB"),
+    };
+    let update_id = match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(serde_json::Value::Object(map)) => match map.get("update_id").and_then(|v| v.as_i64()) {
+            Some(id) => id,
+            None => return reject(&app, StatusCode::BAD_REQUEST, "malformed", "update_id must be an integer"),
+        },
+        _ => return reject(&app, StatusCode::BAD_REQUEST, "malformed", "the body must be a JSON object"),
+    };
+    match app.registry.inbox_append(&tenant, update_id, &body).await {
+        Ok(Appended::Stored { .. }) => {
+            app.metrics.updates_accepted.inc();
+            app.metrics.accept_seconds.observe(started.elapsed().as_secs_f64());
+            crate::dispatch::kick(&app, &tenant);
+        }
+        Ok(Appended::Duplicate) => {
+            app.metrics.updates_duplicate.inc();
+        }
+        Err(otm_core::Error::NotFound { .. }) => {
+            return reject(&app, StatusCode::NOT_FOUND, "unknown_tenant", "unknown tenant");
+        }
+        Err(e) => {
+            tracing::error!(%tenant, update_id, error = %e, "could not store an update");
+            // Not stored: Telegram retries on a non-2xx answer.
+            return reject(&app, StatusCode::SERVICE_UNAVAILABLE, "unavailable", "try again later");
+        }
+    }
+    (StatusCode::OK, Json(json!({"ok": true}))).into_response()
+}
+

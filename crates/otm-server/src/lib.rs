@@ -1,0 +1,29 @@
+//! otm's control plane in one process: ingress and durable inboxes, per-tenant dispatch, the
+//! orchestrator (wake, stop, reap, reconcile), the Bot API proxy and the admin API.
+//!
+//! # Layout
+//! - [`config`]: settings, the TOML file, validation.
+//! - [`app`]: [`App`], the context every component gets.
+//! - [`ingress`]: `POST /tg/{tenant}`: secret check, durable append.
+//! - [`dispatch`]: per-tenant dispatchers that drain inboxes in order.
+//! - [`orchestrator`]: wake, stop, idle reaper, reconciler.
+//! - [`egress`]: the Bot API proxy.
+//! - [`admin`]: the admin API and `/metrics`.
+//! - [`telegram`]: a client for the real Bot API.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`server`]: start and shutdown.
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod dispatch;
+pub mod egress;
+pub mod ingress;
+pub mod metrics;
+pub mod orchestrator;
+pub mod server;
+pub mod telegram;
+
+pub use app::App;
+pub use config::Settings;
+pub use server::{Server, StartError, start};

@@ -1,0 +1,159 @@
+//! Prometheus metrics, all prefixed `otm_`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WakePath {
+    pub path: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Phase {
+    pub path: String,
+    pub phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Kind {
+    pub kind: String,
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0].into_iter()
+}
+
+/// Every metric the server exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub updates_accepted: Counter,
+    pub updates_duplicate: Counter,
+    pub updates_rejected: Family<Reason, Counter>,
+    pub accept_seconds: Histogram,
+    pub deliveries: Family<Outcome, Counter>,
+    pub delivery_seconds: Histogram,
+    pub wakes: Family<Outcome, Counter>,
+    pub wake_seconds: Family<WakePath, Histogram>,
+    pub wake_phase_seconds: Family<Phase, Histogram>,
+    pub stops: Family<Reason, Counter>,
+    pub instances: Gauge,
+    pub inbox_pending: Gauge,
+    pub inbox_oldest_age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub egress_requests: Family<Outcome, Counter>,
+    pub reconciler_events: Family<Kind, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("otm");
+        let hist = || Histogram::new(latency_buckets());
+        let m = Metrics {
+            updates_accepted: Counter::default(),
+            updates_duplicate: Counter::default(),
+            updates_rejected: Family::default(),
+            accept_seconds: hist(),
+            deliveries: Family::default(),
+            delivery_seconds: hist(),
+            wakes: Family::default(),
+            wake_seconds: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
+            wake_phase_seconds: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
+            stops: Family::default(),
+            instances: Gauge::default(),
+            inbox_pending: Gauge::default(),
+            inbox_oldest_age_seconds: Gauge::default(),
+            egress_requests: Family::default(),
+            reconciler_events: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("updates_accepted", "Updates stored durably in an inbox", m.updates_accepted.clone());
+        registry.register("updates_duplicate", "Updates answered 200 as repeats of stored ones", m.updates_duplicate.clone());
+        registry.register("updates_rejected", "Webhook calls refused, by reason", m.updates_rejected.clone());
+        registry.register("accept_seconds", "Time from webhook call to durable store", m.accept_seconds.clone());
+        registry.register("deliveries", "Deliveries to agents, by outcome", m.deliveries.clone());
+        registry.register("delivery_seconds", "Time of one delivery to an agent", m.delivery_seconds.clone());
+        registry.register("wakes", "Wakes, by outcome", m.wakes.clone());
+        registry.register("wake_seconds", "Wake latency by path (cache, warm, cold)", m.wake_seconds.clone());
+        registry.register("wake_phase_seconds", "Wake latency by path and phase", m.wake_phase_seconds.clone());
+        registry.register("stops", "Instance stops, by reason", m.stops.clone());
+        registry.register("instances", "Live instances", m.instances.clone());
+        registry.register("inbox_pending", "Pending updates over all inboxes", m.inbox_pending.clone());
+        registry.register(
+            "inbox_oldest_age_seconds",
+            "Age of the oldest pending update",
+            m.inbox_oldest_age_seconds.clone(),
+        );
+        registry.register("egress_requests", "Bot API proxy calls, by outcome", m.egress_requests.clone());
+        registry.register("reconciler_events", "Reconciler actions, by kind", m.reconciler_events.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("encoding metrics");
+        out
+    }
+
+    /// Records one wake phase.
+    pub fn wake_phase(&self, path: &str, phase: &str, d: Duration) {
+        self.wake_phase_seconds.get_or_create(&Phase { path: path.into(), phase: phase.into() }).observe(d.as_secs_f64());
+    }
+
+    pub fn delivery(&self, outcome: &str) {
+        self.deliveries.get_or_create(&Outcome { outcome: outcome.into() }).inc();
+    }
+
+    pub fn rejected(&self, reason: &str) {
+        self.updates_rejected.get_or_create(&Reason { reason: reason.into() }).inc();
+    }
+
+    pub fn reconciler(&self, kind: &str) {
+        self.reconciler_events.get_or_create(&Kind { kind: kind.into() }).inc();
+    }
+
+    pub fn egress(&self, outcome: &str) {
+        self.egress_requests.get_or_create(&Outcome { outcome: outcome.into() }).inc();
+    }
+}
+
+/// Records the time since its creation into a histogram when dropped.
+#[derive(Debug)]
+pub struct Timer<'a> {
+    hist: &'a Histogram,
+    start: Instant,
+}
+
+impl<'a> Timer<'a> {
+    pub fn new(hist: &'a Histogram) -> Self {
+        Timer { hist, start: Instant::now() }
+    }
+}
+
+impl Drop for Timer<'_> {
+    fn drop(&mut self) {
+        self.hist.observe(self.start.elapsed().as_secs_f64());
+    }
+}

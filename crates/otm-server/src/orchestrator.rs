@@ -1,0 +1,409 @@
+//! The orchestrator: wakes tenants (single-flight, fenced), stops them with a final snapshot,
+//! reaps idle ones, and reconciles the registry with what the runtime runs.
+
+use crate::app::App;
+use otm_core::instance::Endpoint;
+use otm_core::shim_api::{BindRequest, StopRequest};
+use otm_core::{
+    Error, InstanceId, InstanceRecord, InstanceSpec, InstanceState, Notification, Result, RuntimeEvent, Secret, SnapshotId,
+    TenantId, TenantStatus,
+};
+use otm_shim::ShimClient;
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use futures::StreamExt;
+
+/// How long a cached endpoint stays valid without being refreshed.
+const ENDPOINT_TTL: Duration = Duration::from_secs(300);
+/// How long the cross-process wake lock is held at most.
+const WAKE_LOCK_TTL: Duration = Duration::from_secs(180);
+
+/// How a wake was served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WakePath {
+    /// Already awake: the endpoint was cached or registered.
+    Cache,
+    /// A warm instance was claimed.
+    Warm,
+    /// A new instance was created.
+    Cold,
+}
+
+impl WakePath {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WakePath::Cache => "cache",
+            WakePath::Warm => "warm",
+            WakePath::Cold => "cold",
+        }
+    }
+}
+
+/// The result of a wake, with its phases in milliseconds.
+#[derive(Clone, Debug, Serialize)]
+pub struct Woken {
+    #[serde(skip)]
+    pub endpoint: Endpoint,
+    pub instance: InstanceId,
+    pub path: WakePath,
+    pub total_ms: u64,
+    /// `claim` or `create`, `restore`, `start`, `ready`, in order.
+    pub phases: Vec<(String, u64)>,
+}
+
+/// Makes sure a tenant has a ready instance and returns its endpoint.
+///
+/// Concurrent callers in this process join one wake (the tenant lock); across processes a fenced
+/// lock in the coordinator guards the wake, so exactly one instance per tenant exists.
+pub async fn wake(app: &Arc<App>, tenant: &TenantId) -> Result<Woken> {
+    let begun = Instant::now();
+    if let Some(ep) = app.coordinator.endpoint(tenant).await? {
+        return Ok(cached(ep, begun));
+    }
+    let lock = app.tenant_lock(tenant);
+    let _joined = lock.lock().await;
+    if let Some(ep) = app.coordinator.endpoint(tenant).await? {
+        return Ok(cached(ep, begun));
+    }
+    if let Some(rec) = app.registry.instance_of(tenant).await? {
+        if rec.state == InstanceState::Ready {
+            let ep = Endpoint::from(&rec);
+            app.coordinator.set_endpoint(tenant, &ep, ENDPOINT_TTL).await?;
+            return Ok(cached(ep, begun));
+        }
+    }
+
+    let lease = acquire(app, &format!("wake:{tenant}"), WAKE_LOCK_TTL).await?;
+    let result = wake_locked(app, tenant, lease.fence, begun).await;
+    let _ = app.coordinator.release(&lease).await;
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    app.metrics.wakes.get_or_create(&crate::metrics::Outcome { outcome: outcome.into() }).inc();
+    result
+}
+
+fn cached(endpoint: Endpoint, begun: Instant) -> Woken {
+    Woken {
+        instance: endpoint.instance.clone(),
+        endpoint,
+        path: WakePath::Cache,
+        total_ms: begun.elapsed().as_millis() as u64,
+        phases: vec![],
+    }
+}
+
+/// Takes a coordinator lock, waiting while another process holds it.
+async fn acquire(app: &Arc<App>, key: &str, ttl: Duration) -> Result<otm_core::Lease> {
+    let deadline = Instant::now() + ttl + Duration::from_secs(5);
+    loop {
+        if let Some(lease) = app.coordinator.acquire(key, ttl).await? {
+            return Ok(lease);
+        }
+        if Instant::now() > deadline {
+            return Err(Error::unavailable("coordinator", format!("lock {key} stayed taken")));
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn wake_locked(app: &Arc<App>, tenant: &TenantId, fence: u64, begun: Instant) -> Result<Woken> {
+    // Another process may have finished a wake while we waited for the lock.
+    if let Some(rec) = app.registry.instance_of(tenant).await? {
+        if rec.state == InstanceState::Ready {
+            let ep = Endpoint::from(&rec);
+            app.coordinator.set_endpoint(tenant, &ep, ENDPOINT_TTL).await?;
+            return Ok(cached(ep, begun));
+        }
+        // A wake that died half-way left this behind.
+        tracing::warn!(%tenant, instance = %rec.id, state = rec.state.as_str(), "removing a half-bound instance");
+        discard(app, &rec).await;
+    }
+    let t = app.registry.get_tenant(tenant).await?.ok_or_else(|| Error::not_found(format!("tenant {tenant}")))?;
+    app.registry.set_tenant_status(tenant, TenantStatus::Provisioning, Some(fence)).await?;
+
+    let mut phases: Vec<(String, u64)> = Vec::new();
+    let mark = Instant::now();
+    // Claim a warm instance, or create one.
+    let (mut rec, path) = match app.registry.claim_warm_instance(tenant).await? {
+        Some(rec) => (rec, WakePath::Warm),
+        None => {
+            let spec = InstanceSpec { id: InstanceId::random(), shim_token: Secret::random(), tenant: Some(tenant.clone()) };
+            let created = match app.runtime.create(&spec).await {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = app.registry.set_tenant_status(tenant, TenantStatus::Idle, Some(fence)).await;
+                    return Err(e);
+                }
+            };
+            let now = otm_core::time::now_ms();
+            let rec = InstanceRecord {
+                id: spec.id,
+                tenant: Some(tenant.clone()),
+                state: InstanceState::Binding,
+                address: created.address,
+                shim_token: spec.shim_token,
+                surrogate_digest: None,
+                created_at_ms: now,
+                bound_at_ms: Some(now),
+            };
+            (rec, WakePath::Cold)
+        }
+    };
+    let first = if path == WakePath::Warm { "claim" } else { "create" };
+    phases.push((first.to_owned(), mark.elapsed().as_millis() as u64));
+
+    let result = bind(app, &t, &mut rec, fence, &mut phases).await;
+    if let Err(e) = result {
+        tracing::error!(%tenant, instance = %rec.id, error = %e, "wake failed");
+        discard(app, &rec).await;
+        let _ = app.registry.set_tenant_status(tenant, TenantStatus::Idle, Some(fence)).await;
+        return Err(e);
+    }
+    let total = begun.elapsed();
+    let p = path.as_str();
+    for (name, ms) in &phases {
+        app.metrics.wake_phase(p, name, Duration::from_millis(*ms));
+    }
+    app.metrics.wake_seconds.get_or_create(&crate::metrics::WakePath { path: p.into() }).observe(total.as_secs_f64());
+    tracing::info!(%tenant, instance = %rec.id, path = p, total_ms = total.as_millis() as u64, ?phases, "woke");
+    Ok(Woken { endpoint: Endpoint::from(&rec), instance: rec.id.clone(), path, total_ms: total.as_millis() as u64, phases })
+}
+
+async fn bind(
+    app: &Arc<App>,
+    t: &otm_core::Tenant,
+    rec: &mut InstanceRecord,
+    fence: u64,
+    phases: &mut Vec<(String, u64)>,
+) -> Result<()> {
+    let tenant = &t.id;
+    // The surrogate token is known to the instance only; the registry keeps its digest.
+    let surrogate = Secret::new(format!("{}:{}", surrogate_bot_id(t), otm_core::id::random_hex(24)));
+    rec.surrogate_digest = Some(surrogate.digest());
+    rec.state = InstanceState::Binding;
+    app.registry.put_instance(rec).await?;
+
+    let shim = ShimClient::new(rec.address.clone(), rec.shim_token.clone());
+    let restoring = Instant::now();
+    if let Some(head) = app.state.head(tenant).await? {
+        let archive = app.state.get(tenant, &head.id).await?;
+        shim.restore(archive).await?;
+    }
+    phases.push(("restore".into(), restoring.elapsed().as_millis() as u64));
+
+    let req = BindRequest {
+        tenant: tenant.clone(),
+        profile: t.profile.clone(),
+        bot_api_root: app.egress_url.clone(),
+        bot_token: surrogate.expose().to_owned(),
+        settings: Default::default(),
+    };
+    let bound = shim.bind(&req, Duration::from_secs(app.settings.wake_timeout_s)).await?;
+    phases.push(("start".into(), bound.start_ms));
+    phases.push(("ready".into(), bound.ready_ms));
+
+    rec.state = InstanceState::Ready;
+    app.registry.put_instance(rec).await?;
+    app.registry.set_tenant_status(tenant, TenantStatus::Running, Some(fence)).await?;
+    app.registry.touch_tenant(tenant, otm_core::time::now_ms()).await?;
+    app.coordinator.set_endpoint(tenant, &Endpoint::from(&*rec), ENDPOINT_TTL).await?;
+    Ok(())
+}
+
+/// The surrogate keeps the bot id of the real token (the part before ':') so agents that parse
+/// it see the right bot; the secret part is random.
+fn surrogate_bot_id(t: &otm_core::Tenant) -> String {
+    t.bot_token
+        .as_ref()
+        .and_then(|tok| tok.expose().split_once(':').map(|(id, _)| id.to_owned()))
+        .filter(|id| id.bytes().all(|b| b.is_ascii_digit()) && !id.is_empty())
+        .unwrap_or_else(|| "0".into())
+}
+
+/// Removes an instance from the runtime and the registry, ignoring what is already gone.
+async fn discard(app: &Arc<App>, rec: &InstanceRecord) {
+    if let Err(e) = app.runtime.delete(&rec.id).await {
+        tracing::warn!(instance = %rec.id, error = %e, "could not delete instance");
+    }
+    let _ = app.registry.delete_instance(&rec.id).await;
+    if let Some(t) = &rec.tenant {
+        let _ = app.coordinator.clear_endpoint(t).await;
+    }
+    app.metrics.instances.set(app.registry.list_instances().await.map(|l| l.len() as i64).unwrap_or(0));
+}
+
+/// Stops a tenant's instance: endpoint cleared first (new updates wait in the inbox), surrogate
+/// revoked, agent stopped gracefully, final snapshot published, instance deleted. Returns false
+/// when the tenant had no instance.
+pub async fn stop(app: &Arc<App>, tenant: &TenantId, reason: &str) -> Result<bool> {
+    let lock = app.tenant_lock(tenant);
+    let _held = lock.lock().await;
+    app.coordinator.clear_endpoint(tenant).await?;
+    let Some(mut rec) = app.registry.instance_of(tenant).await? else {
+        if app.registry.get_tenant(tenant).await?.is_some() {
+            app.registry.set_tenant_status(tenant, TenantStatus::Idle, None).await?;
+        }
+        return Ok(false);
+    };
+    let lease = acquire(app, &format!("wake:{tenant}"), WAKE_LOCK_TTL).await?;
+    let result = stop_locked(app, tenant, &mut rec, reason, lease.fence).await;
+    let _ = app.coordinator.release(&lease).await;
+    let _ = app.coordinator.publish(Notification::EndpointInvalidated { tenant: tenant.clone() }).await;
+    result.map(|()| true)
+}
+
+async fn stop_locked(app: &Arc<App>, tenant: &TenantId, rec: &mut InstanceRecord, reason: &str, fence: u64) -> Result<()> {
+    let began = Instant::now();
+    rec.state = InstanceState::Stopping;
+    rec.surrogate_digest = None;
+    app.registry.put_instance(rec).await?;
+    if app.registry.get_tenant(tenant).await?.is_some() {
+        app.registry.set_tenant_status(tenant, TenantStatus::Stopping, Some(fence)).await?;
+    }
+    let shim = ShimClient::new(rec.address.clone(), rec.shim_token.clone());
+    match shim.stop(&StopRequest::default(), Duration::from_secs(150)).await {
+        Ok(r) if r.killed => tracing::warn!(%tenant, "agent did not stop within its grace period and was killed"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(%tenant, error = %e, "graceful stop failed"),
+    }
+    match shim.snapshot().await {
+        Ok(archive) => {
+            let id = SnapshotId::new_now();
+            let put = app.state.put(tenant, &id, archive, "final").await;
+            match put {
+                Ok(_) => app.state.publish(tenant, &id).await?,
+                Err(e) => tracing::error!(%tenant, error = %e, "final snapshot failed; the previous one stays in force"),
+            }
+        }
+        Err(e) => tracing::error!(%tenant, error = %e, "could not take the final snapshot"),
+    }
+    discard(app, rec).await;
+    if app.registry.get_tenant(tenant).await?.is_some() {
+        app.registry.set_tenant_status(tenant, TenantStatus::Idle, Some(fence)).await?;
+    }
+    app.metrics.stops.get_or_create(&crate::metrics::Reason { reason: reason.into() }).inc();
+    tracing::info!(%tenant, instance = %rec.id, reason, ms = began.elapsed().as_millis() as u64, "stopped");
+    Ok(())
+}
+
+/// Stops tenants whose idle timeout has passed; runs every second until shutdown.
+pub async fn run_reaper(app: Arc<App>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = app.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let due = match app.registry.idle_due(otm_core::time::now_ms(), 256).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "idle sweep failed");
+                continue;
+            }
+        };
+        for tenant in due {
+            // Updates still waiting keep a tenant awake.
+            if app.registry.inbox_depth(&tenant).await.unwrap_or(0) > 0 {
+                continue;
+            }
+            let app = app.clone();
+            tokio::spawn(async move {
+                if let Err(e) = stop(&app, &tenant, "idle").await {
+                    tracing::warn!(%tenant, error = %e, "idle stop failed");
+                }
+                // Anything that arrived during the stop wakes the tenant again.
+                if app.registry.inbox_depth(&tenant).await.unwrap_or(0) > 0 {
+                    crate::dispatch::kick(&app, &tenant);
+                }
+            });
+        }
+    }
+}
+
+/// Acts on runtime events until shutdown: an instance that exits on its own is removed, its
+/// tenant returns to idle, and pending updates wake it again.
+pub async fn run_reconciler(app: Arc<App>) {
+    let mut events = app.runtime.events();
+    let mut full_pass = tokio::time::interval(Duration::from_secs(60));
+    full_pass.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = app.shutdown.cancelled() => return,
+            ev = events.next() => match ev {
+                Some(RuntimeEvent::Exited { id, detail }) => instance_exited(&app, &id, &detail).await,
+                None => return,
+            },
+            _ = full_pass.tick() => {
+                if let Err(e) = reconcile(&app).await {
+                    tracing::warn!(error = %e, "reconcile pass failed");
+                }
+            }
+        }
+    }
+}
+
+async fn instance_exited(app: &Arc<App>, id: &InstanceId, detail: &str) {
+    app.metrics.reconciler("instance_exited");
+    let Ok(Some(rec)) = app.registry.get_instance(id).await else { return };
+    tracing::warn!(instance = %id, tenant = ?rec.tenant, detail, "instance died");
+    if let Some(tenant) = &rec.tenant {
+        let lock = app.tenant_lock(tenant);
+        let _held = lock.lock().await;
+        let _ = app.coordinator.clear_endpoint(tenant).await;
+        discard(app, &rec).await;
+        let _ = app.registry.set_tenant_status(tenant, TenantStatus::Idle, None).await;
+        if app.registry.inbox_depth(tenant).await.unwrap_or(0) > 0 {
+            crate::dispatch::kick(app, tenant);
+        }
+    } else {
+        discard(app, &rec).await;
+    }
+}
+
+/// One full pass: adopts live instances the registry knows, removes instances that belong to no
+/// record, and repairs records whose instance is gone.
+pub async fn reconcile(app: &Arc<App>) -> Result<()> {
+    let live = app.runtime.list().await?;
+    let records = app.registry.list_instances().await?;
+    for inst in &live {
+        let known = records.iter().find(|r| r.id == inst.id);
+        match known {
+            Some(rec) if inst.alive && rec.state == InstanceState::Ready => {
+                if let Some(t) = &rec.tenant {
+                    if app.coordinator.endpoint(t).await?.is_none() {
+                        app.coordinator.set_endpoint(t, &Endpoint::from(rec), ENDPOINT_TTL).await?;
+                        app.metrics.reconciler("adopted");
+                    }
+                }
+            }
+            Some(_) => {}
+            None => {
+                tracing::warn!(instance = %inst.id, "removing an instance that no record owns");
+                app.runtime.delete(&inst.id).await?;
+                app.metrics.reconciler("orphan_removed");
+            }
+        }
+    }
+    for rec in &records {
+        let alive = live.iter().any(|i| i.id == rec.id && i.alive);
+        if !alive {
+            tracing::warn!(instance = %rec.id, "removing the record of an instance that is gone");
+            discard(app, rec).await;
+            if let Some(t) = &rec.tenant {
+                let _ = app.registry.set_tenant_status(t, TenantStatus::Idle, None).await;
+            }
+            app.metrics.reconciler("stale_record_removed");
+        }
+    }
+    // Tenants marked awake without an instance are idle.
+    for t in app.registry.list_tenants().await? {
+        if t.status != TenantStatus::Idle && app.registry.instance_of(&t.id).await?.is_none() {
+            app.registry.set_tenant_status(&t.id, TenantStatus::Idle, None).await?;
+            app.metrics.reconciler("status_repaired");
+        }
+    }
+    app.metrics.instances.set(app.registry.list_instances().await?.len() as i64);
+    Ok(())
+}

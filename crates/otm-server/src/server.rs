@@ -1,0 +1,173 @@
+//! Starting and stopping a whole server: backends opened, listeners bound, loops spawned.
+
+use crate::app::App;
+use crate::config::Settings;
+use crate::{admin, dispatch, egress, ingress, orchestrator};
+use axum::Router;
+use axum::error_handling::HandleErrorLayer;
+use axum::http::StatusCode;
+use otm_core::Secret;
+use otm_runtime::{LocalRuntime, LocalRuntimeConfig, SandboxMode};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Setting(#[from] crate::config::InvalidSetting),
+    #[error("cannot bind the {listener} listener on {addr}: {source}")]
+    Bind { listener: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error("cannot use the data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Backend(#[from] otm_core::Error),
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct Server {
+    pub public_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub egress_addr: SocketAddr,
+    pub app: Arc<App>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// The admin token: `OTM_ADMIN_TOKEN` when given, else `<data-dir>/admin.token`, created with mode
+/// 0600 on first start.
+pub fn admin_token(data_dir: &Path, given: Option<Secret>) -> std::io::Result<Secret> {
+    if let Some(t) = given {
+        return Ok(t);
+    }
+    let path = data_dir.join("admin.token");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(Secret::new(s.trim())),
+        _ => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let token = Secret::random();
+            let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&path)?;
+            f.write_all(token.expose().as_bytes())?;
+            f.sync_all()?;
+            Ok(token)
+        }
+    }
+}
+
+/// Starts everything `otm server --role all` runs. `admin_token` overrides the token file.
+pub async fn start(settings: Settings, admin_token_given: Option<Secret>) -> Result<Server, StartError> {
+    let listeners = settings.validate()?;
+    let data_dir = settings.data_dir.clone();
+    let dd_err = |source| StartError::DataDir { path: data_dir.display().to_string(), source };
+    std::fs::create_dir_all(&data_dir).map_err(dd_err)?;
+    let data_dir = std::path::absolute(&data_dir).map_err(dd_err)?;
+    let token = admin_token(&data_dir, admin_token_given).map_err(dd_err)?;
+
+    let registry_url = settings.registry.clone().unwrap_or_else(|| format!("sqlite://{}", data_dir.join("otm.db").display()));
+    let coordinator_url = settings.coordinator.clone().unwrap_or_else(|| "memory".into());
+    let state_url = settings.state.clone().unwrap_or_else(|| format!("file://{}", data_dir.join("state").display()));
+    let registry = otm_store::open::open_registry(&registry_url)?;
+    let coordinator = otm_store::open::open_coordinator(&coordinator_url)?;
+    let state = otm_store::open::open_state_store(&state_url)?;
+
+    let otm_binary = match &settings.otm_binary {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().map_err(dd_err)?,
+    };
+    let sandbox = match settings.sandbox.as_str() {
+        "bubblewrap" => SandboxMode::Bubblewrap,
+        "none" => SandboxMode::None,
+        _ => SandboxMode::Auto,
+    };
+    let runtime = Arc::new(LocalRuntime::new(LocalRuntimeConfig { data_dir: data_dir.clone(), otm_binary, sandbox, read_only: vec![] })?);
+
+    let bind = |listener: &'static str, addr: SocketAddr| async move {
+        TcpListener::bind(addr).await.map_err(|source| StartError::Bind { listener, addr, source })
+    };
+    let public = bind("public", listeners.public).await?;
+    let admin = bind("admin", listeners.admin).await?;
+    let egress = bind("egress", listeners.egress).await?;
+    let public_addr = public.local_addr().map_err(dd_err)?;
+    let admin_addr = admin.local_addr().map_err(dd_err)?;
+    let egress_addr = egress.local_addr().map_err(dd_err)?;
+    let egress_url = settings.egress_url.clone().unwrap_or_else(|| {
+        let ip = if egress_addr.ip().is_unspecified() { "127.0.0.1".to_owned() } else { egress_addr.ip().to_string() };
+        format!("http://{ip}:{}", egress_addr.port())
+    });
+
+    let shutdown = CancellationToken::new();
+    let app = App::new(settings, registry, coordinator, state, runtime, egress_url, token, shutdown.clone());
+    if let Err(e) = orchestrator::reconcile(&app).await {
+        tracing::warn!(error = %e, "first reconcile pass failed");
+    }
+
+    let mut tasks = Vec::new();
+    tasks.push(serve(public, public_router(app.clone()), shutdown.clone()));
+    tasks.push(serve(admin, admin::router(app.clone()), shutdown.clone()));
+    tasks.push(serve(egress, egress::router(app.clone()), shutdown.clone()));
+    tasks.push(tokio::spawn(orchestrator::run_reaper(app.clone())));
+    tasks.push(tokio::spawn(orchestrator::run_reconciler(app.clone())));
+    tasks.push(tokio::spawn(dispatch::run_sweeper(app.clone())));
+    // Inboxes left pending by an earlier run are drained at once.
+    if let Ok(pending) = app.registry.inbox_pending_tenants().await {
+        for t in pending {
+            dispatch::kick(&app, &t);
+        }
+    }
+    tracing::info!(%public_addr, %admin_addr, %egress_addr, runtime = "local", isolation = %app.runtime.isolation(), "otm server started");
+    Ok(Server { public_addr, admin_addr, egress_addr, app, tasks })
+}
+
+/// The public router behind its middleware. Order matters: errors from the layers below become
+/// 503 (Telegram retries those); load shedding refuses at once when the concurrency limit is
+/// reached instead of queueing webhooks; the timeout bounds a stuck store.
+fn public_router(app: Arc<App>) -> Router {
+    ingress::router(app).layer(
+        ServiceBuilder::new()
+            .layer(HandleErrorLayer::new(|_: tower::BoxError| async { StatusCode::SERVICE_UNAVAILABLE }))
+            .load_shed()
+            .concurrency_limit(4096)
+            .timeout(Duration::from_secs(30)),
+    )
+}
+
+fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let result = axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "listener failed");
+        }
+    })
+}
+
+impl Server {
+    /// The admin token.
+    pub fn admin_token(&self) -> &Secret {
+        &self.app.admin_token
+    }
+
+    /// Stops accepting, lets work drain for up to `grace`, and ends every loop. Instances keep
+    /// running unless `stop_instances` (the next start adopts them).
+    pub async fn shutdown(self, grace: Duration, stop_instances: bool) {
+        self.app.shutdown.cancel();
+        let drain = futures::future::join_all(self.tasks);
+        let _ = tokio::time::timeout(grace, drain).await;
+        if stop_instances {
+            let tenants: Vec<_> =
+                self.app.registry.list_instances().await.unwrap_or_default().into_iter().filter_map(|i| i.tenant).collect();
+            let stops = tenants.iter().map(|t| orchestrator::stop(&self.app, t, "shutdown"));
+            let _ = tokio::time::timeout(grace, futures::future::join_all(stops)).await;
+            for rec in self.app.registry.list_instances().await.unwrap_or_default() {
+                let _ = self.app.runtime.delete(&rec.id).await;
+                let _ = self.app.registry.delete_instance(&rec.id).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! One supervised agent process: start, readiness, restart on crash, delivery, graceful stop.
+
+use crate::profile::{AckRule, AgentLaunch, AgentProfile};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use otm_core::shim_api::DeliverResponse;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::{Mutex, watch};
+
+/// Where the agent process is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AgentState {
+    /// Spawned, not answering its health check yet.
+    Starting { pid: u32 },
+    /// Answering; deliveries go through.
+    Ready { pid: u32 },
+    /// Exited on its own; a restart follows.
+    Crashed { code: Option<i32> },
+    /// Stopped on request; no restart.
+    Stopped { code: Option<i32>, killed: bool },
+    /// Could not be started at all.
+    Failed { message: String },
+}
+
+impl AgentState {
+    /// The short name the status call reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            AgentState::Starting { .. } => "starting",
+            AgentState::Ready { .. } => "ready",
+            AgentState::Crashed { .. } => "restarting",
+            AgentState::Stopped { .. } => "stopped",
+            AgentState::Failed { .. } => "failed",
+        }
+    }
+
+    /// The agent's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        match self {
+            AgentState::Starting { pid } | AgentState::Ready { pid } => Some(*pid),
+            _ => None,
+        }
+    }
+}
+
+/// A supervised agent. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    launch: AgentLaunch,
+    profile: AgentProfile,
+    log_path: PathBuf,
+    workdir: PathBuf,
+    state: watch::Sender<AgentState>,
+    stopping: AtomicBool,
+    restarts: AtomicU32,
+    /// Serializes deliveries: one update at a time, in order.
+    deliver_lock: Mutex<()>,
+    http: reqwest::Client,
+}
+
+impl Agent {
+    /// Spawns the agent and supervises it until [`Agent::stop`]. Returns at once; use
+    /// [`Agent::wait_ready`] to wait for readiness.
+    pub fn start(profile: AgentProfile, launch: AgentLaunch, workdir: PathBuf, log_path: PathBuf) -> Agent {
+        let (state, _) = watch::channel(AgentState::Starting { pid: 0 });
+        let http = reqwest::Client::builder().no_proxy().build().expect("HTTP client");
+        let agent = Agent {
+            inner: Arc::new(Inner {
+                launch,
+                profile,
+                log_path,
+                workdir,
+                state,
+                stopping: AtomicBool::new(false),
+                restarts: AtomicU32::new(0),
+                deliver_lock: Mutex::new(()),
+                http,
+            }),
+        };
+        tokio::spawn(agent.clone().supervise());
+        agent
+    }
+
+    /// The current state.
+    pub fn state(&self) -> AgentState {
+        self.inner.state.borrow().clone()
+    }
+
+    /// How often the agent was restarted after crashing.
+    pub fn restarts(&self) -> u32 {
+        self.inner.restarts.load(Ordering::Relaxed)
+    }
+
+    /// Waits until the agent is ready, or fails with why not.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<u32, String> {
+        let mut rx = self.inner.state.subscribe();
+        let wait = async {
+            loop {
+                match &*rx.borrow_and_update() {
+                    AgentState::Ready { pid } => return Ok(*pid),
+                    AgentState::Failed { message } => return Err(message.clone()),
+                    AgentState::Stopped { .. } => return Err("the agent was stopped".to_owned()),
+                    _ => {}
+                }
+                if rx.changed().await.is_err() {
+                    return Err("the agent supervisor ended".to_owned());
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("the agent was not ready within {} s", timeout.as_secs())),
+        }
+    }
+
+    async fn supervise(self) {
+        let inner = &self.inner;
+        loop {
+            let started = Instant::now();
+            let mut cmd = tokio::process::Command::new(&inner.launch.program);
+            cmd.args(&inner.launch.args)
+                .env_clear()
+                .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()))
+                .env("LANG", "C.UTF-8")
+                .env("HOME", &inner.workdir)
+                .envs(&inner.launch.env)
+                .current_dir(&inner.workdir)
+                .stdin(Stdio::null())
+                .process_group(0)
+                .kill_on_drop(false);
+            if let Ok(rust_log) = std::env::var("RUST_LOG") {
+                cmd.env("RUST_LOG", rust_log);
+            }
+            match open_log(&inner.log_path) {
+                Ok((out, err)) => {
+                    cmd.stdout(out).stderr(err);
+                }
+                Err(e) => {
+                    inner.state.send_replace(AgentState::Failed { message: format!("cannot open the agent log: {e}") });
+                    return;
+                }
+            }
+            let mut child = match cmd.spawn() {
+                Ok(c) => c,
+                Err(e) => {
+                    let message = format!("cannot start {}: {e}", inner.launch.program.display());
+                    tracing::error!(%message);
+                    inner.state.send_replace(AgentState::Failed { message });
+                    return;
+                }
+            };
+            let pid = child.id().unwrap_or(0);
+            // The runtime reads this to kill the agent's process group with the instance.
+            let _ = std::fs::write(inner.log_path.with_file_name("agent.pid"), pid.to_string());
+            inner.state.send_replace(AgentState::Starting { pid });
+            tracing::info!(pid, "agent started");
+
+            let ready = self.probe_until_ready(pid);
+            tokio::pin!(ready);
+            let mut became_ready = false;
+            let status = loop {
+                tokio::select! {
+                    status = child.wait() => break status,
+                    ok = &mut ready, if !became_ready => {
+                        became_ready = true;
+                        if ok {
+                            inner.state.send_replace(AgentState::Ready { pid });
+                            tracing::info!(pid, ms = started.elapsed().as_millis() as u64, "agent ready");
+                        } else {
+                            tracing::warn!(pid, "agent not ready in time; killing it");
+                            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                        }
+                    }
+                }
+            };
+            let code = status.ok().and_then(|s| s.code());
+            if inner.stopping.load(Ordering::SeqCst) {
+                inner.state.send_replace(AgentState::Stopped { code, killed: false });
+                return;
+            }
+            let n = inner.restarts.fetch_add(1, Ordering::SeqCst) + 1;
+            tracing::warn!(pid, ?code, restarts = n, "agent exited; restarting");
+            inner.state.send_replace(AgentState::Crashed { code });
+            // Back off a little on crash loops, but restart the first crash at once.
+            let backoff = Duration::from_millis((100 * 2u64.saturating_pow(n.min(6) - 1)).min(5_000));
+            if n > 1 {
+                tokio::time::sleep(backoff).await;
+            }
+            if inner.stopping.load(Ordering::SeqCst) {
+                inner.state.send_replace(AgentState::Stopped { code, killed: false });
+                return;
+            }
+        }
+    }
+
+    /// Polls the health URL every 10 ms until it answers 200; false on timeout.
+    async fn probe_until_ready(&self, _pid: u32) -> bool {
+        let deadline = Instant::now() + self.inner.profile.ready_timeout;
+        let mut interval = Duration::from_millis(5);
+        while Instant::now() < deadline {
+            let req = self.inner.http.get(&self.inner.launch.health_url).timeout(Duration::from_secs(2));
+            if let Ok(resp) = req.send().await {
+                if resp.status().is_success() {
+                    return true;
+                }
+            }
+            tokio::time::sleep(interval).await;
+            interval = (interval * 2).min(Duration::from_millis(25));
+        }
+        false
+    }
+
+    /// Forwards one update to the agent's webhook and reports whether it acknowledged it.
+    pub async fn deliver(&self, update: bytes::Bytes) -> DeliverResponse {
+        let _one_at_a_time = self.inner.deliver_lock.lock().await;
+        if let Err(detail) = self.wait_ready(self.inner.profile.ready_timeout).await {
+            return DeliverResponse { acknowledged: false, status: 503, detail: Some(detail) };
+        }
+        let resp = self
+            .inner
+            .http
+            .post(&self.inner.launch.webhook_url)
+            .header("content-type", "application/json")
+            .header("x-telegram-bot-api-secret-token", &self.inner.launch.webhook_secret)
+            .timeout(self.inner.profile.deliver_timeout)
+            .body(update)
+            .send()
+            .await;
+        match resp {
+            Err(e) => DeliverResponse {
+                acknowledged: false,
+                status: 502,
+                detail: Some(format!("the agent did not answer: {}", without_url(&e))),
+            },
+            Ok(resp) => {
+                let status = resp.status();
+                let acknowledged = status.is_success()
+                    && match &self.inner.profile.ack {
+                        AckRule::Success => true,
+                        AckRule::Header { name, value } => {
+                            resp.headers().get(*name).and_then(|v| v.to_str().ok()) == Some(*value)
+                        }
+                    };
+                let detail = if acknowledged {
+                    None
+                } else {
+                    let body = resp.text().await.unwrap_or_default();
+                    Some(format!("agent answered {status}: {}", body.chars().take(200).collect::<String>()))
+                };
+                DeliverResponse { acknowledged, status: status.as_u16(), detail }
+            }
+        }
+    }
+
+    /// SIGTERM, the grace period, then SIGKILL. Returns the exit code and whether it was killed.
+    pub async fn stop(&self, grace: Option<Duration>) -> (Option<i32>, bool) {
+        let grace = grace.unwrap_or(self.inner.profile.stop_grace);
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        let _no_more_deliveries = self.inner.deliver_lock.lock().await;
+        let pid = match self.state() {
+            AgentState::Stopped { code, killed } => return (code, killed),
+            s => s.pid(),
+        };
+        let Some(pid) = pid.filter(|p| *p > 0) else {
+            self.inner.state.send_replace(AgentState::Stopped { code: None, killed: false });
+            return (None, false);
+        };
+        let group = Pid::from_raw(pid as i32);
+        let _ = killpg(group, Signal::SIGTERM);
+        if let Some(code) = self.wait_stopped(grace).await {
+            return (code, false);
+        }
+        tracing::warn!(pid, grace_s = grace.as_secs(), "agent ignored SIGTERM; killing it");
+        let _ = killpg(group, Signal::SIGKILL);
+        let code = self.wait_stopped(Duration::from_secs(5)).await.flatten();
+        self.inner.state.send_replace(AgentState::Stopped { code, killed: true });
+        (code, true)
+    }
+
+    /// Waits for the supervisor to see the agent exit after a stop; `None` on timeout.
+    async fn wait_stopped(&self, timeout: Duration) -> Option<Option<i32>> {
+        let mut rx = self.inner.state.subscribe();
+        let wait = async {
+            loop {
+                if let AgentState::Stopped { code, .. } = &*rx.borrow_and_update() {
+                    return Some(*code);
+                }
+                if rx.changed().await.is_err() {
+                    return Some(None);
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.ok().flatten()
+    }
+}
+
+fn open_log(path: &std::path::Path) -> std::io::Result<(std::fs::File, std::fs::File)> {
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let err = out.try_clone()?;
+    Ok((out, err))
+}
+
+/// reqwest errors print the URL; the agent's URL is harmless but keep messages short.
+fn without_url(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    if let Some(url) = e.url() {
+        s = s.replace(url.as_str(), "agent");
+    }
+    s
+}

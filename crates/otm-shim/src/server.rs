@@ -1,0 +1,311 @@
+//! The control API served by `otm shim` inside an instance.
+
+use crate::agent::{Agent, AgentState};
+use crate::archive;
+use crate::profile::{self, AgentProfile, LaunchInputs};
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use otm_core::Secret;
+use otm_core::shim_api::{BindRequest, BindResponse, ShimStatus, StopRequest, StopResponse};
+use serde::Deserialize;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+/// Largest state archive accepted by `PUT /v1/state`.
+const MAX_ARCHIVE: usize = 2 << 30;
+
+/// How the shim is started.
+#[derive(Clone, Debug)]
+pub struct ShimConfig {
+    /// The instance id, for status and logs.
+    pub instance: String,
+    /// The instance directory: `state/` for the agent, `agent.log`, `tmp/`.
+    pub dir: PathBuf,
+    /// `unix:/path/to/socket` or `tcp:host:port`.
+    pub listen: String,
+    /// The token every call must carry.
+    pub token: Secret,
+}
+
+struct Bound {
+    tenant: otm_core::TenantId,
+    profile: AgentProfile,
+    agent: Agent,
+}
+
+struct Shim {
+    config: ShimConfig,
+    bound: Mutex<Option<Bound>>,
+}
+
+impl Shim {
+    fn state_dir(&self) -> PathBuf {
+        self.config.dir.join("state")
+    }
+    fn log_path(&self) -> PathBuf {
+        self.config.dir.join("agent.log")
+    }
+}
+
+/// Serves the control API until SIGTERM or `shutdown`, then stops the agent gracefully.
+pub async fn run(config: ShimConfig, shutdown: CancellationToken) -> std::io::Result<()> {
+    std::fs::create_dir_all(config.dir.join("state"))?;
+    std::fs::create_dir_all(config.dir.join("tmp"))?;
+    let shim = Arc::new(Shim { config: config.clone(), bound: Mutex::new(None) });
+    let app = router(shim.clone());
+
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => stop.cancel(),
+            _ = stop.cancelled() => {}
+        }
+    });
+
+    let served = shutdown.clone();
+    if let Some(path) = config.listen.strip_prefix("unix:") {
+        let _ = std::fs::remove_file(path);
+        let listener = tokio::net::UnixListener::bind(path)?;
+        set_mode(path, 0o600)?;
+        tracing::info!(instance = %config.instance, listen = %config.listen, "shim listening");
+        axum::serve(listener, app).with_graceful_shutdown(async move { served.cancelled().await }).await?;
+    } else if let Some(addr) = config.listen.strip_prefix("tcp:") {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        tracing::info!(instance = %config.instance, listen = %listener.local_addr()?, "shim listening");
+        axum::serve(listener, app).with_graceful_shutdown(async move { served.cancelled().await }).await?;
+    } else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("listen address `{}` must start with unix: or tcp:", config.listen),
+        ));
+    }
+    if let Some(bound) = shim.bound.lock().await.take() {
+        bound.agent.stop(None).await;
+    }
+    Ok(())
+}
+
+fn set_mode(path: &str, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+fn router(shim: Arc<Shim>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/state", put(restore).layer(DefaultBodyLimit::max(MAX_ARCHIVE)))
+        .route("/v1/bind", post(bind))
+        .route("/v1/deliver", post(deliver).layer(DefaultBodyLimit::max(2 << 20)))
+        .route("/v1/snapshot", get(snapshot))
+        .route("/v1/stop", post(stop))
+        .route("/v1/logs", get(logs))
+        // Every route requires the instance token.
+        .layer(middleware::from_fn_with_state(shim.clone(), authorize))
+        .with_state(shim)
+}
+
+async fn authorize(State(shim): State<Arc<Shim>>, headers: HeaderMap, req: Request, next: Next) -> Response {
+    let presented = headers
+        .get(otm_core::shim_api::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(t) if shim.config.token.matches(t) => next.run(req).await,
+        _ => error(StatusCode::UNAUTHORIZED, "missing or wrong instance token"),
+    }
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({"error": {"code": status.as_u16(), "message": message.into()}}))).into_response()
+}
+
+async fn status(State(shim): State<Arc<Shim>>) -> Json<ShimStatus> {
+    let bound = shim.bound.lock().await;
+    let (tenant, profile, agent, pid, restarts) = match &*bound {
+        None => (None, None, "unbound".to_owned(), None, 0),
+        Some(b) => {
+            let st = b.agent.state();
+            (Some(b.tenant.clone()), Some(b.profile.name.to_owned()), st.name().to_owned(), st.pid(), b.agent.restarts())
+        }
+    };
+    Json(ShimStatus { instance: shim.config.instance.clone(), tenant, profile, agent, agent_pid: pid, restarts })
+}
+
+async fn restore(State(shim): State<Arc<Shim>>, body: Bytes) -> Response {
+    let bound = shim.bound.lock().await;
+    if bound.is_some() {
+        return error(StatusCode::CONFLICT, "the instance is bound; state can only be restored before bind");
+    }
+    let dir = shim.state_dir();
+    let result = tokio::task::spawn_blocking(move || archive::unpack(&body, &dir)).await;
+    match result {
+        Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, format!("cannot unpack the state archive: {e}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn bind(State(shim): State<Arc<Shim>>, Json(req): Json<BindRequest>) -> Response {
+    let begun = Instant::now();
+    let mut bound = shim.bound.lock().await;
+    if let Some(b) = &*bound {
+        if b.tenant != req.tenant {
+            return error(StatusCode::CONFLICT, format!("the instance is bound to another tenant ({})", b.tenant));
+        }
+        // Binding the same tenant again is a no-op once the agent is up.
+        return match b.agent.wait_ready(b.profile.ready_timeout).await {
+            Ok(pid) => Json(BindResponse { agent_pid: Some(pid), start_ms: 0, ready_ms: 0 }).into_response(),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        };
+    }
+    let Some(profile) = profile::profile(&req.profile) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("unknown agent profile `{}`; this build knows {:?}", req.profile, profile::known_profiles()),
+        );
+    };
+    let port = match free_port() {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("no free port for the agent: {e}")),
+    };
+    let state_dir = shim.state_dir();
+    let secret = Secret::random();
+    let inputs = LaunchInputs {
+        state_dir: &state_dir,
+        port,
+        bot_api_root: &req.bot_api_root,
+        bot_token: &req.bot_token,
+        webhook_secret: secret.expose(),
+        settings: &req.settings,
+    };
+    let launch = match profile.render(&inputs) {
+        Ok(l) => l,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let mut launch = launch;
+    launch.env.entry("TMPDIR".into()).or_insert_with(|| shim.config.dir.join("tmp").display().to_string());
+    let agent = Agent::start(profile.clone(), launch, state_dir, shim.log_path());
+    let start_ms = begun.elapsed().as_millis() as u64;
+    let spawned = Instant::now();
+    let ready = agent.wait_ready(profile.ready_timeout).await;
+    let ready_ms = spawned.elapsed().as_millis() as u64;
+    match ready {
+        Ok(pid) => {
+            tracing::info!(tenant = %req.tenant, profile = profile.name, start_ms, ready_ms, "bound");
+            *bound = Some(Bound { tenant: req.tenant, profile, agent });
+            Json(BindResponse { agent_pid: Some(pid), start_ms, ready_ms }).into_response()
+        }
+        Err(e) => {
+            agent.stop(Some(Duration::from_secs(1))).await;
+            let tail = tail_lines(&shim.log_path(), 20).unwrap_or_default();
+            error(StatusCode::SERVICE_UNAVAILABLE, format!("the agent did not become ready: {e}\n{tail}"))
+        }
+    }
+}
+
+async fn deliver(State(shim): State<Arc<Shim>>, body: Bytes) -> Response {
+    let agent = match &*shim.bound.lock().await {
+        Some(b) => b.agent.clone(),
+        None => return error(StatusCode::CONFLICT, "the instance is not bound to a tenant"),
+    };
+    Json(agent.deliver(body).await).into_response()
+}
+
+async fn snapshot(State(shim): State<Arc<Shim>>) -> Response {
+    let skip: Vec<&'static str> = match &*shim.bound.lock().await {
+        Some(b) => b.profile.snapshot_skip.to_vec(),
+        None => vec![],
+    };
+    let dir = shim.state_dir();
+    match tokio::task::spawn_blocking(move || archive::pack(&dir, &skip)).await {
+        Ok(Ok(bytes)) => ([("content-type", "application/zstd")], bytes).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot pack the state directory: {e}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn stop(State(shim): State<Arc<Shim>>, body: Option<Json<StopRequest>>) -> Json<StopResponse> {
+    let grace = body.and_then(|Json(b)| b.grace_s).map(Duration::from_secs);
+    let agent = shim.bound.lock().await.as_ref().map(|b| b.agent.clone());
+    let (exit_code, killed) = match agent {
+        Some(a) => a.stop(grace).await,
+        None => (None, false),
+    };
+    Json(StopResponse { exit_code, killed })
+}
+
+#[derive(Deserialize)]
+struct LogsQuery {
+    tail: Option<usize>,
+    #[serde(default)]
+    follow: bool,
+}
+
+async fn logs(State(shim): State<Arc<Shim>>, Query(q): Query<LogsQuery>) -> Response {
+    let path = shim.log_path();
+    let tail = tail_lines(&path, q.tail.unwrap_or(200)).unwrap_or_default();
+    if !q.follow {
+        return ([("content-type", "text/plain; charset=utf-8")], tail).into_response();
+    }
+    let start = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let agent = shim.bound.lock().await.as_ref().map(|b| b.agent.clone());
+    let stream = futures::stream::unfold((path, start, Some(tail), agent), |(path, mut pos, first, agent)| async move {
+        if let Some(first) = first {
+            return Some((Ok::<_, std::io::Error>(Bytes::from(first)), (path, pos, None, agent)));
+        }
+        loop {
+            let len = tokio::fs::metadata(&path).await.map(|m| m.len()).unwrap_or(0);
+            if len > pos {
+                let chunk = read_range(&path, pos, len).await.unwrap_or_default();
+                pos = len;
+                return Some((Ok(Bytes::from(chunk)), (path, pos, None, agent)));
+            }
+            if matches!(agent.as_ref().map(|a| a.state()), Some(AgentState::Stopped { .. })) {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    ([("content-type", "text/plain; charset=utf-8")], Body::from_stream(stream)).into_response()
+}
+
+async fn read_range(path: &std::path::Path, from: u64, to: u64) -> std::io::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let mut f = tokio::fs::File::open(path).await?;
+    f.seek(std::io::SeekFrom::Start(from)).await?;
+    let mut buf = vec![0; (to - from) as usize];
+    f.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+/// The last `n` lines of a file (reading at most its last 1 MiB).
+pub fn tail_lines(path: &std::path::Path, n: usize) -> std::io::Result<String> {
+    use std::io::{Read, Seek};
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    let from = len.saturating_sub(1 << 20);
+    f.seek(std::io::SeekFrom::Start(from))?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf);
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = lines[lines.len().saturating_sub(n)..].join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+/// A loopback port nobody listens on right now.
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}

@@ -1,0 +1,255 @@
+//! Backend choice by URL.
+//!
+//! Each enum lists every backend otm knows, compiled in or not, so a configuration that names a
+//! missing one fails with "not in this build (rebuild with the cargo feature …)" instead of
+//! "unknown". URLs may carry passwords: errors name only the scheme, and the enums keep such
+//! URLs as [`Secret`]s.
+
+use crate::{MemoryCoordinator, ObjectStateStore, SqliteRegistry};
+use otm_core::{Coordinator, Error, Registry, Result, Secret, StateStore};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+const REGISTRY_FORMS: &str =
+    "sqlite:///absolute/path.db, sqlite://relative/path.db or sqlite:path.db, postgres://… or dynamodb://…";
+const COORDINATOR_FORMS: &str = "memory or redis://…";
+const STATE_STORE_FORMS: &str = "file:///absolute/dir, a plain directory path, or s3://bucket/prefix";
+
+/// A registry backend, parsed from its URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RegistryBackend {
+    /// The embedded SQLite file (`sqlite://path`, `sqlite:path`).
+    Sqlite { path: PathBuf },
+    /// PostgreSQL (`postgres://…`, `postgresql://…`); cargo feature `postgres`.
+    Postgres { url: Secret },
+    /// DynamoDB (`dynamodb://table`); cargo feature `dynamodb`.
+    DynamoDb { url: Secret },
+}
+
+/// A coordinator backend, parsed from its URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CoordinatorBackend {
+    /// In-process (`memory`); for a single `otm server`.
+    Memory,
+    /// Redis (`redis://…`, `rediss://…`); cargo feature `redis`.
+    Redis { url: Secret },
+}
+
+/// A state store backend, parsed from its URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StateStoreBackend {
+    /// A local directory (`file:///dir` or a plain path).
+    Local { dir: PathBuf },
+    /// S3 or an S3-compatible store (`s3://bucket/prefix`); cargo feature `s3`.
+    S3 { url: String },
+}
+
+/// Splits `scheme://rest`; `None` when there is no `://`.
+fn scheme(url: &str) -> Option<(&str, &str)> {
+    url.split_once("://")
+}
+
+fn unsupported(kind: &str, scheme: &str, forms: &str) -> Error {
+    Error::invalid(format!("{kind} URL scheme `{scheme}` is not supported; use {forms}"))
+}
+
+fn not_in_build(kind: &'static str, backend: &str, feature: &'static str) -> Error {
+    Error::NotInBuild { kind, backend: backend.to_owned(), feature }
+}
+
+impl RegistryBackend {
+    /// Parses a registry URL.
+    pub fn parse(url: &str) -> Result<Self> {
+        let url = url.trim();
+        let path = match scheme(url) {
+            Some(("sqlite", rest)) => rest,
+            Some(("postgres" | "postgresql", _)) => return Ok(RegistryBackend::Postgres { url: Secret::new(url) }),
+            Some(("dynamodb", _)) => return Ok(RegistryBackend::DynamoDb { url: Secret::new(url) }),
+            Some((other, _)) => return Err(unsupported("registry", other, REGISTRY_FORMS)),
+            None => match url.strip_prefix("sqlite:") {
+                Some(rest) => rest,
+                None => {
+                    return Err(Error::invalid(format!(
+                        "the registry must be given as a URL: {REGISTRY_FORMS}"
+                    )));
+                }
+            },
+        };
+        if path.is_empty() {
+            return Err(Error::invalid(format!("the sqlite registry URL names no file; use {REGISTRY_FORMS}")));
+        }
+        Ok(RegistryBackend::Sqlite { path: PathBuf::from(path) })
+    }
+
+    /// The backend's name, as errors and logs show it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RegistryBackend::Sqlite { .. } => "sqlite",
+            RegistryBackend::Postgres { .. } => "postgres",
+            RegistryBackend::DynamoDb { .. } => "dynamodb",
+        }
+    }
+
+    /// Opens the backend.
+    pub fn open(&self) -> Result<Arc<dyn Registry>> {
+        match self {
+            RegistryBackend::Sqlite { path } => Ok(Arc::new(SqliteRegistry::open(path)?)),
+            RegistryBackend::Postgres { .. } => Err(not_in_build("registry", self.name(), "postgres")),
+            RegistryBackend::DynamoDb { .. } => Err(not_in_build("registry", self.name(), "dynamodb")),
+        }
+    }
+}
+
+impl CoordinatorBackend {
+    /// Parses a coordinator URL.
+    pub fn parse(url: &str) -> Result<Self> {
+        let url = url.trim();
+        match url {
+            "memory" | "memory:" | "memory://" => return Ok(CoordinatorBackend::Memory),
+            _ => {}
+        }
+        match scheme(url) {
+            Some(("redis" | "rediss", _)) => Ok(CoordinatorBackend::Redis { url: Secret::new(url) }),
+            Some((other, _)) => Err(unsupported("coordinator", other, COORDINATOR_FORMS)),
+            None => Err(Error::invalid(format!(
+                "coordinator `{}` is not supported; use {COORDINATOR_FORMS}",
+                url.chars().take(40).collect::<String>()
+            ))),
+        }
+    }
+
+    /// The backend's name, as errors and logs show it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            CoordinatorBackend::Memory => "memory",
+            CoordinatorBackend::Redis { .. } => "redis",
+        }
+    }
+
+    /// Opens the backend.
+    pub fn open(&self) -> Result<Arc<dyn Coordinator>> {
+        match self {
+            CoordinatorBackend::Memory => Ok(Arc::new(MemoryCoordinator::new())),
+            CoordinatorBackend::Redis { .. } => Err(not_in_build("coordinator", self.name(), "redis")),
+        }
+    }
+}
+
+impl StateStoreBackend {
+    /// Parses a state store URL or a plain directory path.
+    pub fn parse(url: &str) -> Result<Self> {
+        let url = url.trim();
+        match scheme(url) {
+            Some(("file", rest)) => {
+                let dir = PathBuf::from(rest);
+                if !dir.is_absolute() {
+                    return Err(Error::invalid(format!(
+                        "a file:// state store URL takes an absolute path (file:///var/lib/otm/state); use {STATE_STORE_FORMS}"
+                    )));
+                }
+                Ok(StateStoreBackend::Local { dir })
+            }
+            Some(("s3", _)) => Ok(StateStoreBackend::S3 { url: url.to_owned() }),
+            Some((other, _)) => Err(unsupported("state store", other, STATE_STORE_FORMS)),
+            None if url.is_empty() => {
+                Err(Error::invalid(format!("the state store location is empty; use {STATE_STORE_FORMS}")))
+            }
+            None => Ok(StateStoreBackend::Local { dir: PathBuf::from(url) }),
+        }
+    }
+
+    /// The backend's name, as errors and logs show it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            StateStoreBackend::Local { .. } => "file",
+            StateStoreBackend::S3 { .. } => "s3",
+        }
+    }
+
+    /// Opens the backend.
+    pub fn open(&self) -> Result<Arc<dyn StateStore>> {
+        match self {
+            StateStoreBackend::Local { dir } => Ok(Arc::new(ObjectStateStore::local(dir)?)),
+            StateStoreBackend::S3 { .. } => Err(not_in_build("state store", self.name(), "s3")),
+        }
+    }
+}
+
+/// Opens the registry a URL names.
+pub fn open_registry(url: &str) -> Result<Arc<dyn Registry>> {
+    RegistryBackend::parse(url)?.open()
+}
+
+/// Opens the coordinator a URL names.
+pub fn open_coordinator(url: &str) -> Result<Arc<dyn Coordinator>> {
+    CoordinatorBackend::parse(url)?.open()
+}
+
+/// Opens the state store a URL (or plain directory path) names.
+pub fn open_state_store(url: &str) -> Result<Arc<dyn StateStore>> {
+    StateStoreBackend::parse(url)?.open()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_registry_urls() {
+        assert_eq!(
+            RegistryBackend::parse("sqlite:///var/lib/otm/r.db").unwrap(),
+            RegistryBackend::Sqlite { path: "/var/lib/otm/r.db".into() }
+        );
+        assert_eq!(RegistryBackend::parse("sqlite:r.db").unwrap(), RegistryBackend::Sqlite { path: "r.db".into() });
+        assert_eq!(RegistryBackend::parse("sqlite://d/r.db").unwrap(), RegistryBackend::Sqlite { path: "d/r.db".into() });
+        assert!(matches!(RegistryBackend::parse("sqlite://"), Err(Error::InvalidInput { .. })));
+        assert!(matches!(RegistryBackend::parse("/plain/path.db"), Err(Error::InvalidInput { .. })));
+    }
+
+    #[test]
+    fn missing_backends_say_not_in_build_without_leaking_the_url() {
+        for (url, feature) in [("postgres://u:hunter2@db/otm", "postgres"), ("dynamodb://otm-table", "dynamodb")] {
+            let err = open_registry(url).unwrap_err();
+            assert!(matches!(err, Error::NotInBuild { feature: f, .. } if f == feature), "{err}");
+            let msg = err.to_string();
+            assert!(msg.contains("not in this build") && !msg.contains("hunter2"), "{msg}");
+            assert!(!format!("{:?}", RegistryBackend::parse(url).unwrap()).contains("hunter2"));
+        }
+        let err = open_coordinator("redis://:hunter2@cache:6379").unwrap_err();
+        assert!(matches!(err, Error::NotInBuild { feature: "redis", .. }), "{err}");
+        assert!(!err.to_string().contains("hunter2"));
+        let err = open_state_store("s3://bucket/otm").unwrap_err();
+        assert!(matches!(err, Error::NotInBuild { feature: "s3", .. }), "{err}");
+    }
+
+    #[test]
+    fn unknown_schemes_name_the_accepted_forms() {
+        let err = open_registry("mysql://u:hunter2@db").unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, Error::InvalidInput { .. }));
+        assert!(msg.contains("`mysql`") && msg.contains("sqlite:") && !msg.contains("hunter2"), "{msg}");
+        let msg = open_coordinator("etcd://x").unwrap_err().to_string();
+        assert!(msg.contains("memory") && msg.contains("redis://"), "{msg}");
+        let msg = open_state_store("gopher://x").unwrap_err().to_string();
+        assert!(msg.contains("file:///") && msg.contains("s3://"), "{msg}");
+        assert!(matches!(open_state_store("file://relative/dir"), Err(Error::InvalidInput { .. })));
+    }
+
+    #[tokio::test]
+    async fn opens_the_embedded_backends() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("sub/registry.db");
+        let r = open_registry(&format!("sqlite://{}", db.display())).unwrap();
+        assert!(r.list_tenants().await.unwrap().is_empty());
+        assert!(db.exists());
+        open_coordinator("memory").unwrap();
+        let state = dir.path().join("state");
+        let s = open_state_store(&format!("file://{}", state.display())).unwrap();
+        assert!(s.list(&otm_core::TenantId::parse("a").unwrap()).await.unwrap().is_empty());
+        assert!(state.is_dir());
+        open_state_store(dir.path().join("plain").to_str().unwrap()).unwrap();
+    }
+}

@@ -1,0 +1,1205 @@
+//! [`SqliteRegistry`]: the embedded [`Registry`], one SQLite file.
+//!
+//! Durability first: the database runs in WAL mode with `synchronous=FULL`, so every commit is
+//! fsync'd before the caller hears `Ok`.
+//!
+//! Nothing here blocks the async runtime:
+//! - Writes go to ONE writer thread over a channel. The thread applies group commit: it takes every
+//!   job queued at that moment (up to [`MAX_BATCH`]), runs them in one `BEGIN IMMEDIATE … COMMIT`
+//!   transaction, each job inside its own savepoint so one failing job does not fail the others,
+//!   and answers each job only after the commit. One fsync then serves a whole batch.
+//! - Reads use a small pool of read-only connections on `spawn_blocking` threads. WAL lets them
+//!   run beside the writer, and each sees every commit answered before it started.
+//!
+//! The schema lives in [`MIGRATIONS`], applied in order by `user_version`.
+
+use otm_core::{
+    Appended, Error, FailOutcome, FleetSettings, InboxItem, InboxView, InstanceId, InstanceRecord,
+    InstanceState, Registry, Result, Secret, Tenant, TenantId, TenantStatus,
+};
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
+use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+const BACKEND: &str = "sqlite";
+
+/// Most jobs one group commit takes.
+pub const MAX_BATCH: usize = 256;
+/// Read-only connections in the pool.
+const READERS: usize = 4;
+/// Jobs that may wait for the writer before senders wait too.
+const QUEUE: usize = 4096;
+/// How long a connection waits for a lock held by another process before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest stored delivery error, in bytes.
+const MAX_ERROR_LEN: usize = 2000;
+/// The settings row that holds [`FleetSettings`].
+const FLEET_KEY: &str = "fleet";
+
+/// The schema, one step per entry. Step `n` (1-based) brings `user_version` to `n`. Never edit a
+/// released step; add a new one.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: tenants, instances, inbox, settings.
+    r#"
+    CREATE TABLE tenants (
+        id                TEXT PRIMARY KEY NOT NULL,
+        profile           TEXT NOT NULL,
+        idle_timeout_s    INTEGER NOT NULL,
+        bot_token         TEXT,
+        webhook_secret    TEXT NOT NULL,
+        cold_start_notice INTEGER NOT NULL DEFAULT 0,
+        status            TEXT NOT NULL,
+        created_at_ms     INTEGER NOT NULL,
+        last_active_ms    INTEGER NOT NULL,
+        idle_deadline_ms  INTEGER NOT NULL,
+        fence             INTEGER NOT NULL DEFAULT 0
+    ) STRICT;
+    -- idle_due: running tenants by deadline, cheap with 100,000 tenants.
+    CREATE INDEX tenants_idle ON tenants (status, idle_deadline_ms);
+
+    CREATE TABLE instances (
+        id               TEXT PRIMARY KEY NOT NULL,
+        tenant           TEXT UNIQUE,
+        state            TEXT NOT NULL,
+        address          TEXT NOT NULL,
+        shim_token       TEXT NOT NULL,
+        surrogate_digest TEXT,
+        created_at_ms    INTEGER NOT NULL,
+        bound_at_ms      INTEGER
+    ) STRICT;
+    CREATE INDEX instances_surrogate ON instances (surrogate_digest);
+    -- claim_warm_instance: the oldest warm instance first.
+    CREATE INDEX instances_warm ON instances (created_at_ms, id) WHERE state = 'warm' AND tenant IS NULL;
+
+    -- seq is global and never reused (AUTOINCREMENT), so it grows in append order per tenant.
+    CREATE TABLE inbox (
+        seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+        tenant         TEXT NOT NULL REFERENCES tenants (id) ON DELETE CASCADE,
+        update_id      INTEGER NOT NULL,
+        payload        BLOB NOT NULL,
+        state          TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'done', 'dead')),
+        attempts       INTEGER NOT NULL DEFAULT 0,
+        accepted_at_ms INTEGER NOT NULL,
+        last_error     TEXT,
+        done_at_ms     INTEGER,
+        UNIQUE (tenant, update_id)
+    ) STRICT;
+    CREATE INDEX inbox_queue ON inbox (tenant, state, seq);
+    -- inbox_pending_tenants without scanning delivered rows.
+    CREATE INDEX inbox_pending ON inbox (tenant) WHERE state = 'pending';
+    -- inbox_prune without scanning pending rows.
+    CREATE INDEX inbox_done ON inbox (accepted_at_ms) WHERE state = 'done';
+
+    CREATE TABLE settings (
+        key   TEXT PRIMARY KEY NOT NULL,
+        value TEXT NOT NULL
+    ) STRICT;
+    "#,
+];
+
+/// The embedded registry: one SQLite file.
+///
+/// Cheap to share behind an `Arc`; dropping the last handle lets the writer finish the queued
+/// jobs and stop.
+pub struct SqliteRegistry {
+    path: PathBuf,
+    writer: mpsc::Sender<Box<dyn WriteJob>>,
+    readers: Arc<ReadPool>,
+    stats: Arc<Counters>,
+}
+
+impl fmt::Debug for SqliteRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteRegistry").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+/// What the writer thread has done so far; for tests and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Jobs run (committed or not).
+    pub jobs: u64,
+    /// Transactions committed. Fewer than `jobs` when group commit batched them.
+    pub commits: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    jobs: AtomicU64,
+    commits: AtomicU64,
+}
+
+impl SqliteRegistry {
+    /// Opens (creating it and its parent directory if needed) the database at `path`, applies
+    /// the migrations, and starts the writer thread.
+    pub fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                Error::generic(BACKEND, format!("cannot create the registry directory {}: {e}", dir.display()))
+            })?;
+        }
+        let mut conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| open_error(path, e))?;
+        configure_writer(&conn).map_err(|e| open_error(path, e))?;
+        migrate(&mut conn, path)?;
+
+        let mut readers = Vec::with_capacity(READERS);
+        for _ in 0..READERS {
+            let r = Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(|e| open_error(path, e))?;
+            r.busy_timeout(BUSY_TIMEOUT).map_err(|e| open_error(path, e))?;
+            r.set_prepared_statement_cache_capacity(64);
+            r.pragma_update(None, "query_only", true).map_err(|e| open_error(path, e))?;
+            readers.push(r);
+        }
+
+        let stats = Arc::new(Counters::default());
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let thread_stats = stats.clone();
+        std::thread::Builder::new()
+            .name("otm-sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx, &thread_stats))
+            .map_err(|e| Error::generic(BACKEND, format!("cannot start the writer thread: {e}")))?;
+        tracing::debug!(path = %path.display(), "opened the SQLite registry");
+
+        Ok(SqliteRegistry {
+            path: path.to_owned(),
+            writer: tx,
+            readers: Arc::new(ReadPool { conns: Mutex::new(readers), permits: Arc::new(Semaphore::new(READERS)) }),
+            stats,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// What the writer thread has done so far.
+    pub fn write_stats(&self) -> WriteStats {
+        WriteStats {
+            jobs: self.stats.jobs.load(Ordering::Relaxed),
+            commits: self.stats.commits.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Runs `work` on the writer thread inside the next group commit; answers after the commit.
+    async fn write<T, F>(&self, work: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job = Box::new(Job { work: Some(work), out: None, reply });
+        self.writer.send(job).await.map_err(|_| writer_gone())?;
+        answer.await.map_err(|_| writer_gone())?
+    }
+
+    /// Runs `work` on a pooled read-only connection, off the async runtime.
+    async fn read<T, F>(&self, work: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let pool = self.readers.clone();
+        let permit = pool.permits.clone().acquire_owned().await.map_err(|_| writer_gone())?;
+        let task = tokio::task::spawn_blocking(move || {
+            // Dropped in reverse order: the connection goes back before the permit is released,
+            // panic or not; if the task never runs, the permit is released with the closure.
+            let _permit = permit;
+            let conn = Pooled::take(&pool);
+            work(&conn)
+        });
+        task.await.map_err(|e| Error::generic(BACKEND, format!("a read task failed: {e}")))?
+    }
+}
+
+/// Read-only connections; `permits` counts the free ones.
+struct ReadPool {
+    conns: Mutex<Vec<Connection>>,
+    permits: Arc<Semaphore>,
+}
+
+/// A connection taken from the pool, returned on drop.
+struct Pooled<'a> {
+    pool: &'a ReadPool,
+    conn: Option<Connection>,
+}
+
+impl<'a> Pooled<'a> {
+    fn take(pool: &'a ReadPool) -> Self {
+        let conn = pool.conns.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        Pooled { pool, conn: Some(conn.expect("a read permit always finds a free connection")) }
+    }
+}
+
+impl std::ops::Deref for Pooled<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.conn.as_ref().expect("present until drop")
+    }
+}
+
+impl Drop for Pooled<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.conns.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The writer thread.
+
+/// One queued write: `run` inside a savepoint, then `finish` once the batch's fate is known.
+trait WriteJob: Send {
+    /// Runs the work; true if it succeeded and its savepoint should be kept.
+    fn run(&mut self, conn: &Connection) -> bool;
+    /// Answers the caller: the work's own result if the batch committed, else the batch error.
+    fn finish(self: Box<Self>, batch: Result<(), &BatchError>);
+}
+
+struct Job<T, F> {
+    work: Option<F>,
+    out: Option<Result<T>>,
+    reply: oneshot::Sender<Result<T>>,
+}
+
+impl<T, F> WriteJob for Job<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+{
+    fn run(&mut self, conn: &Connection) -> bool {
+        let Some(work) = self.work.take() else { return false };
+        let out = catch_unwind(AssertUnwindSafe(|| work(conn)))
+            .unwrap_or_else(|_| Err(Error::generic(BACKEND, "a registry write panicked; it was rolled back")));
+        let ok = out.is_ok();
+        self.out = Some(out);
+        ok
+    }
+
+    fn finish(self: Box<Self>, batch: Result<(), &BatchError>) {
+        let answer = match (self.out, batch) {
+            // A job that failed on its own keeps its own, more precise error.
+            (Some(Err(e)), _) => Err(e),
+            (Some(Ok(v)), Ok(())) => Ok(v),
+            (_, Err(e)) => Err(e.to_error()),
+            (None, Ok(())) => Err(Error::generic(BACKEND, "a registry write was never run")),
+        };
+        // The caller may have gone away; the write stands either way.
+        let _ = self.reply.send(answer);
+    }
+}
+
+/// Why a whole batch failed; every job of it hears this.
+#[derive(Debug)]
+struct BatchError {
+    busy: bool,
+    message: String,
+}
+
+impl BatchError {
+    fn to_error(&self) -> Error {
+        if self.busy {
+            Error::unavailable(BACKEND, &self.message)
+        } else {
+            Error::generic(BACKEND, self.message.clone())
+        }
+    }
+}
+
+impl From<rusqlite::Error> for BatchError {
+    fn from(e: rusqlite::Error) -> Self {
+        BatchError { busy: is_busy(&e), message: format!("the write transaction failed: {e}") }
+    }
+}
+
+fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Box<dyn WriteJob>>, stats: &Counters) {
+    let mut batch: Vec<Box<dyn WriteJob>> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let outcome = run_batch(&mut conn, &mut batch);
+        stats.jobs.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        match &outcome {
+            Ok(()) => {
+                stats.commits.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!(jobs = batch.len(), error = %e.message, "a registry write batch failed"),
+        }
+        for job in batch.drain(..) {
+            job.finish(outcome.as_ref().map(|_| ()));
+        }
+    }
+    tracing::debug!("the SQLite writer stopped");
+}
+
+/// Runs a batch in one transaction, one savepoint per job.
+fn run_batch(conn: &mut Connection, batch: &mut [Box<dyn WriteJob>]) -> Result<(), BatchError> {
+    let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    for job in batch.iter_mut() {
+        let sp = tx.savepoint()?;
+        if job.run(&sp) {
+            sp.commit()?;
+        } else {
+            sp.finish()?; // rolls back to the savepoint, then releases it
+        }
+        // Some errors (disk full, I/O) make SQLite roll back the whole transaction. A later
+        // savepoint would then open a new transaction and the commit would cover only the jobs
+        // after it, so stop here: nothing of this batch is durable.
+        if tx.is_autocommit() {
+            return Err(BatchError {
+                busy: false,
+                message: "SQLite rolled back the write transaction (disk full or I/O error?)".into(),
+            });
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Opening.
+
+fn configure_writer(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        tracing::warn!(mode, "SQLite refused WAL mode; writes stay durable but readers may wait");
+    }
+    // FULL: the WAL is fsync'd at every commit, so an answered write survives power loss.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", true)?;
+    Ok(())
+}
+
+/// Applies the missing [`MIGRATIONS`] in one transaction.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(|e| open_error(path, e))?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| open_error(path, e))?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(Error::generic(
+            BACKEND,
+            format!(
+                "the registry {} has schema version {version}, newer than this build knows ({known}); \
+                 run a newer otm",
+                path.display()
+            ),
+        ));
+    }
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        tx.execute_batch(step).map_err(|e| {
+            Error::generic(BACKEND, format!("migration {} of {} failed: {e}", i + 1, path.display()))
+        })?;
+    }
+    if version < known {
+        tx.pragma_update(None, "user_version", known).map_err(|e| open_error(path, e))?;
+        tracing::info!(from = version, to = known, path = %path.display(), "migrated the registry schema");
+    }
+    tx.commit().map_err(|e| open_error(path, e))
+}
+
+fn open_error(path: &Path, e: rusqlite::Error) -> Error {
+    if is_busy(&e) {
+        Error::unavailable(BACKEND, format!("the registry {} is locked by another process: {e}", path.display()))
+    } else {
+        Error::generic(BACKEND, format!("cannot open the registry {}: {e}", path.display()))
+    }
+}
+
+fn writer_gone() -> Error {
+    Error::unavailable(BACKEND, "the registry is shutting down")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Error and row mapping.
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(e.sqlite_error_code(), Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
+}
+
+fn is_constraint(e: &rusqlite::Error) -> bool {
+    e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation)
+}
+
+/// Maps a SQLite error; busy means another process holds the lock, and retrying may work.
+fn db(e: rusqlite::Error) -> Error {
+    if is_busy(&e) {
+        Error::unavailable(BACKEND, format!("the database is locked: {e}"))
+    } else {
+        Error::generic(BACKEND, e)
+    }
+}
+
+fn corrupt(what: impl fmt::Display, message: impl fmt::Display) -> Error {
+    Error::Corrupt { what: what.to_string(), message: message.to_string() }
+}
+
+fn to_i64(value: u64, what: &str) -> Result<i64> {
+    i64::try_from(value).map_err(|_| Error::invalid(format!("{what} {value} is too large")))
+}
+
+fn deadline(at_ms: i64, idle_timeout_s: i64) -> i64 {
+    at_ms.saturating_add(idle_timeout_s.saturating_mul(1000))
+}
+
+const TENANT_COLUMNS: &str = "id, profile, idle_timeout_s, bot_token, webhook_secret, cold_start_notice, status, \
+                              created_at_ms, last_active_ms";
+
+/// Reads a row of [`TENANT_COLUMNS`]; the outer error is SQLite's, the inner one a bad value.
+fn tenant_row(row: &Row<'_>) -> rusqlite::Result<Result<Tenant>> {
+    let id: String = row.get(0)?;
+    let status: String = row.get(6)?;
+    let idle_timeout_s: i64 = row.get(2)?;
+    let tenant = (|| {
+        Ok(Tenant {
+            id: TenantId::parse(&id).map_err(|e| corrupt(format!("tenant row `{id}`"), e))?,
+            profile: row.get(1).map_err(db)?,
+            idle_timeout_s: u64::try_from(idle_timeout_s)
+                .map_err(|_| corrupt(format!("tenant {id}"), "negative idle timeout"))?,
+            bot_token: row.get::<_, Option<String>>(3).map_err(db)?.map(Secret::new),
+            webhook_secret: Secret::new(row.get::<_, String>(4).map_err(db)?),
+            cold_start_notice: row.get(5).map_err(db)?,
+            status: TenantStatus::parse(&status)
+                .ok_or_else(|| corrupt(format!("tenant {id}"), format!("unknown status `{status}`")))?,
+            created_at_ms: row.get(7).map_err(db)?,
+            last_active_ms: row.get(8).map_err(db)?,
+        })
+    })();
+    Ok(tenant)
+}
+
+const INSTANCE_COLUMNS: &str = "id, tenant, state, address, shim_token, surrogate_digest, created_at_ms, bound_at_ms";
+
+fn instance_row(row: &Row<'_>) -> rusqlite::Result<Result<InstanceRecord>> {
+    let id: String = row.get(0)?;
+    let tenant: Option<String> = row.get(1)?;
+    let state: String = row.get(2)?;
+    let record = (|| {
+        Ok(InstanceRecord {
+            tenant: tenant
+                .map(|t| TenantId::parse(&t))
+                .transpose()
+                .map_err(|e| corrupt(format!("instance {id}"), e))?,
+            state: InstanceState::parse(&state)
+                .ok_or_else(|| corrupt(format!("instance {id}"), format!("unknown state `{state}`")))?,
+            address: row.get(3).map_err(db)?,
+            shim_token: Secret::new(row.get::<_, String>(4).map_err(db)?),
+            surrogate_digest: row.get(5).map_err(db)?,
+            created_at_ms: row.get(6).map_err(db)?,
+            bound_at_ms: row.get(7).map_err(db)?,
+            id: InstanceId::new(id.clone()),
+        })
+    })();
+    Ok(record)
+}
+
+const INBOX_COLUMNS: &str = "tenant, seq, update_id, payload, attempts, accepted_at_ms, last_error";
+
+fn inbox_row(row: &Row<'_>) -> rusqlite::Result<Result<InboxItem>> {
+    let tenant: String = row.get(0)?;
+    let seq: i64 = row.get(1)?;
+    let attempts: i64 = row.get(4)?;
+    let item = (|| {
+        Ok(InboxItem {
+            tenant: TenantId::parse(&tenant).map_err(|e| corrupt(format!("inbox row {seq}"), e))?,
+            seq,
+            update_id: row.get(2).map_err(db)?,
+            payload: row.get(3).map_err(db)?,
+            attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+            accepted_at_ms: row.get(5).map_err(db)?,
+            last_error: row.get(6).map_err(db)?,
+        })
+    })();
+    Ok(item)
+}
+
+/// Runs a query whose rows map through `f`, flattening both error layers.
+fn collect<T, P: rusqlite::Params>(
+    conn: &Connection,
+    sql: &str,
+    params: P,
+    f: fn(&Row<'_>) -> rusqlite::Result<Result<T>>,
+) -> Result<Vec<T>> {
+    let mut stmt = conn.prepare_cached(sql).map_err(db)?;
+    let rows = stmt.query_map(params, f).map_err(db)?;
+    let mut out = Vec::new();
+    for row in rows {
+        out.push(row.map_err(db)??);
+    }
+    Ok(out)
+}
+
+fn one<T, P: rusqlite::Params>(
+    conn: &Connection,
+    sql: &str,
+    params: P,
+    f: fn(&Row<'_>) -> rusqlite::Result<Result<T>>,
+) -> Result<Option<T>> {
+    let mut stmt = conn.prepare_cached(sql).map_err(db)?;
+    stmt.query_row(params, f).optional().map_err(db)?.transpose()
+}
+
+fn tenant_exists(conn: &Connection, id: &str) -> Result<bool> {
+    let mut stmt = conn.prepare_cached("SELECT 1 FROM tenants WHERE id = ?1").map_err(db)?;
+    stmt.exists([id]).map_err(db)
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+// ---------------------------------------------------------------------------------------------
+// The trait.
+
+#[async_trait::async_trait]
+impl Registry for SqliteRegistry {
+    async fn create_tenant(&self, tenant: &Tenant) -> Result<()> {
+        let t = tenant.clone();
+        let idle = to_i64(t.idle_timeout_s, "idle timeout")?;
+        self.write(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "INSERT INTO tenants (id, profile, idle_timeout_s, bot_token, webhook_secret, cold_start_notice, \
+                     status, created_at_ms, last_active_ms, idle_deadline_ms) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                )
+                .map_err(db)?;
+            stmt.execute(params![
+                t.id.as_str(),
+                t.profile,
+                idle,
+                t.bot_token.as_ref().map(Secret::expose),
+                t.webhook_secret.expose(),
+                t.cold_start_notice,
+                t.status.as_str(),
+                t.created_at_ms,
+                t.last_active_ms,
+                deadline(t.last_active_ms, idle),
+            ])
+            .map_err(|e| {
+                if is_constraint(&e) {
+                    Error::AlreadyExists { what: format!("tenant {}", t.id) }
+                } else {
+                    db(e)
+                }
+            })?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_tenant(&self, id: &TenantId) -> Result<Option<Tenant>> {
+        let id = id.clone();
+        self.read(move |c| {
+            one(c, &format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE id = ?1"), [id.as_str()], tenant_row)
+        })
+        .await
+    }
+
+    async fn list_tenants(&self) -> Result<Vec<Tenant>> {
+        self.read(|c| collect(c, &format!("SELECT {TENANT_COLUMNS} FROM tenants ORDER BY id"), [], tenant_row))
+            .await
+    }
+
+    async fn update_tenant(&self, tenant: &Tenant) -> Result<()> {
+        let t = tenant.clone();
+        let idle = to_i64(t.idle_timeout_s, "idle timeout")?;
+        self.write(move |c| {
+            let last_active: Option<i64> = c
+                .prepare_cached("SELECT last_active_ms FROM tenants WHERE id = ?1")
+                .and_then(|mut s| s.query_row([t.id.as_str()], |r| r.get(0)).optional())
+                .map_err(db)?;
+            let Some(last_active) = last_active else {
+                return Err(Error::not_found(format!("tenant {}", t.id)));
+            };
+            c.prepare_cached(
+                "UPDATE tenants SET profile = ?2, idle_timeout_s = ?3, bot_token = ?4, webhook_secret = ?5, \
+                 cold_start_notice = ?6, idle_deadline_ms = ?7 WHERE id = ?1",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    t.id.as_str(),
+                    t.profile,
+                    idle,
+                    t.bot_token.as_ref().map(Secret::expose),
+                    t.webhook_secret.expose(),
+                    t.cold_start_notice,
+                    deadline(last_active, idle),
+                ])
+            })
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete_tenant(&self, id: &TenantId) -> Result<bool> {
+        let id = id.clone();
+        self.write(move |c| {
+            c.prepare_cached("DELETE FROM inbox WHERE tenant = ?1").and_then(|mut s| s.execute([id.as_str()])).map_err(db)?;
+            let n = c
+                .prepare_cached("DELETE FROM tenants WHERE id = ?1")
+                .and_then(|mut s| s.execute([id.as_str()]))
+                .map_err(db)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn set_tenant_status(&self, id: &TenantId, status: TenantStatus, fence: Option<u64>) -> Result<()> {
+        let id = id.clone();
+        let fence = fence.map(|f| to_i64(f, "fence")).transpose()?;
+        self.write(move |c| {
+            let stored: Option<i64> = c
+                .prepare_cached("SELECT fence FROM tenants WHERE id = ?1")
+                .and_then(|mut s| s.query_row([id.as_str()], |r| r.get(0)).optional())
+                .map_err(db)?;
+            let Some(stored) = stored else {
+                return Err(Error::not_found(format!("tenant {id}")));
+            };
+            let new_fence = match fence {
+                Some(f) if f < stored => {
+                    return Err(Error::conflict(format!(
+                        "fence {f} for tenant {id} is stale: fence {stored} was already used; \
+                         another holder of the tenant's lock took over"
+                    )));
+                }
+                Some(f) => f,
+                None => stored,
+            };
+            c.prepare_cached("UPDATE tenants SET status = ?2, fence = ?3 WHERE id = ?1")
+                .and_then(|mut s| s.execute(params![id.as_str(), status.as_str(), new_fence]))
+                .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn touch_tenant(&self, id: &TenantId, at_ms: i64) -> Result<()> {
+        let id = id.clone();
+        self.write(move |c| {
+            let idle: Option<i64> = c
+                .prepare_cached("SELECT idle_timeout_s FROM tenants WHERE id = ?1")
+                .and_then(|mut s| s.query_row([id.as_str()], |r| r.get(0)).optional())
+                .map_err(db)?;
+            let Some(idle) = idle else {
+                return Err(Error::not_found(format!("tenant {id}")));
+            };
+            c.prepare_cached("UPDATE tenants SET last_active_ms = ?2, idle_deadline_ms = ?3 WHERE id = ?1")
+                .and_then(|mut s| s.execute(params![id.as_str(), at_ms, deadline(at_ms, idle)]))
+                .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn idle_due(&self, now_ms: i64, limit: usize) -> Result<Vec<TenantId>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT id FROM tenants WHERE status = 'running' AND idle_deadline_ms <= ?1 \
+                     ORDER BY idle_deadline_ms LIMIT ?2",
+                )
+                .map_err(db)?;
+            let ids = stmt.query_map(params![now_ms, limit], |r| r.get::<_, String>(0)).map_err(db)?;
+            ids.map(|id| {
+                let id = id.map_err(db)?;
+                TenantId::parse(&id).map_err(|e| corrupt(format!("tenant row `{id}`"), e))
+            })
+            .collect()
+        })
+        .await
+    }
+
+    async fn put_instance(&self, instance: &InstanceRecord) -> Result<()> {
+        let i = instance.clone();
+        self.write(move |c| {
+            c.prepare_cached(
+                "INSERT INTO instances (id, tenant, state, address, shim_token, surrogate_digest, created_at_ms, bound_at_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+                 ON CONFLICT (id) DO UPDATE SET tenant = excluded.tenant, state = excluded.state, \
+                 address = excluded.address, shim_token = excluded.shim_token, \
+                 surrogate_digest = excluded.surrogate_digest, created_at_ms = excluded.created_at_ms, \
+                 bound_at_ms = excluded.bound_at_ms",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    i.id.as_str(),
+                    i.tenant.as_ref().map(TenantId::as_str),
+                    i.state.as_str(),
+                    i.address,
+                    i.shim_token.expose(),
+                    i.surrogate_digest,
+                    i.created_at_ms,
+                    i.bound_at_ms,
+                ])
+            })
+            .map_err(|e| match (&i.tenant, is_constraint(&e)) {
+                (Some(t), true) => Error::conflict(format!(
+                    "tenant {t} is already bound to another instance than {}; stop that one first",
+                    i.id
+                )),
+                _ => db(e),
+            })?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_instance(&self, id: &InstanceId) -> Result<Option<InstanceRecord>> {
+        let id = id.clone();
+        self.read(move |c| {
+            one(c, &format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE id = ?1"), [id.as_str()], instance_row)
+        })
+        .await
+    }
+
+    async fn instance_of(&self, tenant: &TenantId) -> Result<Option<InstanceRecord>> {
+        let tenant = tenant.clone();
+        self.read(move |c| {
+            one(
+                c,
+                &format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE tenant = ?1"),
+                [tenant.as_str()],
+                instance_row,
+            )
+        })
+        .await
+    }
+
+    async fn instance_by_surrogate(&self, digest: &str) -> Result<Option<InstanceRecord>> {
+        let digest = digest.to_owned();
+        self.read(move |c| {
+            one(
+                c,
+                &format!(
+                    "SELECT {INSTANCE_COLUMNS} FROM instances WHERE surrogate_digest = ?1 \
+                     ORDER BY created_at_ms DESC LIMIT 1"
+                ),
+                [digest.as_str()],
+                instance_row,
+            )
+        })
+        .await
+    }
+
+    async fn list_instances(&self) -> Result<Vec<InstanceRecord>> {
+        self.read(|c| collect(c, &format!("SELECT {INSTANCE_COLUMNS} FROM instances ORDER BY id"), [], instance_row))
+            .await
+    }
+
+    async fn delete_instance(&self, id: &InstanceId) -> Result<bool> {
+        let id = id.clone();
+        self.write(move |c| {
+            let n = c
+                .prepare_cached("DELETE FROM instances WHERE id = ?1")
+                .and_then(|mut s| s.execute([id.as_str()]))
+                .map_err(db)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn claim_warm_instance(&self, tenant: &TenantId) -> Result<Option<InstanceRecord>> {
+        let tenant = tenant.clone();
+        // The single writer makes select-then-update atomic: no other write runs in between.
+        self.write(move |c| {
+            one(
+                c,
+                &format!(
+                    "UPDATE instances SET tenant = ?1, state = 'binding', bound_at_ms = ?2 \
+                     WHERE id = (SELECT id FROM instances WHERE state = 'warm' AND tenant IS NULL \
+                                 ORDER BY created_at_ms, id LIMIT 1) \
+                     RETURNING {INSTANCE_COLUMNS}"
+                ),
+                params![tenant.as_str(), otm_core::time::now_ms()],
+                instance_row,
+            )
+            .map_err(|e| match e {
+                Error::Generic { source, .. }
+                    if source
+                        .downcast_ref::<rusqlite::Error>()
+                        .is_some_and(is_constraint) =>
+                {
+                    Error::conflict(format!("tenant {tenant} is already bound to an instance"))
+                }
+                e => e,
+            })
+        })
+        .await
+    }
+
+    async fn inbox_append(&self, tenant: &TenantId, update_id: i64, payload: &[u8]) -> Result<Appended> {
+        let tenant = tenant.clone();
+        let payload = payload.to_vec();
+        self.write(move |c| {
+            if !tenant_exists(c, tenant.as_str())? {
+                return Err(Error::not_found(format!("tenant {tenant}")));
+            }
+            // Look first rather than INSERT … ON CONFLICT DO NOTHING: that would still take a
+            // sequence number, leaving a gap for every duplicate. The single writer makes the
+            // look-then-insert atomic.
+            let seen = c
+                .prepare_cached("SELECT 1 FROM inbox WHERE tenant = ?1 AND update_id = ?2")
+                .and_then(|mut s| s.exists(params![tenant.as_str(), update_id]))
+                .map_err(db)?;
+            if seen {
+                return Ok(Appended::Duplicate);
+            }
+            let seq: i64 = c
+                .prepare_cached(
+                    "INSERT INTO inbox (tenant, update_id, payload, accepted_at_ms) VALUES (?1, ?2, ?3, ?4) \
+                     RETURNING seq",
+                )
+                .and_then(|mut s| {
+                    s.query_row(params![tenant.as_str(), update_id, payload, otm_core::time::now_ms()], |r| r.get(0))
+                })
+                .map_err(db)?;
+            Ok(Appended::Stored { seq })
+        })
+        .await
+    }
+
+    async fn inbox_next(&self, tenant: &TenantId) -> Result<Option<InboxItem>> {
+        let tenant = tenant.clone();
+        self.read(move |c| {
+            one(
+                c,
+                &format!(
+                    "SELECT {INBOX_COLUMNS} FROM inbox WHERE tenant = ?1 AND state = 'pending' ORDER BY seq LIMIT 1"
+                ),
+                [tenant.as_str()],
+                inbox_row,
+            )
+        })
+        .await
+    }
+
+    /// Acking a dead-lettered update (an operator redelivered it) moves it to done as well.
+    async fn inbox_ack(&self, tenant: &TenantId, seq: i64) -> Result<()> {
+        let tenant = tenant.clone();
+        self.write(move |c| {
+            let n = c
+                .prepare_cached(
+                    "UPDATE inbox SET state = 'done', done_at_ms = COALESCE(done_at_ms, ?3) \
+                     WHERE tenant = ?1 AND seq = ?2",
+                )
+                .and_then(|mut s| s.execute(params![tenant.as_str(), seq, otm_core::time::now_ms()]))
+                .map_err(db)?;
+            if n == 0 {
+                return Err(Error::not_found(format!("update {seq} in the inbox of tenant {tenant}")));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn inbox_fail(&self, tenant: &TenantId, seq: i64, error: &str, max_attempts: u32) -> Result<FailOutcome> {
+        let tenant = tenant.clone();
+        let error = truncate(error, MAX_ERROR_LEN);
+        self.write(move |c| {
+            let state: Option<String> = c
+                .prepare_cached("SELECT state FROM inbox WHERE tenant = ?1 AND seq = ?2")
+                .and_then(|mut s| s.query_row(params![tenant.as_str(), seq], |r| r.get(0)).optional())
+                .map_err(db)?;
+            match state.as_deref() {
+                None => return Err(Error::not_found(format!("update {seq} in the inbox of tenant {tenant}"))),
+                Some("pending") => {}
+                Some(other) => {
+                    return Err(Error::conflict(format!(
+                        "update {seq} of tenant {tenant} is {other}, not pending; nothing to retry"
+                    )));
+                }
+            }
+            let attempts: i64 = c
+                .prepare_cached(
+                    "UPDATE inbox SET attempts = attempts + 1, last_error = ?3, \
+                     state = CASE WHEN attempts + 1 >= ?4 THEN 'dead' ELSE state END \
+                     WHERE tenant = ?1 AND seq = ?2 RETURNING attempts",
+                )
+                .and_then(|mut s| {
+                    s.query_row(params![tenant.as_str(), seq, error, i64::from(max_attempts)], |r| r.get(0))
+                })
+                .map_err(db)?;
+            let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
+            Ok(if attempts >= max_attempts { FailOutcome::DeadLettered } else { FailOutcome::Retry { attempts } })
+        })
+        .await
+    }
+
+    async fn inbox_view(&self, tenant: &TenantId, limit: usize) -> Result<InboxView> {
+        let tenant = tenant.clone();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |c| {
+            // One read transaction, so both lists come from the same snapshot.
+            let tx = c.unchecked_transaction().map_err(db)?;
+            let sql = format!("SELECT {INBOX_COLUMNS} FROM inbox WHERE tenant = ?1 AND state = ?2 ORDER BY seq LIMIT ?3");
+            let pending = collect(&tx, &sql, params![tenant.as_str(), "pending", limit], inbox_row)?;
+            let dead = collect(&tx, &sql, params![tenant.as_str(), "dead", limit], inbox_row)?;
+            tx.finish().map_err(db)?;
+            Ok(InboxView { pending, dead })
+        })
+        .await
+    }
+
+    async fn inbox_depth(&self, tenant: &TenantId) -> Result<u64> {
+        let tenant = tenant.clone();
+        self.read(move |c| {
+            let n: i64 = c
+                .prepare_cached("SELECT COUNT(*) FROM inbox WHERE tenant = ?1 AND state = 'pending'")
+                .and_then(|mut s| s.query_row([tenant.as_str()], |r| r.get(0)))
+                .map_err(db)?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn inbox_pending_tenants(&self) -> Result<Vec<TenantId>> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare_cached("SELECT DISTINCT tenant FROM inbox WHERE state = 'pending' ORDER BY tenant")
+                .map_err(db)?;
+            let ids = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(db)?;
+            ids.map(|id| {
+                let id = id.map_err(db)?;
+                TenantId::parse(&id).map_err(|e| corrupt(format!("inbox of `{id}`"), e))
+            })
+            .collect()
+        })
+        .await
+    }
+
+    async fn inbox_prune(&self, before_ms: i64) -> Result<u64> {
+        self.write(move |c| {
+            let n = c
+                .prepare_cached("DELETE FROM inbox WHERE state = 'done' AND accepted_at_ms < ?1")
+                .and_then(|mut s| s.execute([before_ms]))
+                .map_err(db)?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn get_settings(&self) -> Result<FleetSettings> {
+        self.read(|c| {
+            let value: Option<String> = c
+                .prepare_cached("SELECT value FROM settings WHERE key = ?1")
+                .and_then(|mut s| s.query_row([FLEET_KEY], |r| r.get(0)).optional())
+                .map_err(db)?;
+            match value {
+                None => Ok(FleetSettings::default()),
+                Some(v) => serde_json::from_str(&v).map_err(|e| corrupt("the fleet settings", e)),
+            }
+        })
+        .await
+    }
+
+    async fn put_settings(&self, settings: &FleetSettings) -> Result<()> {
+        let value = serde_json::to_string(settings).map_err(|e| Error::generic(BACKEND, e))?;
+        self.write(move |c| {
+            c.prepare_cached(
+                "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )
+            .and_then(|mut s| s.execute([FLEET_KEY, value.as_str()]))
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenant(id: &str) -> Tenant {
+        Tenant::new(TenantId::parse(id).unwrap(), "reference", Some(Secret::new("123:abc")))
+    }
+
+    #[tokio::test]
+    async fn survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nested/dir/registry.db");
+        {
+            let r = SqliteRegistry::open(&path).unwrap();
+            r.create_tenant(&tenant("alice")).await.unwrap();
+            let id = TenantId::parse("alice").unwrap();
+            assert_eq!(r.inbox_append(&id, 7, b"{}").await.unwrap(), Appended::Stored { seq: 1 });
+        }
+        let r = SqliteRegistry::open(&path).unwrap();
+        let id = TenantId::parse("alice").unwrap();
+        let t = r.get_tenant(&id).await.unwrap().unwrap();
+        assert_eq!(t.bot_token.unwrap().expose(), "123:abc");
+        assert_eq!(r.inbox_append(&id, 7, b"{}").await.unwrap(), Appended::Duplicate);
+        assert_eq!(r.inbox_append(&id, 8, b"{}").await.unwrap(), Appended::Stored { seq: 2 });
+    }
+
+    #[tokio::test]
+    async fn pragmas_make_commits_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let _r = SqliteRegistry::open(&path).unwrap();
+        let c = Connection::open(&path).unwrap();
+        let mode: String = c.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        assert_eq!(mode, "wal");
+        let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        // synchronous is per connection: check the writer's setting through its own thread.
+        let r = SqliteRegistry::open(&path).unwrap();
+        let sync: i64 = r.write(|c| c.query_row("PRAGMA synchronous", [], |r| r.get(0)).map_err(db)).await.unwrap();
+        assert_eq!(sync, 2, "synchronous must be FULL");
+        let fk: i64 = r.write(|c| c.query_row("PRAGMA foreign_keys", [], |r| r.get(0)).map_err(db)).await.unwrap();
+        assert_eq!(fk, 1);
+    }
+
+    #[tokio::test]
+    async fn refuses_a_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        drop(SqliteRegistry::open(&path).unwrap());
+        let c = Connection::open(&path).unwrap();
+        c.pragma_update(None, "user_version", 99).unwrap();
+        drop(c);
+        let err = SqliteRegistry::open(&path).unwrap_err().to_string();
+        assert!(err.contains("newer than this build"), "{err}");
+    }
+
+    /// While the writer is busy with one job, queued jobs pile up and go out in ONE commit, and a
+    /// failing job among them fails alone.
+    #[tokio::test]
+    async fn group_commit_batches_queued_jobs_and_isolates_failures() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Arc::new(SqliteRegistry::open(&dir.path().join("r.db")).unwrap());
+        r.create_tenant(&tenant("bob")).await.unwrap();
+        let before = r.write_stats();
+
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let blocker = {
+            let r = r.clone();
+            tokio::spawn(async move {
+                r.write(move |_| {
+                    started_tx.send(()).unwrap();
+                    std::thread::sleep(Duration::from_millis(300));
+                    Ok(())
+                })
+                .await
+            })
+        };
+        tokio::task::spawn_blocking(move || started_rx.recv().unwrap()).await.unwrap();
+
+        let bob = TenantId::parse("bob").unwrap();
+        let nobody = TenantId::parse("nobody").unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let r = r.clone();
+            let (bob, nobody) = (bob.clone(), nobody.clone());
+            tasks.push(tokio::spawn(async move {
+                if i == 10 {
+                    r.inbox_append(&nobody, i, b"{}").await
+                } else {
+                    r.inbox_append(&bob, i, b"{}").await
+                }
+            }));
+        }
+        // Let all 20 reach the queue while the writer sleeps.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        blocker.await.unwrap().unwrap();
+        for (i, t) in tasks.into_iter().enumerate() {
+            let res = t.await.unwrap();
+            if i == 10 {
+                assert!(res.unwrap_err().is_not_found());
+            } else {
+                assert!(matches!(res.unwrap(), Appended::Stored { .. }));
+            }
+        }
+        let after = r.write_stats();
+        assert_eq!(after.jobs - before.jobs, 21);
+        assert_eq!(after.commits - before.commits, 2, "the 20 queued appends share one commit");
+        assert_eq!(r.inbox_depth(&bob).await.unwrap(), 19);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_job_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = SqliteRegistry::open(&dir.path().join("r.db")).unwrap();
+        let err = r.write::<(), _>(|_| panic!("boom")).await.unwrap_err();
+        assert!(err.to_string().contains("panicked"), "{err}");
+        r.create_tenant(&tenant("carol")).await.unwrap();
+        assert!(r.get_tenant(&TenantId::parse("carol").unwrap()).await.unwrap().is_some());
+    }
+
+    /// The queries that run per update or per sweep must stay index lookups at 100,000 tenants.
+    #[tokio::test]
+    async fn hot_queries_use_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let _r = SqliteRegistry::open(&path).unwrap();
+        let c = Connection::open(&path).unwrap();
+        for (sql, indexes) in [
+            (
+                "SELECT id FROM tenants WHERE status = 'running' AND idle_deadline_ms <= 1 \
+                 ORDER BY idle_deadline_ms LIMIT 10",
+                &["tenants_idle"][..],
+            ),
+            (
+                "SELECT * FROM inbox WHERE tenant = 'a' AND state = 'pending' ORDER BY seq LIMIT 1",
+                &["inbox_queue", "inbox_pending"],
+            ),
+            ("SELECT DISTINCT tenant FROM inbox WHERE state = 'pending' ORDER BY tenant", &["inbox_pending"]),
+            ("SELECT 1 FROM inbox WHERE tenant = 'a' AND update_id = 1", &["sqlite_autoindex_inbox_1"]),
+            ("DELETE FROM inbox WHERE state = 'done' AND accepted_at_ms < 5", &["inbox_done"]),
+            ("SELECT * FROM instances WHERE surrogate_digest = 'x'", &["instances_surrogate"]),
+            (
+                "SELECT id FROM instances WHERE state = 'warm' AND tenant IS NULL ORDER BY created_at_ms, id LIMIT 1",
+                &["instances_warm"],
+            ),
+        ] {
+            let mut stmt = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let plan: Vec<String> =
+                stmt.query_map([], |r| r.get::<_, String>(3)).unwrap().collect::<rusqlite::Result<_>>().unwrap();
+            assert!(
+                plan.iter().any(|step| step.contains("USING") && indexes.iter().any(|i| step.contains(i))),
+                "{sql}: {plan:?}"
+            );
+            // A scan of the partial index inbox_pending reads pending rows only: fine.
+            let full_scan = |step: &String| step.starts_with("SCAN") && !step.contains("inbox_pending");
+            assert!(!plan.iter().any(full_scan), "{sql} scans: {plan:?}");
+        }
+    }
+
+    #[test]
+    fn truncates_on_char_boundaries() {
+        assert_eq!(truncate("héllo", 2), "h…");
+        assert_eq!(truncate("abc", 5), "abc");
+    }
+}

@@ -1,0 +1,16 @@
+//! Test support for otm: a stand-in Telegram Bot API server and builders for Telegram updates.
+//!
+//! It is a normal library rather than a dev-only one, because the offline demo and the benchmarks
+//! use it too.
+//!
+//! # Layout
+//! - [`fake_telegram`]: [`FakeTelegram`], an in-process Bot API server on `127.0.0.1:0` that
+//!   checks tokens, answers the methods otm and its agents call, records every call, and can be
+//!   told to fail or slow down `sendMessage`.
+//! - [`updates`]: builders for realistic Telegram updates, such as [`text_update`].
+
+pub mod fake_telegram;
+pub mod updates;
+
+pub use fake_telegram::{Call, FILE_BYTES, FakeTelegram, SentMessage, WebhookInfo};
+pub use updates::text_update;

@@ -1,0 +1,603 @@
+//! The operator CLI: every verb is one call to the admin API.
+
+use anyhow::{Context, anyhow};
+use clap::{Args, Subcommand, ValueEnum};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Exit codes a script can rely on.
+pub mod exit {
+    /// The call failed: connection, server error.
+    pub const FAILED: u8 = 1;
+    /// Bad usage or a request the server refused as invalid.
+    pub const USAGE: u8 = 2;
+    /// The tenant (or other object) does not exist.
+    pub const NOT_FOUND: u8 = 3;
+    /// Conflict: it exists already, or is not in a state that allows this.
+    pub const CONFLICT: u8 = 4;
+    /// Missing or wrong admin token.
+    pub const UNAUTHORIZED: u8 = 5;
+}
+
+const EXIT_CODES: &str = "Exit codes: 0 success, 1 failure (unreachable server, server error), 2 invalid request, \
+3 not found, 4 conflict (exists already, wrong state), 5 missing or wrong admin token.";
+
+/// How to reach the admin API and how to print answers.
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// Admin API URL.
+    #[arg(long, env = "OTM_ADMIN_URL", default_value = "http://127.0.0.1:8081", global = true)]
+    admin_url: String,
+    /// Admin token; read from <data-dir>/admin.token when unset.
+    #[arg(long, env = "OTM_ADMIN_TOKEN", hide_env_values = true, global = true)]
+    admin_token: Option<String>,
+    /// Data directory of a server on this machine, to find admin.token.
+    #[arg(long = "data-dir", env = "OTM_DATA_DIR", default_value = "./otm-data", global = true)]
+    data_dir: PathBuf,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create, list, inspect, change, delete, wake and stop tenants.
+    #[command(after_help = EXIT_CODES)]
+    Tenant {
+        #[command(flatten)]
+        global: Global,
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
+    /// Read or change fleet settings.
+    #[command(after_help = EXIT_CODES)]
+    Config {
+        #[command(flatten)]
+        global: Global,
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Show a tenant's agent output.
+    #[command(after_help = EXIT_CODES)]
+    Logs {
+        #[command(flatten)]
+        global: Global,
+        tenant: String,
+        /// Keep printing what the agent writes.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Lines from the end to start with.
+        #[arg(long, default_value_t = 100)]
+        tail: usize,
+    },
+    /// Show a tenant's pending and dead-lettered updates.
+    #[command(after_help = EXIT_CODES)]
+    Inbox {
+        #[command(flatten)]
+        global: Global,
+        tenant: String,
+    },
+    /// List a tenant's snapshots.
+    #[command(after_help = EXIT_CODES)]
+    Snapshots {
+        #[command(flatten)]
+        global: Global,
+        tenant: String,
+    },
+    /// List live instances.
+    #[command(after_help = EXIT_CODES)]
+    Instances {
+        #[command(flatten)]
+        global: Global,
+    },
+    /// Show the server's status.
+    #[command(after_help = EXIT_CODES)]
+    Status {
+        #[command(flatten)]
+        global: Global,
+    },
+    /// Print this binary's version, and the server's when it can be reached.
+    Version {
+        #[command(flatten)]
+        global: Global,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TenantCommand {
+    /// Create a tenant; with a bot token and a server --public-url, its webhook is registered.
+    Create {
+        /// Tenant id: a DNS label (a-z, 0-9, '-').
+        id: String,
+        /// The Telegram bot token from BotFather.
+        bot_token: Option<String>,
+        /// Seconds without messages before the tenant sleeps.
+        #[arg(long)]
+        idle_timeout: Option<u64>,
+        /// Agent profile.
+        #[arg(long)]
+        profile: Option<String>,
+        /// Send a short "starting up" message on cold wakes.
+        #[arg(long)]
+        cold_start_notice: bool,
+    },
+    /// List tenants.
+    List,
+    /// Show one tenant.
+    Get { id: String },
+    /// Change a tenant's settings.
+    Update {
+        id: String,
+        #[arg(long)]
+        bot_token: Option<String>,
+        #[arg(long)]
+        idle_timeout: Option<u64>,
+        #[arg(long)]
+        profile: Option<String>,
+        #[arg(long)]
+        cold_start_notice: Option<bool>,
+    },
+    /// Delete a tenant: stops its instance and removes its webhook; snapshots are kept.
+    Delete { id: String },
+    /// Wake a tenant now and wait until its agent is ready.
+    Wake { id: String },
+    /// Stop a tenant's instance (final snapshot first).
+    Stop { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Show fleet settings.
+    Get,
+    /// Change one fleet setting: warm-pool-target N.
+    Set {
+        /// Setting name: warm-pool-target.
+        key: String,
+        value: String,
+    },
+}
+
+/// A failed call, with the exit code it maps to.
+#[derive(Debug)]
+struct CallError {
+    code: u8,
+    message: String,
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for CallError {}
+
+struct Api {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    fn new(g: &Global) -> anyhow::Result<Self> {
+        let token = match &g.admin_token {
+            Some(t) if !t.is_empty() => t.clone(),
+            _ => {
+                let path = g.data_dir.join("admin.token");
+                std::fs::read_to_string(&path)
+                    .map(|s| s.trim().to_owned())
+                    .with_context(|| format!("no admin token: set OTM_ADMIN_TOKEN or --admin-token, or run on the server's machine (cannot read {})", path.display()))?
+            }
+        };
+        let http = reqwest::Client::builder().no_proxy().build()?;
+        Ok(Api { base: g.admin_url.trim_end_matches('/').to_owned(), token, http })
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let mut req = self.http.request(method, format!("{}/v1{path}", self.base)).bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.map_err(|e| CallError {
+            code: exit::FAILED,
+            message: format!("cannot reach the admin API at {}: {}", self.base, e.without_url()),
+        })?;
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        if status.is_success() {
+            if text.is_empty() {
+                return Ok(Value::Null);
+            }
+            return serde_json::from_str(&text).map_err(|e| anyhow!("the server answered with invalid JSON: {e}"));
+        }
+        let message = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| format!("{status}: {text}"));
+        let code = match status.as_u16() {
+            400 | 422 => exit::USAGE,
+            401 | 403 => exit::UNAUTHORIZED,
+            404 => exit::NOT_FOUND,
+            409 => exit::CONFLICT,
+            _ => exit::FAILED,
+        };
+        Err(CallError { code, message }.into())
+    }
+}
+
+/// Runs one CLI command; returns the exit code.
+pub async fn run(cmd: Command) -> anyhow::Result<u8> {
+    match run_inner(cmd).await {
+        Ok(()) => Ok(0),
+        Err(e) => match e.downcast_ref::<CallError>() {
+            Some(c) => {
+                eprintln!("otm: {}", c.message);
+                Ok(c.code)
+            }
+            None => Err(e),
+        },
+    }
+}
+
+async fn run_inner(cmd: Command) -> anyhow::Result<()> {
+    use reqwest::Method;
+    match cmd {
+        Command::Tenant { global, command } => {
+            let api = Api::new(&global)?;
+            let out = global.output;
+            match command {
+                TenantCommand::Create { id, bot_token, idle_timeout, profile, cold_start_notice } => {
+                    let mut body = json!({"id": id});
+                    if let Some(t) = bot_token {
+                        body["bot_token"] = json!(t);
+                    }
+                    if let Some(s) = idle_timeout {
+                        body["idle_timeout_s"] = json!(s);
+                    }
+                    if let Some(p) = profile {
+                        body["profile"] = json!(p);
+                    }
+                    if cold_start_notice {
+                        body["cold_start_notice"] = json!(true);
+                    }
+                    let t = api.call(Method::POST, "/tenants", Some(body)).await?;
+                    print_tenants(out, &[t]);
+                }
+                TenantCommand::List => {
+                    let list = api.call(Method::GET, "/tenants", None).await?;
+                    print_tenants(out, list.as_array().map(Vec::as_slice).unwrap_or(&[]));
+                }
+                TenantCommand::Get { id } => {
+                    let t = api.call(Method::GET, &format!("/tenants/{id}"), None).await?;
+                    print_object(out, &t);
+                }
+                TenantCommand::Update { id, bot_token, idle_timeout, profile, cold_start_notice } => {
+                    let mut body = json!({});
+                    if let Some(t) = bot_token {
+                        body["bot_token"] = json!(t);
+                    }
+                    if let Some(s) = idle_timeout {
+                        body["idle_timeout_s"] = json!(s);
+                    }
+                    if let Some(p) = profile {
+                        body["profile"] = json!(p);
+                    }
+                    if let Some(c) = cold_start_notice {
+                        body["cold_start_notice"] = json!(c);
+                    }
+                    if body.as_object().is_some_and(|m| m.is_empty()) {
+                        return Err(CallError { code: exit::USAGE, message: "nothing to update: give at least one of --bot-token, --idle-timeout, --profile, --cold-start-notice".into() }.into());
+                    }
+                    let t = api.call(Method::PATCH, &format!("/tenants/{id}"), Some(body)).await?;
+                    print_object(out, &t);
+                }
+                TenantCommand::Delete { id } => {
+                    with_progress(&format!("deleting {id}"), api.call(Method::DELETE, &format!("/tenants/{id}"), None)).await?;
+                    match out {
+                        Output::Json => println!("{}", json!({"deleted": id})),
+                        Output::Table => println!("tenant {id} deleted"),
+                    }
+                }
+                TenantCommand::Wake { id } => {
+                    let r = with_progress(&format!("waking {id}"), api.call(Method::POST, &format!("/tenants/{id}/wake"), None)).await?;
+                    match out {
+                        Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+                        Output::Table => {
+                            let phases = r["phases_ms"]
+                                .as_object()
+                                .map(|m| m.iter().map(|(k, v)| format!("{k} {v} ms")).collect::<Vec<_>>().join(", "))
+                                .unwrap_or_default();
+                            println!(
+                                "tenant {id} awake on {} ({}, {} ms{})",
+                                str_of(&r["instance"]),
+                                str_of(&r["path"]),
+                                r["total_ms"],
+                                if phases.is_empty() { String::new() } else { format!(": {phases}") }
+                            );
+                        }
+                    }
+                }
+                TenantCommand::Stop { id } => {
+                    let r = with_progress(&format!("stopping {id}"), api.call(Method::POST, &format!("/tenants/{id}/stop"), None)).await?;
+                    match out {
+                        Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+                        Output::Table => {
+                            if r["stopped"].as_bool() == Some(true) {
+                                println!("tenant {id} stopped");
+                            } else {
+                                println!("tenant {id} was not running");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Command::Config { global, command } => {
+            let api = Api::new(&global)?;
+            let cfg = match command {
+                ConfigCommand::Get => api.call(Method::GET, "/config", None).await?,
+                ConfigCommand::Set { key, value } => {
+                    let field = key.replace('-', "_");
+                    if field != "warm_pool_target" {
+                        return Err(CallError { code: exit::USAGE, message: format!("unknown setting `{key}`; settable: warm-pool-target") }.into());
+                    }
+                    let n: u32 = value.parse().map_err(|_| CallError { code: exit::USAGE, message: format!("`{value}` is not a whole number") })?;
+                    api.call(Method::PUT, "/config", Some(json!({field: n}))).await?
+                }
+            };
+            match global.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&cfg)?),
+                Output::Table => {
+                    let rows: Vec<Vec<String>> = cfg
+                        .as_object()
+                        .map(|m| m.iter().map(|(k, v)| vec![k.replace('_', "-"), str_of(v)]).collect())
+                        .unwrap_or_default();
+                    print_table(&["SETTING", "VALUE"], &rows);
+                }
+            }
+        }
+        Command::Logs { global, tenant, follow, tail } => {
+            let api = Api::new(&global)?;
+            let url = format!("{}/v1/tenants/{tenant}/logs?tail={tail}&follow={follow}", api.base);
+            let resp = api.http.get(url).bearer_auth(&api.token).send().await.map_err(|e| CallError {
+                code: exit::FAILED,
+                message: format!("cannot reach the admin API at {}: {}", api.base, e.without_url()),
+            })?;
+            if !resp.status().is_success() {
+                let status = resp.status().as_u16();
+                let v: Value = resp.json().await.unwrap_or(Value::Null);
+                let message = v["error"]["message"].as_str().unwrap_or("request failed").to_owned();
+                let code = match status {
+                    404 => exit::NOT_FOUND,
+                    409 => exit::CONFLICT,
+                    401 => exit::UNAUTHORIZED,
+                    _ => exit::FAILED,
+                };
+                return Err(CallError { code, message }.into());
+            }
+            let mut stream = resp.bytes_stream();
+            let mut stdout = std::io::stdout();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| anyhow!("log stream ended: {}", e.without_url()))?;
+                stdout.write_all(&chunk)?;
+                stdout.flush()?;
+            }
+        }
+        Command::Inbox { global, tenant } => {
+            let api = Api::new(&global)?;
+            let v = api.call(Method::GET, &format!("/tenants/{tenant}/inbox"), None).await?;
+            match global.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                Output::Table => {
+                    let mut rows = Vec::new();
+                    for (list, state) in [("pending", "pending"), ("dead", "dead")] {
+                        for i in v[list].as_array().into_iter().flatten() {
+                            rows.push(vec![
+                                str_of(&i["seq"]),
+                                str_of(&i["update_id"]),
+                                state.to_owned(),
+                                str_of(&i["attempts"]),
+                                age(&i["accepted_at_ms"]),
+                                str_of(&i["last_error"]),
+                            ]);
+                        }
+                    }
+                    print_table(&["SEQ", "UPDATE", "STATE", "ATTEMPTS", "AGE", "LAST ERROR"], &rows);
+                }
+            }
+        }
+        Command::Snapshots { global, tenant } => {
+            let api = Api::new(&global)?;
+            let v = api.call(Method::GET, &format!("/tenants/{tenant}/snapshots"), None).await?;
+            match global.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                Output::Table => {
+                    let rows: Vec<Vec<String>> = v["snapshots"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|s| {
+                            vec![
+                                str_of(&s["id"]),
+                                if s["head"].as_bool() == Some(true) { "*".into() } else { String::new() },
+                                str_of(&s["reason"]),
+                                human_bytes(s["size"].as_u64().unwrap_or(0)),
+                                age(&s["created_at_ms"]),
+                                s["sha256"].as_str().map(|h| h.chars().take(12).collect()).unwrap_or_default(),
+                            ]
+                        })
+                        .collect();
+                    print_table(&["ID", "HEAD", "REASON", "SIZE", "AGE", "SHA256"], &rows);
+                }
+            }
+        }
+        Command::Instances { global } => {
+            let api = Api::new(&global)?;
+            let v = api.call(Method::GET, "/instances", None).await?;
+            match global.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                Output::Table => {
+                    let rows: Vec<Vec<String>> = v
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|i| vec![str_of(&i["id"]), str_of(&i["tenant"]), str_of(&i["state"]), age(&i["created_at_ms"])])
+                        .collect();
+                    print_table(&["INSTANCE", "TENANT", "STATE", "AGE"], &rows);
+                }
+            }
+        }
+        Command::Status { global } => {
+            let api = Api::new(&global)?;
+            let v = api.call(Method::GET, "/status", None).await?;
+            print_object(global.output, &v);
+        }
+        Command::Version { global } => {
+            let client = env!("CARGO_PKG_VERSION");
+            let server = match Api::new(&global) {
+                Ok(api) => api.call(reqwest::Method::GET, "/status", None).await.ok().map(|v| str_of(&v["version"])),
+                Err(_) => None,
+            };
+            match global.output {
+                Output::Json => println!("{}", json!({"client": client, "server": server})),
+                Output::Table => {
+                    println!("otm {client}");
+                    if let Some(s) = server {
+                        println!("server {s}");
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs a call; if it takes longer than a second, shows a progress line on stderr.
+async fn with_progress<T>(what: &str, fut: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    let started = Instant::now();
+    let mut fut = std::pin::pin!(fut);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(1), Duration::from_secs(1));
+    let mut shown = false;
+    let result = loop {
+        tokio::select! {
+            r = &mut fut => break r,
+            _ = tick.tick() => {
+                shown = true;
+                eprint!("\r{what}… {} s", started.elapsed().as_secs());
+                let _ = std::io::stderr().flush();
+            }
+        }
+    };
+    if shown {
+        eprintln!("\r{what}… done in {:.1} s", started.elapsed().as_secs_f64());
+    }
+    result
+}
+
+fn str_of(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn age(ms: &Value) -> String {
+    let Some(ms) = ms.as_i64() else { return "-".into() };
+    let secs = ((otm_core::time::now_ms() - ms).max(0) / 1000) as u64;
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n < 1024 => format!("{n} B"),
+        n if n < 1 << 20 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n if n < 1 << 30 => format!("{:.1} MiB", n as f64 / 1048576.0),
+        n => format!("{:.1} GiB", n as f64 / 1073741824.0),
+    }
+}
+
+fn print_tenants(out: Output, list: &[Value]) {
+    if out == Output::Json {
+        let v = if list.len() == 1 { list[0].clone() } else { Value::Array(list.to_vec()) };
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return;
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|t| {
+            vec![
+                str_of(&t["id"]),
+                str_of(&t["status"]),
+                str_of(&t["profile"]),
+                format!("{}s", t["idle_timeout_s"]),
+                str_of(&t["instance"]),
+                str_of(&t["inbox_pending"]),
+                age(&t["last_active_ms"]),
+            ]
+        })
+        .collect();
+    print_table(&["ID", "STATUS", "PROFILE", "IDLE TIMEOUT", "INSTANCE", "PENDING", "LAST ACTIVE"], &rows);
+}
+
+fn print_object(out: Output, v: &Value) {
+    match out {
+        Output::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+        Output::Table => {
+            let rows: Vec<Vec<String>> = v
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| {
+                            let shown = match v {
+                                Value::Object(_) | Value::Array(_) => v.to_string(),
+                                _ => str_of(v),
+                            };
+                            vec![k.clone(), shown]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            print_table(&["FIELD", "VALUE"], &rows);
+        }
+    }
+}
+
+/// Prints rows under headers, each column as wide as its widest cell.
+fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}

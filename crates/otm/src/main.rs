@@ -1,0 +1,174 @@
+//! `otm`: one binary for the server, the instance shim, and the operator CLI.
+
+mod cli;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use otm_core::Secret;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Run single-user AI agents (OpenClaw, or the built-in reference agent) as a multi-tenant
+/// service: every tenant gets its own sandboxed instance that wakes on a Telegram message,
+/// sleeps when idle and keeps its state across sleeps.
+#[derive(Parser, Debug)]
+#[command(name = "otm", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the control plane: webhook ingress, inboxes, orchestrator, Bot API proxy, admin API.
+    Server(ServerArgs),
+    /// Run inside an instance: supervise one agent (started by the runtime, not by hand).
+    Shim(ShimArgs),
+    #[command(flatten)]
+    Cli(cli::Command),
+}
+
+#[derive(Args, Debug)]
+struct ServerArgs {
+    /// TOML file with the same settings as the flags below (flags and OTM_* variables win).
+    #[arg(long, env = "OTM_CONFIG")]
+    config: Option<PathBuf>,
+    /// Public listener: Telegram webhooks (POST /tg/{tenant}) and GET /healthz [default: 127.0.0.1:8080].
+    #[arg(long, env = "OTM_LISTEN")]
+    listen: Option<String>,
+    /// Admin listener: the /v1/ API and /metrics [default: 127.0.0.1:8081].
+    #[arg(long, env = "OTM_ADMIN_LISTEN")]
+    admin_listen: Option<String>,
+    /// Egress listener: the Bot API proxy agents call [default: 127.0.0.1:8082].
+    #[arg(long, env = "OTM_EGRESS_LISTEN")]
+    egress_listen: Option<String>,
+    /// The Bot API proxy's URL as agents see it [default: http://<egress listener>].
+    #[arg(long, env = "OTM_EGRESS_URL")]
+    egress_url: Option<String>,
+    /// Where the registry, snapshots and instances live [default: ./otm-data].
+    #[arg(long, env = "OTM_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The Telegram Bot API root [default: https://api.telegram.org].
+    #[arg(long, env = "OTM_TELEGRAM_API")]
+    telegram_api: Option<String>,
+    /// This server's public URL; when set, creating a tenant with a bot token registers its
+    /// webhook at {public-url}/tg/{id}, and deleting the tenant removes it.
+    #[arg(long, env = "OTM_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// Registry URL [default: sqlite://<data-dir>/otm.db].
+    #[arg(long, env = "OTM_REGISTRY")]
+    registry: Option<String>,
+    /// Coordinator URL [default: memory].
+    #[arg(long, env = "OTM_COORDINATOR")]
+    coordinator: Option<String>,
+    /// State store URL for snapshots [default: file://<data-dir>/state].
+    #[arg(long, env = "OTM_STATE")]
+    state: Option<String>,
+    /// Instance sandbox: auto (bubblewrap when installed), bubblewrap, none [default: auto].
+    #[arg(long, env = "OTM_SANDBOX")]
+    sandbox: Option<String>,
+    /// Failed deliveries of one update before it moves to the dead-letter list [default: 10].
+    #[arg(long, env = "OTM_MAX_DELIVERY_ATTEMPTS")]
+    max_delivery_attempts: Option<u32>,
+}
+
+impl ServerArgs {
+    fn settings(&self) -> anyhow::Result<otm_server::Settings> {
+        let mut s = match &self.config {
+            Some(path) => otm_server::Settings::from_toml_file(path)?,
+            None => otm_server::Settings::default(),
+        };
+        macro_rules! set {
+            ($($field:ident),*) => { $( if let Some(v) = &self.$field { s.$field = v.clone().into(); } )* };
+        }
+        set!(listen, admin_listen, egress_listen, data_dir, telegram_api, sandbox);
+        macro_rules! set_opt {
+            ($($field:ident),*) => { $( if let Some(v) = &self.$field { s.$field = Some(v.clone()); } )* };
+        }
+        set_opt!(egress_url, public_url, registry, coordinator, state);
+        if let Some(n) = self.max_delivery_attempts {
+            s.max_delivery_attempts = n;
+        }
+        Ok(s)
+    }
+}
+
+#[derive(Args, Debug)]
+struct ShimArgs {
+    /// Instance id.
+    #[arg(long)]
+    instance: String,
+    /// Instance directory (state/, agent.log, tmp/).
+    #[arg(long)]
+    dir: PathBuf,
+    /// Control address: unix:/path or tcp:host:port.
+    #[arg(long)]
+    listen: String,
+    /// File holding the instance token; read once and removed.
+    #[arg(long, conflicts_with = "token_env")]
+    token_file: Option<PathBuf>,
+    /// Environment variable holding the instance token (for pods).
+    #[arg(long)]
+    token_env: Option<String>,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let quiet_cli = matches!(cli.command, Command::Cli(_));
+    tracing_subscriber::fmt()
+        .with_env_filter(if quiet_cli { tracing_subscriber::EnvFilter::new("warn") } else { filter })
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Server(args) => server(args).await.map(|()| 0),
+            Command::Shim(args) => shim(args).await.map(|()| 0),
+            Command::Cli(cmd) => cli::run(cmd).await,
+        }
+    });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(e) => {
+            eprintln!("otm: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+async fn server(args: ServerArgs) -> anyhow::Result<()> {
+    let settings = args.settings()?;
+    let token = std::env::var("OTM_ADMIN_TOKEN").ok().filter(|t| !t.is_empty()).map(Secret::new);
+    let server = otm_server::start(settings, token).await?;
+    println!(
+        "otm server: webhooks on http://{}/tg/<tenant>, admin API on http://{}/v1/, Bot API proxy on http://{}",
+        server.public_addr, server.admin_addr, server.egress_addr
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down; instances keep running and are adopted at the next start");
+    server.shutdown(Duration::from_secs(10), false).await;
+    Ok(())
+}
+
+async fn shim(args: ShimArgs) -> anyhow::Result<()> {
+    let token = match (&args.token_file, &args.token_env) {
+        (Some(path), _) => {
+            let t = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            // The agent runs as the same user: leave nothing for it to find.
+            std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+            t
+        }
+        (None, Some(var)) => std::env::var(var).with_context(|| format!("reading ${var}"))?,
+        (None, None) => anyhow::bail!("give the instance token with --token-file or --token-env"),
+    };
+    let config = otm_shim::ShimConfig { instance: args.instance, dir: args.dir, listen: args.listen, token: Secret::new(token.trim()) };
+    otm_shim::run_shim(config, CancellationToken::new()).await?;
+    Ok(())
+}
