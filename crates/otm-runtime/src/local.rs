@@ -55,6 +55,9 @@ struct Record {
     address: String,
     tenant: Option<TenantId>,
     created_at_ms: i64,
+    /// True when started inside bubblewrap (pids in the instance are the namespace's own).
+    #[serde(default)]
+    sandboxed: bool,
 }
 
 /// The local runtime.
@@ -244,6 +247,7 @@ impl Runtime for LocalRuntime {
             address: address.clone(),
             tenant: spec.tenant.clone(),
             created_at_ms: otm_core::time::now_ms(),
+            sandboxed: self.inner.bwrap.is_some(),
         };
         std::fs::write(dir.join("runtime.json"), serde_json::to_vec(&record).expect("record"))
             .map_err(|e| Error::generic(BACKEND, e))?;
@@ -291,8 +295,11 @@ impl Runtime for LocalRuntime {
         let record: Option<Record> = std::fs::read(dir.join("runtime.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
         self.inner.deleting.lock().unwrap().insert(id.clone());
         if let Some(r) = &record {
-            // The agent runs in a process group of its own; the shim records its pid.
-            if let Some(agent) = std::fs::read_to_string(dir.join("agent.pid")).ok().and_then(|s| s.trim().parse::<i32>().ok()) {
+            // Without a PID namespace the agent, in a process group of its own, outlives the
+            // shim: the shim records its pid. Inside bubblewrap that pid is the namespace's own,
+            // and the namespace dies with the sandbox.
+            let agent = std::fs::read_to_string(dir.join("agent.pid")).ok().and_then(|s| s.trim().parse::<i32>().ok());
+            if let (false, Some(agent)) = (r.sandboxed, agent) {
                 let _ = killpg(Pid::from_raw(agent), Signal::SIGKILL);
             }
             let _ = killpg(Pid::from_raw(r.pid as i32), Signal::SIGKILL);

@@ -13,8 +13,9 @@ use futures::stream::BoxStream;
 use object_store::{ObjectStoreExt, PutPayload};
 use otm_core::instance::Endpoint;
 use otm_core::{
-    Appended, Coordinator, Error, FailOutcome, FleetSettings, InstanceId, InstanceRecord, InstanceState, Lease,
-    Notification, Registry, Secret, SnapshotId, StateStore, Tenant, TenantId, TenantStatus,
+    Appended, Coordinator, Error, FailOutcome, FleetSettings, InstanceId, InstanceRecord,
+    InstanceState, Lease, Notification, Registry, Secret, SnapshotId, StateStore, Tenant, TenantId,
+    TenantStatus,
 };
 use sha2::Digest;
 use std::collections::{HashMap, HashSet};
@@ -80,22 +81,41 @@ async fn registry_tenants(r: &dyn Registry, run: &str) {
     let b = tenant_id(run, "b");
     let ta = tenant(&a, 2_000, 30);
     r.create_tenant(&ta).await.expect("create a tenant");
-    assert_eq!(r.get_tenant(&a).await.unwrap().as_ref(), Some(&ta), "a tenant reads back as written, secrets included");
-    assert_err!(r.create_tenant(&ta).await, Error::AlreadyExists { .. }, "creating tenant {a} twice");
+    assert_eq!(
+        r.get_tenant(&a).await.unwrap().as_ref(),
+        Some(&ta),
+        "a tenant reads back as written, secrets included"
+    );
+    assert_err!(
+        r.create_tenant(&ta).await,
+        Error::AlreadyExists { .. },
+        "creating tenant {a} twice"
+    );
 
     let mut tb = tenant(&b, 2_000, 30);
     tb.bot_token = None;
     tb.cold_start_notice = false;
     tb.status = TenantStatus::Running;
     r.create_tenant(&tb).await.unwrap();
-    assert_eq!(r.get_tenant(&b).await.unwrap().as_ref(), Some(&tb), "no bot token, running status");
+    assert_eq!(
+        r.get_tenant(&b).await.unwrap().as_ref(),
+        Some(&tb),
+        "no bot token, running status"
+    );
 
     let all = r.list_tenants().await.unwrap();
-    assert!(all.windows(2).all(|w| w[0].id < w[1].id), "list_tenants is ordered by id");
+    assert!(
+        all.windows(2).all(|w| w[0].id < w[1].id),
+        "list_tenants is ordered by id"
+    );
     let ours: Vec<_> = all.iter().filter(|t| t.id == a || t.id == b).collect();
     assert_eq!(ours, vec![&ta, &tb], "list_tenants holds both, in id order");
 
-    assert_eq!(r.get_tenant(&tenant_id(run, "missing")).await.unwrap(), None, "a missing tenant is Ok(None)");
+    assert_eq!(
+        r.get_tenant(&tenant_id(run, "missing")).await.unwrap(),
+        None,
+        "a missing tenant is Ok(None)"
+    );
 
     // update_tenant replaces settings and secrets, not status or activity.
     let mut changed = ta.clone();
@@ -114,29 +134,62 @@ async fn registry_tenants(r: &dyn Registry, run: &str) {
     assert_eq!(got.bot_token, Some(Secret::new("654321:rotated")));
     assert_eq!(got.webhook_secret, changed.webhook_secret);
     assert!(!got.cold_start_notice);
-    assert_eq!(got.status, TenantStatus::Idle, "update_tenant keeps the status");
-    assert_eq!(got.last_active_ms, 2_000, "update_tenant keeps the activity");
-    assert_eq!(got.created_at_ms, 1_000, "update_tenant keeps the creation time");
+    assert_eq!(
+        got.status,
+        TenantStatus::Idle,
+        "update_tenant keeps the status"
+    );
+    assert_eq!(
+        got.last_active_ms, 2_000,
+        "update_tenant keeps the activity"
+    );
+    assert_eq!(
+        got.created_at_ms, 1_000,
+        "update_tenant keeps the creation time"
+    );
     let mut cleared = got.clone();
     cleared.bot_token = None;
     r.update_tenant(&cleared).await.unwrap();
-    assert_eq!(r.get_tenant(&a).await.unwrap().unwrap().bot_token, None, "a bot token can be removed");
+    assert_eq!(
+        r.get_tenant(&a).await.unwrap().unwrap().bot_token,
+        None,
+        "a bot token can be removed"
+    );
 
     let missing = tenant(&tenant_id(run, "missing"), 0, 1);
-    assert_err!(r.update_tenant(&missing).await, Error::NotFound { .. }, "update_tenant of a missing tenant");
     assert_err!(
-        r.set_tenant_status(&missing.id, TenantStatus::Running, None).await,
+        r.update_tenant(&missing).await,
+        Error::NotFound { .. },
+        "update_tenant of a missing tenant"
+    );
+    assert_err!(
+        r.set_tenant_status(&missing.id, TenantStatus::Running, None)
+            .await,
         Error::NotFound { .. },
         "set_tenant_status of a missing tenant"
     );
-    assert_err!(r.touch_tenant(&missing.id, 1).await, Error::NotFound { .. }, "touch_tenant of a missing tenant");
+    assert_err!(
+        r.touch_tenant(&missing.id, 1).await,
+        Error::NotFound { .. },
+        "touch_tenant of a missing tenant"
+    );
 
     r.touch_tenant(&b, 7_000).await.unwrap();
-    assert_eq!(r.get_tenant(&b).await.unwrap().unwrap().last_active_ms, 7_000, "touch_tenant records activity");
+    assert_eq!(
+        r.get_tenant(&b).await.unwrap().unwrap().last_active_ms,
+        7_000,
+        "touch_tenant records activity"
+    );
 
-    assert!(r.delete_tenant(&a).await.unwrap(), "delete_tenant of an existing tenant is true");
+    assert!(
+        r.delete_tenant(&a).await.unwrap(),
+        "delete_tenant of an existing tenant is true"
+    );
     assert_eq!(r.get_tenant(&a).await.unwrap(), None);
-    assert!(!r.delete_tenant(&a).await.unwrap(), "delete_tenant of a missing tenant is false");
+    assert!(
+        !r.delete_tenant(&a).await.unwrap(),
+        "delete_tenant of a missing tenant is false"
+    );
     assert!(r.delete_tenant(&b).await.unwrap());
 }
 
@@ -145,25 +198,41 @@ async fn registry_fences(r: &dyn Registry, run: &str) {
     r.create_tenant(&tenant(&t, 1_000, 60)).await.unwrap();
     let status = |want: TenantStatus, ctx: &'static str| {
         let t = t.clone();
-        async move { assert_eq!(r.get_tenant(&t).await.unwrap().unwrap().status, want, "{ctx}") }
+        async move {
+            assert_eq!(
+                r.get_tenant(&t).await.unwrap().unwrap().status,
+                want,
+                "{ctx}"
+            )
+        }
     };
 
-    r.set_tenant_status(&t, TenantStatus::Provisioning, Some(5)).await.expect("fence 5 on a fresh tenant");
+    r.set_tenant_status(&t, TenantStatus::Provisioning, Some(5))
+        .await
+        .expect("fence 5 on a fresh tenant");
     status(TenantStatus::Provisioning, "fence 5 applied").await;
     assert_err!(
-        r.set_tenant_status(&t, TenantStatus::Running, Some(4)).await,
+        r.set_tenant_status(&t, TenantStatus::Running, Some(4))
+            .await,
         Error::Conflict { .. },
         "fence 4 after fence 5"
     );
     status(TenantStatus::Provisioning, "a stale fence writes nothing").await;
-    r.set_tenant_status(&t, TenantStatus::Running, Some(5)).await.expect("the same fence again");
+    r.set_tenant_status(&t, TenantStatus::Running, Some(5))
+        .await
+        .expect("the same fence again");
     status(TenantStatus::Running, "the same fence applies").await;
-    r.set_tenant_status(&t, TenantStatus::Stopping, None).await.expect("no fence");
+    r.set_tenant_status(&t, TenantStatus::Stopping, None)
+        .await
+        .expect("no fence");
     status(TenantStatus::Stopping, "an unfenced write applies").await;
-    r.set_tenant_status(&t, TenantStatus::Idle, Some(9)).await.expect("a larger fence");
+    r.set_tenant_status(&t, TenantStatus::Idle, Some(9))
+        .await
+        .expect("a larger fence");
     status(TenantStatus::Idle, "a larger fence applies").await;
     assert_err!(
-        r.set_tenant_status(&t, TenantStatus::Running, Some(5)).await,
+        r.set_tenant_status(&t, TenantStatus::Running, Some(5))
+            .await,
         Error::Conflict { .. },
         "fence 5 after fence 9 (the unfenced write must not reset the fence)"
     );
@@ -176,7 +245,11 @@ async fn registry_idle_due(r: &dyn Registry, run: &str) {
     let a = tenant_id(run, "idle-a"); // running, deadline 1_000 + 10 s = 11_000
     let b = tenant_id(run, "idle-b"); // running, touched at 5_000: deadline 15_000
     let c = tenant_id(run, "idle-c"); // idle: never due
-    for (id, status) in [(&a, TenantStatus::Running), (&b, TenantStatus::Running), (&c, TenantStatus::Idle)] {
+    for (id, status) in [
+        (&a, TenantStatus::Running),
+        (&b, TenantStatus::Running),
+        (&c, TenantStatus::Idle),
+    ] {
         let mut t = tenant(id, 1_000, 10);
         t.status = status;
         r.create_tenant(&t).await.unwrap();
@@ -184,30 +257,66 @@ async fn registry_idle_due(r: &dyn Registry, run: &str) {
     r.touch_tenant(&b, 5_000).await.unwrap();
     let ours = [&a, &b, &c];
     let due = |now: i64| async move {
-        let mut got: Vec<TenantId> =
-            r.idle_due(now, 10_000).await.unwrap().into_iter().filter(|t| ours.contains(&t)).collect();
+        let mut got: Vec<TenantId> = r
+            .idle_due(now, 10_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|t| ours.contains(&t))
+            .collect();
         got.sort();
         got
     };
-    assert_eq!(due(10_999).await, Vec::<TenantId>::new(), "nobody is due before the first deadline");
-    assert_eq!(due(11_000).await, vec![a.clone()], "a deadline equal to now is due");
-    assert_eq!(due(15_000).await, vec![a.clone(), b.clone()], "only running tenants are due");
-    assert!(r.idle_due(15_000, 1).await.unwrap().len() <= 1, "idle_due honours its limit");
+    assert_eq!(
+        due(10_999).await,
+        Vec::<TenantId>::new(),
+        "nobody is due before the first deadline"
+    );
+    assert_eq!(
+        due(11_000).await,
+        vec![a.clone()],
+        "a deadline equal to now is due"
+    );
+    assert_eq!(
+        due(15_000).await,
+        vec![a.clone(), b.clone()],
+        "only running tenants are due"
+    );
+    assert!(
+        r.idle_due(15_000, 1).await.unwrap().len() <= 1,
+        "idle_due honours its limit"
+    );
 
     r.touch_tenant(&a, 20_000).await.unwrap();
-    assert_eq!(due(15_000).await, vec![b.clone()], "touch_tenant pushes the deadline out");
-    r.set_tenant_status(&a, TenantStatus::Running, None).await.unwrap();
+    assert_eq!(
+        due(15_000).await,
+        vec![b.clone()],
+        "touch_tenant pushes the deadline out"
+    );
+    r.set_tenant_status(&a, TenantStatus::Running, None)
+        .await
+        .unwrap();
     assert_eq!(due(30_000).await, vec![a.clone(), b.clone()]);
 
     // update_tenant recomputes the deadline from the new timeout: 5_000 + 100 s.
     let mut tb = r.get_tenant(&b).await.unwrap().unwrap();
     tb.idle_timeout_s = 100;
     r.update_tenant(&tb).await.unwrap();
-    assert_eq!(due(30_000).await, vec![a.clone()], "a longer idle timeout moves the deadline");
+    assert_eq!(
+        due(30_000).await,
+        vec![a.clone()],
+        "a longer idle timeout moves the deadline"
+    );
     assert_eq!(due(105_000).await, vec![a.clone(), b.clone()]);
 
-    r.set_tenant_status(&a, TenantStatus::Stopping, None).await.unwrap();
-    assert_eq!(due(105_000).await, vec![b.clone()], "a stopping tenant is not due");
+    r.set_tenant_status(&a, TenantStatus::Stopping, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        due(105_000).await,
+        vec![b.clone()],
+        "a stopping tenant is not due"
+    );
     for t in ours {
         r.delete_tenant(t).await.unwrap();
     }
@@ -221,18 +330,34 @@ async fn registry_inbox(r: &dyn Registry, run: &str) {
     let t1 = tenant_id(run, "inbox-1");
     let t2 = tenant_id(run, "inbox-2");
     let ghost = tenant_id(run, "inbox-ghost");
-    assert_err!(r.inbox_append(&ghost, 1, b"{}").await, Error::NotFound { .. }, "append to a missing tenant");
+    assert_err!(
+        r.inbox_append(&ghost, 1, b"{}").await,
+        Error::NotFound { .. },
+        "append to a missing tenant"
+    );
     r.create_tenant(&tenant(&t1, 1_000, 60)).await.unwrap();
     r.create_tenant(&tenant(&t2, 1_000, 60)).await.unwrap();
 
     // Update ids out of order and interleaved with another tenant: order is append order.
     let mut seqs: HashMap<(TenantId, i64), i64> = HashMap::new();
     let mut last: HashMap<TenantId, i64> = HashMap::new();
-    for (t, u) in [(&t1, 50), (&t2, 1), (&t1, 10), (&t1, 40), (&t2, 2), (&t1, 20), (&t2, 3), (&t1, 30)] {
+    for (t, u) in [
+        (&t1, 50),
+        (&t2, 1),
+        (&t1, 10),
+        (&t1, 40),
+        (&t2, 2),
+        (&t1, 20),
+        (&t2, 3),
+        (&t1, 30),
+    ] {
         match r.inbox_append(t, u, &payload(u, "first")).await.unwrap() {
             Appended::Stored { seq } => {
                 if let Some(prev) = last.insert(t.clone(), seq) {
-                    assert!(seq > prev, "sequence numbers grow in append order ({prev} then {seq})");
+                    assert!(
+                        seq > prev,
+                        "sequence numbers grow in append order ({prev} then {seq})"
+                    );
                 }
                 seqs.insert((t.clone(), u), seq);
             }
@@ -241,9 +366,18 @@ async fn registry_inbox(r: &dyn Registry, run: &str) {
     }
     let seq = |t: &TenantId, u: i64| seqs[&(t.clone(), u)];
 
-    assert_eq!(r.inbox_append(&t1, 10, &payload(10, "again")).await.unwrap(), Appended::Duplicate, "a pending dup");
+    assert_eq!(
+        r.inbox_append(&t1, 10, &payload(10, "again"))
+            .await
+            .unwrap(),
+        Appended::Duplicate,
+        "a pending dup"
+    );
     assert!(
-        matches!(r.inbox_append(&t2, 10, &payload(10, "t2")).await.unwrap(), Appended::Stored { .. }),
+        matches!(
+            r.inbox_append(&t2, 10, &payload(10, "t2")).await.unwrap(),
+            Appended::Stored { .. }
+        ),
         "deduplication is per tenant"
     );
     assert_eq!(r.inbox_depth(&t1).await.unwrap(), 5);
@@ -251,44 +385,119 @@ async fn registry_inbox(r: &dyn Registry, run: &str) {
     assert_eq!(r.inbox_depth(&ghost).await.unwrap(), 0);
     assert_eq!(r.inbox_next(&ghost).await.unwrap(), None);
 
-    let head = r.inbox_next(&t1).await.unwrap().expect("t1 has pending updates");
-    assert_eq!((head.tenant.clone(), head.update_id, head.seq), (t1.clone(), 50, seq(&t1, 50)), "first appended first");
-    assert_eq!(head.payload, payload(50, "first"), "the payload reads back byte for byte");
+    let head = r
+        .inbox_next(&t1)
+        .await
+        .unwrap()
+        .expect("t1 has pending updates");
+    assert_eq!(
+        (head.tenant.clone(), head.update_id, head.seq),
+        (t1.clone(), 50, seq(&t1, 50)),
+        "first appended first"
+    );
+    assert_eq!(
+        head.payload,
+        payload(50, "first"),
+        "the payload reads back byte for byte"
+    );
     assert_eq!((head.attempts, head.last_error.clone()), (0, None));
     let now = otm_core::time::now_ms();
-    assert!((now - 600_000..=now + 600_000).contains(&head.accepted_at_ms), "accepted_at_ms is the append time");
+    assert!(
+        (now - 600_000..=now + 600_000).contains(&head.accepted_at_ms),
+        "accepted_at_ms is the append time"
+    );
 
     let pending = r.inbox_pending_tenants().await.unwrap();
-    assert!(pending.contains(&t1) && pending.contains(&t2), "both tenants have pending updates");
+    assert!(
+        pending.contains(&t1) && pending.contains(&t2),
+        "both tenants have pending updates"
+    );
 
     // Ack: leaves the pending list, still counts for deduplication.
     r.inbox_ack(&t1, seq(&t1, 50)).await.expect("ack");
-    assert_eq!(r.inbox_next(&t1).await.unwrap().unwrap().update_id, 10, "the next one moves up");
-    assert_eq!(r.inbox_append(&t1, 50, &payload(50, "again")).await.unwrap(), Appended::Duplicate, "a delivered dup");
-    assert_err!(r.inbox_ack(&t2, seq(&t1, 10)).await, Error::NotFound { .. }, "ack of another tenant's update");
-    assert_eq!(r.inbox_depth(&t1).await.unwrap(), 4, "a foreign ack changed nothing");
+    assert_eq!(
+        r.inbox_next(&t1).await.unwrap().unwrap().update_id,
+        10,
+        "the next one moves up"
+    );
+    assert_eq!(
+        r.inbox_append(&t1, 50, &payload(50, "again"))
+            .await
+            .unwrap(),
+        Appended::Duplicate,
+        "a delivered dup"
+    );
+    assert_err!(
+        r.inbox_ack(&t2, seq(&t1, 10)).await,
+        Error::NotFound { .. },
+        "ack of another tenant's update"
+    );
+    assert_eq!(
+        r.inbox_depth(&t1).await.unwrap(),
+        4,
+        "a foreign ack changed nothing"
+    );
 
     // Fail: retries, then the dead-letter list.
     let s10 = seq(&t1, 10);
-    assert_eq!(r.inbox_fail(&t1, s10, "agent said 500", 3).await.unwrap(), FailOutcome::Retry { attempts: 1 });
+    assert_eq!(
+        r.inbox_fail(&t1, s10, "agent said 500", 3).await.unwrap(),
+        FailOutcome::Retry { attempts: 1 }
+    );
     let item = r.inbox_next(&t1).await.unwrap().unwrap();
-    assert_eq!((item.update_id, item.attempts), (10, 1), "a failed update stays at the head");
+    assert_eq!(
+        (item.update_id, item.attempts),
+        (10, 1),
+        "a failed update stays at the head"
+    );
     assert_eq!(item.last_error.as_deref(), Some("agent said 500"));
-    assert_eq!(r.inbox_fail(&t1, s10, "timeout", 3).await.unwrap(), FailOutcome::Retry { attempts: 2 });
-    assert_eq!(r.inbox_fail(&t1, s10, "still failing", 3).await.unwrap(), FailOutcome::DeadLettered);
-    assert_eq!(r.inbox_next(&t1).await.unwrap().unwrap().update_id, 40, "the next update is at the head");
-    assert_eq!(r.inbox_append(&t1, 10, &payload(10, "again")).await.unwrap(), Appended::Duplicate, "a dead dup");
-    assert_eq!(r.inbox_depth(&t1).await.unwrap(), 3, "dead updates are not pending");
+    assert_eq!(
+        r.inbox_fail(&t1, s10, "timeout", 3).await.unwrap(),
+        FailOutcome::Retry { attempts: 2 }
+    );
+    assert_eq!(
+        r.inbox_fail(&t1, s10, "still failing", 3).await.unwrap(),
+        FailOutcome::DeadLettered
+    );
+    assert_eq!(
+        r.inbox_next(&t1).await.unwrap().unwrap().update_id,
+        40,
+        "the next update is at the head"
+    );
+    assert_eq!(
+        r.inbox_append(&t1, 10, &payload(10, "again"))
+            .await
+            .unwrap(),
+        Appended::Duplicate,
+        "a dead dup"
+    );
+    assert_eq!(
+        r.inbox_depth(&t1).await.unwrap(),
+        3,
+        "dead updates are not pending"
+    );
 
     let view = r.inbox_view(&t1, 100).await.unwrap();
     let ids = |items: &[otm_core::InboxItem]| items.iter().map(|i| i.update_id).collect::<Vec<_>>();
-    assert_eq!(ids(&view.pending), vec![40, 20, 30], "pending, oldest first");
+    assert_eq!(
+        ids(&view.pending),
+        vec![40, 20, 30],
+        "pending, oldest first"
+    );
     assert_eq!(ids(&view.dead), vec![10], "dead-lettered");
     assert_eq!(view.dead[0].attempts, 3);
     assert_eq!(view.dead[0].last_error.as_deref(), Some("still failing"));
-    assert_eq!(view.dead[0].payload, payload(10, "first"), "the first payload was kept");
+    assert_eq!(
+        view.dead[0].payload,
+        payload(10, "first"),
+        "the first payload was kept"
+    );
     let small = r.inbox_view(&t1, 1).await.unwrap();
-    assert_eq!((ids(&small.pending), ids(&small.dead)), (vec![40], vec![10]), "inbox_view honours its limit");
+    assert_eq!(
+        (ids(&small.pending), ids(&small.dead)),
+        (vec![40], vec![10]),
+        "inbox_view honours its limit"
+    );
     assert_eq!(r.inbox_view(&ghost, 10).await.unwrap(), Default::default());
 
     // Drain in order.
@@ -300,15 +509,28 @@ async fn registry_inbox(r: &dyn Registry, run: &str) {
     assert_eq!(r.inbox_next(&t1).await.unwrap(), None);
     assert_eq!(r.inbox_depth(&t1).await.unwrap(), 0);
     let pending = r.inbox_pending_tenants().await.unwrap();
-    assert!(!pending.contains(&t1) && pending.contains(&t2), "only t2 has pending updates now");
+    assert!(
+        !pending.contains(&t1) && pending.contains(&t2),
+        "only t2 has pending updates now"
+    );
 
     // Deleting a tenant deletes its inbox: a new tenant of the same id starts empty.
     assert!(r.delete_tenant(&t2).await.unwrap());
     assert!(!r.inbox_pending_tenants().await.unwrap().contains(&t2));
-    assert_eq!(r.inbox_view(&t2, 10).await.unwrap(), Default::default(), "the inbox went with the tenant");
+    assert_eq!(
+        r.inbox_view(&t2, 10).await.unwrap(),
+        Default::default(),
+        "the inbox went with the tenant"
+    );
     r.create_tenant(&tenant(&t2, 1_000, 60)).await.unwrap();
     assert_eq!(r.inbox_depth(&t2).await.unwrap(), 0);
-    assert!(matches!(r.inbox_append(&t2, 1, b"{}").await.unwrap(), Appended::Stored { .. }), "no stale dedupe");
+    assert!(
+        matches!(
+            r.inbox_append(&t2, 1, b"{}").await.unwrap(),
+            Appended::Stored { .. }
+        ),
+        "no stale dedupe"
+    );
     r.delete_tenant(&t1).await.unwrap();
     r.delete_tenant(&t2).await.unwrap();
 }
@@ -318,32 +540,67 @@ async fn registry_inbox_prune(r: &dyn Registry, run: &str) {
     r.create_tenant(&tenant(&t, 1_000, 60)).await.unwrap();
     let mut seqs = Vec::new();
     for u in 1..=4 {
-        let Appended::Stored { seq } = r.inbox_append(&t, u, &payload(u, "p")).await.unwrap() else {
+        let Appended::Stored { seq } = r.inbox_append(&t, u, &payload(u, "p")).await.unwrap()
+        else {
             panic!("update {u} is new");
         };
         seqs.push(seq);
     }
     r.inbox_ack(&t, seqs[0]).await.unwrap(); // 1: done
     r.inbox_ack(&t, seqs[1]).await.unwrap(); // 2: done
-    assert_eq!(r.inbox_fail(&t, seqs[2], "bad", 1).await.unwrap(), FailOutcome::DeadLettered); // 3: dead
+    assert_eq!(
+        r.inbox_fail(&t, seqs[2], "bad", 1).await.unwrap(),
+        FailOutcome::DeadLettered
+    ); // 3: dead
     // 4: pending
 
-    assert_eq!(r.inbox_prune(0).await.unwrap(), 0, "nothing was accepted before 1970");
-    assert_eq!(r.inbox_append(&t, 1, b"{}").await.unwrap(), Appended::Duplicate, "not pruned yet");
+    assert_eq!(
+        r.inbox_prune(0).await.unwrap(),
+        0,
+        "nothing was accepted before 1970"
+    );
+    assert_eq!(
+        r.inbox_append(&t, 1, b"{}").await.unwrap(),
+        Appended::Duplicate,
+        "not pruned yet"
+    );
 
-    let pruned = r.inbox_prune(otm_core::time::now_ms() + 60_000).await.unwrap();
-    assert!(pruned >= 2, "both delivered updates are pruned (got {pruned})");
+    let pruned = r
+        .inbox_prune(otm_core::time::now_ms() + 60_000)
+        .await
+        .unwrap();
+    assert!(
+        pruned >= 2,
+        "both delivered updates are pruned (got {pruned})"
+    );
     for u in [1, 2] {
         assert!(
-            matches!(r.inbox_append(&t, u, b"{}").await.unwrap(), Appended::Stored { .. }),
+            matches!(
+                r.inbox_append(&t, u, b"{}").await.unwrap(),
+                Appended::Stored { .. }
+            ),
             "a pruned update {u} is forgotten"
         );
     }
-    assert_eq!(r.inbox_append(&t, 3, b"{}").await.unwrap(), Appended::Duplicate, "prune keeps dead-lettered updates");
-    assert_eq!(r.inbox_append(&t, 4, b"{}").await.unwrap(), Appended::Duplicate, "prune keeps pending updates");
+    assert_eq!(
+        r.inbox_append(&t, 3, b"{}").await.unwrap(),
+        Appended::Duplicate,
+        "prune keeps dead-lettered updates"
+    );
+    assert_eq!(
+        r.inbox_append(&t, 4, b"{}").await.unwrap(),
+        Appended::Duplicate,
+        "prune keeps pending updates"
+    );
     let view = r.inbox_view(&t, 10).await.unwrap();
-    assert_eq!(view.dead.iter().map(|i| i.update_id).collect::<Vec<_>>(), vec![3]);
-    assert_eq!(view.pending.iter().map(|i| i.update_id).collect::<Vec<_>>(), vec![4, 1, 2]);
+    assert_eq!(
+        view.dead.iter().map(|i| i.update_id).collect::<Vec<_>>(),
+        vec![3]
+    );
+    assert_eq!(
+        view.pending.iter().map(|i| i.update_id).collect::<Vec<_>>(),
+        vec![4, 1, 2]
+    );
     r.delete_tenant(&t).await.unwrap();
 }
 
@@ -363,16 +620,40 @@ fn instance(address: &str) -> InstanceRecord {
 async fn registry_instances(r: Arc<dyn Registry>, run: &str) {
     let mut warm = instance("unix:/run/otm/a.sock");
     r.put_instance(&warm).await.expect("put an instance");
-    assert_eq!(r.get_instance(&warm.id).await.unwrap().as_ref(), Some(&warm), "an instance reads back as written");
+    assert_eq!(
+        r.get_instance(&warm.id).await.unwrap().as_ref(),
+        Some(&warm),
+        "an instance reads back as written"
+    );
     warm.address = "http://10.0.0.7:7070".into();
     r.put_instance(&warm).await.expect("replace an instance");
-    assert_eq!(r.get_instance(&warm.id).await.unwrap().as_ref(), Some(&warm), "put_instance replaces");
-    assert_eq!(r.get_instance(&InstanceId::random()).await.unwrap(), None, "a missing instance is Ok(None)");
-    assert!(r.list_instances().await.unwrap().contains(&warm), "list_instances holds it");
+    assert_eq!(
+        r.get_instance(&warm.id).await.unwrap().as_ref(),
+        Some(&warm),
+        "put_instance replaces"
+    );
+    assert_eq!(
+        r.get_instance(&InstanceId::random()).await.unwrap(),
+        None,
+        "a missing instance is Ok(None)"
+    );
+    assert!(
+        r.list_instances().await.unwrap().contains(&warm),
+        "list_instances holds it"
+    );
 
     let digest = warm.surrogate_digest.clone().unwrap();
-    assert_eq!(r.instance_by_surrogate(&digest).await.unwrap().as_ref(), Some(&warm), "found by surrogate digest");
-    assert_eq!(r.instance_by_surrogate(&otm_core::secret::digest("nobody")).await.unwrap(), None);
+    assert_eq!(
+        r.instance_by_surrogate(&digest).await.unwrap().as_ref(),
+        Some(&warm),
+        "found by surrogate digest"
+    );
+    assert_eq!(
+        r.instance_by_surrogate(&otm_core::secret::digest("nobody"))
+            .await
+            .unwrap(),
+        None
+    );
 
     // Warm instances of other runs on a shared backend may be claimed too; they are put back.
     let others: Vec<InstanceRecord> = r
@@ -382,9 +663,15 @@ async fn registry_instances(r: Arc<dyn Registry>, run: &str) {
         .into_iter()
         .filter(|i| i.state == InstanceState::Warm && i.tenant.is_none() && i.id != warm.id)
         .collect();
-    let claimants: Vec<TenantId> = (0..10).map(|i| tenant_id(run, &format!("claim-{i}"))).collect();
+    let claimants: Vec<TenantId> = (0..10)
+        .map(|i| tenant_id(run, &format!("claim-{i}")))
+        .collect();
     for t in &claimants {
-        assert_eq!(r.instance_of(t).await.unwrap(), None, "no instance bound yet");
+        assert_eq!(
+            r.instance_of(t).await.unwrap(),
+            None,
+            "no instance bound yet"
+        );
     }
     let tasks: Vec<_> = claimants
         .iter()
@@ -392,7 +679,10 @@ async fn registry_instances(r: Arc<dyn Registry>, run: &str) {
         .map(|t| {
             let r = r.clone();
             tokio::spawn(async move {
-                let got = r.claim_warm_instance(&t).await.expect("claim_warm_instance");
+                let got = r
+                    .claim_warm_instance(&t)
+                    .await
+                    .expect("claim_warm_instance");
                 (t, got)
             })
         })
@@ -404,39 +694,94 @@ async fn registry_instances(r: Arc<dyn Registry>, run: &str) {
         }
     }
     let distinct: HashSet<_> = claimed.iter().map(|(_, rec)| rec.id.clone()).collect();
-    assert_eq!(distinct.len(), claimed.len(), "no instance is claimed twice: {claimed:?}");
-    let mine: Vec<_> = claimed.iter().filter(|(_, rec)| rec.id == warm.id).collect();
-    assert_eq!(mine.len(), 1, "10 concurrent claims take the warm instance exactly once");
+    assert_eq!(
+        distinct.len(),
+        claimed.len(),
+        "no instance is claimed twice: {claimed:?}"
+    );
+    let mine: Vec<_> = claimed
+        .iter()
+        .filter(|(_, rec)| rec.id == warm.id)
+        .collect();
+    assert_eq!(
+        mine.len(),
+        1,
+        "10 concurrent claims take the warm instance exactly once"
+    );
     if others.is_empty() {
-        assert_eq!(claimed.len(), 1, "with one warm instance, exactly one claim succeeds");
+        assert_eq!(
+            claimed.len(),
+            1,
+            "with one warm instance, exactly one claim succeeds"
+        );
     }
     let (winner, rec) = mine[0].clone();
-    assert_eq!(rec.tenant.as_ref(), Some(&winner), "the claim binds the instance to the claimant");
-    assert_eq!(rec.state, InstanceState::Binding, "a claimed instance is binding");
+    assert_eq!(
+        rec.tenant.as_ref(),
+        Some(&winner),
+        "the claim binds the instance to the claimant"
+    );
+    assert_eq!(
+        rec.state,
+        InstanceState::Binding,
+        "a claimed instance is binding"
+    );
     assert!(rec.bound_at_ms.is_some(), "a claim records when");
-    assert_eq!((rec.address.as_str(), &rec.shim_token), (warm.address.as_str(), &warm.shim_token));
-    assert_eq!(r.get_instance(&warm.id).await.unwrap().as_ref(), Some(&rec), "the claim is stored");
-    assert_eq!(r.instance_of(&winner).await.unwrap().as_ref(), Some(&rec), "instance_of finds the bound instance");
+    assert_eq!(
+        (rec.address.as_str(), &rec.shim_token),
+        (warm.address.as_str(), &warm.shim_token)
+    );
+    assert_eq!(
+        r.get_instance(&warm.id).await.unwrap().as_ref(),
+        Some(&rec),
+        "the claim is stored"
+    );
+    assert_eq!(
+        r.instance_of(&winner).await.unwrap().as_ref(),
+        Some(&rec),
+        "instance_of finds the bound instance"
+    );
     for (_, other) in claimed.iter().filter(|(_, rec)| rec.id != warm.id) {
-        let back = others.iter().find(|o| o.id == other.id).expect("a claimed instance was warm before");
+        let back = others
+            .iter()
+            .find(|o| o.id == other.id)
+            .expect("a claimed instance was warm before");
         r.put_instance(back).await.unwrap();
     }
-    let again = r.claim_warm_instance(&tenant_id(run, "late")).await.unwrap();
-    assert!(again.as_ref().is_none_or(|i| i.id != warm.id), "a claimed instance is no longer warm");
+    let again = r
+        .claim_warm_instance(&tenant_id(run, "late"))
+        .await
+        .unwrap();
+    assert!(
+        again.as_ref().is_none_or(|i| i.id != warm.id),
+        "a claimed instance is no longer warm"
+    );
     if let Some(other) = again {
-        let back = others.iter().find(|o| o.id == other.id).expect("a claimed instance was warm before");
+        let back = others
+            .iter()
+            .find(|o| o.id == other.id)
+            .expect("a claimed instance was warm before");
         r.put_instance(back).await.unwrap();
     }
 
     // Deleting a tenant leaves its instance record alone (the reconciler stops it).
     r.create_tenant(&tenant(&winner, 1_000, 60)).await.unwrap();
     r.delete_tenant(&winner).await.unwrap();
-    assert!(r.get_instance(&warm.id).await.unwrap().is_some(), "delete_tenant keeps instances");
+    assert!(
+        r.get_instance(&warm.id).await.unwrap().is_some(),
+        "delete_tenant keeps instances"
+    );
 
-    assert!(r.delete_instance(&warm.id).await.unwrap(), "delete_instance of an existing instance is true");
+    assert!(
+        r.delete_instance(&warm.id).await.unwrap(),
+        "delete_instance of an existing instance is true"
+    );
     assert_eq!(r.get_instance(&warm.id).await.unwrap(), None);
     assert_eq!(r.instance_of(&winner).await.unwrap(), None);
-    assert!(!r.delete_instance(&warm.id).await.unwrap(), "delete_instance of a missing instance is false");
+    assert!(
+        !r.delete_instance(&warm.id).await.unwrap(),
+        "delete_instance of a missing instance is false"
+    );
 }
 
 async fn registry_settings(r: &dyn Registry) {
@@ -444,7 +789,11 @@ async fn registry_settings(r: &dyn Registry) {
     let mut s = before.clone();
     s.warm_pool_target = before.warm_pool_target.wrapping_add(7);
     r.put_settings(&s).await.unwrap();
-    assert_eq!(r.get_settings().await.unwrap(), s, "settings read back as written");
+    assert_eq!(
+        r.get_settings().await.unwrap(),
+        s,
+        "settings read back as written"
+    );
     r.put_settings(&FleetSettings::default()).await.unwrap();
     assert_eq!(r.get_settings().await.unwrap(), FleetSettings::default());
     r.put_settings(&before).await.unwrap();
@@ -457,9 +806,13 @@ async fn registry_settings(r: &dyn Registry) {
 pub async fn inbox_stress(r: Arc<dyn Registry>, tenants: usize, tasks: usize, per_task: usize) {
     assert!(tenants > 0);
     let run = run_id();
-    let ids: Vec<TenantId> = (0..tenants).map(|i| tenant_id(&run, &format!("stress-{i}"))).collect();
+    let ids: Vec<TenantId> = (0..tenants)
+        .map(|i| tenant_id(&run, &format!("stress-{i}")))
+        .collect();
     for t in &ids {
-        r.create_tenant(&tenant(t, otm_core::time::now_ms(), 600)).await.unwrap();
+        r.create_tenant(&tenant(t, otm_core::time::now_ms(), 600))
+            .await
+            .unwrap();
     }
     let handles: Vec<_> = (0..tasks)
         .map(|k| {
@@ -475,7 +828,10 @@ pub async fn inbox_stress(r: Arc<dyn Registry>, tenants: usize, tasks: usize, pe
                     }
                     if i % 3 == 0 {
                         let dup = r.inbox_append(&t, u, &payload(u, "dup")).await;
-                        assert!(matches!(dup, Ok(Appended::Duplicate)), "re-append {u} to {t}: {dup:?}");
+                        assert!(
+                            matches!(dup, Ok(Appended::Duplicate)),
+                            "re-append {u} to {t}: {dup:?}"
+                        );
                     }
                 }
                 (t, stored)
@@ -485,18 +841,37 @@ pub async fn inbox_stress(r: Arc<dyn Registry>, tenants: usize, tasks: usize, pe
     let mut expected: HashMap<TenantId, HashMap<i64, i64>> = HashMap::new();
     for h in handles {
         let (t, stored) = h.await.expect("an append task panicked");
-        assert!(stored.windows(2).all(|w| w[0].1 < w[1].1), "one task's appends get growing seqs in {t}");
+        assert!(
+            stored.windows(2).all(|w| w[0].1 < w[1].1),
+            "one task's appends get growing seqs in {t}"
+        );
         expected.entry(t).or_default().extend(stored);
     }
     for t in &ids {
         let want = expected.remove(t).unwrap_or_default();
-        assert_eq!(r.inbox_depth(t).await.unwrap(), want.len() as u64, "every update of {t} stored once");
+        assert_eq!(
+            r.inbox_depth(t).await.unwrap(),
+            want.len() as u64,
+            "every update of {t} stored once"
+        );
         let view = r.inbox_view(t, want.len() + 10).await.unwrap();
         assert_eq!(view.pending.len(), want.len());
-        assert!(view.pending.windows(2).all(|w| w[0].seq < w[1].seq), "the inbox of {t} is ordered by seq");
+        assert!(
+            view.pending.windows(2).all(|w| w[0].seq < w[1].seq),
+            "the inbox of {t} is ordered by seq"
+        );
         for item in &view.pending {
-            assert_eq!(want.get(&item.update_id), Some(&item.seq), "update {} has the seq its append got", item.update_id);
-            assert_eq!(item.payload, payload(item.update_id, "stress"), "the first payload is kept");
+            assert_eq!(
+                want.get(&item.update_id),
+                Some(&item.seq),
+                "update {} has the seq its append got",
+                item.update_id
+            );
+            assert_eq!(
+                item.payload,
+                payload(item.update_id, "stress"),
+                "the first payload is kept"
+            );
         }
         r.delete_tenant(t).await.unwrap();
     }
@@ -524,49 +899,115 @@ async fn coordinator_endpoints(c: &dyn Coordinator, run: &str) {
         shim_token: Secret::new("shim-secret"),
     };
     assert_eq!(c.endpoint(&t).await.unwrap(), None, "nothing cached yet");
-    c.set_endpoint(&t, &e, Duration::from_secs(30)).await.unwrap();
-    assert_eq!(c.endpoint(&t).await.unwrap().as_ref(), Some(&e), "a cached endpoint reads back");
+    c.set_endpoint(&t, &e, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.endpoint(&t).await.unwrap().as_ref(),
+        Some(&e),
+        "a cached endpoint reads back"
+    );
     let mut e2 = e.clone();
     e2.address = "http://10.0.0.9:7070".into();
-    c.set_endpoint(&t, &e2, Duration::from_secs(30)).await.unwrap();
-    assert_eq!(c.endpoint(&t).await.unwrap().as_ref(), Some(&e2), "set_endpoint replaces");
+    c.set_endpoint(&t, &e2, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.endpoint(&t).await.unwrap().as_ref(),
+        Some(&e2),
+        "set_endpoint replaces"
+    );
     c.clear_endpoint(&t).await.unwrap();
-    assert_eq!(c.endpoint(&t).await.unwrap(), None, "clear_endpoint drops it");
+    assert_eq!(
+        c.endpoint(&t).await.unwrap(),
+        None,
+        "clear_endpoint drops it"
+    );
     c.clear_endpoint(&t).await.expect("clearing twice is fine");
 
-    c.set_endpoint(&short, &e, Duration::from_millis(300)).await.unwrap();
+    c.set_endpoint(&short, &e, Duration::from_millis(300))
+        .await
+        .unwrap();
     assert_eq!(c.endpoint(&short).await.unwrap().as_ref(), Some(&e));
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(c.endpoint(&short).await.unwrap(), None, "a cached endpoint lapses after its TTL");
+    assert_eq!(
+        c.endpoint(&short).await.unwrap(),
+        None,
+        "a cached endpoint lapses after its TTL"
+    );
 }
 
 async fn coordinator_leases(c: &dyn Coordinator, run: &str) {
     let key = format!("{run}/lock");
     let ttl = Duration::from_secs(30);
-    let a = c.acquire(&key, ttl).await.unwrap().expect("a free key can be taken");
+    let a = c
+        .acquire(&key, ttl)
+        .await
+        .unwrap()
+        .expect("a free key can be taken");
     assert_eq!(a.key, key);
-    assert!(c.acquire(&key, ttl).await.unwrap().is_none(), "a held key cannot be taken");
+    assert!(
+        c.acquire(&key, ttl).await.unwrap().is_none(),
+        "a held key cannot be taken"
+    );
 
-    let impostor = Lease { owner: "not-the-owner".into(), ..a.clone() };
-    assert!(!c.renew(&impostor, ttl).await.unwrap(), "renew by a non-owner fails");
-    assert!(!c.release(&impostor).await.unwrap(), "release by a non-owner fails");
-    assert!(c.acquire(&key, ttl).await.unwrap().is_none(), "still held after the impostor's tries");
+    let impostor = Lease {
+        owner: "not-the-owner".into(),
+        ..a.clone()
+    };
+    assert!(
+        !c.renew(&impostor, ttl).await.unwrap(),
+        "renew by a non-owner fails"
+    );
+    assert!(
+        !c.release(&impostor).await.unwrap(),
+        "release by a non-owner fails"
+    );
+    assert!(
+        c.acquire(&key, ttl).await.unwrap().is_none(),
+        "still held after the impostor's tries"
+    );
     assert!(c.renew(&a, ttl).await.unwrap(), "the owner renews");
     assert!(c.release(&a).await.unwrap(), "the owner releases");
-    assert!(!c.release(&a).await.unwrap(), "a released lease cannot be released again");
-    assert!(!c.renew(&a, ttl).await.unwrap(), "a released lease cannot be renewed");
+    assert!(
+        !c.release(&a).await.unwrap(),
+        "a released lease cannot be released again"
+    );
+    assert!(
+        !c.renew(&a, ttl).await.unwrap(),
+        "a released lease cannot be renewed"
+    );
 
     let mut fence = a.fence;
     for _ in 0..5 {
-        let l = c.acquire(&key, ttl).await.unwrap().expect("a released key can be taken");
-        assert!(l.fence > fence, "fences strictly increase across acquisitions ({fence} then {})", l.fence);
-        assert_ne!(l.owner, a.owner, "every acquisition gets a fresh owner token");
+        let l = c
+            .acquire(&key, ttl)
+            .await
+            .unwrap()
+            .expect("a released key can be taken");
+        assert!(
+            l.fence > fence,
+            "fences strictly increase across acquisitions ({fence} then {})",
+            l.fence
+        );
+        assert_ne!(
+            l.owner, a.owner,
+            "every acquisition gets a fresh owner token"
+        );
         fence = l.fence;
         assert!(c.release(&l).await.unwrap());
     }
 
-    let other = c.acquire(&format!("{run}/other"), ttl).await.unwrap().expect("another key is independent");
-    let again = c.acquire(&key, ttl).await.unwrap().expect("taking one key leaves others free");
+    let other = c
+        .acquire(&format!("{run}/other"), ttl)
+        .await
+        .unwrap()
+        .expect("another key is independent");
+    let again = c
+        .acquire(&key, ttl)
+        .await
+        .unwrap()
+        .expect("taking one key leaves others free");
     assert!(c.release(&other).await.unwrap() && c.release(&again).await.unwrap());
 }
 
@@ -575,22 +1016,56 @@ async fn coordinator_lease_expiry(c: &dyn Coordinator, run: &str) {
     let short = Duration::from_millis(300);
     let a = c.acquire(&key, short).await.unwrap().expect("take");
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert!(!c.renew(&a, short).await.unwrap(), "a lapsed lease cannot be renewed");
-    let b = c.acquire(&key, Duration::from_secs(30)).await.unwrap().expect("a lapsed lease frees the key");
-    assert!(b.fence > a.fence, "fences increase across lapses ({} then {})", a.fence, b.fence);
-    assert!(!c.renew(&a, short).await.unwrap(), "the lapsed owner cannot renew over the new one");
-    assert!(!c.release(&a).await.unwrap(), "the lapsed owner cannot release the new one");
-    assert!(c.acquire(&key, short).await.unwrap().is_none(), "the new owner still holds it");
+    assert!(
+        !c.renew(&a, short).await.unwrap(),
+        "a lapsed lease cannot be renewed"
+    );
+    let b = c
+        .acquire(&key, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .expect("a lapsed lease frees the key");
+    assert!(
+        b.fence > a.fence,
+        "fences increase across lapses ({} then {})",
+        a.fence,
+        b.fence
+    );
+    assert!(
+        !c.renew(&a, short).await.unwrap(),
+        "the lapsed owner cannot renew over the new one"
+    );
+    assert!(
+        !c.release(&a).await.unwrap(),
+        "the lapsed owner cannot release the new one"
+    );
+    assert!(
+        c.acquire(&key, short).await.unwrap().is_none(),
+        "the new owner still holds it"
+    );
     assert!(c.release(&b).await.unwrap());
 
     // Renewing extends: held past its first TTL.
     let key = format!("{run}/renew");
-    let l = c.acquire(&key, Duration::from_millis(600)).await.unwrap().expect("take");
+    let l = c
+        .acquire(&key, Duration::from_millis(600))
+        .await
+        .unwrap()
+        .expect("take");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(c.renew(&l, Duration::from_secs(30)).await.unwrap(), "renew before the TTL");
+    assert!(
+        c.renew(&l, Duration::from_secs(30)).await.unwrap(),
+        "renew before the TTL"
+    );
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert!(c.acquire(&key, short).await.unwrap().is_none(), "a renewed lease outlives its first TTL");
-    assert!(c.release(&l).await.unwrap(), "the renewed lease is still the owner's");
+    assert!(
+        c.acquire(&key, short).await.unwrap().is_none(),
+        "a renewed lease outlives its first TTL"
+    );
+    assert!(
+        c.release(&l).await.unwrap(),
+        "the renewed lease is still the owner's"
+    );
 }
 
 async fn coordinator_lease_races(c: Arc<dyn Coordinator>, run: &str) {
@@ -598,14 +1073,22 @@ async fn coordinator_lease_races(c: Arc<dyn Coordinator>, run: &str) {
     let tasks: Vec<_> = (0..10)
         .map(|_| {
             let (c, key) = (c.clone(), key.clone());
-            tokio::spawn(async move { c.acquire(&key, Duration::from_secs(30)).await.expect("acquire") })
+            tokio::spawn(async move {
+                c.acquire(&key, Duration::from_secs(30))
+                    .await
+                    .expect("acquire")
+            })
         })
         .collect();
     let mut winners = Vec::new();
     for t in tasks {
         winners.extend(t.await.expect("an acquire task panicked"));
     }
-    assert_eq!(winners.len(), 1, "10 concurrent acquisitions: exactly one wins, got {winners:?}");
+    assert_eq!(
+        winners.len(),
+        1,
+        "10 concurrent acquisitions: exactly one wins, got {winners:?}"
+    );
     assert!(c.release(&winners[0]).await.unwrap());
 }
 
@@ -633,26 +1116,35 @@ async fn coordinator_notifications(c: &dyn Coordinator, run: &str) {
     let ours = {
         let (t, late_t) = (t.clone(), late_t.clone());
         move |n: &Notification| match n {
-            Notification::InboxHasWork { tenant } | Notification::EndpointInvalidated { tenant } => {
-                *tenant == t || *tenant == late_t
-            }
+            Notification::InboxHasWork { tenant }
+            | Notification::EndpointInvalidated { tenant } => *tenant == t || *tenant == late_t,
             _ => false,
         }
     };
     let mut s1 = c.subscribe();
     let mut s2 = c.subscribe();
-    let sent =
-        [Notification::InboxHasWork { tenant: t.clone() }, Notification::EndpointInvalidated { tenant: t.clone() }];
+    let sent = [
+        Notification::InboxHasWork { tenant: t.clone() },
+        Notification::EndpointInvalidated { tenant: t.clone() },
+    ];
     for n in &sent {
         c.publish(n.clone()).await.unwrap();
     }
     c.publish(Notification::SettingsChanged).await.unwrap();
     let mut late = c.subscribe();
-    c.publish(Notification::InboxHasWork { tenant: late_t.clone() }).await.unwrap();
+    c.publish(Notification::InboxHasWork {
+        tenant: late_t.clone(),
+    })
+    .await
+    .unwrap();
 
     for (name, s) in [("first", &mut s1), ("second", &mut s2)] {
         for n in &sent {
-            assert_eq!(next_matching(s, &ours).await.as_ref(), Some(n), "the {name} subscriber gets {n:?}");
+            assert_eq!(
+                next_matching(s, &ours).await.as_ref(),
+                Some(n),
+                "the {name} subscriber gets {n:?}"
+            );
         }
         assert_eq!(
             next_matching(s, |n| *n == Notification::SettingsChanged).await,
@@ -662,7 +1154,9 @@ async fn coordinator_notifications(c: &dyn Coordinator, run: &str) {
     }
     assert_eq!(
         next_matching(&mut late, &ours).await,
-        Some(Notification::InboxHasWork { tenant: late_t.clone() }),
+        Some(Notification::InboxHasWork {
+            tenant: late_t.clone()
+        }),
         "a subscriber gets only what is published after it subscribed"
     );
 }
@@ -677,53 +1171,140 @@ pub async fn state_store_suite(s: Arc<dyn StateStore>) {
     let other = tenant_id(&run, "snap-other");
     let missing = SnapshotId::new_now();
 
-    assert_eq!(s.head(&t).await.unwrap(), None, "no head before any snapshot");
+    assert_eq!(
+        s.head(&t).await.unwrap(),
+        None,
+        "no head before any snapshot"
+    );
     assert_eq!(s.list(&t).await.unwrap(), vec![], "no snapshots yet");
-    assert_err!(s.get(&t, &missing).await, Error::NotFound { .. }, "get of a missing snapshot");
-    assert_err!(s.publish(&t, &missing).await, Error::NotFound { .. }, "publish of a missing snapshot");
+    assert_err!(
+        s.get(&t, &missing).await,
+        Error::NotFound { .. },
+        "get of a missing snapshot"
+    );
+    assert_err!(
+        s.publish(&t, &missing).await,
+        Error::NotFound { .. },
+        "publish of a missing snapshot"
+    );
 
     let first = Bytes::from_static(b"first archive: pretend this is a tar.zst");
     let id1 = SnapshotId::new_now();
     let m1 = s.put(&t, &id1, first.clone(), "manual").await.expect("put");
-    assert_eq!((&m1.id, &m1.tenant, m1.size), (&id1, &t, first.len() as u64));
-    assert_eq!(m1.sha256, hex::encode(sha2::Sha256::digest(&first)), "sha256 is the archive's hex SHA-256");
+    assert_eq!(
+        (&m1.id, &m1.tenant, m1.size),
+        (&id1, &t, first.len() as u64)
+    );
+    assert_eq!(
+        m1.sha256,
+        hex::encode(sha2::Sha256::digest(&first)),
+        "sha256 is the archive's hex SHA-256"
+    );
     assert_eq!(m1.reason, "manual");
-    assert_eq!(s.head(&t).await.unwrap(), None, "put does not move the head");
-    assert_eq!(s.get(&t, &id1).await.unwrap(), first, "an archive reads back byte for byte");
+    assert_eq!(
+        s.head(&t).await.unwrap(),
+        None,
+        "put does not move the head"
+    );
+    assert_eq!(
+        s.get(&t, &id1).await.unwrap(),
+        first,
+        "an archive reads back byte for byte"
+    );
 
     tokio::time::sleep(Duration::from_millis(3)).await;
-    let second: Bytes = (0..1_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let second: Bytes = (0..1_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
     let id2 = SnapshotId::new_now();
     let m2 = s.put(&t, &id2, second.clone(), "periodic").await.unwrap();
     // An id from an earlier time, stored last: list sorts by id (time), not by put order.
-    let id0 = SnapshotId::parse(&format!("{:015}-0000", otm_core::time::now_ms() - 60_000)).unwrap();
-    let m0 = s.put(&t, &id0, Bytes::new(), "crash").await.expect("an empty archive is fine");
+    let id0 =
+        SnapshotId::parse(&format!("{:015}-0000", otm_core::time::now_ms() - 60_000)).unwrap();
+    let m0 = s
+        .put(&t, &id0, Bytes::new(), "crash")
+        .await
+        .expect("an empty archive is fine");
     assert_eq!(s.get(&t, &id0).await.unwrap(), Bytes::new());
-    assert_eq!(s.list(&t).await.unwrap(), vec![m0.clone(), m1.clone(), m2.clone()], "list is oldest first");
-    assert_eq!(s.get(&t, &id2).await.unwrap(), second, "a 1 MB archive reads back");
+    assert_eq!(
+        s.list(&t).await.unwrap(),
+        vec![m0.clone(), m1.clone(), m2.clone()],
+        "list is oldest first"
+    );
+    assert_eq!(
+        s.get(&t, &id2).await.unwrap(),
+        second,
+        "a 1 MB archive reads back"
+    );
 
     s.publish(&t, &id1).await.expect("publish");
-    assert_eq!(s.head(&t).await.unwrap().as_ref(), Some(&m1), "the head is the published snapshot");
+    assert_eq!(
+        s.head(&t).await.unwrap().as_ref(),
+        Some(&m1),
+        "the head is the published snapshot"
+    );
     s.publish(&t, &id2).await.unwrap();
-    assert_eq!(s.head(&t).await.unwrap().as_ref(), Some(&m2), "publish moves the head");
+    assert_eq!(
+        s.head(&t).await.unwrap().as_ref(),
+        Some(&m2),
+        "publish moves the head"
+    );
     s.publish(&t, &id0).await.unwrap();
-    assert_eq!(s.head(&t).await.unwrap().as_ref(), Some(&m0), "the head may move back to an older snapshot");
+    assert_eq!(
+        s.head(&t).await.unwrap().as_ref(),
+        Some(&m0),
+        "the head may move back to an older snapshot"
+    );
     s.publish(&t, &id2).await.unwrap();
 
-    assert_err!(s.delete(&t, &id2).await, Error::Conflict { .. }, "deleting the head");
-    assert_eq!(s.get(&t, &id2).await.unwrap(), second, "a refused delete deletes nothing");
-    s.delete(&t, &id1).await.expect("delete a snapshot that is not the head");
-    assert_err!(s.get(&t, &id1).await, Error::NotFound { .. }, "get of a deleted snapshot");
-    assert_err!(s.delete(&t, &id1).await, Error::NotFound { .. }, "deleting twice");
-    assert_err!(s.publish(&t, &id1).await, Error::NotFound { .. }, "publish of a deleted snapshot");
+    assert_err!(
+        s.delete(&t, &id2).await,
+        Error::Conflict { .. },
+        "deleting the head"
+    );
+    assert_eq!(
+        s.get(&t, &id2).await.unwrap(),
+        second,
+        "a refused delete deletes nothing"
+    );
+    s.delete(&t, &id1)
+        .await
+        .expect("delete a snapshot that is not the head");
+    assert_err!(
+        s.get(&t, &id1).await,
+        Error::NotFound { .. },
+        "get of a deleted snapshot"
+    );
+    assert_err!(
+        s.delete(&t, &id1).await,
+        Error::NotFound { .. },
+        "deleting twice"
+    );
+    assert_err!(
+        s.publish(&t, &id1).await,
+        Error::NotFound { .. },
+        "publish of a deleted snapshot"
+    );
     assert_eq!(s.list(&t).await.unwrap(), vec![m0.clone(), m2.clone()]);
     assert_eq!(s.head(&t).await.unwrap().as_ref(), Some(&m2));
 
     // Tenants are separate.
-    assert_eq!(s.list(&other).await.unwrap(), vec![], "another tenant sees no snapshots");
+    assert_eq!(
+        s.list(&other).await.unwrap(),
+        vec![],
+        "another tenant sees no snapshots"
+    );
     assert_eq!(s.head(&other).await.unwrap(), None);
-    assert_err!(s.get(&other, &id2).await, Error::NotFound { .. }, "get through another tenant");
-    assert_err!(s.publish(&other, &id2).await, Error::NotFound { .. }, "publish through another tenant");
+    assert_err!(
+        s.get(&other, &id2).await,
+        Error::NotFound { .. },
+        "get through another tenant"
+    );
+    assert_err!(
+        s.publish(&other, &id2).await,
+        Error::NotFound { .. },
+        "publish through another tenant"
+    );
 
     s.delete(&t, &id0).await.unwrap();
 }
@@ -745,22 +1326,59 @@ pub async fn object_state_store_suite(s: Arc<ObjectStateStore>) {
     let mut flipped = good.to_vec();
     flipped[3] ^= 0x01;
     raw.put(&path, PutPayload::from(flipped)).await.unwrap();
-    let err = s.get(&t, &id).await.expect_err("a flipped bit must be caught");
-    assert!(matches!(err, Error::Corrupt { .. }), "expected Corrupt, got {err:?}");
+    let err = s
+        .get(&t, &id)
+        .await
+        .expect_err("a flipped bit must be caught");
+    assert!(
+        matches!(err, Error::Corrupt { .. }),
+        "expected Corrupt, got {err:?}"
+    );
     let msg = err.to_string();
-    assert!(msg.contains("checksum") && msg.contains(&id.to_string()), "the message names the problem: {msg}");
+    assert!(
+        msg.contains("checksum") && msg.contains(&id.to_string()),
+        "the message names the problem: {msg}"
+    );
 
-    raw.put(&path, PutPayload::from(good.slice(..10))).await.unwrap();
-    assert_err!(s.get(&t, &id).await, Error::Corrupt { .. }, "a truncated archive");
+    raw.put(&path, PutPayload::from(good.slice(..10)))
+        .await
+        .unwrap();
+    assert_err!(
+        s.get(&t, &id).await,
+        Error::Corrupt { .. },
+        "a truncated archive"
+    );
 
     raw.delete(&path).await.unwrap();
-    assert_err!(s.get(&t, &id).await, Error::Corrupt { .. }, "an archive missing under its metadata");
+    assert_err!(
+        s.get(&t, &id).await,
+        Error::Corrupt { .. },
+        "an archive missing under its metadata"
+    );
 
     let id2 = SnapshotId::new_now();
     s.put(&t, &id2, good.clone(), "final").await.unwrap();
-    raw.put(&s.meta_path(&t, &id2), PutPayload::from_static(b"{not json")).await.unwrap();
-    assert_err!(s.get(&t, &id2).await, Error::Corrupt { .. }, "unreadable metadata");
+    raw.put(
+        &s.meta_path(&t, &id2),
+        PutPayload::from_static(b"{not json"),
+    )
+    .await
+    .unwrap();
+    assert_err!(
+        s.get(&t, &id2).await,
+        Error::Corrupt { .. },
+        "unreadable metadata"
+    );
 
-    raw.put(&s.head_path(&t), PutPayload::from_static(b"{\"id\":\"../../etc\"}")).await.unwrap();
-    assert_err!(s.head(&t).await, Error::Corrupt { .. }, "a head naming an unsafe id");
+    raw.put(
+        &s.head_path(&t),
+        PutPayload::from_static(b"{\"id\":\"../../etc\"}"),
+    )
+    .await
+    .unwrap();
+    assert_err!(
+        s.head(&t).await,
+        Error::Corrupt { .. },
+        "a head naming an unsafe id"
+    );
 }

@@ -21,5 +21,8 @@ pub mod sqlite;
 
 pub use memory::MemoryCoordinator;
 pub use objstore::ObjectStateStore;
-pub use open::{CoordinatorBackend, RegistryBackend, StateStoreBackend, open_coordinator, open_registry, open_state_store};
+pub use open::{
+    CoordinatorBackend, RegistryBackend, StateStoreBackend, open_coordinator, open_registry,
+    open_state_store,
+};
 pub use sqlite::SqliteRegistry;

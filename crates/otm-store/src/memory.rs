@@ -60,7 +60,10 @@ impl MemoryCoordinator {
     /// An empty coordinator.
     pub fn new() -> Self {
         let (notify, _) = broadcast::channel(NOTIFY_CAPACITY);
-        MemoryCoordinator { state: Mutex::new(State::default()), notify }
+        MemoryCoordinator {
+            state: Mutex::new(State::default()),
+            notify,
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -71,7 +74,8 @@ impl MemoryCoordinator {
 
 /// `now + ttl`, saturating far in the future instead of overflowing.
 fn expiry(now: Instant, ttl: Duration) -> Instant {
-    now.checked_add(ttl).unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+    now.checked_add(ttl)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 #[async_trait]
@@ -89,10 +93,17 @@ impl Coordinator for MemoryCoordinator {
         }
     }
 
-    async fn set_endpoint(&self, tenant: &TenantId, endpoint: &Endpoint, ttl: Duration) -> Result<()> {
+    async fn set_endpoint(
+        &self,
+        tenant: &TenantId,
+        endpoint: &Endpoint,
+        ttl: Duration,
+    ) -> Result<()> {
         let now = Instant::now();
         let mut state = self.state();
-        state.endpoints.insert(tenant.clone(), (endpoint.clone(), expiry(now, ttl)));
+        state
+            .endpoints
+            .insert(tenant.clone(), (endpoint.clone(), expiry(now, ttl)));
         // Entries nobody reads again would stay forever; sweep when the cache has doubled.
         if state.endpoints.len() >= SWEEP_AT.max(state.swept_len * 2) {
             state.endpoints.retain(|_, (_, expires)| *expires > now);
@@ -115,8 +126,19 @@ impl Coordinator for MemoryCoordinator {
         let fence = state.fences.get(key).copied().unwrap_or(0) + 1;
         state.fences.insert(key.to_owned(), fence);
         let owner = otm_core::id::random_hex(16);
-        state.locks.insert(key.to_owned(), Held { owner: owner.clone(), fence, expires: expiry(now, ttl) });
-        Ok(Some(Lease { key: key.to_owned(), owner, fence }))
+        state.locks.insert(
+            key.to_owned(),
+            Held {
+                owner: owner.clone(),
+                fence,
+                expires: expiry(now, ttl),
+            },
+        );
+        Ok(Some(Lease {
+            key: key.to_owned(),
+            owner,
+            fence,
+        }))
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool> {
@@ -174,11 +196,24 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn leases_follow_tokio_time() {
         let c = MemoryCoordinator::new();
-        let a = c.acquire("k", Duration::from_secs(10)).await.unwrap().unwrap();
+        let a = c
+            .acquire("k", Duration::from_secs(10))
+            .await
+            .unwrap()
+            .unwrap();
         tokio::time::advance(Duration::from_secs(9)).await;
-        assert!(c.acquire("k", Duration::from_secs(10)).await.unwrap().is_none());
+        assert!(
+            c.acquire("k", Duration::from_secs(10))
+                .await
+                .unwrap()
+                .is_none()
+        );
         tokio::time::advance(Duration::from_secs(2)).await;
-        let b = c.acquire("k", Duration::from_secs(10)).await.unwrap().unwrap();
+        let b = c
+            .acquire("k", Duration::from_secs(10))
+            .await
+            .unwrap()
+            .unwrap();
         assert!(b.fence > a.fence);
         assert!(!c.renew(&a, Duration::from_secs(10)).await.unwrap());
     }
@@ -191,7 +226,9 @@ mod tests {
             c.publish(Notification::SettingsChanged).await.unwrap();
         }
         let t = TenantId::parse("late").unwrap();
-        c.publish(Notification::InboxHasWork { tenant: t.clone() }).await.unwrap();
+        c.publish(Notification::InboxHasWork { tenant: t.clone() })
+            .await
+            .unwrap();
         let mut last = None;
         while let Ok(Some(n)) = tokio::time::timeout(Duration::from_millis(50), s.next()).await {
             last = Some(n);
@@ -209,11 +246,15 @@ mod tests {
         };
         for i in 0..SWEEP_AT - 1 {
             let t = TenantId::parse(&format!("t{i}")).unwrap();
-            c.set_endpoint(&t, &e, Duration::from_secs(1)).await.unwrap();
+            c.set_endpoint(&t, &e, Duration::from_secs(1))
+                .await
+                .unwrap();
         }
         tokio::time::advance(Duration::from_secs(2)).await;
         let t = TenantId::parse("fresh").unwrap();
-        c.set_endpoint(&t, &e, Duration::from_secs(1)).await.unwrap();
+        c.set_endpoint(&t, &e, Duration::from_secs(1))
+            .await
+            .unwrap();
         assert_eq!(c.state().endpoints.len(), 1);
         assert_eq!(c.endpoint(&t).await.unwrap(), Some(e));
     }

@@ -44,13 +44,19 @@ struct Head {
 impl ObjectStateStore {
     /// Snapshots in `store`, at its root.
     pub fn new(store: Arc<dyn ObjectStore>) -> Self {
-        ObjectStateStore { store, prefix: ObjectPath::default() }
+        ObjectStateStore {
+            store,
+            prefix: ObjectPath::default(),
+        }
     }
 
     /// Snapshots in the local directory `dir`, created if missing. Every write is fsync'd.
     pub fn local(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| {
-            Error::generic(BACKEND, format!("cannot create the state directory {}: {e}", dir.display()))
+            Error::generic(
+                BACKEND,
+                format!("cannot create the state directory {}: {e}", dir.display()),
+            )
         })?;
         let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)
             .map_err(|e| Error::generic(BACKEND, e))?
@@ -60,8 +66,9 @@ impl ObjectStateStore {
 
     /// Puts every key under `prefix` (`a/b`), so several fleets can share one bucket.
     pub fn with_prefix(mut self, prefix: &str) -> Result<Self> {
-        self.prefix = ObjectPath::parse(prefix.trim_matches('/'))
-            .map_err(|e| Error::invalid(format!("`{prefix}` is not a valid object key prefix: {e}")))?;
+        self.prefix = ObjectPath::parse(prefix.trim_matches('/')).map_err(|e| {
+            Error::invalid(format!("`{prefix}` is not a valid object key prefix: {e}"))
+        })?;
         Ok(self)
     }
 
@@ -105,11 +112,23 @@ impl ObjectStateStore {
     /// A snapshot's metadata, checked against where it was found.
     async fn read_meta(&self, tenant: &TenantId, id: &SnapshotId) -> Result<Option<SnapshotMeta>> {
         let path = self.meta_path(tenant, id);
-        let Some(raw) = self.read(&path).await? else { return Ok(None) };
-        let meta: SnapshotMeta = serde_json::from_slice(&raw)
-            .map_err(|e| corrupt(&path, format!("the snapshot metadata is not valid JSON: {e}")))?;
+        let Some(raw) = self.read(&path).await? else {
+            return Ok(None);
+        };
+        let meta: SnapshotMeta = serde_json::from_slice(&raw).map_err(|e| {
+            corrupt(
+                &path,
+                format!("the snapshot metadata is not valid JSON: {e}"),
+            )
+        })?;
         if &meta.id != id || &meta.tenant != tenant {
-            return Err(corrupt(&path, format!("it describes snapshot {} of tenant {}", meta.id, meta.tenant)));
+            return Err(corrupt(
+                &path,
+                format!(
+                    "it describes snapshot {} of tenant {}",
+                    meta.id, meta.tenant
+                ),
+            ));
         }
         Ok(Some(meta))
     }
@@ -117,24 +136,33 @@ impl ObjectStateStore {
     /// The head's snapshot id, if the tenant has a head.
     async fn head_id(&self, tenant: &TenantId) -> Result<Option<SnapshotId>> {
         let path = self.head_path(tenant);
-        let Some(raw) = self.read(&path).await? else { return Ok(None) };
-        let head: Head =
-            serde_json::from_slice(&raw).map_err(|e| corrupt(&path, format!("the head record is not valid JSON: {e}")))?;
+        let Some(raw) = self.read(&path).await? else {
+            return Ok(None);
+        };
+        let head: Head = serde_json::from_slice(&raw)
+            .map_err(|e| corrupt(&path, format!("the head record is not valid JSON: {e}")))?;
         // Checked again: the id becomes part of an object key.
-        SnapshotId::parse(head.id.as_str()).map(Some).map_err(|e| corrupt(&path, e))
+        SnapshotId::parse(head.id.as_str())
+            .map(Some)
+            .map_err(|e| corrupt(&path, e))
     }
 }
 
 fn store_error(e: object_store::Error) -> Error {
     match e {
         object_store::Error::NotFound { path, .. } => Error::not_found(format!("object {path}")),
-        object_store::Error::AlreadyExists { path, .. } => Error::AlreadyExists { what: format!("object {path}") },
+        object_store::Error::AlreadyExists { path, .. } => Error::AlreadyExists {
+            what: format!("object {path}"),
+        },
         e => Error::generic(BACKEND, e),
     }
 }
 
 fn corrupt(path: &ObjectPath, message: impl std::fmt::Display) -> Error {
-    Error::Corrupt { what: path.to_string(), message: message.to_string() }
+    Error::Corrupt {
+        what: path.to_string(),
+        message: message.to_string(),
+    }
 }
 
 fn sha256_hex(data: &[u8]) -> String {
@@ -143,7 +171,13 @@ fn sha256_hex(data: &[u8]) -> String {
 
 #[async_trait]
 impl StateStore for ObjectStateStore {
-    async fn put(&self, tenant: &TenantId, id: &SnapshotId, archive: Bytes, reason: &str) -> Result<SnapshotMeta> {
+    async fn put(
+        &self,
+        tenant: &TenantId,
+        id: &SnapshotId,
+        archive: Bytes,
+        reason: &str,
+    ) -> Result<SnapshotMeta> {
         let meta = SnapshotMeta {
             id: id.clone(),
             tenant: tenant.clone(),
@@ -154,41 +188,66 @@ impl StateStore for ObjectStateStore {
         };
         let path = self.archive_path(tenant, id);
         // Create, not overwrite: an archive, once written, never changes under its metadata.
-        let create = PutOptions { mode: PutMode::Create, ..Default::default() };
-        match self.store.put_opts(&path, PutPayload::from_bytes(archive.clone()), create).await {
+        let create = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&path, PutPayload::from_bytes(archive.clone()), create)
+            .await
+        {
             Ok(_) => {}
             Err(object_store::Error::AlreadyExists { .. }) => {
-                return Err(Error::AlreadyExists { what: format!("snapshot {id} of tenant {tenant}") });
+                return Err(Error::AlreadyExists {
+                    what: format!("snapshot {id} of tenant {tenant}"),
+                });
             }
             // A store without conditional writes: snapshot ids are unique by construction.
             Err(object_store::Error::NotImplemented { .. }) => {
-                self.store.put(&path, PutPayload::from_bytes(archive)).await.map_err(store_error)?;
+                self.store
+                    .put(&path, PutPayload::from_bytes(archive))
+                    .await
+                    .map_err(store_error)?;
             }
             Err(e) => return Err(store_error(e)),
         }
         let json = serde_json::to_vec(&meta).map_err(|e| Error::generic(BACKEND, e))?;
-        self.store.put(&self.meta_path(tenant, id), PutPayload::from(json)).await.map_err(store_error)?;
+        self.store
+            .put(&self.meta_path(tenant, id), PutPayload::from(json))
+            .await
+            .map_err(store_error)?;
         tracing::debug!(%tenant, snapshot = %id, size = meta.size, reason, "stored a snapshot");
         Ok(meta)
     }
 
     async fn publish(&self, tenant: &TenantId, id: &SnapshotId) -> Result<()> {
         if self.read_meta(tenant, id).await?.is_none() {
-            return Err(Error::not_found(format!("snapshot {id} of tenant {tenant}")));
+            return Err(Error::not_found(format!(
+                "snapshot {id} of tenant {tenant}"
+            )));
         }
-        let json = serde_json::to_vec(&Head { id: id.clone() }).map_err(|e| Error::generic(BACKEND, e))?;
-        self.store.put(&self.head_path(tenant), PutPayload::from(json)).await.map_err(store_error)?;
+        let json =
+            serde_json::to_vec(&Head { id: id.clone() }).map_err(|e| Error::generic(BACKEND, e))?;
+        self.store
+            .put(&self.head_path(tenant), PutPayload::from(json))
+            .await
+            .map_err(store_error)?;
         tracing::debug!(%tenant, snapshot = %id, "published a snapshot");
         Ok(())
     }
 
     async fn head(&self, tenant: &TenantId) -> Result<Option<SnapshotMeta>> {
-        let Some(id) = self.head_id(tenant).await? else { return Ok(None) };
+        let Some(id) = self.head_id(tenant).await? else {
+            return Ok(None);
+        };
         match self.read_meta(tenant, &id).await? {
             Some(meta) => Ok(Some(meta)),
             None => Err(corrupt(
                 &self.head_path(tenant),
-                format!("the head points at snapshot {id}, which is missing; publish another snapshot"),
+                format!(
+                    "the head points at snapshot {id}, which is missing; publish another snapshot"
+                ),
             )),
         }
     }
@@ -217,11 +276,16 @@ impl StateStore for ObjectStateStore {
 
     async fn get(&self, tenant: &TenantId, id: &SnapshotId) -> Result<Bytes> {
         let Some(meta) = self.read_meta(tenant, id).await? else {
-            return Err(Error::not_found(format!("snapshot {id} of tenant {tenant}")));
+            return Err(Error::not_found(format!(
+                "snapshot {id} of tenant {tenant}"
+            )));
         };
         let path = self.archive_path(tenant, id);
         let Some(archive) = self.read(&path).await? else {
-            return Err(corrupt(&path, "the archive is missing although its metadata exists; restore an older snapshot"));
+            return Err(corrupt(
+                &path,
+                "the archive is missing although its metadata exists; restore an older snapshot",
+            ));
         };
         let sha256 = sha256_hex(&archive);
         if archive.len() as u64 != meta.size || sha256 != meta.sha256 {
@@ -246,6 +310,8 @@ impl StateStore for ObjectStateStore {
                 "snapshot {id} is the head of tenant {tenant}; publish another snapshot before deleting it"
             )));
         }
+        // Metadata first: a crash in between leaves an archive nobody lists, never metadata
+        // pointing at nothing.
         let meta_path = self.meta_path(tenant, id);
         // Some stores answer a delete of a missing object with success: ask first.
         let had_meta = match self.store.head(&meta_path).await {
@@ -259,14 +325,14 @@ impl StateStore for ObjectStateStore {
                 Err(e) => return Err(store_error(e)),
             }
         }
-        // Metadata first: a crash in between leaves an archive nobody lists, never metadata
-        // pointing at nothing.
         match self.store.delete(&self.archive_path(tenant, id)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(store_error(e)),
         }
         if !had_meta {
-            return Err(Error::not_found(format!("snapshot {id} of tenant {tenant}")));
+            return Err(Error::not_found(format!(
+                "snapshot {id} of tenant {tenant}"
+            )));
         }
         Ok(())
     }

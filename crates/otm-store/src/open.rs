@@ -10,10 +10,10 @@ use otm_core::{Coordinator, Error, Registry, Result, Secret, StateStore};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-const REGISTRY_FORMS: &str =
-    "sqlite:///absolute/path.db, sqlite://relative/path.db or sqlite:path.db, postgres://… or dynamodb://…";
+const REGISTRY_FORMS: &str = "sqlite:///absolute/path.db, sqlite://relative/path.db or sqlite:path.db, postgres://… or dynamodb://…";
 const COORDINATOR_FORMS: &str = "memory or redis://…";
-const STATE_STORE_FORMS: &str = "file:///absolute/dir, a plain directory path, or s3://bucket/prefix";
+const STATE_STORE_FORMS: &str =
+    "file:///absolute/dir, a plain directory path, or s3://bucket/prefix";
 
 /// A registry backend, parsed from its URL.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,11 +53,17 @@ fn scheme(url: &str) -> Option<(&str, &str)> {
 }
 
 fn unsupported(kind: &str, scheme: &str, forms: &str) -> Error {
-    Error::invalid(format!("{kind} URL scheme `{scheme}` is not supported; use {forms}"))
+    Error::invalid(format!(
+        "{kind} URL scheme `{scheme}` is not supported; use {forms}"
+    ))
 }
 
 fn not_in_build(kind: &'static str, backend: &str, feature: &'static str) -> Error {
-    Error::NotInBuild { kind, backend: backend.to_owned(), feature }
+    Error::NotInBuild {
+        kind,
+        backend: backend.to_owned(),
+        feature,
+    }
 }
 
 impl RegistryBackend {
@@ -66,8 +72,16 @@ impl RegistryBackend {
         let url = url.trim();
         let path = match scheme(url) {
             Some(("sqlite", rest)) => rest,
-            Some(("postgres" | "postgresql", _)) => return Ok(RegistryBackend::Postgres { url: Secret::new(url) }),
-            Some(("dynamodb", _)) => return Ok(RegistryBackend::DynamoDb { url: Secret::new(url) }),
+            Some(("postgres" | "postgresql", _)) => {
+                return Ok(RegistryBackend::Postgres {
+                    url: Secret::new(url),
+                });
+            }
+            Some(("dynamodb", _)) => {
+                return Ok(RegistryBackend::DynamoDb {
+                    url: Secret::new(url),
+                });
+            }
             Some((other, _)) => return Err(unsupported("registry", other, REGISTRY_FORMS)),
             None => match url.strip_prefix("sqlite:") {
                 Some(rest) => rest,
@@ -79,9 +93,13 @@ impl RegistryBackend {
             },
         };
         if path.is_empty() {
-            return Err(Error::invalid(format!("the sqlite registry URL names no file; use {REGISTRY_FORMS}")));
+            return Err(Error::invalid(format!(
+                "the sqlite registry URL names no file; use {REGISTRY_FORMS}"
+            )));
         }
-        Ok(RegistryBackend::Sqlite { path: PathBuf::from(path) })
+        Ok(RegistryBackend::Sqlite {
+            path: PathBuf::from(path),
+        })
     }
 
     /// The backend's name, as errors and logs show it.
@@ -97,8 +115,12 @@ impl RegistryBackend {
     pub fn open(&self) -> Result<Arc<dyn Registry>> {
         match self {
             RegistryBackend::Sqlite { path } => Ok(Arc::new(SqliteRegistry::open(path)?)),
-            RegistryBackend::Postgres { .. } => Err(not_in_build("registry", self.name(), "postgres")),
-            RegistryBackend::DynamoDb { .. } => Err(not_in_build("registry", self.name(), "dynamodb")),
+            RegistryBackend::Postgres { .. } => {
+                Err(not_in_build("registry", self.name(), "postgres"))
+            }
+            RegistryBackend::DynamoDb { .. } => {
+                Err(not_in_build("registry", self.name(), "dynamodb"))
+            }
         }
     }
 }
@@ -112,7 +134,9 @@ impl CoordinatorBackend {
             _ => {}
         }
         match scheme(url) {
-            Some(("redis" | "rediss", _)) => Ok(CoordinatorBackend::Redis { url: Secret::new(url) }),
+            Some(("redis" | "rediss", _)) => Ok(CoordinatorBackend::Redis {
+                url: Secret::new(url),
+            }),
             Some((other, _)) => Err(unsupported("coordinator", other, COORDINATOR_FORMS)),
             None => Err(Error::invalid(format!(
                 "coordinator `{}` is not supported; use {COORDINATOR_FORMS}",
@@ -133,7 +157,9 @@ impl CoordinatorBackend {
     pub fn open(&self) -> Result<Arc<dyn Coordinator>> {
         match self {
             CoordinatorBackend::Memory => Ok(Arc::new(MemoryCoordinator::new())),
-            CoordinatorBackend::Redis { .. } => Err(not_in_build("coordinator", self.name(), "redis")),
+            CoordinatorBackend::Redis { .. } => {
+                Err(not_in_build("coordinator", self.name(), "redis"))
+            }
         }
     }
 }
@@ -152,12 +178,16 @@ impl StateStoreBackend {
                 }
                 Ok(StateStoreBackend::Local { dir })
             }
-            Some(("s3", _)) => Ok(StateStoreBackend::S3 { url: url.to_owned() }),
+            Some(("s3", _)) => Ok(StateStoreBackend::S3 {
+                url: url.to_owned(),
+            }),
             Some((other, _)) => Err(unsupported("state store", other, STATE_STORE_FORMS)),
-            None if url.is_empty() => {
-                Err(Error::invalid(format!("the state store location is empty; use {STATE_STORE_FORMS}")))
-            }
-            None => Ok(StateStoreBackend::Local { dir: PathBuf::from(url) }),
+            None if url.is_empty() => Err(Error::invalid(format!(
+                "the state store location is empty; use {STATE_STORE_FORMS}"
+            ))),
+            None => Ok(StateStoreBackend::Local {
+                dir: PathBuf::from(url),
+            }),
         }
     }
 
@@ -201,28 +231,67 @@ mod tests {
     fn parses_registry_urls() {
         assert_eq!(
             RegistryBackend::parse("sqlite:///var/lib/otm/r.db").unwrap(),
-            RegistryBackend::Sqlite { path: "/var/lib/otm/r.db".into() }
+            RegistryBackend::Sqlite {
+                path: "/var/lib/otm/r.db".into()
+            }
         );
-        assert_eq!(RegistryBackend::parse("sqlite:r.db").unwrap(), RegistryBackend::Sqlite { path: "r.db".into() });
-        assert_eq!(RegistryBackend::parse("sqlite://d/r.db").unwrap(), RegistryBackend::Sqlite { path: "d/r.db".into() });
-        assert!(matches!(RegistryBackend::parse("sqlite://"), Err(Error::InvalidInput { .. })));
-        assert!(matches!(RegistryBackend::parse("/plain/path.db"), Err(Error::InvalidInput { .. })));
+        assert_eq!(
+            RegistryBackend::parse("sqlite:r.db").unwrap(),
+            RegistryBackend::Sqlite {
+                path: "r.db".into()
+            }
+        );
+        assert_eq!(
+            RegistryBackend::parse("sqlite://d/r.db").unwrap(),
+            RegistryBackend::Sqlite {
+                path: "d/r.db".into()
+            }
+        );
+        assert!(matches!(
+            RegistryBackend::parse("sqlite://"),
+            Err(Error::InvalidInput { .. })
+        ));
+        assert!(matches!(
+            RegistryBackend::parse("/plain/path.db"),
+            Err(Error::InvalidInput { .. })
+        ));
     }
 
     #[test]
     fn missing_backends_say_not_in_build_without_leaking_the_url() {
-        for (url, feature) in [("postgres://u:hunter2@db/otm", "postgres"), ("dynamodb://otm-table", "dynamodb")] {
+        for (url, feature) in [
+            ("postgres://u:hunter2@db/otm", "postgres"),
+            ("dynamodb://otm-table", "dynamodb"),
+        ] {
             let err = open_registry(url).unwrap_err();
-            assert!(matches!(err, Error::NotInBuild { feature: f, .. } if f == feature), "{err}");
+            assert!(
+                matches!(err, Error::NotInBuild { feature: f, .. } if f == feature),
+                "{err}"
+            );
             let msg = err.to_string();
-            assert!(msg.contains("not in this build") && !msg.contains("hunter2"), "{msg}");
+            assert!(
+                msg.contains("not in this build") && !msg.contains("hunter2"),
+                "{msg}"
+            );
             assert!(!format!("{:?}", RegistryBackend::parse(url).unwrap()).contains("hunter2"));
         }
         let err = open_coordinator("redis://:hunter2@cache:6379").unwrap_err();
-        assert!(matches!(err, Error::NotInBuild { feature: "redis", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                Error::NotInBuild {
+                    feature: "redis",
+                    ..
+                }
+            ),
+            "{err}"
+        );
         assert!(!err.to_string().contains("hunter2"));
         let err = open_state_store("s3://bucket/otm").unwrap_err();
-        assert!(matches!(err, Error::NotInBuild { feature: "s3", .. }), "{err}");
+        assert!(
+            matches!(err, Error::NotInBuild { feature: "s3", .. }),
+            "{err}"
+        );
     }
 
     #[test]
@@ -230,12 +299,18 @@ mod tests {
         let err = open_registry("mysql://u:hunter2@db").unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, Error::InvalidInput { .. }));
-        assert!(msg.contains("`mysql`") && msg.contains("sqlite:") && !msg.contains("hunter2"), "{msg}");
+        assert!(
+            msg.contains("`mysql`") && msg.contains("sqlite:") && !msg.contains("hunter2"),
+            "{msg}"
+        );
         let msg = open_coordinator("etcd://x").unwrap_err().to_string();
         assert!(msg.contains("memory") && msg.contains("redis://"), "{msg}");
         let msg = open_state_store("gopher://x").unwrap_err().to_string();
         assert!(msg.contains("file:///") && msg.contains("s3://"), "{msg}");
-        assert!(matches!(open_state_store("file://relative/dir"), Err(Error::InvalidInput { .. })));
+        assert!(matches!(
+            open_state_store("file://relative/dir"),
+            Err(Error::InvalidInput { .. })
+        ));
     }
 
     #[tokio::test]
@@ -248,7 +323,12 @@ mod tests {
         open_coordinator("memory").unwrap();
         let state = dir.path().join("state");
         let s = open_state_store(&format!("file://{}", state.display())).unwrap();
-        assert!(s.list(&otm_core::TenantId::parse("a").unwrap()).await.unwrap().is_empty());
+        assert!(
+            s.list(&otm_core::TenantId::parse("a").unwrap())
+                .await
+                .unwrap()
+                .is_empty()
+        );
         assert!(state.is_dir());
         open_state_store(dir.path().join("plain").to_str().unwrap()).unwrap();
     }

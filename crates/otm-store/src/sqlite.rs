@@ -17,7 +17,9 @@ use otm_core::{
     Appended, Error, FailOutcome, FleetSettings, InboxItem, InboxView, InstanceId, InstanceRecord,
     InstanceState, Registry, Result, Secret, Tenant, TenantId, TenantStatus,
 };
-use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
+use rusqlite::{
+    Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior, params,
+};
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
@@ -73,8 +75,8 @@ pub const MIGRATIONS: &[&str] = &[
         bound_at_ms      INTEGER
     ) STRICT;
     CREATE INDEX instances_surrogate ON instances (surrogate_digest);
-    -- claim_warm_instance: the oldest warm instance first.
-    CREATE INDEX instances_warm ON instances (created_at_ms, id) WHERE state = 'warm' AND tenant IS NULL;
+    -- claim_warm_instance finds unbound instances (the warm pool, a few) through the UNIQUE index
+    -- on tenant, with tenant IS NULL.
 
     -- seq is global and never reused (AUTOINCREMENT), so it grows in append order per tenant.
     CREATE TABLE inbox (
@@ -115,7 +117,9 @@ pub struct SqliteRegistry {
 
 impl fmt::Debug for SqliteRegistry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SqliteRegistry").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("SqliteRegistry")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -138,14 +142,30 @@ impl SqliteRegistry {
     /// Opens (creating it and its parent directory if needed) the database at `path`, applies
     /// the migrations, and starts the writer thread.
     pub fn open(path: &Path) -> Result<Self> {
+        // Every connection would get a database of its own: readers would never see a write.
+        let name = path.to_string_lossy();
+        if name.is_empty() || name == ":memory:" || name.starts_with("file:") {
+            return Err(Error::invalid(format!(
+                "the SQLite registry needs a file path, not `{name}`; for a throwaway registry use a file in a \
+                 temporary directory"
+            )));
+        }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
-                Error::generic(BACKEND, format!("cannot create the registry directory {}: {e}", dir.display()))
+                Error::generic(
+                    BACKEND,
+                    format!(
+                        "cannot create the registry directory {}: {e}",
+                        dir.display()
+                    ),
+                )
             })?;
         }
         let mut conn = Connection::open_with_flags(
             path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(|e| open_error(path, e))?;
         configure_writer(&conn).map_err(|e| open_error(path, e))?;
@@ -158,9 +178,11 @@ impl SqliteRegistry {
                 OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )
             .map_err(|e| open_error(path, e))?;
-            r.busy_timeout(BUSY_TIMEOUT).map_err(|e| open_error(path, e))?;
+            r.busy_timeout(BUSY_TIMEOUT)
+                .map_err(|e| open_error(path, e))?;
             r.set_prepared_statement_cache_capacity(64);
-            r.pragma_update(None, "query_only", true).map_err(|e| open_error(path, e))?;
+            r.pragma_update(None, "query_only", true)
+                .map_err(|e| open_error(path, e))?;
             readers.push(r);
         }
 
@@ -176,7 +198,10 @@ impl SqliteRegistry {
         Ok(SqliteRegistry {
             path: path.to_owned(),
             writer: tx,
-            readers: Arc::new(ReadPool { conns: Mutex::new(readers), permits: Arc::new(Semaphore::new(READERS)) }),
+            readers: Arc::new(ReadPool {
+                conns: Mutex::new(readers),
+                permits: Arc::new(Semaphore::new(READERS)),
+            }),
             stats,
         })
     }
@@ -201,7 +226,11 @@ impl SqliteRegistry {
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
-        let job = Box::new(Job { work: Some(work), out: None, reply });
+        let job = Box::new(Job {
+            work: Some(work),
+            out: None,
+            reply,
+        });
         self.writer.send(job).await.map_err(|_| writer_gone())?;
         answer.await.map_err(|_| writer_gone())?
     }
@@ -213,7 +242,12 @@ impl SqliteRegistry {
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
         let pool = self.readers.clone();
-        let permit = pool.permits.clone().acquire_owned().await.map_err(|_| writer_gone())?;
+        let permit = pool
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| writer_gone())?;
         let task = tokio::task::spawn_blocking(move || {
             // Dropped in reverse order: the connection goes back before the permit is released,
             // panic or not; if the task never runs, the permit is released with the closure.
@@ -221,7 +255,8 @@ impl SqliteRegistry {
             let conn = Pooled::take(&pool);
             work(&conn)
         });
-        task.await.map_err(|e| Error::generic(BACKEND, format!("a read task failed: {e}")))?
+        task.await
+            .map_err(|e| Error::generic(BACKEND, format!("a read task failed: {e}")))?
     }
 }
 
@@ -240,7 +275,10 @@ struct Pooled<'a> {
 impl<'a> Pooled<'a> {
     fn take(pool: &'a ReadPool) -> Self {
         let conn = pool.conns.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        Pooled { pool, conn: Some(conn.expect("a read permit always finds a free connection")) }
+        Pooled {
+            pool,
+            conn: Some(conn.expect("a read permit always finds a free connection")),
+        }
     }
 }
 
@@ -254,7 +292,11 @@ impl std::ops::Deref for Pooled<'_> {
 impl Drop for Pooled<'_> {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            self.pool.conns.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
+            self.pool
+                .conns
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(conn);
         }
     }
 }
@@ -282,9 +324,15 @@ where
     F: FnOnce(&Connection) -> Result<T> + Send + 'static,
 {
     fn run(&mut self, conn: &Connection) -> bool {
-        let Some(work) = self.work.take() else { return false };
-        let out = catch_unwind(AssertUnwindSafe(|| work(conn)))
-            .unwrap_or_else(|_| Err(Error::generic(BACKEND, "a registry write panicked; it was rolled back")));
+        let Some(work) = self.work.take() else {
+            return false;
+        };
+        let out = catch_unwind(AssertUnwindSafe(|| work(conn))).unwrap_or_else(|_| {
+            Err(Error::generic(
+                BACKEND,
+                "a registry write panicked; it was rolled back",
+            ))
+        });
         let ok = out.is_ok();
         self.out = Some(out);
         ok
@@ -322,7 +370,10 @@ impl BatchError {
 
 impl From<rusqlite::Error> for BatchError {
     fn from(e: rusqlite::Error) -> Self {
-        BatchError { busy: is_busy(&e), message: format!("the write transaction failed: {e}") }
+        BatchError {
+            busy: is_busy(&e),
+            message: format!("the write transaction failed: {e}"),
+        }
     }
 }
 
@@ -342,7 +393,9 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Box<dyn WriteJob>>, 
             Ok(()) => {
                 stats.commits.fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) => tracing::warn!(jobs = batch.len(), error = %e.message, "a registry write batch failed"),
+            Err(e) => {
+                tracing::warn!(jobs = batch.len(), error = %e.message, "a registry write batch failed")
+            }
         }
         for job in batch.drain(..) {
             job.finish(outcome.as_ref().map(|_| ()));
@@ -367,7 +420,8 @@ fn run_batch(conn: &mut Connection, batch: &mut [Box<dyn WriteJob>]) -> Result<(
         if tx.is_autocommit() {
             return Err(BatchError {
                 busy: false,
-                message: "SQLite rolled back the write transaction (disk full or I/O error?)".into(),
+                message: "SQLite rolled back the write transaction (disk full or I/O error?)"
+                    .into(),
             });
         }
     }
@@ -383,7 +437,10 @@ fn configure_writer(conn: &Connection) -> rusqlite::Result<()> {
     conn.set_prepared_statement_cache_capacity(64);
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
-        tracing::warn!(mode, "SQLite refused WAL mode; writes stay durable but readers may wait");
+        tracing::warn!(
+            mode,
+            "SQLite refused WAL mode; writes stay durable but readers may wait"
+        );
     }
     // FULL: the WAL is fsync'd at every commit, so an answered write survives power loss.
     conn.pragma_update(None, "synchronous", "FULL")?;
@@ -396,7 +453,9 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(|e| open_error(path, e))?;
-    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| open_error(path, e))?;
+    let version: i64 = tx
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| open_error(path, e))?;
     let known = MIGRATIONS.len() as i64;
     if version > known {
         return Err(Error::generic(
@@ -410,11 +469,15 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
     }
     for (i, step) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         tx.execute_batch(step).map_err(|e| {
-            Error::generic(BACKEND, format!("migration {} of {} failed: {e}", i + 1, path.display()))
+            Error::generic(
+                BACKEND,
+                format!("migration {} of {} failed: {e}", i + 1, path.display()),
+            )
         })?;
     }
     if version < known {
-        tx.pragma_update(None, "user_version", known).map_err(|e| open_error(path, e))?;
+        tx.pragma_update(None, "user_version", known)
+            .map_err(|e| open_error(path, e))?;
         tracing::info!(from = version, to = known, path = %path.display(), "migrated the registry schema");
     }
     tx.commit().map_err(|e| open_error(path, e))
@@ -422,9 +485,18 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
 
 fn open_error(path: &Path, e: rusqlite::Error) -> Error {
     if is_busy(&e) {
-        Error::unavailable(BACKEND, format!("the registry {} is locked by another process: {e}", path.display()))
+        Error::unavailable(
+            BACKEND,
+            format!(
+                "the registry {} is locked by another process: {e}",
+                path.display()
+            ),
+        )
     } else {
-        Error::generic(BACKEND, format!("cannot open the registry {}: {e}", path.display()))
+        Error::generic(
+            BACKEND,
+            format!("cannot open the registry {}: {e}", path.display()),
+        )
     }
 }
 
@@ -436,7 +508,10 @@ fn writer_gone() -> Error {
 // Error and row mapping.
 
 fn is_busy(e: &rusqlite::Error) -> bool {
-    matches!(e.sqlite_error_code(), Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
+    matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+    )
 }
 
 fn is_constraint(e: &rusqlite::Error) -> bool {
@@ -453,7 +528,10 @@ fn db(e: rusqlite::Error) -> Error {
 }
 
 fn corrupt(what: impl fmt::Display, message: impl fmt::Display) -> Error {
-    Error::Corrupt { what: what.to_string(), message: message.to_string() }
+    Error::Corrupt {
+        what: what.to_string(),
+        message: message.to_string(),
+    }
 }
 
 fn to_i64(value: u64, what: &str) -> Result<i64> {
@@ -478,11 +556,15 @@ fn tenant_row(row: &Row<'_>) -> rusqlite::Result<Result<Tenant>> {
             profile: row.get(1).map_err(db)?,
             idle_timeout_s: u64::try_from(idle_timeout_s)
                 .map_err(|_| corrupt(format!("tenant {id}"), "negative idle timeout"))?,
-            bot_token: row.get::<_, Option<String>>(3).map_err(db)?.map(Secret::new),
+            bot_token: row
+                .get::<_, Option<String>>(3)
+                .map_err(db)?
+                .map(Secret::new),
             webhook_secret: Secret::new(row.get::<_, String>(4).map_err(db)?),
             cold_start_notice: row.get(5).map_err(db)?,
-            status: TenantStatus::parse(&status)
-                .ok_or_else(|| corrupt(format!("tenant {id}"), format!("unknown status `{status}`")))?,
+            status: TenantStatus::parse(&status).ok_or_else(|| {
+                corrupt(format!("tenant {id}"), format!("unknown status `{status}`"))
+            })?,
             created_at_ms: row.get(7).map_err(db)?,
             last_active_ms: row.get(8).map_err(db)?,
         })
@@ -490,7 +572,8 @@ fn tenant_row(row: &Row<'_>) -> rusqlite::Result<Result<Tenant>> {
     Ok(tenant)
 }
 
-const INSTANCE_COLUMNS: &str = "id, tenant, state, address, shim_token, surrogate_digest, created_at_ms, bound_at_ms";
+const INSTANCE_COLUMNS: &str =
+    "id, tenant, state, address, shim_token, surrogate_digest, created_at_ms, bound_at_ms";
 
 fn instance_row(row: &Row<'_>) -> rusqlite::Result<Result<InstanceRecord>> {
     let id: String = row.get(0)?;
@@ -502,8 +585,9 @@ fn instance_row(row: &Row<'_>) -> rusqlite::Result<Result<InstanceRecord>> {
                 .map(|t| TenantId::parse(&t))
                 .transpose()
                 .map_err(|e| corrupt(format!("instance {id}"), e))?,
-            state: InstanceState::parse(&state)
-                .ok_or_else(|| corrupt(format!("instance {id}"), format!("unknown state `{state}`")))?,
+            state: InstanceState::parse(&state).ok_or_else(|| {
+                corrupt(format!("instance {id}"), format!("unknown state `{state}`"))
+            })?,
             address: row.get(3).map_err(db)?,
             shim_token: Secret::new(row.get::<_, String>(4).map_err(db)?),
             surrogate_digest: row.get(5).map_err(db)?,
@@ -558,11 +642,16 @@ fn one<T, P: rusqlite::Params>(
     f: fn(&Row<'_>) -> rusqlite::Result<Result<T>>,
 ) -> Result<Option<T>> {
     let mut stmt = conn.prepare_cached(sql).map_err(db)?;
-    stmt.query_row(params, f).optional().map_err(db)?.transpose()
+    stmt.query_row(params, f)
+        .optional()
+        .map_err(db)?
+        .transpose()
 }
 
 fn tenant_exists(conn: &Connection, id: &str) -> Result<bool> {
-    let mut stmt = conn.prepare_cached("SELECT 1 FROM tenants WHERE id = ?1").map_err(db)?;
+    let mut stmt = conn
+        .prepare_cached("SELECT 1 FROM tenants WHERE id = ?1")
+        .map_err(db)?;
     stmt.exists([id]).map_err(db)
 }
 
@@ -620,14 +709,26 @@ impl Registry for SqliteRegistry {
     async fn get_tenant(&self, id: &TenantId) -> Result<Option<Tenant>> {
         let id = id.clone();
         self.read(move |c| {
-            one(c, &format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE id = ?1"), [id.as_str()], tenant_row)
+            one(
+                c,
+                &format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE id = ?1"),
+                [id.as_str()],
+                tenant_row,
+            )
         })
         .await
     }
 
     async fn list_tenants(&self) -> Result<Vec<Tenant>> {
-        self.read(|c| collect(c, &format!("SELECT {TENANT_COLUMNS} FROM tenants ORDER BY id"), [], tenant_row))
-            .await
+        self.read(|c| {
+            collect(
+                c,
+                &format!("SELECT {TENANT_COLUMNS} FROM tenants ORDER BY id"),
+                [],
+                tenant_row,
+            )
+        })
+        .await
     }
 
     async fn update_tenant(&self, tenant: &Tenant) -> Result<()> {
@@ -665,7 +766,9 @@ impl Registry for SqliteRegistry {
     async fn delete_tenant(&self, id: &TenantId) -> Result<bool> {
         let id = id.clone();
         self.write(move |c| {
-            c.prepare_cached("DELETE FROM inbox WHERE tenant = ?1").and_then(|mut s| s.execute([id.as_str()])).map_err(db)?;
+            c.prepare_cached("DELETE FROM inbox WHERE tenant = ?1")
+                .and_then(|mut s| s.execute([id.as_str()]))
+                .map_err(db)?;
             let n = c
                 .prepare_cached("DELETE FROM tenants WHERE id = ?1")
                 .and_then(|mut s| s.execute([id.as_str()]))
@@ -675,7 +778,12 @@ impl Registry for SqliteRegistry {
         .await
     }
 
-    async fn set_tenant_status(&self, id: &TenantId, status: TenantStatus, fence: Option<u64>) -> Result<()> {
+    async fn set_tenant_status(
+        &self,
+        id: &TenantId,
+        status: TenantStatus,
+        fence: Option<u64>,
+    ) -> Result<()> {
         let id = id.clone();
         let fence = fence.map(|f| to_i64(f, "fence")).transpose()?;
         self.write(move |c| {
@@ -714,9 +822,11 @@ impl Registry for SqliteRegistry {
             let Some(idle) = idle else {
                 return Err(Error::not_found(format!("tenant {id}")));
             };
-            c.prepare_cached("UPDATE tenants SET last_active_ms = ?2, idle_deadline_ms = ?3 WHERE id = ?1")
-                .and_then(|mut s| s.execute(params![id.as_str(), at_ms, deadline(at_ms, idle)]))
-                .map_err(db)?;
+            c.prepare_cached(
+                "UPDATE tenants SET last_active_ms = ?2, idle_deadline_ms = ?3 WHERE id = ?1",
+            )
+            .and_then(|mut s| s.execute(params![id.as_str(), at_ms, deadline(at_ms, idle)]))
+            .map_err(db)?;
             Ok(())
         })
         .await
@@ -731,7 +841,9 @@ impl Registry for SqliteRegistry {
                      ORDER BY idle_deadline_ms LIMIT ?2",
                 )
                 .map_err(db)?;
-            let ids = stmt.query_map(params![now_ms, limit], |r| r.get::<_, String>(0)).map_err(db)?;
+            let ids = stmt
+                .query_map(params![now_ms, limit], |r| r.get::<_, String>(0))
+                .map_err(db)?;
             ids.map(|id| {
                 let id = id.map_err(db)?;
                 TenantId::parse(&id).map_err(|e| corrupt(format!("tenant row `{id}`"), e))
@@ -779,7 +891,12 @@ impl Registry for SqliteRegistry {
     async fn get_instance(&self, id: &InstanceId) -> Result<Option<InstanceRecord>> {
         let id = id.clone();
         self.read(move |c| {
-            one(c, &format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE id = ?1"), [id.as_str()], instance_row)
+            one(
+                c,
+                &format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE id = ?1"),
+                [id.as_str()],
+                instance_row,
+            )
         })
         .await
     }
@@ -814,8 +931,15 @@ impl Registry for SqliteRegistry {
     }
 
     async fn list_instances(&self) -> Result<Vec<InstanceRecord>> {
-        self.read(|c| collect(c, &format!("SELECT {INSTANCE_COLUMNS} FROM instances ORDER BY id"), [], instance_row))
-            .await
+        self.read(|c| {
+            collect(
+                c,
+                &format!("SELECT {INSTANCE_COLUMNS} FROM instances ORDER BY id"),
+                [],
+                instance_row,
+            )
+        })
+        .await
     }
 
     async fn delete_instance(&self, id: &InstanceId) -> Result<bool> {
@@ -859,7 +983,12 @@ impl Registry for SqliteRegistry {
         .await
     }
 
-    async fn inbox_append(&self, tenant: &TenantId, update_id: i64, payload: &[u8]) -> Result<Appended> {
+    async fn inbox_append(
+        &self,
+        tenant: &TenantId,
+        update_id: i64,
+        payload: &[u8],
+    ) -> Result<Appended> {
         let tenant = tenant.clone();
         let payload = payload.to_vec();
         self.write(move |c| {
@@ -914,26 +1043,43 @@ impl Registry for SqliteRegistry {
                     "UPDATE inbox SET state = 'done', done_at_ms = COALESCE(done_at_ms, ?3) \
                      WHERE tenant = ?1 AND seq = ?2",
                 )
-                .and_then(|mut s| s.execute(params![tenant.as_str(), seq, otm_core::time::now_ms()]))
+                .and_then(|mut s| {
+                    s.execute(params![tenant.as_str(), seq, otm_core::time::now_ms()])
+                })
                 .map_err(db)?;
             if n == 0 {
-                return Err(Error::not_found(format!("update {seq} in the inbox of tenant {tenant}")));
+                return Err(Error::not_found(format!(
+                    "update {seq} in the inbox of tenant {tenant}"
+                )));
             }
             Ok(())
         })
         .await
     }
 
-    async fn inbox_fail(&self, tenant: &TenantId, seq: i64, error: &str, max_attempts: u32) -> Result<FailOutcome> {
+    async fn inbox_fail(
+        &self,
+        tenant: &TenantId,
+        seq: i64,
+        error: &str,
+        max_attempts: u32,
+    ) -> Result<FailOutcome> {
         let tenant = tenant.clone();
         let error = truncate(error, MAX_ERROR_LEN);
         self.write(move |c| {
             let state: Option<String> = c
                 .prepare_cached("SELECT state FROM inbox WHERE tenant = ?1 AND seq = ?2")
-                .and_then(|mut s| s.query_row(params![tenant.as_str(), seq], |r| r.get(0)).optional())
+                .and_then(|mut s| {
+                    s.query_row(params![tenant.as_str(), seq], |r| r.get(0))
+                        .optional()
+                })
                 .map_err(db)?;
             match state.as_deref() {
-                None => return Err(Error::not_found(format!("update {seq} in the inbox of tenant {tenant}"))),
+                None => {
+                    return Err(Error::not_found(format!(
+                        "update {seq} in the inbox of tenant {tenant}"
+                    )));
+                }
                 Some("pending") => {}
                 Some(other) => {
                     return Err(Error::conflict(format!(
@@ -948,11 +1094,18 @@ impl Registry for SqliteRegistry {
                      WHERE tenant = ?1 AND seq = ?2 RETURNING attempts",
                 )
                 .and_then(|mut s| {
-                    s.query_row(params![tenant.as_str(), seq, error, i64::from(max_attempts)], |r| r.get(0))
+                    s.query_row(
+                        params![tenant.as_str(), seq, error, i64::from(max_attempts)],
+                        |r| r.get(0),
+                    )
                 })
                 .map_err(db)?;
             let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
-            Ok(if attempts >= max_attempts { FailOutcome::DeadLettered } else { FailOutcome::Retry { attempts } })
+            Ok(if attempts >= max_attempts {
+                FailOutcome::DeadLettered
+            } else {
+                FailOutcome::Retry { attempts }
+            })
         })
         .await
     }
@@ -976,7 +1129,9 @@ impl Registry for SqliteRegistry {
         let tenant = tenant.clone();
         self.read(move |c| {
             let n: i64 = c
-                .prepare_cached("SELECT COUNT(*) FROM inbox WHERE tenant = ?1 AND state = 'pending'")
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM inbox WHERE tenant = ?1 AND state = 'pending'",
+                )
                 .and_then(|mut s| s.query_row([tenant.as_str()], |r| r.get(0)))
                 .map_err(db)?;
             Ok(n as u64)
@@ -987,7 +1142,9 @@ impl Registry for SqliteRegistry {
     async fn inbox_pending_tenants(&self) -> Result<Vec<TenantId>> {
         self.read(|c| {
             let mut stmt = c
-                .prepare_cached("SELECT DISTINCT tenant FROM inbox WHERE state = 'pending' ORDER BY tenant")
+                .prepare_cached(
+                    "SELECT DISTINCT tenant FROM inbox WHERE state = 'pending' ORDER BY tenant",
+                )
                 .map_err(db)?;
             let ids = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(db)?;
             ids.map(|id| {
@@ -1043,7 +1200,11 @@ mod tests {
     use super::*;
 
     fn tenant(id: &str) -> Tenant {
-        Tenant::new(TenantId::parse(id).unwrap(), "reference", Some(Secret::new("123:abc")))
+        Tenant::new(
+            TenantId::parse(id).unwrap(),
+            "reference",
+            Some(Secret::new("123:abc")),
+        )
     }
 
     #[tokio::test]
@@ -1054,14 +1215,23 @@ mod tests {
             let r = SqliteRegistry::open(&path).unwrap();
             r.create_tenant(&tenant("alice")).await.unwrap();
             let id = TenantId::parse("alice").unwrap();
-            assert_eq!(r.inbox_append(&id, 7, b"{}").await.unwrap(), Appended::Stored { seq: 1 });
+            assert_eq!(
+                r.inbox_append(&id, 7, b"{}").await.unwrap(),
+                Appended::Stored { seq: 1 }
+            );
         }
         let r = SqliteRegistry::open(&path).unwrap();
         let id = TenantId::parse("alice").unwrap();
         let t = r.get_tenant(&id).await.unwrap().unwrap();
         assert_eq!(t.bot_token.unwrap().expose(), "123:abc");
-        assert_eq!(r.inbox_append(&id, 7, b"{}").await.unwrap(), Appended::Duplicate);
-        assert_eq!(r.inbox_append(&id, 8, b"{}").await.unwrap(), Appended::Stored { seq: 2 });
+        assert_eq!(
+            r.inbox_append(&id, 7, b"{}").await.unwrap(),
+            Appended::Duplicate
+        );
+        assert_eq!(
+            r.inbox_append(&id, 8, b"{}").await.unwrap(),
+            Appended::Stored { seq: 2 }
+        );
     }
 
     #[tokio::test]
@@ -1070,16 +1240,45 @@ mod tests {
         let path = dir.path().join("r.db");
         let _r = SqliteRegistry::open(&path).unwrap();
         let c = Connection::open(&path).unwrap();
-        let mode: String = c.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        let mode: String = c
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(mode, "wal");
-        let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        let version: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(version, MIGRATIONS.len() as i64);
         // synchronous is per connection: check the writer's setting through its own thread.
         let r = SqliteRegistry::open(&path).unwrap();
-        let sync: i64 = r.write(|c| c.query_row("PRAGMA synchronous", [], |r| r.get(0)).map_err(db)).await.unwrap();
+        let sync: i64 = r
+            .write(|c| {
+                c.query_row("PRAGMA synchronous", [], |r| r.get(0))
+                    .map_err(db)
+            })
+            .await
+            .unwrap();
         assert_eq!(sync, 2, "synchronous must be FULL");
-        let fk: i64 = r.write(|c| c.query_row("PRAGMA foreign_keys", [], |r| r.get(0)).map_err(db)).await.unwrap();
+        let fk: i64 = r
+            .write(|c| {
+                c.query_row("PRAGMA foreign_keys", [], |r| r.get(0))
+                    .map_err(db)
+            })
+            .await
+            .unwrap();
         assert_eq!(fk, 1);
+    }
+
+    #[test]
+    fn refuses_in_memory_databases() {
+        for p in [":memory:", "", "file:x.db?mode=memory"] {
+            assert!(
+                matches!(
+                    SqliteRegistry::open(Path::new(p)),
+                    Err(Error::InvalidInput { .. })
+                ),
+                "{p}"
+            );
+        }
     }
 
     #[tokio::test]
@@ -1115,7 +1314,9 @@ mod tests {
                 .await
             })
         };
-        tokio::task::spawn_blocking(move || started_rx.recv().unwrap()).await.unwrap();
+        tokio::task::spawn_blocking(move || started_rx.recv().unwrap())
+            .await
+            .unwrap();
 
         let bob = TenantId::parse("bob").unwrap();
         let nobody = TenantId::parse("nobody").unwrap();
@@ -1144,7 +1345,11 @@ mod tests {
         }
         let after = r.write_stats();
         assert_eq!(after.jobs - before.jobs, 21);
-        assert_eq!(after.commits - before.commits, 2, "the 20 queued appends share one commit");
+        assert_eq!(
+            after.commits - before.commits,
+            2,
+            "the 20 queued appends share one commit"
+        );
         assert_eq!(r.inbox_depth(&bob).await.unwrap(), 19);
     }
 
@@ -1155,7 +1360,12 @@ mod tests {
         let err = r.write::<(), _>(|_| panic!("boom")).await.unwrap_err();
         assert!(err.to_string().contains("panicked"), "{err}");
         r.create_tenant(&tenant("carol")).await.unwrap();
-        assert!(r.get_tenant(&TenantId::parse("carol").unwrap()).await.unwrap().is_some());
+        assert!(
+            r.get_tenant(&TenantId::parse("carol").unwrap())
+                .await
+                .unwrap()
+                .is_some()
+        );
     }
 
     /// The queries that run per update or per sweep must stay index lookups at 100,000 tenants.
@@ -1175,24 +1385,41 @@ mod tests {
                 "SELECT * FROM inbox WHERE tenant = 'a' AND state = 'pending' ORDER BY seq LIMIT 1",
                 &["inbox_queue", "inbox_pending"],
             ),
-            ("SELECT DISTINCT tenant FROM inbox WHERE state = 'pending' ORDER BY tenant", &["inbox_pending"]),
-            ("SELECT 1 FROM inbox WHERE tenant = 'a' AND update_id = 1", &["sqlite_autoindex_inbox_1"]),
-            ("DELETE FROM inbox WHERE state = 'done' AND accepted_at_ms < 5", &["inbox_done"]),
-            ("SELECT * FROM instances WHERE surrogate_digest = 'x'", &["instances_surrogate"]),
+            (
+                "SELECT DISTINCT tenant FROM inbox WHERE state = 'pending' ORDER BY tenant",
+                &["inbox_pending"],
+            ),
+            (
+                "SELECT 1 FROM inbox WHERE tenant = 'a' AND update_id = 1",
+                &["sqlite_autoindex_inbox_1"],
+            ),
+            (
+                "DELETE FROM inbox WHERE state = 'done' AND accepted_at_ms < 5",
+                &["inbox_done"],
+            ),
+            (
+                "SELECT * FROM instances WHERE surrogate_digest = 'x'",
+                &["instances_surrogate"],
+            ),
             (
                 "SELECT id FROM instances WHERE state = 'warm' AND tenant IS NULL ORDER BY created_at_ms, id LIMIT 1",
-                &["instances_warm"],
+                &["(tenant=?)"],
             ),
         ] {
             let mut stmt = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
-            let plan: Vec<String> =
-                stmt.query_map([], |r| r.get::<_, String>(3)).unwrap().collect::<rusqlite::Result<_>>().unwrap();
+            let plan: Vec<String> = stmt
+                .query_map([], |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap();
             assert!(
-                plan.iter().any(|step| step.contains("USING") && indexes.iter().any(|i| step.contains(i))),
+                plan.iter()
+                    .any(|step| step.contains("USING") && indexes.iter().any(|i| step.contains(i))),
                 "{sql}: {plan:?}"
             );
             // A scan of the partial index inbox_pending reads pending rows only: fine.
-            let full_scan = |step: &String| step.starts_with("SCAN") && !step.contains("inbox_pending");
+            let full_scan =
+                |step: &String| step.starts_with("SCAN") && !step.contains("inbox_pending");
             assert!(!plan.iter().any(full_scan), "{sql} scans: {plan:?}");
         }
     }

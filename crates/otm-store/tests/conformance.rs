@@ -27,9 +27,15 @@ async fn local_state_store() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn local_state_store_with_prefix() {
     let dir = tempfile::tempdir().unwrap();
-    let s = ObjectStateStore::local(dir.path()).unwrap().with_prefix("fleet-a/").unwrap();
+    let s = ObjectStateStore::local(dir.path())
+        .unwrap()
+        .with_prefix("fleet-a/")
+        .unwrap();
     conformance::object_state_store_suite(Arc::new(s)).await;
-    assert!(dir.path().join("fleet-a/tenants").is_dir(), "keys live under the prefix");
+    assert!(
+        dir.path().join("fleet-a/tenants").is_dir(),
+        "keys live under the prefix"
+    );
 }
 
 /// A byte flipped in the file on disk, not through the object store, is caught too.
@@ -39,14 +45,26 @@ async fn local_state_store_catches_a_damaged_file() {
     let s = ObjectStateStore::local(dir.path()).unwrap();
     let t = TenantId::parse("alice").unwrap();
     let id = SnapshotId::new_now();
-    s.put(&t, &id, bytes::Bytes::from_static(b"state of alice"), "final").await.unwrap();
-    let file = dir.path().join(format!("tenants/alice/snapshots/{id}.tar.zst"));
+    s.put(
+        &t,
+        &id,
+        bytes::Bytes::from_static(b"state of alice"),
+        "final",
+    )
+    .await
+    .unwrap();
+    let file = dir
+        .path()
+        .join(format!("tenants/alice/snapshots/{id}.tar.zst"));
     let mut data = std::fs::read(&file).unwrap();
     data[0] ^= 0x80;
     std::fs::write(&file, data).unwrap();
     let err = s.get(&t, &id).await.unwrap_err();
     assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
-    assert!(err.to_string().contains("restore an older snapshot"), "{err}");
+    assert!(
+        err.to_string().contains("restore an older snapshot"),
+        "{err}"
+    );
 }
 
 /// 2,000 updates from 50 concurrent tasks: each stored once, in a consistent order, with no
@@ -62,7 +80,10 @@ async fn sqlite_concurrent_appends_use_group_commit() {
     let commits = stats.commits - before.commits;
     // 5 tenant creations, 2,000 appends, 700 duplicate appends, 5 deletions.
     assert_eq!(jobs, 5 + 2_000 + 700 + 5, "{stats:?}");
-    assert!(commits < jobs / 2, "group commit should batch concurrent writes: {commits} commits for {jobs} jobs");
+    assert!(
+        commits < jobs / 2,
+        "group commit should batch concurrent writes: {commits} commits for {jobs} jobs"
+    );
 }
 
 /// Everything answered before a drop is on disk for the next open.
@@ -73,12 +94,20 @@ async fn sqlite_keeps_answered_writes_across_reopen() {
     let t = TenantId::parse("bob").unwrap();
     {
         let r: Arc<dyn Registry> = Arc::new(SqliteRegistry::open(&path).unwrap());
-        r.create_tenant(&otm_core::Tenant::new(t.clone(), "reference", None)).await.unwrap();
+        r.create_tenant(&otm_core::Tenant::new(t.clone(), "reference", None))
+            .await
+            .unwrap();
         for u in 0..100 {
-            assert!(matches!(r.inbox_append(&t, u, b"{}").await.unwrap(), Appended::Stored { .. }));
+            assert!(matches!(
+                r.inbox_append(&t, u, b"{}").await.unwrap(),
+                Appended::Stored { .. }
+            ));
         }
     }
     let r = SqliteRegistry::open(&path).unwrap();
     assert_eq!(r.inbox_depth(&t).await.unwrap(), 100);
-    assert_eq!(r.inbox_append(&t, 99, b"{}").await.unwrap(), Appended::Duplicate);
+    assert_eq!(
+        r.inbox_append(&t, 99, b"{}").await.unwrap(),
+        Appended::Duplicate
+    );
 }

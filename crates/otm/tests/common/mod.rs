@@ -1,0 +1,113 @@
+//! A server in-process on port 0 with a stand-in Telegram, the reference agent and a temporary
+//! data directory.
+#![allow(dead_code)]
+
+use otm_server::{Server, Settings};
+use otm_testkit::FakeTelegram;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub const PUBLIC_URL: &str = "https://otm.example.test";
+
+pub struct Harness {
+    pub server: Option<Server>,
+    pub tg: FakeTelegram,
+    pub dir: tempfile::TempDir,
+    pub http: reqwest::Client,
+    pub token: String,
+}
+
+pub fn settings(data_dir: PathBuf, tg: &FakeTelegram) -> Settings {
+    Settings {
+        listen: "127.0.0.1:0".into(),
+        admin_listen: "127.0.0.1:0".into(),
+        egress_listen: "127.0.0.1:0".into(),
+        data_dir,
+        telegram_api: tg.url(),
+        public_url: Some(PUBLIC_URL.into()),
+        otm_binary: Some(PathBuf::from(env!("CARGO_BIN_EXE_otm"))),
+        ..Settings::default()
+    }
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(f: impl FnOnce(&mut Settings)) -> Self {
+        let tg = FakeTelegram::start().await;
+        let dir = tempfile::Builder::new().prefix("otm").tempdir_in("/tmp").unwrap();
+        let mut s = settings(dir.path().join("d"), &tg);
+        f(&mut s);
+        let server = otm_server::start(s, None).await.expect("server starts");
+        let token = server.admin_token().expose().to_owned();
+        Harness { server: Some(server), tg, dir, http: reqwest::Client::builder().no_proxy().build().unwrap(), token }
+    }
+
+    pub fn server(&self) -> &Server {
+        self.server.as_ref().unwrap()
+    }
+
+    pub fn admin(&self, path: &str) -> String {
+        format!("http://{}/v1{path}", self.server().admin_addr)
+    }
+
+    pub fn public(&self, path: &str) -> String {
+        format!("http://{}{path}", self.server().public_addr)
+    }
+
+    pub async fn api(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self.http.request(method, self.admin(path)).bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// Creates a tenant with a bot token; returns the webhook secret Telegram was given.
+    pub async fn tenant(&self, id: &str, bot_token: &str) -> String {
+        self.tg.add_bot(bot_token);
+        let (status, body) =
+            self.api(reqwest::Method::POST, "/tenants", Some(json!({"id": id, "bot_token": bot_token}))).await;
+        assert_eq!(status, 201, "{body}");
+        let hook = self.tg.webhook(bot_token).expect("webhook registered");
+        assert_eq!(hook.url, format!("{PUBLIC_URL}/tg/{id}"));
+        hook.secret_token.expect("secret given to Telegram")
+    }
+
+    /// Posts an update the way Telegram does; returns the status.
+    pub async fn post_update(&self, tenant: &str, secret: &str, update: &Value) -> u16 {
+        self.http
+            .post(self.public(&format!("/tg/{tenant}")))
+            .header("x-telegram-bot-api-secret-token", secret)
+            .json(update)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    pub async fn instances(&self) -> Vec<Value> {
+        let (status, v) = self.api(reqwest::Method::GET, "/instances", None).await;
+        assert_eq!(status, 200);
+        v.as_array().unwrap().clone()
+    }
+
+    pub fn instance_dirs(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.dir.path().join("d/instances"))
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown(Duration::from_secs(10), true).await;
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! The message path end to end: webhook → durable inbox → wake → shim → reference agent →
+//! Bot API proxy → (stand-in) Telegram.
+
+mod common;
+
+use common::Harness;
+use otm_testkit::text_update;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_tenants_twenty_messages_each_in_order_exactly_once() {
+    let h = Harness::start().await;
+    let tenants = [("alice", "1001:AAAalice"), ("bob", "1002:BBBbob"), ("carol", "1003:CCCcarol")];
+    let mut secrets = Vec::new();
+    for (id, token) in tenants {
+        secrets.push(h.tenant(id, token).await);
+    }
+    let sends = tenants.iter().zip(&secrets).enumerate().map(|(n, ((id, _), secret))| {
+        let h = &h;
+        async move {
+            for i in 1..=20 {
+                let update = text_update(1000 * (n as i64 + 1) + i, 500 + n as i64, &format!("msg {i}"));
+                assert_eq!(h.post_update(id, secret, &update).await, 200);
+            }
+        }
+    });
+    futures::future::join_all(sends).await;
+
+    for (n, (_, token)) in tenants.iter().enumerate() {
+        let got = h.tg.wait_for_messages(token, 20, Duration::from_secs(60)).await;
+        assert_eq!(got.len(), 20, "tenant {n}: {got:?}");
+        for (i, m) in got.iter().enumerate() {
+            assert_eq!(m.chat_id, 500 + n as i64);
+            assert_eq!(m.text, format!("#{}: msg {}", i + 1, i + 1));
+        }
+    }
+    // Nothing more arrives later.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (_, token) in tenants {
+        assert_eq!(h.tg.sent_messages(token).len(), 20);
+    }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hundred_concurrent_updates_to_a_cold_tenant_one_instance_each_answered_once() {
+    let h = Harness::start().await;
+    let token = "2001:COLDcold";
+    let secret = h.tenant("cold", token).await;
+
+    // Watch the runtime and the registry the whole time: never more than one instance.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let watcher = {
+        let stop = stop.clone();
+        let dirs = h.dir.path().join("d/instances");
+        let admin = h.admin("/instances");
+        let http = h.http.clone();
+        let tok = h.token.clone();
+        tokio::spawn(async move {
+            let mut max_dirs = 0;
+            let mut max_records = 0;
+            while !stop.is_cancelled() {
+                let n = std::fs::read_dir(&dirs).map(|d| d.count()).unwrap_or(0);
+                max_dirs = max_dirs.max(n);
+                let v: serde_json::Value = http.get(&admin).bearer_auth(&tok).send().await.unwrap().json().await.unwrap();
+                max_records = max_records.max(v.as_array().unwrap().len());
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            (max_dirs, max_records)
+        })
+    };
+
+    let posts = (1..=100).map(|i| {
+        let h = &h;
+        let secret = &secret;
+        async move { h.post_update("cold", secret, &text_update(i, 77, &format!("u{i}"))).await }
+    });
+    let statuses = futures::future::join_all(posts).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+
+    let got = h.tg.wait_for_messages(token, 100, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.cancel();
+    let (max_dirs, max_records) = watcher.await.unwrap();
+    assert_eq!(max_dirs, 1, "instance directories seen at once");
+    assert_eq!(max_records, 1, "instance records seen at once");
+
+    let got_after = h.tg.sent_messages(token);
+    assert_eq!(got.len(), 100);
+    assert_eq!(got_after.len(), 100, "no reply twice");
+    let mut texts: Vec<String> = got_after.iter().map(|m| m.text.split_once(": ").unwrap().1.to_owned()).collect();
+    for (n, m) in got_after.iter().enumerate() {
+        assert!(m.text.starts_with(&format!("#{}: ", n + 1)), "{m:?} at {n}");
+    }
+    texts.sort();
+    texts.dedup();
+    assert_eq!(texts.len(), 100, "every update answered once");
+    h.stop().await;
+}
