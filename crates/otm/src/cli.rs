@@ -34,9 +34,9 @@ pub struct Global {
     /// Admin token; read from <data-dir>/admin.token when unset.
     #[arg(long, env = "OTM_ADMIN_TOKEN", hide_env_values = true, global = true)]
     admin_token: Option<String>,
-    /// Data directory of a server on this machine, to find admin.token.
-    #[arg(long = "data-dir", env = "OTM_DATA_DIR", default_value = "./otm-data", global = true)]
-    data_dir: PathBuf,
+    /// Data directory: where the server keeps its state and admin.token [default: ./otm-data].
+    #[arg(long = "data-dir", env = "OTM_DATA_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true)]
     output: Output,
@@ -53,24 +53,18 @@ pub enum Command {
     /// Create, list, inspect, change, delete, wake and stop tenants.
     #[command(after_help = EXIT_CODES)]
     Tenant {
-        #[command(flatten)]
-        global: Global,
         #[command(subcommand)]
         command: TenantCommand,
     },
     /// Read or change fleet settings.
     #[command(after_help = EXIT_CODES)]
     Config {
-        #[command(flatten)]
-        global: Global,
         #[command(subcommand)]
         command: ConfigCommand,
     },
     /// Show a tenant's agent output.
     #[command(after_help = EXIT_CODES)]
     Logs {
-        #[command(flatten)]
-        global: Global,
         tenant: String,
         /// Keep printing what the agent writes.
         #[arg(short = 'f', long)]
@@ -82,34 +76,21 @@ pub enum Command {
     /// Show a tenant's pending and dead-lettered updates.
     #[command(after_help = EXIT_CODES)]
     Inbox {
-        #[command(flatten)]
-        global: Global,
         tenant: String,
     },
     /// List a tenant's snapshots.
     #[command(after_help = EXIT_CODES)]
     Snapshots {
-        #[command(flatten)]
-        global: Global,
         tenant: String,
     },
     /// List live instances.
     #[command(after_help = EXIT_CODES)]
-    Instances {
-        #[command(flatten)]
-        global: Global,
-    },
+    Instances,
     /// Show the server's status.
     #[command(after_help = EXIT_CODES)]
-    Status {
-        #[command(flatten)]
-        global: Global,
-    },
+    Status,
     /// Print this binary's version, and the server's when it can be reached.
-    Version {
-        #[command(flatten)]
-        global: Global,
-    },
+    Version,
 }
 
 #[derive(Subcommand, Debug)]
@@ -192,7 +173,7 @@ impl Api {
         let token = match &g.admin_token {
             Some(t) if !t.is_empty() => t.clone(),
             _ => {
-                let path = g.data_dir.join("admin.token");
+                let path = g.data_dir.clone().unwrap_or_else(|| PathBuf::from("./otm-data")).join("admin.token");
                 std::fs::read_to_string(&path)
                     .map(|s| s.trim().to_owned())
                     .with_context(|| format!("no admin token: set OTM_ADMIN_TOKEN or --admin-token, or run on the server's machine (cannot read {})", path.display()))?
@@ -235,8 +216,8 @@ impl Api {
 }
 
 /// Runs one CLI command; returns the exit code.
-pub async fn run(cmd: Command) -> anyhow::Result<u8> {
-    match run_inner(cmd).await {
+pub async fn run(cmd: Command, global: Global) -> anyhow::Result<u8> {
+    match run_inner(cmd, global).await {
         Ok(()) => Ok(0),
         Err(e) => match e.downcast_ref::<CallError>() {
             Some(c) => {
@@ -248,10 +229,10 @@ pub async fn run(cmd: Command) -> anyhow::Result<u8> {
     }
 }
 
-async fn run_inner(cmd: Command) -> anyhow::Result<()> {
+async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
     use reqwest::Method;
     match cmd {
-        Command::Tenant { global, command } => {
+        Command::Tenant { command } => {
             let api = Api::new(&global)?;
             let out = global.output;
             match command {
@@ -270,11 +251,11 @@ async fn run_inner(cmd: Command) -> anyhow::Result<()> {
                         body["cold_start_notice"] = json!(true);
                     }
                     let t = api.call(Method::POST, "/tenants", Some(body)).await?;
-                    print_tenants(out, &[t]);
+                    print_tenants(out, &[t], false);
                 }
                 TenantCommand::List => {
                     let list = api.call(Method::GET, "/tenants", None).await?;
-                    print_tenants(out, list.as_array().map(Vec::as_slice).unwrap_or(&[]));
+                    print_tenants(out, list.as_array().map(Vec::as_slice).unwrap_or(&[]), true);
                 }
                 TenantCommand::Get { id } => {
                     let t = api.call(Method::GET, &format!("/tenants/{id}"), None).await?;
@@ -341,7 +322,7 @@ async fn run_inner(cmd: Command) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Config { global, command } => {
+        Command::Config { command } => {
             let api = Api::new(&global)?;
             let cfg = match command {
                 ConfigCommand::Get => api.call(Method::GET, "/config", None).await?,
@@ -365,7 +346,7 @@ async fn run_inner(cmd: Command) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Logs { global, tenant, follow, tail } => {
+        Command::Logs { tenant, follow, tail } => {
             let api = Api::new(&global)?;
             let url = format!("{}/v1/tenants/{tenant}/logs?tail={tail}&follow={follow}", api.base);
             let resp = api.http.get(url).bearer_auth(&api.token).send().await.map_err(|e| CallError {
@@ -392,7 +373,7 @@ async fn run_inner(cmd: Command) -> anyhow::Result<()> {
                 stdout.flush()?;
             }
         }
-        Command::Inbox { global, tenant } => {
+        Command::Inbox { tenant } => {
             let api = Api::new(&global)?;
             let v = api.call(Method::GET, &format!("/tenants/{tenant}/inbox"), None).await?;
             match global.output {
@@ -415,7 +396,7 @@ async fn run_inner(cmd: Command) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Snapshots { global, tenant } => {
+        Command::Snapshots { tenant } => {
             let api = Api::new(&global)?;
             let v = api.call(Method::GET, &format!("/tenants/{tenant}/snapshots"), None).await?;
             match global.output {
@@ -440,7 +421,7 @@ async fn run_inner(cmd: Command) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Instances { global } => {
+        Command::Instances => {
             let api = Api::new(&global)?;
             let v = api.call(Method::GET, "/instances", None).await?;
             match global.output {
@@ -456,12 +437,12 @@ async fn run_inner(cmd: Command) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Status { global } => {
+        Command::Status => {
             let api = Api::new(&global)?;
             let v = api.call(Method::GET, "/status", None).await?;
             print_object(global.output, &v);
         }
-        Command::Version { global } => {
+        Command::Version => {
             let client = env!("CARGO_PKG_VERSION");
             let server = match Api::new(&global) {
                 Ok(api) => api.call(reqwest::Method::GET, "/status", None).await.ok().map(|v| str_of(&v["version"])),
@@ -531,9 +512,9 @@ fn human_bytes(n: u64) -> String {
     }
 }
 
-fn print_tenants(out: Output, list: &[Value]) {
+fn print_tenants(out: Output, list: &[Value], as_list: bool) {
     if out == Output::Json {
-        let v = if list.len() == 1 { list[0].clone() } else { Value::Array(list.to_vec()) };
+        let v = if !as_list && list.len() == 1 { list[0].clone() } else { Value::Array(list.to_vec()) };
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return;
     }

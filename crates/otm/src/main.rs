@@ -15,6 +15,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser, Debug)]
 #[command(name = "otm", version, propagate_version = true)]
 struct Cli {
+    #[command(flatten)]
+    global: cli::Global,
     #[command(subcommand)]
     command: Command,
 }
@@ -46,9 +48,6 @@ struct ServerArgs {
     /// The Bot API proxy's URL as agents see it [default: http://<egress listener>].
     #[arg(long, env = "OTM_EGRESS_URL")]
     egress_url: Option<String>,
-    /// Where the registry, snapshots and instances live [default: ./otm-data].
-    #[arg(long, env = "OTM_DATA_DIR")]
-    data_dir: Option<PathBuf>,
     /// The Telegram Bot API root [default: https://api.telegram.org].
     #[arg(long, env = "OTM_TELEGRAM_API")]
     telegram_api: Option<String>,
@@ -74,7 +73,7 @@ struct ServerArgs {
 }
 
 impl ServerArgs {
-    fn settings(&self) -> anyhow::Result<otm_server::Settings> {
+    fn settings(&self, data_dir: Option<PathBuf>) -> anyhow::Result<otm_server::Settings> {
         let mut s = match &self.config {
             Some(path) => otm_server::Settings::from_toml_file(path)?,
             None => otm_server::Settings::default(),
@@ -82,7 +81,10 @@ impl ServerArgs {
         macro_rules! set {
             ($($field:ident),*) => { $( if let Some(v) = &self.$field { s.$field = v.clone().into(); } )* };
         }
-        set!(listen, admin_listen, egress_listen, data_dir, telegram_api, sandbox);
+        set!(listen, admin_listen, egress_listen, telegram_api, sandbox);
+        if let Some(d) = data_dir {
+            s.data_dir = d;
+        }
         macro_rules! set_opt {
             ($($field:ident),*) => { $( if let Some(v) = &self.$field { s.$field = Some(v.clone()); } )* };
         }
@@ -124,9 +126,9 @@ fn main() -> std::process::ExitCode {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result = rt.block_on(async move {
         match cli.command {
-            Command::Server(args) => server(args).await.map(|()| 0),
+            Command::Server(args) => server(args, cli.global.data_dir).await.map(|()| 0),
             Command::Shim(args) => shim(args).await.map(|()| 0),
-            Command::Cli(cmd) => cli::run(cmd).await,
+            Command::Cli(cmd) => cli::run(cmd, cli.global).await,
         }
     });
     rt.shutdown_timeout(Duration::from_secs(1));
@@ -139,8 +141,8 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn server(args: ServerArgs) -> anyhow::Result<()> {
-    let settings = args.settings()?;
+async fn server(args: ServerArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let settings = args.settings(data_dir)?;
     let token = std::env::var("OTM_ADMIN_TOKEN").ok().filter(|t| !t.is_empty()).map(Secret::new);
     let server = otm_server::start(settings, token).await?;
     println!(

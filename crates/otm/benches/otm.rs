@@ -1,0 +1,186 @@
+//! otm's benchmark: prints a table of durable accept throughput and latency, reply latency for an
+//! awake tenant, and cold wake latency by phase. Run with `cargo bench -p otm`.
+
+use otm_server::Settings;
+use otm_testkit::{FakeTelegram, text_update};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+struct Stats(Vec<f64>);
+
+impl Stats {
+    fn pct(&self, p: f64) -> f64 {
+        let mut v = self.0.clone();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        v[((v.len() as f64 - 1.0) * p).round() as usize]
+    }
+    fn mean(&self) -> f64 {
+        self.0.iter().sum::<f64>() / self.0.len() as f64
+    }
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(run());
+}
+
+async fn run() {
+    let tg = FakeTelegram::start().await;
+    let dir = tempfile::Builder::new().prefix("otm-bench").tempdir_in("/tmp").unwrap();
+    let settings = Settings {
+        listen: "127.0.0.1:0".into(),
+        admin_listen: "127.0.0.1:0".into(),
+        egress_listen: "127.0.0.1:0".into(),
+        data_dir: dir.path().join("d"),
+        telegram_api: tg.url(),
+        public_url: Some("https://otm.bench.test".into()),
+        otm_binary: Some(PathBuf::from(env!("CARGO_BIN_EXE_otm"))),
+        ..Settings::default()
+    };
+    let server = otm_server::start(settings, None).await.unwrap();
+    let http = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(64).build().unwrap();
+    let admin = format!("http://{}/v1", server.admin_addr);
+    let token = server.admin_token().expose().to_owned();
+    let public = format!("http://{}", server.public_addr);
+
+    let create = |id: &str, bot: &str| {
+        tg.add_bot(bot);
+        let http = http.clone();
+        let admin = admin.clone();
+        let token = token.clone();
+        let body = serde_json::json!({"id": id, "bot_token": bot});
+        async move {
+            let r = http.post(format!("{admin}/tenants")).bearer_auth(&token).json(&body).send().await.unwrap();
+            assert_eq!(r.status(), 201);
+        }
+    };
+    let mut rows: Vec<(String, String)> = Vec::new();
+
+    // 1. Durable accepts: 4 tenants, 32 concurrent senders, 4,000 updates.
+    let tenants: Vec<(String, String)> = (0..4).map(|i| (format!("acc{i}"), format!("{}:ACCEPT{i}", 9100 + i))).collect();
+    let mut secrets = Vec::new();
+    for (id, bot) in &tenants {
+        create(id, bot).await;
+        secrets.push(tg.webhook(bot).unwrap().secret_token.unwrap());
+    }
+    let total = 4000usize;
+    let senders = 32usize;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..senders)
+        .map(|s| {
+            let http = http.clone();
+            let public = public.clone();
+            let tenants = tenants.clone();
+            let secrets = secrets.clone();
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                for k in 0..total / senders {
+                    let n = s * (total / senders) + k;
+                    let t = n % tenants.len();
+                    let body = serde_json::to_vec(&text_update(n as i64 + 1, 10 + t as i64, "bench")).unwrap();
+                    let t0 = Instant::now();
+                    let r = http
+                        .post(format!("{public}/tg/{}", tenants[t].0))
+                        .header("x-telegram-bot-api-secret-token", &secrets[t])
+                        .header("content-type", "application/json")
+                        .body(body)
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 200);
+                    lat.push(t0.elapsed().as_secs_f64() * 1000.0);
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.unwrap());
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let accept = Stats(lat);
+    rows.push(("durable accepts/s (SQLite, 32 senders, 4 tenants, deliveries running)".into(), format!("{:.0}", total as f64 / secs)));
+    rows.push(("accept latency p50 / p99".into(), format!("{:.2} ms / {:.2} ms", accept.pct(0.5), accept.pct(0.99))));
+    // Let the deliveries finish before measuring latency.
+    for (_, bot) in &tenants {
+        tg.wait_for_messages(bot, total / tenants.len(), Duration::from_secs(600)).await;
+    }
+
+    // 2. Reply latency for an awake tenant: one update at a time, POST to reply at Telegram.
+    create("awake", "9200:AWAKE").await;
+    let secret = tg.webhook("9200:AWAKE").unwrap().secret_token.unwrap();
+    let post = |n: i64| {
+        let http = http.clone();
+        let public = public.clone();
+        let secret = secret.clone();
+        async move {
+            http.post(format!("{public}/tg/awake"))
+                .header("x-telegram-bot-api-secret-token", &secret)
+                .json(&text_update(n, 1, "ping"))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    post(1).await;
+    tg.wait_for_messages("9200:AWAKE", 1, Duration::from_secs(60)).await;
+    let mut replies = Vec::new();
+    for n in 2..=101 {
+        let t0 = Instant::now();
+        post(n).await;
+        tg.wait_for_messages("9200:AWAKE", n as usize, Duration::from_secs(60)).await;
+        replies.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    let replies = Stats(replies);
+    rows.push(("reply latency, awake tenant p50 / p99".into(), format!("{:.2} ms / {:.2} ms", replies.pct(0.5), replies.pct(0.99))));
+
+    // 3. Cold wakes by phase, through the admin API, and cold first reply.
+    let mut phases: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    let mut totals = Vec::new();
+    for _ in 0..10 {
+        let r = http.post(format!("{admin}/tenants/awake/stop")).bearer_auth(&token).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = http.post(format!("{admin}/tenants/awake/wake")).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+        assert_eq!(v["path"], "cold", "{v}");
+        totals.push(v["total_ms"].as_f64().unwrap());
+        for (k, ms) in v["phases_ms"].as_object().unwrap() {
+            phases.entry(k.clone()).or_default().push(ms.as_f64().unwrap());
+        }
+    }
+    for (k, v) in &phases {
+        let s = Stats(v.clone());
+        rows.push((format!("cold wake phase `{k}` mean / p50"), format!("{:.1} ms / {:.1} ms", s.mean(), s.pct(0.5))));
+    }
+    let t = Stats(totals);
+    rows.push(("cold wake total mean / p50 / max".into(), format!("{:.1} ms / {:.1} ms / {:.1} ms", t.mean(), t.pct(0.5), t.pct(1.0))));
+    let mut first = Vec::new();
+    let mut n = 1000;
+    for _ in 0..5 {
+        http.post(format!("{admin}/tenants/awake/stop")).bearer_auth(&token).send().await.unwrap();
+        let have = tg.sent_messages("9200:AWAKE").len();
+        n += 1;
+        let t0 = Instant::now();
+        post(n).await;
+        tg.wait_for_messages("9200:AWAKE", have + 1, Duration::from_secs(60)).await;
+        first.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    let f = Stats(first);
+    rows.push(("cold first reply (webhook to reply) mean / p50".into(), format!("{:.1} ms / {:.1} ms", f.mean(), f.pct(0.5))));
+
+    let status: Value = http.get(format!("{admin}/status")).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+    println!();
+    println!("otm benchmark ({} cores, isolation {})", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), status["isolation"]);
+    println!();
+    let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
+    println!("| {:w$} | value |", "measure");
+    println!("|{}|-------|", "-".repeat(w + 2));
+    for (k, v) in rows {
+        println!("| {k:w$} | {v} |");
+    }
+    server.shutdown(Duration::from_secs(10), true).await;
+}

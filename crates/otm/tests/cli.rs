@@ -1,0 +1,152 @@
+//! The built `otm` binary: settings validation before binding, and the CLI against a running server.
+
+mod common;
+
+use common::Harness;
+use otm_testkit::text_update;
+use std::process::Command;
+use std::time::Duration;
+
+fn otm() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_otm"));
+    c.env_remove("OTM_ADMIN_TOKEN").env_remove("OTM_DATA_DIR").env_remove("OTM_ADMIN_URL");
+    c
+}
+
+#[test]
+fn invalid_settings_exit_non_zero_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port we hold: had the server bound anything, it would say so; it must fail earlier.
+    for (args, needle) in [
+        (vec!["--listen", "not-an-address"], "listen"),
+        (vec!["--telegram-api", "ftp://x"], "telegram-api"),
+        (vec!["--public-url", "nope"], "public-url"),
+        (vec!["--sandbox", "docker"], "sandbox"),
+        (vec!["--listen", "127.0.0.1:18555", "--admin-listen", "127.0.0.1:18555"], "listen"),
+    ] {
+        let out = otm()
+            .arg("server")
+            .args(&args)
+            .arg("--data-dir")
+            .arg(dir.path().join("d"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!dir.path().join("d/admin.token").exists(), "{args:?}: started before failing");
+    }
+    // The TOML file is checked the same way.
+    let cfg = dir.path().join("otm.toml");
+    std::fs::write(&cfg, "listen = \"127.0.0.1:1\"\nno_such_setting = true\n").unwrap();
+    let out = otm().args(["server", "--config"]).arg(&cfg).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no_such_setting"));
+}
+
+#[test]
+fn help_explains_every_command() {
+    let out = otm().arg("--help").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["server", "tenant", "config", "logs", "inbox", "snapshots", "instances", "status", "version"] {
+        assert!(text.contains(cmd), "{cmd} missing from --help");
+    }
+    let out = otm().args(["server", "--help"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for env in ["OTM_LISTEN", "OTM_ADMIN_LISTEN", "OTM_EGRESS_LISTEN", "OTM_DATA_DIR", "OTM_TELEGRAM_API", "OTM_PUBLIC_URL"] {
+        assert!(text.contains(env), "{env} missing from server --help");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_drives_a_running_server_in_table_and_json() {
+    let h = Harness::start().await;
+    let admin_url = format!("http://{}", h.server().admin_addr);
+    let data_dir = h.dir.path().join("d");
+    let run = |args: &[&str]| {
+        let out = otm().arg("--admin-url").arg(&admin_url).arg("--data-dir").arg(&data_dir).args(args).output().unwrap();
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    h.tg.add_bot("8001:CLIbot");
+    let (code, out, err) = run(&["tenant", "create", "clara", "8001:CLIbot", "--idle-timeout", "120"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("clara") && out.contains("120s"), "{out}");
+    assert!(!out.contains("CLIbot"), "the token is never printed");
+    let (code, _, err) = run(&["tenant", "create", "clara"]);
+    assert_eq!(code, 4, "a second create is a conflict: {err}");
+    let (code, _, err) = run(&["tenant", "create", "Bad_Id"]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, _) = run(&["tenant", "get", "nobody"]);
+    assert_eq!(code, 3);
+
+    let (code, out, _) = run(&["tenant", "list"]);
+    assert_eq!(code, 0);
+    let header = out.lines().next().unwrap();
+    assert!(header.starts_with("ID") && header.contains("STATUS"), "{out}");
+    let (code, out, _) = run(&["tenant", "list", "-o", "json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["id"], "clara");
+    let (code, out, _) = run(&["--output", "json", "tenant", "get", "clara"]);
+    assert_eq!(code, 0);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["idle_timeout_s"], 120);
+
+    let (code, out, err) = run(&["tenant", "wake", "clara"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("awake"), "{out}");
+    let (code, out, _) = run(&["instances", "-o", "json"]);
+    assert_eq!(code, 0);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()[0]["tenant"], "clara");
+    let (code, out, _) = run(&["instances"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("clara") && out.contains("ready"), "{out}");
+
+    let secret = h.tg.webhook("8001:CLIbot").unwrap().secret_token.unwrap();
+    assert_eq!(h.post_update("clara", &secret, &text_update(1, 3, "hi")).await, 200);
+    h.tg.wait_for_messages("8001:CLIbot", 1, Duration::from_secs(30)).await;
+    let (code, out, _) = run(&["logs", "clara", "--tail", "50"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("reference agent") || out.contains("listening"), "{out}");
+    let (code, out, _) = run(&["inbox", "clara"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("SEQ"), "{out}");
+    let (code, out, _) = run(&["inbox", "clara", "-o", "json"]);
+    assert_eq!(code, 0);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["pending"], serde_json::json!([]));
+
+    let (code, out, _) = run(&["tenant", "stop", "clara"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("stopped"), "{out}");
+    let (code, out, _) = run(&["snapshots", "clara"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("final"), "{out}");
+    let (code, out, _) = run(&["snapshots", "clara", "-o", "json"]);
+    assert_eq!(code, 0);
+    let snaps: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(snaps["snapshots"].as_array().unwrap().len(), 1);
+
+    let (code, out, _) = run(&["config", "set", "warm-pool-target", "0"]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out, _) = run(&["config", "get", "-o", "json"]);
+    assert_eq!(code, 0);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["warm_pool_target"], 0);
+    let (code, _, _) = run(&["config", "set", "no-such-thing", "1"]);
+    assert_eq!(code, 2);
+    let (code, out, _) = run(&["status", "-o", "json"]);
+    assert_eq!(code, 0);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["tenants"], 1);
+    let (code, out, _) = run(&["version"]);
+    assert_eq!(code, 0);
+    assert!(out.contains(env!("CARGO_PKG_VERSION")));
+    let (code, _, _) = run(&["tenant", "update", "clara", "--idle-timeout", "60"]);
+    assert_eq!(code, 0);
+    let (code, _, _) = run(&["tenant", "delete", "clara"]);
+    assert_eq!(code, 0);
+    let (code, _, _) = run(&["tenant", "get", "clara"]);
+    assert_eq!(code, 3);
+
+    // A wrong token is exit code 5.
+    let out = otm().args(["--admin-url", &admin_url, "--admin-token", "wrong", "tenant", "list"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(5));
+    h.stop().await;
+}
