@@ -172,7 +172,8 @@ impl LocalRuntime {
                     c.args(["--ro-bind", &s(p), &s(p)]);
                 }
                 c.args(["--tmpfs", &s(&self.inner.data_dir), "--bind", &s(dir), &s(dir)]);
-                c.args(["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent"]);
+                // No --die-with-parent: instances outlive a server restart and are adopted.
+                c.args(["--unshare-pid", "--unshare-ipc", "--unshare-uts"]);
                 c.args(["--chdir", &s(dir), "--setenv", "TMPDIR", &s(&dir.join("tmp")), "--"]);
                 c.arg(&self.inner.otm_binary).args(shim_args);
                 c

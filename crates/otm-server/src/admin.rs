@@ -78,6 +78,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/tenants/{id}/stop", post(stop_tenant))
         .route("/tenants/{id}/inbox", get(inbox))
         .route("/tenants/{id}/snapshots", get(snapshots))
+        .route("/tenants/{id}/snapshots/{snapshot}/restore", post(restore_snapshot))
         .route("/tenants/{id}/logs", get(logs))
         .route("/instances", get(instances))
         .route("/config", get(get_config).put(put_config))
@@ -341,6 +342,13 @@ async fn snapshots(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiRe
         })
         .collect();
     Ok(Json(json!({"tenant": id, "head": head, "snapshots": list})))
+}
+
+async fn restore_snapshot(State(app): State<Arc<App>>, Path((id, snapshot)): Path<(String, String)>) -> ApiResult<Json<Value>> {
+    let t = load(&app, &id).await?;
+    let snap = otm_core::SnapshotId::parse(&snapshot).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    orchestrator::restore_snapshot(&app, &t.id, &snap).await?;
+    Ok(Json(json!({"tenant": t.id, "head": snap, "restored_on": "next wake"})))
 }
 
 #[derive(Deserialize)]

@@ -32,6 +32,8 @@ pub struct App {
     pub(crate) tenant_locks: Mutex<HashMap<TenantId, Arc<tokio::sync::Mutex<()>>>>,
     /// Running dispatchers, woken through their `Notify`.
     pub(crate) dispatchers: Mutex<HashMap<TenantId, Arc<Notify>>>,
+    /// True while this process holds the leader lease.
+    leader: std::sync::atomic::AtomicBool,
 }
 
 impl App {
@@ -67,7 +69,17 @@ impl App {
             shutdown,
             tenant_locks: Mutex::new(HashMap::new()),
             dispatchers: Mutex::new(HashMap::new()),
+            leader: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// True while this process holds the leader lease.
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_leader(&self, leader: bool) {
+        self.leader.store(leader, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The lock that serializes wakes and stops of one tenant in this process.

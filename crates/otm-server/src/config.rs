@@ -37,6 +37,10 @@ pub struct Settings {
     pub max_delivery_attempts: u32,
     /// How long an agent may take to become ready, seconds.
     pub wake_timeout_s: u64,
+    /// Seconds between snapshots of running tenants; 0 turns periodic snapshots off.
+    pub snapshot_interval_s: u64,
+    /// Snapshots kept per tenant (the head always among them).
+    pub snapshot_keep: usize,
 }
 
 impl Default for Settings {
@@ -56,6 +60,8 @@ impl Default for Settings {
             otm_binary: None,
             max_delivery_attempts: 10,
             wake_timeout_s: 120,
+            snapshot_interval_s: 300,
+            snapshot_keep: 5,
         }
     }
 }
@@ -118,6 +124,9 @@ impl Settings {
         }
         if self.max_delivery_attempts == 0 {
             return Err(invalid("max-delivery-attempts", "must be at least 1"));
+        }
+        if self.snapshot_keep == 0 {
+            return Err(invalid("snapshot-keep", "must be at least 1"));
         }
         if self.wake_timeout_s == 0 {
             return Err(invalid("wake-timeout-s", "must be at least 1"));

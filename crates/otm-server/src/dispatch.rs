@@ -103,7 +103,8 @@ async fn deliver_one(app: &Arc<App>, tenant: &TenantId, item: InboxItem) {
 
 /// One delivery attempt: wake if needed, deliver through the shim, check the acknowledgement.
 async fn attempt(app: &Arc<App>, tenant: &TenantId, item: &InboxItem) -> Result<(), String> {
-    let woken = orchestrator::wake(app, tenant).await.map_err(|e| format!("wake failed: {e}"))?;
+    let chat = serde_json::from_slice::<serde_json::Value>(&item.payload).ok().and_then(|u| chat_of(&u));
+    let woken = orchestrator::wake_for(app, tenant, chat).await.map_err(|e| format!("wake failed: {e}"))?;
     let shim = ShimClient::new(woken.endpoint.address.clone(), woken.endpoint.shim_token.clone());
     let timeout = Duration::from_secs(60);
     match shim.deliver(bytes::Bytes::from(item.payload.clone()), timeout).await {
@@ -115,6 +116,14 @@ async fn attempt(app: &Arc<App>, tenant: &TenantId, item: &InboxItem) -> Result<
             Err(e.to_string())
         }
     }
+}
+
+/// The chat an update came from, wherever the update type keeps it.
+fn chat_of(update: &serde_json::Value) -> Option<i64> {
+    ["message", "edited_message", "channel_post", "callback_query"].iter().find_map(|k| {
+        let v = &update[*k];
+        v["chat"]["id"].as_i64().or_else(|| v["message"]["chat"]["id"].as_i64())
+    })
 }
 
 /// 100 ms, 200 ms, 400 ms … up to five seconds.

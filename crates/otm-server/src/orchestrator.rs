@@ -58,6 +58,12 @@ pub struct Woken {
 /// Concurrent callers in this process join one wake (the tenant lock); across processes a fenced
 /// lock in the coordinator guards the wake, so exactly one instance per tenant exists.
 pub async fn wake(app: &Arc<App>, tenant: &TenantId) -> Result<Woken> {
+    wake_for(app, tenant, None).await
+}
+
+/// [`wake`], telling which chat is waiting: a cold wake of a tenant with the cold-start notice on
+/// sends that chat a short "starting up" message first.
+pub async fn wake_for(app: &Arc<App>, tenant: &TenantId, chat: Option<i64>) -> Result<Woken> {
     let begun = Instant::now();
     if let Some(ep) = app.coordinator.endpoint(tenant).await? {
         return Ok(cached(ep, begun));
@@ -76,7 +82,7 @@ pub async fn wake(app: &Arc<App>, tenant: &TenantId) -> Result<Woken> {
     }
 
     let lease = acquire(app, &format!("wake:{tenant}"), WAKE_LOCK_TTL).await?;
-    let result = wake_locked(app, tenant, lease.fence, begun).await;
+    let result = wake_locked(app, tenant, lease.fence, begun, chat).await;
     let _ = app.coordinator.release(&lease).await;
     let outcome = if result.is_ok() { "ok" } else { "error" };
     app.metrics.wakes.get_or_create(&crate::metrics::Outcome { outcome: outcome.into() }).inc();
@@ -107,7 +113,7 @@ async fn acquire(app: &Arc<App>, key: &str, ttl: Duration) -> Result<otm_core::L
     }
 }
 
-async fn wake_locked(app: &Arc<App>, tenant: &TenantId, fence: u64, begun: Instant) -> Result<Woken> {
+async fn wake_locked(app: &Arc<App>, tenant: &TenantId, fence: u64, begun: Instant, chat: Option<i64>) -> Result<Woken> {
     // Another process may have finished a wake while we waited for the lock.
     if let Some(rec) = app.registry.instance_of(tenant).await? {
         if rec.state == InstanceState::Ready {
@@ -128,6 +134,14 @@ async fn wake_locked(app: &Arc<App>, tenant: &TenantId, fence: u64, begun: Insta
     let (mut rec, path) = match app.registry.claim_warm_instance(tenant).await? {
         Some(rec) => (rec, WakePath::Warm),
         None => {
+            if let (true, Some(chat), Some(token)) = (t.cold_start_notice, chat, t.bot_token.as_ref()) {
+                let notice = app.telegram.send_message(token, chat, "Starting up, one moment…");
+                match tokio::time::timeout(Duration::from_secs(3), notice).await {
+                    Ok(Ok(())) => app.metrics.reconciler("cold_start_notice"),
+                    Ok(Err(e)) => tracing::warn!(%tenant, error = %e, "cold-start notice failed"),
+                    Err(_) => tracing::warn!(%tenant, "cold-start notice timed out"),
+                }
+            }
             let spec = InstanceSpec { id: InstanceId::random(), shim_token: Secret::random(), tenant: Some(tenant.clone()) };
             let created = match app.runtime.create(&spec).await {
                 Ok(c) => c,
@@ -186,8 +200,7 @@ async fn bind(
 
     let shim = ShimClient::new(rec.address.clone(), rec.shim_token.clone());
     let restoring = Instant::now();
-    if let Some(head) = app.state.head(tenant).await? {
-        let archive = app.state.get(tenant, &head.id).await?;
+    if let Some(archive) = restorable_snapshot(app, tenant).await? {
         shim.restore(archive).await?;
     }
     phases.push(("restore".into(), restoring.elapsed().as_millis() as u64));
@@ -267,16 +280,8 @@ async fn stop_locked(app: &Arc<App>, tenant: &TenantId, rec: &mut InstanceRecord
         Ok(_) => {}
         Err(e) => tracing::warn!(%tenant, error = %e, "graceful stop failed"),
     }
-    match shim.snapshot().await {
-        Ok(archive) => {
-            let id = SnapshotId::new_now();
-            let put = app.state.put(tenant, &id, archive, "final").await;
-            match put {
-                Ok(_) => app.state.publish(tenant, &id).await?,
-                Err(e) => tracing::error!(%tenant, error = %e, "final snapshot failed; the previous one stays in force"),
-            }
-        }
-        Err(e) => tracing::error!(%tenant, error = %e, "could not take the final snapshot"),
+    if let Err(e) = take_snapshot(app, tenant, &shim, "final").await {
+        tracing::error!(%tenant, error = %e, "final snapshot failed; the previous one stays in force");
     }
     discard(app, rec).await;
     if app.registry.get_tenant(tenant).await?.is_some() {
@@ -295,6 +300,9 @@ pub async fn run_reaper(app: Arc<App>) {
         tokio::select! {
             _ = app.shutdown.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        if !app.is_leader() {
+            continue;
         }
         let due = match app.registry.idle_due(otm_core::time::now_ms(), 256).await {
             Ok(d) => d,
@@ -406,4 +414,202 @@ pub async fn reconcile(app: &Arc<App>) -> Result<()> {
     }
     app.metrics.instances.set(app.registry.list_instances().await?.len() as i64);
     Ok(())
+}
+
+/// The archive to restore on wake: the head, or, when it fails its checksum, the newest older
+/// snapshot that passes. `None` for a tenant without snapshots.
+async fn restorable_snapshot(app: &Arc<App>, tenant: &TenantId) -> Result<Option<bytes::Bytes>> {
+    let Some(head) = app.state.head(tenant).await? else { return Ok(None) };
+    let mut candidates = vec![head.clone()];
+    let mut older: Vec<_> = app.state.list(tenant).await?.into_iter().filter(|m| m.id < head.id).collect();
+    older.reverse();
+    candidates.extend(older);
+    for meta in candidates {
+        match app.state.get(tenant, &meta.id).await {
+            Ok(archive) => {
+                if meta.id != head.id {
+                    tracing::warn!(%tenant, snapshot = %meta.id, "restoring an older snapshot because newer ones are corrupt");
+                    app.metrics.reconciler("restore_fallback");
+                }
+                return Ok(Some(archive));
+            }
+            Err(e @ Error::Corrupt { .. }) => {
+                tracing::error!(%tenant, snapshot = %meta.id, error = %e, "snapshot refused; trying the one before it");
+                app.metrics.reconciler("snapshot_corrupt");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Error::Corrupt { what: format!("every snapshot of tenant {tenant}"), message: "no snapshot passed its checksum".into() })
+}
+
+/// Takes a snapshot through the shim, stores it, makes it the head, and prunes old ones.
+pub async fn take_snapshot(app: &Arc<App>, tenant: &TenantId, shim: &ShimClient, reason: &str) -> Result<otm_core::SnapshotMeta> {
+    let started = Instant::now();
+    let archive = shim.snapshot().await?;
+    let id = SnapshotId::new_now();
+    let meta = app.state.put(tenant, &id, archive, reason).await?;
+    app.state.publish(tenant, &id).await?;
+    tracing::info!(%tenant, snapshot = %id, size = meta.size, reason, ms = started.elapsed().as_millis() as u64, "snapshot published");
+    prune_snapshots(app, tenant).await;
+    Ok(meta)
+}
+
+/// Deletes the oldest snapshots beyond the retention count; never the head.
+async fn prune_snapshots(app: &Arc<App>, tenant: &TenantId) {
+    let keep = app.settings.snapshot_keep;
+    let (Ok(list), Ok(head)) = (app.state.list(tenant).await, app.state.head(tenant).await) else { return };
+    let head = head.map(|h| h.id);
+    let excess = list.len().saturating_sub(keep);
+    for meta in list.into_iter().filter(|m| Some(&m.id) != head.as_ref()).take(excess) {
+        if let Err(e) = app.state.delete(tenant, &meta.id).await {
+            tracing::warn!(%tenant, snapshot = %meta.id, error = %e, "could not prune a snapshot");
+        }
+    }
+}
+
+/// Makes an older snapshot the head, so that the next wake restores it. A running tenant is
+/// stopped first (its final snapshot is kept, but no longer the head).
+pub async fn restore_snapshot(app: &Arc<App>, tenant: &TenantId, id: &SnapshotId) -> Result<()> {
+    // Verify before anything changes.
+    app.state.get(tenant, id).await?;
+    stop(app, tenant, "restore").await?;
+    let lock = app.tenant_lock(tenant);
+    let _held = lock.lock().await;
+    app.state.publish(tenant, id).await?;
+    tracing::info!(%tenant, snapshot = %id, "snapshot made head; the next wake restores it");
+    Ok(())
+}
+
+/// Snapshots every running tenant every `snapshot_interval_s`, on the leader.
+pub async fn run_periodic_snapshots(app: Arc<App>) {
+    let secs = app.settings.snapshot_interval_s;
+    if secs == 0 {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(secs));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = app.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if !app.is_leader() {
+            continue;
+        }
+        for rec in app.registry.list_instances().await.unwrap_or_default() {
+            let (Some(tenant), InstanceState::Ready) = (rec.tenant.clone(), rec.state) else { continue };
+            let lock = app.tenant_lock(&tenant);
+            let _held = lock.lock().await;
+            // Still the same ready instance once the lock is ours?
+            match app.registry.instance_of(&tenant).await {
+                Ok(Some(r)) if r.id == rec.id && r.state == InstanceState::Ready => {}
+                _ => continue,
+            }
+            let shim = ShimClient::new(rec.address.clone(), rec.shim_token.clone());
+            if let Err(e) = take_snapshot(&app, &tenant, &shim, "periodic").await {
+                tracing::warn!(%tenant, error = %e, "periodic snapshot failed");
+            }
+        }
+    }
+}
+
+/// Keeps `warm_pool_target` started, unbound instances, on the leader. Wakes claim them; this
+/// loop refills the pool within about a second, or at once when the target changes.
+pub async fn run_warm_pool(app: Arc<App>) {
+    let mut notes = app.coordinator.subscribe();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = app.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+            n = notes.next() => if n.is_none() { return },
+        }
+        if !app.is_leader() {
+            continue;
+        }
+        if let Err(e) = fill_warm_pool(&app).await {
+            tracing::warn!(error = %e, "warm pool refill failed");
+        }
+    }
+}
+
+async fn fill_warm_pool(app: &Arc<App>) -> Result<()> {
+    let target = app.registry.get_settings().await?.warm_pool_target as usize;
+    let warm: Vec<InstanceRecord> = app
+        .registry
+        .list_instances()
+        .await?
+        .into_iter()
+        .filter(|r| r.tenant.is_none() && r.state == InstanceState::Warm)
+        .collect();
+    if warm.len() > target {
+        for rec in warm.iter().skip(target) {
+            // Claimed meanwhile? Only delete what is still warm.
+            if let Ok(Some(r)) = app.registry.get_instance(&rec.id).await {
+                if r.tenant.is_none() && r.state == InstanceState::Warm {
+                    discard(app, &r).await;
+                    app.metrics.reconciler("warm_removed");
+                }
+            }
+        }
+        return Ok(());
+    }
+    for _ in warm.len()..target {
+        if app.shutdown.is_cancelled() {
+            break;
+        }
+        let spec = InstanceSpec { id: InstanceId::random(), shim_token: Secret::random(), tenant: None };
+        let created = app.runtime.create(&spec).await?;
+        let rec = InstanceRecord {
+            id: spec.id,
+            tenant: None,
+            state: InstanceState::Warm,
+            address: created.address,
+            shim_token: spec.shim_token,
+            surrogate_digest: None,
+            created_at_ms: otm_core::time::now_ms(),
+            bound_at_ms: None,
+        };
+        app.registry.put_instance(&rec).await?;
+        app.metrics.reconciler("warm_created");
+        refresh_instance_gauge(app).await;
+    }
+    Ok(())
+}
+
+async fn refresh_instance_gauge(app: &Arc<App>) {
+    app.metrics.instances.set(app.registry.list_instances().await.map(|l| l.len() as i64).unwrap_or(0));
+}
+
+/// Holds the leader lease while it can: the reaper, the warm pool and periodic snapshots act
+/// only on the leader, so several replicas never reap or fill twice.
+pub async fn run_leader_election(app: Arc<App>) {
+    const TTL: Duration = Duration::from_secs(10);
+    let mut held: Option<otm_core::Lease> = None;
+    loop {
+        held = match held.take() {
+            Some(lease) => match app.coordinator.renew(&lease, TTL).await {
+                Ok(true) => Some(lease),
+                _ => {
+                    tracing::warn!("lost the leader lease");
+                    None
+                }
+            },
+            None => app.coordinator.acquire("leader", TTL).await.ok().flatten().inspect(|l| {
+                tracing::info!(fence = l.fence, "this replica is the leader");
+            }),
+        };
+        app.set_leader(held.is_some());
+        tokio::select! {
+            _ = app.shutdown.cancelled() => break,
+            _ = tokio::time::sleep(if held.is_some() { Duration::from_secs(3) } else { Duration::from_millis(500) }) => {}
+        }
+    }
+    app.set_leader(false);
+    if let Some(lease) = held {
+        let _ = app.coordinator.release(&lease).await;
+    }
 }

@@ -115,6 +115,9 @@ pub async fn start(settings: Settings, admin_token_given: Option<Secret>) -> Res
     tasks.push(tokio::spawn(orchestrator::run_reaper(app.clone())));
     tasks.push(tokio::spawn(orchestrator::run_reconciler(app.clone())));
     tasks.push(tokio::spawn(dispatch::run_sweeper(app.clone())));
+    tasks.push(tokio::spawn(orchestrator::run_leader_election(app.clone())));
+    tasks.push(tokio::spawn(orchestrator::run_warm_pool(app.clone())));
+    tasks.push(tokio::spawn(orchestrator::run_periodic_snapshots(app.clone())));
     // Inboxes left pending by an earlier run are drained at once.
     if let Ok(pending) = app.registry.inbox_pending_tenants().await {
         for t in pending {

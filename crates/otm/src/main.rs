@@ -1,6 +1,7 @@
 //! `otm`: one binary for the server, the instance shim, and the operator CLI.
 
 mod cli;
+mod demo;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -27,6 +28,9 @@ enum Command {
     Server(ServerArgs),
     /// Run inside an instance: supervise one agent (started by the runtime, not by hand).
     Shim(ShimArgs),
+    /// An offline tour: a server with a stand-in Telegram, three tenants on the reference agent,
+    /// a conversation, a sleep and a wake with memory intact, and wake latencies by phase.
+    Demo(demo::DemoArgs),
     #[command(flatten)]
     Cli(cli::Command),
 }
@@ -128,6 +132,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Server(args) => server(args, cli.global.data_dir).await.map(|()| 0),
             Command::Shim(args) => shim(args).await.map(|()| 0),
+            Command::Demo(args) => demo::run(args).await.map(|()| 0),
             Command::Cli(cmd) => cli::run(cmd, cli.global).await,
         }
     });
