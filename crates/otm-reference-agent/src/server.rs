@@ -194,7 +194,13 @@ async fn webhook(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -
         }
     };
     let span = tracing::info_span!("update", update_id = update.update_id);
-    handle_update(&app, &update).instrument(span).await
+    // Run to completion even if the caller hangs up: a send cut off after Telegram accepted it
+    // but before the state file says so would be sent again on redelivery.
+    let task = tokio::spawn(async move { handle_update(&app, &update).instrument(span).await });
+    match task.await {
+        Ok(response) => response,
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("update handler failed: {e}\n")).into_response(),
+    }
 }
 
 fn secret_matches(headers: &HeaderMap, secret: &str) -> bool {

@@ -217,7 +217,11 @@ async fn deliver(State(shim): State<Arc<Shim>>, body: Bytes) -> Response {
         Some(b) => b.agent.clone(),
         None => return error(StatusCode::CONFLICT, "the instance is not bound to a tenant"),
     };
-    Json(agent.deliver(body).await).into_response()
+    // A delivery runs to completion even if the orchestrator goes away meanwhile.
+    match tokio::spawn(async move { agent.deliver(body).await }).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 async fn snapshot(State(shim): State<Arc<Shim>>) -> Response {
