@@ -128,7 +128,8 @@ async fn wake_locked(app: &Arc<App>, tenant: &TenantId, fence: u64, begun: Insta
     let t = app.registry.get_tenant(tenant).await?.ok_or_else(|| Error::not_found(format!("tenant {tenant}")))?;
     app.registry.set_tenant_status(tenant, TenantStatus::Provisioning, Some(fence)).await?;
 
-    let mut phases: Vec<(String, u64)> = Vec::new();
+    // `prepare`: locks and the status write before any instance work.
+    let mut phases: Vec<(String, u64)> = vec![("prepare".into(), begun.elapsed().as_millis() as u64)];
     let mark = Instant::now();
     // Claim a warm instance, or create one.
     let (mut rec, path) = match app.registry.claim_warm_instance(tenant).await? {
@@ -216,11 +217,14 @@ async fn bind(
     phases.push(("start".into(), bound.start_ms));
     phases.push(("ready".into(), bound.ready_ms));
 
+    // `record`: publishing the ready instance (registry writes, endpoint cache).
+    let recording = Instant::now();
     rec.state = InstanceState::Ready;
     app.registry.put_instance(rec).await?;
     app.registry.set_tenant_status(tenant, TenantStatus::Running, Some(fence)).await?;
     app.registry.touch_tenant(tenant, otm_core::time::now_ms()).await?;
     app.coordinator.set_endpoint(tenant, &Endpoint::from(&*rec), ENDPOINT_TTL).await?;
+    phases.push(("record".into(), recording.elapsed().as_millis() as u64));
     Ok(())
 }
 

@@ -221,7 +221,7 @@ pub async fn run(cmd: Command, global: Global) -> anyhow::Result<u8> {
         Ok(()) => Ok(0),
         Err(e) => match e.downcast_ref::<CallError>() {
             Some(c) => {
-                eprintln!("otm: {}", c.message);
+                let _ = writeln!(std::io::stderr(), "otm: {}", c.message);
                 Ok(c.code)
             }
             None => Err(e),
@@ -473,13 +473,13 @@ async fn with_progress<T>(what: &str, fut: impl std::future::Future<Output = any
             r = &mut fut => break r,
             _ = tick.tick() => {
                 shown = true;
-                eprint!("\r{what}… {} s", started.elapsed().as_secs());
+                let _ = write!(std::io::stderr(), "\r{what}… {} s", started.elapsed().as_secs());
                 let _ = std::io::stderr().flush();
             }
         }
     };
     if shown {
-        eprintln!("\r{what}… done in {:.1} s", started.elapsed().as_secs_f64());
+        let _ = writeln!(std::io::stderr(), "\r{what}… done in {:.1} s", started.elapsed().as_secs_f64());
     }
     result
 }

@@ -14,12 +14,26 @@
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
+use futures::FutureExt as _;
 use otm_testkit::{FakeTelegram, SentMessage, text_update};
 use reqwest::Method;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
+
+/// Prints a line to stdout. A closed stdout (`otm demo | head`) must not panic half-way through
+/// the tour, which would skip stopping the instances, so write errors are ignored.
+macro_rules! say {
+    () => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout());
+    }};
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
 
 /// Options of the demo.
 #[derive(Args, Debug)]
@@ -110,36 +124,41 @@ fn quiet_dispatch() -> tracing::Dispatch {
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // Reporting a failed log write goes to stderr with eprintln!, which panics when stderr
+        // is a closed pipe.
+        .log_internal_errors(false)
         .finish();
     tracing::Dispatch::new(subscriber)
 }
 
 async fn tour(args: DemoArgs) -> Result<()> {
     let started = Instant::now();
-    println!("otm demo: an offline tour of otm on this machine");
-    println!("  A stand-in for the Telegram Bot API, an otm server and one sandboxed instance of");
-    println!("  the reference agent per tenant, all on 127.0.0.1. Nothing goes to the network.");
+    say!("otm demo: an offline tour of otm on this machine");
+    say!("  A stand-in for the Telegram Bot API, an otm server and one sandboxed instance of");
+    say!("  the reference agent per tenant, all on 127.0.0.1. Nothing goes to the network.");
 
     section("Starting");
     let dir = make_data_dir()?;
-    println!("  data directory     {}", dir.display());
+    say!("  data directory     {}", dir.display());
     let outcome = start_and_run(&dir).await;
 
     let keep_reason = match (&outcome, args.keep) {
-        (_, true) => Some("--keep"),
-        (Err(_), false) => Some("to look at after the failure"),
+        (_, true) => Some("--keep: the registry is otm.db, the snapshots are under state/"),
+        (Err(e), false) if !e.is::<Interrupted>() => Some("to look at: the demo failed"),
+        (Err(_), false) => None,
         (Ok(()), false) => None,
     };
     match keep_reason {
-        Some(why) => println!("  kept {} ({why})", dir.display()),
+        Some(why) => say!("  kept {} ({why})", dir.display()),
         None => match std::fs::remove_dir_all(&dir) {
-            Ok(()) => println!("  removed {}", dir.display()),
-            Err(e) => println!("  could not remove {}: {e}", dir.display()),
+            Ok(()) => say!("  removed {}", dir.display()),
+            Err(e) => say!("  could not remove {}: {e}", dir.display()),
         },
     }
     outcome?;
-    println!();
-    println!("demo finished in {:.1} s", started.elapsed().as_secs_f64());
+    say!();
+    say!("demo finished in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -164,7 +183,7 @@ async fn start_and_run(dir: &Path) -> Result<()> {
     let fake = FakeTelegram::try_start()
         .await
         .context("starting the stand-in Telegram")?;
-    println!(
+    say!(
         "  stand-in Telegram  {} (serves the Bot API as api.telegram.org would)",
         fake.url()
     );
@@ -182,23 +201,40 @@ async fn start_and_run(dir: &Path) -> Result<()> {
         .await
         .context("starting the otm server")?;
     let outcome = {
-        let demo = Demo::new(&server, &fake)?;
-        tokio::select! {
-            r = demo.steps() => r,
-            _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+        match Demo::new(&server, &fake) {
+            Ok(demo) => tokio::select! {
+                // A bug in the tour must still stop the instances below.
+                r = std::panic::AssertUnwindSafe(demo.steps()).catch_unwind() => {
+                    r.unwrap_or_else(|_| Err(anyhow!("the demo panicked (see the message above)")))
+                }
+                _ = tokio::signal::ctrl_c() => Err(Interrupted.into()),
+            },
+            Err(e) => Err(e),
         }
     };
-    if let Err(e) = &outcome {
-        println!();
-        println!("demo failed: {e:#}");
+    if outcome.is_err() {
+        say!();
+        say!("the demo stopped early; cleaning up (the reason is printed at the end)");
     }
 
     section("Cleaning up");
-    println!("  stopping the server; every instance takes a final snapshot and is removed ...");
+    say!("  stopping the server; every instance takes a final snapshot and is removed ...");
     server.shutdown(Duration::from_secs(10), true).await;
     fake.shutdown().await;
     outcome
 }
+
+/// Ctrl-C: the tour stops, cleans up and exits with an error.
+#[derive(Debug)]
+struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted")
+    }
+}
+
+impl std::error::Error for Interrupted {}
 
 /// A tenant as the tour knows it.
 struct Tenant {
@@ -239,11 +275,12 @@ impl<'a> Demo<'a> {
 
     async fn steps(&self) -> Result<()> {
         let status = self.api(Method::GET, "/status", None).await?;
-        println!(
+        say!(
             "  otm server         webhooks on {}/tg/<tenant>, admin API on {}/",
-            self.public, self.admin
+            self.public,
+            self.admin
         );
-        println!(
+        say!(
             "  sandbox            {} (instances run `otm shim` under it, each with the reference agent)",
             status["isolation"].as_str().unwrap_or("unknown")
         );
@@ -253,21 +290,15 @@ impl<'a> Demo<'a> {
         for script in &SCRIPTS {
             tenants.push(self.create_tenant(script).await?);
         }
-        println!(
-            "  Each webhook got a secret of its own; Telegram sends it back with every update."
-        );
+        say!("  Each webhook got a secret of its own; Telegram sends it back with every update.");
 
         section("2. A short conversation");
-        println!(
-            "  Each update is posted to the public listener as Telegram would; otm stores it,"
-        );
-        println!(
-            "  wakes the tenant if needed and hands it to the agent, which answers through otm's"
-        );
-        println!("  Bot API proxy. The reference agent numbers the messages of each chat.");
+        say!("  Each update is posted to the public listener as Telegram would; otm stores it,");
+        say!("  wakes the tenant if needed and hands it to the agent, which answers through otm's");
+        say!("  Bot API proxy. The reference agent numbers the messages of each chat.");
         let rounds = SCRIPTS.iter().map(|s| s.messages.len()).max().unwrap_or(0);
         for round in 0..rounds {
-            println!();
+            say!();
             for t in &tenants {
                 let Some(text) = t.script.messages.get(round) else {
                     continue;
@@ -303,7 +334,7 @@ impl<'a> Demo<'a> {
         let secret = hook
             .secret_token
             .with_context(|| format!("the webhook of tenant {} has no secret", script.id))?;
-        println!(
+        say!(
             "  {:<6} profile {}, bot {}, webhook {}",
             script.id,
             created["profile"].as_str().unwrap_or("?"),
@@ -320,14 +351,15 @@ impl<'a> Demo<'a> {
     /// Sends `text` from the tenant's user and prints it with the bot's reply.
     async fn say(&self, t: &Tenant, text: &str, note: &str) -> Result<(String, Duration)> {
         let id = t.script.id;
-        println!("  [{id}] user: {text}");
+        let tag = format!("[{id}]");
+        say!("  {tag:<8} user: {text}");
         let have = self.fake.sent_messages(&t.bot_token).len();
         let began = Instant::now();
         self.post_update(t, text).await?;
         let reply = self.wait_for_reply(t, have + 1).await?;
         let took = began.elapsed();
-        println!(
-            "  [{id}] bot:  {}   ({}, {note})",
+        say!(
+            "  {tag:<8} bot:  {}   ({}, {note})",
             reply.text,
             fmt_duration(took)
         );
@@ -383,7 +415,7 @@ impl<'a> Demo<'a> {
                     WAIT.as_secs()
                 );
             }
-            println!(
+            say!(
                 "    ... still waiting for {id}'s reply ({:.0} s)",
                 began.elapsed().as_secs_f64()
             );
@@ -400,12 +432,8 @@ impl<'a> Demo<'a> {
         )
         .await
         .with_context(|| format!("setting {id}'s idle timeout"))?;
-        println!(
-            "  {id}'s idle timeout is now 1 s. The idle reaper looks every second; it stops the"
-        );
-        println!(
-            "  agent, takes a final snapshot of its state directory and removes the instance."
-        );
+        say!("  {id}'s idle timeout is now 1 s. The idle reaper looks every second; it stops the");
+        say!("  agent, takes a final snapshot of its state directory and removes the instance.");
         let began = Instant::now();
         let mut last = String::new();
         loop {
@@ -420,7 +448,7 @@ impl<'a> Demo<'a> {
                     Some(i) => format!("{status}, instance {}", short(i)),
                     None => format!("{status}, no instance"),
                 };
-                println!("    +{:.1} s  {id}: {what}", began.elapsed().as_secs_f64());
+                say!("    +{:.1} s  {id}: {what}", began.elapsed().as_secs_f64());
                 last = seen;
             }
             if status == "idle" && instance.is_none() {
@@ -443,9 +471,10 @@ impl<'a> Demo<'a> {
                     .count()
             })
             .unwrap_or(0);
-        println!(
-            "  {id} is asleep: {running} instances of it exist; its state lives in the snapshot:"
-        );
+        if running > 0 {
+            bail!("{id} is idle, yet GET /v1/instances lists {running} instances of it");
+        }
+        say!("  {id} is asleep: no process runs for it; its state is in its latest snapshot:");
 
         let snaps = self
             .api(Method::GET, &format!("/tenants/{id}/snapshots"), None)
@@ -455,16 +484,16 @@ impl<'a> Demo<'a> {
         let Some(snap) = list.iter().find(|s| s["id"].as_str() == head.as_deref()) else {
             bail!("{id} fell asleep but has no head snapshot");
         };
-        println!(
-            "    snapshot {}  {}, reason \"{}\", the head of {} kept",
+        say!(
+            "    snapshot {} (head, {} kept): {}, reason \"{}\"",
             snap["id"].as_str().unwrap_or("?"),
+            list.len(),
             fmt_size(snap["size"].as_u64().unwrap_or(0)),
             snap["reason"].as_str().unwrap_or("?"),
-            list.len()
         );
 
         let before = t.script.messages.len();
-        println!();
+        say!();
         let (reply, _) = self
             .say(
                 t,
@@ -478,7 +507,7 @@ impl<'a> Demo<'a> {
                 "{id}'s reply after the wake should start with {expected} (its memory was lost?): {reply}"
             );
         }
-        println!(
+        say!(
             "  The count went on from #{before} to #{}: {id}'s history survived the sleep.",
             before + 1
         );
@@ -488,50 +517,48 @@ impl<'a> Demo<'a> {
     async fn latencies(&self, t: &Tenant) -> Result<()> {
         let id = t.script.id;
         section("4. Wake latency by phase");
-        println!(
-            "  Wakes of {id} through the admin API (POST /v1/tenants/{id}/wake), one sample each."
-        );
-        let mut rows: Vec<(&str, &str, Option<Value>)> = Vec::new();
+        say!("  Three ways POST /v1/tenants/{id}/wake is served; the server times each phase.");
+        say!();
 
         let awake = self.wake(id).await?;
         expect_path(&awake, "cache")?;
+        say!("  {id} is running: the wake answers from the endpoint cache");
 
         self.stop(id).await?;
         let cold = self.wake(id).await?;
         expect_path(&cold, "cold")?;
+        say!("  stopped {id} (POST /v1/tenants/{id}/stop), woke it: a new sandbox was created");
 
-        println!(
-            "  stopping {id} again and sending it a message: the first reply after a cold wake"
-        );
+        say!("  stopped {id} again and sent it a message; the message wakes it:");
         self.stop(id).await?;
         let (_, first_reply) = self
             .say(t, "are you awake?", "webhook to reply, cold wake included")
             .await?;
 
-        println!(
-            "  asking for a warm pool of one instance (PUT /v1/config {{\"warm_pool_target\": 1}})"
+        say!(
+            "  asked for a warm pool of one instance (PUT /v1/config {{\"warm_pool_target\": 1}})"
         );
         self.api(Method::PUT, "/config", Some(json!({"warm_pool_target": 1})))
             .await?;
         let warm = match self.wait_for_warm_instance().await? {
             Some(instance) => {
-                println!(
-                    "  warm instance {} is up, bound to no tenant; stopping {id} and waking it",
+                say!(
+                    "  warm instance {} is up, bound to no tenant; stopped {id} and woke it",
                     short(&instance)
                 );
                 self.stop(id).await?;
                 let w = self.wake(id).await?;
                 if w["path"] != "warm" {
-                    println!(
-                        "  (the wake did not use the warm instance: path {})",
+                    say!(
+                        "  (that wake did not claim the warm instance: path {})",
                         w["path"]
                     );
                 }
                 Some(w)
             }
             None => {
-                println!(
-                    "  the warm pool is not available in this build (no warm instance after {} s); skipping it",
+                say!(
+                    "  the warm pool is not available in this build (no warm instance after {} s)",
                     WARM_WAIT.as_secs()
                 );
                 None
@@ -540,22 +567,26 @@ impl<'a> Demo<'a> {
         self.api(Method::PUT, "/config", Some(json!({"warm_pool_target": 0})))
             .await?;
 
-        rows.push(("cold", "a new sandbox is created", Some(cold)));
-        rows.push(("warm", "a pre-started sandbox is claimed", warm));
-        rows.push((
-            "awake",
-            "already running: the endpoint is cached",
-            Some(awake),
-        ));
-        println!();
-        print_table(&rows);
-        println!();
-        println!(
+        say!();
+        say!(
+            "  milliseconds, one sample each (other: locks and registry writes around the phases):"
+        );
+        print_table(&[
+            ("cold", "a new sandbox is created", Some(cold)),
+            ("warm", "a pre-started sandbox is claimed", warm),
+            (
+                "awake",
+                "already running: the endpoint is cached",
+                Some(awake),
+            ),
+        ]);
+        say!();
+        say!(
             "  first reply after a cold wake, webhook in to reply out: {}",
             fmt_duration(first_reply)
         );
-        println!(
-            "  (`cargo bench -p otm` takes many samples; `GET /metrics` has them by path and phase)"
+        say!(
+            "  (`cargo bench -p otm` takes many samples; GET /metrics has them by path and phase)"
         );
         Ok(())
     }
@@ -593,7 +624,7 @@ impl<'a> Demo<'a> {
             let secs = began.elapsed().as_secs();
             if secs > said {
                 said = secs;
-                println!("    ... waiting for a warm instance ({secs} s)");
+                say!("    ... waiting for a warm instance ({secs} s)");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -641,55 +672,63 @@ fn expect_path(wake: &Value, path: &str) -> Result<()> {
     Ok(())
 }
 
-/// Prints the wake table: one row per path, one column per phase, milliseconds.
+/// Prints the wake table: one row per path, one column per phase, milliseconds. `other` is the
+/// part of the total no phase accounts for (locks and registry writes around the phases).
 fn print_table(rows: &[(&str, &str, Option<Value>)]) {
-    let mut phases: Vec<String> = ["create", "claim", "restore", "start", "ready"]
+    let mut columns: Vec<String> = ["create", "claim", "restore", "start", "ready"]
         .map(String::from)
         .to_vec();
     for (_, _, w) in rows {
         if let Some(map) = w.as_ref().and_then(|w| w["phases_ms"].as_object()) {
             for k in map.keys() {
-                if !phases.contains(k) {
-                    phases.push(k.clone());
+                if !columns.contains(k) {
+                    columns.push(k.clone());
                 }
             }
         }
     }
+    columns.push("other".into());
+    columns.push("total".into());
+    let width = |c: &str| c.len().max(5);
     let mut header = format!("  {:<6}", "path");
-    for p in &phases {
-        header.push_str(&format!(" {p:>8}"));
+    for c in &columns {
+        header.push_str(&format!("  {c:>w$}", w = width(c)));
     }
-    header.push_str(&format!(" {:>8}  {}", "total", "(ms)"));
-    println!("{header}");
-    for (name, what, w) in rows {
+    say!("{header}  how");
+    for (name, how, w) in rows {
         let mut line = format!("  {name:<6}");
         match w {
             Some(w) => {
-                for p in &phases {
-                    let cell = w["phases_ms"][p.as_str()]
-                        .as_u64()
-                        .map_or("-".to_owned(), |ms| ms.to_string());
-                    line.push_str(&format!(" {cell:>8}"));
+                let phases = w["phases_ms"].as_object().filter(|p| !p.is_empty());
+                let total = w["total_ms"].as_u64();
+                let other = phases.zip(total).map(|(p, total)| {
+                    total.saturating_sub(p.values().filter_map(Value::as_u64).sum())
+                });
+                for c in &columns {
+                    let ms = match c.as_str() {
+                        "total" => total,
+                        "other" => other,
+                        phase => w["phases_ms"][phase].as_u64(),
+                    };
+                    let cell = ms.map_or("-".to_owned(), |ms| ms.to_string());
+                    line.push_str(&format!("  {cell:>w$}", w = width(c)));
                 }
-                let total = w["total_ms"]
-                    .as_u64()
-                    .map_or("?".to_owned(), |ms| ms.to_string());
-                line.push_str(&format!(" {total:>8}  {what}"));
+                line.push_str(&format!("  {how}"));
             }
-            None => line.push_str(&format!(" {:>8}  not available in this build", "-")),
+            None => line.push_str("  not available in this build"),
         }
-        println!("{line}");
+        say!("{line}");
     }
 }
 
 fn section(title: &str) {
-    println!();
-    println!("== {title}");
+    say!();
+    say!("== {title}");
 }
 
 /// The first characters of an instance id: enough to tell instances apart.
 fn short(id: &str) -> &str {
-    id.get(..8).unwrap_or(id)
+    id.get(..10).unwrap_or(id)
 }
 
 fn fmt_duration(d: Duration) -> String {

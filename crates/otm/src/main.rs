@@ -6,6 +6,7 @@ mod demo;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use otm_core::Secret;
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -121,11 +122,14 @@ struct ShimArgs {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let quiet_cli = matches!(cli.command, Command::Cli(_));
+    // The CLI and the demo print for people: only warnings unless RUST_LOG says otherwise.
+    let default = if matches!(cli.command, Command::Cli(_) | Command::Demo(_)) { "warn" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
     tracing_subscriber::fmt()
-        .with_env_filter(if quiet_cli { tracing_subscriber::EnvFilter::new("warn") } else { filter })
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .log_internal_errors(false)
         .init();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result = rt.block_on(async move {
@@ -140,7 +144,8 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {
-            eprintln!("otm: {e:#}");
+            // A closed stderr must not turn an error into a panic.
+            let _ = writeln!(std::io::stderr(), "otm: {e:#}");
             std::process::ExitCode::from(1)
         }
     }

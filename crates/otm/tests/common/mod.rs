@@ -111,3 +111,20 @@ impl Harness {
         }
     }
 }
+
+impl Drop for Harness {
+    /// A test that fails before `stop` still leaves no instance running on the machine.
+    fn drop(&mut self) {
+        if self.server.is_none() {
+            return;
+        }
+        let Ok(dirs) = std::fs::read_dir(self.dir.path().join("d/instances")) else { return };
+        for d in dirs.flatten() {
+            let Ok(raw) = std::fs::read(d.path().join("runtime.json")) else { continue };
+            let Ok(v) = serde_json::from_slice::<Value>(&raw) else { continue };
+            if let Some(pid) = v["pid"].as_i64() {
+                let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+}
