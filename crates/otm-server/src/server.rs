@@ -73,9 +73,9 @@ pub async fn start(settings: Settings, admin_token_given: Option<Secret>) -> Res
     let registry_url = settings.registry.clone().unwrap_or_else(|| format!("sqlite://{}", data_dir.join("otm.db").display()));
     let coordinator_url = settings.coordinator.clone().unwrap_or_else(|| "memory".into());
     let state_url = settings.state.clone().unwrap_or_else(|| format!("file://{}", data_dir.join("state").display()));
-    let registry = otm_store::open::open_registry(&registry_url)?;
-    let coordinator = otm_store::open::open_coordinator(&coordinator_url)?;
-    let state = otm_store::open::open_state_store(&state_url)?;
+    let registry = otm_store::open::open_registry(&registry_url).await?;
+    let coordinator = otm_store::open::open_coordinator(&coordinator_url).await?;
+    let state = otm_store::open::open_state_store(&state_url).await?;
 
     let otm_binary = match &settings.otm_binary {
         Some(p) => p.clone(),

@@ -112,7 +112,7 @@ impl RegistryBackend {
     }
 
     /// Opens the backend.
-    pub fn open(&self) -> Result<Arc<dyn Registry>> {
+    pub async fn open(&self) -> Result<Arc<dyn Registry>> {
         match self {
             RegistryBackend::Sqlite { path } => Ok(Arc::new(SqliteRegistry::open(path)?)),
             RegistryBackend::Postgres { .. } => {
@@ -154,7 +154,7 @@ impl CoordinatorBackend {
     }
 
     /// Opens the backend.
-    pub fn open(&self) -> Result<Arc<dyn Coordinator>> {
+    pub async fn open(&self) -> Result<Arc<dyn Coordinator>> {
         match self {
             CoordinatorBackend::Memory => Ok(Arc::new(MemoryCoordinator::new())),
             CoordinatorBackend::Redis { .. } => {
@@ -200,7 +200,7 @@ impl StateStoreBackend {
     }
 
     /// Opens the backend.
-    pub fn open(&self) -> Result<Arc<dyn StateStore>> {
+    pub async fn open(&self) -> Result<Arc<dyn StateStore>> {
         match self {
             StateStoreBackend::Local { dir } => Ok(Arc::new(ObjectStateStore::local(dir)?)),
             StateStoreBackend::S3 { .. } => Err(not_in_build("state store", self.name(), "s3")),
@@ -209,18 +209,18 @@ impl StateStoreBackend {
 }
 
 /// Opens the registry a URL names.
-pub fn open_registry(url: &str) -> Result<Arc<dyn Registry>> {
-    RegistryBackend::parse(url)?.open()
+pub async fn open_registry(url: &str) -> Result<Arc<dyn Registry>> {
+    RegistryBackend::parse(url)?.open().await
 }
 
 /// Opens the coordinator a URL names.
-pub fn open_coordinator(url: &str) -> Result<Arc<dyn Coordinator>> {
-    CoordinatorBackend::parse(url)?.open()
+pub async fn open_coordinator(url: &str) -> Result<Arc<dyn Coordinator>> {
+    CoordinatorBackend::parse(url)?.open().await
 }
 
 /// Opens the state store a URL (or plain directory path) names.
-pub fn open_state_store(url: &str) -> Result<Arc<dyn StateStore>> {
-    StateStoreBackend::parse(url)?.open()
+pub async fn open_state_store(url: &str) -> Result<Arc<dyn StateStore>> {
+    StateStoreBackend::parse(url)?.open().await
 }
 
 #[cfg(test)]
@@ -257,13 +257,13 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn missing_backends_say_not_in_build_without_leaking_the_url() {
+    #[tokio::test]
+    async fn missing_backends_say_not_in_build_without_leaking_the_url() {
         for (url, feature) in [
             ("postgres://u:hunter2@db/otm", "postgres"),
             ("dynamodb://otm-table", "dynamodb"),
         ] {
-            let err = open_registry(url).unwrap_err();
+            let err = open_registry(url).await.unwrap_err();
             assert!(
                 matches!(err, Error::NotInBuild { feature: f, .. } if f == feature),
                 "{err}"
@@ -275,7 +275,7 @@ mod tests {
             );
             assert!(!format!("{:?}", RegistryBackend::parse(url).unwrap()).contains("hunter2"));
         }
-        let err = open_coordinator("redis://:hunter2@cache:6379").unwrap_err();
+        let err = open_coordinator("redis://:hunter2@cache:6379").await.unwrap_err();
         assert!(
             matches!(
                 err,
@@ -287,28 +287,28 @@ mod tests {
             "{err}"
         );
         assert!(!err.to_string().contains("hunter2"));
-        let err = open_state_store("s3://bucket/otm").unwrap_err();
+        let err = open_state_store("s3://bucket/otm").await.unwrap_err();
         assert!(
             matches!(err, Error::NotInBuild { feature: "s3", .. }),
             "{err}"
         );
     }
 
-    #[test]
-    fn unknown_schemes_name_the_accepted_forms() {
-        let err = open_registry("mysql://u:hunter2@db").unwrap_err();
+    #[tokio::test]
+    async fn unknown_schemes_name_the_accepted_forms() {
+        let err = open_registry("mysql://u:hunter2@db").await.unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, Error::InvalidInput { .. }));
         assert!(
             msg.contains("`mysql`") && msg.contains("sqlite:") && !msg.contains("hunter2"),
             "{msg}"
         );
-        let msg = open_coordinator("etcd://x").unwrap_err().to_string();
+        let msg = open_coordinator("etcd://x").await.unwrap_err().to_string();
         assert!(msg.contains("memory") && msg.contains("redis://"), "{msg}");
-        let msg = open_state_store("gopher://x").unwrap_err().to_string();
+        let msg = open_state_store("gopher://x").await.unwrap_err().to_string();
         assert!(msg.contains("file:///") && msg.contains("s3://"), "{msg}");
         assert!(matches!(
-            open_state_store("file://relative/dir"),
+            open_state_store("file://relative/dir").await,
             Err(Error::InvalidInput { .. })
         ));
     }
@@ -317,12 +317,12 @@ mod tests {
     async fn opens_the_embedded_backends() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("sub/registry.db");
-        let r = open_registry(&format!("sqlite://{}", db.display())).unwrap();
+        let r = open_registry(&format!("sqlite://{}", db.display())).await.unwrap();
         assert!(r.list_tenants().await.unwrap().is_empty());
         assert!(db.exists());
-        open_coordinator("memory").unwrap();
+        open_coordinator("memory").await.unwrap();
         let state = dir.path().join("state");
-        let s = open_state_store(&format!("file://{}", state.display())).unwrap();
+        let s = open_state_store(&format!("file://{}", state.display())).await.unwrap();
         assert!(
             s.list(&otm_core::TenantId::parse("a").unwrap())
                 .await
@@ -330,6 +330,6 @@ mod tests {
                 .is_empty()
         );
         assert!(state.is_dir());
-        open_state_store(dir.path().join("plain").to_str().unwrap()).unwrap();
+        open_state_store(dir.path().join("plain").to_str().unwrap()).await.unwrap();
     }
 }

@@ -156,6 +156,35 @@ async fn run() {
         let s = Stats(v.clone());
         rows.push((format!("cold wake phase `{k}` mean / p50"), format!("{:.1} ms / {:.1} ms", s.mean(), s.pct(0.5))));
     }
+    // Warm-pool wakes, by phase.
+    http.put(format!("{admin}/config")).bearer_auth(&token).json(&serde_json::json!({"warm_pool_target": 1})).send().await.unwrap();
+    let mut warm_phases: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    let mut warm_totals = Vec::new();
+    for _ in 0..10 {
+        http.post(format!("{admin}/tenants/awake/stop")).bearer_auth(&token).send().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let list: Value = http.get(format!("{admin}/instances")).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+            if list.as_array().unwrap().iter().any(|i| i["state"] == "warm") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no warm instance");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let v: Value = http.post(format!("{admin}/tenants/awake/wake")).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+        assert_eq!(v["path"], "warm", "{v}");
+        warm_totals.push(v["total_ms"].as_f64().unwrap());
+        for (k, ms) in v["phases_ms"].as_object().unwrap() {
+            warm_phases.entry(k.clone()).or_default().push(ms.as_f64().unwrap());
+        }
+    }
+    http.put(format!("{admin}/config")).bearer_auth(&token).json(&serde_json::json!({"warm_pool_target": 0})).send().await.unwrap();
+    for (k, v) in &warm_phases {
+        let s = Stats(v.clone());
+        rows.push((format!("warm wake phase `{k}` mean / p50"), format!("{:.1} ms / {:.1} ms", s.mean(), s.pct(0.5))));
+    }
+    let w = Stats(warm_totals);
+    rows.push(("warm wake total mean / p50 / max".into(), format!("{:.1} ms / {:.1} ms / {:.1} ms", w.mean(), w.pct(0.5), w.pct(1.0))));
     let t = Stats(totals);
     rows.push(("cold wake total mean / p50 / max".into(), format!("{:.1} ms / {:.1} ms / {:.1} ms", t.mean(), t.pct(0.5), t.pct(1.0))));
     let mut first = Vec::new();
@@ -172,6 +201,75 @@ async fn run() {
     let f = Stats(first);
     rows.push(("cold first reply (webhook to reply) mean / p50".into(), format!("{:.1} ms / {:.1} ms", f.mean(), f.pct(0.5))));
 
+    // Snapshot and restore of a 2 MB and a 50 MB state directory (half text, half random bytes),
+    // through the archive code and the local state store the server uses.
+    for mb in [2usize, 50] {
+        let src = dir.path().join(format!("state-{mb}"));
+        std::fs::create_dir_all(src.join("db")).unwrap();
+        let mut seed = 0x9e3779b97f4a7c15u64;
+        let mut noise = vec![0u8; mb << 19];
+        for b in noise.iter_mut() {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            *b = seed as u8;
+        }
+        std::fs::write(src.join("db/blob.bin"), &noise).unwrap();
+        let text: String = (0..).map(|i| format!("line {i} of the conversation history\n")).take((mb << 19) / 36).collect();
+        std::fs::write(src.join("history.txt"), text).unwrap();
+        let store = otm_store::objstore::ObjectStateStore::local(&dir.path().join("bench-state")).unwrap();
+        let tenant = otm_core::TenantId::parse("bench").unwrap();
+        let t0 = Instant::now();
+        let archive = otm_shim::archive::pack(&src, &[]).unwrap();
+        let id = otm_core::SnapshotId::new_now();
+        let meta = otm_core::StateStore::put(&store, &tenant, &id, archive.into(), "bench").await.unwrap();
+        otm_core::StateStore::publish(&store, &tenant, &id).await.unwrap();
+        let snap = t0.elapsed();
+        let t1 = Instant::now();
+        let bytes = otm_core::StateStore::get(&store, &tenant, &id).await.unwrap();
+        let dst = dir.path().join(format!("restored-{mb}"));
+        otm_shim::archive::unpack(&bytes, &dst).unwrap();
+        let restore = t1.elapsed();
+        rows.push((
+            format!("snapshot / restore of a {mb} MB state ({} archive)", human(meta.size)),
+            format!("{:.0} ms / {:.0} ms", snap.as_secs_f64() * 1000.0, restore.as_secs_f64() * 1000.0),
+        ));
+    }
+
+    // One idle sweep over 100,000 registered tenants (SQLite, indexed by status and deadline).
+    {
+        use otm_core::Registry;
+        let reg = std::sync::Arc::new(otm_store::sqlite::SqliteRegistry::open(&dir.path().join("sweep.db")).unwrap());
+        let n = 100_000;
+        let t0 = Instant::now();
+        for chunk in (0..n).collect::<Vec<_>>().chunks(2000) {
+            let futs = chunk.iter().map(|i| {
+                let reg = reg.clone();
+                async move {
+                    let id = otm_core::TenantId::parse(&format!("t{i}")).unwrap();
+                    let t = otm_core::Tenant::new(id.clone(), "reference", None);
+                    reg.create_tenant(&t).await.unwrap();
+                    if i % 100 == 0 {
+                        reg.set_tenant_status(&id, otm_core::TenantStatus::Running, None).await.unwrap();
+                    }
+                }
+            });
+            futures::future::join_all(futs).await;
+        }
+        let fill = t0.elapsed();
+        let now = otm_core::time::now_ms() + 3_600_000;
+        let mut sweeps = Vec::new();
+        for _ in 0..20 {
+            let t = Instant::now();
+            let due = reg.idle_due(now, 256).await.unwrap();
+            sweeps.push(t.elapsed().as_secs_f64() * 1000.0);
+            assert_eq!(due.len(), 256);
+        }
+        let s = Stats(sweeps);
+        rows.push(("idle sweep over 100,000 tenants (1,000 running) p50 / max".into(), format!("{:.2} ms / {:.2} ms", s.pct(0.5), s.pct(1.0))));
+        rows.push(("registering 100,000 tenants (group commit)".into(), format!("{:.1} s", fill.as_secs_f64())));
+    }
+
     let status: Value = http.get(format!("{admin}/status")).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
     println!();
     println!("otm benchmark ({} cores, isolation {})", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), status["isolation"]);
@@ -183,4 +281,8 @@ async fn run() {
         println!("| {k:w$} | {v} |");
     }
     server.shutdown(Duration::from_secs(10), true).await;
+}
+
+fn human(n: u64) -> String {
+    if n >= 1 << 20 { format!("{:.1} MiB", n as f64 / 1048576.0) } else { format!("{:.0} KiB", n as f64 / 1024.0) }
 }
