@@ -25,6 +25,9 @@ pub struct RuntimeInstance {
     pub alive: bool,
     /// The tenant label it was created with.
     pub tenant: Option<TenantId>,
+    /// When it was created, if the runtime knows.
+    #[serde(default)]
+    pub created_at_ms: Option<i64>,
 }
 
 /// A change in the runtime that the reconciler acts on.

@@ -278,14 +278,26 @@ impl Runtime for LocalRuntime {
             let status = child.wait().await;
             rt.exited(&id, format!("the shim exited: {}", status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())));
         });
-        Ok(RuntimeInstance { id: spec.id.clone(), address, alive: true, tenant: spec.tenant.clone() })
+        Ok(RuntimeInstance {
+            id: spec.id.clone(),
+            address,
+            alive: true,
+            tenant: spec.tenant.clone(),
+            created_at_ms: Some(record.created_at_ms),
+        })
     }
 
     async fn list(&self) -> Result<Vec<RuntimeInstance>> {
         let mut out: Vec<RuntimeInstance> = self
             .records()
             .into_iter()
-            .map(|r| RuntimeInstance { alive: process_alive(r.pid), id: r.id, address: r.address, tenant: r.tenant })
+            .map(|r| RuntimeInstance {
+                alive: process_alive(r.pid),
+                id: r.id,
+                address: r.address,
+                tenant: r.tenant,
+                created_at_ms: Some(r.created_at_ms),
+            })
             .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)

@@ -86,11 +86,39 @@ pub fn router(app: Arc<App>) -> Router {
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         // Authentication wraps every /v1 route, the fallback included.
         .layer(middleware::from_fn_with_state(app.clone(), authorize));
-    Router::new()
-        .nest("/v1", v1)
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
-        .with_state(app)
+    let internal = Router::new()
+        .route("/wake/{id}", post(internal_wake))
+        .layer(middleware::from_fn_with_state(app.clone(), authorize_service));
+    let base = Router::new().route("/metrics", get(metrics)).route("/healthz", get(|| async { "ok" }));
+    if !app.settings.runs_orchestrator() {
+        // A router serves no admin API: tenants and instances are the orchestrators' business.
+        let elsewhere = || async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "this is a router; the admin API is served by the orchestrators")
+        };
+        return base.nest("/v1", Router::new().fallback(elsewhere)).with_state(app);
+    }
+    base.nest("/v1", v1).nest("/internal/v1", internal).with_state(app)
+}
+
+/// Routers present the shared service token; in the `all` role the admin token works too.
+async fn authorize_service(State(app): State<Arc<App>>, headers: HeaderMap, req: Request, next: Next) -> Response {
+    let presented = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let ok = match (presented, &app.settings.service_token) {
+        (Some(t), Some(service)) => service.matches(t),
+        (Some(t), None) => app.admin_token.matches(t),
+        (None, _) => false,
+    };
+    if ok { next.run(req).await } else { ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong service token").into_response() }
+}
+
+async fn internal_wake(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<crate::remote::WakeRequest>,
+) -> ApiResult<Json<crate::remote::WakeAnswer>> {
+    let t = load(&app, &id).await?;
+    let woken = orchestrator::wake_for(&app, &t.id, body.chat).await?;
+    Ok(Json(crate::remote::WakeAnswer::from(&woken)))
 }
 
 async fn authorize(State(app): State<Arc<App>>, headers: HeaderMap, req: Request, next: Next) -> Response {

@@ -34,6 +34,8 @@ pub struct App {
     pub(crate) dispatchers: Mutex<HashMap<TenantId, Arc<Notify>>>,
     /// True while this process holds the leader lease.
     leader: std::sync::atomic::AtomicBool,
+    /// In the router role: the orchestrators that wake tenants.
+    pub remote: Option<crate::remote::OrchestratorClient>,
 }
 
 impl App {
@@ -54,7 +56,16 @@ impl App {
             .pool_idle_timeout(std::time::Duration::from_secs(60))
             .build()
             .expect("HTTP client");
+        let remote = (settings.role == "router").then(|| {
+            crate::remote::OrchestratorClient::new(
+                settings.orchestrator_urls(),
+                settings.service_token.clone().unwrap_or_else(|| Secret::new("")),
+                http.clone(),
+                std::time::Duration::from_secs(settings.wake_timeout_s + 30),
+            )
+        });
         Arc::new(App {
+            remote,
             telegram: Telegram::new(&settings.telegram_api, http.clone()),
             settings,
             registry,

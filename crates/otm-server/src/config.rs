@@ -41,6 +41,16 @@ pub struct Settings {
     pub snapshot_interval_s: u64,
     /// Snapshots kept per tenant (the head always among them).
     pub snapshot_keep: usize,
+    /// `all` (everything in one process), `router` (webhooks, inboxes, dispatch, Bot API proxy) or
+    /// `orchestrator` (admin API, wakes, stops, reaper, warm pool, reconciler).
+    pub role: String,
+    /// Orchestrator base URLs a router calls, comma-separated; tried in turn.
+    pub orchestrator_url: Option<String>,
+    /// The token routers and orchestrators present to each other.
+    pub service_token: Option<otm_core::Secret>,
+    /// Time-to-live of the wake lock and of dispatcher leases, renewed while held, seconds. A
+    /// replica that dies holding one blocks that tenant for at most this long.
+    pub lease_ttl_s: u64,
 }
 
 impl Default for Settings {
@@ -62,6 +72,10 @@ impl Default for Settings {
             wake_timeout_s: 120,
             snapshot_interval_s: 300,
             snapshot_keep: 5,
+            role: "all".into(),
+            orchestrator_url: None,
+            service_token: None,
+            lease_ttl_s: 15,
         }
     }
 }
@@ -125,6 +139,30 @@ impl Settings {
         if self.max_delivery_attempts == 0 {
             return Err(invalid("max-delivery-attempts", "must be at least 1"));
         }
+        match self.role.as_str() {
+            "all" => {}
+            "router" => {
+                let urls = self.orchestrator_urls();
+                if urls.is_empty() {
+                    return Err(invalid("orchestrator-url", "the router role needs the orchestrators' URLs"));
+                }
+                for u in &urls {
+                    check_url("orchestrator-url", u)?;
+                }
+                if self.service_token.is_none() {
+                    return Err(invalid("service-token", "the router role needs OTM_SERVICE_TOKEN, shared with the orchestrators"));
+                }
+            }
+            "orchestrator" => {
+                if self.service_token.is_none() {
+                    return Err(invalid("service-token", "the orchestrator role needs OTM_SERVICE_TOKEN, shared with the routers"));
+                }
+            }
+            other => return Err(invalid("role", format!("`{other}` is not one of all, router, orchestrator"))),
+        }
+        if self.lease_ttl_s < 2 {
+            return Err(invalid("lease-ttl-s", "must be at least 2"));
+        }
         if self.snapshot_keep == 0 {
             return Err(invalid("snapshot-keep", "must be at least 1"));
         }
@@ -132,6 +170,29 @@ impl Settings {
             return Err(invalid("wake-timeout-s", "must be at least 1"));
         }
         Ok(listeners)
+    }
+}
+
+impl Settings {
+    /// The orchestrator URLs, split and trimmed.
+    pub fn orchestrator_urls(&self) -> Vec<String> {
+        self.orchestrator_url
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(|u| u.trim().trim_end_matches('/').to_owned())
+            .filter(|u| !u.is_empty())
+            .collect()
+    }
+
+    /// Whether this process runs the router's part.
+    pub fn runs_router(&self) -> bool {
+        self.role != "orchestrator"
+    }
+
+    /// Whether this process runs the orchestrator's part.
+    pub fn runs_orchestrator(&self) -> bool {
+        self.role != "router"
     }
 }
 

@@ -3,6 +3,7 @@
 //! acknowledged it; failures retry with backoff and end in the dead-letter list.
 
 use crate::app::App;
+use crate::lease::HeldLease;
 use crate::orchestrator;
 use otm_core::{FailOutcome, InboxItem, TenantId};
 use otm_shim::ShimClient;
@@ -33,11 +34,23 @@ pub fn kick(app: &Arc<App>, tenant: &TenantId) {
 }
 
 async fn run(app: &Arc<App>, tenant: &TenantId, notify: Arc<Notify>) {
-    let span = tracing::info_span!("dispatch", %tenant);
-    let _enter = span.enter();
-    drop(_enter);
+    // At most one dispatcher per tenant across all replicas: the one holding this lease.
+    let key = format!("dispatch:{tenant}");
+    let lease = match HeldLease::try_acquire(&app.coordinator, &key, orchestrator::lease_ttl(app)).await {
+        Ok(Some(l)) => l,
+        Ok(None) => {
+            // Another replica dispatches; the sweeper looks again later.
+            app.dispatchers.lock().unwrap().remove(tenant);
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(%tenant, error = %e, "cannot take the dispatcher lease");
+            app.dispatchers.lock().unwrap().remove(tenant);
+            return;
+        }
+    };
     loop {
-        if app.shutdown.is_cancelled() {
+        if app.shutdown.is_cancelled() || lease.lost().is_cancelled() {
             break;
         }
         let next = match app.registry.inbox_next(tenant).await {
@@ -54,10 +67,12 @@ async fn run(app: &Arc<App>, tenant: &TenantId, notify: Arc<Notify>) {
                 tokio::select! {
                     _ = notify.notified() => continue,
                     _ = app.shutdown.cancelled() => break,
+                    _ = lease.lost().cancelled() => break,
                     _ = tokio::time::sleep(IDLE_EXIT) => {}
                 }
                 // Leave; a kick that raced with this sees no dispatcher and starts a new one.
                 app.dispatchers.lock().unwrap().remove(tenant);
+                lease.release().await;
                 if matches!(app.registry.inbox_next(tenant).await, Ok(Some(_))) {
                     kick(app, tenant);
                 }
@@ -66,6 +81,23 @@ async fn run(app: &Arc<App>, tenant: &TenantId, notify: Arc<Notify>) {
         }
     }
     app.dispatchers.lock().unwrap().remove(tenant);
+    lease.release().await;
+}
+
+/// Kicks local dispatchers when another replica stored an update (best effort; the sweeper
+/// covers lost notifications).
+pub async fn run_notifications(app: Arc<App>) {
+    let mut notes = app.coordinator.subscribe();
+    loop {
+        tokio::select! {
+            _ = app.shutdown.cancelled() => return,
+            n = futures::StreamExt::next(&mut notes) => match n {
+                Some(otm_core::Notification::InboxHasWork { tenant }) => kick(&app, &tenant),
+                Some(_) => {}
+                None => return,
+            },
+        }
+    }
 }
 
 async fn deliver_one(app: &Arc<App>, tenant: &TenantId, item: InboxItem) {
@@ -104,7 +136,7 @@ async fn deliver_one(app: &Arc<App>, tenant: &TenantId, item: InboxItem) {
 /// One delivery attempt: wake if needed, deliver through the shim, check the acknowledgement.
 async fn attempt(app: &Arc<App>, tenant: &TenantId, item: &InboxItem) -> Result<(), String> {
     let chat = serde_json::from_slice::<serde_json::Value>(&item.payload).ok().and_then(|u| chat_of(&u));
-    let woken = orchestrator::wake_for(app, tenant, chat).await.map_err(|e| format!("wake failed: {e}"))?;
+    let woken = orchestrator::wake_anywhere(app, tenant, chat).await.map_err(|e| format!("wake failed: {e}"))?;
     let shim = ShimClient::new(woken.endpoint.address.clone(), woken.endpoint.shim_token.clone());
     let timeout = Duration::from_secs(60);
     match shim.deliver(bytes::Bytes::from(item.payload.clone()), timeout).await {

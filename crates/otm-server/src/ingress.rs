@@ -22,7 +22,8 @@ pub const MAX_UPDATE_BYTES: usize = 1 << 20;
 pub const SECRET_HEADER: &str = "x-telegram-bot-api-secret-token";
 
 pub fn router(app: Arc<App>) -> Router {
-    Router::new().route("/tg/{tenant}", post(webhook)).route("/healthz", get(healthz)).with_state(app)
+    let r = Router::new().route("/healthz", get(healthz));
+    if app.settings.runs_router() { r.route("/tg/{tenant}", post(webhook)).with_state(app) } else { r.with_state(app) }
 }
 
 async fn healthz() -> &'static str {
@@ -67,6 +68,10 @@ async fn webhook(State(app): State<Arc<App>>, Path(tenant): Path<String>, req: R
             app.metrics.updates_accepted.inc();
             app.metrics.accept_seconds.observe(started.elapsed().as_secs_f64());
             crate::dispatch::kick(&app, &tenant);
+            if app.remote.is_some() || app.settings.coordinator.as_deref().is_some_and(|c| c != "memory") {
+                // Another replica may hold this tenant's dispatcher lease.
+                let _ = app.coordinator.publish(otm_core::Notification::InboxHasWork { tenant: tenant.clone() }).await;
+            }
         }
         Ok(Appended::Duplicate) => {
             app.metrics.updates_duplicate.inc();

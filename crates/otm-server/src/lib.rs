@@ -11,6 +11,8 @@
 //! - [`admin`]: the admin API and `/metrics`.
 //! - [`telegram`]: a client for the real Bot API.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`lease`]: coordinator leases renewed while their work runs.
+//! - [`remote`]: the router's client for the orchestrators, and the router's empty runtime.
 //! - [`server`]: start and shutdown.
 
 pub mod admin;
@@ -19,8 +21,10 @@ pub mod config;
 pub mod dispatch;
 pub mod egress;
 pub mod ingress;
+pub mod lease;
 pub mod metrics;
 pub mod orchestrator;
+pub mod remote;
 pub mod server;
 pub mod telegram;
 

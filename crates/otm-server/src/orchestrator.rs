@@ -16,11 +16,19 @@ use futures::StreamExt;
 
 /// How long a cached endpoint stays valid without being refreshed.
 const ENDPOINT_TTL: Duration = Duration::from_secs(300);
-/// How long the cross-process wake lock is held at most.
-const WAKE_LOCK_TTL: Duration = Duration::from_secs(180);
+/// Instances and records younger than this are left alone by the full reconcile pass.
+const RECONCILE_GRACE_MS: i64 = 120_000;
+
+/// How long a wake or stop waits for another replica's wake lock.
+const WAKE_WAIT: Duration = Duration::from_secs(300);
+
+/// TTL of the wake lock and dispatcher leases (renewed while held).
+pub(crate) fn lease_ttl(app: &App) -> Duration {
+    Duration::from_secs(app.settings.lease_ttl_s)
+}
 
 /// How a wake was served.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WakePath {
     /// Already awake: the endpoint was cached or registered.
@@ -61,6 +69,20 @@ pub async fn wake(app: &Arc<App>, tenant: &TenantId) -> Result<Woken> {
     wake_for(app, tenant, None).await
 }
 
+/// Wakes a tenant here, or, in the router role, through an orchestrator.
+pub async fn wake_anywhere(app: &Arc<App>, tenant: &TenantId, chat: Option<i64>) -> Result<Woken> {
+    match &app.remote {
+        None => wake_for(app, tenant, chat).await,
+        Some(remote) => {
+            let begun = Instant::now();
+            if let Some(ep) = app.coordinator.endpoint(tenant).await? {
+                return Ok(cached(ep, begun));
+            }
+            remote.wake(tenant, chat).await
+        }
+    }
+}
+
 /// [`wake`], telling which chat is waiting: a cold wake of a tenant with the cold-start notice on
 /// sends that chat a short "starting up" message first.
 pub async fn wake_for(app: &Arc<App>, tenant: &TenantId, chat: Option<i64>) -> Result<Woken> {
@@ -74,19 +96,28 @@ pub async fn wake_for(app: &Arc<App>, tenant: &TenantId, chat: Option<i64>) -> R
         return Ok(cached(ep, begun));
     }
     if let Some(rec) = app.registry.instance_of(tenant).await? {
-        if rec.state == InstanceState::Ready {
+        if rec.state == InstanceState::Ready && answers(&rec).await {
             let ep = Endpoint::from(&rec);
             app.coordinator.set_endpoint(tenant, &ep, ENDPOINT_TTL).await?;
             return Ok(cached(ep, begun));
         }
     }
 
-    let lease = acquire(app, &format!("wake:{tenant}"), WAKE_LOCK_TTL).await?;
-    let result = wake_locked(app, tenant, lease.fence, begun, chat).await;
-    let _ = app.coordinator.release(&lease).await;
+    let lease = crate::lease::HeldLease::acquire(&app.coordinator, &format!("wake:{tenant}"), lease_ttl(app), WAKE_WAIT).await?;
+    let result = tokio::select! {
+        r = wake_locked(app, tenant, lease.fence(), begun, chat) => r,
+        _ = lease.lost().cancelled() => Err(Error::conflict(format!("lost the wake lock of {tenant}; another replica took over"))),
+    };
+    lease.release().await;
     let outcome = if result.is_ok() { "ok" } else { "error" };
     app.metrics.wakes.get_or_create(&crate::metrics::Outcome { outcome: outcome.into() }).inc();
     result
+}
+
+/// True when a registered instance's shim answers (checked only when the endpoint cache missed).
+async fn answers(rec: &InstanceRecord) -> bool {
+    let shim = ShimClient::new(rec.address.clone(), rec.shim_token.clone());
+    matches!(tokio::time::timeout(Duration::from_secs(3), shim.status()).await, Ok(Ok(s)) if s.agent != "stopped" && s.agent != "failed")
 }
 
 fn cached(endpoint: Endpoint, begun: Instant) -> Woken {
@@ -99,30 +130,16 @@ fn cached(endpoint: Endpoint, begun: Instant) -> Woken {
     }
 }
 
-/// Takes a coordinator lock, waiting while another process holds it.
-async fn acquire(app: &Arc<App>, key: &str, ttl: Duration) -> Result<otm_core::Lease> {
-    let deadline = Instant::now() + ttl + Duration::from_secs(5);
-    loop {
-        if let Some(lease) = app.coordinator.acquire(key, ttl).await? {
-            return Ok(lease);
-        }
-        if Instant::now() > deadline {
-            return Err(Error::unavailable("coordinator", format!("lock {key} stayed taken")));
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 async fn wake_locked(app: &Arc<App>, tenant: &TenantId, fence: u64, begun: Instant, chat: Option<i64>) -> Result<Woken> {
     // Another process may have finished a wake while we waited for the lock.
     if let Some(rec) = app.registry.instance_of(tenant).await? {
-        if rec.state == InstanceState::Ready {
+        if rec.state == InstanceState::Ready && answers(&rec).await {
             let ep = Endpoint::from(&rec);
             app.coordinator.set_endpoint(tenant, &ep, ENDPOINT_TTL).await?;
             return Ok(cached(ep, begun));
         }
-        // A wake that died half-way left this behind.
-        tracing::warn!(%tenant, instance = %rec.id, state = rec.state.as_str(), "removing a half-bound instance");
+        // A wake that died half-way, or an instance that died unseen, left this behind.
+        tracing::warn!(%tenant, instance = %rec.id, state = rec.state.as_str(), "removing an instance that is half-bound or gone");
         discard(app, &rec).await;
     }
     let t = app.registry.get_tenant(tenant).await?.ok_or_else(|| Error::not_found(format!("tenant {tenant}")))?;
@@ -263,9 +280,9 @@ pub async fn stop(app: &Arc<App>, tenant: &TenantId, reason: &str) -> Result<boo
         }
         return Ok(false);
     };
-    let lease = acquire(app, &format!("wake:{tenant}"), WAKE_LOCK_TTL).await?;
-    let result = stop_locked(app, tenant, &mut rec, reason, lease.fence).await;
-    let _ = app.coordinator.release(&lease).await;
+    let lease = crate::lease::HeldLease::acquire(&app.coordinator, &format!("wake:{tenant}"), lease_ttl(app), WAKE_WAIT).await?;
+    let result = stop_locked(app, tenant, &mut rec, reason, lease.fence()).await;
+    lease.release().await;
     let _ = app.coordinator.publish(Notification::EndpointInvalidated { tenant: tenant.clone() }).await;
     result.map(|()| true)
 }
@@ -377,6 +394,7 @@ async fn instance_exited(app: &Arc<App>, id: &InstanceId, detail: &str) {
 /// One full pass: adopts live instances the registry knows, removes instances that belong to no
 /// record, and repairs records whose instance is gone.
 pub async fn reconcile(app: &Arc<App>) -> Result<()> {
+    let now = otm_core::time::now_ms();
     let live = app.runtime.list().await?;
     let records = app.registry.list_instances().await?;
     for inst in &live {
@@ -391,6 +409,8 @@ pub async fn reconcile(app: &Arc<App>) -> Result<()> {
                 }
             }
             Some(_) => {}
+            // Another replica may be between creating an instance and recording it.
+            None if inst.created_at_ms.is_some_and(|t| now - t < RECONCILE_GRACE_MS) => {}
             None => {
                 tracing::warn!(instance = %inst.id, "removing an instance that no record owns");
                 app.runtime.delete(&inst.id).await?;
@@ -400,7 +420,7 @@ pub async fn reconcile(app: &Arc<App>) -> Result<()> {
     }
     for rec in &records {
         let alive = live.iter().any(|i| i.id == rec.id && i.alive);
-        if !alive {
+        if !alive && now - rec.created_at_ms >= RECONCILE_GRACE_MS {
             tracing::warn!(instance = %rec.id, "removing the record of an instance that is gone");
             discard(app, rec).await;
             if let Some(t) = &rec.tenant {

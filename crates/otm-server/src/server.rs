@@ -86,7 +86,11 @@ pub async fn start(settings: Settings, admin_token_given: Option<Secret>) -> Res
         "none" => SandboxMode::None,
         _ => SandboxMode::Auto,
     };
-    let runtime = Arc::new(LocalRuntime::new(LocalRuntimeConfig { data_dir: data_dir.clone(), otm_binary, sandbox, read_only: vec![] })?);
+    let runtime: Arc<dyn otm_core::Runtime> = if settings.runs_orchestrator() {
+        Arc::new(LocalRuntime::new(LocalRuntimeConfig { data_dir: data_dir.clone(), otm_binary, sandbox, read_only: vec![] })?)
+    } else {
+        Arc::new(crate::remote::NoRuntime)
+    };
 
     let bind = |listener: &'static str, addr: SocketAddr| async move {
         TcpListener::bind(addr).await.map_err(|source| StartError::Bind { listener, addr, source })
@@ -104,27 +108,36 @@ pub async fn start(settings: Settings, admin_token_given: Option<Secret>) -> Res
 
     let shutdown = CancellationToken::new();
     let app = App::new(settings, registry, coordinator, state, runtime, egress_url, token, shutdown.clone());
-    if let Err(e) = orchestrator::reconcile(&app).await {
-        tracing::warn!(error = %e, "first reconcile pass failed");
-    }
+    let role = app.settings.role.clone();
 
     let mut tasks = Vec::new();
+    // Every role answers /healthz and /metrics; the public listener takes webhooks only on
+    // routers, the admin API lives on orchestrators, and both serve the Bot API proxy (agents
+    // are pointed at their orchestrator's, or at --egress-url).
     tasks.push(serve(public, public_router(app.clone()), shutdown.clone()));
     tasks.push(serve(admin, admin::router(app.clone()), shutdown.clone()));
     tasks.push(serve(egress, egress::router(app.clone()), shutdown.clone()));
-    tasks.push(tokio::spawn(orchestrator::run_reaper(app.clone())));
-    tasks.push(tokio::spawn(orchestrator::run_reconciler(app.clone())));
-    tasks.push(tokio::spawn(dispatch::run_sweeper(app.clone())));
-    tasks.push(tokio::spawn(orchestrator::run_leader_election(app.clone())));
-    tasks.push(tokio::spawn(orchestrator::run_warm_pool(app.clone())));
-    tasks.push(tokio::spawn(orchestrator::run_periodic_snapshots(app.clone())));
-    // Inboxes left pending by an earlier run are drained at once.
-    if let Ok(pending) = app.registry.inbox_pending_tenants().await {
-        for t in pending {
-            dispatch::kick(&app, &t);
+    if app.settings.runs_orchestrator() {
+        if let Err(e) = orchestrator::reconcile(&app).await {
+            tracing::warn!(error = %e, "first reconcile pass failed");
+        }
+        tasks.push(tokio::spawn(orchestrator::run_reaper(app.clone())));
+        tasks.push(tokio::spawn(orchestrator::run_reconciler(app.clone())));
+        tasks.push(tokio::spawn(orchestrator::run_leader_election(app.clone())));
+        tasks.push(tokio::spawn(orchestrator::run_warm_pool(app.clone())));
+        tasks.push(tokio::spawn(orchestrator::run_periodic_snapshots(app.clone())));
+    }
+    if app.settings.runs_router() {
+        tasks.push(tokio::spawn(dispatch::run_sweeper(app.clone())));
+        tasks.push(tokio::spawn(dispatch::run_notifications(app.clone())));
+        // Inboxes left pending by an earlier run are drained at once.
+        if let Ok(pending) = app.registry.inbox_pending_tenants().await {
+            for t in pending {
+                dispatch::kick(&app, &t);
+            }
         }
     }
-    tracing::info!(%public_addr, %admin_addr, %egress_addr, runtime = "local", isolation = %app.runtime.isolation(), "otm server started");
+    tracing::info!(%role, %public_addr, %admin_addr, %egress_addr, runtime = app.runtime.name(), isolation = %app.runtime.isolation(), "otm server started");
     Ok(Server { public_addr, admin_addr, egress_addr, app, tasks })
 }
 

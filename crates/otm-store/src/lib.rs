@@ -7,7 +7,11 @@
 //! # Layout
 //! - [`sqlite`]: [`SqliteRegistry`], the embedded [`otm_core::Registry`]: one SQLite file, one
 //!   writer thread with group commit, a small pool of read-only connections.
+//! - `postgres` (cargo feature `postgres`): `PostgresRegistry`, the [`otm_core::Registry`] that
+//!   replicas share: PostgreSQL, one atomic statement per write, a small reconnecting pool.
 //! - [`memory`]: [`MemoryCoordinator`], the in-process [`otm_core::Coordinator`].
+//! - `redis` (cargo feature `redis`): `RedisCoordinator`, the [`otm_core::Coordinator`] that
+//!   replicas share: a Redis cache, Lua-scripted fenced locks, pub/sub notifications.
 //! - [`objstore`]: [`ObjectStateStore`], the [`otm_core::StateStore`] over any `object_store`
 //!   backend (a local directory in this build).
 //! - [`open`]: picks a backend from a URL and names the ones missing from this build.
@@ -17,6 +21,10 @@ pub mod conformance;
 pub mod memory;
 pub mod objstore;
 pub mod open;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "redis")]
+pub mod redis;
 pub mod sqlite;
 
 pub use memory::MemoryCoordinator;
@@ -25,4 +33,8 @@ pub use open::{
     CoordinatorBackend, RegistryBackend, StateStoreBackend, open_coordinator, open_registry,
     open_state_store,
 };
+#[cfg(feature = "redis")]
+pub use self::redis::RedisCoordinator;
+#[cfg(feature = "postgres")]
+pub use postgres::PostgresRegistry;
 pub use sqlite::SqliteRegistry;

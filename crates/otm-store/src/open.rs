@@ -115,6 +115,11 @@ impl RegistryBackend {
     pub async fn open(&self) -> Result<Arc<dyn Registry>> {
         match self {
             RegistryBackend::Sqlite { path } => Ok(Arc::new(SqliteRegistry::open(path)?)),
+            #[cfg(feature = "postgres")]
+            RegistryBackend::Postgres { url } => Ok(Arc::new(
+                crate::PostgresRegistry::connect(url.expose()).await?,
+            )),
+            #[cfg(not(feature = "postgres"))]
             RegistryBackend::Postgres { .. } => {
                 Err(not_in_build("registry", self.name(), "postgres"))
             }
@@ -157,6 +162,11 @@ impl CoordinatorBackend {
     pub async fn open(&self) -> Result<Arc<dyn Coordinator>> {
         match self {
             CoordinatorBackend::Memory => Ok(Arc::new(MemoryCoordinator::new())),
+            #[cfg(feature = "redis")]
+            CoordinatorBackend::Redis { url } => Ok(Arc::new(
+                crate::RedisCoordinator::connect(url.expose()).await?,
+            )),
+            #[cfg(not(feature = "redis"))]
             CoordinatorBackend::Redis { .. } => {
                 Err(not_in_build("coordinator", self.name(), "redis"))
             }
@@ -260,6 +270,7 @@ mod tests {
     #[tokio::test]
     async fn missing_backends_say_not_in_build_without_leaking_the_url() {
         for (url, feature) in [
+            #[cfg(not(feature = "postgres"))]
             ("postgres://u:hunter2@db/otm", "postgres"),
             ("dynamodb://otm-table", "dynamodb"),
         ] {
@@ -275,7 +286,19 @@ mod tests {
             );
             assert!(!format!("{:?}", RegistryBackend::parse(url).unwrap()).contains("hunter2"));
         }
-        let err = open_coordinator("redis://:hunter2@cache:6379").await.unwrap_err();
+        #[cfg(feature = "postgres")]
+        {
+            // Port 1 on the loopback address refuses connections at once.
+            let err = open_registry("postgres://u:hunter2@127.0.0.1:1/otm").await.unwrap_err();
+            assert!(
+                matches!(err, Error::Unavailable { backend: "postgres", .. }),
+                "{err}"
+            );
+            assert!(!format!("{err} {err:?}").contains("hunter2"), "{err:?}");
+        }
+        // Port 1 on the loopback address refuses connections at once.
+        let err = open_coordinator("redis://:hunter2@127.0.0.1:1").await.unwrap_err();
+        #[cfg(not(feature = "redis"))]
         assert!(
             matches!(
                 err,
@@ -284,6 +307,11 @@ mod tests {
                     ..
                 }
             ),
+            "{err}"
+        );
+        #[cfg(feature = "redis")]
+        assert!(
+            matches!(err, Error::Unavailable { backend: "redis", .. }),
             "{err}"
         );
         assert!(!err.to_string().contains("hunter2"));

@@ -75,6 +75,16 @@ struct ServerArgs {
     /// Failed deliveries of one update before it moves to the dead-letter list [default: 10].
     #[arg(long, env = "OTM_MAX_DELIVERY_ATTEMPTS")]
     max_delivery_attempts: Option<u32>,
+    /// What this process runs: all; router (webhooks, inboxes, dispatch, Bot API proxy); or
+    /// orchestrator (admin API, wakes, stops, reaper, warm pool, reconciler) [default: all].
+    #[arg(long, env = "OTM_ROLE", value_parser = ["all", "router", "orchestrator"])]
+    role: Option<String>,
+    /// Orchestrator URLs a router calls (their admin listeners), comma-separated.
+    #[arg(long, env = "OTM_ORCHESTRATOR_URL")]
+    orchestrator_url: Option<String>,
+    /// Lifetime of wake locks and dispatcher leases, renewed while held, in seconds [default: 15].
+    #[arg(long, env = "OTM_LEASE_TTL_S")]
+    lease_ttl_s: Option<u64>,
 }
 
 impl ServerArgs {
@@ -96,6 +106,19 @@ impl ServerArgs {
         set_opt!(egress_url, public_url, registry, coordinator, state);
         if let Some(n) = self.max_delivery_attempts {
             s.max_delivery_attempts = n;
+        }
+        if let Some(r) = &self.role {
+            s.role = r.clone();
+        }
+        if let Some(u) = &self.orchestrator_url {
+            s.orchestrator_url = Some(u.clone());
+        }
+        if let Some(t) = self.lease_ttl_s {
+            s.lease_ttl_s = t;
+        }
+        // The service token comes from the environment only, never from a flag (process lists).
+        if let Some(t) = std::env::var("OTM_SERVICE_TOKEN").ok().filter(|t| !t.is_empty()) {
+            s.service_token = Some(Secret::new(t));
         }
         Ok(s)
     }

@@ -1,0 +1,1413 @@
+//! [`PostgresRegistry`]: the [`Registry`] on PostgreSQL, for fleets that outgrow one machine.
+//!
+//! Behaves exactly like [`crate::SqliteRegistry`], down to which error each call returns, but every
+//! write is one atomic statement that is safe with many callers in many processes:
+//! - [`Registry::inbox_append`] locks the tenant's row and inserts with
+//!   `ON CONFLICT (tenant, update_id) DO NOTHING`, in one statement. Appends to one tenant thus
+//!   commit in sequence order, so a dispatcher never sees a lower sequence number appear after a
+//!   higher one; appends to different tenants run side by side.
+//! - [`Registry::set_tenant_status`] checks the fence inside its `UPDATE … WHERE fence <= $n`.
+//! - [`Registry::claim_warm_instance`] picks its row with `FOR UPDATE SKIP LOCKED`: concurrent
+//!   claimers take different instances or nothing, never the same one.
+//! - [`Registry::inbox_ack`] and [`Registry::inbox_fail`] are single `UPDATE`s.
+//!
+//! A write is durable when it returns: PostgreSQL commits each statement before answering, and a
+//! connection whose session has `synchronous_commit = off` is switched back on.
+//!
+//! Connections: a small pool (at most [`PostgresOptions::pool_size`]), opened on demand and kept.
+//! A connection that breaks is dropped and replaced by the next caller; a call that lost its
+//! connection is retried once on a fresh one when repeating it cannot change its answer (reads and
+//! idempotent writes). Every call is bounded by [`PostgresOptions::timeout`].
+//!
+//! The schema lives in [`MIGRATIONS`], applied in order at connect time inside one transaction
+//! under an advisory lock, and tracked in `otm_schema_version`. Tables live in the connection's
+//! default schema, or in a schema of their own ([`PostgresOptions::schema`], or `?schema=name` in
+//! the URL), which lets several fleets or test runs share a database.
+//!
+//! The URL may hold a password: it never appears in an error, a log line or `Debug` output.
+
+use otm_core::{
+    Appended, Error, FailOutcome, FleetSettings, InboxItem, InboxView, InstanceId, InstanceRecord,
+    InstanceState, Registry, Result, Secret, Tenant, TenantId, TenantStatus,
+};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Config, NoTls, Row, Statement};
+
+const BACKEND: &str = "postgres";
+
+/// Connections in the pool unless [`PostgresOptions::pool_size`] says otherwise.
+pub const DEFAULT_POOL_SIZE: usize = 8;
+/// How long one call may take, waiting for a connection included, unless
+/// [`PostgresOptions::timeout`] says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// TCP connect timeout when the URL sets none (`connect_timeout=`).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for the migrations (another process may hold the migration lock).
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest stored delivery error, in bytes.
+const MAX_ERROR_LEN: usize = 2000;
+/// The settings row that holds [`FleetSettings`].
+const FLEET_KEY: &str = "fleet";
+/// Prepared statements kept per connection before the cache starts over.
+const MAX_STATEMENTS: usize = 128;
+/// The advisory lock that serializes migrations across processes: "otm-mig" in ASCII.
+const MIGRATION_LOCK: i64 = 0x6f74_6d2d_6d69_67;
+
+/// The schema, one step per entry. Step `n` (1-based) is recorded as version `n` in
+/// `otm_schema_version`. Never edit a released step; add a new one.
+///
+/// Identifier columns use the `"C"` collation, so `ORDER BY id` is byte order, as in SQLite and
+/// in Rust, whatever the database's locale.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: tenants, instances, inbox, settings.
+    r#"
+    CREATE TABLE tenants (
+        id                TEXT COLLATE "C" PRIMARY KEY,
+        profile           TEXT NOT NULL,
+        idle_timeout_s    BIGINT NOT NULL,
+        bot_token         TEXT,
+        webhook_secret    TEXT NOT NULL,
+        cold_start_notice BOOLEAN NOT NULL DEFAULT false,
+        status            TEXT NOT NULL,
+        created_at_ms     BIGINT NOT NULL,
+        last_active_ms    BIGINT NOT NULL,
+        idle_deadline_ms  BIGINT NOT NULL,
+        fence             BIGINT NOT NULL DEFAULT 0
+    );
+    -- idle_due: running tenants by deadline, cheap with 100,000 tenants.
+    CREATE INDEX tenants_idle ON tenants (status, idle_deadline_ms);
+
+    CREATE TABLE instances (
+        id               TEXT COLLATE "C" PRIMARY KEY,
+        tenant           TEXT COLLATE "C" UNIQUE,
+        state            TEXT NOT NULL,
+        address          TEXT NOT NULL,
+        shim_token       TEXT NOT NULL,
+        surrogate_digest TEXT,
+        created_at_ms    BIGINT NOT NULL,
+        bound_at_ms      BIGINT
+    );
+    CREATE INDEX instances_surrogate ON instances (surrogate_digest);
+    -- claim_warm_instance: the warm pool, in claim order.
+    CREATE INDEX instances_warm ON instances (created_at_ms, id) WHERE state = 'warm' AND tenant IS NULL;
+
+    -- seq comes from one sequence and is never reused, so it grows in append order per tenant.
+    CREATE TABLE inbox (
+        seq            BIGSERIAL PRIMARY KEY,
+        tenant         TEXT COLLATE "C" NOT NULL REFERENCES tenants (id) ON DELETE CASCADE,
+        update_id      BIGINT NOT NULL,
+        payload        BYTEA NOT NULL,
+        state          TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'done', 'dead')),
+        attempts       BIGINT NOT NULL DEFAULT 0,
+        accepted_at_ms BIGINT NOT NULL,
+        last_error     TEXT,
+        done_at_ms     BIGINT,
+        UNIQUE (tenant, update_id)
+    );
+    CREATE INDEX inbox_queue ON inbox (tenant, state, seq);
+    -- inbox_pending_tenants without scanning delivered rows.
+    CREATE INDEX inbox_pending ON inbox (tenant) WHERE state = 'pending';
+    -- inbox_prune without scanning pending rows.
+    CREATE INDEX inbox_done ON inbox (accepted_at_ms) WHERE state = 'done';
+
+    CREATE TABLE settings (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    "#,
+];
+
+/// How to connect, beyond the URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PostgresOptions {
+    /// The schema that holds otm's tables, created if missing; `None` uses the connection's
+    /// default (`public`, or what the URL's `options=-csearch_path=…` says). A lowercase SQL
+    /// identifier: `[a-z_][a-z0-9_]*`, at most 63 bytes.
+    pub schema: Option<String>,
+    /// Most connections open at once.
+    pub pool_size: usize,
+    /// Longest time one call may take, waiting for a free connection included.
+    pub timeout: Duration,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        PostgresOptions {
+            schema: None,
+            pool_size: DEFAULT_POOL_SIZE,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+impl PostgresOptions {
+    /// Puts the tables in `schema`.
+    pub fn with_schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = Some(schema.into());
+        self
+    }
+
+    /// Keeps at most `size` connections.
+    pub fn with_pool_size(mut self, size: usize) -> Self {
+        self.pool_size = size;
+        self
+    }
+
+    /// Bounds every call by `timeout`.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+}
+
+/// The PostgreSQL registry. Cheap to share behind an `Arc`; any number of processes may use the
+/// same database (and schema) at once.
+pub struct PostgresRegistry {
+    pool: Pool,
+    schema: Option<String>,
+}
+
+impl fmt::Debug for PostgresRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresRegistry")
+            .field("schema", &self.schema)
+            .field("pool_size", &self.pool.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresRegistry {
+    /// Connects to `url` (`postgres://user:password@host:port/database`, optionally with
+    /// `?schema=name` and any parameter `tokio-postgres` knows), applies the migrations, and keeps
+    /// the connection for later calls.
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(url, PostgresOptions::default()).await
+    }
+
+    /// [`PostgresRegistry::connect`] with options. A schema in `options` and another one in the
+    /// URL are an error.
+    pub async fn connect_with(url: &str, options: PostgresOptions) -> Result<Self> {
+        let (url, url_schema) = split_schema(url);
+        let schema = match (options.schema, url_schema) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(Error::invalid(format!(
+                    "the PostgreSQL registry is given two schemas, `{a}` in the options and `{b}` in the URL; keep one"
+                )));
+            }
+            (a, b) => a.or(b),
+        };
+        if let Some(s) = &schema {
+            check_schema_name(s)?;
+        }
+        if options.pool_size == 0 {
+            return Err(Error::invalid(
+                "the PostgreSQL registry needs a pool of at least one connection",
+            ));
+        }
+        if options.timeout.is_zero() {
+            return Err(Error::invalid(
+                "the PostgreSQL registry timeout must be longer than zero",
+            ));
+        }
+        let mut config: Config = url.parse().map_err(|e| {
+            Error::invalid(format!(
+                "the PostgreSQL registry URL is not valid ({}); use postgres://user:password@host:port/database",
+                describe(&e)
+            ))
+        })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("otm");
+        }
+        if let Some(s) = &schema {
+            // Set at startup, so every connection (and every reconnect) resolves tables there.
+            let opts = match config.get_options() {
+                Some(o) if !o.trim().is_empty() => format!("{o} -c search_path={s}"),
+                _ => format!("-c search_path={s}"),
+            };
+            config.options(opts);
+        }
+
+        let mut first = tokio::time::timeout(options.timeout, open_conn(&config))
+            .await
+            .map_err(|_| timed_out("connecting", options.timeout))??;
+        tokio::time::timeout(
+            MIGRATE_TIMEOUT.max(options.timeout),
+            migrate(&mut first.client, schema.as_deref()),
+        )
+        .await
+        .map_err(|_| {
+            Error::unavailable(
+                BACKEND,
+                format!(
+                    "the registry migrations did not finish within {} s; another otm process may hold the \
+                     migration lock, or the database is overloaded",
+                    MIGRATE_TIMEOUT.max(options.timeout).as_secs()
+                ),
+            )
+        })??;
+        tracing::debug!(schema = schema.as_deref().unwrap_or("(default)"), "opened the PostgreSQL registry");
+
+        Ok(PostgresRegistry {
+            pool: Pool {
+                config,
+                idle: Mutex::new(vec![first]),
+                permits: Semaphore::new(options.pool_size),
+                size: options.pool_size,
+                timeout: options.timeout,
+            },
+            schema,
+        })
+    }
+
+    /// The schema that holds the tables, if one was chosen.
+    pub fn schema(&self) -> Option<&str> {
+        self.schema.as_deref()
+    }
+
+    /// Runs one statement and returns its rows. `idempotent`: repeating the statement cannot change
+    /// its answer, so it is retried once when its connection was lost mid-call.
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        idempotent: bool,
+    ) -> Result<Vec<Row>> {
+        match self.call(sql, params, idempotent, false).await? {
+            Output::Rows(rows) => Ok(rows),
+            Output::Count(_) => unreachable!("asked for rows"),
+        }
+    }
+
+    /// Runs one statement and returns how many rows it changed.
+    async fn execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        idempotent: bool,
+    ) -> Result<u64> {
+        match self.call(sql, params, idempotent, true).await? {
+            Output::Count(n) => Ok(n),
+            Output::Rows(_) => unreachable!("asked for a count"),
+        }
+    }
+
+    async fn query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        idempotent: bool,
+    ) -> Result<Option<Row>> {
+        Ok(self.query(sql, params, idempotent).await?.into_iter().next())
+    }
+
+    async fn call(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        idempotent: bool,
+        count: bool,
+    ) -> Result<Output> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let run = async {
+                let mut conn = self.pool.get().await.map_err(|e| (e, Retry::Never))?;
+                conn.run(sql, params, count).await.map_err(|e| {
+                    let retry = if is_stale_plan(&e) {
+                        Retry::Always
+                    } else if is_connection_error(&e) {
+                        Retry::IfIdempotent
+                    } else {
+                        Retry::Never
+                    };
+                    (pg(&e), retry)
+                })
+            };
+            match tokio::time::timeout(self.pool.timeout, run).await {
+                Ok(Ok(out)) => return Ok(out),
+                Ok(Err((e, retry))) => {
+                    let again = match retry {
+                        Retry::Always => true,
+                        Retry::IfIdempotent => idempotent,
+                        Retry::Never => false,
+                    };
+                    if !again || attempt >= 2 {
+                        return Err(e);
+                    }
+                    tracing::debug!(error = %e, "retrying a registry call on a fresh connection");
+                }
+                // The pooled connection, if it was mid-statement, was dropped and its statement
+                // cancelled: see `Pooled::drop`.
+                Err(_) => return Err(timed_out("a registry call", self.pool.timeout)),
+            }
+        }
+    }
+}
+
+enum Output {
+    Rows(Vec<Row>),
+    Count(u64),
+}
+
+#[derive(Clone, Copy)]
+enum Retry {
+    /// Nothing ran (a prepared statement went stale): always safe to repeat.
+    Always,
+    /// The connection was lost; the statement may or may not have committed.
+    IfIdempotent,
+    Never,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connections.
+
+/// One connection with its prepared statements.
+struct Conn {
+    client: Client,
+    statements: HashMap<String, Statement>,
+}
+
+impl Conn {
+    async fn statement(&mut self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(sql).await?;
+        if self.statements.len() >= MAX_STATEMENTS {
+            self.statements.clear();
+        }
+        self.statements.insert(sql.to_owned(), s.clone());
+        Ok(s)
+    }
+}
+
+/// Opens one connection and drives it on a task of its own.
+async fn open_conn(config: &Config) -> Result<Conn> {
+    let (client, connection) = config.connect(NoTls).await.map_err(|e| {
+        Error::unavailable(BACKEND, format!("cannot connect to PostgreSQL: {}", describe(&e)))
+    })?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %describe(&e), "a PostgreSQL registry connection broke; the next call opens a new one");
+        }
+    });
+    // Every answered write must be durable: refuse a session default that would lose commits.
+    let sync = client
+        .query_one("SELECT current_setting('synchronous_commit')", &[])
+        .await
+        .map_err(|e| pg(&e))?;
+    let sync: String = sync.try_get(0).map_err(|e| pg(&e))?;
+    if sync == "off" {
+        client
+            .batch_execute("SET synchronous_commit TO on")
+            .await
+            .map_err(|e| pg(&e))?;
+        tracing::warn!(
+            "the PostgreSQL session had synchronous_commit = off; the registry turned it on, since every \
+             answered write must be durable"
+        );
+    }
+    Ok(Conn {
+        client,
+        statements: HashMap::new(),
+    })
+}
+
+/// At most `size` connections; idle ones wait in `idle`, `permits` counts the free slots.
+struct Pool {
+    config: Config,
+    idle: Mutex<Vec<Conn>>,
+    permits: Semaphore,
+    size: usize,
+    timeout: Duration,
+}
+
+impl Pool {
+    /// A live connection: an idle one, or a new one.
+    async fn get(&self) -> Result<Pooled<'_>> {
+        let permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| Error::unavailable(BACKEND, "the registry is shutting down"))?;
+        let reused = loop {
+            let next = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            match next {
+                // The server went away (restart, pg_terminate_backend): drop it, try the next.
+                Some(c) if c.client.is_closed() => continue,
+                other => break other,
+            }
+        };
+        let conn = match reused {
+            Some(c) => c,
+            None => open_conn(&self.config).await?,
+        };
+        Ok(Pooled {
+            pool: self,
+            conn: Some(conn),
+            in_flight: false,
+            broken: false,
+            _permit: permit,
+        })
+    }
+}
+
+/// A connection taken from the pool; returned on drop unless it broke.
+struct Pooled<'a> {
+    pool: &'a Pool,
+    conn: Option<Conn>,
+    /// A statement was sent and its answer not yet read: set while `run` awaits, so a caller that
+    /// gives up (timeout, cancellation) leaves a connection that must not be reused.
+    in_flight: bool,
+    broken: bool,
+    _permit: SemaphorePermit<'a>,
+}
+
+impl Pooled<'_> {
+    async fn run(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        count: bool,
+    ) -> Result<Output, tokio_postgres::Error> {
+        let conn = self.conn.as_mut().expect("present until drop");
+        self.in_flight = true;
+        let out = async {
+            let stmt = conn.statement(sql).await?;
+            if count {
+                conn.client.execute(&stmt, params).await.map(Output::Count)
+            } else {
+                conn.client.query(&stmt, params).await.map(Output::Rows)
+            }
+        }
+        .await;
+        self.in_flight = false;
+        if let Err(e) = &out {
+            if is_stale_plan(e) {
+                conn.statements.clear();
+            }
+            self.broken = conn.client.is_closed() || is_connection_error(e);
+        }
+        out
+    }
+}
+
+impl Drop for Pooled<'_> {
+    fn drop(&mut self) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        if conn.client.is_closed() || self.broken {
+            return;
+        }
+        if self.in_flight {
+            // Abandoned mid-statement: ask the server to stop it, and drop the connection.
+            let token = conn.client.cancel_token();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = token.cancel_query(NoTls).await;
+                });
+            }
+            return;
+        }
+        self.pool
+            .idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(conn);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Opening.
+
+/// Takes `schema=name` out of a URL's query string: it is otm's, not a libpq parameter.
+fn split_schema(url: &str) -> (String, Option<String>) {
+    let url = url.trim();
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_owned(), None);
+    };
+    let mut schema = None;
+    let mut rest = Vec::new();
+    for pair in query.split('&') {
+        match pair.strip_prefix("schema=") {
+            Some(s) => schema = Some(s.to_owned()),
+            None if pair.is_empty() => {}
+            None => rest.push(pair),
+        }
+    }
+    let url = if rest.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    (url, schema)
+}
+
+/// A schema name otm accepts: a lowercase identifier that needs no quoting.
+fn check_schema_name(s: &str) -> Result<()> {
+    let mut chars = s.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if !first_ok || !rest_ok || s.len() > 63 || s.starts_with("pg_") {
+        return Err(Error::invalid(format!(
+            "`{s}` is not a usable PostgreSQL schema name; use lowercase letters, digits and `_`, starting \
+             with a letter or `_`, at most 63 bytes, not starting with `pg_`"
+        )));
+    }
+    Ok(())
+}
+
+/// Applies the missing [`MIGRATIONS`] in one transaction, under a lock that makes a concurrent
+/// migration in another process wait.
+async fn migrate(client: &mut Client, schema: Option<&str>) -> Result<()> {
+    let tx = client.transaction().await.map_err(|e| pg(&e))?;
+    tx.batch_execute("SET LOCAL client_min_messages TO warning")
+        .await
+        .map_err(|e| pg(&e))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(|e| pg(&e))?;
+    if let Some(s) = schema {
+        // `s` passed check_schema_name: no quoting issue.
+        tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{s}\""))
+            .await
+            .map_err(|e| pg(&e))?;
+    }
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS otm_schema_version (
+             version    INTEGER PRIMARY KEY,
+             applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+         )",
+    )
+    .await
+    .map_err(|e| pg(&e))?;
+    let version: i32 = tx
+        .query_one("SELECT COALESCE(max(version), 0) FROM otm_schema_version", &[])
+        .await
+        .and_then(|r| r.try_get(0))
+        .map_err(|e| pg(&e))?;
+    let known = MIGRATIONS.len() as i32;
+    if version > known {
+        return Err(Error::generic(
+            BACKEND,
+            format!(
+                "the PostgreSQL registry has schema version {version}, newer than this build knows ({known}); \
+                 run a newer otm"
+            ),
+        ));
+    }
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let n = i as i32 + 1;
+        tx.batch_execute(step).await.map_err(|e| {
+            Error::generic(
+                BACKEND,
+                format!("migration {n} of the PostgreSQL registry failed: {}", describe(&e)),
+            )
+        })?;
+        tx.execute(
+            "INSERT INTO otm_schema_version (version) VALUES ($1)",
+            &[&n],
+        )
+        .await
+        .map_err(|e| pg(&e))?;
+    }
+    tx.commit().await.map_err(|e| pg(&e))?;
+    if version < known {
+        tracing::info!(from = version, to = known, schema = schema.unwrap_or("(default)"), "migrated the registry schema");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Error and row mapping.
+
+/// A PostgreSQL error in words, without the detail line: it may quote a failing row, secrets
+/// included.
+fn describe(e: &tokio_postgres::Error) -> String {
+    use std::error::Error as _;
+    match (e.as_db_error(), e.source()) {
+        (Some(db), _) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        (None, Some(src)) => format!("{e}: {src}"),
+        (None, None) => e.to_string(),
+    }
+}
+
+/// True when the connection, not the statement, failed: retrying on another one may work.
+fn is_connection_error(e: &tokio_postgres::Error) -> bool {
+    use std::error::Error as _;
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        Some(code) => {
+            code.code().starts_with("08")
+                || [
+                    SqlState::ADMIN_SHUTDOWN,
+                    SqlState::CRASH_SHUTDOWN,
+                    SqlState::CANNOT_CONNECT_NOW,
+                    SqlState::TOO_MANY_CONNECTIONS,
+                ]
+                .contains(code)
+        }
+        None => e
+            .source()
+            .is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some()),
+    }
+}
+
+/// A prepared statement that a concurrent schema change invalidated; nothing ran.
+fn is_stale_plan(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::INVALID_SQL_STATEMENT_NAME)
+        || (e.code() == Some(&SqlState::FEATURE_NOT_SUPPORTED)
+            && e.as_db_error()
+                .is_some_and(|db| db.message().contains("cached plan")))
+}
+
+fn is_unique_violation(e: &Error) -> bool {
+    matches!(e, Error::AlreadyExists { .. })
+}
+
+/// Maps a PostgreSQL error onto otm's.
+fn pg(e: &tokio_postgres::Error) -> Error {
+    if is_connection_error(e) {
+        return Error::unavailable(BACKEND, describe(e));
+    }
+    match e.code() {
+        Some(c) if *c == SqlState::UNIQUE_VIOLATION => Error::AlreadyExists {
+            what: e
+                .as_db_error()
+                .and_then(|db| db.table())
+                .map_or_else(|| "the row".to_owned(), |t| format!("a row in {t}")),
+        },
+        Some(c) if *c == SqlState::CHARACTER_NOT_IN_REPERTOIRE => Error::invalid(format!(
+            "PostgreSQL cannot store this text ({}); remove NUL characters",
+            describe(e)
+        )),
+        _ => Error::generic(BACKEND, describe(e)),
+    }
+}
+
+fn timed_out(what: &str, after: Duration) -> Error {
+    Error::unavailable(
+        BACKEND,
+        format!(
+            "{what} took longer than {} ms; the database is unreachable or overloaded",
+            after.as_millis()
+        ),
+    )
+}
+
+fn corrupt(what: impl fmt::Display, message: impl fmt::Display) -> Error {
+    Error::Corrupt {
+        what: what.to_string(),
+        message: message.to_string(),
+    }
+}
+
+fn to_i64(value: u64, what: &str) -> Result<i64> {
+    i64::try_from(value).map_err(|_| Error::invalid(format!("{what} {value} is too large")))
+}
+
+fn deadline(at_ms: i64, idle_timeout_s: i64) -> i64 {
+    at_ms.saturating_add(idle_timeout_s.saturating_mul(1000))
+}
+
+/// `deadline(at, idle)` in SQL: numeric arithmetic clamped to BIGINT, like the saturating Rust.
+macro_rules! deadline_sql {
+    ($at:literal, $idle:literal) => {
+        concat!(
+            "LEAST(GREATEST(",
+            $at,
+            "::NUMERIC + ",
+            $idle,
+            "::NUMERIC * 1000, -9223372036854775808), 9223372036854775807)::BIGINT"
+        )
+    };
+}
+
+fn get<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, idx: usize) -> Result<T> {
+    row.try_get(idx).map_err(|e| pg(&e))
+}
+
+macro_rules! tenant_columns {
+    () => {
+        "id, profile, idle_timeout_s, bot_token, webhook_secret, cold_start_notice, status, created_at_ms, \
+         last_active_ms"
+    };
+}
+
+fn tenant_row(row: &Row) -> Result<Tenant> {
+    let id: String = get(row, 0)?;
+    let status: String = get(row, 6)?;
+    let idle_timeout_s: i64 = get(row, 2)?;
+    Ok(Tenant {
+        id: TenantId::parse(&id).map_err(|e| corrupt(format!("tenant row `{id}`"), e))?,
+        profile: get(row, 1)?,
+        idle_timeout_s: u64::try_from(idle_timeout_s)
+            .map_err(|_| corrupt(format!("tenant {id}"), "negative idle timeout"))?,
+        bot_token: get::<Option<String>>(row, 3)?.map(Secret::new),
+        webhook_secret: Secret::new(get::<String>(row, 4)?),
+        cold_start_notice: get(row, 5)?,
+        status: TenantStatus::parse(&status).ok_or_else(|| {
+            corrupt(format!("tenant {id}"), format!("unknown status `{status}`"))
+        })?,
+        created_at_ms: get(row, 7)?,
+        last_active_ms: get(row, 8)?,
+    })
+}
+
+macro_rules! instance_columns {
+    () => {
+        "id, tenant, state, address, shim_token, surrogate_digest, created_at_ms, bound_at_ms"
+    };
+}
+
+fn instance_row(row: &Row) -> Result<InstanceRecord> {
+    let id: String = get(row, 0)?;
+    let tenant: Option<String> = get(row, 1)?;
+    let state: String = get(row, 2)?;
+    Ok(InstanceRecord {
+        tenant: tenant
+            .map(|t| TenantId::parse(&t))
+            .transpose()
+            .map_err(|e| corrupt(format!("instance {id}"), e))?,
+        state: InstanceState::parse(&state).ok_or_else(|| {
+            corrupt(format!("instance {id}"), format!("unknown state `{state}`"))
+        })?,
+        address: get(row, 3)?,
+        shim_token: Secret::new(get::<String>(row, 4)?),
+        surrogate_digest: get(row, 5)?,
+        created_at_ms: get(row, 6)?,
+        bound_at_ms: get(row, 7)?,
+        id: InstanceId::new(id),
+    })
+}
+
+macro_rules! inbox_columns {
+    () => {
+        "tenant, seq, update_id, payload, attempts, accepted_at_ms, last_error"
+    };
+}
+
+fn inbox_row(row: &Row) -> Result<InboxItem> {
+    inbox_row_at(row, 0)
+}
+
+fn tenant_ids(rows: Vec<Row>, what: &str) -> Result<Vec<TenantId>> {
+    rows.iter()
+        .map(|r| {
+            let id: String = get(r, 0)?;
+            TenantId::parse(&id).map_err(|e| corrupt(format!("{what} `{id}`"), e))
+        })
+        .collect()
+}
+
+/// At most `max` bytes, cut on a character boundary, without NUL characters (PostgreSQL text
+/// cannot hold them).
+fn truncate(s: &str, max: usize) -> String {
+    let s = if s.contains('\0') {
+        std::borrow::Cow::Owned(s.replace('\0', "\u{fffd}"))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    };
+    if s.len() <= max {
+        return s.into_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+// ---------------------------------------------------------------------------------------------
+// The trait.
+
+#[async_trait::async_trait]
+impl Registry for PostgresRegistry {
+    async fn create_tenant(&self, tenant: &Tenant) -> Result<()> {
+        let t = tenant;
+        let idle = to_i64(t.idle_timeout_s, "idle timeout")?;
+        self.execute(
+            "INSERT INTO tenants (id, profile, idle_timeout_s, bot_token, webhook_secret, cold_start_notice, \
+             status, created_at_ms, last_active_ms, idle_deadline_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            &[
+                &t.id.as_str(),
+                &t.profile,
+                &idle,
+                &t.bot_token.as_ref().map(Secret::expose),
+                &t.webhook_secret.expose(),
+                &t.cold_start_notice,
+                &t.status.as_str(),
+                &t.created_at_ms,
+                &t.last_active_ms,
+                &deadline(t.last_active_ms, idle),
+            ],
+            false,
+        )
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                Error::AlreadyExists {
+                    what: format!("tenant {}", t.id),
+                }
+            } else {
+                e
+            }
+        })?;
+        Ok(())
+    }
+
+    async fn get_tenant(&self, id: &TenantId) -> Result<Option<Tenant>> {
+        self.query_opt(
+            concat!("SELECT ", tenant_columns!(), " FROM tenants WHERE id = $1"),
+            &[&id.as_str()],
+            true,
+        )
+        .await?
+        .as_ref()
+        .map(tenant_row)
+        .transpose()
+    }
+
+    async fn list_tenants(&self) -> Result<Vec<Tenant>> {
+        self.query(
+            concat!("SELECT ", tenant_columns!(), " FROM tenants ORDER BY id"),
+            &[],
+            true,
+        )
+        .await?
+        .iter()
+        .map(tenant_row)
+        .collect()
+    }
+
+    async fn update_tenant(&self, tenant: &Tenant) -> Result<()> {
+        let t = tenant;
+        let idle = to_i64(t.idle_timeout_s, "idle timeout")?;
+        let n = self
+            .execute(
+                concat!(
+                    "UPDATE tenants SET profile = $2, idle_timeout_s = $3, bot_token = $4, webhook_secret = $5, \
+                     cold_start_notice = $6, idle_deadline_ms = ",
+                    deadline_sql!("last_active_ms", "$3"),
+                    " WHERE id = $1"
+                ),
+                &[
+                    &t.id.as_str(),
+                    &t.profile,
+                    &idle,
+                    &t.bot_token.as_ref().map(Secret::expose),
+                    &t.webhook_secret.expose(),
+                    &t.cold_start_notice,
+                ],
+                true,
+            )
+            .await?;
+        if n == 0 {
+            return Err(Error::not_found(format!("tenant {}", t.id)));
+        }
+        Ok(())
+    }
+
+    async fn delete_tenant(&self, id: &TenantId) -> Result<bool> {
+        // The inbox goes with it: ON DELETE CASCADE, in the same statement.
+        let n = self
+            .execute("DELETE FROM tenants WHERE id = $1", &[&id.as_str()], false)
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn set_tenant_status(
+        &self,
+        id: &TenantId,
+        status: TenantStatus,
+        fence: Option<u64>,
+    ) -> Result<()> {
+        let fence = fence.map(|f| to_i64(f, "fence")).transpose()?;
+        // The fence check and the write are one statement: no stale holder slips in between.
+        // Repeating it cannot change its answer, so it is idempotent.
+        let n = self
+            .execute(
+                "UPDATE tenants SET status = $2, fence = COALESCE($3, fence) \
+                 WHERE id = $1 AND ($3::BIGINT IS NULL OR fence <= $3::BIGINT)",
+                &[&id.as_str(), &status.as_str(), &fence],
+                true,
+            )
+            .await?;
+        if n > 0 {
+            return Ok(());
+        }
+        // Nothing written: say why.
+        let stored: Option<i64> = match self
+            .query_opt("SELECT fence FROM tenants WHERE id = $1", &[&id.as_str()], true)
+            .await?
+        {
+            Some(row) => Some(get(&row, 0)?),
+            None => None,
+        };
+        match (stored, fence) {
+            (Some(stored), Some(f)) if f < stored => Err(Error::conflict(format!(
+                "fence {f} for tenant {id} is stale: fence {stored} was already used; \
+                 another holder of the tenant's lock took over"
+            ))),
+            // Missing when the update ran (it may have been created since).
+            _ => Err(Error::not_found(format!("tenant {id}"))),
+        }
+    }
+
+    async fn touch_tenant(&self, id: &TenantId, at_ms: i64) -> Result<()> {
+        let n = self
+            .execute(
+                concat!(
+                    "UPDATE tenants SET last_active_ms = $2, idle_deadline_ms = ",
+                    deadline_sql!("$2", "idle_timeout_s"),
+                    " WHERE id = $1"
+                ),
+                &[&id.as_str(), &at_ms],
+                true,
+            )
+            .await?;
+        if n == 0 {
+            return Err(Error::not_found(format!("tenant {id}")));
+        }
+        Ok(())
+    }
+
+    async fn idle_due(&self, now_ms: i64, limit: usize) -> Result<Vec<TenantId>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self
+            .query(
+                "SELECT id FROM tenants WHERE status = 'running' AND idle_deadline_ms <= $1 \
+                 ORDER BY idle_deadline_ms LIMIT $2",
+                &[&now_ms, &limit],
+                true,
+            )
+            .await?;
+        tenant_ids(rows, "tenant row")
+    }
+
+    async fn put_instance(&self, instance: &InstanceRecord) -> Result<()> {
+        let i = instance;
+        self.execute(
+            "INSERT INTO instances (id, tenant, state, address, shim_token, surrogate_digest, created_at_ms, bound_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (id) DO UPDATE SET tenant = excluded.tenant, state = excluded.state, \
+             address = excluded.address, shim_token = excluded.shim_token, \
+             surrogate_digest = excluded.surrogate_digest, created_at_ms = excluded.created_at_ms, \
+             bound_at_ms = excluded.bound_at_ms",
+            &[
+                &i.id.as_str(),
+                &i.tenant.as_ref().map(TenantId::as_str),
+                &i.state.as_str(),
+                &i.address,
+                &i.shim_token.expose(),
+                &i.surrogate_digest,
+                &i.created_at_ms,
+                &i.bound_at_ms,
+            ],
+            true,
+        )
+        .await
+        .map_err(|e| match (&i.tenant, is_unique_violation(&e)) {
+            (Some(t), true) => Error::conflict(format!(
+                "tenant {t} is already bound to another instance than {}; stop that one first",
+                i.id
+            )),
+            _ => e,
+        })?;
+        Ok(())
+    }
+
+    async fn get_instance(&self, id: &InstanceId) -> Result<Option<InstanceRecord>> {
+        self.query_opt(
+            concat!("SELECT ", instance_columns!(), " FROM instances WHERE id = $1"),
+            &[&id.as_str()],
+            true,
+        )
+        .await?
+        .as_ref()
+        .map(instance_row)
+        .transpose()
+    }
+
+    async fn instance_of(&self, tenant: &TenantId) -> Result<Option<InstanceRecord>> {
+        self.query_opt(
+            concat!("SELECT ", instance_columns!(), " FROM instances WHERE tenant = $1"),
+            &[&tenant.as_str()],
+            true,
+        )
+        .await?
+        .as_ref()
+        .map(instance_row)
+        .transpose()
+    }
+
+    async fn instance_by_surrogate(&self, digest: &str) -> Result<Option<InstanceRecord>> {
+        self.query_opt(
+            concat!(
+                "SELECT ",
+                instance_columns!(),
+                " FROM instances WHERE surrogate_digest = $1 ORDER BY created_at_ms DESC LIMIT 1"
+            ),
+            &[&digest],
+            true,
+        )
+        .await?
+        .as_ref()
+        .map(instance_row)
+        .transpose()
+    }
+
+    async fn list_instances(&self) -> Result<Vec<InstanceRecord>> {
+        self.query(
+            concat!("SELECT ", instance_columns!(), " FROM instances ORDER BY id"),
+            &[],
+            true,
+        )
+        .await?
+        .iter()
+        .map(instance_row)
+        .collect()
+    }
+
+    async fn delete_instance(&self, id: &InstanceId) -> Result<bool> {
+        let n = self
+            .execute("DELETE FROM instances WHERE id = $1", &[&id.as_str()], false)
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn claim_warm_instance(&self, tenant: &TenantId) -> Result<Option<InstanceRecord>> {
+        // SKIP LOCKED: a concurrent claimer (in any process) that holds the oldest warm row makes
+        // this one take the next, instead of waiting and then finding it gone.
+        self.query_opt(
+            concat!(
+                "UPDATE instances SET tenant = $1, state = 'binding', bound_at_ms = $2 \
+                 WHERE id = (SELECT id FROM instances WHERE state = 'warm' AND tenant IS NULL \
+                             ORDER BY created_at_ms, id LIMIT 1 FOR UPDATE SKIP LOCKED) \
+                 RETURNING ",
+                instance_columns!()
+            ),
+            &[&tenant.as_str(), &otm_core::time::now_ms()],
+            false,
+        )
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                Error::conflict(format!("tenant {tenant} is already bound to an instance"))
+            } else {
+                e
+            }
+        })?
+        .as_ref()
+        .map(instance_row)
+        .transpose()
+    }
+
+    async fn inbox_append(
+        &self,
+        tenant: &TenantId,
+        update_id: i64,
+        payload: &[u8],
+    ) -> Result<Appended> {
+        // One statement: lock the tenant's row (appends to one tenant take their seq and commit
+        // one after another, so seq order is commit order), then insert unless (tenant,
+        // update_id) is taken. `known` tells a missing tenant from a duplicate.
+        let row = self
+            .query_opt(
+                "WITH t AS (SELECT id FROM tenants WHERE id = $1 FOR NO KEY UPDATE), \
+                      ins AS (INSERT INTO inbox (tenant, update_id, payload, accepted_at_ms) \
+                              SELECT id, $2::BIGINT, $3::BYTEA, $4::BIGINT FROM t \
+                              ON CONFLICT (tenant, update_id) DO NOTHING \
+                              RETURNING seq) \
+                 SELECT EXISTS (SELECT 1 FROM t), (SELECT seq FROM ins)",
+                &[&tenant.as_str(), &update_id, &payload, &otm_core::time::now_ms()],
+                false,
+            )
+            .await?
+            .ok_or_else(|| Error::generic(BACKEND, "an inbox append returned no row"))?;
+        let known: bool = get(&row, 0)?;
+        let seq: Option<i64> = get(&row, 1)?;
+        match (known, seq) {
+            (false, _) => Err(Error::not_found(format!("tenant {tenant}"))),
+            (true, Some(seq)) => Ok(Appended::Stored { seq }),
+            (true, None) => Ok(Appended::Duplicate),
+        }
+    }
+
+    async fn inbox_next(&self, tenant: &TenantId) -> Result<Option<InboxItem>> {
+        // A plain read: one dispatcher per tenant holds a lease, so nobody races it for the head.
+        self.query_opt(
+            concat!(
+                "SELECT ",
+                inbox_columns!(),
+                " FROM inbox WHERE tenant = $1 AND state = 'pending' ORDER BY seq LIMIT 1"
+            ),
+            &[&tenant.as_str()],
+            true,
+        )
+        .await?
+        .as_ref()
+        .map(inbox_row)
+        .transpose()
+    }
+
+    /// Acking a dead-lettered update (an operator redelivered it) moves it to done as well.
+    async fn inbox_ack(&self, tenant: &TenantId, seq: i64) -> Result<()> {
+        let n = self
+            .execute(
+                "UPDATE inbox SET state = 'done', done_at_ms = COALESCE(done_at_ms, $3) \
+                 WHERE tenant = $1 AND seq = $2",
+                &[&tenant.as_str(), &seq, &otm_core::time::now_ms()],
+                true,
+            )
+            .await?;
+        if n == 0 {
+            return Err(Error::not_found(format!(
+                "update {seq} in the inbox of tenant {tenant}"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn inbox_fail(
+        &self,
+        tenant: &TenantId,
+        seq: i64,
+        error: &str,
+        max_attempts: u32,
+    ) -> Result<FailOutcome> {
+        let error = truncate(error, MAX_ERROR_LEN);
+        // One statement: count the attempt and dead-letter at the limit, only if still pending.
+        let row = self
+            .query_opt(
+                "UPDATE inbox SET attempts = attempts + 1, last_error = $3, \
+                 state = CASE WHEN attempts + 1 >= $4 THEN 'dead' ELSE state END \
+                 WHERE tenant = $1 AND seq = $2 AND state = 'pending' RETURNING attempts",
+                &[&tenant.as_str(), &seq, &error, &i64::from(max_attempts)],
+                false,
+            )
+            .await?;
+        if let Some(row) = row {
+            let attempts: i64 = get(&row, 0)?;
+            let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
+            return Ok(if attempts >= max_attempts {
+                FailOutcome::DeadLettered
+            } else {
+                FailOutcome::Retry { attempts }
+            });
+        }
+        // Nothing written: say why.
+        let state: Option<String> = match self
+            .query_opt(
+                "SELECT state FROM inbox WHERE tenant = $1 AND seq = $2",
+                &[&tenant.as_str(), &seq],
+                true,
+            )
+            .await?
+        {
+            Some(row) => Some(get(&row, 0)?),
+            None => None,
+        };
+        match state {
+            None => Err(Error::not_found(format!(
+                "update {seq} in the inbox of tenant {tenant}"
+            ))),
+            Some(other) => Err(Error::conflict(format!(
+                "update {seq} of tenant {tenant} is {other}, not pending; nothing to retry"
+            ))),
+        }
+    }
+
+    async fn inbox_view(&self, tenant: &TenantId, limit: usize) -> Result<InboxView> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // One statement, so both lists come from the same snapshot.
+        let rows = self
+            .query(
+                concat!(
+                    "SELECT * FROM ( \
+                       (SELECT state, ",
+                    inbox_columns!(),
+                    " FROM inbox WHERE tenant = $1 AND state = 'pending' ORDER BY seq LIMIT $2) \
+                       UNION ALL \
+                       (SELECT state, ",
+                    inbox_columns!(),
+                    " FROM inbox WHERE tenant = $1 AND state = 'dead' ORDER BY seq LIMIT $2) \
+                     ) AS v ORDER BY seq"
+                ),
+                &[&tenant.as_str(), &limit],
+                true,
+            )
+            .await?;
+        let mut view = InboxView::default();
+        for row in &rows {
+            let state: String = get(row, 0)?;
+            let item = inbox_row_at(row, 1)?;
+            match state.as_str() {
+                "pending" => view.pending.push(item),
+                _ => view.dead.push(item),
+            }
+        }
+        Ok(view)
+    }
+
+    async fn inbox_depth(&self, tenant: &TenantId) -> Result<u64> {
+        let row = self
+            .query_opt(
+                "SELECT COUNT(*) FROM inbox WHERE tenant = $1 AND state = 'pending'",
+                &[&tenant.as_str()],
+                true,
+            )
+            .await?
+            .ok_or_else(|| Error::generic(BACKEND, "COUNT(*) returned no row"))?;
+        let n: i64 = get(&row, 0)?;
+        Ok(n as u64)
+    }
+
+    async fn inbox_pending_tenants(&self) -> Result<Vec<TenantId>> {
+        let rows = self
+            .query(
+                "SELECT DISTINCT tenant FROM inbox WHERE state = 'pending' ORDER BY tenant",
+                &[],
+                true,
+            )
+            .await?;
+        tenant_ids(rows, "inbox of")
+    }
+
+    async fn inbox_prune(&self, before_ms: i64) -> Result<u64> {
+        self.execute(
+            "DELETE FROM inbox WHERE state = 'done' AND accepted_at_ms < $1",
+            &[&before_ms],
+            false,
+        )
+        .await
+    }
+
+    async fn get_settings(&self) -> Result<FleetSettings> {
+        let row = self
+            .query_opt("SELECT value FROM settings WHERE key = $1", &[&FLEET_KEY], true)
+            .await?;
+        match row {
+            None => Ok(FleetSettings::default()),
+            Some(row) => {
+                let v: String = get(&row, 0)?;
+                serde_json::from_str(&v).map_err(|e| corrupt("the fleet settings", e))
+            }
+        }
+    }
+
+    async fn put_settings(&self, settings: &FleetSettings) -> Result<()> {
+        let value = serde_json::to_string(settings).map_err(|e| Error::generic(BACKEND, e))?;
+        self.execute(
+            "INSERT INTO settings (key, value) VALUES ($1, $2) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            &[&FLEET_KEY, &value],
+            true,
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// [`inbox_row`] for a row whose inbox columns start at `offset`.
+fn inbox_row_at(row: &Row, offset: usize) -> Result<InboxItem> {
+    let tenant: String = get(row, offset)?;
+    let seq: i64 = get(row, offset + 1)?;
+    let attempts: i64 = get(row, offset + 4)?;
+    Ok(InboxItem {
+        tenant: TenantId::parse(&tenant).map_err(|e| corrupt(format!("inbox row {seq}"), e))?,
+        seq,
+        update_id: get(row, offset + 2)?,
+        payload: get(row, offset + 3)?,
+        attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+        accepted_at_ms: get(row, offset + 5)?,
+        last_error: get(row, offset + 6)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn takes_the_schema_out_of_the_url() {
+        assert_eq!(
+            split_schema("postgres://u:p@h/db"),
+            ("postgres://u:p@h/db".to_owned(), None)
+        );
+        assert_eq!(
+            split_schema("postgres://u:p@h/db?schema=otm_a"),
+            ("postgres://u:p@h/db".to_owned(), Some("otm_a".to_owned()))
+        );
+        assert_eq!(
+            split_schema("postgres://h/db?connect_timeout=3&schema=x&application_name=otm-a"),
+            (
+                "postgres://h/db?connect_timeout=3&application_name=otm-a".to_owned(),
+                Some("x".to_owned())
+            )
+        );
+    }
+
+    #[test]
+    fn accepts_only_plain_schema_names() {
+        for ok in ["otm", "_x", "otm_test_0a1b", &"a".repeat(63)] {
+            assert!(check_schema_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "Otm", "1x", "a-b", "a\"b", "a b", "pg_temp", &"a".repeat(64)] {
+            assert!(
+                matches!(check_schema_name(bad), Err(Error::InvalidInput { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn refuses_bad_options_before_connecting() {
+        let url = "postgres://u:hunter2@127.0.0.1:1/db";
+        for (options, url) in [
+            (PostgresOptions::default().with_pool_size(0), url),
+            (PostgresOptions::default().with_timeout(Duration::ZERO), url),
+            (PostgresOptions::default().with_schema("Bad-Name"), url),
+            (
+                PostgresOptions::default().with_schema("a"),
+                "postgres://u:hunter2@127.0.0.1:1/db?schema=b",
+            ),
+            (PostgresOptions::default(), "postgres://u:hunter2@127.0.0.1:notaport/db"),
+            (PostgresOptions::default(), "postgres://u:hunter2@h/db?bogus=1"),
+        ] {
+            let err = PostgresRegistry::connect_with(url, options).await.unwrap_err();
+            assert!(matches!(err, Error::InvalidInput { .. }), "{url}: {err:?}");
+            assert!(!format!("{err} {err:?}").contains("hunter2"), "{err}");
+        }
+    }
+
+    #[test]
+    fn deadlines_saturate_like_sqlite() {
+        assert_eq!(deadline(1_000, 10), 11_000);
+        assert_eq!(deadline(i64::MAX - 5, 10), i64::MAX);
+        assert_eq!(deadline(i64::MIN, -10), i64::MIN);
+    }
+
+    #[test]
+    fn truncates_on_char_boundaries_and_drops_nul() {
+        assert_eq!(truncate("héllo", 2), "h…");
+        assert_eq!(truncate("abc", 5), "abc");
+        assert_eq!(truncate("a\0b", 10), "a\u{fffd}b");
+    }
+}
