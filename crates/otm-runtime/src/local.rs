@@ -168,10 +168,14 @@ impl LocalRuntime {
                 if let Some(bin_dir) = self.inner.otm_binary.parent() {
                     shown.push(bin_dir.to_path_buf());
                 }
+                // Mounts apply in order: the data directory is hidden first, so a read-only
+                // directory inside it (an agent installed under it) is shown on top, and the
+                // instance's own directory comes last, writable.
+                c.args(["--tmpfs", &s(&self.inner.data_dir)]);
                 for p in shown.iter().filter(|p| p.exists()) {
                     c.args(["--ro-bind", &s(p), &s(p)]);
                 }
-                c.args(["--tmpfs", &s(&self.inner.data_dir), "--bind", &s(dir), &s(dir)]);
+                c.args(["--bind", &s(dir), &s(dir)]);
                 // No --die-with-parent: instances outlive a server restart and are adopted.
                 c.args(["--unshare-pid", "--unshare-ipc", "--unshare-uts"]);
                 c.args(["--chdir", &s(dir), "--setenv", "TMPDIR", &s(&dir.join("tmp")), "--"]);

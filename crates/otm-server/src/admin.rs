@@ -452,7 +452,7 @@ async fn status(State(app): State<Arc<App>>) -> ApiResult<Json<Value>> {
     Ok(Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": app.started.elapsed().as_secs(),
-        "role": "all",
+        "role": app.settings.role,
         "runtime": app.runtime.name(),
         "isolation": app.runtime.isolation(),
         "tenants": tenants.len(),

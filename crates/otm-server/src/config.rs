@@ -51,6 +51,18 @@ pub struct Settings {
     /// Time-to-live of the wake lock and of dispatcher leases, renewed while held, seconds. A
     /// replica that dies holding one blocks that tenant for at most this long.
     pub lease_ttl_s: u64,
+    /// Where `scripts/install-openclaw` put Node 24 and OpenClaw (`bin/openclaw`) for tenants on
+    /// the `openclaw` profile; when unset, `<data-dir>/openclaw`, then `openclaw` on `PATH`.
+    pub openclaw_prefix: Option<PathBuf>,
+    /// A JSON5 template of the OpenClaw gateway config; otm's built-in one when unset.
+    pub openclaw_config_template: Option<PathBuf>,
+    /// The model provider's OpenAI-compatible base URL, e.g. `https://api.openai.com/v1`.
+    /// Agents reach it through the egress listener, which adds the API key.
+    pub model_base_url: Option<String>,
+    /// The model id at that provider.
+    pub model_id: Option<String>,
+    /// The provider's API key: added upstream by the egress listener, never given to instances.
+    pub model_api_key: Option<otm_core::Secret>,
 }
 
 impl Default for Settings {
@@ -76,6 +88,11 @@ impl Default for Settings {
             orchestrator_url: None,
             service_token: None,
             lease_ttl_s: 15,
+            openclaw_prefix: None,
+            openclaw_config_template: None,
+            model_base_url: None,
+            model_id: None,
+            model_api_key: None,
         }
     }
 }
@@ -169,11 +186,45 @@ impl Settings {
         if self.wake_timeout_s == 0 {
             return Err(invalid("wake-timeout-s", "must be at least 1"));
         }
+        self.validate_openclaw()?;
         Ok(listeners)
     }
 }
 
 impl Settings {
+    /// The `openclaw` profile's settings: the model, the install prefix, the config template.
+    fn validate_openclaw(&self) -> Result<(), InvalidSetting> {
+        match (&self.model_base_url, &self.model_id) {
+            (Some(u), Some(id)) => {
+                check_url("model-base-url", u)?;
+                if id.trim().is_empty() {
+                    return Err(invalid("model-id", "must not be empty"));
+                }
+            }
+            (Some(_), None) => return Err(invalid("model-id", "is needed with --model-base-url")),
+            (None, Some(_)) => return Err(invalid("model-base-url", "is needed with --model-id")),
+            (None, None) => {}
+        }
+        if !self.runs_orchestrator() {
+            return Ok(());
+        }
+        if let Some(prefix) = &self.openclaw_prefix {
+            if !prefix.join("bin/openclaw").is_file() {
+                return Err(invalid(
+                    "openclaw-prefix",
+                    format!("{} has no bin/openclaw; install it with scripts/install-openclaw --prefix {0}", prefix.display()),
+                ));
+            }
+        }
+        if let Some(path) = &self.openclaw_config_template {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| invalid("openclaw-config-template", format!("cannot read {}: {e}", path.display())))?;
+            otm_shim::profile::openclaw::check_template(&text)
+                .map_err(|e| invalid("openclaw-config-template", format!("{}: {e}", path.display())))?;
+        }
+        Ok(())
+    }
+
     /// The orchestrator URLs, split and trimmed.
     pub fn orchestrator_urls(&self) -> Vec<String> {
         self.orchestrator_url
@@ -224,6 +275,26 @@ mod tests {
         assert_eq!(s.validate().unwrap_err().name, "telegram-api");
         let s = Settings { admin_listen: "127.0.0.1:8080".into(), ..Settings::default() };
         assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn model_and_openclaw_settings_are_checked() {
+        let s = Settings { model_base_url: Some("http://127.0.0.1:9/v1".into()), ..Settings::default() };
+        assert_eq!(s.validate().unwrap_err().name, "model-id");
+        let s = Settings { model_base_url: Some("nope".into()), model_id: Some("m".into()), ..Settings::default() };
+        assert_eq!(s.validate().unwrap_err().name, "model-base-url");
+        let s = Settings { openclaw_prefix: Some("/nonexistent/otm-openclaw".into()), ..Settings::default() };
+        assert_eq!(s.validate().unwrap_err().name, "openclaw-prefix");
+        let bad = std::env::temp_dir().join(format!("otm-bad-template-{}.json5", std::process::id()));
+        std::fs::write(&bad, "{ gateway: { port: {{gateway_prot}} } }").unwrap();
+        let s = Settings { openclaw_config_template: Some(bad.clone()), ..Settings::default() };
+        let e = s.validate().unwrap_err();
+        let _ = std::fs::remove_file(&bad);
+        assert_eq!(e.name, "openclaw-config-template");
+        assert!(e.message.contains("gateway_prot"), "{e}");
+        let s: Settings = toml::from_str("model_base_url = \"https://api.example.test/v1\"\nmodel_id = \"m-1\"\nmodel_api_key = \"sk-1\"").unwrap();
+        s.validate().unwrap();
+        assert!(!format!("{s:?}").contains("sk-1"), "the key never prints");
     }
 
     #[test]

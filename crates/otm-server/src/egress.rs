@@ -17,7 +17,37 @@ use std::sync::Arc;
 const MAX_BODY: usize = 50 << 20;
 
 pub fn router(app: Arc<App>) -> Router {
-    Router::new().fallback(proxy).with_state(app)
+    Router::new()
+        .route("/model/{surrogate}/{*rest}", axum::routing::any(crate::model_proxy::proxy))
+        .fallback(proxy)
+        .with_state(app)
+}
+
+/// Why a surrogate was not accepted.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Unknown, revoked, or its instance belongs to no tenant.
+    Unauthorized,
+    /// The registry could not be asked.
+    Unavailable,
+}
+
+/// The tenant whose running instance holds this surrogate token.
+pub(crate) async fn tenant_by_surrogate(app: &App, surrogate: &str) -> Result<Tenant, Refusal> {
+    let digest = otm_core::secret::digest(surrogate);
+    let instance = match app.registry.instance_by_surrogate(&digest).await {
+        Ok(Some(i)) => i,
+        Ok(None) => return Err(Refusal::Unauthorized),
+        Err(e) => {
+            tracing::error!(error = %e, "registry unavailable");
+            return Err(Refusal::Unavailable);
+        }
+    };
+    let tenant = match instance.tenant.as_ref() {
+        Some(t) => app.registry.get_tenant(t).await.ok().flatten(),
+        None => None,
+    };
+    tenant.ok_or(Refusal::Unauthorized)
 }
 
 fn telegram_error(status: StatusCode, description: &str) -> Response {
@@ -43,25 +73,13 @@ async fn proxy(State(app): State<Arc<App>>, req: Request) -> Response {
         app.metrics.egress("not_found");
         return telegram_error(StatusCode::NOT_FOUND, "Not Found");
     };
-    let digest = otm_core::secret::digest(surrogate);
-    let instance = match app.registry.instance_by_surrogate(&digest).await {
-        Ok(Some(i)) => i,
-        Ok(None) => {
+    let tenant = match tenant_by_surrogate(&app, surrogate).await {
+        Ok(t) => t,
+        Err(Refusal::Unauthorized) => {
             app.metrics.egress("refused");
             return telegram_error(StatusCode::UNAUTHORIZED, "Unauthorized");
         }
-        Err(e) => {
-            tracing::error!(error = %e, "registry unavailable");
-            return telegram_error(StatusCode::SERVICE_UNAVAILABLE, "try again later");
-        }
-    };
-    let tenant = match instance.tenant.as_ref() {
-        Some(t) => app.registry.get_tenant(t).await.ok().flatten(),
-        None => None,
-    };
-    let Some(tenant) = tenant else {
-        app.metrics.egress("refused");
-        return telegram_error(StatusCode::UNAUTHORIZED, "Unauthorized");
+        Err(Refusal::Unavailable) => return telegram_error(StatusCode::SERVICE_UNAVAILABLE, "try again later"),
     };
     let method = tail.to_owned();
     if !file {

@@ -8,6 +8,8 @@
 //! - [`dispatch`]: per-tenant dispatchers that drain inboxes in order.
 //! - [`orchestrator`]: wake, stop, idle reaper, reconciler.
 //! - [`egress`]: the Bot API proxy.
+//! - [`model_proxy`]: the model route on the egress listener, which adds the operator's API key.
+//! - [`openclaw`]: where OpenClaw is installed and what its instances are bound with.
 //! - [`admin`]: the admin API and `/metrics`.
 //! - [`telegram`]: a client for the real Bot API.
 //! - [`metrics`]: Prometheus metrics.
@@ -23,6 +25,8 @@ pub mod egress;
 pub mod ingress;
 pub mod lease;
 pub mod metrics;
+pub mod model_proxy;
+pub mod openclaw;
 pub mod orchestrator;
 pub mod remote;
 pub mod server;

@@ -228,7 +228,8 @@ async fn bind(
         profile: t.profile.clone(),
         bot_api_root: app.egress_url.clone(),
         bot_token: surrogate.expose().to_owned(),
-        settings: Default::default(),
+        // Empty for the reference agent; for OpenClaw its install, template and model route.
+        settings: crate::openclaw::bind_settings(&app.settings, &app.egress_url, t, surrogate.expose())?,
     };
     let bound = shim.bind(&req, Duration::from_secs(app.settings.wake_timeout_s)).await?;
     phases.push(("start".into(), bound.start_ms));

@@ -87,7 +87,9 @@ pub async fn start(settings: Settings, admin_token_given: Option<Secret>) -> Res
         _ => SandboxMode::Auto,
     };
     let runtime: Arc<dyn otm_core::Runtime> = if settings.runs_orchestrator() {
-        Arc::new(LocalRuntime::new(LocalRuntimeConfig { data_dir: data_dir.clone(), otm_binary, sandbox, read_only: vec![] })?)
+        // An OpenClaw installation is shown read-only inside the sandboxes.
+        let read_only = crate::openclaw::locate(&settings).map(|i| i.read_only).unwrap_or_default();
+        Arc::new(LocalRuntime::new(LocalRuntimeConfig { data_dir: data_dir.clone(), otm_binary, sandbox, read_only })?)
     } else {
         Arc::new(crate::remote::NoRuntime)
     };

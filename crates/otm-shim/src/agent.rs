@@ -202,21 +202,37 @@ impl Agent {
         }
     }
 
-    /// Polls the health URL every 10 ms until it answers 200; false on timeout.
+    /// Polls the health URL (then each of `also_ready`) every 25 ms at most until each answers
+    /// 200; false on timeout.
     async fn probe_until_ready(&self, _pid: u32) -> bool {
         let deadline = Instant::now() + self.inner.profile.ready_timeout;
         let mut interval = Duration::from_millis(5);
-        while Instant::now() < deadline {
-            let req = self.inner.http.get(&self.inner.launch.health_url).timeout(Duration::from_secs(2));
-            if let Ok(resp) = req.send().await {
-                if resp.status().is_success() {
-                    return true;
+        let launch = &self.inner.launch;
+        for url in std::iter::once(&launch.health_url).chain(&launch.also_ready) {
+            loop {
+                if Instant::now() >= deadline {
+                    return false;
                 }
+                let req = self.inner.http.get(url).timeout(Duration::from_secs(2));
+                if let Ok(resp) = req.send().await {
+                    if resp.status().is_success() {
+                        break;
+                    }
+                }
+                tokio::time::sleep(interval).await;
+                interval = (interval * 2).min(Duration::from_millis(25));
             }
-            tokio::time::sleep(interval).await;
-            interval = (interval * 2).min(Duration::from_millis(25));
         }
-        false
+        true
+    }
+
+    /// Pauses the agent's process group (SIGSTOP) until the guard is dropped (SIGCONT), so its
+    /// files can be copied as of one instant. `None` when no agent process runs.
+    pub fn pause(&self) -> Option<Paused> {
+        let pid = self.state().pid().filter(|p| *p > 0)?;
+        let group = Pid::from_raw(pid as i32);
+        killpg(group, Signal::SIGSTOP).ok()?;
+        Some(Paused { group })
     }
 
     /// Forwards one update to the agent's webhook and reports whether it acknowledged it.
@@ -300,6 +316,18 @@ impl Agent {
             }
         };
         tokio::time::timeout(timeout, wait).await.ok().flatten()
+    }
+}
+
+/// An agent paused by [`Agent::pause`]; dropping it resumes the agent.
+#[derive(Debug)]
+pub struct Paused {
+    group: Pid,
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let _ = killpg(self.group, Signal::SIGCONT);
     }
 }
 

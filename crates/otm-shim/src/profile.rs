@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub mod openclaw;
+
 /// How an agent acknowledges a delivered update.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AckRule {
@@ -24,6 +26,8 @@ pub struct AgentLaunch {
     pub webhook_url: String,
     /// Where readiness is checked; 200 means ready.
     pub health_url: String,
+    /// More URLs that must answer 200 too before the agent counts as ready.
+    pub also_ready: Vec<String>,
     /// The value the agent expects in `X-Telegram-Bot-Api-Secret-Token`.
     pub webhook_secret: String,
 }
@@ -31,7 +35,11 @@ pub struct AgentLaunch {
 /// Inputs a profile renders an [`AgentLaunch`] from.
 #[derive(Clone, Debug)]
 pub struct LaunchInputs<'a> {
+    /// The instance directory (the shim's `--dir`); `state_dir` is inside it.
+    pub instance_dir: &'a Path,
+    /// What snapshots keep.
     pub state_dir: &'a Path,
+    /// A free loopback port for the agent.
     pub port: u16,
     pub bot_api_root: &'a str,
     pub bot_token: &'a str,
@@ -52,6 +60,10 @@ pub struct AgentProfile {
     pub stop_grace: Duration,
     /// Top-level entries of the state directory left out of snapshots.
     pub snapshot_skip: &'static [&'static str],
+    /// Pause the agent (SIGSTOP to its process group) while a snapshot copies its state
+    /// directory, so files it writes at any time (SQLite databases and their WAL) are copied as
+    /// of one instant. Not needed once the agent has exited.
+    pub quiesce_snapshots: bool,
     render: fn(&LaunchInputs<'_>) -> Result<AgentLaunch, String>,
 }
 
@@ -64,13 +76,14 @@ impl AgentProfile {
 
 /// The names of every profile this build knows.
 pub fn known_profiles() -> &'static [&'static str] {
-    &["reference"]
+    &["reference", "openclaw"]
 }
 
 /// Looks a profile up by name.
 pub fn profile(name: &str) -> Option<AgentProfile> {
     match name {
         "reference" => Some(reference()),
+        "openclaw" => Some(openclaw::profile()),
         _ => None,
     }
 }
@@ -84,6 +97,7 @@ fn reference() -> AgentProfile {
         deliver_timeout: Duration::from_secs(30),
         stop_grace: Duration::from_secs(10),
         snapshot_skip: &["tmp"],
+        quiesce_snapshots: false,
         render: |i| {
             let program = find_program("otm-reference-agent")?;
             let mut env = BTreeMap::new();
@@ -98,6 +112,7 @@ fn reference() -> AgentProfile {
                 env,
                 webhook_url: format!("http://127.0.0.1:{}/webhook", i.port),
                 health_url: format!("http://127.0.0.1:{}/healthz", i.port),
+                also_ready: vec![],
                 webhook_secret: i.webhook_secret.to_owned(),
             })
         },

@@ -180,6 +180,7 @@ async fn bind(State(shim): State<Arc<Shim>>, Json(req): Json<BindRequest>) -> Re
     let state_dir = shim.state_dir();
     let secret = Secret::random();
     let inputs = LaunchInputs {
+        instance_dir: &shim.config.dir,
         state_dir: &state_dir,
         port,
         bot_api_root: &req.bot_api_root,
@@ -225,12 +226,18 @@ async fn deliver(State(shim): State<Arc<Shim>>, body: Bytes) -> Response {
 }
 
 async fn snapshot(State(shim): State<Arc<Shim>>) -> Response {
-    let skip: Vec<&'static str> = match &*shim.bound.lock().await {
-        Some(b) => b.profile.snapshot_skip.to_vec(),
-        None => vec![],
+    let (skip, running): (Vec<&'static str>, Option<Agent>) = match &*shim.bound.lock().await {
+        Some(b) => (b.profile.snapshot_skip.to_vec(), b.profile.quiesce_snapshots.then(|| b.agent.clone())),
+        None => (vec![], None),
     };
     let dir = shim.state_dir();
-    match tokio::task::spawn_blocking(move || archive::pack(&dir, &skip)).await {
+    let packed = tokio::task::spawn_blocking(move || {
+        // A running agent that asks for it is paused while its files are read, and resumed when
+        // `_paused` drops, however packing ends.
+        let _paused = running.as_ref().and_then(Agent::pause);
+        archive::pack(&dir, &skip)
+    });
+    match packed.await {
         Ok(Ok(bytes)) => ([("content-type", "application/zstd")], bytes).into_response(),
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot pack the state directory: {e}")),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),

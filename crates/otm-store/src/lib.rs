@@ -9,15 +9,19 @@
 //!   writer thread with group commit, a small pool of read-only connections.
 //! - `postgres` (cargo feature `postgres`): `PostgresRegistry`, the [`otm_core::Registry`] that
 //!   replicas share: PostgreSQL, one atomic statement per write, a small reconnecting pool.
+//! - `dynamodb` (cargo feature `dynamodb`): `DynamoRegistry`, the [`otm_core::Registry`] on
+//!   DynamoDB: a hand-written, SigV4-signed JSON API client; conditional writes and transactions.
 //! - [`memory`]: [`MemoryCoordinator`], the in-process [`otm_core::Coordinator`].
 //! - `redis` (cargo feature `redis`): `RedisCoordinator`, the [`otm_core::Coordinator`] that
 //!   replicas share: a Redis cache, Lua-scripted fenced locks, pub/sub notifications.
 //! - [`objstore`]: [`ObjectStateStore`], the [`otm_core::StateStore`] over any `object_store`
-//!   backend (a local directory in this build).
+//!   backend: a local directory, or S3 and S3-compatible stores (cargo feature `s3`).
 //! - [`open`]: picks a backend from a URL and names the ones missing from this build.
 //! - [`conformance`]: the shared test suites, one per trait.
 
 pub mod conformance;
+#[cfg(feature = "dynamodb")]
+pub mod dynamodb;
 pub mod memory;
 pub mod objstore;
 pub mod open;
@@ -27,6 +31,8 @@ pub mod postgres;
 pub mod redis;
 pub mod sqlite;
 
+#[cfg(feature = "dynamodb")]
+pub use dynamodb::DynamoRegistry;
 pub use memory::MemoryCoordinator;
 pub use objstore::ObjectStateStore;
 pub use open::{

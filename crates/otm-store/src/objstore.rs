@@ -1,5 +1,5 @@
-//! [`ObjectStateStore`]: the [`StateStore`] over any `object_store` backend: a local directory
-//! in this build, S3, GCS or Azure when their features are added.
+//! [`ObjectStateStore`]: the [`StateStore`] over any `object_store` backend: a local directory,
+//! S3 and S3-compatible stores (cargo feature `s3`), GCS or Azure when their features are added.
 //!
 //! Layout under the optional key prefix:
 //!
@@ -10,14 +10,15 @@
 //! ```
 //!
 //! A crash part-way through a put leaves at most an archive without metadata, which no reader
-//! sees; the head moves only on publish, with one atomic object write.
+//! sees; the head moves only on publish, with one atomic object write, conditional on the head
+//! as it was read where the store supports conditional writes (S3: `If-Match`/`If-None-Match`).
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::TryStreamExt;
 use futures::stream::{self, StreamExt};
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 use otm_core::{Error, Result, SnapshotId, SnapshotMeta, StateStore, TenantId};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -229,10 +230,39 @@ impl StateStore for ObjectStateStore {
         }
         let json =
             serde_json::to_vec(&Head { id: id.clone() }).map_err(|e| Error::generic(BACKEND, e))?;
-        self.store
-            .put(&self.head_path(tenant), PutPayload::from(json))
-            .await
-            .map_err(store_error)?;
+        let path = self.head_path(tenant);
+        // Conditional on the head as read here (its e-tag, or its absence), where the store
+        // supports it: of two racing publishers, one gets a Conflict instead of both "winning".
+        let mode = match self.store.head(&path).await {
+            Ok(current) if current.e_tag.is_some() => PutMode::Update(UpdateVersion {
+                e_tag: current.e_tag,
+                version: current.version,
+            }),
+            Ok(_) => PutMode::Overwrite,
+            Err(object_store::Error::NotFound { .. }) => PutMode::Create,
+            Err(e) => return Err(store_error(e)),
+        };
+        let payload = PutPayload::from(json);
+        let opts = PutOptions {
+            mode,
+            ..Default::default()
+        };
+        match self.store.put_opts(&path, payload.clone(), opts).await {
+            Ok(_) => {}
+            // A store without conditional writes (the local one has no Update): plain overwrite.
+            Err(object_store::Error::NotImplemented { .. }) => {
+                self.store.put(&path, payload).await.map_err(store_error)?;
+            }
+            Err(
+                object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. },
+            ) => {
+                return Err(Error::conflict(format!(
+                    "the head of tenant {tenant} changed while snapshot {id} was being published; \
+                     another writer published at the same time"
+                )));
+            }
+            Err(e) => return Err(store_error(e)),
+        }
         tracing::debug!(%tenant, snapshot = %id, "published a snapshot");
         Ok(())
     }

@@ -58,6 +58,11 @@ fn unsupported(kind: &str, scheme: &str, forms: &str) -> Error {
     ))
 }
 
+// Unused in a build with every backend.
+#[cfg_attr(
+    all(feature = "postgres", feature = "redis", feature = "dynamodb", feature = "s3"),
+    allow(dead_code)
+)]
 fn not_in_build(kind: &'static str, backend: &str, feature: &'static str) -> Error {
     Error::NotInBuild {
         kind,
@@ -123,6 +128,13 @@ impl RegistryBackend {
             RegistryBackend::Postgres { .. } => {
                 Err(not_in_build("registry", self.name(), "postgres"))
             }
+            #[cfg(feature = "dynamodb")]
+            RegistryBackend::DynamoDb { url } => {
+                let registry = crate::DynamoRegistry::open(url.expose()).await?;
+                registry.check_tables().await?;
+                Ok(Arc::new(registry))
+            }
+            #[cfg(not(feature = "dynamodb"))]
             RegistryBackend::DynamoDb { .. } => {
                 Err(not_in_build("registry", self.name(), "dynamodb"))
             }
@@ -213,9 +225,72 @@ impl StateStoreBackend {
     pub async fn open(&self) -> Result<Arc<dyn StateStore>> {
         match self {
             StateStoreBackend::Local { dir } => Ok(Arc::new(ObjectStateStore::local(dir)?)),
+            #[cfg(feature = "s3")]
+            StateStoreBackend::S3 { url } => Ok(Arc::new(s3_state_store(url)?)),
+            #[cfg(not(feature = "s3"))]
             StateStoreBackend::S3 { .. } => Err(not_in_build("state store", self.name(), "s3")),
         }
     }
+}
+
+/// The state store an `s3://bucket/prefix?endpoint=…&region=…&allow_http=true` URL names: the
+/// AWS environment (`AmazonS3Builder::from_env`), then the URL's bucket and options on top.
+/// Options are object_store's S3 configuration keys; credentials belong in the environment, not
+/// the URL. Sends nothing.
+#[cfg(feature = "s3")]
+pub fn s3_state_store(url: &str) -> Result<ObjectStateStore> {
+    use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+    const FORM: &str = "s3://bucket/prefix?endpoint=…&region=…&allow_http=true";
+    let rest = url.strip_prefix("s3://").unwrap_or(url);
+    let (location, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (bucket, prefix) = location.split_once('/').unwrap_or((location, ""));
+    if bucket.is_empty() {
+        return Err(Error::invalid(format!(
+            "the S3 state store URL names no bucket; use {FORM}"
+        )));
+    }
+    let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, "true"));
+        let (key, value) = (percent_decode(key)?, percent_decode(value)?);
+        let lower = key.to_ascii_lowercase();
+        if lower.contains("secret") || lower.contains("token") || lower.contains("access_key") {
+            return Err(Error::invalid(format!(
+                "`{key}` in the S3 state store URL: put credentials in the environment \
+                 (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN), not in the URL"
+            )));
+        }
+        let config: AmazonS3ConfigKey = lower.parse().map_err(|_| {
+            Error::invalid(format!(
+                "unknown option `{key}` in the S3 state store URL; use {FORM}"
+            ))
+        })?;
+        builder = builder.with_config(config, value);
+    }
+    let store = builder.build().map_err(|e| {
+        Error::invalid(format!("cannot configure the S3 state store: {e}"))
+    })?;
+    ObjectStateStore::new(Arc::new(store)).with_prefix(prefix)
+}
+
+/// Decodes `%XX` escapes (and `+` as a space) in a URL query part.
+#[cfg(feature = "s3")]
+fn percent_decode(s: &str) -> Result<String> {
+    let bad = || Error::invalid(format!("`{s}` in a URL query is not valid percent-encoding"));
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(c) = bytes.next() {
+        match c {
+            b'%' => {
+                let hi = bytes.next().and_then(|h| (h as char).to_digit(16)).ok_or_else(bad)?;
+                let lo = bytes.next().and_then(|l| (l as char).to_digit(16)).ok_or_else(bad)?;
+                out.push((hi * 16 + lo) as u8);
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+    }
+    String::from_utf8(out).map_err(|_| bad())
 }
 
 /// Opens the registry a URL names.
@@ -269,11 +344,13 @@ mod tests {
 
     #[tokio::test]
     async fn missing_backends_say_not_in_build_without_leaking_the_url() {
-        for (url, feature) in [
+        let missing: [(&str, &str); _] = [
             #[cfg(not(feature = "postgres"))]
             ("postgres://u:hunter2@db/otm", "postgres"),
+            #[cfg(not(feature = "dynamodb"))]
             ("dynamodb://otm-table", "dynamodb"),
-        ] {
+        ];
+        for (url, feature) in missing {
             let err = open_registry(url).await.unwrap_err();
             assert!(
                 matches!(err, Error::NotInBuild { feature: f, .. } if f == feature),
@@ -315,11 +392,51 @@ mod tests {
             "{err}"
         );
         assert!(!err.to_string().contains("hunter2"));
-        let err = open_state_store("s3://bucket/otm").await.unwrap_err();
-        assert!(
-            matches!(err, Error::NotInBuild { feature: "s3", .. }),
-            "{err}"
-        );
+        #[cfg(feature = "dynamodb")]
+        {
+            // Without credentials in the environment opening stops before any request and names
+            // the variables; with them, port 1 refuses the connection.
+            let url = "dynamodb://otm-table?endpoint=http://127.0.0.1:1&region=us-east-1";
+            let err = open_registry(url).await.unwrap_err();
+            let set = |v: &str| std::env::var(v).is_ok_and(|v| !v.is_empty());
+            if set("AWS_ACCESS_KEY_ID") && set("AWS_SECRET_ACCESS_KEY") {
+                assert!(
+                    matches!(err, Error::Unavailable { backend: "dynamodb", .. }),
+                    "{err}"
+                );
+            } else {
+                assert!(
+                    matches!(err, Error::InvalidInput { .. })
+                        && err.to_string().contains("AWS_ACCESS_KEY_ID"),
+                    "{err}"
+                );
+            }
+        }
+        #[cfg(not(feature = "s3"))]
+        {
+            let err = open_state_store("s3://bucket/otm").await.unwrap_err();
+            assert!(
+                matches!(err, Error::NotInBuild { feature: "s3", .. }),
+                "{err}"
+            );
+        }
+        #[cfg(feature = "s3")]
+        {
+            open_state_store("s3://bucket/otm?endpoint=http://127.0.0.1:1&region=eu-west-1&allow_http=true")
+                .await
+                .expect("configuring an S3 state store sends nothing");
+            for bad in [
+                "s3://",
+                "s3:///prefix",
+                "s3://bucket/otm?colour=red",
+                "s3://bucket/otm?endpoint=%zz",
+                "s3://bucket/otm?secret_access_key=hunter2",
+            ] {
+                let err = open_state_store(bad).await.unwrap_err();
+                assert!(matches!(err, Error::InvalidInput { .. }), "{bad}: {err}");
+                assert!(!err.to_string().contains("hunter2"), "{err}");
+            }
+        }
     }
 
     #[tokio::test]

@@ -57,7 +57,7 @@ const FLEET_KEY: &str = "fleet";
 /// Prepared statements kept per connection before the cache starts over.
 const MAX_STATEMENTS: usize = 128;
 /// The advisory lock that serializes migrations across processes: "otm-mig" in ASCII.
-const MIGRATION_LOCK: i64 = 0x6f74_6d2d_6d69_67;
+const MIGRATION_LOCK: i64 = 0x006f_746d_2d6d_6967;
 
 /// The schema, one step per entry. Step `n` (1-based) is recorded as version `n` in
 /// `otm_schema_version`. Never edit a released step; add a new one.
@@ -255,7 +255,10 @@ impl PostgresRegistry {
                 ),
             )
         })??;
-        tracing::debug!(schema = schema.as_deref().unwrap_or("(default)"), "opened the PostgreSQL registry");
+        tracing::debug!(
+            schema = schema.as_deref().unwrap_or("(default)"),
+            "opened the PostgreSQL registry"
+        );
 
         Ok(PostgresRegistry {
             pool: Pool {
@@ -307,7 +310,11 @@ impl PostgresRegistry {
         params: &[&(dyn ToSql + Sync)],
         idempotent: bool,
     ) -> Result<Option<Row>> {
-        Ok(self.query(sql, params, idempotent).await?.into_iter().next())
+        Ok(self
+            .query(sql, params, idempotent)
+            .await?
+            .into_iter()
+            .next())
     }
 
     async fn call(
@@ -321,7 +328,12 @@ impl PostgresRegistry {
         loop {
             attempt += 1;
             let run = async {
-                let mut conn = self.pool.get().await.map_err(|e| (e, Retry::Never))?;
+                // A retry takes a new connection: the idle ones may have died with the last one.
+                let mut conn = self
+                    .pool
+                    .get(attempt > 1)
+                    .await
+                    .map_err(|e| (e, Retry::Never))?;
                 conn.run(sql, params, count).await.map_err(|e| {
                     let retry = if is_stale_plan(&e) {
                         Retry::Always
@@ -394,14 +406,17 @@ impl Conn {
 /// Opens one connection and drives it on a task of its own.
 async fn open_conn(config: &Config) -> Result<Conn> {
     let (client, connection) = config.connect(NoTls).await.map_err(|e| {
-        Error::unavailable(BACKEND, format!("cannot connect to PostgreSQL: {}", describe(&e)))
+        Error::unavailable(
+            BACKEND,
+            format!("cannot connect to PostgreSQL: {}", describe(&e)),
+        )
     })?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %describe(&e), "a PostgreSQL registry connection broke; the next call opens a new one");
         }
     });
-    // Every answered write must be durable: refuse a session default that would lose commits.
+    // Every answered write must be durable: undo a session default that would lose commits.
     let sync = client
         .query_one("SELECT current_setting('synchronous_commit')", &[])
         .await
@@ -433,14 +448,17 @@ struct Pool {
 }
 
 impl Pool {
-    /// A live connection: an idle one, or a new one.
-    async fn get(&self) -> Result<Pooled<'_>> {
+    /// A live connection: an idle one unless `fresh`, or a new one.
+    async fn get(&self, fresh: bool) -> Result<Pooled<'_>> {
         let permit = self
             .permits
             .acquire()
             .await
             .map_err(|_| Error::unavailable(BACKEND, "the registry is shutting down"))?;
         let reused = loop {
+            if fresh {
+                break None;
+            }
             let next = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
             match next {
                 // The server went away (restart, pg_terminate_backend): drop it, try the next.
@@ -520,11 +538,11 @@ impl Drop for Pooled<'_> {
             }
             return;
         }
-        self.pool
-            .idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(conn);
+        let mut idle = self.pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+        // A retry opens a connection beside the idle ones; keep no more than the pool's size.
+        if idle.len() < self.pool.size {
+            idle.push(conn);
+        }
     }
 }
 
@@ -595,7 +613,10 @@ async fn migrate(client: &mut Client, schema: Option<&str>) -> Result<()> {
     .await
     .map_err(|e| pg(&e))?;
     let version: i32 = tx
-        .query_one("SELECT COALESCE(max(version), 0) FROM otm_schema_version", &[])
+        .query_one(
+            "SELECT COALESCE(max(version), 0) FROM otm_schema_version",
+            &[],
+        )
         .await
         .and_then(|r| r.try_get(0))
         .map_err(|e| pg(&e))?;
@@ -614,7 +635,10 @@ async fn migrate(client: &mut Client, schema: Option<&str>) -> Result<()> {
         tx.batch_execute(step).await.map_err(|e| {
             Error::generic(
                 BACKEND,
-                format!("migration {n} of the PostgreSQL registry failed: {}", describe(&e)),
+                format!(
+                    "migration {n} of the PostgreSQL registry failed: {}",
+                    describe(&e)
+                ),
             )
         })?;
         tx.execute(
@@ -626,7 +650,12 @@ async fn migrate(client: &mut Client, schema: Option<&str>) -> Result<()> {
     }
     tx.commit().await.map_err(|e| pg(&e))?;
     if version < known {
-        tracing::info!(from = version, to = known, schema = schema.unwrap_or("(default)"), "migrated the registry schema");
+        tracing::info!(
+            from = version,
+            to = known,
+            schema = schema.unwrap_or("(default)"),
+            "migrated the registry schema"
+        );
     }
     Ok(())
 }
@@ -731,9 +760,9 @@ macro_rules! deadline_sql {
         concat!(
             "LEAST(GREATEST(",
             $at,
-            "::NUMERIC + ",
+            "::BIGINT::NUMERIC + ",
             $idle,
-            "::NUMERIC * 1000, -9223372036854775808), 9223372036854775807)::BIGINT"
+            "::BIGINT::NUMERIC * 1000, -9223372036854775808), 9223372036854775807)::BIGINT"
         )
     };
 }
@@ -761,9 +790,8 @@ fn tenant_row(row: &Row) -> Result<Tenant> {
         bot_token: get::<Option<String>>(row, 3)?.map(Secret::new),
         webhook_secret: Secret::new(get::<String>(row, 4)?),
         cold_start_notice: get(row, 5)?,
-        status: TenantStatus::parse(&status).ok_or_else(|| {
-            corrupt(format!("tenant {id}"), format!("unknown status `{status}`"))
-        })?,
+        status: TenantStatus::parse(&status)
+            .ok_or_else(|| corrupt(format!("tenant {id}"), format!("unknown status `{status}`")))?,
         created_at_ms: get(row, 7)?,
         last_active_ms: get(row, 8)?,
     })
@@ -784,9 +812,8 @@ fn instance_row(row: &Row) -> Result<InstanceRecord> {
             .map(|t| TenantId::parse(&t))
             .transpose()
             .map_err(|e| corrupt(format!("instance {id}"), e))?,
-        state: InstanceState::parse(&state).ok_or_else(|| {
-            corrupt(format!("instance {id}"), format!("unknown state `{state}`"))
-        })?,
+        state: InstanceState::parse(&state)
+            .ok_or_else(|| corrupt(format!("instance {id}"), format!("unknown state `{state}`")))?,
         address: get(row, 3)?,
         shim_token: Secret::new(get::<String>(row, 4)?),
         surrogate_digest: get(row, 5)?,
@@ -954,7 +981,11 @@ impl Registry for PostgresRegistry {
         }
         // Nothing written: say why.
         let stored: Option<i64> = match self
-            .query_opt("SELECT fence FROM tenants WHERE id = $1", &[&id.as_str()], true)
+            .query_opt(
+                "SELECT fence FROM tenants WHERE id = $1",
+                &[&id.as_str()],
+                true,
+            )
             .await?
         {
             Some(row) => Some(get(&row, 0)?),
@@ -1035,7 +1066,11 @@ impl Registry for PostgresRegistry {
 
     async fn get_instance(&self, id: &InstanceId) -> Result<Option<InstanceRecord>> {
         self.query_opt(
-            concat!("SELECT ", instance_columns!(), " FROM instances WHERE id = $1"),
+            concat!(
+                "SELECT ",
+                instance_columns!(),
+                " FROM instances WHERE id = $1"
+            ),
             &[&id.as_str()],
             true,
         )
@@ -1047,7 +1082,11 @@ impl Registry for PostgresRegistry {
 
     async fn instance_of(&self, tenant: &TenantId) -> Result<Option<InstanceRecord>> {
         self.query_opt(
-            concat!("SELECT ", instance_columns!(), " FROM instances WHERE tenant = $1"),
+            concat!(
+                "SELECT ",
+                instance_columns!(),
+                " FROM instances WHERE tenant = $1"
+            ),
             &[&tenant.as_str()],
             true,
         )
@@ -1075,7 +1114,11 @@ impl Registry for PostgresRegistry {
 
     async fn list_instances(&self) -> Result<Vec<InstanceRecord>> {
         self.query(
-            concat!("SELECT ", instance_columns!(), " FROM instances ORDER BY id"),
+            concat!(
+                "SELECT ",
+                instance_columns!(),
+                " FROM instances ORDER BY id"
+            ),
             &[],
             true,
         )
@@ -1087,7 +1130,11 @@ impl Registry for PostgresRegistry {
 
     async fn delete_instance(&self, id: &InstanceId) -> Result<bool> {
         let n = self
-            .execute("DELETE FROM instances WHERE id = $1", &[&id.as_str()], false)
+            .execute(
+                "DELETE FROM instances WHERE id = $1",
+                &[&id.as_str()],
+                false,
+            )
             .await?;
         Ok(n > 0)
     }
@@ -1136,7 +1183,12 @@ impl Registry for PostgresRegistry {
                               ON CONFLICT (tenant, update_id) DO NOTHING \
                               RETURNING seq) \
                  SELECT EXISTS (SELECT 1 FROM t), (SELECT seq FROM ins)",
-                &[&tenant.as_str(), &update_id, &payload, &otm_core::time::now_ms()],
+                &[
+                    &tenant.as_str(),
+                    &update_id,
+                    &payload,
+                    &otm_core::time::now_ms(),
+                ],
                 false,
             )
             .await?
@@ -1301,7 +1353,11 @@ impl Registry for PostgresRegistry {
 
     async fn get_settings(&self) -> Result<FleetSettings> {
         let row = self
-            .query_opt("SELECT value FROM settings WHERE key = $1", &[&FLEET_KEY], true)
+            .query_opt(
+                "SELECT value FROM settings WHERE key = $1",
+                &[&FLEET_KEY],
+                true,
+            )
             .await?;
         match row {
             None => Ok(FleetSettings::default()),
@@ -1369,7 +1425,16 @@ mod tests {
         for ok in ["otm", "_x", "otm_test_0a1b", &"a".repeat(63)] {
             assert!(check_schema_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "Otm", "1x", "a-b", "a\"b", "a b", "pg_temp", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "Otm",
+            "1x",
+            "a-b",
+            "a\"b",
+            "a b",
+            "pg_temp",
+            &"a".repeat(64),
+        ] {
             assert!(
                 matches!(check_schema_name(bad), Err(Error::InvalidInput { .. })),
                 "{bad}"
@@ -1388,10 +1453,18 @@ mod tests {
                 PostgresOptions::default().with_schema("a"),
                 "postgres://u:hunter2@127.0.0.1:1/db?schema=b",
             ),
-            (PostgresOptions::default(), "postgres://u:hunter2@127.0.0.1:notaport/db"),
-            (PostgresOptions::default(), "postgres://u:hunter2@h/db?bogus=1"),
+            (
+                PostgresOptions::default(),
+                "postgres://u:hunter2@127.0.0.1:notaport/db",
+            ),
+            (
+                PostgresOptions::default(),
+                "postgres://u:hunter2@h/db?bogus=1",
+            ),
         ] {
-            let err = PostgresRegistry::connect_with(url, options).await.unwrap_err();
+            let err = PostgresRegistry::connect_with(url, options)
+                .await
+                .unwrap_err();
             assert!(matches!(err, Error::InvalidInput { .. }), "{url}: {err:?}");
             assert!(!format!("{err} {err:?}").contains("hunter2"), "{err}");
         }

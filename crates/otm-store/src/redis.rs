@@ -2,14 +2,18 @@
 //!
 //! # What lives where
 //! Every key starts with the coordinator's prefix (empty unless [`RedisCoordinator::with_prefix`]
-//! set one), so several fleets or test runs can share one Redis:
+//! set one), so several fleets or test runs can share one Redis. Below, `<…>` stands for a
+//! value and braces are literal:
 //!
 //! | key | type | what |
 //! |---|---|---|
-//! | `{prefix}otm:endpoint:{tenant}` | string, `PX` TTL | the tenant's cached [`Endpoint`], JSON |
-//! | `{prefix}otm:lock:{<key>}` | string, `PX` TTL | the owner token of a held lock or lease |
-//! | `{prefix}otm:fence:{<key>}` | integer, no TTL | the last fence handed out for `<key>` |
-//! | `{prefix}otm:notify` | pub/sub channel | [`Notification`]s, JSON |
+//! | `<prefix>otm:endpoint:<tenant>` | string, `PX` TTL | the tenant's cached [`Endpoint`], JSON |
+//! | `<prefix>otm:lock:{<key>}` | string, `PX` TTL | the owner token of a held lock or lease |
+//! | `<prefix>otm:fence:{<key>}` | integer, no TTL | the last fence handed out for `<key>` |
+//! | `<prefix>otm:notify:<db>` | pub/sub channel | [`Notification`]s, JSON |
+//!
+//! Pub/sub ignores the database number of the URL (`redis://host/3`), so the channel name carries
+//! it: fleets kept apart by database number do not hear each other either.
 //!
 //! The braces are Redis hash tags: a lock and its fence counter hash to the same slot, so the
 //! scripts below keep working behind a proxy that shards by slot. This module speaks to one
@@ -20,10 +24,11 @@
 //! - Endpoint cache: `SET … PX ttl`, `GET`, `DEL`. An entry that does not decode (written by an
 //!   incompatible version) reads as a miss, which the cache contract allows.
 //! - Locks and leases are Lua scripts, so each is one atomic step on the server. Acquire runs
-//!   `SET lock owner NX PX ttl` and, only if that took the lock, `INCR fence`; renew compares the
-//!   owner and then `PEXPIRE`s; release compares the owner and then `DEL`s. Owner tokens are
-//!   random per acquisition, so only the holder of the [`Lease`] can renew or release it. TTLs run
-//!   on the Redis server's clock; holders renew well before they lapse (otm renews every third).
+//!   `SET lock owner NX PX ttl` and, only if that took the lock, `INCR fence` (raised to the
+//!   clock floor described below); renew compares the owner and then `PEXPIRE`s; release
+//!   compares the owner and then `DEL`s. Owner tokens are random per acquisition, so only the
+//!   holder of the [`Lease`] can renew or release it. TTLs run on the Redis server's clock;
+//!   holders renew well before they lapse (otm renews every third of the TTL).
 //! - Notifications: `PUBLISH` of the JSON form on one channel. One dedicated pub/sub connection
 //!   is subscribed from [`RedisCoordinator::connect`] on; a background task forwards what it
 //!   receives into a `tokio::sync::broadcast`, and [`Coordinator::subscribe`] hands out receivers
@@ -52,8 +57,9 @@
 //!   To make fences survive this, acquire never hands out a fence below the Redis server's clock
 //!   in milliseconds since the Unix epoch: a fence is `max(counter + 1, now_ms)`. After a restart
 //!   that lost the counters, fences continue above every earlier one as long as the server's
-//!   clock did not step back by more than the outage lasted. (Fences are therefore large numbers
-//!   such as `1767225600000`; only their order means anything.)
+//!   clock did not step back by more than the outage lasted (and no key was taken more often than
+//!   once a millisecond for long, which would run its counter ahead of the clock). Fences are
+//!   therefore large numbers such as `1767225600000`; only their order means anything.
 //!
 //! Recommended anyway: `appendonly yes` (with the default `appendfsync everysec`), so a restart
 //! keeps the fence counters and the locks, and no `maxmemory-policy` that evicts keys without a
@@ -151,6 +157,10 @@ pub struct RedisCoordinator {
     client: redis::Client,
     conn: ConnectionManager,
     prefix: String,
+    /// The database number of the URL: pub/sub ignores it, so it goes into the channel name.
+    db: i64,
+    /// The notification channel: [`channel`] of `prefix` and `db`.
+    channel: String,
     notify: broadcast::Sender<Notification>,
     listener: Listener,
     redact: Arc<Redactor>,
@@ -198,12 +208,16 @@ impl RedisCoordinator {
             .map_err(|e| connect_error(&redact, &e))?;
         let (notify, _) = broadcast::channel(NOTIFY_CAPACITY);
         let prefix = String::new();
+        let db = client.get_connection_info().redis_settings().db();
+        let channel = channel(&prefix, db);
         let listener =
-            Listener::start(&client, channel(&prefix), notify.clone(), redact.clone()).await?;
+            Listener::start(&client, channel.clone(), notify.clone(), redact.clone()).await?;
         Ok(RedisCoordinator {
             client,
             conn,
             prefix,
+            db,
+            channel,
             notify,
             listener,
             redact,
@@ -221,10 +235,11 @@ impl RedisCoordinator {
             )));
         }
         self.prefix = prefix.to_owned();
+        self.channel = channel(&self.prefix, self.db);
         // The old listener stops when it is dropped here, after the new one is subscribed.
         self.listener = Listener::start(
             &self.client,
-            channel(&self.prefix),
+            self.channel.clone(),
             self.notify.clone(),
             self.redact.clone(),
         )
@@ -254,9 +269,10 @@ impl RedisCoordinator {
     }
 }
 
-/// The notification channel under `prefix`.
-fn channel(prefix: &str) -> String {
-    format!("{prefix}otm:notify")
+/// The notification channel under `prefix` for database `db`. Redis delivers a `PUBLISH` to
+/// subscribers of every database, so fleets kept apart by database number need the number here.
+fn channel(prefix: &str, db: i64) -> String {
+    format!("{prefix}otm:notify:{db}")
 }
 
 /// A TTL in whole milliseconds for `PX`/`PEXPIRE`: rounded up (Redis refuses 0) and capped.
@@ -279,8 +295,15 @@ impl Coordinator for RedisCoordinator {
             Ok(endpoint) => Ok(Some(endpoint)),
             Err(e) => {
                 // A cache miss is always safe: the registry decides. Drop the entry so the next
-                // wake writes a fresh one.
-                tracing::warn!(%tenant, error = %e, "ignoring a cached endpoint that does not decode");
+                // wake writes a fresh one. Only where it broke is logged: serde's message can
+                // quote values, and the entry holds the shim token.
+                tracing::warn!(
+                    %tenant,
+                    category = ?e.classify(),
+                    line = e.line(),
+                    column = e.column(),
+                    "ignoring a cached endpoint that does not decode"
+                );
                 let _ = redis::cmd("DEL")
                     .arg(&key)
                     .query_async::<()>(&mut self.conn.clone())
@@ -358,7 +381,7 @@ impl Coordinator for RedisCoordinator {
     async fn publish(&self, notification: Notification) -> Result<()> {
         let json = serde_json::to_vec(&notification).map_err(|e| Error::generic(BACKEND, e))?;
         redis::cmd("PUBLISH")
-            .arg(channel(&self.prefix))
+            .arg(&self.channel)
             .arg(json)
             .query_async::<()>(&mut self.conn.clone())
             .await
@@ -709,7 +732,13 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            matches!(err, Error::Unavailable { backend: "redis", .. }),
+            matches!(
+                err,
+                Error::Unavailable {
+                    backend: "redis",
+                    ..
+                }
+            ),
             "{err:?}"
         );
         let msg = format!("{err} {err:?}");

@@ -43,16 +43,22 @@ async fn process(url: &str, prefix: &str) -> Arc<RedisCoordinator> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_coordinator() {
-    let Some(url) = redis_url("redis_coordinator") else { return };
-    let c = process(&url, &fresh_prefix()).await;
+    let Some(url) = redis_url("redis_coordinator") else {
+        return;
+    };
+    let prefix = fresh_prefix();
+    let c = process(&url, &prefix).await;
     conformance::coordinator_suite(c).await;
+    cleanup(&url, &prefix).await;
 }
 
 /// Two processes, 20 tasks, one lock: never two holders at once, every acquisition's fence above
 /// the one before, and both processes get their turns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
 async fn two_processes_contend_for_one_lock() {
-    let Some(url) = redis_url("two_processes_contend_for_one_lock") else { return };
+    let Some(url) = redis_url("two_processes_contend_for_one_lock") else {
+        return;
+    };
     let prefix = fresh_prefix();
     let procs = [process(&url, &prefix).await, process(&url, &prefix).await];
     const TASKS: usize = 20;
@@ -102,13 +108,16 @@ async fn two_processes_contend_for_one_lock() {
     );
     assert_eq!(wins[0].load(Ordering::Relaxed), TASKS / 2 * TURNS);
     assert_eq!(wins[1].load(Ordering::Relaxed), TASKS / 2 * TURNS);
+    cleanup(&url, &prefix).await;
 }
 
 /// A lease its holder stops renewing lapses; another process takes it with a larger fence, and
 /// the old holder can neither renew nor release it any more.
 #[tokio::test]
 async fn an_unrenewed_lease_lapses_to_another_process() {
-    let Some(url) = redis_url("an_unrenewed_lease_lapses_to_another_process") else { return };
+    let Some(url) = redis_url("an_unrenewed_lease_lapses_to_another_process") else {
+        return;
+    };
     let prefix = fresh_prefix();
     let (a, b) = (process(&url, &prefix).await, process(&url, &prefix).await);
     let old = a
@@ -129,23 +138,22 @@ async fn an_unrenewed_lease_lapses_to_another_process() {
         .await
         .unwrap()
         .expect("the lapsed lease frees the key");
-    assert!(
-        new.fence > old.fence,
-        "{} then {}",
-        old.fence,
-        new.fence
-    );
+    assert!(new.fence > old.fence, "{} then {}", old.fence, new.fence);
     assert!(!a.renew(&old, Duration::from_secs(30)).await.unwrap());
     assert!(!a.release(&old).await.unwrap());
     // The owner token is what counts, not which process asks.
     assert!(a.renew(&new, Duration::from_secs(30)).await.unwrap());
     assert!(a.release(&new).await.unwrap());
+    cleanup(&url, &prefix).await;
 }
 
-/// A notification published by one process reaches the other's subscribers and its own.
+/// A notification published by one process reaches the other's subscribers and its own; a
+/// dropped coordinator's subscriptions end.
 #[tokio::test]
 async fn notifications_cross_processes() {
-    let Some(url) = redis_url("notifications_cross_processes") else { return };
+    let Some(url) = redis_url("notifications_cross_processes") else {
+        return;
+    };
     let prefix = fresh_prefix();
     let (a, b) = (process(&url, &prefix).await, process(&url, &prefix).await);
     let mut at_a = a.subscribe();
@@ -154,19 +162,32 @@ async fn notifications_cross_processes() {
         tenant: TenantId::parse("alice").unwrap(),
     };
     a.publish(n.clone()).await.unwrap();
-    for (who, s) in [("the other process", &mut at_b), ("the publisher", &mut at_a)] {
+    for (who, s) in [
+        ("the other process", &mut at_b),
+        ("the publisher", &mut at_a),
+    ] {
         let got = tokio::time::timeout(Duration::from_secs(2), s.next()).await;
         assert_eq!(got.ok().flatten().as_ref(), Some(&n), "{who} receives it");
     }
+    drop(b);
+    let end = tokio::time::timeout(Duration::from_secs(2), at_b.next()).await;
+    assert_eq!(
+        end.ok(),
+        Some(None),
+        "dropping a coordinator ends its subscriptions"
+    );
 }
 
 /// Prefixes keep fleets apart: locks, cached endpoints and notifications.
 #[tokio::test]
 async fn prefixes_keep_fleets_apart() {
-    let Some(url) = redis_url("prefixes_keep_fleets_apart") else { return };
+    let Some(url) = redis_url("prefixes_keep_fleets_apart") else {
+        return;
+    };
+    let prefixes = [fresh_prefix(), fresh_prefix()];
     let (a, b) = (
-        process(&url, &fresh_prefix()).await,
-        process(&url, &fresh_prefix()).await,
+        process(&url, &prefixes[0]).await,
+        process(&url, &prefixes[1]).await,
     );
     let la = a.acquire("leader", Duration::from_secs(30)).await.unwrap();
     let lb = b.acquire("leader", Duration::from_secs(30)).await.unwrap();
@@ -177,7 +198,9 @@ async fn prefixes_keep_fleets_apart() {
         address: "unix:/x".into(),
         shim_token: otm_core::Secret::new("t"),
     };
-    a.set_endpoint(&t, &e, Duration::from_secs(30)).await.unwrap();
+    a.set_endpoint(&t, &e, Duration::from_secs(30))
+        .await
+        .unwrap();
     assert_eq!(b.endpoint(&t).await.unwrap(), None);
     let mut at_b = b.subscribe();
     a.publish(Notification::SettingsChanged).await.unwrap();
@@ -190,6 +213,9 @@ async fn prefixes_keep_fleets_apart() {
         Some(Notification::EndpointInvalidated { tenant: t }),
         "the other fleet's notification never arrives"
     );
+    for p in &prefixes {
+        cleanup(&url, p).await;
+    }
 }
 
 /// A TCP proxy in front of Redis whose connections the test can cut.
@@ -209,7 +235,9 @@ impl Proxy {
         let (c, r) = (conns.clone(), refuse.clone());
         let accept = tokio::spawn(async move {
             loop {
-                let Ok((mut down, _)) = listener.accept().await else { return };
+                let Ok((mut down, _)) = listener.accept().await else {
+                    return;
+                };
                 if r.load(Ordering::SeqCst) {
                     let _ = down.shutdown().await;
                     continue;
@@ -260,20 +288,25 @@ fn through_proxy(url: &str) -> (String, String) {
     } else {
         format!("{hostport}:6379")
     };
-    (format!("{scheme}://{userinfo}127.0.0.1:{{port}}{tail}"), hostport)
+    (
+        format!("{scheme}://{userinfo}127.0.0.1:{{port}}{tail}"),
+        hostport,
+    )
 }
 
 /// Cut connections: calls fail as unavailable while Redis cannot be reached, then work again,
 /// and a subscription taken before the cut receives notifications again after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn survives_lost_connections() {
-    let Some(url) = redis_url("survives_lost_connections") else { return };
+    let Some(url) = redis_url("survives_lost_connections") else {
+        return;
+    };
     let (template, upstream) = through_proxy(&url);
     let proxy = Proxy::start(upstream).await;
-    let url = template.replace("{port}", &proxy.port.to_string());
+    let proxied = template.replace("{port}", &proxy.port.to_string());
     let prefix = fresh_prefix();
-    let c = process(&url, &prefix).await;
-    let direct = process(&std::env::var(URL_VAR).unwrap(), &prefix).await;
+    let c = process(&proxied, &prefix).await;
+    let direct = process(&url, &prefix).await;
     let mut s = c.subscribe();
     let t = TenantId::parse("bob").unwrap();
 
@@ -284,7 +317,13 @@ async fn survives_lost_connections() {
         .await
         .expect_err("Redis is out of reach");
     assert!(
-        matches!(err, Error::Unavailable { backend: "redis", .. }),
+        matches!(
+            err,
+            Error::Unavailable {
+                backend: "redis",
+                ..
+            }
+        ),
         "{err:?}"
     );
     // Published meanwhile by a process that still reaches Redis: lost, as the contract allows.
@@ -319,4 +358,169 @@ async fn survives_lost_connections() {
     })
     .await;
     assert!(got.is_ok(), "notifications did not resume after the cut");
+    cleanup(&url, &prefix).await;
+}
+
+/// `publish` returns only once its notification is in the subscribers' queues: a subscription
+/// taken right after never sees it, however fast it follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subscription_after_publish_misses_it() {
+    let Some(url) = redis_url("a_subscription_after_publish_misses_it") else {
+        return;
+    };
+    let c = process(&url, &fresh_prefix()).await;
+    for i in 0..200 {
+        let t = TenantId::parse(&format!("t{i}")).unwrap();
+        c.publish(Notification::InboxHasWork { tenant: t.clone() })
+            .await
+            .unwrap();
+        let mut s = c.subscribe();
+        let after = Notification::EndpointInvalidated { tenant: t };
+        c.publish(after.clone()).await.unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(2), s.next()).await;
+        assert_eq!(first.ok().flatten(), Some(after), "round {i}");
+    }
+}
+
+/// A raw connection for checks and cleanup behind the coordinator's back.
+async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// Deletes every key under `prefix` (fence counters never expire on their own).
+async fn cleanup(url: &str, prefix: &str) {
+    let mut r = raw(url).await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        redis::cmd("DEL")
+            .arg(keys)
+            .query_async::<()>(&mut r)
+            .await
+            .unwrap();
+    }
+}
+
+/// Fences follow the counter when it runs ahead of the clock, and stay above every earlier
+/// fence when the counter is lost (a Redis restart without persistence, an eviction).
+#[tokio::test]
+async fn fences_survive_a_lost_counter() {
+    let Some(url) = redis_url("fences_survive_a_lost_counter") else {
+        return;
+    };
+    let prefix = fresh_prefix();
+    let c = process(&url, &prefix).await;
+    let mut r = raw(&url).await;
+    let fence_key = format!("{prefix}otm:fence:{{k}}");
+    let ttl = Duration::from_secs(30);
+
+    let first = c.acquire("k", ttl).await.unwrap().unwrap();
+    assert!(c.release(&first).await.unwrap());
+    let stored: u64 = redis::cmd("GET")
+        .arg(&fence_key)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(
+        stored, first.fence,
+        "the counter holds the last fence, exactly"
+    );
+
+    redis::cmd("DEL")
+        .arg(&fence_key)
+        .query_async::<()>(&mut r)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let after_loss = c.acquire("k", ttl).await.unwrap().unwrap();
+    assert!(
+        after_loss.fence > first.fence,
+        "{} then {} after the counter was lost",
+        first.fence,
+        after_loss.fence
+    );
+    assert!(c.release(&after_loss).await.unwrap());
+
+    let ahead: u64 = 1 << 52;
+    redis::cmd("SET")
+        .arg(&fence_key)
+        .arg(ahead)
+        .query_async::<()>(&mut r)
+        .await
+        .unwrap();
+    let next = c.acquire("k", ttl).await.unwrap().unwrap();
+    assert_eq!(
+        next.fence,
+        ahead + 1,
+        "a counter ahead of the clock just counts on"
+    );
+    assert!(c.release(&next).await.unwrap());
+    cleanup(&url, &prefix).await;
+}
+
+/// A cached endpoint that does not decode (say, from an incompatible version) is a miss, and
+/// is dropped.
+#[tokio::test]
+async fn an_undecodable_endpoint_is_a_miss() {
+    let Some(url) = redis_url("an_undecodable_endpoint_is_a_miss") else {
+        return;
+    };
+    let prefix = fresh_prefix();
+    let c = process(&url, &prefix).await;
+    let mut r = raw(&url).await;
+    let key = format!("{prefix}otm:endpoint:carol");
+    redis::cmd("SET")
+        .arg(&key)
+        .arg("{\"instance\": 5}")
+        .query_async::<()>(&mut r)
+        .await
+        .unwrap();
+    let t = TenantId::parse("carol").unwrap();
+    assert_eq!(c.endpoint(&t).await.unwrap(), None);
+    let left: Option<String> = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(left, None, "the broken entry is gone");
+    cleanup(&url, &prefix).await;
+}
+
+/// Redis delivers a `PUBLISH` to subscribers of every database; coordinators on different
+/// database numbers still do not hear each other.
+#[tokio::test]
+async fn database_numbers_keep_notifications_apart() {
+    let Some(url) = redis_url("database_numbers_keep_notifications_apart") else {
+        return;
+    };
+    let base = url.trim_end_matches('/');
+    if base
+        .rsplit_once('/')
+        .is_some_and(|(_, db)| db.parse::<u32>().is_ok())
+    {
+        println!("skipped: {URL_VAR} names a database already");
+        return;
+    }
+    let prefix = fresh_prefix();
+    let a = process(&format!("{base}/1"), &prefix).await;
+    let b = process(&format!("{base}/2"), &prefix).await;
+    let mut at_b = b.subscribe();
+    a.publish(Notification::SettingsChanged).await.unwrap();
+    let t = TenantId::parse("dave").unwrap();
+    b.publish(Notification::EndpointInvalidated { tenant: t.clone() })
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(2), at_b.next()).await;
+    assert_eq!(
+        first.ok().flatten(),
+        Some(Notification::EndpointInvalidated { tenant: t }),
+        "database 1's notification does not reach database 2"
+    );
 }

@@ -8,9 +8,13 @@
 //!   checks tokens, answers the methods otm and its agents call, records every call, and can be
 //!   told to fail or slow down `sendMessage`.
 //! - [`updates`]: builders for realistic Telegram updates, such as [`text_update`].
+//! - [`stub_model`]: [`StubModel`], an OpenAI-compatible model server on `127.0.0.1:0` whose
+//!   answers count the earlier user turns it was sent, and which records the key it saw.
 
 pub mod fake_telegram;
+pub mod stub_model;
 pub mod updates;
 
 pub use fake_telegram::{Call, FILE_BYTES, FakeTelegram, SentMessage, WebhookInfo};
+pub use stub_model::{ModelRequest, StubModel};
 pub use updates::text_update;

@@ -85,6 +85,21 @@ struct ServerArgs {
     /// Lifetime of wake locks and dispatcher leases, renewed while held, in seconds [default: 15].
     #[arg(long, env = "OTM_LEASE_TTL_S")]
     lease_ttl_s: Option<u64>,
+    /// Where scripts/install-openclaw put Node 24 and OpenClaw, for tenants on the openclaw
+    /// profile [default: <data-dir>/openclaw, then openclaw on PATH].
+    #[arg(long, env = "OTM_OPENCLAW_PREFIX")]
+    openclaw_prefix: Option<PathBuf>,
+    /// JSON5 template of the OpenClaw gateway config [default: built in; see docs/openclaw.md].
+    #[arg(long, env = "OTM_OPENCLAW_CONFIG_TEMPLATE")]
+    openclaw_config_template: Option<PathBuf>,
+    /// The model provider's OpenAI-compatible base URL, e.g. https://api.openai.com/v1. Agents
+    /// reach it through the egress listener, which adds the key from OTM_MODEL_API_KEY (an
+    /// environment variable only, or model_api_key in the TOML file).
+    #[arg(long, env = "OTM_MODEL_BASE_URL")]
+    model_base_url: Option<String>,
+    /// The model id at that provider.
+    #[arg(long, env = "OTM_MODEL_ID")]
+    model_id: Option<String>,
 }
 
 impl ServerArgs {
@@ -103,7 +118,8 @@ impl ServerArgs {
         macro_rules! set_opt {
             ($($field:ident),*) => { $( if let Some(v) = &self.$field { s.$field = Some(v.clone()); } )* };
         }
-        set_opt!(egress_url, public_url, registry, coordinator, state);
+        set_opt!(egress_url, public_url, registry, coordinator, state, openclaw_prefix, openclaw_config_template);
+        set_opt!(model_base_url, model_id);
         if let Some(n) = self.max_delivery_attempts {
             s.max_delivery_attempts = n;
         }
@@ -119,6 +135,10 @@ impl ServerArgs {
         // The service token comes from the environment only, never from a flag (process lists).
         if let Some(t) = std::env::var("OTM_SERVICE_TOKEN").ok().filter(|t| !t.is_empty()) {
             s.service_token = Some(Secret::new(t));
+        }
+        // So does the model API key.
+        if let Some(k) = std::env::var("OTM_MODEL_API_KEY").ok().filter(|k| !k.is_empty()) {
+            s.model_api_key = Some(Secret::new(k));
         }
         Ok(s)
     }

@@ -121,3 +121,44 @@ async fn a_killed_server_restarts_adopts_instances_and_answers_everything_once()
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(second.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     second.wait().unwrap();
 }
+
+/// Fencing numbers survive a restart of a single-node server: a tenant woken before the restart
+/// wakes again after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wakes_work_after_a_restart_of_a_single_node_server() {
+    let tg = FakeTelegram::start().await;
+    let token = "9302:RESTART";
+    tg.add_bot(token);
+    let dir = tempfile::Builder::new().prefix("otm").tempdir_in("/tmp").unwrap();
+    let data = dir.path().join("d");
+    let ports = Ports { public: free_port(), admin: free_port(), egress: free_port() };
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let admin = format!("http://127.0.0.1:{}/v1", ports.admin);
+    let call = |method: reqwest::Method, path: &str| {
+        http.request(method, format!("{admin}{path}")).bearer_auth("crash-test-admin-token").send()
+    };
+    let mut first = start(&ports, &data, &tg);
+    wait_healthy(&http, ports.public).await;
+    let r = http
+        .post(format!("{admin}/tenants"))
+        .bearer_auth("crash-test-admin-token")
+        .json(&serde_json::json!({"id": "again", "bot_token": token}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    for _ in 0..3 {
+        assert_eq!(call(reqwest::Method::POST, "/tenants/again/wake").await.unwrap().status(), 200);
+        assert_eq!(call(reqwest::Method::POST, "/tenants/again/stop").await.unwrap().status(), 200);
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    first.wait().unwrap();
+
+    let mut second = start(&ports, &data, &tg);
+    wait_healthy(&http, ports.public).await;
+    let r = call(reqwest::Method::POST, "/tenants/again/wake").await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(call(reqwest::Method::POST, "/tenants/again/stop").await.unwrap().status(), 200);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(second.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    second.wait().unwrap();
+}
