@@ -14,10 +14,9 @@
 //!
 //! - **tenants**, key `tenant_id`: one item per tenant, plus the fleet settings under the key
 //!   `@settings` and the tenant incarnation counter `@tenant-numbers` (tenant ids are DNS labels,
-//!   so neither can collide). GSI `status-index`
-//!   (`status`, `idle_deadline_ms`, keys only) makes [`Registry::idle_due`] one Query of the
-//!   `running` partition up to `now`. `touch_tenant` keeps `idle_deadline_ms` =
-//!   `last_active_ms + idle_timeout_ms` in one update expression.
+//!   so neither can collide). GSI `status-index` (`status`, `idle_deadline_ms`, keys only) makes
+//!   [`Registry::idle_due`] one Query of the `running` partition up to `now`. `touch_tenant`
+//!   keeps `idle_deadline_ms` = `last_active_ms + idle_timeout_ms` in one update expression.
 //! - **instances**, key `instance_id`: one item per instance, plus pointer items that make
 //!   two lookups strongly consistent and one of them unique: `@tenant/{tenant}` (the instance
 //!   bound to a tenant; at most one, like SQLite's `UNIQUE (tenant)`) and `@surrogate/{digest}`.
@@ -29,9 +28,9 @@
 //! - **inbox**, key (`tenant`, `sk`), one partition per tenant:
 //!   - `#meta`: created with the tenant; `next_seq` (allocated with an atomic `ADD`; it starts
 //!     at the tenant's incarnation number, from the `@tenant-numbers` item, shifted left by 32
-//!     bits, so sequence numbers are unique across tenants as SQLite's are),
-//!     `pending` (how many updates wait), `pending_shard` while some may wait, `deleting` while
-//!     the tenant is being deleted.
+//!     bits, so sequence numbers are unique across tenants as SQLite's are), `pending` (how
+//!     many updates wait), `pending_shard` while some may wait, `deleting` while the tenant is
+//!     being deleted.
 //!   - `q#{seq:020}`: a pending update; `x#{seq:020}`: a dead-lettered one; `d#{seq:020}`: a
 //!     delivered one (without its payload), kept for deduplication until pruned.
 //!   - `u#{update_id}`: the dedupe marker, written with `attribute_not_exists` in the same
@@ -485,7 +484,8 @@ impl DynamoRegistry {
                 ));
             }
         };
-        let endpoint = endpoint.unwrap_or_else(|| format!("https://dynamodb.{region}.amazonaws.com"));
+        let endpoint =
+            endpoint.unwrap_or_else(|| format!("https://dynamodb.{region}.amazonaws.com"));
         let client = Client::new(&endpoint, &region, credentials)?;
         let registry = DynamoRegistry {
             client,
@@ -544,7 +544,11 @@ impl DynamoRegistry {
     /// Deletes the three tables and everything in them (test teardown); missing ones are fine.
     pub async fn delete_tables(&self) -> Result<()> {
         for name in self.tables.all() {
-            match self.client.call("DeleteTable", &json!({ "TableName": name })).await {
+            match self
+                .client
+                .call("DeleteTable", &json!({ "TableName": name }))
+                .await
+            {
                 Ok(_) => {}
                 Err(e) if e.code() == "ResourceNotFoundException" => {}
                 Err(e) => return Err(api(e)),
@@ -732,7 +736,10 @@ impl DynamoRegistry {
     }
 
     async fn meta(&self, tenant: &TenantId) -> Result<Option<Meta>> {
-        let Some(item) = self.get(&self.tables.inbox, inbox_key(tenant, META)).await? else {
+        let Some(item) = self
+            .get(&self.tables.inbox, inbox_key(tenant, META))
+            .await?
+        else {
             return Ok(None);
         };
         meta_from(tenant, &item).map(Some)
@@ -768,7 +775,12 @@ impl DynamoRegistry {
     }
 
     /// Pending or dead updates (`q#` or `x#`), oldest first, at most `limit`.
-    async fn inbox_range(&self, tenant: &TenantId, prefix: &str, limit: usize) -> Result<Vec<InboxItem>> {
+    async fn inbox_range(
+        &self,
+        tenant: &TenantId,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<InboxItem>> {
         if limit == 0 {
             return Ok(Vec::new());
         }
@@ -790,7 +802,10 @@ impl DynamoRegistry {
 
     /// The instance item and the pointer items that name it, for a read-then-write round.
     async fn instance_with_pointers(&self, id: &InstanceId) -> Result<Option<(Item, Vec<String>)>> {
-        let Some(item) = self.get(&self.tables.instances, instance_key(id.as_str())).await? else {
+        let Some(item) = self
+            .get(&self.tables.instances, instance_key(id.as_str()))
+            .await?
+        else {
             return Ok(None);
         };
         let r = Reader::new(&item, "an instance item");
@@ -805,7 +820,12 @@ impl DynamoRegistry {
         let pointers = self.batch_get(&self.tables.instances, keys).await?;
         let ours = pointers
             .iter()
-            .filter(|p| p.get("target").and_then(|v| v.get("S")).and_then(Value::as_str) == Some(id.as_str()))
+            .filter(|p| {
+                p.get("target")
+                    .and_then(|v| v.get("S"))
+                    .and_then(Value::as_str)
+                    == Some(id.as_str())
+            })
             .filter_map(|p| p.get("instance_id")?.get("S")?.as_str().map(str::to_owned))
             .collect();
         Ok(Some((item, ours)))
@@ -815,7 +835,7 @@ impl DynamoRegistry {
     fn unchanged_instance(old: &Item) -> Result<(String, Value, Value)> {
         let r = Reader::new(old, "an instance item");
         let mut cond = vec!["attribute_exists(#id)".to_owned()];
-        let mut names = json!({ "#id": "instance_id", "#t": "tenant", "#sd": "surrogate_digest" });
+        let names = json!({ "#id": "instance_id", "#t": "tenant", "#sd": "surrogate_digest" });
         let mut values = json!({});
         match r.opt_s("tenant")? {
             Some(t) => {
@@ -831,7 +851,6 @@ impl DynamoRegistry {
             }
             None => cond.push("attribute_not_exists(#sd)".into()),
         }
-        names["#id"] = json!("instance_id");
         Ok((cond.join(" AND "), names, values))
     }
 
@@ -846,12 +865,22 @@ impl DynamoRegistry {
     }
 
     /// The instance a pointer item names, if it still carries the pointed-at value.
-    async fn follow(&self, pointer: &str, check: impl Fn(&InstanceRecord) -> bool) -> Result<Option<InstanceRecord>> {
-        let Some(p) = self.get(&self.tables.instances, instance_key(pointer)).await? else {
+    async fn follow(
+        &self,
+        pointer: &str,
+        check: impl Fn(&InstanceRecord) -> bool,
+    ) -> Result<Option<InstanceRecord>> {
+        let Some(p) = self
+            .get(&self.tables.instances, instance_key(pointer))
+            .await?
+        else {
             return Ok(None);
         };
         let target = Reader::new(&p, pointer).s("target")?.to_owned();
-        let Some(item) = self.get(&self.tables.instances, instance_key(&target)).await? else {
+        let Some(item) = self
+            .get(&self.tables.instances, instance_key(&target))
+            .await?
+        else {
             return Ok(None);
         };
         let rec = instance_from(&item)?;
@@ -896,7 +925,10 @@ impl Registry for DynamoRegistry {
             )
             .await
             .map_err(api)?;
-        let attrs = numbered["Attributes"].as_object().cloned().unwrap_or_default();
+        let attrs = numbered["Attributes"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
         let incarnation = Reader::new(&attrs, "the tenant numbers").n("last")?;
         let first_seq = incarnation
             .checked_mul(1 << SEQ_BITS)
@@ -955,7 +987,7 @@ impl Registry for DynamoRegistry {
     async fn update_tenant(&self, tenant: &Tenant) -> Result<()> {
         let idle_s = to_i64(tenant.idle_timeout_s, "idle timeout")?;
         let idle_ms = idle_s.saturating_mul(1000);
-        let mut names = json!({
+        let names = json!({
             "#id": "tenant_id", "#pr": "profile", "#is": "idle_timeout_s", "#ims": "idle_timeout_ms",
             "#ws": "webhook_secret", "#cs": "cold_start_notice", "#dl": "idle_deadline_ms",
             "#la": "last_active_ms", "#bt": "bot_token",
@@ -964,7 +996,9 @@ impl Registry for DynamoRegistry {
             ":pr": s(&tenant.profile), ":is": n(idle_s), ":ims": n(idle_ms),
             ":ws": s(tenant.webhook_secret.expose()), ":cs": boolean(tenant.cold_start_notice),
         });
-        let mut expr = "SET #pr = :pr, #is = :is, #ims = :ims, #ws = :ws, #cs = :cs, #dl = #la + :ims".to_owned();
+        let mut expr =
+            "SET #pr = :pr, #is = :is, #ims = :ims, #ws = :ws, #cs = :cs, #dl = #la + :ims"
+                .to_owned();
         match &tenant.bot_token {
             Some(token) => {
                 expr.push_str(", #bt = :bt");
@@ -972,7 +1006,6 @@ impl Registry for DynamoRegistry {
             }
             None => expr.push_str(" REMOVE #bt"),
         }
-        names["#id"] = json!("tenant_id");
         let body = json!({
             "TableName": self.tables.tenants,
             "Key": tenant_key(tenant.id.as_str()),
@@ -983,7 +1016,9 @@ impl Registry for DynamoRegistry {
         });
         match self.client.call("UpdateItem", &body).await {
             Ok(_) => Ok(()),
-            Err(e) if e.is_condition_failed() => Err(Error::not_found(format!("tenant {}", tenant.id))),
+            Err(e) if e.is_condition_failed() => {
+                Err(Error::not_found(format!("tenant {}", tenant.id)))
+            }
             Err(e) => Err(api(e)),
         }
     }
@@ -1026,7 +1061,8 @@ impl Registry for DynamoRegistry {
             .collect();
         self.batch_delete(inbox, keys).await?;
         // 3. The tenant, then the counter: a crash in between leaves a `deleting` counter, which
-        //    blocks nothing and is overwritten by the next create.
+        //    blocks nothing and is overwritten by the next create. The counter goes only while
+        //    it is still flagged: a create that won the race in between keeps its fresh one.
         let resp = self
             .client
             .call(
@@ -1039,17 +1075,28 @@ impl Registry for DynamoRegistry {
             )
             .await
             .map_err(api)?;
-        self.client
-            .call(
-                "DeleteItem",
-                &json!({ "TableName": inbox, "Key": inbox_key(id, META) }),
-            )
-            .await
-            .map_err(api)?;
-        Ok(resp.get("Attributes").is_some_and(|a| a.as_object().is_some_and(|o| !o.is_empty())))
+        let counter = json!({
+            "TableName": inbox,
+            "Key": inbox_key(id, META),
+            "ConditionExpression": "attribute_exists(#del)",
+            "ExpressionAttributeNames": { "#del": "deleting" },
+        });
+        match self.client.call("DeleteItem", &counter).await {
+            Ok(_) => {}
+            Err(e) if e.is_condition_failed() => {}
+            Err(e) => return Err(api(e)),
+        }
+        Ok(resp
+            .get("Attributes")
+            .is_some_and(|a| a.as_object().is_some_and(|o| !o.is_empty())))
     }
 
-    async fn set_tenant_status(&self, id: &TenantId, status: TenantStatus, fence: Option<u64>) -> Result<()> {
+    async fn set_tenant_status(
+        &self,
+        id: &TenantId,
+        status: TenantStatus,
+        fence: Option<u64>,
+    ) -> Result<()> {
         let fence = fence.map(|f| to_i64(f, "fence")).transpose()?;
         let mut body = json!({
             "TableName": self.tables.tenants,
@@ -1072,11 +1119,16 @@ impl Registry for DynamoRegistry {
             Err(e) if e.is_condition_failed() => {
                 let stored = match e.failed_item() {
                     Some(item) => Some(item.clone()),
-                    None => self.get(&self.tables.tenants, tenant_key(id.as_str())).await?,
+                    None => {
+                        self.get(&self.tables.tenants, tenant_key(id.as_str()))
+                            .await?
+                    }
                 };
                 match (stored, fence) {
                     (Some(item), Some(f)) => {
-                        let stored = Reader::new(&item, "a tenant item").opt_n("fence")?.unwrap_or(0);
+                        let stored = Reader::new(&item, "a tenant item")
+                            .opt_n("fence")?
+                            .unwrap_or(0);
                         Err(Error::conflict(format!(
                             "fence {f} for tenant {id} is stale: fence {stored} was already used; \
                              another holder of the tenant's lock took over"
@@ -1139,9 +1191,15 @@ impl Registry for DynamoRegistry {
     async fn put_instance(&self, instance: &InstanceRecord) -> Result<()> {
         let id = &instance.id;
         if id.as_str().starts_with('@') {
-            return Err(Error::invalid(format!("instance id `{id}` may not start with '@'")));
+            return Err(Error::invalid(format!(
+                "instance id `{id}` may not start with '@'"
+            )));
         }
-        if instance.surrogate_digest.as_ref().is_some_and(|d| d.len() > MAX_DIGEST_LEN) {
+        if instance
+            .surrogate_digest
+            .as_ref()
+            .is_some_and(|d| d.len() > MAX_DIGEST_LEN)
+        {
             return Err(Error::invalid("the surrogate digest is too long"));
         }
         for _ in 0..ROUNDS {
@@ -1166,7 +1224,10 @@ impl Registry for DynamoRegistry {
                 }
             }
             actions.push(put);
-            let new_tenant = instance.tenant.as_ref().map(|t| format!("{TENANT_POINTER}{t}"));
+            let new_tenant = instance
+                .tenant
+                .as_ref()
+                .map(|t| format!("{TENANT_POINTER}{t}"));
             let new_digest = instance
                 .surrogate_digest
                 .as_ref()
@@ -1200,7 +1261,11 @@ impl Registry for DynamoRegistry {
                 Err(e) if tenant_action.is_some_and(|i| failed_at(&e, i)) => {
                     return Err(Error::conflict(format!(
                         "tenant {} is already bound to another instance than {id}; stop that one first",
-                        instance.tenant.as_ref().map(TenantId::as_str).unwrap_or_default()
+                        instance
+                            .tenant
+                            .as_ref()
+                            .map(TenantId::as_str)
+                            .unwrap_or_default()
                     )));
                 }
                 Err(e) if e.cancellation_codes().is_some() => continue,
@@ -1223,8 +1288,10 @@ impl Registry for DynamoRegistry {
     }
 
     async fn instance_of(&self, tenant: &TenantId) -> Result<Option<InstanceRecord>> {
-        self.follow(&format!("{TENANT_POINTER}{tenant}"), |r| r.tenant.as_ref() == Some(tenant))
-            .await
+        self.follow(&format!("{TENANT_POINTER}{tenant}"), |r| {
+            r.tenant.as_ref() == Some(tenant)
+        })
+        .await
     }
 
     async fn instance_by_surrogate(&self, digest: &str) -> Result<Option<InstanceRecord>> {
@@ -1250,7 +1317,10 @@ impl Registry for DynamoRegistry {
                 None,
             )
             .await?;
-        let mut out = items.iter().map(instance_from).collect::<Result<Vec<_>>>()?;
+        let mut out = items
+            .iter()
+            .map(instance_from)
+            .collect::<Result<Vec<_>>>()?;
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
     }
@@ -1357,10 +1427,19 @@ impl Registry for DynamoRegistry {
         Ok(None)
     }
 
-    async fn inbox_append(&self, tenant: &TenantId, update_id: i64, payload: &[u8]) -> Result<Appended> {
+    async fn inbox_append(
+        &self,
+        tenant: &TenantId,
+        update_id: i64,
+        payload: &[u8],
+    ) -> Result<Appended> {
         let inbox = &self.tables.inbox;
         // A repeat costs one read and takes no sequence number.
-        if self.get(inbox, inbox_key(tenant, &u_sk(update_id))).await?.is_some() {
+        if self
+            .get(inbox, inbox_key(tenant, &u_sk(update_id)))
+            .await?
+            .is_some()
+        {
             return Ok(Appended::Duplicate);
         }
         let alloc = json!({
@@ -1375,15 +1454,20 @@ impl Registry for DynamoRegistry {
         let seq = match self.client.call("UpdateItem", &alloc).await {
             Ok(resp) => {
                 let attrs = resp["Attributes"].as_object().cloned().unwrap_or_default();
-                Reader::new(&attrs, &format!("the inbox counter of tenant {tenant}")).n("next_seq")?
+                Reader::new(&attrs, &format!("the inbox counter of tenant {tenant}"))
+                    .n("next_seq")?
             }
-            Err(e) if e.is_condition_failed() => return Err(Error::not_found(format!("tenant {tenant}"))),
+            Err(e) if e.is_condition_failed() => {
+                return Err(Error::not_found(format!("tenant {tenant}")));
+            }
             Err(e) => return Err(api(e)),
         };
         if seq % (1 << SEQ_BITS) == 0 {
             return Err(Error::generic(
                 BACKEND,
-                format!("the inbox of tenant {tenant} ran out of sequence numbers; delete and re-create the tenant"),
+                format!(
+                    "the inbox of tenant {tenant} ran out of sequence numbers; delete and re-create the tenant"
+                ),
             ));
         }
         let now = otm_core::time::now_ms();
@@ -1433,13 +1517,17 @@ impl Registry for DynamoRegistry {
             let found = self
                 .batch_get(
                     inbox,
-                    vec![inbox_key(tenant, &q_sk(seq)), inbox_key(tenant, &x_sk(seq)), inbox_key(tenant, &d_sk(seq))],
+                    vec![
+                        inbox_key(tenant, &q_sk(seq)),
+                        inbox_key(tenant, &x_sk(seq)),
+                        inbox_key(tenant, &d_sk(seq)),
+                    ],
                 )
                 .await?;
             let find = |sk: &str| {
-                found
-                    .iter()
-                    .find(|i| i.get("sk").and_then(|v| v.get("S")).and_then(Value::as_str) == Some(sk))
+                found.iter().find(|i| {
+                    i.get("sk").and_then(|v| v.get("S")).and_then(Value::as_str) == Some(sk)
+                })
             };
             let (source, pending) = match (find(&q_sk(seq)), find(&x_sk(seq)), find(&d_sk(seq))) {
                 (Some(q), _, _) => (q, true),
@@ -1468,12 +1556,18 @@ impl Registry for DynamoRegistry {
                         "done_at_ms": n(otm_core::time::now_ms()), "done_shard": s(done_shard(tenant, seq)),
                     },
                 }}),
-                if pending { self.meta_update(tenant, -1, false) } else { self.meta_check(tenant) },
+                if pending {
+                    self.meta_update(tenant, -1, false)
+                } else {
+                    self.meta_check(tenant)
+                },
             ];
             match self.transact(actions).await {
                 Ok(()) => return Ok(()),
                 Err(e) if failed_at(&e, 2) => {
-                    return Err(Error::not_found(format!("update {seq} in the inbox of tenant {tenant}")));
+                    return Err(Error::not_found(format!(
+                        "update {seq} in the inbox of tenant {tenant}"
+                    )));
                 }
                 // Moved by someone else in between: look again.
                 Err(e) if e.cancellation_codes().is_some() => continue,
@@ -1485,13 +1579,22 @@ impl Registry for DynamoRegistry {
         )))
     }
 
-    async fn inbox_fail(&self, tenant: &TenantId, seq: i64, error: &str, max_attempts: u32) -> Result<FailOutcome> {
+    async fn inbox_fail(
+        &self,
+        tenant: &TenantId,
+        seq: i64,
+        error: &str,
+        max_attempts: u32,
+    ) -> Result<FailOutcome> {
         let inbox = &self.tables.inbox;
         let error = truncate(error, MAX_ERROR_LEN);
         for _ in 0..ROUNDS {
             let Some(item) = self.get(inbox, inbox_key(tenant, &q_sk(seq))).await? else {
                 let other = self
-                    .batch_get(inbox, vec![inbox_key(tenant, &x_sk(seq)), inbox_key(tenant, &d_sk(seq))])
+                    .batch_get(
+                        inbox,
+                        vec![inbox_key(tenant, &x_sk(seq)), inbox_key(tenant, &d_sk(seq))],
+                    )
                     .await?;
                 let state = other
                     .iter()
@@ -1501,13 +1604,14 @@ impl Registry for DynamoRegistry {
                     Some(state) => Error::conflict(format!(
                         "update {seq} of tenant {tenant} is {state}, not pending; nothing to retry"
                     )),
-                    None => Error::not_found(format!("update {seq} in the inbox of tenant {tenant}")),
+                    None => {
+                        Error::not_found(format!("update {seq} in the inbox of tenant {tenant}"))
+                    }
                 });
             };
             let mut entry = inbox_item_from(tenant, &item)?;
             let before = entry.attempts;
             let attempts = before.saturating_add(1);
-            let unchanged = json!({ "#a": "attempts" });
             if attempts < max_attempts {
                 let body = json!({
                     "TableName": inbox,
@@ -1532,7 +1636,7 @@ impl Registry for DynamoRegistry {
                     "TableName": inbox,
                     "Key": inbox_key(tenant, &q_sk(seq)),
                     "ConditionExpression": "#a = :before",
-                    "ExpressionAttributeNames": unchanged,
+                    "ExpressionAttributeNames": { "#a": "attempts" },
                     "ExpressionAttributeValues": { ":before": n(i64::from(before)) },
                 }}),
                 json!({ "Put": {
@@ -1549,7 +1653,9 @@ impl Registry for DynamoRegistry {
             match self.transact(actions).await {
                 Ok(()) => return Ok(FailOutcome::DeadLettered),
                 Err(e) if failed_at(&e, 2) => {
-                    return Err(Error::not_found(format!("update {seq} in the inbox of tenant {tenant}")));
+                    return Err(Error::not_found(format!(
+                        "update {seq} in the inbox of tenant {tenant}"
+                    )));
                 }
                 Err(e) if e.cancellation_codes().is_some() => continue,
                 Err(e) => return Err(api(e)),
@@ -1594,7 +1700,8 @@ impl Registry for DynamoRegistry {
         for items in futures::future::try_join_all(shards).await? {
             for i in items {
                 let t = Reader::new(&i, "a pending-index entry").s("tenant")?;
-                candidates.push(TenantId::parse(t).map_err(|e| corrupt(format!("inbox of `{t}`"), e))?);
+                candidates
+                    .push(TenantId::parse(t).map_err(|e| corrupt(format!("inbox of `{t}`"), e))?);
             }
         }
         // The index lags: confirm each candidate with a consistent read, and clear the marker of
@@ -1690,7 +1797,10 @@ impl Registry for DynamoRegistry {
     }
 
     async fn get_settings(&self) -> Result<FleetSettings> {
-        match self.get(&self.tables.tenants, tenant_key(SETTINGS_KEY)).await? {
+        match self
+            .get(&self.tables.tenants, tenant_key(SETTINGS_KEY))
+            .await?
+        {
             None => Ok(FleetSettings::default()),
             Some(item) => {
                 let raw = Reader::new(&item, "the fleet settings").s("fleet")?;
@@ -1748,7 +1858,10 @@ mod tests {
             "dynamodb://p?create_tables=maybe",
             "postgres://x",
         ] {
-            assert!(matches!(Options::parse(bad), Err(Error::InvalidInput { .. })), "{bad}");
+            assert!(
+                matches!(Options::parse(bad), Err(Error::InvalidInput { .. })),
+                "{bad}"
+            );
         }
     }
 
@@ -1765,13 +1878,21 @@ mod tests {
         let t = TenantId::parse("alice").unwrap();
         assert_eq!(pending_shard(&t), pending_shard(&t));
         let all: HashSet<String> = (0..1000).map(|i| done_shard(&t, i)).collect();
-        assert_eq!(all.len() as u64, SHARDS, "done items spread over every shard");
+        assert_eq!(
+            all.len() as u64,
+            SHARDS,
+            "done items spread over every shard"
+        );
         assert!(all.iter().all(|s| s.parse::<u64>().unwrap() < SHARDS));
     }
 
     #[test]
     fn tenant_items_round_trip() {
-        let mut t = Tenant::new(TenantId::parse("bob").unwrap(), "reference", Some(Secret::new("1:x")));
+        let mut t = Tenant::new(
+            TenantId::parse("bob").unwrap(),
+            "reference",
+            Some(Secret::new("1:x")),
+        );
         t.idle_timeout_s = 45;
         let item = tenant_item(&t).unwrap();
         assert_eq!(item["idle_deadline_ms"], n(t.last_active_ms + 45_000));

@@ -254,7 +254,8 @@ impl StateStore for ObjectStateStore {
                 self.store.put(&path, payload).await.map_err(store_error)?;
             }
             Err(
-                object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. },
+                object_store::Error::Precondition { .. }
+                | object_store::Error::AlreadyExists { .. },
             ) => {
                 return Err(Error::conflict(format!(
                     "the head of tenant {tenant} changed while snapshot {id} was being published; \

@@ -60,7 +60,12 @@ fn unsupported(kind: &str, scheme: &str, forms: &str) -> Error {
 
 // Unused in a build with every backend.
 #[cfg_attr(
-    all(feature = "postgres", feature = "redis", feature = "dynamodb", feature = "s3"),
+    all(
+        feature = "postgres",
+        feature = "redis",
+        feature = "dynamodb",
+        feature = "s3"
+    ),
     allow(dead_code)
 )]
 fn not_in_build(kind: &'static str, backend: &str, feature: &'static str) -> Error {
@@ -267,23 +272,33 @@ pub fn s3_state_store(url: &str) -> Result<ObjectStateStore> {
         })?;
         builder = builder.with_config(config, value);
     }
-    let store = builder.build().map_err(|e| {
-        Error::invalid(format!("cannot configure the S3 state store: {e}"))
-    })?;
+    let store = builder
+        .build()
+        .map_err(|e| Error::invalid(format!("cannot configure the S3 state store: {e}")))?;
     ObjectStateStore::new(Arc::new(store)).with_prefix(prefix)
 }
 
 /// Decodes `%XX` escapes (and `+` as a space) in a URL query part.
 #[cfg(feature = "s3")]
 fn percent_decode(s: &str) -> Result<String> {
-    let bad = || Error::invalid(format!("`{s}` in a URL query is not valid percent-encoding"));
+    let bad = || {
+        Error::invalid(format!(
+            "`{s}` in a URL query is not valid percent-encoding"
+        ))
+    };
     let mut out = Vec::with_capacity(s.len());
     let mut bytes = s.bytes();
     while let Some(c) = bytes.next() {
         match c {
             b'%' => {
-                let hi = bytes.next().and_then(|h| (h as char).to_digit(16)).ok_or_else(bad)?;
-                let lo = bytes.next().and_then(|l| (l as char).to_digit(16)).ok_or_else(bad)?;
+                let hi = bytes
+                    .next()
+                    .and_then(|h| (h as char).to_digit(16))
+                    .ok_or_else(bad)?;
+                let lo = bytes
+                    .next()
+                    .and_then(|l| (l as char).to_digit(16))
+                    .ok_or_else(bad)?;
                 out.push((hi * 16 + lo) as u8);
             }
             b'+' => out.push(b' '),
@@ -291,6 +306,19 @@ fn percent_decode(s: &str) -> Result<String> {
         }
     }
     String::from_utf8(out).map_err(|_| bad())
+}
+
+/// Prepares a registry's storage and opens it: SQL backends apply their migrations, DynamoDB
+/// creates its tables (and waits until they are active). Safe to run again.
+pub async fn migrate_registry(url: &str) -> Result<Arc<dyn Registry>> {
+    let backend = RegistryBackend::parse(url)?;
+    #[cfg(feature = "dynamodb")]
+    if let RegistryBackend::DynamoDb { url } = &backend {
+        let registry = crate::DynamoRegistry::open(url.expose()).await?;
+        registry.create_tables().await?;
+        return Ok(Arc::new(registry));
+    }
+    backend.open().await
 }
 
 /// Opens the registry a URL names.
@@ -401,7 +429,13 @@ mod tests {
             let set = |v: &str| std::env::var(v).is_ok_and(|v| !v.is_empty());
             if set("AWS_ACCESS_KEY_ID") && set("AWS_SECRET_ACCESS_KEY") {
                 assert!(
-                    matches!(err, Error::Unavailable { backend: "dynamodb", .. }),
+                    matches!(
+                        err,
+                        Error::Unavailable {
+                            backend: "dynamodb",
+                            ..
+                        }
+                    ),
                     "{err}"
                 );
             } else {
@@ -422,9 +456,11 @@ mod tests {
         }
         #[cfg(feature = "s3")]
         {
-            open_state_store("s3://bucket/otm?endpoint=http://127.0.0.1:1&region=eu-west-1&allow_http=true")
-                .await
-                .expect("configuring an S3 state store sends nothing");
+            open_state_store(
+                "s3://bucket/otm?endpoint=http://127.0.0.1:1&region=eu-west-1&allow_http=true",
+            )
+            .await
+            .expect("configuring an S3 state store sends nothing");
             for bad in [
                 "s3://",
                 "s3:///prefix",

@@ -32,7 +32,9 @@ fn with_suffix(url: &str, suffix: &str) -> String {
 #[cfg(feature = "dynamodb")]
 mod dynamodb {
     use super::*;
-    use otm_core::{Error, InstanceId, InstanceRecord, InstanceState, Registry, Secret, Tenant, TenantId};
+    use otm_core::{
+        Error, InstanceId, InstanceRecord, InstanceState, Registry, Secret, Tenant, TenantId,
+    };
     use otm_store::{DynamoRegistry, conformance};
 
     /// A registry on fresh tables, or `None` (and a note) when no DynamoDB is configured.
@@ -42,15 +44,21 @@ mod dynamodb {
             return None;
         };
         let url = with_suffix(&url, &format!("-{}", otm_core::id::random_hex(4)));
-        let r = DynamoRegistry::open(&url).await.expect("open the DynamoDB registry");
+        let r = DynamoRegistry::open(&url)
+            .await
+            .expect("open the DynamoDB registry");
         r.create_tables().await.expect("create the tables");
-        r.create_tables().await.expect("creating them again is fine");
+        r.create_tables()
+            .await
+            .expect("creating them again is fine");
         Some(Arc::new(r))
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn dynamodb_registry() {
-        let Some(r) = fresh("dynamodb_registry").await else { return };
+        let Some(r) = fresh("dynamodb_registry").await else {
+            return;
+        };
         conformance::registry_suite(r.clone()).await;
         conformance::inbox_stress(r.clone(), 5, 25, 8).await;
         r.delete_tables().await.unwrap();
@@ -60,7 +68,9 @@ mod dynamodb {
     #[tokio::test]
     async fn dynamodb_open_checks_and_creates_tables() {
         let Some(url) = env("OTM_TEST_DYNAMODB_URL") else {
-            println!("skipped: dynamodb_open_checks_and_creates_tables: OTM_TEST_DYNAMODB_URL is not set");
+            println!(
+                "skipped: dynamodb_open_checks_and_creates_tables: OTM_TEST_DYNAMODB_URL is not set"
+            );
             return;
         };
         let url = with_suffix(&url, &format!("-{}", otm_core::id::random_hex(4)));
@@ -75,8 +85,15 @@ mod dynamodb {
             .await
             .expect("open with create_tables=true");
         assert!(r.list_tenants().await.unwrap().is_empty());
-        otm_store::open_registry(&url).await.expect("the tables exist now");
-        DynamoRegistry::open(&url).await.unwrap().delete_tables().await.unwrap();
+        otm_store::open_registry(&url)
+            .await
+            .expect("the tables exist now");
+        DynamoRegistry::open(&url)
+            .await
+            .unwrap()
+            .delete_tables()
+            .await
+            .unwrap();
     }
 
     /// Like SQLite's `UNIQUE (tenant)`: a tenant is bound to at most one instance, and the
@@ -105,7 +122,11 @@ mod dynamodb {
             matches!(r.put_instance(&b).await, Err(Error::Conflict { .. })),
             "a second instance for the same tenant"
         );
-        assert_eq!(r.get_instance(&b.id).await.unwrap(), None, "the refused put wrote nothing");
+        assert_eq!(
+            r.get_instance(&b.id).await.unwrap(),
+            None,
+            "the refused put wrote nothing"
+        );
         assert_eq!(r.instance_of(&t).await.unwrap().as_ref(), Some(&a));
 
         // Rebind a to another tenant and a new surrogate: the old lookups go, the new ones work.
@@ -117,12 +138,18 @@ mod dynamodb {
         assert_eq!(r.instance_of(&u).await.unwrap().as_ref(), Some(&a));
         assert_eq!(r.instance_by_surrogate(&old_digest).await.unwrap(), None);
         assert_eq!(
-            r.instance_by_surrogate(a.surrogate_digest.as_ref().unwrap()).await.unwrap().as_ref(),
+            r.instance_by_surrogate(a.surrogate_digest.as_ref().unwrap())
+                .await
+                .unwrap()
+                .as_ref(),
             Some(&a)
         );
         r.put_instance(&b).await.expect("the tenant is free again");
         assert!(
-            matches!(r.claim_warm_instance(&t).await, Ok(None) | Err(Error::Conflict { .. })),
+            matches!(
+                r.claim_warm_instance(&t).await,
+                Ok(None) | Err(Error::Conflict { .. })
+            ),
             "no warm instance, or the tenant is bound already"
         );
 
@@ -136,16 +163,24 @@ mod dynamodb {
         assert!(r.delete_instance(&a.id).await.unwrap());
         assert_eq!(r.instance_of(&u).await.unwrap(), None);
         assert_eq!(
-            r.instance_by_surrogate(a.surrogate_digest.as_ref().unwrap()).await.unwrap(),
+            r.instance_by_surrogate(a.surrogate_digest.as_ref().unwrap())
+                .await
+                .unwrap(),
             None
         );
         assert!(r.delete_instance(&b.id).await.unwrap());
         assert_eq!(r.list_instances().await.unwrap(), vec![]);
 
         // Settings never show up as a tenant.
-        r.put_settings(&otm_core::FleetSettings { warm_pool_target: 3 }).await.unwrap();
+        r.put_settings(&otm_core::FleetSettings {
+            warm_pool_target: 3,
+        })
+        .await
+        .unwrap();
         assert!(r.list_tenants().await.unwrap().is_empty());
-        r.create_tenant(&Tenant::new(t.clone(), "reference", None)).await.unwrap();
+        r.create_tenant(&Tenant::new(t.clone(), "reference", None))
+            .await
+            .unwrap();
         assert_eq!(r.list_tenants().await.unwrap().len(), 1);
         r.delete_tables().await.unwrap();
     }
@@ -154,6 +189,7 @@ mod dynamodb {
 #[cfg(feature = "s3")]
 mod s3 {
     use super::*;
+    use object_store::{PutMode, PutOptions, PutPayload, UpdateVersion};
     use otm_core::{SnapshotId, StateStore, TenantId};
     use otm_store::conformance;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -161,7 +197,9 @@ mod s3 {
     /// Creates the bucket on a plain-HTTP stand-in (moto takes an unsigned `PUT /bucket`); on
     /// real S3 the bucket must exist already.
     async fn ensure_bucket(url: &str) {
-        let Some(rest) = url.strip_prefix("s3://") else { return };
+        let Some(rest) = url.strip_prefix("s3://") else {
+            return;
+        };
         let (location, query) = rest.split_once('?').unwrap_or((rest, ""));
         let bucket = location.split('/').next().unwrap_or_default();
         let Some(endpoint) = query
@@ -172,8 +210,12 @@ mod s3 {
             return;
         };
         let host = endpoint.trim_end_matches('/');
-        let Ok(mut conn) = tokio::net::TcpStream::connect(host).await else { return };
-        let req = format!("PUT /{bucket} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        let Ok(mut conn) = tokio::net::TcpStream::connect(host).await else {
+            return;
+        };
+        let req = format!(
+            "PUT /{bucket} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
         if conn.write_all(req.as_bytes()).await.is_ok() {
             let mut answer = Vec::new();
             let _ = conn.read_to_end(&mut answer).await;
@@ -195,15 +237,64 @@ mod s3 {
         // The same store through open_state_store, by URL: it sees what the other wrote.
         let t = TenantId::parse("through-open").unwrap();
         let id = SnapshotId::new_now();
-        store.put(&t, &id, bytes::Bytes::from_static(b"tar"), "manual").await.unwrap();
+        store
+            .put(&t, &id, bytes::Bytes::from_static(b"tar"), "manual")
+            .await
+            .unwrap();
         store.publish(&t, &id).await.unwrap();
         let opened = otm_store::open_state_store(&url).await.unwrap();
-        assert_eq!(opened.head(&t).await.unwrap().map(|m| m.id), Some(id.clone()));
+        assert_eq!(
+            opened.head(&t).await.unwrap().map(|m| m.id),
+            Some(id.clone())
+        );
         assert_eq!(opened.get(&t, &id).await.unwrap(), &b"tar"[..]);
         // A new head replaces the old one conditionally (If-Match on its e-tag).
         let id2 = SnapshotId::new_now();
-        opened.put(&t, &id2, bytes::Bytes::from_static(b"tar2"), "manual").await.unwrap();
+        opened
+            .put(&t, &id2, bytes::Bytes::from_static(b"tar2"), "manual")
+            .await
+            .unwrap();
         opened.publish(&t, &id2).await.unwrap();
-        assert_eq!(store.head(&t).await.unwrap().map(|m| m.id), Some(id2));
+        assert_eq!(
+            store.head(&t).await.unwrap().map(|m| m.id),
+            Some(id2.clone())
+        );
+
+        // The store enforces those conditions (publish falls back to a plain overwrite only
+        // where they are not implemented): a stale e-tag and a second create are refused.
+        let raw = store.object_store();
+        let head = store.head_path(&t);
+        let stale = PutOptions {
+            mode: PutMode::Update(UpdateVersion {
+                e_tag: Some("\"not-the-current-etag\"".into()),
+                version: None,
+            }),
+            ..Default::default()
+        };
+        let err = raw
+            .put_opts(&head, PutPayload::from_static(b"{}"), stale)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, object_store::Error::Precondition { .. }),
+            "{err:?}"
+        );
+        let create = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        let err = raw
+            .put_opts(&head, PutPayload::from_static(b"{}"), create)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, object_store::Error::AlreadyExists { .. }),
+            "{err:?}"
+        );
+        assert_eq!(
+            store.head(&t).await.unwrap().map(|m| m.id),
+            Some(id2),
+            "both left the head alone"
+        );
     }
 }

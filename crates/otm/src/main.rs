@@ -29,6 +29,9 @@ enum Command {
     Server(ServerArgs),
     /// Run inside an instance: supervise one agent (started by the runtime, not by hand).
     Shim(ShimArgs),
+    /// Prepare the registry's storage: apply migrations (SQLite, PostgreSQL) or create the tables
+    /// (DynamoDB). Servers migrate SQL registries at start too; DynamoDB tables need this once.
+    Migrate(MigrateArgs),
     /// An offline tour: a server with a stand-in Telegram, three tenants on the reference agent,
     /// a conversation, a sleep and a wake with memory intact, and wake latencies by phase.
     Demo(demo::DemoArgs),
@@ -145,6 +148,13 @@ impl ServerArgs {
 }
 
 #[derive(Args, Debug)]
+struct MigrateArgs {
+    /// Registry URL: sqlite://…, postgres://…, dynamodb://<table-prefix>?region=…&endpoint=….
+    #[arg(long, env = "OTM_REGISTRY")]
+    registry: String,
+}
+
+#[derive(Args, Debug)]
 struct ShimArgs {
     /// Instance id.
     #[arg(long)]
@@ -180,6 +190,12 @@ fn main() -> std::process::ExitCode {
             Command::Server(args) => server(args, cli.global.data_dir).await.map(|()| 0),
             Command::Shim(args) => shim(args).await.map(|()| 0),
             Command::Demo(args) => demo::run(args).await.map(|()| 0),
+            Command::Migrate(args) => {
+                let registry = otm_store::open::migrate_registry(&args.registry).await?;
+                let tenants = registry.list_tenants().await?.len();
+                println!("registry ready ({tenants} tenants)");
+                Ok(0)
+            }
             Command::Cli(cmd) => cli::run(cmd, cli.global).await,
         }
     });

@@ -38,6 +38,7 @@ struct Backends {
 }
 
 struct Cluster {
+    state: String,
     tg: FakeTelegram,
     dir: tempfile::TempDir,
     http: reqwest::Client,
@@ -78,6 +79,7 @@ async fn healthy(http: &reqwest::Client, p: &Proc) {
 
 impl Cluster {
     async fn start(b: Backends) -> Cluster {
+        let state = b.state.clone();
         let tg = FakeTelegram::start().await;
         let dir = tempfile::Builder::new().prefix("otm").tempdir_in("/tmp").unwrap();
         let http = reqwest::Client::builder().no_proxy().build().unwrap();
@@ -95,7 +97,7 @@ impl Cluster {
         for p in orchestrators.iter().chain(&routers) {
             healthy(&http, p).await;
         }
-        Cluster { tg, dir, http, orchestrators, routers }
+        Cluster { state, tg, dir, http, orchestrators, routers }
     }
 
     /// Prints the end of every process's log, to explain a failure.
@@ -172,6 +174,9 @@ impl Cluster {
         }
         self.routers.clear();
         self.orchestrators.clear();
+        if let Some(dir) = self.state.strip_prefix("file://") {
+            let _ = std::fs::remove_dir_all(dir);
+        }
         // Anything left (an instance of a killed orchestrator) goes with its process group.
         if let Ok(dirs) = std::fs::read_dir(self.instances_dir()) {
             for d in dirs.flatten() {
@@ -293,6 +298,11 @@ async fn two_routers_two_orchestrators_on_dynamodb_and_s3() {
     // DynamoDB needs its tables first.
     let out = Command::new(env!("CARGO_BIN_EXE_otm")).args(["migrate", "--registry", &b.registry]).output().unwrap();
     assert!(out.status.success(), "otm migrate: {}", String::from_utf8_lossy(&out.stderr));
+    // The bucket, on the S3 stand-in (moto accepts an unsigned create).
+    let (bucket, query) = b.state.trim_start_matches("s3://").split_once('?').unwrap();
+    let bucket = bucket.split('/').next().unwrap();
+    let endpoint = query.split('&').find_map(|kv| kv.strip_prefix("endpoint=")).expect("an endpoint in OTM_TEST_S3_URL");
+    let _ = reqwest::Client::new().put(format!("{endpoint}/{bucket}")).send().await;
     let c = Cluster::start(b).await;
     two_hundred_updates(&c, "dynamodb+s3").await;
     c.shutdown().await;

@@ -19,6 +19,8 @@ const CONTENT_TYPE: &str = "application/x-amz-json-1.0";
 const TARGET_PREFIX: &str = "DynamoDB_20120810.";
 /// Tries per call, the first one included, for errors that say "try again".
 const ATTEMPTS: u32 = 8;
+/// Tries when the connection is refused: an endpoint that is down stays down for a while.
+const CONNECT_ATTEMPTS: u32 = 3;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -266,7 +268,7 @@ impl Client {
             attempt += 1;
             match self.send(op, &payload).await {
                 Ok(v) => return Ok(v),
-                Err(e) if e.retryable && attempt < ATTEMPTS => {
+                Err(e) if e.retryable && attempt < e.max_attempts() => {
                     tracing::debug!(op, attempt, error = %e.error, "retrying a DynamoDB call");
                     tokio::time::sleep(backoff(attempt)).await;
                 }
@@ -372,6 +374,15 @@ impl Client {
 struct Attempt {
     retryable: bool,
     error: ApiError,
+}
+
+impl Attempt {
+    fn max_attempts(&self) -> u32 {
+        match self.error {
+            ApiError::Transport { .. } => CONNECT_ATTEMPTS,
+            ApiError::Service { .. } => ATTEMPTS,
+        }
+    }
 }
 
 /// 25 ms, 50 ms, 100 ms … up to about a second, each with up to half again of jitter.
@@ -562,9 +573,6 @@ mod tests {
             body: Value::Null,
         };
         assert!(throttled.retryable());
-        assert!(matches!(
-            throttled.into_error(),
-            Error::Unavailable { .. }
-        ));
+        assert!(matches!(throttled.into_error(), Error::Unavailable { .. }));
     }
 }
