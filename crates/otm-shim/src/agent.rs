@@ -1,7 +1,7 @@
 //! One supervised agent process: start, readiness, restart on crash, delivery, graceful stop.
 
 use crate::profile::{AckRule, AgentLaunch, AgentProfile};
-use nix::sys::signal::{Signal, killpg};
+use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use otm_core::shim_api::DeliverResponse;
 use std::path::PathBuf;
@@ -226,13 +226,26 @@ impl Agent {
         true
     }
 
-    /// Pauses the agent's process group (SIGSTOP) until the guard is dropped (SIGCONT), so its
-    /// files can be copied as of one instant. `None` when no agent process runs.
+    /// Pauses the agent and every process it started (SIGSTOP), whatever their process group,
+    /// until the guard is dropped (SIGCONT), so its files can be copied as of one instant.
+    /// `None` when no agent process runs.
     pub fn pause(&self) -> Option<Paused> {
-        let pid = self.state().pid().filter(|p| *p > 0)?;
-        let group = Pid::from_raw(pid as i32);
-        killpg(group, Signal::SIGSTOP).ok()?;
-        Some(Paused { group })
+        let pid = self.state().pid().filter(|p| *p > 0)? as i32;
+        let mut stopped = Vec::new();
+        // The agent first, so it starts nothing new; then its descendants, until a pass over
+        // /proc finds none left running.
+        for _ in 0..4 {
+            let fresh: Vec<i32> = family(pid).into_iter().filter(|p| !stopped.contains(p)).collect();
+            if fresh.is_empty() {
+                break;
+            }
+            for p in fresh {
+                if kill(Pid::from_raw(p), Signal::SIGSTOP).is_ok() {
+                    stopped.push(p);
+                }
+            }
+        }
+        (!stopped.is_empty()).then_some(Paused { pids: stopped })
     }
 
     /// Forwards one update to the agent's webhook and reports whether it acknowledged it.
@@ -322,13 +335,40 @@ impl Agent {
 /// An agent paused by [`Agent::pause`]; dropping it resumes the agent.
 #[derive(Debug)]
 pub struct Paused {
-    group: Pid,
+    pids: Vec<i32>,
 }
 
 impl Drop for Paused {
     fn drop(&mut self) {
-        let _ = killpg(self.group, Signal::SIGCONT);
+        for p in &self.pids {
+            let _ = kill(Pid::from_raw(*p), Signal::SIGCONT);
+        }
     }
+}
+
+/// `pid` and its descendants, from the parent pids in /proc.
+fn family(pid: i32) -> Vec<i32> {
+    let parents: Vec<(i32, i32)> = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| {
+                    let p: i32 = e.file_name().to_str()?.parse().ok()?;
+                    let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+                    // `pid (comm) state ppid …`: comm may hold spaces and parentheses.
+                    let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+                    Some((p, ppid))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() {
+        let parent = out[i];
+        out.extend(parents.iter().filter(|(p, pp)| *pp == parent && !out.contains(p)).map(|(p, _)| *p).collect::<Vec<_>>());
+        i += 1;
+    }
+    out
 }
 
 fn open_log(path: &std::path::Path) -> std::io::Result<(std::fs::File, std::fs::File)> {
@@ -344,4 +384,31 @@ fn without_url(e: &reqwest::Error) -> String {
         s = s.replace(url.as_str(), "agent");
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::family;
+
+    #[test]
+    fn family_finds_children_in_other_process_groups() {
+        use std::os::unix::process::CommandExt;
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "setsid sleep 30 & sleep 30 & wait"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while family(pid).len() < 3 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let found = family(pid);
+        for p in &found {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), nix::sys::signal::Signal::SIGKILL);
+        }
+        let _ = child.wait();
+        assert_eq!(found[0], pid);
+        assert_eq!(found.len(), 3, "the shell, its sleep, and the sleep in a session of its own: {found:?}");
+    }
 }

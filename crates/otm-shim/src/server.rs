@@ -233,9 +233,15 @@ async fn snapshot(State(shim): State<Arc<Shim>>) -> Response {
     let dir = shim.state_dir();
     let packed = tokio::task::spawn_blocking(move || {
         // A running agent that asks for it is paused while its files are read, and resumed when
-        // `_paused` drops, however packing ends.
-        let _paused = running.as_ref().and_then(Agent::pause);
-        archive::pack(&dir, &skip)
+        // `paused` drops, however packing ends.
+        let paused = running.as_ref().and_then(Agent::pause);
+        let began = Instant::now();
+        let packed = archive::pack(&dir, &skip);
+        if paused.is_some() {
+            drop(paused);
+            tracing::info!(paused_ms = began.elapsed().as_millis() as u64, "state packed while the agent was paused");
+        }
+        packed
     });
     match packed.await {
         Ok(Ok(bytes)) => ([("content-type", "application/zstd")], bytes).into_response(),

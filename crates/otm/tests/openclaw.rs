@@ -42,11 +42,26 @@ fn openclaw_prefix(test: &str) -> Option<PathBuf> {
     Some(prefix)
 }
 
-async fn start(prefix: &Path, stub: &StubModel, snapshot_interval_s: u64) -> Harness {
+/// Where the server finds OpenClaw: given as `openclaw_prefix`, or in its default place,
+/// `<data-dir>/openclaw` (here a link to the prefix), which the sandbox hides with the rest of
+/// the data directory and must show again.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Found {
+    Given,
+    InDataDir,
+}
+
+async fn start(prefix: &Path, found: Found, stub: &StubModel, snapshot_interval_s: u64) -> Harness {
     let prefix = prefix.to_path_buf();
     let model = stub.base_url();
     Harness::start_with(move |s| {
-        s.openclaw_prefix = Some(prefix);
+        match found {
+            Found::Given => s.openclaw_prefix = Some(prefix),
+            Found::InDataDir => {
+                std::fs::create_dir_all(&s.data_dir).unwrap();
+                std::os::unix::fs::symlink(&prefix, s.data_dir.join("openclaw")).unwrap();
+            }
+        }
         s.model_base_url = Some(model);
         s.model_id = Some(otm_testkit::stub_model::STUB_MODEL_ID.into());
         s.model_api_key = Some(Secret::new(MODEL_KEY));
@@ -281,7 +296,7 @@ async fn an_openclaw_tenant_answers_sleeps_and_wakes_with_its_conversation() {
     let _one_at_a_time = GATEWAYS.lock().await;
     let stub = StubModel::start().await;
     stub.require_key(MODEL_KEY);
-    let h = start(&prefix, &stub, 3).await;
+    let h = start(&prefix, Found::Given, &stub, 3).await;
     let token = "7101:REAL-bot-token-of-claw-7c1e";
     let secret = openclaw_tenant(&h, "claw", token).await;
 
@@ -340,6 +355,11 @@ async fn an_openclaw_tenant_answers_sleeps_and_wakes_with_its_conversation() {
     })
     .await;
     let stop_time = stopping.elapsed();
+    // Awake again, it should stay up while the test looks at it: the gateway acknowledges an
+    // update once it is queued, before the turn, and an idle stop right after would put the
+    // turn off until the next wake.
+    let (status, _) = h.api(Method::PATCH, "/tenants/claw", Some(json!({"idle_timeout_s": 3600}))).await;
+    assert_eq!(status, 200);
     assert!(gateway_pids(&dir).is_empty(), "the gateway is gone");
     let (head, list) = snapshots(&h, "claw").await;
     let final_snap = list.last().unwrap().clone();
@@ -381,6 +401,13 @@ async fn an_openclaw_tenant_answers_sleeps_and_wakes_with_its_conversation() {
     let checked = sqlite_integrity(&prefix, unpack_snapshot(&h, "claw", running_snap["id"].as_str().unwrap()).path());
     assert!(!checked.is_empty(), "the snapshot holds OpenClaw's databases");
     assert!(checked.iter().all(|(_, r)| r == "ok"), "{checked:?}");
+    // How long the gateway was paused for each of those snapshots, from the shim's log.
+    let shim_log = std::fs::read_to_string(dir2.join("shim.log")).unwrap_or_default();
+    let paused_ms: Vec<u64> = shim_log
+        .lines()
+        .filter_map(|l| l.split("paused_ms=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .collect();
+    assert!(!paused_ms.is_empty(), "running snapshots paused the gateway: {shim_log}");
     let runtime: Value = serde_json::from_slice(&std::fs::read(dir2.join("runtime.json")).unwrap()).unwrap();
     let shim_pid = runtime["pid"].as_i64().unwrap() as i32;
     let restoring = Instant::now();
@@ -398,7 +425,7 @@ async fn an_openclaw_tenant_answers_sleeps_and_wakes_with_its_conversation() {
         "openclaw measurement: first cold wake phases {} (total {} ms); first turn {first_turn:?}; warm turn {warm_turn:?}; \
          RSS {rss:.0} MiB after one turn, {rss_after_turns:.0} MiB after three; idle stop with final snapshot {stop_time:?}; \
          final snapshot {final_size} bytes; wake from snapshot to reply {wake_to_reply:?} with phases {phases:?}; \
-         running snapshot {} bytes; crash to restored reply {crash_to_reply:?}",
+         running snapshot {} bytes, gateway paused {paused_ms:?} ms; crash to restored reply {crash_to_reply:?}",
         woken["phases_ms"], woken["total_ms"], running_snap["size"]
     );
     h.stop().await;
@@ -412,7 +439,7 @@ async fn two_openclaw_tenants_run_side_by_side() {
     let _two_at_most = GATEWAYS.lock().await;
     let stub = StubModel::start().await;
     stub.require_key(MODEL_KEY);
-    let h = start(&prefix, &stub, 0).await;
+    let h = start(&prefix, Found::InDataDir, &stub, 0).await;
     let tenants = [("ann", "7201:REAL-token-of-ann"), ("bob", "7202:REAL-token-of-bob")];
     let mut secrets = vec![];
     for (id, token) in tenants {

@@ -22,6 +22,7 @@ struct Proc {
     child: Child,
     public: u16,
     admin: u16,
+    log: PathBuf,
 }
 
 impl Drop for Proc {
@@ -48,6 +49,7 @@ struct Cluster {
 
 fn spawn(role: &str, data: &Path, b: &Backends, tg: &FakeTelegram, extra: &[String]) -> Proc {
     let (public, admin, egress) = (free_port(), free_port(), free_port());
+    let log = data.with_extension(format!("{role}-{admin}.log"));
     let child = Command::new(env!("CARGO_BIN_EXE_otm"))
         .args(["server", "--role", role])
         .args(["--listen", &format!("127.0.0.1:{public}")])
@@ -63,16 +65,20 @@ fn spawn(role: &str, data: &Path, b: &Backends, tg: &FakeTelegram, extra: &[Stri
         .env("OTM_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(data.with_extension(format!("{role}-{admin}.log"))).unwrap())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    Proc { child, public, admin }
+    Proc { child, public, admin, log }
 }
 
-async fn healthy(http: &reqwest::Client, p: &Proc) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+async fn healthy(http: &reqwest::Client, p: &mut Proc) {
+    let deadline = Instant::now() + Duration::from_secs(60);
     while http.get(format!("http://127.0.0.1:{}/healthz", p.admin)).send().await.is_err() {
-        assert!(Instant::now() < deadline, "a server did not start");
+        let exited = p.child.try_wait().unwrap();
+        if exited.is_some() || Instant::now() > deadline {
+            let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+            panic!("a server did not start ({exited:?}):\n{log}");
+        }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -94,7 +100,8 @@ impl Cluster {
                 spawn("router", &d, &b, &tg, &["--orchestrator-url".into(), urls.clone()])
             })
             .collect();
-        for p in orchestrators.iter().chain(&routers) {
+        let (mut orchestrators, mut routers) = (orchestrators, routers);
+        for p in orchestrators.iter_mut().chain(routers.iter_mut()) {
             healthy(&http, p).await;
         }
         Cluster { state, tg, dir, http, orchestrators, routers }
@@ -261,7 +268,11 @@ async fn two_hundred_updates(c: &Cluster, backends_name: &str) {
             for i in 1..=20i64 {
                 let update = text_update(chat * 1000 + i, 100 + chat, &format!("c{chat} m{i}"));
                 let router = ((chat + i) % 2) as usize;
-                assert_eq!(c.post(router, "scaled", &secret, &update).await, 200);
+                let status = c.post(router, "scaled", &secret, &update).await;
+                if status != 200 {
+                    c.dump_logs();
+                }
+                assert_eq!(status, 200, "{backends_name}: update {i} of chat {chat}");
             }
         }
     });

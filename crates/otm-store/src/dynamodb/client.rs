@@ -378,7 +378,10 @@ struct Attempt {
 
 impl Attempt {
     fn max_attempts(&self) -> u32 {
-        match self.error {
+        match &self.error {
+            // A server error without a JSON body (a proxy or a stand-in failing) is as worth
+            // retrying as a declared one; a refused connection less so.
+            ApiError::Transport { message } if message.contains("not JSON") => ATTEMPTS,
             ApiError::Transport { .. } => CONNECT_ATTEMPTS,
             ApiError::Service { .. } => ATTEMPTS,
         }
