@@ -208,13 +208,13 @@ impl Settings {
         if !self.runs_orchestrator() {
             return Ok(());
         }
-        if let Some(prefix) = &self.openclaw_prefix {
-            if !prefix.join("bin/openclaw").is_file() {
-                return Err(invalid(
-                    "openclaw-prefix",
-                    format!("{} has no bin/openclaw; install it with scripts/install-openclaw --prefix {0}", prefix.display()),
-                ));
-            }
+        if let Some(prefix) = &self.openclaw_prefix
+            && !prefix.join("bin/openclaw").is_file()
+        {
+            return Err(invalid(
+                "openclaw-prefix",
+                format!("{} has no bin/openclaw; install it with scripts/install-openclaw --prefix {0}", prefix.display()),
+            ));
         }
         if let Some(path) = &self.openclaw_config_template {
             let text = std::fs::read_to_string(path)

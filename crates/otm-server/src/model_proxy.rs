@@ -9,11 +9,11 @@
 
 use crate::app::App;
 use crate::egress::{Refusal, tenant_by_surrogate};
+use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use futures::TryStreamExt;
 use serde_json::json;
 use std::sync::Arc;

@@ -36,10 +36,10 @@ pub fn locate(settings: &Settings) -> Option<Install> {
         let command = prefix.join("bin/openclaw");
         if command.is_file() {
             let mut read_only = vec![prefix.clone()];
-            if let Ok(real) = prefix.canonicalize() {
-                if real != prefix {
-                    read_only.push(real);
-                }
+            if let Ok(real) = prefix.canonicalize()
+                && real != prefix
+            {
+                read_only.push(real);
             }
             return Some(Install { command, path: vec![prefix.join("bin")], read_only });
         }
@@ -61,10 +61,10 @@ pub fn locate(settings: &Settings) -> Option<Install> {
             read_only.push(dir.to_path_buf());
         }
     }
-    if let Some(node) = otm_runtime::local::which("node").and_then(|n| n.canonicalize().ok()) {
-        if let Some(dir) = node.parent() {
-            read_only.push(dir.to_path_buf());
-        }
+    if let Some(node) = otm_runtime::local::which("node").and_then(|n| n.canonicalize().ok())
+        && let Some(dir) = node.parent()
+    {
+        read_only.push(dir.to_path_buf());
     }
     read_only.dedup();
     Some(Install { command, path: vec![], read_only })
@@ -73,7 +73,12 @@ pub fn locate(settings: &Settings) -> Option<Install> {
 /// The bind settings of a tenant's instance: empty for profiles other than `openclaw`. The model
 /// is reached through the egress route, so the instance gets a URL with its surrogate in it and a
 /// placeholder key; the operator's key never leaves the server.
-pub fn bind_settings(settings: &Settings, egress_url: &str, tenant: &Tenant, surrogate: &str) -> Result<BTreeMap<String, String>> {
+pub fn bind_settings(
+    settings: &Settings,
+    egress_url: &str,
+    tenant: &Tenant,
+    surrogate: &str,
+) -> Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     if tenant.profile != PROFILE {
         return Ok(out);

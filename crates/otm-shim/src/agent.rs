@@ -214,10 +214,10 @@ impl Agent {
                     return false;
                 }
                 let req = self.inner.http.get(url).timeout(Duration::from_secs(2));
-                if let Ok(resp) = req.send().await {
-                    if resp.status().is_success() {
-                        break;
-                    }
+                if let Ok(resp) = req.send().await
+                    && resp.status().is_success()
+                {
+                    break;
                 }
                 tokio::time::sleep(interval).await;
                 interval = (interval * 2).min(Duration::from_millis(25));

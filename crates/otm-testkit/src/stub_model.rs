@@ -192,7 +192,14 @@ fn completions(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Response {
     let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let messages = req.get("messages").and_then(Value::as_array).cloned().unwrap_or_default();
     let (earlier, user_text) = conversation(&messages);
-    let mut record = ModelRequest { authorization, model: model.clone(), stream, user_text, earlier_user_turns: earlier, reply: String::new() };
+    let mut record = ModelRequest {
+        authorization,
+        model: model.clone(),
+        stream,
+        user_text,
+        earlier_user_turns: earlier,
+        reply: String::new(),
+    };
 
     let refused = {
         let state = shared.lock();
@@ -260,11 +267,7 @@ fn conversation(messages: &[Value]) -> (usize, String) {
 fn content_text(content: &Value) -> String {
     match content {
         Value::String(s) => s.clone(),
-        Value::Array(parts) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join("\n"),
+        Value::Array(parts) => parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).collect::<Vec<_>>().join("\n"),
         _ => String::new(),
     }
 }
@@ -273,7 +276,8 @@ fn content_text(content: &Value) -> String {
 /// ``` line, before the `Runtime:` line. Text without such a block is taken whole.
 fn user_said(text: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
-    let fences: Vec<usize> = lines.iter().enumerate().filter(|(_, l)| l.trim_start().starts_with("```")).map(|(i, _)| i).collect();
+    let fences: Vec<usize> =
+        lines.iter().enumerate().filter(|(_, l)| l.trim_start().starts_with("```")).map(|(i, _)| i).collect();
     let body = if fences.len() >= 2 && text.contains("Conversation info") { &lines[fences[1] + 1..] } else { &lines[..] };
     body.iter()
         .take_while(|l| !l.starts_with("Runtime:"))

@@ -147,7 +147,9 @@ fn rss_mib(pids: &[u32]) -> f64 {
     let kib: u64 = pids
         .iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
-        .filter_map(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .filter_map(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
         .sum();
     kib as f64 / 1024.0
 }
@@ -175,10 +177,10 @@ fn listening_ports(pids: &[u32]) -> HashSet<u16> {
                 continue;
             }
             let port = cols[1].rsplit_once(':').and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
-            if let (Some(port), Ok(inode)) = (port, cols[9].parse::<u64>()) {
-                if inodes.contains(&inode) {
-                    ports.insert(port);
-                }
+            if let (Some(port), Ok(inode)) = (port, cols[9].parse::<u64>())
+                && inodes.contains(&inode)
+            {
+                ports.insert(port);
             }
         }
     }
@@ -281,7 +283,8 @@ const out = [];
 })(process.argv[1]);
 console.log(JSON.stringify(out));
 "#;
-    let run = std::process::Command::new(prefix.join("bin/node")).args(["-e", script, &dir.display().to_string()]).output().unwrap();
+    let run =
+        std::process::Command::new(prefix.join("bin/node")).args(["-e", script, &dir.display().to_string()]).output().unwrap();
     assert!(run.status.success(), "integrity check failed to run: {}", String::from_utf8_lossy(&run.stderr));
     serde_json::from_slice(&run.stdout).unwrap()
 }
@@ -316,16 +319,17 @@ async fn an_openclaw_tenant_answers_sleeps_and_wakes_with_its_conversation() {
     let leaks = files_containing(&dir, &[token, MODEL_KEY]);
     assert!(leaks.is_empty(), "{leaks:?}");
     let dir_s = dir.display().to_string();
-    let in_instance = pids_where(|env, cmd| {
-        [env, cmd].iter().any(|b| b.windows(dir_s.len()).any(|w| w == dir_s.as_bytes()))
-    });
+    let in_instance = pids_where(|env, cmd| [env, cmd].iter().any(|b| b.windows(dir_s.len()).any(|w| w == dir_s.as_bytes())));
     assert!(in_instance.len() > gw.len(), "the shim and the gateway are found");
     for pid in &in_instance {
         let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
         let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         for secret_value in [token, MODEL_KEY] {
             for (what, b) in [("environment", &env), ("command line", &cmd)] {
-                assert!(!b.windows(secret_value.len()).any(|w| w == secret_value.as_bytes()), "pid {pid}'s {what} holds {secret_value}");
+                assert!(
+                    !b.windows(secret_value.len()).any(|w| w == secret_value.as_bytes()),
+                    "pid {pid}'s {what} holds {secret_value}"
+                );
             }
         }
     }
