@@ -308,11 +308,10 @@ async fn patch_tenant(State(app): State<Arc<App>>, Path(id): Path<String>, ApiJs
 async fn delete_tenant(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult<StatusCode> {
     let t = load(&app, &id).await?;
     orchestrator::stop(&app, &t.id, "deleted").await?;
-    if let (Some(_), Some(token)) = (app.webhook_url(&t.id), t.bot_token.as_ref()) {
-        if let Err(e) = app.telegram.delete_webhook(token).await {
+    if let (Some(_), Some(token)) = (app.webhook_url(&t.id), t.bot_token.as_ref())
+        && let Err(e) = app.telegram.delete_webhook(token).await {
             tracing::warn!(tenant = %t.id, error = %e, "could not delete the webhook");
         }
-    }
     app.registry.delete_tenant(&t.id).await?;
     tracing::info!(tenant = %t.id, "tenant deleted; its snapshots are kept");
     Ok(StatusCode::NO_CONTENT)

@@ -95,13 +95,12 @@ pub async fn wake_for(app: &Arc<App>, tenant: &TenantId, chat: Option<i64>) -> R
     if let Some(ep) = app.coordinator.endpoint(tenant).await? {
         return Ok(cached(ep, begun));
     }
-    if let Some(rec) = app.registry.instance_of(tenant).await? {
-        if rec.state == InstanceState::Ready && answers(&rec).await {
+    if let Some(rec) = app.registry.instance_of(tenant).await?
+        && rec.state == InstanceState::Ready && answers(&rec).await {
             let ep = Endpoint::from(&rec);
             app.coordinator.set_endpoint(tenant, &ep, ENDPOINT_TTL).await?;
             return Ok(cached(ep, begun));
         }
-    }
 
     let lease = crate::lease::HeldLease::acquire(&app.coordinator, &format!("wake:{tenant}"), lease_ttl(app), WAKE_WAIT).await?;
     let result = tokio::select! {
@@ -402,12 +401,11 @@ pub async fn reconcile(app: &Arc<App>) -> Result<()> {
         let known = records.iter().find(|r| r.id == inst.id);
         match known {
             Some(rec) if inst.alive && rec.state == InstanceState::Ready => {
-                if let Some(t) = &rec.tenant {
-                    if app.coordinator.endpoint(t).await?.is_none() {
+                if let Some(t) = &rec.tenant
+                    && app.coordinator.endpoint(t).await?.is_none() {
                         app.coordinator.set_endpoint(t, &Endpoint::from(rec), ENDPOINT_TTL).await?;
                         app.metrics.reconciler("adopted");
                     }
-                }
             }
             Some(_) => {}
             // Another replica may be between creating an instance and recording it.
@@ -573,12 +571,11 @@ async fn fill_warm_pool(app: &Arc<App>) -> Result<()> {
     if warm.len() > target {
         for rec in warm.iter().skip(target) {
             // Claimed meanwhile? Only delete what is still warm.
-            if let Ok(Some(r)) = app.registry.get_instance(&rec.id).await {
-                if r.tenant.is_none() && r.state == InstanceState::Warm {
+            if let Ok(Some(r)) = app.registry.get_instance(&rec.id).await
+                && r.tenant.is_none() && r.state == InstanceState::Warm {
                     discard(app, &r).await;
                     app.metrics.reconciler("warm_removed");
                 }
-            }
         }
         return Ok(());
     }

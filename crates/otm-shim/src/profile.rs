@@ -121,14 +121,13 @@ fn reference() -> AgentProfile {
 
 /// Finds an agent program: beside the running `otm` binary first, then on `PATH`.
 pub fn find_program(name: &str) -> Result<PathBuf, String> {
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(dir) = exe.parent() {
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent() {
             let candidate = dir.join(name);
             if candidate.is_file() {
                 return Ok(candidate);
             }
         }
-    }
     if let Some(path) = std::env::var_os("PATH") {
         for dir in std::env::split_paths(&path) {
             let candidate = dir.join(name);

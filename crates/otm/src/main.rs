@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the control plane: webhook ingress, inboxes, orchestrator, Bot API proxy, admin API.
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Run inside an instance: supervise one agent (started by the runtime, not by hand).
     Shim(ShimArgs),
     /// Prepare the registry's storage: apply migrations (SQLite, PostgreSQL) or create the tables
@@ -187,7 +187,7 @@ fn main() -> std::process::ExitCode {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result = rt.block_on(async move {
         match cli.command {
-            Command::Server(args) => server(args, cli.global.data_dir).await.map(|()| 0),
+            Command::Server(args) => server(*args, cli.global.data_dir).await.map(|()| 0),
             Command::Shim(args) => shim(args).await.map(|()| 0),
             Command::Demo(args) => demo::run(args).await.map(|()| 0),
             Command::Migrate(args) => {

@@ -14,7 +14,7 @@ fn surrogate_of(h: &Harness, instance: &str) -> String {
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(environ) = std::fs::read(e.path().join("environ")) else { continue };
         let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
-        if vars.iter().any(|v| *v == marker.as_bytes()) {
+        if vars.contains(&marker.as_bytes()) {
             for v in vars {
                 if let Some(t) = v.strip_prefix(b"OTM_BOT_TOKEN=") {
                     return String::from_utf8(t.to_vec()).unwrap();
