@@ -117,6 +117,23 @@ async fn cli_drives_a_running_server_in_table_and_json() {
     let (code, out, _) = run(&["tenant", "stop", "clara"]);
     assert_eq!(code, 0);
     assert!(out.contains("stopped"), "{out}");
+
+    // The same verbs in JSON.
+    let (code, out, err) = run(&["tenant", "create", "jason", "--idle-timeout", "30", "-o", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let t: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((t["id"].as_str(), t["idle_timeout_s"].as_u64(), t["status"].as_str()), (Some("jason"), Some(30), Some("idle")));
+    let (code, out, _) = run(&["tenant", "wake", "jason", "-o", "json"]);
+    assert_eq!(code, 0);
+    let w: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(w["path"], "cold");
+    assert!(w["phases_ms"]["ready"].is_number(), "{w}");
+    let (code, out, _) = run(&["tenant", "stop", "jason", "-o", "json"]);
+    assert_eq!(code, 0);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["stopped"], true);
+    let (code, out, _) = run(&["tenant", "delete", "jason", "-o", "json"]);
+    assert_eq!(code, 0);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["deleted"], "jason");
     let (code, out, _) = run(&["snapshots", "clara"]);
     assert_eq!(code, 0);
     assert!(out.contains("final"), "{out}");
@@ -135,6 +152,9 @@ async fn cli_drives_a_running_server_in_table_and_json() {
     let (code, out, _) = run(&["status", "-o", "json"]);
     assert_eq!(code, 0);
     assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["tenants"], 1);
+    let (code, out, _) = run(&["status"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("FIELD") && out.contains("tenants"), "{out}");
     let (code, out, _) = run(&["version"]);
     assert_eq!(code, 0);
     assert!(out.contains(env!("CARGO_PKG_VERSION")));
