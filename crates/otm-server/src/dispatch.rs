@@ -176,11 +176,17 @@ pub async fn run_sweeper(app: Arc<App>) {
         match app.registry.inbox_pending_tenants().await {
             Ok(tenants) => {
                 let mut pending = 0i64;
+                let mut oldest: Option<i64> = None;
                 for t in &tenants {
                     pending += app.registry.inbox_depth(t).await.unwrap_or(0) as i64;
+                    if let Ok(Some(head)) = app.registry.inbox_next(t).await {
+                        oldest = Some(oldest.map_or(head.accepted_at_ms, |o| o.min(head.accepted_at_ms)));
+                    }
                     kick(&app, t);
                 }
                 app.metrics.inbox_pending.set(pending);
+                let age = oldest.map_or(0.0, |o| (otm_core::time::now_ms() - o).max(0) as f64 / 1000.0);
+                app.metrics.inbox_oldest_age_seconds.set(age);
             }
             Err(e) => tracing::warn!(error = %e, "inbox sweep failed"),
         }

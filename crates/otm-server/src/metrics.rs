@@ -30,6 +30,11 @@ pub struct Phase {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct State {
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Kind {
     pub kind: String,
 }
@@ -52,7 +57,7 @@ pub struct Metrics {
     pub wake_seconds: Family<WakePath, Histogram>,
     pub wake_phase_seconds: Family<Phase, Histogram>,
     pub stops: Family<Reason, Counter>,
-    pub instances: Gauge,
+    pub instances: Family<State, Gauge>,
     pub inbox_pending: Gauge,
     pub inbox_oldest_age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub egress_requests: Family<Outcome, Counter>,
@@ -81,7 +86,7 @@ impl Metrics {
             wake_seconds: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
             wake_phase_seconds: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
             stops: Family::default(),
-            instances: Gauge::default(),
+            instances: Family::default(),
             inbox_pending: Gauge::default(),
             inbox_oldest_age_seconds: Gauge::default(),
             egress_requests: Family::default(),
@@ -98,7 +103,7 @@ impl Metrics {
         registry.register("wake_seconds", "Wake latency by path (cache, warm, cold)", m.wake_seconds.clone());
         registry.register("wake_phase_seconds", "Wake latency by path and phase", m.wake_phase_seconds.clone());
         registry.register("stops", "Instance stops, by reason", m.stops.clone());
-        registry.register("instances", "Live instances", m.instances.clone());
+        registry.register("instances", "Instances, by state (warm, binding, ready, stopping)", m.instances.clone());
         registry.register("inbox_pending", "Pending updates over all inboxes", m.inbox_pending.clone());
         registry.register(
             "inbox_oldest_age_seconds",

@@ -198,6 +198,7 @@ async fn wake_locked(app: &Arc<App>, tenant: &TenantId, fence: u64, begun: Insta
     }
     app.metrics.wake_seconds.get_or_create(&crate::metrics::WakePath { path: p.into() }).observe(total.as_secs_f64());
     tracing::info!(%tenant, instance = %rec.id, path = p, total_ms = total.as_millis() as u64, ?phases, "woke");
+    refresh_instance_gauge(app).await;
     Ok(Woken { endpoint: Endpoint::from(&rec), instance: rec.id.clone(), path, total_ms: total.as_millis() as u64, phases })
 }
 
@@ -264,7 +265,7 @@ async fn discard(app: &Arc<App>, rec: &InstanceRecord) {
     if let Some(t) = &rec.tenant {
         let _ = app.coordinator.clear_endpoint(t).await;
     }
-    app.metrics.instances.set(app.registry.list_instances().await.map(|l| l.len() as i64).unwrap_or(0));
+    refresh_instance_gauge(app).await;
 }
 
 /// Stops a tenant's instance: endpoint cleared first (new updates wait in the inbox), surrogate
@@ -435,7 +436,7 @@ pub async fn reconcile(app: &Arc<App>) -> Result<()> {
             app.metrics.reconciler("status_repaired");
         }
     }
-    app.metrics.instances.set(app.registry.list_instances().await?.len() as i64);
+    refresh_instance_gauge(app).await;
     Ok(())
 }
 
@@ -602,8 +603,13 @@ async fn fill_warm_pool(app: &Arc<App>) -> Result<()> {
     Ok(())
 }
 
-async fn refresh_instance_gauge(app: &Arc<App>) {
-    app.metrics.instances.set(app.registry.list_instances().await.map(|l| l.len() as i64).unwrap_or(0));
+/// Sets `otm_instances{state}` from the registry.
+pub(crate) async fn refresh_instance_gauge(app: &Arc<App>) {
+    let Ok(list) = app.registry.list_instances().await else { return };
+    for state in [InstanceState::Warm, InstanceState::Binding, InstanceState::Ready, InstanceState::Stopping] {
+        let n = list.iter().filter(|i| i.state == state).count() as i64;
+        app.metrics.instances.get_or_create(&crate::metrics::State { state: state.as_str().into() }).set(n);
+    }
 }
 
 /// Holds the leader lease while it can: the reaper, the warm pool and periodic snapshots act

@@ -97,3 +97,42 @@ async fn hundred_concurrent_updates_to_a_cold_tenant_one_instance_each_answered_
     assert_eq!(texts.len(), 100, "every update answered once");
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_cover_every_phase() {
+    let h = Harness::start().await;
+    let token = "2101:METRICS";
+    let secret = h.tenant("metered", token).await;
+    assert_eq!(h.post_update("metered", &secret, &text_update(1, 3, "hi")).await, 200);
+    assert_eq!(h.post_update("metered", &secret, &text_update(1, 3, "hi")).await, 200);
+    h.tg.wait_for_messages(token, 1, Duration::from_secs(30)).await;
+    // The reply is out; the acknowledgement follows it.
+    for _ in 0..500 {
+        let (_, inbox) = h.api(reqwest::Method::GET, "/tenants/metered/inbox", None).await;
+        if inbox["pending"].as_array().is_some_and(|p| p.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let bad = h.http.post(h.public("/tg/metered")).header("x-telegram-bot-api-secret-token", "nope").json(&text_update(2, 3, "x")).send().await.unwrap();
+    assert_eq!(bad.status(), 401);
+    let text = h.http.get(format!("http://{}/metrics", h.server().admin_addr)).send().await.unwrap().text().await.unwrap();
+    let value = |needle: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(needle))
+            .and_then(|l| l.rsplit_once(' '))
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or_else(|| panic!("{needle} missing from /metrics:\n{text}"))
+    };
+    assert_eq!(value("otm_updates_accepted_total"), 1.0);
+    assert_eq!(value("otm_updates_duplicate_total"), 1.0);
+    assert_eq!(value("otm_updates_rejected_total{reason=\"bad_secret\"}"), 1.0);
+    for phase in ["prepare", "create", "restore", "start", "ready", "record"] {
+        assert_eq!(value(&format!("otm_wake_phase_seconds_count{{path=\"cold\",phase=\"{phase}\"}}")), 1.0, "{phase}");
+    }
+    assert_eq!(value("otm_wake_seconds_count{path=\"cold\"}"), 1.0);
+    assert_eq!(value("otm_deliveries_total{outcome=\"acked\"}"), 1.0);
+    assert_eq!(value("otm_instances{state=\"ready\"}"), 1.0);
+    assert!(text.contains("otm_accept_seconds_bucket"));
+    h.stop().await;
+}
