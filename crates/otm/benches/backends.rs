@@ -45,8 +45,9 @@ async fn run() {
         backends.push(("DynamoDB (moto)", Some(url), None));
     }
     for (name, registry, coordinator) in &backends {
-        let (rate, p50, p99) = accepts(registry.clone(), coordinator.clone()).await;
-        rows.push((format!("durable accepts/s, inbox on {name}"), format!("{rate:.0}")));
+        let (rate, p50, p99, refused) = accepts(registry.clone(), coordinator.clone()).await;
+        let note = if refused > 0 { format!(" ({refused} of 2048 refused with 503: the store failed)") } else { String::new() };
+        rows.push((format!("durable accepts/s, inbox on {name}"), format!("{rate:.0}{note}")));
         rows.push((format!("accept latency p50 / p99, inbox on {name}"), format!("{p50:.2} ms / {p99:.2} ms")));
     }
     if let (Some(redis), Some((_, Some(pg), _))) = (env("OTM_TEST_REDIS_URL"), backends.iter().find(|b| b.0 == "PostgreSQL")) {
@@ -111,8 +112,9 @@ impl Running {
     }
 }
 
-/// 2,000 updates from 32 senders to 4 tenants; deliveries run meanwhile, as in production.
-async fn accepts(registry: Option<String>, coordinator: Option<String>) -> (f64, f64, f64) {
+/// 2,048 updates from 32 senders to 4 tenants; deliveries run meanwhile, as in production, and
+/// are abandoned at the end.
+async fn accepts(registry: Option<String>, coordinator: Option<String>) -> (f64, f64, f64, usize) {
     let s = server(registry, coordinator).await;
     let mut tenants = Vec::new();
     for i in 0..4 {
@@ -121,15 +123,16 @@ async fn accepts(registry: Option<String>, coordinator: Option<String>) -> (f64,
         tenants.push((id, secret));
     }
     let public = format!("http://{}", s.server.public_addr);
-    let (total, senders) = (2000usize, 32usize);
+    let (per_sender, senders) = (64usize, 32usize);
+    let total = per_sender * senders;
     let started = Instant::now();
     let tasks: Vec<_> = (0..senders)
         .map(|k| {
             let (http, public, tenants) = (s.http.clone(), public.clone(), tenants.clone());
             tokio::spawn(async move {
-                let mut lat = Vec::new();
-                for j in 0..total / senders {
-                    let n = k * (total / senders) + j;
+                let (mut lat, mut refused) = (Vec::new(), 0usize);
+                for j in 0..per_sender {
+                    let n = k * per_sender + j;
                     let (id, secret) = &tenants[n % tenants.len()];
                     let t0 = Instant::now();
                     let r = http
@@ -139,23 +142,27 @@ async fn accepts(registry: Option<String>, coordinator: Option<String>) -> (f64,
                         .send()
                         .await
                         .unwrap();
-                    assert_eq!(r.status(), 200);
-                    lat.push(t0.elapsed().as_secs_f64() * 1000.0);
+                    if r.status() == 200 {
+                        lat.push(t0.elapsed().as_secs_f64() * 1000.0);
+                    } else {
+                        // Not stored (the store failed): Telegram would send it again.
+                        refused += 1;
+                    }
                 }
-                lat
+                (lat, refused)
             })
         })
         .collect();
-    let mut lat = Vec::new();
+    let (mut lat, mut refused) = (Vec::new(), 0);
     for t in tasks {
-        lat.extend(t.await.unwrap());
+        let (l, r) = t.await.unwrap();
+        lat.extend(l);
+        refused += r;
     }
-    let rate = total as f64 / started.elapsed().as_secs_f64();
-    for i in 0..4 {
-        s.tg.wait_for_messages(&format!("{}:B{i}", 9600 + i), total / 4, Duration::from_secs(600)).await;
-    }
+    let rate = lat.len() as f64 / started.elapsed().as_secs_f64();
+    // Accepts are what is measured; deliveries still under way are abandoned with the server.
     s.server.shutdown(Duration::from_secs(10), true).await;
-    (rate, pct(&mut lat, 0.5), pct(&mut lat, 0.99))
+    (rate, pct(&mut lat, 0.5), pct(&mut lat, 0.99), refused)
 }
 
 /// Ten cold wakes and ten cache-hit wakes through the admin API.

@@ -184,7 +184,12 @@ impl Cluster {
         if let Some(dir) = self.state.strip_prefix("file://") {
             let _ = std::fs::remove_dir_all(dir);
         }
-        // Anything left (an instance of a killed orchestrator) goes with its process group.
+        self.kill_instances();
+    }
+
+    /// Kills every instance's process group (an instance of a killed orchestrator, or all of them
+    /// when a test fails half-way).
+    fn kill_instances(&self) {
         if let Ok(dirs) = std::fs::read_dir(self.instances_dir()) {
             for d in dirs.flatten() {
                 if let Some(pid) = std::fs::read(d.path().join("runtime.json"))
@@ -196,6 +201,12 @@ impl Cluster {
                 }
             }
         }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.kill_instances();
     }
 }
 
