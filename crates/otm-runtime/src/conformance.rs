@@ -59,10 +59,10 @@ pub async fn runtime_suite(rt: Arc<dyn Runtime>, kill: impl Fn(&InstanceId)) {
     rt.delete(&spec.id).await.expect("delete after a crash");
     let deleted_quietly = tokio::time::timeout(Duration::from_millis(700), async {
         loop {
-            if let Some(RuntimeEvent::Exited { id, .. }) = events.next().await {
-                if id == warm.id {
-                    return;
-                }
+            if let Some(RuntimeEvent::Exited { id, .. }) = events.next().await
+                && id == warm.id
+            {
+                return;
             }
         }
     })

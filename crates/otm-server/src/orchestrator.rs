@@ -96,11 +96,10 @@ pub async fn wake_for(app: &Arc<App>, tenant: &TenantId, chat: Option<i64>) -> R
         return Ok(cached(ep, begun));
     }
     if let Some(rec) = app.registry.instance_of(tenant).await?
-        && rec.state == InstanceState::Ready && answers(&rec).await {
-            let ep = Endpoint::from(&rec);
-            app.coordinator.set_endpoint(tenant, &ep, ENDPOINT_TTL).await?;
-            return Ok(cached(ep, begun));
-        }
+        && let Some(woken) = use_registered(app, tenant, &rec, begun).await?
+    {
+        return Ok(woken);
+    }
 
     let lease = crate::lease::HeldLease::acquire(&app.coordinator, &format!("wake:{tenant}"), lease_ttl(app), WAKE_WAIT).await?;
     let result = tokio::select! {
@@ -111,6 +110,17 @@ pub async fn wake_for(app: &Arc<App>, tenant: &TenantId, chat: Option<i64>) -> R
     let outcome = if result.is_ok() { "ok" } else { "error" };
     app.metrics.wakes.get_or_create(&crate::metrics::Outcome { outcome: outcome.into() }).inc();
     result
+}
+
+/// A registered instance that is ready and answers serves the wake: its endpoint goes back into
+/// the cache. `None` when it cannot serve.
+async fn use_registered(app: &Arc<App>, tenant: &TenantId, rec: &InstanceRecord, begun: Instant) -> Result<Option<Woken>> {
+    if rec.state != InstanceState::Ready || !answers(rec).await {
+        return Ok(None);
+    }
+    let ep = Endpoint::from(rec);
+    app.coordinator.set_endpoint(tenant, &ep, ENDPOINT_TTL).await?;
+    Ok(Some(cached(ep, begun)))
 }
 
 /// True when a registered instance's shim answers (checked only when the endpoint cache missed).
@@ -132,10 +142,8 @@ fn cached(endpoint: Endpoint, begun: Instant) -> Woken {
 async fn wake_locked(app: &Arc<App>, tenant: &TenantId, fence: u64, begun: Instant, chat: Option<i64>) -> Result<Woken> {
     // Another process may have finished a wake while we waited for the lock.
     if let Some(rec) = app.registry.instance_of(tenant).await? {
-        if rec.state == InstanceState::Ready && answers(&rec).await {
-            let ep = Endpoint::from(&rec);
-            app.coordinator.set_endpoint(tenant, &ep, ENDPOINT_TTL).await?;
-            return Ok(cached(ep, begun));
+        if let Some(woken) = use_registered(app, tenant, &rec, begun).await? {
+            return Ok(woken);
         }
         // A wake that died half-way, or an instance that died unseen, left this behind.
         tracing::warn!(%tenant, instance = %rec.id, state = rec.state.as_str(), "removing an instance that is half-bound or gone");

@@ -124,7 +124,6 @@ async fn accepts(registry: Option<String>, coordinator: Option<String>) -> (f64,
     }
     let public = format!("http://{}", s.server.public_addr);
     let (per_sender, senders) = (64usize, 32usize);
-    let total = per_sender * senders;
     let started = Instant::now();
     let tasks: Vec<_> = (0..senders)
         .map(|k| {

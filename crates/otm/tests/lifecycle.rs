@@ -81,13 +81,13 @@ async fn a_killed_agent_is_noticed_at_once_and_nothing_is_lost_or_repeated() {
     })
     .await;
     let dir = h.instance_dirs().pop().unwrap();
-    let pid = agent_pid(&dir).expect("agent running");
+    let pid = common::agent_pid(&dir).expect("agent running");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
     let killed = Instant::now();
     // A new agent process runs on the same state directory within a second.
     let mut restarted = None;
     while killed.elapsed() < Duration::from_secs(5) {
-        if let Some(p) = agent_pid(&dir).filter(|p| *p != pid) {
+        if let Some(p) = common::agent_pid(&dir).filter(|p| *p != pid) {
             restarted = Some((p, killed.elapsed()));
             break;
         }
@@ -99,18 +99,6 @@ async fn a_killed_agent_is_noticed_at_once_and_nothing_is_lost_or_repeated() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(numbers(&h, token), (1..=10).collect::<Vec<_>>(), "no number lost or repeated");
     h.stop().await;
-}
-
-/// The host pid of the agent whose state directory is in `instance_dir`.
-fn agent_pid(instance_dir: &std::path::Path) -> Option<u32> {
-    let marker = format!("OTM_AGENT_STATE_DIR={}/state", instance_dir.display());
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let environ = std::fs::read(e.path().join("environ")).ok()?;
-        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-        let zombie = stat.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
-        (!zombie && environ.split(|b| *b == 0).any(|v| v == marker.as_bytes())).then_some(pid)
-    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

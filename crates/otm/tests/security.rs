@@ -152,7 +152,7 @@ async fn one_tenants_sandbox_cannot_read_another_tenants_directory() {
     let (left, right) = (dir_of("left"), dir_of("right"));
     let right_state = right.join("state/reference-agent.json");
     assert!(right_state.exists(), "the right tenant has state on the host");
-    let left_agent = agent_host_pid(&left).expect("the left agent runs");
+    let left_agent = common::agent_pid(&left).expect("the left agent runs");
 
     // Run commands inside the left tenant's sandbox (its mount and PID namespaces).
     let inside = |script: &str| {
@@ -181,16 +181,6 @@ async fn one_tenants_sandbox_cannot_read_another_tenants_directory() {
     let count: usize = String::from_utf8_lossy(&ps.stdout).trim().parse().unwrap_or(usize::MAX);
     assert!(count < 10, "{count} processes visible inside the sandbox");
     h.stop().await;
-}
-
-/// The host pid of the agent whose state directory is in `instance_dir`.
-fn agent_host_pid(instance_dir: &Path) -> Option<u32> {
-    let marker = format!("OTM_AGENT_STATE_DIR={}/state", instance_dir.display());
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let environ = std::fs::read(e.path().join("environ")).ok()?;
-        environ.split(|b| *b == 0).any(|v| v == marker.as_bytes()).then_some(pid)
-    })
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {

@@ -128,3 +128,16 @@ impl Drop for Harness {
         }
     }
 }
+
+/// The host pid of the live agent whose state directory is in `instance_dir` (found through its
+/// environment, as seen from outside the sandbox).
+pub fn agent_pid(instance_dir: &std::path::Path) -> Option<u32> {
+    let marker = format!("OTM_AGENT_STATE_DIR={}/state", instance_dir.display());
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let environ = std::fs::read(e.path().join("environ")).ok()?;
+        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+        let zombie = stat.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
+        (!zombie && environ.split(|b| *b == 0).any(|v| v == marker.as_bytes())).then_some(pid)
+    })
+}
