@@ -58,9 +58,25 @@ impl fmt::Display for TenantId {
 }
 
 /// An instance id, `i-` and 12 hex digits; also a valid DNS label, so it names a pod as is.
+///
+/// Deserialising validates the shape, so an id read from anywhere (a record on disk, an answer)
+/// can be joined to a path: it never holds `/` or `..`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
+#[serde(try_from = "String", into = "String")]
 pub struct InstanceId(String);
+
+impl TryFrom<String> for InstanceId {
+    type Error = crate::Error;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        InstanceId::parse(&s)
+    }
+}
+
+impl From<InstanceId> for String {
+    fn from(i: InstanceId) -> String {
+        i.0
+    }
+}
 
 impl InstanceId {
     /// A fresh random id.
@@ -68,9 +84,22 @@ impl InstanceId {
         InstanceId(format!("i-{}", random_hex(6)))
     }
 
-    /// Wraps an existing id (from a store or a runtime listing).
+    /// Wraps an existing id (from a store otm wrote). Ids from anywhere an instance could have
+    /// written go through [`InstanceId::parse`].
     pub fn new(id: impl Into<String>) -> Self {
         InstanceId(id.into())
+    }
+
+    /// Checks the shape: `i-` and 12 lower-case hex digits.
+    pub fn parse(id: &str) -> Result<Self, crate::Error> {
+        let ok = id.len() == 14
+            && id.starts_with("i-")
+            && id[2..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if ok {
+            Ok(InstanceId(id.to_owned()))
+        } else {
+            Err(crate::Error::invalid(format!("`{}` is not an instance id (i- and 12 hex digits)", id.escape_debug())))
+        }
     }
 
     /// The id as a string.
@@ -142,6 +171,12 @@ mod tests {
     #[test]
     fn instance_ids_are_labels_too() {
         assert!(is_dns_label(InstanceId::random().as_str()));
+        let id = InstanceId::random();
+        assert_eq!(InstanceId::parse(id.as_str()).unwrap(), id);
+        for bad in ["../canary-dir", "i-../../etc", "i-0123456789AB", "i-0123456789abc", "", "i-0123456789a/"] {
+            assert!(InstanceId::parse(bad).is_err(), "{bad}");
+            assert!(serde_json::from_value::<InstanceId>(serde_json::json!(bad)).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -14,6 +14,50 @@ pub struct InstanceSpec {
     /// The tenant it is created for, or `None` for a warm instance. A label only: binding is
     /// done through the shim.
     pub tenant: Option<TenantId>,
+    /// What the instance may use.
+    pub limits: ResourceLimits,
+}
+
+/// What one instance may use. Defaults are those of the system otm replaces: requests 200m CPU,
+/// limits 1 CPU and 2 GiB; 512 processes; a 1 GiB state directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceLimits {
+    /// Memory limit in bytes (the OOM killer acts inside the instance beyond it).
+    pub memory_bytes: u64,
+    /// CPU limit in thousandths of a core.
+    pub cpu_millis: u32,
+    /// CPU share when the machine is busy, in thousandths of a core.
+    pub cpu_request_millis: u32,
+    /// Processes and threads.
+    pub pids: u32,
+    /// Bytes on disk under the instance's state, home and temporary directories.
+    pub disk_bytes: u64,
+}
+
+impl Default for ResourceLimits {
+    fn default() -> Self {
+        ResourceLimits { memory_bytes: 2 << 30, cpu_millis: 1000, cpu_request_millis: 200, pids: 512, disk_bytes: 1 << 30 }
+    }
+}
+
+/// A limit that stopped an instance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitKind {
+    Memory,
+    Pids,
+    Disk,
+}
+
+impl LimitKind {
+    /// The lower-case name used in metrics and answers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitKind::Memory => "memory",
+            LimitKind::Pids => "pids",
+            LimitKind::Disk => "disk",
+        }
+    }
 }
 
 /// One instance as the runtime sees it.
@@ -35,6 +79,9 @@ pub struct RuntimeInstance {
 pub enum RuntimeEvent {
     /// The instance's process tree or pod is gone or failed.
     Exited { id: InstanceId, detail: String },
+    /// The instance ran into one of its limits and its processes were killed; its directory is
+    /// kept until the orchestrator saved its state and deletes it.
+    LimitExceeded { id: InstanceId, limit: LimitKind, detail: String },
 }
 
 /// Runs instances. Contract:
@@ -47,6 +94,10 @@ pub trait Runtime: Send + Sync + std::fmt::Debug + 'static {
     fn name(&self) -> &'static str;
     /// How instances are isolated, for status pages (`bubblewrap`, `none`, `kata-qemu`).
     fn isolation(&self) -> String;
+    /// How instances are limited, for status pages (`cgroup v1`, `cgroup v2`, `none (why)`).
+    fn limits(&self) -> String {
+        "none".into()
+    }
     /// Starts an instance running `otm shim`.
     async fn create(&self, spec: &InstanceSpec) -> Result<RuntimeInstance>;
     /// Every instance this runtime manages, alive or not.
@@ -55,4 +106,15 @@ pub trait Runtime: Send + Sync + std::fmt::Debug + 'static {
     async fn delete(&self, id: &InstanceId) -> Result<()>;
     /// Instances that exit on their own.
     fn events(&self) -> BoxStream<'static, RuntimeEvent>;
+    /// Changes the limits of a running instance (a warm instance claimed by a tenant).
+    async fn set_limits(&self, _id: &InstanceId, _limits: &ResourceLimits) -> Result<()> {
+        Ok(())
+    }
+    /// Packs an instance's state directory from outside the instance, for when its shim is dead
+    /// or could not snapshot: a tar + zstd archive with only regular files, directories and
+    /// symbolic links, within `max_bytes`. `None` when this runtime cannot reach the state from
+    /// outside (pods), or the instance has no state directory.
+    async fn salvage_state(&self, _id: &InstanceId, _skip: &[String], _max_bytes: u64) -> Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
 }

@@ -13,7 +13,7 @@ pub async fn runtime_suite(rt: Arc<dyn Runtime>, kill: impl Fn(&InstanceId)) {
 
     // create: returns once the shim answers, with the token it was given.
     let tenant = TenantId::parse("conformance").unwrap();
-    let spec = InstanceSpec { id: InstanceId::random(), shim_token: Secret::random(), tenant: Some(tenant.clone()) };
+    let spec = InstanceSpec { id: InstanceId::random(), shim_token: Secret::random(), tenant: Some(tenant.clone()), limits: Default::default() };
     let created = rt.create(&spec).await.expect("create");
     assert_eq!(created.id, spec.id);
     assert!(created.alive);
@@ -26,7 +26,7 @@ pub async fn runtime_suite(rt: Arc<dyn Runtime>, kill: impl Fn(&InstanceId)) {
     assert!(wrong.status().await.is_err(), "the shim refuses another token");
 
     // list: the instance is there, alive, with its tenant label; a warm one has none.
-    let warm = InstanceSpec { id: InstanceId::random(), shim_token: Secret::random(), tenant: None };
+    let warm = InstanceSpec { id: InstanceId::random(), shim_token: Secret::random(), tenant: None, limits: Default::default() };
     rt.create(&warm).await.expect("create a warm instance");
     let listed = rt.list().await.expect("list");
     let a = listed.iter().find(|i| i.id == spec.id).expect("listed");

@@ -2,9 +2,13 @@
 //!
 //! # Layout
 //! - [`local`]: the `local` runtime: each instance a sandboxed process tree on this machine.
+//! - [`cgroup`]: per-instance cgroups (limits, limit events, kill).
+//! - [`exec`]: `otm sandbox-exec`, the first process of every local instance.
 //! - [`conformance`]: the suite every runtime must pass.
 
+pub mod cgroup;
 pub mod conformance;
+pub mod exec;
 pub mod local;
 
 pub use local::{LocalRuntime, LocalRuntimeConfig, SandboxMode};

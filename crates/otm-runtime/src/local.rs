@@ -1,19 +1,36 @@
-//! The `local` runtime: every instance is `otm shim` in its own directory, inside a bubblewrap
-//! sandbox when `bwrap` is installed (system read-only, only its own directory writable, its own
-//! PID namespace, no view of the data directory or other instances), otherwise a plain child
-//! process with a warning logged at start.
+//! The `local` runtime: every instance is `otm shim` in a bubblewrap sandbox of its own on this
+//! machine, with its agent in a second sandbox inside it (see [`otm_shim::sandbox`]).
 //!
-//! Instances are started in their own process group and outlive the server: a restarted server
-//! finds them again from `runtime.json` in each instance directory.
+//! Layout under the data directory:
+//!
+//! | path | owner | what |
+//! |---|---|---|
+//! | `runtime/<id>/` | otm, 0700, never shown to any instance | `record.json` (what the runtime knows of the instance), `shim.sock` (the shim's control socket, created here and handed to the shim as its standard input), `shim.log` |
+//! | `instances/<id>/` | the instance's uid, 0700 | the shim's files (`shim.token`, `agent.log`, rendered agent configs) |
+//! | `instances/<id>/{state,tmp,home}/` | the instance's uid | the only directories the agent sees writable |
+//!
+//! Nothing an instance can write is read back as a record: the runtime trusts only
+//! `runtime/<id>/`, and checks even that (the id's shape, the directory matching the id, size,
+//! regular file). Processes are controlled through the instance's cgroup (frozen and killed as a
+//! whole), or, where otm cannot create cgroups, through the sandbox's process 1 whose start time
+//! the record holds. When otm runs as root every instance gets a uid of its own from
+//! `uid_base`.
+//!
+//! Instances outlive the server: a restarted server finds them again from `runtime/`.
 
+use crate::cgroup::{InstanceCgroup, Layout};
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use nix::sys::signal::{Signal, kill, killpg};
+use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use otm_core::{Error, InstanceId, InstanceSpec, Result, Runtime, RuntimeEvent, RuntimeInstance, TenantId};
+use otm_core::{
+    Error, InstanceId, InstanceSpec, LimitKind, ResourceLimits, Result, Runtime, RuntimeEvent, RuntimeInstance, TenantId,
+};
+use otm_shim::sandbox::{self, SystemView};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -22,42 +39,61 @@ use tokio::sync::broadcast;
 
 const BACKEND: &str = "local runtime";
 
+/// Size of each instance's private `/tmp` (memory-backed, counted in its memory limit).
+const TMP_BYTES: u64 = 256 << 20;
+/// Open files per process in an instance.
+const NOFILE: u64 = 4096;
+/// Largest record file read back.
+const MAX_RECORD: u64 = 64 << 10;
+
 /// Whether to sandbox instances.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum SandboxMode {
-    /// bubblewrap if `bwrap` is found, otherwise none (with a warning).
+    /// bubblewrap; refuses to start without it.
     #[default]
     Auto,
-    /// bubblewrap, or fail.
+    /// bubblewrap, or fail (the same as `Auto`, named for configurations that say so).
     Bubblewrap,
-    /// Plain child processes.
+    /// Plain child processes: for development only, and said so at every start.
     None,
 }
 
 /// Settings of the local runtime.
 #[derive(Clone, Debug)]
 pub struct LocalRuntimeConfig {
-    /// otm's data directory; instances live in `<data_dir>/instances/<id>`, and the sandbox hides
+    /// otm's data directory; instances live in `<data_dir>/instances/<id>`, and no instance sees
     /// the rest of it.
     pub data_dir: PathBuf,
     /// The `otm` binary that runs `otm shim`.
     pub otm_binary: PathBuf,
     pub sandbox: SandboxMode,
-    /// Extra directories the sandbox shows read-only (agent installations).
+    /// Extra paths the sandboxes show read-only (agent installations).
     pub read_only: Vec<PathBuf>,
+    /// otm's egress proxy as a Unix socket, shown inside every instance sandbox.
+    pub egress_socket: Option<PathBuf>,
+    /// First uid of the range instances run as when otm runs as root.
+    pub uid_base: u32,
 }
 
-/// What the runtime writes into each instance directory to find it again after a restart.
+/// The default first uid of instances (65,536 are used from there).
+pub const DEFAULT_UID_BASE: u32 = 1_500_000_000;
+
+/// What the runtime keeps of each instance in `runtime/<id>/record.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Record {
     id: InstanceId,
-    pid: u32,
     address: String,
     tenant: Option<TenantId>,
     created_at_ms: i64,
-    /// True when started inside bubblewrap (pids in the instance are the namespace's own).
-    #[serde(default)]
     sandboxed: bool,
+    /// The uid the instance runs as on the host.
+    uid: u32,
+    /// True when the instance has cgroups (then they, not pids, are how it is controlled).
+    cgroup: bool,
+    /// Process 1 of the instance's sandbox (or the shim without one), and its start time in
+    /// clock ticks since boot, so a reused pid is never mistaken for it.
+    pid: u32,
+    pid_start: u64,
 }
 
 /// The local runtime.
@@ -68,57 +104,117 @@ pub struct LocalRuntime {
 
 #[derive(Debug)]
 struct Inner {
-    root: PathBuf,
-    data_dir: PathBuf,
+    instances: PathBuf,
+    records: PathBuf,
     otm_binary: PathBuf,
     bwrap: Option<PathBuf>,
     read_only: Vec<PathBuf>,
+    egress_socket: Option<PathBuf>,
+    cgroups: Option<Layout>,
+    /// Why there are no cgroups, for status pages.
+    cgroup_problem: Option<String>,
+    /// Some(base) when instances get uids of their own (otm runs as root).
+    uid_base: Option<u32>,
     /// Instances being deleted on purpose: their exit is not news.
     deleting: Mutex<HashSet<InstanceId>>,
-    /// Instances watched by a task of ours.
-    watched: Mutex<HashMap<InstanceId, u32>>,
+    /// Instances watched by a task of ours, with their limits.
+    watched: Mutex<HashMap<InstanceId, ResourceLimits>>,
     events: broadcast::Sender<RuntimeEvent>,
 }
 
 impl LocalRuntime {
-    /// Opens the runtime; starts watching instances left running by an earlier server.
+    /// Opens the runtime: checks the sandbox can be built, and starts watching instances left
+    /// running by an earlier server.
     pub fn new(config: LocalRuntimeConfig) -> Result<Self> {
-        let data_dir = absolute(&config.data_dir)?;
-        let root = data_dir.join("instances");
-        std::fs::create_dir_all(&root).map_err(|e| Error::generic(BACKEND, e))?;
+        let data_dir = std::path::absolute(&config.data_dir).map_err(|e| Error::generic(BACKEND, e))?;
         let bwrap = match config.sandbox {
-            SandboxMode::None => None,
-            SandboxMode::Auto | SandboxMode::Bubblewrap => {
-                let found = which("bwrap");
-                match (&found, config.sandbox) {
-                    (None, SandboxMode::Bubblewrap) => {
-                        return Err(Error::invalid("sandbox `bubblewrap` was asked for, but `bwrap` is not installed"));
-                    }
-                    (None, _) => tracing::warn!(
-                        "bubblewrap (`bwrap`) is not installed: instances run as plain processes without a sandbox"
-                    ),
-                    _ => {}
-                }
-                found
+            SandboxMode::None => {
+                tracing::warn!(
+                    "instances run WITHOUT a sandbox (--sandbox none): every agent can read the data directory, \
+                     the admin token and every other tenant; for development only"
+                );
+                None
             }
+            SandboxMode::Auto | SandboxMode::Bubblewrap => Some(sandbox::bwrap().ok_or_else(|| {
+                Error::invalid(
+                    "bubblewrap (`bwrap`) is not installed, and otm does not run instances without a sandbox: install \
+                     it (Debian and Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap), or for \
+                     development only start with --sandbox none",
+                )
+            })?),
         };
+        let root = nix::unistd::geteuid().is_root();
+        let otm_binary = std::path::absolute(&config.otm_binary).map_err(|e| Error::generic(BACKEND, e))?;
+
+        if bwrap.is_some() {
+            // Every path shown to instances, and the binary's own directory (agents are installed
+            // beside otm), must lie outside the data directory.
+            let mut shown = SystemView { read_only: config.read_only.clone(), ..Default::default() }.shown_paths();
+            if let Some(dir) = otm_binary.parent() {
+                shown.push(dir.to_path_buf());
+            }
+            if let Some(p) = sandbox::shows_data_dir(&shown, &data_dir) {
+                return Err(Error::invalid(format!(
+                    "{} is shown read-only to every instance and contains the data directory {}: give a --data-dir \
+                     outside it (or install otm and the agents, --openclaw-prefix, elsewhere)",
+                    p.display(),
+                    data_dir.display()
+                )));
+            }
+        }
+
+        let instances = data_dir.join("instances");
+        let records = data_dir.join("runtime");
+        for (dir, mode) in [(&data_dir, 0o711), (&instances, 0o711), (&records, 0o700)] {
+            std::fs::create_dir_all(dir).map_err(|e| Error::generic(BACKEND, e))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(|e| Error::generic(BACKEND, e))?;
+        }
+        let uid_base = (root && bwrap.is_some()).then_some(config.uid_base);
+        if uid_base.is_some() {
+            // Instances run as uids of their own, and bubblewrap needs to reach their directories.
+            if let Some(blocked) = data_dir.ancestors().skip(1).find(|a| {
+                std::fs::metadata(a).map(|m| m.permissions().mode() & 0o001 == 0).unwrap_or(false)
+            }) {
+                return Err(Error::invalid(format!(
+                    "{} (above the data directory) cannot be traversed by other users, and instances run as uids of \
+                     their own: `chmod o+x {}`, or choose a --data-dir elsewhere",
+                    blocked.display(),
+                    blocked.display()
+                )));
+            }
+        }
+
+        let (cgroups, cgroup_problem) = match Layout::detect() {
+            None => (None, Some("no cgroup hierarchy with memory and pids controllers is mounted".to_owned())),
+            Some(layout) => match layout.prepare() {
+                Ok(()) => (Some(layout), None),
+                Err(e) => (None, Some(format!("cannot create otm's cgroups: {e}"))),
+            },
+        };
+        if let Some(why) = &cgroup_problem {
+            tracing::warn!(reason = %why, "instances run without memory, pids and CPU limits");
+        }
         let (events, _) = broadcast::channel(1024);
         let rt = LocalRuntime {
             inner: Arc::new(Inner {
-                root,
-                data_dir,
-                otm_binary: config.otm_binary,
+                instances,
+                records,
+                otm_binary,
                 bwrap,
                 read_only: config.read_only,
+                egress_socket: config.egress_socket,
+                cgroups,
+                cgroup_problem,
+                uid_base,
                 deleting: Mutex::new(HashSet::new()),
                 watched: Mutex::new(HashMap::new()),
                 events,
             }),
         };
         for record in rt.records() {
-            if process_alive(record.pid) {
-                tracing::info!(instance = %record.id, pid = record.pid, "found running instance");
-                rt.watch_pid(record.id.clone(), record.pid);
+            if rt.alive(&record) {
+                tracing::info!(instance = %record.id, "found running instance");
+                rt.watch(record.id.clone(), None, ResourceLimits::default());
             }
         }
         Ok(rt)
@@ -126,91 +222,386 @@ impl LocalRuntime {
 
     /// The directory of one instance.
     pub fn instance_dir(&self, id: &InstanceId) -> PathBuf {
-        self.inner.root.join(id.as_str())
+        self.inner.instances.join(id.as_str())
+    }
+
+    fn record_dir(&self, id: &InstanceId) -> PathBuf {
+        self.inner.records.join(id.as_str())
+    }
+
+    fn cgroup(&self, id: &InstanceId) -> Option<InstanceCgroup> {
+        self.inner.cgroups.as_ref().map(|l| l.instance(id))
+    }
+
+    fn limits_status(&self) -> String {
+        match (&self.inner.cgroups, &self.inner.cgroup_problem) {
+            (Some(l), _) => l.name().to_owned(),
+            (None, Some(why)) => format!("none ({why})"),
+            (None, None) => "none".to_owned(),
+        }
     }
 
     fn records(&self) -> Vec<Record> {
-        let Ok(dir) = std::fs::read_dir(&self.inner.root) else { return vec![] };
-        dir.filter_map(|e| e.ok())
-            .filter_map(|e| std::fs::read(e.path().join("runtime.json")).ok())
-            .filter_map(|b| serde_json::from_slice::<Record>(&b).ok())
-            .collect()
+        let Ok(dir) = std::fs::read_dir(&self.inner.records) else { return vec![] };
+        dir.flatten().filter_map(|e| self.read_record(e.file_name().to_str()?)).collect()
     }
 
-    fn command(&self, dir: &Path, socket: &Path, spec: &InstanceSpec) -> tokio::process::Command {
-        let shim_args = [
-            "shim".to_owned(),
-            "--instance".to_owned(),
-            spec.id.to_string(),
-            "--dir".to_owned(),
-            dir.display().to_string(),
-            "--listen".to_owned(),
-            format!("unix:{}", socket.display()),
-            "--token-file".to_owned(),
-            dir.join("shim.token").display().to_string(),
-        ];
-        let mut cmd = match &self.inner.bwrap {
-            None => {
-                let mut c = tokio::process::Command::new(&self.inner.otm_binary);
-                c.args(shim_args);
-                c
-            }
-            Some(bwrap) => {
-                let mut c = tokio::process::Command::new(bwrap);
-                let s = |p: &Path| p.display().to_string();
-                c.args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]);
-                for hidden in ["/home", "/root"] {
-                    if Path::new(hidden).is_dir() {
-                        c.args(["--tmpfs", hidden]);
-                    }
-                }
-                let mut shown: Vec<PathBuf> = self.inner.read_only.clone();
-                if let Some(bin_dir) = self.inner.otm_binary.parent() {
-                    shown.push(bin_dir.to_path_buf());
-                }
-                // Mounts apply in order: the data directory is hidden first, so a read-only
-                // directory inside it (an agent installed under it) is shown on top, and the
-                // instance's own directory comes last, writable.
-                c.args(["--tmpfs", &s(&self.inner.data_dir)]);
-                for p in shown.iter().filter(|p| p.exists()) {
-                    c.args(["--ro-bind", &s(p), &s(p)]);
-                }
-                c.args(["--bind", &s(dir), &s(dir)]);
-                // No --die-with-parent: instances outlive a server restart and are adopted.
-                c.args(["--unshare-pid", "--unshare-ipc", "--unshare-uts"]);
-                c.args(["--chdir", &s(dir), "--setenv", "TMPDIR", &s(&dir.join("tmp")), "--"]);
-                c.arg(&self.inner.otm_binary).args(shim_args);
-                c
-            }
-        };
-        cmd.env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()))
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
-            .stdin(Stdio::null())
-            .process_group(0)
-            .kill_on_drop(false);
-        cmd
+    /// A record, checked: the directory name is an instance id, the file a small regular file
+    /// whose id matches.
+    fn read_record(&self, name: &str) -> Option<Record> {
+        let id = InstanceId::parse(name).ok()?;
+        let bytes = read_regular(&self.record_dir(&id).join("record.json"), MAX_RECORD).ok()?;
+        let record: Record = serde_json::from_slice(&bytes).ok()?;
+        (record.id == id).then_some(record)
     }
 
-    fn watch_pid(&self, id: InstanceId, pid: u32) {
-        self.inner.watched.lock().unwrap().insert(id.clone(), pid);
+    fn alive(&self, r: &Record) -> bool {
+        if r.cgroup
+            && let Some(cg) = self.cgroup(&r.id)
+        {
+            return cg.populated();
+        }
+        process_start(r.pid).is_some_and(|s| s == r.pid_start)
+    }
+
+    /// Picks a uid no recorded instance uses.
+    fn pick_uid(&self, base: u32) -> u32 {
+        let used: HashSet<u32> = self.records().into_iter().map(|r| r.uid).collect();
+        loop {
+            let slot = u32::from_str_radix(&otm_core::id::random_hex(2), 16).unwrap_or(0);
+            let uid = base.saturating_add(slot);
+            if !used.contains(&uid) {
+                return uid;
+            }
+        }
+    }
+
+    /// The instance sandbox's bubblewrap arguments, up to and including `--`.
+    fn instance_sandbox_args(&self, dir: &Path, info_fd: i32) -> Vec<String> {
+        let s = |p: &Path| p.display().to_string();
+        let mut a = sandbox::isolation_args();
+        a.extend(["--clearenv".into(), "--unshare-net".into(), "--info-fd".into(), info_fd.to_string()]);
+        let view = self.view(dir, true);
+        a.extend(view.args());
+        a.extend(["--bind".into(), s(dir), s(dir)]);
+        if let Some(egress) = &self.inner.egress_socket {
+            a.extend(["--ro-bind".into(), s(egress), sandbox::EGRESS_SOCKET.into()]);
+        }
+        a.extend(["--chdir".into(), s(dir), "--setenv".into(), "PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()]);
+        a.extend(["--setenv".into(), "TMPDIR".into(), s(&dir.join("tmp"))]);
+        if let Ok(level) = std::env::var("RUST_LOG") {
+            a.extend(["--setenv".into(), "RUST_LOG".into(), level]);
+        }
+        a.push("--".into());
+        a
+    }
+
+    /// What a sandbox of this instance shows: the system, otm, the reference agent beside it,
+    /// and the configured installations.
+    fn view(&self, dir: &Path, with_passwd: bool) -> SystemView {
+        let mut read_only = vec![self.inner.otm_binary.clone()];
+        if let Some(agent) = self.inner.otm_binary.parent().map(|d| d.join("otm-reference-agent"))
+            && agent.is_file()
+        {
+            read_only.push(agent);
+        }
+        read_only.extend(self.inner.read_only.iter().filter(|p| p.exists()).cloned());
+        SystemView {
+            read_only,
+            passwd: with_passwd.then(|| (dir.join("etc/passwd"), dir.join("etc/group"))),
+            tmp_bytes: TMP_BYTES,
+        }
+    }
+
+    fn watch(&self, id: InstanceId, child: Option<tokio::process::Child>, limits: ResourceLimits) {
+        self.inner.watched.lock().unwrap().insert(id.clone(), limits);
         let rt = self.clone();
+        let watched_id = id.clone();
         tokio::spawn(async move {
-            // An adopted process is not our child: poll it.
-            while process_alive(pid) {
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            rt.exited(&id, "the instance's process exited".to_owned());
+            let id = watched_id;
+            let detail = match child {
+                Some(mut child) => {
+                    let status = child.wait().await;
+                    format!("the instance exited: {}", status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()))
+                }
+                None => {
+                    // An adopted instance is not our child: look at it.
+                    loop {
+                        let Some(r) = rt.read_record(id.as_str()) else { break };
+                        if !rt.alive(&r) {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                    "the instance's processes exited".to_owned()
+                }
+            };
+            rt.exited(&id, detail);
         });
+        if let Some(cg) = self.cgroup(&id) {
+            let rt = self.clone();
+            tokio::spawn(async move { rt.watch_limits(id, cg).await });
+        }
+    }
+
+    /// Polls the kernel's limit counters (every 500 ms) and the disk usage (every 2 s) until the
+    /// instance is gone; an instance over a limit is killed and reported.
+    async fn watch_limits(&self, id: InstanceId, cg: InstanceCgroup) {
+        let dir = self.instance_dir(&id);
+        let mut tick = 0u64;
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            tick += 1;
+            let Some(limits) = self.inner.watched.lock().unwrap().get(&id).copied() else { return };
+            if self.inner.deleting.lock().unwrap().contains(&id) {
+                return;
+            }
+            let cg2 = cg.clone();
+            let mut hit = tokio::task::spawn_blocking(move || cg2.limit_hit()).await.ok().flatten().map(|k| (k, String::new()));
+            if hit.is_none() && tick % 4 == 0 {
+                let d = dir.clone();
+                let used = tokio::task::spawn_blocking(move || {
+                    ["state", "tmp", "home"].iter().map(|s| disk_usage(&d.join(s), 500_000)).sum::<u64>()
+                })
+                .await
+                .unwrap_or(0);
+                if used > limits.disk_bytes {
+                    hit = Some((LimitKind::Disk, format!("{used} bytes on disk, limit {}", limits.disk_bytes)));
+                }
+            }
+            let Some((limit, mut detail)) = hit else { continue };
+            if detail.is_empty() {
+                detail = match limit {
+                    LimitKind::Memory => format!("out of memory at its limit of {} bytes", limits.memory_bytes),
+                    LimitKind::Pids => format!("reached its limit of {} processes", limits.pids),
+                    LimitKind::Disk => "over its disk limit".into(),
+                };
+            }
+            tracing::warn!(instance = %id, limit = limit.as_str(), %detail, "instance over a limit; killing it");
+            // Killed, but kept on disk: the orchestrator saves its state, then deletes it.
+            self.inner.deleting.lock().unwrap().insert(id.clone());
+            let cg2 = cg.clone();
+            let _ = tokio::task::spawn_blocking(move || cg2.kill(Duration::from_secs(10))).await;
+            self.inner.watched.lock().unwrap().remove(&id);
+            let _ = self.inner.events.send(RuntimeEvent::LimitExceeded { id: id.clone(), limit, detail });
+            return;
+        }
     }
 
     fn exited(&self, id: &InstanceId, detail: String) {
-        self.inner.watched.lock().unwrap().remove(id);
-        if self.inner.deleting.lock().unwrap().contains(id) {
+        let was_watched = self.inner.watched.lock().unwrap().remove(id).is_some();
+        if !was_watched || self.inner.deleting.lock().unwrap().contains(id) {
             return;
         }
         tracing::warn!(instance = %id, %detail, "instance exited");
         let _ = self.inner.events.send(RuntimeEvent::Exited { id: id.clone(), detail });
+    }
+
+    /// Kills every process of an instance: its cgroup, or its sandbox's process 1.
+    async fn kill_all(&self, id: &InstanceId, record: Option<&Record>) {
+        if let Some(cg) = self.cgroup(id).filter(|c| c.exists()) {
+            let result = tokio::task::spawn_blocking(move || cg.kill(Duration::from_secs(10))).await;
+            if let Ok(Err(e)) = result {
+                tracing::warn!(instance = %id, error = %e, "could not kill every process of the instance");
+            }
+        }
+        if let Some(r) = record
+            && process_start(r.pid).is_some_and(|s| s == r.pid_start)
+        {
+            // Process 1 of a PID namespace takes the namespace with it.
+            let _ = kill(Pid::from_raw(r.pid as i32), Signal::SIGKILL);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while process_start(r.pid).is_some_and(|s| s == r.pid_start) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+
+    async fn create_inner(&self, spec: &InstanceSpec) -> Result<RuntimeInstance> {
+        let id = InstanceId::parse(spec.id.as_str())?;
+        let dir = self.instance_dir(&id);
+        let rdir = self.record_dir(&id);
+        let socket = rdir.join("shim.sock");
+        if socket.as_os_str().len() > 100 {
+            return Err(Error::invalid(format!(
+                "the data directory path is too long for a Unix socket ({}); use a shorter --data-dir",
+                socket.display()
+            )));
+        }
+        let g = |e: std::io::Error| Error::generic(BACKEND, e);
+        let sandboxed = self.inner.bwrap.is_some();
+        let uid = match self.inner.uid_base {
+            Some(base) => self.pick_uid(base),
+            None => nix::unistd::geteuid().as_raw(),
+        };
+        std::fs::create_dir(&rdir).map_err(g)?;
+        std::fs::set_permissions(&rdir, std::fs::Permissions::from_mode(0o700)).map_err(g)?;
+        std::fs::create_dir(&dir).map_err(g)?;
+        for sub in ["state", "tmp", "home"] {
+            std::fs::create_dir(dir.join(sub)).map_err(g)?;
+        }
+        let token_file = if sandboxed { dir.join("shim.token") } else { rdir.join("shim.token") };
+        write_private(&token_file, spec.shim_token.expose().as_bytes()).map_err(g)?;
+        if sandboxed {
+            std::fs::create_dir(dir.join("etc")).map_err(g)?;
+            let (passwd, group) = sandbox::passwd_files();
+            std::fs::write(dir.join("etc/passwd"), passwd).map_err(g)?;
+            std::fs::write(dir.join("etc/group"), group).map_err(g)?;
+            for (p, mode) in [("etc", 0o755), ("etc/passwd", 0o644), ("etc/group", 0o644)] {
+                std::fs::set_permissions(dir.join(p), std::fs::Permissions::from_mode(mode)).map_err(g)?;
+            }
+        }
+        if self.inner.uid_base.is_some() {
+            let owner = Some(nix::unistd::Uid::from_raw(uid));
+            let group = Some(nix::unistd::Gid::from_raw(uid));
+            for p in [dir.clone(), dir.join("state"), dir.join("tmp"), dir.join("home"), token_file.clone()] {
+                nix::unistd::chown(&p, owner, group).map_err(|e| g(e.into()))?;
+            }
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(g)?;
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o400)).map_err(g)?;
+
+        let cgroup = self.cgroup(&id);
+        if let Some(cg) = &cgroup {
+            cg.create(&spec.limits).map_err(|e| Error::unavailable(BACKEND, format!("cannot set the instance's limits: {e}")))?;
+        }
+
+        let listener = std::os::unix::net::UnixListener::bind(&socket).map_err(g)?;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).map_err(g)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(rdir.join("shim.log")).map_err(g)?;
+
+        const INFO_FD: i32 = 3;
+        let (info_r, info_w) = nix::unistd::pipe().map_err(|e| g(e.into()))?;
+        let s = |p: &Path| p.display().to_string();
+        let mut argv: Vec<String> = vec!["sandbox-exec".into()];
+        for f in cgroup.iter().flat_map(|c| c.procs_files()) {
+            argv.extend(["--cgroup-procs".into(), s(&f)]);
+        }
+        if self.inner.uid_base.is_some() {
+            argv.extend(["--uid".into(), uid.to_string(), "--gid".into(), uid.to_string()]);
+        }
+        argv.extend(["--nofile".into(), NOFILE.to_string(), "--fsize".into(), spec.limits.disk_bytes.to_string()]);
+        if sandboxed {
+            argv.extend(["--keep-fd".into(), INFO_FD.to_string()]);
+        }
+        argv.push("--".into());
+        if let Some(bwrap) = &self.inner.bwrap {
+            argv.push(s(bwrap));
+            argv.extend(self.instance_sandbox_args(&dir, INFO_FD));
+        }
+        argv.push(s(&self.inner.otm_binary));
+        argv.extend(["shim".into(), "--instance".into(), id.to_string(), "--dir".into(), s(&dir)]);
+        argv.extend(["--listen".into(), "stdin".into(), "--token-file".into(), s(&token_file)]);
+        if sandboxed {
+            argv.push("--agent-sandbox".into());
+            if self.inner.egress_socket.is_some() {
+                argv.extend(["--egress".into(), sandbox::EGRESS_SOCKET.into()]);
+            }
+            for p in &self.view(&dir, false).read_only {
+                argv.extend(["--show".into(), s(p)]);
+            }
+        }
+
+        let mut cmd = tokio::process::Command::new(&self.inner.otm_binary);
+        cmd.args(&argv)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()))
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(listener)))
+            .stdout(log.try_clone().map_err(g)?)
+            .stderr(log)
+            .kill_on_drop(false);
+        if sandboxed {
+            use command_fds::{CommandFdExt, FdMapping};
+            cmd.fd_mappings(vec![FdMapping { parent_fd: info_w, child_fd: INFO_FD }]).map_err(|e| Error::generic(BACKEND, e))?;
+        } else {
+            drop(info_w);
+        }
+        let mut child = cmd.spawn().map_err(|e| Error::unavailable(BACKEND, format!("cannot start the instance: {e}")))?;
+        drop(cmd);
+
+        let started = Instant::now();
+        let pid = if sandboxed {
+            let read = tokio::task::spawn_blocking(move || read_child_pid(info_r));
+            match tokio::time::timeout(Duration::from_secs(15), read).await {
+                Ok(Ok(Ok(pid))) => pid,
+                other => {
+                    let _ = child.start_kill();
+                    let why = match other {
+                        Ok(Ok(Err(e))) => e.to_string(),
+                        _ => "no answer within 15 s".into(),
+                    };
+                    return Err(Error::unavailable(
+                        BACKEND,
+                        format!("the sandbox did not start ({why}):\n{}", tail(&rdir.join("shim.log"))),
+                    ));
+                }
+            }
+        } else {
+            child.id().unwrap_or(0)
+        };
+        let record = Record {
+            id: id.clone(),
+            address: format!("unix:{}", socket.display()),
+            tenant: spec.tenant.clone(),
+            created_at_ms: otm_core::time::now_ms(),
+            sandboxed,
+            uid,
+            cgroup: cgroup.is_some(),
+            pid,
+            pid_start: process_start(pid).unwrap_or(0),
+        };
+        let bytes = serde_json::to_vec(&record).map_err(|e| Error::generic(BACKEND, e))?;
+        otm_shim::archive::write_durably(&rdir.join("record.json"), &bytes).map_err(g)?;
+
+        // Ready when the shim answers on its socket.
+        let shim = otm_shim::ShimClient::new(record.address.clone(), spec.shim_token.clone());
+        loop {
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), shim.status()).await {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(Error::unavailable(
+                    BACKEND,
+                    format!("the shim exited at start ({status}):\n{}", tail(&rdir.join("shim.log"))),
+                ));
+            }
+            if started.elapsed() > Duration::from_secs(15) {
+                return Err(Error::unavailable(BACKEND, "the shim did not answer within 15 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        self.watch(id.clone(), Some(child), spec.limits);
+        Ok(RuntimeInstance {
+            id,
+            address: record.address,
+            alive: true,
+            tenant: spec.tenant.clone(),
+            created_at_ms: Some(record.created_at_ms),
+        })
+    }
+
+    async fn remove(&self, id: &InstanceId) -> Result<()> {
+        let record = self.read_record(id.as_str());
+        self.kill_all(id, record.as_ref()).await;
+        let dirs = [self.instance_dir(id), self.record_dir(id)];
+        let cgroup = self.cgroup(id);
+        tokio::task::spawn_blocking(move || {
+            if let Some(cg) = cgroup {
+                cg.remove();
+            }
+            for d in dirs {
+                // std's remove_dir_all never follows a link an instance planted.
+                match std::fs::remove_dir_all(&d) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::generic(BACKEND, e))?
+        .map_err(|e| Error::generic(BACKEND, e))
     }
 }
 
@@ -224,71 +615,19 @@ impl Runtime for LocalRuntime {
         if self.inner.bwrap.is_some() { "bubblewrap".into() } else { "none".into() }
     }
 
+    fn limits(&self) -> String {
+        self.limits_status()
+    }
+
     async fn create(&self, spec: &InstanceSpec) -> Result<RuntimeInstance> {
-        let dir = self.instance_dir(&spec.id);
-        let socket = dir.join("shim.sock");
-        if socket.as_os_str().len() > 100 {
-            return Err(Error::invalid(format!(
-                "the data directory path is too long for a Unix socket ({}); use a shorter --data-dir",
-                socket.display()
-            )));
+        let result = self.create_inner(spec).await;
+        if result.is_err() {
+            self.inner.deleting.lock().unwrap().insert(spec.id.clone());
+            let _ = self.remove(&spec.id).await;
+            self.inner.watched.lock().unwrap().remove(&spec.id);
+            self.inner.deleting.lock().unwrap().remove(&spec.id);
         }
-        std::fs::create_dir_all(dir.join("state")).map_err(|e| Error::generic(BACKEND, e))?;
-        write_private(&dir.join("shim.token"), spec.shim_token.expose().as_bytes()).map_err(|e| Error::generic(BACKEND, e))?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("shim.log"))
-            .map_err(|e| Error::generic(BACKEND, e))?;
-        let log2 = log.try_clone().map_err(|e| Error::generic(BACKEND, e))?;
-        let mut cmd = self.command(&dir, &socket, spec);
-        cmd.stdout(log).stderr(log2);
-        let mut child = cmd.spawn().map_err(|e| Error::unavailable(BACKEND, format!("cannot start the shim: {e}")))?;
-        let pid = child.id().unwrap_or(0);
-        let address = format!("unix:{}", socket.display());
-        let record = Record {
-            id: spec.id.clone(),
-            pid,
-            address: address.clone(),
-            tenant: spec.tenant.clone(),
-            created_at_ms: otm_core::time::now_ms(),
-            sandboxed: self.inner.bwrap.is_some(),
-        };
-        std::fs::write(dir.join("runtime.json"), serde_json::to_vec(&record).expect("record"))
-            .map_err(|e| Error::generic(BACKEND, e))?;
-
-        // Ready when the socket accepts a connection.
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if tokio::net::UnixStream::connect(&socket).await.is_ok() {
-                break;
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                let log = std::fs::read_to_string(dir.join("shim.log")).unwrap_or_default();
-                let tail: String = log.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-                return Err(Error::unavailable(BACKEND, format!("the shim exited at start ({status}):\n{tail}")));
-            }
-            if Instant::now() > deadline {
-                let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                return Err(Error::unavailable(BACKEND, "the shim did not listen within 15 s"));
-            }
-            tokio::time::sleep(Duration::from_millis(3)).await;
-        }
-
-        self.inner.watched.lock().unwrap().insert(spec.id.clone(), pid);
-        let rt = self.clone();
-        let id = spec.id.clone();
-        tokio::spawn(async move {
-            let status = child.wait().await;
-            rt.exited(&id, format!("the shim exited: {}", status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())));
-        });
-        Ok(RuntimeInstance {
-            id: spec.id.clone(),
-            address,
-            alive: true,
-            tenant: spec.tenant.clone(),
-            created_at_ms: Some(record.created_at_ms),
-        })
+        result
     }
 
     async fn list(&self) -> Result<Vec<RuntimeInstance>> {
@@ -296,7 +635,7 @@ impl Runtime for LocalRuntime {
             .records()
             .into_iter()
             .map(|r| RuntimeInstance {
-                alive: process_alive(r.pid),
+                alive: self.alive(&r),
                 id: r.id,
                 address: r.address,
                 tenant: r.tenant,
@@ -308,32 +647,11 @@ impl Runtime for LocalRuntime {
     }
 
     async fn delete(&self, id: &InstanceId) -> Result<()> {
-        let dir = self.instance_dir(id);
-        let record: Option<Record> = std::fs::read(dir.join("runtime.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
         self.inner.deleting.lock().unwrap().insert(id.clone());
-        if let Some(r) = &record {
-            // Without a PID namespace the agent, in a process group of its own, outlives the
-            // shim: the shim records its pid. Inside bubblewrap that pid is the namespace's own,
-            // and the namespace dies with the sandbox.
-            let agent = std::fs::read_to_string(dir.join("agent.pid")).ok().and_then(|s| s.trim().parse::<i32>().ok());
-            if let (false, Some(agent)) = (r.sandboxed, agent) {
-                let _ = killpg(Pid::from_raw(agent), Signal::SIGKILL);
-            }
-            let _ = killpg(Pid::from_raw(r.pid as i32), Signal::SIGKILL);
-            let _ = kill(Pid::from_raw(r.pid as i32), Signal::SIGKILL);
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while process_alive(r.pid) && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-        let result = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        })
-        .await
-        .map_err(|e| Error::generic(BACKEND, e))?;
+        let result = self.remove(id).await;
+        self.inner.watched.lock().unwrap().remove(id);
         self.inner.deleting.lock().unwrap().remove(id);
-        result.map_err(|e| Error::generic(BACKEND, e))
+        result
     }
 
     fn events(&self) -> BoxStream<'static, RuntimeEvent> {
@@ -349,31 +667,142 @@ impl Runtime for LocalRuntime {
         })
         .boxed()
     }
+
+    async fn set_limits(&self, id: &InstanceId, limits: &ResourceLimits) -> Result<()> {
+        if let Some(l) = self.inner.watched.lock().unwrap().get_mut(id) {
+            *l = *limits;
+        }
+        let Some(cg) = self.cgroup(id) else { return Ok(()) };
+        let limits = *limits;
+        tokio::task::spawn_blocking(move || cg.set_limits(&limits))
+            .await
+            .map_err(|e| Error::generic(BACKEND, e))?
+            .map_err(|e| Error::unavailable(BACKEND, format!("cannot change the instance's limits: {e}")))
+    }
+
+    async fn salvage_state(&self, id: &InstanceId, skip: &[String], max_bytes: u64) -> Result<Option<Vec<u8>>> {
+        let id = InstanceId::parse(id.as_str())?;
+        // Nothing may write while the state is read.
+        let record = self.read_record(id.as_str());
+        self.kill_all(&id, record.as_ref()).await;
+        let state = self.instance_dir(&id).join("state");
+        let skip = skip.to_vec();
+        tokio::task::spawn_blocking(move || {
+            if !state.is_dir() {
+                return Ok(None);
+            }
+            let skip: Vec<&str> = skip.iter().map(String::as_str).collect();
+            let caps = otm_shim::archive::Caps { max_bytes, ..Default::default() };
+            otm_shim::archive::pack_capped(&state, &skip, &caps).map(|(a, _)| Some(a))
+        })
+        .await
+        .map_err(|e| Error::generic(BACKEND, e))?
+        .map_err(|e| Error::unavailable(BACKEND, format!("cannot pack the state directory from outside: {e}")))
+    }
+}
+
+/// A process's start time (clock ticks since boot), `None` when it does not exist or is a
+/// zombie.
+pub fn process_start(pid: u32) -> Option<u64> {
+    if pid == 0 {
+        return None;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if matches!(fields.first(), Some(&"Z") | Some(&"X")) {
+        return None;
+    }
+    // Field 22 of the whole line; the 20th after the command name.
+    fields.get(19)?.parse().ok()
 }
 
 /// True while a process exists and is not a zombie.
 pub fn process_alive(pid: u32) -> bool {
-    if pid == 0 {
-        return false;
+    process_start(pid).is_some()
+}
+
+/// Reads a small regular file without following a link, blocking on a FIFO, or reading more
+/// than `limit` bytes.
+pub fn read_regular(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK).bits())
+        .open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{} is not a regular file", path.display())));
     }
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
-            !matches!(state, Some('Z') | Some('X') | None)
+    let mut buf = Vec::new();
+    f.take(limit + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > limit {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{} is larger than {limit} bytes", path.display())));
+    }
+    Ok(buf)
+}
+
+/// Bytes on disk under `dir` (not following links), counting at most `max_entries` entries;
+/// past that, `u64::MAX`.
+fn disk_usage(dir: &Path, max_entries: usize) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0u64;
+    let mut seen = 0usize;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            seen += 1;
+            if seen > max_entries {
+                return u64::MAX;
+            }
+            let Ok(m) = e.metadata() else { continue };
+            total = total.saturating_add(m.blocks() * 512);
+            if m.is_dir() {
+                stack.push(e.path());
+            }
         }
-        Err(_) => false,
     }
+    total
+}
+
+fn read_child_pid(fd: std::os::fd::OwnedFd) -> std::io::Result<u32> {
+    // bubblewrap writes one small JSON object and may keep the pipe open: parse as soon as it
+    // is whole rather than waiting for the end.
+    use std::io::Read;
+    let mut f = std::fs::File::from(fd);
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = f.read(&mut chunk)?;
+        buf.extend_from_slice(&chunk[..n]);
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&buf) {
+            return v["child-pid"]
+                .as_u64()
+                .map(|p| p as u32)
+                .ok_or_else(|| std::io::Error::other(format!("bubblewrap reported no child pid: {v}")));
+        }
+        if n == 0 || buf.len() > 64 << 10 {
+            return Err(std::io::Error::other(format!(
+                "bubblewrap did not report its sandbox: {:?}",
+                String::from_utf8_lossy(&buf)
+            )));
+        }
+    }
+}
+
+fn tail(path: &Path) -> String {
+    let text = read_regular(path, 1 << 20).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(10)..].join("\n")
 }
 
 fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(path)?;
+    let mut f = std::fs::OpenOptions::new().create_new(true).write(true).mode(0o600).open(path)?;
     f.write_all(data)
-}
-
-fn absolute(p: &Path) -> Result<PathBuf> {
-    std::path::absolute(p).map_err(|e| Error::generic(BACKEND, e))
 }
 
 /// Finds a program on `PATH`.

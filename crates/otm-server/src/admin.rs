@@ -440,6 +440,22 @@ async fn put_config(State(app): State<Arc<App>>, ApiJson(body): ApiJson<PutConfi
     Ok(Json(s))
 }
 
+/// What an operator must know about this server's safety, in words.
+fn warnings(app: &App) -> Vec<String> {
+    let mut w = Vec::new();
+    if app.settings.runs_orchestrator() && app.runtime.isolation() == "none" {
+        w.push(
+            "instances run without a sandbox (--sandbox none): every agent can read the data directory and every \
+             tenant's secrets; for development only"
+                .to_owned(),
+        );
+    }
+    if app.settings.runs_orchestrator() && app.runtime.limits().starts_with("none") {
+        w.push(format!("instances run without resource limits: {}", app.runtime.limits()));
+    }
+    w
+}
+
 async fn status(State(app): State<Arc<App>>) -> ApiResult<Json<Value>> {
     let tenants = app.registry.list_tenants().await?;
     let instances = app.registry.list_instances().await?;
@@ -454,6 +470,9 @@ async fn status(State(app): State<Arc<App>>) -> ApiResult<Json<Value>> {
         "role": app.settings.role,
         "runtime": app.runtime.name(),
         "isolation": app.runtime.isolation(),
+        "sandboxed": app.runtime.isolation() != "none",
+        "limits": app.runtime.limits(),
+        "warnings": warnings(&app),
         "tenants": tenants.len(),
         "tenants_running": running,
         "instances": instances.len(),

@@ -36,6 +36,16 @@ pub struct App {
     leader: std::sync::atomic::AtomicBool,
     /// In the router role: the orchestrators that wake tenants.
     pub remote: Option<crate::remote::OrchestratorClient>,
+    /// The last limit each tenant's instance ran into, as this process saw it.
+    pub(crate) limit_kills: Mutex<HashMap<TenantId, LimitKill>>,
+}
+
+/// An instance stopped for running into a limit.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LimitKill {
+    pub limit: otm_core::LimitKind,
+    pub detail: String,
+    pub at_ms: i64,
 }
 
 impl App {
@@ -80,11 +90,22 @@ impl App {
             shutdown,
             tenant_locks: Mutex::new(HashMap::new()),
             dispatchers: Mutex::new(HashMap::new()),
+            limit_kills: Mutex::new(HashMap::new()),
             leader: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     /// True while this process holds the leader lease.
+    pub(crate) fn record_limit_kill(&self, tenant: &TenantId, limit: otm_core::LimitKind, detail: &str) {
+        let kill = LimitKill { limit, detail: detail.to_owned(), at_ms: otm_core::time::now_ms() };
+        self.limit_kills.lock().unwrap().insert(tenant.clone(), kill);
+    }
+
+    /// The last limit kill of a tenant's instance seen by this process.
+    pub fn last_limit_kill(&self, tenant: &TenantId) -> Option<LimitKill> {
+        self.limit_kills.lock().unwrap().get(tenant).cloned()
+    }
+
     pub fn is_leader(&self) -> bool {
         self.leader.load(std::sync::atomic::Ordering::SeqCst)
     }

@@ -29,8 +29,11 @@ pub struct Settings {
     pub coordinator: Option<String>,
     /// State store URL; `file://<data-dir>/state` when unset.
     pub state: Option<String>,
-    /// `auto`, `bubblewrap` or `none`.
+    /// `auto` (bubblewrap, refusing to start without it), `bubblewrap`, or `none` (development
+    /// only: instances are not isolated).
     pub sandbox: String,
+    /// First uid of the range instances run as when otm runs as root (65,536 from there).
+    pub sandbox_uid_base: u32,
     /// The `otm` binary instances run as `otm shim`; this executable when unset.
     pub otm_binary: Option<PathBuf>,
     /// Failed deliveries of one update before it moves to the dead-letter list.
@@ -79,6 +82,7 @@ impl Default for Settings {
             coordinator: None,
             state: None,
             sandbox: "auto".into(),
+            sandbox_uid_base: otm_runtime::local::DEFAULT_UID_BASE,
             otm_binary: None,
             max_delivery_attempts: 10,
             wake_timeout_s: 120,

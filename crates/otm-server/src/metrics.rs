@@ -35,6 +35,11 @@ pub struct State {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Limit {
+    pub limit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Kind {
     pub kind: String,
 }
@@ -62,6 +67,10 @@ pub struct Metrics {
     pub inbox_oldest_age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub egress_requests: Family<Outcome, Counter>,
     pub reconciler_events: Family<Kind, Counter>,
+    pub limit_kills: Family<Limit, Counter>,
+    pub admission_waits: Family<Reason, Counter>,
+    pub max_running: Gauge,
+    pub wakes_in_flight: Gauge,
 }
 
 impl Default for Metrics {
@@ -91,6 +100,10 @@ impl Metrics {
             inbox_oldest_age_seconds: Gauge::default(),
             egress_requests: Family::default(),
             reconciler_events: Family::default(),
+            limit_kills: Family::default(),
+            admission_waits: Family::default(),
+            max_running: Gauge::default(),
+            wakes_in_flight: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("updates_accepted", "Updates stored durably in an inbox", m.updates_accepted.clone());
@@ -112,6 +125,14 @@ impl Metrics {
         );
         registry.register("egress_requests", "Bot API proxy calls, by outcome", m.egress_requests.clone());
         registry.register("reconciler_events", "Reconciler actions, by kind", m.reconciler_events.clone());
+        registry.register("instance_limit_kills", "Instances stopped for running into a limit, by limit", m.limit_kills.clone());
+        registry.register(
+            "admission_waits",
+            "Wakes held back by admission control (running or concurrent-wake limit), by reason",
+            m.admission_waits.clone(),
+        );
+        registry.register("max_running", "The fleet's limit on running instances (0: none)", m.max_running.clone());
+        registry.register("wakes_in_flight", "Wakes under way in this process", m.wakes_in_flight.clone());
         Metrics { registry, ..m }
     }
 

@@ -147,7 +147,12 @@ async fn wake_locked(app: &Arc<App>, tenant: &TenantId, fence: u64, begun: Insta
         }
         // A wake that died half-way, or an instance that died unseen, left this behind.
         tracing::warn!(%tenant, instance = %rec.id, state = rec.state.as_str(), "removing an instance that is half-bound or gone");
-        discard(app, &rec).await;
+        if !retire(app, &rec).await {
+            return Err(Error::unavailable(
+                "orchestrator",
+                format!("the state of tenant {tenant}'s last instance could not be saved; it is kept and the wake waits"),
+            ));
+        }
     }
     let t = app.registry.get_tenant(tenant).await?.ok_or_else(|| Error::not_found(format!("tenant {tenant}")))?;
     app.registry.set_tenant_status(tenant, TenantStatus::Provisioning, Some(fence)).await?;
@@ -167,7 +172,7 @@ async fn wake_locked(app: &Arc<App>, tenant: &TenantId, fence: u64, begun: Insta
                     Err(_) => tracing::warn!(%tenant, "cold-start notice timed out"),
                 }
             }
-            let spec = InstanceSpec { id: InstanceId::random(), shim_token: Secret::random(), tenant: Some(tenant.clone()) };
+            let spec = InstanceSpec { id: InstanceId::random(), shim_token: Secret::random(), tenant: Some(tenant.clone()), limits: Default::default() };
             let created = match app.runtime.create(&spec).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -311,7 +316,19 @@ async fn stop_locked(app: &Arc<App>, tenant: &TenantId, rec: &mut InstanceRecord
         Err(e) => tracing::warn!(%tenant, error = %e, "graceful stop failed"),
     }
     if let Err(e) = take_snapshot(app, tenant, &shim, "final").await {
-        tracing::error!(%tenant, error = %e, "final snapshot failed; the previous one stays in force");
+        tracing::error!(%tenant, error = %e, "final snapshot through the shim failed; packing the state from outside");
+        if let Err(e) = salvage(app, tenant, rec, "final").await {
+            // Nothing is deleted: the instance's state stays on disk, the record says
+            // `stopping`, and the next stop, wake or reconcile pass tries again.
+            app.metrics.reconciler("final_snapshot_failed");
+            return Err(Error::unavailable(
+                "orchestrator",
+                format!(
+                    "tenant {tenant} was not stopped cleanly: its final snapshot failed ({e}); its state is kept and \
+                     the previous snapshot stays in force"
+                ),
+            ));
+        }
     }
     discard(app, rec).await;
     if app.registry.get_tenant(tenant).await?.is_some() {
@@ -320,6 +337,52 @@ async fn stop_locked(app: &Arc<App>, tenant: &TenantId, rec: &mut InstanceRecord
     app.metrics.stops.get_or_create(&crate::metrics::Reason { reason: reason.into() }).inc();
     tracing::info!(%tenant, instance = %rec.id, reason, ms = began.elapsed().as_millis() as u64, "stopped");
     Ok(())
+}
+
+/// Packs a tenant's state from outside its instance (whose shim is dead or failed to snapshot),
+/// checks it and publishes it, retrying a few times.
+async fn salvage(app: &Arc<App>, tenant: &TenantId, rec: &InstanceRecord, reason: &str) -> Result<()> {
+    let profile = match app.registry.get_tenant(tenant).await? {
+        Some(t) => t.profile,
+        None => return Ok(()),
+    };
+    let skip: Vec<String> = otm_shim::profile::profile(&profile)
+        .map(|p| p.snapshot_skip.iter().map(|s| s.to_string()).collect())
+        .unwrap_or_default();
+    let mut last = None;
+    for attempt in 0..3u32 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+        }
+        match app.runtime.salvage_state(&rec.id, &skip, MAX_SNAPSHOT_BYTES).await {
+            Ok(None) => return Ok(()),
+            Ok(Some(archive)) => match publish_snapshot(app, tenant, bytes::Bytes::from(archive), &format!("{reason}-salvaged")).await {
+                Ok(meta) => {
+                    app.metrics.reconciler("state_salvaged");
+                    tracing::info!(%tenant, instance = %rec.id, snapshot = %meta.id, size = meta.size, "state packed from outside the instance");
+                    return Ok(());
+                }
+                Err(e) => last = Some(e),
+            },
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::unavailable("orchestrator", "salvage failed")))
+}
+
+/// Removes an instance that is gone or going, saving its state first when it was serving a
+/// tenant (ready or stopping). Returns false, and deletes nothing, when that state could not be
+/// saved.
+async fn retire(app: &Arc<App>, rec: &InstanceRecord) -> bool {
+    if let (Some(tenant), InstanceState::Ready | InstanceState::Stopping) = (&rec.tenant, rec.state)
+        && let Err(e) = salvage(app, tenant, rec, "exit").await
+    {
+        tracing::error!(%tenant, instance = %rec.id, error = %e, "cannot save the state of a dead instance; keeping it");
+        app.metrics.reconciler("salvage_failed");
+        return false;
+    }
+    discard(app, rec).await;
+    true
 }
 
 /// Stops tenants whose idle timeout has passed; runs every second until shutdown.
@@ -370,7 +433,8 @@ pub async fn run_reconciler(app: Arc<App>) {
         tokio::select! {
             _ = app.shutdown.cancelled() => return,
             ev = events.next() => match ev {
-                Some(RuntimeEvent::Exited { id, detail }) => instance_exited(&app, &id, &detail).await,
+                Some(RuntimeEvent::Exited { id, detail }) => instance_exited(&app, &id, &detail, None).await,
+                Some(RuntimeEvent::LimitExceeded { id, limit, detail }) => instance_exited(&app, &id, &detail, Some(limit)).await,
                 None => return,
             },
             _ = full_pass.tick() => {
@@ -382,15 +446,29 @@ pub async fn run_reconciler(app: Arc<App>) {
     }
 }
 
-async fn instance_exited(app: &Arc<App>, id: &InstanceId, detail: &str) {
-    app.metrics.reconciler("instance_exited");
-    let Ok(Some(rec)) = app.registry.get_instance(id).await else { return };
+async fn instance_exited(app: &Arc<App>, id: &InstanceId, detail: &str, limit: Option<otm_core::LimitKind>) {
+    app.metrics.reconciler(if limit.is_some() { "limit_kill" } else { "instance_exited" });
+    let Ok(Some(rec)) = app.registry.get_instance(id).await else {
+        // Not ours (any more): make sure nothing is left of it.
+        if limit.is_some() {
+            let _ = app.runtime.delete(id).await;
+        }
+        return;
+    };
     tracing::warn!(instance = %id, tenant = ?rec.tenant, detail, "instance died");
+    if let Some(kind) = limit {
+        app.metrics.limit_kills.get_or_create(&crate::metrics::Limit { limit: kind.as_str().into() }).inc();
+        if let Some(t) = &rec.tenant {
+            app.record_limit_kill(t, kind, detail);
+        }
+    }
     if let Some(tenant) = &rec.tenant {
         let lock = app.tenant_lock(tenant);
         let _held = lock.lock().await;
         let _ = app.coordinator.clear_endpoint(tenant).await;
-        discard(app, &rec).await;
+        if !retire(app, &rec).await {
+            return;
+        }
         let _ = app.registry.set_tenant_status(tenant, TenantStatus::Idle, None).await;
         if app.registry.inbox_depth(tenant).await.unwrap_or(0) > 0 {
             crate::dispatch::kick(app, tenant);
@@ -430,7 +508,9 @@ pub async fn reconcile(app: &Arc<App>) -> Result<()> {
         let alive = live.iter().any(|i| i.id == rec.id && i.alive);
         if !alive && now - rec.created_at_ms >= RECONCILE_GRACE_MS {
             tracing::warn!(instance = %rec.id, "removing the record of an instance that is gone");
-            discard(app, rec).await;
+            if !retire(app, rec).await {
+                continue;
+            }
             if let Some(t) = &rec.tenant {
                 let _ = app.registry.set_tenant_status(t, TenantStatus::Idle, None).await;
             }
@@ -457,7 +537,19 @@ async fn restorable_snapshot(app: &Arc<App>, tenant: &TenantId) -> Result<Option
     older.reverse();
     candidates.extend(older);
     for meta in candidates {
-        match app.state.get(tenant, &meta.id).await {
+        let got = match app.state.get(tenant, &meta.id).await {
+            Ok(archive) => {
+                let checked = archive.clone();
+                let caps = otm_shim::archive::Caps { max_bytes: MAX_SNAPSHOT_BYTES, ..Default::default() };
+                match tokio::task::spawn_blocking(move || otm_shim::archive::verify(&checked, &caps)).await {
+                    Ok(Ok(_)) => Ok(archive),
+                    Ok(Err(e)) => Err(Error::Corrupt { what: format!("snapshot {}", meta.id), message: e.to_string() }),
+                    Err(e) => Err(Error::generic("orchestrator", e)),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        match got {
             Ok(archive) => {
                 if meta.id != head.id {
                     tracing::warn!(%tenant, snapshot = %meta.id, "restoring an older snapshot because newer ones are corrupt");
@@ -477,8 +569,24 @@ async fn restorable_snapshot(app: &Arc<App>, tenant: &TenantId) -> Result<Option
 
 /// Takes a snapshot through the shim, stores it, makes it the head, and prunes old ones.
 pub async fn take_snapshot(app: &Arc<App>, tenant: &TenantId, shim: &ShimClient, reason: &str) -> Result<otm_core::SnapshotMeta> {
+    let archive = shim.snapshot_capped(MAX_SNAPSHOT_BYTES).await?;
+    publish_snapshot(app, tenant, archive, reason).await
+}
+
+/// Largest snapshot accepted from an instance, compressed or unpacked.
+pub const MAX_SNAPSHOT_BYTES: u64 = 1 << 30;
+
+/// Checks an archive an instance produced (it decodes, holds only files, directories and links
+/// with plain paths, within the caps), then stores it and makes it the head.
+async fn publish_snapshot(app: &Arc<App>, tenant: &TenantId, archive: bytes::Bytes, reason: &str) -> Result<otm_core::SnapshotMeta> {
     let started = Instant::now();
-    let archive = shim.snapshot().await?;
+    let checked = archive.clone();
+    tokio::task::spawn_blocking(move || {
+        otm_shim::archive::verify(&checked, &otm_shim::archive::Caps { max_bytes: MAX_SNAPSHOT_BYTES, ..Default::default() })
+    })
+    .await
+    .map_err(|e| Error::generic("orchestrator", e))?
+    .map_err(|e| Error::invalid(format!("the instance's snapshot of {tenant} was refused: {e}")))?;
     let id = SnapshotId::new_now();
     let meta = app.state.put(tenant, &id, archive, reason).await?;
     app.state.publish(tenant, &id).await?;
@@ -592,7 +700,7 @@ async fn fill_warm_pool(app: &Arc<App>) -> Result<()> {
         if app.shutdown.is_cancelled() {
             break;
         }
-        let spec = InstanceSpec { id: InstanceId::random(), shim_token: Secret::random(), tenant: None };
+        let spec = InstanceSpec { id: InstanceId::random(), shim_token: Secret::random(), tenant: None, limits: Default::default() };
         let created = app.runtime.create(&spec).await?;
         let rec = InstanceRecord {
             id: spec.id,

@@ -66,8 +66,12 @@ pub async fn start(settings: Settings, admin_token_given: Option<Secret>) -> Res
     let listeners = settings.validate()?;
     let data_dir = settings.data_dir.clone();
     let dd_err = |source| StartError::DataDir { path: data_dir.display().to_string(), source };
+    // Everything otm writes is private to its user unless said otherwise (the data directory
+    // itself is 0711 so that instances' own directories can be reached by their uids).
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     std::fs::create_dir_all(&data_dir).map_err(dd_err)?;
     let data_dir = std::path::absolute(&data_dir).map_err(dd_err)?;
+    make_private(&data_dir);
     let token = admin_token(&data_dir, admin_token_given).map_err(dd_err)?;
 
     let registry_url = settings.registry.clone().unwrap_or_else(|| format!("sqlite://{}", data_dir.join("otm.db").display()));
@@ -86,10 +90,20 @@ pub async fn start(settings: Settings, admin_token_given: Option<Secret>) -> Res
         "none" => SandboxMode::None,
         _ => SandboxMode::Auto,
     };
+    // Instances reach the egress proxy through this socket only (they have no other network).
+    let egress_socket = data_dir.join("run/egress.sock");
+    let egress_unix = if settings.runs_orchestrator() { Some(bind_egress_socket(&egress_socket).map_err(dd_err)?) } else { None };
     let runtime: Arc<dyn otm_core::Runtime> = if settings.runs_orchestrator() {
         // An OpenClaw installation is shown read-only inside the sandboxes.
         let read_only = crate::openclaw::locate(&settings).map(|i| i.read_only).unwrap_or_default();
-        Arc::new(LocalRuntime::new(LocalRuntimeConfig { data_dir: data_dir.clone(), otm_binary, sandbox, read_only })?)
+        Arc::new(LocalRuntime::new(LocalRuntimeConfig {
+            data_dir: data_dir.clone(),
+            otm_binary,
+            sandbox,
+            read_only,
+            egress_socket: Some(egress_socket.clone()),
+            uid_base: settings.sandbox_uid_base,
+        })?)
     } else {
         Arc::new(crate::remote::NoRuntime)
     };
@@ -119,6 +133,15 @@ pub async fn start(settings: Settings, admin_token_given: Option<Secret>) -> Res
     tasks.push(serve(public, public_router(app.clone()), shutdown.clone()));
     tasks.push(serve(admin, admin::router(app.clone()), shutdown.clone()));
     tasks.push(serve(egress, egress::router(app.clone()), shutdown.clone()));
+    if let Some(unix) = egress_unix {
+        let router = egress::router(app.clone());
+        let stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(unix, router).with_graceful_shutdown(async move { stop.cancelled().await }).await {
+                tracing::error!(error = %e, "egress socket failed");
+            }
+        }));
+    }
     if app.settings.runs_orchestrator() {
         if let Err(e) = orchestrator::reconcile(&app).await {
             tracing::warn!(error = %e, "first reconcile pass failed");
@@ -154,6 +177,38 @@ fn public_router(app: Arc<App>) -> Router {
             .concurrency_limit(4096)
             .timeout(Duration::from_secs(30)),
     )
+}
+
+/// Binds the egress proxy's Unix socket, replacing a stale one. Instances run as other uids and
+/// see only this file (bound into their sandboxes), so it is connectable by anyone who can reach
+/// it; the directory above it is not listable.
+fn bind_egress_socket(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path.parent().expect("socket in a directory");
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    Ok(listener)
+}
+
+/// Files at the top of the data directory (the registry, its WAL, the admin token) are private
+/// to otm's user, whatever an older version or the umask left.
+fn make_private(data_dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(rd) = std::fs::read_dir(data_dir) else { return };
+    for e in rd.flatten() {
+        if let Ok(m) = e.metadata() {
+            let mode = if m.is_file() { 0o600 } else if m.is_dir() && e.file_name() == "state" { 0o700 } else { continue };
+            if m.permissions().mode() & 0o777 != mode {
+                let _ = std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(mode));
+            }
+        }
+    }
 }
 
 fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) -> JoinHandle<()> {

@@ -1,6 +1,7 @@
 //! One supervised agent process: start, readiness, restart on crash, delivery, graceful stop.
 
 use crate::profile::{AckRule, AgentLaunch, AgentProfile};
+use crate::sandbox::AgentSandbox;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use otm_core::shim_api::DeliverResponse;
@@ -65,12 +66,23 @@ struct Inner {
     /// Serializes deliveries: one update at a time, in order.
     deliver_lock: Mutex<()>,
     http: reqwest::Client,
+    /// Where the agent runs: its own sandbox, or a plain child process.
+    sandbox: Option<Arc<AgentSandbox>>,
+    /// Directories the agent may write (sandboxed only).
+    writable: Vec<PathBuf>,
 }
 
 impl Agent {
     /// Spawns the agent and supervises it until [`Agent::stop`]. Returns at once; use
     /// [`Agent::wait_ready`] to wait for readiness.
-    pub fn start(profile: AgentProfile, launch: AgentLaunch, workdir: PathBuf, log_path: PathBuf) -> Agent {
+    pub fn start(
+        profile: AgentProfile,
+        launch: AgentLaunch,
+        workdir: PathBuf,
+        log_path: PathBuf,
+        sandbox: Option<Arc<AgentSandbox>>,
+        writable: Vec<PathBuf>,
+    ) -> Agent {
         let (state, _) = watch::channel(AgentState::Starting { pid: 0 });
         let http = reqwest::Client::builder().no_proxy().build().expect("HTTP client");
         let agent = Agent {
@@ -84,6 +96,8 @@ impl Agent {
                 restarts: AtomicU32::new(0),
                 deliver_lock: Mutex::new(()),
                 http,
+                sandbox,
+                writable,
             }),
         };
         tokio::spawn(agent.clone().supervise());
@@ -126,43 +140,16 @@ impl Agent {
         let inner = &self.inner;
         loop {
             let started = Instant::now();
-            let mut cmd = tokio::process::Command::new(&inner.launch.program);
-            cmd.args(&inner.launch.args)
-                .env_clear()
-                .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()))
-                .env("LANG", "C.UTF-8")
-                .env("HOME", &inner.workdir)
-                .envs(&inner.launch.env)
-                .current_dir(&inner.workdir)
-                .stdin(Stdio::null())
-                .process_group(0)
-                .kill_on_drop(false);
-            if let Ok(rust_log) = std::env::var("RUST_LOG") {
-                cmd.env("RUST_LOG", rust_log);
-            }
-            match open_log(&inner.log_path) {
-                Ok((out, err)) => {
-                    cmd.stdout(out).stderr(err);
-                }
-                Err(e) => {
-                    inner.state.send_replace(AgentState::Failed { message: format!("cannot open the agent log: {e}") });
-                    return;
-                }
-            }
-            let mut child = match cmd.spawn() {
+            let (mut child, pid) = match self.spawn().await {
                 Ok(c) => c,
-                Err(e) => {
-                    let message = format!("cannot start {}: {e}", inner.launch.program.display());
+                Err(message) => {
                     tracing::error!(%message);
                     inner.state.send_replace(AgentState::Failed { message });
                     return;
                 }
             };
-            let pid = child.id().unwrap_or(0);
-            // The runtime reads this to kill the agent's process group with the instance.
-            let _ = std::fs::write(inner.log_path.with_file_name("agent.pid"), pid.to_string());
             inner.state.send_replace(AgentState::Starting { pid });
-            tracing::info!(pid, "agent started");
+            tracing::info!(pid, sandboxed = inner.sandbox.is_some(), "agent started");
 
             let ready = self.probe_until_ready(pid);
             tokio::pin!(ready);
@@ -177,7 +164,7 @@ impl Agent {
                             tracing::info!(pid, ms = started.elapsed().as_millis() as u64, "agent ready");
                         } else {
                             tracing::warn!(pid, "agent not ready in time; killing it");
-                            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                            self.signal(pid, Signal::SIGKILL);
                         }
                     }
                 }
@@ -199,6 +186,55 @@ impl Agent {
                 inner.state.send_replace(AgentState::Stopped { code, killed: false });
                 return;
             }
+        }
+    }
+
+    /// Starts the agent process: in its sandbox (the pid is the sandbox's process 1, which passes
+    /// signals on), or as a plain child in a process group of its own.
+    async fn spawn(&self) -> Result<(tokio::process::Child, u32), String> {
+        let inner = &self.inner;
+        let (out, err) = open_log(&inner.log_path).map_err(|e| format!("cannot open the agent log: {e}"))?;
+        let mut env = inner.launch.env.clone();
+        for (k, v) in [("LANG", "C.UTF-8".to_owned()), ("HOME", inner.workdir.display().to_string())] {
+            env.entry(k.to_owned()).or_insert(v);
+        }
+        env.entry("PATH".into()).or_insert_with(|| std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()));
+        if let Ok(rust_log) = std::env::var("RUST_LOG") {
+            env.entry("RUST_LOG".into()).or_insert(rust_log);
+        }
+        let program = &inner.launch.program;
+        if let Some(sandbox) = &inner.sandbox {
+            let spawned = sandbox
+                .spawn(program, &inner.launch.args, &env, &inner.workdir, &inner.writable, &inner.launch.read_only, out)
+                .await
+                .map_err(|e| format!("cannot start {} in its sandbox: {e}", program.display()))?;
+            return Ok((spawned.child, spawned.init_pid));
+        }
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(&inner.launch.args)
+            .env_clear()
+            .envs(&env)
+            .current_dir(&inner.workdir)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0)
+            .kill_on_drop(false);
+        let child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", program.display()))?;
+        let pid = child.id().unwrap_or(0);
+        Ok((child, pid))
+    }
+
+    /// Sends `sig` to the whole agent: its sandbox's process 1 (which passes it on, and whose
+    /// death ends the sandbox), or its process group.
+    fn signal(&self, pid: u32, sig: Signal) {
+        if pid == 0 {
+            return;
+        }
+        if self.inner.sandbox.is_some() {
+            let _ = kill(Pid::from_raw(pid as i32), sig);
+        } else {
+            let _ = killpg(Pid::from_raw(pid as i32), sig);
         }
     }
 
@@ -303,13 +339,12 @@ impl Agent {
             self.inner.state.send_replace(AgentState::Stopped { code: None, killed: false });
             return (None, false);
         };
-        let group = Pid::from_raw(pid as i32);
-        let _ = killpg(group, Signal::SIGTERM);
+        self.signal(pid, Signal::SIGTERM);
         if let Some(code) = self.wait_stopped(grace).await {
             return (code, false);
         }
         tracing::warn!(pid, grace_s = grace.as_secs(), "agent ignored SIGTERM; killing it");
-        let _ = killpg(group, Signal::SIGKILL);
+        self.signal(pid, Signal::SIGKILL);
         let code = self.wait_stopped(Duration::from_secs(5)).await.flatten();
         self.inner.state.send_replace(AgentState::Stopped { code, killed: true });
         (code, true)

@@ -1,48 +1,240 @@
 //! tar + zstd archives of state directories. Blocking: call from `spawn_blocking`.
+//!
+//! A state directory is written by the agent, which is hostile, so both directions are careful:
+//! - [`pack`] walks with directory handles (`openat` with `O_NOFOLLOW`, never a path joined from
+//!   names twice), stores symbolic links as links, reads only regular files (opened
+//!   `O_NOFOLLOW | O_NONBLOCK` and checked again with `fstat`), skips sockets, FIFOs and device
+//!   files, and stops at [`Caps`];
+//! - [`unpack`] and [`verify`] accept only regular files, directories and symbolic links with
+//!   plain relative paths, within the same caps, and [`unpack`] never writes through a symbolic
+//!   link it created.
 
+use nix::fcntl::{AtFlags, OFlag, openat};
+use nix::sys::stat::{Mode, SFlag, fstat, fstatat};
 use std::io::{self, Read, Write};
-use std::path::Path;
+use std::os::fd::OwnedFd;
+use std::path::{Component, Path, PathBuf};
 
 /// zstd level: fast, still a good ratio for text and SQLite files.
 const LEVEL: i32 = 3;
 
-/// Packs `dir` into a tar + zstd archive, leaving out the top-level entries named in `skip`.
-/// Symbolic links are stored as links, never followed.
-pub fn pack(dir: &Path, skip: &[&str]) -> io::Result<Vec<u8>> {
-    let encoder = zstd::Encoder::new(Vec::new(), LEVEL)?;
-    let mut builder = tar::Builder::new(encoder);
-    builder.follow_symlinks(false);
-    builder.mode(tar::HeaderMode::Deterministic);
-    if dir.exists() {
-        let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
-        entries.sort_by_key(|e| e.file_name());
-        for entry in entries {
-            let name = entry.file_name();
-            if skip.iter().any(|s| name == std::ffi::OsStr::new(s)) {
-                continue;
-            }
-            let path = entry.path();
-            if entry.file_type()?.is_dir() {
-                builder.append_dir_all(&name, &path)?;
-            } else {
-                builder.append_path_with_name(&path, &name)?;
-            }
-        }
-    }
-    let encoder = builder.into_inner()?;
-    encoder.finish()
+/// Deepest directory nesting packed or unpacked.
+const MAX_DEPTH: usize = 64;
+
+/// Bounds on one archive, on pack and unpack alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caps {
+    /// Bytes of file content, unpacked.
+    pub max_bytes: u64,
+    /// Files, directories and links.
+    pub max_entries: u64,
 }
 
-/// Replaces the contents of `dir` with an archive made by [`pack`]. Entries that would land
-/// outside `dir` are refused.
+impl Default for Caps {
+    /// 1 GiB in 200,000 entries: the default disk limit of an instance.
+    fn default() -> Self {
+        Caps { max_bytes: 1 << 30, max_entries: 200_000 }
+    }
+}
+
+/// What an archive holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub entries: u64,
+    pub bytes: u64,
+    /// Sockets, FIFOs and device files left out (pack only).
+    pub skipped: u64,
+}
+
+fn invalid(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+fn nix_io(e: nix::Error) -> io::Error {
+    io::Error::from(e)
+}
+
+/// Packs `dir` into a tar + zstd archive, leaving out the top-level entries named in `skip`.
+pub fn pack(dir: &Path, skip: &[&str]) -> io::Result<Vec<u8>> {
+    pack_capped(dir, skip, &Caps::default()).map(|(a, _)| a)
+}
+
+/// [`pack`] within `caps`; an error names the cap that was reached.
+pub fn pack_capped(dir: &Path, skip: &[&str], caps: &Caps) -> io::Result<(Vec<u8>, Summary)> {
+    let encoder = zstd::Encoder::new(Vec::new(), LEVEL)?;
+    let mut builder = tar::Builder::new(encoder);
+    let mut summary = Summary::default();
+    match nix::fcntl::open(dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty()) {
+        Ok(root) => walk(&root, Path::new(""), skip, caps, &mut builder, &mut summary, 0)?,
+        Err(nix::Error::ENOENT) => {}
+        Err(e) => return Err(nix_io(e)),
+    }
+    let encoder = builder.into_inner()?;
+    Ok((encoder.finish()?, summary))
+}
+
+fn walk(
+    dirfd: &OwnedFd,
+    rel: &Path,
+    skip: &[&str],
+    caps: &Caps,
+    out: &mut tar::Builder<zstd::Encoder<'static, Vec<u8>>>,
+    summary: &mut Summary,
+    depth: usize,
+) -> io::Result<()> {
+    if depth > MAX_DEPTH {
+        return Err(invalid(format!("the state directory nests deeper than {MAX_DEPTH} levels")));
+    }
+    let listing = nix::dir::Dir::from_fd(nix::unistd::dup(dirfd).map_err(nix_io)?).map_err(nix_io)?;
+    let mut names: Vec<std::ffi::OsString> = Vec::new();
+    for entry in listing {
+        let entry = entry.map_err(nix_io)?;
+        let name = <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(entry.file_name().to_bytes());
+        if name == "." || name == ".." {
+            continue;
+        }
+        if depth == 0 && skip.iter().any(|s| name == std::ffi::OsStr::new(s)) {
+            continue;
+        }
+        names.push(name.to_owned());
+    }
+    names.sort();
+    for name in names {
+        let path = rel.join(&name);
+        let st = match fstatat(dirfd, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(nix::Error::ENOENT) => continue, // removed meanwhile
+            Err(e) => return Err(nix_io(e)),
+        };
+        let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+        let mode = (st.st_mode & 0o1777) as u32;
+        let mut header = tar::Header::new_gnu();
+        header.set_mode(mode);
+        header.set_mtime(st.st_mtime.max(0) as u64);
+        header.set_uid(0);
+        header.set_gid(0);
+        if kind == SFlag::S_IFDIR || kind == SFlag::S_IFREG || kind == SFlag::S_IFLNK {
+            summary.entries += 1;
+            if summary.entries > caps.max_entries {
+                return Err(invalid(format!("the state directory has more than {} entries", caps.max_entries)));
+            }
+        }
+        if kind == SFlag::S_IFDIR {
+            let sub = match openat(dirfd, name.as_os_str(), OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty()) {
+                Ok(fd) => fd,
+                Err(nix::Error::ENOENT | nix::Error::ENOTDIR | nix::Error::ELOOP) => continue,
+                Err(e) => return Err(nix_io(e)),
+            };
+            header.set_entry_type(tar::EntryType::Directory);
+            header.set_size(0);
+            out.append_data(&mut header, &path, io::empty())?;
+            walk(&sub, &path, skip, caps, out, summary, depth + 1)?;
+        } else if kind == SFlag::S_IFREG {
+            let fd = match openat(
+                dirfd,
+                name.as_os_str(),
+                OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(fd) => fd,
+                Err(nix::Error::ENOENT | nix::Error::ELOOP) => continue,
+                Err(e) => return Err(nix_io(e)),
+            };
+            // Swapped for something else between the look and the open?
+            let st = fstat(&fd).map_err(nix_io)?;
+            if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+                summary.skipped += 1;
+                continue;
+            }
+            let room = caps.max_bytes.saturating_sub(summary.bytes);
+            let mut data = Vec::with_capacity((st.st_size.max(0) as u64).min(room).min(64 << 20) as usize);
+            std::fs::File::from(fd).take(room + 1).read_to_end(&mut data)?;
+            summary.bytes += data.len() as u64;
+            if summary.bytes > caps.max_bytes {
+                return Err(invalid(format!("the state directory holds more than {} bytes", caps.max_bytes)));
+            }
+            header.set_entry_type(tar::EntryType::Regular);
+            header.set_size(data.len() as u64);
+            out.append_data(&mut header, &path, data.as_slice())?;
+        } else if kind == SFlag::S_IFLNK {
+            let target = match nix::fcntl::readlinkat(dirfd, name.as_os_str()) {
+                Ok(t) => t,
+                Err(nix::Error::ENOENT | nix::Error::EINVAL) => continue,
+                Err(e) => return Err(nix_io(e)),
+            };
+            header.set_entry_type(tar::EntryType::Symlink);
+            header.set_size(0);
+            out.append_link(&mut header, &path, Path::new(&target))?;
+        } else {
+            // Sockets, FIFOs, devices: nothing an agent's state needs, and nothing to read safely.
+            summary.skipped += 1;
+        }
+    }
+    Ok(())
+}
+
+/// A checked entry path: relative, plain names only.
+fn entry_path(entry: &tar::Entry<'_, impl Read>) -> io::Result<PathBuf> {
+    let path = entry.path()?.into_owned();
+    let mut depth = 0;
+    for c in path.components() {
+        match c {
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            _ => return Err(invalid(format!("archive entry {} is not a plain relative path", path.display()))),
+        }
+    }
+    if depth == 0 || depth > MAX_DEPTH + 1 {
+        return Err(invalid(format!("archive entry {} has no name or nests too deep", path.display())));
+    }
+    Ok(path)
+}
+
+/// Reads every entry of an archive, checking paths, types and caps, without writing anything.
+pub fn verify(archive: &[u8], caps: &Caps) -> io::Result<Summary> {
+    let decoder = zstd::Decoder::new(archive)?;
+    let mut tar = tar::Archive::new(decoder);
+    let mut summary = Summary::default();
+    for entry in tar.entries()? {
+        let mut entry = entry?;
+        entry_path(&entry)?;
+        count(&mut summary, &entry, caps)?;
+        let n = io::copy(&mut (&mut entry).take(caps.max_bytes + 1), &mut io::sink())?;
+        summary.bytes += n;
+        if summary.bytes > caps.max_bytes {
+            return Err(invalid(format!("the archive unpacks to more than {} bytes", caps.max_bytes)));
+        }
+    }
+    Ok(summary)
+}
+
+fn count(summary: &mut Summary, entry: &tar::Entry<'_, impl Read>, caps: &Caps) -> io::Result<()> {
+    let kind = entry.header().entry_type();
+    if !(kind.is_file() || kind.is_dir() || kind.is_symlink()) {
+        return Err(invalid(format!("archive entry of type {kind:?} is not allowed in a state archive")));
+    }
+    summary.entries += 1;
+    if summary.entries > caps.max_entries {
+        return Err(invalid(format!("the archive has more than {} entries", caps.max_entries)));
+    }
+    Ok(())
+}
+
+/// Replaces the contents of `dir` with an archive made by [`pack`].
 pub fn unpack(archive: &[u8], dir: &Path) -> io::Result<()> {
+    unpack_capped(archive, dir, &Caps::default()).map(drop)
+}
+
+/// [`unpack`] within `caps`.
+pub fn unpack_capped(archive: &[u8], dir: &Path, caps: &Caps) -> io::Result<Summary> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     if dir.exists() {
         for entry in std::fs::read_dir(dir)? {
-            let path = entry?.path();
-            if path.is_dir() && !path.is_symlink() {
-                std::fs::remove_dir_all(&path)?;
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                std::fs::remove_dir_all(entry.path())?;
             } else {
-                std::fs::remove_file(&path)?;
+                std::fs::remove_file(entry.path())?;
             }
         }
     } else {
@@ -50,17 +242,50 @@ pub fn unpack(archive: &[u8], dir: &Path) -> io::Result<()> {
     }
     let decoder = zstd::Decoder::new(archive)?;
     let mut tar = tar::Archive::new(decoder);
-    tar.set_preserve_permissions(true);
+    let mut summary = Summary::default();
+    let mut dirs: Vec<(PathBuf, u32)> = Vec::new();
     for entry in tar.entries()? {
         let mut entry = entry?;
-        if !entry.unpack_in(dir)? {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("archive entry {} points outside the state directory", entry.path()?.display()),
-            ));
+        let rel = entry_path(&entry)?;
+        count(&mut summary, &entry, caps)?;
+        let target = dir.join(&rel);
+        // Never through a link: every ancestor below `dir` must be a real directory.
+        let mut at = dir.to_path_buf();
+        for c in rel.parent().into_iter().flat_map(|p| p.components()) {
+            at.push(c);
+            let m = std::fs::symlink_metadata(&at)?;
+            if !m.file_type().is_dir() {
+                return Err(invalid(format!("archive entry {} lies below a non-directory", rel.display())));
+            }
+        }
+        let mode = entry.header().mode().unwrap_or(0o600) & 0o1777;
+        let kind = entry.header().entry_type();
+        if kind.is_dir() {
+            match std::fs::create_dir(&target) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && std::fs::symlink_metadata(&target)?.is_dir() => {}
+                Err(e) => return Err(e),
+            }
+            dirs.push((target, mode | 0o700));
+        } else if kind.is_symlink() {
+            let link = entry.link_name()?.ok_or_else(|| invalid(format!("link {} has no target", rel.display())))?;
+            std::os::unix::fs::symlink(link.as_ref(), &target)?;
+        } else {
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&target)?;
+            let room = caps.max_bytes.saturating_sub(summary.bytes);
+            let n = io::copy(&mut (&mut entry).take(room + 1), &mut f)?;
+            summary.bytes += n;
+            if summary.bytes > caps.max_bytes {
+                return Err(invalid(format!("the archive unpacks to more than {} bytes", caps.max_bytes)));
+            }
+            f.set_permissions(std::fs::Permissions::from_mode((mode & 0o777) | 0o600))?;
         }
     }
-    Ok(())
+    // Directory modes last, so a read-only directory can still be filled.
+    for (d, mode) in dirs.into_iter().rev() {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode & 0o777))?;
+    }
+    Ok(summary)
 }
 
 /// Reads a whole stream into memory, refusing more than `limit` bytes.
@@ -68,7 +293,7 @@ pub fn read_limited(mut r: impl Read, limit: u64) -> io::Result<Vec<u8>> {
     let mut buf = Vec::new();
     let n = r.by_ref().take(limit + 1).read_to_end(&mut buf)?;
     if n as u64 > limit {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("archive larger than {limit} bytes")));
+        return Err(invalid(format!("archive larger than {limit} bytes")));
     }
     Ok(buf)
 }
@@ -98,6 +323,7 @@ mod tests {
         std::fs::write(src.path().join("top.json"), b"{}").unwrap();
         std::fs::create_dir_all(src.path().join("cache")).unwrap();
         std::fs::write(src.path().join("cache/big"), vec![0u8; 1000]).unwrap();
+        std::os::unix::fs::symlink("a/b/c.txt", src.path().join("link")).unwrap();
         let archive = pack(src.path(), &["cache"]).unwrap();
 
         let dst = tempfile::tempdir().unwrap();
@@ -107,11 +333,65 @@ mod tests {
         assert!(dst.path().join("top.json").exists());
         assert!(!dst.path().join("cache").exists());
         assert!(!dst.path().join("stale").exists());
+        assert_eq!(std::fs::read_link(dst.path().join("link")).unwrap(), Path::new("a/b/c.txt"));
     }
 
     #[test]
     fn garbage_is_refused() {
         let dst = tempfile::tempdir().unwrap();
         assert!(unpack(b"not an archive", dst.path()).is_err());
+        assert!(verify(b"not an archive", &Caps::default()).is_err());
+    }
+
+    #[test]
+    fn special_files_are_skipped_and_links_are_not_followed() {
+        let src = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"host secret").unwrap();
+        std::os::unix::fs::symlink(outside.path(), src.path().join("escape")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), src.path().join("secret-link")).unwrap();
+        nix::unistd::mkfifo(&src.path().join("fifo"), Mode::from_bits_truncate(0o600)).unwrap();
+        let _sock = std::os::unix::net::UnixListener::bind(src.path().join("sock")).unwrap();
+        std::fs::write(src.path().join("ok"), b"fine").unwrap();
+        let (archive, summary) = pack_capped(src.path(), &[], &Caps::default()).unwrap();
+        assert_eq!(summary.skipped, 2, "the FIFO and the socket");
+        let text = zstd::decode_all(archive.as_slice()).unwrap();
+        assert!(!text.windows(11).any(|w| w == b"host secret"), "a link's target was read");
+        let v = verify(&archive, &Caps::default()).unwrap();
+        assert_eq!(v.entries, 3);
+    }
+
+    #[test]
+    fn caps_hold_on_pack_and_unpack() {
+        let src = tempfile::tempdir().unwrap();
+        for i in 0..10 {
+            std::fs::write(src.path().join(format!("f{i}")), vec![7u8; 1000]).unwrap();
+        }
+        let small = Caps { max_bytes: 5000, max_entries: 100 };
+        assert!(pack_capped(src.path(), &[], &small).is_err());
+        assert!(pack_capped(src.path(), &[], &Caps { max_bytes: 1 << 20, max_entries: 5 }).is_err());
+        let archive = pack(src.path(), &[]).unwrap();
+        assert!(verify(&archive, &small).is_err());
+        let dst = tempfile::tempdir().unwrap();
+        assert!(unpack_capped(&archive, dst.path(), &small).is_err());
+    }
+
+    #[test]
+    fn unpack_never_writes_through_a_link_it_made() {
+        let outside = tempfile::tempdir().unwrap();
+        let mut b = tar::Builder::new(zstd::Encoder::new(Vec::new(), 1).unwrap());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        b.append_link(&mut h, "a", outside.path()).unwrap();
+        let mut f = tar::Header::new_gnu();
+        f.set_entry_type(tar::EntryType::Regular);
+        f.set_size(3);
+        f.set_mode(0o644);
+        b.append_data(&mut f, "a/planted", &b"bad"[..]).unwrap();
+        let archive = b.into_inner().unwrap().finish().unwrap();
+        let dst = tempfile::tempdir().unwrap();
+        assert!(unpack(&archive, dst.path()).is_err());
+        assert!(!outside.path().join("planted").exists());
     }
 }

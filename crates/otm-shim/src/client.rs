@@ -17,6 +17,10 @@ use std::time::Duration;
 
 const BACKEND: &str = "shim";
 
+/// Largest answer read from a shim, except snapshots: an instance is hostile, and so may be
+/// whatever answers on its control address.
+const MAX_ANSWER: u64 = 1 << 20;
+
 /// A client for one instance's shim.
 #[derive(Clone, Debug)]
 pub struct ShimClient {
@@ -52,9 +56,14 @@ impl ShimClient {
         json(self.call("POST", "/v1/deliver", Some(update), timeout).await?)
     }
 
-    /// A consistent archive of the state directory.
+    /// A consistent archive of the state directory (at most 1 GiB).
     pub async fn snapshot(&self) -> Result<Bytes> {
-        self.call("GET", "/v1/snapshot", None, Duration::from_secs(300)).await
+        self.snapshot_capped(1 << 30).await
+    }
+
+    /// A consistent archive of the state directory, refused past `max_bytes`.
+    pub async fn snapshot_capped(&self, max_bytes: u64) -> Result<Bytes> {
+        self.call_capped("GET", "/v1/snapshot", None, Duration::from_secs(300), max_bytes).await
     }
 
     /// Stops the agent gracefully and waits for it.
@@ -93,21 +102,36 @@ impl ShimClient {
     }
 
     async fn call(&self, method: &str, path: &str, body: Option<Bytes>, timeout: Duration) -> Result<Bytes> {
+        self.call_capped(method, path, body, timeout, MAX_ANSWER).await
+    }
+
+    async fn call_capped(&self, method: &str, path: &str, body: Option<Bytes>, timeout: Duration, limit: u64) -> Result<Bytes> {
+        let too_big = || Error::unavailable(BACKEND, format!("{method} {path}: the shim's answer is larger than {limit} bytes"));
         let fut = async {
             if let Some(socket) = self.address.strip_prefix("unix:") {
                 let resp = self.unix_request(socket, method, path, body).await?;
                 let status = resp.status().as_u16();
-                let bytes = resp.into_body().collect().await.map_err(unavailable_hyper)?.to_bytes();
-                Ok((status, bytes))
+                let limited = http_body_util::Limited::new(resp.into_body(), limit as usize);
+                let bytes = limited.collect().await.map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() { too_big() } else { Error::unavailable(BACKEND, e) }
+                })?;
+                Ok((status, bytes.to_bytes()))
             } else {
                 let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| Error::generic(BACKEND, e))?;
                 let mut req = self.http.request(method, format!("{}{path}", self.address)).bearer_auth(self.token.expose());
                 if let Some(b) = body {
                     req = req.header("content-type", "application/json").body(b);
                 }
-                let resp = req.send().await.map_err(unavailable)?;
+                let mut resp = req.send().await.map_err(unavailable)?;
                 let status = resp.status().as_u16();
-                Ok((status, resp.bytes().await.map_err(unavailable)?))
+                let mut buf = bytes::BytesMut::new();
+                while let Some(chunk) = resp.chunk().await.map_err(unavailable)? {
+                    if buf.len() as u64 + chunk.len() as u64 > limit {
+                        return Err(too_big());
+                    }
+                    buf.extend_from_slice(&chunk);
+                }
+                Ok((status, buf.freeze()))
             }
         };
         let (status, bytes) = tokio::time::timeout(timeout, fut)

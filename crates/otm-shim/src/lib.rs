@@ -12,11 +12,16 @@
 //! - [`server`]: the control API served by `otm shim`.
 //! - [`client`]: the orchestrator's side of that API.
 //! - [`archive`]: tar + zstd archives of state directories.
+//! - [`sandbox`]: the instance and agent sandboxes (bubblewrap arguments, seccomp filter, the
+//!   sandbox's process 1).
+//! - [`forward`]: the loopback forwarder to otm's egress proxy.
 
 pub mod agent;
 pub mod archive;
 pub mod client;
+pub mod forward;
 pub mod profile;
+pub mod sandbox;
 pub mod server;
 
 pub use client::ShimClient;

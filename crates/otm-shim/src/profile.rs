@@ -30,6 +30,8 @@ pub struct AgentLaunch {
     pub also_ready: Vec<String>,
     /// The value the agent expects in `X-Telegram-Bot-Api-Secret-Token`.
     pub webhook_secret: String,
+    /// Files the shim wrote for the agent (its rendered config), shown read-only in its sandbox.
+    pub read_only: Vec<PathBuf>,
 }
 
 /// Inputs a profile renders an [`AgentLaunch`] from.
@@ -114,6 +116,7 @@ fn reference() -> AgentProfile {
                 health_url: format!("http://127.0.0.1:{}/healthz", i.port),
                 also_ready: vec![],
                 webhook_secret: i.webhook_secret.to_owned(),
+                read_only: vec![],
             })
         },
     }

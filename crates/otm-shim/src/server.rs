@@ -20,7 +20,7 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 /// Largest state archive accepted by `PUT /v1/state`.
-const MAX_ARCHIVE: usize = 2 << 30;
+const MAX_ARCHIVE: usize = 1 << 30;
 
 /// How the shim is started.
 #[derive(Clone, Debug)]
@@ -29,10 +29,18 @@ pub struct ShimConfig {
     pub instance: String,
     /// The instance directory: `state/` for the agent, `agent.log`, `tmp/`.
     pub dir: PathBuf,
-    /// `unix:/path/to/socket` or `tcp:host:port`.
+    /// `unix:/path/to/socket`, `tcp:host:port`, or `stdin` for a listening Unix socket handed
+    /// over as standard input (the local runtime's way: the socket file lives where no instance
+    /// can reach it).
     pub listen: String,
     /// The token every call must carry.
     pub token: Secret,
+    /// otm's egress proxy as a Unix socket. When given, the shim serves a loopback TCP forwarder
+    /// to it and points the agent's Bot API root and model URL there (the instance has no other
+    /// network).
+    pub egress: Option<PathBuf>,
+    /// Start agents in a sandbox of their own (inside the instance sandbox).
+    pub agent_sandbox: Option<Arc<crate::sandbox::AgentSandbox>>,
 }
 
 struct Bound {
@@ -44,6 +52,8 @@ struct Bound {
 struct Shim {
     config: ShimConfig,
     bound: Mutex<Option<Bound>>,
+    /// `http://127.0.0.1:<port>` of the egress forwarder, when there is one.
+    egress_root: Option<String>,
 }
 
 impl Shim {
@@ -59,7 +69,11 @@ impl Shim {
 pub async fn run(config: ShimConfig, shutdown: CancellationToken) -> std::io::Result<()> {
     std::fs::create_dir_all(config.dir.join("state"))?;
     std::fs::create_dir_all(config.dir.join("tmp"))?;
-    let shim = Arc::new(Shim { config: config.clone(), bound: Mutex::new(None) });
+    let egress_root = match &config.egress {
+        Some(socket) => Some(crate::forward::start(socket.clone(), shutdown.clone()).await?),
+        None => None,
+    };
+    let shim = Arc::new(Shim { config: config.clone(), bound: Mutex::new(None), egress_root });
     let app = router(shim.clone());
 
     let stop = shutdown.clone();
@@ -72,7 +86,14 @@ pub async fn run(config: ShimConfig, shutdown: CancellationToken) -> std::io::Re
     });
 
     let served = shutdown.clone();
-    if let Some(path) = config.listen.strip_prefix("unix:") {
+    if config.listen == "stdin" {
+        let fd = nix::unistd::dup(std::io::stdin())?;
+        let listener = std::os::unix::net::UnixListener::from(fd);
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::UnixListener::from_std(listener)?;
+        tracing::info!(instance = %config.instance, "shim listening on its inherited socket");
+        axum::serve(listener, app).with_graceful_shutdown(async move { served.cancelled().await }).await?;
+    } else if let Some(path) = config.listen.strip_prefix("unix:") {
         let _ = std::fs::remove_file(path);
         let listener = tokio::net::UnixListener::bind(path)?;
         set_mode(path, 0o600)?;
@@ -146,7 +167,7 @@ async fn restore(State(shim): State<Arc<Shim>>, body: Bytes) -> Response {
         return error(StatusCode::CONFLICT, "the instance is bound; state can only be restored before bind");
     }
     let dir = shim.state_dir();
-    let result = tokio::task::spawn_blocking(move || archive::unpack(&body, &dir)).await;
+    let result = tokio::task::spawn_blocking(move || archive::unpack_capped(&body, &dir, &archive::Caps::default()).map(drop)).await;
     match result {
         Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
         Ok(Err(e)) => error(StatusCode::BAD_REQUEST, format!("cannot unpack the state archive: {e}")),
@@ -179,14 +200,30 @@ async fn bind(State(shim): State<Arc<Shim>>, Json(req): Json<BindRequest>) -> Re
     };
     let state_dir = shim.state_dir();
     let secret = Secret::random();
+    // Inside a network namespace the agent reaches otm only through the forwarder.
+    let (root, settings) = match &shim.egress_root {
+        None => (req.bot_api_root.clone(), req.settings.clone()),
+        Some(local) => {
+            let given = req.bot_api_root.trim_end_matches('/');
+            let settings = req
+                .settings
+                .iter()
+                .map(|(k, v)| match v.strip_prefix(given) {
+                    Some(rest) if !given.is_empty() => (k.clone(), format!("{local}{rest}")),
+                    _ => (k.clone(), v.clone()),
+                })
+                .collect();
+            (local.clone(), settings)
+        }
+    };
     let inputs = LaunchInputs {
         instance_dir: &shim.config.dir,
         state_dir: &state_dir,
         port,
-        bot_api_root: &req.bot_api_root,
+        bot_api_root: &root,
         bot_token: &req.bot_token,
         webhook_secret: secret.expose(),
-        settings: &req.settings,
+        settings: &settings,
     };
     let launch = match profile.render(&inputs) {
         Ok(l) => l,
@@ -194,7 +231,8 @@ async fn bind(State(shim): State<Arc<Shim>>, Json(req): Json<BindRequest>) -> Re
     };
     let mut launch = launch;
     launch.env.entry("TMPDIR".into()).or_insert_with(|| shim.config.dir.join("tmp").display().to_string());
-    let agent = Agent::start(profile.clone(), launch, state_dir, shim.log_path());
+    let writable = vec![state_dir.clone(), shim.config.dir.join("tmp"), shim.config.dir.join("home")];
+    let agent = Agent::start(profile.clone(), launch, state_dir, shim.log_path(), shim.config.agent_sandbox.clone(), writable);
     let start_ms = begun.elapsed().as_millis() as u64;
     let spawned = Instant::now();
     let ready = agent.wait_ready(profile.ready_timeout).await;
@@ -236,7 +274,7 @@ async fn snapshot(State(shim): State<Arc<Shim>>) -> Response {
         // `paused` drops, however packing ends.
         let paused = running.as_ref().and_then(Agent::pause);
         let began = Instant::now();
-        let packed = archive::pack(&dir, &skip);
+        let packed = archive::pack_capped(&dir, &skip, &archive::Caps::default()).map(|(a, _)| a);
         if paused.is_some() {
             drop(paused);
             tracing::info!(paused_ms = began.elapsed().as_millis() as u64, "state packed while the agent was paused");

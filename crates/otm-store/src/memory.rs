@@ -242,7 +242,7 @@ mod tests {
     async fn expired_endpoints_are_swept() {
         let c = MemoryCoordinator::new();
         let e = Endpoint {
-            instance: otm_core::InstanceId::new("i-1"),
+            instance: otm_core::InstanceId::new("i-000000000001"),
             address: "unix:/x".into(),
             shim_token: otm_core::Secret::new("t"),
         };

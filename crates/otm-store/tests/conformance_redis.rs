@@ -194,7 +194,7 @@ async fn prefixes_keep_fleets_apart() {
     assert!(la.is_some() && lb.is_some(), "each fleet has its own lock");
     let t = TenantId::parse("alice").unwrap();
     let e = otm_core::instance::Endpoint {
-        instance: otm_core::InstanceId::new("i-1"),
+        instance: otm_core::InstanceId::new("i-000000000001"),
         address: "unix:/x".into(),
         shim_token: otm_core::Secret::new("t"),
     };

@@ -29,6 +29,13 @@ enum Command {
     Server(Box<ServerArgs>),
     /// Run inside an instance: supervise one agent (started by the runtime, not by hand).
     Shim(ShimArgs),
+    /// Internal: the first process of a local instance (joins its cgroups, drops privileges,
+    /// executes the sandbox).
+    #[command(hide = true)]
+    SandboxExec(SandboxExecArgs),
+    /// Internal: process 1 of an agent sandbox (passes signals on, reaps orphans).
+    #[command(hide = true)]
+    SandboxInit(SandboxInitArgs),
     /// Prepare the registry's storage: apply migrations (SQLite, PostgreSQL) or create the tables
     /// (DynamoDB). Servers migrate SQL registries at start too; DynamoDB tables need this once.
     Migrate(MigrateArgs),
@@ -171,10 +178,74 @@ struct ShimArgs {
     /// Environment variable holding the instance token (for pods).
     #[arg(long)]
     token_env: Option<String>,
+    /// otm's egress proxy as a Unix socket; the shim forwards a loopback port to it.
+    #[arg(long)]
+    egress: Option<PathBuf>,
+    /// Start the agent in a sandbox of its own (bubblewrap).
+    #[arg(long)]
+    agent_sandbox: bool,
+    /// A path the agent sandbox shows read-only (repeatable).
+    #[arg(long)]
+    show: Vec<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct SandboxExecArgs {
+    /// A `cgroup.procs` file to join (repeatable).
+    #[arg(long)]
+    cgroup_procs: Vec<PathBuf>,
+    #[arg(long)]
+    uid: Option<u32>,
+    #[arg(long)]
+    gid: Option<u32>,
+    /// RLIMIT_NOFILE.
+    #[arg(long, default_value_t = 4096)]
+    nofile: u64,
+    /// RLIMIT_FSIZE in bytes.
+    #[arg(long)]
+    fsize: Option<u64>,
+    /// A descriptor to pass on (repeatable).
+    #[arg(long)]
+    keep_fd: Vec<i32>,
+    /// The program and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<std::ffi::OsString>,
+}
+
+#[derive(Args, Debug)]
+struct SandboxInitArgs {
+    /// The agent and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<std::ffi::OsString>,
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // These two run before any thread exists: they change credentials and wait for signals.
+    match cli.command {
+        Command::SandboxExec(a) => {
+            let mut command = a.command.into_iter();
+            let program = command.next().unwrap_or_default();
+            let plan = otm_runtime::exec::ExecPlan {
+                cgroup_procs: a.cgroup_procs,
+                uid: a.uid,
+                gid: a.gid,
+                nofile: a.nofile,
+                fsize: a.fsize,
+                keep_fds: a.keep_fd,
+                program,
+                args: command.collect(),
+            };
+            let e = otm_runtime::exec::run(plan);
+            let _ = writeln!(std::io::stderr(), "otm sandbox-exec: {e}");
+            return std::process::ExitCode::from(126);
+        }
+        Command::SandboxInit(a) => {
+            let code = otm_shim::sandbox::init::run(&a.command[0], &a.command[1..]);
+            return std::process::ExitCode::from(code.clamp(0, 255) as u8);
+        }
+        _ => {}
+    }
     // The CLI and the demo print for people: only warnings unless RUST_LOG says otherwise.
     let default = if matches!(cli.command, Command::Cli(_) | Command::Demo(_)) { "warn" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
@@ -197,6 +268,7 @@ fn main() -> std::process::ExitCode {
                 Ok(0)
             }
             Command::Cli(cmd) => cli::run(cmd, cli.global).await,
+            Command::SandboxExec(_) | Command::SandboxInit(_) => unreachable!("handled before the runtime starts"),
         }
     });
     rt.shutdown_timeout(Duration::from_secs(1));
@@ -239,7 +311,26 @@ async fn shim(args: ShimArgs) -> anyhow::Result<()> {
         (None, Some(var)) => std::env::var(var).with_context(|| format!("reading ${var}"))?,
         (None, None) => anyhow::bail!("give the instance token with --token-file or --token-env"),
     };
-    let config = otm_shim::ShimConfig { instance: args.instance, dir: args.dir, listen: args.listen, token: Secret::new(token.trim()) };
+    let agent_sandbox = if args.agent_sandbox {
+        let bwrap = otm_shim::sandbox::bwrap().context("--agent-sandbox needs bubblewrap (bwrap) on PATH")?;
+        let otm = std::env::current_exe().context("finding the otm binary")?;
+        let view = otm_shim::sandbox::SystemView {
+            read_only: args.show,
+            passwd: Some(("/etc/passwd".into(), "/etc/group".into())),
+            tmp_bytes: 256 << 20,
+        };
+        Some(std::sync::Arc::new(otm_shim::sandbox::AgentSandbox { bwrap, otm, view }))
+    } else {
+        None
+    };
+    let config = otm_shim::ShimConfig {
+        instance: args.instance,
+        dir: args.dir,
+        listen: args.listen,
+        token: Secret::new(token.trim()),
+        egress: args.egress,
+        agent_sandbox,
+    };
     otm_shim::run_shim(config, CancellationToken::new()).await?;
     Ok(())
 }

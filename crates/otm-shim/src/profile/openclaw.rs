@@ -17,7 +17,10 @@
 //! | `home/` | `HOME` and `OPENCLAW_HOME` | no |
 //! | `tmp/` | `TMPDIR` (Node's compile cache, scratch files) | no |
 //! | `openclaw.json5` | `OPENCLAW_CONFIG_PATH`, rendered at every bind | no |
-//! | `openclaw.log` | the gateway's own log file (`logging.file`) | no |
+//! | `home/openclaw.log` | the gateway's own log file (`logging.file`) | no |
+//!
+//! In a sandbox the gateway sees `state/`, `home/` and `tmp/` writable and its config
+//! read-only; the instance directory's other files are the shim's.
 
 use super::{AckRule, AgentLaunch, AgentProfile, LaunchInputs};
 use otm_core::Secret;
@@ -97,7 +100,7 @@ fn render(i: &LaunchInputs<'_>) -> Result<AgentLaunch, String> {
     let tmp = dir.join("tmp");
     let workspace = i.state_dir.join("workspace");
     let config_path = dir.join("openclaw.json5");
-    let log_file = dir.join("openclaw.log");
+    let log_file = home.join("openclaw.log");
     for d in [&home, &tmp, &workspace] {
         std::fs::create_dir_all(d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
     }
@@ -164,6 +167,7 @@ fn render(i: &LaunchInputs<'_>) -> Result<AgentLaunch, String> {
         health_url: format!("http://127.0.0.1:{gateway_port}/readyz"),
         also_ready: vec![format!("http://127.0.0.1:{webhook_port}/healthz")],
         webhook_secret: i.webhook_secret.to_owned(),
+        read_only: vec![config_path],
     })
 }
 

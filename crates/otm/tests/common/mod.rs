@@ -38,7 +38,7 @@ impl Harness {
 
     pub async fn start_with(f: impl FnOnce(&mut Settings)) -> Self {
         let tg = FakeTelegram::start().await;
-        let dir = tempfile::Builder::new().prefix("otm").tempdir_in("/tmp").unwrap();
+        let dir = tempdir();
         let mut s = settings(dir.path().join("d"), &tg);
         f(&mut s);
         let server = otm_server::start(s, None).await.expect("server starts");
@@ -118,15 +118,34 @@ impl Drop for Harness {
         if self.server.is_none() {
             return;
         }
-        let Ok(dirs) = std::fs::read_dir(self.dir.path().join("d/instances")) else { return };
+        kill_instances(&self.dir.path().join("d"));
+    }
+}
+
+/// Kills every instance recorded under a data directory (a test that failed leaves nothing
+/// running on the machine).
+pub fn kill_instances(data_dir: &std::path::Path) {
+    {
+        let Ok(dirs) = std::fs::read_dir(data_dir.join("runtime")) else { return };
         for d in dirs.flatten() {
-            let Ok(raw) = std::fs::read(d.path().join("runtime.json")) else { continue };
+            let Ok(raw) = std::fs::read(d.path().join("record.json")) else { continue };
             let Ok(v) = serde_json::from_slice::<Value>(&raw) else { continue };
             if let Some(pid) = v["pid"].as_i64() {
+                // Process 1 of the instance's PID namespace: the namespace goes with it.
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
                 let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
             }
         }
     }
+}
+
+/// A temporary directory under /tmp that instances, which run as uids of their own, can
+/// traverse (but not list).
+pub fn tempdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new().prefix("otm").tempdir_in("/tmp").unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    dir
 }
 
 /// The host pid of the live agent whose state directory is in `instance_dir` (found through its

@@ -1,0 +1,50 @@
+//! The egress forwarder: a loopback TCP listener inside the instance's network namespace whose
+//! every connection is passed on to otm's egress proxy, which the instance reaches only as a
+//! Unix socket. Agents that need a TCP URL (OpenClaw's model base URL and Telegram `apiRoot`)
+//! are pointed here.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// Connections forwarded at once; more wait for a free one.
+const MAX_CONNECTIONS: usize = 256;
+
+/// Binds the forwarder on an ephemeral loopback port and serves it until `shutdown`; returns
+/// its root URL, `http://127.0.0.1:<port>`.
+pub async fn start(socket: PathBuf, shutdown: CancellationToken) -> std::io::Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let root = format!("http://{}", listener.local_addr()?);
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    tokio::spawn(async move {
+        loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            };
+            let (mut tcp, _) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                a = listener.accept() => match a {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "egress forwarder accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let socket = socket.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                match tokio::net::UnixStream::connect(&socket).await {
+                    Ok(mut unix) => {
+                        let _ = tokio::io::copy_bidirectional(&mut tcp, &mut unix).await;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot reach otm's egress proxy"),
+                }
+            });
+        }
+    });
+    Ok(root)
+}

@@ -1,0 +1,299 @@
+//! The sandbox an instance and its agent run in, as bubblewrap arguments.
+//!
+//! An instance is two nested sandboxes:
+//!
+//! - the **instance sandbox** (started by the local runtime) holds `otm shim`: its own user,
+//!   PID, IPC, UTS and network namespaces (only loopback), a minimal read-only system, the
+//!   instance directory writable, and otm's egress proxy as a Unix socket at [`EGRESS_SOCKET`];
+//! - the **agent sandbox** (started by the shim inside it) holds the agent: another user and PID
+//!   namespace (the shim is not even visible), an unprivileged uid, no capabilities, a new
+//!   session, no further user namespaces, the seccomp filter of [`seccomp`], and only the
+//!   agent's `state/`, `tmp/` and `home/` writable. It shares the instance's network namespace,
+//!   where the only listeners are the agent's own and the shim's egress forwarder.
+//!
+//! [`SystemView`] is what both show of the host: `/usr` and the library directories, a few
+//! files of `/etc`, and the programs an agent needs, read-only; never the data directory.
+
+pub mod seccomp;
+
+use std::path::{Path, PathBuf};
+
+/// Where the egress proxy's Unix socket appears inside an instance sandbox.
+pub const EGRESS_SOCKET: &str = "/run/otm/egress.sock";
+
+/// The uid and gid every sandboxed process has inside its user namespace.
+pub const SANDBOX_UID: u32 = 1000;
+
+/// System directories shown read-only (or recreated as the same symlink).
+const SYSTEM_DIRS: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"];
+
+/// The files and directories of `/etc` an agent needs: name resolution, the dynamic linker,
+/// time zones, TLS roots. Nothing with credentials (`passwd` and `group` are synthetic).
+const ETC_FILES: &[&str] = &[
+    "/etc/hosts",
+    "/etc/host.conf",
+    "/etc/resolv.conf",
+    "/etc/nsswitch.conf",
+    "/etc/gai.conf",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/localtime",
+    "/etc/timezone",
+    "/etc/ssl",
+    "/etc/ca-certificates",
+    "/etc/ca-certificates.conf",
+    "/etc/alternatives",
+    "/etc/os-release",
+    "/etc/mime.types",
+    "/etc/protocols",
+    "/etc/services",
+];
+
+/// What a sandbox shows of the host.
+#[derive(Clone, Debug, Default)]
+pub struct SystemView {
+    /// Files or directories shown read-only at the same path (otm, agent programs and their
+    /// installations).
+    pub read_only: Vec<PathBuf>,
+    /// A synthetic `/etc/passwd` and `/etc/group` to show, when given.
+    pub passwd: Option<(PathBuf, PathBuf)>,
+    /// Size of the private `/tmp` in bytes.
+    pub tmp_bytes: u64,
+}
+
+impl SystemView {
+    /// Every host path this view shows, for the check that none of them holds the data
+    /// directory.
+    pub fn shown_paths(&self) -> Vec<PathBuf> {
+        let mut out: Vec<PathBuf> = SYSTEM_DIRS.iter().chain(ETC_FILES).map(PathBuf::from).collect();
+        out.extend(self.read_only.iter().cloned());
+        out
+    }
+
+    /// The bubblewrap arguments that build this view on an empty root.
+    pub fn args(&self) -> Vec<String> {
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
+        for dir in SYSTEM_DIRS {
+            let p = Path::new(dir);
+            match std::fs::symlink_metadata(p) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    if let Ok(target) = std::fs::read_link(p) {
+                        push(&["--symlink", &target.display().to_string(), dir]);
+                    }
+                }
+                Ok(m) if m.is_dir() => push(&["--ro-bind", dir, dir]),
+                _ => {}
+            }
+        }
+        for f in ETC_FILES {
+            push(&["--ro-bind-try", f, f]);
+        }
+        if let Some((passwd, group)) = &self.passwd {
+            push(&["--ro-bind", &passwd.display().to_string(), "/etc/passwd"]);
+            push(&["--ro-bind", &group.display().to_string(), "/etc/group"]);
+        }
+        for p in &self.read_only {
+            let s = p.display().to_string();
+            push(&["--ro-bind", &s, &s]);
+        }
+        push(&["--proc", "/proc", "--dev", "/dev"]);
+        push(&["--perms", "1777", "--size", &self.tmp_bytes.max(1 << 20).to_string(), "--tmpfs", "/tmp"]);
+        a
+    }
+}
+
+/// The namespace and privilege arguments both sandboxes share: every namespace but the
+/// network one (the caller decides), the fixed unprivileged uid, no capabilities, a new
+/// session (no terminal to push keystrokes into).
+pub fn isolation_args() -> Vec<String> {
+    let uid = SANDBOX_UID.to_string();
+    [
+        "--unshare-user",
+        "--uid",
+        &uid,
+        "--gid",
+        &uid,
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--hostname",
+        "otm",
+        "--cap-drop",
+        "ALL",
+        "--new-session",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// The synthetic `/etc/passwd` and `/etc/group` of a sandbox: root, the sandbox user, nobody.
+pub fn passwd_files() -> (String, String) {
+    let u = SANDBOX_UID;
+    (
+        format!("root:x:0:0:root:/root:/bin/sh\notm:x:{u}:{u}:otm agent:/tmp:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n"),
+        format!("root:x:0:\notm:x:{u}:\nnogroup:x:65534:\n"),
+    )
+}
+
+/// The first of `shown` that contains `data_dir` (or is it), if any. Instances must never see
+/// the data directory; a layout like `/opt/otm/{otm,data}` would show it through the binary's
+/// directory.
+pub fn shows_data_dir<'a>(shown: &'a [PathBuf], data_dir: &Path) -> Option<&'a PathBuf> {
+    let data = data_dir.canonicalize().unwrap_or_else(|_| data_dir.to_path_buf());
+    shown.iter().find(|p| {
+        let p = p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+        data.starts_with(&p)
+    })
+}
+
+/// Finds `bwrap` on `PATH`.
+pub fn bwrap() -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("bwrap")).find(|p| p.is_file()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shown_directory_that_holds_the_data_dir_is_found() {
+        let root = tempfile::tempdir().unwrap();
+        let data = root.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let shown = vec![PathBuf::from("/usr"), root.path().to_path_buf()];
+        assert_eq!(shows_data_dir(&shown, &data), Some(&root.path().to_path_buf()));
+        let inside = vec![data.join("openclaw"), PathBuf::from("/usr")];
+        assert_eq!(shows_data_dir(&inside, &data), None, "a directory inside the data dir does not show the data dir");
+    }
+
+    #[test]
+    fn the_view_never_binds_the_whole_root() {
+        let args = SystemView { tmp_bytes: 1 << 20, ..Default::default() }.args();
+        for w in args.windows(3) {
+            if w[0].ends_with("bind") || w[0].ends_with("bind-try") {
+                assert_ne!(w[1], "/", "the host root is not shown");
+            }
+        }
+        assert!(args.iter().any(|a| a == "/etc/ssl"));
+        assert!(!args.iter().any(|a| a == "/etc/shadow" || a == "/home" || a == "/root" || a == "/run"));
+    }
+}
+
+pub mod init;
+
+/// How the shim starts agents in a sandbox of their own.
+#[derive(Clone, Debug)]
+pub struct AgentSandbox {
+    pub bwrap: PathBuf,
+    /// The `otm` binary, shown read-only; it runs `otm sandbox-init` as the sandbox's process 1.
+    pub otm: PathBuf,
+    pub view: SystemView,
+}
+
+/// A spawned agent sandbox.
+#[derive(Debug)]
+pub struct Spawned {
+    pub child: tokio::process::Child,
+    /// Process 1 of the sandbox (`otm sandbox-init`), as the shim sees it: signals for the
+    /// agent go here.
+    pub init_pid: u32,
+}
+
+impl AgentSandbox {
+    /// Starts `program` in a new agent sandbox with `writable` directories (created if missing)
+    /// and `read_only` extra paths shown, `env` as its whole environment, `workdir` as its
+    /// working directory, output to `log`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn spawn(
+        &self,
+        program: &Path,
+        args: &[String],
+        env: &std::collections::BTreeMap<String, String>,
+        workdir: &Path,
+        writable: &[PathBuf],
+        read_only: &[PathBuf],
+        log: std::fs::File,
+    ) -> std::io::Result<Spawned> {
+        use command_fds::{CommandFdExt, FdMapping};
+        use std::io::Write;
+        const SECCOMP_FD: i32 = 10;
+        const INFO_FD: i32 = 11;
+
+        let (seccomp_r, seccomp_w) = nix::unistd::pipe()?;
+        std::fs::File::from(seccomp_w).write_all(&seccomp::program())?;
+        let (info_r, info_w) = nix::unistd::pipe()?;
+
+        let s = |p: &Path| p.display().to_string();
+        let mut a: Vec<String> = isolation_args();
+        a.extend(["--disable-userns", "--die-with-parent", "--as-pid-1"].map(String::from));
+        a.extend(["--seccomp".into(), SECCOMP_FD.to_string(), "--info-fd".into(), INFO_FD.to_string()]);
+        let mut view = self.view.clone();
+        view.read_only.push(self.otm.clone());
+        view.read_only.extend(read_only.iter().cloned());
+        if !program.starts_with("/usr") && !view.read_only.iter().any(|r| program.starts_with(r)) {
+            view.read_only.push(program.to_path_buf());
+        }
+        view.read_only.sort();
+        view.read_only.dedup();
+        a.extend(view.args());
+        for w in writable {
+            std::fs::create_dir_all(w)?;
+            a.extend(["--bind".into(), s(w), s(w)]);
+        }
+        a.extend(["--chdir".into(), s(workdir)]);
+        a.extend(["--".into(), s(&self.otm), "sandbox-init".into(), "--".into(), s(program)]);
+        a.extend(args.iter().cloned());
+
+        let mut cmd = tokio::process::Command::new(&self.bwrap);
+        // The environment holds the instance's secrets (surrogate token, webhook secret): it goes
+        // through bubblewrap's own environment, never its arguments, which every user can read.
+        cmd.args(&a)
+            .env_clear()
+            .envs(env)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .kill_on_drop(false);
+        cmd.fd_mappings(vec![
+            FdMapping { parent_fd: seccomp_r, child_fd: SECCOMP_FD },
+            FdMapping { parent_fd: info_w, child_fd: INFO_FD },
+        ])
+        .map_err(std::io::Error::other)?;
+        let child = cmd.spawn()?;
+        // Our copy of the write end must go, or the read below never ends.
+        drop(cmd);
+        let init_pid = tokio::task::spawn_blocking(move || read_child_pid(info_r)).await.map_err(std::io::Error::other)??;
+        Ok(Spawned { child, init_pid })
+    }
+}
+
+/// Reads `{"child-pid": N}` from bubblewrap's info pipe.
+fn read_child_pid(fd: std::os::fd::OwnedFd) -> std::io::Result<u32> {
+    // bubblewrap writes one small JSON object and may keep the pipe open: parse as soon as it
+    // is whole rather than waiting for the end.
+    use std::io::Read;
+    let mut f = std::fs::File::from(fd);
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = f.read(&mut chunk)?;
+        buf.extend_from_slice(&chunk[..n]);
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&buf) {
+            return v["child-pid"]
+                .as_u64()
+                .map(|p| p as u32)
+                .ok_or_else(|| std::io::Error::other(format!("bubblewrap reported no child pid: {v}")));
+        }
+        if n == 0 || buf.len() > 64 << 10 {
+            return Err(std::io::Error::other(format!(
+                "bubblewrap did not report its sandbox: {:?}",
+                String::from_utf8_lossy(&buf)
+            )));
+        }
+    }
+}
