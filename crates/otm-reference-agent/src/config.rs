@@ -17,6 +17,8 @@ pub const ENV_BOT_API_ROOT: &str = "OTM_BOT_API_ROOT";
 pub const ENV_BOT_TOKEN: &str = "OTM_BOT_TOKEN";
 /// The required value of `X-Telegram-Bot-Api-Secret-Token` on incoming webhooks.
 pub const ENV_WEBHOOK_SECRET: &str = "OTM_WEBHOOK_SECRET";
+/// Turns probe mode on when `1`.
+pub const ENV_PROBES: &str = "OTM_AGENT_PROBES";
 
 /// Every variable the agent reads, in the order they are reported.
 pub const REQUIRED_ENV: [&str; 5] = [
@@ -40,6 +42,10 @@ pub struct Config {
     pub bot_token: String,
     /// The webhook secret (secret).
     pub webhook_secret: String,
+    /// Probe mode (`OTM_AGENT_PROBES=1`): a message `/sh <command>` runs the command with
+    /// `sh -c` and answers its exit status and output, the way an agent's shell tool would.
+    /// For testing sandboxes only: whoever writes to the bot gets a shell.
+    pub probes: bool,
 }
 
 impl fmt::Debug for Config {
@@ -92,6 +98,7 @@ impl Config {
         let root = take(ENV_BOT_API_ROOT);
         let bot_token = take(ENV_BOT_TOKEN);
         let webhook_secret = take(ENV_WEBHOOK_SECRET);
+        let probes = lookup(ENV_PROBES).is_some_and(|v| v.trim() == "1");
         if !missing.is_empty() {
             return Err(ConfigError::Missing { names: missing });
         }
@@ -118,6 +125,7 @@ impl Config {
             bot_api_root,
             bot_token,
             webhook_secret,
+            probes,
         })
     }
 }

@@ -65,6 +65,7 @@ impl fmt::Debug for ReferenceAgent {
 /// What the handlers share.
 struct App {
     webhook_secret: String,
+    probes: bool,
     bot: BotApi,
     /// Held for the whole handling of one update, so updates are processed one at a time.
     state: Mutex<StateFile>,
@@ -95,6 +96,7 @@ impl ReferenceAgent {
         })?;
         let app = Arc::new(App {
             webhook_secret: config.webhook_secret,
+            probes: config.probes,
             bot,
             state: Mutex::new(state),
         });
@@ -229,6 +231,14 @@ async fn handle_update(app: &App, update: &Update) -> Response {
                 tracing::debug!("not a text message; ignored");
                 return ok();
             };
+            let probed;
+            let text = match text.strip_prefix("/sh ") {
+                Some(command) if app.probes => {
+                    probed = probe(command).await;
+                    probed.as_str()
+                }
+                _ => text,
+            };
             let before = state.state().clone();
             let reply = state.state_mut().record(update_id, chat_id, text);
             if let Err(e) = state.save().await {
@@ -246,6 +256,30 @@ async fn handle_update(app: &App, update: &Update) -> Response {
         }
     };
     send(app, &mut state, update_id, &reply).await
+}
+
+/// Runs one probe command with `sh -c` (30 s at most) and describes what happened:
+/// `exit=<code>` and the first 3,000 bytes of its output.
+async fn probe(command: &str) -> String {
+    let run = tokio::process::Command::new("sh")
+        .args(["-c", command])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(std::time::Duration::from_secs(30), run).await {
+        Err(_) => "exit=timeout".to_owned(),
+        Ok(Err(e)) => format!("exit=spawn-failed {e}"),
+        Ok(Ok(out)) => {
+            let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.push_str(&String::from_utf8_lossy(&out.stderr));
+            let mut end = text.len().min(3000);
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            let code = out.status.code().map(|c| c.to_string()).unwrap_or_else(|| "signal".into());
+            format!("exit={code}\n{}", &text[..end])
+        }
+    }
 }
 
 /// Sends a recorded reply and confirms it.

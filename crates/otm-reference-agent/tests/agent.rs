@@ -31,6 +31,7 @@ fn config(root: &str, state_dir: &Path) -> Config {
         bot_api_root: root.to_owned(),
         bot_token: TOKEN.to_owned(),
         webhook_secret: SECRET.to_owned(),
+        probes: false,
     }
 }
 

@@ -287,7 +287,7 @@ impl LocalRuntime {
         if let Some(egress) = &self.inner.egress_socket {
             a.extend(["--ro-bind".into(), s(egress), sandbox::EGRESS_SOCKET.into()]);
         }
-        a.extend(["--chdir".into(), s(dir), "--setenv".into(), "PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()]);
+        a.extend(["--remount-ro".into(), "/".into(), "--chdir".into(), s(dir), "--setenv".into(), "PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()]);
         a.extend(["--setenv".into(), "TMPDIR".into(), s(&dir.join("tmp"))]);
         if let Ok(level) = std::env::var("RUST_LOG") {
             a.extend(["--setenv".into(), "RUST_LOG".into(), level]);

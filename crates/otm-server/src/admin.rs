@@ -198,7 +198,13 @@ struct CreateTenant {
     webhook_secret: Option<String>,
 }
 
-fn check_profile(p: &str) -> ApiResult<()> {
+fn check_profile(app: &App, p: &str) -> ApiResult<()> {
+    if p == otm_shim::profile::PROBE_PROFILE && !app.settings.allow_probe_profile {
+        return Err(ApiError::bad_request(
+            "the probe profile gives whoever writes to the bot a shell inside the sandbox; it is for testing \
+             sandboxes, and a server accepts it only when started with --allow-probe-profile (OTM_ALLOW_PROBE_PROFILE=1)",
+        ));
+    }
     if otm_shim::known_profiles().contains(&p) {
         Ok(())
     } else {
@@ -233,7 +239,7 @@ async fn register_webhook(app: &App, t: &Tenant) -> ApiResult<()> {
 async fn create_tenant(State(app): State<Arc<App>>, ApiJson(body): ApiJson<CreateTenant>) -> ApiResult<(StatusCode, Json<TenantView>)> {
     let id = parse_id(&body.id)?;
     let profile = body.profile.unwrap_or_else(|| "reference".into());
-    check_profile(&profile)?;
+    check_profile(&app, &profile)?;
     let bot_token = body.bot_token.as_deref().map(check_bot_token).transpose()?;
     let mut t = Tenant::new(id.clone(), profile, bot_token);
     if let Some(s) = body.idle_timeout_s {
@@ -285,7 +291,7 @@ async fn patch_tenant(State(app): State<Arc<App>>, Path(id): Path<String>, ApiJs
         t.idle_timeout_s = s;
     }
     if let Some(p) = body.profile {
-        check_profile(&p)?;
+        check_profile(&app, &p)?;
         t.profile = p;
     }
     if let Some(c) = body.cold_start_notice {

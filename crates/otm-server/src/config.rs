@@ -34,6 +34,9 @@ pub struct Settings {
     pub sandbox: String,
     /// First uid of the range instances run as when otm runs as root (65,536 from there).
     pub sandbox_uid_base: u32,
+    /// Accept tenants on the `probe` profile (a shell for whoever writes to the bot; for
+    /// testing sandboxes).
+    pub allow_probe_profile: bool,
     /// The `otm` binary instances run as `otm shim`; this executable when unset.
     pub otm_binary: Option<PathBuf>,
     /// Failed deliveries of one update before it moves to the dead-letter list.
@@ -83,6 +86,7 @@ impl Default for Settings {
             state: None,
             sandbox: "auto".into(),
             sandbox_uid_base: otm_runtime::local::DEFAULT_UID_BASE,
+            allow_probe_profile: false,
             otm_binary: None,
             max_delivery_attempts: 10,
             wake_timeout_s: 120,

@@ -78,13 +78,19 @@ impl AgentProfile {
 
 /// The names of every profile this build knows.
 pub fn known_profiles() -> &'static [&'static str] {
-    &["reference", "openclaw"]
+    &["reference", "openclaw", "probe"]
 }
+
+/// The profile that hands whoever writes to the bot a shell in the sandbox: the reference agent
+/// in probe mode (`/sh <command>`). For testing the sandbox; a server accepts it only when told
+/// to (`--allow-probe-profile`).
+pub const PROBE_PROFILE: &str = "probe";
 
 /// Looks a profile up by name.
 pub fn profile(name: &str) -> Option<AgentProfile> {
     match name {
         "reference" => Some(reference()),
+        PROBE_PROFILE => Some(probe()),
         "openclaw" => Some(openclaw::profile()),
         _ => None,
     }
@@ -119,6 +125,19 @@ fn reference() -> AgentProfile {
                 read_only: vec![],
             })
         },
+    }
+}
+
+/// The reference agent with its probe mode on.
+fn probe() -> AgentProfile {
+    AgentProfile {
+        name: PROBE_PROFILE,
+        render: |i| {
+            let mut launch = (reference().render)(i)?;
+            launch.env.insert("OTM_AGENT_PROBES".into(), "1".into());
+            Ok(launch)
+        },
+        ..reference()
     }
 }
 

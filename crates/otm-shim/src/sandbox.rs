@@ -244,7 +244,7 @@ impl AgentSandbox {
             std::fs::create_dir_all(w)?;
             a.extend(["--bind".into(), s(w), s(w)]);
         }
-        a.extend(["--chdir".into(), s(workdir)]);
+        a.extend(["--remount-ro".into(), "/".into(), "--chdir".into(), s(workdir)]);
         a.extend(["--".into(), s(&self.otm), "sandbox-init".into(), "--".into(), s(program)]);
         a.extend(args.iter().cloned());
 

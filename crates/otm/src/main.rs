@@ -79,9 +79,19 @@ struct ServerArgs {
     /// State store URL for snapshots [default: file://<data-dir>/state].
     #[arg(long, env = "OTM_STATE")]
     state: Option<String>,
-    /// Instance sandbox: auto (bubblewrap when installed), bubblewrap, none [default: auto].
+    /// Instance sandbox: auto or bubblewrap (bubblewrap; the server refuses to start without
+    /// it), or none (development only: instances are not isolated, and every start says so)
+    /// [default: auto].
     #[arg(long, env = "OTM_SANDBOX")]
     sandbox: Option<String>,
+    /// First uid of the range instances run as when otm runs as root; 65,536 uids from there
+    /// must belong to nobody else [default: 1500000000].
+    #[arg(long, env = "OTM_SANDBOX_UID_BASE")]
+    sandbox_uid_base: Option<u32>,
+    /// Accept tenants on the `probe` profile: the reference agent answering `/sh <command>` with
+    /// the command's output, run inside the sandbox. For testing sandboxes only.
+    #[arg(long, env = "OTM_ALLOW_PROBE_PROFILE")]
+    allow_probe_profile: bool,
     /// Failed deliveries of one update before it moves to the dead-letter list [default: 10].
     #[arg(long, env = "OTM_MAX_DELIVERY_ATTEMPTS")]
     max_delivery_attempts: Option<u32>,
@@ -132,6 +142,12 @@ impl ServerArgs {
         set_opt!(model_base_url, model_id);
         if let Some(n) = self.max_delivery_attempts {
             s.max_delivery_attempts = n;
+        }
+        if let Some(n) = self.sandbox_uid_base {
+            s.sandbox_uid_base = n;
+        }
+        if self.allow_probe_profile {
+            s.allow_probe_profile = true;
         }
         if let Some(r) = &self.role {
             s.role = r.clone();
