@@ -31,6 +31,8 @@ fn main() {
 async fn run() {
     let tg = FakeTelegram::start().await;
     let dir = tempfile::Builder::new().prefix("otm-bench").tempdir_in("/tmp").unwrap();
+    // Instances run as uids of their own: they must be able to traverse to their directories.
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
     let settings = Settings {
         listen: "127.0.0.1:0".into(),
         admin_listen: "127.0.0.1:0".into(),

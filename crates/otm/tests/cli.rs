@@ -15,7 +15,7 @@ fn otm() -> Command {
 
 #[test]
 fn invalid_settings_exit_non_zero_before_binding() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::tempdir();
     // A port we hold: had the server bound anything, it would say so; it must fail earlier.
     for (args, needle) in [
         (vec!["--listen", "not-an-address"], "listen"),

@@ -406,16 +406,18 @@ async fn an_openclaw_tenant_answers_sleeps_and_wakes_with_its_conversation() {
     assert!(!checked.is_empty(), "the snapshot holds OpenClaw's databases");
     assert!(checked.iter().all(|(_, r)| r == "ok"), "{checked:?}");
     // How long the gateway was paused for each of those snapshots, from the shim's log.
-    let shim_log = std::fs::read_to_string(dir2.join("shim.log")).unwrap_or_default();
+    // The runtime's own directory of the instance (never shown to it).
+    let records = dir2.parent().unwrap().parent().unwrap().join("runtime").join(dir2.file_name().unwrap());
+    let shim_log = std::fs::read_to_string(records.join("shim.log")).unwrap_or_default();
     let paused_ms: Vec<u64> = shim_log
         .lines()
         .filter_map(|l| l.split("paused_ms=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
         .collect();
     assert!(!paused_ms.is_empty(), "running snapshots paused the gateway: {shim_log}");
-    let runtime: Value = serde_json::from_slice(&std::fs::read(dir2.join("runtime.json")).unwrap()).unwrap();
+    let runtime: Value = serde_json::from_slice(&std::fs::read(records.join("record.json")).unwrap()).unwrap();
     let shim_pid = runtime["pid"].as_i64().unwrap() as i32;
     let restoring = Instant::now();
-    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(shim_pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim_pid), nix::sys::signal::Signal::SIGKILL).unwrap();
     wait_until("the crash to be noticed", Duration::from_secs(30), || async {
         let (_, t) = h.api(Method::GET, "/tenants/claw", None).await;
         t["instance"].is_null()

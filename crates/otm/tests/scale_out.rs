@@ -2,6 +2,8 @@
 //! on Redis + PostgreSQL (and DynamoDB + S3 on moto), with the local runtime. Skipped with a
 //! message when the external services' URLs are not set (`.ci/run` sets them).
 
+mod common;
+
 use otm_testkit::{FakeTelegram, text_update};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -87,7 +89,7 @@ impl Cluster {
     async fn start(b: Backends) -> Cluster {
         let state = b.state.clone();
         let tg = FakeTelegram::start().await;
-        let dir = tempfile::Builder::new().prefix("otm").tempdir_in("/tmp").unwrap();
+        let dir = common::tempdir();
         let http = reqwest::Client::builder().no_proxy().build().unwrap();
         // Orchestrators on one machine share the instances directory (the local runtime).
         let shared = dir.path().join("o");
@@ -123,6 +125,11 @@ impl Cluster {
 
     fn instances_dir(&self) -> PathBuf {
         self.dir.path().join("o/instances")
+    }
+
+    /// The local runtime's own records of the instances.
+    fn records_dir(&self) -> PathBuf {
+        self.dir.path().join("o/runtime")
     }
 
     fn instance_count(&self) -> usize {
@@ -190,17 +197,7 @@ impl Cluster {
     /// Kills every instance's process group (an instance of a killed orchestrator, or all of them
     /// when a test fails half-way).
     fn kill_instances(&self) {
-        if let Ok(dirs) = std::fs::read_dir(self.instances_dir()) {
-            for d in dirs.flatten() {
-                if let Some(pid) = std::fs::read(d.path().join("runtime.json"))
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                    .and_then(|v| v["pid"].as_i64())
-                {
-                    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
-                }
-            }
-        }
+        common::kill_instances(&self.dir.path().join("o"));
     }
 }
 
@@ -342,9 +339,11 @@ async fn an_orchestrator_killed_mid_wake_is_taken_over() {
     // The moment an instance directory appears, its creator is in the middle of the wake.
     let deadline = Instant::now() + Duration::from_secs(30);
     let creator = loop {
-        if let Some(pid) = first_instance_shim_pid(&c.instances_dir()) {
+        if let Some(pid) = first_instance_shim_pid(&c.records_dir()) {
+            // The instance's first process is the sandbox's, below bubblewrap, below its creator.
             let parent = parent_of(pid);
-            if let Some(i) = c.orchestrators.iter().position(|o| Some(o.child.id()) == parent) {
+            let grandparent = parent.and_then(parent_of);
+            if let Some(i) = c.orchestrators.iter().position(|o| Some(o.child.id()) == parent || Some(o.child.id()) == grandparent) {
                 break i;
             }
         }
@@ -415,7 +414,7 @@ async fn a_stale_lock_holder_cannot_overwrite_the_registry() {
 
 fn first_instance_shim_pid(dir: &Path) -> Option<u32> {
     std::fs::read_dir(dir).ok()?.flatten().find_map(|d| {
-        let raw = std::fs::read(d.path().join("runtime.json")).ok()?;
+        let raw = std::fs::read(d.path().join("record.json")).ok()?;
         serde_json::from_slice::<serde_json::Value>(&raw).ok()?["pid"].as_u64().map(|p| p as u32)
     })
 }

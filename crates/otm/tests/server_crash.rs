@@ -1,6 +1,8 @@
 //! `otm server` killed with SIGKILL while instances run and updates wait: the next start adopts
 //! the instances and answers every accepted update exactly once.
 
+mod common;
+
 use otm_testkit::{FakeTelegram, text_update};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -43,7 +45,7 @@ async fn a_killed_server_restarts_adopts_instances_and_answers_everything_once()
     let tg = FakeTelegram::start().await;
     let token = "9301:CRASH";
     tg.add_bot(token);
-    let dir = tempfile::Builder::new().prefix("otm").tempdir_in("/tmp").unwrap();
+    let dir = common::tempdir();
     let data = dir.path().join("d");
     let ports = Ports { public: free_port(), admin: free_port(), egress: free_port() };
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
@@ -129,7 +131,7 @@ async fn wakes_work_after_a_restart_of_a_single_node_server() {
     let tg = FakeTelegram::start().await;
     let token = "9302:RESTART";
     tg.add_bot(token);
-    let dir = tempfile::Builder::new().prefix("otm").tempdir_in("/tmp").unwrap();
+    let dir = common::tempdir();
     let data = dir.path().join("d");
     let ports = Ports { public: free_port(), admin: free_port(), egress: free_port() };
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
