@@ -38,4 +38,4 @@ pub use registry::{FleetSettings, Registry};
 pub use runtime::{InstanceSpec, LimitKind, ResourceLimits, Runtime, RuntimeEvent, RuntimeInstance};
 pub use secret::Secret;
 pub use state::{SnapshotMeta, StateStore};
-pub use tenant::{Tenant, TenantStatus};
+pub use tenant::{Tenant, TenantLimits, TenantStatus};

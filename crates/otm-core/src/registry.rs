@@ -10,6 +10,13 @@ use serde::{Deserialize, Serialize};
 pub struct FleetSettings {
     /// How many started, unbound instances to keep ready.
     pub warm_pool_target: u32,
+    /// Most instances running at once (warm ones included); 0 is no limit. Beyond it, updates
+    /// wait in their inboxes and the longest-idle tenants are put to sleep first.
+    pub max_running: u32,
+    /// Most wakes under way at once in one orchestrator; 0 is no limit.
+    pub max_concurrent_wakes: u32,
+    /// Limits of every instance, unless its tenant says otherwise.
+    pub default_limits: crate::ResourceLimits,
 }
 
 /// The source of truth.

@@ -21,6 +21,7 @@ pub struct InstanceSpec {
 /// What one instance may use. Defaults are those of the system otm replaces: requests 200m CPU,
 /// limits 1 CPU and 2 GiB; 512 processes; a 1 GiB state directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ResourceLimits {
     /// Memory limit in bytes (the OOM killer acts inside the instance beyond it).
     pub memory_bytes: u64,

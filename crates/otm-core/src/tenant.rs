@@ -61,6 +61,49 @@ pub struct Tenant {
     pub created_at_ms: i64,
     /// Last accepted or delivered update.
     pub last_active_ms: i64,
+    /// What its instances may use, where it differs from the fleet's defaults.
+    #[serde(default)]
+    pub limits: TenantLimits,
+}
+
+/// A tenant's own resource limits; each unset one is the fleet's default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantLimits {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_millis: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
+}
+
+impl TenantLimits {
+    /// These limits over `defaults`.
+    pub fn over(&self, defaults: &crate::ResourceLimits) -> crate::ResourceLimits {
+        crate::ResourceLimits {
+            memory_bytes: self.memory_bytes.unwrap_or(defaults.memory_bytes),
+            cpu_millis: self.cpu_millis.unwrap_or(defaults.cpu_millis),
+            cpu_request_millis: defaults.cpu_request_millis.min(self.cpu_millis.unwrap_or(u32::MAX)),
+            pids: self.pids.unwrap_or(defaults.pids),
+            disk_bytes: self.disk_bytes.unwrap_or(defaults.disk_bytes),
+        }
+    }
+
+    /// The stored form: a JSON object of the set limits.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("limits serialise")
+    }
+
+    /// Reads [`TenantLimits::to_json`]; empty or absent is no limits of its own.
+    pub fn from_json(s: Option<&str>) -> Result<Self, serde_json::Error> {
+        match s.map(str::trim) {
+            None | Some("") => Ok(TenantLimits::default()),
+            Some(s) => serde_json::from_str(s),
+        }
+    }
 }
 
 impl Tenant {
@@ -77,6 +120,7 @@ impl Tenant {
             status: TenantStatus::Idle,
             created_at_ms: now,
             last_active_ms: now,
+            limits: TenantLimits::default(),
         }
     }
 

@@ -69,7 +69,8 @@ pub struct LocalRuntimeConfig {
     pub sandbox: SandboxMode,
     /// Extra paths the sandboxes show read-only (agent installations).
     pub read_only: Vec<PathBuf>,
-    /// otm's egress proxy as a Unix socket, shown inside every instance sandbox.
+    /// otm's egress proxy as a Unix socket named `egress.sock`, alone in its directory, which
+    /// every instance sandbox shows read-only.
     pub egress_socket: Option<PathBuf>,
     /// First uid of the range instances run as when otm runs as root.
     pub uid_base: u32,
@@ -285,7 +286,11 @@ impl LocalRuntime {
         a.extend(view.args());
         a.extend(["--bind".into(), s(dir), s(dir)]);
         if let Some(egress) = &self.inner.egress_socket {
-            a.extend(["--ro-bind".into(), s(egress), sandbox::EGRESS_SOCKET.into()]);
+            // The directory, not the socket file: a restarted server binds a new socket there,
+            // which a bind of the old file would not show.
+            let dir = egress.parent().expect("the egress socket lies in a directory");
+            let inside = Path::new(sandbox::EGRESS_SOCKET).parent().expect("in a directory");
+            a.extend(["--ro-bind".into(), s(dir), s(inside)]);
         }
         a.extend(["--remount-ro".into(), "/".into(), "--chdir".into(), s(dir), "--setenv".into(), "PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()]);
         a.extend(["--setenv".into(), "TMPDIR".into(), s(&dir.join("tmp"))]);

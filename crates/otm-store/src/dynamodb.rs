@@ -358,6 +358,7 @@ fn tenant_item(t: &Tenant) -> Result<Value> {
         "last_active_ms": n(t.last_active_ms),
         "idle_deadline_ms": n(t.last_active_ms.saturating_add(idle_ms)),
         "fence": n(0),
+        "limits": s(&t.limits.to_json()),
     });
     if let Some(token) = &t.bot_token {
         item["bot_token"] = s(token.expose());
@@ -386,6 +387,7 @@ fn tenant_from(item: &Item) -> Result<Tenant> {
             .ok_or_else(|| corrupt(&what, format!("unknown status `{status}`")))?,
         created_at_ms: r.n("created_at_ms")?,
         last_active_ms: r.n("last_active_ms")?,
+        limits: otm_core::TenantLimits::from_json(r.opt_s("limits")?).map_err(|e| corrupt(&what, e))?,
     })
 }
 
@@ -990,14 +992,15 @@ impl Registry for DynamoRegistry {
         let names = json!({
             "#id": "tenant_id", "#pr": "profile", "#is": "idle_timeout_s", "#ims": "idle_timeout_ms",
             "#ws": "webhook_secret", "#cs": "cold_start_notice", "#dl": "idle_deadline_ms",
-            "#la": "last_active_ms", "#bt": "bot_token",
+            "#la": "last_active_ms", "#bt": "bot_token", "#lm": "limits",
         });
         let mut values = json!({
             ":pr": s(&tenant.profile), ":is": n(idle_s), ":ims": n(idle_ms),
             ":ws": s(tenant.webhook_secret.expose()), ":cs": boolean(tenant.cold_start_notice),
+            ":lm": s(&tenant.limits.to_json()),
         });
         let mut expr =
-            "SET #pr = :pr, #is = :is, #ims = :ims, #ws = :ws, #cs = :cs, #dl = #la + :ims"
+            "SET #pr = :pr, #is = :is, #ims = :ims, #ws = :ws, #cs = :cs, #lm = :lm, #dl = #la + :ims"
                 .to_owned();
         match &tenant.bot_token {
             Some(token) => {

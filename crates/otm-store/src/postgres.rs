@@ -121,6 +121,10 @@ pub const MIGRATIONS: &[&str] = &[
         value TEXT NOT NULL
     );
     "#,
+    // 2: per-tenant resource limits (a JSON object of the set ones).
+    r#"
+    ALTER TABLE tenants ADD COLUMN limits TEXT NOT NULL DEFAULT '{}';
+    "#,
 ];
 
 /// How to connect, beyond the URL.
@@ -774,7 +778,7 @@ fn get<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, idx: usize) -> R
 macro_rules! tenant_columns {
     () => {
         "id, profile, idle_timeout_s, bot_token, webhook_secret, cold_start_notice, status, created_at_ms, \
-         last_active_ms"
+         last_active_ms, limits"
     };
 }
 
@@ -794,6 +798,8 @@ fn tenant_row(row: &Row) -> Result<Tenant> {
             .ok_or_else(|| corrupt(format!("tenant {id}"), format!("unknown status `{status}`")))?,
         created_at_ms: get(row, 7)?,
         last_active_ms: get(row, 8)?,
+        limits: otm_core::TenantLimits::from_json(get::<Option<String>>(row, 9)?.as_deref())
+            .map_err(|e| corrupt(format!("tenant {id}"), e))?,
     })
 }
 
@@ -870,8 +876,8 @@ impl Registry for PostgresRegistry {
         let idle = to_i64(t.idle_timeout_s, "idle timeout")?;
         self.execute(
             "INSERT INTO tenants (id, profile, idle_timeout_s, bot_token, webhook_secret, cold_start_notice, \
-             status, created_at_ms, last_active_ms, idle_deadline_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+             status, created_at_ms, last_active_ms, idle_deadline_ms, limits) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             &[
                 &t.id.as_str(),
                 &t.profile,
@@ -883,6 +889,7 @@ impl Registry for PostgresRegistry {
                 &t.created_at_ms,
                 &t.last_active_ms,
                 &deadline(t.last_active_ms, idle),
+                &t.limits.to_json(),
             ],
             false,
         )
@@ -930,7 +937,7 @@ impl Registry for PostgresRegistry {
             .execute(
                 concat!(
                     "UPDATE tenants SET profile = $2, idle_timeout_s = $3, bot_token = $4, webhook_secret = $5, \
-                     cold_start_notice = $6, idle_deadline_ms = ",
+                     cold_start_notice = $6, limits = $7, idle_deadline_ms = ",
                     deadline_sql!("last_active_ms", "$3"),
                     " WHERE id = $1"
                 ),
@@ -941,6 +948,7 @@ impl Registry for PostgresRegistry {
                     &t.bot_token.as_ref().map(Secret::expose),
                     &t.webhook_secret.expose(),
                     &t.cold_start_notice,
+                    &t.limits.to_json(),
                 ],
                 true,
             )

@@ -102,6 +102,10 @@ pub const MIGRATIONS: &[&str] = &[
         value TEXT NOT NULL
     ) STRICT;
     "#,
+    // 2: per-tenant resource limits (a JSON object of the set ones).
+    r#"
+    ALTER TABLE tenants ADD COLUMN limits TEXT NOT NULL DEFAULT '{}';
+    "#,
 ];
 
 /// The embedded registry: one SQLite file.
@@ -543,7 +547,7 @@ fn deadline(at_ms: i64, idle_timeout_s: i64) -> i64 {
 }
 
 const TENANT_COLUMNS: &str = "id, profile, idle_timeout_s, bot_token, webhook_secret, cold_start_notice, status, \
-                              created_at_ms, last_active_ms";
+                              created_at_ms, last_active_ms, limits";
 
 /// Reads a row of [`TENANT_COLUMNS`]; the outer error is SQLite's, the inner one a bad value.
 fn tenant_row(row: &Row<'_>) -> rusqlite::Result<Result<Tenant>> {
@@ -567,6 +571,8 @@ fn tenant_row(row: &Row<'_>) -> rusqlite::Result<Result<Tenant>> {
             })?,
             created_at_ms: row.get(7).map_err(db)?,
             last_active_ms: row.get(8).map_err(db)?,
+            limits: otm_core::TenantLimits::from_json(row.get::<_, Option<String>>(9).map_err(db)?.as_deref())
+                .map_err(|e| corrupt(format!("tenant {id}"), e))?,
         })
     })();
     Ok(tenant)
@@ -678,8 +684,8 @@ impl Registry for SqliteRegistry {
             let mut stmt = c
                 .prepare_cached(
                     "INSERT INTO tenants (id, profile, idle_timeout_s, bot_token, webhook_secret, cold_start_notice, \
-                     status, created_at_ms, last_active_ms, idle_deadline_ms) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                     status, created_at_ms, last_active_ms, idle_deadline_ms, limits) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 )
                 .map_err(db)?;
             stmt.execute(params![
@@ -693,6 +699,7 @@ impl Registry for SqliteRegistry {
                 t.created_at_ms,
                 t.last_active_ms,
                 deadline(t.last_active_ms, idle),
+                t.limits.to_json(),
             ])
             .map_err(|e| {
                 if is_constraint(&e) {
@@ -744,7 +751,7 @@ impl Registry for SqliteRegistry {
             };
             c.prepare_cached(
                 "UPDATE tenants SET profile = ?2, idle_timeout_s = ?3, bot_token = ?4, webhook_secret = ?5, \
-                 cold_start_notice = ?6, idle_deadline_ms = ?7 WHERE id = ?1",
+                 cold_start_notice = ?6, idle_deadline_ms = ?7, limits = ?8 WHERE id = ?1",
             )
             .and_then(|mut s| {
                 s.execute(params![
@@ -755,6 +762,7 @@ impl Registry for SqliteRegistry {
                     t.webhook_secret.expose(),
                     t.cold_start_notice,
                     deadline(last_active, idle),
+                    t.limits.to_json(),
                 ])
             })
             .map_err(db)?;

@@ -174,6 +174,7 @@ mod dynamodb {
         // Settings never show up as a tenant.
         r.put_settings(&otm_core::FleetSettings {
             warm_pool_target: 3,
+            ..Default::default()
         })
         .await
         .unwrap();
