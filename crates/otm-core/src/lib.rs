@@ -21,6 +21,7 @@ pub mod error;
 pub mod id;
 pub mod inbox;
 pub mod instance;
+pub mod quantity;
 pub mod registry;
 pub mod runtime;
 pub mod secret;

@@ -157,6 +157,12 @@ struct TenantView {
     last_active_ms: i64,
     instance: Option<String>,
     inbox_pending: u64,
+    /// What its instances may use: its own limits over the fleet's defaults.
+    limits: otm_core::ResourceLimits,
+    /// The limits set for this tenant alone.
+    own_limits: otm_core::TenantLimits,
+    /// The last limit one of its instances ran into (as this server saw it).
+    last_limit_kill: Option<crate::app::LimitKill>,
 }
 
 async fn view(app: &App, t: &Tenant) -> TenantView {
@@ -173,6 +179,54 @@ async fn view(app: &App, t: &Tenant) -> TenantView {
         last_active_ms: t.last_active_ms,
         instance,
         inbox_pending: app.registry.inbox_depth(&t.id).await.unwrap_or(0),
+        limits: t.limits.over(&app.registry.get_settings().await.map(|s| s.default_limits).unwrap_or_default()),
+        own_limits: t.limits,
+        last_limit_kill: app.last_limit_kill(&t.id),
+    }
+}
+
+/// Resource limits as the API takes them: `memory` and `disk` as sizes (`512Mi`, `2GiB`, or a
+/// number of bytes), `cpu` as `500m`, `0.5` or a number of cores, `pids` as a count; `"default"`
+/// (or null) returns one to the fleet's default.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LimitsBody {
+    memory: Option<Value>,
+    cpu: Option<Value>,
+    pids: Option<Value>,
+    disk: Option<Value>,
+}
+
+impl LimitsBody {
+    fn apply(&self, to: &mut otm_core::TenantLimits) -> ApiResult<()> {
+        fn text(v: &Value) -> Option<String> {
+            match v {
+                Value::Null => None,
+                Value::String(s) if s == "default" => None,
+                Value::String(s) => Some(s.clone()),
+                other => Some(other.to_string()),
+            }
+        }
+        let bad = |name: &str, e: String| ApiError::bad_request(format!("{name}: {e}"));
+        if let Some(v) = &self.memory {
+            to.memory_bytes = text(v).map(|s| otm_core::quantity::parse_bytes(&s)).transpose().map_err(|e| bad("memory", e))?;
+            if to.memory_bytes.is_some_and(|m| m < 16 << 20) {
+                return Err(ApiError::bad_request("memory must be at least 16Mi"));
+            }
+        }
+        if let Some(v) = &self.disk {
+            to.disk_bytes = text(v).map(|s| otm_core::quantity::parse_bytes(&s)).transpose().map_err(|e| bad("disk", e))?;
+        }
+        if let Some(v) = &self.cpu {
+            to.cpu_millis = text(v).map(|s| otm_core::quantity::parse_cpu(&s)).transpose().map_err(|e| bad("cpu", e))?;
+        }
+        if let Some(v) = &self.pids {
+            to.pids = text(v)
+                .map(|s| s.trim().parse::<u32>().ok().filter(|n| (8..=1_000_000).contains(n)).ok_or("a count from 8 to 1000000".to_owned()))
+                .transpose()
+                .map_err(|e| bad("pids", e))?;
+        }
+        Ok(())
     }
 }
 
@@ -196,6 +250,10 @@ struct CreateTenant {
     /// The secret Telegram must send; generated when absent (it is then only ever given to
     /// Telegram through setWebhook).
     webhook_secret: Option<String>,
+    memory: Option<Value>,
+    cpu: Option<Value>,
+    pids: Option<Value>,
+    disk: Option<Value>,
 }
 
 fn check_profile(app: &App, p: &str) -> ApiResult<()> {
@@ -247,6 +305,8 @@ async fn create_tenant(State(app): State<Arc<App>>, ApiJson(body): ApiJson<Creat
         t.idle_timeout_s = s;
     }
     t.cold_start_notice = body.cold_start_notice.unwrap_or(false);
+    LimitsBody { memory: body.memory.clone(), cpu: body.cpu.clone(), pids: body.pids.clone(), disk: body.disk.clone() }
+        .apply(&mut t.limits)?;
     if let Some(secret) = body.webhook_secret {
         t.webhook_secret = check_webhook_secret(&secret)?;
     }
@@ -282,6 +342,10 @@ struct PatchTenant {
     idle_timeout_s: Option<u64>,
     profile: Option<String>,
     cold_start_notice: Option<bool>,
+    memory: Option<Value>,
+    cpu: Option<Value>,
+    pids: Option<Value>,
+    disk: Option<Value>,
 }
 
 async fn patch_tenant(State(app): State<Arc<App>>, Path(id): Path<String>, ApiJson(body): ApiJson<PatchTenant>) -> ApiResult<Json<TenantView>> {
@@ -297,6 +361,8 @@ async fn patch_tenant(State(app): State<Arc<App>>, Path(id): Path<String>, ApiJs
     if let Some(c) = body.cold_start_notice {
         t.cold_start_notice = c;
     }
+    LimitsBody { memory: body.memory.clone(), cpu: body.cpu.clone(), pids: body.pids.clone(), disk: body.disk.clone() }
+        .apply(&mut t.limits)?;
     let token_changed = if let Some(tok) = body.bot_token.as_deref() {
         t.bot_token = Some(check_bot_token(tok)?);
         true
@@ -307,6 +373,11 @@ async fn patch_tenant(State(app): State<Arc<App>>, Path(id): Path<String>, ApiJs
         register_webhook(&app, &t).await?;
     }
     app.registry.update_tenant(&t).await?;
+    // A running instance gets the new limits at once.
+    if let Ok(Some(rec)) = app.registry.instance_of(&t.id).await {
+        let limits = t.limits.over(&app.registry.get_settings().await?.default_limits);
+        app.runtime.set_limits(&rec.id, &limits).await?;
+    }
     let t = load(&app, &id).await?;
     Ok(Json(view(&app, &t).await))
 }
@@ -431,6 +502,10 @@ async fn get_config(State(app): State<Arc<App>>) -> ApiResult<Json<FleetSettings
 #[serde(deny_unknown_fields)]
 struct PutConfig {
     warm_pool_target: Option<u32>,
+    max_running: Option<u32>,
+    max_concurrent_wakes: Option<u32>,
+    /// Fleet default limits, in the units tenants take (`memory`, `cpu`, `pids`, `disk`).
+    default_limits: Option<LimitsBody>,
 }
 
 async fn put_config(State(app): State<Arc<App>>, ApiJson(body): ApiJson<PutConfig>) -> ApiResult<Json<FleetSettings>> {
@@ -440,6 +515,17 @@ async fn put_config(State(app): State<Arc<App>>, ApiJson(body): ApiJson<PutConfi
             return Err(ApiError::bad_request("warm_pool_target must be at most 1000"));
         }
         s.warm_pool_target = n;
+    }
+    if let Some(n) = body.max_running {
+        s.max_running = n;
+    }
+    if let Some(n) = body.max_concurrent_wakes {
+        s.max_concurrent_wakes = n;
+    }
+    if let Some(l) = &body.default_limits {
+        let mut own = otm_core::TenantLimits::default();
+        l.apply(&mut own)?;
+        s.default_limits = own.over(&s.default_limits);
     }
     app.registry.put_settings(&s).await?;
     let _ = app.coordinator.publish(otm_core::Notification::SettingsChanged).await;

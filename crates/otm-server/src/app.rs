@@ -38,6 +38,8 @@ pub struct App {
     pub remote: Option<crate::remote::OrchestratorClient>,
     /// The last limit each tenant's instance ran into, as this process saw it.
     pub(crate) limit_kills: Mutex<HashMap<TenantId, LimitKill>>,
+    /// Wakes under way in this process (admission control).
+    pub(crate) wakes_in_flight: std::sync::atomic::AtomicUsize,
 }
 
 /// An instance stopped for running into a limit.
@@ -91,6 +93,7 @@ impl App {
             tenant_locks: Mutex::new(HashMap::new()),
             dispatchers: Mutex::new(HashMap::new()),
             limit_kills: Mutex::new(HashMap::new()),
+            wakes_in_flight: std::sync::atomic::AtomicUsize::new(0),
             leader: std::sync::atomic::AtomicBool::new(false),
         })
     }

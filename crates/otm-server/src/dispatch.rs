@@ -112,7 +112,12 @@ async fn deliver_one(app: &Arc<App>, tenant: &TenantId, item: InboxItem) {
             }
             let _ = app.registry.touch_tenant(tenant, otm_core::time::now_ms()).await;
         }
-        Err(message) => {
+        Err(Failure::Held(message)) => {
+            // Admission control: the update waits in the inbox without using up an attempt.
+            tracing::info!(%tenant, update_id = item.update_id, %message, "delivery waits for room in the fleet");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Err(Failure::Failed(message)) => {
             tracing::warn!(%tenant, update_id = item.update_id, attempt = item.attempts + 1, %message, "delivery failed");
             let max = app.settings.max_delivery_attempts;
             match app.registry.inbox_fail(tenant, item.seq, &message, max).await {
@@ -133,19 +138,36 @@ async fn deliver_one(app: &Arc<App>, tenant: &TenantId, item: InboxItem) {
     }
 }
 
+/// Why a delivery did not go through.
+enum Failure {
+    /// A real failure: counts as an attempt.
+    Failed(String),
+    /// Held back by admission control: no attempt was made.
+    Held(String),
+}
+
+impl From<String> for Failure {
+    fn from(s: String) -> Self {
+        Failure::Failed(s)
+    }
+}
+
 /// One delivery attempt: wake if needed, deliver through the shim, check the acknowledgement.
-async fn attempt(app: &Arc<App>, tenant: &TenantId, item: &InboxItem) -> Result<(), String> {
+async fn attempt(app: &Arc<App>, tenant: &TenantId, item: &InboxItem) -> Result<(), Failure> {
     let chat = serde_json::from_slice::<serde_json::Value>(&item.payload).ok().and_then(|u| chat_of(&u));
-    let woken = orchestrator::wake_anywhere(app, tenant, chat).await.map_err(|e| format!("wake failed: {e}"))?;
+    let woken = orchestrator::wake_anywhere(app, tenant, chat).await.map_err(|e| match e {
+        otm_core::Error::Unavailable { backend: orchestrator::ADMISSION, message } => Failure::Held(message),
+        e => Failure::Failed(format!("wake failed: {e}")),
+    })?;
     let shim = ShimClient::new(woken.endpoint.address.clone(), woken.endpoint.shim_token.clone());
     let timeout = Duration::from_secs(60);
     match shim.deliver(bytes::Bytes::from(item.payload.clone()), timeout).await {
         Ok(r) if r.acknowledged => Ok(()),
-        Ok(r) => Err(r.detail.unwrap_or_else(|| format!("agent answered {}", r.status))),
+        Ok(r) => Err(r.detail.unwrap_or_else(|| format!("agent answered {}", r.status)).into()),
         Err(e) => {
             // The instance may be gone; forget the endpoint so the next attempt looks again.
             let _ = app.coordinator.clear_endpoint(tenant).await;
-            Err(e.to_string())
+            Err(e.to_string().into())
         }
     }
 }

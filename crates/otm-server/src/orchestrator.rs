@@ -155,6 +155,9 @@ async fn wake_locked(app: &Arc<App>, tenant: &TenantId, fence: u64, begun: Insta
         }
     }
     let t = app.registry.get_tenant(tenant).await?.ok_or_else(|| Error::not_found(format!("tenant {tenant}")))?;
+    let fleet = app.registry.get_settings().await?;
+    let limits = t.limits.over(&fleet.default_limits);
+    let _admitted = admit(app, &fleet, tenant).await?;
     app.registry.set_tenant_status(tenant, TenantStatus::Provisioning, Some(fence)).await?;
 
     // `prepare`: locks and the status write before any instance work.
@@ -162,8 +165,19 @@ async fn wake_locked(app: &Arc<App>, tenant: &TenantId, fence: u64, begun: Insta
     let mark = Instant::now();
     // Claim a warm instance, or create one.
     let (mut rec, path) = match app.registry.claim_warm_instance(tenant).await? {
-        Some(rec) => (rec, WakePath::Warm),
+        Some(rec) => {
+            if let Err(e) = app.runtime.set_limits(&rec.id, &limits).await {
+                let _ = app.registry.set_tenant_status(tenant, TenantStatus::Idle, Some(fence)).await;
+                discard(app, &rec).await;
+                return Err(e);
+            }
+            (rec, WakePath::Warm)
+        }
         None => {
+            if let Err(e) = make_room(app, &fleet, tenant).await {
+                let _ = app.registry.set_tenant_status(tenant, TenantStatus::Idle, Some(fence)).await;
+                return Err(e);
+            }
             if let (true, Some(chat), Some(token)) = (t.cold_start_notice, chat, t.bot_token.as_ref()) {
                 let notice = app.telegram.send_message(token, chat, "Starting up, one moment…");
                 match tokio::time::timeout(Duration::from_secs(3), notice).await {
@@ -172,7 +186,7 @@ async fn wake_locked(app: &Arc<App>, tenant: &TenantId, fence: u64, begun: Insta
                     Err(_) => tracing::warn!(%tenant, "cold-start notice timed out"),
                 }
             }
-            let spec = InstanceSpec { id: InstanceId::random(), shim_token: Secret::random(), tenant: Some(tenant.clone()), limits: Default::default() };
+            let spec = InstanceSpec { id: InstanceId::random(), shim_token: Secret::random(), tenant: Some(tenant.clone()), limits };
             let created = match app.runtime.create(&spec).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -339,6 +353,91 @@ async fn stop_locked(app: &Arc<App>, tenant: &TenantId, rec: &mut InstanceRecord
     Ok(())
 }
 
+/// The error backend of a wake held back by admission control: the dispatcher waits and tries
+/// again without counting an attempt.
+pub const ADMISSION: &str = "admission";
+
+/// A wake under way, counted while it lives.
+pub(crate) struct Admitted<'a>(&'a App);
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        let n = self.0.wakes_in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) - 1;
+        self.0.metrics.wakes_in_flight.set(n as i64);
+    }
+}
+
+/// Admission for one wake: at most `max_concurrent_wakes` at once in this process (waiting up
+/// to a few seconds for a turn).
+async fn admit<'a>(app: &'a Arc<App>, fleet: &otm_core::FleetSettings, tenant: &TenantId) -> Result<Admitted<'a>> {
+    use std::sync::atomic::Ordering;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = app.wakes_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        if fleet.max_concurrent_wakes == 0 || n <= fleet.max_concurrent_wakes as usize {
+            app.metrics.wakes_in_flight.set(n as i64);
+            return Ok(Admitted(app));
+        }
+        app.wakes_in_flight.fetch_sub(1, Ordering::SeqCst);
+        if Instant::now() >= deadline {
+            app.metrics.admission_waits.get_or_create(&crate::metrics::Reason { reason: "max_concurrent_wakes".into() }).inc();
+            return Err(Error::unavailable(
+                ADMISSION,
+                format!("{} wakes are under way (max-concurrent-wakes); {tenant} waits", fleet.max_concurrent_wakes),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Makes room for one more instance under `max_running`: puts the longest-idle running tenant
+/// with nothing waiting to sleep (or a surplus warm instance away). When nothing can go, the
+/// wake is held back and its updates wait in the inbox.
+async fn make_room(app: &Arc<App>, fleet: &otm_core::FleetSettings, waking: &TenantId) -> Result<()> {
+    app.metrics.max_running.set(i64::from(fleet.max_running));
+    if fleet.max_running == 0 {
+        return Ok(());
+    }
+    let max = fleet.max_running as usize;
+    let instances = app.registry.list_instances().await?;
+    if instances.len() < max {
+        return Ok(());
+    }
+    // A warm instance goes first: it serves nobody.
+    if let Some(warm) = instances.iter().find(|r| r.tenant.is_none() && r.state == InstanceState::Warm) {
+        discard(app, warm).await;
+        app.metrics.reconciler("warm_removed_for_room");
+        return Ok(());
+    }
+    let mut candidates = Vec::new();
+    for rec in instances.iter().filter(|r| r.state == InstanceState::Ready) {
+        let Some(t) = rec.tenant.as_ref().filter(|t| *t != waking) else { continue };
+        if app.registry.inbox_depth(t).await.unwrap_or(1) > 0 {
+            continue;
+        }
+        if let Ok(Some(tenant)) = app.registry.get_tenant(t).await {
+            candidates.push((tenant.last_active_ms, t.clone()));
+        }
+    }
+    candidates.sort();
+    for (_, t) in candidates {
+        // Only a tenant nobody is waking or stopping right now.
+        let lock = app.tenant_lock(&t);
+        let Ok(free) = lock.try_lock() else { continue };
+        drop(free);
+        tracing::info!(tenant = %t, for_tenant = %waking, max_running = max, "putting the longest-idle tenant to sleep to make room");
+        app.metrics.admission_waits.get_or_create(&crate::metrics::Reason { reason: "evicted_idle".into() }).inc();
+        if stop(app, &t, "admission").await.is_ok() {
+            return Ok(());
+        }
+    }
+    app.metrics.admission_waits.get_or_create(&crate::metrics::Reason { reason: "max_running".into() }).inc();
+    Err(Error::unavailable(
+        ADMISSION,
+        format!("the fleet runs its limit of {max} instances (max-running) and none is idle; {waking} waits"),
+    ))
+}
+
 /// Packs a tenant's state from outside its instance (whose shim is dead or failed to snapshot),
 /// checks it and publishes it, retrying a few times.
 async fn salvage(app: &Arc<App>, tenant: &TenantId, rec: &InstanceRecord, reason: &str) -> Result<()> {
@@ -466,7 +565,11 @@ async fn instance_exited(app: &Arc<App>, id: &InstanceId, detail: &str, limit: O
         let lock = app.tenant_lock(tenant);
         let _held = lock.lock().await;
         let _ = app.coordinator.clear_endpoint(tenant).await;
-        if !retire(app, &rec).await {
+        if limit == Some(otm_core::LimitKind::Disk) {
+            // State over its disk limit is not kept: the previous snapshot stays in force.
+            tracing::warn!(%tenant, instance = %id, "state over the disk limit is dropped; the previous snapshot stays the head");
+            discard(app, &rec).await;
+        } else if !retire(app, &rec).await {
             return;
         }
         let _ = app.registry.set_tenant_status(tenant, TenantStatus::Idle, None).await;
@@ -677,7 +780,14 @@ pub async fn run_warm_pool(app: Arc<App>) {
 }
 
 async fn fill_warm_pool(app: &Arc<App>) -> Result<()> {
-    let target = app.registry.get_settings().await?.warm_pool_target as usize;
+    let settings = app.registry.get_settings().await?;
+    app.metrics.max_running.set(i64::from(settings.max_running));
+    let mut target = settings.warm_pool_target as usize;
+    if settings.max_running > 0 {
+        // Warm instances count as running: the pool never takes the fleet over its limit.
+        let running = app.registry.list_instances().await?.iter().filter(|r| r.tenant.is_some()).count();
+        target = target.min((settings.max_running as usize).saturating_sub(running));
+    }
     let warm: Vec<InstanceRecord> = app
         .registry
         .list_instances()
@@ -700,7 +810,7 @@ async fn fill_warm_pool(app: &Arc<App>) -> Result<()> {
         if app.shutdown.is_cancelled() {
             break;
         }
-        let spec = InstanceSpec { id: InstanceId::random(), shim_token: Secret::random(), tenant: None, limits: Default::default() };
+        let spec = InstanceSpec { id: InstanceId::random(), shim_token: Secret::random(), tenant: None, limits: settings.default_limits };
         let created = app.runtime.create(&spec).await?;
         let rec = InstanceRecord {
             id: spec.id,

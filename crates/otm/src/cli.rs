@@ -110,6 +110,18 @@ pub enum TenantCommand {
         /// Send a short "starting up" message on cold wakes.
         #[arg(long)]
         cold_start_notice: bool,
+        /// Memory limit of its instances: 512Mi, 2GiB, … ("default": the fleet's).
+        #[arg(long)]
+        memory: Option<String>,
+        /// CPU limit: 500m, 0.5, 2 (cores).
+        #[arg(long)]
+        cpu: Option<String>,
+        /// Most processes and threads.
+        #[arg(long)]
+        pids: Option<String>,
+        /// Disk limit of its state, home and temporary directories: 1Gi, 500M, ….
+        #[arg(long)]
+        disk: Option<String>,
     },
     /// List tenants.
     List,
@@ -126,6 +138,18 @@ pub enum TenantCommand {
         profile: Option<String>,
         #[arg(long)]
         cold_start_notice: Option<bool>,
+        /// Memory limit of its instances: 512Mi, 2GiB, … ("default": the fleet's).
+        #[arg(long)]
+        memory: Option<String>,
+        /// CPU limit: 500m, 0.5, 2 (cores).
+        #[arg(long)]
+        cpu: Option<String>,
+        /// Most processes and threads.
+        #[arg(long)]
+        pids: Option<String>,
+        /// Disk limit of its state, home and temporary directories: 1Gi, 500M, ….
+        #[arg(long)]
+        disk: Option<String>,
     },
     /// Delete a tenant: stops its instance and removes its webhook; snapshots are kept.
     Delete { id: String },
@@ -139,9 +163,12 @@ pub enum TenantCommand {
 pub enum ConfigCommand {
     /// Show fleet settings.
     Get,
-    /// Change one fleet setting: warm-pool-target N.
+    /// Change one fleet setting: warm-pool-target N, max-running N (0: no limit),
+    /// max-concurrent-wakes N, default-memory SIZE, default-cpu CPU, default-pids N,
+    /// default-disk SIZE.
     Set {
-        /// Setting name: warm-pool-target.
+        /// Setting name: warm-pool-target, max-running, max-concurrent-wakes, default-memory,
+        /// default-cpu, default-pids, default-disk.
         key: String,
         value: String,
     },
@@ -236,8 +263,9 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
             let api = Api::new(&global)?;
             let out = global.output;
             match command {
-                TenantCommand::Create { id, bot_token, idle_timeout, profile, cold_start_notice } => {
+                TenantCommand::Create { id, bot_token, idle_timeout, profile, cold_start_notice, memory, cpu, pids, disk } => {
                     let mut body = json!({"id": id});
+                    put_limits(&mut body, memory, cpu, pids, disk);
                     if let Some(t) = bot_token {
                         body["bot_token"] = json!(t);
                     }
@@ -261,8 +289,9 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                     let t = api.call(Method::GET, &format!("/tenants/{id}"), None).await?;
                     print_object(out, &t);
                 }
-                TenantCommand::Update { id, bot_token, idle_timeout, profile, cold_start_notice } => {
+                TenantCommand::Update { id, bot_token, idle_timeout, profile, cold_start_notice, memory, cpu, pids, disk } => {
                     let mut body = json!({});
+                    put_limits(&mut body, memory, cpu, pids, disk);
                     if let Some(t) = bot_token {
                         body["bot_token"] = json!(t);
                     }
@@ -276,7 +305,7 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                         body["cold_start_notice"] = json!(c);
                     }
                     if body.as_object().is_some_and(|m| m.is_empty()) {
-                        return Err(CallError { code: exit::USAGE, message: "nothing to update: give at least one of --bot-token, --idle-timeout, --profile, --cold-start-notice".into() }.into());
+                        return Err(CallError { code: exit::USAGE, message: "nothing to update: give at least one of --bot-token, --idle-timeout, --profile, --cold-start-notice, --memory, --cpu, --pids, --disk".into() }.into());
                     }
                     let t = api.call(Method::PATCH, &format!("/tenants/{id}"), Some(body)).await?;
                     print_object(out, &t);
@@ -328,11 +357,26 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                 ConfigCommand::Get => api.call(Method::GET, "/config", None).await?,
                 ConfigCommand::Set { key, value } => {
                     let field = key.replace('-', "_");
-                    if field != "warm_pool_target" {
-                        return Err(CallError { code: exit::USAGE, message: format!("unknown setting `{key}`; settable: warm-pool-target") }.into());
-                    }
-                    let n: u32 = value.parse().map_err(|_| CallError { code: exit::USAGE, message: format!("`{value}` is not a whole number") })?;
-                    api.call(Method::PUT, "/config", Some(json!({field: n}))).await?
+                    let body = match field.as_str() {
+                        "warm_pool_target" | "max_running" | "max_concurrent_wakes" => {
+                            let n: u32 = value.parse().map_err(|_| CallError { code: exit::USAGE, message: format!("`{value}` is not a whole number") })?;
+                            json!({field: n})
+                        }
+                        "default_memory" | "default_cpu" | "default_pids" | "default_disk" => {
+                            json!({"default_limits": {field.trim_start_matches("default_"): value}})
+                        }
+                        _ => {
+                            return Err(CallError {
+                                code: exit::USAGE,
+                                message: format!(
+                                    "unknown setting `{key}`; settable: warm-pool-target, max-running, max-concurrent-wakes, \
+                                     default-memory, default-cpu, default-pids, default-disk"
+                                ),
+                            }
+                            .into());
+                        }
+                    };
+                    api.call(Method::PUT, "/config", Some(body)).await?
                 }
             };
             match global.output {
@@ -533,6 +577,15 @@ fn print_tenants(out: Output, list: &[Value], as_list: bool) {
         })
         .collect();
     print_table(&["ID", "STATUS", "PROFILE", "IDLE TIMEOUT", "INSTANCE", "PENDING", "LAST ACTIVE"], &rows);
+}
+
+/// Adds the resource-limit flags that were given to a create or update body.
+fn put_limits(body: &mut Value, memory: Option<String>, cpu: Option<String>, pids: Option<String>, disk: Option<String>) {
+    for (k, v) in [("memory", memory), ("cpu", cpu), ("pids", pids), ("disk", disk)] {
+        if let Some(v) = v {
+            body[k] = json!(v);
+        }
+    }
 }
 
 fn print_object(out: Output, v: &Value) {

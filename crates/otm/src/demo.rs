@@ -195,8 +195,16 @@ async fn start_and_run(dir: &Path) -> Result<()> {
         telegram_api: fake.url(),
         public_url: Some(PUBLIC_URL.into()),
         wake_timeout_s: WAIT.as_secs(),
+        // The demo runs anywhere: without bubblewrap its instances are plain processes, and it
+        // says so (a server never falls back on its own).
+        sandbox: if otm_shim::sandbox::bwrap().is_some() { "bubblewrap".into() } else { "none".into() },
         ..Default::default()
     };
+    if settings.sandbox == "none" {
+        say!("  NOTE: bubblewrap (bwrap) is not installed, so this demo's instances run UNSANDBOXED,");
+        say!("        as plain processes that could read everything here. `otm server` refuses to");
+        say!("        run like that; install bubblewrap (apt-get install bubblewrap) for the real thing.");
+    }
     let server = otm_server::start(settings, None)
         .await
         .context("starting the otm server")?;
@@ -280,10 +288,12 @@ impl<'a> Demo<'a> {
             self.public,
             self.admin
         );
-        say!(
-            "  sandbox            {} (instances run `otm shim` under it, each with the reference agent)",
-            status["isolation"].as_str().unwrap_or("unknown")
-        );
+        match status["isolation"].as_str().unwrap_or("unknown") {
+            "none" => say!("  sandbox            NONE: instances run unsandboxed (bubblewrap is not installed)"),
+            other => say!(
+                "  sandbox            {other} (each instance: `otm shim` in a sandbox of its own, the reference agent in a second one inside it)"
+            ),
+        }
 
         section("1. Three tenants, each with its own Telegram bot");
         let mut tenants = Vec::new();
