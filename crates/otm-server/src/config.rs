@@ -161,6 +161,15 @@ impl Settings {
         if !matches!(self.sandbox.as_str(), "auto" | "bubblewrap" | "none") {
             return Err(invalid("sandbox", format!("`{}` is not one of auto, bubblewrap, none", self.sandbox)));
         }
+        // Fail closed: no sandbox is never chosen for the operator.
+        if self.sandbox != "none" && self.runs_orchestrator() && otm_shim::sandbox::bwrap().is_none() {
+            return Err(invalid(
+                "sandbox",
+                "bubblewrap (`bwrap`) is not installed, and otm does not run instances without a sandbox: install it \
+                 (Debian and Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap), or for development \
+                 only start with --sandbox none",
+            ));
+        }
         if self.max_delivery_attempts == 0 {
             return Err(invalid("max-delivery-attempts", "must be at least 1"));
         }

@@ -170,3 +170,54 @@ async fn cli_drives_a_running_server_in_table_and_json() {
     assert_eq!(out.status.code(), Some(5));
     h.stop().await;
 }
+
+#[test]
+fn sandbox_auto_refuses_to_start_without_bubblewrap() {
+    let dir = common::tempdir();
+    for sandbox in ["auto", "bubblewrap"] {
+        let out = otm()
+            .env("PATH", "/nonexistent")
+            .args(["server", "--sandbox", sandbox, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(["--egress-listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path().join("d"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "--sandbox {sandbox} started without bubblewrap");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("apt-get install bubblewrap") && err.contains("--sandbox none"), "{err}");
+        assert!(!dir.path().join("d/admin.token").exists(), "started before failing");
+    }
+}
+
+#[test]
+fn sandbox_none_is_said_at_start_and_in_status() {
+    use std::io::{BufRead, BufReader};
+    let dir = common::tempdir();
+    let data = dir.path().join("d");
+    let mut server = otm()
+        .args(["server", "--sandbox", "none", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--egress-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let admin = line.split("admin API on ").nth(1).and_then(|r| r.split('/').nth(2)).expect("the admin address is printed").to_owned();
+    let status = otm()
+        .args(["--admin-url", &format!("http://{admin}"), "--data-dir"])
+        .arg(&data)
+        .args(["-o", "json", "status"])
+        .output()
+        .unwrap();
+    let _ = server.kill();
+    let out = server.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("WITHOUT a sandbox"), "the start says so: {log}");
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&status.stderr)));
+    assert_eq!(v["isolation"], "none");
+    assert_eq!(v["sandboxed"], false);
+    assert!(v["warnings"][0].as_str().unwrap().contains("without a sandbox"), "{v}");
+}

@@ -159,3 +159,57 @@ async fn a_killed_shim_loses_no_acknowledged_state() {
     assert_eq!(got[3].text, "#4: m4", "the count went on from the state packed after the kill");
     h.stop().await;
 }
+
+/// With `max-running 1`, a wake puts the longest-idle tenant to sleep; a tenant busy with an
+/// update is never put to sleep, so the other's updates wait in its inbox, and arrive after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_running_puts_idle_tenants_to_sleep_and_holds_the_rest() {
+    let (h, hog, neighbour) = start(json!({})).await;
+    let (code, cfg) = h.api(Method::PUT, "/config", Some(json!({"max_running": 1}))).await;
+    assert_eq!((code, &cfg["max_running"]), (200, &json!(1)), "{cfg}");
+    let dir = h.dir.path().join("d/runtime");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let watcher = {
+        let (dir, stop) = (dir.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut max = 0;
+            while !stop.is_cancelled() {
+                max = max.max(std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0));
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            max
+        })
+    };
+    assert!(probe(&h, &hog, 1, "echo one").await.contains("one"));
+    // The neighbour's message puts the idle hog to sleep.
+    assert_eq!(h.post_update("neighbour", &neighbour, &text_update(1, 5, "hello")).await, 200);
+    let got = h.tg.wait_for_messages(NEIGHBOUR, 1, Duration::from_secs(30)).await;
+    assert_eq!(got[0].text, "#1: hello");
+    let (_, t) = h.api(Method::GET, "/tenants/hog", None).await;
+    assert!(t["instance"].is_null(), "the idle hog was put to sleep: {t}");
+
+    // A busy tenant is not put to sleep: the neighbour's update waits for it.
+    assert_eq!(h.post_update("hog", &hog, &text_update(2, 9, "/sh sleep 4; echo slow")).await, 200);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while h.api(Method::GET, "/tenants/hog", None).await.1["instance"].is_null() {
+        assert!(Instant::now() < deadline, "the hog did not wake");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(h.post_update("neighbour", &neighbour, &text_update(2, 5, "after you")).await, 200);
+    let hog_got = h.tg.wait_for_messages(HOG, 2, Duration::from_secs(60)).await;
+    let hog_done = Instant::now();
+    assert!(hog_got[1].text.contains("slow"));
+    let got = h.tg.wait_for_messages(NEIGHBOUR, 2, Duration::from_secs(60)).await;
+    assert_eq!(got[1].text, "#2: after you", "the held update was delivered, once, in order");
+    let sent_at = |token: &str, needle: &str| {
+        h.tg.calls().into_iter().find(|c| c.token == token && c.params["text"].as_str().is_some_and(|t| t.contains(needle))).unwrap().at
+    };
+    assert!(sent_at(NEIGHBOUR, "after you") > sent_at(HOG, "slow"), "the neighbour waited for the busy hog");
+    let _ = hog_done;
+    stop.cancel();
+    assert_eq!(watcher.await.unwrap(), 1, "never more than one instance");
+    let text = h.http.get(format!("http://{}/metrics", h.server().admin_addr)).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("otm_admission_waits_total{reason=\"max_running\"}"), "admission waits are counted");
+    assert!(text.contains("otm_max_running 1"), "the limit is shown");
+    h.stop().await;
+}
