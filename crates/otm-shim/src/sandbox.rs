@@ -94,12 +94,14 @@ impl SystemView {
             push(&["--ro-bind", &passwd.display().to_string(), "/etc/passwd"]);
             push(&["--ro-bind", &group.display().to_string(), "/etc/group"]);
         }
+        // The fresh /proc, /dev and /tmp first: binds of paths below /tmp (a data directory
+        // there) are mounted on top of them, not hidden under them.
+        push(&["--proc", "/proc", "--dev", "/dev"]);
+        push(&["--perms", "1777", "--size", &self.tmp_bytes.max(1 << 20).to_string(), "--tmpfs", "/tmp"]);
         for p in &self.read_only {
             let s = p.display().to_string();
             push(&["--ro-bind", &s, &s]);
         }
-        push(&["--proc", "/proc", "--dev", "/dev"]);
-        push(&["--perms", "1777", "--size", &self.tmp_bytes.max(1 << 20).to_string(), "--tmpfs", "/tmp"]);
         a
     }
 }
