@@ -69,9 +69,9 @@ pub struct LocalRuntimeConfig {
     pub sandbox: SandboxMode,
     /// Extra paths the sandboxes show read-only (agent installations).
     pub read_only: Vec<PathBuf>,
-    /// otm's egress proxy as a Unix socket named `egress.sock`, alone in its directory, which
-    /// every instance sandbox shows read-only.
-    pub egress_socket: Option<PathBuf>,
+    /// The directory of otm's egress sockets (one per server), which every instance sandbox
+    /// shows read-only.
+    pub egress_dir: Option<PathBuf>,
     /// First uid of the range instances run as when otm runs as root.
     pub uid_base: u32,
 }
@@ -110,7 +110,7 @@ struct Inner {
     otm_binary: PathBuf,
     bwrap: Option<PathBuf>,
     read_only: Vec<PathBuf>,
-    egress_socket: Option<PathBuf>,
+    egress_dir: Option<PathBuf>,
     cgroups: Option<Layout>,
     /// Why there are no cgroups, for status pages.
     cgroup_problem: Option<String>,
@@ -203,7 +203,7 @@ impl LocalRuntime {
                 otm_binary,
                 bwrap,
                 read_only: config.read_only,
-                egress_socket: config.egress_socket,
+                egress_dir: config.egress_dir,
                 cgroups,
                 cgroup_problem,
                 uid_base,
@@ -285,12 +285,9 @@ impl LocalRuntime {
         let view = self.view(dir, true);
         a.extend(view.args());
         a.extend(["--bind".into(), s(dir), s(dir)]);
-        if let Some(egress) = &self.inner.egress_socket {
-            // The directory, not the socket file: a restarted server binds a new socket there,
-            // which a bind of the old file would not show.
-            let dir = egress.parent().expect("the egress socket lies in a directory");
-            let inside = Path::new(sandbox::EGRESS_SOCKET).parent().expect("in a directory");
-            a.extend(["--ro-bind".into(), s(dir), s(inside)]);
+        if let Some(dir) = &self.inner.egress_dir {
+            // The directory, not a socket file: a restarted server binds a new socket there.
+            a.extend(["--ro-bind".into(), s(dir), sandbox::EGRESS_DIR.into()]);
         }
         a.extend(["--remount-ro".into(), "/".into(), "--chdir".into(), s(dir), "--setenv".into(), "PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()]);
         a.extend(["--setenv".into(), "TMPDIR".into(), s(&dir.join("tmp"))]);
@@ -499,8 +496,8 @@ impl LocalRuntime {
         argv.extend(["--listen".into(), "stdin".into(), "--token-file".into(), s(&token_file)]);
         if sandboxed {
             argv.push("--agent-sandbox".into());
-            if self.inner.egress_socket.is_some() {
-                argv.extend(["--egress".into(), sandbox::EGRESS_SOCKET.into()]);
+            if self.inner.egress_dir.is_some() {
+                argv.extend(["--egress".into(), sandbox::EGRESS_DIR.into()]);
             }
             for p in &self.view(&dir, false).read_only {
                 argv.extend(["--show".into(), s(p)]);
@@ -636,11 +633,17 @@ impl Runtime for LocalRuntime {
     }
 
     async fn list(&self) -> Result<Vec<RuntimeInstance>> {
-        let mut out: Vec<RuntimeInstance> = self
-            .records()
+        // Records and cgroup files are read off the async workers.
+        let rt = self.clone();
+        let records = tokio::task::spawn_blocking(move || {
+            rt.records().into_iter().map(|r| (rt.alive(&r), r)).collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| Error::generic(BACKEND, e))?;
+        let mut out: Vec<RuntimeInstance> = records
             .into_iter()
-            .map(|r| RuntimeInstance {
-                alive: self.alive(&r),
+            .map(|(alive, r)| RuntimeInstance {
+                alive,
                 id: r.id,
                 address: r.address,
                 tenant: r.tenant,

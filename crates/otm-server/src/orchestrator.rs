@@ -245,8 +245,19 @@ async fn bind(
 
     let shim = ShimClient::new(rec.address.clone(), rec.shim_token.clone());
     let restoring = Instant::now();
-    if let Some(archive) = restorable_snapshot(app, tenant).await? {
-        shim.restore(archive).await?;
+    // The newest snapshot that passes its checks and that the instance can unpack; one it
+    // refuses is skipped (and said so), the one before it tried.
+    let mut refused = std::collections::HashSet::new();
+    while let Some((id, archive)) = restorable_snapshot(app, tenant, &refused).await? {
+        match shim.restore(archive).await {
+            Ok(()) => break,
+            Err(e @ Error::InvalidInput { .. }) => {
+                tracing::error!(%tenant, snapshot = %id, error = %e, "the instance refused the snapshot; trying the one before it");
+                app.metrics.reconciler("restore_refused");
+                refused.insert(id);
+            }
+            Err(e) => return Err(e),
+        }
     }
     phases.push(("restore".into(), restoring.elapsed().as_millis() as u64));
 
@@ -633,12 +644,23 @@ pub async fn reconcile(app: &Arc<App>) -> Result<()> {
 
 /// The archive to restore on wake: the head, or, when it fails its checksum, the newest older
 /// snapshot that passes. `None` for a tenant without snapshots.
-async fn restorable_snapshot(app: &Arc<App>, tenant: &TenantId) -> Result<Option<bytes::Bytes>> {
+async fn restorable_snapshot(
+    app: &Arc<App>,
+    tenant: &TenantId,
+    refused: &std::collections::HashSet<SnapshotId>,
+) -> Result<Option<(SnapshotId, bytes::Bytes)>> {
     let Some(head) = app.state.head(tenant).await? else { return Ok(None) };
     let mut candidates = vec![head.clone()];
     let mut older: Vec<_> = app.state.list(tenant).await?.into_iter().filter(|m| m.id < head.id).collect();
     older.reverse();
     candidates.extend(older);
+    candidates.retain(|m| !refused.contains(&m.id));
+    if candidates.is_empty() {
+        return Err(Error::Corrupt {
+            what: format!("every snapshot of tenant {tenant}"),
+            message: "the instance refused every one".into(),
+        });
+    }
     for meta in candidates {
         let got = match app.state.get(tenant, &meta.id).await {
             Ok(archive) => {
@@ -658,7 +680,7 @@ async fn restorable_snapshot(app: &Arc<App>, tenant: &TenantId) -> Result<Option
                     tracing::warn!(%tenant, snapshot = %meta.id, "restoring an older snapshot because newer ones are corrupt");
                     app.metrics.reconciler("restore_fallback");
                 }
-                return Ok(Some(archive));
+                return Ok(Some((meta.id, archive)));
             }
             Err(e @ Error::Corrupt { .. }) => {
                 tracing::error!(%tenant, snapshot = %meta.id, error = %e, "snapshot refused; trying the one before it");

@@ -90,9 +90,10 @@ pub async fn start(settings: Settings, admin_token_given: Option<Secret>) -> Res
         "none" => SandboxMode::None,
         _ => SandboxMode::Auto,
     };
-    // Instances reach the egress proxy through this socket only (they have no other network).
-    let egress_socket = data_dir.join("run/egress.sock");
-    let egress_unix = if settings.runs_orchestrator() { Some(bind_egress_socket(&egress_socket).map_err(dd_err)?) } else { None };
+    // Instances reach the egress proxy through a socket in this directory only (they have no
+    // other network).
+    let egress_dir = data_dir.join("run");
+    let egress_unix = if settings.runs_orchestrator() { Some(bind_egress_socket(&egress_dir).map_err(dd_err)?) } else { None };
     let runtime: Arc<dyn otm_core::Runtime> = if settings.runs_orchestrator() {
         // An OpenClaw installation is shown read-only inside the sandboxes.
         let read_only = crate::openclaw::locate(&settings).map(|i| i.read_only).unwrap_or_default();
@@ -101,7 +102,7 @@ pub async fn start(settings: Settings, admin_token_given: Option<Secret>) -> Res
             otm_binary,
             sandbox,
             read_only,
-            egress_socket: Some(egress_socket.clone()),
+            egress_dir: Some(egress_dir.clone()),
             uid_base: settings.sandbox_uid_base,
         })?)
     } else {
@@ -179,20 +180,25 @@ fn public_router(app: Arc<App>) -> Router {
     )
 }
 
-/// Binds the egress proxy's Unix socket, replacing a stale one. Instances run as other uids and
-/// see only this file (bound into their sandboxes), so it is connectable by anyone who can reach
-/// it; the directory above it is not listable.
-fn bind_egress_socket(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+/// Binds this server's egress socket in `dir` (`egress-<pid>.sock`; several servers may share a
+/// data directory), after removing sockets nobody answers on any more. Instances run as other
+/// uids and see only this directory (shown in their sandboxes), so its sockets are connectable
+/// by anyone who can reach them; the data directory above is not listable.
+fn bind_egress_socket(dir: &Path) -> std::io::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
-    let dir = path.parent().expect("socket in a directory");
     std::fs::create_dir_all(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    for e in std::fs::read_dir(dir)?.flatten() {
+        if e.file_name().to_str().is_some_and(|n| n.ends_with(".sock"))
+            && std::os::unix::net::UnixStream::connect(e.path()).is_err()
+        {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
-    let listener = tokio::net::UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    let path = dir.join(format!("egress-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
     Ok(listener)
 }
 

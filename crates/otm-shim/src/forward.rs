@@ -2,6 +2,10 @@
 //! every connection is passed on to otm's egress proxy, which the instance reaches only as a
 //! Unix socket. Agents that need a TCP URL (OpenClaw's model base URL and Telegram `apiRoot`)
 //! are pointed here.
+//!
+//! The egress is a directory of sockets, one per server on the machine (several orchestrators
+//! may share one data directory, and a restarted server binds a new one): each connection goes
+//! to the newest socket that answers.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -37,7 +41,7 @@ pub async fn start(socket: PathBuf, shutdown: CancellationToken) -> std::io::Res
             let socket = socket.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                match tokio::net::UnixStream::connect(&socket).await {
+                match connect(&socket).await {
                     Ok(mut unix) => {
                         let _ = tokio::io::copy_bidirectional(&mut tcp, &mut unix).await;
                     }
@@ -47,4 +51,25 @@ pub async fn start(socket: PathBuf, shutdown: CancellationToken) -> std::io::Res
         }
     });
     Ok(root)
+}
+
+/// Connects to the egress socket, or to the newest answering `*.sock` in the egress directory.
+async fn connect(path: &std::path::Path) -> std::io::Result<tokio::net::UnixStream> {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return tokio::net::UnixStream::connect(path).await;
+    };
+    let mut sockets: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.ends_with(".sock")))
+        .map(|e| (e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH), e.path()))
+        .collect();
+    sockets.sort_by(|a, b| b.0.cmp(&a.0));
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, format!("no egress socket in {}", path.display()));
+    for (_, s) in sockets {
+        match tokio::net::UnixStream::connect(&s).await {
+            Ok(c) => return Ok(c),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }

@@ -4,7 +4,7 @@
 //!
 //! - the **instance sandbox** (started by the local runtime) holds `otm shim`: its own user,
 //!   PID, IPC, UTS and network namespaces (only loopback), a minimal read-only system, the
-//!   instance directory writable, and otm's egress proxy as a Unix socket at [`EGRESS_SOCKET`];
+//!   instance directory writable, and otm's egress proxy as Unix sockets in [`EGRESS_DIR`];
 //! - the **agent sandbox** (started by the shim inside it) holds the agent: another user and PID
 //!   namespace (the shim is not even visible), an unprivileged uid, no capabilities, a new
 //!   session, no further user namespaces, the seccomp filter of [`seccomp`], and only the
@@ -18,8 +18,8 @@ pub mod seccomp;
 
 use std::path::{Path, PathBuf};
 
-/// Where the egress proxy's Unix socket appears inside an instance sandbox.
-pub const EGRESS_SOCKET: &str = "/run/otm/egress.sock";
+/// Where the directory of the egress proxy's Unix sockets appears inside an instance sandbox.
+pub const EGRESS_DIR: &str = "/run/otm";
 
 /// The uid and gid every sandboxed process has inside its user namespace.
 pub const SANDBOX_UID: u32 = 1000;

@@ -15,7 +15,7 @@ fn runtime(data_dir: &Path, sandbox: SandboxMode) -> LocalRuntime {
         otm_binary: PathBuf::from(env!("CARGO_BIN_EXE_otm")),
         sandbox,
         read_only: vec![],
-        egress_socket: None,
+        egress_dir: None,
         uid_base: otm_runtime::local::DEFAULT_UID_BASE,
     })
     .unwrap()
@@ -140,10 +140,35 @@ fn a_data_dir_inside_a_shown_directory_is_refused() {
         otm_binary: PathBuf::from(env!("CARGO_BIN_EXE_otm")),
         sandbox: SandboxMode::Bubblewrap,
         read_only: vec![prefix.clone()],
-        egress_socket: None,
+        egress_dir: None,
         uid_base: otm_runtime::local::DEFAULT_UID_BASE,
     })
     .unwrap_err()
     .to_string();
     assert!(err.contains("contains the data directory") && err.contains("--data-dir"), "{err}");
+}
+
+/// `/opt/otm/{otm,data}`: the binary's directory, where agents are installed beside it, holds
+/// the data directory. Refused, naming the flag.
+#[test]
+fn a_data_dir_beside_the_binary_is_refused() {
+    let dir = common::tempdir();
+    let prefix = dir.path().join("opt-otm");
+    std::fs::create_dir_all(&prefix).unwrap();
+    let binary = prefix.join("otm");
+    if std::fs::hard_link(env!("CARGO_BIN_EXE_otm"), &binary).is_err() {
+        std::fs::copy(env!("CARGO_BIN_EXE_otm"), &binary).unwrap();
+    }
+    let err = LocalRuntime::new(LocalRuntimeConfig {
+        data_dir: prefix.join("data"),
+        otm_binary: binary,
+        sandbox: SandboxMode::Bubblewrap,
+        read_only: vec![],
+        egress_dir: None,
+        uid_base: otm_runtime::local::DEFAULT_UID_BASE,
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("contains the data directory") && err.contains("--data-dir"), "{err}");
+    assert!(!prefix.join("data").exists(), "refused before creating anything");
 }
