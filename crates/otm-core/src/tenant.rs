@@ -66,8 +66,9 @@ pub struct Tenant {
     pub limits: TenantLimits,
 }
 
-/// A tenant's own resource limits; each unset one is the fleet's default.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// A tenant's own resource limits, and its egress policy; each unset limit is the fleet's
+/// default.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TenantLimits {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -78,9 +79,19 @@ pub struct TenantLimits {
     pub pids: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disk_bytes: Option<u64>,
+    /// The egress policy: `None` (or empty) is `none`, no way out but the Bot API and model
+    /// proxies; host names (`example.com`, `*.example.com`) are `proxy`, an HTTP CONNECT proxy to
+    /// those hosts on public addresses only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress_allow: Option<Vec<String>>,
 }
 
 impl TenantLimits {
+    /// `proxy` when the tenant may reach allowlisted hosts, else `none`.
+    pub fn egress(&self) -> &'static str {
+        if self.egress_allow.as_ref().is_some_and(|a| !a.is_empty()) { "proxy" } else { "none" }
+    }
+
     /// These limits over `defaults`.
     pub fn over(&self, defaults: &crate::ResourceLimits) -> crate::ResourceLimits {
         crate::ResourceLimits {

@@ -524,7 +524,7 @@ impl LocalRuntime {
 
         let started = Instant::now();
         let pid = if sandboxed {
-            let read = tokio::task::spawn_blocking(move || read_child_pid(info_r));
+            let read = tokio::task::spawn_blocking(move || sandbox::read_child_pid(info_r));
             match tokio::time::timeout(Duration::from_secs(15), read).await {
                 Ok(Ok(Ok(pid))) => pid,
                 other => {
@@ -775,30 +775,6 @@ fn disk_usage(dir: &Path, max_entries: usize) -> u64 {
     total
 }
 
-fn read_child_pid(fd: std::os::fd::OwnedFd) -> std::io::Result<u32> {
-    // bubblewrap writes one small JSON object and may keep the pipe open: parse as soon as it
-    // is whole rather than waiting for the end.
-    use std::io::Read;
-    let mut f = std::fs::File::from(fd);
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = f.read(&mut chunk)?;
-        buf.extend_from_slice(&chunk[..n]);
-        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&buf) {
-            return v["child-pid"]
-                .as_u64()
-                .map(|p| p as u32)
-                .ok_or_else(|| std::io::Error::other(format!("bubblewrap reported no child pid: {v}")));
-        }
-        if n == 0 || buf.len() > 64 << 10 {
-            return Err(std::io::Error::other(format!(
-                "bubblewrap did not report its sandbox: {:?}",
-                String::from_utf8_lossy(&buf)
-            )));
-        }
-    }
-}
 
 fn tail(path: &Path) -> String {
     let text = read_regular(path, 1 << 20).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();

@@ -161,6 +161,9 @@ struct TenantView {
     limits: otm_core::ResourceLimits,
     /// The limits set for this tenant alone.
     own_limits: otm_core::TenantLimits,
+    /// `none` (no way out but the Bot API and model proxies) or `proxy` (CONNECT to `egress_allow`).
+    egress: &'static str,
+    egress_allow: Vec<String>,
     /// The last limit one of its instances ran into (as this server saw it).
     last_limit_kill: Option<crate::app::LimitKill>,
 }
@@ -180,7 +183,9 @@ async fn view(app: &App, t: &Tenant) -> TenantView {
         instance,
         inbox_pending: app.registry.inbox_depth(&t.id).await.unwrap_or(0),
         limits: t.limits.over(&app.registry.get_settings().await.map(|s| s.default_limits).unwrap_or_default()),
-        own_limits: t.limits,
+        own_limits: t.limits.clone(),
+        egress: t.limits.egress(),
+        egress_allow: t.limits.egress_allow.clone().unwrap_or_default(),
         last_limit_kill: app.last_limit_kill(&t.id),
     }
 }
@@ -195,6 +200,10 @@ struct LimitsBody {
     cpu: Option<Value>,
     pids: Option<Value>,
     disk: Option<Value>,
+    #[serde(default)]
+    egress: Option<String>,
+    #[serde(default)]
+    egress_allow: Option<Vec<String>>,
 }
 
 impl LimitsBody {
@@ -219,6 +228,28 @@ impl LimitsBody {
         }
         if let Some(v) = &self.cpu {
             to.cpu_millis = text(v).map(|s| otm_core::quantity::parse_cpu(&s)).transpose().map_err(|e| bad("cpu", e))?;
+        }
+        if let Some(list) = &self.egress_allow {
+            for h in list {
+                let name = h.strip_prefix("*.").unwrap_or(h);
+                let ok = !name.is_empty()
+                    && name.len() <= 253
+                    && name.split('.').all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+                    && name.parse::<std::net::IpAddr>().is_err();
+                if !ok {
+                    return Err(ApiError::bad_request(format!(
+                        "egress_allow: `{h}` is not a host name (example.com, or *.example.com for its subdomains)"
+                    )));
+                }
+            }
+            to.egress_allow = Some(list.iter().map(|h| h.to_ascii_lowercase()).collect()).filter(|l: &Vec<String>| !l.is_empty());
+        }
+        match self.egress.as_deref() {
+            None => {}
+            Some("none") => to.egress_allow = None,
+            Some("proxy") if to.egress_allow.as_ref().is_some_and(|a| !a.is_empty()) => {}
+            Some("proxy") => return Err(ApiError::bad_request("egress `proxy` needs egress_allow: the host names it may reach")),
+            Some(other) => return Err(ApiError::bad_request(format!("egress: `{other}` is not none or proxy"))),
         }
         if let Some(v) = &self.pids {
             to.pids = text(v)
@@ -254,6 +285,8 @@ struct CreateTenant {
     cpu: Option<Value>,
     pids: Option<Value>,
     disk: Option<Value>,
+    egress: Option<String>,
+    egress_allow: Option<Vec<String>>,
 }
 
 fn check_profile(app: &App, p: &str) -> ApiResult<()> {
@@ -305,8 +338,15 @@ async fn create_tenant(State(app): State<Arc<App>>, ApiJson(body): ApiJson<Creat
         t.idle_timeout_s = s;
     }
     t.cold_start_notice = body.cold_start_notice.unwrap_or(false);
-    LimitsBody { memory: body.memory.clone(), cpu: body.cpu.clone(), pids: body.pids.clone(), disk: body.disk.clone() }
-        .apply(&mut t.limits)?;
+    LimitsBody {
+        memory: body.memory.clone(),
+        cpu: body.cpu.clone(),
+        pids: body.pids.clone(),
+        disk: body.disk.clone(),
+        egress: body.egress.clone(),
+        egress_allow: body.egress_allow.clone(),
+    }
+    .apply(&mut t.limits)?;
     if let Some(secret) = body.webhook_secret {
         t.webhook_secret = check_webhook_secret(&secret)?;
     }
@@ -346,6 +386,8 @@ struct PatchTenant {
     cpu: Option<Value>,
     pids: Option<Value>,
     disk: Option<Value>,
+    egress: Option<String>,
+    egress_allow: Option<Vec<String>>,
 }
 
 async fn patch_tenant(State(app): State<Arc<App>>, Path(id): Path<String>, ApiJson(body): ApiJson<PatchTenant>) -> ApiResult<Json<TenantView>> {
@@ -361,8 +403,15 @@ async fn patch_tenant(State(app): State<Arc<App>>, Path(id): Path<String>, ApiJs
     if let Some(c) = body.cold_start_notice {
         t.cold_start_notice = c;
     }
-    LimitsBody { memory: body.memory.clone(), cpu: body.cpu.clone(), pids: body.pids.clone(), disk: body.disk.clone() }
-        .apply(&mut t.limits)?;
+    LimitsBody {
+        memory: body.memory.clone(),
+        cpu: body.cpu.clone(),
+        pids: body.pids.clone(),
+        disk: body.disk.clone(),
+        egress: body.egress.clone(),
+        egress_allow: body.egress_allow.clone(),
+    }
+    .apply(&mut t.limits)?;
     let token_changed = if let Some(tok) = body.bot_token.as_deref() {
         t.bot_token = Some(check_bot_token(tok)?);
         true

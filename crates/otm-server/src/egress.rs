@@ -68,6 +68,9 @@ fn split(path: &str) -> Option<(bool, &str, &str)> {
 }
 
 async fn proxy(State(app): State<Arc<App>>, req: Request) -> Response {
+    if req.method() == axum::http::Method::CONNECT {
+        return crate::connect::handle(app, req).await;
+    }
     let path = req.uri().path().to_owned();
     let Some((file, surrogate, tail)) = split(&path) else {
         app.metrics.egress("not_found");

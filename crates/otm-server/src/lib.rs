@@ -9,6 +9,7 @@
 //! - [`orchestrator`]: wake, stop, idle reaper, reconciler.
 //! - [`egress`]: the Bot API proxy.
 //! - [`model_proxy`]: the model route on the egress listener, which adds the operator's API key.
+//! - [`connect`]: the egress policy's CONNECT proxy to allowlisted public hosts.
 //! - [`openclaw`]: where OpenClaw is installed and what its instances are bound with.
 //! - [`admin`]: the admin API and `/metrics`.
 //! - [`telegram`]: a client for the real Bot API.
@@ -21,6 +22,7 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod dispatch;
+pub mod connect;
 pub mod egress;
 pub mod ingress;
 pub mod lease;

@@ -267,7 +267,13 @@ async fn bind(
         bot_api_root: app.egress_url.clone(),
         bot_token: surrogate.expose().to_owned(),
         // Empty for the reference agent; for OpenClaw its install, template and model route.
-        settings: crate::openclaw::bind_settings(&app.settings, &app.egress_url, t, surrogate.expose())?,
+        settings: {
+            let mut s = crate::openclaw::bind_settings(&app.settings, &app.egress_url, t, surrogate.expose())?;
+            if t.limits.egress() == "proxy" {
+                s.insert(otm_shim::profile::EGRESS_PROXY.to_owned(), "1".to_owned());
+            }
+            s
+        },
     };
     let bound = shim.bind(&req, Duration::from_secs(app.settings.wake_timeout_s)).await?;
     phases.push(("start".into(), bound.start_ms));

@@ -238,11 +238,13 @@ impl Agent {
         }
     }
 
-    /// Polls the health URL (then each of `also_ready`) every 25 ms at most until each answers
-    /// 200; false on timeout.
+    /// Polls the health URL (then each of `also_ready`) until each answers 200; false on
+    /// timeout.
     async fn probe_until_ready(&self, _pid: u32) -> bool {
         let deadline = Instant::now() + self.inner.profile.ready_timeout;
-        let mut interval = Duration::from_millis(5);
+        // Every 2 ms for the first 100 ms (a small agent is up in tens of milliseconds, and a
+        // doubling interval would add up to its own length), then every 25 ms.
+        let started = Instant::now();
         let launch = &self.inner.launch;
         for url in std::iter::once(&launch.health_url).chain(&launch.also_ready) {
             loop {
@@ -255,8 +257,8 @@ impl Agent {
                 {
                     break;
                 }
-                tokio::time::sleep(interval).await;
-                interval = (interval * 2).min(Duration::from_millis(25));
+                let interval = if started.elapsed() < Duration::from_millis(100) { 2 } else { 25 };
+                tokio::time::sleep(Duration::from_millis(interval)).await;
             }
         }
         true

@@ -76,6 +76,10 @@ impl AgentProfile {
     }
 }
 
+/// The bind setting that turns the tenant's egress proxy on (`1`): the agent gets
+/// `HTTPS_PROXY` and friends pointing at the CONNECT proxy behind its forwarder.
+pub const EGRESS_PROXY: &str = "egress.proxy";
+
 /// The names of every profile this build knows.
 pub fn known_profiles() -> &'static [&'static str] {
     &["reference", "openclaw", "probe"]

@@ -274,8 +274,8 @@ impl AgentSandbox {
     }
 }
 
-/// Reads `{"child-pid": N}` from bubblewrap's info pipe.
-fn read_child_pid(fd: std::os::fd::OwnedFd) -> std::io::Result<u32> {
+/// Reads `{"child-pid": N}` from bubblewrap's info pipe (`--info-fd`).
+pub fn read_child_pid(fd: std::os::fd::OwnedFd) -> std::io::Result<u32> {
     // bubblewrap writes one small JSON object and may keep the pipe open: parse as soon as it
     // is whole rather than waiting for the end.
     use std::io::Read;

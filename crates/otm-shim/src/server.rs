@@ -231,6 +231,19 @@ async fn bind(State(shim): State<Arc<Shim>>, Json(req): Json<BindRequest>) -> Re
     };
     let mut launch = launch;
     launch.env.entry("TMPDIR".into()).or_insert_with(|| shim.config.dir.join("tmp").display().to_string());
+    // The egress policy `proxy`: web tools reach allowlisted hosts through otm's CONNECT proxy,
+    // which knows the instance by its surrogate.
+    if let (Some("1"), Some(local)) = (req.settings.get(profile::EGRESS_PROXY).map(String::as_str), &shim.egress_root) {
+        let hostport = local.trim_start_matches("http://");
+        let proxy = format!("http://otm:{}@{hostport}", req.bot_token.replace(':', "%3A"));
+        for k in ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"] {
+            launch.env.insert(k.into(), proxy.clone());
+        }
+        for k in ["NO_PROXY", "no_proxy"] {
+            launch.env.insert(k.into(), "127.0.0.1,localhost,::1".into());
+        }
+        launch.env.insert("NODE_USE_ENV_PROXY".into(), "1".into());
+    }
     let writable = vec![state_dir.clone(), shim.config.dir.join("tmp"), shim.config.dir.join("home")];
     let agent = Agent::start(profile.clone(), launch, state_dir, shim.log_path(), shim.config.agent_sandbox.clone(), writable);
     let start_ms = begun.elapsed().as_millis() as u64;

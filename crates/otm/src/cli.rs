@@ -110,18 +110,8 @@ pub enum TenantCommand {
         /// Send a short "starting up" message on cold wakes.
         #[arg(long)]
         cold_start_notice: bool,
-        /// Memory limit of its instances: 512Mi, 2GiB, … ("default": the fleet's).
-        #[arg(long)]
-        memory: Option<String>,
-        /// CPU limit: 500m, 0.5, 2 (cores).
-        #[arg(long)]
-        cpu: Option<String>,
-        /// Most processes and threads.
-        #[arg(long)]
-        pids: Option<String>,
-        /// Disk limit of its state, home and temporary directories: 1Gi, 500M, ….
-        #[arg(long)]
-        disk: Option<String>,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// List tenants.
     List,
@@ -138,18 +128,8 @@ pub enum TenantCommand {
         profile: Option<String>,
         #[arg(long)]
         cold_start_notice: Option<bool>,
-        /// Memory limit of its instances: 512Mi, 2GiB, … ("default": the fleet's).
-        #[arg(long)]
-        memory: Option<String>,
-        /// CPU limit: 500m, 0.5, 2 (cores).
-        #[arg(long)]
-        cpu: Option<String>,
-        /// Most processes and threads.
-        #[arg(long)]
-        pids: Option<String>,
-        /// Disk limit of its state, home and temporary directories: 1Gi, 500M, ….
-        #[arg(long)]
-        disk: Option<String>,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Delete a tenant: stops its instance and removes its webhook; snapshots are kept.
     Delete { id: String },
@@ -157,6 +137,30 @@ pub enum TenantCommand {
     Wake { id: String },
     /// Stop a tenant's instance (final snapshot first).
     Stop { id: String },
+}
+
+/// A tenant's resource limits; each "default" (or left out) is the fleet's.
+#[derive(Args, Debug)]
+pub struct LimitArgs {
+    /// Memory limit of its instances: 512Mi, 2GiB, … ("default": the fleet's).
+    #[arg(long)]
+    memory: Option<String>,
+    /// CPU limit: 500m, 0.5, 2 (cores).
+    #[arg(long)]
+    cpu: Option<String>,
+    /// Most processes and threads.
+    #[arg(long)]
+    pids: Option<String>,
+    /// Disk limit of its state, home and temporary directories: 1Gi, 500M, ….
+    #[arg(long)]
+    disk: Option<String>,
+    /// Egress policy: none (only the Bot API and model proxies) or proxy (an HTTP CONNECT
+    /// proxy to the --egress-allow hosts, public addresses only).
+    #[arg(long, value_parser = ["none", "proxy"])]
+    egress: Option<String>,
+    /// Host names the egress proxy may reach, comma-separated (example.com, *.example.com).
+    #[arg(long, value_delimiter = ',')]
+    egress_allow: Option<Vec<String>>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -263,9 +267,9 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
             let api = Api::new(&global)?;
             let out = global.output;
             match command {
-                TenantCommand::Create { id, bot_token, idle_timeout, profile, cold_start_notice, memory, cpu, pids, disk } => {
+                TenantCommand::Create { id, bot_token, idle_timeout, profile, cold_start_notice, limits } => {
                     let mut body = json!({"id": id});
-                    put_limits(&mut body, memory, cpu, pids, disk);
+                    put_limits(&mut body, limits);
                     if let Some(t) = bot_token {
                         body["bot_token"] = json!(t);
                     }
@@ -289,9 +293,9 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                     let t = api.call(Method::GET, &format!("/tenants/{id}"), None).await?;
                     print_object(out, &t);
                 }
-                TenantCommand::Update { id, bot_token, idle_timeout, profile, cold_start_notice, memory, cpu, pids, disk } => {
+                TenantCommand::Update { id, bot_token, idle_timeout, profile, cold_start_notice, limits } => {
                     let mut body = json!({});
-                    put_limits(&mut body, memory, cpu, pids, disk);
+                    put_limits(&mut body, limits);
                     if let Some(t) = bot_token {
                         body["bot_token"] = json!(t);
                     }
@@ -305,7 +309,7 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                         body["cold_start_notice"] = json!(c);
                     }
                     if body.as_object().is_some_and(|m| m.is_empty()) {
-                        return Err(CallError { code: exit::USAGE, message: "nothing to update: give at least one of --bot-token, --idle-timeout, --profile, --cold-start-notice, --memory, --cpu, --pids, --disk".into() }.into());
+                        return Err(CallError { code: exit::USAGE, message: "nothing to update: give at least one of --bot-token, --idle-timeout, --profile, --cold-start-notice, --memory, --cpu, --pids, --disk, --egress, --egress-allow".into() }.into());
                     }
                     let t = api.call(Method::PATCH, &format!("/tenants/{id}"), Some(body)).await?;
                     print_object(out, &t);
@@ -580,11 +584,14 @@ fn print_tenants(out: Output, list: &[Value], as_list: bool) {
 }
 
 /// Adds the resource-limit flags that were given to a create or update body.
-fn put_limits(body: &mut Value, memory: Option<String>, cpu: Option<String>, pids: Option<String>, disk: Option<String>) {
-    for (k, v) in [("memory", memory), ("cpu", cpu), ("pids", pids), ("disk", disk)] {
+fn put_limits(body: &mut Value, l: LimitArgs) {
+    for (k, v) in [("memory", l.memory), ("cpu", l.cpu), ("pids", l.pids), ("disk", l.disk), ("egress", l.egress)] {
         if let Some(v) = v {
             body[k] = json!(v);
         }
+    }
+    if let Some(hosts) = l.egress_allow {
+        body["egress_allow"] = json!(hosts);
     }
 }
 

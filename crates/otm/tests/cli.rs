@@ -91,6 +91,22 @@ async fn cli_drives_a_running_server_in_table_and_json() {
     assert_eq!(code, 0);
     assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["idle_timeout_s"], 120);
 
+    // Resource limits, in the units operators write.
+    let (code, _, err) = run(&["tenant", "update", "clara", "--memory", "256Mi", "--cpu", "500m", "--pids", "100", "--disk", "2Gi"]);
+    assert_eq!(code, 0, "{err}");
+    let (_, out, _) = run(&["-o", "json", "tenant", "get", "clara"]);
+    let limits = serde_json::from_str::<serde_json::Value>(&out).unwrap()["limits"].clone();
+    assert_eq!(limits, serde_json::json!({"memory_bytes": 256u64 << 20, "cpu_millis": 500, "cpu_request_millis": 200, "pids": 100, "disk_bytes": 2u64 << 30}));
+    let (code, _, err) = run(&["tenant", "update", "clara", "--memory", "lots"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("memory"), "{err}");
+    let (code, _, err) = run(&["config", "set", "max-running", "50"]);
+    assert_eq!(code, 0, "{err}");
+    let (_, out, _) = run(&["-o", "json", "config", "get"]);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["max_running"], 50);
+    let (code, _, _) = run(&["config", "set", "max-running", "0"]);
+    assert_eq!(code, 0);
+
     let (code, out, err) = run(&["tenant", "wake", "clara"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("awake"), "{out}");

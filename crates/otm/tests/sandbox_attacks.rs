@@ -185,3 +185,45 @@ async fn mounts_namespaces_and_terminals_are_refused() {
     drop(a);
     h.stop().await;
 }
+
+/// The egress policy: `none` gives an agent no proxy at all; `proxy` gives it a CONNECT proxy
+/// that refuses hosts off its allowlist and private, loopback and metadata addresses even when
+/// listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_egress_proxy_reaches_only_allowlisted_public_hosts() {
+    let (h, secret, _) = start().await;
+    let a = Attacker::new(&h, secret).await;
+    let (_, env) = a.sh("env | grep -ci proxy || true").await;
+    assert_eq!(env.trim(), "0", "policy none: no proxy is offered");
+
+    let (code, t) = h
+        .api(Method::PATCH, "/tenants/mallory", Some(json!({"egress": "proxy", "egress_allow": ["example.com", "localhost"]})))
+        .await;
+    assert_eq!(code, 200, "{t}");
+    assert_eq!((t["egress"].as_str(), t["egress_allow"].clone()), (Some("proxy"), json!(["example.com", "localhost"])));
+    let (code, bad) = h.api(Method::PATCH, "/tenants/mallory", Some(json!({"egress_allow": ["10.0.0.1"]}))).await;
+    assert_eq!(code, 400, "an address is not a host name: {bad}");
+    // The policy applies from the next wake.
+    h.api(Method::POST, "/tenants/mallory/stop", None).await;
+    let a = Attacker { h: &h, secret: a.secret.clone(), next: std::cell::Cell::new(a.next.get()) };
+    let (_, env) = a.sh("echo $HTTPS_PROXY | sed 's/:[^:@]*@/:***@/'").await;
+    assert!(env.contains("@127.0.0.1:"), "policy proxy: the proxy is the shim's forwarder: {env}");
+
+    // Through the proxy even for loopback names (no NO_PROXY), as a hostile agent would try.
+    let fetch = |url: &str| {
+        format!("env -u NO_PROXY -u no_proxy python3 -c \"import urllib.request; urllib.request.urlopen('{url}', timeout=5)\" 2>&1 | tail -1")
+    };
+    for (what, url, needle) in [
+        ("a host off the allowlist", "https://evil.example/", "403"),
+        ("loopback, though allowlisted", "https://localhost/", "403"),
+        ("a literal loopback address", "https://127.0.0.1/", "403"),
+        ("the metadata address", "https://169.254.169.254/", "403"),
+    ] {
+        let (_, out) = a.sh(&fetch(url)).await;
+        assert!(out.contains(needle), "{what}: {out}");
+    }
+    let text = h.http.get(format!("http://{}/metrics", h.server().admin_addr)).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("outcome=\"connect_not_allowed\"") && text.contains("outcome=\"connect_private_address\""), "refusals are counted");
+    drop(a);
+    h.stop().await;
+}
