@@ -328,8 +328,7 @@ impl LocalRuntime {
                 }
                 None => {
                     // An adopted instance is not our child: look at it.
-                    loop {
-                        let Some(r) = rt.read_record(id.as_str()) else { break };
+                    while let Some(r) = rt.read_record(id.as_str()) {
                         if !rt.alive(&r) {
                             break;
                         }
@@ -360,7 +359,7 @@ impl LocalRuntime {
             }
             let cg2 = cg.clone();
             let mut hit = tokio::task::spawn_blocking(move || cg2.limit_hit()).await.ok().flatten().map(|k| (k, String::new()));
-            if hit.is_none() && tick % 4 == 0 {
+            if hit.is_none() && tick.is_multiple_of(4) {
                 let d = dir.clone();
                 let used = tokio::task::spawn_blocking(move || {
                     ["state", "tmp", "home"].iter().map(|s| disk_usage(&d.join(s), 500_000)).sum::<u64>()

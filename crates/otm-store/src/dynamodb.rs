@@ -358,7 +358,7 @@ fn tenant_item(t: &Tenant) -> Result<Value> {
         "last_active_ms": n(t.last_active_ms),
         "idle_deadline_ms": n(t.last_active_ms.saturating_add(idle_ms)),
         "fence": n(0),
-        "limits": s(&t.limits.to_json()),
+        "limits": s(t.limits.to_json()),
     });
     if let Some(token) = &t.bot_token {
         item["bot_token"] = s(token.expose());
@@ -997,7 +997,7 @@ impl Registry for DynamoRegistry {
         let mut values = json!({
             ":pr": s(&tenant.profile), ":is": n(idle_s), ":ims": n(idle_ms),
             ":ws": s(tenant.webhook_secret.expose()), ":cs": boolean(tenant.cold_start_notice),
-            ":lm": s(&tenant.limits.to_json()),
+            ":lm": s(tenant.limits.to_json()),
         });
         let mut expr =
             "SET #pr = :pr, #is = :is, #ims = :ims, #ws = :ws, #cs = :cs, #lm = :lm, #dl = #la + :ims"
