@@ -148,20 +148,7 @@ impl LocalRuntime {
         let otm_binary = std::path::absolute(&config.otm_binary).map_err(|e| Error::generic(BACKEND, e))?;
 
         if bwrap.is_some() {
-            // Every path shown to instances, and the binary's own directory (agents are installed
-            // beside otm), must lie outside the data directory.
-            let mut shown = SystemView { read_only: config.read_only.clone(), ..Default::default() }.shown_paths();
-            if let Some(dir) = otm_binary.parent() {
-                shown.push(dir.to_path_buf());
-            }
-            if let Some(p) = sandbox::shows_data_dir(&shown, &data_dir) {
-                return Err(Error::invalid(format!(
-                    "{} is shown read-only to every instance and contains the data directory {}: give a --data-dir \
-                     outside it (or install otm and the agents, --openclaw-prefix, elsewhere)",
-                    p.display(),
-                    data_dir.display()
-                )));
-            }
+            check_shown_paths(&data_dir, &otm_binary, &config.read_only)?;
         }
 
         let instances = data_dir.join("instances");
@@ -705,6 +692,25 @@ impl Runtime for LocalRuntime {
         .await
         .map_err(|e| Error::generic(BACKEND, e))?
         .map_err(|e| Error::unavailable(BACKEND, format!("cannot pack the state directory from outside: {e}")))
+    }
+}
+
+/// Every path shown to instances, and the `otm` binary's own directory (agents are installed
+/// beside otm), must lie outside the data directory: `/opt/otm/{otm,data}` is refused.
+pub fn check_shown_paths(data_dir: &Path, otm_binary: &Path, read_only: &[PathBuf]) -> Result<()> {
+    let data_dir = std::path::absolute(data_dir).map_err(|e| Error::generic(BACKEND, e))?;
+    let mut shown = SystemView { read_only: read_only.to_vec(), ..Default::default() }.shown_paths();
+    if let Some(dir) = std::path::absolute(otm_binary).ok().as_deref().and_then(Path::parent) {
+        shown.push(dir.to_path_buf());
+    }
+    match sandbox::shows_data_dir(&shown, &data_dir) {
+        None => Ok(()),
+        Some(p) => Err(Error::invalid(format!(
+            "{} is shown read-only to every instance and contains the data directory {}: give a --data-dir \
+             outside it (or install otm and the agents, --openclaw-prefix, elsewhere)",
+            p.display(),
+            data_dir.display()
+        ))),
     }
 }
 

@@ -170,6 +170,16 @@ impl Settings {
                  only start with --sandbox none",
             ));
         }
+        // Nothing shown to instances may contain the data directory (checked again by the
+        // runtime; here so that nothing is created first).
+        if self.sandbox != "none" && self.runs_orchestrator() {
+            let binary = self.otm_binary.clone().or_else(|| std::env::current_exe().ok()).unwrap_or_default();
+            let read_only = crate::openclaw::locate(self).map(|i| i.read_only).unwrap_or_default();
+            if let Err(e) = otm_runtime::local::check_shown_paths(&self.data_dir, &binary, &read_only) {
+                let message = e.to_string();
+                return Err(invalid("data-dir", message.strip_prefix("invalid input: ").unwrap_or(&message).to_owned()));
+            }
+        }
         if self.max_delivery_attempts == 0 {
             return Err(invalid("max-delivery-attempts", "must be at least 1"));
         }

@@ -237,3 +237,24 @@ fn sandbox_none_is_said_at_start_and_in_status() {
     assert_eq!(v["sandboxed"], false);
     assert!(v["warnings"][0].as_str().unwrap().contains("without a sandbox"), "{v}");
 }
+
+/// `./otm server` beside its default `./otm-data` (or `/opt/otm/{otm,data}`): the binary's
+/// directory holds the data directory. Refused before anything is created, naming the flag.
+#[test]
+fn a_data_dir_beside_the_binary_is_refused() {
+    let dir = common::tempdir();
+    let binary = dir.path().join("otm");
+    if std::fs::hard_link(env!("CARGO_BIN_EXE_otm"), &binary).is_err() {
+        std::fs::copy(env!("CARGO_BIN_EXE_otm"), &binary).unwrap();
+    }
+    let out = Command::new(&binary)
+        .current_dir(dir.path())
+        .env_remove("OTM_DATA_DIR")
+        .args(["server", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--egress-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a data directory beside the binary was accepted");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("contains the data directory") && err.contains("--data-dir"), "{err}");
+    assert!(!dir.path().join("otm-data").exists(), "nothing is created before refusing");
+}
