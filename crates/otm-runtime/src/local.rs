@@ -289,10 +289,12 @@ impl LocalRuntime {
     /// and the configured installations.
     fn view(&self, dir: &Path, with_passwd: bool) -> SystemView {
         let mut read_only = vec![self.inner.otm_binary.clone()];
-        if let Some(agent) = self.inner.otm_binary.parent().map(|d| d.join("otm-reference-agent"))
-            && agent.is_file()
-        {
-            read_only.push(agent);
+        for beside in ["otm-reference-agent", "otm-sandbox-init"] {
+            if let Some(p) = self.inner.otm_binary.parent().map(|d| d.join(beside))
+                && p.is_file()
+            {
+                read_only.push(p);
+            }
         }
         read_only.extend(self.inner.read_only.iter().filter(|p| p.exists()).cloned());
         SystemView {

@@ -191,9 +191,17 @@ pub mod init;
 #[derive(Clone, Debug)]
 pub struct AgentSandbox {
     pub bwrap: PathBuf,
-    /// The `otm` binary, shown read-only; it runs `otm sandbox-init` as the sandbox's process 1.
+    /// The `otm` binary, shown read-only; it runs `otm sandbox-init` as the sandbox's process 1
+    /// when `otm-sandbox-init` is not installed beside it.
     pub otm: PathBuf,
     pub view: SystemView,
+}
+
+/// The sandbox's process 1 as a command: `otm-sandbox-init` beside `otm` (small, quick to
+/// start), else `otm sandbox-init`.
+pub fn init_command(otm: &Path) -> Vec<PathBuf> {
+    let small = otm.with_file_name("otm-sandbox-init");
+    if small.is_file() { vec![small] } else { vec![otm.to_path_buf(), PathBuf::from("sandbox-init")] }
 }
 
 /// A spawned agent sandbox.
@@ -234,7 +242,8 @@ impl AgentSandbox {
         a.extend(["--disable-userns", "--die-with-parent", "--as-pid-1"].map(String::from));
         a.extend(["--seccomp".into(), SECCOMP_FD.to_string(), "--info-fd".into(), INFO_FD.to_string()]);
         let mut view = self.view.clone();
-        view.read_only.push(self.otm.clone());
+        let init = init_command(&self.otm);
+        view.read_only.push(init[0].clone());
         view.read_only.extend(read_only.iter().cloned());
         if !program.starts_with("/usr") && !view.read_only.iter().any(|r| program.starts_with(r)) {
             view.read_only.push(program.to_path_buf());
@@ -247,7 +256,9 @@ impl AgentSandbox {
             a.extend(["--bind".into(), s(w), s(w)]);
         }
         a.extend(["--remount-ro".into(), "/".into(), "--chdir".into(), s(workdir)]);
-        a.extend(["--".into(), s(&self.otm), "sandbox-init".into(), "--".into(), s(program)]);
+        a.push("--".into());
+        a.extend(init.iter().map(|p| s(p)));
+        a.extend(["--".into(), s(program)]);
         a.extend(args.iter().cloned());
 
         let mut cmd = tokio::process::Command::new(&self.bwrap);
