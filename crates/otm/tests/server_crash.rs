@@ -7,9 +7,7 @@ use otm_testkit::{FakeTelegram, text_update};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use common::free_port;
 
 struct Ports {
     public: u16,

@@ -160,3 +160,18 @@ pub fn agent_pid(instance_dir: &std::path::Path) -> Option<u32> {
         (!zombie && environ.split(|b| *b == 0).any(|v| v == marker.as_bytes())).then_some(pid)
     })
 }
+
+/// A loopback port nobody listens on now and that this test process has not handed out before
+/// (the kernel may give the same ephemeral port to two quick probes).
+pub fn free_port() -> u16 {
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+}
