@@ -16,6 +16,7 @@
 //! - [`shim_api`]: the wire types of the shim's control API.
 //! - [`error`]: the one error type every trait returns.
 
+pub mod base64;
 pub mod coordinator;
 pub mod error;
 pub mod id;

@@ -169,6 +169,12 @@ struct TenantView {
 }
 
 async fn view(app: &App, t: &Tenant) -> TenantView {
+    let defaults = app.registry.get_settings().await.map(|s| s.default_limits).unwrap_or_default();
+    view_with(app, t, &defaults).await
+}
+
+/// [`view`] with the fleet's default limits already read (once for a whole list).
+async fn view_with(app: &App, t: &Tenant, defaults: &otm_core::ResourceLimits) -> TenantView {
     let instance = app.registry.instance_of(&t.id).await.ok().flatten().map(|i| i.id.to_string());
     TenantView {
         id: t.id.clone(),
@@ -182,7 +188,7 @@ async fn view(app: &App, t: &Tenant) -> TenantView {
         last_active_ms: t.last_active_ms,
         instance,
         inbox_pending: app.registry.inbox_depth(&t.id).await.unwrap_or(0),
-        limits: t.limits.over(&app.registry.get_settings().await.map(|s| s.default_limits).unwrap_or_default()),
+        limits: t.limits.over(defaults),
         own_limits: t.limits.clone(),
         egress: t.limits.egress(),
         egress_allow: t.limits.egress_allow.clone().unwrap_or_default(),
@@ -204,6 +210,21 @@ struct LimitsBody {
     egress: Option<String>,
     #[serde(default)]
     egress_allow: Option<Vec<String>>,
+}
+
+/// The limit fields of a create or patch body, which name them one by one (`deny_unknown_fields`
+/// does not go with `flatten`).
+macro_rules! limits_body {
+    ($b:expr) => {
+        LimitsBody {
+            memory: $b.memory.clone(),
+            cpu: $b.cpu.clone(),
+            pids: $b.pids.clone(),
+            disk: $b.disk.clone(),
+            egress: $b.egress.clone(),
+            egress_allow: $b.egress_allow.clone(),
+        }
+    };
 }
 
 impl LimitsBody {
@@ -338,15 +359,7 @@ async fn create_tenant(State(app): State<Arc<App>>, ApiJson(body): ApiJson<Creat
         t.idle_timeout_s = s;
     }
     t.cold_start_notice = body.cold_start_notice.unwrap_or(false);
-    LimitsBody {
-        memory: body.memory.clone(),
-        cpu: body.cpu.clone(),
-        pids: body.pids.clone(),
-        disk: body.disk.clone(),
-        egress: body.egress.clone(),
-        egress_allow: body.egress_allow.clone(),
-    }
-    .apply(&mut t.limits)?;
+    limits_body!(body).apply(&mut t.limits)?;
     if let Some(secret) = body.webhook_secret {
         t.webhook_secret = check_webhook_secret(&secret)?;
     }
@@ -363,9 +376,10 @@ async fn create_tenant(State(app): State<Arc<App>>, ApiJson(body): ApiJson<Creat
 }
 
 async fn list_tenants(State(app): State<Arc<App>>) -> ApiResult<Json<Vec<TenantView>>> {
+    let defaults = app.registry.get_settings().await?.default_limits;
     let mut out = Vec::new();
     for t in app.registry.list_tenants().await? {
-        out.push(view(&app, &t).await);
+        out.push(view_with(&app, &t, &defaults).await);
     }
     Ok(Json(out))
 }
@@ -403,15 +417,7 @@ async fn patch_tenant(State(app): State<Arc<App>>, Path(id): Path<String>, ApiJs
     if let Some(c) = body.cold_start_notice {
         t.cold_start_notice = c;
     }
-    LimitsBody {
-        memory: body.memory.clone(),
-        cpu: body.cpu.clone(),
-        pids: body.pids.clone(),
-        disk: body.disk.clone(),
-        egress: body.egress.clone(),
-        egress_allow: body.egress_allow.clone(),
-    }
-    .apply(&mut t.limits)?;
+    limits_body!(body).apply(&mut t.limits)?;
     let token_changed = if let Some(tok) = body.bot_token.as_deref() {
         t.bot_token = Some(check_bot_token(tok)?);
         true

@@ -138,38 +138,9 @@ fn precheck(host: &str, port: u16, allow: &[String]) -> Result<(), Refused> {
 /// The password of `Proxy-Authorization: Basic …` (the surrogate token).
 fn basic_password(header: &str) -> Option<String> {
     let encoded = header.trim().strip_prefix("Basic ")?.trim();
-    let decoded = base64_decode(encoded)?;
+    let decoded = otm_core::base64::decode(encoded)?;
     let text = String::from_utf8(decoded).ok()?;
     text.split_once(':').map(|(_, p)| p.to_owned())
-}
-
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let val = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let bytes: Vec<u8> = s.bytes().filter(|b| *b != b'=').collect();
-    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
-    for chunk in bytes.chunks(4) {
-        let mut n = 0u32;
-        for (i, c) in chunk.iter().enumerate() {
-            n |= val(*c)? << (18 - 6 * i);
-        }
-        let take = match chunk.len() {
-            4 => 3,
-            3 => 2,
-            2 => 1,
-            _ => return None,
-        };
-        out.extend_from_slice(&n.to_be_bytes()[1..1 + take]);
-    }
-    Some(out)
 }
 
 /// Answers one CONNECT.
