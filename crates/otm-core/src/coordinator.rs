@@ -41,7 +41,12 @@ pub trait Coordinator: Send + Sync + std::fmt::Debug + 'static {
     /// The cached endpoint of a tenant.
     async fn endpoint(&self, tenant: &TenantId) -> Result<Option<Endpoint>>;
     /// Caches a tenant's endpoint for `ttl`.
-    async fn set_endpoint(&self, tenant: &TenantId, endpoint: &Endpoint, ttl: Duration) -> Result<()>;
+    async fn set_endpoint(
+        &self,
+        tenant: &TenantId,
+        endpoint: &Endpoint,
+        ttl: Duration,
+    ) -> Result<()>;
     /// Drops a tenant's cached endpoint.
     async fn clear_endpoint(&self, tenant: &TenantId) -> Result<()>;
     /// Takes the lock `key` for `ttl` if nobody holds it.

@@ -94,11 +94,16 @@ impl InstanceId {
     pub fn parse(id: &str) -> Result<Self, crate::Error> {
         let ok = id.len() == 14
             && id.starts_with("i-")
-            && id[2..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            && id[2..]
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         if ok {
             Ok(InstanceId(id.to_owned()))
         } else {
-            Err(crate::Error::invalid(format!("`{}` is not an instance id (i- and 12 hex digits)", id.escape_debug())))
+            Err(crate::Error::invalid(format!(
+                "`{}` is not an instance id (i- and 12 hex digits)",
+                id.escape_debug()
+            )))
         }
     }
 
@@ -128,7 +133,10 @@ impl SnapshotId {
 
     /// Wraps an existing id after checking it is safe as an object key segment.
     pub fn parse(s: &str) -> Result<Self, crate::Error> {
-        if !s.is_empty() && s.len() <= 64 && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-') {
+        if !s.is_empty()
+            && s.len() <= 64
+            && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+        {
             Ok(SnapshotId(s.to_owned()))
         } else {
             Err(crate::Error::invalid(format!("`{s}` is not a snapshot id")))
@@ -163,7 +171,17 @@ mod tests {
         for ok in ["a", "alice", "a-1", "0", &"x".repeat(63)] {
             assert!(TenantId::parse(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "-a", "a-", "A", "a_b", "a.b", "ä", &"x".repeat(64), "../x"] {
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "A",
+            "a_b",
+            "a.b",
+            "ä",
+            &"x".repeat(64),
+            "../x",
+        ] {
             assert!(TenantId::parse(bad).is_err(), "{bad}");
         }
     }
@@ -173,9 +191,19 @@ mod tests {
         assert!(is_dns_label(InstanceId::random().as_str()));
         let id = InstanceId::random();
         assert_eq!(InstanceId::parse(id.as_str()).unwrap(), id);
-        for bad in ["../canary-dir", "i-../../etc", "i-0123456789AB", "i-0123456789abc", "", "i-0123456789a/"] {
+        for bad in [
+            "../canary-dir",
+            "i-../../etc",
+            "i-0123456789AB",
+            "i-0123456789abc",
+            "",
+            "i-0123456789a/",
+        ] {
             assert!(InstanceId::parse(bad).is_err(), "{bad}");
-            assert!(serde_json::from_value::<InstanceId>(serde_json::json!(bad)).is_err(), "{bad}");
+            assert!(
+                serde_json::from_value::<InstanceId>(serde_json::json!(bad)).is_err(),
+                "{bad}"
+            );
         }
     }
 

@@ -67,6 +67,10 @@ pub struct Endpoint {
 
 impl From<&InstanceRecord> for Endpoint {
     fn from(r: &InstanceRecord) -> Self {
-        Endpoint { instance: r.id.clone(), address: r.address.clone(), shim_token: r.shim_token.clone() }
+        Endpoint {
+            instance: r.id.clone(),
+            address: r.address.clone(),
+            shim_token: r.shim_token.clone(),
+        }
     }
 }

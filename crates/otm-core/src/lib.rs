@@ -37,7 +37,9 @@ pub use id::{InstanceId, SnapshotId, TenantId};
 pub use inbox::{Appended, FailOutcome, InboxItem, InboxView};
 pub use instance::{InstanceRecord, InstanceState};
 pub use registry::{FleetSettings, Registry};
-pub use runtime::{InstanceSpec, LimitKind, ResourceLimits, Runtime, RuntimeEvent, RuntimeInstance};
+pub use runtime::{
+    InstanceSpec, LimitKind, ResourceLimits, Runtime, RuntimeEvent, RuntimeInstance,
+};
 pub use secret::Secret;
 pub use state::{SnapshotMeta, StateStore};
 pub use tenant::{Tenant, TenantLimits, TenantStatus};

@@ -4,9 +4,13 @@
 /// with `B`), `Ki`, `Mi`, `Gi`, `Ti` (powers of 1024, also with `B`), or none (bytes).
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let num: f64 = num.parse().map_err(|_| format!("`{s}` is not a size such as 512Mi, 2GiB or 1000000"))?;
+    let num: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size such as 512Mi, 2GiB or 1000000"))?;
     let unit = unit.trim().to_ascii_lowercase();
     let unit = unit.strip_suffix('b').unwrap_or(&unit);
     let factor: f64 = match unit {
@@ -19,7 +23,11 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         "mi" => 1024f64.powi(2),
         "gi" => 1024f64.powi(3),
         "ti" => 1024f64.powi(4),
-        _ => return Err(format!("`{s}` has an unknown unit; use k, M, G, T, Ki, Mi, Gi or Ti")),
+        _ => {
+            return Err(format!(
+                "`{s}` has an unknown unit; use k, M, G, T, Ki, Mi, Gi or Ti"
+            ));
+        }
     };
     let v = num * factor;
     if !(v.is_finite() && v >= 1.0 && v < u64::MAX as f64) {
@@ -53,7 +61,11 @@ mod tests {
         assert_eq!(parse_bytes("8gib").unwrap(), 8 << 30);
         assert_eq!(parse_bytes("1G").unwrap(), 1_000_000_000);
         assert_eq!(parse_bytes("1000").unwrap(), 1000);
-        assert!(parse_bytes("lots").is_err() && parse_bytes("1Qi").is_err() && parse_bytes("0").is_err());
+        assert!(
+            parse_bytes("lots").is_err()
+                && parse_bytes("1Qi").is_err()
+                && parse_bytes("0").is_err()
+        );
         assert_eq!(parse_cpu("500m").unwrap(), 500);
         assert_eq!(parse_cpu("0.25").unwrap(), 250);
         assert_eq!(parse_cpu("2").unwrap(), 2000);

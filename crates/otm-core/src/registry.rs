@@ -1,6 +1,9 @@
 //! The [`Registry`] trait: the source of truth for tenants, instances, inboxes and fleet settings.
 
-use crate::{Appended, FailOutcome, InboxItem, InboxView, InstanceId, InstanceRecord, Result, Tenant, TenantId, TenantStatus};
+use crate::{
+    Appended, FailOutcome, InboxItem, InboxView, InstanceId, InstanceRecord, Result, Tenant,
+    TenantId, TenantStatus,
+};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
@@ -45,7 +48,12 @@ pub trait Registry: Send + Sync + std::fmt::Debug + 'static {
     /// Deletes a tenant and its inbox; returns false if there was none.
     async fn delete_tenant(&self, id: &TenantId) -> Result<bool>;
     /// Sets a tenant's status; with a fence, only if no larger fence was used for it.
-    async fn set_tenant_status(&self, id: &TenantId, status: TenantStatus, fence: Option<u64>) -> Result<()>;
+    async fn set_tenant_status(
+        &self,
+        id: &TenantId,
+        status: TenantStatus,
+        fence: Option<u64>,
+    ) -> Result<()>;
     /// Records activity now (`at_ms`), pushing the idle deadline out.
     async fn touch_tenant(&self, id: &TenantId, at_ms: i64) -> Result<()>;
     /// Running tenants whose idle deadline is at or before `now_ms`, at most `limit`.
@@ -67,13 +75,24 @@ pub trait Registry: Send + Sync + std::fmt::Debug + 'static {
     async fn claim_warm_instance(&self, tenant: &TenantId) -> Result<Option<InstanceRecord>>;
 
     /// Appends an update to a tenant's inbox, durably.
-    async fn inbox_append(&self, tenant: &TenantId, update_id: i64, payload: &[u8]) -> Result<Appended>;
+    async fn inbox_append(
+        &self,
+        tenant: &TenantId,
+        update_id: i64,
+        payload: &[u8],
+    ) -> Result<Appended>;
     /// The oldest pending update of a tenant.
     async fn inbox_next(&self, tenant: &TenantId) -> Result<Option<InboxItem>>;
     /// Marks an update delivered; it leaves the pending list but still counts for deduplication.
     async fn inbox_ack(&self, tenant: &TenantId, seq: i64) -> Result<()>;
     /// Records a failed delivery; after `max_attempts` failures the update is dead-lettered.
-    async fn inbox_fail(&self, tenant: &TenantId, seq: i64, error: &str, max_attempts: u32) -> Result<FailOutcome>;
+    async fn inbox_fail(
+        &self,
+        tenant: &TenantId,
+        seq: i64,
+        error: &str,
+        max_attempts: u32,
+    ) -> Result<FailOutcome>;
     /// Pending and dead-lettered updates, oldest first, at most `limit` of each.
     async fn inbox_view(&self, tenant: &TenantId, limit: usize) -> Result<InboxView>;
     /// Number of pending updates of a tenant.

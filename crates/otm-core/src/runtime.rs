@@ -37,7 +37,13 @@ pub struct ResourceLimits {
 
 impl Default for ResourceLimits {
     fn default() -> Self {
-        ResourceLimits { memory_bytes: 2 << 30, cpu_millis: 1000, cpu_request_millis: 200, pids: 512, disk_bytes: 1 << 30 }
+        ResourceLimits {
+            memory_bytes: 2 << 30,
+            cpu_millis: 1000,
+            cpu_request_millis: 200,
+            pids: 512,
+            disk_bytes: 1 << 30,
+        }
     }
 }
 
@@ -82,7 +88,11 @@ pub enum RuntimeEvent {
     Exited { id: InstanceId, detail: String },
     /// The instance ran into one of its limits and its processes were killed; its directory is
     /// kept until the orchestrator saved its state and deletes it.
-    LimitExceeded { id: InstanceId, limit: LimitKind, detail: String },
+    LimitExceeded {
+        id: InstanceId,
+        limit: LimitKind,
+        detail: String,
+    },
 }
 
 /// Runs instances. Contract:
@@ -115,7 +125,12 @@ pub trait Runtime: Send + Sync + std::fmt::Debug + 'static {
     /// or could not snapshot: a tar + zstd archive with only regular files, directories and
     /// symbolic links, within `max_bytes`. `None` when this runtime cannot reach the state from
     /// outside (pods), or the instance has no state directory.
-    async fn salvage_state(&self, _id: &InstanceId, _skip: &[String], _max_bytes: u64) -> Result<Option<Vec<u8>>> {
+    async fn salvage_state(
+        &self,
+        _id: &InstanceId,
+        _skip: &[String],
+        _max_bytes: u64,
+    ) -> Result<Option<Vec<u8>>> {
         Ok(None)
     }
 }

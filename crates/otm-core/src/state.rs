@@ -27,7 +27,13 @@ pub struct SnapshotMeta {
 #[async_trait]
 pub trait StateStore: Send + Sync + std::fmt::Debug + 'static {
     /// Stores an archive and returns its metadata.
-    async fn put(&self, tenant: &TenantId, id: &SnapshotId, archive: Bytes, reason: &str) -> Result<SnapshotMeta>;
+    async fn put(
+        &self,
+        tenant: &TenantId,
+        id: &SnapshotId,
+        archive: Bytes,
+        reason: &str,
+    ) -> Result<SnapshotMeta>;
     /// Makes `id` the tenant's head snapshot.
     async fn publish(&self, tenant: &TenantId, id: &SnapshotId) -> Result<()>;
     /// The head snapshot's metadata.

@@ -89,7 +89,11 @@ pub struct TenantLimits {
 impl TenantLimits {
     /// `proxy` when the tenant may reach allowlisted hosts, else `none`.
     pub fn egress(&self) -> &'static str {
-        if self.egress_allow.as_ref().is_some_and(|a| !a.is_empty()) { "proxy" } else { "none" }
+        if self.egress_allow.as_ref().is_some_and(|a| !a.is_empty()) {
+            "proxy"
+        } else {
+            "none"
+        }
     }
 
     /// These limits over `defaults`.
@@ -97,7 +101,9 @@ impl TenantLimits {
         crate::ResourceLimits {
             memory_bytes: self.memory_bytes.unwrap_or(defaults.memory_bytes),
             cpu_millis: self.cpu_millis.unwrap_or(defaults.cpu_millis),
-            cpu_request_millis: defaults.cpu_request_millis.min(self.cpu_millis.unwrap_or(u32::MAX)),
+            cpu_request_millis: defaults
+                .cpu_request_millis
+                .min(self.cpu_millis.unwrap_or(u32::MAX)),
             pids: self.pids.unwrap_or(defaults.pids),
             disk_bytes: self.disk_bytes.unwrap_or(defaults.disk_bytes),
         }
@@ -137,6 +143,7 @@ impl Tenant {
 
     /// When the tenant becomes idle if nothing arrives, in Unix milliseconds.
     pub fn idle_deadline_ms(&self) -> i64 {
-        self.last_active_ms.saturating_add((self.idle_timeout_s as i64).saturating_mul(1000))
+        self.last_active_ms
+            .saturating_add((self.idle_timeout_s as i64).saturating_mul(1000))
     }
 }

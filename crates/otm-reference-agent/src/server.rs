@@ -201,7 +201,11 @@ async fn webhook(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -
     let task = tokio::spawn(async move { handle_update(&app, &update).instrument(span).await });
     match task.await {
         Ok(response) => response,
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("update handler failed: {e}\n")).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("update handler failed: {e}\n"),
+        )
+            .into_response(),
     }
 }
 
@@ -276,7 +280,11 @@ async fn probe(command: &str) -> String {
             while !text.is_char_boundary(end) {
                 end -= 1;
             }
-            let code = out.status.code().map(|c| c.to_string()).unwrap_or_else(|| "signal".into());
+            let code = out
+                .status
+                .code()
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "signal".into());
             format!("exit={code}\n{}", &text[..end])
         }
     }

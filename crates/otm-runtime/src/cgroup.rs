@@ -17,7 +17,12 @@ pub enum Layout {
     /// The unified hierarchy at this path, with otm's parent directory below it.
     V2 { root: PathBuf },
     /// v1 hierarchies (some may be missing).
-    V1 { memory: Option<PathBuf>, pids: Option<PathBuf>, cpu: Option<PathBuf>, freezer: Option<PathBuf> },
+    V1 {
+        memory: Option<PathBuf>,
+        pids: Option<PathBuf>,
+        cpu: Option<PathBuf>,
+        freezer: Option<PathBuf>,
+    },
 }
 
 impl Layout {
@@ -28,14 +33,17 @@ impl Layout {
         let mut v2 = None;
         let (mut memory, mut pids, mut cpu, mut freezer) = (None, None, None, None);
         for line in info.lines() {
-            let Some((left, right)) = line.split_once(" - ") else { continue };
+            let Some((left, right)) = line.split_once(" - ") else {
+                continue;
+            };
             let mount_point = left.split_whitespace().nth(4).map(PathBuf::from);
             let mut r = right.split_whitespace();
             let fstype = r.next().unwrap_or("");
             let options = r.nth(1).unwrap_or("");
             match (fstype, mount_point) {
                 ("cgroup2", Some(p)) => {
-                    let controllers = std::fs::read_to_string(p.join("cgroup.controllers")).unwrap_or_default();
+                    let controllers =
+                        std::fs::read_to_string(p.join("cgroup.controllers")).unwrap_or_default();
                     let has = |c: &str| controllers.split_whitespace().any(|x| x == c);
                     if has("memory") && has("pids") && v2.is_none() {
                         v2 = Some(p);
@@ -62,7 +70,12 @@ impl Layout {
         if let Some(root) = v2 {
             return Some(Layout::V2 { root });
         }
-        (memory.is_some() && pids.is_some() && freezer.is_some()).then_some(Layout::V1 { memory, pids, cpu, freezer })
+        (memory.is_some() && pids.is_some() && freezer.is_some()).then_some(Layout::V1 {
+            memory,
+            pids,
+            cpu,
+            freezer,
+        })
     }
 
     /// `v2` or `v1`, for status pages.
@@ -77,8 +90,16 @@ impl Layout {
     pub fn instance(&self, id: &InstanceId) -> InstanceCgroup {
         let rel = Path::new("otm").join(id.as_str());
         match self {
-            Layout::V2 { root } => InstanceCgroup { v2: Some(root.join(&rel)), ..Default::default() },
-            Layout::V1 { memory, pids, cpu, freezer } => InstanceCgroup {
+            Layout::V2 { root } => InstanceCgroup {
+                v2: Some(root.join(&rel)),
+                ..Default::default()
+            },
+            Layout::V1 {
+                memory,
+                pids,
+                cpu,
+                freezer,
+            } => InstanceCgroup {
                 v2: None,
                 memory: memory.as_ref().map(|p| p.join(&rel)),
                 pids: pids.as_ref().map(|p| p.join(&rel)),
@@ -110,7 +131,12 @@ impl Layout {
                 }
                 Ok(())
             }
-            Layout::V1 { memory, pids, cpu, freezer } => {
+            Layout::V1 {
+                memory,
+                pids,
+                cpu,
+                freezer,
+            } => {
                 for p in [memory, pids, cpu, freezer].into_iter().flatten() {
                     std::fs::create_dir_all(p.join("otm"))?;
                 }
@@ -135,7 +161,10 @@ pub struct InstanceCgroup {
 
 impl InstanceCgroup {
     fn dirs(&self) -> Vec<&PathBuf> {
-        [&self.v2, &self.memory, &self.pids, &self.cpu, &self.freezer].into_iter().flatten().collect()
+        [&self.v2, &self.memory, &self.pids, &self.cpu, &self.freezer]
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     /// Creates the directories and sets the limits.
@@ -149,8 +178,12 @@ impl InstanceCgroup {
     /// Sets (or changes) the limits of a running instance.
     pub fn set_limits(&self, l: &ResourceLimits) -> std::io::Result<()> {
         let w = |dir: &Path, file: &str, value: String| -> std::io::Result<()> {
-            std::fs::write(dir.join(file), &value)
-                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot set {} to {value}: {e}", dir.join(file).display())))
+            std::fs::write(dir.join(file), &value).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("cannot set {} to {value}: {e}", dir.join(file).display()),
+                )
+            })
         };
         const PERIOD_US: u64 = 100_000;
         let quota = (l.cpu_millis as u64 * PERIOD_US / 1000).max(1000);
@@ -185,7 +218,10 @@ impl InstanceCgroup {
 
     /// The `cgroup.procs` files a new process must write itself into.
     pub fn procs_files(&self) -> Vec<PathBuf> {
-        self.dirs().into_iter().map(|d| d.join("cgroup.procs")).collect()
+        self.dirs()
+            .into_iter()
+            .map(|d| d.join("cgroup.procs"))
+            .collect()
     }
 
     /// True when the directories exist.
@@ -195,7 +231,11 @@ impl InstanceCgroup {
 
     /// The host pids of every process in the instance.
     pub fn procs(&self) -> Vec<i32> {
-        let dir = self.v2.as_ref().or(self.freezer.as_ref()).or(self.pids.as_ref());
+        let dir = self
+            .v2
+            .as_ref()
+            .or(self.freezer.as_ref())
+            .or(self.pids.as_ref());
         let Some(dir) = dir else { return vec![] };
         std::fs::read_to_string(dir.join("cgroup.procs"))
             .unwrap_or_default()
@@ -221,13 +261,22 @@ impl InstanceCgroup {
             dir.as_ref()
                 .and_then(|d| std::fs::read_to_string(d.join(file)).ok())
                 .and_then(|text| {
-                    text.lines().find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse::<u64>().ok()))
+                    text.lines().find_map(|l| {
+                        l.strip_prefix(key)
+                            .and_then(|v| v.trim().parse::<u64>().ok())
+                    })
                 })
                 .unwrap_or(0)
         };
         let (oom, forks) = match &self.v2 {
-            Some(_) => (counter(&self.v2, "memory.events", "oom_kill "), counter(&self.v2, "pids.events", "max ")),
-            None => (counter(&self.memory, "memory.oom_control", "oom_kill "), counter(&self.pids, "pids.events", "max ")),
+            Some(_) => (
+                counter(&self.v2, "memory.events", "oom_kill "),
+                counter(&self.v2, "pids.events", "max "),
+            ),
+            None => (
+                counter(&self.memory, "memory.oom_control", "oom_kill "),
+                counter(&self.pids, "pids.events", "max "),
+            ),
         };
         if oom > 0 {
             Some(LimitKind::Memory)
@@ -259,7 +308,8 @@ impl InstanceCgroup {
             if let Some(f) = freezer {
                 let _ = std::fs::write(f.join("freezer.state"), "FROZEN");
                 while Instant::now() < deadline {
-                    let state = std::fs::read_to_string(f.join("freezer.state")).unwrap_or_default();
+                    let state =
+                        std::fs::read_to_string(f.join("freezer.state")).unwrap_or_default();
                     if state.trim() != "FREEZING" {
                         break;
                     }
@@ -277,7 +327,10 @@ impl InstanceCgroup {
         }
         while self.populated() {
             if Instant::now() >= deadline {
-                return Err(std::io::Error::other(format!("processes still in the cgroup after {} s", timeout.as_secs())));
+                return Err(std::io::Error::other(format!(
+                    "processes still in the cgroup after {} s",
+                    timeout.as_secs()
+                )));
             }
             for p in self.procs() {
                 let _ = kill(Pid::from_raw(p), Signal::SIGKILL);

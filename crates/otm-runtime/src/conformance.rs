@@ -13,7 +13,12 @@ pub async fn runtime_suite(rt: Arc<dyn Runtime>, kill: impl Fn(&InstanceId)) {
 
     // create: returns once the shim answers, with the token it was given.
     let tenant = TenantId::parse("conformance").unwrap();
-    let spec = InstanceSpec { id: InstanceId::random(), shim_token: Secret::random(), tenant: Some(tenant.clone()), limits: Default::default() };
+    let spec = InstanceSpec {
+        id: InstanceId::random(),
+        shim_token: Secret::random(),
+        tenant: Some(tenant.clone()),
+        limits: Default::default(),
+    };
     let created = rt.create(&spec).await.expect("create");
     assert_eq!(created.id, spec.id);
     assert!(created.alive);
@@ -23,23 +28,44 @@ pub async fn runtime_suite(rt: Arc<dyn Runtime>, kill: impl Fn(&InstanceId)) {
     assert_eq!(status.instance, spec.id.as_str());
     assert_eq!(status.agent, "unbound");
     let wrong = otm_shim::ShimClient::new(created.address.clone(), Secret::random());
-    assert!(wrong.status().await.is_err(), "the shim refuses another token");
+    assert!(
+        wrong.status().await.is_err(),
+        "the shim refuses another token"
+    );
 
     // list: the instance is there, alive, with its tenant label; a warm one has none.
-    let warm = InstanceSpec { id: InstanceId::random(), shim_token: Secret::random(), tenant: None, limits: Default::default() };
+    let warm = InstanceSpec {
+        id: InstanceId::random(),
+        shim_token: Secret::random(),
+        tenant: None,
+        limits: Default::default(),
+    };
     rt.create(&warm).await.expect("create a warm instance");
     let listed = rt.list().await.expect("list");
     let a = listed.iter().find(|i| i.id == spec.id).expect("listed");
     assert!(a.alive);
     assert_eq!(a.address, created.address);
-    let w = listed.iter().find(|i| i.id == warm.id).expect("warm listed");
+    let w = listed
+        .iter()
+        .find(|i| i.id == warm.id)
+        .expect("warm listed");
     assert!(w.tenant.is_none());
 
     // delete: gone from the list, no event for it, and deleting again is fine.
     rt.delete(&warm.id).await.expect("delete");
-    rt.delete(&warm.id).await.expect("deleting what is gone is fine");
-    rt.delete(&InstanceId::random()).await.expect("deleting what never was is fine");
-    assert!(!rt.list().await.unwrap().iter().any(|i| i.id == warm.id && i.alive));
+    rt.delete(&warm.id)
+        .await
+        .expect("deleting what is gone is fine");
+    rt.delete(&InstanceId::random())
+        .await
+        .expect("deleting what never was is fine");
+    assert!(
+        !rt.list()
+            .await
+            .unwrap()
+            .iter()
+            .any(|i| i.id == warm.id && i.alive)
+    );
 
     // An instance that dies on its own is reported within about a second.
     kill(&spec.id);
@@ -67,5 +93,8 @@ pub async fn runtime_suite(rt: Arc<dyn Runtime>, kill: impl Fn(&InstanceId)) {
         }
     })
     .await;
-    assert!(deleted_quietly.is_err(), "a deleted instance is not reported as exited");
+    assert!(
+        deleted_quietly.is_err(),
+        "a deleted instance is not reported as exited"
+    );
 }

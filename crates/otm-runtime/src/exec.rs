@@ -33,23 +33,30 @@ pub struct ExecPlan {
 /// Sets everything up and executes the program; returns only on failure.
 pub fn run(plan: ExecPlan) -> std::io::Error {
     match prepare(&plan) {
-        Ok(()) => std::process::Command::new(&plan.program).args(&plan.args).exec(),
+        Ok(()) => std::process::Command::new(&plan.program)
+            .args(&plan.args)
+            .exec(),
         Err(e) => e,
     }
 }
 
 fn prepare(plan: &ExecPlan) -> std::io::Result<()> {
-    let ctx = |what: String| move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{what}: {e}"));
+    let ctx = |what: String| {
+        move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{what}: {e}"))
+    };
     for procs in &plan.cgroup_procs {
-        std::fs::write(procs, std::process::id().to_string()).map_err(ctx(format!("cannot join {}", procs.display())))?;
+        std::fs::write(procs, std::process::id().to_string())
+            .map_err(ctx(format!("cannot join {}", procs.display())))?;
     }
     // A session of its own: no controlling terminal to inject keystrokes into, and signals to
     // the server's process group do not reach it.
     let _ = nix::unistd::setsid();
     setrlimit(Resource::RLIMIT_CORE, 0, 0)?;
-    setrlimit(Resource::RLIMIT_NOFILE, plan.nofile, plan.nofile).map_err(|e| ctx("cannot limit open files".into())(e.into()))?;
+    setrlimit(Resource::RLIMIT_NOFILE, plan.nofile, plan.nofile)
+        .map_err(|e| ctx("cannot limit open files".into())(e.into()))?;
     if let Some(f) = plan.fsize {
-        setrlimit(Resource::RLIMIT_FSIZE, f, f).map_err(|e| ctx("cannot limit file sizes".into())(e.into()))?;
+        setrlimit(Resource::RLIMIT_FSIZE, f, f)
+            .map_err(|e| ctx("cannot limit file sizes".into())(e.into()))?;
     }
     let open: Vec<i32> = std::fs::read_dir("/proc/self/fd")?
         .flatten()
@@ -63,12 +70,14 @@ fn prepare(plan: &ExecPlan) -> std::io::Result<()> {
     }
     if let Some(gid) = plan.gid {
         let gid = Gid::from_raw(gid);
-        nix::unistd::setgroups(&[gid]).map_err(|e| ctx("cannot drop supplementary groups".into())(e.into()))?;
+        nix::unistd::setgroups(&[gid])
+            .map_err(|e| ctx("cannot drop supplementary groups".into())(e.into()))?;
         nix::unistd::setresgid(gid, gid, gid)?;
     }
     if let Some(uid) = plan.uid {
         let uid = Uid::from_raw(uid);
-        nix::unistd::setresuid(uid, uid, uid).map_err(|e| ctx(format!("cannot become uid {uid}"))(e.into()))?;
+        nix::unistd::setresuid(uid, uid, uid)
+            .map_err(|e| ctx(format!("cannot become uid {uid}"))(e.into()))?;
     }
     Ok(())
 }

@@ -25,7 +25,8 @@ use futures::stream::BoxStream;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use otm_core::{
-    Error, InstanceId, InstanceSpec, LimitKind, ResourceLimits, Result, Runtime, RuntimeEvent, RuntimeInstance, TenantId,
+    Error, InstanceId, InstanceSpec, LimitKind, ResourceLimits, Result, Runtime, RuntimeEvent,
+    RuntimeInstance, TenantId,
 };
 use otm_shim::sandbox::{self, SystemView};
 use serde::{Deserialize, Serialize};
@@ -127,7 +128,8 @@ impl LocalRuntime {
     /// Opens the runtime: checks the sandbox can be built, and starts watching instances left
     /// running by an earlier server.
     pub fn new(config: LocalRuntimeConfig) -> Result<Self> {
-        let data_dir = std::path::absolute(&config.data_dir).map_err(|e| Error::generic(BACKEND, e))?;
+        let data_dir =
+            std::path::absolute(&config.data_dir).map_err(|e| Error::generic(BACKEND, e))?;
         let bwrap = match config.sandbox {
             SandboxMode::None => {
                 tracing::warn!(
@@ -145,7 +147,8 @@ impl LocalRuntime {
             })?),
         };
         let root = nix::unistd::geteuid().is_root();
-        let otm_binary = std::path::absolute(&config.otm_binary).map_err(|e| Error::generic(BACKEND, e))?;
+        let otm_binary =
+            std::path::absolute(&config.otm_binary).map_err(|e| Error::generic(BACKEND, e))?;
 
         if bwrap.is_some() {
             check_shown_paths(&data_dir, &otm_binary, &config.read_only)?;
@@ -155,13 +158,16 @@ impl LocalRuntime {
         let records = data_dir.join("runtime");
         for (dir, mode) in [(&data_dir, 0o711), (&instances, 0o711), (&records, 0o700)] {
             std::fs::create_dir_all(dir).map_err(|e| Error::generic(BACKEND, e))?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(|e| Error::generic(BACKEND, e))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| Error::generic(BACKEND, e))?;
         }
         let uid_base = (root && bwrap.is_some()).then_some(config.uid_base);
         if uid_base.is_some() {
             // Instances run as uids of their own, and bubblewrap needs to reach their directories.
             if let Some(blocked) = data_dir.ancestors().skip(1).find(|a| {
-                std::fs::metadata(a).map(|m| m.permissions().mode() & 0o001 == 0).unwrap_or(false)
+                std::fs::metadata(a)
+                    .map(|m| m.permissions().mode() & 0o001 == 0)
+                    .unwrap_or(false)
             }) {
                 return Err(Error::invalid(format!(
                     "{} (above the data directory) cannot be traversed by other users, and instances run as uids of \
@@ -173,7 +179,10 @@ impl LocalRuntime {
         }
 
         let (cgroups, cgroup_problem) = match Layout::detect() {
-            None => (None, Some("no cgroup hierarchy with memory and pids controllers is mounted".to_owned())),
+            None => (
+                None,
+                Some("no cgroup hierarchy with memory and pids controllers is mounted".to_owned()),
+            ),
             Some(layout) => match layout.prepare() {
                 Ok(()) => (Some(layout), None),
                 Err(e) => (None, Some(format!("cannot create otm's cgroups: {e}"))),
@@ -230,8 +239,12 @@ impl LocalRuntime {
     }
 
     fn records(&self) -> Vec<Record> {
-        let Ok(dir) = std::fs::read_dir(&self.inner.records) else { return vec![] };
-        dir.flatten().filter_map(|e| self.read_record(e.file_name().to_str()?)).collect()
+        let Ok(dir) = std::fs::read_dir(&self.inner.records) else {
+            return vec![];
+        };
+        dir.flatten()
+            .filter_map(|e| self.read_record(e.file_name().to_str()?))
+            .collect()
     }
 
     /// A record, checked: the directory name is an instance id, the file a small regular file
@@ -268,7 +281,12 @@ impl LocalRuntime {
     fn instance_sandbox_args(&self, dir: &Path, info_fd: i32) -> Vec<String> {
         let s = |p: &Path| p.display().to_string();
         let mut a = sandbox::isolation_args();
-        a.extend(["--clearenv".into(), "--unshare-net".into(), "--info-fd".into(), info_fd.to_string()]);
+        a.extend([
+            "--clearenv".into(),
+            "--unshare-net".into(),
+            "--info-fd".into(),
+            info_fd.to_string(),
+        ]);
         let view = self.view(dir, true);
         a.extend(view.args());
         a.extend(["--bind".into(), s(dir), s(dir)]);
@@ -276,7 +294,15 @@ impl LocalRuntime {
             // The directory, not a socket file: a restarted server binds a new socket there.
             a.extend(["--ro-bind".into(), s(dir), sandbox::EGRESS_DIR.into()]);
         }
-        a.extend(["--remount-ro".into(), "/".into(), "--chdir".into(), s(dir), "--setenv".into(), "PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()]);
+        a.extend([
+            "--remount-ro".into(),
+            "/".into(),
+            "--chdir".into(),
+            s(dir),
+            "--setenv".into(),
+            "PATH".into(),
+            "/usr/local/bin:/usr/bin:/bin".into(),
+        ]);
         a.extend(["--setenv".into(), "TMPDIR".into(), s(&dir.join("tmp"))]);
         if let Ok(level) = std::env::var("RUST_LOG") {
             a.extend(["--setenv".into(), "RUST_LOG".into(), level]);
@@ -305,7 +331,11 @@ impl LocalRuntime {
     }
 
     fn watch(&self, id: InstanceId, child: Option<tokio::process::Child>, limits: ResourceLimits) {
-        self.inner.watched.lock().unwrap().insert(id.clone(), limits);
+        self.inner
+            .watched
+            .lock()
+            .unwrap()
+            .insert(id.clone(), limits);
         let rt = self.clone();
         let watched_id = id.clone();
         tokio::spawn(async move {
@@ -313,7 +343,12 @@ impl LocalRuntime {
             let detail = match child {
                 Some(mut child) => {
                     let status = child.wait().await;
-                    format!("the instance exited: {}", status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()))
+                    format!(
+                        "the instance exited: {}",
+                        status
+                            .map(|s| s.to_string())
+                            .unwrap_or_else(|e| e.to_string())
+                    )
                 }
                 None => {
                     // An adopted instance is not our child: look at it.
@@ -342,27 +377,44 @@ impl LocalRuntime {
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
             tick += 1;
-            let Some(limits) = self.inner.watched.lock().unwrap().get(&id).copied() else { return };
+            let Some(limits) = self.inner.watched.lock().unwrap().get(&id).copied() else {
+                return;
+            };
             if self.inner.deleting.lock().unwrap().contains(&id) {
                 return;
             }
             let cg2 = cg.clone();
-            let mut hit = tokio::task::spawn_blocking(move || cg2.limit_hit()).await.ok().flatten().map(|k| (k, String::new()));
+            let mut hit = tokio::task::spawn_blocking(move || cg2.limit_hit())
+                .await
+                .ok()
+                .flatten()
+                .map(|k| (k, String::new()));
             if hit.is_none() && tick.is_multiple_of(4) {
                 let d = dir.clone();
                 let used = tokio::task::spawn_blocking(move || {
-                    ["state", "tmp", "home"].iter().map(|s| disk_usage(&d.join(s), 500_000)).sum::<u64>()
+                    ["state", "tmp", "home"]
+                        .iter()
+                        .map(|s| disk_usage(&d.join(s), 500_000))
+                        .sum::<u64>()
                 })
                 .await
                 .unwrap_or(0);
                 if used > limits.disk_bytes {
-                    hit = Some((LimitKind::Disk, format!("{used} bytes on disk, limit {}", limits.disk_bytes)));
+                    hit = Some((
+                        LimitKind::Disk,
+                        format!("{used} bytes on disk, limit {}", limits.disk_bytes),
+                    ));
                 }
             }
-            let Some((limit, mut detail)) = hit else { continue };
+            let Some((limit, mut detail)) = hit else {
+                continue;
+            };
             if detail.is_empty() {
                 detail = match limit {
-                    LimitKind::Memory => format!("out of memory at its limit of {} bytes", limits.memory_bytes),
+                    LimitKind::Memory => format!(
+                        "out of memory at its limit of {} bytes",
+                        limits.memory_bytes
+                    ),
                     LimitKind::Pids => format!("reached its limit of {} processes", limits.pids),
                     LimitKind::Disk => "over its disk limit".into(),
                 };
@@ -373,7 +425,11 @@ impl LocalRuntime {
             let cg2 = cg.clone();
             let _ = tokio::task::spawn_blocking(move || cg2.kill(Duration::from_secs(10))).await;
             self.inner.watched.lock().unwrap().remove(&id);
-            let _ = self.inner.events.send(RuntimeEvent::LimitExceeded { id: id.clone(), limit, detail });
+            let _ = self.inner.events.send(RuntimeEvent::LimitExceeded {
+                id: id.clone(),
+                limit,
+                detail,
+            });
             return;
         }
     }
@@ -384,13 +440,17 @@ impl LocalRuntime {
             return;
         }
         tracing::warn!(instance = %id, %detail, "instance exited");
-        let _ = self.inner.events.send(RuntimeEvent::Exited { id: id.clone(), detail });
+        let _ = self.inner.events.send(RuntimeEvent::Exited {
+            id: id.clone(),
+            detail,
+        });
     }
 
     /// Kills every process of an instance: its cgroup, or its sandbox's process 1.
     async fn kill_all(&self, id: &InstanceId, record: Option<&Record>) {
         if let Some(cg) = self.cgroup(id).filter(|c| c.exists()) {
-            let result = tokio::task::spawn_blocking(move || cg.kill(Duration::from_secs(10))).await;
+            let result =
+                tokio::task::spawn_blocking(move || cg.kill(Duration::from_secs(10))).await;
             if let Ok(Err(e)) = result {
                 tracing::warn!(instance = %id, error = %e, "could not kill every process of the instance");
             }
@@ -401,7 +461,9 @@ impl LocalRuntime {
             // Process 1 of a PID namespace takes the namespace with it.
             let _ = kill(Pid::from_raw(r.pid as i32), Signal::SIGKILL);
             let deadline = Instant::now() + Duration::from_secs(5);
-            while process_start(r.pid).is_some_and(|s| s == r.pid_start) && Instant::now() < deadline {
+            while process_start(r.pid).is_some_and(|s| s == r.pid_start)
+                && Instant::now() < deadline
+            {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
@@ -430,7 +492,11 @@ impl LocalRuntime {
         for sub in ["state", "tmp", "home"] {
             std::fs::create_dir(dir.join(sub)).map_err(g)?;
         }
-        let token_file = if sandboxed { dir.join("shim.token") } else { rdir.join("shim.token") };
+        let token_file = if sandboxed {
+            dir.join("shim.token")
+        } else {
+            rdir.join("shim.token")
+        };
         write_private(&token_file, spec.shim_token.expose().as_bytes()).map_err(g)?;
         if sandboxed {
             std::fs::create_dir(dir.join("etc")).map_err(g)?;
@@ -438,13 +504,20 @@ impl LocalRuntime {
             std::fs::write(dir.join("etc/passwd"), passwd).map_err(g)?;
             std::fs::write(dir.join("etc/group"), group).map_err(g)?;
             for (p, mode) in [("etc", 0o755), ("etc/passwd", 0o644), ("etc/group", 0o644)] {
-                std::fs::set_permissions(dir.join(p), std::fs::Permissions::from_mode(mode)).map_err(g)?;
+                std::fs::set_permissions(dir.join(p), std::fs::Permissions::from_mode(mode))
+                    .map_err(g)?;
             }
         }
         if self.inner.uid_base.is_some() {
             let owner = Some(nix::unistd::Uid::from_raw(uid));
             let group = Some(nix::unistd::Gid::from_raw(uid));
-            for p in [dir.clone(), dir.join("state"), dir.join("tmp"), dir.join("home"), token_file.clone()] {
+            for p in [
+                dir.clone(),
+                dir.join("state"),
+                dir.join("tmp"),
+                dir.join("home"),
+                token_file.clone(),
+            ] {
                 nix::unistd::chown(&p, owner, group).map_err(|e| g(e.into()))?;
             }
         }
@@ -453,12 +526,18 @@ impl LocalRuntime {
 
         let cgroup = self.cgroup(&id);
         if let Some(cg) = &cgroup {
-            cg.create(&spec.limits).map_err(|e| Error::unavailable(BACKEND, format!("cannot set the instance's limits: {e}")))?;
+            cg.create(&spec.limits).map_err(|e| {
+                Error::unavailable(BACKEND, format!("cannot set the instance's limits: {e}"))
+            })?;
         }
 
         let listener = std::os::unix::net::UnixListener::bind(&socket).map_err(g)?;
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).map_err(g)?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(rdir.join("shim.log")).map_err(g)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(rdir.join("shim.log"))
+            .map_err(g)?;
 
         const INFO_FD: i32 = 3;
         let (info_r, info_w) = nix::unistd::pipe().map_err(|e| g(e.into()))?;
@@ -468,9 +547,19 @@ impl LocalRuntime {
             argv.extend(["--cgroup-procs".into(), s(&f)]);
         }
         if self.inner.uid_base.is_some() {
-            argv.extend(["--uid".into(), uid.to_string(), "--gid".into(), uid.to_string()]);
+            argv.extend([
+                "--uid".into(),
+                uid.to_string(),
+                "--gid".into(),
+                uid.to_string(),
+            ]);
         }
-        argv.extend(["--nofile".into(), NOFILE.to_string(), "--fsize".into(), spec.limits.disk_bytes.to_string()]);
+        argv.extend([
+            "--nofile".into(),
+            NOFILE.to_string(),
+            "--fsize".into(),
+            spec.limits.disk_bytes.to_string(),
+        ]);
         if sandboxed {
             argv.extend(["--keep-fd".into(), INFO_FD.to_string()]);
         }
@@ -480,8 +569,19 @@ impl LocalRuntime {
             argv.extend(self.instance_sandbox_args(&dir, INFO_FD));
         }
         argv.push(s(&self.inner.otm_binary));
-        argv.extend(["shim".into(), "--instance".into(), id.to_string(), "--dir".into(), s(&dir)]);
-        argv.extend(["--listen".into(), "stdin".into(), "--token-file".into(), s(&token_file)]);
+        argv.extend([
+            "shim".into(),
+            "--instance".into(),
+            id.to_string(),
+            "--dir".into(),
+            s(&dir),
+        ]);
+        argv.extend([
+            "--listen".into(),
+            "stdin".into(),
+            "--token-file".into(),
+            s(&token_file),
+        ]);
         if sandboxed {
             argv.push("--agent-sandbox".into());
             if self.inner.egress_dir.is_some() {
@@ -495,19 +595,31 @@ impl LocalRuntime {
         let mut cmd = tokio::process::Command::new(&self.inner.otm_binary);
         cmd.args(&argv)
             .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()))
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "PATH",
+                std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
+            )
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::from(std::os::fd::OwnedFd::from(listener)))
             .stdout(log.try_clone().map_err(g)?)
             .stderr(log)
             .kill_on_drop(false);
         if sandboxed {
             use command_fds::{CommandFdExt, FdMapping};
-            cmd.fd_mappings(vec![FdMapping { parent_fd: info_w, child_fd: INFO_FD }]).map_err(|e| Error::generic(BACKEND, e))?;
+            cmd.fd_mappings(vec![FdMapping {
+                parent_fd: info_w,
+                child_fd: INFO_FD,
+            }])
+            .map_err(|e| Error::generic(BACKEND, e))?;
         } else {
             drop(info_w);
         }
-        let mut child = cmd.spawn().map_err(|e| Error::unavailable(BACKEND, format!("cannot start the instance: {e}")))?;
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| Error::unavailable(BACKEND, format!("cannot start the instance: {e}")))?;
         drop(cmd);
 
         let started = Instant::now();
@@ -523,7 +635,10 @@ impl LocalRuntime {
                     };
                     return Err(Error::unavailable(
                         BACKEND,
-                        format!("the sandbox did not start ({why}):\n{}", tail(&rdir.join("shim.log"))),
+                        format!(
+                            "the sandbox did not start ({why}):\n{}",
+                            tail(&rdir.join("shim.log"))
+                        ),
                     ));
                 }
             }
@@ -553,11 +668,17 @@ impl LocalRuntime {
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(Error::unavailable(
                     BACKEND,
-                    format!("the shim exited at start ({status}):\n{}", tail(&rdir.join("shim.log"))),
+                    format!(
+                        "the shim exited at start ({status}):\n{}",
+                        tail(&rdir.join("shim.log"))
+                    ),
                 ));
             }
             if started.elapsed() > Duration::from_secs(15) {
-                return Err(Error::unavailable(BACKEND, "the shim did not answer within 15 s"));
+                return Err(Error::unavailable(
+                    BACKEND,
+                    "the shim did not answer within 15 s",
+                ));
             }
             tokio::time::sleep(Duration::from_millis(3)).await;
         }
@@ -602,7 +723,11 @@ impl Runtime for LocalRuntime {
     }
 
     fn isolation(&self) -> String {
-        if self.inner.bwrap.is_some() { "bubblewrap".into() } else { "none".into() }
+        if self.inner.bwrap.is_some() {
+            "bubblewrap".into()
+        } else {
+            "none".into()
+        }
     }
 
     fn limits(&self) -> String {
@@ -624,7 +749,10 @@ impl Runtime for LocalRuntime {
         // Records and cgroup files are read off the async workers.
         let rt = self.clone();
         let records = tokio::task::spawn_blocking(move || {
-            rt.records().into_iter().map(|r| (rt.alive(&r), r)).collect::<Vec<_>>()
+            rt.records()
+                .into_iter()
+                .map(|r| (rt.alive(&r), r))
+                .collect::<Vec<_>>()
         })
         .await
         .map_err(|e| Error::generic(BACKEND, e))?;
@@ -668,15 +796,24 @@ impl Runtime for LocalRuntime {
         if let Some(l) = self.inner.watched.lock().unwrap().get_mut(id) {
             *l = *limits;
         }
-        let Some(cg) = self.cgroup(id) else { return Ok(()) };
+        let Some(cg) = self.cgroup(id) else {
+            return Ok(());
+        };
         let limits = *limits;
         tokio::task::spawn_blocking(move || cg.set_limits(&limits))
             .await
             .map_err(|e| Error::generic(BACKEND, e))?
-            .map_err(|e| Error::unavailable(BACKEND, format!("cannot change the instance's limits: {e}")))
+            .map_err(|e| {
+                Error::unavailable(BACKEND, format!("cannot change the instance's limits: {e}"))
+            })
     }
 
-    async fn salvage_state(&self, id: &InstanceId, skip: &[String], max_bytes: u64) -> Result<Option<Vec<u8>>> {
+    async fn salvage_state(
+        &self,
+        id: &InstanceId,
+        skip: &[String],
+        max_bytes: u64,
+    ) -> Result<Option<Vec<u8>>> {
         let id = InstanceId::parse(id.as_str())?;
         // Nothing may write while the state is read.
         let record = self.read_record(id.as_str());
@@ -688,12 +825,20 @@ impl Runtime for LocalRuntime {
                 return Ok(None);
             }
             let skip: Vec<&str> = skip.iter().map(String::as_str).collect();
-            let caps = otm_shim::archive::Caps { max_bytes, ..Default::default() };
+            let caps = otm_shim::archive::Caps {
+                max_bytes,
+                ..Default::default()
+            };
             otm_shim::archive::pack_capped(&state, &skip, &caps).map(|(a, _)| Some(a))
         })
         .await
         .map_err(|e| Error::generic(BACKEND, e))?
-        .map_err(|e| Error::unavailable(BACKEND, format!("cannot pack the state directory from outside: {e}")))
+        .map_err(|e| {
+            Error::unavailable(
+                BACKEND,
+                format!("cannot pack the state directory from outside: {e}"),
+            )
+        })
     }
 }
 
@@ -701,8 +846,16 @@ impl Runtime for LocalRuntime {
 /// beside otm), must lie outside the data directory: `/opt/otm/{otm,data}` is refused.
 pub fn check_shown_paths(data_dir: &Path, otm_binary: &Path, read_only: &[PathBuf]) -> Result<()> {
     let data_dir = std::path::absolute(data_dir).map_err(|e| Error::generic(BACKEND, e))?;
-    let mut shown = SystemView { read_only: read_only.to_vec(), ..Default::default() }.shown_paths();
-    if let Some(dir) = std::path::absolute(otm_binary).ok().as_deref().and_then(Path::parent) {
+    let mut shown = SystemView {
+        read_only: read_only.to_vec(),
+        ..Default::default()
+    }
+    .shown_paths();
+    if let Some(dir) = std::path::absolute(otm_binary)
+        .ok()
+        .as_deref()
+        .and_then(Path::parent)
+    {
         shown.push(dir.to_path_buf());
     }
     match sandbox::shows_data_dir(&shown, &data_dir) {
@@ -748,12 +901,18 @@ pub fn read_regular(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
         .open(path)?;
     let meta = f.metadata()?;
     if !meta.is_file() {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{} is not a regular file", path.display())));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} is not a regular file", path.display()),
+        ));
     }
     let mut buf = Vec::new();
     f.take(limit + 1).read_to_end(&mut buf)?;
     if buf.len() as u64 > limit {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{} is larger than {limit} bytes", path.display())));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} is larger than {limit} bytes", path.display()),
+        ));
     }
     Ok(buf)
 }
@@ -766,7 +925,9 @@ fn disk_usage(dir: &Path, max_entries: usize) -> u64 {
     let mut seen = 0usize;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             seen += 1;
             if seen > max_entries {
@@ -782,9 +943,10 @@ fn disk_usage(dir: &Path, max_entries: usize) -> u64 {
     total
 }
 
-
 fn tail(path: &Path) -> String {
-    let text = read_regular(path, 1 << 20).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let text = read_regular(path, 1 << 20)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(10)..].join("\n")
 }
@@ -792,12 +954,19 @@ fn tail(path: &Path) -> String {
 fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().create_new(true).write(true).mode(0o600).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)?;
     f.write_all(data)
 }
 
 /// Finds a program on `PATH`.
 pub fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")
-        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(name)).find(|p| p.is_file()))
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
 }

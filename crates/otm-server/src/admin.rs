@@ -24,19 +24,31 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into() }
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
     }
     fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
     }
     fn not_found(what: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{what} not found"),
+        )
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({"error": {"code": self.code, "message": self.message}}))).into_response()
+        (
+            self.status,
+            Json(json!({"error": {"code": self.code, "message": self.message}})),
+        )
+            .into_response()
     }
 }
 
@@ -73,12 +85,18 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<
 pub fn router(app: Arc<App>) -> Router {
     let v1 = Router::new()
         .route("/tenants", get(list_tenants).post(create_tenant))
-        .route("/tenants/{id}", get(get_tenant).patch(patch_tenant).delete(delete_tenant))
+        .route(
+            "/tenants/{id}",
+            get(get_tenant).patch(patch_tenant).delete(delete_tenant),
+        )
         .route("/tenants/{id}/wake", post(wake_tenant))
         .route("/tenants/{id}/stop", post(stop_tenant))
         .route("/tenants/{id}/inbox", get(inbox))
         .route("/tenants/{id}/snapshots", get(snapshots))
-        .route("/tenants/{id}/snapshots/{snapshot}/restore", post(restore_snapshot))
+        .route(
+            "/tenants/{id}/snapshots/{snapshot}/restore",
+            post(restore_snapshot),
+        )
         .route("/tenants/{id}/logs", get(logs))
         .route("/instances", get(instances))
         .route("/config", get(get_config).put(put_config))
@@ -88,27 +106,57 @@ pub fn router(app: Arc<App>) -> Router {
         .layer(middleware::from_fn_with_state(app.clone(), authorize));
     let internal = Router::new()
         .route("/wake/{id}", post(internal_wake))
-        .layer(middleware::from_fn_with_state(app.clone(), authorize_service));
-    let base = Router::new().route("/metrics", get(metrics)).route("/healthz", get(|| async { "ok" }));
+        .layer(middleware::from_fn_with_state(
+            app.clone(),
+            authorize_service,
+        ));
+    let base = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }));
     if !app.settings.runs_orchestrator() {
         // A router serves no admin API: tenants and instances are the orchestrators' business.
         let elsewhere = || async {
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", "this is a router; the admin API is served by the orchestrators")
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "this is a router; the admin API is served by the orchestrators",
+            )
         };
-        return base.nest("/v1", Router::new().fallback(elsewhere)).with_state(app);
+        return base
+            .nest("/v1", Router::new().fallback(elsewhere))
+            .with_state(app);
     }
-    base.nest("/v1", v1).nest("/internal/v1", internal).with_state(app)
+    base.nest("/v1", v1)
+        .nest("/internal/v1", internal)
+        .with_state(app)
 }
 
 /// Routers present the shared service token; in the `all` role the admin token works too.
-async fn authorize_service(State(app): State<Arc<App>>, headers: HeaderMap, req: Request, next: Next) -> Response {
-    let presented = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+async fn authorize_service(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
+    let presented = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
     let ok = match (presented, &app.settings.service_token) {
         (Some(t), Some(service)) => service.matches(t),
         (Some(t), None) => app.admin_token.matches(t),
         (None, _) => false,
     };
-    if ok { next.run(req).await } else { ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong service token").into_response() }
+    if ok {
+        next.run(req).await
+    } else {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong service token",
+        )
+        .into_response()
+    }
 }
 
 async fn internal_wake(
@@ -121,14 +169,27 @@ async fn internal_wake(
     Ok(Json(crate::remote::WakeAnswer::from(&woken)))
 }
 
-async fn authorize(State(app): State<Arc<App>>, headers: HeaderMap, req: Request, next: Next) -> Response {
+async fn authorize(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
     let presented = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        });
     match presented {
         Some(t) if app.admin_token.matches(t.trim()) => next.run(req).await,
-        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong admin token").into_response(),
+        Some(_) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "wrong admin token",
+        )
+        .into_response(),
         None => ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -139,7 +200,10 @@ async fn authorize(State(app): State<Arc<App>>, headers: HeaderMap, req: Request
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
-    ([("content-type", "text/plain; version=0.0.4; charset=utf-8")], app.metrics.encode())
+    (
+        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+        app.metrics.encode(),
+    )
 }
 
 /// A tenant as the API shows it: no secrets, only whether a bot token is set.
@@ -169,13 +233,24 @@ struct TenantView {
 }
 
 async fn view(app: &App, t: &Tenant) -> TenantView {
-    let defaults = app.registry.get_settings().await.map(|s| s.default_limits).unwrap_or_default();
+    let defaults = app
+        .registry
+        .get_settings()
+        .await
+        .map(|s| s.default_limits)
+        .unwrap_or_default();
     view_with(app, t, &defaults).await
 }
 
 /// [`view`] with the fleet's default limits already read (once for a whole list).
 async fn view_with(app: &App, t: &Tenant, defaults: &otm_core::ResourceLimits) -> TenantView {
-    let instance = app.registry.instance_of(&t.id).await.ok().flatten().map(|i| i.id.to_string());
+    let instance = app
+        .registry
+        .instance_of(&t.id)
+        .await
+        .ok()
+        .flatten()
+        .map(|i| i.id.to_string());
     TenantView {
         id: t.id.clone(),
         profile: t.profile.clone(),
@@ -239,23 +314,34 @@ impl LimitsBody {
         }
         let bad = |name: &str, e: String| ApiError::bad_request(format!("{name}: {e}"));
         if let Some(v) = &self.memory {
-            to.memory_bytes = text(v).map(|s| otm_core::quantity::parse_bytes(&s)).transpose().map_err(|e| bad("memory", e))?;
+            to.memory_bytes = text(v)
+                .map(|s| otm_core::quantity::parse_bytes(&s))
+                .transpose()
+                .map_err(|e| bad("memory", e))?;
             if to.memory_bytes.is_some_and(|m| m < 16 << 20) {
                 return Err(ApiError::bad_request("memory must be at least 16Mi"));
             }
         }
         if let Some(v) = &self.disk {
-            to.disk_bytes = text(v).map(|s| otm_core::quantity::parse_bytes(&s)).transpose().map_err(|e| bad("disk", e))?;
+            to.disk_bytes = text(v)
+                .map(|s| otm_core::quantity::parse_bytes(&s))
+                .transpose()
+                .map_err(|e| bad("disk", e))?;
         }
         if let Some(v) = &self.cpu {
-            to.cpu_millis = text(v).map(|s| otm_core::quantity::parse_cpu(&s)).transpose().map_err(|e| bad("cpu", e))?;
+            to.cpu_millis = text(v)
+                .map(|s| otm_core::quantity::parse_cpu(&s))
+                .transpose()
+                .map_err(|e| bad("cpu", e))?;
         }
         if let Some(list) = &self.egress_allow {
             for h in list {
                 let name = h.strip_prefix("*.").unwrap_or(h);
                 let ok = !name.is_empty()
                     && name.len() <= 253
-                    && name.split('.').all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+                    && name.split('.').all(|l| {
+                        !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    })
                     && name.parse::<std::net::IpAddr>().is_err();
                 if !ok {
                     return Err(ApiError::bad_request(format!(
@@ -263,18 +349,33 @@ impl LimitsBody {
                     )));
                 }
             }
-            to.egress_allow = Some(list.iter().map(|h| h.to_ascii_lowercase()).collect()).filter(|l: &Vec<String>| !l.is_empty());
+            to.egress_allow = Some(list.iter().map(|h| h.to_ascii_lowercase()).collect())
+                .filter(|l: &Vec<String>| !l.is_empty());
         }
         match self.egress.as_deref() {
             None => {}
             Some("none") => to.egress_allow = None,
             Some("proxy") if to.egress_allow.as_ref().is_some_and(|a| !a.is_empty()) => {}
-            Some("proxy") => return Err(ApiError::bad_request("egress `proxy` needs egress_allow: the host names it may reach")),
-            Some(other) => return Err(ApiError::bad_request(format!("egress: `{other}` is not none or proxy"))),
+            Some("proxy") => {
+                return Err(ApiError::bad_request(
+                    "egress `proxy` needs egress_allow: the host names it may reach",
+                ));
+            }
+            Some(other) => {
+                return Err(ApiError::bad_request(format!(
+                    "egress: `{other}` is not none or proxy"
+                )));
+            }
         }
         if let Some(v) = &self.pids {
             to.pids = text(v)
-                .map(|s| s.trim().parse::<u32>().ok().filter(|n| (8..=1_000_000).contains(n)).ok_or("a count from 8 to 1000000".to_owned()))
+                .map(|s| {
+                    s.trim()
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|n| (8..=1_000_000).contains(n))
+                        .ok_or("a count from 8 to 1000000".to_owned())
+                })
                 .transpose()
                 .map_err(|e| bad("pids", e))?;
         }
@@ -288,7 +389,10 @@ fn parse_id(id: &str) -> ApiResult<TenantId> {
 
 async fn load(app: &App, id: &str) -> ApiResult<Tenant> {
     let id = parse_id(id)?;
-    app.registry.get_tenant(&id).await?.ok_or_else(|| ApiError::not_found(&format!("tenant {id}")))
+    app.registry
+        .get_tenant(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(&format!("tenant {id}")))
 }
 
 #[derive(Deserialize)]
@@ -320,35 +424,70 @@ fn check_profile(app: &App, p: &str) -> ApiResult<()> {
     if otm_shim::known_profiles().contains(&p) {
         Ok(())
     } else {
-        Err(ApiError::bad_request(format!("unknown profile `{p}`; known profiles: {}", otm_shim::known_profiles().join(", "))))
+        Err(ApiError::bad_request(format!(
+            "unknown profile `{p}`; known profiles: {}",
+            otm_shim::known_profiles().join(", ")
+        )))
     }
 }
 
 fn check_idle_timeout(s: u64) -> ApiResult<()> {
-    if s == 0 { Err(ApiError::bad_request("idle_timeout_s must be at least 1")) } else { Ok(()) }
+    if s == 0 {
+        Err(ApiError::bad_request("idle_timeout_s must be at least 1"))
+    } else {
+        Ok(())
+    }
 }
 
 fn check_bot_token(t: &str) -> ApiResult<Secret> {
     let t = t.trim();
-    let ok = t.split_once(':').is_some_and(|(id, rest)| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) && !rest.is_empty())
-        && t.bytes().all(|b| b.is_ascii_graphic());
-    if ok { Ok(Secret::new(t)) } else { Err(ApiError::bad_request("bot_token must look like <digits>:<secret> as BotFather gives it")) }
+    let ok = t.split_once(':').is_some_and(|(id, rest)| {
+        !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) && !rest.is_empty()
+    }) && t.bytes().all(|b| b.is_ascii_graphic());
+    if ok {
+        Ok(Secret::new(t))
+    } else {
+        Err(ApiError::bad_request(
+            "bot_token must look like <digits>:<secret> as BotFather gives it",
+        ))
+    }
 }
 
 /// Telegram allows 1 to 256 characters of A-Z, a-z, 0-9, `_` and `-`.
 fn check_webhook_secret(s: &str) -> ApiResult<Secret> {
-    let ok = !s.is_empty() && s.len() <= 256 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    if ok { Ok(Secret::new(s)) } else { Err(ApiError::bad_request("webhook_secret must be 1 to 256 of A-Z, a-z, 0-9, _ and -")) }
+    let ok = !s.is_empty()
+        && s.len() <= 256
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(Secret::new(s))
+    } else {
+        Err(ApiError::bad_request(
+            "webhook_secret must be 1 to 256 of A-Z, a-z, 0-9, _ and -",
+        ))
+    }
 }
 
 async fn register_webhook(app: &App, t: &Tenant) -> ApiResult<()> {
-    let (Some(url), Some(token)) = (app.webhook_url(&t.id), t.bot_token.as_ref()) else { return Ok(()) };
-    app.telegram.set_webhook(token, &url, &t.webhook_secret).await.map_err(|e| {
-        ApiError::new(StatusCode::BAD_GATEWAY, "telegram_error", format!("{e}; check the bot token and --public-url"))
-    })
+    let (Some(url), Some(token)) = (app.webhook_url(&t.id), t.bot_token.as_ref()) else {
+        return Ok(());
+    };
+    app.telegram
+        .set_webhook(token, &url, &t.webhook_secret)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "telegram_error",
+                format!("{e}; check the bot token and --public-url"),
+            )
+        })
 }
 
-async fn create_tenant(State(app): State<Arc<App>>, ApiJson(body): ApiJson<CreateTenant>) -> ApiResult<(StatusCode, Json<TenantView>)> {
+async fn create_tenant(
+    State(app): State<Arc<App>>,
+    ApiJson(body): ApiJson<CreateTenant>,
+) -> ApiResult<(StatusCode, Json<TenantView>)> {
     let id = parse_id(&body.id)?;
     let profile = body.profile.unwrap_or_else(|| "reference".into());
     check_profile(&app, &profile)?;
@@ -364,7 +503,11 @@ async fn create_tenant(State(app): State<Arc<App>>, ApiJson(body): ApiJson<Creat
         t.webhook_secret = check_webhook_secret(&secret)?;
     }
     app.registry.create_tenant(&t).await.map_err(|e| match e {
-        Error::AlreadyExists { .. } => ApiError::new(StatusCode::CONFLICT, "already_exists", format!("tenant {id} already exists")),
+        Error::AlreadyExists { .. } => ApiError::new(
+            StatusCode::CONFLICT,
+            "already_exists",
+            format!("tenant {id} already exists"),
+        ),
         e => e.into(),
     })?;
     if let Err(e) = register_webhook(&app, &t).await {
@@ -384,7 +527,10 @@ async fn list_tenants(State(app): State<Arc<App>>) -> ApiResult<Json<Vec<TenantV
     Ok(Json(out))
 }
 
-async fn get_tenant(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult<Json<TenantView>> {
+async fn get_tenant(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<TenantView>> {
     let t = load(&app, &id).await?;
     Ok(Json(view(&app, &t).await))
 }
@@ -404,7 +550,11 @@ struct PatchTenant {
     egress_allow: Option<Vec<String>>,
 }
 
-async fn patch_tenant(State(app): State<Arc<App>>, Path(id): Path<String>, ApiJson(body): ApiJson<PatchTenant>) -> ApiResult<Json<TenantView>> {
+async fn patch_tenant(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<PatchTenant>,
+) -> ApiResult<Json<TenantView>> {
     let mut t = load(&app, &id).await?;
     if let Some(s) = body.idle_timeout_s {
         check_idle_timeout(s)?;
@@ -430,35 +580,51 @@ async fn patch_tenant(State(app): State<Arc<App>>, Path(id): Path<String>, ApiJs
     app.registry.update_tenant(&t).await?;
     // A running instance gets the new limits at once.
     if let Ok(Some(rec)) = app.registry.instance_of(&t.id).await {
-        let limits = t.limits.over(&app.registry.get_settings().await?.default_limits);
+        let limits = t
+            .limits
+            .over(&app.registry.get_settings().await?.default_limits);
         app.runtime.set_limits(&rec.id, &limits).await?;
     }
     let t = load(&app, &id).await?;
     Ok(Json(view(&app, &t).await))
 }
 
-async fn delete_tenant(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+async fn delete_tenant(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
     let t = load(&app, &id).await?;
     orchestrator::stop(&app, &t.id, "deleted").await?;
     if let (Some(_), Some(token)) = (app.webhook_url(&t.id), t.bot_token.as_ref())
-        && let Err(e) = app.telegram.delete_webhook(token).await {
-            tracing::warn!(tenant = %t.id, error = %e, "could not delete the webhook");
-        }
+        && let Err(e) = app.telegram.delete_webhook(token).await
+    {
+        tracing::warn!(tenant = %t.id, error = %e, "could not delete the webhook");
+    }
     app.registry.delete_tenant(&t.id).await?;
     tracing::info!(tenant = %t.id, "tenant deleted; its snapshots are kept");
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn wake_tenant(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+async fn wake_tenant(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
     let t = load(&app, &id).await?;
     let woken = orchestrator::wake(&app, &t.id).await?;
-    let phases: serde_json::Map<String, Value> = woken.phases.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+    let phases: serde_json::Map<String, Value> = woken
+        .phases
+        .iter()
+        .map(|(k, v)| (k.clone(), json!(v)))
+        .collect();
     Ok(Json(json!({
         "tenant": t.id, "instance": woken.instance, "path": woken.path, "total_ms": woken.total_ms, "phases_ms": phases
     })))
 }
 
-async fn stop_tenant(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+async fn stop_tenant(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
     let t = load(&app, &id).await?;
     let stopped = orchestrator::stop(&app, &t.id, "admin").await?;
     Ok(Json(json!({"tenant": t.id, "stopped": stopped})))
@@ -475,7 +641,13 @@ struct InboxEntry {
 
 impl From<&InboxItem> for InboxEntry {
     fn from(i: &InboxItem) -> Self {
-        InboxEntry { seq: i.seq, update_id: i.update_id, attempts: i.attempts, accepted_at_ms: i.accepted_at_ms, last_error: i.last_error.clone() }
+        InboxEntry {
+            seq: i.seq,
+            update_id: i.update_id,
+            attempts: i.attempts,
+            accepted_at_ms: i.accepted_at_ms,
+            last_error: i.last_error.clone(),
+        }
     }
 }
 
@@ -484,7 +656,9 @@ async fn inbox(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult
     let v = app.registry.inbox_view(&t.id, 1000).await?;
     let pending: Vec<InboxEntry> = v.pending.iter().map(Into::into).collect();
     let dead: Vec<InboxEntry> = v.dead.iter().map(Into::into).collect();
-    Ok(Json(json!({"tenant": t.id, "pending": pending, "dead": dead})))
+    Ok(Json(
+        json!({"tenant": t.id, "pending": pending, "dead": dead}),
+    ))
 }
 
 async fn snapshots(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
@@ -503,11 +677,17 @@ async fn snapshots(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiRe
     Ok(Json(json!({"tenant": id, "head": head, "snapshots": list})))
 }
 
-async fn restore_snapshot(State(app): State<Arc<App>>, Path((id, snapshot)): Path<(String, String)>) -> ApiResult<Json<Value>> {
+async fn restore_snapshot(
+    State(app): State<Arc<App>>,
+    Path((id, snapshot)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
     let t = load(&app, &id).await?;
-    let snap = otm_core::SnapshotId::parse(&snapshot).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let snap =
+        otm_core::SnapshotId::parse(&snapshot).map_err(|e| ApiError::bad_request(e.to_string()))?;
     orchestrator::restore_snapshot(&app, &t.id, &snap).await?;
-    Ok(Json(json!({"tenant": t.id, "head": snap, "restored_on": "next wake"})))
+    Ok(Json(
+        json!({"tenant": t.id, "head": snap, "restored_on": "next wake"}),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -517,16 +697,24 @@ struct LogsQuery {
     follow: bool,
 }
 
-async fn logs(State(app): State<Arc<App>>, Path(id): Path<String>, Query(q): Query<LogsQuery>) -> ApiResult<Response> {
+async fn logs(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> ApiResult<Response> {
     let t = load(&app, &id).await?;
-    let rec = app
-        .registry
-        .instance_of(&t.id)
-        .await?
-        .ok_or_else(|| ApiError::new(StatusCode::CONFLICT, "not_running", format!("tenant {} has no instance; wake it first", t.id)))?;
+    let rec = app.registry.instance_of(&t.id).await?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "not_running",
+            format!("tenant {} has no instance; wake it first", t.id),
+        )
+    })?;
     let shim = otm_shim::ShimClient::new(rec.address.clone(), rec.shim_token.clone());
     let stream = shim.logs(q.tail.unwrap_or(100), q.follow).await?;
-    let body = axum::body::Body::from_stream(futures::StreamExt::map(stream, |r| r.map_err(std::io::Error::other)));
+    let body = axum::body::Body::from_stream(futures::StreamExt::map(stream, |r| {
+        r.map_err(std::io::Error::other)
+    }));
     Ok(([("content-type", "text/plain; charset=utf-8")], body).into_response())
 }
 
@@ -541,12 +729,25 @@ struct InstanceView {
 
 impl From<&InstanceRecord> for InstanceView {
     fn from(r: &InstanceRecord) -> Self {
-        InstanceView { id: r.id.to_string(), tenant: r.tenant.clone(), state: r.state.as_str(), created_at_ms: r.created_at_ms, bound_at_ms: r.bound_at_ms }
+        InstanceView {
+            id: r.id.to_string(),
+            tenant: r.tenant.clone(),
+            state: r.state.as_str(),
+            created_at_ms: r.created_at_ms,
+            bound_at_ms: r.bound_at_ms,
+        }
     }
 }
 
 async fn instances(State(app): State<Arc<App>>) -> ApiResult<Json<Vec<InstanceView>>> {
-    Ok(Json(app.registry.list_instances().await?.iter().map(Into::into).collect()))
+    Ok(Json(
+        app.registry
+            .list_instances()
+            .await?
+            .iter()
+            .map(Into::into)
+            .collect(),
+    ))
 }
 
 async fn get_config(State(app): State<Arc<App>>) -> ApiResult<Json<FleetSettings>> {
@@ -563,11 +764,16 @@ struct PutConfig {
     default_limits: Option<LimitsBody>,
 }
 
-async fn put_config(State(app): State<Arc<App>>, ApiJson(body): ApiJson<PutConfig>) -> ApiResult<Json<FleetSettings>> {
+async fn put_config(
+    State(app): State<Arc<App>>,
+    ApiJson(body): ApiJson<PutConfig>,
+) -> ApiResult<Json<FleetSettings>> {
     let mut s = app.registry.get_settings().await?;
     if let Some(n) = body.warm_pool_target {
         if n > 1000 {
-            return Err(ApiError::bad_request("warm_pool_target must be at most 1000"));
+            return Err(ApiError::bad_request(
+                "warm_pool_target must be at most 1000",
+            ));
         }
         s.warm_pool_target = n;
     }
@@ -583,7 +789,10 @@ async fn put_config(State(app): State<Arc<App>>, ApiJson(body): ApiJson<PutConfi
         s.default_limits = own.over(&s.default_limits);
     }
     app.registry.put_settings(&s).await?;
-    let _ = app.coordinator.publish(otm_core::Notification::SettingsChanged).await;
+    let _ = app
+        .coordinator
+        .publish(otm_core::Notification::SettingsChanged)
+        .await;
     Ok(Json(s))
 }
 
@@ -598,7 +807,10 @@ fn warnings(app: &App) -> Vec<String> {
         );
     }
     if app.settings.runs_orchestrator() && app.runtime.limits().starts_with("none") {
-        w.push(format!("instances run without resource limits: {}", app.runtime.limits()));
+        w.push(format!(
+            "instances run without resource limits: {}",
+            app.runtime.limits()
+        ));
     }
     w
 }
@@ -610,7 +822,10 @@ async fn status(State(app): State<Arc<App>>) -> ApiResult<Json<Value>> {
     for t in app.registry.inbox_pending_tenants().await? {
         pending += app.registry.inbox_depth(&t).await?;
     }
-    let running = tenants.iter().filter(|t| t.status == otm_core::TenantStatus::Running).count();
+    let running = tenants
+        .iter()
+        .filter(|t| t.status == otm_core::TenantStatus::Running)
+        .count();
     Ok(Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": app.started.elapsed().as_secs(),

@@ -71,7 +71,10 @@ impl App {
         let remote = (settings.role == "router").then(|| {
             crate::remote::OrchestratorClient::new(
                 settings.orchestrator_urls(),
-                settings.service_token.clone().unwrap_or_else(|| Secret::new("")),
+                settings
+                    .service_token
+                    .clone()
+                    .unwrap_or_else(|| Secret::new("")),
                 http.clone(),
                 std::time::Duration::from_secs(settings.wake_timeout_s + 30),
             )
@@ -99,9 +102,21 @@ impl App {
     }
 
     /// True while this process holds the leader lease.
-    pub(crate) fn record_limit_kill(&self, tenant: &TenantId, limit: otm_core::LimitKind, detail: &str) {
-        let kill = LimitKill { limit, detail: detail.to_owned(), at_ms: otm_core::time::now_ms() };
-        self.limit_kills.lock().unwrap().insert(tenant.clone(), kill);
+    pub(crate) fn record_limit_kill(
+        &self,
+        tenant: &TenantId,
+        limit: otm_core::LimitKind,
+        detail: &str,
+    ) {
+        let kill = LimitKill {
+            limit,
+            detail: detail.to_owned(),
+            at_ms: otm_core::time::now_ms(),
+        };
+        self.limit_kills
+            .lock()
+            .unwrap()
+            .insert(tenant.clone(), kill);
     }
 
     /// The last limit kill of a tenant's instance seen by this process.
@@ -114,16 +129,25 @@ impl App {
     }
 
     pub(crate) fn set_leader(&self, leader: bool) {
-        self.leader.store(leader, std::sync::atomic::Ordering::SeqCst);
+        self.leader
+            .store(leader, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The lock that serializes wakes and stops of one tenant in this process.
     pub(crate) fn tenant_lock(&self, tenant: &TenantId) -> Arc<tokio::sync::Mutex<()>> {
-        self.tenant_locks.lock().unwrap().entry(tenant.clone()).or_default().clone()
+        self.tenant_locks
+            .lock()
+            .unwrap()
+            .entry(tenant.clone())
+            .or_default()
+            .clone()
     }
 
     /// The URL Telegram should call for a tenant, if a public URL is configured.
     pub fn webhook_url(&self, tenant: &TenantId) -> Option<String> {
-        self.settings.public_url.as_ref().map(|u| format!("{}/tg/{tenant}", u.trim_end_matches('/')))
+        self.settings
+            .public_url
+            .as_ref()
+            .map(|u| format!("{}/tg/{tenant}", u.trim_end_matches('/')))
     }
 }

@@ -114,7 +114,10 @@ pub struct InvalidSetting {
 }
 
 fn invalid(name: &'static str, message: impl Into<String>) -> InvalidSetting {
-    InvalidSetting { name, message: message.into() }
+    InvalidSetting {
+        name,
+        message: message.into(),
+    }
 }
 
 /// Listener addresses after validation.
@@ -128,14 +131,16 @@ pub struct Listeners {
 impl Settings {
     /// Reads a TOML file of settings.
     pub fn from_toml_file(path: &std::path::Path) -> Result<Self, InvalidSetting> {
-        let text = std::fs::read_to_string(path).map_err(|e| invalid("config", format!("cannot read {}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| invalid("config", format!("cannot read {}: {e}", path.display())))?;
         toml::from_str(&text).map_err(|e| invalid("config", format!("{}: {e}", path.display())))
     }
 
     /// Checks every setting; returns the listener addresses to bind.
     pub fn validate(&self) -> Result<Listeners, InvalidSetting> {
         let addr = |name: &'static str, v: &str| -> Result<SocketAddr, InvalidSetting> {
-            v.parse().map_err(|_| invalid(name, format!("`{v}` is not an address like 127.0.0.1:8080")))
+            v.parse()
+                .map_err(|_| invalid(name, format!("`{v}` is not an address like 127.0.0.1:8080")))
         };
         let listeners = Listeners {
             public: addr("listen", &self.listen)?,
@@ -144,8 +149,15 @@ impl Settings {
         };
         let distinct = [listeners.public, listeners.admin, listeners.egress];
         for (i, a) in distinct.iter().enumerate() {
-            if a.port() != 0 && distinct[..i].iter().any(|b| b.port() == a.port() && b.ip() == a.ip()) {
-                return Err(invalid("listen", format!("{a} is used by two listeners; give each its own port")));
+            if a.port() != 0
+                && distinct[..i]
+                    .iter()
+                    .any(|b| b.port() == a.port() && b.ip() == a.ip())
+            {
+                return Err(invalid(
+                    "listen",
+                    format!("{a} is used by two listeners; give each its own port"),
+                ));
             }
         }
         check_url("telegram-api", &self.telegram_api)?;
@@ -159,10 +171,16 @@ impl Settings {
             return Err(invalid("data-dir", "must not be empty"));
         }
         if !matches!(self.sandbox.as_str(), "auto" | "bubblewrap" | "none") {
-            return Err(invalid("sandbox", format!("`{}` is not one of auto, bubblewrap, none", self.sandbox)));
+            return Err(invalid(
+                "sandbox",
+                format!("`{}` is not one of auto, bubblewrap, none", self.sandbox),
+            ));
         }
         // Fail closed: no sandbox is never chosen for the operator.
-        if self.sandbox != "none" && self.runs_orchestrator() && otm_shim::sandbox::bwrap().is_none() {
+        if self.sandbox != "none"
+            && self.runs_orchestrator()
+            && otm_shim::sandbox::bwrap().is_none()
+        {
             return Err(invalid(
                 "sandbox",
                 "bubblewrap (`bwrap`) is not installed, and otm does not run instances without a sandbox: install it \
@@ -173,11 +191,25 @@ impl Settings {
         // Nothing shown to instances may contain the data directory (checked again by the
         // runtime; here so that nothing is created first).
         if self.sandbox != "none" && self.runs_orchestrator() {
-            let binary = self.otm_binary.clone().or_else(|| std::env::current_exe().ok()).unwrap_or_default();
-            let read_only = crate::openclaw::locate(self).map(|i| i.read_only).unwrap_or_default();
-            if let Err(e) = otm_runtime::local::check_shown_paths(&self.data_dir, &binary, &read_only) {
+            let binary = self
+                .otm_binary
+                .clone()
+                .or_else(|| std::env::current_exe().ok())
+                .unwrap_or_default();
+            let read_only = crate::openclaw::locate(self)
+                .map(|i| i.read_only)
+                .unwrap_or_default();
+            if let Err(e) =
+                otm_runtime::local::check_shown_paths(&self.data_dir, &binary, &read_only)
+            {
                 let message = e.to_string();
-                return Err(invalid("data-dir", message.strip_prefix("invalid input: ").unwrap_or(&message).to_owned()));
+                return Err(invalid(
+                    "data-dir",
+                    message
+                        .strip_prefix("invalid input: ")
+                        .unwrap_or(&message)
+                        .to_owned(),
+                ));
             }
         }
         if self.max_delivery_attempts == 0 {
@@ -188,21 +220,35 @@ impl Settings {
             "router" => {
                 let urls = self.orchestrator_urls();
                 if urls.is_empty() {
-                    return Err(invalid("orchestrator-url", "the router role needs the orchestrators' URLs"));
+                    return Err(invalid(
+                        "orchestrator-url",
+                        "the router role needs the orchestrators' URLs",
+                    ));
                 }
                 for u in &urls {
                     check_url("orchestrator-url", u)?;
                 }
                 if self.service_token.is_none() {
-                    return Err(invalid("service-token", "the router role needs OTM_SERVICE_TOKEN, shared with the orchestrators"));
+                    return Err(invalid(
+                        "service-token",
+                        "the router role needs OTM_SERVICE_TOKEN, shared with the orchestrators",
+                    ));
                 }
             }
             "orchestrator" => {
                 if self.service_token.is_none() {
-                    return Err(invalid("service-token", "the orchestrator role needs OTM_SERVICE_TOKEN, shared with the routers"));
+                    return Err(invalid(
+                        "service-token",
+                        "the orchestrator role needs OTM_SERVICE_TOKEN, shared with the routers",
+                    ));
                 }
             }
-            other => return Err(invalid("role", format!("`{other}` is not one of all, router, orchestrator"))),
+            other => {
+                return Err(invalid(
+                    "role",
+                    format!("`{other}` is not one of all, router, orchestrator"),
+                ));
+            }
         }
         if self.lease_ttl_s < 2 {
             return Err(invalid("lease-ttl-s", "must be at least 2"));
@@ -240,14 +286,25 @@ impl Settings {
         {
             return Err(invalid(
                 "openclaw-prefix",
-                format!("{} has no bin/openclaw; install it with scripts/install-openclaw --prefix {0}", prefix.display()),
+                format!(
+                    "{} has no bin/openclaw; install it with scripts/install-openclaw --prefix {0}",
+                    prefix.display()
+                ),
             ));
         }
         if let Some(path) = &self.openclaw_config_template {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| invalid("openclaw-config-template", format!("cannot read {}: {e}", path.display())))?;
-            otm_shim::profile::openclaw::check_template(&text)
-                .map_err(|e| invalid("openclaw-config-template", format!("{}: {e}", path.display())))?;
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                invalid(
+                    "openclaw-config-template",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            otm_shim::profile::openclaw::check_template(&text).map_err(|e| {
+                invalid(
+                    "openclaw-config-template",
+                    format!("{}: {e}", path.display()),
+                )
+            })?;
         }
         Ok(())
     }
@@ -275,10 +332,15 @@ impl Settings {
 }
 
 fn check_url(name: &'static str, v: &str) -> Result<(), InvalidSetting> {
-    let rest = v.strip_prefix("http://").or_else(|| v.strip_prefix("https://"));
+    let rest = v
+        .strip_prefix("http://")
+        .or_else(|| v.strip_prefix("https://"));
     match rest {
         Some(r) if !r.is_empty() && !r.starts_with('/') => Ok(()),
-        _ => Err(invalid(name, format!("`{v}` is not an http:// or https:// URL"))),
+        _ => Err(invalid(
+            name,
+            format!("`{v}` is not an http:// or https:// URL"),
+        )),
     }
 }
 
@@ -296,25 +358,48 @@ mod tests {
 
     #[test]
     fn bad_settings_name_themselves() {
-        let s = Settings { listen: "nope".into(), ..Settings::default() };
+        let s = Settings {
+            listen: "nope".into(),
+            ..Settings::default()
+        };
         assert_eq!(s.validate().unwrap_err().name, "listen");
-        let s = Settings { telegram_api: "ftp://x".into(), ..Settings::default() };
+        let s = Settings {
+            telegram_api: "ftp://x".into(),
+            ..Settings::default()
+        };
         assert_eq!(s.validate().unwrap_err().name, "telegram-api");
-        let s = Settings { admin_listen: "127.0.0.1:8080".into(), ..Settings::default() };
+        let s = Settings {
+            admin_listen: "127.0.0.1:8080".into(),
+            ..Settings::default()
+        };
         assert!(s.validate().is_err());
     }
 
     #[test]
     fn model_and_openclaw_settings_are_checked() {
-        let s = Settings { model_base_url: Some("http://127.0.0.1:9/v1".into()), ..Settings::default() };
+        let s = Settings {
+            model_base_url: Some("http://127.0.0.1:9/v1".into()),
+            ..Settings::default()
+        };
         assert_eq!(s.validate().unwrap_err().name, "model-id");
-        let s = Settings { model_base_url: Some("nope".into()), model_id: Some("m".into()), ..Settings::default() };
+        let s = Settings {
+            model_base_url: Some("nope".into()),
+            model_id: Some("m".into()),
+            ..Settings::default()
+        };
         assert_eq!(s.validate().unwrap_err().name, "model-base-url");
-        let s = Settings { openclaw_prefix: Some("/nonexistent/otm-openclaw".into()), ..Settings::default() };
+        let s = Settings {
+            openclaw_prefix: Some("/nonexistent/otm-openclaw".into()),
+            ..Settings::default()
+        };
         assert_eq!(s.validate().unwrap_err().name, "openclaw-prefix");
-        let bad = std::env::temp_dir().join(format!("otm-bad-template-{}.json5", std::process::id()));
+        let bad =
+            std::env::temp_dir().join(format!("otm-bad-template-{}.json5", std::process::id()));
         std::fs::write(&bad, "{ gateway: { port: {{gateway_prot}} } }").unwrap();
-        let s = Settings { openclaw_config_template: Some(bad.clone()), ..Settings::default() };
+        let s = Settings {
+            openclaw_config_template: Some(bad.clone()),
+            ..Settings::default()
+        };
         let e = s.validate().unwrap_err();
         let _ = std::fs::remove_file(&bad);
         assert_eq!(e.name, "openclaw-config-template");

@@ -35,7 +35,9 @@ pub enum Refused {
 impl Refused {
     fn status(&self) -> StatusCode {
         match self {
-            Refused::NoCredentials | Refused::UnknownSurrogate => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            Refused::NoCredentials | Refused::UnknownSurrogate => {
+                StatusCode::PROXY_AUTHENTICATION_REQUIRED
+            }
             Refused::Unresolved(_) => StatusCode::BAD_GATEWAY,
             _ => StatusCode::FORBIDDEN,
         }
@@ -48,7 +50,9 @@ impl Refused {
             Refused::PolicyNone => "this tenant's egress policy is none".into(),
             Refused::NotAllowed(h) => format!("{h} is not on this tenant's egress allowlist"),
             Refused::Port(p) => format!("port {p} is not allowed (80 and 443 are)"),
-            Refused::PrivateAddress(ip) => format!("{ip} is a private, loopback or link-local address"),
+            Refused::PrivateAddress(ip) => {
+                format!("{ip} is a private, loopback or link-local address")
+            }
             Refused::Unresolved(h) => format!("cannot resolve {h}"),
         }
     }
@@ -56,7 +60,9 @@ impl Refused {
     fn label(&self) -> &'static str {
         match self {
             Refused::NoCredentials | Refused::UnknownSurrogate => "connect_unauthorized",
-            Refused::PolicyNone | Refused::NotAllowed(_) | Refused::Port(_) => "connect_not_allowed",
+            Refused::PolicyNone | Refused::NotAllowed(_) | Refused::Port(_) => {
+                "connect_not_allowed"
+            }
             Refused::PrivateAddress(_) => "connect_private_address",
             Refused::Unresolved(_) => "connect_unresolved",
         }
@@ -111,12 +117,20 @@ pub fn host_allowed(host: &str, allow: &[String]) -> bool {
 
 /// The address to tunnel to, given the allowlist and what `host` resolved to: refused unless
 /// every resolved address is public.
-pub fn decide(host: &str, port: u16, allow: &[String], resolved: &[SocketAddr]) -> Result<SocketAddr, Refused> {
+pub fn decide(
+    host: &str,
+    port: u16,
+    allow: &[String],
+    resolved: &[SocketAddr],
+) -> Result<SocketAddr, Refused> {
     precheck(host, port, allow)?;
     if let Some(bad) = resolved.iter().find(|a| !is_public(a.ip())) {
         return Err(Refused::PrivateAddress(bad.ip()));
     }
-    resolved.first().copied().ok_or_else(|| Refused::Unresolved(host.to_owned()))
+    resolved
+        .first()
+        .copied()
+        .ok_or_else(|| Refused::Unresolved(host.to_owned()))
 }
 
 /// What can be decided before resolving the name: the port, a literal address, the allowlist.
@@ -124,7 +138,10 @@ fn precheck(host: &str, port: u16, allow: &[String]) -> Result<(), Refused> {
     if !PORTS.contains(&port) {
         return Err(Refused::Port(port));
     }
-    if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>()
+    if let Ok(ip) = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
         && !is_public(ip)
     {
         return Err(Refused::PrivateAddress(ip));
@@ -146,7 +163,11 @@ fn basic_password(header: &str) -> Option<String> {
 /// Answers one CONNECT.
 pub async fn handle(app: Arc<App>, req: Request) -> Response {
     // Only owned values across the awaits below: the request itself is not `Sync`.
-    let auth = req.headers().get("proxy-authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let auth = req
+        .headers()
+        .get("proxy-authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let uri = req.uri().clone();
     match open(&app, auth.as_deref(), &uri).await {
         Err(r) => {
@@ -167,28 +188,44 @@ pub async fn handle(app: Arc<App>, req: Request) -> Response {
                     Err(e) => tracing::warn!(%tenant, %addr, error = %e, "CONNECT upstream failed"),
                 }
             });
-            Response::builder().status(StatusCode::OK).body(Body::empty()).expect("response")
+            Response::builder()
+                .status(StatusCode::OK)
+                .body(Body::empty())
+                .expect("response")
         }
     }
 }
 
-async fn open(app: &App, auth: Option<&str>, uri: &axum::http::Uri) -> Result<(otm_core::TenantId, SocketAddr), Refused> {
-    let password = auth.and_then(basic_password).ok_or(Refused::NoCredentials)?;
-    let tenant = crate::egress::tenant_by_surrogate(app, &password).await.map_err(|_| Refused::UnknownSurrogate)?;
+async fn open(
+    app: &App,
+    auth: Option<&str>,
+    uri: &axum::http::Uri,
+) -> Result<(otm_core::TenantId, SocketAddr), Refused> {
+    let password = auth
+        .and_then(basic_password)
+        .ok_or(Refused::NoCredentials)?;
+    let tenant = crate::egress::tenant_by_surrogate(app, &password)
+        .await
+        .map_err(|_| Refused::UnknownSurrogate)?;
     let allow = match &tenant.limits.egress_allow {
         Some(a) if !a.is_empty() => a.clone(),
         _ => return Err(Refused::PolicyNone),
     };
-    let authority = uri.authority().ok_or(Refused::Unresolved(uri.to_string()))?;
+    let authority = uri
+        .authority()
+        .ok_or(Refused::Unresolved(uri.to_string()))?;
     let host = authority.host().to_owned();
     let port = authority.port_u16().unwrap_or(443);
     // Checked before any lookup, so a refused name is never even resolved.
     precheck(&host, port, &allow)?;
-    let resolved: Vec<SocketAddr> = tokio::time::timeout(std::time::Duration::from_secs(5), tokio::net::lookup_host((host.as_str(), port)))
-        .await
-        .map_err(|_| Refused::Unresolved(host.clone()))?
-        .map_err(|_| Refused::Unresolved(host.clone()))?
-        .collect();
+    let resolved: Vec<SocketAddr> = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::net::lookup_host((host.as_str(), port)),
+    )
+    .await
+    .map_err(|_| Refused::Unresolved(host.clone()))?
+    .map_err(|_| Refused::Unresolved(host.clone()))?
+    .collect();
     let addr = decide(&host, port, &allow, &resolved)?;
     Ok((tenant.id, addr))
 }
@@ -206,24 +243,63 @@ mod tests {
         let public: SocketAddr = "93.184.215.14:443".parse().unwrap();
         let list = allow(&["example.com", "*.wikipedia.org"]);
         assert_eq!(decide("example.com", 443, &list, &[public]), Ok(public));
-        assert_eq!(decide("en.wikipedia.org", 443, &list, &[public]), Ok(public));
-        assert!(matches!(decide("wikipedia.org", 443, &list, &[public]), Err(Refused::NotAllowed(_))));
-        assert!(matches!(decide("evil.com", 443, &list, &[public]), Err(Refused::NotAllowed(_))));
-        assert!(matches!(decide("example.com", 22, &list, &[public]), Err(Refused::Port(22))));
-        for private in ["127.0.0.1:443", "10.1.2.3:443", "172.16.0.1:443", "192.168.1.1:443", "169.254.169.254:80", "100.64.0.1:443", "[::1]:443", "[fd00::1]:443", "[fe80::1]:443", "[::ffff:10.0.0.1]:443", "0.0.0.0:443"] {
+        assert_eq!(
+            decide("en.wikipedia.org", 443, &list, &[public]),
+            Ok(public)
+        );
+        assert!(matches!(
+            decide("wikipedia.org", 443, &list, &[public]),
+            Err(Refused::NotAllowed(_))
+        ));
+        assert!(matches!(
+            decide("evil.com", 443, &list, &[public]),
+            Err(Refused::NotAllowed(_))
+        ));
+        assert!(matches!(
+            decide("example.com", 22, &list, &[public]),
+            Err(Refused::Port(22))
+        ));
+        for private in [
+            "127.0.0.1:443",
+            "10.1.2.3:443",
+            "172.16.0.1:443",
+            "192.168.1.1:443",
+            "169.254.169.254:80",
+            "100.64.0.1:443",
+            "[::1]:443",
+            "[fd00::1]:443",
+            "[fe80::1]:443",
+            "[::ffff:10.0.0.1]:443",
+            "0.0.0.0:443",
+        ] {
             let a: SocketAddr = private.parse().unwrap();
-            assert!(matches!(decide("example.com", a.port(), &list, &[public, a]), Err(Refused::PrivateAddress(_))), "{private}");
+            assert!(
+                matches!(
+                    decide("example.com", a.port(), &list, &[public, a]),
+                    Err(Refused::PrivateAddress(_))
+                ),
+                "{private}"
+            );
         }
         // An allowlisted literal private address is still refused.
         let list = allow(&["169.254.169.254", "127.0.0.1"]);
-        assert!(matches!(decide("169.254.169.254", 80, &list, &[]), Err(Refused::PrivateAddress(_))));
-        assert!(matches!(decide("127.0.0.1", 443, &list, &[]), Err(Refused::PrivateAddress(_))));
+        assert!(matches!(
+            decide("169.254.169.254", 80, &list, &[]),
+            Err(Refused::PrivateAddress(_))
+        ));
+        assert!(matches!(
+            decide("127.0.0.1", 443, &list, &[]),
+            Err(Refused::PrivateAddress(_))
+        ));
     }
 
     #[test]
     fn basic_credentials_decode() {
         // "otm:1:abcdef"
-        assert_eq!(basic_password("Basic b3RtOjE6YWJjZGVm").as_deref(), Some("1:abcdef"));
+        assert_eq!(
+            basic_password("Basic b3RtOjE6YWJjZGVm").as_deref(),
+            Some("1:abcdef")
+        );
         assert_eq!(basic_password("Bearer x"), None);
         assert_eq!(basic_password("Basic !!!"), None);
     }

@@ -36,19 +36,20 @@ pub fn kick(app: &Arc<App>, tenant: &TenantId) {
 async fn run(app: &Arc<App>, tenant: &TenantId, notify: Arc<Notify>) {
     // At most one dispatcher per tenant across all replicas: the one holding this lease.
     let key = format!("dispatch:{tenant}");
-    let lease = match HeldLease::try_acquire(&app.coordinator, &key, orchestrator::lease_ttl(app)).await {
-        Ok(Some(l)) => l,
-        Ok(None) => {
-            // Another replica dispatches; the sweeper looks again later.
-            app.dispatchers.lock().unwrap().remove(tenant);
-            return;
-        }
-        Err(e) => {
-            tracing::warn!(%tenant, error = %e, "cannot take the dispatcher lease");
-            app.dispatchers.lock().unwrap().remove(tenant);
-            return;
-        }
-    };
+    let lease =
+        match HeldLease::try_acquire(&app.coordinator, &key, orchestrator::lease_ttl(app)).await {
+            Ok(Some(l)) => l,
+            Ok(None) => {
+                // Another replica dispatches; the sweeper looks again later.
+                app.dispatchers.lock().unwrap().remove(tenant);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(%tenant, error = %e, "cannot take the dispatcher lease");
+                app.dispatchers.lock().unwrap().remove(tenant);
+                return;
+            }
+        };
     loop {
         if app.shutdown.is_cancelled() || lease.lost().is_cancelled() {
             break;
@@ -103,14 +104,19 @@ pub async fn run_notifications(app: Arc<App>) {
 async fn deliver_one(app: &Arc<App>, tenant: &TenantId, item: InboxItem) {
     let started = Instant::now();
     let result = attempt(app, tenant, &item).await;
-    app.metrics.delivery_seconds.observe(started.elapsed().as_secs_f64());
+    app.metrics
+        .delivery_seconds
+        .observe(started.elapsed().as_secs_f64());
     match result {
         Ok(()) => {
             app.metrics.delivery("acked");
             if let Err(e) = app.registry.inbox_ack(tenant, item.seq).await {
                 tracing::error!(%tenant, update_id = item.update_id, error = %e, "could not remove a delivered update");
             }
-            let _ = app.registry.touch_tenant(tenant, otm_core::time::now_ms()).await;
+            let _ = app
+                .registry
+                .touch_tenant(tenant, otm_core::time::now_ms())
+                .await;
         }
         Err(Failure::Held(message)) => {
             // Admission control: the update waits in the inbox without using up an attempt.
@@ -120,7 +126,11 @@ async fn deliver_one(app: &Arc<App>, tenant: &TenantId, item: InboxItem) {
         Err(Failure::Failed(message)) => {
             tracing::warn!(%tenant, update_id = item.update_id, attempt = item.attempts + 1, %message, "delivery failed");
             let max = app.settings.max_delivery_attempts;
-            match app.registry.inbox_fail(tenant, item.seq, &message, max).await {
+            match app
+                .registry
+                .inbox_fail(tenant, item.seq, &message, max)
+                .await
+            {
                 Ok(FailOutcome::DeadLettered) => {
                     app.metrics.delivery("dead_lettered");
                     tracing::error!(%tenant, update_id = item.update_id, "update moved to the dead-letter list");
@@ -154,16 +164,32 @@ impl From<String> for Failure {
 
 /// One delivery attempt: wake if needed, deliver through the shim, check the acknowledgement.
 async fn attempt(app: &Arc<App>, tenant: &TenantId, item: &InboxItem) -> Result<(), Failure> {
-    let chat = serde_json::from_slice::<serde_json::Value>(&item.payload).ok().and_then(|u| chat_of(&u));
-    let woken = orchestrator::wake_anywhere(app, tenant, chat).await.map_err(|e| match e {
-        otm_core::Error::Unavailable { backend: orchestrator::ADMISSION, message } => Failure::Held(message),
-        e => Failure::Failed(format!("wake failed: {e}")),
-    })?;
-    let shim = ShimClient::new(woken.endpoint.address.clone(), woken.endpoint.shim_token.clone());
+    let chat = serde_json::from_slice::<serde_json::Value>(&item.payload)
+        .ok()
+        .and_then(|u| chat_of(&u));
+    let woken = orchestrator::wake_anywhere(app, tenant, chat)
+        .await
+        .map_err(|e| match e {
+            otm_core::Error::Unavailable {
+                backend: orchestrator::ADMISSION,
+                message,
+            } => Failure::Held(message),
+            e => Failure::Failed(format!("wake failed: {e}")),
+        })?;
+    let shim = ShimClient::new(
+        woken.endpoint.address.clone(),
+        woken.endpoint.shim_token.clone(),
+    );
     let timeout = Duration::from_secs(60);
-    match shim.deliver(bytes::Bytes::from(item.payload.clone()), timeout).await {
+    match shim
+        .deliver(bytes::Bytes::from(item.payload.clone()), timeout)
+        .await
+    {
         Ok(r) if r.acknowledged => Ok(()),
-        Ok(r) => Err(r.detail.unwrap_or_else(|| format!("agent answered {}", r.status)).into()),
+        Ok(r) => Err(r
+            .detail
+            .unwrap_or_else(|| format!("agent answered {}", r.status))
+            .into()),
         Err(e) => {
             // The instance may be gone; forget the endpoint so the next attempt looks again.
             let _ = app.coordinator.clear_endpoint(tenant).await;
@@ -174,9 +200,18 @@ async fn attempt(app: &Arc<App>, tenant: &TenantId, item: &InboxItem) -> Result<
 
 /// The chat an update came from, wherever the update type keeps it.
 fn chat_of(update: &serde_json::Value) -> Option<i64> {
-    ["message", "edited_message", "channel_post", "callback_query"].iter().find_map(|k| {
+    [
+        "message",
+        "edited_message",
+        "channel_post",
+        "callback_query",
+    ]
+    .iter()
+    .find_map(|k| {
         let v = &update[*k];
-        v["chat"]["id"].as_i64().or_else(|| v["message"]["chat"]["id"].as_i64())
+        v["chat"]["id"]
+            .as_i64()
+            .or_else(|| v["message"]["chat"]["id"].as_i64())
     })
 }
 
@@ -202,12 +237,16 @@ pub async fn run_sweeper(app: Arc<App>) {
                 for t in &tenants {
                     pending += app.registry.inbox_depth(t).await.unwrap_or(0) as i64;
                     if let Ok(Some(head)) = app.registry.inbox_next(t).await {
-                        oldest = Some(oldest.map_or(head.accepted_at_ms, |o| o.min(head.accepted_at_ms)));
+                        oldest = Some(
+                            oldest.map_or(head.accepted_at_ms, |o| o.min(head.accepted_at_ms)),
+                        );
                     }
                     kick(&app, t);
                 }
                 app.metrics.inbox_pending.set(pending);
-                let age = oldest.map_or(0.0, |o| (otm_core::time::now_ms() - o).max(0) as f64 / 1000.0);
+                let age = oldest.map_or(0.0, |o| {
+                    (otm_core::time::now_ms() - o).max(0) as f64 / 1000.0
+                });
                 app.metrics.inbox_oldest_age_seconds.set(age);
             }
             Err(e) => tracing::warn!(error = %e, "inbox sweep failed"),

@@ -18,7 +18,10 @@ const MAX_BODY: usize = 50 << 20;
 
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
-        .route("/model/{surrogate}/{*rest}", axum::routing::any(crate::model_proxy::proxy))
+        .route(
+            "/model/{surrogate}/{*rest}",
+            axum::routing::any(crate::model_proxy::proxy),
+        )
         .fallback(proxy)
         .with_state(app)
 }
@@ -51,7 +54,11 @@ pub(crate) async fn tenant_by_surrogate(app: &App, surrogate: &str) -> Result<Te
 }
 
 fn telegram_error(status: StatusCode, description: &str) -> Response {
-    (status, Json(json!({"ok": false, "error_code": status.as_u16(), "description": description}))).into_response()
+    (
+        status,
+        Json(json!({"ok": false, "error_code": status.as_u16(), "description": description})),
+    )
+        .into_response()
 }
 
 /// `/bot<token>/<method>` or `/file/bot<token>/<path>`.
@@ -82,14 +89,19 @@ async fn proxy(State(app): State<Arc<App>>, req: Request) -> Response {
             app.metrics.egress("refused");
             return telegram_error(StatusCode::UNAUTHORIZED, "Unauthorized");
         }
-        Err(Refusal::Unavailable) => return telegram_error(StatusCode::SERVICE_UNAVAILABLE, "try again later"),
+        Err(Refusal::Unavailable) => {
+            return telegram_error(StatusCode::SERVICE_UNAVAILABLE, "try again later");
+        }
     };
     let method = tail.to_owned();
     if !file {
         match method.to_ascii_lowercase().as_str() {
             "setwebhook" | "deletewebhook" => {
                 app.metrics.egress("local");
-                return Json(json!({"ok": true, "result": true, "description": "Webhook is managed by otm"})).into_response();
+                return Json(
+                    json!({"ok": true, "result": true, "description": "Webhook is managed by otm"}),
+                )
+                .into_response();
             }
             "getwebhookinfo" => {
                 app.metrics.egress("local");
@@ -105,12 +117,22 @@ async fn proxy(State(app): State<Arc<App>>, req: Request) -> Response {
     }
     let Some(real) = tenant.bot_token.clone() else {
         app.metrics.egress("no_token");
-        return telegram_error(StatusCode::UNAUTHORIZED, "Unauthorized: the tenant has no bot token");
+        return telegram_error(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized: the tenant has no bot token",
+        );
     };
     forward(&app, &tenant, &real, file, &method, req).await
 }
 
-async fn forward(app: &Arc<App>, tenant: &Tenant, real: &Secret, file: bool, tail: &str, req: Request) -> Response {
+async fn forward(
+    app: &Arc<App>,
+    tenant: &Tenant,
+    real: &Secret,
+    file: bool,
+    tail: &str,
+    req: Request,
+) -> Response {
     let root = app.telegram.root();
     let mut url = if file {
         format!("{root}/file/bot{}/{tail}", real.expose())
@@ -127,15 +149,23 @@ async fn forward(app: &Arc<App>, tenant: &Tenant, real: &Secret, file: bool, tai
         Ok(b) => b,
         Err(_) => return telegram_error(StatusCode::PAYLOAD_TOO_LARGE, "Request Entity Too Large"),
     };
-    let mut out = app.http.request(method, url).body(body).timeout(std::time::Duration::from_secs(60));
+    let mut out = app
+        .http
+        .request(method, url)
+        .body(body)
+        .timeout(std::time::Duration::from_secs(60));
     if let Some(ct) = content_type {
         out = out.header("content-type", ct);
     }
     match out.send().await {
         Ok(resp) => {
             app.metrics.egress("forwarded");
-            let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-            let ct = resp.headers().get("content-type").and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok());
+            let status =
+                StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            let ct = resp
+                .headers()
+                .get("content-type")
+                .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok());
             let stream = resp.bytes_stream().map_err(std::io::Error::other);
             let mut response = Response::new(Body::from_stream(stream));
             *response.status_mut() = status;
@@ -148,7 +178,10 @@ async fn forward(app: &Arc<App>, tenant: &Tenant, real: &Secret, file: bool, tai
             app.metrics.egress("upstream_error");
             // The URL carries the real token: never let it into a message.
             tracing::warn!(tenant = %tenant.id, error = %e.without_url(), "Bot API call failed");
-            telegram_error(StatusCode::BAD_GATEWAY, "Bad Gateway: the Bot API could not be reached")
+            telegram_error(
+                StatusCode::BAD_GATEWAY,
+                "Bad Gateway: the Bot API could not be reached",
+            )
         }
     }
 }
@@ -159,8 +192,14 @@ mod tests {
 
     #[test]
     fn splits_bot_paths() {
-        assert_eq!(split("/bot1:abc/sendMessage"), Some((false, "1:abc", "sendMessage")));
-        assert_eq!(split("/file/bot1:abc/photos/a.jpg"), Some((true, "1:abc", "photos/a.jpg")));
+        assert_eq!(
+            split("/bot1:abc/sendMessage"),
+            Some((false, "1:abc", "sendMessage"))
+        );
+        assert_eq!(
+            split("/file/bot1:abc/photos/a.jpg"),
+            Some((true, "1:abc", "photos/a.jpg"))
+        );
         assert_eq!(split("/bot/sendMessage"), None);
         assert_eq!(split("/bot1:abc/"), None);
         assert_eq!(split("/other"), None);

@@ -23,7 +23,11 @@ pub const SECRET_HEADER: &str = "x-telegram-bot-api-secret-token";
 
 pub fn router(app: Arc<App>) -> Router {
     let r = Router::new().route("/healthz", get(healthz));
-    if app.settings.runs_router() { r.route("/tg/{tenant}", post(webhook)).with_state(app) } else { r.with_state(app) }
+    if app.settings.runs_router() {
+        r.route("/tg/{tenant}", post(webhook)).with_state(app)
+    } else {
+        r.with_state(app)
+    }
 }
 
 async fn healthz() -> &'static str {
@@ -32,59 +36,136 @@ async fn healthz() -> &'static str {
 
 fn reject(app: &App, status: StatusCode, reason: &str, description: &str) -> Response {
     app.metrics.rejected(reason);
-    (status, Json(json!({"ok": false, "error_code": status.as_u16(), "description": description}))).into_response()
+    (
+        status,
+        Json(json!({"ok": false, "error_code": status.as_u16(), "description": description})),
+    )
+        .into_response()
 }
 
-async fn webhook(State(app): State<Arc<App>>, Path(tenant): Path<String>, req: Request) -> Response {
+async fn webhook(
+    State(app): State<Arc<App>>,
+    Path(tenant): Path<String>,
+    req: Request,
+) -> Response {
     let started = Instant::now();
     let Ok(tenant) = TenantId::parse(&tenant) else {
-        return reject(&app, StatusCode::NOT_FOUND, "unknown_tenant", "unknown tenant");
+        return reject(
+            &app,
+            StatusCode::NOT_FOUND,
+            "unknown_tenant",
+            "unknown tenant",
+        );
     };
     let t = match app.registry.get_tenant(&tenant).await {
         Ok(Some(t)) => t,
-        Ok(None) => return reject(&app, StatusCode::NOT_FOUND, "unknown_tenant", "unknown tenant"),
+        Ok(None) => {
+            return reject(
+                &app,
+                StatusCode::NOT_FOUND,
+                "unknown_tenant",
+                "unknown tenant",
+            );
+        }
         Err(e) => {
             tracing::error!(%tenant, error = %e, "registry unavailable");
-            return reject(&app, StatusCode::SERVICE_UNAVAILABLE, "unavailable", "try again later");
+            return reject(
+                &app,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "try again later",
+            );
         }
     };
-    let presented = req.headers().get(SECRET_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let presented = req
+        .headers()
+        .get(SECRET_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     if !t.webhook_secret.matches(presented) {
-        return reject(&app, StatusCode::UNAUTHORIZED, "bad_secret", "missing or wrong secret token");
+        return reject(
+            &app,
+            StatusCode::UNAUTHORIZED,
+            "bad_secret",
+            "missing or wrong secret token",
+        );
     }
     let body = match axum::body::to_bytes(req.into_body(), MAX_UPDATE_BYTES).await {
         Ok(b) => b,
-        Err(_) => return reject(&app, StatusCode::PAYLOAD_TOO_LARGE, "too_large", "update larger than 1 MiB"),
+        Err(_) => {
+            return reject(
+                &app,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                "update larger than 1 MiB",
+            );
+        }
     };
     let update_id = match serde_json::from_slice::<serde_json::Value>(&body) {
         Ok(serde_json::Value::Object(map)) => match map.get("update_id").and_then(|v| v.as_i64()) {
             Some(id) => id,
-            None => return reject(&app, StatusCode::BAD_REQUEST, "malformed", "update_id must be an integer"),
+            None => {
+                return reject(
+                    &app,
+                    StatusCode::BAD_REQUEST,
+                    "malformed",
+                    "update_id must be an integer",
+                );
+            }
         },
-        _ => return reject(&app, StatusCode::BAD_REQUEST, "malformed", "the body must be a JSON object"),
+        _ => {
+            return reject(
+                &app,
+                StatusCode::BAD_REQUEST,
+                "malformed",
+                "the body must be a JSON object",
+            );
+        }
     };
     match app.registry.inbox_append(&tenant, update_id, &body).await {
         Ok(Appended::Stored { .. }) => {
             app.metrics.updates_accepted.inc();
-            app.metrics.accept_seconds.observe(started.elapsed().as_secs_f64());
+            app.metrics
+                .accept_seconds
+                .observe(started.elapsed().as_secs_f64());
             crate::dispatch::kick(&app, &tenant);
-            if app.remote.is_some() || app.settings.coordinator.as_deref().is_some_and(|c| c != "memory") {
+            if app.remote.is_some()
+                || app
+                    .settings
+                    .coordinator
+                    .as_deref()
+                    .is_some_and(|c| c != "memory")
+            {
                 // Another replica may hold this tenant's dispatcher lease.
-                let _ = app.coordinator.publish(otm_core::Notification::InboxHasWork { tenant: tenant.clone() }).await;
+                let _ = app
+                    .coordinator
+                    .publish(otm_core::Notification::InboxHasWork {
+                        tenant: tenant.clone(),
+                    })
+                    .await;
             }
         }
         Ok(Appended::Duplicate) => {
             app.metrics.updates_duplicate.inc();
         }
         Err(otm_core::Error::NotFound { .. }) => {
-            return reject(&app, StatusCode::NOT_FOUND, "unknown_tenant", "unknown tenant");
+            return reject(
+                &app,
+                StatusCode::NOT_FOUND,
+                "unknown_tenant",
+                "unknown tenant",
+            );
         }
         Err(e) => {
             tracing::error!(%tenant, update_id, error = %e, "could not store an update");
             // Not stored: Telegram retries on a non-2xx answer.
-            return reject(&app, StatusCode::SERVICE_UNAVAILABLE, "unavailable", "try again later");
+            return reject(
+                &app,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "try again later",
+            );
         }
     }
     (StatusCode::OK, Json(json!({"ok": true}))).into_response()
 }
-

@@ -17,20 +17,34 @@ pub struct HeldLease {
 
 impl HeldLease {
     /// Tries once to take `key`.
-    pub async fn try_acquire(coordinator: &Arc<dyn Coordinator>, key: &str, ttl: Duration) -> Result<Option<HeldLease>> {
-        let Some(lease) = coordinator.acquire(key, ttl).await? else { return Ok(None) };
+    pub async fn try_acquire(
+        coordinator: &Arc<dyn Coordinator>,
+        key: &str,
+        ttl: Duration,
+    ) -> Result<Option<HeldLease>> {
+        let Some(lease) = coordinator.acquire(key, ttl).await? else {
+            return Ok(None);
+        };
         Ok(Some(Self::keep(coordinator.clone(), lease, ttl)))
     }
 
     /// Takes `key`, waiting while another owner holds it, for at most `wait`.
-    pub async fn acquire(coordinator: &Arc<dyn Coordinator>, key: &str, ttl: Duration, wait: Duration) -> Result<HeldLease> {
+    pub async fn acquire(
+        coordinator: &Arc<dyn Coordinator>,
+        key: &str,
+        ttl: Duration,
+        wait: Duration,
+    ) -> Result<HeldLease> {
         let deadline = Instant::now() + wait;
         loop {
             if let Some(l) = Self::try_acquire(coordinator, key, ttl).await? {
                 return Ok(l);
             }
             if Instant::now() > deadline {
-                return Err(otm_core::Error::unavailable("coordinator", format!("lock {key} stayed taken")));
+                return Err(otm_core::Error::unavailable(
+                    "coordinator",
+                    format!("lock {key} stayed taken"),
+                ));
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -39,7 +53,12 @@ impl HeldLease {
     fn keep(coordinator: Arc<dyn Coordinator>, lease: Lease, ttl: Duration) -> HeldLease {
         let lost = CancellationToken::new();
         let stop = CancellationToken::new();
-        let (c, l, lo, st) = (coordinator.clone(), lease.clone(), lost.clone(), stop.clone());
+        let (c, l, lo, st) = (
+            coordinator.clone(),
+            lease.clone(),
+            lost.clone(),
+            stop.clone(),
+        );
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -60,7 +79,12 @@ impl HeldLease {
                 }
             }
         });
-        HeldLease { lease, coordinator, lost, stop }
+        HeldLease {
+            lease,
+            coordinator,
+            lost,
+            stop,
+        }
     }
 
     /// The fencing number of this acquisition.

@@ -21,8 +21,8 @@
 pub mod admin;
 pub mod app;
 pub mod config;
-pub mod dispatch;
 pub mod connect;
+pub mod dispatch;
 pub mod egress;
 pub mod ingress;
 pub mod lease;

@@ -45,7 +45,11 @@ pub struct Kind {
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
-    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0].into_iter()
+    [
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        60.0, 120.0,
+    ]
+    .into_iter()
 }
 
 /// Every metric the server exports.
@@ -106,62 +110,142 @@ impl Metrics {
             wakes_in_flight: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register("updates_accepted", "Updates stored durably in an inbox", m.updates_accepted.clone());
-        registry.register("updates_duplicate", "Updates answered 200 as repeats of stored ones", m.updates_duplicate.clone());
-        registry.register("updates_rejected", "Webhook calls refused, by reason", m.updates_rejected.clone());
-        registry.register("accept_seconds", "Time from webhook call to durable store", m.accept_seconds.clone());
-        registry.register("deliveries", "Deliveries to agents, by outcome", m.deliveries.clone());
-        registry.register("delivery_seconds", "Time of one delivery to an agent", m.delivery_seconds.clone());
+        registry.register(
+            "updates_accepted",
+            "Updates stored durably in an inbox",
+            m.updates_accepted.clone(),
+        );
+        registry.register(
+            "updates_duplicate",
+            "Updates answered 200 as repeats of stored ones",
+            m.updates_duplicate.clone(),
+        );
+        registry.register(
+            "updates_rejected",
+            "Webhook calls refused, by reason",
+            m.updates_rejected.clone(),
+        );
+        registry.register(
+            "accept_seconds",
+            "Time from webhook call to durable store",
+            m.accept_seconds.clone(),
+        );
+        registry.register(
+            "deliveries",
+            "Deliveries to agents, by outcome",
+            m.deliveries.clone(),
+        );
+        registry.register(
+            "delivery_seconds",
+            "Time of one delivery to an agent",
+            m.delivery_seconds.clone(),
+        );
         registry.register("wakes", "Wakes, by outcome", m.wakes.clone());
-        registry.register("wake_seconds", "Wake latency by path (cache, warm, cold)", m.wake_seconds.clone());
-        registry.register("wake_phase_seconds", "Wake latency by path and phase", m.wake_phase_seconds.clone());
+        registry.register(
+            "wake_seconds",
+            "Wake latency by path (cache, warm, cold)",
+            m.wake_seconds.clone(),
+        );
+        registry.register(
+            "wake_phase_seconds",
+            "Wake latency by path and phase",
+            m.wake_phase_seconds.clone(),
+        );
         registry.register("stops", "Instance stops, by reason", m.stops.clone());
-        registry.register("instances", "Instances, by state (warm, binding, ready, stopping)", m.instances.clone());
-        registry.register("inbox_pending", "Pending updates over all inboxes", m.inbox_pending.clone());
+        registry.register(
+            "instances",
+            "Instances, by state (warm, binding, ready, stopping)",
+            m.instances.clone(),
+        );
+        registry.register(
+            "inbox_pending",
+            "Pending updates over all inboxes",
+            m.inbox_pending.clone(),
+        );
         registry.register(
             "inbox_oldest_age_seconds",
             "Age of the oldest pending update",
             m.inbox_oldest_age_seconds.clone(),
         );
-        registry.register("egress_requests", "Bot API proxy calls, by outcome", m.egress_requests.clone());
-        registry.register("reconciler_events", "Reconciler actions, by kind", m.reconciler_events.clone());
-        registry.register("instance_limit_kills", "Instances stopped for running into a limit, by limit", m.limit_kills.clone());
+        registry.register(
+            "egress_requests",
+            "Bot API proxy calls, by outcome",
+            m.egress_requests.clone(),
+        );
+        registry.register(
+            "reconciler_events",
+            "Reconciler actions, by kind",
+            m.reconciler_events.clone(),
+        );
+        registry.register(
+            "instance_limit_kills",
+            "Instances stopped for running into a limit, by limit",
+            m.limit_kills.clone(),
+        );
         registry.register(
             "admission_waits",
             "Wakes held back by admission control (running or concurrent-wake limit), by reason",
             m.admission_waits.clone(),
         );
-        registry.register("max_running", "The fleet's limit on running instances (0: none)", m.max_running.clone());
-        registry.register("wakes_in_flight", "Wakes under way in this process", m.wakes_in_flight.clone());
+        registry.register(
+            "max_running",
+            "The fleet's limit on running instances (0: none)",
+            m.max_running.clone(),
+        );
+        registry.register(
+            "wakes_in_flight",
+            "Wakes under way in this process",
+            m.wakes_in_flight.clone(),
+        );
         Metrics { registry, ..m }
     }
 
     /// The text exposition format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("encoding metrics");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("encoding metrics");
         out
     }
 
     /// Records one wake phase.
     pub fn wake_phase(&self, path: &str, phase: &str, d: Duration) {
-        self.wake_phase_seconds.get_or_create(&Phase { path: path.into(), phase: phase.into() }).observe(d.as_secs_f64());
+        self.wake_phase_seconds
+            .get_or_create(&Phase {
+                path: path.into(),
+                phase: phase.into(),
+            })
+            .observe(d.as_secs_f64());
     }
 
     pub fn delivery(&self, outcome: &str) {
-        self.deliveries.get_or_create(&Outcome { outcome: outcome.into() }).inc();
+        self.deliveries
+            .get_or_create(&Outcome {
+                outcome: outcome.into(),
+            })
+            .inc();
     }
 
     pub fn rejected(&self, reason: &str) {
-        self.updates_rejected.get_or_create(&Reason { reason: reason.into() }).inc();
+        self.updates_rejected
+            .get_or_create(&Reason {
+                reason: reason.into(),
+            })
+            .inc();
     }
 
     pub fn reconciler(&self, kind: &str) {
-        self.reconciler_events.get_or_create(&Kind { kind: kind.into() }).inc();
+        self.reconciler_events
+            .get_or_create(&Kind { kind: kind.into() })
+            .inc();
     }
 
     pub fn egress(&self, outcome: &str) {
-        self.egress_requests.get_or_create(&Outcome { outcome: outcome.into() }).inc();
+        self.egress_requests
+            .get_or_create(&Outcome {
+                outcome: outcome.into(),
+            })
+            .inc();
     }
 }
 
@@ -174,7 +258,10 @@ pub struct Timer<'a> {
 
 impl<'a> Timer<'a> {
     pub fn new(hist: &'a Histogram) -> Self {
-        Timer { hist, start: Instant::now() }
+        Timer {
+            hist,
+            start: Instant::now(),
+        }
     }
 }
 

@@ -24,7 +24,13 @@ const MAX_BODY: usize = 32 << 20;
 /// How long one model call may take, stream included.
 const TIMEOUT: Duration = Duration::from_secs(600);
 /// Request headers passed upstream; everything else (authorization, cookies, hop-by-hop) is not.
-const FORWARDED: &[&str] = &["content-type", "accept", "openai-beta", "x-stainless-lang", "user-agent"];
+const FORWARDED: &[&str] = &[
+    "content-type",
+    "accept",
+    "openai-beta",
+    "x-stainless-lang",
+    "user-agent",
+];
 
 /// The base URL an agent of this instance is given.
 pub fn instance_base_url(egress_url: &str, surrogate: &str) -> String {
@@ -33,25 +39,49 @@ pub fn instance_base_url(egress_url: &str, surrogate: &str) -> String {
 
 /// An error in the shape OpenAI-compatible clients parse.
 fn model_error(status: StatusCode, code: &str, message: &str) -> Response {
-    (status, Json(json!({"error": {"message": message, "type": code, "code": code}}))).into_response()
+    (
+        status,
+        Json(json!({"error": {"message": message, "type": code, "code": code}})),
+    )
+        .into_response()
 }
 
-pub async fn proxy(State(app): State<Arc<App>>, Path((surrogate, rest)): Path<(String, String)>, req: Request) -> Response {
+pub async fn proxy(
+    State(app): State<Arc<App>>,
+    Path((surrogate, rest)): Path<(String, String)>,
+    req: Request,
+) -> Response {
     let tenant = match tenant_by_surrogate(&app, &surrogate).await {
         Ok(t) => t,
         Err(Refusal::Unauthorized) => {
             app.metrics.egress("model_refused");
-            return model_error(StatusCode::UNAUTHORIZED, "invalid_api_key", "unknown or revoked instance token");
+            return model_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_api_key",
+                "unknown or revoked instance token",
+            );
         }
         Err(Refusal::Unavailable) => {
-            return model_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "try again later");
+            return model_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "try again later",
+            );
         }
     };
     let Some(base) = app.settings.model_base_url.as_deref() else {
         app.metrics.egress("model_unconfigured");
-        return model_error(StatusCode::NOT_FOUND, "not_configured", "no model is configured on this otm server");
+        return model_error(
+            StatusCode::NOT_FOUND,
+            "not_configured",
+            "no model is configured on this otm server",
+        );
     };
-    let mut url = format!("{}/{}", base.trim_end_matches('/'), rest.trim_start_matches('/'));
+    let mut url = format!(
+        "{}/{}",
+        base.trim_end_matches('/'),
+        rest.trim_start_matches('/')
+    );
     if let Some(q) = req.uri().query() {
         url.push('?');
         url.push_str(q);
@@ -60,7 +90,13 @@ pub async fn proxy(State(app): State<Arc<App>>, Path((surrogate, rest)): Path<(S
     let headers = req.headers().clone();
     let body = match axum::body::to_bytes(req.into_body(), MAX_BODY).await {
         Ok(b) => b,
-        Err(_) => return model_error(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", "request body too large"),
+        Err(_) => {
+            return model_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_too_large",
+                "request body too large",
+            );
+        }
     };
     let mut out = app.http.request(method, url).body(body).timeout(TIMEOUT);
     for name in FORWARDED {
@@ -74,10 +110,15 @@ pub async fn proxy(State(app): State<Arc<App>>, Path((surrogate, rest)): Path<(S
     match out.send().await {
         Ok(resp) => {
             app.metrics.egress("model_forwarded");
-            let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            let status =
+                StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
             let mut response_headers = Vec::new();
             for name in ["content-type", "cache-control", "x-request-id"] {
-                if let Some(v) = resp.headers().get(name).and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok()) {
+                if let Some(v) = resp
+                    .headers()
+                    .get(name)
+                    .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
+                {
                     response_headers.push((name, v));
                 }
             }
@@ -92,7 +133,11 @@ pub async fn proxy(State(app): State<Arc<App>>, Path((surrogate, rest)): Path<(S
         Err(e) => {
             app.metrics.egress("model_upstream_error");
             tracing::warn!(tenant = %tenant.id, error = %e.without_url(), "model call failed");
-            model_error(StatusCode::BAD_GATEWAY, "upstream_error", "the model provider could not be reached")
+            model_error(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                "the model provider could not be reached",
+            )
         }
     }
 }
@@ -101,6 +146,9 @@ pub async fn proxy(State(app): State<Arc<App>>, Path((surrogate, rest)): Path<(S
 mod tests {
     #[test]
     fn instance_base_url_keeps_one_slash() {
-        assert_eq!(super::instance_base_url("http://127.0.0.1:8082/", "1:abc"), "http://127.0.0.1:8082/model/1:abc");
+        assert_eq!(
+            super::instance_base_url("http://127.0.0.1:8082/", "1:abc"),
+            "http://127.0.0.1:8082/model/1:abc"
+        );
     }
 }

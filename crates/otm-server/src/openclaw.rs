@@ -30,7 +30,9 @@ pub struct Install {
 pub fn locate(settings: &Settings) -> Option<Install> {
     let prefix = match &settings.openclaw_prefix {
         Some(p) => Some(p.clone()),
-        None => std::path::absolute(&settings.data_dir).ok().map(|d| d.join("openclaw")),
+        None => std::path::absolute(&settings.data_dir)
+            .ok()
+            .map(|d| d.join("openclaw")),
     };
     if let Some(prefix) = prefix.and_then(|p| std::path::absolute(p).ok()) {
         let command = prefix.join("bin/openclaw");
@@ -41,7 +43,11 @@ pub fn locate(settings: &Settings) -> Option<Install> {
             {
                 read_only.push(real);
             }
-            return Some(Install { command, path: vec![prefix.join("bin")], read_only });
+            return Some(Install {
+                command,
+                path: vec![prefix.join("bin")],
+                read_only,
+            });
         }
         if settings.openclaw_prefix.is_some() {
             return None;
@@ -55,7 +61,11 @@ pub fn locate(settings: &Settings) -> Option<Install> {
         read_only.push(bin.to_path_buf());
     }
     if let Ok(real) = command.canonicalize() {
-        if let Some(root) = real.ancestors().find(|a| a.file_name().is_some_and(|n| n == "node_modules")).and_then(Path::parent) {
+        if let Some(root) = real
+            .ancestors()
+            .find(|a| a.file_name().is_some_and(|n| n == "node_modules"))
+            .and_then(Path::parent)
+        {
             read_only.push(root.to_path_buf());
         } else if let Some(dir) = real.parent() {
             read_only.push(dir.to_path_buf());
@@ -67,7 +77,11 @@ pub fn locate(settings: &Settings) -> Option<Install> {
         read_only.push(dir.to_path_buf());
     }
     read_only.dedup();
-    Some(Install { command, path: vec![], read_only })
+    Some(Install {
+        command,
+        path: vec![],
+        read_only,
+    })
 }
 
 /// The bind settings of a tenant's instance: empty for profiles other than `openclaw`. The model
@@ -90,16 +104,30 @@ pub fn bind_settings(
             tenant.id
         ))
     })?;
-    out.insert(keys::COMMAND.to_owned(), install.command.display().to_string());
-    let path: Vec<String> = install.path.iter().map(|p| p.display().to_string()).collect();
+    out.insert(
+        keys::COMMAND.to_owned(),
+        install.command.display().to_string(),
+    );
+    let path: Vec<String> = install
+        .path
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
     out.insert(keys::PATH.to_owned(), path.join(":"));
     if let Some(file) = &settings.openclaw_config_template {
-        let text = std::fs::read_to_string(file)
-            .map_err(|e| Error::invalid(format!("cannot read the OpenClaw config template {}: {e}", file.display())))?;
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            Error::invalid(format!(
+                "cannot read the OpenClaw config template {}: {e}",
+                file.display()
+            ))
+        })?;
         out.insert(keys::TEMPLATE.to_owned(), text);
     }
     if let (Some(_), Some(id)) = (&settings.model_base_url, &settings.model_id) {
-        out.insert(keys::MODEL_BASE_URL.to_owned(), crate::model_proxy::instance_base_url(egress_url, surrogate));
+        out.insert(
+            keys::MODEL_BASE_URL.to_owned(),
+            crate::model_proxy::instance_base_url(egress_url, surrogate),
+        );
         out.insert(keys::MODEL_ID.to_owned(), id.clone());
         out.insert(keys::MODEL_API_KEY.to_owned(), INSTANCE_API_KEY.to_owned());
     }
@@ -115,7 +143,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("otm-openclaw-locate-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("bin")).unwrap();
         std::fs::write(dir.join("bin/openclaw"), "#!/bin/sh\n").unwrap();
-        let s = Settings { openclaw_prefix: Some(dir.clone()), ..Settings::default() };
+        let s = Settings {
+            openclaw_prefix: Some(dir.clone()),
+            ..Settings::default()
+        };
         let found = locate(&s).unwrap();
         assert_eq!(found.command, dir.join("bin/openclaw"));
         assert_eq!(found.path, vec![dir.join("bin")]);
@@ -131,11 +162,21 @@ mod tests {
         let b = bind_settings(&s, "http://127.0.0.1:8082", &t, "1:sur").unwrap();
         assert_eq!(b[keys::MODEL_BASE_URL], "http://127.0.0.1:8082/model/1:sur");
         assert_eq!(b[keys::MODEL_ID], "m-1");
-        assert!(!b.values().any(|v| v.contains("sk-real")), "the real key stays on the server");
+        assert!(
+            !b.values().any(|v| v.contains("sk-real")),
+            "the real key stays on the server"
+        );
         t.profile = "reference".into();
-        assert!(bind_settings(&s, "http://x", &t, "1:sur").unwrap().is_empty());
+        assert!(
+            bind_settings(&s, "http://x", &t, "1:sur")
+                .unwrap()
+                .is_empty()
+        );
 
-        let missing = Settings { openclaw_prefix: Some(dir.join("nope")), ..Settings::default() };
+        let missing = Settings {
+            openclaw_prefix: Some(dir.join("nope")),
+            ..Settings::default()
+        };
         assert_eq!(locate(&missing), None);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -2,17 +2,17 @@
 //! reaps idle ones, and reconciles the registry with what the runtime runs.
 
 use crate::app::App;
+use futures::StreamExt;
 use otm_core::instance::Endpoint;
 use otm_core::shim_api::{BindRequest, StopRequest};
 use otm_core::{
-    Error, InstanceId, InstanceRecord, InstanceSpec, InstanceState, Notification, Result, RuntimeEvent, Secret, SnapshotId,
-    TenantId, TenantStatus,
+    Error, InstanceId, InstanceRecord, InstanceSpec, InstanceState, Notification, Result,
+    RuntimeEvent, Secret, SnapshotId, TenantId, TenantStatus,
 };
 use otm_shim::ShimClient;
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use futures::StreamExt;
 
 /// How long a cached endpoint stays valid without being refreshed.
 const ENDPOINT_TTL: Duration = Duration::from_secs(300);
@@ -101,25 +101,43 @@ pub async fn wake_for(app: &Arc<App>, tenant: &TenantId, chat: Option<i64>) -> R
         return Ok(woken);
     }
 
-    let lease = crate::lease::HeldLease::acquire(&app.coordinator, &format!("wake:{tenant}"), lease_ttl(app), WAKE_WAIT).await?;
+    let lease = crate::lease::HeldLease::acquire(
+        &app.coordinator,
+        &format!("wake:{tenant}"),
+        lease_ttl(app),
+        WAKE_WAIT,
+    )
+    .await?;
     let result = tokio::select! {
         r = wake_locked(app, tenant, lease.fence(), begun, chat) => r,
         _ = lease.lost().cancelled() => Err(Error::conflict(format!("lost the wake lock of {tenant}; another replica took over"))),
     };
     lease.release().await;
     let outcome = if result.is_ok() { "ok" } else { "error" };
-    app.metrics.wakes.get_or_create(&crate::metrics::Outcome { outcome: outcome.into() }).inc();
+    app.metrics
+        .wakes
+        .get_or_create(&crate::metrics::Outcome {
+            outcome: outcome.into(),
+        })
+        .inc();
     result
 }
 
 /// A registered instance that is ready and answers serves the wake: its endpoint goes back into
 /// the cache. `None` when it cannot serve.
-async fn use_registered(app: &Arc<App>, tenant: &TenantId, rec: &InstanceRecord, begun: Instant) -> Result<Option<Woken>> {
+async fn use_registered(
+    app: &Arc<App>,
+    tenant: &TenantId,
+    rec: &InstanceRecord,
+    begun: Instant,
+) -> Result<Option<Woken>> {
     if rec.state != InstanceState::Ready || !answers(rec).await {
         return Ok(None);
     }
     let ep = Endpoint::from(rec);
-    app.coordinator.set_endpoint(tenant, &ep, ENDPOINT_TTL).await?;
+    app.coordinator
+        .set_endpoint(tenant, &ep, ENDPOINT_TTL)
+        .await?;
     Ok(Some(cached(ep, begun)))
 }
 
@@ -139,7 +157,13 @@ fn cached(endpoint: Endpoint, begun: Instant) -> Woken {
     }
 }
 
-async fn wake_locked(app: &Arc<App>, tenant: &TenantId, fence: u64, begun: Instant, chat: Option<i64>) -> Result<Woken> {
+async fn wake_locked(
+    app: &Arc<App>,
+    tenant: &TenantId,
+    fence: u64,
+    begun: Instant,
+    chat: Option<i64>,
+) -> Result<Woken> {
     // Another process may have finished a wake while we waited for the lock.
     if let Some(rec) = app.registry.instance_of(tenant).await? {
         if let Some(woken) = use_registered(app, tenant, &rec, begun).await? {
@@ -150,24 +174,36 @@ async fn wake_locked(app: &Arc<App>, tenant: &TenantId, fence: u64, begun: Insta
         if !retire(app, &rec).await {
             return Err(Error::unavailable(
                 "orchestrator",
-                format!("the state of tenant {tenant}'s last instance could not be saved; it is kept and the wake waits"),
+                format!(
+                    "the state of tenant {tenant}'s last instance could not be saved; it is kept and the wake waits"
+                ),
             ));
         }
     }
-    let t = app.registry.get_tenant(tenant).await?.ok_or_else(|| Error::not_found(format!("tenant {tenant}")))?;
+    let t = app
+        .registry
+        .get_tenant(tenant)
+        .await?
+        .ok_or_else(|| Error::not_found(format!("tenant {tenant}")))?;
     let fleet = app.registry.get_settings().await?;
     let limits = t.limits.over(&fleet.default_limits);
     let _admitted = admit(app, &fleet, tenant).await?;
-    app.registry.set_tenant_status(tenant, TenantStatus::Provisioning, Some(fence)).await?;
+    app.registry
+        .set_tenant_status(tenant, TenantStatus::Provisioning, Some(fence))
+        .await?;
 
     // `prepare`: locks and the status write before any instance work.
-    let mut phases: Vec<(String, u64)> = vec![("prepare".into(), begun.elapsed().as_millis() as u64)];
+    let mut phases: Vec<(String, u64)> =
+        vec![("prepare".into(), begun.elapsed().as_millis() as u64)];
     let mark = Instant::now();
     // Claim a warm instance, or create one.
     let (mut rec, path) = match app.registry.claim_warm_instance(tenant).await? {
         Some(rec) => {
             if let Err(e) = app.runtime.set_limits(&rec.id, &limits).await {
-                let _ = app.registry.set_tenant_status(tenant, TenantStatus::Idle, Some(fence)).await;
+                let _ = app
+                    .registry
+                    .set_tenant_status(tenant, TenantStatus::Idle, Some(fence))
+                    .await;
                 discard(app, &rec).await;
                 return Err(e);
             }
@@ -175,22 +211,37 @@ async fn wake_locked(app: &Arc<App>, tenant: &TenantId, fence: u64, begun: Insta
         }
         None => {
             if let Err(e) = make_room(app, &fleet, tenant).await {
-                let _ = app.registry.set_tenant_status(tenant, TenantStatus::Idle, Some(fence)).await;
+                let _ = app
+                    .registry
+                    .set_tenant_status(tenant, TenantStatus::Idle, Some(fence))
+                    .await;
                 return Err(e);
             }
-            if let (true, Some(chat), Some(token)) = (t.cold_start_notice, chat, t.bot_token.as_ref()) {
-                let notice = app.telegram.send_message(token, chat, "Starting up, one moment…");
+            if let (true, Some(chat), Some(token)) =
+                (t.cold_start_notice, chat, t.bot_token.as_ref())
+            {
+                let notice = app
+                    .telegram
+                    .send_message(token, chat, "Starting up, one moment…");
                 match tokio::time::timeout(Duration::from_secs(3), notice).await {
                     Ok(Ok(())) => app.metrics.reconciler("cold_start_notice"),
                     Ok(Err(e)) => tracing::warn!(%tenant, error = %e, "cold-start notice failed"),
                     Err(_) => tracing::warn!(%tenant, "cold-start notice timed out"),
                 }
             }
-            let spec = InstanceSpec { id: InstanceId::random(), shim_token: Secret::random(), tenant: Some(tenant.clone()), limits };
+            let spec = InstanceSpec {
+                id: InstanceId::random(),
+                shim_token: Secret::random(),
+                tenant: Some(tenant.clone()),
+                limits,
+            };
             let created = match app.runtime.create(&spec).await {
                 Ok(c) => c,
                 Err(e) => {
-                    let _ = app.registry.set_tenant_status(tenant, TenantStatus::Idle, Some(fence)).await;
+                    let _ = app
+                        .registry
+                        .set_tenant_status(tenant, TenantStatus::Idle, Some(fence))
+                        .await;
                     return Err(e);
                 }
             };
@@ -208,14 +259,21 @@ async fn wake_locked(app: &Arc<App>, tenant: &TenantId, fence: u64, begun: Insta
             (rec, WakePath::Cold)
         }
     };
-    let first = if path == WakePath::Warm { "claim" } else { "create" };
+    let first = if path == WakePath::Warm {
+        "claim"
+    } else {
+        "create"
+    };
     phases.push((first.to_owned(), mark.elapsed().as_millis() as u64));
 
     let result = bind(app, &t, &mut rec, fence, &mut phases).await;
     if let Err(e) = result {
         tracing::error!(%tenant, instance = %rec.id, error = %e, "wake failed");
         discard(app, &rec).await;
-        let _ = app.registry.set_tenant_status(tenant, TenantStatus::Idle, Some(fence)).await;
+        let _ = app
+            .registry
+            .set_tenant_status(tenant, TenantStatus::Idle, Some(fence))
+            .await;
         return Err(e);
     }
     let total = begun.elapsed();
@@ -223,10 +281,19 @@ async fn wake_locked(app: &Arc<App>, tenant: &TenantId, fence: u64, begun: Insta
     for (name, ms) in &phases {
         app.metrics.wake_phase(p, name, Duration::from_millis(*ms));
     }
-    app.metrics.wake_seconds.get_or_create(&crate::metrics::WakePath { path: p.into() }).observe(total.as_secs_f64());
+    app.metrics
+        .wake_seconds
+        .get_or_create(&crate::metrics::WakePath { path: p.into() })
+        .observe(total.as_secs_f64());
     tracing::info!(%tenant, instance = %rec.id, path = p, total_ms = total.as_millis() as u64, ?phases, "woke");
     refresh_instance_gauge(app).await;
-    Ok(Woken { endpoint: Endpoint::from(&rec), instance: rec.id.clone(), path, total_ms: total.as_millis() as u64, phases })
+    Ok(Woken {
+        endpoint: Endpoint::from(&rec),
+        instance: rec.id.clone(),
+        path,
+        total_ms: total.as_millis() as u64,
+        phases,
+    })
 }
 
 async fn bind(
@@ -238,7 +305,11 @@ async fn bind(
 ) -> Result<()> {
     let tenant = &t.id;
     // The surrogate token is known to the instance only; the registry keeps its digest.
-    let surrogate = Secret::new(format!("{}:{}", surrogate_bot_id(t), otm_core::id::random_hex(24)));
+    let surrogate = Secret::new(format!(
+        "{}:{}",
+        surrogate_bot_id(t),
+        otm_core::id::random_hex(24)
+    ));
     rec.surrogate_digest = Some(surrogate.digest());
     rec.state = InstanceState::Binding;
     app.registry.put_instance(rec).await?;
@@ -268,14 +339,21 @@ async fn bind(
         bot_token: surrogate.expose().to_owned(),
         // Empty for the reference agent; for OpenClaw its install, template and model route.
         settings: {
-            let mut s = crate::openclaw::bind_settings(&app.settings, &app.egress_url, t, surrogate.expose())?;
+            let mut s = crate::openclaw::bind_settings(
+                &app.settings,
+                &app.egress_url,
+                t,
+                surrogate.expose(),
+            )?;
             if t.limits.egress() == "proxy" {
                 s.insert(otm_shim::profile::EGRESS_PROXY.to_owned(), "1".to_owned());
             }
             s
         },
     };
-    let bound = shim.bind(&req, Duration::from_secs(app.settings.wake_timeout_s)).await?;
+    let bound = shim
+        .bind(&req, Duration::from_secs(app.settings.wake_timeout_s))
+        .await?;
     phases.push(("start".into(), bound.start_ms));
     phases.push(("ready".into(), bound.ready_ms));
 
@@ -283,9 +361,15 @@ async fn bind(
     let recording = Instant::now();
     rec.state = InstanceState::Ready;
     app.registry.put_instance(rec).await?;
-    app.registry.set_tenant_status(tenant, TenantStatus::Running, Some(fence)).await?;
-    app.registry.touch_tenant(tenant, otm_core::time::now_ms()).await?;
-    app.coordinator.set_endpoint(tenant, &Endpoint::from(&*rec), ENDPOINT_TTL).await?;
+    app.registry
+        .set_tenant_status(tenant, TenantStatus::Running, Some(fence))
+        .await?;
+    app.registry
+        .touch_tenant(tenant, otm_core::time::now_ms())
+        .await?;
+    app.coordinator
+        .set_endpoint(tenant, &Endpoint::from(&*rec), ENDPOINT_TTL)
+        .await?;
     phases.push(("record".into(), recording.elapsed().as_millis() as u64));
     Ok(())
 }
@@ -321,28 +405,54 @@ pub async fn stop(app: &Arc<App>, tenant: &TenantId, reason: &str) -> Result<boo
     app.coordinator.clear_endpoint(tenant).await?;
     let Some(mut rec) = app.registry.instance_of(tenant).await? else {
         if app.registry.get_tenant(tenant).await?.is_some() {
-            app.registry.set_tenant_status(tenant, TenantStatus::Idle, None).await?;
+            app.registry
+                .set_tenant_status(tenant, TenantStatus::Idle, None)
+                .await?;
         }
         return Ok(false);
     };
-    let lease = crate::lease::HeldLease::acquire(&app.coordinator, &format!("wake:{tenant}"), lease_ttl(app), WAKE_WAIT).await?;
+    let lease = crate::lease::HeldLease::acquire(
+        &app.coordinator,
+        &format!("wake:{tenant}"),
+        lease_ttl(app),
+        WAKE_WAIT,
+    )
+    .await?;
     let result = stop_locked(app, tenant, &mut rec, reason, lease.fence()).await;
     lease.release().await;
-    let _ = app.coordinator.publish(Notification::EndpointInvalidated { tenant: tenant.clone() }).await;
+    let _ = app
+        .coordinator
+        .publish(Notification::EndpointInvalidated {
+            tenant: tenant.clone(),
+        })
+        .await;
     result.map(|()| true)
 }
 
-async fn stop_locked(app: &Arc<App>, tenant: &TenantId, rec: &mut InstanceRecord, reason: &str, fence: u64) -> Result<()> {
+async fn stop_locked(
+    app: &Arc<App>,
+    tenant: &TenantId,
+    rec: &mut InstanceRecord,
+    reason: &str,
+    fence: u64,
+) -> Result<()> {
     let began = Instant::now();
     rec.state = InstanceState::Stopping;
     rec.surrogate_digest = None;
     app.registry.put_instance(rec).await?;
     if app.registry.get_tenant(tenant).await?.is_some() {
-        app.registry.set_tenant_status(tenant, TenantStatus::Stopping, Some(fence)).await?;
+        app.registry
+            .set_tenant_status(tenant, TenantStatus::Stopping, Some(fence))
+            .await?;
     }
     let shim = ShimClient::new(rec.address.clone(), rec.shim_token.clone());
-    match shim.stop(&StopRequest::default(), Duration::from_secs(150)).await {
-        Ok(r) if r.killed => tracing::warn!(%tenant, "agent did not stop within its grace period and was killed"),
+    match shim
+        .stop(&StopRequest::default(), Duration::from_secs(150))
+        .await
+    {
+        Ok(r) if r.killed => {
+            tracing::warn!(%tenant, "agent did not stop within its grace period and was killed")
+        }
         Ok(_) => {}
         Err(e) => tracing::warn!(%tenant, error = %e, "graceful stop failed"),
     }
@@ -363,9 +473,16 @@ async fn stop_locked(app: &Arc<App>, tenant: &TenantId, rec: &mut InstanceRecord
     }
     discard(app, rec).await;
     if app.registry.get_tenant(tenant).await?.is_some() {
-        app.registry.set_tenant_status(tenant, TenantStatus::Idle, Some(fence)).await?;
+        app.registry
+            .set_tenant_status(tenant, TenantStatus::Idle, Some(fence))
+            .await?;
     }
-    app.metrics.stops.get_or_create(&crate::metrics::Reason { reason: reason.into() }).inc();
+    app.metrics
+        .stops
+        .get_or_create(&crate::metrics::Reason {
+            reason: reason.into(),
+        })
+        .inc();
     tracing::info!(%tenant, instance = %rec.id, reason, ms = began.elapsed().as_millis() as u64, "stopped");
     Ok(())
 }
@@ -379,14 +496,22 @@ pub(crate) struct Admitted<'a>(&'a App);
 
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
-        let n = self.0.wakes_in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) - 1;
+        let n = self
+            .0
+            .wakes_in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
+            - 1;
         self.0.metrics.wakes_in_flight.set(n as i64);
     }
 }
 
 /// Admission for one wake: at most `max_concurrent_wakes` at once in this process (waiting up
 /// to a few seconds for a turn).
-async fn admit<'a>(app: &'a Arc<App>, fleet: &otm_core::FleetSettings, tenant: &TenantId) -> Result<Admitted<'a>> {
+async fn admit<'a>(
+    app: &'a Arc<App>,
+    fleet: &otm_core::FleetSettings,
+    tenant: &TenantId,
+) -> Result<Admitted<'a>> {
     use std::sync::atomic::Ordering;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -397,10 +522,18 @@ async fn admit<'a>(app: &'a Arc<App>, fleet: &otm_core::FleetSettings, tenant: &
         }
         app.wakes_in_flight.fetch_sub(1, Ordering::SeqCst);
         if Instant::now() >= deadline {
-            app.metrics.admission_waits.get_or_create(&crate::metrics::Reason { reason: "max_concurrent_wakes".into() }).inc();
+            app.metrics
+                .admission_waits
+                .get_or_create(&crate::metrics::Reason {
+                    reason: "max_concurrent_wakes".into(),
+                })
+                .inc();
             return Err(Error::unavailable(
                 ADMISSION,
-                format!("{} wakes are under way (max-concurrent-wakes); {tenant} waits", fleet.max_concurrent_wakes),
+                format!(
+                    "{} wakes are under way (max-concurrent-wakes); {tenant} waits",
+                    fleet.max_concurrent_wakes
+                ),
             ));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -410,7 +543,11 @@ async fn admit<'a>(app: &'a Arc<App>, fleet: &otm_core::FleetSettings, tenant: &
 /// Makes room for one more instance under `max_running`: puts the longest-idle running tenant
 /// with nothing waiting to sleep (or a surplus warm instance away). When nothing can go, the
 /// wake is held back and its updates wait in the inbox.
-async fn make_room(app: &Arc<App>, fleet: &otm_core::FleetSettings, waking: &TenantId) -> Result<()> {
+async fn make_room(
+    app: &Arc<App>,
+    fleet: &otm_core::FleetSettings,
+    waking: &TenantId,
+) -> Result<()> {
     app.metrics.max_running.set(i64::from(fleet.max_running));
     if fleet.max_running == 0 {
         return Ok(());
@@ -421,14 +558,19 @@ async fn make_room(app: &Arc<App>, fleet: &otm_core::FleetSettings, waking: &Ten
         return Ok(());
     }
     // A warm instance goes first: it serves nobody.
-    if let Some(warm) = instances.iter().find(|r| r.tenant.is_none() && r.state == InstanceState::Warm) {
+    if let Some(warm) = instances
+        .iter()
+        .find(|r| r.tenant.is_none() && r.state == InstanceState::Warm)
+    {
         discard(app, warm).await;
         app.metrics.reconciler("warm_removed_for_room");
         return Ok(());
     }
     let mut candidates = Vec::new();
     for rec in instances.iter().filter(|r| r.state == InstanceState::Ready) {
-        let Some(t) = rec.tenant.as_ref().filter(|t| *t != waking) else { continue };
+        let Some(t) = rec.tenant.as_ref().filter(|t| *t != waking) else {
+            continue;
+        };
         if app.registry.inbox_depth(t).await.unwrap_or(1) > 0 {
             continue;
         }
@@ -443,21 +585,38 @@ async fn make_room(app: &Arc<App>, fleet: &otm_core::FleetSettings, waking: &Ten
         let Ok(free) = lock.try_lock() else { continue };
         drop(free);
         tracing::info!(tenant = %t, for_tenant = %waking, max_running = max, "putting the longest-idle tenant to sleep to make room");
-        app.metrics.admission_waits.get_or_create(&crate::metrics::Reason { reason: "evicted_idle".into() }).inc();
+        app.metrics
+            .admission_waits
+            .get_or_create(&crate::metrics::Reason {
+                reason: "evicted_idle".into(),
+            })
+            .inc();
         if stop(app, &t, "admission").await.is_ok() {
             return Ok(());
         }
     }
-    app.metrics.admission_waits.get_or_create(&crate::metrics::Reason { reason: "max_running".into() }).inc();
+    app.metrics
+        .admission_waits
+        .get_or_create(&crate::metrics::Reason {
+            reason: "max_running".into(),
+        })
+        .inc();
     Err(Error::unavailable(
         ADMISSION,
-        format!("the fleet runs its limit of {max} instances (max-running) and none is idle; {waking} waits"),
+        format!(
+            "the fleet runs its limit of {max} instances (max-running) and none is idle; {waking} waits"
+        ),
     ))
 }
 
 /// Packs a tenant's state from outside its instance (whose shim is dead or failed to snapshot),
 /// checks it and publishes it, retrying a few times.
-async fn salvage(app: &Arc<App>, tenant: &TenantId, rec: &InstanceRecord, reason: &str) -> Result<()> {
+async fn salvage(
+    app: &Arc<App>,
+    tenant: &TenantId,
+    rec: &InstanceRecord,
+    reason: &str,
+) -> Result<()> {
     let profile = match app.registry.get_tenant(tenant).await? {
         Some(t) => t.profile,
         None => return Ok(()),
@@ -470,9 +629,20 @@ async fn salvage(app: &Arc<App>, tenant: &TenantId, rec: &InstanceRecord, reason
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
         }
-        match app.runtime.salvage_state(&rec.id, &skip, MAX_SNAPSHOT_BYTES).await {
+        match app
+            .runtime
+            .salvage_state(&rec.id, &skip, MAX_SNAPSHOT_BYTES)
+            .await
+        {
             Ok(None) => return Ok(()),
-            Ok(Some(archive)) => match publish_snapshot(app, tenant, bytes::Bytes::from(archive), &format!("{reason}-salvaged")).await {
+            Ok(Some(archive)) => match publish_snapshot(
+                app,
+                tenant,
+                bytes::Bytes::from(archive),
+                &format!("{reason}-salvaged"),
+            )
+            .await
+            {
                 Ok(meta) => {
                     app.metrics.reconciler("state_salvaged");
                     tracing::info!(%tenant, instance = %rec.id, snapshot = %meta.id, size = meta.size, "state packed from outside the instance");
@@ -562,8 +732,17 @@ pub async fn run_reconciler(app: Arc<App>) {
     }
 }
 
-async fn instance_exited(app: &Arc<App>, id: &InstanceId, detail: &str, limit: Option<otm_core::LimitKind>) {
-    app.metrics.reconciler(if limit.is_some() { "limit_kill" } else { "instance_exited" });
+async fn instance_exited(
+    app: &Arc<App>,
+    id: &InstanceId,
+    detail: &str,
+    limit: Option<otm_core::LimitKind>,
+) {
+    app.metrics.reconciler(if limit.is_some() {
+        "limit_kill"
+    } else {
+        "instance_exited"
+    });
     let Ok(Some(rec)) = app.registry.get_instance(id).await else {
         // Not ours (any more): make sure nothing is left of it.
         if limit.is_some() {
@@ -573,7 +752,12 @@ async fn instance_exited(app: &Arc<App>, id: &InstanceId, detail: &str, limit: O
     };
     tracing::warn!(instance = %id, tenant = ?rec.tenant, detail, "instance died");
     if let Some(kind) = limit {
-        app.metrics.limit_kills.get_or_create(&crate::metrics::Limit { limit: kind.as_str().into() }).inc();
+        app.metrics
+            .limit_kills
+            .get_or_create(&crate::metrics::Limit {
+                limit: kind.as_str().into(),
+            })
+            .inc();
         if let Some(t) = &rec.tenant {
             app.record_limit_kill(t, kind, detail);
         }
@@ -589,7 +773,10 @@ async fn instance_exited(app: &Arc<App>, id: &InstanceId, detail: &str, limit: O
         } else if !retire(app, &rec).await {
             return;
         }
-        let _ = app.registry.set_tenant_status(tenant, TenantStatus::Idle, None).await;
+        let _ = app
+            .registry
+            .set_tenant_status(tenant, TenantStatus::Idle, None)
+            .await;
         if app.registry.inbox_depth(tenant).await.unwrap_or(0) > 0 {
             crate::dispatch::kick(app, tenant);
         }
@@ -609,14 +796,19 @@ pub async fn reconcile(app: &Arc<App>) -> Result<()> {
         match known {
             Some(rec) if inst.alive && rec.state == InstanceState::Ready => {
                 if let Some(t) = &rec.tenant
-                    && app.coordinator.endpoint(t).await?.is_none() {
-                        app.coordinator.set_endpoint(t, &Endpoint::from(rec), ENDPOINT_TTL).await?;
-                        app.metrics.reconciler("adopted");
-                    }
+                    && app.coordinator.endpoint(t).await?.is_none()
+                {
+                    app.coordinator
+                        .set_endpoint(t, &Endpoint::from(rec), ENDPOINT_TTL)
+                        .await?;
+                    app.metrics.reconciler("adopted");
+                }
             }
             Some(_) => {}
             // Another replica may be between creating an instance and recording it.
-            None if inst.created_at_ms.is_some_and(|t| now - t < RECONCILE_GRACE_MS) => {}
+            None if inst
+                .created_at_ms
+                .is_some_and(|t| now - t < RECONCILE_GRACE_MS) => {}
             None => {
                 tracing::warn!(instance = %inst.id, "removing an instance that no record owns");
                 app.runtime.delete(&inst.id).await?;
@@ -632,7 +824,10 @@ pub async fn reconcile(app: &Arc<App>) -> Result<()> {
                 continue;
             }
             if let Some(t) = &rec.tenant {
-                let _ = app.registry.set_tenant_status(t, TenantStatus::Idle, None).await;
+                let _ = app
+                    .registry
+                    .set_tenant_status(t, TenantStatus::Idle, None)
+                    .await;
             }
             app.metrics.reconciler("stale_record_removed");
         }
@@ -640,7 +835,9 @@ pub async fn reconcile(app: &Arc<App>) -> Result<()> {
     // Tenants marked awake without an instance are idle.
     for t in app.registry.list_tenants().await? {
         if t.status != TenantStatus::Idle && app.registry.instance_of(&t.id).await?.is_none() {
-            app.registry.set_tenant_status(&t.id, TenantStatus::Idle, None).await?;
+            app.registry
+                .set_tenant_status(&t.id, TenantStatus::Idle, None)
+                .await?;
             app.metrics.reconciler("status_repaired");
         }
     }
@@ -655,9 +852,17 @@ async fn restorable_snapshot(
     tenant: &TenantId,
     refused: &std::collections::HashSet<SnapshotId>,
 ) -> Result<Option<(SnapshotId, bytes::Bytes)>> {
-    let Some(head) = app.state.head(tenant).await? else { return Ok(None) };
+    let Some(head) = app.state.head(tenant).await? else {
+        return Ok(None);
+    };
     let mut candidates = vec![head.clone()];
-    let mut older: Vec<_> = app.state.list(tenant).await?.into_iter().filter(|m| m.id < head.id).collect();
+    let mut older: Vec<_> = app
+        .state
+        .list(tenant)
+        .await?
+        .into_iter()
+        .filter(|m| m.id < head.id)
+        .collect();
     older.reverse();
     candidates.extend(older);
     candidates.retain(|m| !refused.contains(&m.id));
@@ -671,10 +876,20 @@ async fn restorable_snapshot(
         let got = match app.state.get(tenant, &meta.id).await {
             Ok(archive) => {
                 let checked = archive.clone();
-                let caps = otm_shim::archive::Caps { max_bytes: MAX_SNAPSHOT_BYTES, ..Default::default() };
-                match tokio::task::spawn_blocking(move || otm_shim::archive::verify(&checked, &caps)).await {
+                let caps = otm_shim::archive::Caps {
+                    max_bytes: MAX_SNAPSHOT_BYTES,
+                    ..Default::default()
+                };
+                match tokio::task::spawn_blocking(move || {
+                    otm_shim::archive::verify(&checked, &caps)
+                })
+                .await
+                {
                     Ok(Ok(_)) => Ok(archive),
-                    Ok(Err(e)) => Err(Error::Corrupt { what: format!("snapshot {}", meta.id), message: e.to_string() }),
+                    Ok(Err(e)) => Err(Error::Corrupt {
+                        what: format!("snapshot {}", meta.id),
+                        message: e.to_string(),
+                    }),
                     Err(e) => Err(Error::generic("orchestrator", e)),
                 }
             }
@@ -695,11 +910,19 @@ async fn restorable_snapshot(
             Err(e) => return Err(e),
         }
     }
-    Err(Error::Corrupt { what: format!("every snapshot of tenant {tenant}"), message: "no snapshot passed its checksum".into() })
+    Err(Error::Corrupt {
+        what: format!("every snapshot of tenant {tenant}"),
+        message: "no snapshot passed its checksum".into(),
+    })
 }
 
 /// Takes a snapshot through the shim, stores it, makes it the head, and prunes old ones.
-pub async fn take_snapshot(app: &Arc<App>, tenant: &TenantId, shim: &ShimClient, reason: &str) -> Result<otm_core::SnapshotMeta> {
+pub async fn take_snapshot(
+    app: &Arc<App>,
+    tenant: &TenantId,
+    shim: &ShimClient,
+    reason: &str,
+) -> Result<otm_core::SnapshotMeta> {
     let archive = shim.snapshot_capped(MAX_SNAPSHOT_BYTES).await?;
     publish_snapshot(app, tenant, archive, reason).await
 }
@@ -709,15 +932,30 @@ pub const MAX_SNAPSHOT_BYTES: u64 = 1 << 30;
 
 /// Checks an archive an instance produced (it decodes, holds only files, directories and links
 /// with plain paths, within the caps), then stores it and makes it the head.
-async fn publish_snapshot(app: &Arc<App>, tenant: &TenantId, archive: bytes::Bytes, reason: &str) -> Result<otm_core::SnapshotMeta> {
+async fn publish_snapshot(
+    app: &Arc<App>,
+    tenant: &TenantId,
+    archive: bytes::Bytes,
+    reason: &str,
+) -> Result<otm_core::SnapshotMeta> {
     let started = Instant::now();
     let checked = archive.clone();
     tokio::task::spawn_blocking(move || {
-        otm_shim::archive::verify(&checked, &otm_shim::archive::Caps { max_bytes: MAX_SNAPSHOT_BYTES, ..Default::default() })
+        otm_shim::archive::verify(
+            &checked,
+            &otm_shim::archive::Caps {
+                max_bytes: MAX_SNAPSHOT_BYTES,
+                ..Default::default()
+            },
+        )
     })
     .await
     .map_err(|e| Error::generic("orchestrator", e))?
-    .map_err(|e| Error::invalid(format!("the instance's snapshot of {tenant} was refused: {e}")))?;
+    .map_err(|e| {
+        Error::invalid(format!(
+            "the instance's snapshot of {tenant} was refused: {e}"
+        ))
+    })?;
     let id = SnapshotId::new_now();
     let meta = app.state.put(tenant, &id, archive, reason).await?;
     app.state.publish(tenant, &id).await?;
@@ -729,10 +967,16 @@ async fn publish_snapshot(app: &Arc<App>, tenant: &TenantId, archive: bytes::Byt
 /// Deletes the oldest snapshots beyond the retention count; never the head.
 async fn prune_snapshots(app: &Arc<App>, tenant: &TenantId) {
     let keep = app.settings.snapshot_keep;
-    let (Ok(list), Ok(head)) = (app.state.list(tenant).await, app.state.head(tenant).await) else { return };
+    let (Ok(list), Ok(head)) = (app.state.list(tenant).await, app.state.head(tenant).await) else {
+        return;
+    };
     let head = head.map(|h| h.id);
     let excess = list.len().saturating_sub(keep);
-    for meta in list.into_iter().filter(|m| Some(&m.id) != head.as_ref()).take(excess) {
+    for meta in list
+        .into_iter()
+        .filter(|m| Some(&m.id) != head.as_ref())
+        .take(excess)
+    {
         if let Err(e) = app.state.delete(tenant, &meta.id).await {
             tracing::warn!(%tenant, snapshot = %meta.id, error = %e, "could not prune a snapshot");
         }
@@ -770,7 +1014,9 @@ pub async fn run_periodic_snapshots(app: Arc<App>) {
             continue;
         }
         for rec in app.registry.list_instances().await.unwrap_or_default() {
-            let (Some(tenant), InstanceState::Ready) = (rec.tenant.clone(), rec.state) else { continue };
+            let (Some(tenant), InstanceState::Ready) = (rec.tenant.clone(), rec.state) else {
+                continue;
+            };
             let lock = app.tenant_lock(&tenant);
             let _held = lock.lock().await;
             // Still the same ready instance once the lock is ours?
@@ -813,7 +1059,13 @@ async fn fill_warm_pool(app: &Arc<App>) -> Result<()> {
     let mut target = settings.warm_pool_target as usize;
     if settings.max_running > 0 {
         // Warm instances count as running: the pool never takes the fleet over its limit.
-        let running = app.registry.list_instances().await?.iter().filter(|r| r.tenant.is_some()).count();
+        let running = app
+            .registry
+            .list_instances()
+            .await?
+            .iter()
+            .filter(|r| r.tenant.is_some())
+            .count();
         target = target.min((settings.max_running as usize).saturating_sub(running));
     }
     let warm: Vec<InstanceRecord> = app
@@ -827,10 +1079,12 @@ async fn fill_warm_pool(app: &Arc<App>) -> Result<()> {
         for rec in warm.iter().skip(target) {
             // Claimed meanwhile? Only delete what is still warm.
             if let Ok(Some(r)) = app.registry.get_instance(&rec.id).await
-                && r.tenant.is_none() && r.state == InstanceState::Warm {
-                    discard(app, &r).await;
-                    app.metrics.reconciler("warm_removed");
-                }
+                && r.tenant.is_none()
+                && r.state == InstanceState::Warm
+            {
+                discard(app, &r).await;
+                app.metrics.reconciler("warm_removed");
+            }
         }
         return Ok(());
     }
@@ -838,7 +1092,12 @@ async fn fill_warm_pool(app: &Arc<App>) -> Result<()> {
         if app.shutdown.is_cancelled() {
             break;
         }
-        let spec = InstanceSpec { id: InstanceId::random(), shim_token: Secret::random(), tenant: None, limits: settings.default_limits };
+        let spec = InstanceSpec {
+            id: InstanceId::random(),
+            shim_token: Secret::random(),
+            tenant: None,
+            limits: settings.default_limits,
+        };
         let created = app.runtime.create(&spec).await?;
         let rec = InstanceRecord {
             id: spec.id,
@@ -859,10 +1118,22 @@ async fn fill_warm_pool(app: &Arc<App>) -> Result<()> {
 
 /// Sets `otm_instances{state}` from the registry.
 pub(crate) async fn refresh_instance_gauge(app: &Arc<App>) {
-    let Ok(list) = app.registry.list_instances().await else { return };
-    for state in [InstanceState::Warm, InstanceState::Binding, InstanceState::Ready, InstanceState::Stopping] {
+    let Ok(list) = app.registry.list_instances().await else {
+        return;
+    };
+    for state in [
+        InstanceState::Warm,
+        InstanceState::Binding,
+        InstanceState::Ready,
+        InstanceState::Stopping,
+    ] {
         let n = list.iter().filter(|i| i.state == state).count() as i64;
-        app.metrics.instances.get_or_create(&crate::metrics::State { state: state.as_str().into() }).set(n);
+        app.metrics
+            .instances
+            .get_or_create(&crate::metrics::State {
+                state: state.as_str().into(),
+            })
+            .set(n);
     }
 }
 
@@ -880,9 +1151,15 @@ pub async fn run_leader_election(app: Arc<App>) {
                     None
                 }
             },
-            None => app.coordinator.acquire("leader", TTL).await.ok().flatten().inspect(|l| {
-                tracing::info!(fence = l.fence, "this replica is the leader");
-            }),
+            None => app
+                .coordinator
+                .acquire("leader", TTL)
+                .await
+                .ok()
+                .flatten()
+                .inspect(|l| {
+                    tracing::info!(fence = l.fence, "this replica is the leader");
+                }),
         };
         app.set_leader(held.is_some());
         tokio::select! {

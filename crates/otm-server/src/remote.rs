@@ -5,7 +5,10 @@ use crate::orchestrator::{WakePath, Woken};
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 use otm_core::instance::Endpoint;
-use otm_core::{Error, InstanceId, InstanceSpec, Result, Runtime, RuntimeEvent, RuntimeInstance, Secret, TenantId};
+use otm_core::{
+    Error, InstanceId, InstanceSpec, Result, Runtime, RuntimeEvent, RuntimeInstance, Secret,
+    TenantId,
+};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -52,7 +55,12 @@ pub struct OrchestratorClient {
 
 impl OrchestratorClient {
     pub fn new(urls: Vec<String>, token: Secret, http: reqwest::Client, timeout: Duration) -> Self {
-        OrchestratorClient { urls, token, http, timeout }
+        OrchestratorClient {
+            urls,
+            token,
+            http,
+            timeout,
+        }
     }
 
     /// Asks an orchestrator to wake a tenant; fails over to the next URL when one cannot be
@@ -60,7 +68,8 @@ impl OrchestratorClient {
     pub async fn wake(&self, tenant: &TenantId, chat: Option<i64>) -> Result<Woken> {
         let mut last = Error::unavailable(BACKEND, "no orchestrator configured");
         // Start at a different orchestrator per tenant so load spreads.
-        let start = tenant.as_str().bytes().map(usize::from).sum::<usize>() % self.urls.len().max(1);
+        let start =
+            tenant.as_str().bytes().map(usize::from).sum::<usize>() % self.urls.len().max(1);
         for i in 0..self.urls.len() {
             let base = &self.urls[(start + i) % self.urls.len()];
             let resp = self
@@ -82,9 +91,16 @@ impl OrchestratorClient {
             };
             let status = resp.status();
             if status.is_success() {
-                let a: WakeAnswer = resp.json().await.map_err(|e| Error::generic(BACKEND, e.without_url()))?;
+                let a: WakeAnswer = resp
+                    .json()
+                    .await
+                    .map_err(|e| Error::generic(BACKEND, e.without_url()))?;
                 return Ok(Woken {
-                    endpoint: Endpoint { instance: a.instance.clone(), address: a.address, shim_token: a.shim_token },
+                    endpoint: Endpoint {
+                        instance: a.instance.clone(),
+                        address: a.address,
+                        shim_token: a.shim_token,
+                    },
                     instance: a.instance,
                     path: a.path,
                     total_ms: a.total_ms,
@@ -92,7 +108,10 @@ impl OrchestratorClient {
                 });
             }
             let body: serde_json::Value = resp.json().await.unwrap_or_default();
-            let message = body["error"]["message"].as_str().unwrap_or("no message").to_owned();
+            let message = body["error"]["message"]
+                .as_str()
+                .unwrap_or("no message")
+                .to_owned();
             if status.as_u16() == 404 {
                 return Err(Error::not_found(message));
             }
@@ -119,13 +138,17 @@ impl Runtime for NoRuntime {
         "n/a".into()
     }
     async fn create(&self, _: &InstanceSpec) -> Result<RuntimeInstance> {
-        Err(Error::invalid("the router role runs no instances; orchestrators do"))
+        Err(Error::invalid(
+            "the router role runs no instances; orchestrators do",
+        ))
     }
     async fn list(&self) -> Result<Vec<RuntimeInstance>> {
         Ok(vec![])
     }
     async fn delete(&self, _: &InstanceId) -> Result<()> {
-        Err(Error::invalid("the router role runs no instances; orchestrators do"))
+        Err(Error::invalid(
+            "the router role runs no instances; orchestrators do",
+        ))
     }
     fn events(&self) -> BoxStream<'static, RuntimeEvent> {
         Box::pin(futures::stream::pending())

@@ -23,9 +23,16 @@ pub enum StartError {
     #[error(transparent)]
     Setting(#[from] crate::config::InvalidSetting),
     #[error("cannot bind the {listener} listener on {addr}: {source}")]
-    Bind { listener: &'static str, addr: SocketAddr, source: std::io::Error },
+    Bind {
+        listener: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot use the data directory {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Backend(#[from] otm_core::Error),
 }
@@ -53,7 +60,12 @@ pub fn admin_token(data_dir: &Path, given: Option<Secret>) -> std::io::Result<Se
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
             let token = Secret::random();
-            let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&path)?;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)?;
             f.write_all(token.expose().as_bytes())?;
             f.sync_all()?;
             Ok(token)
@@ -62,10 +74,16 @@ pub fn admin_token(data_dir: &Path, given: Option<Secret>) -> std::io::Result<Se
 }
 
 /// Starts everything `otm server --role all` runs. `admin_token` overrides the token file.
-pub async fn start(settings: Settings, admin_token_given: Option<Secret>) -> Result<Server, StartError> {
+pub async fn start(
+    settings: Settings,
+    admin_token_given: Option<Secret>,
+) -> Result<Server, StartError> {
     let listeners = settings.validate()?;
     let data_dir = settings.data_dir.clone();
-    let dd_err = |source| StartError::DataDir { path: data_dir.display().to_string(), source };
+    let dd_err = |source| StartError::DataDir {
+        path: data_dir.display().to_string(),
+        source,
+    };
     // Everything otm writes is private to its user unless said otherwise (the data directory
     // itself is 0711 so that instances' own directories can be reached by their uids).
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
@@ -74,9 +92,18 @@ pub async fn start(settings: Settings, admin_token_given: Option<Secret>) -> Res
     make_private(&data_dir);
     let token = admin_token(&data_dir, admin_token_given).map_err(dd_err)?;
 
-    let registry_url = settings.registry.clone().unwrap_or_else(|| format!("sqlite://{}", data_dir.join("otm.db").display()));
-    let coordinator_url = settings.coordinator.clone().unwrap_or_else(|| "memory".into());
-    let state_url = settings.state.clone().unwrap_or_else(|| format!("file://{}", data_dir.join("state").display()));
+    let registry_url = settings
+        .registry
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("otm.db").display()));
+    let coordinator_url = settings
+        .coordinator
+        .clone()
+        .unwrap_or_else(|| "memory".into());
+    let state_url = settings
+        .state
+        .clone()
+        .unwrap_or_else(|| format!("file://{}", data_dir.join("state").display()));
     let registry = otm_store::open::open_registry(&registry_url).await?;
     let coordinator = otm_store::open::open_coordinator(&coordinator_url).await?;
     let state = otm_store::open::open_state_store(&state_url).await?;
@@ -93,10 +120,16 @@ pub async fn start(settings: Settings, admin_token_given: Option<Secret>) -> Res
     // Instances reach the egress proxy through a socket in this directory only (they have no
     // other network).
     let egress_dir = data_dir.join("run");
-    let egress_unix = if settings.runs_orchestrator() { Some(bind_egress_socket(&egress_dir).map_err(dd_err)?) } else { None };
+    let egress_unix = if settings.runs_orchestrator() {
+        Some(bind_egress_socket(&egress_dir).map_err(dd_err)?)
+    } else {
+        None
+    };
     let runtime: Arc<dyn otm_core::Runtime> = if settings.runs_orchestrator() {
         // An OpenClaw installation is shown read-only inside the sandboxes.
-        let read_only = crate::openclaw::locate(&settings).map(|i| i.read_only).unwrap_or_default();
+        let read_only = crate::openclaw::locate(&settings)
+            .map(|i| i.read_only)
+            .unwrap_or_default();
         Arc::new(LocalRuntime::new(LocalRuntimeConfig {
             data_dir: data_dir.clone(),
             otm_binary,
@@ -110,7 +143,13 @@ pub async fn start(settings: Settings, admin_token_given: Option<Secret>) -> Res
     };
 
     let bind = |listener: &'static str, addr: SocketAddr| async move {
-        TcpListener::bind(addr).await.map_err(|source| StartError::Bind { listener, addr, source })
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                listener,
+                addr,
+                source,
+            })
     };
     let public = bind("public", listeners.public).await?;
     let admin = bind("admin", listeners.admin).await?;
@@ -119,12 +158,25 @@ pub async fn start(settings: Settings, admin_token_given: Option<Secret>) -> Res
     let admin_addr = admin.local_addr().map_err(dd_err)?;
     let egress_addr = egress.local_addr().map_err(dd_err)?;
     let egress_url = settings.egress_url.clone().unwrap_or_else(|| {
-        let ip = if egress_addr.ip().is_unspecified() { "127.0.0.1".to_owned() } else { egress_addr.ip().to_string() };
+        let ip = if egress_addr.ip().is_unspecified() {
+            "127.0.0.1".to_owned()
+        } else {
+            egress_addr.ip().to_string()
+        };
         format!("http://{ip}:{}", egress_addr.port())
     });
 
     let shutdown = CancellationToken::new();
-    let app = App::new(settings, registry, coordinator, state, runtime, egress_url, token, shutdown.clone());
+    let app = App::new(
+        settings,
+        registry,
+        coordinator,
+        state,
+        runtime,
+        egress_url,
+        token,
+        shutdown.clone(),
+    );
     let role = app.settings.role.clone();
 
     let mut tasks = Vec::new();
@@ -138,7 +190,10 @@ pub async fn start(settings: Settings, admin_token_given: Option<Secret>) -> Res
         let router = egress::router(app.clone());
         let stop = shutdown.clone();
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = axum::serve(unix, router).with_graceful_shutdown(async move { stop.cancelled().await }).await {
+            if let Err(e) = axum::serve(unix, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+            {
                 tracing::error!(error = %e, "egress socket failed");
             }
         }));
@@ -151,7 +206,9 @@ pub async fn start(settings: Settings, admin_token_given: Option<Secret>) -> Res
         tasks.push(tokio::spawn(orchestrator::run_reconciler(app.clone())));
         tasks.push(tokio::spawn(orchestrator::run_leader_election(app.clone())));
         tasks.push(tokio::spawn(orchestrator::run_warm_pool(app.clone())));
-        tasks.push(tokio::spawn(orchestrator::run_periodic_snapshots(app.clone())));
+        tasks.push(tokio::spawn(orchestrator::run_periodic_snapshots(
+            app.clone(),
+        )));
     }
     if app.settings.runs_router() {
         tasks.push(tokio::spawn(dispatch::run_sweeper(app.clone())));
@@ -164,7 +221,13 @@ pub async fn start(settings: Settings, admin_token_given: Option<Secret>) -> Res
         }
     }
     tracing::info!(%role, %public_addr, %admin_addr, %egress_addr, runtime = app.runtime.name(), isolation = %app.runtime.isolation(), "otm server started");
-    Ok(Server { public_addr, admin_addr, egress_addr, app, tasks })
+    Ok(Server {
+        public_addr,
+        admin_addr,
+        egress_addr,
+        app,
+        tasks,
+    })
 }
 
 /// The public router behind its middleware. Order matters: errors from the layers below become
@@ -173,7 +236,9 @@ pub async fn start(settings: Settings, admin_token_given: Option<Secret>) -> Res
 fn public_router(app: Arc<App>) -> Router {
     ingress::router(app).layer(
         ServiceBuilder::new()
-            .layer(HandleErrorLayer::new(|_: tower::BoxError| async { StatusCode::SERVICE_UNAVAILABLE }))
+            .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
+                StatusCode::SERVICE_UNAVAILABLE
+            }))
             .load_shed()
             .concurrency_limit(4096)
             .timeout(Duration::from_secs(30)),
@@ -206,10 +271,18 @@ fn bind_egress_socket(dir: &Path) -> std::io::Result<tokio::net::UnixListener> {
 /// to otm's user, whatever an older version or the umask left.
 fn make_private(data_dir: &Path) {
     use std::os::unix::fs::PermissionsExt;
-    let Ok(rd) = std::fs::read_dir(data_dir) else { return };
+    let Ok(rd) = std::fs::read_dir(data_dir) else {
+        return;
+    };
     for e in rd.flatten() {
         if let Ok(m) = e.metadata() {
-            let mode = if m.is_file() { 0o600 } else if m.is_dir() && e.file_name() == "state" { 0o700 } else { continue };
+            let mode = if m.is_file() {
+                0o600
+            } else if m.is_dir() && e.file_name() == "state" {
+                0o700
+            } else {
+                continue;
+            };
             if m.permissions().mode() & 0o777 != mode {
                 let _ = std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(mode));
             }
@@ -219,7 +292,9 @@ fn make_private(data_dir: &Path) {
 
 fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let result = axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
+        let result = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
         if let Err(e) = result {
             tracing::error!(error = %e, "listener failed");
         }
@@ -239,9 +314,18 @@ impl Server {
         let drain = futures::future::join_all(self.tasks);
         let _ = tokio::time::timeout(grace, drain).await;
         if stop_instances {
-            let tenants: Vec<_> =
-                self.app.registry.list_instances().await.unwrap_or_default().into_iter().filter_map(|i| i.tenant).collect();
-            let stops = tenants.iter().map(|t| orchestrator::stop(&self.app, t, "shutdown"));
+            let tenants: Vec<_> = self
+                .app
+                .registry
+                .list_instances()
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|i| i.tenant)
+                .collect();
+            let stops = tenants
+                .iter()
+                .map(|t| orchestrator::stop(&self.app, t, "shutdown"));
             let _ = tokio::time::timeout(grace, futures::future::join_all(stops)).await;
             for rec in self.app.registry.list_instances().await.unwrap_or_default() {
                 let _ = self.app.runtime.delete(&rec.id).await;

@@ -22,7 +22,10 @@ pub struct TelegramError {
 
 impl Telegram {
     pub fn new(root: &str, http: reqwest::Client) -> Self {
-        Telegram { root: root.trim_end_matches('/').to_owned(), http }
+        Telegram {
+            root: root.trim_end_matches('/').to_owned(),
+            http,
+        }
     }
 
     /// The root URL.
@@ -31,8 +34,16 @@ impl Telegram {
     }
 
     /// Calls one method with JSON parameters and returns `result`.
-    pub async fn call(&self, token: &Secret, method: &str, params: Value) -> Result<Value, TelegramError> {
-        let err = |message: String| TelegramError { method: method.to_owned(), message };
+    pub async fn call(
+        &self,
+        token: &Secret,
+        method: &str,
+        params: Value,
+    ) -> Result<Value, TelegramError> {
+        let err = |message: String| TelegramError {
+            method: method.to_owned(),
+            message,
+        };
         let url = format!("{}/bot{}/{method}", self.root, token.expose());
         let resp = self
             .http
@@ -43,7 +54,10 @@ impl Telegram {
             .await
             .map_err(|e| err(e.without_url().to_string()))?;
         let status = resp.status();
-        let body: Value = resp.json().await.map_err(|e| err(format!("{status}: {}", e.without_url())))?;
+        let body: Value = resp
+            .json()
+            .await
+            .map_err(|e| err(format!("{status}: {}", e.without_url())))?;
         if body["ok"].as_bool() == Some(true) {
             Ok(body["result"].clone())
         } else {
@@ -53,10 +67,19 @@ impl Telegram {
     }
 
     /// Points the bot's webhook at `url` with `secret`.
-    pub async fn set_webhook(&self, token: &Secret, url: &str, secret: &Secret) -> Result<(), TelegramError> {
-        self.call(token, "setWebhook", json!({"url": url, "secret_token": secret.expose(), "allowed_updates": []}))
-            .await
-            .map(drop)
+    pub async fn set_webhook(
+        &self,
+        token: &Secret,
+        url: &str,
+        secret: &Secret,
+    ) -> Result<(), TelegramError> {
+        self.call(
+            token,
+            "setWebhook",
+            json!({"url": url, "secret_token": secret.expose(), "allowed_updates": []}),
+        )
+        .await
+        .map(drop)
     }
 
     /// Removes the bot's webhook.
@@ -65,7 +88,18 @@ impl Telegram {
     }
 
     /// Sends a plain text message.
-    pub async fn send_message(&self, token: &Secret, chat_id: i64, text: &str) -> Result<(), TelegramError> {
-        self.call(token, "sendMessage", json!({"chat_id": chat_id, "text": text})).await.map(drop)
+    pub async fn send_message(
+        &self,
+        token: &Secret,
+        chat_id: i64,
+        text: &str,
+    ) -> Result<(), TelegramError> {
+        self.call(
+            token,
+            "sendMessage",
+            json!({"chat_id": chat_id, "text": text}),
+        )
+        .await
+        .map(drop)
     }
 }

@@ -84,7 +84,10 @@ impl Agent {
         writable: Vec<PathBuf>,
     ) -> Agent {
         let (state, _) = watch::channel(AgentState::Starting { pid: 0 });
-        let http = reqwest::Client::builder().no_proxy().build().expect("HTTP client");
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("HTTP client");
         let agent = Agent {
             inner: Arc::new(Inner {
                 launch,
@@ -132,7 +135,10 @@ impl Agent {
         };
         match tokio::time::timeout(timeout, wait).await {
             Ok(r) => r,
-            Err(_) => Err(format!("the agent was not ready within {} s", timeout.as_secs())),
+            Err(_) => Err(format!(
+                "the agent was not ready within {} s",
+                timeout.as_secs()
+            )),
         }
     }
 
@@ -171,19 +177,26 @@ impl Agent {
             };
             let code = status.ok().and_then(|s| s.code());
             if inner.stopping.load(Ordering::SeqCst) {
-                inner.state.send_replace(AgentState::Stopped { code, killed: false });
+                inner.state.send_replace(AgentState::Stopped {
+                    code,
+                    killed: false,
+                });
                 return;
             }
             let n = inner.restarts.fetch_add(1, Ordering::SeqCst) + 1;
             tracing::warn!(pid, ?code, restarts = n, "agent exited; restarting");
             inner.state.send_replace(AgentState::Crashed { code });
             // Back off a little on crash loops, but restart the first crash at once.
-            let backoff = Duration::from_millis((100 * 2u64.saturating_pow(n.min(6) - 1)).min(5_000));
+            let backoff =
+                Duration::from_millis((100 * 2u64.saturating_pow(n.min(6) - 1)).min(5_000));
             if n > 1 {
                 tokio::time::sleep(backoff).await;
             }
             if inner.stopping.load(Ordering::SeqCst) {
-                inner.state.send_replace(AgentState::Stopped { code, killed: false });
+                inner.state.send_replace(AgentState::Stopped {
+                    code,
+                    killed: false,
+                });
                 return;
             }
         }
@@ -193,19 +206,33 @@ impl Agent {
     /// signals on), or as a plain child in a process group of its own.
     async fn spawn(&self) -> Result<(tokio::process::Child, u32), String> {
         let inner = &self.inner;
-        let (out, err) = open_log(&inner.log_path).map_err(|e| format!("cannot open the agent log: {e}"))?;
+        let (out, err) =
+            open_log(&inner.log_path).map_err(|e| format!("cannot open the agent log: {e}"))?;
         let mut env = inner.launch.env.clone();
-        for (k, v) in [("LANG", "C.UTF-8".to_owned()), ("HOME", inner.workdir.display().to_string())] {
+        for (k, v) in [
+            ("LANG", "C.UTF-8".to_owned()),
+            ("HOME", inner.workdir.display().to_string()),
+        ] {
             env.entry(k.to_owned()).or_insert(v);
         }
-        env.entry("PATH".into()).or_insert_with(|| std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()));
+        env.entry("PATH".into()).or_insert_with(|| {
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into())
+        });
         if let Ok(rust_log) = std::env::var("RUST_LOG") {
             env.entry("RUST_LOG".into()).or_insert(rust_log);
         }
         let program = &inner.launch.program;
         if let Some(sandbox) = &inner.sandbox {
             let spawned = sandbox
-                .spawn(program, &inner.launch.args, &env, &inner.workdir, &inner.writable, &inner.launch.read_only, out)
+                .spawn(
+                    program,
+                    &inner.launch.args,
+                    &env,
+                    &inner.workdir,
+                    &inner.writable,
+                    &inner.launch.read_only,
+                    out,
+                )
                 .await
                 .map_err(|e| format!("cannot start {} in its sandbox: {e}", program.display()))?;
             return Ok((spawned.child, spawned.init_pid));
@@ -220,7 +247,9 @@ impl Agent {
             .stderr(err)
             .process_group(0)
             .kill_on_drop(false);
-        let child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", program.display()))?;
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", program.display()))?;
         let pid = child.id().unwrap_or(0);
         Ok((child, pid))
     }
@@ -257,7 +286,11 @@ impl Agent {
                 {
                     break;
                 }
-                let interval = if started.elapsed() < Duration::from_millis(100) { 2 } else { 25 };
+                let interval = if started.elapsed() < Duration::from_millis(100) {
+                    2
+                } else {
+                    25
+                };
                 tokio::time::sleep(Duration::from_millis(interval)).await;
             }
         }
@@ -273,7 +306,10 @@ impl Agent {
         // The agent first, so it starts nothing new; then its descendants, until a pass over
         // /proc finds none left running.
         for _ in 0..4 {
-            let fresh: Vec<i32> = family(pid).into_iter().filter(|p| !stopped.contains(p)).collect();
+            let fresh: Vec<i32> = family(pid)
+                .into_iter()
+                .filter(|p| !stopped.contains(p))
+                .collect();
             if fresh.is_empty() {
                 break;
             }
@@ -290,14 +326,21 @@ impl Agent {
     pub async fn deliver(&self, update: bytes::Bytes) -> DeliverResponse {
         let _one_at_a_time = self.inner.deliver_lock.lock().await;
         if let Err(detail) = self.wait_ready(self.inner.profile.ready_timeout).await {
-            return DeliverResponse { acknowledged: false, status: 503, detail: Some(detail) };
+            return DeliverResponse {
+                acknowledged: false,
+                status: 503,
+                detail: Some(detail),
+            };
         }
         let resp = self
             .inner
             .http
             .post(&self.inner.launch.webhook_url)
             .header("content-type", "application/json")
-            .header("x-telegram-bot-api-secret-token", &self.inner.launch.webhook_secret)
+            .header(
+                "x-telegram-bot-api-secret-token",
+                &self.inner.launch.webhook_secret,
+            )
             .timeout(self.inner.profile.deliver_timeout)
             .body(update)
             .send()
@@ -321,9 +364,16 @@ impl Agent {
                     None
                 } else {
                     let body = resp.text().await.unwrap_or_default();
-                    Some(format!("agent answered {status}: {}", body.chars().take(200).collect::<String>()))
+                    Some(format!(
+                        "agent answered {status}: {}",
+                        body.chars().take(200).collect::<String>()
+                    ))
                 };
-                DeliverResponse { acknowledged, status: status.as_u16(), detail }
+                DeliverResponse {
+                    acknowledged,
+                    status: status.as_u16(),
+                    detail,
+                }
             }
         }
     }
@@ -338,17 +388,26 @@ impl Agent {
             s => s.pid(),
         };
         let Some(pid) = pid.filter(|p| *p > 0) else {
-            self.inner.state.send_replace(AgentState::Stopped { code: None, killed: false });
+            self.inner.state.send_replace(AgentState::Stopped {
+                code: None,
+                killed: false,
+            });
             return (None, false);
         };
         self.signal(pid, Signal::SIGTERM);
         if let Some(code) = self.wait_stopped(grace).await {
             return (code, false);
         }
-        tracing::warn!(pid, grace_s = grace.as_secs(), "agent ignored SIGTERM; killing it");
+        tracing::warn!(
+            pid,
+            grace_s = grace.as_secs(),
+            "agent ignored SIGTERM; killing it"
+        );
         self.signal(pid, Signal::SIGKILL);
         let code = self.wait_stopped(Duration::from_secs(5)).await.flatten();
-        self.inner.state.send_replace(AgentState::Stopped { code, killed: true });
+        self.inner
+            .state
+            .send_replace(AgentState::Stopped { code, killed: true });
         (code, true)
     }
 
@@ -392,7 +451,13 @@ fn family(pid: i32) -> Vec<i32> {
                     let p: i32 = e.file_name().to_str()?.parse().ok()?;
                     let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
                     // `pid (comm) state ppid …`: comm may hold spaces and parentheses.
-                    let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+                    let ppid = stat
+                        .rsplit_once(')')?
+                        .1
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse()
+                        .ok()?;
                     Some((p, ppid))
                 })
                 .collect()
@@ -402,14 +467,23 @@ fn family(pid: i32) -> Vec<i32> {
     let mut i = 0;
     while i < out.len() {
         let parent = out[i];
-        out.extend(parents.iter().filter(|(p, pp)| *pp == parent && !out.contains(p)).map(|(p, _)| *p).collect::<Vec<_>>());
+        out.extend(
+            parents
+                .iter()
+                .filter(|(p, pp)| *pp == parent && !out.contains(p))
+                .map(|(p, _)| *p)
+                .collect::<Vec<_>>(),
+        );
         i += 1;
     }
     out
 }
 
 fn open_log(path: &std::path::Path) -> std::io::Result<(std::fs::File, std::fs::File)> {
-    let out = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
     let err = out.try_clone()?;
     Ok((out, err))
 }
@@ -442,10 +516,17 @@ mod tests {
         }
         let found = family(pid);
         for p in &found {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*p),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
         let _ = child.wait();
         assert_eq!(found[0], pid);
-        assert_eq!(found.len(), 3, "the shell, its sleep, and the sleep in a session of its own: {found:?}");
+        assert_eq!(
+            found.len(),
+            3,
+            "the shell, its sleep, and the sleep in a session of its own: {found:?}"
+        );
     }
 }

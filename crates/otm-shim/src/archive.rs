@@ -33,7 +33,10 @@ pub struct Caps {
 impl Default for Caps {
     /// 1 GiB in 200,000 entries: the default disk limit of an instance.
     fn default() -> Self {
-        Caps { max_bytes: 1 << 30, max_entries: 200_000 }
+        Caps {
+            max_bytes: 1 << 30,
+            max_entries: 200_000,
+        }
     }
 }
 
@@ -64,8 +67,20 @@ pub fn pack_capped(dir: &Path, skip: &[&str], caps: &Caps) -> io::Result<(Vec<u8
     let encoder = zstd::Encoder::new(Vec::new(), LEVEL)?;
     let mut builder = tar::Builder::new(encoder);
     let mut summary = Summary::default();
-    match nix::fcntl::open(dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty()) {
-        Ok(root) => walk(&root, Path::new(""), skip, caps, &mut builder, &mut summary, 0)?,
+    match nix::fcntl::open(
+        dir,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(root) => walk(
+            &root,
+            Path::new(""),
+            skip,
+            caps,
+            &mut builder,
+            &mut summary,
+            0,
+        )?,
         Err(nix::Error::ENOENT) => {}
         Err(e) => return Err(nix_io(e)),
     }
@@ -83,13 +98,18 @@ fn walk(
     depth: usize,
 ) -> io::Result<()> {
     if depth > MAX_DEPTH {
-        return Err(invalid(format!("the state directory nests deeper than {MAX_DEPTH} levels")));
+        return Err(invalid(format!(
+            "the state directory nests deeper than {MAX_DEPTH} levels"
+        )));
     }
-    let listing = nix::dir::Dir::from_fd(nix::unistd::dup(dirfd).map_err(nix_io)?).map_err(nix_io)?;
+    let listing =
+        nix::dir::Dir::from_fd(nix::unistd::dup(dirfd).map_err(nix_io)?).map_err(nix_io)?;
     let mut names: Vec<std::ffi::OsString> = Vec::new();
     for entry in listing {
         let entry = entry.map_err(nix_io)?;
-        let name = <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(entry.file_name().to_bytes());
+        let name = <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(
+            entry.file_name().to_bytes(),
+        );
         if name == "." || name == ".." {
             continue;
         }
@@ -116,11 +136,19 @@ fn walk(
         if kind == SFlag::S_IFDIR || kind == SFlag::S_IFREG || kind == SFlag::S_IFLNK {
             summary.entries += 1;
             if summary.entries > caps.max_entries {
-                return Err(invalid(format!("the state directory has more than {} entries", caps.max_entries)));
+                return Err(invalid(format!(
+                    "the state directory has more than {} entries",
+                    caps.max_entries
+                )));
             }
         }
         if kind == SFlag::S_IFDIR {
-            let sub = match openat(dirfd, name.as_os_str(), OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty()) {
+            let sub = match openat(
+                dirfd,
+                name.as_os_str(),
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            ) {
                 Ok(fd) => fd,
                 Err(nix::Error::ENOENT | nix::Error::ENOTDIR | nix::Error::ELOOP) => continue,
                 Err(e) => return Err(nix_io(e)),
@@ -147,11 +175,17 @@ fn walk(
                 continue;
             }
             let room = caps.max_bytes.saturating_sub(summary.bytes);
-            let mut data = Vec::with_capacity((st.st_size.max(0) as u64).min(room).min(64 << 20) as usize);
-            std::fs::File::from(fd).take(room + 1).read_to_end(&mut data)?;
+            let mut data =
+                Vec::with_capacity((st.st_size.max(0) as u64).min(room).min(64 << 20) as usize);
+            std::fs::File::from(fd)
+                .take(room + 1)
+                .read_to_end(&mut data)?;
             summary.bytes += data.len() as u64;
             if summary.bytes > caps.max_bytes {
-                return Err(invalid(format!("the state directory holds more than {} bytes", caps.max_bytes)));
+                return Err(invalid(format!(
+                    "the state directory holds more than {} bytes",
+                    caps.max_bytes
+                )));
             }
             header.set_entry_type(tar::EntryType::Regular);
             header.set_size(data.len() as u64);
@@ -181,11 +215,19 @@ fn entry_path(entry: &tar::Entry<'_, impl Read>) -> io::Result<PathBuf> {
         match c {
             Component::Normal(_) => depth += 1,
             Component::CurDir => {}
-            _ => return Err(invalid(format!("archive entry {} is not a plain relative path", path.display()))),
+            _ => {
+                return Err(invalid(format!(
+                    "archive entry {} is not a plain relative path",
+                    path.display()
+                )));
+            }
         }
     }
     if depth == 0 || depth > MAX_DEPTH + 1 {
-        return Err(invalid(format!("archive entry {} has no name or nests too deep", path.display())));
+        return Err(invalid(format!(
+            "archive entry {} has no name or nests too deep",
+            path.display()
+        )));
     }
     Ok(path)
 }
@@ -202,7 +244,10 @@ pub fn verify(archive: &[u8], caps: &Caps) -> io::Result<Summary> {
         let n = io::copy(&mut (&mut entry).take(caps.max_bytes + 1), &mut io::sink())?;
         summary.bytes += n;
         if summary.bytes > caps.max_bytes {
-            return Err(invalid(format!("the archive unpacks to more than {} bytes", caps.max_bytes)));
+            return Err(invalid(format!(
+                "the archive unpacks to more than {} bytes",
+                caps.max_bytes
+            )));
         }
     }
     Ok(summary)
@@ -211,11 +256,16 @@ pub fn verify(archive: &[u8], caps: &Caps) -> io::Result<Summary> {
 fn count(summary: &mut Summary, entry: &tar::Entry<'_, impl Read>, caps: &Caps) -> io::Result<()> {
     let kind = entry.header().entry_type();
     if !(kind.is_file() || kind.is_dir() || kind.is_symlink()) {
-        return Err(invalid(format!("archive entry of type {kind:?} is not allowed in a state archive")));
+        return Err(invalid(format!(
+            "archive entry of type {kind:?} is not allowed in a state archive"
+        )));
     }
     summary.entries += 1;
     if summary.entries > caps.max_entries {
-        return Err(invalid(format!("the archive has more than {} entries", caps.max_entries)));
+        return Err(invalid(format!(
+            "the archive has more than {} entries",
+            caps.max_entries
+        )));
     }
     Ok(())
 }
@@ -255,7 +305,10 @@ pub fn unpack_capped(archive: &[u8], dir: &Path, caps: &Caps) -> io::Result<Summ
             at.push(c);
             let m = std::fs::symlink_metadata(&at)?;
             if !m.file_type().is_dir() {
-                return Err(invalid(format!("archive entry {} lies below a non-directory", rel.display())));
+                return Err(invalid(format!(
+                    "archive entry {} lies below a non-directory",
+                    rel.display()
+                )));
             }
         }
         let mode = entry.header().mode().unwrap_or(0o600) & 0o1777;
@@ -263,20 +316,31 @@ pub fn unpack_capped(archive: &[u8], dir: &Path, caps: &Caps) -> io::Result<Summ
         if kind.is_dir() {
             match std::fs::create_dir(&target) {
                 Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && std::fs::symlink_metadata(&target)?.is_dir() => {}
+                Err(e)
+                    if e.kind() == io::ErrorKind::AlreadyExists
+                        && std::fs::symlink_metadata(&target)?.is_dir() => {}
                 Err(e) => return Err(e),
             }
             dirs.push((target, mode | 0o700));
         } else if kind.is_symlink() {
-            let link = entry.link_name()?.ok_or_else(|| invalid(format!("link {} has no target", rel.display())))?;
+            let link = entry
+                .link_name()?
+                .ok_or_else(|| invalid(format!("link {} has no target", rel.display())))?;
             std::os::unix::fs::symlink(link.as_ref(), &target)?;
         } else {
-            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&target)?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&target)?;
             let room = caps.max_bytes.saturating_sub(summary.bytes);
             let n = io::copy(&mut (&mut entry).take(room + 1), &mut f)?;
             summary.bytes += n;
             if summary.bytes > caps.max_bytes {
-                return Err(invalid(format!("the archive unpacks to more than {} bytes", caps.max_bytes)));
+                return Err(invalid(format!(
+                    "the archive unpacks to more than {} bytes",
+                    caps.max_bytes
+                )));
             }
             f.set_permissions(std::fs::Permissions::from_mode((mode & 0o777) | 0o600))?;
         }
@@ -301,7 +365,10 @@ pub fn read_limited(mut r: impl Read, limit: u64) -> io::Result<Vec<u8>> {
 /// Writes `data` to `path` durably: temp file, fsync, rename, fsync of the directory.
 pub fn write_durably(path: &Path, data: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
+    ));
     {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(data)?;
@@ -329,11 +396,17 @@ mod tests {
         let dst = tempfile::tempdir().unwrap();
         std::fs::write(dst.path().join("stale"), b"x").unwrap();
         unpack(&archive, dst.path()).unwrap();
-        assert_eq!(std::fs::read(dst.path().join("a/b/c.txt")).unwrap(), b"hello");
+        assert_eq!(
+            std::fs::read(dst.path().join("a/b/c.txt")).unwrap(),
+            b"hello"
+        );
         assert!(dst.path().join("top.json").exists());
         assert!(!dst.path().join("cache").exists());
         assert!(!dst.path().join("stale").exists());
-        assert_eq!(std::fs::read_link(dst.path().join("link")).unwrap(), Path::new("a/b/c.txt"));
+        assert_eq!(
+            std::fs::read_link(dst.path().join("link")).unwrap(),
+            Path::new("a/b/c.txt")
+        );
     }
 
     #[test]
@@ -349,14 +422,21 @@ mod tests {
         let outside = tempfile::tempdir().unwrap();
         std::fs::write(outside.path().join("secret"), b"host secret").unwrap();
         std::os::unix::fs::symlink(outside.path(), src.path().join("escape")).unwrap();
-        std::os::unix::fs::symlink(outside.path().join("secret"), src.path().join("secret-link")).unwrap();
+        std::os::unix::fs::symlink(
+            outside.path().join("secret"),
+            src.path().join("secret-link"),
+        )
+        .unwrap();
         nix::unistd::mkfifo(&src.path().join("fifo"), Mode::from_bits_truncate(0o600)).unwrap();
         let _sock = std::os::unix::net::UnixListener::bind(src.path().join("sock")).unwrap();
         std::fs::write(src.path().join("ok"), b"fine").unwrap();
         let (archive, summary) = pack_capped(src.path(), &[], &Caps::default()).unwrap();
         assert_eq!(summary.skipped, 2, "the FIFO and the socket");
         let text = zstd::decode_all(archive.as_slice()).unwrap();
-        assert!(!text.windows(11).any(|w| w == b"host secret"), "a link's target was read");
+        assert!(
+            !text.windows(11).any(|w| w == b"host secret"),
+            "a link's target was read"
+        );
         let v = verify(&archive, &Caps::default()).unwrap();
         assert_eq!(v.entries, 3);
     }
@@ -367,9 +447,22 @@ mod tests {
         for i in 0..10 {
             std::fs::write(src.path().join(format!("f{i}")), vec![7u8; 1000]).unwrap();
         }
-        let small = Caps { max_bytes: 5000, max_entries: 100 };
+        let small = Caps {
+            max_bytes: 5000,
+            max_entries: 100,
+        };
         assert!(pack_capped(src.path(), &[], &small).is_err());
-        assert!(pack_capped(src.path(), &[], &Caps { max_bytes: 1 << 20, max_entries: 5 }).is_err());
+        assert!(
+            pack_capped(
+                src.path(),
+                &[],
+                &Caps {
+                    max_bytes: 1 << 20,
+                    max_entries: 5
+                }
+            )
+            .is_err()
+        );
         let archive = pack(src.path(), &[]).unwrap();
         assert!(verify(&archive, &small).is_err());
         let dst = tempfile::tempdir().unwrap();

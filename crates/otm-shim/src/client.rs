@@ -5,12 +5,14 @@
 //! a pooled HTTP client.
 
 use bytes::Bytes;
-use futures::stream::BoxStream;
 use futures::StreamExt;
+use futures::stream::BoxStream;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use otm_core::shim_api::{BindRequest, BindResponse, DeliverResponse, ShimStatus, StopRequest, StopResponse};
+use otm_core::shim_api::{
+    BindRequest, BindResponse, DeliverResponse, ShimStatus, StopRequest, StopResponse,
+};
 use otm_core::{Error, Result, Secret};
 use serde::de::DeserializeOwned;
 use std::time::Duration;
@@ -32,17 +34,29 @@ pub struct ShimClient {
 impl ShimClient {
     /// A client for the shim at `address` (`unix:/path` or `http://host:port`).
     pub fn new(address: impl Into<String>, token: Secret) -> Self {
-        ShimClient { address: address.into(), token, http: reqwest::Client::builder().no_proxy().build().expect("HTTP client") }
+        ShimClient {
+            address: address.into(),
+            token,
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .expect("HTTP client"),
+        }
     }
 
     /// The shim's view of itself.
     pub async fn status(&self) -> Result<ShimStatus> {
-        json(self.call("GET", "/v1/status", None, Duration::from_secs(5)).await?)
+        json(
+            self.call("GET", "/v1/status", None, Duration::from_secs(5))
+                .await?,
+        )
     }
 
     /// Replaces the state directory with an archive (before bind).
     pub async fn restore(&self, archive: Bytes) -> Result<()> {
-        self.call("PUT", "/v1/state", Some(archive), Duration::from_secs(300)).await.map(drop)
+        self.call("PUT", "/v1/state", Some(archive), Duration::from_secs(300))
+            .await
+            .map(drop)
     }
 
     /// Binds the instance to a tenant and waits until its agent is ready.
@@ -53,7 +67,10 @@ impl ShimClient {
 
     /// Delivers one update and returns the agent's answer.
     pub async fn deliver(&self, update: Bytes, timeout: Duration) -> Result<DeliverResponse> {
-        json(self.call("POST", "/v1/deliver", Some(update), timeout).await?)
+        json(
+            self.call("POST", "/v1/deliver", Some(update), timeout)
+                .await?,
+        )
     }
 
     /// A consistent archive of the state directory (at most 1 GiB).
@@ -63,7 +80,14 @@ impl ShimClient {
 
     /// A consistent archive of the state directory, refused past `max_bytes`.
     pub async fn snapshot_capped(&self, max_bytes: u64) -> Result<Bytes> {
-        self.call_capped("GET", "/v1/snapshot", None, Duration::from_secs(300), max_bytes).await
+        self.call_capped(
+            "GET",
+            "/v1/snapshot",
+            None,
+            Duration::from_secs(300),
+            max_bytes,
+        )
+        .await
     }
 
     /// Stops the agent gracefully and waits for it.
@@ -73,16 +97,28 @@ impl ShimClient {
     }
 
     /// The agent's output: the last `tail` lines, then, with `follow`, whatever it writes next.
-    pub async fn logs(&self, tail: usize, follow: bool) -> Result<BoxStream<'static, Result<Bytes>>> {
+    pub async fn logs(
+        &self,
+        tail: usize,
+        follow: bool,
+    ) -> Result<BoxStream<'static, Result<Bytes>>> {
         let path = format!("/v1/logs?tail={tail}&follow={follow}");
         if let Some(socket) = self.address.strip_prefix("unix:") {
             let resp = self.unix_request(socket, "GET", &path, None).await?;
             let status = resp.status();
             if !status.is_success() {
-                let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                let body = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
                 return Err(status_error(status.as_u16(), &body));
             }
-            let body = resp.into_body().into_data_stream().map(|r| r.map_err(|e| Error::generic(BACKEND, e)));
+            let body = resp
+                .into_body()
+                .into_data_stream()
+                .map(|r| r.map_err(|e| Error::generic(BACKEND, e)));
             Ok(body.boxed())
         } else {
             let resp = self
@@ -101,24 +137,51 @@ impl ShimClient {
         }
     }
 
-    async fn call(&self, method: &str, path: &str, body: Option<Bytes>, timeout: Duration) -> Result<Bytes> {
-        self.call_capped(method, path, body, timeout, MAX_ANSWER).await
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Bytes>,
+        timeout: Duration,
+    ) -> Result<Bytes> {
+        self.call_capped(method, path, body, timeout, MAX_ANSWER)
+            .await
     }
 
-    async fn call_capped(&self, method: &str, path: &str, body: Option<Bytes>, timeout: Duration, limit: u64) -> Result<Bytes> {
-        let too_big = || Error::unavailable(BACKEND, format!("{method} {path}: the shim's answer is larger than {limit} bytes"));
+    async fn call_capped(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Bytes>,
+        timeout: Duration,
+        limit: u64,
+    ) -> Result<Bytes> {
+        let too_big = || {
+            Error::unavailable(
+                BACKEND,
+                format!("{method} {path}: the shim's answer is larger than {limit} bytes"),
+            )
+        };
         let fut = async {
             if let Some(socket) = self.address.strip_prefix("unix:") {
                 let resp = self.unix_request(socket, method, path, body).await?;
                 let status = resp.status().as_u16();
                 let limited = http_body_util::Limited::new(resp.into_body(), limit as usize);
                 let bytes = limited.collect().await.map_err(|e| {
-                    if e.is::<http_body_util::LengthLimitError>() { too_big() } else { Error::unavailable(BACKEND, e) }
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        too_big()
+                    } else {
+                        Error::unavailable(BACKEND, e)
+                    }
                 })?;
                 Ok((status, bytes.to_bytes()))
             } else {
-                let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| Error::generic(BACKEND, e))?;
-                let mut req = self.http.request(method, format!("{}{path}", self.address)).bearer_auth(self.token.expose());
+                let method = reqwest::Method::from_bytes(method.as_bytes())
+                    .map_err(|e| Error::generic(BACKEND, e))?;
+                let mut req = self
+                    .http
+                    .request(method, format!("{}{path}", self.address))
+                    .bearer_auth(self.token.expose());
                 if let Some(b) = body {
                     req = req.header("content-type", "application/json").body(b);
                 }
@@ -134,10 +197,17 @@ impl ShimClient {
                 Ok((status, buf.freeze()))
             }
         };
-        let (status, bytes) = tokio::time::timeout(timeout, fut)
-            .await
-            .map_err(|_| Error::unavailable(BACKEND, format!("{method} {path} took longer than {} s", timeout.as_secs())))??;
-        if (200..300).contains(&status) { Ok(bytes) } else { Err(status_error(status, &bytes)) }
+        let (status, bytes) = tokio::time::timeout(timeout, fut).await.map_err(|_| {
+            Error::unavailable(
+                BACKEND,
+                format!("{method} {path} took longer than {} s", timeout.as_secs()),
+            )
+        })??;
+        if (200..300).contains(&status) {
+            Ok(bytes)
+        } else {
+            Err(status_error(status, &bytes))
+        }
     }
 
     async fn unix_request(
@@ -150,7 +220,9 @@ impl ShimClient {
         let stream = tokio::net::UnixStream::connect(socket)
             .await
             .map_err(|e| Error::unavailable(BACKEND, format!("cannot reach the shim: {e}")))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(unavailable_hyper)?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(unavailable_hyper)?;
         tokio::spawn(async move {
             let _ = conn.await;
         });

@@ -61,10 +61,20 @@ async fn connect(path: &std::path::Path) -> std::io::Result<tokio::net::UnixStre
     let mut sockets: Vec<(std::time::SystemTime, PathBuf)> = entries
         .flatten()
         .filter(|e| e.file_name().to_str().is_some_and(|n| n.ends_with(".sock")))
-        .map(|e| (e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH), e.path()))
+        .map(|e| {
+            (
+                e.metadata()
+                    .and_then(|m| m.modified())
+                    .unwrap_or(std::time::UNIX_EPOCH),
+                e.path(),
+            )
+        })
         .collect();
     sockets.sort_by_key(|s| std::cmp::Reverse(s.0));
-    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, format!("no egress socket in {}", path.display()));
+    let mut last = std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        format!("no egress socket in {}", path.display()),
+    );
     for (_, s) in sockets {
         match tokio::net::UnixStream::connect(&s).await {
             Ok(c) => return Ok(c),

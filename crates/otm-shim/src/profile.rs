@@ -13,7 +13,10 @@ pub enum AckRule {
     /// Any 2xx status.
     Success,
     /// A 2xx status with this header and value.
-    Header { name: &'static str, value: &'static str },
+    Header {
+        name: &'static str,
+        value: &'static str,
+    },
 }
 
 /// Everything the shim needs to run one agent for one tenant.
@@ -114,7 +117,10 @@ fn reference() -> AgentProfile {
             let program = find_program("otm-reference-agent")?;
             let mut env = BTreeMap::new();
             env.insert("OTM_AGENT_LISTEN".into(), format!("127.0.0.1:{}", i.port));
-            env.insert("OTM_AGENT_STATE_DIR".into(), i.state_dir.display().to_string());
+            env.insert(
+                "OTM_AGENT_STATE_DIR".into(),
+                i.state_dir.display().to_string(),
+            );
             env.insert("OTM_BOT_API_ROOT".into(), i.bot_api_root.to_owned());
             env.insert("OTM_BOT_TOKEN".into(), i.bot_token.to_owned());
             env.insert("OTM_WEBHOOK_SECRET".into(), i.webhook_secret.to_owned());
@@ -148,12 +154,13 @@ fn probe() -> AgentProfile {
 /// Finds an agent program: beside the running `otm` binary first, then on `PATH`.
 pub fn find_program(name: &str) -> Result<PathBuf, String> {
     if let Ok(exe) = std::env::current_exe()
-        && let Some(dir) = exe.parent() {
-            let candidate = dir.join(name);
-            if candidate.is_file() {
-                return Ok(candidate);
-            }
+        && let Some(dir) = exe.parent()
+    {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return Ok(candidate);
         }
+    }
     if let Some(path) = std::env::var_os("PATH") {
         for dir in std::env::split_paths(&path) {
             let candidate = dir.join(name);
@@ -162,5 +169,7 @@ pub fn find_program(name: &str) -> Result<PathBuf, String> {
             }
         }
     }
-    Err(format!("agent program `{name}` was found neither beside otm nor on PATH; build or install it"))
+    Err(format!(
+        "agent program `{name}` was found neither beside otm nor on PATH; build or install it"
+    ))
 }

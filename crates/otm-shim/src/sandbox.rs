@@ -25,7 +25,9 @@ pub const EGRESS_DIR: &str = "/run/otm";
 pub const SANDBOX_UID: u32 = 1000;
 
 /// System directories shown read-only (or recreated as the same symlink).
-const SYSTEM_DIRS: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"];
+const SYSTEM_DIRS: &[&str] = &[
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
+];
 
 /// The files and directories of `/etc` an agent needs: name resolution, the dynamic linker,
 /// time zones, TLS roots. Nothing with credentials (`passwd` and `group` are synthetic).
@@ -66,7 +68,11 @@ impl SystemView {
     /// Every host path this view shows, for the check that none of them holds the data
     /// directory.
     pub fn shown_paths(&self) -> Vec<PathBuf> {
-        let mut out: Vec<PathBuf> = SYSTEM_DIRS.iter().chain(ETC_FILES).map(PathBuf::from).collect();
+        let mut out: Vec<PathBuf> = SYSTEM_DIRS
+            .iter()
+            .chain(ETC_FILES)
+            .map(PathBuf::from)
+            .collect();
         out.extend(self.read_only.iter().cloned());
         out
     }
@@ -97,7 +103,14 @@ impl SystemView {
         // The fresh /proc, /dev and /tmp first: binds of paths below /tmp (a data directory
         // there) are mounted on top of them, not hidden under them.
         push(&["--proc", "/proc", "--dev", "/dev"]);
-        push(&["--perms", "1777", "--size", &self.tmp_bytes.max(1 << 20).to_string(), "--tmpfs", "/tmp"]);
+        push(&[
+            "--perms",
+            "1777",
+            "--size",
+            &self.tmp_bytes.max(1 << 20).to_string(),
+            "--tmpfs",
+            "/tmp",
+        ]);
         for p in &self.read_only {
             let s = p.display().to_string();
             push(&["--ro-bind", &s, &s]);
@@ -136,7 +149,9 @@ pub fn isolation_args() -> Vec<String> {
 pub fn passwd_files() -> (String, String) {
     let u = SANDBOX_UID;
     (
-        format!("root:x:0:0:root:/root:/bin/sh\notm:x:{u}:{u}:otm agent:/tmp:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n"),
+        format!(
+            "root:x:0:0:root:/root:/bin/sh\notm:x:{u}:{u}:otm agent:/tmp:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n"
+        ),
         format!("root:x:0:\notm:x:{u}:\nnogroup:x:65534:\n"),
     )
 }
@@ -145,7 +160,9 @@ pub fn passwd_files() -> (String, String) {
 /// the data directory; a layout like `/opt/otm/{otm,data}` would show it through the binary's
 /// directory.
 pub fn shows_data_dir<'a>(shown: &'a [PathBuf], data_dir: &Path) -> Option<&'a PathBuf> {
-    let data = data_dir.canonicalize().unwrap_or_else(|_| data_dir.to_path_buf());
+    let data = data_dir
+        .canonicalize()
+        .unwrap_or_else(|_| data_dir.to_path_buf());
     shown.iter().find(|p| {
         let p = p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
         data.starts_with(&p)
@@ -154,7 +171,11 @@ pub fn shows_data_dir<'a>(shown: &'a [PathBuf], data_dir: &Path) -> Option<&'a P
 
 /// Finds `bwrap` on `PATH`.
 pub fn bwrap() -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("bwrap")).find(|p| p.is_file()))
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("bwrap"))
+            .find(|p| p.is_file())
+    })
 }
 
 #[cfg(test)]
@@ -167,21 +188,36 @@ mod tests {
         let data = root.path().join("data");
         std::fs::create_dir_all(&data).unwrap();
         let shown = vec![PathBuf::from("/usr"), root.path().to_path_buf()];
-        assert_eq!(shows_data_dir(&shown, &data), Some(&root.path().to_path_buf()));
+        assert_eq!(
+            shows_data_dir(&shown, &data),
+            Some(&root.path().to_path_buf())
+        );
         let inside = vec![data.join("openclaw"), PathBuf::from("/usr")];
-        assert_eq!(shows_data_dir(&inside, &data), None, "a directory inside the data dir does not show the data dir");
+        assert_eq!(
+            shows_data_dir(&inside, &data),
+            None,
+            "a directory inside the data dir does not show the data dir"
+        );
     }
 
     #[test]
     fn the_view_never_binds_the_whole_root() {
-        let args = SystemView { tmp_bytes: 1 << 20, ..Default::default() }.args();
+        let args = SystemView {
+            tmp_bytes: 1 << 20,
+            ..Default::default()
+        }
+        .args();
         for w in args.windows(3) {
             if w[0].ends_with("bind") || w[0].ends_with("bind-try") {
                 assert_ne!(w[1], "/", "the host root is not shown");
             }
         }
         assert!(args.iter().any(|a| a == "/etc/ssl"));
-        assert!(!args.iter().any(|a| a == "/etc/shadow" || a == "/home" || a == "/root" || a == "/run"));
+        assert!(
+            !args
+                .iter()
+                .any(|a| a == "/etc/shadow" || a == "/home" || a == "/root" || a == "/run")
+        );
     }
 }
 
@@ -201,7 +237,11 @@ pub struct AgentSandbox {
 /// start), else `otm sandbox-init`.
 pub fn init_command(otm: &Path) -> Vec<PathBuf> {
     let small = otm.with_file_name("otm-sandbox-init");
-    if small.is_file() { vec![small] } else { vec![otm.to_path_buf(), PathBuf::from("sandbox-init")] }
+    if small.is_file() {
+        vec![small]
+    } else {
+        vec![otm.to_path_buf(), PathBuf::from("sandbox-init")]
+    }
 }
 
 /// A spawned agent sandbox.
@@ -240,7 +280,12 @@ impl AgentSandbox {
         let s = |p: &Path| p.display().to_string();
         let mut a: Vec<String> = isolation_args();
         a.extend(["--disable-userns", "--die-with-parent", "--as-pid-1"].map(String::from));
-        a.extend(["--seccomp".into(), SECCOMP_FD.to_string(), "--info-fd".into(), INFO_FD.to_string()]);
+        a.extend([
+            "--seccomp".into(),
+            SECCOMP_FD.to_string(),
+            "--info-fd".into(),
+            INFO_FD.to_string(),
+        ]);
         let mut view = self.view.clone();
         let init = init_command(&self.otm);
         view.read_only.push(init[0].clone());
@@ -255,7 +300,12 @@ impl AgentSandbox {
             std::fs::create_dir_all(w)?;
             a.extend(["--bind".into(), s(w), s(w)]);
         }
-        a.extend(["--remount-ro".into(), "/".into(), "--chdir".into(), s(workdir)]);
+        a.extend([
+            "--remount-ro".into(),
+            "/".into(),
+            "--chdir".into(),
+            s(workdir),
+        ]);
         a.push("--".into());
         a.extend(init.iter().map(|p| s(p)));
         a.extend(["--".into(), s(program)]);
@@ -273,14 +323,22 @@ impl AgentSandbox {
             .process_group(0)
             .kill_on_drop(false);
         cmd.fd_mappings(vec![
-            FdMapping { parent_fd: seccomp_r, child_fd: SECCOMP_FD },
-            FdMapping { parent_fd: info_w, child_fd: INFO_FD },
+            FdMapping {
+                parent_fd: seccomp_r,
+                child_fd: SECCOMP_FD,
+            },
+            FdMapping {
+                parent_fd: info_w,
+                child_fd: INFO_FD,
+            },
         ])
         .map_err(std::io::Error::other)?;
         let child = cmd.spawn()?;
         // Our copy of the write end must go, or the read below never ends.
         drop(cmd);
-        let init_pid = tokio::task::spawn_blocking(move || read_child_pid(info_r)).await.map_err(std::io::Error::other)??;
+        let init_pid = tokio::task::spawn_blocking(move || read_child_pid(info_r))
+            .await
+            .map_err(std::io::Error::other)??;
         Ok(Spawned { child, init_pid })
     }
 }
@@ -297,10 +355,9 @@ pub fn read_child_pid(fd: std::os::fd::OwnedFd) -> std::io::Result<u32> {
         let n = f.read(&mut chunk)?;
         buf.extend_from_slice(&chunk[..n]);
         if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&buf) {
-            return v["child-pid"]
-                .as_u64()
-                .map(|p| p as u32)
-                .ok_or_else(|| std::io::Error::other(format!("bubblewrap reported no child pid: {v}")));
+            return v["child-pid"].as_u64().map(|p| p as u32).ok_or_else(|| {
+                std::io::Error::other(format!("bubblewrap reported no child pid: {v}"))
+            });
         }
         if n == 0 || buf.len() > 64 << 10 {
             return Err(std::io::Error::other(format!(

@@ -73,12 +73,17 @@ pub async fn run(config: ShimConfig, shutdown: CancellationToken) -> std::io::Re
         Some(socket) => Some(crate::forward::start(socket.clone(), shutdown.clone()).await?),
         None => None,
     };
-    let shim = Arc::new(Shim { config: config.clone(), bound: Mutex::new(None), egress_root });
+    let shim = Arc::new(Shim {
+        config: config.clone(),
+        bound: Mutex::new(None),
+        egress_root,
+    });
     let app = router(shim.clone());
 
     let stop = shutdown.clone();
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
         tokio::select! {
             _ = term.recv() => stop.cancel(),
             _ = stop.cancelled() => {}
@@ -92,21 +97,30 @@ pub async fn run(config: ShimConfig, shutdown: CancellationToken) -> std::io::Re
         listener.set_nonblocking(true)?;
         let listener = tokio::net::UnixListener::from_std(listener)?;
         tracing::info!(instance = %config.instance, "shim listening on its inherited socket");
-        axum::serve(listener, app).with_graceful_shutdown(async move { served.cancelled().await }).await?;
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { served.cancelled().await })
+            .await?;
     } else if let Some(path) = config.listen.strip_prefix("unix:") {
         let _ = std::fs::remove_file(path);
         let listener = tokio::net::UnixListener::bind(path)?;
         set_mode(path, 0o600)?;
         tracing::info!(instance = %config.instance, listen = %config.listen, "shim listening");
-        axum::serve(listener, app).with_graceful_shutdown(async move { served.cancelled().await }).await?;
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { served.cancelled().await })
+            .await?;
     } else if let Some(addr) = config.listen.strip_prefix("tcp:") {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         tracing::info!(instance = %config.instance, listen = %listener.local_addr()?, "shim listening");
-        axum::serve(listener, app).with_graceful_shutdown(async move { served.cancelled().await }).await?;
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { served.cancelled().await })
+            .await?;
     } else {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
-            format!("listen address `{}` must start with unix: or tcp:", config.listen),
+            format!(
+                "listen address `{}` must start with unix: or tcp:",
+                config.listen
+            ),
         ));
     }
     if let Some(bound) = shim.bound.lock().await.take() {
@@ -123,9 +137,15 @@ fn set_mode(path: &str, mode: u32) -> std::io::Result<()> {
 fn router(shim: Arc<Shim>) -> Router {
     Router::new()
         .route("/v1/status", get(status))
-        .route("/v1/state", put(restore).layer(DefaultBodyLimit::max(MAX_ARCHIVE)))
+        .route(
+            "/v1/state",
+            put(restore).layer(DefaultBodyLimit::max(MAX_ARCHIVE)),
+        )
         .route("/v1/bind", post(bind))
-        .route("/v1/deliver", post(deliver).layer(DefaultBodyLimit::max(2 << 20)))
+        .route(
+            "/v1/deliver",
+            post(deliver).layer(DefaultBodyLimit::max(2 << 20)),
+        )
         .route("/v1/snapshot", get(snapshot))
         .route("/v1/stop", post(stop))
         .route("/v1/logs", get(logs))
@@ -134,7 +154,12 @@ fn router(shim: Arc<Shim>) -> Router {
         .with_state(shim)
 }
 
-async fn authorize(State(shim): State<Arc<Shim>>, headers: HeaderMap, req: Request, next: Next) -> Response {
+async fn authorize(
+    State(shim): State<Arc<Shim>>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
     let presented = headers
         .get(otm_core::shim_api::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -146,7 +171,11 @@ async fn authorize(State(shim): State<Arc<Shim>>, headers: HeaderMap, req: Reque
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(serde_json::json!({"error": {"code": status.as_u16(), "message": message.into()}}))).into_response()
+    (
+        status,
+        Json(serde_json::json!({"error": {"code": status.as_u16(), "message": message.into()}})),
+    )
+        .into_response()
 }
 
 async fn status(State(shim): State<Arc<Shim>>) -> Json<ShimStatus> {
@@ -155,22 +184,44 @@ async fn status(State(shim): State<Arc<Shim>>) -> Json<ShimStatus> {
         None => (None, None, "unbound".to_owned(), None, 0),
         Some(b) => {
             let st = b.agent.state();
-            (Some(b.tenant.clone()), Some(b.profile.name.to_owned()), st.name().to_owned(), st.pid(), b.agent.restarts())
+            (
+                Some(b.tenant.clone()),
+                Some(b.profile.name.to_owned()),
+                st.name().to_owned(),
+                st.pid(),
+                b.agent.restarts(),
+            )
         }
     };
-    Json(ShimStatus { instance: shim.config.instance.clone(), tenant, profile, agent, agent_pid: pid, restarts })
+    Json(ShimStatus {
+        instance: shim.config.instance.clone(),
+        tenant,
+        profile,
+        agent,
+        agent_pid: pid,
+        restarts,
+    })
 }
 
 async fn restore(State(shim): State<Arc<Shim>>, body: Bytes) -> Response {
     let bound = shim.bound.lock().await;
     if bound.is_some() {
-        return error(StatusCode::CONFLICT, "the instance is bound; state can only be restored before bind");
+        return error(
+            StatusCode::CONFLICT,
+            "the instance is bound; state can only be restored before bind",
+        );
     }
     let dir = shim.state_dir();
-    let result = tokio::task::spawn_blocking(move || archive::unpack_capped(&body, &dir, &archive::Caps::default()).map(drop)).await;
+    let result = tokio::task::spawn_blocking(move || {
+        archive::unpack_capped(&body, &dir, &archive::Caps::default()).map(drop)
+    })
+    .await;
     match result {
         Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
-        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, format!("cannot unpack the state archive: {e}")),
+        Ok(Err(e)) => error(
+            StatusCode::BAD_REQUEST,
+            format!("cannot unpack the state archive: {e}"),
+        ),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
@@ -180,23 +231,40 @@ async fn bind(State(shim): State<Arc<Shim>>, Json(req): Json<BindRequest>) -> Re
     let mut bound = shim.bound.lock().await;
     if let Some(b) = &*bound {
         if b.tenant != req.tenant {
-            return error(StatusCode::CONFLICT, format!("the instance is bound to another tenant ({})", b.tenant));
+            return error(
+                StatusCode::CONFLICT,
+                format!("the instance is bound to another tenant ({})", b.tenant),
+            );
         }
         // Binding the same tenant again is a no-op once the agent is up.
         return match b.agent.wait_ready(b.profile.ready_timeout).await {
-            Ok(pid) => Json(BindResponse { agent_pid: Some(pid), start_ms: 0, ready_ms: 0 }).into_response(),
+            Ok(pid) => Json(BindResponse {
+                agent_pid: Some(pid),
+                start_ms: 0,
+                ready_ms: 0,
+            })
+            .into_response(),
             Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
         };
     }
     let Some(profile) = profile::profile(&req.profile) else {
         return error(
             StatusCode::BAD_REQUEST,
-            format!("unknown agent profile `{}`; this build knows {:?}", req.profile, profile::known_profiles()),
+            format!(
+                "unknown agent profile `{}`; this build knows {:?}",
+                req.profile,
+                profile::known_profiles()
+            ),
         );
     };
     let port = match free_port() {
         Ok(p) => p,
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("no free port for the agent: {e}")),
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("no free port for the agent: {e}"),
+            );
+        }
     };
     let state_dir = shim.state_dir();
     let secret = Secret::random();
@@ -230,22 +298,50 @@ async fn bind(State(shim): State<Arc<Shim>>, Json(req): Json<BindRequest>) -> Re
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     let mut launch = launch;
-    launch.env.entry("TMPDIR".into()).or_insert_with(|| shim.config.dir.join("tmp").display().to_string());
+    launch
+        .env
+        .entry("TMPDIR".into())
+        .or_insert_with(|| shim.config.dir.join("tmp").display().to_string());
     // The egress policy `proxy`: web tools reach allowlisted hosts through otm's CONNECT proxy,
     // which knows the instance by its surrogate.
-    if let (Some("1"), Some(local)) = (req.settings.get(profile::EGRESS_PROXY).map(String::as_str), &shim.egress_root) {
+    if let (Some("1"), Some(local)) = (
+        req.settings.get(profile::EGRESS_PROXY).map(String::as_str),
+        &shim.egress_root,
+    ) {
         let hostport = local.trim_start_matches("http://");
-        let proxy = format!("http://otm:{}@{hostport}", req.bot_token.replace(':', "%3A"));
-        for k in ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"] {
+        let proxy = format!(
+            "http://otm:{}@{hostport}",
+            req.bot_token.replace(':', "%3A")
+        );
+        for k in [
+            "HTTPS_PROXY",
+            "https_proxy",
+            "HTTP_PROXY",
+            "http_proxy",
+            "ALL_PROXY",
+        ] {
             launch.env.insert(k.into(), proxy.clone());
         }
         for k in ["NO_PROXY", "no_proxy"] {
-            launch.env.insert(k.into(), "127.0.0.1,localhost,::1".into());
+            launch
+                .env
+                .insert(k.into(), "127.0.0.1,localhost,::1".into());
         }
         launch.env.insert("NODE_USE_ENV_PROXY".into(), "1".into());
     }
-    let writable = vec![state_dir.clone(), shim.config.dir.join("tmp"), shim.config.dir.join("home")];
-    let agent = Agent::start(profile.clone(), launch, state_dir, shim.log_path(), shim.config.agent_sandbox.clone(), writable);
+    let writable = vec![
+        state_dir.clone(),
+        shim.config.dir.join("tmp"),
+        shim.config.dir.join("home"),
+    ];
+    let agent = Agent::start(
+        profile.clone(),
+        launch,
+        state_dir,
+        shim.log_path(),
+        shim.config.agent_sandbox.clone(),
+        writable,
+    );
     let start_ms = begun.elapsed().as_millis() as u64;
     let spawned = Instant::now();
     let ready = agent.wait_ready(profile.ready_timeout).await;
@@ -253,13 +349,25 @@ async fn bind(State(shim): State<Arc<Shim>>, Json(req): Json<BindRequest>) -> Re
     match ready {
         Ok(pid) => {
             tracing::info!(tenant = %req.tenant, profile = profile.name, start_ms, ready_ms, "bound");
-            *bound = Some(Bound { tenant: req.tenant, profile, agent });
-            Json(BindResponse { agent_pid: Some(pid), start_ms, ready_ms }).into_response()
+            *bound = Some(Bound {
+                tenant: req.tenant,
+                profile,
+                agent,
+            });
+            Json(BindResponse {
+                agent_pid: Some(pid),
+                start_ms,
+                ready_ms,
+            })
+            .into_response()
         }
         Err(e) => {
             agent.stop(Some(Duration::from_secs(1))).await;
             let tail = tail_lines(&shim.log_path(), 20).unwrap_or_default();
-            error(StatusCode::SERVICE_UNAVAILABLE, format!("the agent did not become ready: {e}\n{tail}"))
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the agent did not become ready: {e}\n{tail}"),
+            )
         }
     }
 }
@@ -267,7 +375,12 @@ async fn bind(State(shim): State<Arc<Shim>>, Json(req): Json<BindRequest>) -> Re
 async fn deliver(State(shim): State<Arc<Shim>>, body: Bytes) -> Response {
     let agent = match &*shim.bound.lock().await {
         Some(b) => b.agent.clone(),
-        None => return error(StatusCode::CONFLICT, "the instance is not bound to a tenant"),
+        None => {
+            return error(
+                StatusCode::CONFLICT,
+                "the instance is not bound to a tenant",
+            );
+        }
     };
     // A delivery runs to completion even if the orchestrator goes away meanwhile.
     match tokio::spawn(async move { agent.deliver(body).await }).await {
@@ -278,7 +391,10 @@ async fn deliver(State(shim): State<Arc<Shim>>, body: Bytes) -> Response {
 
 async fn snapshot(State(shim): State<Arc<Shim>>) -> Response {
     let (skip, running): (Vec<&'static str>, Option<Agent>) = match &*shim.bound.lock().await {
-        Some(b) => (b.profile.snapshot_skip.to_vec(), b.profile.quiesce_snapshots.then(|| b.agent.clone())),
+        Some(b) => (
+            b.profile.snapshot_skip.to_vec(),
+            b.profile.quiesce_snapshots.then(|| b.agent.clone()),
+        ),
         None => (vec![], None),
     };
     let dir = shim.state_dir();
@@ -290,18 +406,27 @@ async fn snapshot(State(shim): State<Arc<Shim>>) -> Response {
         let packed = archive::pack_capped(&dir, &skip, &archive::Caps::default()).map(|(a, _)| a);
         if paused.is_some() {
             drop(paused);
-            tracing::info!(paused_ms = began.elapsed().as_millis() as u64, "state packed while the agent was paused");
+            tracing::info!(
+                paused_ms = began.elapsed().as_millis() as u64,
+                "state packed while the agent was paused"
+            );
         }
         packed
     });
     match packed.await {
         Ok(Ok(bytes)) => ([("content-type", "application/zstd")], bytes).into_response(),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot pack the state directory: {e}")),
+        Ok(Err(e)) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot pack the state directory: {e}"),
+        ),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 
-async fn stop(State(shim): State<Arc<Shim>>, body: Option<Json<StopRequest>>) -> Json<StopResponse> {
+async fn stop(
+    State(shim): State<Arc<Shim>>,
+    body: Option<Json<StopRequest>>,
+) -> Json<StopResponse> {
     let grace = body.and_then(|Json(b)| b.grace_s).map(Duration::from_secs);
     let agent = shim.bound.lock().await.as_ref().map(|b| b.agent.clone());
     let (exit_code, killed) = match agent {
@@ -326,24 +451,40 @@ async fn logs(State(shim): State<Arc<Shim>>, Query(q): Query<LogsQuery>) -> Resp
     }
     let start = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     let agent = shim.bound.lock().await.as_ref().map(|b| b.agent.clone());
-    let stream = futures::stream::unfold((path, start, Some(tail), agent), |(path, mut pos, first, agent)| async move {
-        if let Some(first) = first {
-            return Some((Ok::<_, std::io::Error>(Bytes::from(first)), (path, pos, None, agent)));
-        }
-        loop {
-            let len = tokio::fs::metadata(&path).await.map(|m| m.len()).unwrap_or(0);
-            if len > pos {
-                let chunk = read_range(&path, pos, len).await.unwrap_or_default();
-                pos = len;
-                return Some((Ok(Bytes::from(chunk)), (path, pos, None, agent)));
+    let stream = futures::stream::unfold(
+        (path, start, Some(tail), agent),
+        |(path, mut pos, first, agent)| async move {
+            if let Some(first) = first {
+                return Some((
+                    Ok::<_, std::io::Error>(Bytes::from(first)),
+                    (path, pos, None, agent),
+                ));
             }
-            if matches!(agent.as_ref().map(|a| a.state()), Some(AgentState::Stopped { .. })) {
-                return None;
+            loop {
+                let len = tokio::fs::metadata(&path)
+                    .await
+                    .map(|m| m.len())
+                    .unwrap_or(0);
+                if len > pos {
+                    let chunk = read_range(&path, pos, len).await.unwrap_or_default();
+                    pos = len;
+                    return Some((Ok(Bytes::from(chunk)), (path, pos, None, agent)));
+                }
+                if matches!(
+                    agent.as_ref().map(|a| a.state()),
+                    Some(AgentState::Stopped { .. })
+                ) {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    });
-    ([("content-type", "text/plain; charset=utf-8")], Body::from_stream(stream)).into_response()
+        },
+    );
+    (
+        [("content-type", "text/plain; charset=utf-8")],
+        Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 async fn read_range(path: &std::path::Path, from: u64, to: u64) -> std::io::Result<Vec<u8>> {
@@ -375,5 +516,7 @@ pub fn tail_lines(path: &std::path::Path, n: usize) -> std::io::Result<String> {
 
 /// A loopback port nobody listens on right now.
 fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }

@@ -53,7 +53,11 @@ fn tenant(id: &TenantId, last_active_ms: i64, idle_timeout_s: u64) -> Tenant {
         status: TenantStatus::Idle,
         created_at_ms: 1_000,
         last_active_ms,
-        limits: otm_core::TenantLimits { memory_bytes: Some(512 << 20), pids: Some(64), ..Default::default() },
+        limits: otm_core::TenantLimits {
+            memory_bytes: Some(512 << 20),
+            pids: Some(64),
+            ..Default::default()
+        },
     }
 }
 
@@ -125,7 +129,11 @@ async fn registry_tenants(r: &dyn Registry, run: &str) {
     changed.bot_token = Some(Secret::new("654321:rotated"));
     changed.webhook_secret = Secret::random();
     changed.cold_start_notice = false;
-    changed.limits = otm_core::TenantLimits { cpu_millis: Some(250), disk_bytes: Some(1 << 20), ..Default::default() };
+    changed.limits = otm_core::TenantLimits {
+        cpu_millis: Some(250),
+        disk_bytes: Some(1 << 20),
+        ..Default::default()
+    };
     changed.status = TenantStatus::Running;
     changed.last_active_ms = 999_999;
     changed.created_at_ms = 5;
@@ -136,7 +144,10 @@ async fn registry_tenants(r: &dyn Registry, run: &str) {
     assert_eq!(got.bot_token, Some(Secret::new("654321:rotated")));
     assert_eq!(got.webhook_secret, changed.webhook_secret);
     assert!(!got.cold_start_notice);
-    assert_eq!(got.limits, changed.limits, "update_tenant replaces the limits");
+    assert_eq!(
+        got.limits, changed.limits,
+        "update_tenant replaces the limits"
+    );
     assert_eq!(
         got.status,
         TenantStatus::Idle,

@@ -387,7 +387,8 @@ fn tenant_from(item: &Item) -> Result<Tenant> {
             .ok_or_else(|| corrupt(&what, format!("unknown status `{status}`")))?,
         created_at_ms: r.n("created_at_ms")?,
         last_active_ms: r.n("last_active_ms")?,
-        limits: otm_core::TenantLimits::from_json(r.opt_s("limits")?).map_err(|e| corrupt(&what, e))?,
+        limits: otm_core::TenantLimits::from_json(r.opt_s("limits")?)
+            .map_err(|e| corrupt(&what, e))?,
     })
 }
 

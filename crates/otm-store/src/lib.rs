@@ -31,6 +31,8 @@ pub mod postgres;
 pub mod redis;
 pub mod sqlite;
 
+#[cfg(feature = "redis")]
+pub use self::redis::RedisCoordinator;
 #[cfg(feature = "dynamodb")]
 pub use dynamodb::DynamoRegistry;
 pub use memory::MemoryCoordinator;
@@ -39,8 +41,6 @@ pub use open::{
     CoordinatorBackend, RegistryBackend, StateStoreBackend, open_coordinator, open_registry,
     open_state_store,
 };
-#[cfg(feature = "redis")]
-pub use self::redis::RedisCoordinator;
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresRegistry;
 pub use sqlite::SqliteRegistry;

@@ -125,7 +125,8 @@ impl Coordinator for MemoryCoordinator {
         }
         // Never below the wall clock in milliseconds: fences stay larger than any handed out
         // before a restart of this process, which the registry still remembers.
-        let fence = (state.fences.get(key).copied().unwrap_or(0) + 1).max(otm_core::time::now_ms().max(0) as u64);
+        let fence = (state.fences.get(key).copied().unwrap_or(0) + 1)
+            .max(otm_core::time::now_ms().max(0) as u64);
         state.fences.insert(key.to_owned(), fence);
         let owner = otm_core::id::random_hex(16);
         state.locks.insert(

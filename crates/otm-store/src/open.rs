@@ -212,8 +212,12 @@ impl StateStoreBackend {
             Some(("s3", _)) => Ok(StateStoreBackend::S3 {
                 url: url.to_owned(),
             }),
-            Some(("gs", _)) => Ok(StateStoreBackend::Gcs { url: url.to_owned() }),
-            Some(("az" | "azure", _)) => Ok(StateStoreBackend::Azure { url: url.to_owned() }),
+            Some(("gs", _)) => Ok(StateStoreBackend::Gcs {
+                url: url.to_owned(),
+            }),
+            Some(("az" | "azure", _)) => Ok(StateStoreBackend::Azure {
+                url: url.to_owned(),
+            }),
             Some((other, _)) => Err(unsupported("state store", other, STATE_STORE_FORMS)),
             None if url.is_empty() => Err(Error::invalid(format!(
                 "the state store location is empty; use {STATE_STORE_FORMS}"
@@ -244,7 +248,9 @@ impl StateStoreBackend {
             StateStoreBackend::S3 { .. } => Err(not_in_build("state store", self.name(), "s3")),
             // Not built yet: object_store reaches them through its `gcp` and `azure` features.
             StateStoreBackend::Gcs { .. } => Err(not_in_build("state store", self.name(), "gcs")),
-            StateStoreBackend::Azure { .. } => Err(not_in_build("state store", self.name(), "azure")),
+            StateStoreBackend::Azure { .. } => {
+                Err(not_in_build("state store", self.name(), "azure"))
+            }
         }
     }
 }
@@ -405,15 +411,25 @@ mod tests {
         #[cfg(feature = "postgres")]
         {
             // Port 1 on the loopback address refuses connections at once.
-            let err = open_registry("postgres://u:hunter2@127.0.0.1:1/otm").await.unwrap_err();
+            let err = open_registry("postgres://u:hunter2@127.0.0.1:1/otm")
+                .await
+                .unwrap_err();
             assert!(
-                matches!(err, Error::Unavailable { backend: "postgres", .. }),
+                matches!(
+                    err,
+                    Error::Unavailable {
+                        backend: "postgres",
+                        ..
+                    }
+                ),
                 "{err}"
             );
             assert!(!format!("{err} {err:?}").contains("hunter2"), "{err:?}");
         }
         // Port 1 on the loopback address refuses connections at once.
-        let err = open_coordinator("redis://:hunter2@127.0.0.1:1").await.unwrap_err();
+        let err = open_coordinator("redis://:hunter2@127.0.0.1:1")
+            .await
+            .unwrap_err();
         #[cfg(not(feature = "redis"))]
         assert!(
             matches!(
@@ -427,7 +443,13 @@ mod tests {
         );
         #[cfg(feature = "redis")]
         assert!(
-            matches!(err, Error::Unavailable { backend: "redis", .. }),
+            matches!(
+                err,
+                Error::Unavailable {
+                    backend: "redis",
+                    ..
+                }
+            ),
             "{err}"
         );
         assert!(!err.to_string().contains("hunter2"));
@@ -497,7 +519,10 @@ mod tests {
         );
         let msg = open_coordinator("etcd://x").await.unwrap_err().to_string();
         assert!(msg.contains("memory") && msg.contains("redis://"), "{msg}");
-        let msg = open_state_store("gopher://x").await.unwrap_err().to_string();
+        let msg = open_state_store("gopher://x")
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("file:///") && msg.contains("s3://"), "{msg}");
         assert!(matches!(
             open_state_store("file://relative/dir").await,
@@ -509,12 +534,16 @@ mod tests {
     async fn opens_the_embedded_backends() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("sub/registry.db");
-        let r = open_registry(&format!("sqlite://{}", db.display())).await.unwrap();
+        let r = open_registry(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
         assert!(r.list_tenants().await.unwrap().is_empty());
         assert!(db.exists());
         open_coordinator("memory").await.unwrap();
         let state = dir.path().join("state");
-        let s = open_state_store(&format!("file://{}", state.display())).await.unwrap();
+        let s = open_state_store(&format!("file://{}", state.display()))
+            .await
+            .unwrap();
         assert!(
             s.list(&otm_core::TenantId::parse("a").unwrap())
                 .await
@@ -522,15 +551,19 @@ mod tests {
                 .is_empty()
         );
         assert!(state.is_dir());
-        open_state_store(dir.path().join("plain").to_str().unwrap()).await.unwrap();
+        open_state_store(dir.path().join("plain").to_str().unwrap())
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
     async fn gcs_and_azure_say_not_in_build() {
         for (url, feature) in [("gs://bucket/otm", "gcs"), ("az://container/otm", "azure")] {
             let err = open_state_store(url).await.unwrap_err();
-            assert!(matches!(err, Error::NotInBuild { feature: f, .. } if f == feature), "{err}");
+            assert!(
+                matches!(err, Error::NotInBuild { feature: f, .. } if f == feature),
+                "{err}"
+            );
         }
     }
-
 }

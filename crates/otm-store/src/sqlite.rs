@@ -571,8 +571,10 @@ fn tenant_row(row: &Row<'_>) -> rusqlite::Result<Result<Tenant>> {
             })?,
             created_at_ms: row.get(7).map_err(db)?,
             last_active_ms: row.get(8).map_err(db)?,
-            limits: otm_core::TenantLimits::from_json(row.get::<_, Option<String>>(9).map_err(db)?.as_deref())
-                .map_err(|e| corrupt(format!("tenant {id}"), e))?,
+            limits: otm_core::TenantLimits::from_json(
+                row.get::<_, Option<String>>(9).map_err(db)?.as_deref(),
+            )
+            .map_err(|e| corrupt(format!("tenant {id}"), e))?,
         })
     })();
     Ok(tenant)

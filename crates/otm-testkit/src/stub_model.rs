@@ -64,7 +64,9 @@ struct StubState {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, StubState> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -78,7 +80,9 @@ pub struct StubModel {
 
 impl fmt::Debug for StubModel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StubModel").field("addr", &self.addr).finish_non_exhaustive()
+        f.debug_struct("StubModel")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
     }
 }
 
@@ -91,7 +95,9 @@ impl StubModel {
     /// # Panics
     /// If no local port can be bound.
     pub async fn start() -> StubModel {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).await.expect("stub model: cannot bind 127.0.0.1:0");
+        let listener = TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .expect("stub model: cannot bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("stub model: local address");
         let shared = Arc::new(Shared::default());
         let app = Router::new().fallback(handle).with_state(shared.clone());
@@ -104,7 +110,12 @@ impl StubModel {
                 tracing::warn!(error = %e, "stub model server failed");
             }
         });
-        StubModel { addr, shared, stop: Some(stop), task: Some(task) }
+        StubModel {
+            addr,
+            shared,
+            stop: Some(stop),
+            task: Some(task),
+        }
     }
 
     /// The OpenAI-style base URL, e.g. `http://127.0.0.1:40123/v1`.
@@ -128,7 +139,11 @@ impl StubModel {
     }
 
     /// Waits until at least `n` requests were seen or `timeout` passes; returns them all.
-    pub async fn wait_for_requests(&self, n: usize, timeout: std::time::Duration) -> Vec<ModelRequest> {
+    pub async fn wait_for_requests(
+        &self,
+        n: usize,
+        timeout: std::time::Duration,
+    ) -> Vec<ModelRequest> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.shared.seen.notified();
@@ -169,7 +184,13 @@ pub fn reply_text(earlier: usize, user_text: &str) -> String {
     format!("earlier user turns: {earlier} | you said: {said}")
 }
 
-async fn handle(State(shared): State<Arc<Shared>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(
+    State(shared): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let path = uri.path().trim_end_matches('/');
     match (method, path) {
         (Method::GET, "/v1/models") => axum::Json(json!({
@@ -183,14 +204,31 @@ async fn handle(State(shared): State<Arc<Shared>>, method: Method, uri: Uri, hea
 }
 
 fn completions(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Response {
-    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let req: Value = match serde_json::from_slice(body) {
         Ok(v @ Value::Object(_)) => v,
-        _ => return error(StatusCode::BAD_REQUEST, "invalid_request_error", "the body must be a JSON object"),
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "the body must be a JSON object",
+            );
+        }
     };
-    let model = req.get("model").and_then(Value::as_str).unwrap_or(STUB_MODEL_ID).to_owned();
+    let model = req
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or(STUB_MODEL_ID)
+        .to_owned();
     let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let messages = req.get("messages").and_then(Value::as_array).cloned().unwrap_or_default();
+    let messages = req
+        .get("messages")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
     let (earlier, user_text) = conversation(&messages);
     let mut record = ModelRequest {
         authorization,
@@ -203,12 +241,19 @@ fn completions(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Response {
 
     let refused = {
         let state = shared.lock();
-        state.required_key.as_ref().is_some_and(|k| record.authorization.as_deref() != Some(&format!("Bearer {k}")))
+        state
+            .required_key
+            .as_ref()
+            .is_some_and(|k| record.authorization.as_deref() != Some(&format!("Bearer {k}")))
     };
     if refused {
         shared.lock().requests.push(record);
         shared.seen.notify_waiters();
-        return error(StatusCode::UNAUTHORIZED, "invalid_api_key", "Incorrect API key provided");
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_api_key",
+            "Incorrect API key provided",
+        );
     }
     let reply = reply_text(earlier, &record.user_text);
     record.reply = reply.clone();
@@ -231,7 +276,10 @@ fn completions(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Response {
         json!({"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": created, "model": model,
                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
     };
-    let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
+    let mut events = vec![chunk(
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+    )];
     let words: Vec<&str> = reply.split_inclusive(' ').collect();
     for part in words.chunks(4) {
         events.push(chunk(json!({"content": part.concat()}), Value::Null));
@@ -246,7 +294,14 @@ fn completions(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Response {
         sse.push_str("\n\n");
     }
     sse.push_str("data: [DONE]\n\n");
-    ([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], sse).into_response()
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        sse,
+    )
+        .into_response()
 }
 
 /// The number of user turns before the current one, and the current user text.
@@ -267,7 +322,11 @@ fn conversation(messages: &[Value]) -> (usize, String) {
 fn content_text(content: &Value) -> String {
     match content {
         Value::String(s) => s.clone(),
-        Value::Array(parts) => parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).collect::<Vec<_>>().join("\n"),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join("\n"),
         _ => String::new(),
     }
 }
@@ -276,9 +335,17 @@ fn content_text(content: &Value) -> String {
 /// ``` line, before the `Runtime:` line. Text without such a block is taken whole.
 fn user_said(text: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
-    let fences: Vec<usize> =
-        lines.iter().enumerate().filter(|(_, l)| l.trim_start().starts_with("```")).map(|(i, _)| i).collect();
-    let body = if fences.len() >= 2 && text.contains("Conversation info") { &lines[fences[1] + 1..] } else { &lines[..] };
+    let fences: Vec<usize> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.trim_start().starts_with("```"))
+        .map(|(i, _)| i)
+        .collect();
+    let body = if fences.len() >= 2 && text.contains("Conversation info") {
+        &lines[fences[1] + 1..]
+    } else {
+        &lines[..]
+    };
     body.iter()
         .take_while(|l| !l.starts_with("Runtime:"))
         .map(|l| l.trim())
@@ -288,7 +355,11 @@ fn user_said(text: &str) -> String {
 }
 
 fn error(status: StatusCode, kind: &str, message: &str) -> Response {
-    (status, axum::Json(json!({"error": {"message": message, "type": kind, "code": kind}}))).into_response()
+    (
+        status,
+        axum::Json(json!({"error": {"message": message, "type": kind, "code": kind}})),
+    )
+        .into_response()
 }
 
 #[cfg(test)]
@@ -307,7 +378,11 @@ mod tests {
 
     #[test]
     fn counts_earlier_user_turns_and_reads_the_users_words() {
-        let first = vec![json!({"role": "system", "content": "You are…"}), openclaw_user("hello there"), internal()];
+        let first = vec![
+            json!({"role": "system", "content": "You are…"}),
+            openclaw_user("hello there"),
+            internal(),
+        ];
         assert_eq!(conversation(&first), (0, "hello there".to_owned()));
         let third = vec![
             json!({"role": "system", "content": "You are…"}),
@@ -330,9 +405,21 @@ mod tests {
         let http = reqwest::Client::builder().no_proxy().build().unwrap();
         let body = json!({"model": "stub-1", "stream": true, "messages": [openclaw_user("hey"), internal()]});
         let url = format!("{}/chat/completions", stub.base_url());
-        let refused = http.post(&url).bearer_auth("sk-wrong").json(&body).send().await.unwrap();
+        let refused = http
+            .post(&url)
+            .bearer_auth("sk-wrong")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(refused.status(), 401);
-        let resp = http.post(&url).bearer_auth("sk-real").json(&body).send().await.unwrap();
+        let resp = http
+            .post(&url)
+            .bearer_auth("sk-real")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.headers()["content-type"], "text/event-stream");
         let text = resp.text().await.unwrap();
@@ -341,7 +428,11 @@ mod tests {
             .lines()
             .filter_map(|l| l.strip_prefix("data: "))
             .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-            .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+            .filter_map(|v| {
+                v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
             .collect();
         assert_eq!(content, "earlier user turns: 0 | you said: hey");
         let seen = stub.requests();
@@ -352,7 +443,19 @@ mod tests {
 
         let plain = json!({"model": "stub-1", "messages": [{"role": "user", "content": "a"},
             {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]});
-        let v: Value = http.post(&url).bearer_auth("sk-real").json(&plain).send().await.unwrap().json().await.unwrap();
-        assert_eq!(v["choices"][0]["message"]["content"], "earlier user turns: 1 | you said: c");
+        let v: Value = http
+            .post(&url)
+            .bearer_auth("sk-real")
+            .json(&plain)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            v["choices"][0]["message"]["content"],
+            "earlier user turns: 1 | you said: c"
+        );
     }
 }

@@ -23,7 +23,10 @@ fn suffix() -> String {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(run());
 }
 
@@ -32,7 +35,11 @@ async fn run() {
     let mut backends: Vec<(&str, Option<String>, Option<String>)> = vec![("SQLite", None, None)];
     if let Some(pg) = env("OTM_TEST_POSTGRES_URL") {
         let db = format!("otm_bench_{}", suffix());
-        let ok = std::process::Command::new("psql").arg(&pg).args(["-q", "-c", &format!("CREATE DATABASE {db}")]).status().is_ok_and(|s| s.success());
+        let ok = std::process::Command::new("psql")
+            .arg(&pg)
+            .args(["-q", "-c", &format!("CREATE DATABASE {db}")])
+            .status()
+            .is_ok_and(|s| s.success());
         if ok {
             let base = pg.rsplit_once('/').unwrap().0.to_owned();
             backends.push(("PostgreSQL", Some(format!("{base}/{db}")), None));
@@ -46,21 +53,45 @@ async fn run() {
     }
     for (name, registry, coordinator) in &backends {
         let (rate, p50, p99, refused) = accepts(registry.clone(), coordinator.clone()).await;
-        let note = if refused > 0 { format!(" ({refused} of 2048 refused with 503: the store failed)") } else { String::new() };
-        rows.push((format!("durable accepts/s, inbox on {name}"), format!("{rate:.0}{note}")));
-        rows.push((format!("accept latency p50 / p99, inbox on {name}"), format!("{p50:.2} ms / {p99:.2} ms")));
+        let note = if refused > 0 {
+            format!(" ({refused} of 2048 refused with 503: the store failed)")
+        } else {
+            String::new()
+        };
+        rows.push((
+            format!("durable accepts/s, inbox on {name}"),
+            format!("{rate:.0}{note}"),
+        ));
+        rows.push((
+            format!("accept latency p50 / p99, inbox on {name}"),
+            format!("{p50:.2} ms / {p99:.2} ms"),
+        ));
     }
-    if let (Some(redis), Some((_, Some(pg), _))) = (env("OTM_TEST_REDIS_URL"), backends.iter().find(|b| b.0 == "PostgreSQL")) {
+    if let (Some(redis), Some((_, Some(pg), _))) = (
+        env("OTM_TEST_REDIS_URL"),
+        backends.iter().find(|b| b.0 == "PostgreSQL"),
+    ) {
         let redis = format!("{}/{}", redis.trim_end_matches('/'), 9);
         let (cold, cache) = wakes(Some(pg.clone()), Some(redis)).await;
         rows.push(("cold wake p50 / max, PostgreSQL + Redis".into(), cold));
-        rows.push(("awake (endpoint cache) wake p50, PostgreSQL + Redis".into(), cache));
+        rows.push((
+            "awake (endpoint cache) wake p50, PostgreSQL + Redis".into(),
+            cache,
+        ));
         let (cold, cache) = wakes(None, None).await;
         rows.push(("cold wake p50 / max, SQLite + in-process".into(), cold));
-        rows.push(("awake (endpoint cache) wake p50, SQLite + in-process".into(), cache));
+        rows.push((
+            "awake (endpoint cache) wake p50, SQLite + in-process".into(),
+            cache,
+        ));
     }
     println!();
-    println!("otm backends benchmark ({} cores)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    println!(
+        "otm backends benchmark ({} cores)",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
     println!();
     let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
     println!("| {:w$} | value |", "measure");
@@ -79,9 +110,16 @@ struct Running {
 
 async fn server(registry: Option<String>, coordinator: Option<String>) -> Running {
     let tg = FakeTelegram::start().await;
-    let dir = tempfile::Builder::new().prefix("otm-bench").tempdir_in("/tmp").unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("otm-bench")
+        .tempdir_in("/tmp")
+        .unwrap();
     // Instances run as uids of their own: they must be able to traverse to their directories.
-    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )
+    .unwrap();
     let settings = Settings {
         listen: "127.0.0.1:0".into(),
         admin_listen: "127.0.0.1:0".into(),
@@ -95,7 +133,16 @@ async fn server(registry: Option<String>, coordinator: Option<String>) -> Runnin
         ..Settings::default()
     };
     let server = otm_server::start(settings, None).await.unwrap();
-    Running { server, tg, _dir: dir, http: reqwest::Client::builder().no_proxy().pool_max_idle_per_host(64).build().unwrap() }
+    Running {
+        server,
+        tg,
+        _dir: dir,
+        http: reqwest::Client::builder()
+            .no_proxy()
+            .pool_max_idle_per_host(64)
+            .build()
+            .unwrap(),
+    }
 }
 
 impl Running {
@@ -174,16 +221,42 @@ async fn wakes(registry: Option<String>, coordinator: Option<String>) -> (String
     let token = s.server.admin_token().expose().to_owned();
     let (mut cold, mut cache) = (Vec::new(), Vec::new());
     for _ in 0..10 {
-        let v: Value = s.http.post(format!("{admin}/wake")).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+        let v: Value = s
+            .http
+            .post(format!("{admin}/wake"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(v["path"], "cold", "{v}");
         cold.push(v["total_ms"].as_f64().unwrap());
         let t0 = Instant::now();
-        let v: Value = s.http.post(format!("{admin}/wake")).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+        let v: Value = s
+            .http
+            .post(format!("{admin}/wake"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(v["path"], "cache", "{v}");
         cache.push(t0.elapsed().as_secs_f64() * 1000.0);
-        s.http.post(format!("{admin}/stop")).bearer_auth(&token).send().await.unwrap();
+        s.http
+            .post(format!("{admin}/stop"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
     }
     s.server.shutdown(Duration::from_secs(10), true).await;
     let max = cold.iter().cloned().fold(0.0, f64::max);
-    (format!("{:.1} ms / {:.1} ms", pct(&mut cold, 0.5), max), format!("{:.2} ms (HTTP round trip included)", pct(&mut cache, 0.5)))
+    (
+        format!("{:.1} ms / {:.1} ms", pct(&mut cold, 0.5), max),
+        format!("{:.2} ms (HTTP round trip included)", pct(&mut cache, 0.5)),
+    )
 }

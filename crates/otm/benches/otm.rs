@@ -24,15 +24,25 @@ impl Stats {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(run());
 }
 
 async fn run() {
     let tg = FakeTelegram::start().await;
-    let dir = tempfile::Builder::new().prefix("otm-bench").tempdir_in("/tmp").unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("otm-bench")
+        .tempdir_in("/tmp")
+        .unwrap();
     // Instances run as uids of their own: they must be able to traverse to their directories.
-    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )
+    .unwrap();
     let settings = Settings {
         listen: "127.0.0.1:0".into(),
         admin_listen: "127.0.0.1:0".into(),
@@ -44,7 +54,11 @@ async fn run() {
         ..Settings::default()
     };
     let server = otm_server::start(settings, None).await.unwrap();
-    let http = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(64).build().unwrap();
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap();
     let admin = format!("http://{}/v1", server.admin_addr);
     let token = server.admin_token().expose().to_owned();
     let public = format!("http://{}", server.public_addr);
@@ -56,14 +70,22 @@ async fn run() {
         let token = token.clone();
         let body = serde_json::json!({"id": id, "bot_token": bot});
         async move {
-            let r = http.post(format!("{admin}/tenants")).bearer_auth(&token).json(&body).send().await.unwrap();
+            let r = http
+                .post(format!("{admin}/tenants"))
+                .bearer_auth(&token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
             assert_eq!(r.status(), 201);
         }
     };
     let mut rows: Vec<(String, String)> = Vec::new();
 
     // 1. Durable accepts: 4 tenants, 32 concurrent senders, 4,000 updates.
-    let tenants: Vec<(String, String)> = (0..4).map(|i| (format!("acc{i}"), format!("{}:ACCEPT{i}", 9100 + i))).collect();
+    let tenants: Vec<(String, String)> = (0..4)
+        .map(|i| (format!("acc{i}"), format!("{}:ACCEPT{i}", 9100 + i)))
+        .collect();
     let mut secrets = Vec::new();
     for (id, bot) in &tenants {
         create(id, bot).await;
@@ -83,7 +105,9 @@ async fn run() {
                 for k in 0..total / senders {
                     let n = s * (total / senders) + k;
                     let t = n % tenants.len();
-                    let body = serde_json::to_vec(&text_update(n as i64 + 1, 10 + t as i64, "bench")).unwrap();
+                    let body =
+                        serde_json::to_vec(&text_update(n as i64 + 1, 10 + t as i64, "bench"))
+                            .unwrap();
                     let t0 = Instant::now();
                     let r = http
                         .post(format!("{public}/tg/{}", tenants[t].0))
@@ -106,11 +130,18 @@ async fn run() {
     }
     let secs = started.elapsed().as_secs_f64();
     let accept = Stats(lat);
-    rows.push(("durable accepts/s (SQLite, 32 senders, 4 tenants, deliveries running)".into(), format!("{:.0}", total as f64 / secs)));
-    rows.push(("accept latency p50 / p99".into(), format!("{:.2} ms / {:.2} ms", accept.pct(0.5), accept.pct(0.99))));
+    rows.push((
+        "durable accepts/s (SQLite, 32 senders, 4 tenants, deliveries running)".into(),
+        format!("{:.0}", total as f64 / secs),
+    ));
+    rows.push((
+        "accept latency p50 / p99".into(),
+        format!("{:.2} ms / {:.2} ms", accept.pct(0.5), accept.pct(0.99)),
+    ));
     // Let the deliveries finish before measuring latency.
     for (_, bot) in &tenants {
-        tg.wait_for_messages(bot, total / tenants.len(), Duration::from_secs(600)).await;
+        tg.wait_for_messages(bot, total / tenants.len(), Duration::from_secs(600))
+            .await;
     }
 
     // 2. Reply latency for an awake tenant: one update at a time, POST to reply at Telegram.
@@ -130,78 +161,167 @@ async fn run() {
         }
     };
     post(1).await;
-    tg.wait_for_messages("9200:AWAKE", 1, Duration::from_secs(60)).await;
+    tg.wait_for_messages("9200:AWAKE", 1, Duration::from_secs(60))
+        .await;
     let mut replies = Vec::new();
     for n in 2..=101 {
         let t0 = Instant::now();
         post(n).await;
-        tg.wait_for_messages("9200:AWAKE", n as usize, Duration::from_secs(60)).await;
+        tg.wait_for_messages("9200:AWAKE", n as usize, Duration::from_secs(60))
+            .await;
         replies.push(t0.elapsed().as_secs_f64() * 1000.0);
     }
     let replies = Stats(replies);
-    rows.push(("reply latency, awake tenant p50 / p99".into(), format!("{:.2} ms / {:.2} ms", replies.pct(0.5), replies.pct(0.99))));
+    rows.push((
+        "reply latency, awake tenant p50 / p99".into(),
+        format!("{:.2} ms / {:.2} ms", replies.pct(0.5), replies.pct(0.99)),
+    ));
 
     // 3. Cold wakes by phase, through the admin API, and cold first reply.
     let mut phases: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
     let mut totals = Vec::new();
     for _ in 0..10 {
-        let r = http.post(format!("{admin}/tenants/awake/stop")).bearer_auth(&token).send().await.unwrap();
+        let r = http
+            .post(format!("{admin}/tenants/awake/stop"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
-        let v: Value = http.post(format!("{admin}/tenants/awake/wake")).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+        let v: Value = http
+            .post(format!("{admin}/tenants/awake/wake"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(v["path"], "cold", "{v}");
         totals.push(v["total_ms"].as_f64().unwrap());
         for (k, ms) in v["phases_ms"].as_object().unwrap() {
-            phases.entry(k.clone()).or_default().push(ms.as_f64().unwrap());
+            phases
+                .entry(k.clone())
+                .or_default()
+                .push(ms.as_f64().unwrap());
         }
     }
     for (k, v) in &phases {
         let s = Stats(v.clone());
-        rows.push((format!("cold wake phase `{k}` mean / p50"), format!("{:.1} ms / {:.1} ms", s.mean(), s.pct(0.5))));
+        rows.push((
+            format!("cold wake phase `{k}` mean / p50"),
+            format!("{:.1} ms / {:.1} ms", s.mean(), s.pct(0.5)),
+        ));
     }
     // Warm-pool wakes, by phase.
-    http.put(format!("{admin}/config")).bearer_auth(&token).json(&serde_json::json!({"warm_pool_target": 1})).send().await.unwrap();
+    http.put(format!("{admin}/config"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"warm_pool_target": 1}))
+        .send()
+        .await
+        .unwrap();
     let mut warm_phases: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
     let mut warm_totals = Vec::new();
     for _ in 0..10 {
-        http.post(format!("{admin}/tenants/awake/stop")).bearer_auth(&token).send().await.unwrap();
+        http.post(format!("{admin}/tenants/awake/stop"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let list: Value = http.get(format!("{admin}/instances")).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
-            if list.as_array().unwrap().iter().any(|i| i["state"] == "warm") {
+            let list: Value = http
+                .get(format!("{admin}/instances"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if list
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|i| i["state"] == "warm")
+            {
                 break;
             }
             assert!(Instant::now() < deadline, "no warm instance");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let v: Value = http.post(format!("{admin}/tenants/awake/wake")).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+        let v: Value = http
+            .post(format!("{admin}/tenants/awake/wake"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(v["path"], "warm", "{v}");
         warm_totals.push(v["total_ms"].as_f64().unwrap());
         for (k, ms) in v["phases_ms"].as_object().unwrap() {
-            warm_phases.entry(k.clone()).or_default().push(ms.as_f64().unwrap());
+            warm_phases
+                .entry(k.clone())
+                .or_default()
+                .push(ms.as_f64().unwrap());
         }
     }
-    http.put(format!("{admin}/config")).bearer_auth(&token).json(&serde_json::json!({"warm_pool_target": 0})).send().await.unwrap();
+    http.put(format!("{admin}/config"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"warm_pool_target": 0}))
+        .send()
+        .await
+        .unwrap();
     for (k, v) in &warm_phases {
         let s = Stats(v.clone());
-        rows.push((format!("warm wake phase `{k}` mean / p50"), format!("{:.1} ms / {:.1} ms", s.mean(), s.pct(0.5))));
+        rows.push((
+            format!("warm wake phase `{k}` mean / p50"),
+            format!("{:.1} ms / {:.1} ms", s.mean(), s.pct(0.5)),
+        ));
     }
     let w = Stats(warm_totals);
-    rows.push(("warm wake total mean / p50 / max".into(), format!("{:.1} ms / {:.1} ms / {:.1} ms", w.mean(), w.pct(0.5), w.pct(1.0))));
+    rows.push((
+        "warm wake total mean / p50 / max".into(),
+        format!(
+            "{:.1} ms / {:.1} ms / {:.1} ms",
+            w.mean(),
+            w.pct(0.5),
+            w.pct(1.0)
+        ),
+    ));
     let t = Stats(totals);
-    rows.push(("cold wake total mean / p50 / max".into(), format!("{:.1} ms / {:.1} ms / {:.1} ms", t.mean(), t.pct(0.5), t.pct(1.0))));
+    rows.push((
+        "cold wake total mean / p50 / max".into(),
+        format!(
+            "{:.1} ms / {:.1} ms / {:.1} ms",
+            t.mean(),
+            t.pct(0.5),
+            t.pct(1.0)
+        ),
+    ));
     let mut first = Vec::new();
     let mut n = 1000;
     for _ in 0..5 {
-        http.post(format!("{admin}/tenants/awake/stop")).bearer_auth(&token).send().await.unwrap();
+        http.post(format!("{admin}/tenants/awake/stop"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
         let have = tg.sent_messages("9200:AWAKE").len();
         n += 1;
         let t0 = Instant::now();
         post(n).await;
-        tg.wait_for_messages("9200:AWAKE", have + 1, Duration::from_secs(60)).await;
+        tg.wait_for_messages("9200:AWAKE", have + 1, Duration::from_secs(60))
+            .await;
         first.push(t0.elapsed().as_secs_f64() * 1000.0);
     }
     let f = Stats(first);
-    rows.push(("cold first reply (webhook to reply) mean / p50".into(), format!("{:.1} ms / {:.1} ms", f.mean(), f.pct(0.5))));
+    rows.push((
+        "cold first reply (webhook to reply) mean / p50".into(),
+        format!("{:.1} ms / {:.1} ms", f.mean(), f.pct(0.5)),
+    ));
 
     // Snapshot and restore of a 2 MB and a 50 MB state directory (half text, half random bytes),
     // through the archive code and the local state store the server uses.
@@ -217,31 +337,50 @@ async fn run() {
             *b = seed as u8;
         }
         std::fs::write(src.join("db/blob.bin"), &noise).unwrap();
-        let text: String = (0..).map(|i| format!("line {i} of the conversation history\n")).take((mb << 19) / 36).collect();
+        let text: String = (0..)
+            .map(|i| format!("line {i} of the conversation history\n"))
+            .take((mb << 19) / 36)
+            .collect();
         std::fs::write(src.join("history.txt"), text).unwrap();
-        let store = otm_store::objstore::ObjectStateStore::local(&dir.path().join("bench-state")).unwrap();
+        let store =
+            otm_store::objstore::ObjectStateStore::local(&dir.path().join("bench-state")).unwrap();
         let tenant = otm_core::TenantId::parse("bench").unwrap();
         let t0 = Instant::now();
         let archive = otm_shim::archive::pack(&src, &[]).unwrap();
         let id = otm_core::SnapshotId::new_now();
-        let meta = otm_core::StateStore::put(&store, &tenant, &id, archive.into(), "bench").await.unwrap();
-        otm_core::StateStore::publish(&store, &tenant, &id).await.unwrap();
+        let meta = otm_core::StateStore::put(&store, &tenant, &id, archive.into(), "bench")
+            .await
+            .unwrap();
+        otm_core::StateStore::publish(&store, &tenant, &id)
+            .await
+            .unwrap();
         let snap = t0.elapsed();
         let t1 = Instant::now();
-        let bytes = otm_core::StateStore::get(&store, &tenant, &id).await.unwrap();
+        let bytes = otm_core::StateStore::get(&store, &tenant, &id)
+            .await
+            .unwrap();
         let dst = dir.path().join(format!("restored-{mb}"));
         otm_shim::archive::unpack(&bytes, &dst).unwrap();
         let restore = t1.elapsed();
         rows.push((
-            format!("snapshot / restore of a {mb} MB state ({} archive)", human(meta.size)),
-            format!("{:.0} ms / {:.0} ms", snap.as_secs_f64() * 1000.0, restore.as_secs_f64() * 1000.0),
+            format!(
+                "snapshot / restore of a {mb} MB state ({} archive)",
+                human(meta.size)
+            ),
+            format!(
+                "{:.0} ms / {:.0} ms",
+                snap.as_secs_f64() * 1000.0,
+                restore.as_secs_f64() * 1000.0
+            ),
         ));
     }
 
     // One idle sweep over 100,000 registered tenants (SQLite, indexed by status and deadline).
     {
         use otm_core::Registry;
-        let reg = std::sync::Arc::new(otm_store::sqlite::SqliteRegistry::open(&dir.path().join("sweep.db")).unwrap());
+        let reg = std::sync::Arc::new(
+            otm_store::sqlite::SqliteRegistry::open(&dir.path().join("sweep.db")).unwrap(),
+        );
         let n = 100_000;
         let t0 = Instant::now();
         for chunk in (0..n).collect::<Vec<_>>().chunks(2000) {
@@ -252,7 +391,9 @@ async fn run() {
                     let t = otm_core::Tenant::new(id.clone(), "reference", None);
                     reg.create_tenant(&t).await.unwrap();
                     if i % 100 == 0 {
-                        reg.set_tenant_status(&id, otm_core::TenantStatus::Running, None).await.unwrap();
+                        reg.set_tenant_status(&id, otm_core::TenantStatus::Running, None)
+                            .await
+                            .unwrap();
                     }
                 }
             });
@@ -268,13 +409,33 @@ async fn run() {
             assert_eq!(due.len(), 256);
         }
         let s = Stats(sweeps);
-        rows.push(("idle sweep over 100,000 tenants (1,000 running) p50 / max".into(), format!("{:.2} ms / {:.2} ms", s.pct(0.5), s.pct(1.0))));
-        rows.push(("registering 100,000 tenants (group commit)".into(), format!("{:.1} s", fill.as_secs_f64())));
+        rows.push((
+            "idle sweep over 100,000 tenants (1,000 running) p50 / max".into(),
+            format!("{:.2} ms / {:.2} ms", s.pct(0.5), s.pct(1.0)),
+        ));
+        rows.push((
+            "registering 100,000 tenants (group commit)".into(),
+            format!("{:.1} s", fill.as_secs_f64()),
+        ));
     }
 
-    let status: Value = http.get(format!("{admin}/status")).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+    let status: Value = http
+        .get(format!("{admin}/status"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     println!();
-    println!("otm benchmark ({} cores, isolation {})", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), status["isolation"]);
+    println!(
+        "otm benchmark ({} cores, isolation {})",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        status["isolation"]
+    );
     println!();
     let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
     println!("| {:w$} | value |", "measure");
@@ -286,5 +447,9 @@ async fn run() {
 }
 
 fn human(n: u64) -> String {
-    if n >= 1 << 20 { format!("{:.1} MiB", n as f64 / 1048576.0) } else { format!("{:.0} KiB", n as f64 / 1024.0) }
+    if n >= 1 << 20 {
+        format!("{:.1} MiB", n as f64 / 1048576.0)
+    } else {
+        format!("{:.0} KiB", n as f64 / 1024.0)
+    }
 }

@@ -29,7 +29,12 @@ const EXIT_CODES: &str = "Exit codes: 0 success, 1 failure (unreachable server, 
 #[derive(Args, Debug, Clone)]
 pub struct Global {
     /// Admin API URL.
-    #[arg(long, env = "OTM_ADMIN_URL", default_value = "http://127.0.0.1:8081", global = true)]
+    #[arg(
+        long,
+        env = "OTM_ADMIN_URL",
+        default_value = "http://127.0.0.1:8081",
+        global = true
+    )]
     admin_url: String,
     /// Admin token; read from <data-dir>/admin.token when unset.
     #[arg(long, env = "OTM_ADMIN_TOKEN", hide_env_values = true, global = true)]
@@ -75,14 +80,10 @@ pub enum Command {
     },
     /// Show a tenant's pending and dead-lettered updates.
     #[command(after_help = EXIT_CODES)]
-    Inbox {
-        tenant: String,
-    },
+    Inbox { tenant: String },
     /// List a tenant's snapshots.
     #[command(after_help = EXIT_CODES)]
-    Snapshots {
-        tenant: String,
-    },
+    Snapshots { tenant: String },
     /// List live instances.
     #[command(after_help = EXIT_CODES)]
     Instances,
@@ -204,24 +205,44 @@ impl Api {
         let token = match &g.admin_token {
             Some(t) if !t.is_empty() => t.clone(),
             _ => {
-                let path = g.data_dir.clone().unwrap_or_else(|| PathBuf::from("./otm-data")).join("admin.token");
+                let path = g
+                    .data_dir
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("./otm-data"))
+                    .join("admin.token");
                 std::fs::read_to_string(&path)
                     .map(|s| s.trim().to_owned())
                     .with_context(|| format!("no admin token: set OTM_ADMIN_TOKEN or --admin-token, or run on the server's machine (cannot read {})", path.display()))?
             }
         };
         let http = reqwest::Client::builder().no_proxy().build()?;
-        Ok(Api { base: g.admin_url.trim_end_matches('/').to_owned(), token, http })
+        Ok(Api {
+            base: g.admin_url.trim_end_matches('/').to_owned(),
+            token,
+            http,
+        })
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
-        let mut req = self.http.request(method, format!("{}/v1{path}", self.base)).bearer_auth(&self.token);
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let mut req = self
+            .http
+            .request(method, format!("{}/v1{path}", self.base))
+            .bearer_auth(&self.token);
         if let Some(b) = body {
             req = req.json(&b);
         }
         let resp = req.send().await.map_err(|e| CallError {
             code: exit::FAILED,
-            message: format!("cannot reach the admin API at {}: {}", self.base, e.without_url()),
+            message: format!(
+                "cannot reach the admin API at {}: {}",
+                self.base,
+                e.without_url()
+            ),
         })?;
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
@@ -229,7 +250,8 @@ impl Api {
             if text.is_empty() {
                 return Ok(Value::Null);
             }
-            return serde_json::from_str(&text).map_err(|e| anyhow!("the server answered with invalid JSON: {e}"));
+            return serde_json::from_str(&text)
+                .map_err(|e| anyhow!("the server answered with invalid JSON: {e}"));
         }
         let message = serde_json::from_str::<Value>(&text)
             .ok()
@@ -267,7 +289,14 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
             let api = Api::new(&global)?;
             let out = global.output;
             match command {
-                TenantCommand::Create { id, bot_token, idle_timeout, profile, cold_start_notice, limits } => {
+                TenantCommand::Create {
+                    id,
+                    bot_token,
+                    idle_timeout,
+                    profile,
+                    cold_start_notice,
+                    limits,
+                } => {
                     let mut body = json!({"id": id});
                     put_limits(&mut body, limits);
                     if let Some(t) = bot_token {
@@ -290,10 +319,19 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                     print_tenants(out, list.as_array().map(Vec::as_slice).unwrap_or(&[]), true);
                 }
                 TenantCommand::Get { id } => {
-                    let t = api.call(Method::GET, &format!("/tenants/{id}"), None).await?;
+                    let t = api
+                        .call(Method::GET, &format!("/tenants/{id}"), None)
+                        .await?;
                     print_object(out, &t);
                 }
-                TenantCommand::Update { id, bot_token, idle_timeout, profile, cold_start_notice, limits } => {
+                TenantCommand::Update {
+                    id,
+                    bot_token,
+                    idle_timeout,
+                    profile,
+                    cold_start_notice,
+                    limits,
+                } => {
                     let mut body = json!({});
                     put_limits(&mut body, limits);
                     if let Some(t) = bot_token {
@@ -311,37 +349,60 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                     if body.as_object().is_some_and(|m| m.is_empty()) {
                         return Err(CallError { code: exit::USAGE, message: "nothing to update: give at least one of --bot-token, --idle-timeout, --profile, --cold-start-notice, --memory, --cpu, --pids, --disk, --egress, --egress-allow".into() }.into());
                     }
-                    let t = api.call(Method::PATCH, &format!("/tenants/{id}"), Some(body)).await?;
+                    let t = api
+                        .call(Method::PATCH, &format!("/tenants/{id}"), Some(body))
+                        .await?;
                     print_object(out, &t);
                 }
                 TenantCommand::Delete { id } => {
-                    with_progress(&format!("deleting {id}"), api.call(Method::DELETE, &format!("/tenants/{id}"), None)).await?;
+                    with_progress(
+                        &format!("deleting {id}"),
+                        api.call(Method::DELETE, &format!("/tenants/{id}"), None),
+                    )
+                    .await?;
                     match out {
                         Output::Json => println!("{}", json!({"deleted": id})),
                         Output::Table => println!("tenant {id} deleted"),
                     }
                 }
                 TenantCommand::Wake { id } => {
-                    let r = with_progress(&format!("waking {id}"), api.call(Method::POST, &format!("/tenants/{id}/wake"), None)).await?;
+                    let r = with_progress(
+                        &format!("waking {id}"),
+                        api.call(Method::POST, &format!("/tenants/{id}/wake"), None),
+                    )
+                    .await?;
                     match out {
                         Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
                         Output::Table => {
                             let phases = r["phases_ms"]
                                 .as_object()
-                                .map(|m| m.iter().map(|(k, v)| format!("{k} {v} ms")).collect::<Vec<_>>().join(", "))
+                                .map(|m| {
+                                    m.iter()
+                                        .map(|(k, v)| format!("{k} {v} ms"))
+                                        .collect::<Vec<_>>()
+                                        .join(", ")
+                                })
                                 .unwrap_or_default();
                             println!(
                                 "tenant {id} awake on {} ({}, {} ms{})",
                                 str_of(&r["instance"]),
                                 str_of(&r["path"]),
                                 r["total_ms"],
-                                if phases.is_empty() { String::new() } else { format!(": {phases}") }
+                                if phases.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!(": {phases}")
+                                }
                             );
                         }
                     }
                 }
                 TenantCommand::Stop { id } => {
-                    let r = with_progress(&format!("stopping {id}"), api.call(Method::POST, &format!("/tenants/{id}/stop"), None)).await?;
+                    let r = with_progress(
+                        &format!("stopping {id}"),
+                        api.call(Method::POST, &format!("/tenants/{id}/stop"), None),
+                    )
+                    .await?;
                     match out {
                         Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
                         Output::Table => {
@@ -363,7 +424,10 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                     let field = key.replace('-', "_");
                     let body = match field.as_str() {
                         "warm_pool_target" | "max_running" | "max_concurrent_wakes" => {
-                            let n: u32 = value.parse().map_err(|_| CallError { code: exit::USAGE, message: format!("`{value}` is not a whole number") })?;
+                            let n: u32 = value.parse().map_err(|_| CallError {
+                                code: exit::USAGE,
+                                message: format!("`{value}` is not a whole number"),
+                            })?;
                             json!({field: n})
                         }
                         "default_memory" | "default_cpu" | "default_pids" | "default_disk" => {
@@ -388,23 +452,47 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                 Output::Table => {
                     let rows: Vec<Vec<String>> = cfg
                         .as_object()
-                        .map(|m| m.iter().map(|(k, v)| vec![k.replace('_', "-"), str_of(v)]).collect())
+                        .map(|m| {
+                            m.iter()
+                                .map(|(k, v)| vec![k.replace('_', "-"), str_of(v)])
+                                .collect()
+                        })
                         .unwrap_or_default();
                     print_table(&["SETTING", "VALUE"], &rows);
                 }
             }
         }
-        Command::Logs { tenant, follow, tail } => {
+        Command::Logs {
+            tenant,
+            follow,
+            tail,
+        } => {
             let api = Api::new(&global)?;
-            let url = format!("{}/v1/tenants/{tenant}/logs?tail={tail}&follow={follow}", api.base);
-            let resp = api.http.get(url).bearer_auth(&api.token).send().await.map_err(|e| CallError {
-                code: exit::FAILED,
-                message: format!("cannot reach the admin API at {}: {}", api.base, e.without_url()),
-            })?;
+            let url = format!(
+                "{}/v1/tenants/{tenant}/logs?tail={tail}&follow={follow}",
+                api.base
+            );
+            let resp = api
+                .http
+                .get(url)
+                .bearer_auth(&api.token)
+                .send()
+                .await
+                .map_err(|e| CallError {
+                    code: exit::FAILED,
+                    message: format!(
+                        "cannot reach the admin API at {}: {}",
+                        api.base,
+                        e.without_url()
+                    ),
+                })?;
             if !resp.status().is_success() {
                 let status = resp.status().as_u16();
                 let v: Value = resp.json().await.unwrap_or(Value::Null);
-                let message = v["error"]["message"].as_str().unwrap_or("request failed").to_owned();
+                let message = v["error"]["message"]
+                    .as_str()
+                    .unwrap_or("request failed")
+                    .to_owned();
                 let code = match status {
                     404 => exit::NOT_FOUND,
                     409 => exit::CONFLICT,
@@ -423,7 +511,9 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
         }
         Command::Inbox { tenant } => {
             let api = Api::new(&global)?;
-            let v = api.call(Method::GET, &format!("/tenants/{tenant}/inbox"), None).await?;
+            let v = api
+                .call(Method::GET, &format!("/tenants/{tenant}/inbox"), None)
+                .await?;
             match global.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
                 Output::Table => {
@@ -440,13 +530,18 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                             ]);
                         }
                     }
-                    print_table(&["SEQ", "UPDATE", "STATE", "ATTEMPTS", "AGE", "LAST ERROR"], &rows);
+                    print_table(
+                        &["SEQ", "UPDATE", "STATE", "ATTEMPTS", "AGE", "LAST ERROR"],
+                        &rows,
+                    );
                 }
             }
         }
         Command::Snapshots { tenant } => {
             let api = Api::new(&global)?;
-            let v = api.call(Method::GET, &format!("/tenants/{tenant}/snapshots"), None).await?;
+            let v = api
+                .call(Method::GET, &format!("/tenants/{tenant}/snapshots"), None)
+                .await?;
             match global.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
                 Output::Table => {
@@ -457,11 +552,18 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                         .map(|s| {
                             vec![
                                 str_of(&s["id"]),
-                                if s["head"].as_bool() == Some(true) { "*".into() } else { String::new() },
+                                if s["head"].as_bool() == Some(true) {
+                                    "*".into()
+                                } else {
+                                    String::new()
+                                },
                                 str_of(&s["reason"]),
                                 human_bytes(s["size"].as_u64().unwrap_or(0)),
                                 age(&s["created_at_ms"]),
-                                s["sha256"].as_str().map(|h| h.chars().take(12).collect()).unwrap_or_default(),
+                                s["sha256"]
+                                    .as_str()
+                                    .map(|h| h.chars().take(12).collect())
+                                    .unwrap_or_default(),
                             ]
                         })
                         .collect();
@@ -479,7 +581,14 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                         .as_array()
                         .into_iter()
                         .flatten()
-                        .map(|i| vec![str_of(&i["id"]), str_of(&i["tenant"]), str_of(&i["state"]), age(&i["created_at_ms"])])
+                        .map(|i| {
+                            vec![
+                                str_of(&i["id"]),
+                                str_of(&i["tenant"]),
+                                str_of(&i["state"]),
+                                age(&i["created_at_ms"]),
+                            ]
+                        })
                         .collect();
                     print_table(&["INSTANCE", "TENANT", "STATE", "AGE"], &rows);
                 }
@@ -493,7 +602,11 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
         Command::Version => {
             let client = env!("CARGO_PKG_VERSION");
             let server = match Api::new(&global) {
-                Ok(api) => api.call(reqwest::Method::GET, "/status", None).await.ok().map(|v| str_of(&v["version"])),
+                Ok(api) => api
+                    .call(reqwest::Method::GET, "/status", None)
+                    .await
+                    .ok()
+                    .map(|v| str_of(&v["version"])),
                 Err(_) => None,
             };
             match global.output {
@@ -511,10 +624,16 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
 }
 
 /// Runs a call; if it takes longer than a second, shows a progress line on stderr.
-async fn with_progress<T>(what: &str, fut: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+async fn with_progress<T>(
+    what: &str,
+    fut: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
     let started = Instant::now();
     let mut fut = std::pin::pin!(fut);
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(1), Duration::from_secs(1));
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(1),
+        Duration::from_secs(1),
+    );
     let mut shown = false;
     let result = loop {
         tokio::select! {
@@ -527,7 +646,11 @@ async fn with_progress<T>(what: &str, fut: impl std::future::Future<Output = any
         }
     };
     if shown {
-        let _ = writeln!(std::io::stderr(), "\r{what}… done in {:.1} s", started.elapsed().as_secs_f64());
+        let _ = writeln!(
+            std::io::stderr(),
+            "\r{what}… done in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
     }
     result
 }
@@ -541,7 +664,9 @@ fn str_of(v: &Value) -> String {
 }
 
 fn age(ms: &Value) -> String {
-    let Some(ms) = ms.as_i64() else { return "-".into() };
+    let Some(ms) = ms.as_i64() else {
+        return "-".into();
+    };
     let secs = ((otm_core::time::now_ms() - ms).max(0) / 1000) as u64;
     match secs {
         s if s < 120 => format!("{s}s"),
@@ -562,7 +687,11 @@ fn human_bytes(n: u64) -> String {
 
 fn print_tenants(out: Output, list: &[Value], as_list: bool) {
     if out == Output::Json {
-        let v = if !as_list && list.len() == 1 { list[0].clone() } else { Value::Array(list.to_vec()) };
+        let v = if !as_list && list.len() == 1 {
+            list[0].clone()
+        } else {
+            Value::Array(list.to_vec())
+        };
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return;
     }
@@ -580,12 +709,29 @@ fn print_tenants(out: Output, list: &[Value], as_list: bool) {
             ]
         })
         .collect();
-    print_table(&["ID", "STATUS", "PROFILE", "IDLE TIMEOUT", "INSTANCE", "PENDING", "LAST ACTIVE"], &rows);
+    print_table(
+        &[
+            "ID",
+            "STATUS",
+            "PROFILE",
+            "IDLE TIMEOUT",
+            "INSTANCE",
+            "PENDING",
+            "LAST ACTIVE",
+        ],
+        &rows,
+    );
 }
 
 /// Adds the resource-limit flags that were given to a create or update body.
 fn put_limits(body: &mut Value, l: LimitArgs) {
-    for (k, v) in [("memory", l.memory), ("cpu", l.cpu), ("pids", l.pids), ("disk", l.disk), ("egress", l.egress)] {
+    for (k, v) in [
+        ("memory", l.memory),
+        ("cpu", l.cpu),
+        ("pids", l.pids),
+        ("disk", l.disk),
+        ("egress", l.egress),
+    ] {
         if let Some(v) = v {
             body[k] = json!(v);
         }

@@ -197,13 +197,21 @@ async fn start_and_run(dir: &Path) -> Result<()> {
         wake_timeout_s: WAIT.as_secs(),
         // The demo runs anywhere: without bubblewrap its instances are plain processes, and it
         // says so (a server never falls back on its own).
-        sandbox: if otm_shim::sandbox::bwrap().is_some() { "bubblewrap".into() } else { "none".into() },
+        sandbox: if otm_shim::sandbox::bwrap().is_some() {
+            "bubblewrap".into()
+        } else {
+            "none".into()
+        },
         ..Default::default()
     };
     if settings.sandbox == "none" {
-        say!("  NOTE: bubblewrap (bwrap) is not installed, so this demo's instances run UNSANDBOXED,");
+        say!(
+            "  NOTE: bubblewrap (bwrap) is not installed, so this demo's instances run UNSANDBOXED,"
+        );
         say!("        as plain processes that could read everything here. `otm server` refuses to");
-        say!("        run like that; install bubblewrap (apt-get install bubblewrap) for the real thing.");
+        say!(
+            "        run like that; install bubblewrap (apt-get install bubblewrap) for the real thing."
+        );
     }
     let server = otm_server::start(settings, None)
         .await
@@ -289,7 +297,9 @@ impl<'a> Demo<'a> {
             self.admin
         );
         match status["isolation"].as_str().unwrap_or("unknown") {
-            "none" => say!("  sandbox            NONE: instances run unsandboxed (bubblewrap is not installed)"),
+            "none" => say!(
+                "  sandbox            NONE: instances run unsandboxed (bubblewrap is not installed)"
+            ),
             other => say!(
                 "  sandbox            {other} (each instance: `otm shim` in a sandbox of its own, the reference agent in a second one inside it)"
             ),

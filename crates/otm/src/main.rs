@@ -138,7 +138,15 @@ impl ServerArgs {
         macro_rules! set_opt {
             ($($field:ident),*) => { $( if let Some(v) = &self.$field { s.$field = Some(v.clone()); } )* };
         }
-        set_opt!(egress_url, public_url, registry, coordinator, state, openclaw_prefix, openclaw_config_template);
+        set_opt!(
+            egress_url,
+            public_url,
+            registry,
+            coordinator,
+            state,
+            openclaw_prefix,
+            openclaw_config_template
+        );
         set_opt!(model_base_url, model_id);
         if let Some(n) = self.max_delivery_attempts {
             s.max_delivery_attempts = n;
@@ -159,11 +167,17 @@ impl ServerArgs {
             s.lease_ttl_s = t;
         }
         // The service token comes from the environment only, never from a flag (process lists).
-        if let Some(t) = std::env::var("OTM_SERVICE_TOKEN").ok().filter(|t| !t.is_empty()) {
+        if let Some(t) = std::env::var("OTM_SERVICE_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+        {
             s.service_token = Some(Secret::new(t));
         }
         // So does the model API key.
-        if let Some(k) = std::env::var("OTM_MODEL_API_KEY").ok().filter(|k| !k.is_empty()) {
+        if let Some(k) = std::env::var("OTM_MODEL_API_KEY")
+            .ok()
+            .filter(|k| !k.is_empty())
+        {
             s.model_api_key = Some(Secret::new(k));
         }
         Ok(s)
@@ -263,15 +277,23 @@ fn main() -> std::process::ExitCode {
         _ => {}
     }
     // The CLI and the demo print for people: only warnings unless RUST_LOG says otherwise.
-    let default = if matches!(cli.command, Command::Cli(_) | Command::Demo(_)) { "warn" } else { "info" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
+    let default = if matches!(cli.command, Command::Cli(_) | Command::Demo(_)) {
+        "warn"
+    } else {
+        "info"
+    };
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .log_internal_errors(false)
         .init();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     let result = rt.block_on(async move {
         match cli.command {
             Command::Server(args) => server(*args, cli.global.data_dir).await.map(|()| 0),
@@ -284,7 +306,9 @@ fn main() -> std::process::ExitCode {
                 Ok(0)
             }
             Command::Cli(cmd) => cli::run(cmd, cli.global).await,
-            Command::SandboxExec(_) | Command::SandboxInit(_) => unreachable!("handled before the runtime starts"),
+            Command::SandboxExec(_) | Command::SandboxInit(_) => {
+                unreachable!("handled before the runtime starts")
+            }
         }
     });
     rt.shutdown_timeout(Duration::from_secs(1));
@@ -300,7 +324,10 @@ fn main() -> std::process::ExitCode {
 
 async fn server(args: ServerArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let settings = args.settings(data_dir)?;
-    let token = std::env::var("OTM_ADMIN_TOKEN").ok().filter(|t| !t.is_empty()).map(Secret::new);
+    let token = std::env::var("OTM_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .map(Secret::new);
     let server = otm_server::start(settings, token).await?;
     println!(
         "otm server: webhooks on http://{}/tg/<tenant>, admin API on http://{}/v1/, Bot API proxy on http://{}",
@@ -319,7 +346,8 @@ async fn server(args: ServerArgs, data_dir: Option<PathBuf>) -> anyhow::Result<(
 async fn shim(args: ShimArgs) -> anyhow::Result<()> {
     let token = match (&args.token_file, &args.token_env) {
         (Some(path), _) => {
-            let t = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let t = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
             // The agent runs as the same user: leave nothing for it to find.
             std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
             t
@@ -328,14 +356,19 @@ async fn shim(args: ShimArgs) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("give the instance token with --token-file or --token-env"),
     };
     let agent_sandbox = if args.agent_sandbox {
-        let bwrap = otm_shim::sandbox::bwrap().context("--agent-sandbox needs bubblewrap (bwrap) on PATH")?;
+        let bwrap = otm_shim::sandbox::bwrap()
+            .context("--agent-sandbox needs bubblewrap (bwrap) on PATH")?;
         let otm = std::env::current_exe().context("finding the otm binary")?;
         let view = otm_shim::sandbox::SystemView {
             read_only: args.show,
             passwd: Some(("/etc/passwd".into(), "/etc/group".into())),
             tmp_bytes: 256 << 20,
         };
-        Some(std::sync::Arc::new(otm_shim::sandbox::AgentSandbox { bwrap, otm, view }))
+        Some(std::sync::Arc::new(otm_shim::sandbox::AgentSandbox {
+            bwrap,
+            otm,
+            view,
+        }))
     } else {
         None
     };

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 fn otm() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_otm"));
-    c.env_remove("OTM_ADMIN_TOKEN").env_remove("OTM_DATA_DIR").env_remove("OTM_ADMIN_URL");
+    c.env_remove("OTM_ADMIN_TOKEN")
+        .env_remove("OTM_DATA_DIR")
+        .env_remove("OTM_ADMIN_URL");
     c
 }
 
@@ -22,7 +24,15 @@ fn invalid_settings_exit_non_zero_before_binding() {
         (vec!["--telegram-api", "ftp://x"], "telegram-api"),
         (vec!["--public-url", "nope"], "public-url"),
         (vec!["--sandbox", "docker"], "sandbox"),
-        (vec!["--listen", "127.0.0.1:18555", "--admin-listen", "127.0.0.1:18555"], "listen"),
+        (
+            vec![
+                "--listen",
+                "127.0.0.1:18555",
+                "--admin-listen",
+                "127.0.0.1:18555",
+            ],
+            "listen",
+        ),
     ] {
         let out = otm()
             .arg("server")
@@ -34,12 +44,19 @@ fn invalid_settings_exit_non_zero_before_binding() {
         assert!(!out.status.success(), "{args:?} was accepted");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(needle), "{args:?}: {err}");
-        assert!(!dir.path().join("d/admin.token").exists(), "{args:?}: started before failing");
+        assert!(
+            !dir.path().join("d/admin.token").exists(),
+            "{args:?}: started before failing"
+        );
     }
     // The TOML file is checked the same way.
     let cfg = dir.path().join("otm.toml");
     std::fs::write(&cfg, "listen = \"127.0.0.1:1\"\nno_such_setting = true\n").unwrap();
-    let out = otm().args(["server", "--config"]).arg(&cfg).output().unwrap();
+    let out = otm()
+        .args(["server", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no_such_setting"));
 }
@@ -48,12 +65,29 @@ fn invalid_settings_exit_non_zero_before_binding() {
 fn help_explains_every_command() {
     let out = otm().arg("--help").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    for cmd in ["server", "tenant", "config", "logs", "inbox", "snapshots", "instances", "status", "version"] {
+    for cmd in [
+        "server",
+        "tenant",
+        "config",
+        "logs",
+        "inbox",
+        "snapshots",
+        "instances",
+        "status",
+        "version",
+    ] {
         assert!(text.contains(cmd), "{cmd} missing from --help");
     }
     let out = otm().args(["server", "--help"]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    for env in ["OTM_LISTEN", "OTM_ADMIN_LISTEN", "OTM_EGRESS_LISTEN", "OTM_DATA_DIR", "OTM_TELEGRAM_API", "OTM_PUBLIC_URL"] {
+    for env in [
+        "OTM_LISTEN",
+        "OTM_ADMIN_LISTEN",
+        "OTM_EGRESS_LISTEN",
+        "OTM_DATA_DIR",
+        "OTM_TELEGRAM_API",
+        "OTM_PUBLIC_URL",
+    ] {
         assert!(text.contains(env), "{env} missing from server --help");
     }
 }
@@ -64,11 +98,29 @@ async fn cli_drives_a_running_server_in_table_and_json() {
     let admin_url = format!("http://{}", h.server().admin_addr);
     let data_dir = h.dir.path().join("d");
     let run = |args: &[&str]| {
-        let out = otm().arg("--admin-url").arg(&admin_url).arg("--data-dir").arg(&data_dir).args(args).output().unwrap();
-        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        let out = otm()
+            .arg("--admin-url")
+            .arg(&admin_url)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     h.tg.add_bot("8001:CLIbot");
-    let (code, out, err) = run(&["tenant", "create", "clara", "8001:CLIbot", "--idle-timeout", "120"]);
+    let (code, out, err) = run(&[
+        "tenant",
+        "create",
+        "clara",
+        "8001:CLIbot",
+        "--idle-timeout",
+        "120",
+    ]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("clara") && out.contains("120s"), "{out}");
     assert!(!out.contains("CLIbot"), "the token is never printed");
@@ -82,28 +134,43 @@ async fn cli_drives_a_running_server_in_table_and_json() {
     let (code, out, _) = run(&["tenant", "list"]);
     assert_eq!(code, 0);
     let header = out.lines().next().unwrap();
-    assert!(header.starts_with("ID") && header.contains("STATUS"), "{out}");
+    assert!(
+        header.starts_with("ID") && header.contains("STATUS"),
+        "{out}"
+    );
     let (code, out, _) = run(&["tenant", "list", "-o", "json"]);
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v[0]["id"], "clara");
     let (code, out, _) = run(&["--output", "json", "tenant", "get", "clara"]);
     assert_eq!(code, 0);
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["idle_timeout_s"], 120);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["idle_timeout_s"],
+        120
+    );
 
     // Resource limits, in the units operators write.
-    let (code, _, err) = run(&["tenant", "update", "clara", "--memory", "256Mi", "--cpu", "500m", "--pids", "100", "--disk", "2Gi"]);
+    let (code, _, err) = run(&[
+        "tenant", "update", "clara", "--memory", "256Mi", "--cpu", "500m", "--pids", "100",
+        "--disk", "2Gi",
+    ]);
     assert_eq!(code, 0, "{err}");
     let (_, out, _) = run(&["-o", "json", "tenant", "get", "clara"]);
     let limits = serde_json::from_str::<serde_json::Value>(&out).unwrap()["limits"].clone();
-    assert_eq!(limits, serde_json::json!({"memory_bytes": 256u64 << 20, "cpu_millis": 500, "cpu_request_millis": 200, "pids": 100, "disk_bytes": 2u64 << 30}));
+    assert_eq!(
+        limits,
+        serde_json::json!({"memory_bytes": 256u64 << 20, "cpu_millis": 500, "cpu_request_millis": 200, "pids": 100, "disk_bytes": 2u64 << 30})
+    );
     let (code, _, err) = run(&["tenant", "update", "clara", "--memory", "lots"]);
     assert_ne!(code, 0);
     assert!(err.contains("memory"), "{err}");
     let (code, _, err) = run(&["config", "set", "max-running", "50"]);
     assert_eq!(code, 0, "{err}");
     let (_, out, _) = run(&["-o", "json", "config", "get"]);
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["max_running"], 50);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["max_running"],
+        50
+    );
     let (code, _, _) = run(&["config", "set", "max-running", "0"]);
     assert_eq!(code, 0);
 
@@ -112,33 +179,62 @@ async fn cli_drives_a_running_server_in_table_and_json() {
     assert!(out.contains("awake"), "{out}");
     let (code, out, _) = run(&["instances", "-o", "json"]);
     assert_eq!(code, 0);
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()[0]["tenant"], "clara");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()[0]["tenant"],
+        "clara"
+    );
     let (code, out, _) = run(&["instances"]);
     assert_eq!(code, 0);
     assert!(out.contains("clara") && out.contains("ready"), "{out}");
 
     let secret = h.tg.webhook("8001:CLIbot").unwrap().secret_token.unwrap();
-    assert_eq!(h.post_update("clara", &secret, &text_update(1, 3, "hi")).await, 200);
-    h.tg.wait_for_messages("8001:CLIbot", 1, Duration::from_secs(30)).await;
+    assert_eq!(
+        h.post_update("clara", &secret, &text_update(1, 3, "hi"))
+            .await,
+        200
+    );
+    h.tg.wait_for_messages("8001:CLIbot", 1, Duration::from_secs(30))
+        .await;
     let (code, out, _) = run(&["logs", "clara", "--tail", "50"]);
     assert_eq!(code, 0);
-    assert!(out.contains("reference agent") || out.contains("listening"), "{out}");
+    assert!(
+        out.contains("reference agent") || out.contains("listening"),
+        "{out}"
+    );
     let (code, out, _) = run(&["inbox", "clara"]);
     assert_eq!(code, 0);
     assert!(out.starts_with("SEQ"), "{out}");
     let (code, out, _) = run(&["inbox", "clara", "-o", "json"]);
     assert_eq!(code, 0);
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["pending"], serde_json::json!([]));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["pending"],
+        serde_json::json!([])
+    );
 
     let (code, out, _) = run(&["tenant", "stop", "clara"]);
     assert_eq!(code, 0);
     assert!(out.contains("stopped"), "{out}");
 
     // The same verbs in JSON.
-    let (code, out, err) = run(&["tenant", "create", "jason", "--idle-timeout", "30", "-o", "json"]);
+    let (code, out, err) = run(&[
+        "tenant",
+        "create",
+        "jason",
+        "--idle-timeout",
+        "30",
+        "-o",
+        "json",
+    ]);
     assert_eq!(code, 0, "{err}");
     let t: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!((t["id"].as_str(), t["idle_timeout_s"].as_u64(), t["status"].as_str()), (Some("jason"), Some(30), Some("idle")));
+    assert_eq!(
+        (
+            t["id"].as_str(),
+            t["idle_timeout_s"].as_u64(),
+            t["status"].as_str()
+        ),
+        (Some("jason"), Some(30), Some("idle"))
+    );
     let (code, out, _) = run(&["tenant", "wake", "jason", "-o", "json"]);
     assert_eq!(code, 0);
     let w: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -146,10 +242,16 @@ async fn cli_drives_a_running_server_in_table_and_json() {
     assert!(w["phases_ms"]["ready"].is_number(), "{w}");
     let (code, out, _) = run(&["tenant", "stop", "jason", "-o", "json"]);
     assert_eq!(code, 0);
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["stopped"], true);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["stopped"],
+        true
+    );
     let (code, out, _) = run(&["tenant", "delete", "jason", "-o", "json"]);
     assert_eq!(code, 0);
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["deleted"], "jason");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["deleted"],
+        "jason"
+    );
     let (code, out, _) = run(&["snapshots", "clara"]);
     assert_eq!(code, 0);
     assert!(out.contains("final"), "{out}");
@@ -162,12 +264,18 @@ async fn cli_drives_a_running_server_in_table_and_json() {
     assert_eq!(code, 0, "{out}");
     let (code, out, _) = run(&["config", "get", "-o", "json"]);
     assert_eq!(code, 0);
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["warm_pool_target"], 0);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["warm_pool_target"],
+        0
+    );
     let (code, _, _) = run(&["config", "set", "no-such-thing", "1"]);
     assert_eq!(code, 2);
     let (code, out, _) = run(&["status", "-o", "json"]);
     assert_eq!(code, 0);
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["tenants"], 1);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["tenants"],
+        1
+    );
     let (code, out, _) = run(&["status"]);
     assert_eq!(code, 0);
     assert!(out.starts_with("FIELD") && out.contains("tenants"), "{out}");
@@ -182,7 +290,17 @@ async fn cli_drives_a_running_server_in_table_and_json() {
     assert_eq!(code, 3);
 
     // A wrong token is exit code 5.
-    let out = otm().args(["--admin-url", &admin_url, "--admin-token", "wrong", "tenant", "list"]).output().unwrap();
+    let out = otm()
+        .args([
+            "--admin-url",
+            &admin_url,
+            "--admin-token",
+            "wrong",
+            "tenant",
+            "list",
+        ])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(5));
     h.stop().await;
 }
@@ -193,15 +311,32 @@ fn sandbox_auto_refuses_to_start_without_bubblewrap() {
     for sandbox in ["auto", "bubblewrap"] {
         let out = otm()
             .env("PATH", "/nonexistent")
-            .args(["server", "--sandbox", sandbox, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args([
+                "server",
+                "--sandbox",
+                sandbox,
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
             .args(["--egress-listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path().join("d"))
             .output()
             .unwrap();
-        assert!(!out.status.success(), "--sandbox {sandbox} started without bubblewrap");
+        assert!(
+            !out.status.success(),
+            "--sandbox {sandbox} started without bubblewrap"
+        );
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("apt-get install bubblewrap") && err.contains("--sandbox none"), "{err}");
-        assert!(!dir.path().join("d/admin.token").exists(), "started before failing");
+        assert!(
+            err.contains("apt-get install bubblewrap") && err.contains("--sandbox none"),
+            "{err}"
+        );
+        assert!(
+            !dir.path().join("d/admin.token").exists(),
+            "started before failing"
+        );
     }
 }
 
@@ -211,7 +346,15 @@ fn sandbox_none_is_said_at_start_and_in_status() {
     let dir = common::tempdir();
     let data = dir.path().join("d");
     let mut server = otm()
-        .args(["server", "--sandbox", "none", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args([
+            "server",
+            "--sandbox",
+            "none",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
         .args(["--egress-listen", "127.0.0.1:0", "--data-dir"])
         .arg(&data)
         .env("RUST_LOG", "warn")
@@ -220,8 +363,15 @@ fn sandbox_none_is_said_at_start_and_in_status() {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let admin = line.split("admin API on ").nth(1).and_then(|r| r.split('/').nth(2)).expect("the admin address is printed").to_owned();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let admin = line
+        .split("admin API on ")
+        .nth(1)
+        .and_then(|r| r.split('/').nth(2))
+        .expect("the admin address is printed")
+        .to_owned();
     let status = otm()
         .args(["--admin-url", &format!("http://{admin}"), "--data-dir"])
         .arg(&data)
@@ -231,11 +381,21 @@ fn sandbox_none_is_said_at_start_and_in_status() {
     let _ = server.kill();
     let out = server.wait_with_output().unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
-    assert!(log.contains("WITHOUT a sandbox"), "the start says so: {log}");
-    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&status.stderr)));
+    assert!(
+        log.contains("WITHOUT a sandbox"),
+        "the start says so: {log}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&status.stderr)));
     assert_eq!(v["isolation"], "none");
     assert_eq!(v["sandboxed"], false);
-    assert!(v["warnings"][0].as_str().unwrap().contains("without a sandbox"), "{v}");
+    assert!(
+        v["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("without a sandbox"),
+        "{v}"
+    );
 }
 
 /// `./otm server` beside its default `./otm-data` (or `/opt/otm/{otm,data}`): the binary's
@@ -250,11 +410,28 @@ fn a_data_dir_beside_the_binary_is_refused() {
     let out = Command::new(&binary)
         .current_dir(dir.path())
         .env_remove("OTM_DATA_DIR")
-        .args(["server", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--egress-listen", "127.0.0.1:0"])
+        .args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--egress-listen",
+            "127.0.0.1:0",
+        ])
         .output()
         .unwrap();
-    assert!(!out.status.success(), "a data directory beside the binary was accepted");
+    assert!(
+        !out.status.success(),
+        "a data directory beside the binary was accepted"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("contains the data directory") && err.contains("--data-dir"), "{err}");
-    assert!(!dir.path().join("otm-data").exists(), "nothing is created before refusing");
+    assert!(
+        err.contains("contains the data directory") && err.contains("--data-dir"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("otm-data").exists(),
+        "nothing is created before refusing"
+    );
 }

@@ -20,20 +20,37 @@ where
     }
 }
 
-async fn send_many(h: &Harness, tenant: &str, secret: &str, token: &str, range: std::ops::RangeInclusive<i64>) {
+async fn send_many(
+    h: &Harness,
+    tenant: &str,
+    secret: &str,
+    token: &str,
+    range: std::ops::RangeInclusive<i64>,
+) {
     let have = h.tg.sent_messages(token).len();
     let n = range.clone().count();
     for i in range {
-        assert_eq!(h.post_update(tenant, secret, &text_update(i, 42, &format!("m{i}"))).await, 200);
+        assert_eq!(
+            h.post_update(tenant, secret, &text_update(i, 42, &format!("m{i}")))
+                .await,
+            200
+        );
     }
-    let got = h.tg.wait_for_messages(token, have + n, Duration::from_secs(60)).await;
+    let got =
+        h.tg.wait_for_messages(token, have + n, Duration::from_secs(60))
+            .await;
     assert_eq!(got.len(), have + n);
 }
 
 fn numbers(h: &Harness, token: &str) -> Vec<u64> {
     h.tg.sent_messages(token)
         .iter()
-        .filter_map(|m| m.text.strip_prefix('#').and_then(|t| t.split_once(':')).and_then(|(n, _)| n.parse().ok()))
+        .filter_map(|m| {
+            m.text
+                .strip_prefix('#')
+                .and_then(|t| t.split_once(':'))
+                .and_then(|(n, _)| n.parse().ok())
+        })
         .collect()
 }
 
@@ -42,18 +59,31 @@ async fn idle_tenants_sleep_with_a_snapshot_and_wake_with_their_memory() {
     let h = Harness::start().await;
     let token = "9101:SLEEPY";
     let secret = h.tenant("sleepy", token).await;
-    let (status, _) = h.api(Method::PATCH, "/tenants/sleepy", Some(json!({"idle_timeout_s": 1}))).await;
+    let (status, _) = h
+        .api(
+            Method::PATCH,
+            "/tenants/sleepy",
+            Some(json!({"idle_timeout_s": 1})),
+        )
+        .await;
     assert_eq!(status, 200);
     send_many(&h, "sleepy", &secret, token, 1..=20).await;
     assert_eq!(h.instances().await.len(), 1);
 
-    wait_until("the idle tenant to be stopped", Duration::from_secs(20), || async {
-        let (_, t) = h.api(Method::GET, "/tenants/sleepy", None).await;
-        t["status"] == "idle" && t["instance"].is_null()
-    })
+    wait_until(
+        "the idle tenant to be stopped",
+        Duration::from_secs(20),
+        || async {
+            let (_, t) = h.api(Method::GET, "/tenants/sleepy", None).await;
+            t["status"] == "idle" && t["instance"].is_null()
+        },
+    )
     .await;
     assert!(h.instances().await.is_empty());
-    assert!(h.instance_dirs().is_empty(), "the instance is gone from the machine");
+    assert!(
+        h.instance_dirs().is_empty(),
+        "the instance is gone from the machine"
+    );
     let (_, snaps) = h.api(Method::GET, "/tenants/sleepy/snapshots", None).await;
     let list = snaps["snapshots"].as_array().unwrap();
     assert_eq!(list.len(), 1, "{snaps}");
@@ -62,7 +92,10 @@ async fn idle_tenants_sleep_with_a_snapshot_and_wake_with_their_memory() {
 
     send_many(&h, "sleepy", &secret, token, 21..=21).await;
     let last = h.tg.sent_messages(token).pop().unwrap();
-    assert_eq!(last.text, "#21: m21", "the reply number continues after the sleep");
+    assert_eq!(
+        last.text, "#21: m21",
+        "the reply number continues after the sleep"
+    );
     assert_eq!(numbers(&h, token), (1..=21).collect::<Vec<_>>());
     h.stop().await;
 }
@@ -75,14 +108,22 @@ async fn a_killed_agent_is_noticed_at_once_and_nothing_is_lost_or_repeated() {
     send_many(&h, "victim", &secret, token, 1..=5).await;
     // Kill it between updates: a kill in the middle of a send can repeat that one reply (Telegram
     // offers no idempotent send), which the agent bounds to the one in flight.
-    wait_until("the last update to be acknowledged", Duration::from_secs(10), || async {
-        let (_, inbox) = h.api(Method::GET, "/tenants/victim/inbox", None).await;
-        inbox["pending"].as_array().is_some_and(|p| p.is_empty())
-    })
+    wait_until(
+        "the last update to be acknowledged",
+        Duration::from_secs(10),
+        || async {
+            let (_, inbox) = h.api(Method::GET, "/tenants/victim/inbox", None).await;
+            inbox["pending"].as_array().is_some_and(|p| p.is_empty())
+        },
+    )
     .await;
     let dir = h.instance_dirs().pop().unwrap();
     let pid = common::agent_pid(&dir).expect("agent running");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     let killed = Instant::now();
     // A new agent process runs on the same state directory within a second.
     let mut restarted = None;
@@ -97,7 +138,11 @@ async fn a_killed_agent_is_noticed_at_once_and_nothing_is_lost_or_repeated() {
     assert!(after < Duration::from_secs(1), "noticed after {after:?}");
     send_many(&h, "victim", &secret, token, 6..=10).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(numbers(&h, token), (1..=10).collect::<Vec<_>>(), "no number lost or repeated");
+    assert_eq!(
+        numbers(&h, token),
+        (1..=10).collect::<Vec<_>>(),
+        "no number lost or repeated"
+    );
     h.stop().await;
 }
 
@@ -106,26 +151,43 @@ async fn a_warm_pool_of_two_serves_wakes_and_refills() {
     let h = Harness::start().await;
     let token = "9103:WARM";
     let secret = h.tenant("warmed", token).await;
-    let (status, cfg) = h.api(Method::PUT, "/config", Some(json!({"warm_pool_target": 2}))).await;
+    let (status, cfg) = h
+        .api(Method::PUT, "/config", Some(json!({"warm_pool_target": 2})))
+        .await;
     assert_eq!((status, cfg["warm_pool_target"].as_u64()), (200, Some(2)));
-    wait_until("two warm instances", Duration::from_secs(20), || async { warm(&h).await == 2 }).await;
+    wait_until("two warm instances", Duration::from_secs(20), || async {
+        warm(&h).await == 2
+    })
+    .await;
     let (status, woken) = h.api(Method::POST, "/tenants/warmed/wake", None).await;
     assert_eq!(status, 200, "{woken}");
     assert_eq!(woken["path"], "warm", "{woken}");
     assert!(woken["phases_ms"]["claim"].is_number(), "{woken}");
-    wait_until("the pool to refill", Duration::from_secs(20), || async { warm(&h).await == 2 }).await;
+    wait_until("the pool to refill", Duration::from_secs(20), || async {
+        warm(&h).await == 2
+    })
+    .await;
     assert_eq!(h.instances().await.len(), 3);
     // The claimed instance answers for its tenant.
     send_many(&h, "warmed", &secret, token, 1..=2).await;
     assert_eq!(numbers(&h, token), vec![1, 2]);
-    let (_, cfg) = h.api(Method::PUT, "/config", Some(json!({"warm_pool_target": 0}))).await;
+    let (_, cfg) = h
+        .api(Method::PUT, "/config", Some(json!({"warm_pool_target": 0})))
+        .await;
     assert_eq!(cfg["warm_pool_target"], 0);
-    wait_until("the pool to drain", Duration::from_secs(20), || async { warm(&h).await == 0 }).await;
+    wait_until("the pool to drain", Duration::from_secs(20), || async {
+        warm(&h).await == 0
+    })
+    .await;
     h.stop().await;
 }
 
 async fn warm(h: &Harness) -> usize {
-    h.instances().await.into_iter().filter(|i| i["tenant"].is_null() && i["state"] == "warm").count()
+    h.instances()
+        .await
+        .into_iter()
+        .filter(|i| i["tenant"].is_null() && i["state"] == "warm")
+        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,11 +196,22 @@ async fn corrupt_and_half_written_snapshots_leave_a_restorable_head() {
     let token = "9104:SNAP";
     let secret = h.tenant("snappy", token).await;
     send_many(&h, "snappy", &secret, token, 1..=3).await;
-    assert_eq!(h.api(Method::POST, "/tenants/snappy/stop", None).await.0, 200);
+    assert_eq!(
+        h.api(Method::POST, "/tenants/snappy/stop", None).await.0,
+        200
+    );
     send_many(&h, "snappy", &secret, token, 4..=5).await;
-    assert_eq!(h.api(Method::POST, "/tenants/snappy/stop", None).await.0, 200);
+    assert_eq!(
+        h.api(Method::POST, "/tenants/snappy/stop", None).await.0,
+        200
+    );
     let (_, snaps) = h.api(Method::GET, "/tenants/snappy/snapshots", None).await;
-    let ids: Vec<String> = snaps["snapshots"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_owned()).collect();
+    let ids: Vec<String> = snaps["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_owned())
+        .collect();
     assert_eq!(ids.len(), 2);
     assert_eq!(snaps["head"], ids[1]);
     let state = h.dir.path().join("d/state/tenants/snappy/snapshots");
@@ -156,18 +229,47 @@ async fn corrupt_and_half_written_snapshots_leave_a_restorable_head() {
     std::fs::write(&head_file, bytes).unwrap();
     send_many(&h, "snappy", &secret, token, 6..=6).await;
     let last = h.tg.sent_messages(token).pop().unwrap();
-    assert_eq!(last.text, "#4: m6", "state of the previous snapshot (three messages) was restored");
-    let metrics = h.http.get(format!("http://{}/metrics", h.server().admin_addr)).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("snapshot_corrupt"), "the refusal is counted");
+    assert_eq!(
+        last.text, "#4: m6",
+        "state of the previous snapshot (three messages) was restored"
+    );
+    let metrics = h
+        .http
+        .get(format!("http://{}/metrics", h.server().admin_addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("snapshot_corrupt"),
+        "the refusal is counted"
+    );
 
     // An operator restores the first snapshot explicitly: the next wake starts from it.
-    let (status, r) = h.api(Method::POST, &format!("/tenants/snappy/snapshots/{}/restore", ids[0]), None).await;
+    let (status, r) = h
+        .api(
+            Method::POST,
+            &format!("/tenants/snappy/snapshots/{}/restore", ids[0]),
+            None,
+        )
+        .await;
     assert_eq!(status, 200, "{r}");
     send_many(&h, "snappy", &secret, token, 7..=7).await;
     assert_eq!(h.tg.sent_messages(token).pop().unwrap().text, "#4: m7");
     // Restoring a corrupt snapshot is refused with a clear error.
-    assert_eq!(h.api(Method::POST, "/tenants/snappy/stop", None).await.0, 200);
-    let (status, err) = h.api(Method::POST, &format!("/tenants/snappy/snapshots/{}/restore", ids[1]), None).await;
+    assert_eq!(
+        h.api(Method::POST, "/tenants/snappy/stop", None).await.0,
+        200
+    );
+    let (status, err) = h
+        .api(
+            Method::POST,
+            &format!("/tenants/snappy/snapshots/{}/restore", ids[1]),
+            None,
+        )
+        .await;
     assert_eq!(status, 500, "{err}");
     assert_eq!(err["error"]["code"], "corrupt");
     h.stop().await;
@@ -180,7 +282,10 @@ async fn snapshots_are_pruned_to_the_retention_count() {
     let secret = h.tenant("keeper", token).await;
     for round in 0..4 {
         send_many(&h, "keeper", &secret, token, round + 1..=round + 1).await;
-        assert_eq!(h.api(Method::POST, "/tenants/keeper/stop", None).await.0, 200);
+        assert_eq!(
+            h.api(Method::POST, "/tenants/keeper/stop", None).await.0,
+            200
+        );
     }
     let (_, snaps) = h.api(Method::GET, "/tenants/keeper/snapshots", None).await;
     let list = snaps["snapshots"].as_array().unwrap();
@@ -195,13 +300,26 @@ async fn a_cold_start_notice_goes_out_before_the_reply() {
     let token = "9106:NOTICE";
     h.tg.add_bot(token);
     let (status, _) = h
-        .api(Method::POST, "/tenants", Some(json!({"id": "noticed", "bot_token": token, "cold_start_notice": true})))
+        .api(
+            Method::POST,
+            "/tenants",
+            Some(json!({"id": "noticed", "bot_token": token, "cold_start_notice": true})),
+        )
         .await;
     assert_eq!(status, 201);
     let secret = h.tg.webhook(token).unwrap().secret_token.unwrap();
-    assert_eq!(h.post_update("noticed", &secret, &text_update(1, 8, "hi")).await, 200);
-    let got = h.tg.wait_for_messages(token, 2, Duration::from_secs(30)).await;
-    assert!(got[0].text.to_lowercase().contains("starting up"), "{got:?}");
+    assert_eq!(
+        h.post_update("noticed", &secret, &text_update(1, 8, "hi"))
+            .await,
+        200
+    );
+    let got =
+        h.tg.wait_for_messages(token, 2, Duration::from_secs(30))
+            .await;
+    assert!(
+        got[0].text.to_lowercase().contains("starting up"),
+        "{got:?}"
+    );
     assert_eq!(got[0].chat_id, 8);
     assert_eq!(got[1].text, "#1: hi");
     // Awake now: no notice for the next message.

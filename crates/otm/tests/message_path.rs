@@ -10,24 +10,38 @@ use std::time::Duration;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_tenants_twenty_messages_each_in_order_exactly_once() {
     let h = Harness::start().await;
-    let tenants = [("alice", "1001:AAAalice"), ("bob", "1002:BBBbob"), ("carol", "1003:CCCcarol")];
+    let tenants = [
+        ("alice", "1001:AAAalice"),
+        ("bob", "1002:BBBbob"),
+        ("carol", "1003:CCCcarol"),
+    ];
     let mut secrets = Vec::new();
     for (id, token) in tenants {
         secrets.push(h.tenant(id, token).await);
     }
-    let sends = tenants.iter().zip(&secrets).enumerate().map(|(n, ((id, _), secret))| {
-        let h = &h;
-        async move {
-            for i in 1..=20 {
-                let update = text_update(1000 * (n as i64 + 1) + i, 500 + n as i64, &format!("msg {i}"));
-                assert_eq!(h.post_update(id, secret, &update).await, 200);
+    let sends = tenants
+        .iter()
+        .zip(&secrets)
+        .enumerate()
+        .map(|(n, ((id, _), secret))| {
+            let h = &h;
+            async move {
+                for i in 1..=20 {
+                    let update = text_update(
+                        1000 * (n as i64 + 1) + i,
+                        500 + n as i64,
+                        &format!("msg {i}"),
+                    );
+                    assert_eq!(h.post_update(id, secret, &update).await, 200);
+                }
             }
-        }
-    });
+        });
     futures::future::join_all(sends).await;
 
     for (n, (_, token)) in tenants.iter().enumerate() {
-        let got = h.tg.wait_for_messages(token, 20, Duration::from_secs(60)).await;
+        let got =
+            h.tg.wait_for_messages(token, 20, Duration::from_secs(60))
+                .await;
         assert_eq!(got.len(), 20, "tenant {n}: {got:?}");
         for (i, m) in got.iter().enumerate() {
             assert_eq!(m.chat_id, 500 + n as i64);
@@ -62,7 +76,15 @@ async fn hundred_concurrent_updates_to_a_cold_tenant_one_instance_each_answered_
             while !stop.is_cancelled() {
                 let n = std::fs::read_dir(&dirs).map(|d| d.count()).unwrap_or(0);
                 max_dirs = max_dirs.max(n);
-                let v: serde_json::Value = http.get(&admin).bearer_auth(&tok).send().await.unwrap().json().await.unwrap();
+                let v: serde_json::Value = http
+                    .get(&admin)
+                    .bearer_auth(&tok)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
                 max_records = max_records.max(v.as_array().unwrap().len());
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
@@ -73,12 +95,17 @@ async fn hundred_concurrent_updates_to_a_cold_tenant_one_instance_each_answered_
     let posts = (1..=100).map(|i| {
         let h = &h;
         let secret = &secret;
-        async move { h.post_update("cold", secret, &text_update(i, 77, &format!("u{i}"))).await }
+        async move {
+            h.post_update("cold", secret, &text_update(i, 77, &format!("u{i}")))
+                .await
+        }
     });
     let statuses = futures::future::join_all(posts).await;
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
 
-    let got = h.tg.wait_for_messages(token, 100, Duration::from_secs(60)).await;
+    let got =
+        h.tg.wait_for_messages(token, 100, Duration::from_secs(60))
+            .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.cancel();
     let (max_dirs, max_records) = watcher.await.unwrap();
@@ -88,7 +115,10 @@ async fn hundred_concurrent_updates_to_a_cold_tenant_one_instance_each_answered_
     let got_after = h.tg.sent_messages(token);
     assert_eq!(got.len(), 100);
     assert_eq!(got_after.len(), 100, "no reply twice");
-    let mut texts: Vec<String> = got_after.iter().map(|m| m.text.split_once(": ").unwrap().1.to_owned()).collect();
+    let mut texts: Vec<String> = got_after
+        .iter()
+        .map(|m| m.text.split_once(": ").unwrap().1.to_owned())
+        .collect();
     for (n, m) in got_after.iter().enumerate() {
         assert!(m.text.starts_with(&format!("#{}: ", n + 1)), "{m:?} at {n}");
     }
@@ -103,20 +133,46 @@ async fn metrics_cover_every_phase() {
     let h = Harness::start().await;
     let token = "2101:METRICS";
     let secret = h.tenant("metered", token).await;
-    assert_eq!(h.post_update("metered", &secret, &text_update(1, 3, "hi")).await, 200);
-    assert_eq!(h.post_update("metered", &secret, &text_update(1, 3, "hi")).await, 200);
-    h.tg.wait_for_messages(token, 1, Duration::from_secs(30)).await;
+    assert_eq!(
+        h.post_update("metered", &secret, &text_update(1, 3, "hi"))
+            .await,
+        200
+    );
+    assert_eq!(
+        h.post_update("metered", &secret, &text_update(1, 3, "hi"))
+            .await,
+        200
+    );
+    h.tg.wait_for_messages(token, 1, Duration::from_secs(30))
+        .await;
     // The reply is out; the acknowledgement follows it.
     for _ in 0..500 {
-        let (_, inbox) = h.api(reqwest::Method::GET, "/tenants/metered/inbox", None).await;
+        let (_, inbox) = h
+            .api(reqwest::Method::GET, "/tenants/metered/inbox", None)
+            .await;
         if inbox["pending"].as_array().is_some_and(|p| p.is_empty()) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let bad = h.http.post(h.public("/tg/metered")).header("x-telegram-bot-api-secret-token", "nope").json(&text_update(2, 3, "x")).send().await.unwrap();
+    let bad = h
+        .http
+        .post(h.public("/tg/metered"))
+        .header("x-telegram-bot-api-secret-token", "nope")
+        .json(&text_update(2, 3, "x"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(bad.status(), 401);
-    let text = h.http.get(format!("http://{}/metrics", h.server().admin_addr)).send().await.unwrap().text().await.unwrap();
+    let text = h
+        .http
+        .get(format!("http://{}/metrics", h.server().admin_addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let value = |needle: &str| -> f64 {
         text.lines()
             .find(|l| l.starts_with(needle))
@@ -126,9 +182,18 @@ async fn metrics_cover_every_phase() {
     };
     assert_eq!(value("otm_updates_accepted_total"), 1.0);
     assert_eq!(value("otm_updates_duplicate_total"), 1.0);
-    assert_eq!(value("otm_updates_rejected_total{reason=\"bad_secret\"}"), 1.0);
+    assert_eq!(
+        value("otm_updates_rejected_total{reason=\"bad_secret\"}"),
+        1.0
+    );
     for phase in ["prepare", "create", "restore", "start", "ready", "record"] {
-        assert_eq!(value(&format!("otm_wake_phase_seconds_count{{path=\"cold\",phase=\"{phase}\"}}")), 1.0, "{phase}");
+        assert_eq!(
+            value(&format!(
+                "otm_wake_phase_seconds_count{{path=\"cold\",phase=\"{phase}\"}}"
+            )),
+            1.0,
+            "{phase}"
+        );
     }
     assert_eq!(value("otm_wake_seconds_count{path=\"cold\"}"), 1.0);
     assert_eq!(value("otm_deliveries_total{outcome=\"acked\"}"), 1.0);

@@ -30,7 +30,9 @@ static GATEWAYS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// The OpenClaw prefix, or `None` (after printing "skipped") when the tests should not run.
 fn openclaw_prefix(test: &str) -> Option<PathBuf> {
     let Some(prefix) = std::env::var_os("OTM_OPENCLAW_PREFIX").filter(|p| !p.is_empty()) else {
-        eprintln!("{test}: skipped: OTM_OPENCLAW_PREFIX is not set (scripts/install-openclaw --prefix DIR installs OpenClaw)");
+        eprintln!(
+            "{test}: skipped: OTM_OPENCLAW_PREFIX is not set (scripts/install-openclaw --prefix DIR installs OpenClaw)"
+        );
         return None;
     };
     let prefix = PathBuf::from(prefix);
@@ -78,19 +80,43 @@ async fn openclaw_tenant(h: &Harness, id: &str, token: &str) -> String {
     let body = json!({"id": id, "bot_token": token, "profile": "openclaw", "idle_timeout_s": 3600});
     let (status, v) = h.api(Method::POST, "/tenants", Some(body)).await;
     assert_eq!(status, 201, "{v}");
-    h.tg.webhook(token).expect("webhook registered").secret_token.expect("secret given to Telegram")
+    h.tg.webhook(token)
+        .expect("webhook registered")
+        .secret_token
+        .expect("secret given to Telegram")
 }
 
 /// Posts one text message and waits for the bot's next reply; returns it and how long it took.
-async fn exchange(h: &Harness, tenant: &str, secret: &str, token: &str, update_id: i64, text: &str) -> (String, Duration) {
+async fn exchange(
+    h: &Harness,
+    tenant: &str,
+    secret: &str,
+    token: &str,
+    update_id: i64,
+    text: &str,
+) -> (String, Duration) {
     let have = h.tg.sent_messages(token).len();
     let sent = Instant::now();
-    assert_eq!(h.post_update(tenant, secret, &text_update(update_id, 42, text)).await, 200);
+    assert_eq!(
+        h.post_update(tenant, secret, &text_update(update_id, 42, text))
+            .await,
+        200
+    );
     let got = h.tg.wait_for_messages(token, have + 1, REPLY_TIMEOUT).await;
     if got.len() <= have {
-        let (_, logs) = h.api(Method::GET, &format!("/tenants/{tenant}/logs?tail=60"), None).await;
-        let (_, inbox) = h.api(Method::GET, &format!("/tenants/{tenant}/inbox"), None).await;
-        panic!("no reply from {tenant} to {text:?} within {REPLY_TIMEOUT:?}\ninbox: {inbox}\nlogs: {logs}");
+        let (_, logs) = h
+            .api(
+                Method::GET,
+                &format!("/tenants/{tenant}/logs?tail=60"),
+                None,
+            )
+            .await;
+        let (_, inbox) = h
+            .api(Method::GET, &format!("/tenants/{tenant}/inbox"), None)
+            .await;
+        panic!(
+            "no reply from {tenant} to {text:?} within {REPLY_TIMEOUT:?}\ninbox: {inbox}\nlogs: {logs}"
+        );
     }
     (got[have].text.clone(), sent.elapsed())
 }
@@ -109,8 +135,13 @@ where
 
 /// The instance directory of a tenant's running instance.
 async fn instance_dir(h: &Harness, tenant: &str) -> PathBuf {
-    let (_, t) = h.api(Method::GET, &format!("/tenants/{tenant}"), None).await;
-    let id = t["instance"].as_str().unwrap_or_else(|| panic!("{tenant} has no instance: {t}")).to_owned();
+    let (_, t) = h
+        .api(Method::GET, &format!("/tenants/{tenant}"), None)
+        .await;
+    let id = t["instance"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{tenant} has no instance: {t}"))
+        .to_owned();
     h.dir.path().join("d/instances").join(id)
 }
 
@@ -122,14 +153,18 @@ fn gateway_pids(instance: &Path) -> Vec<u32> {
 
 /// Host pids whose environment or command line satisfies `f`.
 fn pids_where(f: impl Fn(&[u8], &[u8]) -> bool) -> Vec<u32> {
-    let Ok(proc) = std::fs::read_dir("/proc") else { return vec![] };
+    let Ok(proc) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
     proc.flatten()
         .filter_map(|e| {
             let pid: u32 = e.file_name().to_str()?.parse().ok()?;
             let environ = std::fs::read(e.path().join("environ")).ok()?;
             let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
             let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            let zombie = stat.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
+            let zombie = stat
+                .rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
             (!zombie && f(&environ, &cmdline)).then_some(pid)
         })
         .collect()
@@ -138,7 +173,12 @@ fn pids_where(f: impl Fn(&[u8], &[u8]) -> bool) -> Vec<u32> {
 fn env_of(pid: u32) -> BTreeMap<String, String> {
     let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
     raw.split(|b| *b == 0)
-        .filter_map(|kv| std::str::from_utf8(kv).ok()?.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .filter_map(|kv| {
+            std::str::from_utf8(kv)
+                .ok()?
+                .split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        })
         .collect()
 }
 
@@ -148,7 +188,9 @@ fn rss_mib(pids: &[u32]) -> f64 {
         .iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
         .filter_map(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         })
         .sum();
     kib as f64 / 1024.0
@@ -158,27 +200,41 @@ fn rss_mib(pids: &[u32]) -> f64 {
 fn listening_ports(pids: &[u32]) -> HashSet<u16> {
     let mut inodes = HashSet::new();
     for pid in pids {
-        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
         for fd in fds.flatten() {
-            if let Some(inode) = std::fs::read_link(fd.path())
-                .ok()
-                .and_then(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse::<u64>().ok())
-            {
+            if let Some(inode) = std::fs::read_link(fd.path()).ok().and_then(|l| {
+                l.to_str()?
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .parse::<u64>()
+                    .ok()
+            }) {
                 inodes.insert(inode);
             }
         }
     }
     let mut ports = HashSet::new();
     // The tables of the processes' own network namespace.
-    let Some(pid) = pids.first() else { return ports };
-    for table in [format!("/proc/{pid}/net/tcp"), format!("/proc/{pid}/net/tcp6")] {
-        let Ok(text) = std::fs::read_to_string(&table) else { continue };
+    let Some(pid) = pids.first() else {
+        return ports;
+    };
+    for table in [
+        format!("/proc/{pid}/net/tcp"),
+        format!("/proc/{pid}/net/tcp6"),
+    ] {
+        let Ok(text) = std::fs::read_to_string(&table) else {
+            continue;
+        };
         for line in text.lines().skip(1) {
             let cols: Vec<&str> = line.split_whitespace().collect();
             if cols.len() < 10 || cols[3] != "0A" {
                 continue;
             }
-            let port = cols[1].rsplit_once(':').and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            let port = cols[1]
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
             if let (Some(port), Ok(inode)) = (port, cols[9].parse::<u64>())
                 && inodes.contains(&inode)
             {
@@ -193,8 +249,14 @@ fn listening_ports(pids: &[u32]) -> HashSet<u16> {
 fn open_paths(pids: &[u32]) -> Vec<PathBuf> {
     let mut out = vec![];
     for pid in pids {
-        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
-        out.extend(fds.flatten().filter_map(|fd| std::fs::read_link(fd.path()).ok()).filter(|p| p.is_absolute()));
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        out.extend(
+            fds.flatten()
+                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                .filter(|p| p.is_absolute()),
+        );
     }
     out
 }
@@ -204,13 +266,17 @@ fn files_containing(dir: &Path, needles: &[&str]) -> Vec<String> {
     let mut found = vec![];
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in entries.flatten() {
             let Ok(ft) = e.file_type() else { continue };
             if ft.is_dir() {
                 stack.push(e.path());
             } else if ft.is_file() {
-                let Ok(bytes) = std::fs::read(e.path()) else { continue };
+                let Ok(bytes) = std::fs::read(e.path()) else {
+                    continue;
+                };
                 for n in needles {
                     if bytes.windows(n.len()).any(|w| w == n.as_bytes()) {
                         found.push(format!("{} contains {n}", e.path().display()));
@@ -224,21 +290,43 @@ fn files_containing(dir: &Path, needles: &[&str]) -> Vec<String> {
 
 /// The number in "earlier user turns: N" of a stub model reply.
 fn earlier_turns(reply: &str) -> Option<usize> {
-    reply.split("earlier user turns: ").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    reply
+        .split("earlier user turns: ")
+        .nth(1)?
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Sums of `otm_wake_phase_seconds` for cold wakes, by phase, and of `otm_wake_seconds`.
 async fn cold_wake_sums(h: &Harness) -> BTreeMap<String, f64> {
-    let text = h.http.get(format!("http://{}/metrics", h.server().admin_addr)).send().await.unwrap().text().await.unwrap();
+    let text = h
+        .http
+        .get(format!("http://{}/metrics", h.server().admin_addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let mut out = BTreeMap::new();
     for line in text.lines() {
-        let Some((name, value)) = line.rsplit_once(' ') else { continue };
-        let Ok(value) = value.parse::<f64>() else { continue };
+        let Some((name, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
         if !name.contains("path=\"cold\"") {
             continue;
         }
         if name.starts_with("otm_wake_phase_seconds_sum{") {
-            if let Some(phase) = name.split("phase=\"").nth(1).and_then(|r| r.split('"').next()) {
+            if let Some(phase) = name
+                .split("phase=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+            {
                 out.insert(phase.to_owned(), value);
             }
         } else if name.starts_with("otm_wake_seconds_sum{") {
@@ -248,20 +336,42 @@ async fn cold_wake_sums(h: &Harness) -> BTreeMap<String, f64> {
     out
 }
 
-fn delta_ms(after: &BTreeMap<String, f64>, before: &BTreeMap<String, f64>) -> BTreeMap<String, u64> {
-    after.iter().map(|(k, v)| (k.clone(), ((v - before.get(k).copied().unwrap_or(0.0)) * 1000.0).round() as u64)).collect()
+fn delta_ms(
+    after: &BTreeMap<String, f64>,
+    before: &BTreeMap<String, f64>,
+) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                ((v - before.get(k).copied().unwrap_or(0.0)) * 1000.0).round() as u64,
+            )
+        })
+        .collect()
 }
 
 async fn snapshots(h: &Harness, tenant: &str) -> (Option<String>, Vec<Value>) {
-    let (_, s) = h.api(Method::GET, &format!("/tenants/{tenant}/snapshots"), None).await;
-    (s["head"].as_str().map(str::to_owned), s["snapshots"].as_array().cloned().unwrap_or_default())
+    let (_, s) = h
+        .api(Method::GET, &format!("/tenants/{tenant}/snapshots"), None)
+        .await;
+    (
+        s["head"].as_str().map(str::to_owned),
+        s["snapshots"].as_array().cloned().unwrap_or_default(),
+    )
 }
 
 /// Unpacks a stored snapshot of a tenant into a fresh directory.
 fn unpack_snapshot(h: &Harness, tenant: &str, id: &str) -> tempfile::TempDir {
-    let path = h.dir.path().join(format!("d/state/tenants/{tenant}/snapshots/{id}.tar.zst"));
+    let path = h
+        .dir
+        .path()
+        .join(format!("d/state/tenants/{tenant}/snapshots/{id}.tar.zst"));
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let out = tempfile::Builder::new().prefix("otm-oc-snap").tempdir_in("/tmp").unwrap();
+    let out = tempfile::Builder::new()
+        .prefix("otm-oc-snap")
+        .tempdir_in("/tmp")
+        .unwrap();
     otm_shim::archive::unpack(&bytes, out.path()).unwrap();
     out
 }
@@ -285,9 +395,15 @@ const out = [];
 })(process.argv[1]);
 console.log(JSON.stringify(out));
 "#;
-    let run =
-        std::process::Command::new(prefix.join("bin/node")).args(["-e", script, &dir.display().to_string()]).output().unwrap();
-    assert!(run.status.success(), "integrity check failed to run: {}", String::from_utf8_lossy(&run.stderr));
+    let run = std::process::Command::new(prefix.join("bin/node"))
+        .args(["-e", script, &dir.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "integrity check failed to run: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     serde_json::from_slice(&run.stdout).unwrap()
 }
 
@@ -297,7 +413,11 @@ console.log(JSON.stringify(out));
 /// and a snapshot taken while the gateway runs restores a consistent state after a crash.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_openclaw_tenant_answers_sleeps_and_wakes_with_its_conversation() {
-    let Some(prefix) = openclaw_prefix("an_openclaw_tenant_answers_sleeps_and_wakes_with_its_conversation") else { return };
+    let Some(prefix) =
+        openclaw_prefix("an_openclaw_tenant_answers_sleeps_and_wakes_with_its_conversation")
+    else {
+        return;
+    };
     let _one_at_a_time = GATEWAYS.lock().await;
     let stub = StubModel::start().await;
     stub.require_key(MODEL_KEY);
@@ -316,55 +436,107 @@ async fn an_openclaw_tenant_answers_sleeps_and_wakes_with_its_conversation() {
     // What the instance holds: no real bot token, no model key, in any file or environment.
     let dir = instance_dir(&h, "claw").await;
     let gw = gateway_pids(&dir);
-    assert!(!gw.is_empty(), "the gateway runs with its own state directory");
+    assert!(
+        !gw.is_empty(),
+        "the gateway runs with its own state directory"
+    );
     let rss = rss_mib(&gw);
     let leaks = files_containing(&dir, &[token, MODEL_KEY]);
     assert!(leaks.is_empty(), "{leaks:?}");
     let dir_s = dir.display().to_string();
-    let in_instance = pids_where(|env, cmd| [env, cmd].iter().any(|b| b.windows(dir_s.len()).any(|w| w == dir_s.as_bytes())));
-    assert!(in_instance.len() > gw.len(), "the shim and the gateway are found");
+    let in_instance = pids_where(|env, cmd| {
+        [env, cmd]
+            .iter()
+            .any(|b| b.windows(dir_s.len()).any(|w| w == dir_s.as_bytes()))
+    });
+    assert!(
+        in_instance.len() > gw.len(),
+        "the shim and the gateway are found"
+    );
     for pid in &in_instance {
         let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
         let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         for secret_value in [token, MODEL_KEY] {
             for (what, b) in [("environment", &env), ("command line", &cmd)] {
                 assert!(
-                    !b.windows(secret_value.len()).any(|w| w == secret_value.as_bytes()),
+                    !b.windows(secret_value.len())
+                        .any(|w| w == secret_value.as_bytes()),
                     "pid {pid}'s {what} holds {secret_value}"
                 );
             }
         }
     }
     let env = env_of(gw[0]);
-    for var in ["HOME", "OPENCLAW_HOME", "OPENCLAW_STATE_DIR", "OPENCLAW_CONFIG_PATH", "TMPDIR"] {
-        assert!(env.get(var).is_some_and(|v| v.starts_with(&dir_s)), "{var}={:?} lies outside {dir_s}", env.get(var));
+    for var in [
+        "HOME",
+        "OPENCLAW_HOME",
+        "OPENCLAW_STATE_DIR",
+        "OPENCLAW_CONFIG_PATH",
+        "TMPDIR",
+    ] {
+        assert!(
+            env.get(var).is_some_and(|v| v.starts_with(&dir_s)),
+            "{var}={:?} lies outside {dir_s}",
+            env.get(var)
+        );
     }
     // The key reached the provider on every call; the instance sent a placeholder.
     let seen = stub.requests();
     assert!(!seen.is_empty());
-    assert!(seen.iter().all(|r| r.authorization.as_deref() == Some(&format!("Bearer {MODEL_KEY}"))), "{seen:?}");
+    assert!(
+        seen.iter()
+            .all(|r| r.authorization.as_deref() == Some(&format!("Bearer {MODEL_KEY}"))),
+        "{seen:?}"
+    );
     // otm's webhook stays registered: the gateway's setWebhook was answered by the proxy.
-    assert_eq!(h.tg.webhook(token).unwrap().url, format!("{PUBLIC_URL}/tg/claw"));
-    let methods: HashSet<String> = h.tg.calls().into_iter().filter(|c| c.token == token).map(|c| c.method).collect();
-    assert!(methods.contains("sendMessage") && methods.contains("getMe"), "{methods:?}");
+    assert_eq!(
+        h.tg.webhook(token).unwrap().url,
+        format!("{PUBLIC_URL}/tg/claw")
+    );
+    let methods: HashSet<String> =
+        h.tg.calls()
+            .into_iter()
+            .filter(|c| c.token == token)
+            .map(|c| c.method)
+            .collect();
+    assert!(
+        methods.contains("sendMessage") && methods.contains("getMe"),
+        "{methods:?}"
+    );
 
     let (reply, warm_turn) = exchange(&h, "claw", &secret, token, 2, "second").await;
     assert_eq!(earlier_turns(&reply), Some(1), "{reply}");
 
     // Idle: stopped, with a final snapshot taken after the gateway exited.
     let stopping = Instant::now();
-    let (status, _) = h.api(Method::PATCH, "/tenants/claw", Some(json!({"idle_timeout_s": 1}))).await;
+    let (status, _) = h
+        .api(
+            Method::PATCH,
+            "/tenants/claw",
+            Some(json!({"idle_timeout_s": 1})),
+        )
+        .await;
     assert_eq!(status, 200);
-    wait_until("the idle tenant to be stopped", Duration::from_secs(180), || async {
-        let (_, t) = h.api(Method::GET, "/tenants/claw", None).await;
-        t["status"] == "idle" && t["instance"].is_null()
-    })
+    wait_until(
+        "the idle tenant to be stopped",
+        Duration::from_secs(180),
+        || async {
+            let (_, t) = h.api(Method::GET, "/tenants/claw", None).await;
+            t["status"] == "idle" && t["instance"].is_null()
+        },
+    )
     .await;
     let stop_time = stopping.elapsed();
     // Awake again, it should stay up while the test looks at it: the gateway acknowledges an
     // update once it is queued, before the turn, and an idle stop right after would put the
     // turn off until the next wake.
-    let (status, _) = h.api(Method::PATCH, "/tenants/claw", Some(json!({"idle_timeout_s": 3600}))).await;
+    let (status, _) = h
+        .api(
+            Method::PATCH,
+            "/tenants/claw",
+            Some(json!({"idle_timeout_s": 3600})),
+        )
+        .await;
     assert_eq!(status, 200);
     assert!(gateway_pids(&dir).is_empty(), "the gateway is gone");
     let (head, list) = snapshots(&h, "claw").await;
@@ -373,8 +545,14 @@ async fn an_openclaw_tenant_answers_sleeps_and_wakes_with_its_conversation() {
     assert_eq!(head.as_deref(), final_snap["id"].as_str());
     let final_size = final_snap["size"].as_u64().unwrap();
     let unpacked = unpack_snapshot(&h, "claw", final_snap["id"].as_str().unwrap());
-    assert!(unpacked.path().join("agents/main/agent").is_dir(), "OpenClaw's sessions are in the snapshot");
-    assert!(unpacked.path().join("workspace").is_dir(), "the workspace is in the snapshot");
+    assert!(
+        unpacked.path().join("agents/main/agent").is_dir(),
+        "OpenClaw's sessions are in the snapshot"
+    );
+    assert!(
+        unpacked.path().join("workspace").is_dir(),
+        "the workspace is in the snapshot"
+    );
     assert!(!unpacked.path().join("tmp").exists() && !unpacked.path().join("cache").exists());
     assert!(files_containing(unpacked.path(), &[token, MODEL_KEY]).is_empty());
 
@@ -382,7 +560,11 @@ async fn an_openclaw_tenant_answers_sleeps_and_wakes_with_its_conversation() {
     let before = cold_wake_sums(&h).await;
     let (reply, wake_to_reply) = exchange(&h, "claw", &secret, token, 3, "third").await;
     let phases = delta_ms(&cold_wake_sums(&h).await, &before);
-    assert_eq!(earlier_turns(&reply), Some(2), "OpenClaw's conversation survived sleep and wake: {reply}");
+    assert_eq!(
+        earlier_turns(&reply),
+        Some(2),
+        "OpenClaw's conversation survived sleep and wake: {reply}"
+    );
     let dir2 = instance_dir(&h, "claw").await;
     assert_ne!(dir, dir2, "a new instance");
     let rss_after_turns = rss_mib(&gateway_pids(&dir2));
@@ -396,37 +578,78 @@ async fn an_openclaw_tenant_answers_sleeps_and_wakes_with_its_conversation() {
         let newer = list
             .iter()
             .rev()
-            .find(|s| s["reason"] == "periodic" && s["created_at_ms"].as_i64().unwrap_or(0) > replied + 2_000)
+            .find(|s| {
+                s["reason"] == "periodic"
+                    && s["created_at_ms"].as_i64().unwrap_or(0) > replied + 2_000
+            })
             .cloned();
         if let Some(s) = newer {
             break s;
         }
-        assert!(Instant::now() < deadline, "no snapshot of the running gateway after the third turn: {list:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no snapshot of the running gateway after the third turn: {list:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let checked = sqlite_integrity(&prefix, unpack_snapshot(&h, "claw", running_snap["id"].as_str().unwrap()).path());
-    assert!(!checked.is_empty(), "the snapshot holds OpenClaw's databases");
+    let checked = sqlite_integrity(
+        &prefix,
+        unpack_snapshot(&h, "claw", running_snap["id"].as_str().unwrap()).path(),
+    );
+    assert!(
+        !checked.is_empty(),
+        "the snapshot holds OpenClaw's databases"
+    );
     assert!(checked.iter().all(|(_, r)| r == "ok"), "{checked:?}");
     // How long the gateway was paused for each of those snapshots, from the shim's log.
     // The runtime's own directory of the instance (never shown to it).
-    let records = dir2.parent().unwrap().parent().unwrap().join("runtime").join(dir2.file_name().unwrap());
+    let records = dir2
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("runtime")
+        .join(dir2.file_name().unwrap());
     let shim_log = std::fs::read_to_string(records.join("shim.log")).unwrap_or_default();
     let paused_ms: Vec<u64> = shim_log
         .lines()
-        .filter_map(|l| l.split("paused_ms=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .filter_map(|l| {
+            l.split("paused_ms=")
+                .nth(1)?
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
         .collect();
-    assert!(!paused_ms.is_empty(), "running snapshots paused the gateway: {shim_log}");
-    let runtime: Value = serde_json::from_slice(&std::fs::read(records.join("record.json")).unwrap()).unwrap();
+    assert!(
+        !paused_ms.is_empty(),
+        "running snapshots paused the gateway: {shim_log}"
+    );
+    let runtime: Value =
+        serde_json::from_slice(&std::fs::read(records.join("record.json")).unwrap()).unwrap();
     let shim_pid = runtime["pid"].as_i64().unwrap() as i32;
     let restoring = Instant::now();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim_pid), nix::sys::signal::Signal::SIGKILL).unwrap();
-    wait_until("the crash to be noticed", Duration::from_secs(30), || async {
-        let (_, t) = h.api(Method::GET, "/tenants/claw", None).await;
-        t["instance"].is_null()
-    })
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until(
+        "the crash to be noticed",
+        Duration::from_secs(30),
+        || async {
+            let (_, t) = h.api(Method::GET, "/tenants/claw", None).await;
+            t["instance"].is_null()
+        },
+    )
     .await;
     let (reply, _) = exchange(&h, "claw", &secret, token, 4, "fourth").await;
-    assert_eq!(earlier_turns(&reply), Some(3), "restored from the running snapshot: {reply}");
+    assert_eq!(
+        earlier_turns(&reply),
+        Some(3),
+        "restored from the running snapshot: {reply}"
+    );
     let crash_to_reply = restoring.elapsed();
 
     eprintln!(
@@ -443,12 +666,17 @@ async fn an_openclaw_tenant_answers_sleeps_and_wakes_with_its_conversation() {
 /// conversations.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_openclaw_tenants_run_side_by_side() {
-    let Some(prefix) = openclaw_prefix("two_openclaw_tenants_run_side_by_side") else { return };
+    let Some(prefix) = openclaw_prefix("two_openclaw_tenants_run_side_by_side") else {
+        return;
+    };
     let _two_at_most = GATEWAYS.lock().await;
     let stub = StubModel::start().await;
     stub.require_key(MODEL_KEY);
     let h = start(&prefix, Found::InDataDir, &stub, 0).await;
-    let tenants = [("ann", "7201:REAL-token-of-ann"), ("bob", "7202:REAL-token-of-bob")];
+    let tenants = [
+        ("ann", "7201:REAL-token-of-ann"),
+        ("bob", "7202:REAL-token-of-bob"),
+    ];
     let mut secrets = vec![];
     for (id, token) in tenants {
         secrets.push(openclaw_tenant(&h, id, token).await);
@@ -456,9 +684,16 @@ async fn two_openclaw_tenants_run_side_by_side() {
 
     // Both wake at once, and each answers its own first message.
     let started = Instant::now();
-    let texts: Vec<String> = tenants.iter().map(|(id, _)| format!("hi from {id}")).collect();
+    let texts: Vec<String> = tenants
+        .iter()
+        .map(|(id, _)| format!("hi from {id}"))
+        .collect();
     let firsts = futures::future::join_all(
-        tenants.iter().zip(&secrets).zip(&texts).map(|(((id, token), secret), text)| exchange(&h, id, secret, token, 1, text)),
+        tenants
+            .iter()
+            .zip(&secrets)
+            .zip(&texts)
+            .map(|(((id, token), secret), text)| exchange(&h, id, secret, token, 1, text)),
     )
     .await;
     let both = started.elapsed();
@@ -477,8 +712,16 @@ async fn two_openclaw_tenants_run_side_by_side() {
     for dir in &dirs {
         let config = std::fs::read_to_string(dir.join("openclaw.json5")).unwrap();
         let port_after = |key: &str| -> u16 {
-            let at = config.find(key).unwrap_or_else(|| panic!("{key} in {config}"));
-            config[at + key.len()..].trim_start().split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+            let at = config
+                .find(key)
+                .unwrap_or_else(|| panic!("{key} in {config}"));
+            config[at + key.len()..]
+                .trim_start()
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
         };
         configured.push([port_after("port:"), port_after("webhookPort:")]);
     }
@@ -487,15 +730,29 @@ async fn two_openclaw_tenants_run_side_by_side() {
     // from each other); without one, the ports must differ.
     let netns = |pid: u32| std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
     let own_netns = netns(pids[0][0]) != netns(pids[1][0]);
-    let sandboxed = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).any(|d| d.join("bwrap").is_file());
-    assert!(own_netns || !sandboxed, "with bubblewrap each gateway has its own network namespace");
+    let sandboxed = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .any(|d| d.join("bwrap").is_file());
+    assert!(
+        own_netns || !sandboxed,
+        "with bubblewrap each gateway has its own network namespace"
+    );
     for i in 0..2 {
         for port in configured[i] {
-            assert!(listening[i].contains(&port), "gateway {i} listens on {port}: {:?}", listening[i]);
-            assert!(own_netns || !listening[1 - i].contains(&port), "port {port} is not shared");
+            assert!(
+                listening[i].contains(&port),
+                "gateway {i} listens on {port}: {:?}",
+                listening[i]
+            );
+            assert!(
+                own_netns || !listening[1 - i].contains(&port),
+                "port {port} is not shared"
+            );
         }
     }
-    assert!(own_netns || listening[0].is_disjoint(&listening[1]), "{listening:?}");
+    assert!(
+        own_netns || listening[0].is_disjoint(&listening[1]),
+        "{listening:?}"
+    );
 
     // Files: each gateway's environment points into its own instance, its open files are never
     // in the other's, and with bubblewrap the other's directory does not even exist for it.
@@ -503,22 +760,46 @@ async fn two_openclaw_tenants_run_side_by_side() {
         let own = dirs[i].display().to_string();
         let other = &dirs[1 - i];
         let env = env_of(pids[i][0]);
-        for var in ["HOME", "OPENCLAW_HOME", "OPENCLAW_STATE_DIR", "OPENCLAW_CONFIG_PATH", "TMPDIR"] {
-            assert!(env[var].starts_with(&own), "{var}={} is not under {own}", env[var]);
+        for var in [
+            "HOME",
+            "OPENCLAW_HOME",
+            "OPENCLAW_STATE_DIR",
+            "OPENCLAW_CONFIG_PATH",
+            "TMPDIR",
+        ] {
+            assert!(
+                env[var].starts_with(&own),
+                "{var}={} is not under {own}",
+                env[var]
+            );
         }
-        let foreign: Vec<_> = open_paths(&pids[i]).into_iter().filter(|p| p.starts_with(other)).collect();
-        assert!(foreign.is_empty(), "gateway {i} has the other tenant's files open: {foreign:?}");
-        let bwrap = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).any(|d| d.join("bwrap").is_file());
+        let foreign: Vec<_> = open_paths(&pids[i])
+            .into_iter()
+            .filter(|p| p.starts_with(other))
+            .collect();
+        assert!(
+            foreign.is_empty(),
+            "gateway {i} has the other tenant's files open: {foreign:?}"
+        );
+        let bwrap = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .any(|d| d.join("bwrap").is_file());
         if bwrap {
-            let seen_from_inside = PathBuf::from(format!("/proc/{}/root{}", pids[i][0], other.display()));
-            assert!(!seen_from_inside.exists(), "the other instance is hidden from gateway {i}");
+            let seen_from_inside =
+                PathBuf::from(format!("/proc/{}/root{}", pids[i][0], other.display()));
+            assert!(
+                !seen_from_inside.exists(),
+                "the other instance is hidden from gateway {i}"
+            );
         }
     }
     let rss = [rss_mib(&pids[0]), rss_mib(&pids[1])];
 
     // The conversations stay apart: each tenant's second turn counts only its own first one.
     let seconds = futures::future::join_all(
-        tenants.iter().zip(&secrets).map(|((id, token), secret)| exchange(&h, id, secret, token, 2, "again")),
+        tenants
+            .iter()
+            .zip(&secrets)
+            .map(|((id, token), secret)| exchange(&h, id, secret, token, 2, "again")),
     )
     .await;
     for (reply, _) in &seconds {
@@ -558,20 +839,38 @@ async fn the_model_route_adds_the_operators_key_and_refuses_foreign_surrogates()
     let egress = format!("http://{}", h.server().egress_addr);
     let body = json!({"model": "stub-1", "stream": true, "messages": [{"role": "user", "content": "ping"}]});
     let call = |s: String| {
-        h.http.post(format!("{egress}/model/{s}/chat/completions")).bearer_auth("whatever-the-instance-has").json(&body).send()
+        h.http
+            .post(format!("{egress}/model/{s}/chat/completions"))
+            .bearer_auth("whatever-the-instance-has")
+            .json(&body)
+            .send()
     };
     let resp = call(surrogate.clone()).await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let text = resp.text().await.unwrap();
-    assert!(text.contains("earlier user turns: 0") && text.trim_end().ends_with("data: [DONE]"), "{text}");
-    assert_eq!(stub.requests().last().unwrap().authorization.as_deref(), Some(&*format!("Bearer {MODEL_KEY}")));
+    assert!(
+        text.contains("earlier user turns: 0") && text.trim_end().ends_with("data: [DONE]"),
+        "{text}"
+    );
+    assert_eq!(
+        stub.requests().last().unwrap().authorization.as_deref(),
+        Some(&*format!("Bearer {MODEL_KEY}"))
+    );
 
     let unknown = call("7301:not-a-surrogate".into()).await.unwrap();
     assert_eq!(unknown.status(), 401);
     assert_eq!(h.api(Method::POST, "/tenants/ref/stop", None).await.0, 200);
     let revoked = call(surrogate).await.unwrap();
-    assert_eq!(revoked.status(), 401, "a stopped instance's surrogate is refused");
-    assert_eq!(stub.requests().len(), 1, "refused calls never reach the provider");
+    assert_eq!(
+        revoked.status(),
+        401,
+        "a stopped instance's surrogate is refused"
+    );
+    assert_eq!(
+        stub.requests().len(),
+        1,
+        "refused calls never reach the provider"
+    );
     h.stop().await;
 }

@@ -23,9 +23,21 @@ fn runtime(data_dir: &Path, sandbox: SandboxMode) -> LocalRuntime {
 
 /// Kills an instance the way a crash would: its first process, from the runtime's own record.
 fn crash(data_dir: &Path, id: &InstanceId) {
-    let raw = std::fs::read(data_dir.join("runtime").join(id.as_str()).join("record.json")).unwrap();
-    let pid = serde_json::from_slice::<serde_json::Value>(&raw).unwrap()["pid"].as_i64().unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let raw = std::fs::read(
+        data_dir
+            .join("runtime")
+            .join(id.as_str())
+            .join("record.json"),
+    )
+    .unwrap();
+    let pid = serde_json::from_slice::<serde_json::Value>(&raw).unwrap()["pid"]
+        .as_i64()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
 }
 
 async fn run(sandbox: SandboxMode) {
@@ -37,7 +49,10 @@ async fn run(sandbox: SandboxMode) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_runtime_in_bubblewrap() {
-    assert!(otm_runtime::local::which("bwrap").is_some(), "install bubblewrap: apt-get install bubblewrap");
+    assert!(
+        otm_runtime::local::which("bwrap").is_some(),
+        "install bubblewrap: apt-get install bubblewrap"
+    );
     run(SandboxMode::Bubblewrap).await;
 }
 
@@ -47,7 +62,12 @@ async fn local_runtime_without_a_sandbox() {
 }
 
 fn spec() -> InstanceSpec {
-    InstanceSpec { id: InstanceId::random(), shim_token: Secret::random(), tenant: None, limits: Default::default() }
+    InstanceSpec {
+        id: InstanceId::random(),
+        shim_token: Secret::random(),
+        tenant: None,
+        limits: Default::default(),
+    }
 }
 
 /// What an agent can write (its own directories) is never taken for a record, a socket or a
@@ -66,7 +86,10 @@ async fn forged_records_sockets_and_pids_are_ignored() {
     let canary = dir.path().join("canary-dir");
     std::fs::create_dir(&canary).unwrap();
     std::fs::write(canary.join("keep"), b"keep").unwrap();
-    let mut bystander = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+    let mut bystander = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
 
     // Everything the old layout trusted, planted where the agent can write, in every shape.
     for d in [inst.clone(), inst.join("state")] {
@@ -75,26 +98,65 @@ async fn forged_records_sockets_and_pids_are_ignored() {
         let _ = std::fs::write(d.join("agent.pid"), bystander.id().to_string());
         let _ = std::os::unix::fs::symlink("/etc/passwd", d.join("record.json"));
         let _ = std::os::unix::fs::symlink(&canary, d.join("shim.sock"));
-        let _ = nix::unistd::mkfifo(&d.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o600));
+        let _ = nix::unistd::mkfifo(
+            &d.join("fifo"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        );
     }
     // And a record in the runtime's own directory whose id does not match its directory.
     let bad = data.join("runtime/i-000000000bad");
     std::fs::create_dir_all(&bad).unwrap();
-    std::fs::write(bad.join("record.json"), serde_json::json!({"id": "../../canary-dir", "pid": bystander.id()}).to_string()).unwrap();
-    nix::unistd::mkfifo(&data.join("runtime/i-00000000f1f0"), nix::sys::stat::Mode::from_bits_truncate(0o600)).ok();
+    std::fs::write(
+        bad.join("record.json"),
+        serde_json::json!({"id": "../../canary-dir", "pid": bystander.id()}).to_string(),
+    )
+    .unwrap();
+    nix::unistd::mkfifo(
+        &data.join("runtime/i-00000000f1f0"),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .ok();
 
-    let listed = tokio::time::timeout(Duration::from_secs(5), rt.list()).await.expect("list never blocks on a FIFO").unwrap();
-    assert_eq!(listed.len(), 1, "only the real instance is listed: {listed:?}");
-    assert_eq!(listed[0].address, created.address, "the address is the runtime's, not a planted one");
+    let listed = tokio::time::timeout(Duration::from_secs(5), rt.list())
+        .await
+        .expect("list never blocks on a FIFO")
+        .unwrap();
+    assert_eq!(
+        listed.len(),
+        1,
+        "only the real instance is listed: {listed:?}"
+    );
+    assert_eq!(
+        listed[0].address, created.address,
+        "the address is the runtime's, not a planted one"
+    );
     let again = runtime(&data, SandboxMode::Bubblewrap);
-    assert_eq!(again.list().await.unwrap().len(), 1, "a restarted runtime adopts only the real instance");
+    assert_eq!(
+        again.list().await.unwrap().len(),
+        1,
+        "a restarted runtime adopts only the real instance"
+    );
     again.delete(&s.id).await.unwrap();
-    again.delete(&InstanceId::parse("i-000000000bad").unwrap()).await.unwrap();
+    again
+        .delete(&InstanceId::parse("i-000000000bad").unwrap())
+        .await
+        .unwrap();
 
-    assert!(canary.join("keep").exists(), "the canary outside the instance survived");
-    assert!(bystander.try_wait().unwrap().is_none(), "the unrelated process was not killed");
+    assert!(
+        canary.join("keep").exists(),
+        "the canary outside the instance survived"
+    );
+    assert!(
+        bystander.try_wait().unwrap().is_none(),
+        "the unrelated process was not killed"
+    );
     assert!(!inst.exists(), "the instance is gone");
-    assert!(std::fs::read_to_string("/etc/passwd").unwrap().contains("root"), "a link's target was not touched");
+    assert!(
+        std::fs::read_to_string("/etc/passwd")
+            .unwrap()
+            .contains("root"),
+        "a link's target was not touched"
+    );
     let _ = bystander.kill();
 }
 
@@ -111,19 +173,30 @@ async fn adopted_instances_are_killed_whole() {
     }
     let rt = runtime(&data, SandboxMode::Bubblewrap);
     let listed = rt.list().await.unwrap();
-    assert!(listed.iter().any(|i| i.id == s.id && i.alive), "adopted: {listed:?}");
+    assert!(
+        listed.iter().any(|i| i.id == s.id && i.alive),
+        "adopted: {listed:?}"
+    );
     let pids = instance_pids(&s.id);
-    assert!(!pids.is_empty(), "the instance's processes are found through its cgroup");
+    assert!(
+        !pids.is_empty(),
+        "the instance's processes are found through its cgroup"
+    );
     rt.delete(&s.id).await.unwrap();
     for p in pids {
-        assert!(!otm_runtime::local::process_alive(p), "process {p} of the instance outlived its deletion");
+        assert!(
+            !otm_runtime::local::process_alive(p),
+            "process {p} of the instance outlived its deletion"
+        );
     }
 }
 
 /// The processes in an instance's cgroup (v1 pids controller or v2).
 fn instance_pids(id: &InstanceId) -> Vec<u32> {
     for base in ["/sys/fs/cgroup/pids/otm", "/sys/fs/cgroup/otm"] {
-        if let Ok(text) = std::fs::read_to_string(Path::new(base).join(id.as_str()).join("cgroup.procs")) {
+        if let Ok(text) =
+            std::fs::read_to_string(Path::new(base).join(id.as_str()).join("cgroup.procs"))
+        {
             return text.lines().filter_map(|l| l.trim().parse().ok()).collect();
         }
     }
@@ -145,7 +218,10 @@ fn a_data_dir_inside_a_shown_directory_is_refused() {
     })
     .unwrap_err()
     .to_string();
-    assert!(err.contains("contains the data directory") && err.contains("--data-dir"), "{err}");
+    assert!(
+        err.contains("contains the data directory") && err.contains("--data-dir"),
+        "{err}"
+    );
 }
 
 /// `/opt/otm/{otm,data}`: the binary's directory, where agents are installed beside it, holds
@@ -169,6 +245,12 @@ fn a_data_dir_beside_the_binary_is_refused() {
     })
     .unwrap_err()
     .to_string();
-    assert!(err.contains("contains the data directory") && err.contains("--data-dir"), "{err}");
-    assert!(!prefix.join("data").exists(), "refused before creating anything");
+    assert!(
+        err.contains("contains the data directory") && err.contains("--data-dir"),
+        "{err}"
+    );
+    assert!(
+        !prefix.join("data").exists(),
+        "refused before creating anything"
+    );
 }

@@ -26,9 +26,25 @@ impl Attacker<'_> {
     async fn sh(&self, command: &str) -> (String, String) {
         let id = self.next.get();
         self.next.set(id + 1);
-        assert_eq!(self.h.post_update("mallory", &self.secret, &text_update(id, 66, &format!("/sh {command}"))).await, 200);
-        let got = self.h.tg.wait_for_messages(MALLORY, id as usize, Duration::from_secs(60)).await;
-        assert!(got.len() >= id as usize, "no answer to probe {id}: {command}");
+        assert_eq!(
+            self.h
+                .post_update(
+                    "mallory",
+                    &self.secret,
+                    &text_update(id, 66, &format!("/sh {command}"))
+                )
+                .await,
+            200
+        );
+        let got = self
+            .h
+            .tg
+            .wait_for_messages(MALLORY, id as usize, Duration::from_secs(60))
+            .await;
+        assert!(
+            got.len() >= id as usize,
+            "no answer to probe {id}: {command}"
+        );
         let text = &got[id as usize - 1].text;
         let body = text.split_once(": ").map(|(_, b)| b).unwrap_or(text);
         let (first, rest) = body.split_once('\n').unwrap_or((body, ""));
@@ -39,7 +55,10 @@ impl Attacker<'_> {
     /// Asserts that `command` fails inside the sandbox.
     async fn fails(&self, what: &str, command: &str) -> String {
         let (status, out) = self.sh(command).await;
-        assert_ne!(status, "0", "{what} succeeded from inside the sandbox: `{command}` said: {out}");
+        assert_ne!(
+            status, "0",
+            "{what} succeeded from inside the sandbox: `{command}` said: {out}"
+        );
         out
     }
 }
@@ -48,13 +67,30 @@ impl Attacker<'_> {
 async fn start() -> (Harness, String, String) {
     let h = Harness::start_with(|s| s.allow_probe_profile = true).await;
     let (_, status) = h.api(Method::GET, "/status", None).await;
-    assert_eq!(status["isolation"], "bubblewrap", "these checks need bubblewrap (apt-get install bubblewrap)");
+    assert_eq!(
+        status["isolation"], "bubblewrap",
+        "these checks need bubblewrap (apt-get install bubblewrap)"
+    );
     let victim_secret = h.tenant("victim", VICTIM).await;
-    assert_eq!(h.post_update("victim", &victim_secret, &text_update(1, 5, "my secret diary")).await, 200);
-    h.tg.wait_for_messages(VICTIM, 1, Duration::from_secs(30)).await;
+    assert_eq!(
+        h.post_update(
+            "victim",
+            &victim_secret,
+            &text_update(1, 5, "my secret diary")
+        )
+        .await,
+        200
+    );
+    h.tg.wait_for_messages(VICTIM, 1, Duration::from_secs(30))
+        .await;
     h.tg.add_bot(MALLORY);
-    let (code, body) =
-        h.api(Method::POST, "/tenants", Some(json!({"id": "mallory", "bot_token": MALLORY, "profile": "probe"}))).await;
+    let (code, body) = h
+        .api(
+            Method::POST,
+            "/tenants",
+            Some(json!({"id": "mallory", "bot_token": MALLORY, "profile": "probe"})),
+        )
+        .await;
     assert_eq!(code, 201, "{body}");
     let secret = h.tg.webhook(MALLORY).unwrap().secret_token.unwrap();
     (h, secret, victim_secret)
@@ -62,9 +98,17 @@ async fn start() -> (Harness, String, String) {
 
 impl<'a> Attacker<'a> {
     async fn new(h: &'a Harness, secret: String) -> Attacker<'a> {
-        let a = Attacker { h, secret, next: std::cell::Cell::new(1) };
+        let a = Attacker {
+            h,
+            secret,
+            next: std::cell::Cell::new(1),
+        };
         let (status, out) = a.sh("id -u").await;
-        assert_eq!((status.as_str(), out.trim()), ("0", "1000"), "the probe agent answers, as uid 1000 in its sandbox");
+        assert_eq!(
+            (status.as_str(), out.trim()),
+            ("0", "1000"),
+            "the probe agent answers, as uid 1000 in its sandbox"
+        );
         a
     }
 }
@@ -77,38 +121,88 @@ async fn the_data_dir_other_tenants_and_the_shim_are_out_of_reach() {
     let d = data.display();
     let victim_dir = {
         let inst = h.instances().await;
-        let id = inst.iter().find(|i| i["tenant"] == "victim").unwrap()["id"].as_str().unwrap().to_owned();
+        let id = inst.iter().find(|i| i["tenant"] == "victim").unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
         data.join("instances").join(id)
     };
-    assert!(victim_dir.join("state/reference-agent.json").exists(), "the victim has state on the host");
+    assert!(
+        victim_dir.join("state/reference-agent.json").exists(),
+        "the victim has state on the host"
+    );
 
-    a.fails("reading the admin token", &format!("cat {d}/admin.token")).await;
-    a.fails("reading the registry", &format!("cat {d}/otm.db")).await;
+    a.fails("reading the admin token", &format!("cat {d}/admin.token"))
+        .await;
+    a.fails("reading the registry", &format!("cat {d}/otm.db"))
+        .await;
     // The sandbox has the path of its own directories, on an empty skeleton: nothing else.
     let (_, listing) = a.sh(&format!("ls -a {d} {d}/instances")).await;
-    for name in ["admin.token", "otm.db", "runtime", "state", "run", victim_dir.file_name().unwrap().to_str().unwrap()] {
-        assert!(!listing.split_whitespace().any(|w| w == name), "{name} is visible in the sandbox: {listing}");
+    for name in [
+        "admin.token",
+        "otm.db",
+        "runtime",
+        "state",
+        "run",
+        victim_dir.file_name().unwrap().to_str().unwrap(),
+    ] {
+        assert!(
+            !listing.split_whitespace().any(|w| w == name),
+            "{name} is visible in the sandbox: {listing}"
+        );
     }
-    a.fails("listing the runtime records", &format!("ls {d}/runtime")).await;
-    a.fails("reading the victim's state", &format!("cat {}/state/reference-agent.json", victim_dir.display())).await;
-    a.fails("reading the snapshots", &format!("ls {d}/state")).await;
+    a.fails("listing the runtime records", &format!("ls {d}/runtime"))
+        .await;
+    a.fails(
+        "reading the victim's state",
+        &format!("cat {}/state/reference-agent.json", victim_dir.display()),
+    )
+    .await;
+    a.fails("reading the snapshots", &format!("ls {d}/state"))
+        .await;
     a.fails("reading host secrets", "cat /etc/shadow").await;
     a.fails("listing /root", "ls /root/").await;
     a.fails("listing /home", "ls /home/").await;
-    a.fails("reading the host's process list", "ps -e -o args | grep -q '[o]tm server'").await;
+    a.fails(
+        "reading the host's process list",
+        "ps -e -o args | grep -q '[o]tm server'",
+    )
+    .await;
 
     // The shim is not even visible: no process of the sandbox is it, no instance token anywhere.
     let (_, procs) = a.sh("cat /proc/[0-9]*/cmdline | tr '\\0' ' '").await;
-    assert!(!procs.contains(" shim "), "the shim is visible from the agent: {procs}");
-    a.fails("finding the shim's token file", "find / -name shim.token 2>/dev/null | grep -q .").await;
-    a.fails("reading the shim's socket", "find / -name shim.sock 2>/dev/null | grep -q .").await;
-    let (_, status) = a.sh("grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status").await;
+    assert!(
+        !procs.contains(" shim "),
+        "the shim is visible from the agent: {procs}"
+    );
+    a.fails(
+        "finding the shim's token file",
+        "find / -name shim.token 2>/dev/null | grep -q .",
+    )
+    .await;
+    a.fails(
+        "reading the shim's socket",
+        "find / -name shim.sock 2>/dev/null | grep -q .",
+    )
+    .await;
+    let (_, status) = a
+        .sh("grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status")
+        .await;
     assert!(status.contains("CapEff:\t0000000000000000"), "{status}");
-    assert!(status.contains("NoNewPrivs:\t1") && status.contains("Seccomp:\t2"), "{status}");
+    assert!(
+        status.contains("NoNewPrivs:\t1") && status.contains("Seccomp:\t2"),
+        "{status}"
+    );
 
     // The victim is fine and still answers.
-    assert_eq!(h.post_update("victim", &victim_secret, &text_update(2, 5, "still there?")).await, 200);
-    let got = h.tg.wait_for_messages(VICTIM, 2, Duration::from_secs(30)).await;
+    assert_eq!(
+        h.post_update("victim", &victim_secret, &text_update(2, 5, "still there?"))
+            .await,
+        200
+    );
+    let got =
+        h.tg.wait_for_messages(VICTIM, 2, Duration::from_secs(30))
+            .await;
     assert_eq!(got[1].text, "#2: still there?");
     drop(a);
     h.stop().await;
@@ -121,13 +215,21 @@ async fn no_network_but_the_egress_proxy() {
     let server = h.server();
     let victim_port = {
         let inst = h.instances().await;
-        let id = inst.iter().find(|i| i["tenant"] == "victim").unwrap()["id"].as_str().unwrap().to_owned();
+        let id = inst.iter().find(|i| i["tenant"] == "victim").unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
         let dir = h.dir.path().join("d/instances").join(id);
         let pid = common::agent_pid(&dir).expect("the victim's agent runs");
         let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
         let listen = environ
             .split(|b| *b == 0)
-            .find_map(|v| std::str::from_utf8(v).ok()?.strip_prefix("OTM_AGENT_LISTEN=").map(str::to_owned))
+            .find_map(|v| {
+                std::str::from_utf8(v)
+                    .ok()?
+                    .strip_prefix("OTM_AGENT_LISTEN=")
+                    .map(str::to_owned)
+            })
             .unwrap();
         listen.rsplit_once(':').unwrap().1.parse::<u16>().unwrap()
     };
@@ -142,25 +244,51 @@ async fn no_network_but_the_egress_proxy() {
         ("Redis", 6379),
         ("the victim's agent", victim_port),
     ] {
-        a.fails(&format!("connecting to {what}"), &connect(port)).await;
+        a.fails(&format!("connecting to {what}"), &connect(port))
+            .await;
     }
-    a.fails("reaching the cloud metadata address", "python3 -c \"import socket; socket.create_connection(('169.254.169.254', 80), 2)\"").await;
+    a.fails(
+        "reaching the cloud metadata address",
+        "python3 -c \"import socket; socket.create_connection(('169.254.169.254', 80), 2)\"",
+    )
+    .await;
     let (_, tcp) = a.sh("cat /proc/net/tcp").await;
     let admin_hex = format!(":{:04X}", server.admin_addr.port());
-    assert!(!tcp.contains(&admin_hex), "the host's listeners are listed inside: {tcp}");
-    a.fails("opening a packet socket", "python3 -c \"import socket; socket.socket(socket.AF_PACKET, socket.SOCK_RAW)\"").await;
-    a.fails("opening a raw socket", "python3 -c \"import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, 1)\"").await;
-    for sock in ["/run/postgresql/.s.PGSQL.5432", "/run/mysqld/mysqld.sock", "/var/run/docker.sock"] {
+    assert!(
+        !tcp.contains(&admin_hex),
+        "the host's listeners are listed inside: {tcp}"
+    );
+    a.fails(
+        "opening a packet socket",
+        "python3 -c \"import socket; socket.socket(socket.AF_PACKET, socket.SOCK_RAW)\"",
+    )
+    .await;
+    a.fails(
+        "opening a raw socket",
+        "python3 -c \"import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, 1)\"",
+    )
+    .await;
+    for sock in [
+        "/run/postgresql/.s.PGSQL.5432",
+        "/run/mysqld/mysqld.sock",
+        "/var/run/docker.sock",
+    ] {
         a.fails(
             &format!("connecting to the host's {sock}"),
-            &format!("python3 -c \"import socket; s=socket.socket(socket.AF_UNIX); s.connect('{sock}')\""),
+            &format!(
+                "python3 -c \"import socket; s=socket.socket(socket.AF_UNIX); s.connect('{sock}')\""
+            ),
         )
         .await;
     }
     // What it may reach: the egress proxy, through the forwarder its shim serves; and that only
     // with its own surrogate.
     let (status, out) = a.sh("python3 -c \"import os,urllib.request; print(urllib.request.urlopen(os.environ['OTM_BOT_API_ROOT'] + '/bot' + os.environ['OTM_BOT_TOKEN'] + '/getMe').status)\"").await;
-    assert_eq!((status.as_str(), out.trim()), ("0", "200"), "the Bot API proxy answers the agent");
+    assert_eq!(
+        (status.as_str(), out.trim()),
+        ("0", "200"),
+        "the Bot API proxy answers the agent"
+    );
     drop(a);
     h.stop().await;
 }
@@ -170,17 +298,31 @@ async fn mounts_namespaces_and_terminals_are_refused() {
     let (h, secret, _) = start().await;
     let a = Attacker::new(&h, secret).await;
     a.fails("unmounting", "umount -l /usr").await;
-    a.fails("remounting / writable", "mount -o remount,bind,rw /").await;
+    a.fails("remounting / writable", "mount -o remount,bind,rw /")
+        .await;
     a.fails("mounting a tmpfs", "mount -t tmpfs x /tmp").await;
     a.fails("a user namespace", "unshare -r true").await;
     a.fails("a mount namespace", "unshare -m true").await;
     a.fails("a network namespace", "unshare -n true").await;
-    a.fails("writing the system", "touch /usr/otm-was-here").await;
+    a.fails("writing the system", "touch /usr/otm-was-here")
+        .await;
     a.fails("writing /etc", "touch /etc/otm-was-here").await;
     a.fails("a controlling terminal", "exec 3</dev/tty").await;
-    a.fails("pushing keystrokes (TIOCSTI)", "python3 -c \"import fcntl, termios; fcntl.ioctl(2, termios.TIOCSTI, b'x')\"").await;
-    a.fails("ptrace", "python3 -c \"import ctypes; libc=ctypes.CDLL(None); assert libc.ptrace(0,0,0,0) == 0\"").await;
-    a.fails("another process's memory", "python3 -c \"open('/proc/1/mem','rb').read(1)\"").await;
+    a.fails(
+        "pushing keystrokes (TIOCSTI)",
+        "python3 -c \"import fcntl, termios; fcntl.ioctl(2, termios.TIOCSTI, b'x')\"",
+    )
+    .await;
+    a.fails(
+        "ptrace",
+        "python3 -c \"import ctypes; libc=ctypes.CDLL(None); assert libc.ptrace(0,0,0,0) == 0\"",
+    )
+    .await;
+    a.fails(
+        "another process's memory",
+        "python3 -c \"open('/proc/1/mem','rb').read(1)\"",
+    )
+    .await;
     a.fails("setting the clock", "date -s '2001-01-01'").await;
     drop(a);
     h.stop().await;
@@ -197,21 +339,43 @@ async fn the_egress_proxy_reaches_only_allowlisted_public_hosts() {
     assert_eq!(env.trim(), "0", "policy none: no proxy is offered");
 
     let (code, t) = h
-        .api(Method::PATCH, "/tenants/mallory", Some(json!({"egress": "proxy", "egress_allow": ["example.com", "localhost"]})))
+        .api(
+            Method::PATCH,
+            "/tenants/mallory",
+            Some(json!({"egress": "proxy", "egress_allow": ["example.com", "localhost"]})),
+        )
         .await;
     assert_eq!(code, 200, "{t}");
-    assert_eq!((t["egress"].as_str(), t["egress_allow"].clone()), (Some("proxy"), json!(["example.com", "localhost"])));
-    let (code, bad) = h.api(Method::PATCH, "/tenants/mallory", Some(json!({"egress_allow": ["10.0.0.1"]}))).await;
+    assert_eq!(
+        (t["egress"].as_str(), t["egress_allow"].clone()),
+        (Some("proxy"), json!(["example.com", "localhost"]))
+    );
+    let (code, bad) = h
+        .api(
+            Method::PATCH,
+            "/tenants/mallory",
+            Some(json!({"egress_allow": ["10.0.0.1"]})),
+        )
+        .await;
     assert_eq!(code, 400, "an address is not a host name: {bad}");
     // The policy applies from the next wake.
     h.api(Method::POST, "/tenants/mallory/stop", None).await;
-    let a = Attacker { h: &h, secret: a.secret.clone(), next: std::cell::Cell::new(a.next.get()) };
+    let a = Attacker {
+        h: &h,
+        secret: a.secret.clone(),
+        next: std::cell::Cell::new(a.next.get()),
+    };
     let (_, env) = a.sh("echo $HTTPS_PROXY | sed 's/:[^:@]*@/:***@/'").await;
-    assert!(env.contains("@127.0.0.1:"), "policy proxy: the proxy is the shim's forwarder: {env}");
+    assert!(
+        env.contains("@127.0.0.1:"),
+        "policy proxy: the proxy is the shim's forwarder: {env}"
+    );
 
     // Through the proxy even for loopback names (no NO_PROXY), as a hostile agent would try.
     let fetch = |url: &str| {
-        format!("env -u NO_PROXY -u no_proxy python3 -c \"import urllib.request; urllib.request.urlopen('{url}', timeout=5)\" 2>&1 | tail -1")
+        format!(
+            "env -u NO_PROXY -u no_proxy python3 -c \"import urllib.request; urllib.request.urlopen('{url}', timeout=5)\" 2>&1 | tail -1"
+        )
     };
     for (what, url, needle) in [
         ("a host off the allowlist", "https://evil.example/", "403"),
@@ -222,8 +386,20 @@ async fn the_egress_proxy_reaches_only_allowlisted_public_hosts() {
         let (_, out) = a.sh(&fetch(url)).await;
         assert!(out.contains(needle), "{what}: {out}");
     }
-    let text = h.http.get(format!("http://{}/metrics", h.server().admin_addr)).send().await.unwrap().text().await.unwrap();
-    assert!(text.contains("outcome=\"connect_not_allowed\"") && text.contains("outcome=\"connect_private_address\""), "refusals are counted");
+    let text = h
+        .http
+        .get(format!("http://{}/metrics", h.server().admin_addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("outcome=\"connect_not_allowed\"")
+            && text.contains("outcome=\"connect_private_address\""),
+        "refusals are counted"
+    );
     drop(a);
     h.stop().await;
 }

@@ -55,8 +55,20 @@ fn spawn(role: &str, data: &Path, b: &Backends, tg: &FakeTelegram, extra: &[Stri
         .args(["--listen", &format!("127.0.0.1:{public}")])
         .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
         .args(["--egress-listen", &format!("127.0.0.1:{egress}")])
-        .args(["--telegram-api", &tg.url(), "--public-url", "https://scale.example.test"])
-        .args(["--registry", &b.registry, "--coordinator", &b.coordinator, "--state", &b.state])
+        .args([
+            "--telegram-api",
+            &tg.url(),
+            "--public-url",
+            "https://scale.example.test",
+        ])
+        .args([
+            "--registry",
+            &b.registry,
+            "--coordinator",
+            &b.coordinator,
+            "--state",
+            &b.state,
+        ])
         .args(["--lease-ttl-s", "3"])
         .args(extra)
         .arg("--data-dir")
@@ -68,12 +80,22 @@ fn spawn(role: &str, data: &Path, b: &Backends, tg: &FakeTelegram, extra: &[Stri
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    Proc { child, public, admin, log }
+    Proc {
+        child,
+        public,
+        admin,
+        log,
+    }
 }
 
 async fn healthy(http: &reqwest::Client, p: &mut Proc) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    while http.get(format!("http://127.0.0.1:{}/healthz", p.admin)).send().await.is_err() {
+    while http
+        .get(format!("http://127.0.0.1:{}/healthz", p.admin))
+        .send()
+        .await
+        .is_err()
+    {
         let exited = p.child.try_wait().unwrap();
         if exited.is_some() || Instant::now() > deadline {
             let log = std::fs::read_to_string(&p.log).unwrap_or_default();
@@ -92,19 +114,38 @@ impl Cluster {
         // Orchestrators on one machine share the instances directory (the local runtime).
         let shared = dir.path().join("o");
         std::fs::create_dir_all(&shared).unwrap();
-        let orchestrators: Vec<Proc> = (0..2).map(|_| spawn("orchestrator", &shared, &b, &tg, &[])).collect();
-        let urls = orchestrators.iter().map(|o| format!("http://127.0.0.1:{}", o.admin)).collect::<Vec<_>>().join(",");
+        let orchestrators: Vec<Proc> = (0..2)
+            .map(|_| spawn("orchestrator", &shared, &b, &tg, &[]))
+            .collect();
+        let urls = orchestrators
+            .iter()
+            .map(|o| format!("http://127.0.0.1:{}", o.admin))
+            .collect::<Vec<_>>()
+            .join(",");
         let routers: Vec<Proc> = (0..2)
             .map(|i| {
                 let d = dir.path().join(format!("r{i}"));
-                spawn("router", &d, &b, &tg, &["--orchestrator-url".into(), urls.clone()])
+                spawn(
+                    "router",
+                    &d,
+                    &b,
+                    &tg,
+                    &["--orchestrator-url".into(), urls.clone()],
+                )
             })
             .collect();
         let (mut orchestrators, mut routers) = (orchestrators, routers);
         for p in orchestrators.iter_mut().chain(routers.iter_mut()) {
             healthy(&http, p).await;
         }
-        Cluster { state, tg, dir, http, orchestrators, routers }
+        Cluster {
+            state,
+            tg,
+            dir,
+            http,
+            orchestrators,
+            routers,
+        }
     }
 
     /// Prints the end of every process's log, to explain a failure.
@@ -131,14 +172,19 @@ impl Cluster {
     }
 
     fn instance_count(&self) -> usize {
-        std::fs::read_dir(self.instances_dir()).map(|d| d.count()).unwrap_or(0)
+        std::fs::read_dir(self.instances_dir())
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 
     async fn create_tenant(&self, id: &str, token: &str) -> String {
         self.tg.add_bot(token);
         let r = self
             .http
-            .post(format!("http://127.0.0.1:{}/v1/tenants", self.orchestrators[0].admin))
+            .post(format!(
+                "http://127.0.0.1:{}/v1/tenants",
+                self.orchestrators[0].admin
+            ))
             .bearer_auth(ADMIN_TOKEN)
             .json(&serde_json::json!({"id": id, "bot_token": token}))
             .send()
@@ -148,7 +194,13 @@ impl Cluster {
         self.tg.webhook(token).unwrap().secret_token.unwrap()
     }
 
-    async fn post(&self, router: usize, tenant: &str, secret: &str, update: &serde_json::Value) -> u16 {
+    async fn post(
+        &self,
+        router: usize,
+        tenant: &str,
+        secret: &str,
+        update: &serde_json::Value,
+    ) -> u16 {
         let port = self.routers[router].public;
         self.http
             .post(format!("http://127.0.0.1:{port}/tg/{tenant}"))
@@ -164,7 +216,12 @@ impl Cluster {
         // Stop instances through an orchestrator that still runs, then the processes.
         let mut list = serde_json::Value::Null;
         for o in &self.orchestrators {
-            let r = self.http.get(format!("http://127.0.0.1:{}/v1/tenants", o.admin)).bearer_auth(ADMIN_TOKEN).send().await;
+            let r = self
+                .http
+                .get(format!("http://127.0.0.1:{}/v1/tenants", o.admin))
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await;
             if let Ok(r) = r {
                 list = r.json().await.unwrap_or_default();
                 break;
@@ -174,7 +231,11 @@ impl Cluster {
             for o in &self.orchestrators {
                 let ok = self
                     .http
-                    .post(format!("http://127.0.0.1:{}/v1/tenants/{}/stop", o.admin, t["id"].as_str().unwrap()))
+                    .post(format!(
+                        "http://127.0.0.1:{}/v1/tenants/{}/stop",
+                        o.admin,
+                        t["id"].as_str().unwrap()
+                    ))
                     .bearer_auth(ADMIN_TOKEN)
                     .send()
                     .await
@@ -206,12 +267,17 @@ impl Drop for Cluster {
 }
 
 fn random_suffix() -> String {
-    format!("{:08x}", std::process::id() ^ (Instant::now().elapsed().as_nanos() as u32) ^ rand_u32())
+    format!(
+        "{:08x}",
+        std::process::id() ^ (Instant::now().elapsed().as_nanos() as u32) ^ rand_u32()
+    )
 }
 
 fn rand_u32() -> u32 {
     let mut b = [0u8; 4];
-    std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b)).unwrap();
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .unwrap();
     u32::from_le_bytes(b)
 }
 
@@ -222,8 +288,22 @@ fn pg_redis() -> Option<Backends> {
         return None;
     };
     let db = format!("otm_scale_{}", random_suffix());
-    let out = Command::new("psql").arg(&pg).args(["-v", "ON_ERROR_STOP=1", "-q", "-c", &format!("CREATE DATABASE {db}")]).output().unwrap();
-    assert!(out.status.success(), "creating a test database: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("psql")
+        .arg(&pg)
+        .args([
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-q",
+            "-c",
+            &format!("CREATE DATABASE {db}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "creating a test database: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let base = pg.rsplit_once('/').map(|(b, _)| b.to_owned()).unwrap();
     let redis_db = 1 + rand_u32() % 15;
     Some(Backends {
@@ -234,8 +314,14 @@ fn pg_redis() -> Option<Backends> {
 }
 
 fn dynamo_s3() -> Option<Backends> {
-    let (Some(dynamo), Some(s3), Some(redis)) = (env("OTM_TEST_DYNAMODB_URL"), env("OTM_TEST_S3_URL"), env("OTM_TEST_REDIS_URL")) else {
-        eprintln!("skipped: OTM_TEST_DYNAMODB_URL, OTM_TEST_S3_URL and OTM_TEST_REDIS_URL are not all set");
+    let (Some(dynamo), Some(s3), Some(redis)) = (
+        env("OTM_TEST_DYNAMODB_URL"),
+        env("OTM_TEST_S3_URL"),
+        env("OTM_TEST_REDIS_URL"),
+    ) else {
+        eprintln!(
+            "skipped: OTM_TEST_DYNAMODB_URL, OTM_TEST_S3_URL and OTM_TEST_REDIS_URL are not all set"
+        );
         return None;
     };
     let suffix = random_suffix();
@@ -283,7 +369,9 @@ async fn two_hundred_updates(c: &Cluster, backends_name: &str) {
         }
     });
     futures::future::join_all(senders).await;
-    let got = c.tg.wait_for_messages(token, 200, Duration::from_secs(120)).await;
+    let got =
+        c.tg.wait_for_messages(token, 200, Duration::from_secs(120))
+            .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     watcher.0.cancel();
     let max = watcher.1.await.unwrap();
@@ -294,7 +382,11 @@ async fn two_hundred_updates(c: &Cluster, backends_name: &str) {
     let all = c.tg.sent_messages(token);
     assert_eq!(all.len(), 200, "{backends_name}: nothing answered twice");
     for chat in 0..10i64 {
-        let texts: Vec<&str> = all.iter().filter(|m| m.chat_id == 100 + chat).map(|m| m.text.as_str()).collect();
+        let texts: Vec<&str> = all
+            .iter()
+            .filter(|m| m.chat_id == 100 + chat)
+            .map(|m| m.text.as_str())
+            .collect();
         let want: Vec<String> = (1..=20).map(|i| format!("#{i}: c{chat} m{i}")).collect();
         assert_eq!(texts, want, "{backends_name}: chat {chat} in order");
     }
@@ -313,13 +405,26 @@ async fn two_routers_two_orchestrators_on_postgres_and_redis() {
 async fn two_routers_two_orchestrators_on_dynamodb_and_s3() {
     let Some(b) = dynamo_s3() else { return };
     // DynamoDB needs its tables first.
-    let out = Command::new(env!("CARGO_BIN_EXE_otm")).args(["migrate", "--registry", &b.registry]).output().unwrap();
-    assert!(out.status.success(), "otm migrate: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(env!("CARGO_BIN_EXE_otm"))
+        .args(["migrate", "--registry", &b.registry])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "otm migrate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The bucket, on the S3 stand-in (moto accepts an unsigned create).
     let (bucket, query) = b.state.trim_start_matches("s3://").split_once('?').unwrap();
     let bucket = bucket.split('/').next().unwrap();
-    let endpoint = query.split('&').find_map(|kv| kv.strip_prefix("endpoint=")).expect("an endpoint in OTM_TEST_S3_URL");
-    let _ = reqwest::Client::new().put(format!("{endpoint}/{bucket}")).send().await;
+    let endpoint = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("endpoint="))
+        .expect("an endpoint in OTM_TEST_S3_URL");
+    let _ = reqwest::Client::new()
+        .put(format!("{endpoint}/{bucket}"))
+        .send()
+        .await;
     let c = Cluster::start(b).await;
     two_hundred_updates(&c, "dynamodb+s3").await;
     c.shutdown().await;
@@ -333,7 +438,11 @@ async fn an_orchestrator_killed_mid_wake_is_taken_over() {
     let mut c = Cluster::start(b).await;
     let token = "9502:MIDWAKE";
     let secret = c.create_tenant("midwake", token).await;
-    assert_eq!(c.post(0, "midwake", &secret, &text_update(1, 5, "first")).await, 200);
+    assert_eq!(
+        c.post(0, "midwake", &secret, &text_update(1, 5, "first"))
+            .await,
+        200
+    );
     // The moment an instance directory appears, its creator is in the middle of the wake.
     let deadline = Instant::now() + Duration::from_secs(30);
     let creator = loop {
@@ -341,7 +450,11 @@ async fn an_orchestrator_killed_mid_wake_is_taken_over() {
             // The instance's first process is the sandbox's, below bubblewrap, below its creator.
             let parent = parent_of(pid);
             let grandparent = parent.and_then(parent_of);
-            if let Some(i) = c.orchestrators.iter().position(|o| Some(o.child.id()) == parent || Some(o.child.id()) == grandparent) {
+            if let Some(i) = c
+                .orchestrators
+                .iter()
+                .position(|o| Some(o.child.id()) == parent || Some(o.child.id()) == grandparent)
+            {
                 break i;
             }
         }
@@ -351,15 +464,31 @@ async fn an_orchestrator_killed_mid_wake_is_taken_over() {
     c.orchestrators[creator].child.kill().unwrap();
     c.orchestrators[creator].child.wait().unwrap();
     for i in 2..=5 {
-        assert_eq!(c.post(1, "midwake", &secret, &text_update(i, 5, &format!("m{i}"))).await, 200);
+        assert_eq!(
+            c.post(1, "midwake", &secret, &text_update(i, 5, &format!("m{i}")))
+                .await,
+            200
+        );
     }
-    let got = c.tg.wait_for_messages(token, 5, Duration::from_secs(90)).await;
+    let got =
+        c.tg.wait_for_messages(token, 5, Duration::from_secs(90))
+            .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let texts: Vec<String> = c.tg.sent_messages(token).into_iter().map(|m| m.text).collect();
+    let texts: Vec<String> =
+        c.tg.sent_messages(token)
+            .into_iter()
+            .map(|m| m.text)
+            .collect();
     assert_eq!(got.len(), 5, "{texts:?}");
-    assert_eq!(texts, vec!["#1: first", "#2: m2", "#3: m3", "#4: m4", "#5: m5"]);
+    assert_eq!(
+        texts,
+        vec!["#1: first", "#2: m2", "#3: m3", "#4: m4", "#5: m5"]
+    );
     let live = c.instance_count();
-    assert!(live <= 2, "at most the killed orchestrator's leftover and the live instance: {live}");
+    assert!(
+        live <= 2,
+        "at most the killed orchestrator's leftover and the live instance: {live}"
+    );
     c.orchestrators.remove(creator);
     c.shutdown().await;
 }
@@ -373,15 +502,26 @@ async fn a_router_killed_while_dispatching_is_taken_over() {
     let secret = c.create_tenant("routed", token).await;
     c.tg.set_send_delay(Duration::from_millis(150));
     for i in 1..=12 {
-        assert_eq!(c.post(0, "routed", &secret, &text_update(i, 6, &format!("m{i}"))).await, 200);
+        assert_eq!(
+            c.post(0, "routed", &secret, &text_update(i, 6, &format!("m{i}")))
+                .await,
+            200
+        );
     }
-    c.tg.wait_for_messages(token, 3, Duration::from_secs(60)).await;
+    c.tg.wait_for_messages(token, 3, Duration::from_secs(60))
+        .await;
     // Kill both in turn would stop everything; kill the one that received the updates.
     c.routers[0].child.kill().unwrap();
     c.routers[0].child.wait().unwrap();
-    let got = c.tg.wait_for_messages(token, 12, Duration::from_secs(90)).await;
+    let got =
+        c.tg.wait_for_messages(token, 12, Duration::from_secs(90))
+            .await;
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let texts: Vec<String> = c.tg.sent_messages(token).into_iter().map(|m| m.text).collect();
+    let texts: Vec<String> =
+        c.tg.sent_messages(token)
+            .into_iter()
+            .map(|m| m.text)
+            .collect();
     assert_eq!(got.len(), 12, "{texts:?}");
     let want: Vec<String> = (1..=12).map(|i| format!("#{i}: m{i}")).collect();
     assert_eq!(texts, want, "every update answered once, in order");
@@ -395,29 +535,66 @@ async fn a_router_killed_while_dispatching_is_taken_over() {
 async fn a_stale_lock_holder_cannot_overwrite_the_registry() {
     let Some(b) = pg_redis() else { return };
     let registry = otm_store::open::open_registry(&b.registry).await.unwrap();
-    let coordinator = otm_store::open::open_coordinator(&b.coordinator).await.unwrap();
+    let coordinator = otm_store::open::open_coordinator(&b.coordinator)
+        .await
+        .unwrap();
     let id = otm_core::TenantId::parse("fenced").unwrap();
-    registry.create_tenant(&otm_core::Tenant::new(id.clone(), "reference", None)).await.unwrap();
+    registry
+        .create_tenant(&otm_core::Tenant::new(id.clone(), "reference", None))
+        .await
+        .unwrap();
     let key = format!("wake:fenced-{}", random_suffix());
-    let old = coordinator.acquire(&key, Duration::from_millis(300)).await.unwrap().expect("first holder");
+    let old = coordinator
+        .acquire(&key, Duration::from_millis(300))
+        .await
+        .unwrap()
+        .expect("first holder");
     tokio::time::sleep(Duration::from_millis(500)).await; // lapses
-    let new = coordinator.acquire(&key, Duration::from_secs(5)).await.unwrap().expect("second holder");
+    let new = coordinator
+        .acquire(&key, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .expect("second holder");
     assert!(new.fence > old.fence);
-    registry.set_tenant_status(&id, otm_core::TenantStatus::Running, Some(new.fence)).await.unwrap();
-    let stale = registry.set_tenant_status(&id, otm_core::TenantStatus::Idle, Some(old.fence)).await;
-    assert!(matches!(stale, Err(otm_core::Error::Conflict { .. })), "{stale:?}");
-    assert!(!coordinator.renew(&old, Duration::from_secs(1)).await.unwrap(), "the stale holder cannot renew");
-    assert_eq!(registry.get_tenant(&id).await.unwrap().unwrap().status, otm_core::TenantStatus::Running);
+    registry
+        .set_tenant_status(&id, otm_core::TenantStatus::Running, Some(new.fence))
+        .await
+        .unwrap();
+    let stale = registry
+        .set_tenant_status(&id, otm_core::TenantStatus::Idle, Some(old.fence))
+        .await;
+    assert!(
+        matches!(stale, Err(otm_core::Error::Conflict { .. })),
+        "{stale:?}"
+    );
+    assert!(
+        !coordinator
+            .renew(&old, Duration::from_secs(1))
+            .await
+            .unwrap(),
+        "the stale holder cannot renew"
+    );
+    assert_eq!(
+        registry.get_tenant(&id).await.unwrap().unwrap().status,
+        otm_core::TenantStatus::Running
+    );
 }
 
 fn first_instance_shim_pid(dir: &Path) -> Option<u32> {
     std::fs::read_dir(dir).ok()?.flatten().find_map(|d| {
         let raw = std::fs::read(d.path().join("record.json")).ok()?;
-        serde_json::from_slice::<serde_json::Value>(&raw).ok()?["pid"].as_u64().map(|p| p as u32)
+        serde_json::from_slice::<serde_json::Value>(&raw).ok()?["pid"]
+            .as_u64()
+            .map(|p| p as u32)
     })
 }
 
 fn parent_of(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }

@@ -33,7 +33,10 @@ async fn admin_api_requires_its_token_and_never_returns_secrets() {
     ];
     for (method, path) in &routes {
         for auth in [None, Some("wrong-token"), Some("")] {
-            let mut req = h.http.request(method.clone(), h.admin(path)).json(&json!({"id": "mallory"}));
+            let mut req = h
+                .http
+                .request(method.clone(), h.admin(path))
+                .json(&json!({"id": "mallory"}));
             if let Some(a) = auth {
                 req = req.bearer_auth(a);
             }
@@ -46,22 +49,43 @@ async fn admin_api_requires_its_token_and_never_returns_secrets() {
     }
     let (status, _) = h.api(Method::GET, "/tenants/mallory", None).await;
     assert_eq!(status, 404, "the unauthorized create stored nothing");
-    assert_eq!(h.api(Method::GET, "/tenants/alice", None).await.0, 200, "the unauthorized delete deleted nothing");
+    assert_eq!(
+        h.api(Method::GET, "/tenants/alice", None).await.0,
+        200,
+        "the unauthorized delete deleted nothing"
+    );
 
     // Exercise every answer that concerns the tenant and look for the token and secret.
-    assert_eq!(h.post_update("alice", &secret, &text_update(1, 5, "hello")).await, 200);
-    h.tg.wait_for_messages(token, 1, Duration::from_secs(30)).await;
+    assert_eq!(
+        h.post_update("alice", &secret, &text_update(1, 5, "hello"))
+            .await,
+        200
+    );
+    h.tg.wait_for_messages(token, 1, Duration::from_secs(30))
+        .await;
     let mut answers = Vec::new();
     for (method, path, body) in [
         (Method::GET, "/tenants", None),
         (Method::GET, "/tenants/alice", None),
-        (Method::PATCH, "/tenants/alice", Some(json!({"idle_timeout_s": 30}))),
+        (
+            Method::PATCH,
+            "/tenants/alice",
+            Some(json!({"idle_timeout_s": 30})),
+        ),
         (Method::GET, "/tenants/alice/inbox", None),
         (Method::GET, "/instances", None),
         (Method::GET, "/status", None),
         (Method::GET, "/config", None),
-        (Method::POST, "/tenants", Some(json!({"id": "bob", "bot_token": "4002:OTHERbotTOKEN"}))),
-        (Method::POST, "/tenants", Some(json!({"id": "alice", "bot_token": token}))),
+        (
+            Method::POST,
+            "/tenants",
+            Some(json!({"id": "bob", "bot_token": "4002:OTHERbotTOKEN"})),
+        ),
+        (
+            Method::POST,
+            "/tenants",
+            Some(json!({"id": "alice", "bot_token": token})),
+        ),
         (Method::POST, "/tenants/alice/wake", None),
         (Method::POST, "/tenants/alice/stop", None),
     ] {
@@ -70,7 +94,15 @@ async fn admin_api_requires_its_token_and_never_returns_secrets() {
         assert!(status < 500, "{method} {path}: {status} {v}");
         answers.push(v.to_string());
     }
-    let metrics = h.http.get(format!("http://{}/metrics", h.server().admin_addr)).send().await.unwrap().text().await.unwrap();
+    let metrics = h
+        .http
+        .get(format!("http://{}/metrics", h.server().admin_addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     answers.push(metrics);
     for a in &answers {
         for s in [token, "OTHERbotTOKEN", secret.as_str()] {
@@ -86,7 +118,11 @@ async fn admin_api_requires_its_token_and_never_returns_secrets() {
     for entry in walk(h.dir.path()) {
         if entry.extension().is_some_and(|e| e == "log") {
             let text = std::fs::read_to_string(&entry).unwrap_or_default();
-            assert!(!text.contains(token) && !text.contains(&secret), "{} leaks a secret", entry.display());
+            assert!(
+                !text.contains(token) && !text.contains(&secret),
+                "{} leaks a secret",
+                entry.display()
+            );
         }
     }
     h.stop().await;
@@ -97,9 +133,18 @@ async fn the_real_bot_token_never_reaches_an_instance() {
     let h = Harness::start().await;
     let token = "5001:REALtokenNEVERinside";
     let secret = h.tenant("tok", token).await;
-    assert_eq!(h.post_update("tok", &secret, &text_update(1, 5, "hello")).await, 200);
-    let got = h.tg.wait_for_messages(token, 1, Duration::from_secs(30)).await;
-    assert_eq!(got[0].text, "#1: hello", "the reply went out under the real token");
+    assert_eq!(
+        h.post_update("tok", &secret, &text_update(1, 5, "hello"))
+            .await,
+        200
+    );
+    let got =
+        h.tg.wait_for_messages(token, 1, Duration::from_secs(30))
+            .await;
+    assert_eq!(
+        got[0].text, "#1: hello",
+        "the reply went out under the real token"
+    );
 
     // Every process on this machine: environment and arguments.
     let mut instance_processes = 0;
@@ -113,10 +158,19 @@ async fn the_real_bot_token_never_reaches_an_instance() {
         if String::from_utf8_lossy(&cmdline).contains(&h.dir.path().display().to_string()) {
             instance_processes += 1;
         }
-        assert!(!contains(&environ, token.as_bytes()), "the environment of pid {pid:?} has the bot token");
-        assert!(!contains(&cmdline, token.as_bytes()), "the arguments of pid {pid:?} have the bot token");
+        assert!(
+            !contains(&environ, token.as_bytes()),
+            "the environment of pid {pid:?} has the bot token"
+        );
+        assert!(
+            !contains(&cmdline, token.as_bytes()),
+            "the arguments of pid {pid:?} have the bot token"
+        );
     }
-    assert!(instance_processes >= 1, "the instance's processes were looked at");
+    assert!(
+        instance_processes >= 1,
+        "the instance's processes were looked at"
+    );
     // Every file of the instance.
     let dirs = h.instance_dirs();
     assert_eq!(dirs.len(), 1);
@@ -124,13 +178,26 @@ async fn the_real_bot_token_never_reaches_an_instance() {
     for f in walk(&dirs[0]) {
         files += 1;
         let data = std::fs::read(&f).unwrap_or_default();
-        assert!(!contains(&data, token.as_bytes()), "{} has the bot token", f.display());
-        assert!(!contains(&data, b"REALtoken"), "{} has part of the bot token", f.display());
+        assert!(
+            !contains(&data, token.as_bytes()),
+            "{} has the bot token",
+            f.display()
+        );
+        assert!(
+            !contains(&data, b"REALtoken"),
+            "{} has part of the bot token",
+            f.display()
+        );
     }
     assert!(files >= 2, "the agent's state and logs were looked at");
     // What the agent used instead is refused once the instance is stopped.
     let calls = h.tg.calls();
-    assert!(calls.iter().filter(|c| c.method == "sendMessage").all(|c| c.token == token));
+    assert!(
+        calls
+            .iter()
+            .filter(|c| c.method == "sendMessage")
+            .all(|c| c.token == token)
+    );
     h.stop().await;
 }
 
@@ -138,47 +205,100 @@ async fn the_real_bot_token_never_reaches_an_instance() {
 async fn one_tenants_sandbox_cannot_read_another_tenants_directory() {
     let h = Harness::start().await;
     let (_, status) = h.api(Method::GET, "/status", None).await;
-    assert_eq!(status["isolation"], "bubblewrap", "these checks need bubblewrap (apt-get install bubblewrap)");
+    assert_eq!(
+        status["isolation"], "bubblewrap",
+        "these checks need bubblewrap (apt-get install bubblewrap)"
+    );
     for (id, token) in [("left", "6001:LEFTleft"), ("right", "6002:RIGHTright")] {
         let secret = h.tenant(id, token).await;
-        assert_eq!(h.post_update(id, &secret, &text_update(1, 5, "hello")).await, 200);
-        assert_eq!(h.tg.wait_for_messages(token, 1, Duration::from_secs(30)).await.len(), 1);
+        assert_eq!(
+            h.post_update(id, &secret, &text_update(1, 5, "hello"))
+                .await,
+            200
+        );
+        assert_eq!(
+            h.tg.wait_for_messages(token, 1, Duration::from_secs(30))
+                .await
+                .len(),
+            1
+        );
     }
     let instances = h.instances().await;
     let dir_of = |tenant: &str| {
-        let id = instances.iter().find(|i| i["tenant"] == tenant).unwrap()["id"].as_str().unwrap().to_owned();
+        let id = instances.iter().find(|i| i["tenant"] == tenant).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
         h.dir.path().join("d/instances").join(id)
     };
     let (left, right) = (dir_of("left"), dir_of("right"));
     let right_state = right.join("state/reference-agent.json");
-    assert!(right_state.exists(), "the right tenant has state on the host");
+    assert!(
+        right_state.exists(),
+        "the right tenant has state on the host"
+    );
     let left_agent = common::agent_pid(&left).expect("the left agent runs");
 
     // Run commands inside the left tenant's sandbox (its mount and PID namespaces).
     let inside = |script: &str| {
         std::process::Command::new("nsenter")
-            .args(["-t", &left_agent.to_string(), "-m", "-p", "-r", "--", "sh", "-c", script])
+            .args([
+                "-t",
+                &left_agent.to_string(),
+                "-m",
+                "-p",
+                "-r",
+                "--",
+                "sh",
+                "-c",
+                script,
+            ])
             .output()
             .unwrap()
     };
-    let own = inside(&format!("cat {}/state/reference-agent.json", left.display()));
-    assert!(own.status.success(), "the sandbox reads its own state: {}", String::from_utf8_lossy(&own.stderr));
+    let own = inside(&format!(
+        "cat {}/state/reference-agent.json",
+        left.display()
+    ));
+    assert!(
+        own.status.success(),
+        "the sandbox reads its own state: {}",
+        String::from_utf8_lossy(&own.stderr)
+    );
     let other = inside(&format!("cat {}", right_state.display()));
-    assert!(!other.status.success(), "the left sandbox read the right tenant's state");
+    assert!(
+        !other.status.success(),
+        "the left sandbox read the right tenant's state"
+    );
     let listing = inside(&format!("ls {}/d/instances", h.dir.path().display()));
     let seen = String::from_utf8_lossy(&listing.stdout);
-    assert!(!seen.contains(right.file_name().unwrap().to_str().unwrap()), "the right instance is visible: {seen}");
+    assert!(
+        !seen.contains(right.file_name().unwrap().to_str().unwrap()),
+        "the right instance is visible: {seen}"
+    );
     for secret_file in ["admin.token", "otm.db"] {
         let r = inside(&format!("cat {}/d/{secret_file}", h.dir.path().display()));
-        assert!(!r.status.success(), "{secret_file} is readable inside the sandbox");
+        assert!(
+            !r.status.success(),
+            "{secret_file} is readable inside the sandbox"
+        );
     }
     let write = inside("touch /usr/otm-was-here");
-    assert!(!write.status.success(), "the system is read-only inside the sandbox");
+    assert!(
+        !write.status.success(),
+        "the system is read-only inside the sandbox"
+    );
     let write_own = inside(&format!("touch {}/state/scratch", left.display()));
-    assert!(write_own.status.success(), "the instance's own directory is writable");
+    assert!(
+        write_own.status.success(),
+        "the instance's own directory is writable"
+    );
     // Its own PID namespace: the host's processes are not there.
     let ps = inside("ls /proc | grep -c '^[0-9]'");
-    let count: usize = String::from_utf8_lossy(&ps.stdout).trim().parse().unwrap_or(usize::MAX);
+    let count: usize = String::from_utf8_lossy(&ps.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(usize::MAX);
     assert!(count < 10, "{count} processes visible inside the sandbox");
     h.stop().await;
 }
@@ -189,7 +309,9 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else { return out };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
     for e in rd.flatten() {
         let p = e.path();
         if p.is_symlink() {

@@ -74,7 +74,10 @@ pub const PLACEHOLDERS: &[&str] = &[
 pub fn profile() -> AgentProfile {
     AgentProfile {
         name: "openclaw",
-        ack: AckRule::Header { name: "x-openclaw-delivery-accepted", value: "durable" },
+        ack: AckRule::Header {
+            name: "x-openclaw-delivery-accepted",
+            value: "durable",
+        },
         // Cold starts take 20 to 40 s on a small machine; the orchestrator's wake timeout is
         // the bound that matters.
         ready_timeout: Duration::from_secs(600),
@@ -93,7 +96,11 @@ fn render(i: &LaunchInputs<'_>) -> Result<AgentLaunch, String> {
         "OpenClaw is not installed where otm looks: run scripts/install-openclaw, or give its prefix with \
          --openclaw-prefix (OTM_OPENCLAW_PREFIX)",
     )?;
-    let template = i.settings.get(keys::TEMPLATE).map(String::as_str).unwrap_or(DEFAULT_TEMPLATE);
+    let template = i
+        .settings
+        .get(keys::TEMPLATE)
+        .map(String::as_str)
+        .unwrap_or(DEFAULT_TEMPLATE);
 
     let dir = i.instance_dir;
     let home = dir.join("home");
@@ -106,7 +113,8 @@ fn render(i: &LaunchInputs<'_>) -> Result<AgentLaunch, String> {
     }
 
     let gateway_port = i.port;
-    let webhook_port = other_free_port(&[gateway_port]).map_err(|e| format!("no free port for the webhook: {e}"))?;
+    let webhook_port = other_free_port(&[gateway_port])
+        .map_err(|e| format!("no free port for the webhook: {e}"))?;
     let webhook_url = format!("http://127.0.0.1:{webhook_port}{WEBHOOK_PATH}");
     let gateway_token = Secret::random();
 
@@ -133,7 +141,8 @@ fn render(i: &LaunchInputs<'_>) -> Result<AgentLaunch, String> {
         values.insert("model_api_key", v.as_str().into());
     }
     let config = render_template(template, &values)?;
-    write_private(&config_path, config.as_bytes()).map_err(|e| format!("cannot write {}: {e}", config_path.display()))?;
+    write_private(&config_path, config.as_bytes())
+        .map_err(|e| format!("cannot write {}: {e}", config_path.display()))?;
 
     let mut path = String::new();
     if let Some(extra) = i.settings.get(keys::PATH).filter(|p| !p.is_empty()) {
@@ -161,7 +170,16 @@ fn render(i: &LaunchInputs<'_>) -> Result<AgentLaunch, String> {
 
     Ok(AgentLaunch {
         program: command.into(),
-        args: ["gateway", "run", "--port", &gateway_port.to_string(), "--bind", "loopback"].map(str::to_owned).to_vec(),
+        args: [
+            "gateway",
+            "run",
+            "--port",
+            &gateway_port.to_string(),
+            "--bind",
+            "loopback",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
         env,
         webhook_url,
         health_url: format!("http://127.0.0.1:{gateway_port}/readyz"),
@@ -190,9 +208,12 @@ pub fn render_template(template: &str, values: &BTreeMap<&str, Value>) -> Result
         while let Some(start) = rest.find("{{") {
             out.push_str(&rest[..start]);
             let after = &rest[start + 2..];
-            let end = after
-                .find("}}")
-                .ok_or_else(|| format!("the OpenClaw config template has an unclosed `{{{{` on line {}", n + 1))?;
+            let end = after.find("}}").ok_or_else(|| {
+                format!(
+                    "the OpenClaw config template has an unclosed `{{{{` on line {}",
+                    n + 1
+                )
+            })?;
             let name = after[..end].trim();
             if !PLACEHOLDERS.contains(&name) {
                 return Err(format!(
@@ -209,7 +230,11 @@ pub fn render_template(template: &str, values: &BTreeMap<&str, Value>) -> Result
                          server with --model-base-url and --model-id (and --model-api-key if the provider needs one)"
                     ));
                 }
-                None => return Err(format!("no value for `{{{{{name}}}}}` in the OpenClaw config template")),
+                None => {
+                    return Err(format!(
+                        "no value for `{{{{{name}}}}}` in the OpenClaw config template"
+                    ));
+                }
             }
             rest = &after[end + 2..];
         }
@@ -219,20 +244,28 @@ pub fn render_template(template: &str, values: &BTreeMap<&str, Value>) -> Result
 }
 
 fn path_str(p: &Path) -> Result<&str, String> {
-    p.to_str().ok_or_else(|| format!("{} is not valid UTF-8", p.display()))
+    p.to_str()
+        .ok_or_else(|| format!("{} is not valid UTF-8", p.display()))
 }
 
 fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
     f.write_all(data)
 }
 
 /// A free loopback port other than those given.
 fn other_free_port(taken: &[u16]) -> std::io::Result<u16> {
     loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         if !taken.contains(&port) {
             return Ok(port);
         }
@@ -244,14 +277,22 @@ mod tests {
     use super::*;
 
     fn all_values() -> BTreeMap<&'static str, Value> {
-        PLACEHOLDERS.iter().map(|p| (*p, Value::from(format!("v-{p}")))).collect()
+        PLACEHOLDERS
+            .iter()
+            .map(|p| (*p, Value::from(format!("v-{p}"))))
+            .collect()
     }
 
     #[test]
     fn the_default_template_uses_only_known_placeholders() {
         check_template(DEFAULT_TEMPLATE).unwrap();
         let out = render_template(DEFAULT_TEMPLATE, &all_values()).unwrap();
-        assert!(out.lines().filter(|l| !l.trim_start().starts_with("//")).all(|l| !l.contains("{{")), "{out}");
+        assert!(
+            out.lines()
+                .filter(|l| !l.trim_start().starts_with("//"))
+                .all(|l| !l.contains("{{")),
+            "{out}"
+        );
         assert!(out.contains("token: \"v-gateway_token\""), "{out}");
     }
 
@@ -281,7 +322,10 @@ mod tests {
         let mut settings = BTreeMap::new();
         settings.insert(keys::COMMAND.to_owned(), "/opt/oc/bin/openclaw".to_owned());
         settings.insert(keys::PATH.to_owned(), "/opt/oc/bin".to_owned());
-        settings.insert(keys::MODEL_BASE_URL.to_owned(), "http://127.0.0.1:9/model/s".to_owned());
+        settings.insert(
+            keys::MODEL_BASE_URL.to_owned(),
+            "http://127.0.0.1:9/model/s".to_owned(),
+        );
         settings.insert(keys::MODEL_ID.to_owned(), "m-1".to_owned());
         settings.insert(keys::MODEL_API_KEY.to_owned(), "otm-proxied".to_owned());
         let inputs = LaunchInputs {
@@ -295,24 +339,47 @@ mod tests {
         };
         let launch = profile().render(&inputs).unwrap();
         assert_eq!(launch.program, Path::new("/opt/oc/bin/openclaw"));
-        assert_eq!(launch.args, ["gateway", "run", "--port", "40001", "--bind", "loopback"]);
+        assert_eq!(
+            launch.args,
+            ["gateway", "run", "--port", "40001", "--bind", "loopback"]
+        );
         assert_eq!(launch.health_url, "http://127.0.0.1:40001/readyz");
         assert!(launch.webhook_url.ends_with(WEBHOOK_PATH));
         assert!(launch.env["PATH"].starts_with("/opt/oc/bin:"));
-        assert_eq!(launch.env["OPENCLAW_STATE_DIR"], state.display().to_string());
-        assert_eq!(launch.env["HOME"], dir.path().join("home").display().to_string());
+        assert_eq!(
+            launch.env["OPENCLAW_STATE_DIR"],
+            state.display().to_string()
+        );
+        assert_eq!(
+            launch.env["HOME"],
+            dir.path().join("home").display().to_string()
+        );
         let config = std::fs::read_to_string(dir.path().join("openclaw.json5")).unwrap();
-        assert!(config.contains("apiRoot: \"http://127.0.0.1:8082\""), "{config}");
+        assert!(
+            config.contains("apiRoot: \"http://127.0.0.1:8082\""),
+            "{config}"
+        );
         assert!(config.contains("primary: \"otm/m-1\""), "{config}");
         assert!(config.contains("webhookSecret: \"whs\""), "{config}");
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join("openclaw.json5")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join("openclaw.json5"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o077, 0, "the config carries tokens: owner only");
         assert!(state.join("workspace").is_dir());
 
         let mut without = settings.clone();
         without.remove(keys::COMMAND);
-        let inputs = LaunchInputs { settings: &without, ..inputs };
-        assert!(profile().render(&inputs).unwrap_err().contains("scripts/install-openclaw"));
+        let inputs = LaunchInputs {
+            settings: &without,
+            ..inputs
+        };
+        assert!(
+            profile()
+                .render(&inputs)
+                .unwrap_err()
+                .contains("scripts/install-openclaw")
+        );
     }
 }

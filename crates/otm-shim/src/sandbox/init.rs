@@ -12,18 +12,31 @@ use nix::unistd::Pid;
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 
-const FORWARDED: &[Signal] =
-    &[Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGUSR1, Signal::SIGUSR2];
+const FORWARDED: &[Signal] = &[
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+];
 
 /// Runs `program` with `args` and returns the exit code to exit with.
 pub fn run(program: &OsString, args: &[OsString]) -> i32 {
     let _ = std::fs::write("/proc/self/oom_score_adj", "500");
     let _ = nix::sys::prctl::set_dumpable(false);
     // Started before the signals are blocked: a child inherits the signal mask.
-    let child = match std::process::Command::new(program).args(args).process_group(0).spawn() {
+    let child = match std::process::Command::new(program)
+        .args(args)
+        .process_group(0)
+        .spawn()
+    {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("otm sandbox-init: cannot start {}: {e}", program.to_string_lossy());
+            eprintln!(
+                "otm sandbox-init: cannot start {}: {e}",
+                program.to_string_lossy()
+            );
             return 127;
         }
     };

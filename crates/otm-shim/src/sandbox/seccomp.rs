@@ -84,13 +84,25 @@ fn denied() -> Vec<libc::c_long> {
         libc::SYS_vhangup,
     ];
     #[cfg(target_arch = "x86_64")]
-    v.extend([libc::SYS_iopl, libc::SYS_ioperm, libc::SYS_uselib, libc::SYS_lookup_dcookie]);
+    v.extend([
+        libc::SYS_iopl,
+        libc::SYS_ioperm,
+        libc::SYS_uselib,
+        libc::SYS_lookup_dcookie,
+    ]);
     v
 }
 
 /// `CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID |
 /// CLONE_NEWNET | CLONE_NEWTIME`.
-const CLONE_NEW_ANY: u32 = 0x0002_0000 | 0x0200_0000 | 0x0400_0000 | 0x0800_0000 | 0x1000_0000 | 0x2000_0000 | 0x4000_0000 | 0x80;
+const CLONE_NEW_ANY: u32 = 0x0002_0000
+    | 0x0200_0000
+    | 0x0400_0000
+    | 0x0800_0000
+    | 0x1000_0000
+    | 0x2000_0000
+    | 0x4000_0000
+    | 0x80;
 
 const AF_PACKET: u32 = 17;
 const SOCK_RAW: u32 = 3;
@@ -107,7 +119,12 @@ struct Insn {
 }
 
 fn stmt(code: u16, k: u32) -> Insn {
-    Insn { code, jt: 0, jf: 0, k }
+    Insn {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    }
 }
 
 fn jump(code: u16, k: u32, jt: u8, jf: u8) -> Insn {
@@ -180,9 +197,15 @@ mod tests {
     fn the_program_is_whole_instructions_and_ends_allowing() {
         let p = super::program();
         assert_eq!(p.len() % 8, 0);
-        assert!(p.len() / 8 < 4096, "BPF programs are limited to 4096 instructions");
+        assert!(
+            p.len() / 8 < 4096,
+            "BPF programs are limited to 4096 instructions"
+        );
         let last = &p[p.len() - 8..];
         assert_eq!(u16::from_ne_bytes([last[0], last[1]]), super::RET_K);
-        assert_eq!(u32::from_ne_bytes([last[4], last[5], last[6], last[7]]), super::RET_ALLOW);
+        assert_eq!(
+            u32::from_ne_bytes([last[4], last[5], last[6], last[7]]),
+            super::RET_ALLOW
+        );
     }
 }

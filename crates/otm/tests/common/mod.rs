@@ -43,7 +43,13 @@ impl Harness {
         f(&mut s);
         let server = otm_server::start(s, None).await.expect("server starts");
         let token = server.admin_token().expose().to_owned();
-        Harness { server: Some(server), tg, dir, http: reqwest::Client::builder().no_proxy().build().unwrap(), token }
+        Harness {
+            server: Some(server),
+            tg,
+            dir,
+            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+            token,
+        }
     }
 
     pub fn server(&self) -> &Server {
@@ -58,22 +64,38 @@ impl Harness {
         format!("http://{}{path}", self.server().public_addr)
     }
 
-    pub async fn api(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self.http.request(method, self.admin(path)).bearer_auth(&self.token);
+    pub async fn api(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, self.admin(path))
+            .bearer_auth(&self.token);
         if let Some(b) = body {
             req = req.json(&b);
         }
         let resp = req.send().await.unwrap();
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     /// Creates a tenant with a bot token; returns the webhook secret Telegram was given.
     pub async fn tenant(&self, id: &str, bot_token: &str) -> String {
         self.tg.add_bot(bot_token);
-        let (status, body) =
-            self.api(reqwest::Method::POST, "/tenants", Some(json!({"id": id, "bot_token": bot_token}))).await;
+        let (status, body) = self
+            .api(
+                reqwest::Method::POST,
+                "/tenants",
+                Some(json!({"id": id, "bot_token": bot_token})),
+            )
+            .await;
         assert_eq!(status, 201, "{body}");
         let hook = self.tg.webhook(bot_token).expect("webhook registered");
         assert_eq!(hook.url, format!("{PUBLIC_URL}/tg/{id}"));
@@ -126,14 +148,26 @@ impl Drop for Harness {
 /// running on the machine).
 pub fn kill_instances(data_dir: &std::path::Path) {
     {
-        let Ok(dirs) = std::fs::read_dir(data_dir.join("runtime")) else { return };
+        let Ok(dirs) = std::fs::read_dir(data_dir.join("runtime")) else {
+            return;
+        };
         for d in dirs.flatten() {
-            let Ok(raw) = std::fs::read(d.path().join("record.json")) else { continue };
-            let Ok(v) = serde_json::from_slice::<Value>(&raw) else { continue };
+            let Ok(raw) = std::fs::read(d.path().join("record.json")) else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_slice::<Value>(&raw) else {
+                continue;
+            };
             if let Some(pid) = v["pid"].as_i64() {
                 // Process 1 of the instance's PID namespace: the namespace goes with it.
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
-                let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
     }
@@ -143,7 +177,10 @@ pub fn kill_instances(data_dir: &std::path::Path) {
 /// traverse (but not list).
 pub fn tempdir() -> tempfile::TempDir {
     use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::Builder::new().prefix("otm").tempdir_in("/tmp").unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("otm")
+        .tempdir_in("/tmp")
+        .unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
     dir
 }
@@ -156,7 +193,9 @@ pub fn agent_pid(instance_dir: &std::path::Path) -> Option<u32> {
         let pid: u32 = e.file_name().to_str()?.parse().ok()?;
         let environ = std::fs::read(e.path().join("environ")).ok()?;
         let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-        let zombie = stat.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
+        let zombie = stat
+            .rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
         (!zombie && environ.split(|b| *b == 0).any(|v| v == marker.as_bytes())).then_some(pid)
     })
 }
@@ -167,7 +206,11 @@ pub fn free_port() -> u16 {
     use std::sync::Mutex;
     static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
     loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let mut given = GIVEN.lock().unwrap();
         if !given.contains(&port) {
             given.push(port);
