@@ -222,6 +222,7 @@ mod tests {
 }
 
 pub mod init;
+pub mod landlock;
 
 /// How the shim starts agents in a sandbox of their own.
 #[derive(Clone, Debug)]
@@ -308,6 +309,9 @@ impl AgentSandbox {
         ]);
         a.push("--".into());
         a.extend(init.iter().map(|p| s(p)));
+        for w in writable {
+            a.extend(["--rw".into(), s(w)]);
+        }
         a.extend(["--".into(), s(program)]);
         a.extend(args.iter().cloned());
 

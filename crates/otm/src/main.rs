@@ -244,6 +244,9 @@ struct SandboxExecArgs {
 
 #[derive(Args, Debug)]
 struct SandboxInitArgs {
+    /// A directory the agent may write (Landlock); repeatable. Everything else is read-only.
+    #[arg(long = "rw", value_name = "DIR")]
+    rw: Vec<std::path::PathBuf>,
     /// The agent and its arguments.
     #[arg(last = true, required = true)]
     command: Vec<std::ffi::OsString>,
@@ -271,7 +274,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(126);
         }
         Command::SandboxInit(a) => {
-            let code = otm_shim::sandbox::init::run(&a.command[0], &a.command[1..]);
+            let code = otm_shim::sandbox::init::run(&a.command[0], &a.command[1..], &a.rw);
             return std::process::ExitCode::from(code.clamp(0, 255) as u8);
         }
         _ => {}

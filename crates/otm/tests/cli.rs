@@ -435,3 +435,56 @@ fn a_data_dir_beside_the_binary_is_refused() {
         "nothing is created before refusing"
     );
 }
+
+#[test]
+fn the_sandbox_init_lets_the_agent_write_only_its_own_directories() {
+    // What the agent sandbox's process 1 applies to itself (Landlock) holds for whatever the
+    // agent starts: run both forms of it on the host, outside any other sandbox layer, so the
+    // file rules alone decide. Not below /tmp, which the rules keep writable.
+    let target = std::path::Path::new(env!("CARGO_BIN_EXE_otm"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let dir = tempfile::tempdir_in(&target).unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::write(dir.path().join("secret"), "host file").unwrap();
+    let script = "echo kept > state/ok && cat secret && \
+                  { echo x > outside && echo WROTE-OUTSIDE; true; } && \
+                  { echo x >> secret && echo APPENDED; true; } && \
+                  { mv state/ok moved && echo MOVED-OUT; true; } && \
+                  { rm secret && echo REMOVED; true; }";
+    let small = target.join("otm-sandbox-init");
+    let mut forms: Vec<Command> = vec![otm()];
+    forms[0].arg("sandbox-init");
+    if small.is_file() {
+        forms.push(Command::new(&small));
+    }
+    for mut init in forms {
+        let out = init
+            .arg("--rw")
+            .arg(&state)
+            .args(["--", "/bin/sh", "-c", script])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stdout}{stderr}");
+        if stderr.contains("has no Landlock") {
+            println!("skipped: this kernel has no Landlock");
+            return;
+        }
+        assert!(stdout.contains("host file"), "reads go on: {stdout}");
+        for bad in ["WROTE-OUTSIDE", "APPENDED", "MOVED-OUT", "REMOVED"] {
+            assert!(!stdout.contains(bad), "{bad}: {stdout}{stderr}");
+        }
+        assert_eq!(std::fs::read_to_string(state.join("ok")).unwrap(), "kept\n");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("secret")).unwrap(),
+            "host file"
+        );
+        assert!(!dir.path().join("outside").exists());
+        std::fs::remove_file(state.join("ok")).unwrap();
+    }
+}
