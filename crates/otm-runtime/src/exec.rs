@@ -30,6 +30,43 @@ pub struct ExecPlan {
     pub args: Vec<OsString>,
 }
 
+/// Parses the arguments of `otm-sandbox-exec` (the same as `otm sandbox-exec`'s):
+/// `[--cgroup-procs FILE]… [--uid N] [--gid N] [--nofile N] [--fsize BYTES] [--keep-fd FD]…
+/// -- PROGRAM [ARGS…]`.
+pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<ExecPlan, String> {
+    let mut args = args.into_iter();
+    let mut plan = ExecPlan {
+        nofile: 4096,
+        ..Default::default()
+    };
+    fn number<T: std::str::FromStr>(flag: &str, v: Option<OsString>) -> Result<T, String> {
+        v.as_ref()
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("{flag} needs a number"))
+    }
+    loop {
+        let Some(arg) = args.next() else {
+            return Err("no program given after --".into());
+        };
+        match arg.to_str().unwrap_or("") {
+            "--cgroup-procs" => plan.cgroup_procs.push(PathBuf::from(
+                args.next().ok_or("--cgroup-procs needs a file")?,
+            )),
+            "--uid" => plan.uid = Some(number("--uid", args.next())?),
+            "--gid" => plan.gid = Some(number("--gid", args.next())?),
+            "--nofile" => plan.nofile = number("--nofile", args.next())?,
+            "--fsize" => plan.fsize = Some(number("--fsize", args.next())?),
+            "--keep-fd" => plan.keep_fds.push(number("--keep-fd", args.next())?),
+            "--" => break,
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    plan.program = args.next().ok_or("no program given after --")?;
+    plan.args = args.collect();
+    Ok(plan)
+}
+
 /// Sets everything up and executes the program; returns only on failure.
 pub fn run(plan: ExecPlan) -> std::io::Error {
     match prepare(&plan) {
@@ -80,4 +117,54 @@ fn prepare(plan: &ExecPlan) -> std::io::Result<()> {
             .map_err(|e| ctx(format!("cannot become uid {uid}"))(e.into()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn os(xs: &[&str]) -> Vec<OsString> {
+        xs.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn arguments_parse_as_the_full_binary_takes_them() {
+        let plan = parse_args(os(&[
+            "--cgroup-procs",
+            "/a/cgroup.procs",
+            "--cgroup-procs",
+            "/b/cgroup.procs",
+            "--uid",
+            "1500000007",
+            "--gid",
+            "1500000007",
+            "--nofile",
+            "4096",
+            "--fsize",
+            "1073741824",
+            "--keep-fd",
+            "3",
+            "--",
+            "/usr/bin/bwrap",
+            "--unshare-user",
+            "--",
+        ]))
+        .unwrap();
+        assert_eq!(plan.cgroup_procs.len(), 2);
+        assert_eq!(
+            (plan.uid, plan.gid),
+            (Some(1_500_000_007), Some(1_500_000_007))
+        );
+        assert_eq!((plan.nofile, plan.fsize), (4096, Some(1 << 30)));
+        assert_eq!(plan.keep_fds, vec![3]);
+        assert_eq!(plan.program, "/usr/bin/bwrap");
+        assert_eq!(plan.args, os(&["--unshare-user", "--"]));
+        assert!(parse_args(os(&["--uid", "root", "--", "x"])).is_err());
+        assert!(parse_args(os(&["--",])).is_err());
+        assert!(parse_args(os(&["--bogus", "--", "x"])).is_err());
+        assert!(
+            parse_args(os(&["x"])).is_err(),
+            "the program comes after --"
+        );
+    }
 }

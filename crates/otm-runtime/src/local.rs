@@ -111,6 +111,8 @@ struct Inner {
     otm_binary: PathBuf,
     bwrap: Option<PathBuf>,
     read_only: Vec<PathBuf>,
+    /// The directory every instance sandbox shows as its `/etc` ([`sandbox::prepare_etc`]).
+    etc: Option<PathBuf>,
     egress_dir: Option<PathBuf>,
     cgroups: Option<Layout>,
     /// Why there are no cgroups, for status pages.
@@ -161,6 +163,23 @@ impl LocalRuntime {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
                 .map_err(|e| Error::generic(BACKEND, e))?;
         }
+        let etc = match &bwrap {
+            Some(_) => Some(
+                sandbox::prepare_etc(&data_dir.join("sandbox")).map_err(|e| {
+                    Error::generic(
+                        BACKEND,
+                        std::io::Error::new(
+                            e.kind(),
+                            format!(
+                                "cannot prepare the sandboxes' /etc in {}: {e}",
+                                data_dir.join("sandbox").display()
+                            ),
+                        ),
+                    )
+                })?,
+            ),
+            None => None,
+        };
         let uid_base = (root && bwrap.is_some()).then_some(config.uid_base);
         if uid_base.is_some() {
             // Instances run as uids of their own, and bubblewrap needs to reach their directories.
@@ -199,6 +218,7 @@ impl LocalRuntime {
                 otm_binary,
                 bwrap,
                 read_only: config.read_only,
+                etc,
                 egress_dir: config.egress_dir,
                 cgroups,
                 cgroup_problem,
@@ -287,7 +307,7 @@ impl LocalRuntime {
             "--info-fd".into(),
             info_fd.to_string(),
         ]);
-        let view = self.view(dir, true);
+        let view = self.view();
         a.extend(view.args());
         a.extend(["--bind".into(), s(dir), s(dir)]);
         if let Some(dir) = &self.inner.egress_dir {
@@ -311,9 +331,9 @@ impl LocalRuntime {
         a
     }
 
-    /// What a sandbox of this instance shows: the system, otm, the reference agent beside it,
-    /// and the configured installations.
-    fn view(&self, dir: &Path, with_passwd: bool) -> SystemView {
+    /// What a sandbox shows: the system, otm, the reference agent beside it, and the configured
+    /// installations.
+    fn view(&self) -> SystemView {
         let mut read_only = vec![self.inner.otm_binary.clone()];
         for beside in ["otm-reference-agent", "otm-sandbox-init"] {
             if let Some(p) = self.inner.otm_binary.parent().map(|d| d.join(beside))
@@ -325,7 +345,8 @@ impl LocalRuntime {
         read_only.extend(self.inner.read_only.iter().filter(|p| p.exists()).cloned());
         SystemView {
             read_only,
-            passwd: with_passwd.then(|| (dir.join("etc/passwd"), dir.join("etc/group"))),
+            etc: self.inner.etc.clone(),
+            passwd: None,
             tmp_bytes: TMP_BYTES,
         }
     }
@@ -498,16 +519,6 @@ impl LocalRuntime {
             rdir.join("shim.token")
         };
         write_private(&token_file, spec.shim_token.expose().as_bytes()).map_err(g)?;
-        if sandboxed {
-            std::fs::create_dir(dir.join("etc")).map_err(g)?;
-            let (passwd, group) = sandbox::passwd_files();
-            std::fs::write(dir.join("etc/passwd"), passwd).map_err(g)?;
-            std::fs::write(dir.join("etc/group"), group).map_err(g)?;
-            for (p, mode) in [("etc", 0o755), ("etc/passwd", 0o644), ("etc/group", 0o644)] {
-                std::fs::set_permissions(dir.join(p), std::fs::Permissions::from_mode(mode))
-                    .map_err(g)?;
-            }
-        }
         if self.inner.uid_base.is_some() {
             let owner = Some(nix::unistd::Uid::from_raw(uid));
             let group = Some(nix::unistd::Gid::from_raw(uid));
@@ -587,12 +598,20 @@ impl LocalRuntime {
             if self.inner.egress_dir.is_some() {
                 argv.extend(["--egress".into(), sandbox::EGRESS_DIR.into()]);
             }
-            for p in &self.view(&dir, false).read_only {
+            for p in &self.view().read_only {
                 argv.extend(["--show".into(), s(p)]);
             }
         }
 
-        let mut cmd = tokio::process::Command::new(&self.inner.otm_binary);
+        // `otm-sandbox-exec` beside otm starts faster than the whole otm binary.
+        let small = self.inner.otm_binary.with_file_name("otm-sandbox-exec");
+        let program = if small.is_file() {
+            argv.remove(0);
+            small
+        } else {
+            self.inner.otm_binary.clone()
+        };
+        let mut cmd = tokio::process::Command::new(&program);
         cmd.args(&argv)
             .env_clear()
             .env(

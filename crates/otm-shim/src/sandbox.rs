@@ -58,7 +58,11 @@ pub struct SystemView {
     /// Files or directories shown read-only at the same path (otm, agent programs and their
     /// installations).
     pub read_only: Vec<PathBuf>,
-    /// A synthetic `/etc/passwd` and `/etc/group` to show, when given.
+    /// A directory shown as the whole of `/etc` with one mount (one made by [`prepare_etc`], or
+    /// inside an instance sandbox its `/etc`, already that directory). Without one, the files of
+    /// `/etc` an agent needs are shown one by one, a mount each.
+    pub etc: Option<PathBuf>,
+    /// A synthetic `/etc/passwd` and `/etc/group` to show, when given (without `etc`).
     pub passwd: Option<(PathBuf, PathBuf)>,
     /// Size of the private `/tmp` in bytes.
     pub tmp_bytes: u64,
@@ -93,12 +97,16 @@ impl SystemView {
                 _ => {}
             }
         }
-        for f in ETC_FILES {
-            push(&["--ro-bind-try", f, f]);
-        }
-        if let Some((passwd, group)) = &self.passwd {
-            push(&["--ro-bind", &passwd.display().to_string(), "/etc/passwd"]);
-            push(&["--ro-bind", &group.display().to_string(), "/etc/group"]);
+        if let Some(etc) = &self.etc {
+            push(&["--ro-bind", &etc.display().to_string(), "/etc"]);
+        } else {
+            for f in ETC_FILES {
+                push(&["--ro-bind-try", f, f]);
+            }
+            if let Some((passwd, group)) = &self.passwd {
+                push(&["--ro-bind", &passwd.display().to_string(), "/etc/passwd"]);
+                push(&["--ro-bind", &group.display().to_string(), "/etc/group"]);
+            }
         }
         // The fresh /proc, /dev and /tmp first: binds of paths below /tmp (a data directory
         // there) are mounted on top of them, not hidden under them.
@@ -156,6 +164,133 @@ pub fn passwd_files() -> (String, String) {
     )
 }
 
+/// Builds, below `root`, a directory to show as a sandbox's whole `/etc`: copies of the files
+/// of `/etc` an agent needs (what every local user may read of them: nothing that is not
+/// world-readable, so no `/etc/ssl/private`), symbolic links kept as links, and the synthetic
+/// `passwd` and `group` of [`passwd_files`]. One mount then shows it all, instead of a mount per
+/// file on every sandbox start.
+///
+/// The directory is named after a hash of its contents and never changed once made: a server
+/// that finds the host's `/etc` changed makes a new one, and running instances keep theirs.
+/// Several servers sharing a data directory make the same one.
+pub fn prepare_etc(root: &Path) -> std::io::Result<PathBuf> {
+    use std::hash::{Hash, Hasher};
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let mut entries: Vec<(PathBuf, EtcEntry)> = Vec::new();
+    for f in ETC_FILES {
+        collect_etc(
+            Path::new(f),
+            Path::new(f.trim_start_matches("/etc/")),
+            true,
+            &mut entries,
+        );
+    }
+    let (passwd, group) = passwd_files();
+    entries.retain(|(rel, _)| rel != Path::new("passwd") && rel != Path::new("group"));
+    entries.push(("passwd".into(), EtcEntry::File(passwd.into_bytes(), 0o644)));
+    entries.push(("group".into(), EtcEntry::File(group.into_bytes(), 0o644)));
+    let mut hasher = std::hash::DefaultHasher::new();
+    entries.hash(&mut hasher);
+    let dir = root.join(format!("etc-{:016x}", hasher.finish()));
+    if dir.is_dir() {
+        return Ok(dir);
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(root)?;
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755))?;
+    let tmp = root.join(format!(
+        ".etc-{}-{}",
+        std::process::id(),
+        otm_core::id::random_hex(4)
+    ));
+    let build = || -> std::io::Result<()> {
+        std::fs::DirBuilder::new().mode(0o755).create(&tmp)?;
+        for (rel, entry) in &entries {
+            let at = tmp.join(rel);
+            match entry {
+                EtcEntry::Dir(mode) => {
+                    std::fs::DirBuilder::new().mode(*mode).create(&at)?;
+                    std::fs::set_permissions(&at, std::fs::Permissions::from_mode(*mode))?;
+                }
+                EtcEntry::File(data, mode) => {
+                    std::fs::write(&at, data)?;
+                    std::fs::set_permissions(&at, std::fs::Permissions::from_mode(*mode))?;
+                }
+                EtcEntry::Link(target) => std::os::unix::fs::symlink(target, &at)?,
+            }
+        }
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
+    };
+    let built = build().and_then(|()| std::fs::rename(&tmp, &dir));
+    if built.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        // Made meanwhile by another server sharing the data directory?
+        if dir.is_dir() {
+            return Ok(dir);
+        }
+    }
+    built.map(|()| dir)
+}
+
+/// One entry of a prepared `/etc`.
+#[derive(Hash)]
+enum EtcEntry {
+    Dir(u32),
+    File(Vec<u8>, u32),
+    Link(PathBuf),
+}
+
+/// Adds `host` (at `rel` in the prepared `/etc`) and, for a directory, what is below it: what
+/// every user may read, links as links. A link at the top whose target lies outside the
+/// system directories every sandbox shows (`/etc/resolv.conf` into `/run`) is copied as the
+/// file it points to.
+fn collect_etc(host: &Path, rel: &Path, top: bool, out: &mut Vec<(PathBuf, EtcEntry)>) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::symlink_metadata(host) else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    if meta.file_type().is_symlink() {
+        let Ok(target) = std::fs::read_link(host) else {
+            return;
+        };
+        let shown = target.is_relative()
+            || SYSTEM_DIRS.iter().any(|d| target.starts_with(d))
+            || target.starts_with("/etc");
+        if shown || !top {
+            out.push((rel.to_path_buf(), EtcEntry::Link(target)));
+            return;
+        }
+        if let Ok(meta) = std::fs::metadata(host)
+            && meta.is_file()
+            && meta.permissions().mode() & 0o004 != 0
+            && let Ok(data) = std::fs::read(host)
+        {
+            out.push((rel.to_path_buf(), EtcEntry::File(data, 0o644)));
+        }
+    } else if meta.is_dir() {
+        if mode & 0o005 != 0o005 {
+            return;
+        }
+        out.push((rel.to_path_buf(), EtcEntry::Dir(mode & 0o755)));
+        let Ok(listing) = std::fs::read_dir(host) else {
+            return;
+        };
+        let mut names: Vec<_> = listing.flatten().map(|e| e.file_name()).collect();
+        names.sort();
+        for name in names {
+            collect_etc(&host.join(&name), &rel.join(&name), false, out);
+        }
+    } else if meta.is_file()
+        && mode & 0o004 != 0
+        && let Ok(data) = std::fs::read(host)
+    {
+        out.push((rel.to_path_buf(), EtcEntry::File(data, mode & 0o755)));
+    }
+}
+
 /// The first of `shown` that contains `data_dir` (or is it), if any. Instances must never see
 /// the data directory; a layout like `/opt/otm/{otm,data}` would show it through the binary's
 /// directory.
@@ -198,6 +333,50 @@ mod tests {
             None,
             "a directory inside the data dir does not show the data dir"
         );
+    }
+
+    #[test]
+    fn a_prepared_etc_holds_what_agents_need_and_nothing_private() {
+        let root = tempfile::tempdir().unwrap();
+        let etc = prepare_etc(root.path()).unwrap();
+        assert_eq!(
+            prepare_etc(root.path()).unwrap(),
+            etc,
+            "the same host /etc gives the same directory"
+        );
+        let passwd = std::fs::read_to_string(etc.join("passwd")).unwrap();
+        assert_eq!(
+            passwd,
+            passwd_files().0,
+            "the synthetic passwd, not the host's"
+        );
+        assert!(!etc.join("shadow").exists());
+        if Path::new("/etc/ssl/private").is_dir() {
+            assert!(!etc.join("ssl/private").exists(), "private keys stay out");
+        }
+        if Path::new("/etc/ld.so.cache").is_file() {
+            assert_eq!(
+                std::fs::read(etc.join("ld.so.cache")).unwrap(),
+                std::fs::read("/etc/ld.so.cache").unwrap()
+            );
+        }
+        let view = SystemView {
+            etc: Some(etc.clone()),
+            tmp_bytes: 1 << 20,
+            ..Default::default()
+        };
+        let args = view.args();
+        let binds = args.iter().filter(|a| a.contains("bind")).count();
+        assert!(
+            args.windows(3).any(|w| w[0] == "--ro-bind"
+                && w[1] == etc.display().to_string()
+                && w[2] == "/etc")
+        );
+        assert!(
+            !args.iter().any(|a| a == "/etc/ssl"),
+            "one mount for /etc: {args:?}"
+        );
+        assert!(binds < 10, "{args:?}");
     }
 
     #[test]

@@ -364,7 +364,9 @@ async fn shim(args: ShimArgs) -> anyhow::Result<()> {
         let otm = std::env::current_exe().context("finding the otm binary")?;
         let view = otm_shim::sandbox::SystemView {
             read_only: args.show,
-            passwd: Some(("/etc/passwd".into(), "/etc/group".into())),
+            // The instance sandbox's /etc is already the minimal one: shown whole, one mount.
+            etc: Some("/etc".into()),
+            passwd: None,
             tmp_bytes: 256 << 20,
         };
         Some(std::sync::Arc::new(otm_shim::sandbox::AgentSandbox {

@@ -8,13 +8,13 @@
 //! applies the sandbox's Landlock rules ([`super::landlock`]) to itself before the agent starts,
 //! so that the agent and everything it runs inherit them.
 
+use super::landlock::Enforcement;
 use nix::sys::signal::{SigSet, Signal, killpg};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
-use super::landlock::Enforcement;
 use std::ffi::OsString;
-use std::path::PathBuf;
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 
 const FORWARDED: &[Signal] = &[
     Signal::SIGTERM,
@@ -33,7 +33,9 @@ pub fn run(program: &OsString, args: &[OsString], writable: &[PathBuf]) -> i32 {
     match super::landlock::restrict(writable) {
         Ok(Enforcement::Full) => {}
         Ok(Enforcement::Partial) => {
-            eprintln!("otm sandbox-init: this kernel's Landlock enforces only part of the file rules")
+            eprintln!(
+                "otm sandbox-init: this kernel's Landlock enforces only part of the file rules"
+            )
         }
         Ok(Enforcement::None) => {
             eprintln!("otm sandbox-init: this kernel has no Landlock; the sandbox runs without it")
@@ -134,11 +136,24 @@ mod tests {
 
     #[test]
     fn arguments_name_the_writable_directories_then_the_agent() {
-        let (rw, program, args) =
-            parse_args(os(&["--rw", "/s", "--rw", "/t", "--", "/bin/agent", "--rw", "x"])).unwrap();
+        let (rw, program, args) = parse_args(os(&[
+            "--rw",
+            "/s",
+            "--rw",
+            "/t",
+            "--",
+            "/bin/agent",
+            "--rw",
+            "x",
+        ]))
+        .unwrap();
         assert_eq!(rw, vec![PathBuf::from("/s"), PathBuf::from("/t")]);
         assert_eq!(program, "/bin/agent");
-        assert_eq!(args, os(&["--rw", "x"]), "the agent's own arguments are its own");
+        assert_eq!(
+            args,
+            os(&["--rw", "x"]),
+            "the agent's own arguments are its own"
+        );
         let (rw, program, _) = parse_args(os(&["/bin/agent"])).unwrap();
         assert!(rw.is_empty());
         assert_eq!(program, "/bin/agent");

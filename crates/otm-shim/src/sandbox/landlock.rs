@@ -40,10 +40,8 @@ pub enum Enforcement {
 pub fn restrict(writable: &[PathBuf]) -> Result<Enforcement, String> {
     let all = AccessFs::from_all(TARGET);
     let read = AccessFs::from_read(TARGET);
-    let devices: BitFlags<AccessFs> = read
-        | AccessFs::WriteFile
-        | AccessFs::Truncate
-        | AccessFs::IoctlDev;
+    let devices: BitFlags<AccessFs> =
+        read | AccessFs::WriteFile | AccessFs::Truncate | AccessFs::IoctlDev;
     let mut rw: Vec<&Path> = writable.iter().map(PathBuf::as_path).collect();
     rw.extend([Path::new("/tmp"), Path::new("/dev/shm")]);
     let err = |e: ::landlock::RulesetError| format!("landlock: {e}");

@@ -10,7 +10,9 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::from(code.clamp(0, 255) as u8)
         }
         Err(e) => {
-            eprintln!("otm-sandbox-init: {e}\nusage: otm-sandbox-init [--rw DIR]... -- PROGRAM [ARGS...]");
+            eprintln!(
+                "otm-sandbox-init: {e}\nusage: otm-sandbox-init [--rw DIR]... -- PROGRAM [ARGS...]"
+            );
             std::process::ExitCode::from(2)
         }
     }
