@@ -16,6 +16,7 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`lease`]: coordinator leases renewed while their work runs.
 //! - [`remote`]: the router's client for the orchestrators, and the router's empty runtime.
+//! - [`listen`]: serving the listeners with a connection cap and a header-read timeout each.
 //! - [`server`]: start and shutdown.
 
 pub mod admin;
@@ -26,6 +27,7 @@ pub mod dispatch;
 pub mod egress;
 pub mod ingress;
 pub mod lease;
+pub mod listen;
 pub mod metrics;
 pub mod model_proxy;
 pub mod openclaw;

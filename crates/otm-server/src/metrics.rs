@@ -40,6 +40,11 @@ pub struct Limit {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Listener {
+    pub listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Kind {
     pub kind: String,
 }
@@ -75,6 +80,7 @@ pub struct Metrics {
     pub admission_waits: Family<Reason, Counter>,
     pub max_running: Gauge,
     pub wakes_in_flight: Gauge,
+    pub listener_connections_refused: Family<Listener, Counter>,
 }
 
 impl Default for Metrics {
@@ -108,6 +114,7 @@ impl Metrics {
             admission_waits: Family::default(),
             max_running: Gauge::default(),
             wakes_in_flight: Gauge::default(),
+            listener_connections_refused: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -197,6 +204,11 @@ impl Metrics {
             "Wakes under way in this process",
             m.wakes_in_flight.clone(),
         );
+        registry.register(
+            "listener_connections_refused",
+            "Connections closed at once because their listener held its most connections, by listener",
+            m.listener_connections_refused.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -237,6 +249,14 @@ impl Metrics {
     pub fn reconciler(&self, kind: &str) {
         self.reconciler_events
             .get_or_create(&Kind { kind: kind.into() })
+            .inc();
+    }
+
+    pub fn connection_refused(&self, listener: &str) {
+        self.listener_connections_refused
+            .get_or_create(&Listener {
+                listener: listener.into(),
+            })
             .inc();
     }
 

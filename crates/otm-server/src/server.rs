@@ -2,6 +2,7 @@
 
 use crate::app::App;
 use crate::config::Settings;
+use crate::listen::{self, ListenerLimits};
 use crate::{admin, dispatch, egress, ingress, orchestrator};
 use axum::Router;
 use axum::error_handling::HandleErrorLayer;
@@ -79,6 +80,7 @@ pub async fn start(
     admin_token_given: Option<Secret>,
 ) -> Result<Server, StartError> {
     let listeners = settings.validate()?;
+    let caps = ListenerLimits::for_descriptors(listen::raise_nofile());
     let data_dir = settings.data_dir.clone();
     let dd_err = |source| StartError::DataDir {
         path: data_dir.display().to_string(),
@@ -183,20 +185,45 @@ pub async fn start(
     // Every role answers /healthz and /metrics; the public listener takes webhooks only on
     // routers, the admin API lives on orchestrators, and both serve the Bot API proxy (agents
     // are pointed at their orchestrator's, or at --egress-url).
-    tasks.push(serve(public, public_router(app.clone()), shutdown.clone()));
-    tasks.push(serve(admin, admin::router(app.clone()), shutdown.clone()));
-    tasks.push(serve(egress, egress::router(app.clone()), shutdown.clone()));
+    // Each listener has its own connection cap, so that idle connections to one (the egress
+    // listener is reachable by every agent) cannot use up the descriptors webhooks need.
+    let refused_app = app.clone();
+    let metrics: Option<listen::OnRefused> = Some(Arc::new(move |listener: &'static str| {
+        refused_app.metrics.connection_refused(listener)
+    }));
+    tasks.push(listen::serve(
+        "public",
+        public,
+        public_router(app.clone()),
+        caps.public,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    tasks.push(listen::serve(
+        "admin",
+        admin,
+        admin::router(app.clone()),
+        caps.admin,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    tasks.push(listen::serve(
+        "egress",
+        egress,
+        egress::router(app.clone()),
+        caps.egress,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     if let Some(unix) = egress_unix {
-        let router = egress::router(app.clone());
-        let stop = shutdown.clone();
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = axum::serve(unix, router)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-            {
-                tracing::error!(error = %e, "egress socket failed");
-            }
-        }));
+        tasks.push(listen::serve(
+            "egress-socket",
+            unix,
+            egress::router(app.clone()),
+            caps.egress,
+            metrics,
+            shutdown.clone(),
+        ));
     }
     if app.settings.runs_orchestrator() {
         if let Err(e) = orchestrator::reconcile(&app).await {
@@ -288,17 +315,6 @@ fn make_private(data_dir: &Path) {
             }
         }
     }
-}
-
-fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let result = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "listener failed");
-        }
-    })
 }
 
 impl Server {

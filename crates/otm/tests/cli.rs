@@ -488,3 +488,80 @@ fn the_sandbox_init_lets_the_agent_write_only_its_own_directories() {
         std::fs::remove_file(state.join("ok")).unwrap();
     }
 }
+
+/// The attack on the listeners, on the real binary at a 1,024-descriptor limit: 2,000 idle
+/// connections to the admin and egress listeners leave the public one answering at once.
+#[test]
+fn idle_connections_cannot_starve_the_public_listener_at_a_low_descriptor_limit() {
+    use std::net::TcpStream;
+    let dir = common::tempdir();
+    let (public, admin, egress) = (
+        common::free_port(),
+        common::free_port(),
+        common::free_port(),
+    );
+    let mut server = Command::new("/bin/sh")
+        .arg("-c")
+        .arg("ulimit -n 1024 && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_otm"))
+        .args(["server", "--sandbox", "none", "--data-dir"])
+        .arg(dir.path().join("d"))
+        .args(["--listen", &format!("127.0.0.1:{public}")])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        .args(["--egress-listen", &format!("127.0.0.1:{egress}")])
+        .env("RUST_LOG", "error")
+        .env_remove("OTM_ADMIN_TOKEN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let http = |port: u16, request: &str| -> Option<String> {
+        use std::io::{Read, Write};
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+        s.write_all(request.as_bytes()).ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    };
+    let health = "GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+    let mut up = false;
+    for _ in 0..200 {
+        if http(public, health).is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
+            up = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(up, "the server did not start");
+    let mut idle = Vec::new();
+    for i in 0..2000 {
+        let port = if i % 2 == 0 { admin } else { egress };
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        if let Ok(s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            idle.push(s);
+        }
+    }
+    // Let the server take (and close) what is over its caps.
+    std::thread::sleep(Duration::from_millis(500));
+    for n in 0..20 {
+        let body = format!("{{\"update_id\":{n}}}");
+        let webhook = format!(
+            "POST /tg/nobody HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let answer = http(public, &webhook);
+        assert!(
+            answer
+                .as_deref()
+                .is_some_and(|r| r.starts_with("HTTP/1.1 404")),
+            "webhook {n} was not answered within a second while {} idle connections were held: {answer:?}",
+            idle.len()
+        );
+    }
+    drop(idle);
+    let _ = server.kill();
+    let _ = server.wait();
+}
