@@ -16,6 +16,7 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`lease`]: coordinator leases renewed while their work runs.
 //! - [`remote`]: the router's client for the orchestrators, and the router's empty runtime.
+//! - [`spool`]: private scratch files for archives in transit.
 //! - [`server`]: start and shutdown.
 
 pub mod admin;
@@ -32,6 +33,7 @@ pub mod openclaw;
 pub mod orchestrator;
 pub mod remote;
 pub mod server;
+pub mod spool;
 pub mod telegram;
 
 pub use app::App;
