@@ -14,7 +14,7 @@
 //! as it was read where the store supports conditional writes (S3: `If-Match`/`If-None-Match`).
 //!
 //! Archives are streamed, never held whole: one up to 8 MiB goes up in a single request, a larger
-//! one as a multipart upload (8 MiB parts, two in flight; an upload that fails is aborted), and a
+//! one as a multipart upload (5 MiB parts, two in flight; an upload that fails is aborted), and a
 //! download streams into a local file with its size and SHA-256 checked as it arrives.
 
 use async_trait::async_trait;
@@ -176,7 +176,7 @@ fn corrupt(path: &ObjectPath, message: impl std::fmt::Display) -> Error {
 /// Archives up to this size go up in one request; larger ones as a multipart upload.
 const SINGLE_PUT_MAX: u64 = 8 << 20;
 /// Part size of a multipart upload (S3's minimum is 5 MiB).
-const PART_SIZE: usize = 8 << 20;
+const PART_SIZE: usize = 5 << 20;
 /// Parts uploading at once; with [`PART_SIZE`] this bounds an upload's memory.
 const PARTS_IN_FLIGHT: usize = 2;
 /// Bytes read from the local file at a time.
