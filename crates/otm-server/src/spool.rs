@@ -55,10 +55,7 @@ impl SpoolFile {
     /// tenant id) goes into its name.
     pub async fn create(data_dir: &Path, label: &str) -> Result<(SpoolFile, tokio::fs::File)> {
         let dir = ensure(data_dir).await?;
-        let path = dir.join(format!(
-            "{label}-{}.tar.zst",
-            otm_core::id::random_hex(8)
-        ));
+        let path = dir.join(format!("{label}-{}.tar.zst", otm_core::id::random_hex(8)));
         let file = tokio::fs::OpenOptions::new()
             .write(true)
             .create_new(true)

@@ -535,10 +535,7 @@ mod tests {
             limit: 64 << 20,
         };
         let err = pack(src.path(), &[], &caps, &mut out).unwrap_err();
-        assert!(
-            err.to_string().contains("more than 3145728 bytes"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("more than 3145728 bytes"), "{err}");
         assert!(
             out.written <= 4 << 20,
             "{} bytes went out before the cap stopped packing",

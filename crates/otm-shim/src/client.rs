@@ -8,8 +8,8 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use http_body_util::{BodyExt, Full, StreamBody};
-use hyper::body::Frame;
 use hyper::Request;
+use hyper::body::Frame;
 use hyper_util::rt::TokioIo;
 use otm_core::shim_api::{
     BindRequest, BindResponse, DeliverResponse, ShimStatus, StopRequest, StopResponse,
@@ -58,9 +58,15 @@ impl ShimClient {
     /// stream.
     pub async fn restore(&self, archive: tokio::fs::File) -> Result<()> {
         let body = Payload::File(archive);
-        self.call_payload("PUT", "/v1/state", body, Duration::from_secs(300), MAX_ANSWER)
-            .await
-            .map(drop)
+        self.call_payload(
+            "PUT",
+            "/v1/state",
+            body,
+            Duration::from_secs(300),
+            MAX_ANSWER,
+        )
+        .await
+        .map(drop)
     }
 
     /// Binds the instance to a tenant and waits until its agent is ready.
@@ -243,8 +249,14 @@ impl ShimClient {
             let _ = conn.await;
         });
         let (content_type, body) = match body {
-            Payload::Empty => ("application/json", Full::new(Bytes::new()).map_err(never).boxed_unsync()),
-            Payload::Bytes(b) => ("application/json", Full::new(b).map_err(never).boxed_unsync()),
+            Payload::Empty => (
+                "application/json",
+                Full::new(Bytes::new()).map_err(never).boxed_unsync(),
+            ),
+            Payload::Bytes(b) => (
+                "application/json",
+                Full::new(b).map_err(never).boxed_unsync(),
+            ),
             Payload::File(f) => (
                 "application/zstd",
                 StreamBody::new(file_stream(f).map_ok(Frame::data)).boxed_unsync(),

@@ -6,16 +6,16 @@ use crate::pipe;
 use crate::profile::{self, AgentProfile, LaunchInputs};
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Query, Request, State};
-use futures::StreamExt;
-use std::io::Write;
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use futures::StreamExt;
 use otm_core::Secret;
 use otm_core::shim_api::{BindRequest, BindResponse, ShimStatus, StopRequest, StopResponse};
 use serde::Deserialize;
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -460,7 +460,11 @@ async fn snapshot(State(shim): State<Arc<Shim>>) -> Response {
         }
         match packed {
             Ok(summary) => {
-                tracing::debug!(entries = summary.entries, bytes = summary.bytes, "state packed")
+                tracing::debug!(
+                    entries = summary.entries,
+                    bytes = summary.bytes,
+                    "state packed"
+                )
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot pack the state directory");

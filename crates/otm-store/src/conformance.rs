@@ -15,8 +15,7 @@ use otm_core::instance::Endpoint;
 use otm_core::{
     Appended, Coordinator, Error, FailOutcome, FleetSettings, InstanceId, InstanceRecord,
     InstanceState, Lease, Notification, Registry, Secret, SnapshotId, SnapshotMeta, StateStore,
-    Tenant, TenantId,
-    TenantStatus,
+    Tenant, TenantId, TenantStatus,
 };
 use sha2::Digest;
 use std::collections::{HashMap, HashSet};
@@ -1275,7 +1274,11 @@ pub async fn state_store_suite(s: Arc<dyn StateStore>) {
             .is_err(),
         "put of a file that does not exist"
     );
-    assert_eq!(s.list(&t).await.unwrap(), vec![], "a failed put stores nothing");
+    assert_eq!(
+        s.list(&t).await.unwrap(),
+        vec![],
+        "a failed put stores nothing"
+    );
 
     let first = b"first archive: pretend this is a tar.zst".to_vec();
     let id1 = SnapshotId::new_now();
