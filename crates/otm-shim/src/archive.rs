@@ -511,6 +511,27 @@ mod tests {
     }
 
     #[test]
+    fn whatever_follows_the_last_entry_is_read_and_checked() {
+        let src = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("f"), b"data").unwrap();
+        let (archive, _) = packed(src.path(), &[], &Caps::default()).unwrap();
+        // tar stops at its end marker; a second frame cut short after it is still refused.
+        let mut cut = archive.clone();
+        cut.extend_from_slice(&archive[..archive.len() / 2]);
+        assert!(verify(cut.as_slice(), &Caps::default()).is_err());
+        let dst = tempfile::tempdir().unwrap();
+        assert!(unpack(cut.as_slice(), dst.path(), &Caps::default()).is_err());
+        let mut junk = archive.clone();
+        junk.extend_from_slice(b"junk after the archive");
+        assert!(verify(junk.as_slice(), &Caps::default()).is_err());
+        // A whole second frame of zeros past the end marker: bounded.
+        let mut padded = archive.clone();
+        padded.extend(zstd::encode_all(&vec![0u8; 2 << 20][..], 1).unwrap());
+        let err = verify(padded.as_slice(), &Caps::default()).unwrap_err();
+        assert!(err.to_string().contains("after its last entry"), "{err}");
+    }
+
+    #[test]
     fn packing_past_the_byte_cap_fails_while_streaming() {
         let src = tempfile::tempdir().unwrap();
         // Incompressible, so the output tracks the input.
