@@ -122,15 +122,17 @@ pub trait Runtime: Send + Sync + std::fmt::Debug + 'static {
         Ok(())
     }
     /// Packs an instance's state directory from outside the instance, for when its shim is dead
-    /// or could not snapshot: a tar + zstd archive with only regular files, directories and
-    /// symbolic links, within `max_bytes`. `None` when this runtime cannot reach the state from
-    /// outside (pods), or the instance has no state directory.
+    /// or could not snapshot, streaming a tar + zstd archive with only regular files,
+    /// directories and symbolic links, within `max_bytes` unpacked, into the local file `into`
+    /// (created or truncated). False, and nothing written, when this runtime cannot reach the
+    /// state from outside (pods), or the instance has no state directory.
     async fn salvage_state(
         &self,
         _id: &InstanceId,
         _skip: &[String],
         _max_bytes: u64,
-    ) -> Result<Option<Vec<u8>>> {
-        Ok(None)
+        _into: &std::path::Path,
+    ) -> Result<bool> {
+        Ok(false)
     }
 }

@@ -2,8 +2,8 @@
 
 use crate::{Result, SnapshotId, TenantId};
 use async_trait::async_trait;
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use std::path::Path;
 
 /// What is known of one stored snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,19 +19,24 @@ pub struct SnapshotMeta {
     pub reason: String,
 }
 
-/// Snapshot storage. Contract:
-/// - [`StateStore::put`] writes the archive under a key no other snapshot uses, then its metadata;
-///   it does not change the head. A crash part-way leaves the head as it was.
+/// Snapshot storage. Archives move between files and the store as streams, never whole in
+/// memory. Contract:
+/// - [`StateStore::put`] streams the archive file under a key no other snapshot uses, then writes
+///   its metadata, with the size and SHA-256 of the bytes it uploaded; it does not change the
+///   head. A failure or crash part-way leaves the head as it was, and at most an archive without
+///   metadata, which no reader sees.
 /// - [`StateStore::publish`] points the head at a stored snapshot, atomically.
-/// - [`StateStore::get`] verifies the SHA-256 and fails with [`crate::Error::Corrupt`] on mismatch.
+/// - [`StateStore::get`] streams the archive into a file, checking its size and SHA-256 as it
+///   goes; on a mismatch it fails with [`crate::Error::Corrupt`], and on any failure it leaves
+///   no file behind at that path.
 #[async_trait]
 pub trait StateStore: Send + Sync + std::fmt::Debug + 'static {
-    /// Stores an archive and returns its metadata.
+    /// Stores the archive in the local file `archive` and returns its metadata.
     async fn put(
         &self,
         tenant: &TenantId,
         id: &SnapshotId,
-        archive: Bytes,
+        archive: &Path,
         reason: &str,
     ) -> Result<SnapshotMeta>;
     /// Makes `id` the tenant's head snapshot.
@@ -40,8 +45,9 @@ pub trait StateStore: Send + Sync + std::fmt::Debug + 'static {
     async fn head(&self, tenant: &TenantId) -> Result<Option<SnapshotMeta>>;
     /// All stored snapshots, oldest first.
     async fn list(&self, tenant: &TenantId) -> Result<Vec<SnapshotMeta>>;
-    /// A snapshot's archive, checksum verified.
-    async fn get(&self, tenant: &TenantId, id: &SnapshotId) -> Result<Bytes>;
+    /// Writes a snapshot's archive into the local file `into` (created, or truncated; mode 0600),
+    /// checksum verified, and returns its metadata.
+    async fn get(&self, tenant: &TenantId, id: &SnapshotId, into: &Path) -> Result<SnapshotMeta>;
     /// Deletes one snapshot (archive and metadata); the head is never deleted.
     async fn delete(&self, tenant: &TenantId, id: &SnapshotId) -> Result<()>;
 }

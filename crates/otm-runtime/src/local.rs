@@ -832,27 +832,40 @@ impl Runtime for LocalRuntime {
         id: &InstanceId,
         skip: &[String],
         max_bytes: u64,
-    ) -> Result<Option<Vec<u8>>> {
+        into: &Path,
+    ) -> Result<bool> {
         let id = InstanceId::parse(id.as_str())?;
         // Nothing may write while the state is read.
         let record = self.read_record(id.as_str());
         self.kill_all(&id, record.as_ref()).await;
         let state = self.instance_dir(&id).join("state");
         let skip = skip.to_vec();
+        let into = into.to_path_buf();
         tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
             if !state.is_dir() {
-                return Ok(None);
+                return Ok(false);
             }
             let skip: Vec<&str> = skip.iter().map(String::as_str).collect();
             let caps = otm_shim::archive::Caps {
                 max_bytes,
                 ..Default::default()
             };
-            otm_shim::archive::pack_capped(&state, &skip, &caps).map(|(a, _)| Some(a))
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&into)?;
+            let mut out = std::io::BufWriter::with_capacity(otm_shim::pipe::CHUNK, file);
+            otm_shim::archive::pack(&state, &skip, &caps, &mut out)?;
+            out.flush()?;
+            Ok(true)
         })
         .await
         .map_err(|e| Error::generic(BACKEND, e))?
-        .map_err(|e| {
+        .map_err(|e: std::io::Error| {
             Error::unavailable(
                 BACKEND,
                 format!("cannot pack the state directory from outside: {e}"),

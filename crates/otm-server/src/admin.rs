@@ -230,6 +230,9 @@ struct TenantView {
     egress_allow: Vec<String>,
     /// The last limit one of its instances ran into (as this server saw it).
     last_limit_kill: Option<crate::app::LimitKill>,
+    /// The last wake that could not restore the head snapshot: what it skipped and why (as this
+    /// server saw it).
+    last_restore_fallback: Option<crate::app::RestoreFallback>,
 }
 
 async fn view(app: &App, t: &Tenant) -> TenantView {
@@ -268,6 +271,7 @@ async fn view_with(app: &App, t: &Tenant, defaults: &otm_core::ResourceLimits) -
         egress: t.limits.egress(),
         egress_allow: t.limits.egress_allow.clone().unwrap_or_default(),
         last_limit_kill: app.last_limit_kill(&t.id),
+        last_restore_fallback: app.last_restore_fallback(&t.id),
     }
 }
 

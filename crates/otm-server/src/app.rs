@@ -38,6 +38,9 @@ pub struct App {
     pub remote: Option<crate::remote::OrchestratorClient>,
     /// The last limit each tenant's instance ran into, as this process saw it.
     pub(crate) limit_kills: Mutex<HashMap<TenantId, LimitKill>>,
+    /// The last wake of each tenant that could not restore its head snapshot, as this process
+    /// saw it.
+    pub(crate) restore_fallbacks: Mutex<HashMap<TenantId, RestoreFallback>>,
     /// Wakes under way in this process (admission control).
     pub(crate) wakes_in_flight: std::sync::atomic::AtomicUsize,
 }
@@ -48,6 +51,23 @@ pub struct LimitKill {
     pub limit: otm_core::LimitKind,
     pub detail: String,
     pub at_ms: i64,
+}
+
+/// A wake that skipped snapshots it could not restore.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RestoreFallback {
+    /// The snapshot restored instead; `None` when none could be.
+    pub restored: Option<otm_core::SnapshotId>,
+    /// Newest first.
+    pub skipped: Vec<SkippedSnapshot>,
+    pub at_ms: i64,
+}
+
+/// One snapshot a wake could not restore, and why.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SkippedSnapshot {
+    pub snapshot: otm_core::SnapshotId,
+    pub reason: String,
 }
 
 impl App {
@@ -96,6 +116,7 @@ impl App {
             tenant_locks: Mutex::new(HashMap::new()),
             dispatchers: Mutex::new(HashMap::new()),
             limit_kills: Mutex::new(HashMap::new()),
+            restore_fallbacks: Mutex::new(HashMap::new()),
             wakes_in_flight: std::sync::atomic::AtomicUsize::new(0),
             leader: std::sync::atomic::AtomicBool::new(false),
         })
@@ -122,6 +143,29 @@ impl App {
     /// The last limit kill of a tenant's instance seen by this process.
     pub fn last_limit_kill(&self, tenant: &TenantId) -> Option<LimitKill> {
         self.limit_kills.lock().unwrap().get(tenant).cloned()
+    }
+
+    pub(crate) fn record_restore_fallback(
+        &self,
+        tenant: &TenantId,
+        restored: Option<otm_core::SnapshotId>,
+        skipped: Vec<SkippedSnapshot>,
+    ) {
+        let fallback = RestoreFallback {
+            restored,
+            skipped,
+            at_ms: otm_core::time::now_ms(),
+        };
+        self.restore_fallbacks
+            .lock()
+            .unwrap()
+            .insert(tenant.clone(), fallback);
+    }
+
+    /// The last wake of a tenant, seen by this process, that skipped snapshots it could not
+    /// restore.
+    pub fn last_restore_fallback(&self, tenant: &TenantId) -> Option<RestoreFallback> {
+        self.restore_fallbacks.lock().unwrap().get(tenant).cloned()
     }
 
     pub fn is_leader(&self) -> bool {

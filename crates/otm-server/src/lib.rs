@@ -17,6 +17,7 @@
 //! - [`lease`]: coordinator leases renewed while their work runs.
 //! - [`remote`]: the router's client for the orchestrators, and the router's empty runtime.
 //! - [`listen`]: serving the listeners with a connection cap and a header-read timeout each.
+//! - [`spool`]: private scratch files for archives in transit.
 //! - [`server`]: start and shutdown.
 
 pub mod admin;
@@ -34,6 +35,7 @@ pub mod openclaw;
 pub mod orchestrator;
 pub mod remote;
 pub mod server;
+pub mod spool;
 pub mod telegram;
 
 pub use app::App;

@@ -2,6 +2,7 @@
 //! reaps idle ones, and reconciles the registry with what the runtime runs.
 
 use crate::app::App;
+use crate::spool::SpoolFile;
 use futures::StreamExt;
 use otm_core::instance::Endpoint;
 use otm_core::shim_api::{BindRequest, StopRequest};
@@ -316,20 +317,7 @@ async fn bind(
 
     let shim = ShimClient::new(rec.address.clone(), rec.shim_token.clone());
     let restoring = Instant::now();
-    // The newest snapshot that passes its checks and that the instance can unpack; one it
-    // refuses is skipped (and said so), the one before it tried.
-    let mut refused = std::collections::HashSet::new();
-    while let Some((id, archive)) = restorable_snapshot(app, tenant, &refused).await? {
-        match shim.restore(archive).await {
-            Ok(()) => break,
-            Err(e @ Error::InvalidInput { .. }) => {
-                tracing::error!(%tenant, snapshot = %id, error = %e, "the instance refused the snapshot; trying the one before it");
-                app.metrics.reconciler("restore_refused");
-                refused.insert(id);
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    restore_newest(app, tenant, &shim).await?;
     phases.push(("restore".into(), restoring.elapsed().as_millis() as u64));
 
     let req = BindRequest {
@@ -629,27 +617,24 @@ async fn salvage(
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
         }
+        let (spool, file) = SpoolFile::create(&app.settings.data_dir, tenant.as_str()).await?;
+        drop(file);
         match app
             .runtime
-            .salvage_state(&rec.id, &skip, MAX_SNAPSHOT_BYTES)
+            .salvage_state(&rec.id, &skip, MAX_SNAPSHOT_BYTES, spool.path())
             .await
         {
-            Ok(None) => return Ok(()),
-            Ok(Some(archive)) => match publish_snapshot(
-                app,
-                tenant,
-                bytes::Bytes::from(archive),
-                &format!("{reason}-salvaged"),
-            )
-            .await
-            {
-                Ok(meta) => {
-                    app.metrics.reconciler("state_salvaged");
-                    tracing::info!(%tenant, instance = %rec.id, snapshot = %meta.id, size = meta.size, "state packed from outside the instance");
-                    return Ok(());
+            Ok(false) => return Ok(()),
+            Ok(true) => {
+                match publish_snapshot(app, tenant, &spool, &format!("{reason}-salvaged")).await {
+                    Ok(meta) => {
+                        app.metrics.reconciler("state_salvaged");
+                        tracing::info!(%tenant, instance = %rec.id, snapshot = %meta.id, size = meta.size, "state packed from outside the instance");
+                        return Ok(());
+                    }
+                    Err(e) => last = Some(e),
                 }
-                Err(e) => last = Some(e),
-            },
+            }
             Err(e) => last = Some(e),
         }
     }
@@ -845,15 +830,15 @@ pub async fn reconcile(app: &Arc<App>) -> Result<()> {
     Ok(())
 }
 
-/// The archive to restore on wake: the head, or, when it fails its checksum, the newest older
-/// snapshot that passes. `None` for a tenant without snapshots.
-async fn restorable_snapshot(
-    app: &Arc<App>,
-    tenant: &TenantId,
-    refused: &std::collections::HashSet<SnapshotId>,
-) -> Result<Option<(SnapshotId, bytes::Bytes)>> {
+/// Restores the tenant's newest snapshot that works into the instance: the head, or, when it
+/// fails for any reason (missing, damaged, refused by the checksum, the test decode or the
+/// instance), the newest older one, with each skipped snapshot and why recorded (log, metrics,
+/// the tenant's `last_restore_fallback`). A store or instance that cannot be reached fails the
+/// wake instead (it is retried): an older snapshot would fare no better there, and falling back
+/// over a passing outage would drop newer state. Nothing to do for a tenant without snapshots.
+async fn restore_newest(app: &Arc<App>, tenant: &TenantId, shim: &ShimClient) -> Result<()> {
     let Some(head) = app.state.head(tenant).await? else {
-        return Ok(None);
+        return Ok(());
     };
     let mut candidates = vec![head.clone()];
     let mut older: Vec<_> = app
@@ -865,84 +850,87 @@ async fn restorable_snapshot(
         .collect();
     older.reverse();
     candidates.extend(older);
-    candidates.retain(|m| !refused.contains(&m.id));
-    if candidates.is_empty() {
-        return Err(Error::Corrupt {
-            what: format!("every snapshot of tenant {tenant}"),
-            message: "the instance refused every one".into(),
-        });
-    }
+    // One private file, refilled for each candidate, removed however this ends.
+    let (spool, file) = SpoolFile::create(&app.settings.data_dir, tenant.as_str()).await?;
+    drop(file);
+    let mut skipped = Vec::new();
+    let mut restored = None;
     for meta in candidates {
-        let got = match app.state.get(tenant, &meta.id).await {
-            Ok(archive) => {
-                let checked = archive.clone();
-                let caps = otm_shim::archive::Caps {
-                    max_bytes: MAX_SNAPSHOT_BYTES,
-                    ..Default::default()
-                };
-                match tokio::task::spawn_blocking(move || {
-                    otm_shim::archive::verify(&checked, &caps)
-                })
-                .await
-                {
-                    Ok(Ok(_)) => Ok(archive),
-                    Ok(Err(e)) => Err(Error::Corrupt {
-                        what: format!("snapshot {}", meta.id),
-                        message: e.to_string(),
-                    }),
-                    Err(e) => Err(Error::generic("orchestrator", e)),
+        let tried = async {
+            fetch_checked(app, tenant, &meta.id, &spool).await?;
+            shim.restore(spool.open().await?).await
+        }
+        .await;
+        match tried {
+            Ok(()) => {
+                restored = Some(meta.id);
+                break;
+            }
+            Err(e @ Error::Unavailable { .. }) => {
+                if !skipped.is_empty() {
+                    app.record_restore_fallback(tenant, None, skipped);
                 }
+                return Err(e);
             }
-            Err(e) => Err(e),
-        };
-        match got {
-            Ok(archive) => {
-                if meta.id != head.id {
-                    tracing::warn!(%tenant, snapshot = %meta.id, "restoring an older snapshot because newer ones are corrupt");
-                    app.metrics.reconciler("restore_fallback");
-                }
-                return Ok(Some((meta.id, archive)));
+            Err(e) => {
+                tracing::error!(%tenant, snapshot = %meta.id, error = %e, "cannot restore this snapshot; trying the one before it");
+                app.metrics.reconciler(match e {
+                    Error::Corrupt { .. } => "snapshot_corrupt",
+                    _ => "restore_refused",
+                });
+                skipped.push(crate::app::SkippedSnapshot {
+                    snapshot: meta.id,
+                    reason: e.to_string(),
+                });
             }
-            Err(e @ Error::Corrupt { .. }) => {
-                tracing::error!(%tenant, snapshot = %meta.id, error = %e, "snapshot refused; trying the one before it");
-                app.metrics.reconciler("snapshot_corrupt");
-            }
-            Err(e) => return Err(e),
         }
     }
-    Err(Error::Corrupt {
-        what: format!("every snapshot of tenant {tenant}"),
-        message: "no snapshot passed its checksum".into(),
-    })
+    if skipped.is_empty() {
+        return Ok(());
+    }
+    let all_failed = restored.is_none();
+    if let Some(id) = &restored {
+        tracing::warn!(%tenant, snapshot = %id, skipped = skipped.len(), "restored an older snapshot because newer ones failed");
+        app.metrics.reconciler("restore_fallback");
+    }
+    let count = skipped.len();
+    app.record_restore_fallback(tenant, restored, skipped);
+    if all_failed {
+        return Err(Error::Corrupt {
+            what: format!("every snapshot of tenant {tenant}"),
+            message: format!(
+                "none of its {count} snapshots could be restored; see last_restore_fallback on the tenant for why"
+            ),
+        });
+    }
+    Ok(())
 }
 
-/// Takes a snapshot through the shim, stores it, makes it the head, and prunes old ones.
-pub async fn take_snapshot(
+/// Fetches a snapshot from the store into `spool` (checksum checked on the way) and test-decodes
+/// it there; a snapshot that does not decode within the caps is [`Error::Corrupt`].
+async fn fetch_checked(
     app: &Arc<App>,
     tenant: &TenantId,
-    shim: &ShimClient,
-    reason: &str,
+    id: &SnapshotId,
+    spool: &SpoolFile,
 ) -> Result<otm_core::SnapshotMeta> {
-    let archive = shim.snapshot_capped(MAX_SNAPSHOT_BYTES).await?;
-    publish_snapshot(app, tenant, archive, reason).await
+    let meta = app.state.get(tenant, id, spool.path()).await?;
+    verify_archive(spool.path())
+        .await
+        .map_err(|e| Error::Corrupt {
+            what: format!("snapshot {id} of tenant {tenant}"),
+            message: format!("the archive does not decode: {e}"),
+        })?;
+    Ok(meta)
 }
 
-/// Largest snapshot accepted from an instance, compressed or unpacked.
-pub const MAX_SNAPSHOT_BYTES: u64 = 1 << 30;
-
-/// Checks an archive an instance produced (it decodes, holds only files, directories and links
-/// with plain paths, within the caps), then stores it and makes it the head.
-async fn publish_snapshot(
-    app: &Arc<App>,
-    tenant: &TenantId,
-    archive: bytes::Bytes,
-    reason: &str,
-) -> Result<otm_core::SnapshotMeta> {
-    let started = Instant::now();
-    let checked = archive.clone();
+/// Decodes a whole archive file on a blocking thread, checking entries and caps, writing nothing.
+async fn verify_archive(path: &std::path::Path) -> std::io::Result<otm_shim::archive::Summary> {
+    let path = path.to_path_buf();
     tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&path)?;
         otm_shim::archive::verify(
-            &checked,
+            std::io::BufReader::with_capacity(otm_shim::pipe::CHUNK, file),
             &otm_shim::archive::Caps {
                 max_bytes: MAX_SNAPSHOT_BYTES,
                 ..Default::default()
@@ -950,14 +938,43 @@ async fn publish_snapshot(
         )
     })
     .await
-    .map_err(|e| Error::generic("orchestrator", e))?
-    .map_err(|e| {
+    .map_err(std::io::Error::other)?
+}
+
+/// Takes a snapshot through the shim, stores it, makes it the head, and prunes old ones. The
+/// archive streams into a spool file (counted against [`MAX_SNAPSHOT_BYTES`] as it arrives), is
+/// test-decoded there, then streams into the state store.
+pub async fn take_snapshot(
+    app: &Arc<App>,
+    tenant: &TenantId,
+    shim: &ShimClient,
+    reason: &str,
+) -> Result<otm_core::SnapshotMeta> {
+    let (spool, mut file) = SpoolFile::create(&app.settings.data_dir, tenant.as_str()).await?;
+    shim.snapshot(&mut file, MAX_SNAPSHOT_BYTES).await?;
+    drop(file);
+    publish_snapshot(app, tenant, &spool, reason).await
+}
+
+/// Largest snapshot accepted from an instance, compressed or unpacked.
+pub const MAX_SNAPSHOT_BYTES: u64 = 1 << 30;
+
+/// Checks an archive an instance produced (it decodes to its end, holds only files, directories
+/// and links with plain paths, within the caps), then stores it and makes it the head.
+async fn publish_snapshot(
+    app: &Arc<App>,
+    tenant: &TenantId,
+    archive: &SpoolFile,
+    reason: &str,
+) -> Result<otm_core::SnapshotMeta> {
+    let started = Instant::now();
+    verify_archive(archive.path()).await.map_err(|e| {
         Error::invalid(format!(
             "the instance's snapshot of {tenant} was refused: {e}"
         ))
     })?;
     let id = SnapshotId::new_now();
-    let meta = app.state.put(tenant, &id, archive, reason).await?;
+    let meta = app.state.put(tenant, &id, archive.path(), reason).await?;
     app.state.publish(tenant, &id).await?;
     tracing::info!(%tenant, snapshot = %id, size = meta.size, reason, ms = started.elapsed().as_millis() as u64, "snapshot published");
     prune_snapshots(app, tenant).await;
@@ -986,8 +1003,11 @@ async fn prune_snapshots(app: &Arc<App>, tenant: &TenantId) {
 /// Makes an older snapshot the head, so that the next wake restores it. A running tenant is
 /// stopped first (its final snapshot is kept, but no longer the head).
 pub async fn restore_snapshot(app: &Arc<App>, tenant: &TenantId, id: &SnapshotId) -> Result<()> {
-    // Verify before anything changes.
-    app.state.get(tenant, id).await?;
+    // Fetch and test-decode before anything changes.
+    let (spool, file) = SpoolFile::create(&app.settings.data_dir, tenant.as_str()).await?;
+    drop(file);
+    fetch_checked(app, tenant, id, &spool).await?;
+    drop(spool);
     stop(app, tenant, "restore").await?;
     let lock = app.tenant_lock(tenant);
     let _held = lock.lock().await;

@@ -92,6 +92,12 @@ pub async fn start(
     std::fs::create_dir_all(&data_dir).map_err(dd_err)?;
     let data_dir = std::path::absolute(&data_dir).map_err(dd_err)?;
     make_private(&data_dir);
+    // Archives a crashed process left on their way in or out.
+    match crate::spool::clear(&data_dir) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(files = n, "removed spool files left by an earlier run"),
+        Err(e) => tracing::warn!(error = %e, "cannot clear the spool directory"),
+    }
     let token = admin_token(&data_dir, admin_token_given).map_err(dd_err)?;
 
     let registry_url = settings

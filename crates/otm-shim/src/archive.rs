@@ -21,6 +21,9 @@ const LEVEL: i32 = 3;
 /// Deepest directory nesting packed or unpacked.
 const MAX_DEPTH: usize = 64;
 
+/// Most bytes accepted after an archive's last entry (tar's end marker and padding).
+const MAX_TRAILER: u64 = 1 << 20;
+
 /// Bounds on one archive, on pack and unpack alike.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Caps {
@@ -57,14 +60,14 @@ fn nix_io(e: nix::Error) -> io::Error {
     io::Error::from(e)
 }
 
-/// Packs `dir` into a tar + zstd archive, leaving out the top-level entries named in `skip`.
-pub fn pack(dir: &Path, skip: &[&str]) -> io::Result<Vec<u8>> {
-    pack_capped(dir, skip, &Caps::default()).map(|(a, _)| a)
-}
-
-/// [`pack`] within `caps`; an error names the cap that was reached.
-pub fn pack_capped(dir: &Path, skip: &[&str], caps: &Caps) -> io::Result<(Vec<u8>, Summary)> {
-    let encoder = zstd::Encoder::new(Vec::new(), LEVEL)?;
+/// Packs `dir` into a tar + zstd archive written to `out` as it goes, leaving out the top-level
+/// entries named in `skip`, within `caps`; an error names the cap that was reached. File contents
+/// are copied in chunks, never held whole. On an error, what was written to `out` is no archive.
+///
+/// A regular file is archived with the size it had when it was opened (tar needs sizes up front):
+/// one that grows meanwhile is cut at that size, one that shrinks is padded with zero bytes.
+pub fn pack(dir: &Path, skip: &[&str], caps: &Caps, out: impl Write) -> io::Result<Summary> {
+    let encoder = zstd::Encoder::new(out, LEVEL)?;
     let mut builder = tar::Builder::new(encoder);
     let mut summary = Summary::default();
     match nix::fcntl::open(
@@ -85,7 +88,40 @@ pub fn pack_capped(dir: &Path, skip: &[&str], caps: &Caps) -> io::Result<(Vec<u8
         Err(e) => return Err(nix_io(e)),
     }
     let encoder = builder.into_inner()?;
-    Ok((encoder.finish()?, summary))
+    encoder.finish()?.flush()?;
+    Ok(summary)
+}
+
+/// Exactly `len` bytes of `file`: what it holds, then zero bytes if it shrank meanwhile.
+struct Padded<R> {
+    file: R,
+    left: u64,
+    in_file: bool,
+}
+
+impl<R: Read> Read for Padded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 || buf.is_empty() {
+            return Ok(0);
+        }
+        let want = buf.len().min(self.left.min(usize::MAX as u64) as usize);
+        let buf = &mut buf[..want];
+        let n = if self.in_file {
+            match self.file.read(buf)? {
+                0 => {
+                    self.in_file = false;
+                    buf.fill(0);
+                    want
+                }
+                n => n,
+            }
+        } else {
+            buf.fill(0);
+            want
+        };
+        self.left -= n as u64;
+        Ok(n)
+    }
 }
 
 fn walk(
@@ -93,7 +129,7 @@ fn walk(
     rel: &Path,
     skip: &[&str],
     caps: &Caps,
-    out: &mut tar::Builder<zstd::Encoder<'static, Vec<u8>>>,
+    out: &mut tar::Builder<zstd::Encoder<'static, impl Write>>,
     summary: &mut Summary,
     depth: usize,
 ) -> io::Result<()> {
@@ -174,13 +210,8 @@ fn walk(
                 summary.skipped += 1;
                 continue;
             }
-            let room = caps.max_bytes.saturating_sub(summary.bytes);
-            let mut data =
-                Vec::with_capacity((st.st_size.max(0) as u64).min(room).min(64 << 20) as usize);
-            std::fs::File::from(fd)
-                .take(room + 1)
-                .read_to_end(&mut data)?;
-            summary.bytes += data.len() as u64;
+            let size = st.st_size.max(0) as u64;
+            summary.bytes = summary.bytes.saturating_add(size);
             if summary.bytes > caps.max_bytes {
                 return Err(invalid(format!(
                     "the state directory holds more than {} bytes",
@@ -188,8 +219,13 @@ fn walk(
                 )));
             }
             header.set_entry_type(tar::EntryType::Regular);
-            header.set_size(data.len() as u64);
-            out.append_data(&mut header, &path, data.as_slice())?;
+            header.set_size(size);
+            let data = Padded {
+                file: std::fs::File::from(fd),
+                left: size,
+                in_file: true,
+            };
+            out.append_data(&mut header, &path, data)?;
         } else if kind == SFlag::S_IFLNK {
             let target = match nix::fcntl::readlinkat(dirfd, name.as_os_str()) {
                 Ok(t) => t,
@@ -232,8 +268,9 @@ fn entry_path(entry: &tar::Entry<'_, impl Read>) -> io::Result<PathBuf> {
     Ok(path)
 }
 
-/// Reads every entry of an archive, checking paths, types and caps, without writing anything.
-pub fn verify(archive: &[u8], caps: &Caps) -> io::Result<Summary> {
+/// Reads every entry of an archive as it streams in, checking paths, types and caps, without
+/// writing anything.
+pub fn verify(archive: impl Read, caps: &Caps) -> io::Result<Summary> {
     let decoder = zstd::Decoder::new(archive)?;
     let mut tar = tar::Archive::new(decoder);
     let mut summary = Summary::default();
@@ -250,7 +287,21 @@ pub fn verify(archive: &[u8], caps: &Caps) -> io::Result<Summary> {
             )));
         }
     }
+    read_to_end(tar)?;
     Ok(summary)
+}
+
+/// Reads what follows the last entry to the end of the stream: tar stops at its end marker, but
+/// an archive cut short after it (an incomplete zstd frame) must still be refused.
+fn read_to_end(tar: tar::Archive<impl Read>) -> io::Result<()> {
+    let mut rest = tar.into_inner();
+    let n = io::copy(&mut (&mut rest).take(MAX_TRAILER + 1), &mut io::sink())?;
+    if n > MAX_TRAILER {
+        return Err(invalid(format!(
+            "the archive has more than {MAX_TRAILER} bytes after its last entry"
+        )));
+    }
+    Ok(())
 }
 
 fn count(summary: &mut Summary, entry: &tar::Entry<'_, impl Read>, caps: &Caps) -> io::Result<()> {
@@ -270,13 +321,9 @@ fn count(summary: &mut Summary, entry: &tar::Entry<'_, impl Read>, caps: &Caps) 
     Ok(())
 }
 
-/// Replaces the contents of `dir` with an archive made by [`pack`].
-pub fn unpack(archive: &[u8], dir: &Path) -> io::Result<()> {
-    unpack_capped(archive, dir, &Caps::default()).map(drop)
-}
-
-/// [`unpack`] within `caps`.
-pub fn unpack_capped(archive: &[u8], dir: &Path, caps: &Caps) -> io::Result<Summary> {
+/// Replaces the contents of `dir` with an archive made by [`pack`], unpacking as it streams in,
+/// within `caps`.
+pub fn unpack(archive: impl Read, dir: &Path, caps: &Caps) -> io::Result<Summary> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     if dir.exists() {
         for entry in std::fs::read_dir(dir)? {
@@ -345,21 +392,12 @@ pub fn unpack_capped(archive: &[u8], dir: &Path, caps: &Caps) -> io::Result<Summ
             f.set_permissions(std::fs::Permissions::from_mode((mode & 0o777) | 0o600))?;
         }
     }
+    read_to_end(tar)?;
     // Directory modes last, so a read-only directory can still be filled.
     for (d, mode) in dirs.into_iter().rev() {
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode & 0o777))?;
     }
     Ok(summary)
-}
-
-/// Reads a whole stream into memory, refusing more than `limit` bytes.
-pub fn read_limited(mut r: impl Read, limit: u64) -> io::Result<Vec<u8>> {
-    let mut buf = Vec::new();
-    let n = r.by_ref().take(limit + 1).read_to_end(&mut buf)?;
-    if n as u64 > limit {
-        return Err(invalid(format!("archive larger than {limit} bytes")));
-    }
-    Ok(buf)
 }
 
 /// Writes `data` to `path` durably: temp file, fsync, rename, fsync of the directory.
@@ -382,25 +420,68 @@ pub fn write_durably(path: &Path, data: &[u8]) -> io::Result<()> {
 mod tests {
     use super::*;
 
+    fn packed(dir: &Path, skip: &[&str], caps: &Caps) -> io::Result<(Vec<u8>, Summary)> {
+        let mut out = Vec::new();
+        let summary = pack(dir, skip, caps, &mut out)?;
+        Ok((out, summary))
+    }
+
+    /// Hands out one byte per read, like a slow network.
+    struct Trickle<'a>(&'a [u8]);
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            match (self.0.split_first(), buf.first_mut()) {
+                (Some((b, rest)), Some(slot)) => {
+                    *slot = *b;
+                    self.0 = rest;
+                    Ok(1)
+                }
+                _ => Ok(0),
+            }
+        }
+    }
+
+    /// Counts what passes through and fails once more than `limit` bytes were written.
+    struct Bounded {
+        written: u64,
+        limit: u64,
+    }
+
+    impl Write for Bounded {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.written += buf.len() as u64;
+            if self.written > self.limit {
+                return Err(io::Error::other("the writer is full"));
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
     #[test]
     fn round_trip_skips_and_replaces() {
         let src = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(src.path().join("a/b")).unwrap();
         std::fs::write(src.path().join("a/b/c.txt"), b"hello").unwrap();
         std::fs::write(src.path().join("top.json"), b"{}").unwrap();
+        std::fs::write(src.path().join("empty"), b"").unwrap();
         std::fs::create_dir_all(src.path().join("cache")).unwrap();
         std::fs::write(src.path().join("cache/big"), vec![0u8; 1000]).unwrap();
         std::os::unix::fs::symlink("a/b/c.txt", src.path().join("link")).unwrap();
-        let archive = pack(src.path(), &["cache"]).unwrap();
+        let (archive, _) = packed(src.path(), &["cache"], &Caps::default()).unwrap();
 
         let dst = tempfile::tempdir().unwrap();
         std::fs::write(dst.path().join("stale"), b"x").unwrap();
-        unpack(&archive, dst.path()).unwrap();
+        unpack(archive.as_slice(), dst.path(), &Caps::default()).unwrap();
         assert_eq!(
             std::fs::read(dst.path().join("a/b/c.txt")).unwrap(),
             b"hello"
         );
         assert!(dst.path().join("top.json").exists());
+        assert_eq!(std::fs::read(dst.path().join("empty")).unwrap(), b"");
         assert!(!dst.path().join("cache").exists());
         assert!(!dst.path().join("stale").exists());
         assert_eq!(
@@ -410,10 +491,111 @@ mod tests {
     }
 
     #[test]
+    fn verify_and_unpack_read_a_stream_one_byte_at_a_time() {
+        let src = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(src.path().join("d")).unwrap();
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(src.path().join("d/data"), &data).unwrap();
+        std::fs::write(src.path().join("small"), b"x").unwrap();
+        let (archive, packed_summary) = packed(src.path(), &[], &Caps::default()).unwrap();
+        let summary = verify(Trickle(&archive), &Caps::default()).unwrap();
+        assert_eq!(summary, packed_summary);
+        assert_eq!(summary.entries, 3);
+        assert_eq!(summary.bytes, 100_001);
+        let dst = tempfile::tempdir().unwrap();
+        unpack(Trickle(&archive), dst.path(), &Caps::default()).unwrap();
+        assert_eq!(std::fs::read(dst.path().join("d/data")).unwrap(), data);
+        // Cut short anywhere, the same stream is refused.
+        let cut = &archive[..archive.len() - 10];
+        assert!(verify(Trickle(cut), &Caps::default()).is_err());
+    }
+
+    #[test]
+    fn whatever_follows_the_last_entry_is_read_and_checked() {
+        let src = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("f"), b"data").unwrap();
+        let (archive, _) = packed(src.path(), &[], &Caps::default()).unwrap();
+        // tar stops at its end marker; a second frame cut short after it is still refused.
+        let mut cut = archive.clone();
+        cut.extend_from_slice(&archive[..archive.len() / 2]);
+        assert!(verify(cut.as_slice(), &Caps::default()).is_err());
+        let dst = tempfile::tempdir().unwrap();
+        assert!(unpack(cut.as_slice(), dst.path(), &Caps::default()).is_err());
+        let mut junk = archive.clone();
+        junk.extend_from_slice(b"junk after the archive");
+        assert!(verify(junk.as_slice(), &Caps::default()).is_err());
+        // A whole second frame of zeros past the end marker: bounded.
+        let mut padded = archive.clone();
+        padded.extend(zstd::encode_all(&vec![0u8; 2 << 20][..], 1).unwrap());
+        let err = verify(padded.as_slice(), &Caps::default()).unwrap_err();
+        assert!(err.to_string().contains("after its last entry"), "{err}");
+    }
+
+    #[test]
+    fn packing_past_the_byte_cap_fails_while_streaming() {
+        let src = tempfile::tempdir().unwrap();
+        // Incompressible, so the output tracks the input.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for i in 0..8 {
+            let data: Vec<u8> = (0..(1 << 20))
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            std::fs::write(src.path().join(format!("f{i}")), data).unwrap();
+        }
+        let caps = Caps {
+            max_bytes: 3 << 20,
+            max_entries: 100,
+        };
+        let mut out = Bounded {
+            written: 0,
+            limit: 64 << 20,
+        };
+        let err = pack(src.path(), &[], &caps, &mut out).unwrap_err();
+        assert!(err.to_string().contains("more than 3145728 bytes"), "{err}");
+        assert!(
+            out.written <= 4 << 20,
+            "{} bytes went out before the cap stopped packing",
+            out.written
+        );
+        // A writer that fails part-way fails the pack.
+        let mut full = Bounded {
+            written: 0,
+            limit: 1 << 20,
+        };
+        let err = pack(src.path(), &[], &Caps::default(), &mut full).unwrap_err();
+        assert!(err.to_string().contains("the writer is full"), "{err}");
+    }
+
+    #[test]
+    fn a_file_that_changes_size_while_packed_keeps_its_opening_size() {
+        let mut grown = Padded {
+            file: &b"abcdef"[..],
+            left: 4,
+            in_file: true,
+        };
+        let mut out = Vec::new();
+        grown.read_to_end(&mut out).unwrap();
+        assert_eq!(out, b"abcd");
+        let mut shrunk = Padded {
+            file: &b"ab"[..],
+            left: 4,
+            in_file: true,
+        };
+        let mut out = Vec::new();
+        shrunk.read_to_end(&mut out).unwrap();
+        assert_eq!(out, b"ab\0\0");
+    }
+
+    #[test]
     fn garbage_is_refused() {
         let dst = tempfile::tempdir().unwrap();
-        assert!(unpack(b"not an archive", dst.path()).is_err());
-        assert!(verify(b"not an archive", &Caps::default()).is_err());
+        assert!(unpack(&b"not an archive"[..], dst.path(), &Caps::default()).is_err());
+        assert!(verify(&b"not an archive"[..], &Caps::default()).is_err());
     }
 
     #[test]
@@ -430,14 +612,14 @@ mod tests {
         nix::unistd::mkfifo(&src.path().join("fifo"), Mode::from_bits_truncate(0o600)).unwrap();
         let _sock = std::os::unix::net::UnixListener::bind(src.path().join("sock")).unwrap();
         std::fs::write(src.path().join("ok"), b"fine").unwrap();
-        let (archive, summary) = pack_capped(src.path(), &[], &Caps::default()).unwrap();
+        let (archive, summary) = packed(src.path(), &[], &Caps::default()).unwrap();
         assert_eq!(summary.skipped, 2, "the FIFO and the socket");
         let text = zstd::decode_all(archive.as_slice()).unwrap();
         assert!(
             !text.windows(11).any(|w| w == b"host secret"),
             "a link's target was read"
         );
-        let v = verify(&archive, &Caps::default()).unwrap();
+        let v = verify(archive.as_slice(), &Caps::default()).unwrap();
         assert_eq!(v.entries, 3);
     }
 
@@ -451,9 +633,9 @@ mod tests {
             max_bytes: 5000,
             max_entries: 100,
         };
-        assert!(pack_capped(src.path(), &[], &small).is_err());
+        assert!(packed(src.path(), &[], &small).is_err());
         assert!(
-            pack_capped(
+            packed(
                 src.path(),
                 &[],
                 &Caps {
@@ -463,10 +645,10 @@ mod tests {
             )
             .is_err()
         );
-        let archive = pack(src.path(), &[]).unwrap();
-        assert!(verify(&archive, &small).is_err());
+        let (archive, _) = packed(src.path(), &[], &Caps::default()).unwrap();
+        assert!(verify(archive.as_slice(), &small).is_err());
         let dst = tempfile::tempdir().unwrap();
-        assert!(unpack_capped(&archive, dst.path(), &small).is_err());
+        assert!(unpack(archive.as_slice(), dst.path(), &small).is_err());
     }
 
     #[test]
@@ -484,7 +666,7 @@ mod tests {
         b.append_data(&mut f, "a/planted", &b"bad"[..]).unwrap();
         let archive = b.into_inner().unwrap().finish().unwrap();
         let dst = tempfile::tempdir().unwrap();
-        assert!(unpack(&archive, dst.path()).is_err());
+        assert!(unpack(archive.as_slice(), dst.path(), &Caps::default()).is_err());
         assert!(!outside.path().join("planted").exists());
     }
 }

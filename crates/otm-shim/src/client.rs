@@ -5,10 +5,11 @@
 //! a pooled HTTP client.
 
 use bytes::Bytes;
-use futures::StreamExt;
 use futures::stream::BoxStream;
-use http_body_util::{BodyExt, Full};
+use futures::{StreamExt, TryStreamExt};
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::Request;
+use hyper::body::Frame;
 use hyper_util::rt::TokioIo;
 use otm_core::shim_api::{
     BindRequest, BindResponse, DeliverResponse, ShimStatus, StopRequest, StopResponse,
@@ -16,11 +17,12 @@ use otm_core::shim_api::{
 use otm_core::{Error, Result, Secret};
 use serde::de::DeserializeOwned;
 use std::time::Duration;
+use tokio_util::io::ReaderStream;
 
 const BACKEND: &str = "shim";
 
-/// Largest answer read from a shim, except snapshots: an instance is hostile, and so may be
-/// whatever answers on its control address.
+/// Largest answer read whole from a shim (snapshots are streamed, with a cap of their own): an
+/// instance is hostile, and so may be whatever answers on its control address.
 const MAX_ANSWER: u64 = 1 << 20;
 
 /// A client for one instance's shim.
@@ -52,11 +54,19 @@ impl ShimClient {
         )
     }
 
-    /// Replaces the state directory with an archive (before bind).
-    pub async fn restore(&self, archive: Bytes) -> Result<()> {
-        self.call("PUT", "/v1/state", Some(archive), Duration::from_secs(300))
-            .await
-            .map(drop)
+    /// Replaces the state directory with the archive in `archive` (before bind), sent as a
+    /// stream.
+    pub async fn restore(&self, archive: tokio::fs::File) -> Result<()> {
+        let body = Payload::File(archive);
+        self.call_payload(
+            "PUT",
+            "/v1/state",
+            body,
+            Duration::from_secs(300),
+            MAX_ANSWER,
+        )
+        .await
+        .map(drop)
     }
 
     /// Binds the instance to a tenant and waits until its agent is ready.
@@ -73,21 +83,52 @@ impl ShimClient {
         )
     }
 
-    /// A consistent archive of the state directory (at most 1 GiB).
-    pub async fn snapshot(&self) -> Result<Bytes> {
-        self.snapshot_capped(1 << 30).await
-    }
-
-    /// A consistent archive of the state directory, refused past `max_bytes`.
-    pub async fn snapshot_capped(&self, max_bytes: u64) -> Result<Bytes> {
-        self.call_capped(
-            "GET",
-            "/v1/snapshot",
-            None,
-            Duration::from_secs(300),
-            max_bytes,
-        )
-        .await
+    /// Streams a consistent archive of the state directory into `out`, refused (with an error
+    /// and part of it written) past `max_bytes`, or when the transfer breaks off. Returns its
+    /// size. What lands in `out` comes from the instance: check it before trusting it.
+    pub async fn snapshot(
+        &self,
+        out: &mut (impl tokio::io::AsyncWrite + Unpin),
+        max_bytes: u64,
+    ) -> Result<u64> {
+        use tokio::io::AsyncWriteExt;
+        let (method, path, timeout) = ("GET", "/v1/snapshot", Duration::from_secs(300));
+        let fut = async {
+            let (status, mut body) = self.open(method, path, Payload::Empty).await?;
+            if !(200..300).contains(&status) {
+                let bytes = collect(body, MAX_ANSWER, method, path).await?;
+                return Err(status_error(status, &bytes));
+            }
+            let mut size: u64 = 0;
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| {
+                    Error::unavailable(
+                        BACKEND,
+                        format!("the snapshot broke off after {size} bytes: {e}"),
+                    )
+                })?;
+                size += chunk.len() as u64;
+                if size > max_bytes {
+                    return Err(Error::unavailable(
+                        BACKEND,
+                        format!("the shim's snapshot is larger than {max_bytes} bytes"),
+                    ));
+                }
+                out.write_all(&chunk).await.map_err(|e| {
+                    Error::generic(BACKEND, format!("cannot write the snapshot down: {e}"))
+                })?;
+            }
+            out.flush().await.map_err(|e| {
+                Error::generic(BACKEND, format!("cannot write the snapshot down: {e}"))
+            })?;
+            Ok(size)
+        };
+        tokio::time::timeout(timeout, fut).await.map_err(|_| {
+            Error::unavailable(
+                BACKEND,
+                format!("{method} {path} took longer than {} s", timeout.as_secs()),
+            )
+        })?
     }
 
     /// Stops the agent gracefully and waits for it.
@@ -103,38 +144,14 @@ impl ShimClient {
         follow: bool,
     ) -> Result<BoxStream<'static, Result<Bytes>>> {
         let path = format!("/v1/logs?tail={tail}&follow={follow}");
-        if let Some(socket) = self.address.strip_prefix("unix:") {
-            let resp = self.unix_request(socket, "GET", &path, None).await?;
-            let status = resp.status();
-            if !status.is_success() {
-                let body = resp
-                    .into_body()
-                    .collect()
-                    .await
-                    .map(|b| b.to_bytes())
-                    .unwrap_or_default();
-                return Err(status_error(status.as_u16(), &body));
-            }
-            let body = resp
-                .into_body()
-                .into_data_stream()
-                .map(|r| r.map_err(|e| Error::generic(BACKEND, e)));
-            Ok(body.boxed())
-        } else {
-            let resp = self
-                .http
-                .get(format!("{}{path}", self.address))
-                .bearer_auth(self.token.expose())
-                .send()
+        let (status, body) = self.open("GET", &path, Payload::Empty).await?;
+        if !(200..300).contains(&status) {
+            let bytes = collect(body, MAX_ANSWER, "GET", &path)
                 .await
-                .map_err(unavailable)?;
-            if !resp.status().is_success() {
-                let status = resp.status().as_u16();
-                let body = resp.bytes().await.unwrap_or_default();
-                return Err(status_error(status, &body));
-            }
-            Ok(resp.bytes_stream().map(|r| r.map_err(unavailable)).boxed())
+                .unwrap_or_default();
+            return Err(status_error(status, &bytes));
         }
+        Ok(body)
     }
 
     async fn call(
@@ -144,58 +161,23 @@ impl ShimClient {
         body: Option<Bytes>,
         timeout: Duration,
     ) -> Result<Bytes> {
-        self.call_capped(method, path, body, timeout, MAX_ANSWER)
+        let body = body.map_or(Payload::Empty, Payload::Bytes);
+        self.call_payload(method, path, body, timeout, MAX_ANSWER)
             .await
     }
 
-    async fn call_capped(
+    /// One call whose answer is read whole, refused past `limit` bytes.
+    async fn call_payload(
         &self,
         method: &str,
         path: &str,
-        body: Option<Bytes>,
+        body: Payload,
         timeout: Duration,
         limit: u64,
     ) -> Result<Bytes> {
-        let too_big = || {
-            Error::unavailable(
-                BACKEND,
-                format!("{method} {path}: the shim's answer is larger than {limit} bytes"),
-            )
-        };
         let fut = async {
-            if let Some(socket) = self.address.strip_prefix("unix:") {
-                let resp = self.unix_request(socket, method, path, body).await?;
-                let status = resp.status().as_u16();
-                let limited = http_body_util::Limited::new(resp.into_body(), limit as usize);
-                let bytes = limited.collect().await.map_err(|e| {
-                    if e.is::<http_body_util::LengthLimitError>() {
-                        too_big()
-                    } else {
-                        Error::unavailable(BACKEND, e)
-                    }
-                })?;
-                Ok((status, bytes.to_bytes()))
-            } else {
-                let method = reqwest::Method::from_bytes(method.as_bytes())
-                    .map_err(|e| Error::generic(BACKEND, e))?;
-                let mut req = self
-                    .http
-                    .request(method, format!("{}{path}", self.address))
-                    .bearer_auth(self.token.expose());
-                if let Some(b) = body {
-                    req = req.header("content-type", "application/json").body(b);
-                }
-                let mut resp = req.send().await.map_err(unavailable)?;
-                let status = resp.status().as_u16();
-                let mut buf = bytes::BytesMut::new();
-                while let Some(chunk) = resp.chunk().await.map_err(unavailable)? {
-                    if buf.len() as u64 + chunk.len() as u64 > limit {
-                        return Err(too_big());
-                    }
-                    buf.extend_from_slice(&chunk);
-                }
-                Ok((status, buf.freeze()))
-            }
+            let (status, answer) = self.open(method, path, body).await?;
+            Ok((status, collect(answer, limit, method, path).await?))
         };
         let (status, bytes) = tokio::time::timeout(timeout, fut).await.map_err(|_| {
             Error::unavailable(
@@ -210,12 +192,52 @@ impl ShimClient {
         }
     }
 
+    /// Sends one call and returns the status and the answer's body as a stream.
+    async fn open(
+        &self,
+        method: &str,
+        path: &str,
+        body: Payload,
+    ) -> Result<(u16, BoxStream<'static, Result<Bytes>>)> {
+        if let Some(socket) = self.address.strip_prefix("unix:") {
+            let resp = self.unix_request(socket, method, path, body).await?;
+            let status = resp.status().as_u16();
+            let stream = resp
+                .into_body()
+                .into_data_stream()
+                .map(|r| r.map_err(unavailable_hyper));
+            Ok((status, stream.boxed()))
+        } else {
+            let method = reqwest::Method::from_bytes(method.as_bytes())
+                .map_err(|e| Error::generic(BACKEND, e))?;
+            let mut req = self
+                .http
+                .request(method, format!("{}{path}", self.address))
+                .bearer_auth(self.token.expose());
+            match body {
+                Payload::Empty => {}
+                Payload::Bytes(b) => req = req.header("content-type", "application/json").body(b),
+                Payload::File(f) => {
+                    req = req
+                        .header("content-type", "application/zstd")
+                        .body(reqwest::Body::wrap_stream(file_stream(f)));
+                }
+            }
+            let resp = req.send().await.map_err(unavailable)?;
+            let status = resp.status().as_u16();
+            Ok((
+                status,
+                resp.bytes_stream().map(|r| r.map_err(unavailable)).boxed(),
+            ))
+        }
+    }
+
     async fn unix_request(
         &self,
         socket: &str,
         method: &str,
         path: &str,
-        body: Option<Bytes>,
+        body: Payload,
     ) -> Result<hyper::Response<hyper::body::Incoming>> {
         let stream = tokio::net::UnixStream::connect(socket)
             .await
@@ -226,16 +248,67 @@ impl ShimClient {
         tokio::spawn(async move {
             let _ = conn.await;
         });
+        let (content_type, body) = match body {
+            Payload::Empty => (
+                "application/json",
+                Full::new(Bytes::new()).map_err(never).boxed_unsync(),
+            ),
+            Payload::Bytes(b) => (
+                "application/json",
+                Full::new(b).map_err(never).boxed_unsync(),
+            ),
+            Payload::File(f) => (
+                "application/zstd",
+                StreamBody::new(file_stream(f).map_ok(Frame::data)).boxed_unsync(),
+            ),
+        };
         let req = Request::builder()
             .method(method)
             .uri(path)
             .header("host", "shim")
             .header("authorization", format!("Bearer {}", self.token.expose()))
-            .header("content-type", "application/json")
-            .body(Full::new(body.unwrap_or_default()))
+            .header("content-type", content_type)
+            .body(body)
             .map_err(|e| Error::generic(BACKEND, e))?;
         sender.send_request(req).await.map_err(unavailable_hyper)
     }
+}
+
+/// What a call sends.
+enum Payload {
+    Empty,
+    Bytes(Bytes),
+    /// Streamed from the file's current position to its end.
+    File(tokio::fs::File),
+}
+
+fn file_stream(f: tokio::fs::File) -> ReaderStream<tokio::fs::File> {
+    ReaderStream::with_capacity(f, crate::pipe::CHUNK)
+}
+
+fn never(n: std::convert::Infallible) -> std::io::Error {
+    match n {}
+}
+
+/// Reads a whole answer, refusing more than `limit` bytes.
+async fn collect(
+    mut body: BoxStream<'static, Result<Bytes>>,
+    limit: u64,
+    method: &str,
+    path: &str,
+) -> Result<Bytes> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk?;
+        if buf.len() as u64 + chunk.len() as u64 > limit {
+            return Err(Error::unavailable(
+                BACKEND,
+                format!("{method} {path}: the shim's answer is larger than {limit} bytes"),
+            ));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
 }
 
 fn json<T: DeserializeOwned>(bytes: Bytes) -> Result<T> {

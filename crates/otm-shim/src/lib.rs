@@ -11,7 +11,8 @@
 //! - [`agent`]: one supervised agent process.
 //! - [`server`]: the control API served by `otm shim`.
 //! - [`client`]: the orchestrator's side of that API.
-//! - [`archive`]: tar + zstd archives of state directories.
+//! - [`archive`]: tar + zstd archives of state directories, packed and unpacked as streams.
+//! - [`pipe`]: byte streams between blocking archive code and async bodies.
 //! - [`sandbox`]: the instance and agent sandboxes (bubblewrap arguments, seccomp filter, the
 //!   sandbox's process 1).
 //! - [`forward`]: the loopback forwarder to otm's egress proxy.
@@ -20,6 +21,7 @@ pub mod agent;
 pub mod archive;
 pub mod client;
 pub mod forward;
+pub mod pipe;
 pub mod profile;
 pub mod sandbox;
 pub mod server;

@@ -2,6 +2,7 @@
 
 use crate::agent::{Agent, AgentState};
 use crate::archive;
+use crate::pipe;
 use crate::profile::{self, AgentProfile, LaunchInputs};
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Query, Request, State};
@@ -10,17 +11,19 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use futures::StreamExt;
 use otm_core::Secret;
 use otm_core::shim_api::{BindRequest, BindResponse, ShimStatus, StopRequest, StopResponse};
 use serde::Deserialize;
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-/// Largest state archive accepted by `PUT /v1/state`.
-const MAX_ARCHIVE: usize = 1 << 30;
+/// Largest state archive accepted by `PUT /v1/state`, compressed.
+const MAX_ARCHIVE: u64 = 1 << 30;
 
 /// How the shim is started.
 #[derive(Clone, Debug)]
@@ -137,10 +140,8 @@ fn set_mode(path: &str, mode: u32) -> std::io::Result<()> {
 fn router(shim: Arc<Shim>) -> Router {
     Router::new()
         .route("/v1/status", get(status))
-        .route(
-            "/v1/state",
-            put(restore).layer(DefaultBodyLimit::max(MAX_ARCHIVE)),
-        )
+        // Streamed and counted against MAX_ARCHIVE by the handler itself.
+        .route("/v1/state", put(restore))
         .route("/v1/bind", post(bind))
         .route(
             "/v1/deliver",
@@ -203,7 +204,9 @@ async fn status(State(shim): State<Arc<Shim>>) -> Json<ShimStatus> {
     })
 }
 
-async fn restore(State(shim): State<Arc<Shim>>, body: Bytes) -> Response {
+/// Unpacks the archive in the body as it arrives, on a blocking thread fed through a channel,
+/// within the archive caps; the body is refused past [`MAX_ARCHIVE`] bytes.
+async fn restore(State(shim): State<Arc<Shim>>, body: Body) -> Response {
     let bound = shim.bound.lock().await;
     if bound.is_some() {
         return error(
@@ -212,11 +215,49 @@ async fn restore(State(shim): State<Arc<Shim>>, body: Bytes) -> Response {
         );
     }
     let dir = shim.state_dir();
-    let result = tokio::task::spawn_blocking(move || {
-        archive::unpack_capped(&body, &dir, &archive::Caps::default()).map(drop)
-    })
-    .await;
-    match result {
+    let (tx, rx) = pipe::channel();
+    let unpacking = tokio::task::spawn_blocking(move || {
+        archive::unpack(pipe::Reader::new(rx), &dir, &archive::Caps::default()).map(drop)
+    });
+    let mut body = body.into_data_stream();
+    let mut received: u64 = 0;
+    // Once unpacking stopped (it failed), the rest of the body is read and dropped, so the
+    // caller gets the answer rather than a broken connection.
+    let mut feeding = Some(tx);
+    while let Some(chunk) = body.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(tx) = feeding.take() {
+                    let _ = tx
+                        .send(Err(std::io::Error::other(format!(
+                            "the archive's upload broke off: {e}"
+                        ))))
+                        .await;
+                }
+                break;
+            }
+        };
+        received += chunk.len() as u64;
+        if received > MAX_ARCHIVE {
+            if let Some(tx) = feeding.take() {
+                let _ = tx
+                    .send(Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("the archive is larger than {MAX_ARCHIVE} bytes"),
+                    )))
+                    .await;
+            }
+            break;
+        }
+        if let Some(tx) = &feeding
+            && tx.send(Ok(chunk)).await.is_err()
+        {
+            feeding = None;
+        }
+    }
+    drop(feeding);
+    match unpacking.await {
         Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
         Ok(Err(e)) => error(
             StatusCode::BAD_REQUEST,
@@ -389,6 +430,9 @@ async fn deliver(State(shim): State<Arc<Shim>>, body: Bytes) -> Response {
     }
 }
 
+/// Streams an archive of the state directory, packed on a blocking thread as the body is sent.
+/// A failure before the first chunk is a 500 with the reason; a failure later aborts the body,
+/// so the caller sees a broken transfer, never a short archive that looks whole.
 async fn snapshot(State(shim): State<Arc<Shim>>) -> Response {
     let (skip, running): (Vec<&'static str>, Option<Agent>) = match &*shim.bound.lock().await {
         Some(b) => (
@@ -398,12 +442,15 @@ async fn snapshot(State(shim): State<Arc<Shim>>) -> Response {
         None => (vec![], None),
     };
     let dir = shim.state_dir();
-    let packed = tokio::task::spawn_blocking(move || {
+    let (tx, mut rx) = pipe::channel();
+    let packing = tokio::task::spawn_blocking(move || {
         // A running agent that asks for it is paused while its files are read, and resumed when
-        // `paused` drops, however packing ends.
+        // `paused` drops, however packing ends (a caller that goes away ends it too).
         let paused = running.as_ref().and_then(Agent::pause);
         let began = Instant::now();
-        let packed = archive::pack_capped(&dir, &skip, &archive::Caps::default()).map(|(a, _)| a);
+        let mut out = pipe::Writer::new(tx);
+        let packed = archive::pack(&dir, &skip, &archive::Caps::default(), &mut out)
+            .and_then(|summary| out.flush().map(|()| summary));
         if paused.is_some() {
             drop(paused);
             tracing::info!(
@@ -411,16 +458,46 @@ async fn snapshot(State(shim): State<Arc<Shim>>) -> Response {
                 "state packed while the agent was paused"
             );
         }
-        packed
+        match packed {
+            Ok(summary) => {
+                tracing::debug!(
+                    entries = summary.entries,
+                    bytes = summary.bytes,
+                    "state packed"
+                )
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot pack the state directory");
+                out.fail(std::io::Error::other(format!(
+                    "cannot pack the state directory: {e}"
+                )));
+            }
+        }
     });
-    match packed.await {
-        Ok(Ok(bytes)) => ([("content-type", "application/zstd")], bytes).into_response(),
-        Ok(Err(e)) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cannot pack the state directory: {e}"),
-        ),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
+    let first = match rx.recv().await {
+        Some(Ok(chunk)) => chunk,
+        Some(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        None => {
+            // No chunk and no error: the packing thread died.
+            let why = match packing.await {
+                Err(e) => e.to_string(),
+                Ok(()) => "packing ended without an archive".to_owned(),
+            };
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot pack the state directory: {why}"),
+            );
+        }
+    };
+    let rest = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let body = futures::stream::once(async move { Ok(first) }).chain(rest);
+    (
+        [("content-type", "application/zstd")],
+        Body::from_stream(body),
+    )
+        .into_response()
 }
 
 async fn stop(

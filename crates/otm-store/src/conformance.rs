@@ -14,8 +14,8 @@ use object_store::{ObjectStoreExt, PutPayload};
 use otm_core::instance::Endpoint;
 use otm_core::{
     Appended, Coordinator, Error, FailOutcome, FleetSettings, InstanceId, InstanceRecord,
-    InstanceState, Lease, Notification, Registry, Secret, SnapshotId, StateStore, Tenant, TenantId,
-    TenantStatus,
+    InstanceState, Lease, Notification, Registry, Secret, SnapshotId, SnapshotMeta, StateStore,
+    Tenant, TenantId, TenantStatus,
 };
 use sha2::Digest;
 use std::collections::{HashMap, HashSet};
@@ -1178,9 +1178,76 @@ async fn coordinator_notifications(c: &dyn Coordinator, run: &str) {
 // =============================================================================================
 // StateStore
 
+/// A private scratch directory for archives on their way in and out, removed on drop.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(run: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("otm-{run}-{}", otm_core::id::random_hex(4)));
+        std::fs::create_dir(&dir).expect("create a scratch directory");
+        Scratch(dir)
+    }
+
+    /// Writes `data` to a file of its own and returns the path.
+    fn file(&self, name: &str, data: &[u8]) -> std::path::PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, data).expect("write a scratch file");
+        path
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `get` into a fresh file, read back whole.
+async fn get_bytes(
+    s: &dyn StateStore,
+    scratch: &Scratch,
+    t: &TenantId,
+    id: &SnapshotId,
+) -> Result<(SnapshotMeta, Vec<u8>), Error> {
+    let into = scratch.path(&format!("get-{}", otm_core::id::random_hex(4)));
+    let got = s.get(t, id, &into).await;
+    match got {
+        Ok(meta) => {
+            let data = std::fs::read(&into).expect("get leaves the archive in the file");
+            std::fs::remove_file(&into).unwrap();
+            Ok((meta, data))
+        }
+        Err(e) => {
+            assert!(
+                !into.exists(),
+                "a failed get must leave no file behind ({e})"
+            );
+            Err(e)
+        }
+    }
+}
+
+/// Bytes that do not compress, so an archive of them is as large as they are.
+fn noise(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
 /// Every contract point of [`StateStore`] that can be checked through the trait.
 pub async fn state_store_suite(s: Arc<dyn StateStore>) {
     let run = run_id();
+    let scratch = Scratch::new(&run);
     let t = tenant_id(&run, "snap");
     let other = tenant_id(&run, "snap-other");
     let missing = SnapshotId::new_now();
@@ -1192,7 +1259,7 @@ pub async fn state_store_suite(s: Arc<dyn StateStore>) {
     );
     assert_eq!(s.list(&t).await.unwrap(), vec![], "no snapshots yet");
     assert_err!(
-        s.get(&t, &missing).await,
+        get_bytes(&*s, &scratch, &t, &missing).await,
         Error::NotFound { .. },
         "get of a missing snapshot"
     );
@@ -1201,10 +1268,24 @@ pub async fn state_store_suite(s: Arc<dyn StateStore>) {
         Error::NotFound { .. },
         "publish of a missing snapshot"
     );
+    assert!(
+        s.put(&t, &missing, &scratch.path("absent"), "manual")
+            .await
+            .is_err(),
+        "put of a file that does not exist"
+    );
+    assert_eq!(
+        s.list(&t).await.unwrap(),
+        vec![],
+        "a failed put stores nothing"
+    );
 
-    let first = Bytes::from_static(b"first archive: pretend this is a tar.zst");
+    let first = b"first archive: pretend this is a tar.zst".to_vec();
     let id1 = SnapshotId::new_now();
-    let m1 = s.put(&t, &id1, first.clone(), "manual").await.expect("put");
+    let m1 = s
+        .put(&t, &id1, &scratch.file("first", &first), "manual")
+        .await
+        .expect("put");
     assert_eq!(
         (&m1.id, &m1.tenant, m1.size),
         (&id1, &t, first.len() as u64)
@@ -1221,35 +1302,69 @@ pub async fn state_store_suite(s: Arc<dyn StateStore>) {
         "put does not move the head"
     );
     assert_eq!(
-        s.get(&t, &id1).await.unwrap(),
+        get_bytes(&*s, &scratch, &t, &id1).await.unwrap(),
+        (m1.clone(), first.clone()),
+        "an archive reads back byte for byte, with its metadata"
+    );
+    let stale = scratch.file("stale", &[b'x'; 4096]);
+    s.get(&t, &id1, &stale).await.unwrap();
+    assert_eq!(
+        std::fs::read(&stale).unwrap(),
         first,
-        "an archive reads back byte for byte"
+        "get replaces what the file held"
     );
 
     tokio::time::sleep(Duration::from_millis(3)).await;
-    let second: Bytes = (0..1_000_000u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
-        .collect();
+    let second = noise(1_000_000, 7);
     let id2 = SnapshotId::new_now();
-    let m2 = s.put(&t, &id2, second.clone(), "periodic").await.unwrap();
+    let m2 = s
+        .put(&t, &id2, &scratch.file("second", &second), "periodic")
+        .await
+        .unwrap();
     // An id from an earlier time, stored last: list sorts by id (time), not by put order.
     let id0 =
         SnapshotId::parse(&format!("{:015}-0000", otm_core::time::now_ms() - 60_000)).unwrap();
     let m0 = s
-        .put(&t, &id0, Bytes::new(), "crash")
+        .put(&t, &id0, &scratch.file("empty", b""), "crash")
         .await
         .expect("an empty archive is fine");
-    assert_eq!(s.get(&t, &id0).await.unwrap(), Bytes::new());
+    assert_eq!(get_bytes(&*s, &scratch, &t, &id0).await.unwrap().1, b"");
     assert_eq!(
         s.list(&t).await.unwrap(),
         vec![m0.clone(), m1.clone(), m2.clone()],
         "list is oldest first"
     );
     assert_eq!(
-        s.get(&t, &id2).await.unwrap(),
+        get_bytes(&*s, &scratch, &t, &id2).await.unwrap().1,
         second,
         "a 1 MB archive reads back"
     );
+    assert_err!(
+        s.put(&t, &id2, &scratch.path("second"), "periodic").await,
+        Error::AlreadyExists { .. },
+        "a snapshot id is written once"
+    );
+
+    // Larger than one request: streamed up in parts, and back.
+    tokio::time::sleep(Duration::from_millis(3)).await;
+    let big = noise(21 << 20, 11);
+    let id3 = SnapshotId::new_now();
+    let m3 = s
+        .put(&t, &id3, &scratch.file("big", &big), "final")
+        .await
+        .expect("put of a 21 MiB archive");
+    assert_eq!(m3.size, big.len() as u64);
+    assert_eq!(m3.sha256, hex::encode(sha2::Sha256::digest(&big)));
+    let (got_meta, got) = get_bytes(&*s, &scratch, &t, &id3).await.unwrap();
+    assert_eq!(got_meta, m3);
+    assert!(got == big, "a 21 MiB archive reads back byte for byte");
+    assert_err!(
+        s.put(&t, &id3, &scratch.path("big"), "final").await,
+        Error::AlreadyExists { .. },
+        "a large snapshot's id is written once too"
+    );
+    drop((big, got));
+    s.delete(&t, &id3).await.unwrap();
 
     s.publish(&t, &id1).await.expect("publish");
     assert_eq!(
@@ -1277,7 +1392,7 @@ pub async fn state_store_suite(s: Arc<dyn StateStore>) {
         "deleting the head"
     );
     assert_eq!(
-        s.get(&t, &id2).await.unwrap(),
+        get_bytes(&*s, &scratch, &t, &id2).await.unwrap().1,
         second,
         "a refused delete deletes nothing"
     );
@@ -1285,7 +1400,7 @@ pub async fn state_store_suite(s: Arc<dyn StateStore>) {
         .await
         .expect("delete a snapshot that is not the head");
     assert_err!(
-        s.get(&t, &id1).await,
+        get_bytes(&*s, &scratch, &t, &id1).await,
         Error::NotFound { .. },
         "get of a deleted snapshot"
     );
@@ -1310,7 +1425,7 @@ pub async fn state_store_suite(s: Arc<dyn StateStore>) {
     );
     assert_eq!(s.head(&other).await.unwrap(), None);
     assert_err!(
-        s.get(&other, &id2).await,
+        get_bytes(&*s, &scratch, &other, &id2).await,
         Error::NotFound { .. },
         "get through another tenant"
     );
@@ -1324,24 +1439,26 @@ pub async fn state_store_suite(s: Arc<dyn StateStore>) {
 }
 
 /// [`state_store_suite`], then checksum verification: archives damaged in the underlying object
-/// store must fail [`StateStore::get`] with [`Error::Corrupt`].
+/// store must fail [`StateStore::get`] with [`Error::Corrupt`], leaving no file behind.
 pub async fn object_state_store_suite(s: Arc<ObjectStateStore>) {
     state_store_suite(s.clone()).await;
 
     let run = run_id();
+    let scratch = Scratch::new(&run);
     let t = tenant_id(&run, "corrupt");
     let raw = s.object_store().clone();
     let good = Bytes::from_static(b"a healthy archive of some length");
 
     let id = SnapshotId::new_now();
-    s.put(&t, &id, good.clone(), "final").await.unwrap();
+    s.put(&t, &id, &scratch.file("good", &good), "final")
+        .await
+        .unwrap();
     s.publish(&t, &id).await.unwrap();
     let path = s.archive_path(&t, &id);
     let mut flipped = good.to_vec();
     flipped[3] ^= 0x01;
     raw.put(&path, PutPayload::from(flipped)).await.unwrap();
-    let err = s
-        .get(&t, &id)
+    let err = get_bytes(&*s, &scratch, &t, &id)
         .await
         .expect_err("a flipped bit must be caught");
     assert!(
@@ -1358,20 +1475,31 @@ pub async fn object_state_store_suite(s: Arc<ObjectStateStore>) {
         .await
         .unwrap();
     assert_err!(
-        s.get(&t, &id).await,
+        get_bytes(&*s, &scratch, &t, &id).await,
         Error::Corrupt { .. },
         "a truncated archive"
     );
 
+    let mut longer = good.to_vec();
+    longer.extend_from_slice(&noise(3 << 20, 5));
+    raw.put(&path, PutPayload::from(longer)).await.unwrap();
+    assert_err!(
+        get_bytes(&*s, &scratch, &t, &id).await,
+        Error::Corrupt { .. },
+        "an archive longer than its metadata says"
+    );
+
     raw.delete(&path).await.unwrap();
     assert_err!(
-        s.get(&t, &id).await,
+        get_bytes(&*s, &scratch, &t, &id).await,
         Error::Corrupt { .. },
         "an archive missing under its metadata"
     );
 
     let id2 = SnapshotId::new_now();
-    s.put(&t, &id2, good.clone(), "final").await.unwrap();
+    s.put(&t, &id2, &scratch.path("good"), "final")
+        .await
+        .unwrap();
     raw.put(
         &s.meta_path(&t, &id2),
         PutPayload::from_static(b"{not json"),
@@ -1379,7 +1507,7 @@ pub async fn object_state_store_suite(s: Arc<ObjectStateStore>) {
     .await
     .unwrap();
     assert_err!(
-        s.get(&t, &id2).await,
+        get_bytes(&*s, &scratch, &t, &id2).await,
         Error::Corrupt { .. },
         "unreadable metadata"
     );

@@ -12,18 +12,25 @@
 //! A crash part-way through a put leaves at most an archive without metadata, which no reader
 //! sees; the head moves only on publish, with one atomic object write, conditional on the head
 //! as it was read where the store supports conditional writes (S3: `If-Match`/`If-None-Match`).
+//!
+//! Archives are streamed, never held whole: one up to 8 MiB goes up in a single request, a larger
+//! one as a multipart upload (5 MiB parts, two in flight; an upload that fails is aborted), and a
+//! download streams into a local file with its size and SHA-256 checked as it arrives.
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::TryStreamExt;
 use futures::stream::{self, StreamExt};
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
+use object_store::{
+    ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion, WriteMultipart,
+};
 use otm_core::{Error, Result, SnapshotId, SnapshotMeta, StateStore, TenantId};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BACKEND: &str = "object_store";
 /// Metadata reads in flight at once while listing.
@@ -166,8 +173,175 @@ fn corrupt(path: &ObjectPath, message: impl std::fmt::Display) -> Error {
     }
 }
 
-fn sha256_hex(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
+/// Archives up to this size go up in one request; larger ones as a multipart upload.
+const SINGLE_PUT_MAX: u64 = 8 << 20;
+/// Part size of a multipart upload (S3's minimum is 5 MiB).
+const PART_SIZE: usize = 5 << 20;
+/// Parts uploading at once; with [`PART_SIZE`] this bounds an upload's memory.
+const PARTS_IN_FLIGHT: usize = 2;
+/// Bytes read from the local file at a time.
+const READ_CHUNK: usize = 1 << 20;
+
+fn local_error(what: &str, path: &Path, e: std::io::Error) -> Error {
+    Error::generic(
+        BACKEND,
+        format!("cannot {what} the local file {}: {e}", path.display()),
+    )
+}
+
+/// The next chunk of `file`, empty at its end.
+async fn next_chunk(file: &mut tokio::fs::File, path: &Path) -> Result<Bytes> {
+    let mut buf = bytes::BytesMut::with_capacity(READ_CHUNK);
+    while buf.len() < READ_CHUNK {
+        if file
+            .read_buf(&mut buf)
+            .await
+            .map_err(|e| local_error("read", path, e))?
+            == 0
+        {
+            break;
+        }
+    }
+    Ok(buf.freeze())
+}
+
+impl ObjectStateStore {
+    /// Uploads `file` to `path` as a new object and returns its size and SHA-256.
+    async fn upload(
+        &self,
+        path: &ObjectPath,
+        file: &mut tokio::fs::File,
+        local: &Path,
+        len: u64,
+        what: impl Fn() -> String,
+    ) -> Result<(u64, String)> {
+        let already = || Error::AlreadyExists { what: what() };
+        let mut hasher = Sha256::new();
+        let mut size: u64 = 0;
+        if len <= SINGLE_PUT_MAX {
+            let mut payload = Vec::new();
+            loop {
+                let chunk = next_chunk(file, local).await?;
+                if chunk.is_empty() {
+                    break;
+                }
+                hasher.update(&chunk);
+                size += chunk.len() as u64;
+                payload.push(chunk);
+            }
+            let payload = PutPayload::from_iter(payload);
+            // Create, not overwrite: an archive, once written, never changes under its metadata.
+            let create = PutOptions {
+                mode: PutMode::Create,
+                ..Default::default()
+            };
+            match self.store.put_opts(path, payload.clone(), create).await {
+                Ok(_) => {}
+                Err(object_store::Error::AlreadyExists { .. }) => return Err(already()),
+                // A store without conditional writes: snapshot ids are unique by construction.
+                Err(object_store::Error::NotImplemented { .. }) => {
+                    self.store.put(path, payload).await.map_err(store_error)?;
+                }
+                Err(e) => return Err(store_error(e)),
+            }
+            return Ok((size, hex::encode(hasher.finalize())));
+        }
+        // Multipart uploads cannot be conditional; snapshot ids are unique by construction, and
+        // this check catches a caller that reuses one.
+        match self.store.head(path).await {
+            Ok(_) => return Err(already()),
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(store_error(e)),
+        }
+        let upload = self.store.put_multipart(path).await.map_err(store_error)?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+        let streamed: Result<()> = async {
+            loop {
+                let chunk = next_chunk(file, local).await?;
+                if chunk.is_empty() {
+                    return Ok(());
+                }
+                hasher.update(&chunk);
+                size += chunk.len() as u64;
+                writer
+                    .wait_for_capacity(PARTS_IN_FLIGHT)
+                    .await
+                    .map_err(store_error)?;
+                writer.put(chunk);
+            }
+        }
+        .await;
+        match streamed {
+            Ok(()) => {
+                writer.finish().await.map_err(store_error)?;
+            }
+            Err(e) => {
+                if let Err(abort) = writer.abort().await {
+                    tracing::warn!(object = %path, error = %abort, "could not abort a multipart upload");
+                }
+                return Err(e);
+            }
+        }
+        Ok((size, hex::encode(hasher.finalize())))
+    }
+
+    /// Streams the object at `path` into `file`, checking it against `meta` as it goes.
+    async fn download(
+        &self,
+        path: &ObjectPath,
+        meta: &SnapshotMeta,
+        file: &mut tokio::fs::File,
+        local: &Path,
+    ) -> Result<()> {
+        let got = match self.store.get(path).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(corrupt(
+                    path,
+                    "the archive is missing although its metadata exists; restore an older snapshot",
+                ));
+            }
+            Err(e) => return Err(store_error(e)),
+        };
+        let mut stream = got.into_stream();
+        let mut hasher = Sha256::new();
+        let mut size: u64 = 0;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(store_error)?;
+            size += chunk.len() as u64;
+            if size > meta.size {
+                tracing::warn!(tenant = %meta.tenant, snapshot = %meta.id, "a snapshot is larger than its metadata says");
+                return Err(corrupt(
+                    path,
+                    format!(
+                        "the archive holds more than the {} bytes its metadata says; the stored \
+                         archive is damaged, restore an older snapshot",
+                        meta.size
+                    ),
+                ));
+            }
+            hasher.update(&chunk);
+            file.write_all(&chunk)
+                .await
+                .map_err(|e| local_error("write", local, e))?;
+        }
+        file.flush()
+            .await
+            .map_err(|e| local_error("write", local, e))?;
+        let sha256 = hex::encode(hasher.finalize());
+        if size != meta.size || sha256 != meta.sha256 {
+            tracing::warn!(tenant = %meta.tenant, snapshot = %meta.id, "a snapshot failed its checksum");
+            return Err(corrupt(
+                path,
+                format!(
+                    "checksum mismatch: the archive has {size} bytes with SHA-256 {sha256}, its metadata says {} bytes \
+                     with SHA-256 {}; the stored archive is damaged, restore an older snapshot",
+                    meta.size, meta.sha256
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -176,43 +350,32 @@ impl StateStore for ObjectStateStore {
         &self,
         tenant: &TenantId,
         id: &SnapshotId,
-        archive: Bytes,
+        archive: &Path,
         reason: &str,
     ) -> Result<SnapshotMeta> {
+        let mut file = tokio::fs::File::open(archive)
+            .await
+            .map_err(|e| local_error("open", archive, e))?;
+        let len = file
+            .metadata()
+            .await
+            .map_err(|e| local_error("read", archive, e))?
+            .len();
+        let path = self.archive_path(tenant, id);
+        let (size, sha256) = self
+            .upload(&path, &mut file, archive, len, || {
+                format!("snapshot {id} of tenant {tenant}")
+            })
+            .await?;
         let meta = SnapshotMeta {
             id: id.clone(),
             tenant: tenant.clone(),
-            size: archive.len() as u64,
-            sha256: sha256_hex(&archive),
+            size,
+            sha256,
             created_at_ms: otm_core::time::now_ms(),
             reason: reason.to_owned(),
         };
-        let path = self.archive_path(tenant, id);
-        // Create, not overwrite: an archive, once written, never changes under its metadata.
-        let create = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        match self
-            .store
-            .put_opts(&path, PutPayload::from_bytes(archive.clone()), create)
-            .await
-        {
-            Ok(_) => {}
-            Err(object_store::Error::AlreadyExists { .. }) => {
-                return Err(Error::AlreadyExists {
-                    what: format!("snapshot {id} of tenant {tenant}"),
-                });
-            }
-            // A store without conditional writes: snapshot ids are unique by construction.
-            Err(object_store::Error::NotImplemented { .. }) => {
-                self.store
-                    .put(&path, PutPayload::from_bytes(archive))
-                    .await
-                    .map_err(store_error)?;
-            }
-            Err(e) => return Err(store_error(e)),
-        }
+        // The metadata last: until it exists, no reader sees the archive.
         let json = serde_json::to_vec(&meta).map_err(|e| Error::generic(BACKEND, e))?;
         self.store
             .put(&self.meta_path(tenant, id), PutPayload::from(json))
@@ -305,34 +468,32 @@ impl StateStore for ObjectStateStore {
         Ok(metas.into_iter().flatten().collect())
     }
 
-    async fn get(&self, tenant: &TenantId, id: &SnapshotId) -> Result<Bytes> {
+    async fn get(&self, tenant: &TenantId, id: &SnapshotId, into: &Path) -> Result<SnapshotMeta> {
         let Some(meta) = self.read_meta(tenant, id).await? else {
             return Err(Error::not_found(format!(
                 "snapshot {id} of tenant {tenant}"
             )));
         };
         let path = self.archive_path(tenant, id);
-        let Some(archive) = self.read(&path).await? else {
-            return Err(corrupt(
-                &path,
-                "the archive is missing although its metadata exists; restore an older snapshot",
-            ));
-        };
-        let sha256 = sha256_hex(&archive);
-        if archive.len() as u64 != meta.size || sha256 != meta.sha256 {
-            tracing::warn!(%tenant, snapshot = %id, "a snapshot failed its checksum");
-            return Err(corrupt(
-                &path,
-                format!(
-                    "checksum mismatch: the archive has {} bytes with SHA-256 {sha256}, its metadata says {} bytes \
-                     with SHA-256 {}; the stored archive is damaged, restore an older snapshot",
-                    archive.len(),
-                    meta.size,
-                    meta.sha256
-                ),
-            ));
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(into)
+            .await
+            .map_err(|e| local_error("create", into, e))?;
+        let got = self.download(&path, &meta, &mut file, into).await;
+        drop(file);
+        if got.is_err() {
+            // Nothing half-written, or unchecked, is left where the caller looks.
+            if let Err(e) = tokio::fs::remove_file(into).await
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(file = %into.display(), error = %e, "could not remove a failed download");
+            }
         }
-        Ok(archive)
+        got.map(|()| meta)
     }
 
     async fn delete(&self, tenant: &TenantId, id: &SnapshotId) -> Result<()> {

@@ -45,22 +45,19 @@ async fn local_state_store_catches_a_damaged_file() {
     let s = ObjectStateStore::local(dir.path()).unwrap();
     let t = TenantId::parse("alice").unwrap();
     let id = SnapshotId::new_now();
-    s.put(
-        &t,
-        &id,
-        bytes::Bytes::from_static(b"state of alice"),
-        "final",
-    )
-    .await
-    .unwrap();
+    let archive = dir.path().join("archive");
+    std::fs::write(&archive, b"state of alice").unwrap();
+    s.put(&t, &id, &archive, "final").await.unwrap();
     let file = dir
         .path()
         .join(format!("tenants/alice/snapshots/{id}.tar.zst"));
     let mut data = std::fs::read(&file).unwrap();
     data[0] ^= 0x80;
     std::fs::write(&file, data).unwrap();
-    let err = s.get(&t, &id).await.unwrap_err();
+    let into = dir.path().join("restored");
+    let err = s.get(&t, &id, &into).await.unwrap_err();
     assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
+    assert!(!into.exists(), "nothing unchecked is left behind");
     assert!(
         err.to_string().contains("restore an older snapshot"),
         "{err}"

@@ -238,23 +238,23 @@ mod s3 {
         // The same store through open_state_store, by URL: it sees what the other wrote.
         let t = TenantId::parse("through-open").unwrap();
         let id = SnapshotId::new_now();
-        store
-            .put(&t, &id, bytes::Bytes::from_static(b"tar"), "manual")
-            .await
-            .unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        let tar = scratch.path().join("tar");
+        std::fs::write(&tar, b"tar").unwrap();
+        store.put(&t, &id, &tar, "manual").await.unwrap();
         store.publish(&t, &id).await.unwrap();
         let opened = otm_store::open_state_store(&url).await.unwrap();
         assert_eq!(
             opened.head(&t).await.unwrap().map(|m| m.id),
             Some(id.clone())
         );
-        assert_eq!(opened.get(&t, &id).await.unwrap(), &b"tar"[..]);
+        let back = scratch.path().join("back");
+        opened.get(&t, &id, &back).await.unwrap();
+        assert_eq!(std::fs::read(&back).unwrap(), b"tar");
         // A new head replaces the old one conditionally (If-Match on its e-tag).
         let id2 = SnapshotId::new_now();
-        opened
-            .put(&t, &id2, bytes::Bytes::from_static(b"tar2"), "manual")
-            .await
-            .unwrap();
+        std::fs::write(&tar, b"tar2").unwrap();
+        opened.put(&t, &id2, &tar, "manual").await.unwrap();
         opened.publish(&t, &id2).await.unwrap();
         assert_eq!(
             store.head(&t).await.unwrap().map(|m| m.id),

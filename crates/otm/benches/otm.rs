@@ -345,22 +345,34 @@ async fn run() {
         let store =
             otm_store::objstore::ObjectStateStore::local(&dir.path().join("bench-state")).unwrap();
         let tenant = otm_core::TenantId::parse("bench").unwrap();
+        let caps = otm_shim::archive::Caps::default();
+        let spool = dir.path().join(format!("spool-{mb}.tar.zst"));
+        // As the server does it: packed into a file as a stream, test-decoded, streamed into
+        // the store; fetched into a file with its checksum checked, test-decoded, unpacked.
         let t0 = Instant::now();
-        let archive = otm_shim::archive::pack(&src, &[]).unwrap();
+        {
+            let mut out = std::io::BufWriter::new(std::fs::File::create(&spool).unwrap());
+            otm_shim::archive::pack(&src, &[], &caps, &mut out).unwrap();
+            std::io::Write::flush(&mut out).unwrap();
+        }
+        let reader = || std::io::BufReader::new(std::fs::File::open(&spool).unwrap());
+        otm_shim::archive::verify(reader(), &caps).unwrap();
         let id = otm_core::SnapshotId::new_now();
-        let meta = otm_core::StateStore::put(&store, &tenant, &id, archive.into(), "bench")
+        let meta = otm_core::StateStore::put(&store, &tenant, &id, &spool, "bench")
             .await
             .unwrap();
         otm_core::StateStore::publish(&store, &tenant, &id)
             .await
             .unwrap();
         let snap = t0.elapsed();
+        std::fs::remove_file(&spool).unwrap();
         let t1 = Instant::now();
-        let bytes = otm_core::StateStore::get(&store, &tenant, &id)
+        otm_core::StateStore::get(&store, &tenant, &id, &spool)
             .await
             .unwrap();
+        otm_shim::archive::verify(reader(), &caps).unwrap();
         let dst = dir.path().join(format!("restored-{mb}"));
-        otm_shim::archive::unpack(&bytes, &dst).unwrap();
+        otm_shim::archive::unpack(reader(), &dst, &caps).unwrap();
         let restore = t1.elapsed();
         rows.push((
             format!(

@@ -246,6 +246,18 @@ async fn corrupt_and_half_written_snapshots_leave_a_restorable_head() {
         metrics.contains("snapshot_corrupt"),
         "the refusal is counted"
     );
+    // And recorded on the tenant, with why.
+    let (_, t) = h.api(Method::GET, "/tenants/snappy", None).await;
+    let fallback = &t["last_restore_fallback"];
+    assert_eq!(fallback["restored"], ids[0], "{t}");
+    assert_eq!(fallback["skipped"][0]["snapshot"], ids[1], "{t}");
+    assert!(
+        fallback["skipped"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("checksum mismatch"),
+        "{t}"
+    );
 
     // An operator restores the first snapshot explicitly: the next wake starts from it.
     let (status, r) = h
@@ -272,6 +284,49 @@ async fn corrupt_and_half_written_snapshots_leave_a_restorable_head() {
         .await;
     assert_eq!(status, 500, "{err}");
     assert_eq!(err["error"]["code"], "corrupt");
+
+    // A head whose checksum matches but which does not decode (damaged before it was stored, or
+    // metadata rewritten with it): the wake's test decode refuses it and takes the one before.
+    let (_, snaps) = h.api(Method::GET, "/tenants/snappy/snapshots", None).await;
+    let list: Vec<String> = snaps["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_owned())
+        .collect();
+    let head = snaps["head"].as_str().unwrap().to_owned();
+    assert_eq!(list.last(), Some(&head));
+    let before_head = list[list.len() - 2].clone();
+    let garbage = b"zstd? no: a well-checksummed pile of nothing".to_vec();
+    std::fs::write(state.join(format!("{head}.tar.zst")), &garbage).unwrap();
+    let meta_file = state.join(format!("{head}.json"));
+    let mut meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&meta_file).unwrap()).unwrap();
+    let digest = std::process::Command::new("sha256sum")
+        .arg(state.join(format!("{head}.tar.zst")))
+        .output()
+        .unwrap();
+    let digest = String::from_utf8(digest.stdout).unwrap();
+    meta["sha256"] = json!(digest.split_whitespace().next().unwrap());
+    meta["size"] = json!(garbage.len());
+    std::fs::write(&meta_file, serde_json::to_vec(&meta).unwrap()).unwrap();
+    send_many(&h, "snappy", &secret, token, 8..=8).await;
+    assert_eq!(
+        h.tg.sent_messages(token).pop().unwrap().text,
+        "#5: m8",
+        "the snapshot before the head (m1-3 and m6) was restored"
+    );
+    let (_, t) = h.api(Method::GET, "/tenants/snappy", None).await;
+    let fallback = &t["last_restore_fallback"];
+    assert_eq!(fallback["restored"], before_head.as_str(), "{t}");
+    assert_eq!(fallback["skipped"][0]["snapshot"], head.as_str(), "{t}");
+    assert!(
+        fallback["skipped"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("does not decode"),
+        "{t}"
+    );
     h.stop().await;
 }
 

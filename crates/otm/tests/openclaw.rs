@@ -367,12 +367,17 @@ fn unpack_snapshot(h: &Harness, tenant: &str, id: &str) -> tempfile::TempDir {
         .dir
         .path()
         .join(format!("d/state/tenants/{tenant}/snapshots/{id}.tar.zst"));
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let archive = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let out = tempfile::Builder::new()
         .prefix("otm-oc-snap")
         .tempdir_in("/tmp")
         .unwrap();
-    otm_shim::archive::unpack(&bytes, out.path()).unwrap();
+    otm_shim::archive::unpack(
+        std::io::BufReader::new(archive),
+        out.path(),
+        &otm_shim::archive::Caps::default(),
+    )
+    .unwrap();
     out
 }
 
