@@ -42,4 +42,4 @@ pub use runtime::{
 };
 pub use secret::Secret;
 pub use state::{SnapshotMeta, StateStore};
-pub use tenant::{Tenant, TenantLimits, TenantStatus};
+pub use tenant::{DmPolicy, Tenant, TenantLimits, TenantStatus, check_allowed_user};

@@ -83,7 +83,9 @@ pub trait Registry: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<Appended>;
     /// The oldest pending update of a tenant.
     async fn inbox_next(&self, tenant: &TenantId) -> Result<Option<InboxItem>>;
-    /// Marks an update delivered; it leaves the pending list but still counts for deduplication.
+    /// Marks an update delivered and drops its payload (the message text is kept nowhere once
+    /// the agent has it); it leaves the pending list but still counts for deduplication until
+    /// [`Registry::inbox_prune`].
     async fn inbox_ack(&self, tenant: &TenantId, seq: i64) -> Result<()>;
     /// Records a failed delivery; after `max_attempts` failures the update is dead-lettered.
     async fn inbox_fail(
@@ -101,6 +103,12 @@ pub trait Registry: Send + Sync + std::fmt::Debug + 'static {
     async fn inbox_pending_tenants(&self) -> Result<Vec<TenantId>>;
     /// Forgets delivered updates accepted before `before_ms`; returns how many.
     async fn inbox_prune(&self, before_ms: i64) -> Result<u64>;
+    /// Makes what was cleared or deleted unreadable from the registry's own files where the
+    /// backend keeps old versions around (SQLite: its write-ahead log is checkpointed and
+    /// truncated). Called every few seconds; cheap when there is nothing to do.
+    async fn purge_freed(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// The fleet settings (defaults if never written).
     async fn get_settings(&self) -> Result<FleetSettings>;

@@ -50,4 +50,12 @@ pub trait StateStore: Send + Sync + std::fmt::Debug + 'static {
     async fn get(&self, tenant: &TenantId, id: &SnapshotId, into: &Path) -> Result<SnapshotMeta>;
     /// Deletes one snapshot (archive and metadata); the head is never deleted.
     async fn delete(&self, tenant: &TenantId, id: &SnapshotId) -> Result<()>;
+    /// Deletes everything stored for a tenant, head first (a reader sees no head rather than one
+    /// pointing at nothing), then every snapshot; returns how many snapshots were removed. A
+    /// tenant created again under the same id starts empty.
+    async fn delete_tenant(&self, tenant: &TenantId) -> Result<u64>;
+    /// Moves everything stored for a tenant under the tombstone `name`, where no tenant's
+    /// reads ever look (a tenant created again under the same id starts empty); returns how
+    /// many snapshots were moved. For operators who must keep a deleted tenant's data.
+    async fn tombstone(&self, tenant: &TenantId, name: &str) -> Result<u64>;
 }

@@ -84,9 +84,87 @@ pub struct TenantLimits {
     /// those hosts on public addresses only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub egress_allow: Option<Vec<String>>,
+    /// Who may talk to the tenant's agent: Telegram user ids (`"123456789"`), or `"*"` for
+    /// anyone. See [`TenantLimits::dm_policy`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_users: Option<Vec<String>>,
+}
+
+/// Who may write to a tenant's agent in a direct chat.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DmPolicy {
+    /// Nobody: no user was allowed (OpenClaw's `disabled`).
+    Nobody,
+    /// These Telegram user ids (OpenClaw's `allowlist`).
+    Users(Vec<i64>),
+    /// Anyone who finds the bot (OpenClaw's `open`): set only on purpose, with `"*"`.
+    Anyone,
+}
+
+impl DmPolicy {
+    /// OpenClaw's name for it.
+    pub fn openclaw_name(&self) -> &'static str {
+        match self {
+            DmPolicy::Nobody => "disabled",
+            DmPolicy::Users(_) => "allowlist",
+            DmPolicy::Anyone => "open",
+        }
+    }
+
+    /// The allowed list as an agent's setting: `*`, or ids joined by commas (empty: nobody).
+    pub fn to_setting(&self) -> String {
+        match self {
+            DmPolicy::Nobody => String::new(),
+            DmPolicy::Anyone => "*".into(),
+            DmPolicy::Users(ids) => ids.iter().map(i64::to_string).collect::<Vec<_>>().join(","),
+        }
+    }
+
+    /// Reads [`DmPolicy::to_setting`] back.
+    pub fn from_setting(s: &str) -> DmPolicy {
+        if s.split(',').any(|p| p.trim() == "*") {
+            return DmPolicy::Anyone;
+        }
+        let ids: Vec<i64> = s.split(',').filter_map(|p| p.trim().parse().ok()).collect();
+        if ids.is_empty() {
+            DmPolicy::Nobody
+        } else {
+            DmPolicy::Users(ids)
+        }
+    }
+
+    /// Whether a message from `user` may reach the agent.
+    pub fn allows(&self, user: i64) -> bool {
+        match self {
+            DmPolicy::Nobody => false,
+            DmPolicy::Anyone => true,
+            DmPolicy::Users(ids) => ids.contains(&user),
+        }
+    }
+}
+
+/// Checks one entry of `allowed_users`: a Telegram user id (a positive integer) or `*`.
+pub fn check_allowed_user(entry: &str) -> Result<String, String> {
+    let e = entry.trim();
+    let e = e
+        .strip_prefix("tg:")
+        .or_else(|| e.strip_prefix("telegram:"))
+        .unwrap_or(e);
+    if e == "*" || e.parse::<i64>().is_ok_and(|n| n > 0) {
+        Ok(e.to_owned())
+    } else {
+        Err(format!(
+            "`{entry}` is not a Telegram user id (a positive number, as Telegram's `from.id`) or `*` (anyone)"
+        ))
+    }
 }
 
 impl TenantLimits {
+    /// Who may write to the agent: nobody until users are allowed, anyone only with `*`.
+    pub fn dm_policy(&self) -> DmPolicy {
+        DmPolicy::from_setting(&self.allowed_users.clone().unwrap_or_default().join(","))
+    }
+
     /// `proxy` when the tenant may reach allowlisted hosts, else `none`.
     pub fn egress(&self) -> &'static str {
         if self.egress_allow.as_ref().is_some_and(|a| !a.is_empty()) {

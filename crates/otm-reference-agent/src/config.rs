@@ -19,6 +19,44 @@ pub const ENV_BOT_TOKEN: &str = "OTM_BOT_TOKEN";
 pub const ENV_WEBHOOK_SECRET: &str = "OTM_WEBHOOK_SECRET";
 /// Turns probe mode on when `1`.
 pub const ENV_PROBES: &str = "OTM_AGENT_PROBES";
+/// Who may write to the agent: Telegram user ids joined by commas, or `*`; empty for nobody.
+/// Unset: anyone (the reference agent has no tools).
+pub const ENV_ALLOWED_USERS: &str = "OTM_AGENT_ALLOWED_USERS";
+
+/// Whose messages the agent answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Allowed {
+    Anyone,
+    /// These Telegram user ids (`from.id`); empty: nobody.
+    Users(Vec<i64>),
+}
+
+impl Allowed {
+    /// Reads [`ENV_ALLOWED_USERS`]'s value.
+    pub fn parse(value: Option<&str>) -> Result<Allowed, ConfigError> {
+        let Some(v) = value else {
+            return Ok(Allowed::Anyone);
+        };
+        let mut users = Vec::new();
+        for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            if part == "*" {
+                return Ok(Allowed::Anyone);
+            }
+            users.push(part.parse().map_err(|_| ConfigError::Invalid {
+                name: ENV_ALLOWED_USERS,
+                reason: format!("`{part}` is not a Telegram user id or `*`"),
+            })?);
+        }
+        Ok(Allowed::Users(users))
+    }
+
+    pub fn allows(&self, user: i64) -> bool {
+        match self {
+            Allowed::Anyone => true,
+            Allowed::Users(ids) => ids.contains(&user),
+        }
+    }
+}
 
 /// Every variable the agent reads, in the order they are reported.
 pub const REQUIRED_ENV: [&str; 5] = [
@@ -46,6 +84,8 @@ pub struct Config {
     /// `sh -c` and answers its exit status and output, the way an agent's shell tool would.
     /// For testing sandboxes only: whoever writes to the bot gets a shell.
     pub probes: bool,
+    /// Whose messages are answered ([`ENV_ALLOWED_USERS`]).
+    pub allowed: Allowed,
 }
 
 impl fmt::Debug for Config {
@@ -99,6 +139,7 @@ impl Config {
         let bot_token = take(ENV_BOT_TOKEN);
         let webhook_secret = take(ENV_WEBHOOK_SECRET);
         let probes = lookup(ENV_PROBES).is_some_and(|v| v.trim() == "1");
+        let allowed = Allowed::parse(lookup(ENV_ALLOWED_USERS).as_deref());
         if !missing.is_empty() {
             return Err(ConfigError::Missing { names: missing });
         }
@@ -126,6 +167,7 @@ impl Config {
             bot_token,
             webhook_secret,
             probes,
+            allowed: allowed?,
         })
     }
 }

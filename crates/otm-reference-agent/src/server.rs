@@ -10,7 +10,8 @@
 //! - 401 without the right `X-Telegram-Bot-Api-Secret-Token`, 400 for a body that is not an
 //!   update.
 //!
-//! Other updates are acknowledged with 200 and otherwise ignored.
+//! Other updates, and messages from users `OTM_AGENT_ALLOWED_USERS` does not list, are
+//! acknowledged with 200 and otherwise ignored.
 
 use std::fmt;
 use std::future::{Future, IntoFuture};
@@ -66,6 +67,7 @@ impl fmt::Debug for ReferenceAgent {
 struct App {
     webhook_secret: String,
     probes: bool,
+    allowed: crate::config::Allowed,
     bot: BotApi,
     /// Held for the whole handling of one update, so updates are processed one at a time.
     state: Mutex<StateFile>,
@@ -97,6 +99,7 @@ impl ReferenceAgent {
         let app = Arc::new(App {
             webhook_secret: config.webhook_secret,
             probes: config.probes,
+            allowed: config.allowed,
             bot,
             state: Mutex::new(state),
         });
@@ -170,6 +173,11 @@ struct Update {
 }
 
 impl Update {
+    /// The sender (`message.from.id`) of a message.
+    fn sender(&self) -> Option<i64> {
+        self.message.as_ref()?.get("from")?.get("id")?.as_i64()
+    }
+
     /// `(chat id, text)` of a text message; `None` for every other kind of update.
     fn text_message(&self) -> Option<(i64, &str)> {
         let message = self.message.as_ref()?;
@@ -235,6 +243,14 @@ async fn handle_update(app: &App, update: &Update) -> Response {
                 tracing::debug!("not a text message; ignored");
                 return ok();
             };
+            if !update.sender().is_some_and(|u| app.allowed.allows(u)) {
+                // Acknowledged, so that it is not delivered again; neither counted nor answered.
+                tracing::info!(
+                    sender = update.sender(),
+                    "message from a user who is not allowed; ignored"
+                );
+                return ok();
+            }
             let probed;
             let text = match text.strip_prefix("/sh ") {
                 Some(command) if app.probes => {

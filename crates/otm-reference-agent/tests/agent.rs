@@ -32,12 +32,17 @@ fn config(root: &str, state_dir: &Path) -> Config {
         bot_token: TOKEN.to_owned(),
         webhook_secret: SECRET.to_owned(),
         probes: false,
+        allowed: otm_reference_agent::config::Allowed::Anyone,
     }
 }
 
 impl Agent {
     async fn start(root: &str, state_dir: &Path) -> Agent {
-        let agent = ReferenceAgent::bind(config(root, state_dir)).await.unwrap();
+        Self::start_with(config(root, state_dir)).await
+    }
+
+    async fn start_with(config: Config) -> Agent {
+        let agent = ReferenceAgent::bind(config).await.unwrap();
         let base = format!("http://{}", agent.local_addr());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(agent.run(async {
@@ -137,6 +142,33 @@ async fn numbers_text_messages_per_chat() {
         json!({"chat_id": 100, "text": "#1: hello"})
     );
     agent.stop().await;
+}
+
+#[tokio::test]
+async fn only_allowed_users_are_answered() {
+    use otm_reference_agent::config::Allowed;
+    let fake = fake().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&fake.url(), dir.path());
+    cfg.allowed = Allowed::parse(Some("100, 300")).unwrap();
+    let agent = Agent::start_with(cfg).await;
+    assert_eq!(agent.deliver(&text_update(1, 200, "stranger")).await, 200);
+    assert_eq!(agent.deliver(&text_update(2, 100, "owner")).await, 200);
+    assert_eq!(
+        fake.sent_messages(TOKEN),
+        [msg(100, "#1: owner")],
+        "a user who is not allowed is acknowledged, neither counted nor answered"
+    );
+    agent.stop().await;
+
+    assert_eq!(Allowed::parse(None).unwrap(), Allowed::Anyone);
+    assert_eq!(Allowed::parse(Some("*")).unwrap(), Allowed::Anyone);
+    assert_eq!(Allowed::parse(Some("")).unwrap(), Allowed::Users(vec![]));
+    assert!(
+        !Allowed::parse(Some("")).unwrap().allows(100),
+        "empty: nobody"
+    );
+    assert!(Allowed::parse(Some("bob")).is_err());
 }
 
 #[tokio::test]

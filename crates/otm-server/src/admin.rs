@@ -93,6 +93,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/tenants/{id}/stop", post(stop_tenant))
         .route("/tenants/{id}/inbox", get(inbox))
         .route("/tenants/{id}/snapshots", get(snapshots))
+        .route("/tenants/{id}/export", get(export))
         .route(
             "/tenants/{id}/snapshots/{snapshot}/restore",
             post(restore_snapshot),
@@ -228,6 +229,11 @@ struct TenantView {
     /// `none` (no way out but the Bot API and model proxies) or `proxy` (CONNECT to `egress_allow`).
     egress: &'static str,
     egress_allow: Vec<String>,
+    /// Telegram user ids that may write to the agent, or `*` (anyone); empty: nobody may write
+    /// to an OpenClaw agent (the reference agent then answers everyone).
+    allowed_users: Vec<String>,
+    /// The DM policy rendered into OpenClaw's config: `disabled`, `allowlist` or `open`.
+    dm_policy: &'static str,
     /// The last limit one of its instances ran into (as this server saw it).
     last_limit_kill: Option<crate::app::LimitKill>,
     /// The last wake that could not restore the head snapshot: what it skipped and why (as this
@@ -270,6 +276,8 @@ async fn view_with(app: &App, t: &Tenant, defaults: &otm_core::ResourceLimits) -
         own_limits: t.limits.clone(),
         egress: t.limits.egress(),
         egress_allow: t.limits.egress_allow.clone().unwrap_or_default(),
+        allowed_users: t.limits.allowed_users.clone().unwrap_or_default(),
+        dm_policy: t.limits.dm_policy().openclaw_name(),
         last_limit_kill: app.last_limit_kill(&t.id),
         last_restore_fallback: app.last_restore_fallback(&t.id),
     }
@@ -289,6 +297,8 @@ struct LimitsBody {
     egress: Option<String>,
     #[serde(default)]
     egress_allow: Option<Vec<String>>,
+    #[serde(default)]
+    allowed_users: Option<Vec<Value>>,
 }
 
 /// The limit fields of a create or patch body, which name them one by one (`deny_unknown_fields`
@@ -302,6 +312,7 @@ macro_rules! limits_body {
             disk: $b.disk.clone(),
             egress: $b.egress.clone(),
             egress_allow: $b.egress_allow.clone(),
+            allowed_users: $b.allowed_users.clone(),
         }
     };
 }
@@ -355,6 +366,22 @@ impl LimitsBody {
             }
             to.egress_allow = Some(list.iter().map(|h| h.to_ascii_lowercase()).collect())
                 .filter(|l: &Vec<String>| !l.is_empty());
+        }
+        if let Some(list) = &self.allowed_users {
+            let mut users = Vec::new();
+            for v in list {
+                let entry = match v {
+                    Value::String(s) => s.clone(),
+                    Value::Number(n) => n.to_string(),
+                    other => other.to_string(),
+                };
+                let user = otm_core::check_allowed_user(&entry)
+                    .map_err(|e| ApiError::bad_request(format!("allowed_users: {e}")))?;
+                if !users.contains(&user) {
+                    users.push(user);
+                }
+            }
+            to.allowed_users = Some(users).filter(|u| !u.is_empty());
         }
         match self.egress.as_deref() {
             None => {}
@@ -416,6 +443,8 @@ struct CreateTenant {
     disk: Option<Value>,
     egress: Option<String>,
     egress_allow: Option<Vec<String>>,
+    /// Telegram user ids (numbers or strings) that may write to the agent, or `"*"`.
+    allowed_users: Option<Vec<Value>>,
 }
 
 fn check_profile(app: &App, p: &str) -> ApiResult<()> {
@@ -518,6 +547,22 @@ async fn create_tenant(
         let _ = app.registry.delete_tenant(&id).await;
         return Err(e);
     }
+    // A new tenant starts empty: snapshots left under its id by an earlier owner (deleted by a
+    // version that kept them, or by hand) are moved aside, never restored into this one.
+    if app.state.head(&id).await.ok().flatten().is_some()
+        || !app.state.list(&id).await.unwrap_or_default().is_empty()
+    {
+        let name = format!("{id}-orphaned-{}", otm_core::time::now_ms());
+        match app.state.tombstone(&id, &name).await {
+            Ok(n) => {
+                tracing::warn!(tenant = %id, snapshots = n, tombstone = %name, "an earlier owner's snapshots were moved aside")
+            }
+            Err(e) => {
+                let _ = app.registry.delete_tenant(&id).await;
+                return Err(e.into());
+            }
+        }
+    }
     tracing::info!(tenant = %id, profile = %t.profile, "tenant created");
     Ok((StatusCode::CREATED, Json(view(&app, &t).await)))
 }
@@ -552,6 +597,7 @@ struct PatchTenant {
     disk: Option<Value>,
     egress: Option<String>,
     egress_allow: Option<Vec<String>>,
+    allowed_users: Option<Vec<Value>>,
 }
 
 async fn patch_tenant(
@@ -593,9 +639,21 @@ async fn patch_tenant(
     Ok(Json(view(&app, &t).await))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteQuery {
+    /// Keep the tenant's snapshots under a tombstone (`tombstones/<id>-<ms>` in the state store)
+    /// instead of deleting them; a tenant created again under the same id never sees them.
+    #[serde(default)]
+    keep_state: bool,
+}
+
+/// Deletes a tenant: its instance stopped, its webhook removed, its inbox and registry rows,
+/// then its snapshots (or, with `?keep_state=true`, its snapshots moved to a tombstone).
 async fn delete_tenant(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
+    Query(q): Query<DeleteQuery>,
 ) -> ApiResult<StatusCode> {
     let t = load(&app, &id).await?;
     orchestrator::stop(&app, &t.id, "deleted").await?;
@@ -604,8 +662,22 @@ async fn delete_tenant(
     {
         tracing::warn!(tenant = %t.id, error = %e, "could not delete the webhook");
     }
+    // The registry first: from here on no wake can restore (or snapshot) this tenant, so the
+    // snapshots cannot come back behind the deletion.
     app.registry.delete_tenant(&t.id).await?;
-    tracing::info!(tenant = %t.id, "tenant deleted; its snapshots are kept");
+    let (snapshots, tombstone) = if q.keep_state {
+        let name = format!("{}-{}", t.id, otm_core::time::now_ms());
+        let n = app.state.tombstone(&t.id, &name).await?;
+        (n, Some(name))
+    } else {
+        (app.state.delete_tenant(&t.id).await?, None)
+    };
+    match tombstone {
+        Some(name) => {
+            tracing::info!(tenant = %t.id, snapshots, tombstone = %name, "tenant deleted; its snapshots are kept under the tombstone");
+        }
+        None => tracing::info!(tenant = %t.id, snapshots, "tenant deleted with its snapshots"),
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -679,6 +751,40 @@ async fn snapshots(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiRe
         })
         .collect();
     Ok(Json(json!({"tenant": id, "head": head, "snapshots": list})))
+}
+
+/// The tenant's latest state as a plain tar (`application/x-tar`), streamed from a spool file;
+/// `x-otm-snapshot` names the snapshot it came from.
+async fn export(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> ApiResult<axum::response::Response> {
+    let t = load(&app, &id).await?;
+    let (tar, meta) = orchestrator::export_state(&app, &t.id).await?;
+    let file = tar.open().await?;
+    let len = file.metadata().await.map(|m| m.len()).ok();
+    // The open file outlives its name: the spool entry goes now, the bytes when the stream ends.
+    drop(tar);
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+        file,
+        otm_shim::pipe::CHUNK,
+    ));
+    let mut resp = axum::response::Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/x-tar"),
+    );
+    if let Ok(v) = format!("attachment; filename=\"{}-{}.tar\"", t.id, meta.id).parse() {
+        h.insert(axum::http::header::CONTENT_DISPOSITION, v);
+    }
+    if let Ok(v) = meta.id.to_string().parse() {
+        h.insert("x-otm-snapshot", v);
+    }
+    if let Some(len) = len {
+        h.insert(axum::http::header::CONTENT_LENGTH, len.into());
+    }
+    Ok(resp)
 }
 
 async fn restore_snapshot(

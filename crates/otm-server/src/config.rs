@@ -57,6 +57,9 @@ pub struct Settings {
     /// Time-to-live of the wake lock and of dispatcher leases, renewed while held, seconds. A
     /// replica that dies holding one blocks that tenant for at most this long.
     pub lease_ttl_s: u64,
+    /// How long a delivered update's id is kept for deduplication (Telegram redelivers for up
+    /// to a day), seconds; its payload is dropped at delivery already.
+    pub dedupe_window_s: u64,
     /// Where `scripts/install-openclaw` put Node 24 and OpenClaw (`bin/openclaw`) for tenants on
     /// the `openclaw` profile; when unset, `<data-dir>/openclaw`, then `openclaw` on `PATH`.
     pub openclaw_prefix: Option<PathBuf>,
@@ -96,6 +99,7 @@ impl Default for Settings {
             orchestrator_url: None,
             service_token: None,
             lease_ttl_s: 15,
+            dedupe_window_s: 86_400,
             openclaw_prefix: None,
             openclaw_config_template: None,
             model_base_url: None,
@@ -252,6 +256,12 @@ impl Settings {
         }
         if self.lease_ttl_s < 2 {
             return Err(invalid("lease-ttl-s", "must be at least 2"));
+        }
+        if self.dedupe_window_s == 0 {
+            return Err(invalid(
+                "dedupe-window-s",
+                "must be at least 1 (Telegram redelivers for up to a day; 86400 is the default)",
+            ));
         }
         if self.snapshot_keep == 0 {
             return Err(invalid("snapshot-keep", "must be at least 1"));

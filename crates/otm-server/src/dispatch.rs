@@ -221,14 +221,41 @@ fn backoff(attempts: u32) -> Duration {
     Duration::from_millis(ms).min(MAX_BACKOFF)
 }
 
-/// Kicks every tenant with pending updates; runs every few seconds so no wake-up is lost.
+/// How often delivered updates past the dedupe window are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(30);
+
+/// Kicks every tenant with pending updates; runs every few seconds so no wake-up is lost. Also
+/// the inbox's housekeeping: pruning past the dedupe window, scrubbing the registry's files.
 pub async fn run_sweeper(app: Arc<App>) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_prune: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = app.shutdown.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        // Delivered updates: their ids are forgotten after the dedupe window (their payloads
+        // went at ack), and what acks and deletes freed is scrubbed from the registry's files.
+        if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+            last_prune = Some(Instant::now());
+            let window_ms = i64::try_from(app.settings.dedupe_window_s.saturating_mul(1000))
+                .unwrap_or(i64::MAX);
+            match app
+                .registry
+                .inbox_prune(otm_core::time::now_ms().saturating_sub(window_ms))
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(
+                    pruned = n,
+                    "forgot delivered updates past the dedupe window"
+                ),
+                Err(e) => tracing::warn!(error = %e, "inbox prune failed"),
+            }
+        }
+        if let Err(e) = app.registry.purge_freed().await {
+            tracing::warn!(error = %e, "could not scrub the registry's files");
         }
         match app.registry.inbox_pending_tenants().await {
             Ok(tenants) => {

@@ -336,6 +336,14 @@ async fn bind(
             if t.limits.egress() == "proxy" {
                 s.insert(otm_shim::profile::EGRESS_PROXY.to_owned(), "1".to_owned());
             }
+            // Absent: never set for this tenant (the reference agent then answers everyone;
+            // OpenClaw answers no one).
+            if t.limits.allowed_users.is_some() {
+                s.insert(
+                    otm_shim::profile::ALLOWED_USERS.to_owned(),
+                    t.limits.dm_policy().to_setting(),
+                );
+            }
             s
         },
     };
@@ -1014,6 +1022,50 @@ pub async fn restore_snapshot(app: &Arc<App>, tenant: &TenantId, id: &SnapshotId
     app.state.publish(tenant, id).await?;
     tracing::info!(%tenant, snapshot = %id, "snapshot made head; the next wake restores it");
     Ok(())
+}
+
+/// A tenant's latest state as a plain tar in a spool file, for an operator who must hand a user
+/// their data: a running tenant is snapshotted first (reason `export`), else its head is used.
+pub async fn export_state(
+    app: &Arc<App>,
+    tenant: &TenantId,
+) -> Result<(SpoolFile, otm_core::SnapshotMeta)> {
+    {
+        let lock = app.tenant_lock(tenant);
+        let _held = lock.lock().await;
+        if let Ok(Some(rec)) = app.registry.instance_of(tenant).await
+            && rec.state == InstanceState::Ready
+        {
+            let shim = ShimClient::new(rec.address.clone(), rec.shim_token.clone());
+            if let Err(e) = take_snapshot(app, tenant, &shim, "export").await {
+                tracing::warn!(%tenant, error = %e, "export: a fresh snapshot failed; exporting the head");
+            }
+        }
+    }
+    let Some(head) = app.state.head(tenant).await? else {
+        return Err(Error::not_found(format!(
+            "saved state of tenant {tenant} (it has never been snapshotted)"
+        )));
+    };
+    let (archive, file) = SpoolFile::create(&app.settings.data_dir, tenant.as_str()).await?;
+    drop(file);
+    let meta = fetch_checked(app, tenant, &head.id, &archive).await?;
+    let (tar, file) = SpoolFile::create(&app.settings.data_dir, tenant.as_str()).await?;
+    let from = archive.path().to_path_buf();
+    let file = file.into_std().await;
+    tokio::task::spawn_blocking(move || {
+        let input = std::fs::File::open(&from)?;
+        let mut out = std::io::BufWriter::new(file);
+        otm_shim::archive::decompress(
+            std::io::BufReader::with_capacity(otm_shim::pipe::CHUNK, input),
+            &mut out,
+        )?;
+        std::io::Write::flush(&mut out)
+    })
+    .await
+    .map_err(|e| Error::generic("export", e))?
+    .map_err(|e| Error::generic("export", format!("cannot decode snapshot {}: {e}", head.id)))?;
+    Ok((tar, meta))
 }
 
 /// Snapshots every running tenant every `snapshot_interval_s`, on the leader.

@@ -60,6 +60,13 @@ fn nix_io(e: nix::Error) -> io::Error {
     io::Error::from(e)
 }
 
+/// Writes the plain tar inside an archive to `out` (for handing a tenant's state to a person,
+/// who opens it with any tar); returns the tar's size. Check the archive with [`verify`] first.
+pub fn decompress(archive: impl Read, mut out: impl Write) -> io::Result<u64> {
+    let mut decoder = zstd::stream::read::Decoder::new(archive)?;
+    io::copy(&mut decoder, &mut out)
+}
+
 /// Packs `dir` into a tar + zstd archive written to `out` as it goes, leaving out the top-level
 /// entries named in `skip`, within `caps`; an error names the cap that was reached. File contents
 /// are copied in chunks, never held whole. On an error, what was written to `out` is no archive.

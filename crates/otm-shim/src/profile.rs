@@ -83,6 +83,11 @@ impl AgentProfile {
 /// `HTTPS_PROXY` and friends pointing at the CONNECT proxy behind its forwarder.
 pub const EGRESS_PROXY: &str = "egress.proxy";
 
+/// The bind setting that says who may write to the agent: Telegram user ids joined by commas,
+/// or `*` (anyone); empty for nobody ([`otm_core::DmPolicy::to_setting`]). Absent when the
+/// tenant never had users allowed.
+pub const ALLOWED_USERS: &str = "telegram.allowed_users";
+
 /// The names of every profile this build knows.
 pub fn known_profiles() -> &'static [&'static str] {
     &["reference", "openclaw", "probe"]
@@ -124,6 +129,9 @@ fn reference() -> AgentProfile {
             env.insert("OTM_BOT_API_ROOT".into(), i.bot_api_root.to_owned());
             env.insert("OTM_BOT_TOKEN".into(), i.bot_token.to_owned());
             env.insert("OTM_WEBHOOK_SECRET".into(), i.webhook_secret.to_owned());
+            if let Some(users) = i.settings.get(ALLOWED_USERS) {
+                env.insert("OTM_AGENT_ALLOWED_USERS".into(), users.clone());
+            }
             Ok(AgentLaunch {
                 program,
                 args: vec![],

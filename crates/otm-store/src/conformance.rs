@@ -1436,6 +1436,68 @@ pub async fn state_store_suite(s: Arc<dyn StateStore>) {
     );
 
     s.delete(&t, &id0).await.unwrap();
+
+    // Deleting a tenant's data: everything goes, head included; other tenants keep theirs.
+    let gone = tenant_id(&run, "snap-gone");
+    let kept = tenant_id(&run, "snap-kept");
+    for tenant in [&gone, &kept, &other] {
+        for n in 0..2 {
+            let id = SnapshotId::new_now();
+            let data = format!("{tenant} archive {n}").into_bytes();
+            s.put(
+                tenant,
+                &id,
+                &scratch.file(&format!("{tenant}-{n}"), &data),
+                "final",
+            )
+            .await
+            .unwrap();
+            s.publish(tenant, &id).await.unwrap();
+        }
+    }
+    let before_other = s.list(&other).await.unwrap();
+    assert_eq!(
+        s.delete_tenant(&gone).await.unwrap(),
+        2,
+        "both snapshots deleted"
+    );
+    assert_eq!(
+        s.head(&gone).await.unwrap(),
+        None,
+        "no head after delete_tenant"
+    );
+    assert_eq!(
+        s.list(&gone).await.unwrap(),
+        vec![],
+        "no snapshots after delete_tenant"
+    );
+    assert_eq!(
+        s.delete_tenant(&gone).await.unwrap(),
+        0,
+        "deleting nothing is fine"
+    );
+    let tomb = format!("{kept}-{}", otm_core::time::now_ms());
+    assert_eq!(
+        s.tombstone(&kept, &tomb).await.unwrap(),
+        2,
+        "both snapshots moved"
+    );
+    assert_eq!(
+        s.head(&kept).await.unwrap(),
+        None,
+        "a tombstoned tenant has no head"
+    );
+    assert_eq!(s.list(&kept).await.unwrap(), vec![], "nor snapshots");
+    assert!(
+        s.tombstone(&kept, "bad/name").await.is_err(),
+        "a tombstone name is one key part"
+    );
+    assert_eq!(
+        s.list(&other).await.unwrap(),
+        before_other,
+        "other tenants are untouched"
+    );
+    s.delete_tenant(&other).await.unwrap();
 }
 
 /// [`state_store_suite`], then checksum verification: archives damaged in the underlying object

@@ -7,6 +7,7 @@
 //! tenants/{tenant}/snapshots/{id}.tar.zst   the archive, written first, never overwritten
 //! tenants/{tenant}/snapshots/{id}.json      its SnapshotMeta, written after the archive
 //! tenants/{tenant}/head.json                {"id": "..."}: the snapshot to restore
+//! tombstones/{name}/...                      a deleted tenant's keys, kept on request
 //! ```
 //!
 //! A crash part-way through a put leaves at most an archive without metadata, which no reader
@@ -101,6 +102,29 @@ impl ObjectStateStore {
     /// Where a snapshot's metadata lives.
     pub fn meta_path(&self, tenant: &TenantId, id: &SnapshotId) -> ObjectPath {
         self.snapshots_dir(tenant).join(format!("{id}.json"))
+    }
+
+    /// Where a deleted tenant's keys go when they are kept.
+    fn tombstone_dir(&self, name: &str) -> Result<ObjectPath> {
+        let part = object_store::path::PathPart::parse(name)
+            .ok()
+            .filter(|_| !name.is_empty() && !name.contains('/'))
+            .ok_or_else(|| Error::invalid(format!("`{name}` is not a valid tombstone name")))?;
+        Ok(self.prefix.clone().join("tombstones").join(part))
+    }
+
+    /// Every object under a tenant's keys, the head (if any) first.
+    async fn tenant_objects(&self, tenant: &TenantId) -> Result<Vec<ObjectPath>> {
+        let dir = self.tenant_dir(tenant);
+        let mut objects: Vec<ObjectPath> =
+            match self.store.list(Some(&dir)).try_collect::<Vec<_>>().await {
+                Ok(objects) => objects.into_iter().map(|o| o.location).collect(),
+                Err(object_store::Error::NotFound { .. }) => Vec::new(),
+                Err(e) => return Err(store_error(e)),
+            };
+        let head = self.head_path(tenant);
+        objects.sort_by_key(|p| (*p != head, p.clone()));
+        Ok(objects)
     }
 
     /// Where a tenant's head record lives.
@@ -528,4 +552,51 @@ impl StateStore for ObjectStateStore {
         }
         Ok(())
     }
+
+    async fn delete_tenant(&self, tenant: &TenantId) -> Result<u64> {
+        let objects = self.tenant_objects(tenant).await?;
+        let snapshots = count_snapshots(&objects);
+        for path in &objects {
+            match self.store.delete(path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(store_error(e)),
+            }
+        }
+        tracing::info!(%tenant, snapshots, "deleted a tenant's snapshots");
+        Ok(snapshots)
+    }
+
+    async fn tombstone(&self, tenant: &TenantId, name: &str) -> Result<u64> {
+        let to = self.tombstone_dir(name)?;
+        let from = self.tenant_dir(tenant);
+        let objects = self.tenant_objects(tenant).await?;
+        let snapshots = count_snapshots(&objects);
+        // Copies first, all of them: a failure part-way leaves the tenant's keys whole.
+        let mut moved = Vec::with_capacity(objects.len());
+        for path in &objects {
+            let rel = path.prefix_match(&from).into_iter().flatten();
+            let target = rel.fold(to.clone(), |p, part| p.join(part));
+            self.store.copy(path, &target).await.map_err(store_error)?;
+            moved.push(path);
+        }
+        for path in moved {
+            match self.store.delete(path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(store_error(e)),
+            }
+        }
+        tracing::info!(%tenant, snapshots, tombstone = name, "moved a deleted tenant's snapshots to a tombstone");
+        Ok(snapshots)
+    }
+}
+
+/// How many snapshots (metadata objects) are among a tenant's objects.
+fn count_snapshots(objects: &[ObjectPath]) -> u64 {
+    objects
+        .iter()
+        .filter(|p| {
+            p.filename()
+                .is_some_and(|f| f.ends_with(".json") && f != "head.json")
+        })
+        .count() as u64
 }

@@ -1231,8 +1231,8 @@ impl Registry for PostgresRegistry {
     async fn inbox_ack(&self, tenant: &TenantId, seq: i64) -> Result<()> {
         let n = self
             .execute(
-                "UPDATE inbox SET state = 'done', done_at_ms = COALESCE(done_at_ms, $3) \
-                 WHERE tenant = $1 AND seq = $2",
+                "UPDATE inbox SET state = 'done', done_at_ms = COALESCE(done_at_ms, $3), \
+                 payload = ''::bytea WHERE tenant = $1 AND seq = $2",
                 &[&tenant.as_str(), &seq, &otm_core::time::now_ms()],
                 true,
             )

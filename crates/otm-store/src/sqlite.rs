@@ -136,10 +136,14 @@ pub struct WriteStats {
     pub commits: u64,
 }
 
+/// Shared between the registry and its writer thread.
 #[derive(Debug, Default)]
 struct Counters {
     jobs: AtomicU64,
     commits: AtomicU64,
+    /// Set by [`Registry::purge_freed`]: checkpoint and truncate the WAL after the next commit,
+    /// outside any transaction.
+    truncate_wal: std::sync::atomic::AtomicBool,
 }
 
 impl SqliteRegistry {
@@ -392,6 +396,9 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Box<dyn WriteJob>>, 
             }
         }
         let outcome = run_batch(&mut conn, &mut batch);
+        if stats.truncate_wal.swap(false, Ordering::Relaxed) {
+            truncate_wal(&conn);
+        }
         stats.jobs.fetch_add(batch.len() as u64, Ordering::Relaxed);
         match &outcome {
             Ok(()) => {
@@ -406,6 +413,19 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Box<dyn WriteJob>>, 
         }
     }
     tracing::debug!("the SQLite writer stopped");
+}
+
+/// Copies every WAL frame into the database (where `secure_delete` zeroed what was removed) and
+/// cuts the WAL file to nothing, so old versions of rows are gone from both files. A reader in
+/// the middle of a transaction blocks it; the next call tries again.
+fn truncate_wal(conn: &Connection) {
+    match conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        r.get::<_, i64>(0)
+    }) {
+        Ok(0) => {}
+        Ok(_) => tracing::debug!("a reader blocked the WAL checkpoint; tried again later"),
+        Err(e) => tracing::warn!(error = %e, "the WAL checkpoint failed"),
+    }
 }
 
 /// Runs a batch in one transaction, one savepoint per job.
@@ -449,6 +469,9 @@ fn configure_writer(conn: &Connection) -> rusqlite::Result<()> {
     // FULL: the WAL is fsync'd at every commit, so an answered write survives power loss.
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", true)?;
+    // Deleted and overwritten content (an acked update's payload, a deleted tenant's rows) is
+    // zeroed in the pages it leaves, not just marked free; `purge_freed` clears the WAL's copies.
+    conn.pragma_update(None, "secure_delete", true)?;
     Ok(())
 }
 
@@ -1050,8 +1073,8 @@ impl Registry for SqliteRegistry {
         self.write(move |c| {
             let n = c
                 .prepare_cached(
-                    "UPDATE inbox SET state = 'done', done_at_ms = COALESCE(done_at_ms, ?3) \
-                     WHERE tenant = ?1 AND seq = ?2",
+                    "UPDATE inbox SET state = 'done', done_at_ms = COALESCE(done_at_ms, ?3), \
+                     payload = X'' WHERE tenant = ?1 AND seq = ?2",
                 )
                 .and_then(|mut s| {
                     s.execute(params![tenant.as_str(), seq, otm_core::time::now_ms()])
@@ -1175,6 +1198,12 @@ impl Registry for SqliteRegistry {
             Ok(n as u64)
         })
         .await
+    }
+
+    async fn purge_freed(&self) -> Result<()> {
+        // The writer thread checkpoints right after the commit this empty job rides in.
+        self.stats.truncate_wal.store(true, Ordering::Relaxed);
+        self.write(|_| Ok(())).await
     }
 
     async fn get_settings(&self) -> Result<FleetSettings> {

@@ -4,8 +4,9 @@ use anyhow::{Context, anyhow};
 use clap::{Args, Subcommand, ValueEnum};
 use futures::StreamExt;
 use serde_json::{Value, json};
-use std::io::Write;
-use std::path::PathBuf;
+use std::io::{IsTerminal, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Exit codes a script can rely on.
@@ -36,9 +37,12 @@ pub struct Global {
         global = true
     )]
     admin_url: String,
-    /// Admin token; read from <data-dir>/admin.token when unset.
+    /// Admin token; read from --admin-token-file, else <data-dir>/admin.token, when unset.
     #[arg(long, env = "OTM_ADMIN_TOKEN", hide_env_values = true, global = true)]
     admin_token: Option<String>,
+    /// A file holding the admin token (kept out of the environment and shell history).
+    #[arg(long, env = "OTM_ADMIN_TOKEN_FILE", value_name = "FILE", global = true)]
+    admin_token_file: Option<PathBuf>,
     /// Data directory: where the server keeps its state and admin.token [default: ./otm-data].
     #[arg(long = "data-dir", env = "OTM_DATA_DIR", global = true)]
     pub data_dir: Option<PathBuf>,
@@ -55,11 +59,11 @@ pub enum Output {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Create, list, inspect, change, delete, wake and stop tenants.
+    /// Create, list, inspect, change, delete, export, wake and stop tenants.
     #[command(after_help = EXIT_CODES)]
     Tenant {
         #[command(subcommand)]
-        command: TenantCommand,
+        command: Box<TenantCommand>,
     },
     /// Read or change fleet settings.
     #[command(after_help = EXIT_CODES)]
@@ -100,8 +104,13 @@ pub enum TenantCommand {
     Create {
         /// Tenant id: a DNS label (a-z, 0-9, '-').
         id: String,
-        /// The Telegram bot token from BotFather.
+        /// The Telegram bot token from BotFather; `-` reads it from stdin. Left out, it is
+        /// read from --bot-token-file, or from stdin when stdin is not a terminal, so it need
+        /// not sit in shell history or `ps`.
         bot_token: Option<String>,
+        /// A file holding the bot token (`-`: stdin).
+        #[arg(long, value_name = "FILE", conflicts_with = "bot_token")]
+        bot_token_file: Option<PathBuf>,
         /// Seconds without messages before the tenant sleeps.
         #[arg(long)]
         idle_timeout: Option<u64>,
@@ -121,8 +130,12 @@ pub enum TenantCommand {
     /// Change a tenant's settings.
     Update {
         id: String,
+        /// A new bot token (prefer --bot-token-file: a command line shows in `ps`).
         #[arg(long)]
         bot_token: Option<String>,
+        /// A file holding the new bot token (`-`: stdin).
+        #[arg(long, value_name = "FILE", conflicts_with = "bot_token")]
+        bot_token_file: Option<PathBuf>,
         #[arg(long)]
         idle_timeout: Option<u64>,
         #[arg(long)]
@@ -132,8 +145,22 @@ pub enum TenantCommand {
         #[command(flatten)]
         limits: LimitArgs,
     },
-    /// Delete a tenant: stops its instance and removes its webhook; snapshots are kept.
-    Delete { id: String },
+    /// Delete a tenant: stops its instance, removes its webhook, its inbox and its snapshots.
+    Delete {
+        id: String,
+        /// Keep its snapshots in the state store under a tombstone (tombstones/<id>-<ms>),
+        /// out of reach of a tenant created again under the same id.
+        #[arg(long)]
+        keep_state: bool,
+    },
+    /// Write a tenant's latest state as a tar (a running tenant is snapshotted first), for
+    /// handing a user their data.
+    Export {
+        id: String,
+        /// Where to write it [default: <id>.tar]; `-` for stdout.
+        #[arg(long, short = 'f', value_name = "PATH")]
+        file: Option<PathBuf>,
+    },
     /// Wake a tenant now and wait until its agent is ready.
     Wake { id: String },
     /// Stop a tenant's instance (final snapshot first).
@@ -162,6 +189,11 @@ pub struct LimitArgs {
     /// Host names the egress proxy may reach, comma-separated (example.com, *.example.com).
     #[arg(long, value_delimiter = ',')]
     egress_allow: Option<Vec<String>>,
+    /// Telegram user ids who may write to the agent (its owner): repeat the flag or separate
+    /// by commas; `*` lets anyone who finds the bot in; `--allow ''` allows nobody again.
+    /// An OpenClaw agent answers nobody until someone is allowed.
+    #[arg(long = "allow", value_name = "USER_ID", value_delimiter = ',')]
+    allow: Option<Vec<String>>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -202,8 +234,9 @@ struct Api {
 
 impl Api {
     fn new(g: &Global) -> anyhow::Result<Self> {
-        let token = match &g.admin_token {
-            Some(t) if !t.is_empty() => t.clone(),
+        let token = match (&g.admin_token, &g.admin_token_file) {
+            (Some(t), _) if !t.is_empty() => t.clone(),
+            (_, Some(file)) => read_secret_file(file, "admin token")?,
             _ => {
                 let path = g
                     .data_dir
@@ -221,6 +254,41 @@ impl Api {
             token,
             http,
         })
+    }
+
+    /// A GET whose answer is streamed by the caller; an error answer becomes a [`CallError`].
+    async fn get_stream(&self, path: &str) -> anyhow::Result<reqwest::Response> {
+        let resp = self
+            .http
+            .get(format!("{}/v1{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| CallError {
+                code: exit::FAILED,
+                message: format!(
+                    "cannot reach the admin API at {}: {}",
+                    self.base,
+                    e.without_url()
+                ),
+            })?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let text = resp.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| format!("{status}: {text}"));
+        let code = match status.as_u16() {
+            400 | 422 => exit::USAGE,
+            401 | 403 => exit::UNAUTHORIZED,
+            404 => exit::NOT_FOUND,
+            409 => exit::CONFLICT,
+            _ => exit::FAILED,
+        };
+        Err(CallError { code, message }.into())
     }
 
     async fn call(
@@ -268,6 +336,102 @@ impl Api {
     }
 }
 
+/// Reads a secret from a file (`-`: stdin), surrounding whitespace removed; an empty one is an
+/// error.
+pub fn read_secret_file(path: &Path, what: &str) -> anyhow::Result<String> {
+    let text = if path == Path::new("-") {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .with_context(|| format!("cannot read the {what} from stdin"))?;
+        s
+    } else {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the {what} from {}", path.display()))?
+    };
+    let t = text.trim();
+    if t.is_empty() {
+        let from = if path == Path::new("-") {
+            "stdin".to_owned()
+        } else {
+            path.display().to_string()
+        };
+        return Err(CallError {
+            code: exit::USAGE,
+            message: format!("the {what} in {from} is empty"),
+        }
+        .into());
+    }
+    Ok(t.to_owned())
+}
+
+/// Reads a bot token piped to `otm tenant create` (empty when stdin was closed with nothing);
+/// gives up after a while rather than hang on a stdin that never closes.
+fn read_stdin_token() -> anyhow::Result<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let r = std::io::stdin().read_to_string(&mut s).map(|_| s);
+        let _ = tx.send(r);
+    });
+    match rx.recv_timeout(Duration::from_secs(10)) {
+        Ok(r) => Ok(r.context("cannot read the bot token from stdin")?.trim().to_owned()),
+        Err(_) => Err(CallError {
+            code: exit::USAGE,
+            message: "waited 10 s for a bot token on stdin: give it as an argument, with --bot-token-file, or close stdin (< /dev/null) to create the tenant without one".into(),
+        }
+        .into()),
+    }
+}
+
+/// Writes a streamed answer to `path` (`-`: stdout) as it arrives; a file is written beside its
+/// place and renamed there when complete, so an interrupted export leaves no partial tar.
+async fn write_stream(resp: reqwest::Response, path: &Path) -> anyhow::Result<u64> {
+    let mut stream = resp.bytes_stream();
+    let mut written = 0u64;
+    if path == Path::new("-") {
+        let mut stdout = std::io::stdout().lock();
+        while let Some(chunk) = stream.next().await {
+            let chunk =
+                chunk.map_err(|e| anyhow!("the export ended early: {}", e.without_url()))?;
+            stdout.write_all(&chunk)?;
+            written += chunk.len() as u64;
+        }
+        stdout.flush()?;
+        return Ok(written);
+    }
+    let partial = path.with_extension("tar.partial");
+    let mut out = std::io::BufWriter::new(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&partial)
+            .with_context(|| format!("cannot create {}", partial.display()))?,
+    );
+    let result: anyhow::Result<()> = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk =
+                chunk.map_err(|e| anyhow!("the export ended early: {}", e.without_url()))?;
+            out.write_all(&chunk)
+                .with_context(|| format!("cannot write {}", partial.display()))?;
+            written += chunk.len() as u64;
+        }
+        out.flush()?;
+        out.get_ref().sync_all()?;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e);
+    }
+    std::fs::rename(&partial, path)
+        .with_context(|| format!("cannot rename {} to {}", partial.display(), path.display()))?;
+    Ok(written)
+}
+
 /// Runs one CLI command; returns the exit code.
 pub async fn run(cmd: Command, global: Global) -> anyhow::Result<u8> {
     match run_inner(cmd, global).await {
@@ -288,10 +452,11 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
         Command::Tenant { command } => {
             let api = Api::new(&global)?;
             let out = global.output;
-            match command {
+            match *command {
                 TenantCommand::Create {
                     id,
                     bot_token,
+                    bot_token_file,
                     idle_timeout,
                     profile,
                     cold_start_notice,
@@ -299,6 +464,17 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                 } => {
                     let mut body = json!({"id": id});
                     put_limits(&mut body, limits);
+                    let bot_token = match (bot_token, bot_token_file) {
+                        (Some(t), _) if t == "-" => {
+                            Some(read_secret_file(Path::new("-"), "bot token")?)
+                        }
+                        (Some(t), _) => Some(t),
+                        (None, Some(file)) => Some(read_secret_file(&file, "bot token")?),
+                        (None, None) if !std::io::stdin().is_terminal() => {
+                            Some(read_stdin_token()?).filter(|t| !t.is_empty())
+                        }
+                        (None, None) => None,
+                    };
                     if let Some(t) = bot_token {
                         body["bot_token"] = json!(t);
                     }
@@ -327,6 +503,7 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                 TenantCommand::Update {
                     id,
                     bot_token,
+                    bot_token_file,
                     idle_timeout,
                     profile,
                     cold_start_notice,
@@ -334,6 +511,10 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                 } => {
                     let mut body = json!({});
                     put_limits(&mut body, limits);
+                    let bot_token = match (bot_token, bot_token_file) {
+                        (_, Some(file)) => Some(read_secret_file(&file, "bot token")?),
+                        (t, None) => t,
+                    };
                     if let Some(t) = bot_token {
                         body["bot_token"] = json!(t);
                     }
@@ -347,22 +528,60 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                         body["cold_start_notice"] = json!(c);
                     }
                     if body.as_object().is_some_and(|m| m.is_empty()) {
-                        return Err(CallError { code: exit::USAGE, message: "nothing to update: give at least one of --bot-token, --idle-timeout, --profile, --cold-start-notice, --memory, --cpu, --pids, --disk, --egress, --egress-allow".into() }.into());
+                        return Err(CallError { code: exit::USAGE, message: "nothing to update: give at least one of --bot-token, --idle-timeout, --profile, --cold-start-notice, --memory, --cpu, --pids, --disk, --egress, --egress-allow, --allow".into() }.into());
                     }
                     let t = api
                         .call(Method::PATCH, &format!("/tenants/{id}"), Some(body))
                         .await?;
                     print_object(out, &t);
                 }
-                TenantCommand::Delete { id } => {
+                TenantCommand::Delete { id, keep_state } => {
+                    let path = if keep_state {
+                        format!("/tenants/{id}?keep_state=true")
+                    } else {
+                        format!("/tenants/{id}")
+                    };
                     with_progress(
                         &format!("deleting {id}"),
-                        api.call(Method::DELETE, &format!("/tenants/{id}"), None),
+                        api.call(Method::DELETE, &path, None),
                     )
                     .await?;
+                    let state = if keep_state {
+                        "snapshots kept under a tombstone"
+                    } else {
+                        "snapshots deleted"
+                    };
                     match out {
-                        Output::Json => println!("{}", json!({"deleted": id})),
-                        Output::Table => println!("tenant {id} deleted"),
+                        Output::Json => {
+                            println!("{}", json!({"deleted": id, "snapshots_kept": keep_state}))
+                        }
+                        Output::Table => println!("tenant {id} deleted ({state})"),
+                    }
+                }
+                TenantCommand::Export { id, file } => {
+                    let file = file.unwrap_or_else(|| PathBuf::from(format!("{id}.tar")));
+                    let (bytes, snapshot) = with_progress(&format!("exporting {id}"), async {
+                        let resp = api.get_stream(&format!("/tenants/{id}/export")).await?;
+                        let snapshot = resp
+                            .headers()
+                            .get("x-otm-snapshot")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("-")
+                            .to_owned();
+                        let bytes = write_stream(resp, &file).await?;
+                        Ok((bytes, snapshot))
+                    })
+                    .await?;
+                    let to = file.display().to_string();
+                    match out {
+                        Output::Json => println!(
+                            "{}",
+                            json!({"tenant": id, "snapshot": snapshot, "bytes": bytes, "file": to})
+                        ),
+                        Output::Table if to == "-" => {}
+                        Output::Table => println!(
+                            "wrote {to}: {bytes} bytes, the state of {id} from snapshot {snapshot}"
+                        ),
                     }
                 }
                 TenantCommand::Wake { id } => {
@@ -738,6 +957,10 @@ fn put_limits(body: &mut Value, l: LimitArgs) {
     }
     if let Some(hosts) = l.egress_allow {
         body["egress_allow"] = json!(hosts);
+    }
+    if let Some(users) = l.allow {
+        let users: Vec<String> = users.into_iter().filter(|u| !u.trim().is_empty()).collect();
+        body["allowed_users"] = json!(users);
     }
 }
 

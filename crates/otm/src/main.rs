@@ -26,6 +26,9 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the control plane: webhook ingress, inboxes, orchestrator, Bot API proxy, admin API.
+    ///
+    /// The admin token comes from OTM_ADMIN_TOKEN, else the file OTM_ADMIN_TOKEN_FILE names,
+    /// else <data-dir>/admin.token (generated on first start, mode 0600).
     Server(Box<ServerArgs>),
     /// Run inside an instance: supervise one agent (started by the runtime, not by hand).
     Shim(ShimArgs),
@@ -105,6 +108,10 @@ struct ServerArgs {
     /// Lifetime of wake locks and dispatcher leases, renewed while held, in seconds [default: 15].
     #[arg(long, env = "OTM_LEASE_TTL_S")]
     lease_ttl_s: Option<u64>,
+    /// How long a delivered update's id is remembered to drop Telegram's redeliveries, in
+    /// seconds; its text is dropped at delivery, the id after this [default: 86400].
+    #[arg(long, env = "OTM_DEDUPE_WINDOW_S")]
+    dedupe_window_s: Option<u64>,
     /// Where scripts/install-openclaw put Node 24 and OpenClaw, for tenants on the openclaw
     /// profile [default: <data-dir>/openclaw, then openclaw on PATH].
     #[arg(long, env = "OTM_OPENCLAW_PREFIX")]
@@ -165,6 +172,9 @@ impl ServerArgs {
         }
         if let Some(t) = self.lease_ttl_s {
             s.lease_ttl_s = t;
+        }
+        if let Some(w) = self.dedupe_window_s {
+            s.dedupe_window_s = w;
         }
         // The service token comes from the environment only, never from a flag (process lists).
         if let Some(t) = std::env::var("OTM_SERVICE_TOKEN")
@@ -327,10 +337,21 @@ fn main() -> std::process::ExitCode {
 
 async fn server(args: ServerArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let settings = args.settings(data_dir)?;
-    let token = std::env::var("OTM_ADMIN_TOKEN")
+    // The admin token: OTM_ADMIN_TOKEN, else the file OTM_ADMIN_TOKEN_FILE names (a mounted
+    // secret), else <data-dir>/admin.token (created on first start).
+    let token = match std::env::var("OTM_ADMIN_TOKEN")
         .ok()
         .filter(|t| !t.is_empty())
-        .map(Secret::new);
+    {
+        Some(t) => Some(Secret::new(t)),
+        None => match std::env::var_os("OTM_ADMIN_TOKEN_FILE").filter(|f| !f.is_empty()) {
+            Some(file) => Some(Secret::new(cli::read_secret_file(
+                std::path::Path::new(&file),
+                "admin token (OTM_ADMIN_TOKEN_FILE)",
+            )?)),
+            None => None,
+        },
+    };
     let server = otm_server::start(settings, token).await?;
     println!(
         "otm server: webhooks on http://{}/tg/<tenant>, admin API on http://{}/v1/, Bot API proxy on http://{}",

@@ -10,6 +10,7 @@ use std::time::Duration;
 fn otm() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_otm"));
     c.env_remove("OTM_ADMIN_TOKEN")
+        .env_remove("OTM_ADMIN_TOKEN_FILE")
         .env_remove("OTM_DATA_DIR")
         .env_remove("OTM_ADMIN_URL");
     c
@@ -564,4 +565,204 @@ fn idle_connections_cannot_starve_the_public_listener_at_a_low_descriptor_limit(
     drop(idle);
     let _ = server.kill();
     let _ = server.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_come_from_files_and_stdin_and_owners_are_allowed_by_flag() {
+    let h = Harness::start().await;
+    let admin_url = format!("http://{}", h.server().admin_addr);
+    let files = common::tempdir();
+    let token_file = files.path().join("admin.token");
+    std::fs::write(
+        &token_file,
+        format!("{}\n", h.server().admin_token().expose()),
+    )
+    .unwrap();
+    // No data dir: the admin token comes from the file only.
+    let run = |args: &[&str], stdin: Option<&str>| {
+        use std::io::Write;
+        let mut c = otm();
+        c.arg("--admin-url")
+            .arg(&admin_url)
+            .arg("--data-dir")
+            .arg(files.path().join("no-such-dir"))
+            .env("OTM_ADMIN_TOKEN_FILE", &token_file)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        c.stdin(if stdin.is_some() {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        });
+        let mut child = c.spawn().unwrap();
+        if let Some(text) = stdin {
+            let mut pipe = child.stdin.take().unwrap();
+            pipe.write_all(text.as_bytes()).unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let get = |id: &str| {
+        let (code, out, err) = run(&["-o", "json", "tenant", "get", id], None);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+
+    // The bot token from a file, owners by flag.
+    let bot_file = files.path().join("bot.token");
+    std::fs::write(&bot_file, "8101:FILEbot\n").unwrap();
+    h.tg.add_bot("8101:FILEbot");
+    let (code, out, err) = run(
+        &[
+            "tenant",
+            "create",
+            "fil",
+            "--bot-token-file",
+            bot_file.to_str().unwrap(),
+            "--allow",
+            "987654321",
+            "--allow",
+            "123,456",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("FILEbot"), "{out}");
+    assert!(
+        h.tg.webhook("8101:FILEbot").is_some(),
+        "the webhook was registered with the file's token"
+    );
+    let t = get("fil");
+    assert_eq!(
+        t["allowed_users"],
+        serde_json::json!(["987654321", "123", "456"]),
+        "{t}"
+    );
+    assert_eq!(t["dm_policy"], "allowlist", "{t}");
+
+    // The bot token piped on stdin.
+    h.tg.add_bot("8102:PIPEbot");
+    let (code, _, err) = run(&["tenant", "create", "pip"], Some("8102:PIPEbot\n"));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        h.tg.webhook("8102:PIPEbot").is_some(),
+        "the webhook was registered with the piped token"
+    );
+    let t = get("pip");
+    assert_eq!(t["allowed_users"], serde_json::json!([]), "{t}");
+    assert_eq!(
+        t["dm_policy"], "disabled",
+        "nobody until someone is allowed: {t}"
+    );
+
+    // A closed, empty stdin creates a tenant without a bot; an empty token file is refused.
+    let (code, _, err) = run(&["tenant", "create", "nobot"], None);
+    assert_eq!(code, 0, "{err}");
+    std::fs::write(&bot_file, "\n").unwrap();
+    let (code, _, err) = run(
+        &[
+            "tenant",
+            "create",
+            "empty",
+            "--bot-token-file",
+            bot_file.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("empty"), "{err}");
+
+    // Owners change with update; a wrong id is refused with a reason; `*` is anyone.
+    let (code, _, err) = run(&["tenant", "update", "fil", "--allow", "not-a-user"], None);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("allowed_users"), "{err}");
+    let (code, _, err) = run(&["tenant", "update", "pip", "--allow", "*"], None);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(get("pip")["dm_policy"], "open");
+    let (code, _, err) = run(&["tenant", "update", "fil", "--allow", ""], None);
+    assert_eq!(code, 0, "{err}");
+    let t = get("fil");
+    assert_eq!(t["allowed_users"], serde_json::json!([]), "{t}");
+    assert_eq!(t["dm_policy"], "disabled", "{t}");
+
+    // A wrong token in the file is refused as unauthorised.
+    std::fs::write(&token_file, "not-the-token").unwrap();
+    let (code, _, _) = run(&["tenant", "list"], None);
+    assert_eq!(code, 5);
+    h.stop().await;
+}
+
+#[test]
+fn the_server_takes_its_admin_token_from_a_file() {
+    let dir = common::tempdir();
+    let token_file = dir.path().join("admin-token");
+    std::fs::write(&token_file, "file-given-admin-token-5a1e\n").unwrap();
+    let (public, admin, egress) = (
+        common::free_port(),
+        common::free_port(),
+        common::free_port(),
+    );
+    let mut server = otm()
+        .args(["server", "--sandbox", "none", "--data-dir"])
+        .arg(dir.path().join("d"))
+        .args(["--listen", &format!("127.0.0.1:{public}")])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        .args(["--egress-listen", &format!("127.0.0.1:{egress}")])
+        .env("OTM_ADMIN_TOKEN_FILE", &token_file)
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let list = |token: &str| {
+        otm()
+            .args([
+                "--admin-url",
+                &format!("http://127.0.0.1:{admin}"),
+                "--admin-token",
+                token,
+            ])
+            .args(["tenant", "list"])
+            .output()
+            .unwrap()
+            .status
+            .code()
+    };
+    let mut up = None;
+    for _ in 0..200 {
+        up = list("file-given-admin-token-5a1e");
+        if up == Some(0) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let wrong = list("some-other-token");
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(up, Some(0), "the file's token is the admin token");
+    assert_eq!(wrong, Some(5));
+    assert!(
+        !dir.path().join("d/admin.token").exists(),
+        "no token is generated when one is given"
+    );
+
+    // An empty or missing file stops the server with a reason.
+    std::fs::write(&token_file, "").unwrap();
+    let out = otm()
+        .args(["server", "--sandbox", "none", "--data-dir"])
+        .arg(dir.path().join("d"))
+        .env("OTM_ADMIN_TOKEN_FILE", &token_file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("OTM_ADMIN_TOKEN_FILE"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

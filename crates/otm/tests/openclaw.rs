@@ -74,10 +74,15 @@ async fn start(prefix: &Path, found: Found, stub: &StubModel, snapshot_interval_
     .await
 }
 
-/// Creates a tenant on the openclaw profile; returns the webhook secret Telegram was given.
+/// The Telegram user the tests write as (`text_update`'s chats are private: chat id = user id).
+const OWNER: i64 = 42;
+
+/// Creates a tenant on the openclaw profile whose owner is [`OWNER`]; returns the webhook
+/// secret Telegram was given.
 async fn openclaw_tenant(h: &Harness, id: &str, token: &str) -> String {
     h.tg.add_bot(token);
-    let body = json!({"id": id, "bot_token": token, "profile": "openclaw", "idle_timeout_s": 3600});
+    let body = json!({"id": id, "bot_token": token, "profile": "openclaw", "idle_timeout_s": 3600,
+        "allowed_users": [OWNER.to_string()]});
     let (status, v) = h.api(Method::POST, "/tenants", Some(body)).await;
     assert_eq!(status, 201, "{v}");
     h.tg.webhook(token)
@@ -98,7 +103,7 @@ async fn exchange(
     let have = h.tg.sent_messages(token).len();
     let sent = Instant::now();
     assert_eq!(
-        h.post_update(tenant, secret, &text_update(update_id, 42, text))
+        h.post_update(tenant, secret, &text_update(update_id, OWNER, text))
             .await,
         200
     );
@@ -819,6 +824,55 @@ async fn two_openclaw_tenants_run_side_by_side() {
 
 /// The model route on the egress listener needs no OpenClaw: it swaps the instance's placeholder
 /// key for the operator's, and refuses unknown and revoked surrogates as the Bot API proxy does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_who_is_not_allowed_gets_no_answer_and_never_reaches_the_model() {
+    let Some(prefix) = openclaw_prefix("a_user_who_is_not_allowed_gets_no_answer") else {
+        return;
+    };
+    let _one = GATEWAYS.lock().await;
+    let stub = StubModel::start().await;
+    let h = start(&prefix, Found::Given, &stub, 0).await;
+    let token = "7401:REAL-token-of-owned";
+    let secret = openclaw_tenant(&h, "owned", token).await;
+    let (status, t) = h.api(Method::GET, "/tenants/owned", None).await;
+    assert_eq!(status, 200, "{t}");
+    assert_eq!(t["dm_policy"], "allowlist", "{t}");
+    assert_eq!(t["allowed_users"], json!([OWNER.to_string()]), "{t}");
+
+    // A stranger who found the bot writes first; the inbox delivers in order, so by the time
+    // the owner's answer arrives the gateway has had the stranger's message.
+    let stranger = 777_000_111;
+    let stranger_text = "stranger: run `cat /etc/passwd` for me";
+    assert_eq!(
+        h.post_update("owned", &secret, &text_update(1, stranger, stranger_text))
+            .await,
+        200
+    );
+    let (reply, _) = exchange(&h, "owned", &secret, token, 2, "owner: hello").await;
+    assert!(reply.contains("owner: hello"), "{reply}");
+    // Give a late answer to the stranger a moment to show up.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let sent = h.tg.sent_messages(token);
+    assert!(
+        sent.iter().all(|m| m.chat_id != stranger),
+        "nothing is sent to a user who is not allowed: {sent:?}"
+    );
+    let asked: Vec<String> = stub.requests().into_iter().map(|r| r.user_text).collect();
+    assert!(
+        !asked.iter().any(|t| t.contains("stranger")),
+        "a user who is not allowed never reaches the model: {asked:?}"
+    );
+    assert!(
+        asked.iter().any(|t| t.contains("owner: hello")),
+        "{asked:?}"
+    );
+    // Both updates were delivered (the gateway took the stranger's and dropped it): nothing
+    // is left pending or dead-lettered.
+    let (_, inbox) = h.api(Method::GET, "/tenants/owned/inbox", None).await;
+    assert_eq!(inbox["pending"], json!([]), "{inbox}");
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_model_route_adds_the_operators_key_and_refuses_foreign_surrogates() {
     let stub = StubModel::start().await;

@@ -68,6 +68,8 @@ pub const PLACEHOLDERS: &[&str] = &[
     "model_id",
     "model_ref",
     "model_api_key",
+    "dm_policy",
+    "allow_from",
 ];
 
 /// The `openclaw` profile.
@@ -130,6 +132,24 @@ fn render(i: &LaunchInputs<'_>) -> Result<AgentLaunch, String> {
     values.insert("state_dir", path_str(i.state_dir)?.into());
     values.insert("workspace", path_str(&workspace)?.into());
     values.insert("log_file", path_str(&log_file)?.into());
+    // The owner's allowlist: nobody until the operator allows users, anyone only with `*`.
+    let policy = otm_core::DmPolicy::from_setting(
+        i.settings
+            .get(super::ALLOWED_USERS)
+            .map(String::as_str)
+            .unwrap_or(""),
+    );
+    values.insert("dm_policy", policy.openclaw_name().into());
+    values.insert(
+        "allow_from",
+        match &policy {
+            otm_core::DmPolicy::Nobody => Value::Array(vec![]),
+            otm_core::DmPolicy::Anyone => Value::Array(vec!["*".into()]),
+            otm_core::DmPolicy::Users(ids) => {
+                Value::Array(ids.iter().map(|id| id.to_string().into()).collect())
+            }
+        },
+    );
     if let Some(v) = i.settings.get(keys::MODEL_BASE_URL) {
         values.insert("model_base_url", v.trim_end_matches('/').into());
     }
