@@ -86,15 +86,25 @@ pub trait Registry: Send + Sync + std::fmt::Debug + 'static {
     /// Marks an update delivered and drops its payload (the message text is kept nowhere once
     /// the agent has it); it leaves the pending list but still counts for deduplication until
     /// [`Registry::inbox_prune`].
-    async fn inbox_ack(&self, tenant: &TenantId, seq: i64) -> Result<()>;
+    ///
+    /// With a `fence` (the dispatcher lease's), the ack is refused with [`crate::Error::Conflict`]
+    /// when a larger fence was claimed for the tenant's inbox: a dispatcher that lost its lease
+    /// cannot acknowledge what its successor owns.
+    async fn inbox_ack(&self, tenant: &TenantId, seq: i64, fence: Option<u64>) -> Result<()>;
     /// Records a failed delivery; after `max_attempts` failures the update is dead-lettered.
+    /// Fenced as [`Registry::inbox_ack`].
     async fn inbox_fail(
         &self,
         tenant: &TenantId,
         seq: i64,
         error: &str,
         max_attempts: u32,
+        fence: Option<u64>,
     ) -> Result<FailOutcome>;
+    /// Claims a tenant's inbox for the dispatcher holding `fence`: from now on acks and failures
+    /// with a smaller fence are refused. [`crate::Error::Conflict`] if a larger fence was already
+    /// claimed; [`crate::Error::NotFound`] if there is no such tenant.
+    async fn inbox_claim(&self, tenant: &TenantId, fence: u64) -> Result<()>;
     /// Pending and dead-lettered updates, oldest first, at most `limit` of each.
     async fn inbox_view(&self, tenant: &TenantId, limit: usize) -> Result<InboxView>;
     /// Number of pending updates of a tenant.

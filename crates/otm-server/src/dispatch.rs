@@ -50,6 +50,14 @@ async fn run(app: &Arc<App>, tenant: &TenantId, notify: Arc<Notify>) {
                 return;
             }
         };
+    // Claim the inbox with this lease's fence: a dispatcher whose lease lapsed can no longer
+    // acknowledge or fail anything once this one started.
+    if let Err(e) = app.registry.inbox_claim(tenant, lease.fence()).await {
+        tracing::warn!(%tenant, error = %e, "cannot claim the inbox");
+        app.dispatchers.lock().unwrap().remove(tenant);
+        lease.release().await;
+        return;
+    }
     loop {
         if app.shutdown.is_cancelled() || lease.lost().is_cancelled() {
             break;
@@ -63,7 +71,19 @@ async fn run(app: &Arc<App>, tenant: &TenantId, notify: Arc<Notify>) {
             }
         };
         match next {
-            Some(item) => deliver_one(app, tenant, item).await,
+            Some(item) => {
+                // A lease that could not be renewed ends the attempt at once: another replica may
+                // be delivering the same update by now.
+                let step = tokio::select! {
+                    step = deliver_one(app, tenant, item, lease.fence()) => step,
+                    _ = lease.lost().cancelled() => Step::Stop,
+                };
+                if let Step::Stop = step {
+                    app.metrics.delivery("fenced_out");
+                    tracing::warn!(%tenant, "this dispatcher lost its lease; it stops");
+                    break;
+                }
+            }
             None => {
                 tokio::select! {
                     _ = notify.notified() => continue,
@@ -101,7 +121,14 @@ pub async fn run_notifications(app: Arc<App>) {
     }
 }
 
-async fn deliver_one(app: &Arc<App>, tenant: &TenantId, item: InboxItem) {
+/// What the dispatcher does after one delivery.
+enum Step {
+    Continue,
+    /// Its fence is stale: another dispatcher owns the inbox.
+    Stop,
+}
+
+async fn deliver_one(app: &Arc<App>, tenant: &TenantId, item: InboxItem, fence: u64) -> Step {
     let started = Instant::now();
     let result = attempt(app, tenant, &item).await;
     app.metrics
@@ -109,9 +136,15 @@ async fn deliver_one(app: &Arc<App>, tenant: &TenantId, item: InboxItem) {
         .observe(started.elapsed().as_secs_f64());
     match result {
         Ok(()) => {
-            app.metrics.delivery("acked");
-            if let Err(e) = app.registry.inbox_ack(tenant, item.seq).await {
-                tracing::error!(%tenant, update_id = item.update_id, error = %e, "could not remove a delivered update");
+            match app.registry.inbox_ack(tenant, item.seq, Some(fence)).await {
+                Ok(()) => app.metrics.delivery("acked"),
+                Err(otm_core::Error::Conflict { message }) => {
+                    tracing::warn!(%tenant, update_id = item.update_id, %message, "acknowledgement refused");
+                    return Step::Stop;
+                }
+                Err(e) => {
+                    tracing::error!(%tenant, update_id = item.update_id, error = %e, "could not remove a delivered update");
+                }
             }
             let _ = app
                 .registry
@@ -128,9 +161,15 @@ async fn deliver_one(app: &Arc<App>, tenant: &TenantId, item: InboxItem) {
             let max = app.settings.max_delivery_attempts;
             match app
                 .registry
-                .inbox_fail(tenant, item.seq, &message, max)
+                .inbox_fail(tenant, item.seq, &message, max, Some(fence))
                 .await
             {
+                // A stale fence, or the update is no longer pending: another dispatcher (or an
+                // operator) has it. Stop; the sweeper starts a dispatcher again if work is left.
+                Err(otm_core::Error::Conflict { message }) => {
+                    tracing::warn!(%tenant, update_id = item.update_id, %message, "failure record refused");
+                    return Step::Stop;
+                }
                 Ok(FailOutcome::DeadLettered) => {
                     app.metrics.delivery("dead_lettered");
                     tracing::error!(%tenant, update_id = item.update_id, "update moved to the dead-letter list");
@@ -146,6 +185,7 @@ async fn deliver_one(app: &Arc<App>, tenant: &TenantId, item: InboxItem) {
             }
         }
     }
+    Step::Continue
 }
 
 /// Why a delivery did not go through.

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// A lease kept alive by a background task (renewed every third of its TTL). `lost()` fires when
-/// a renewal fails: the work it guards must stop, because another replica may take over.
+/// another owner has it, or when renewals kept failing until the lease may have lapsed (TTL minus
+/// a margin): the work it guards must stop, because another replica may take over. Writes that
+/// work makes carry [`HeldLease::fence`], so the registry refuses them once a newer holder wrote.
 #[derive(Debug)]
 pub struct HeldLease {
     lease: Lease,
@@ -60,21 +62,44 @@ impl HeldLease {
             stop.clone(),
         );
         tokio::spawn(async move {
+            // Renewed every third of the TTL; after a failed renewal, retried every tenth. The
+            // lease is given up once it may have lapsed by now: a renewal error past TTL minus a
+            // margin means another replica may hold it, so the guarded work must stop.
+            let give_up_after = ttl.saturating_sub(renewal_margin(ttl));
+            let mut renewed = Instant::now();
+            let mut wait = ttl / 3;
             loop {
                 tokio::select! {
                     _ = st.cancelled() => return,
-                    _ = tokio::time::sleep(ttl / 3) => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
-                match c.renew(&l, ttl).await {
-                    Ok(true) => {}
+                // One renewal may take at most what is left before giving up.
+                let left = give_up_after.saturating_sub(renewed.elapsed());
+                let outcome = match tokio::time::timeout(left, c.renew(&l, ttl)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(otm_core::Error::unavailable(
+                        "coordinator",
+                        "lease renewal timed out",
+                    )),
+                };
+                match outcome {
+                    Ok(true) => {
+                        renewed = Instant::now();
+                        wait = ttl / 3;
+                    }
                     Ok(false) => {
                         tracing::warn!(key = %l.key, "lease lost to another owner");
                         lo.cancel();
                         return;
                     }
+                    Err(e) if renewed.elapsed() >= give_up_after => {
+                        tracing::warn!(key = %l.key, error = %e, "lease renewal kept failing; giving the lease up");
+                        lo.cancel();
+                        return;
+                    }
                     Err(e) => {
-                        // Keep trying until the TTL would have run out.
-                        tracing::warn!(key = %l.key, error = %e, "lease renewal failed");
+                        tracing::warn!(key = %l.key, error = %e, "lease renewal failed; retrying");
+                        wait = (ttl / 10).max(Duration::from_millis(50));
                     }
                 }
             }
@@ -102,6 +127,12 @@ impl HeldLease {
         self.stop.cancel();
         let _ = self.coordinator.release(&self.lease).await;
     }
+}
+
+/// How long before its TTL a lease that could not be renewed is given up: a quarter of the TTL,
+/// at least 200 ms and at most 5 s (clock drift between replicas and the coordinator).
+fn renewal_margin(ttl: Duration) -> Duration {
+    (ttl / 4).clamp(Duration::from_millis(200), Duration::from_secs(5)).min(ttl / 2)
 }
 
 impl Drop for HeldLease {

@@ -73,6 +73,7 @@ pub async fn registry_suite(r: Arc<dyn Registry>) {
     let run = run_id();
     registry_tenants(&*r, &run).await;
     registry_fences(&*r, &run).await;
+    registry_dispatch_fences(&*r, &run).await;
     registry_idle_due(&*r, &run).await;
     registry_inbox(&*r, &run).await;
     registry_inbox_prune(&*r, &run).await;
@@ -254,6 +255,69 @@ async fn registry_fences(r: &dyn Registry, run: &str) {
     r.delete_tenant(&t).await.unwrap();
 }
 
+/// Acks and failures carry the dispatcher's fence: once a newer dispatcher claimed the inbox, the
+/// old one can neither acknowledge nor fail what it still holds.
+async fn registry_dispatch_fences(r: &dyn Registry, run: &str) {
+    let t = tenant_id(run, "dfence");
+    r.create_tenant(&tenant(&t, 1_000, 60)).await.unwrap();
+    let mut seqs = Vec::new();
+    for id in 1..=3 {
+        match r.inbox_append(&t, id, &payload(id, "x")).await.unwrap() {
+            Appended::Stored { seq } => seqs.push(seq),
+            other => panic!("{other:?}"),
+        }
+    }
+    r.inbox_claim(&t, 10).await.expect("a first claim");
+    r.inbox_ack(&t, seqs[0], Some(10))
+        .await
+        .expect("the claiming dispatcher acks");
+    assert_err!(
+        r.inbox_claim(&t, 9).await,
+        Error::Conflict { .. },
+        "a smaller claim after 10"
+    );
+    r.inbox_claim(&t, 12).await.expect("a newer dispatcher claims");
+    assert_err!(
+        r.inbox_ack(&t, seqs[1], Some(10)).await,
+        Error::Conflict { .. },
+        "the old dispatcher's ack after a newer claim"
+    );
+    assert_err!(
+        r.inbox_ack(&t, seqs[0], Some(10)).await,
+        Error::Conflict { .. },
+        "a stale ack of an update already done"
+    );
+    assert_err!(
+        r.inbox_fail(&t, seqs[1], "late", 3, Some(10)).await,
+        Error::Conflict { .. },
+        "the old dispatcher's failure after a newer claim"
+    );
+    let next = r.inbox_next(&t).await.unwrap().expect("still pending");
+    assert_eq!(
+        (next.seq, next.attempts),
+        (seqs[1], 0),
+        "stale writes changed nothing"
+    );
+    r.inbox_ack(&t, seqs[1], Some(12))
+        .await
+        .expect("the new dispatcher acks");
+    assert_eq!(
+        r.inbox_fail(&t, seqs[2], "bad", 1, Some(12)).await.unwrap(),
+        FailOutcome::DeadLettered,
+        "the new dispatcher fails"
+    );
+    assert_eq!(r.inbox_depth(&t).await.unwrap(), 0);
+    r.inbox_ack(&t, seqs[2], None)
+        .await
+        .expect("an unfenced ack (an operator's) still applies");
+    assert_err!(
+        r.inbox_claim(&tenant_id(run, "dfence-ghost"), 1).await,
+        Error::NotFound { .. },
+        "claiming a missing tenant's inbox"
+    );
+    r.delete_tenant(&t).await.unwrap();
+}
+
 async fn registry_idle_due(r: &dyn Registry, run: &str) {
     // Times near the epoch, so tenants of other runs (active now) never show up as due.
     let a = tenant_id(run, "idle-a"); // running, deadline 1_000 + 10 s = 11_000
@@ -428,7 +492,7 @@ async fn registry_inbox(r: &dyn Registry, run: &str) {
     );
 
     // Ack: leaves the pending list, still counts for deduplication.
-    r.inbox_ack(&t1, seq(&t1, 50)).await.expect("ack");
+    r.inbox_ack(&t1, seq(&t1, 50), None).await.expect("ack");
     assert_eq!(
         r.inbox_next(&t1).await.unwrap().unwrap().update_id,
         10,
@@ -442,7 +506,7 @@ async fn registry_inbox(r: &dyn Registry, run: &str) {
         "a delivered dup"
     );
     assert_err!(
-        r.inbox_ack(&t2, seq(&t1, 10)).await,
+        r.inbox_ack(&t2, seq(&t1, 10), None).await,
         Error::NotFound { .. },
         "ack of another tenant's update"
     );
@@ -455,7 +519,7 @@ async fn registry_inbox(r: &dyn Registry, run: &str) {
     // Fail: retries, then the dead-letter list.
     let s10 = seq(&t1, 10);
     assert_eq!(
-        r.inbox_fail(&t1, s10, "agent said 500", 3).await.unwrap(),
+        r.inbox_fail(&t1, s10, "agent said 500", 3, None).await.unwrap(),
         FailOutcome::Retry { attempts: 1 }
     );
     let item = r.inbox_next(&t1).await.unwrap().unwrap();
@@ -466,11 +530,11 @@ async fn registry_inbox(r: &dyn Registry, run: &str) {
     );
     assert_eq!(item.last_error.as_deref(), Some("agent said 500"));
     assert_eq!(
-        r.inbox_fail(&t1, s10, "timeout", 3).await.unwrap(),
+        r.inbox_fail(&t1, s10, "timeout", 3, None).await.unwrap(),
         FailOutcome::Retry { attempts: 2 }
     );
     assert_eq!(
-        r.inbox_fail(&t1, s10, "still failing", 3).await.unwrap(),
+        r.inbox_fail(&t1, s10, "still failing", 3, None).await.unwrap(),
         FailOutcome::DeadLettered
     );
     assert_eq!(
@@ -518,7 +582,7 @@ async fn registry_inbox(r: &dyn Registry, run: &str) {
     for want in [40, 20, 30] {
         let item = r.inbox_next(&t1).await.unwrap().unwrap();
         assert_eq!(item.update_id, want, "updates come out in append order");
-        r.inbox_ack(&t1, item.seq).await.unwrap();
+        r.inbox_ack(&t1, item.seq, None).await.unwrap();
     }
     assert_eq!(r.inbox_next(&t1).await.unwrap(), None);
     assert_eq!(r.inbox_depth(&t1).await.unwrap(), 0);
@@ -560,10 +624,10 @@ async fn registry_inbox_prune(r: &dyn Registry, run: &str) {
         };
         seqs.push(seq);
     }
-    r.inbox_ack(&t, seqs[0]).await.unwrap(); // 1: done
-    r.inbox_ack(&t, seqs[1]).await.unwrap(); // 2: done
+    r.inbox_ack(&t, seqs[0], None).await.unwrap(); // 1: done
+    r.inbox_ack(&t, seqs[1], None).await.unwrap(); // 2: done
     assert_eq!(
-        r.inbox_fail(&t, seqs[2], "bad", 1).await.unwrap(),
+        r.inbox_fail(&t, seqs[2], "bad", 1, None).await.unwrap(),
         FailOutcome::DeadLettered
     ); // 3: dead
     // 4: pending

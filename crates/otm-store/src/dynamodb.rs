@@ -777,6 +777,47 @@ impl DynamoRegistry {
         }})
     }
 
+    /// `action` on the tenant's inbox counter, made to check and record a dispatcher fence: the
+    /// transaction fails at it when a larger fence was claimed.
+    fn fenced(action: Value, fence: Option<i64>) -> Value {
+        let Some(f) = fence else { return action };
+        let (mut update, expr) = match action {
+            Value::Object(mut o) if o.contains_key("ConditionCheck") => {
+                (o.remove("ConditionCheck").unwrap_or_default(), "SET #df = :f".to_owned())
+            }
+            Value::Object(mut o) => {
+                let u = o.remove("Update").unwrap_or_default();
+                let e = u["UpdateExpression"].as_str().unwrap_or_default().to_owned();
+                let e = if e.contains("SET ") { format!("{e}, #df = :f") } else { format!("{e} SET #df = :f") };
+                (u, e)
+            }
+            other => return other,
+        };
+        let cond = update["ConditionExpression"].as_str().unwrap_or("attribute_exists(#sk)").to_owned();
+        update["UpdateExpression"] = json!(expr);
+        update["ConditionExpression"] =
+            json!(format!("{cond} AND (attribute_not_exists(#df) OR #df <= :f)"));
+        update["ExpressionAttributeNames"]["#df"] = json!("dispatch_fence");
+        if !update["ExpressionAttributeValues"].is_object() {
+            update["ExpressionAttributeValues"] = json!({});
+        }
+        update["ExpressionAttributeValues"][":f"] = n(f);
+        json!({ "Update": update })
+    }
+
+    /// A conflict if the inbox counter shows a dispatcher fence larger than `fence` (nothing
+    /// without a fence or a counter: the caller says what else went wrong).
+    async fn check_dispatch_fence(&self, tenant: &TenantId, fence: Option<i64>) -> Result<()> {
+        let Some(f) = fence else { return Ok(()) };
+        let Some(item) = self.get(&self.tables.inbox, inbox_key(tenant, META)).await? else {
+            return Ok(());
+        };
+        match Reader::new(&item, "an inbox counter").opt_n("dispatch_fence")? {
+            Some(stored) if stored > f => Err(crate::stale_dispatcher(tenant, f, stored)),
+            _ => Ok(()),
+        }
+    }
+
     /// Pending or dead updates (`q#` or `x#`), oldest first, at most `limit`.
     async fn inbox_range(
         &self,
@@ -1515,8 +1556,9 @@ impl Registry for DynamoRegistry {
 
     /// Acking a dead-lettered update (an operator redelivered it) moves it to done as well;
     /// acking a delivered one again changes nothing.
-    async fn inbox_ack(&self, tenant: &TenantId, seq: i64) -> Result<()> {
+    async fn inbox_ack(&self, tenant: &TenantId, seq: i64, fence: Option<u64>) -> Result<()> {
         let inbox = &self.tables.inbox;
+        let fence = fence.map(|f| to_i64(f, "fence")).transpose()?;
         for _ in 0..ROUNDS {
             let found = self
                 .batch_get(
@@ -1536,7 +1578,19 @@ impl Registry for DynamoRegistry {
             let (source, pending) = match (find(&q_sk(seq)), find(&x_sk(seq)), find(&d_sk(seq))) {
                 (Some(q), _, _) => (q, true),
                 (None, Some(x), _) => (x, false),
-                (None, None, Some(_)) => return Ok(()),
+                (None, None, Some(_)) if fence.is_none() => return Ok(()),
+                (None, None, Some(_)) => {
+                    // Already done; a stale dispatcher still learns it lost the inbox.
+                    let check = Self::fenced(self.meta_check(tenant), fence);
+                    return match self.transact(vec![check]).await {
+                        Ok(()) => Ok(()),
+                        Err(e) if failed_at(&e, 0) => {
+ self.check_dispatch_fence(tenant, fence).await?;
+ Err(Error::not_found(format!("tenant {tenant}")))
+ },
+                        Err(e) => Err(api(e)),
+                    };
+                }
                 (None, None, None) => {
                     return Err(Error::not_found(format!(
                         "update {seq} in the inbox of tenant {tenant}"
@@ -1560,18 +1614,22 @@ impl Registry for DynamoRegistry {
                         "done_at_ms": n(otm_core::time::now_ms()), "done_shard": s(done_shard(tenant, seq)),
                     },
                 }}),
-                if pending {
-                    self.meta_update(tenant, -1, false)
-                } else {
-                    self.meta_check(tenant)
-                },
+                Self::fenced(
+                    if pending {
+                        self.meta_update(tenant, -1, false)
+                    } else {
+                        self.meta_check(tenant)
+                    },
+                    fence,
+                ),
             ];
             match self.transact(actions).await {
                 Ok(()) => return Ok(()),
                 Err(e) if failed_at(&e, 2) => {
-                    return Err(Error::not_found(format!(
-                        "update {seq} in the inbox of tenant {tenant}"
-                    )));
+                    let missing =
+                        Error::not_found(format!("update {seq} in the inbox of tenant {tenant}"));
+                    self.check_dispatch_fence(tenant, fence).await?;
+                    return Err(missing);
                 }
                 // Moved by someone else in between: look again.
                 Err(e) if e.cancellation_codes().is_some() => continue,
@@ -1589,9 +1647,11 @@ impl Registry for DynamoRegistry {
         seq: i64,
         error: &str,
         max_attempts: u32,
+        fence: Option<u64>,
     ) -> Result<FailOutcome> {
         let inbox = &self.tables.inbox;
         let error = truncate(error, MAX_ERROR_LEN);
+        let fence = fence.map(|f| to_i64(f, "fence")).transpose()?;
         for _ in 0..ROUNDS {
             let Some(item) = self.get(inbox, inbox_key(tenant, &q_sk(seq))).await? else {
                 let other = self
@@ -1604,6 +1664,7 @@ impl Registry for DynamoRegistry {
                     .iter()
                     .find_map(|i| i.get("sk")?.get("S")?.as_str())
                     .map(|sk| if sk.starts_with('x') { "dead" } else { "done" });
+                self.check_dispatch_fence(tenant, fence).await?;
                 return Err(match state {
                     Some(state) => Error::conflict(format!(
                         "update {seq} of tenant {tenant} is {state}, not pending; nothing to retry"
@@ -1627,9 +1688,29 @@ impl Registry for DynamoRegistry {
                         ":a": n(i64::from(attempts)), ":e": s(&error), ":before": n(i64::from(before)),
                     },
                 });
-                match self.client.call("UpdateItem", &body).await {
-                    Ok(_) => return Ok(FailOutcome::Retry { attempts }),
-                    Err(e) if e.is_condition_failed() => continue,
+                if fence.is_none() {
+                    match self.client.call("UpdateItem", &body).await {
+                        Ok(_) => return Ok(FailOutcome::Retry { attempts }),
+                        Err(e) if e.is_condition_failed() => continue,
+                        Err(e) => return Err(api(e)),
+                    }
+                }
+                let mut update = body;
+                if let Some(o) = update.as_object_mut() {
+                    o.remove("ReturnValuesOnConditionCheckFailure");
+                }
+                let actions = vec![
+                    json!({ "Update": update }),
+                    Self::fenced(self.meta_check(tenant), fence),
+                ];
+                match self.transact(actions).await {
+                    Ok(()) => return Ok(FailOutcome::Retry { attempts }),
+                    Err(e) if failed_at(&e, 1) => {
+                        let missing = Error::not_found(format!("tenant {tenant}"));
+                        self.check_dispatch_fence(tenant, fence).await?;
+                    return Err(missing);
+                    }
+                    Err(e) if e.cancellation_codes().is_some() => continue,
                     Err(e) => return Err(api(e)),
                 }
             }
@@ -1652,14 +1733,15 @@ impl Registry for DynamoRegistry {
                         "last_error": s(&error),
                     },
                 }}),
-                self.meta_update(tenant, -1, false),
+                Self::fenced(self.meta_update(tenant, -1, false), fence),
             ];
             match self.transact(actions).await {
                 Ok(()) => return Ok(FailOutcome::DeadLettered),
                 Err(e) if failed_at(&e, 2) => {
-                    return Err(Error::not_found(format!(
-                        "update {seq} in the inbox of tenant {tenant}"
-                    )));
+                    let missing =
+                        Error::not_found(format!("update {seq} in the inbox of tenant {tenant}"));
+                    self.check_dispatch_fence(tenant, fence).await?;
+                    return Err(missing);
                 }
                 Err(e) if e.cancellation_codes().is_some() => continue,
                 Err(e) => return Err(api(e)),
@@ -1668,6 +1750,23 @@ impl Registry for DynamoRegistry {
         Err(Error::conflict(format!(
             "update {seq} of tenant {tenant} kept changing while its failure was recorded; try again"
         )))
+    }
+
+    async fn inbox_claim(&self, tenant: &TenantId, fence: u64) -> Result<()> {
+        let f = to_i64(fence, "fence")?;
+        let Value::Object(mut action) = Self::fenced(self.meta_check(tenant), Some(f)) else {
+            unreachable!("fenced returns an object");
+        };
+        let mut body = action.remove("Update").unwrap_or_default();
+        body["ReturnValuesOnConditionCheckFailure"] = json!("ALL_OLD");
+        match self.client.call("UpdateItem", &body).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_condition_failed() => {
+                self.check_dispatch_fence(tenant, Some(f)).await?;
+                Err(Error::not_found(format!("tenant {tenant}")))
+            }
+            Err(e) => Err(api(e)),
+        }
     }
 
     async fn inbox_view(&self, tenant: &TenantId, limit: usize) -> Result<InboxView> {

@@ -44,3 +44,15 @@ pub use open::{
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresRegistry;
 pub use sqlite::SqliteRegistry;
+
+/// The error every registry gives an ack, failure or claim whose dispatcher fence is stale.
+pub(crate) fn stale_dispatcher(
+    tenant: &otm_core::TenantId,
+    fence: impl std::fmt::Display,
+    stored: impl std::fmt::Display,
+) -> otm_core::Error {
+    otm_core::Error::conflict(format!(
+        "dispatcher fence {fence} for tenant {tenant} is stale: fence {stored} was already \
+         claimed; another dispatcher took the inbox over"
+    ))
+}

@@ -125,6 +125,10 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE tenants ADD COLUMN limits TEXT NOT NULL DEFAULT '{}';
     "#,
+    // 3: the fence of the dispatcher that owns a tenant's inbox (acks and failures check it).
+    r#"
+    ALTER TABLE tenants ADD COLUMN dispatch_fence BIGINT NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// How to connect, beyond the URL.
@@ -306,6 +310,25 @@ impl PostgresRegistry {
             Output::Count(n) => Ok(n),
             Output::Rows(_) => unreachable!("asked for a count"),
         }
+    }
+
+    /// A conflict if a dispatcher fence larger than `fence` was claimed for the tenant's inbox
+    /// (nothing if the tenant is missing: the caller says what else went wrong).
+    async fn check_dispatch_fence(&self, tenant: &TenantId, fence: i64) -> Result<()> {
+        let row = self
+            .query_opt(
+                "SELECT dispatch_fence FROM tenants WHERE id = $1",
+                &[&tenant.as_str()],
+                true,
+            )
+            .await?;
+        if let Some(row) = row {
+            let stored: i64 = get(&row, 0)?;
+            if stored > fence {
+                return Err(crate::stale_dispatcher(tenant, fence, stored));
+            }
+        }
+        Ok(())
     }
 
     async fn query_opt(
@@ -1228,16 +1251,25 @@ impl Registry for PostgresRegistry {
     }
 
     /// Acking a dead-lettered update (an operator redelivered it) moves it to done as well.
-    async fn inbox_ack(&self, tenant: &TenantId, seq: i64) -> Result<()> {
+    async fn inbox_ack(&self, tenant: &TenantId, seq: i64, fence: Option<u64>) -> Result<()> {
+        let fence = fence.map(|f| to_i64(f, "fence")).transpose()?;
+        // The fence check and the ack are one statement (the tenant's row is locked by the
+        // first part), so a dispatcher that lost the inbox cannot ack in between.
         let n = self
             .execute(
-                "UPDATE inbox SET state = 'done', done_at_ms = COALESCE(done_at_ms, $3), \
-                 payload = ''::bytea WHERE tenant = $1 AND seq = $2",
-                &[&tenant.as_str(), &seq, &otm_core::time::now_ms()],
+                "WITH f AS (UPDATE tenants SET dispatch_fence = $4 \
+                 WHERE id = $1 AND dispatch_fence <= $4::BIGINT RETURNING id) \
+                 UPDATE inbox SET state = 'done', done_at_ms = COALESCE(done_at_ms, $3), \
+                 payload = ''::bytea WHERE tenant = $1 AND seq = $2 \
+                 AND ($4::BIGINT IS NULL OR EXISTS (SELECT 1 FROM f))",
+                &[&tenant.as_str(), &seq, &otm_core::time::now_ms(), &fence],
                 true,
             )
             .await?;
         if n == 0 {
+            if let Some(f) = fence {
+                self.check_dispatch_fence(tenant, f).await?;
+            }
             return Err(Error::not_found(format!(
                 "update {seq} in the inbox of tenant {tenant}"
             )));
@@ -1251,15 +1283,21 @@ impl Registry for PostgresRegistry {
         seq: i64,
         error: &str,
         max_attempts: u32,
+        fence: Option<u64>,
     ) -> Result<FailOutcome> {
         let error = truncate(error, MAX_ERROR_LEN);
-        // One statement: count the attempt and dead-letter at the limit, only if still pending.
+        let fence = fence.map(|f| to_i64(f, "fence")).transpose()?;
+        // One statement: check the fence, count the attempt and dead-letter at the limit, only
+        // if still pending.
         let row = self
             .query_opt(
-                "UPDATE inbox SET attempts = attempts + 1, last_error = $3, \
+                "WITH f AS (UPDATE tenants SET dispatch_fence = $5 \
+                 WHERE id = $1 AND dispatch_fence <= $5::BIGINT RETURNING id) \
+                 UPDATE inbox SET attempts = attempts + 1, last_error = $3, \
                  state = CASE WHEN attempts + 1 >= $4 THEN 'dead' ELSE state END \
-                 WHERE tenant = $1 AND seq = $2 AND state = 'pending' RETURNING attempts",
-                &[&tenant.as_str(), &seq, &error, &i64::from(max_attempts)],
+                 WHERE tenant = $1 AND seq = $2 AND state = 'pending' \
+                 AND ($5::BIGINT IS NULL OR EXISTS (SELECT 1 FROM f)) RETURNING attempts",
+                &[&tenant.as_str(), &seq, &error, &i64::from(max_attempts), &fence],
                 false,
             )
             .await?;
@@ -1273,6 +1311,9 @@ impl Registry for PostgresRegistry {
             });
         }
         // Nothing written: say why.
+        if let Some(f) = fence {
+            self.check_dispatch_fence(tenant, f).await?;
+        }
         let state: Option<String> = match self
             .query_opt(
                 "SELECT state FROM inbox WHERE tenant = $1 AND seq = $2",
@@ -1292,6 +1333,22 @@ impl Registry for PostgresRegistry {
                 "update {seq} of tenant {tenant} is {other}, not pending; nothing to retry"
             ))),
         }
+    }
+
+    async fn inbox_claim(&self, tenant: &TenantId, fence: u64) -> Result<()> {
+        let fence = to_i64(fence, "fence")?;
+        let n = self
+            .execute(
+                "UPDATE tenants SET dispatch_fence = $2 WHERE id = $1 AND dispatch_fence <= $2",
+                &[&tenant.as_str(), &fence],
+                true,
+            )
+            .await?;
+        if n > 0 {
+            return Ok(());
+        }
+        self.check_dispatch_fence(tenant, fence).await?;
+        Err(Error::not_found(format!("tenant {tenant}")))
     }
 
     async fn inbox_view(&self, tenant: &TenantId, limit: usize) -> Result<InboxView> {

@@ -106,6 +106,10 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE tenants ADD COLUMN limits TEXT NOT NULL DEFAULT '{}';
     "#,
+    // 3: the fence of the dispatcher that owns a tenant's inbox (acks and failures check it).
+    r#"
+    ALTER TABLE tenants ADD COLUMN dispatch_fence INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// The embedded registry: one SQLite file.
@@ -559,6 +563,26 @@ fn corrupt(what: impl fmt::Display, message: impl fmt::Display) -> Error {
         what: what.to_string(),
         message: message.to_string(),
     }
+}
+
+/// Refuses `fence` if a larger one was claimed for the tenant's inbox; otherwise records it.
+fn check_dispatch_fence(c: &Connection, tenant: &TenantId, fence: i64) -> Result<()> {
+    let stored: Option<i64> = c
+        .prepare_cached("SELECT dispatch_fence FROM tenants WHERE id = ?1")
+        .and_then(|mut s| s.query_row([tenant.as_str()], |r| r.get(0)).optional())
+        .map_err(db)?;
+    let Some(stored) = stored else {
+        return Err(Error::not_found(format!("tenant {tenant}")));
+    };
+    if stored > fence {
+        return Err(crate::stale_dispatcher(tenant, fence, stored));
+    }
+    if stored < fence {
+        c.prepare_cached("UPDATE tenants SET dispatch_fence = ?2 WHERE id = ?1")
+            .and_then(|mut s| s.execute(params![tenant.as_str(), fence]))
+            .map_err(db)?;
+    }
+    Ok(())
 }
 
 fn to_i64(value: u64, what: &str) -> Result<i64> {
@@ -1068,9 +1092,13 @@ impl Registry for SqliteRegistry {
     }
 
     /// Acking a dead-lettered update (an operator redelivered it) moves it to done as well.
-    async fn inbox_ack(&self, tenant: &TenantId, seq: i64) -> Result<()> {
+    async fn inbox_ack(&self, tenant: &TenantId, seq: i64, fence: Option<u64>) -> Result<()> {
         let tenant = tenant.clone();
+        let fence = fence.map(|f| to_i64(f, "fence")).transpose()?;
         self.write(move |c| {
+            if let Some(f) = fence {
+                check_dispatch_fence(c, &tenant, f)?;
+            }
             let n = c
                 .prepare_cached(
                     "UPDATE inbox SET state = 'done', done_at_ms = COALESCE(done_at_ms, ?3), \
@@ -1096,10 +1124,15 @@ impl Registry for SqliteRegistry {
         seq: i64,
         error: &str,
         max_attempts: u32,
+        fence: Option<u64>,
     ) -> Result<FailOutcome> {
         let tenant = tenant.clone();
         let error = truncate(error, MAX_ERROR_LEN);
+        let fence = fence.map(|f| to_i64(f, "fence")).transpose()?;
         self.write(move |c| {
+            if let Some(f) = fence {
+                check_dispatch_fence(c, &tenant, f)?;
+            }
             let state: Option<String> = c
                 .prepare_cached("SELECT state FROM inbox WHERE tenant = ?1 AND seq = ?2")
                 .and_then(|mut s| {
@@ -1141,6 +1174,13 @@ impl Registry for SqliteRegistry {
             })
         })
         .await
+    }
+
+    async fn inbox_claim(&self, tenant: &TenantId, fence: u64) -> Result<()> {
+        let tenant = tenant.clone();
+        let fence = to_i64(fence, "fence")?;
+        self.write(move |c| check_dispatch_fence(c, &tenant, fence))
+            .await
     }
 
     async fn inbox_view(&self, tenant: &TenantId, limit: usize) -> Result<InboxView> {

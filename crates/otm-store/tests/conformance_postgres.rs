@@ -590,7 +590,7 @@ async fn a_draining_dispatcher_sees_sequence_numbers_only_grow() {
                     item.update_id,
                     item.seq
                 );
-                dispatcher.inbox_ack(&t, item.seq).await.unwrap();
+                dispatcher.inbox_ack(&t, item.seq, None).await.unwrap();
                 last = item.seq;
                 delivered += 1;
             }
