@@ -132,7 +132,9 @@ impl HeldLease {
 /// How long before its TTL a lease that could not be renewed is given up: a quarter of the TTL,
 /// at least 200 ms and at most 5 s (clock drift between replicas and the coordinator).
 fn renewal_margin(ttl: Duration) -> Duration {
-    (ttl / 4).clamp(Duration::from_millis(200), Duration::from_secs(5)).min(ttl / 2)
+    (ttl / 4)
+        .clamp(Duration::from_millis(200), Duration::from_secs(5))
+        .min(ttl / 2)
 }
 
 impl Drop for HeldLease {

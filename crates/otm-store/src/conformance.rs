@@ -276,7 +276,9 @@ async fn registry_dispatch_fences(r: &dyn Registry, run: &str) {
         Error::Conflict { .. },
         "a smaller claim after 10"
     );
-    r.inbox_claim(&t, 12).await.expect("a newer dispatcher claims");
+    r.inbox_claim(&t, 12)
+        .await
+        .expect("a newer dispatcher claims");
     assert_err!(
         r.inbox_ack(&t, seqs[1], Some(10)).await,
         Error::Conflict { .. },
@@ -519,7 +521,9 @@ async fn registry_inbox(r: &dyn Registry, run: &str) {
     // Fail: retries, then the dead-letter list.
     let s10 = seq(&t1, 10);
     assert_eq!(
-        r.inbox_fail(&t1, s10, "agent said 500", 3, None).await.unwrap(),
+        r.inbox_fail(&t1, s10, "agent said 500", 3, None)
+            .await
+            .unwrap(),
         FailOutcome::Retry { attempts: 1 }
     );
     let item = r.inbox_next(&t1).await.unwrap().unwrap();
@@ -534,7 +538,9 @@ async fn registry_inbox(r: &dyn Registry, run: &str) {
         FailOutcome::Retry { attempts: 2 }
     );
     assert_eq!(
-        r.inbox_fail(&t1, s10, "still failing", 3, None).await.unwrap(),
+        r.inbox_fail(&t1, s10, "still failing", 3, None)
+            .await
+            .unwrap(),
         FailOutcome::DeadLettered
     );
     assert_eq!(

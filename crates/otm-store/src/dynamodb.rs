@@ -782,21 +782,33 @@ impl DynamoRegistry {
     fn fenced(action: Value, fence: Option<i64>) -> Value {
         let Some(f) = fence else { return action };
         let (mut update, expr) = match action {
-            Value::Object(mut o) if o.contains_key("ConditionCheck") => {
-                (o.remove("ConditionCheck").unwrap_or_default(), "SET #df = :f".to_owned())
-            }
+            Value::Object(mut o) if o.contains_key("ConditionCheck") => (
+                o.remove("ConditionCheck").unwrap_or_default(),
+                "SET #df = :f".to_owned(),
+            ),
             Value::Object(mut o) => {
                 let u = o.remove("Update").unwrap_or_default();
-                let e = u["UpdateExpression"].as_str().unwrap_or_default().to_owned();
-                let e = if e.contains("SET ") { format!("{e}, #df = :f") } else { format!("{e} SET #df = :f") };
+                let e = u["UpdateExpression"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                let e = if e.contains("SET ") {
+                    format!("{e}, #df = :f")
+                } else {
+                    format!("{e} SET #df = :f")
+                };
                 (u, e)
             }
             other => return other,
         };
-        let cond = update["ConditionExpression"].as_str().unwrap_or("attribute_exists(#sk)").to_owned();
+        let cond = update["ConditionExpression"]
+            .as_str()
+            .unwrap_or("attribute_exists(#sk)")
+            .to_owned();
         update["UpdateExpression"] = json!(expr);
-        update["ConditionExpression"] =
-            json!(format!("{cond} AND (attribute_not_exists(#df) OR #df <= :f)"));
+        update["ConditionExpression"] = json!(format!(
+            "{cond} AND (attribute_not_exists(#df) OR #df <= :f)"
+        ));
         update["ExpressionAttributeNames"]["#df"] = json!("dispatch_fence");
         if !update["ExpressionAttributeValues"].is_object() {
             update["ExpressionAttributeValues"] = json!({});
@@ -809,7 +821,10 @@ impl DynamoRegistry {
     /// without a fence or a counter: the caller says what else went wrong).
     async fn check_dispatch_fence(&self, tenant: &TenantId, fence: Option<i64>) -> Result<()> {
         let Some(f) = fence else { return Ok(()) };
-        let Some(item) = self.get(&self.tables.inbox, inbox_key(tenant, META)).await? else {
+        let Some(item) = self
+            .get(&self.tables.inbox, inbox_key(tenant, META))
+            .await?
+        else {
             return Ok(());
         };
         match Reader::new(&item, "an inbox counter").opt_n("dispatch_fence")? {
@@ -1585,9 +1600,9 @@ impl Registry for DynamoRegistry {
                     return match self.transact(vec![check]).await {
                         Ok(()) => Ok(()),
                         Err(e) if failed_at(&e, 0) => {
- self.check_dispatch_fence(tenant, fence).await?;
- Err(Error::not_found(format!("tenant {tenant}")))
- },
+                            self.check_dispatch_fence(tenant, fence).await?;
+                            Err(Error::not_found(format!("tenant {tenant}")))
+                        }
                         Err(e) => Err(api(e)),
                     };
                 }
@@ -1708,7 +1723,7 @@ impl Registry for DynamoRegistry {
                     Err(e) if failed_at(&e, 1) => {
                         let missing = Error::not_found(format!("tenant {tenant}"));
                         self.check_dispatch_fence(tenant, fence).await?;
-                    return Err(missing);
+                        return Err(missing);
                     }
                     Err(e) if e.cancellation_codes().is_some() => continue,
                     Err(e) => return Err(api(e)),

@@ -1297,7 +1297,13 @@ impl Registry for PostgresRegistry {
                  state = CASE WHEN attempts + 1 >= $4 THEN 'dead' ELSE state END \
                  WHERE tenant = $1 AND seq = $2 AND state = 'pending' \
                  AND ($5::BIGINT IS NULL OR EXISTS (SELECT 1 FROM f)) RETURNING attempts",
-                &[&tenant.as_str(), &seq, &error, &i64::from(max_attempts), &fence],
+                &[
+                    &tenant.as_str(),
+                    &seq,
+                    &error,
+                    &i64::from(max_attempts),
+                    &fence,
+                ],
                 false,
             )
             .await?;

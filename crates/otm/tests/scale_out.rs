@@ -598,3 +598,170 @@ fn parent_of(pid: u32) -> Option<u32> {
         .parse()
         .ok()
 }
+
+/// A TCP relay in front of Redis that the test can cut: its live connections are dropped and
+/// new ones closed at once, as when a network partition separates one replica from Redis.
+struct Relay {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Relay {
+    async fn start(upstream: std::net::SocketAddr) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, list) = (cut.clone(), conns.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if c.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: closed at once
+                }
+                let task = tokio::spawn(async move {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+                list.lock().unwrap().push(task);
+            }
+        });
+        Relay { port, cut, conns }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for task in self.conns.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+}
+
+/// A counter from a process's `/metrics`, 0 when absent.
+async fn counter(http: &reqwest::Client, admin: u16, series: &str) -> f64 {
+    let text = http
+        .get(format!("http://127.0.0.1:{admin}/metrics"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A router cut off from Redis while it dispatches gives its lease up before the lease can lapse
+/// to another router, stops delivering, and acknowledges nothing more; the other router takes
+/// the inbox over and every update is answered once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_router_cut_off_from_redis_stops_dispatching_within_the_ttl() {
+    let Some(b) = pg_redis() else { return };
+    let redis: reqwest::Url = b.coordinator.parse().unwrap();
+    let upstream = format!(
+        "{}:{}",
+        redis.host_str().unwrap(),
+        redis.port().unwrap_or(6379)
+    );
+    let upstream = tokio::net::lookup_host(upstream)
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let relay = Relay::start(upstream).await;
+    let mut relayed = redis.clone();
+    relayed.set_host(Some("127.0.0.1")).unwrap();
+    relayed.set_port(Some(relay.port)).unwrap();
+
+    let tg = FakeTelegram::start().await;
+    let dir = common::tempdir();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let shared = dir.path().join("o");
+    std::fs::create_dir_all(&shared).unwrap();
+    let orchestrator = spawn("orchestrator", &shared, &b, &tg, &[]);
+    let orchestrator_url = format!("http://127.0.0.1:{}", orchestrator.admin);
+    let cut_off = Backends {
+        registry: b.registry.clone(),
+        coordinator: relayed.to_string(),
+        state: b.state.clone(),
+    };
+    let router_args = ["--orchestrator-url".to_owned(), orchestrator_url];
+    let routers = vec![
+        spawn(
+            "router",
+            &dir.path().join("r0"),
+            &cut_off,
+            &tg,
+            &router_args,
+        ),
+        spawn("router", &dir.path().join("r1"), &b, &tg, &router_args),
+    ];
+    let mut c = Cluster {
+        state: b.state.clone(),
+        tg,
+        dir,
+        http,
+        orchestrators: vec![orchestrator],
+        routers,
+    };
+    for p in c.orchestrators.iter_mut().chain(c.routers.iter_mut()) {
+        healthy(&c.http, p).await;
+    }
+
+    let token = "9504:CUTOFF";
+    let secret = c.create_tenant("cutoff", token).await;
+    c.tg.set_send_delay(Duration::from_millis(400));
+    for i in 1..=10 {
+        assert_eq!(
+            c.post(0, "cutoff", &secret, &text_update(i, 7, &format!("m{i}")))
+                .await,
+            200
+        );
+    }
+    c.tg.wait_for_messages(token, 2, Duration::from_secs(60))
+        .await;
+    let acked = "otm_deliveries_total{outcome=\"acked\"}";
+    let (r0, r1) = (c.routers[0].admin, c.routers[1].admin);
+    assert!(
+        counter(&c.http, r0, acked).await >= 1.0,
+        "the first router dispatches"
+    );
+    relay.cut();
+    // The lease's TTL is 3 s: by then the cut-off router has given it up.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let acked_at_ttl = counter(&c.http, r0, acked).await;
+
+    let got =
+        c.tg.wait_for_messages(token, 10, Duration::from_secs(90))
+            .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let texts: Vec<String> =
+        c.tg.sent_messages(token)
+            .into_iter()
+            .map(|m| m.text)
+            .collect();
+    if got.len() < 10 {
+        c.dump_logs();
+    }
+    assert_eq!(got.len(), 10, "{texts:?}");
+    let want: Vec<String> = (1..=10).map(|i| format!("#{i}: m{i}")).collect();
+    assert_eq!(texts, want, "every update answered once, in order");
+    assert_eq!(
+        counter(&c.http, r0, acked).await,
+        acked_at_ttl,
+        "the cut-off router acknowledged nothing after its lease's TTL"
+    );
+    assert!(
+        counter(&c.http, r1, acked).await >= 1.0,
+        "the other router took the inbox over"
+    );
+    let log = std::fs::read_to_string(&c.routers[0].log).unwrap();
+    assert!(
+        log.contains("giving the lease up"),
+        "the cut-off router says it gave its lease up:\n{log}"
+    );
+    c.shutdown().await;
+}
