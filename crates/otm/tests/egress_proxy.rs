@@ -590,3 +590,35 @@ mod model {
         h.stop().await;
     }
 }
+
+/// A body declared over the egress cap is refused before it is read (and nothing is
+/// forwarded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_bodies_are_capped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start().await;
+    h.tenant("big", "7701:BIGtoken").await;
+    let s = awake_surrogate(&h, "big").await;
+    let before = h.tg.calls().len();
+    let mut c = tokio::net::TcpStream::connect(h.server().egress_addr)
+        .await
+        .unwrap();
+    c.write_all(
+        format!(
+            "POST /bot{s}/sendDocument HTTP/1.1\r\nhost: otm\r\ncontent-type: multipart/form-data; boundary=x\r\ncontent-length: {}\r\n\r\n",
+            64u64 << 20
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(30), c.read(&mut head))
+        .await
+        .expect("answered without the body")
+        .unwrap();
+    let head = String::from_utf8_lossy(&head[..n]).into_owned();
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert_eq!(h.tg.calls().len(), before, "nothing was forwarded");
+    h.stop().await;
+}
