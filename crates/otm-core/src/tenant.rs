@@ -88,6 +88,18 @@ pub struct TenantLimits {
     /// anyone. See [`TenantLimits::dm_policy`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed_users: Option<Vec<String>>,
+    /// Model requests a minute through the model proxy; 0 is no limit; unset is the server's
+    /// `model_requests_per_minute`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_requests_per_minute: Option<u32>,
+    /// Model tokens a UTC day, as the provider reports them in `usage`; 0 is no limit; unset is
+    /// the server's `model_tokens_per_day`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_tokens_per_day: Option<u64>,
+    /// This tenant's own key at the model provider, sent upstream in place of the server's;
+    /// write-only: views say only whether one is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_api_key: Option<Secret>,
 }
 
 /// Who may write to a tenant's agent in a direct chat.
@@ -163,6 +175,28 @@ impl TenantLimits {
     /// Who may write to the agent: nobody until users are allowed, anyone only with `*`.
     pub fn dm_policy(&self) -> DmPolicy {
         DmPolicy::from_setting(&self.allowed_users.clone().unwrap_or_default().join(","))
+    }
+
+    /// The model budget in force: this tenant's own, else the server's default; 0 is none.
+    pub fn model_budget(
+        &self,
+        default_rpm: Option<u32>,
+        default_tpd: Option<u64>,
+    ) -> (Option<u32>, Option<u64>) {
+        (
+            self.model_requests_per_minute
+                .or(default_rpm)
+                .filter(|n| *n > 0),
+            self.model_tokens_per_day.or(default_tpd).filter(|n| *n > 0),
+        )
+    }
+
+    /// These limits as views show them: the model key left out.
+    pub fn without_secrets(&self) -> Self {
+        TenantLimits {
+            model_api_key: None,
+            ..self.clone()
+        }
     }
 
     /// `proxy` when the tenant may reach allowlisted hosts, else `none`.

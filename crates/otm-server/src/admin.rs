@@ -234,6 +234,10 @@ struct TenantView {
     allowed_users: Vec<String>,
     /// The DM policy rendered into OpenClaw's config: `disabled`, `allowlist` or `open`.
     dm_policy: &'static str,
+    /// Whether the tenant has a model key of its own (the key itself is never shown).
+    has_model_api_key: bool,
+    /// The model budget in force and what was used of it (as this server counted it).
+    model_budget: crate::model_budget::BudgetView,
     /// The last limit one of its instances ran into (as this server saw it).
     last_limit_kill: Option<crate::app::LimitKill>,
     /// The last wake that could not restore the head snapshot: what it skipped and why (as this
@@ -273,11 +277,13 @@ async fn view_with(app: &App, t: &Tenant, defaults: &otm_core::ResourceLimits) -
         instance,
         inbox_pending: app.registry.inbox_depth(&t.id).await.unwrap_or(0),
         limits: t.limits.over(defaults),
-        own_limits: t.limits.clone(),
+        own_limits: t.limits.without_secrets(),
         egress: t.limits.egress(),
         egress_allow: t.limits.egress_allow.clone().unwrap_or_default(),
         allowed_users: t.limits.allowed_users.clone().unwrap_or_default(),
         dm_policy: t.limits.dm_policy().openclaw_name(),
+        has_model_api_key: t.limits.model_api_key.is_some(),
+        model_budget: app.model_budget_view(t),
         last_limit_kill: app.last_limit_kill(&t.id),
         last_restore_fallback: app.last_restore_fallback(&t.id),
     }
@@ -414,6 +420,47 @@ impl LimitsBody {
     }
 }
 
+/// The model settings of a create or patch body: budgets as numbers (0: no limit, `"default"`:
+/// the server's), the key as a string (empty: none of its own any more).
+fn apply_model_settings(
+    to: &mut otm_core::TenantLimits,
+    rpm: Option<&Value>,
+    tpd: Option<&Value>,
+    key: Option<&str>,
+) -> ApiResult<()> {
+    fn number(name: &str, v: &Value) -> ApiResult<Option<u64>> {
+        match v {
+            Value::Null => Ok(None),
+            Value::String(s) if s == "default" => Ok(None),
+            Value::Number(n) if n.as_u64().is_some() => Ok(n.as_u64()),
+            Value::String(s) if s.trim().parse::<u64>().is_ok() => Ok(s.trim().parse().ok()),
+            _ => Err(ApiError::bad_request(format!(
+                "{name}: a whole number (0: no limit) or \"default\" (the server's)"
+            ))),
+        }
+    }
+    if let Some(v) = rpm {
+        to.model_requests_per_minute =
+            number("model_requests_per_minute", v)?.map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+    }
+    if let Some(v) = tpd {
+        to.model_tokens_per_day = number("model_tokens_per_day", v)?;
+    }
+    if let Some(k) = key {
+        let k = k.trim();
+        if k.is_empty() {
+            to.model_api_key = None;
+        } else if k.len() > 4096 || !k.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ApiError::bad_request(
+                "model_api_key must be printable ASCII without spaces, at most 4096 characters",
+            ));
+        } else {
+            to.model_api_key = Some(Secret::new(k));
+        }
+    }
+    Ok(())
+}
+
 fn parse_id(id: &str) -> ApiResult<TenantId> {
     TenantId::parse(id).map_err(|e| ApiError::bad_request(e.to_string()))
 }
@@ -445,6 +492,10 @@ struct CreateTenant {
     egress_allow: Option<Vec<String>>,
     /// Telegram user ids (numbers or strings) that may write to the agent, or `"*"`.
     allowed_users: Option<Vec<Value>>,
+    model_requests_per_minute: Option<Value>,
+    model_tokens_per_day: Option<Value>,
+    /// The tenant's own key at the model provider (write-only).
+    model_api_key: Option<String>,
 }
 
 fn check_profile(app: &App, p: &str) -> ApiResult<()> {
@@ -532,6 +583,12 @@ async fn create_tenant(
     }
     t.cold_start_notice = body.cold_start_notice.unwrap_or(false);
     limits_body!(body).apply(&mut t.limits)?;
+    apply_model_settings(
+        &mut t.limits,
+        body.model_requests_per_minute.as_ref(),
+        body.model_tokens_per_day.as_ref(),
+        body.model_api_key.as_deref(),
+    )?;
     if let Some(secret) = body.webhook_secret {
         t.webhook_secret = check_webhook_secret(&secret)?;
     }
@@ -598,6 +655,9 @@ struct PatchTenant {
     egress: Option<String>,
     egress_allow: Option<Vec<String>>,
     allowed_users: Option<Vec<Value>>,
+    model_requests_per_minute: Option<Value>,
+    model_tokens_per_day: Option<Value>,
+    model_api_key: Option<String>,
 }
 
 async fn patch_tenant(
@@ -618,6 +678,12 @@ async fn patch_tenant(
         t.cold_start_notice = c;
     }
     limits_body!(body).apply(&mut t.limits)?;
+    apply_model_settings(
+        &mut t.limits,
+        body.model_requests_per_minute.as_ref(),
+        body.model_tokens_per_day.as_ref(),
+        body.model_api_key.as_deref(),
+    )?;
     let token_changed = if let Some(tok) = body.bot_token.as_deref() {
         t.bot_token = Some(check_bot_token(tok)?);
         true
@@ -665,6 +731,8 @@ async fn delete_tenant(
     // The registry first: from here on no wake can restore (or snapshot) this tenant, so the
     // snapshots cannot come back behind the deletion.
     app.registry.delete_tenant(&t.id).await?;
+    app.model_budgets.forget(&t.id);
+    app.bot_limiter.forget(&t.id);
     let (snapshots, tombstone) = if q.keep_state {
         let name = format!("{}-{}", t.id, otm_core::time::now_ms());
         let n = app.state.tombstone(&t.id, &name).await?;

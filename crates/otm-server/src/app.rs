@@ -10,6 +10,14 @@ use std::time::Instant;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+/// Egress calls (Bot API and model) one tenant may have under way at once; more are answered
+/// 429 at once.
+pub const EGRESS_CALLS_PER_TENANT: usize = 32;
+
+/// Request bodies the egress proxies hold in memory at once, together: 256 MiB (in KiB). A call
+/// whose body does not fit waits for room, then gets 503.
+pub const EGRESS_BUFFER_KIB: u32 = 256 * 1024;
+
 /// Shared state of one server process.
 #[derive(Debug)]
 pub struct App {
@@ -43,6 +51,14 @@ pub struct App {
     pub(crate) restore_fallbacks: Mutex<HashMap<TenantId, RestoreFallback>>,
     /// Wakes under way in this process (admission control).
     pub(crate) wakes_in_flight: std::sync::atomic::AtomicUsize,
+    /// The Bot API proxy's per-bot rate limits.
+    pub bot_limiter: crate::bot_limits::BotLimiter,
+    /// The model proxy's per-tenant budgets.
+    pub model_budgets: crate::model_budget::ModelBudgets,
+    /// Calls each tenant has under way through the egress proxies.
+    pub(crate) egress_in_flight: Mutex<HashMap<TenantId, Arc<tokio::sync::Semaphore>>>,
+    /// The egress proxies' request bodies held in memory at once, in KiB.
+    pub egress_buffer: Arc<tokio::sync::Semaphore>,
 }
 
 /// An instance stopped for running into a limit.
@@ -118,6 +134,10 @@ impl App {
             limit_kills: Mutex::new(HashMap::new()),
             restore_fallbacks: Mutex::new(HashMap::new()),
             wakes_in_flight: std::sync::atomic::AtomicUsize::new(0),
+            bot_limiter: crate::bot_limits::BotLimiter::new(Default::default()),
+            model_budgets: Default::default(),
+            egress_in_flight: Mutex::new(HashMap::new()),
+            egress_buffer: Arc::new(tokio::sync::Semaphore::new(EGRESS_BUFFER_KIB as usize)),
             leader: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -166,6 +186,45 @@ impl App {
     /// restore.
     pub fn last_restore_fallback(&self, tenant: &TenantId) -> Option<RestoreFallback> {
         self.restore_fallbacks.lock().unwrap().get(tenant).cloned()
+    }
+
+    /// A tenant's model budget in force: its own, else this server's default.
+    pub fn model_budget(&self, t: &otm_core::Tenant) -> crate::model_budget::Budget {
+        let (rpm, tpd) = t.limits.model_budget(
+            self.settings.model_requests_per_minute,
+            self.settings.model_tokens_per_day,
+        );
+        crate::model_budget::Budget {
+            requests_per_minute: rpm,
+            tokens_per_day: tpd,
+        }
+    }
+
+    /// A tenant's model budget and what it used of it, as this process counted.
+    pub fn model_budget_view(&self, t: &otm_core::Tenant) -> crate::model_budget::BudgetView {
+        self.model_budgets.view(
+            &t.id,
+            self.model_budget(t),
+            Instant::now(),
+            otm_core::time::now_ms(),
+        )
+    }
+
+    /// A slot for one egress call of `tenant`, or `None` when it has
+    /// [`EGRESS_CALLS_PER_TENANT`] under way already: one tenant cannot take the whole
+    /// listener's concurrency.
+    pub(crate) fn egress_slot(
+        &self,
+        tenant: &TenantId,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let sem = self
+            .egress_in_flight
+            .lock()
+            .unwrap()
+            .entry(tenant.clone())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(EGRESS_CALLS_PER_TENANT)))
+            .clone();
+        sem.try_acquire_owned().ok()
     }
 
     pub fn is_leader(&self) -> bool {

@@ -72,6 +72,10 @@ pub struct Settings {
     pub model_id: Option<String>,
     /// The provider's API key: added upstream by the egress listener, never given to instances.
     pub model_api_key: Option<otm_core::Secret>,
+    /// Model requests a minute each tenant may make, unless it has its own budget.
+    pub model_requests_per_minute: Option<u32>,
+    /// Model tokens a UTC day each tenant may use, unless it has its own budget.
+    pub model_tokens_per_day: Option<u64>,
 }
 
 impl Default for Settings {
@@ -105,6 +109,8 @@ impl Default for Settings {
             model_base_url: None,
             model_id: None,
             model_api_key: None,
+            model_requests_per_minute: None,
+            model_tokens_per_day: None,
         }
     }
 }

@@ -1,6 +1,21 @@
 //! The Bot API proxy on the egress listener. Agents call `{root}/bot{surrogate}/{method}` with a
 //! surrogate token only their instance knows; the proxy maps it to the tenant's real token and
-//! forwards to Telegram. Webhook methods are answered here: otm owns the webhook.
+//! forwards to Telegram.
+//!
+//! What goes upstream is decided on the decoded path ([`crate::proxy_path`]), and the upstream URL
+//! is built from the checked segments:
+//! - `bot{surrogate}/{method}`: one segment, ASCII letters only. `setWebhook`, `deleteWebhook`,
+//!   `getWebhookInfo`, `logOut`, `close` and `getUpdates` (in any case) are answered here and
+//!   never forwarded: otm owns the webhook, and the bot's session is not the agent's to end.
+//! - `file/bot{surrogate}/{path}`: file downloads, each segment of letters, digits, `_`, `-` and
+//!   `.`, no dot segment.
+//! - everything else, a dot segment (plain or encoded), an encoded slash or a trailing slash
+//!   included, is refused before the surrogate's tenant is known to Telegram.
+//!
+//! Messages are paced per bot as Telegram limits them ([`crate::bot_limits`]): a call over a
+//! limit waits its turn; a 429 from Telegram holds the bot for its `retry_after`. Every refused
+//! call is counted in `otm_egress_refused_total{proxy="bot",reason}` and logged with its tenant
+//! and method, never with a token.
 
 use crate::app::App;
 use axum::body::Body;
@@ -12,18 +27,30 @@ use futures::TryStreamExt;
 use otm_core::{Secret, Tenant};
 use serde_json::json;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-/// Largest request body forwarded (file uploads included).
-const MAX_BODY: usize = 50 << 20;
+/// Largest request body forwarded (file uploads included); the egress listener caps every body
+/// at this size.
+pub const MAX_BODY: usize = 20 << 20;
+/// How long a client may take to send its request body.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one Bot API call may take upstream.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest error answer read back from Telegram (to find a `retry_after`).
+const MAX_ERROR_BODY: usize = 64 << 10;
+
+/// Methods answered by otm itself, lower-case.
+const LOCAL: &[&str] = &[
+    "setwebhook",
+    "deletewebhook",
+    "getwebhookinfo",
+    "logout",
+    "close",
+    "getupdates",
+];
 
 pub fn router(app: Arc<App>) -> Router {
-    Router::new()
-        .route(
-            "/model/{surrogate}/{*rest}",
-            axum::routing::any(crate::model_proxy::proxy),
-        )
-        .fallback(proxy)
-        .with_state(app)
+    Router::new().fallback(proxy).with_state(app)
 }
 
 /// Why a surrogate was not accepted.
@@ -61,17 +88,77 @@ fn telegram_error(status: StatusCode, description: &str) -> Response {
         .into_response()
 }
 
-/// `/bot<token>/<method>` or `/file/bot<token>/<path>`.
+/// Telegram's own answer to a call over a limit.
+fn too_many(retry_after: Duration) -> Response {
+    let secs = retry_after.as_secs().max(1);
+    let mut r = (
+        StatusCode::TOO_MANY_REQUESTS,
+        Json(json!({
+            "ok": false, "error_code": 429,
+            "description": format!("Too Many Requests: retry after {secs}"),
+            "parameters": {"retry_after": secs}
+        })),
+    )
+        .into_response();
+    if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+        r.headers_mut().insert("retry-after", v);
+    }
+    r
+}
+
+/// `/bot<token>/<tail>` or `/file/bot<token>/<tail>`, on the raw path: the token segment and
+/// the rest, both still encoded. The tail may be empty (it is refused later, with the tenant
+/// known).
 fn split(path: &str) -> Option<(bool, &str, &str)> {
     let (file, rest) = match path.strip_prefix("/file/bot") {
         Some(r) => (true, r),
         None => (false, path.strip_prefix("/bot")?),
     };
     let (token, tail) = rest.split_once('/')?;
-    if token.is_empty() || tail.is_empty() {
+    if token.is_empty() {
         return None;
     }
     Some((file, token, tail))
+}
+
+/// A decoded, checked Bot API call.
+#[derive(Debug, PartialEq, Eq)]
+enum Call {
+    Method(String),
+    File(Vec<String>),
+}
+
+/// Checks the decoded tail of a call; the error is the refusal's metric label.
+fn check_tail(file: bool, tail: &str) -> Result<Call, &'static str> {
+    let segs = crate::proxy_path::segments(&format!("/{tail}")).map_err(|e| e.label())?;
+    if file {
+        if segs.iter().all(|s| crate::proxy_path::is_file_segment(s)) {
+            Ok(Call::File(segs))
+        } else {
+            Err("file_path_not_allowed")
+        }
+    } else {
+        match segs.as_slice() {
+            [m] if crate::proxy_path::is_method_name(m) => Ok(Call::Method(m.clone())),
+            _ => Err("method_not_allowed"),
+        }
+    }
+}
+
+/// What of an agent-written path may go into a log line: printable, short.
+fn loggable(s: &str) -> String {
+    s.chars().filter(|c| !c.is_control()).take(80).collect()
+}
+
+/// Counts and logs one refused (or locally answered) call.
+fn refused(app: &App, tenant: Option<&Tenant>, method: &str, reason: &str) {
+    app.metrics.egress_refused("bot", reason);
+    match tenant {
+        Some(t) => {
+            tracing::warn!(tenant = %t.id, method = %loggable(method), reason, "Bot API call refused")
+        }
+        None => tracing::info!(method = %loggable(method), reason, "Bot API call refused"),
+    }
 }
 
 async fn proxy(State(app): State<Arc<App>>, req: Request) -> Response {
@@ -79,81 +166,205 @@ async fn proxy(State(app): State<Arc<App>>, req: Request) -> Response {
         return crate::connect::handle(app, req).await;
     }
     let path = req.uri().path().to_owned();
-    let Some((file, surrogate, tail)) = split(&path) else {
+    if path.starts_with("/model/") {
+        return crate::model_proxy::proxy(app, req).await;
+    }
+    let Some((file, raw_token, raw_tail)) = split(&path) else {
+        refused(&app, None, "-", "not_found");
         app.metrics.egress("not_found");
         return telegram_error(StatusCode::NOT_FOUND, "Not Found");
     };
-    let tenant = match tenant_by_surrogate(&app, surrogate).await {
+    let surrogate = match crate::proxy_path::segments(&format!("/{raw_token}")).as_deref() {
+        Ok([t]) => t.clone(),
+        _ => {
+            refused(&app, None, "-", "not_found");
+            return telegram_error(StatusCode::NOT_FOUND, "Not Found");
+        }
+    };
+    let tenant = match tenant_by_surrogate(&app, &surrogate).await {
         Ok(t) => t,
         Err(Refusal::Unauthorized) => {
             app.metrics.egress("refused");
+            refused(&app, None, raw_tail, "unauthorized");
             return telegram_error(StatusCode::UNAUTHORIZED, "Unauthorized");
         }
         Err(Refusal::Unavailable) => {
             return telegram_error(StatusCode::SERVICE_UNAVAILABLE, "try again later");
         }
     };
-    let method = tail.to_owned();
-    if !file {
-        match method.to_ascii_lowercase().as_str() {
-            "setwebhook" | "deletewebhook" => {
-                app.metrics.egress("local");
-                return Json(
-                    json!({"ok": true, "result": true, "description": "Webhook is managed by otm"}),
-                )
-                .into_response();
-            }
-            "getwebhookinfo" => {
-                app.metrics.egress("local");
-                let pending = app.registry.inbox_depth(&tenant.id).await.unwrap_or(0);
-                let url = app.webhook_url(&tenant.id).unwrap_or_default();
-                return Json(json!({"ok": true, "result": {
-                    "url": url, "has_custom_certificate": false, "pending_update_count": pending
-                }}))
-                .into_response();
-            }
-            _ => {}
+    let call = match check_tail(file, raw_tail) {
+        Ok(c) => c,
+        Err(reason) => {
+            refused(&app, Some(&tenant), raw_tail, reason);
+            return telegram_error(StatusCode::NOT_FOUND, "Not Found");
+        }
+    };
+    let http_method = req.method().clone();
+    let allowed = match call {
+        Call::Method(_) => {
+            http_method == axum::http::Method::GET || http_method == axum::http::Method::POST
+        }
+        Call::File(_) => {
+            http_method == axum::http::Method::GET || http_method == axum::http::Method::HEAD
+        }
+    };
+    if !allowed {
+        refused(&app, Some(&tenant), raw_tail, "http_method_not_allowed");
+        return telegram_error(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
+    }
+    if let Call::Method(m) = &call {
+        let lower = m.to_ascii_lowercase();
+        if LOCAL.contains(&lower.as_str()) {
+            app.metrics.egress("local");
+            refused(&app, Some(&tenant), m, "answered_locally");
+            return answer_locally(&app, &tenant, &lower).await;
         }
     }
     let Some(real) = tenant.bot_token.clone() else {
         app.metrics.egress("no_token");
+        refused(&app, Some(&tenant), raw_tail, "no_bot_token");
         return telegram_error(
             StatusCode::UNAUTHORIZED,
             "Unauthorized: the tenant has no bot token",
         );
     };
-    forward(&app, &tenant, &real, file, &method, req).await
+    // One tenant cannot hold the whole listener: its calls under way are capped.
+    let Some(_slot) = app.egress_slot(&tenant.id) else {
+        refused(&app, Some(&tenant), raw_tail, "too_many_in_flight");
+        return too_many(Duration::from_secs(1));
+    };
+    forward(&app, &tenant, &real, &call, req).await
+}
+
+/// The answers of the methods otm keeps to itself.
+async fn answer_locally(app: &App, tenant: &Tenant, method: &str) -> Response {
+    match method {
+        "getwebhookinfo" => {
+            let pending = app.registry.inbox_depth(&tenant.id).await.unwrap_or(0);
+            let url = app.webhook_url(&tenant.id).unwrap_or_default();
+            Json(json!({"ok": true, "result": {
+                "url": url, "has_custom_certificate": false, "pending_update_count": pending
+            }}))
+            .into_response()
+        }
+        // What Telegram answers while a webhook is set.
+        "getupdates" => telegram_error(
+            StatusCode::CONFLICT,
+            "Conflict: can't use getUpdates method while webhook is active; use deleteWebhook to delete the webhook first",
+        ),
+        "logout" | "close" => Json(
+            json!({"ok": true, "result": true, "description": "The bot's session is managed by otm"}),
+        )
+        .into_response(),
+        // setWebhook, deleteWebhook.
+        _ => Json(json!({"ok": true, "result": true, "description": "Webhook is managed by otm"}))
+            .into_response(),
+    }
+}
+
+/// Reads a request body of at most `limit` bytes within [`BODY_READ_TIMEOUT`], holding its size
+/// of the egress listeners' shared buffer budget ([`App::egress_buffer`]) until the permit is
+/// dropped: however many calls are under way, their bodies together stay within it.
+pub(crate) async fn read_body(
+    app: &App,
+    headers: &axum::http::HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<(bytes::Bytes, tokio::sync::OwnedSemaphorePermit), StatusCode> {
+    let declared = headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(StatusCode::PAYLOAD_TOO_LARGE);
+    }
+    let kib = declared.unwrap_or(limit as u64).div_ceil(1024).max(1) as u32;
+    let permit = tokio::time::timeout(
+        BODY_READ_TIMEOUT,
+        app.egress_buffer.clone().acquire_many_owned(kib),
+    )
+    .await
+    .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?
+    .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
+    match tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(b)) => Ok((b, permit)),
+        Ok(Err(_)) => Err(StatusCode::PAYLOAD_TOO_LARGE),
+        Err(_) => Err(StatusCode::REQUEST_TIMEOUT),
+    }
 }
 
 async fn forward(
     app: &Arc<App>,
     tenant: &Tenant,
     real: &Secret,
-    file: bool,
-    tail: &str,
+    call: &Call,
     req: Request,
 ) -> Response {
     let root = app.telegram.root();
-    let mut url = if file {
-        format!("{root}/file/bot{}/{tail}", real.expose())
-    } else {
-        format!("{root}/bot{}/{tail}", real.expose())
+    let (mut url, method_name) = match call {
+        Call::Method(m) => (format!("{root}/bot{}/{m}", real.expose()), m.as_str()),
+        Call::File(segs) => (
+            format!("{root}/file/bot{}/{}", real.expose(), segs.join("/")),
+            "file",
+        ),
     };
-    if let Some(q) = req.uri().query() {
+    let query = req.uri().query().map(str::to_owned);
+    if let Some(q) = &query {
         url.push('?');
         url.push_str(q);
     }
     let method = req.method().clone();
     let content_type = req.headers().get("content-type").cloned();
-    let body = match axum::body::to_bytes(req.into_body(), MAX_BODY).await {
+    let (parts, body) = req.into_parts();
+    let (body, _buffered) = match read_body(app, &parts.headers, body, MAX_BODY).await {
         Ok(b) => b,
-        Err(_) => return telegram_error(StatusCode::PAYLOAD_TOO_LARGE, "Request Entity Too Large"),
+        Err(StatusCode::PAYLOAD_TOO_LARGE) => {
+            refused(app, Some(tenant), method_name, "body_too_large");
+            return telegram_error(StatusCode::PAYLOAD_TOO_LARGE, "Request Entity Too Large");
+        }
+        Err(StatusCode::SERVICE_UNAVAILABLE) => {
+            refused(app, Some(tenant), method_name, "buffer_full");
+            return telegram_error(StatusCode::SERVICE_UNAVAILABLE, "try again later");
+        }
+        Err(status) => {
+            refused(app, Some(tenant), method_name, "body_timeout");
+            return telegram_error(status, "Request Timeout");
+        }
     };
+    // Wait for this call's slot under the bot's rate limits.
+    let message = matches!(call, Call::Method(m) if crate::bot_limits::is_message(m));
+    let chat = if message {
+        crate::bot_limits::chat_id(
+            content_type.as_ref().and_then(|v| v.to_str().ok()),
+            &body,
+            query.as_deref(),
+        )
+    } else {
+        None
+    };
+    let now = Instant::now();
+    match app
+        .bot_limiter
+        .admit(&tenant.id, message, chat.as_deref(), now)
+    {
+        crate::bot_limits::Admission::At(slot) => {
+            if slot > now {
+                tokio::time::sleep_until(slot.into()).await;
+            }
+            app.metrics
+                .bot_api_queued_seconds
+                .observe(slot.saturating_duration_since(now).as_secs_f64());
+        }
+        crate::bot_limits::Admission::Refused { retry_after } => {
+            refused(app, Some(tenant), method_name, "rate_limited");
+            return too_many(retry_after);
+        }
+    }
     let mut out = app
         .http
         .request(method, url)
         .body(body)
-        .timeout(std::time::Duration::from_secs(60));
+        .timeout(UPSTREAM_TIMEOUT);
     if let Some(ct) = content_type {
         out = out.header("content-type", ct);
     }
@@ -166,8 +377,24 @@ async fn forward(
                 .headers()
                 .get("content-type")
                 .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok());
-            let stream = resp.bytes_stream().map_err(std::io::Error::other);
-            let mut response = Response::new(Body::from_stream(stream));
+            let body = if status == StatusCode::TOO_MANY_REQUESTS {
+                // Telegram says how long this bot must wait: hold its later calls as long.
+                let bytes = read_capped(resp, MAX_ERROR_BODY).await;
+                let retry_after = serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .ok()
+                    .and_then(|v| v["parameters"]["retry_after"].as_u64())
+                    .unwrap_or(1);
+                app.bot_limiter.blocked(
+                    &tenant.id,
+                    Duration::from_secs(retry_after.min(3600)),
+                    Instant::now(),
+                );
+                tracing::warn!(tenant = %tenant.id, method = method_name, retry_after, "Telegram asked the bot to slow down");
+                Body::from(bytes)
+            } else {
+                Body::from_stream(resp.bytes_stream().map_err(std::io::Error::other))
+            };
+            let mut response = Response::new(body);
             *response.status_mut() = status;
             if let Some(ct) = ct {
                 response.headers_mut().insert("content-type", ct);
@@ -177,7 +404,7 @@ async fn forward(
         Err(e) => {
             app.metrics.egress("upstream_error");
             // The URL carries the real token: never let it into a message.
-            tracing::warn!(tenant = %tenant.id, error = %e.without_url(), "Bot API call failed");
+            tracing::warn!(tenant = %tenant.id, method = method_name, error = %e.without_url(), "Bot API call failed");
             telegram_error(
                 StatusCode::BAD_GATEWAY,
                 "Bad Gateway: the Bot API could not be reached",
@@ -186,9 +413,23 @@ async fn forward(
     }
 }
 
+/// At most `limit` bytes of an answer's body.
+async fn read_capped(resp: reqwest::Response, limit: usize) -> bytes::Bytes {
+    let mut out = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(Ok(chunk)) = futures::StreamExt::next(&mut stream).await {
+        let room = limit.saturating_sub(out.len());
+        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if out.len() >= limit {
+            break;
+        }
+    }
+    out.into()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::split;
+    use super::{Call, check_tail, split};
 
     #[test]
     fn splits_bot_paths() {
@@ -201,7 +442,41 @@ mod tests {
             Some((true, "1:abc", "photos/a.jpg"))
         );
         assert_eq!(split("/bot/sendMessage"), None);
-        assert_eq!(split("/bot1:abc/"), None);
+        assert_eq!(split("/bot1:abc/"), Some((false, "1:abc", "")));
+        assert_eq!(split("/bot1:abc"), None);
         assert_eq!(split("/other"), None);
+    }
+
+    #[test]
+    fn only_plain_method_names_and_file_paths_pass() {
+        assert_eq!(
+            check_tail(false, "sendMessage"),
+            Ok(Call::Method("sendMessage".into()))
+        );
+        assert_eq!(
+            check_tail(true, "photos/file_1.jpg"),
+            Ok(Call::File(vec!["photos".into(), "file_1.jpg".into()]))
+        );
+        for (file, tail) in [
+            (false, "x/../setWebhook"),
+            (false, "x/%2e%2e/deleteWebhook"),
+            (false, "x/%2E%2E/deleteWebhook"),
+            (false, "setWebhook/"),
+            (false, ""),
+            (false, "x/setWebhook"),
+            (false, "send%4Dessage%2F"),
+            (false, "sendMessage.json"),
+            (true, "../../x"),
+            (true, "photos/%2e%2e/x"),
+            (true, "photos/"),
+            (true, "a%2Fb"),
+        ] {
+            assert!(check_tail(file, tail).is_err(), "{tail}");
+        }
+        // Percent-encoded letters are still the method they spell.
+        assert_eq!(
+            check_tail(false, "send%4Dessage"),
+            Ok(Call::Method("sendMessage".into()))
+        );
     }
 }

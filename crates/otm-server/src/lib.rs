@@ -9,6 +9,9 @@
 //! - [`orchestrator`]: wake, stop, idle reaper, reconciler.
 //! - [`egress`]: the Bot API proxy.
 //! - [`model_proxy`]: the model route on the egress listener, which adds the operator's API key.
+//! - [`proxy_path`]: the decoded, checked path segments both egress proxies decide on.
+//! - [`bot_limits`]: per-bot rate limits of the Bot API proxy.
+//! - [`model_budget`]: per-tenant model budgets.
 //! - [`connect`]: the egress policy's CONNECT proxy to allowlisted public hosts.
 //! - [`openclaw`]: where OpenClaw is installed and what its instances are bound with.
 //! - [`admin`]: the admin API and `/metrics`.
@@ -22,6 +25,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod bot_limits;
 pub mod config;
 pub mod connect;
 pub mod dispatch;
@@ -30,9 +34,11 @@ pub mod ingress;
 pub mod lease;
 pub mod listen;
 pub mod metrics;
+pub mod model_budget;
 pub mod model_proxy;
 pub mod openclaw;
 pub mod orchestrator;
+pub mod proxy_path;
 pub mod remote;
 pub mod server;
 pub mod spool;

@@ -49,6 +49,13 @@ pub struct Kind {
     pub kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Refusal {
+    /// `bot` (the Bot API proxy) or `model` (the model proxy).
+    pub proxy: String,
+    pub reason: String,
+}
+
 fn latency_buckets() -> impl Iterator<Item = f64> {
     [
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -81,6 +88,9 @@ pub struct Metrics {
     pub max_running: Gauge,
     pub wakes_in_flight: Gauge,
     pub listener_connections_refused: Family<Listener, Counter>,
+    pub egress_refused: Family<Refusal, Counter>,
+    pub bot_api_queued_seconds: Histogram,
+    pub model_tokens: Counter,
 }
 
 impl Default for Metrics {
@@ -115,6 +125,9 @@ impl Metrics {
             max_running: Gauge::default(),
             wakes_in_flight: Gauge::default(),
             listener_connections_refused: Family::default(),
+            egress_refused: Family::default(),
+            bot_api_queued_seconds: hist(),
+            model_tokens: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -209,6 +222,21 @@ impl Metrics {
             "Connections closed at once because their listener held its most connections, by listener",
             m.listener_connections_refused.clone(),
         );
+        registry.register(
+            "egress_refused",
+            "Calls the Bot API and model proxies refused or answered themselves, by proxy and reason",
+            m.egress_refused.clone(),
+        );
+        registry.register(
+            "bot_api_queued_seconds",
+            "Time Bot API calls waited for their rate-limit slot",
+            m.bot_api_queued_seconds.clone(),
+        );
+        registry.register(
+            "model_tokens",
+            "Model tokens used, as providers reported them",
+            m.model_tokens.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -256,6 +284,15 @@ impl Metrics {
         self.listener_connections_refused
             .get_or_create(&Listener {
                 listener: listener.into(),
+            })
+            .inc();
+    }
+
+    pub fn egress_refused(&self, proxy: &str, reason: &str) {
+        self.egress_refused
+            .get_or_create(&Refusal {
+                proxy: proxy.into(),
+                reason: reason.into(),
             })
             .inc();
     }

@@ -208,7 +208,7 @@ pub async fn start(
     tasks.push(listen::serve(
         "admin",
         admin,
-        admin::router(app.clone()),
+        admin_router(app.clone()),
         caps.admin,
         metrics.clone(),
         shutdown.clone(),
@@ -216,7 +216,7 @@ pub async fn start(
     tasks.push(listen::serve(
         "egress",
         egress,
-        egress::router(app.clone()),
+        egress_router(app.clone()),
         caps.egress,
         metrics.clone(),
         shutdown.clone(),
@@ -225,7 +225,7 @@ pub async fn start(
         tasks.push(listen::serve(
             "egress-socket",
             unix,
-            egress::router(app.clone()),
+            egress_router(app.clone()),
             caps.egress,
             metrics,
             shutdown.clone(),
@@ -273,9 +273,80 @@ fn public_router(app: Arc<App>) -> Router {
                 StatusCode::SERVICE_UNAVAILABLE
             }))
             .load_shed()
-            .concurrency_limit(4096)
+            .concurrency_limit(PUBLIC_CONCURRENCY)
             .timeout(Duration::from_secs(30)),
     )
+}
+
+/// Requests handled at once on each listener. The public listener's is the largest, and each
+/// listener sheds its own excess, so that admin or egress load cannot take what webhooks need.
+const PUBLIC_CONCURRENCY: usize = 4096;
+const ADMIN_CONCURRENCY: usize = 64;
+const EGRESS_CONCURRENCY: usize = 512;
+
+/// What a layer's error (shed, timed out) becomes.
+async fn layer_error(e: tower::BoxError) -> StatusCode {
+    if e.is::<tower::timeout::error::Elapsed>() {
+        StatusCode::GATEWAY_TIMEOUT
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+/// The admin router behind its middleware, outermost first.
+fn admin_router(app: Arc<App>) -> Router {
+    // A wake answers when the agent is ready: the longest an admin call may take.
+    let timeout = Duration::from_secs(app.settings.wake_timeout_s + 60);
+    admin::router(app).layer(
+        ServiceBuilder::new()
+            // Errors of the layers below become answers: 503 when shed, 504 when timed out.
+            .layer(HandleErrorLayer::new(layer_error))
+            // Over the limit, refuse at once: an operator retries, a queue would only grow.
+            .load_shed()
+            // Operators, the CLI, dashboards and Prometheus need few calls at once.
+            .concurrency_limit(ADMIN_CONCURRENCY)
+            // Until the answer's head (streamed logs and exports go on after it).
+            .timeout(timeout),
+    )
+}
+
+/// The egress router behind its middleware, outermost first. Each tenant also has a cap on its
+/// calls under way, and request bodies share one buffer budget (see [`egress`]).
+fn egress_router(app: Arc<App>) -> Router {
+    egress::router(app).layer(
+        ServiceBuilder::new()
+            // Errors of the layers below become answers: 503 when shed, 504 when timed out.
+            .layer(HandleErrorLayer::new(layer_error))
+            // Over the limit, refuse at once: agents' Bot API and model clients retry.
+            .load_shed()
+            // Calls under way on this listener (Bot API calls waiting for their rate-limit
+            // slot included).
+            .concurrency_limit(EGRESS_CONCURRENCY)
+            // Until the answer's head: as long as a model may take, since non-streamed
+            // answers come whole (streams go on after it).
+            .timeout(crate::model_proxy::TIMEOUT + Duration::from_secs(10))
+            // Bodies over the egress cap are refused from their Content-Length before anything
+            // is read, and cut off when they grow past it.
+            .layer(axum::middleware::from_fn(cap_body)),
+    )
+}
+
+/// Refuses a body declared larger than [`egress::MAX_BODY`] and bounds one that is not declared.
+async fn cap_body(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let declared = req
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > egress::MAX_BODY as u64) {
+        return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large").into_response();
+    }
+    let req = req.map(|b| axum::body::Body::new(http_body_util::Limited::new(b, egress::MAX_BODY)));
+    next.run(req).await
 }
 
 /// Binds this server's egress socket in `dir` (`egress-<pid>.sock`; several servers may share a

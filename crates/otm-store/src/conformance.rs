@@ -133,6 +133,9 @@ async fn registry_tenants(r: &dyn Registry, run: &str) {
     changed.limits = otm_core::TenantLimits {
         cpu_millis: Some(250),
         disk_bytes: Some(1 << 20),
+        model_requests_per_minute: Some(20),
+        model_tokens_per_day: Some(0),
+        model_api_key: Some(Secret::new("sk-own-key")),
         ..Default::default()
     };
     changed.status = TenantStatus::Running;

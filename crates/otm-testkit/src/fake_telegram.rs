@@ -8,7 +8,7 @@
 //! Every accepted call is recorded ([`FakeTelegram::calls`]). `sendMessage` also appends to the
 //! bot's sent messages, which a test can wait for without polling
 //! ([`FakeTelegram::wait_for_messages`]). `sendMessage` can be made to fail
-//! ([`FakeTelegram::fail_next_send`]) or to take time ([`FakeTelegram::set_send_delay`]).
+//! ([`FakeTelegram::fail_next_send`]), to answer 429 ([`FakeTelegram::limit_next_send`]) or to take time ([`FakeTelegram::set_send_delay`]).
 //! The server stops when the value is dropped or [`FakeTelegram::shutdown`] is awaited.
 
 use std::collections::HashMap;
@@ -91,6 +91,8 @@ struct FakeState {
     calls: Vec<Call>,
     fail_next_send: usize,
     send_delay: Duration,
+    /// The next `sendMessage` is answered 429 with this `retry_after`.
+    limit_next_send: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -235,6 +237,12 @@ impl FakeTelegram {
     /// Makes the next `n` `sendMessage` calls (with a valid token) answer 500 without sending.
     pub fn fail_next_send(&self, n: usize) {
         self.shared.lock().fail_next_send = n;
+    }
+
+    /// Answers the next `sendMessage` with Telegram's 429 and `parameters.retry_after`
+    /// (seconds); the message is not sent.
+    pub fn limit_next_send(&self, retry_after_s: u64) {
+        self.shared.lock().limit_next_send = Some(retry_after_s);
     }
 
     /// Makes every later `sendMessage` call wait `delay` before it is answered.
@@ -409,6 +417,14 @@ async fn send_message(shared: &Shared, token: &str, bot_id: i64, params: &Value)
 
     let message_id = {
         let mut state = shared.lock();
+        if let Some(retry_after) = state.limit_next_send.take() {
+            let body = json!({
+                "ok": false, "error_code": 429,
+                "description": format!("Too Many Requests: retry after {retry_after}"),
+                "parameters": {"retry_after": retry_after},
+            });
+            return (StatusCode::TOO_MANY_REQUESTS, axum::Json(body)).into_response();
+        }
         if state.fail_next_send > 0 {
             state.fail_next_send -= 1;
             return error(

@@ -12,7 +12,9 @@
 //! leaves internal-context messages out, takes the last remaining user message as the current
 //! one and counts the user messages before it.
 //!
-//! Every request is recorded with the `Authorization` header it carried
+//! Every request that arrives, on any route, is recorded as `METHOD /path`
+//! ([`StubModel::arrivals`]). Every chat completion request is recorded with the `Authorization`
+//! header it carried
 //! ([`StubModel::requests`]), so a test can check which key reached the provider. With
 //! [`StubModel::require_key`] any other key is refused with 401, as a real provider would.
 
@@ -59,6 +61,8 @@ struct Shared {
 #[derive(Debug, Default)]
 struct StubState {
     requests: Vec<ModelRequest>,
+    /// Every request that arrived, any route: `METHOD /path`.
+    arrived: Vec<String>,
     required_key: Option<String>,
 }
 
@@ -138,6 +142,12 @@ impl StubModel {
         self.shared.lock().requests.clone()
     }
 
+    /// Every request that arrived, on any route, as `METHOD /path` (the path as sent, query
+    /// left out), oldest first: what a test checks to prove a call never reached the provider.
+    pub fn arrivals(&self) -> Vec<String> {
+        self.shared.lock().arrived.clone()
+    }
+
     /// Waits until at least `n` requests were seen or `timeout` passes; returns them all.
     pub async fn wait_for_requests(
         &self,
@@ -191,6 +201,10 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    shared
+        .lock()
+        .arrived
+        .push(format!("{method} {}", uri.path()));
     let path = uri.path().trim_end_matches('/');
     match (method, path) {
         (Method::GET, "/v1/models") => axum::Json(json!({

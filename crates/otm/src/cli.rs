@@ -122,6 +122,8 @@ pub enum TenantCommand {
         cold_start_notice: bool,
         #[command(flatten)]
         limits: LimitArgs,
+        #[command(flatten)]
+        model: ModelArgs,
     },
     /// List tenants.
     List,
@@ -144,6 +146,8 @@ pub enum TenantCommand {
         cold_start_notice: Option<bool>,
         #[command(flatten)]
         limits: LimitArgs,
+        #[command(flatten)]
+        model: ModelArgs,
     },
     /// Delete a tenant: stops its instance, removes its webhook, its inbox and its snapshots.
     Delete {
@@ -194,6 +198,50 @@ pub struct LimitArgs {
     /// An OpenClaw agent answers nobody until someone is allowed.
     #[arg(long = "allow", value_name = "USER_ID", value_delimiter = ',')]
     allow: Option<Vec<String>>,
+}
+
+/// A tenant's model budgets and its own model key.
+#[derive(Args, Debug)]
+pub struct ModelArgs {
+    /// Model requests a minute through otm's model proxy (0: no limit; "default": the
+    /// server's --model-requests-per-minute).
+    #[arg(long, value_name = "N")]
+    model_requests_per_minute: Option<String>,
+    /// Model tokens a UTC day, as the provider reports them (0: no limit; "default": the
+    /// server's --model-tokens-per-day).
+    #[arg(long, value_name = "N")]
+    model_tokens_per_day: Option<String>,
+    /// A file holding this tenant's own key at the model provider (`-`: stdin), used in place
+    /// of the server's; never shown again.
+    #[arg(long, value_name = "FILE")]
+    model_api_key_file: Option<PathBuf>,
+    /// Drop the tenant's own model key: the server's is used again.
+    #[arg(long, conflicts_with = "model_api_key_file")]
+    no_model_api_key: bool,
+}
+
+impl ModelArgs {
+    /// Adds the flags that were given to a create or update body.
+    fn put(self, body: &mut Value) -> anyhow::Result<()> {
+        for (k, v) in [
+            ("model_requests_per_minute", self.model_requests_per_minute),
+            ("model_tokens_per_day", self.model_tokens_per_day),
+        ] {
+            if let Some(v) = v {
+                body[k] = match v.trim().parse::<u64>() {
+                    Ok(n) => json!(n),
+                    Err(_) => json!(v),
+                };
+            }
+        }
+        if let Some(file) = self.model_api_key_file {
+            body["model_api_key"] = json!(read_secret_file(&file, "model API key")?);
+        }
+        if self.no_model_api_key {
+            body["model_api_key"] = json!("");
+        }
+        Ok(())
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -461,9 +509,11 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                     profile,
                     cold_start_notice,
                     limits,
+                    model,
                 } => {
                     let mut body = json!({"id": id});
                     put_limits(&mut body, limits);
+                    model.put(&mut body)?;
                     let bot_token = match (bot_token, bot_token_file) {
                         (Some(t), _) if t == "-" => {
                             Some(read_secret_file(Path::new("-"), "bot token")?)
@@ -508,9 +558,11 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                     profile,
                     cold_start_notice,
                     limits,
+                    model,
                 } => {
                     let mut body = json!({});
                     put_limits(&mut body, limits);
+                    model.put(&mut body)?;
                     let bot_token = match (bot_token, bot_token_file) {
                         (_, Some(file)) => Some(read_secret_file(&file, "bot token")?),
                         (t, None) => t,
@@ -528,7 +580,7 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                         body["cold_start_notice"] = json!(c);
                     }
                     if body.as_object().is_some_and(|m| m.is_empty()) {
-                        return Err(CallError { code: exit::USAGE, message: "nothing to update: give at least one of --bot-token, --idle-timeout, --profile, --cold-start-notice, --memory, --cpu, --pids, --disk, --egress, --egress-allow, --allow".into() }.into());
+                        return Err(CallError { code: exit::USAGE, message: "nothing to update: give at least one of --bot-token, --idle-timeout, --profile, --cold-start-notice, --memory, --cpu, --pids, --disk, --egress, --egress-allow, --allow, --model-requests-per-minute, --model-tokens-per-day, --model-api-key-file, --no-model-api-key".into() }.into());
                     }
                     let t = api
                         .call(Method::PATCH, &format!("/tenants/{id}"), Some(body))

@@ -127,6 +127,14 @@ struct ServerArgs {
     /// The model id at that provider.
     #[arg(long, env = "OTM_MODEL_ID")]
     model_id: Option<String>,
+    /// Model requests a minute each tenant may make through the model proxy, unless the tenant
+    /// has its own budget [default: no limit].
+    #[arg(long, env = "OTM_MODEL_REQUESTS_PER_MINUTE")]
+    model_requests_per_minute: Option<u32>,
+    /// Model tokens a UTC day each tenant may use, as the provider reports them, unless the
+    /// tenant has its own budget [default: no limit].
+    #[arg(long, env = "OTM_MODEL_TOKENS_PER_DAY")]
+    model_tokens_per_day: Option<u64>,
 }
 
 impl ServerArgs {
@@ -154,7 +162,12 @@ impl ServerArgs {
             openclaw_prefix,
             openclaw_config_template
         );
-        set_opt!(model_base_url, model_id);
+        set_opt!(
+            model_base_url,
+            model_id,
+            model_requests_per_minute,
+            model_tokens_per_day
+        );
         if let Some(n) = self.max_delivery_attempts {
             s.max_delivery_attempts = n;
         }

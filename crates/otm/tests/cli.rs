@@ -690,6 +690,57 @@ async fn secrets_come_from_files_and_stdin_and_owners_are_allowed_by_flag() {
     assert_eq!(t["allowed_users"], serde_json::json!([]), "{t}");
     assert_eq!(t["dm_policy"], "disabled", "{t}");
 
+    // Model budgets and a tenant's own model key: shown by `tenant get`, the key never.
+    let key_file = files.path().join("model.key");
+    std::fs::write(&key_file, "sk-FILE-model-key\n").unwrap();
+    let (code, out, err) = run(
+        &[
+            "tenant",
+            "update",
+            "fil",
+            "--model-requests-per-minute",
+            "5",
+            "--model-tokens-per-day",
+            "1000",
+            "--model-api-key-file",
+            key_file.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("sk-FILE-model-key"), "{out}");
+    let t = get("fil");
+    assert_eq!(t["model_budget"]["requests_per_minute"], 5, "{t}");
+    assert_eq!(t["model_budget"]["tokens_per_day"], 1000, "{t}");
+    assert_eq!(t["model_budget"]["tokens_today"], 0, "{t}");
+    assert_eq!(t["has_model_api_key"], true, "{t}");
+    assert!(!t.to_string().contains("sk-FILE-model-key"), "{t}");
+    let (code, _, err) = run(
+        &[
+            "tenant",
+            "update",
+            "fil",
+            "--model-requests-per-minute",
+            "default",
+            "--no-model-api-key",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let t = get("fil");
+    assert_eq!(
+        t["model_budget"]["requests_per_minute"],
+        serde_json::Value::Null,
+        "{t}"
+    );
+    assert_eq!(t["has_model_api_key"], false, "{t}");
+    let (code, _, err) = run(
+        &["tenant", "update", "fil", "--model-tokens-per-day", "lots"],
+        None,
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("model_tokens_per_day"), "{err}");
+
     // A wrong token in the file is refused as unauthorised.
     std::fs::write(&token_file, "not-the-token").unwrap();
     let (code, _, _) = run(&["tenant", "list"], None);
