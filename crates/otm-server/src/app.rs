@@ -115,6 +115,7 @@ impl App {
                 std::time::Duration::from_secs(settings.wake_timeout_s + 30),
             )
         });
+        let bot_limits = crate::bot_limits::BotLimits::from_settings(&settings);
         Arc::new(App {
             remote,
             telegram: Telegram::new(&settings.telegram_api, http.clone()),
@@ -134,7 +135,7 @@ impl App {
             limit_kills: Mutex::new(HashMap::new()),
             restore_fallbacks: Mutex::new(HashMap::new()),
             wakes_in_flight: std::sync::atomic::AtomicUsize::new(0),
-            bot_limiter: crate::bot_limits::BotLimiter::new(Default::default()),
+            bot_limiter: crate::bot_limits::BotLimiter::new(bot_limits),
             model_budgets: Default::default(),
             egress_in_flight: Mutex::new(HashMap::new()),
             egress_buffer: Arc::new(tokio::sync::Semaphore::new(EGRESS_BUFFER_KIB as usize)),

@@ -28,6 +28,24 @@ pub struct BotLimits {
     pub max_wait: Duration,
 }
 
+impl BotLimits {
+    /// The limits the settings ask for; 0 turns a limit off.
+    pub fn from_settings(s: &crate::config::Settings) -> Self {
+        BotLimits {
+            per_bot: match s.bot_messages_per_second {
+                0 => Duration::ZERO,
+                n => Duration::from_micros(1_000_000 / u64::from(n)),
+            },
+            per_chat: Duration::from_millis(s.bot_chat_interval_ms),
+            group_per_minute: match s.bot_group_messages_per_minute {
+                0 => usize::MAX,
+                n => n as usize,
+            },
+            ..Default::default()
+        }
+    }
+}
+
 impl Default for BotLimits {
     fn default() -> Self {
         BotLimits {

@@ -76,6 +76,12 @@ pub struct Settings {
     pub model_requests_per_minute: Option<u32>,
     /// Model tokens a UTC day each tenant may use, unless it has its own budget.
     pub model_tokens_per_day: Option<u64>,
+    /// Messages a second each bot may send through the Bot API proxy (0: no limit).
+    pub bot_messages_per_second: u32,
+    /// Least milliseconds between two messages of one bot to one chat (0: no limit).
+    pub bot_chat_interval_ms: u64,
+    /// Messages a minute one bot may send to one group chat (0: no limit).
+    pub bot_group_messages_per_minute: u32,
 }
 
 impl Default for Settings {
@@ -111,6 +117,9 @@ impl Default for Settings {
             model_api_key: None,
             model_requests_per_minute: None,
             model_tokens_per_day: None,
+            bot_messages_per_second: 30,
+            bot_chat_interval_ms: 1000,
+            bot_group_messages_per_minute: 20,
         }
     }
 }

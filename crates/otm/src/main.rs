@@ -135,6 +135,17 @@ struct ServerArgs {
     /// tenant has its own budget [default: no limit].
     #[arg(long, env = "OTM_MODEL_TOKENS_PER_DAY")]
     model_tokens_per_day: Option<u64>,
+    /// Messages a second each bot may send through the Bot API proxy; more wait their turn
+    /// (0: no limit) [default: 30, Telegram's limit].
+    #[arg(long, env = "OTM_BOT_MESSAGES_PER_SECOND")]
+    bot_messages_per_second: Option<u32>,
+    /// Least milliseconds between two messages of a bot to one chat (0: no limit)
+    /// [default: 1000, Telegram's one a second].
+    #[arg(long, env = "OTM_BOT_CHAT_INTERVAL_MS")]
+    bot_chat_interval_ms: Option<u64>,
+    /// Messages a minute a bot may send to one group chat (0: no limit) [default: 20].
+    #[arg(long, env = "OTM_BOT_GROUP_MESSAGES_PER_MINUTE")]
+    bot_group_messages_per_minute: Option<u32>,
 }
 
 impl ServerArgs {
@@ -188,6 +199,15 @@ impl ServerArgs {
         }
         if let Some(w) = self.dedupe_window_s {
             s.dedupe_window_s = w;
+        }
+        if let Some(n) = self.bot_messages_per_second {
+            s.bot_messages_per_second = n;
+        }
+        if let Some(n) = self.bot_chat_interval_ms {
+            s.bot_chat_interval_ms = n;
+        }
+        if let Some(n) = self.bot_group_messages_per_minute {
+            s.bot_group_messages_per_minute = n;
         }
         // The service token comes from the environment only, never from a flag (process lists).
         if let Some(t) = std::env::var("OTM_SERVICE_TOKEN")

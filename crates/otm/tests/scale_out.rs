@@ -70,6 +70,8 @@ fn spawn(role: &str, data: &Path, b: &Backends, tg: &FakeTelegram, extra: &[Stri
             &b.state,
         ])
         .args(["--lease-ttl-s", "3"])
+        // Replies to one chat come back at once, not paced at Telegram's one a second.
+        .args(["--bot-chat-interval-ms", "0"])
         .args(extra)
         .arg("--data-dir")
         .arg(data)
