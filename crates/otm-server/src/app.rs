@@ -14,7 +14,13 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug)]
 pub struct App {
     pub settings: Settings,
+    /// The registry, behind [`otm_store::SealedRegistry`]: tenants' secrets are encrypted
+    /// before they reach the backend.
     pub registry: Arc<dyn Registry>,
+    /// The same registry, for key rotation.
+    pub sealed: Arc<otm_store::SealedRegistry>,
+    /// The key file's keys: shim tokens are derived from them.
+    pub keys: Arc<otm_store::SecretKeys>,
     pub coordinator: Arc<dyn Coordinator>,
     pub state: Arc<dyn StateStore>,
     pub runtime: Arc<dyn Runtime>,
@@ -43,6 +49,8 @@ pub struct App {
     pub(crate) restore_fallbacks: Mutex<HashMap<TenantId, RestoreFallback>>,
     /// Wakes under way in this process (admission control).
     pub(crate) wakes_in_flight: std::sync::atomic::AtomicUsize,
+    /// Held while secrets are rotated: one rotation at a time.
+    pub(crate) rotation: tokio::sync::Mutex<()>,
 }
 
 /// An instance stopped for running into a limit.
@@ -75,7 +83,7 @@ impl App {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         settings: Settings,
-        registry: Arc<dyn Registry>,
+        registry: Arc<otm_store::SealedRegistry>,
         coordinator: Arc<dyn Coordinator>,
         state: Arc<dyn StateStore>,
         runtime: Arc<dyn Runtime>,
@@ -103,6 +111,8 @@ impl App {
             remote,
             telegram: Telegram::new(&settings.telegram_api, http.clone()),
             settings,
+            keys: registry.keys().clone(),
+            sealed: registry.clone(),
             registry,
             coordinator,
             state,
@@ -118,6 +128,7 @@ impl App {
             limit_kills: Mutex::new(HashMap::new()),
             restore_fallbacks: Mutex::new(HashMap::new()),
             wakes_in_flight: std::sync::atomic::AtomicUsize::new(0),
+            rotation: tokio::sync::Mutex::new(()),
             leader: std::sync::atomic::AtomicBool::new(false),
         })
     }

@@ -72,6 +72,10 @@ pub struct Settings {
     pub model_id: Option<String>,
     /// The provider's API key: added upstream by the egress listener, never given to instances.
     pub model_api_key: Option<otm_core::Secret>,
+    /// The key file that encrypts tenants' secrets at rest and signs shim tokens and cached
+    /// endpoints; `<data-dir>/secret.key`, generated on first start, when unset. Every replica
+    /// of a fleet needs the same file.
+    pub secret_key_file: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -105,6 +109,7 @@ impl Default for Settings {
             model_base_url: None,
             model_id: None,
             model_api_key: None,
+            secret_key_file: None,
         }
     }
 }

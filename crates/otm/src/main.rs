@@ -127,6 +127,11 @@ struct ServerArgs {
     /// The model id at that provider.
     #[arg(long, env = "OTM_MODEL_ID")]
     model_id: Option<String>,
+    /// The key file that encrypts bot tokens and webhook secrets at rest and signs shim tokens
+    /// and cached endpoints (`otm secrets keygen` writes one; every replica needs the same)
+    /// [default: <data-dir>/secret.key, generated on first start, mode 0600].
+    #[arg(long, env = "OTM_SECRET_KEY_FILE")]
+    secret_key_file: Option<PathBuf>,
 }
 
 impl ServerArgs {
@@ -152,7 +157,8 @@ impl ServerArgs {
             coordinator,
             state,
             openclaw_prefix,
-            openclaw_config_template
+            openclaw_config_template,
+            secret_key_file
         );
         set_opt!(model_base_url, model_id);
         if let Some(n) = self.max_delivery_attempts {
