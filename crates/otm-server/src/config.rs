@@ -259,6 +259,18 @@ impl Settings {
                 ));
             }
         }
+        // Replicas read each other's ciphertexts, shim tokens and cached endpoints: a key file
+        // generated into one replica's data directory would lock the others out.
+        if self.role != "all" && self.secret_key_file.is_none() {
+            return Err(invalid(
+                "secret-key-file",
+                format!(
+                    "the {} role needs OTM_SECRET_KEY_FILE (--secret-key-file), the same file on every replica; \
+                     make one with `otm secrets keygen FILE`",
+                    self.role
+                ),
+            ));
+        }
         if self.lease_ttl_s < 2 {
             return Err(invalid("lease-ttl-s", "must be at least 2"));
         }

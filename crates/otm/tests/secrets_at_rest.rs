@@ -241,8 +241,21 @@ async fn secrets_are_encrypted_files_private_and_rotation_keeps_delivering() {
         .shutdown(Duration::from_secs(10), true)
         .await;
     let other_key = data.join("other.key");
-    let out = otm_cli(&h, &["secrets", "keygen", other_key.to_str().unwrap()]);
-    assert!(out.status.success());
+    let out = Command::new(env!("CARGO_BIN_EXE_otm"))
+        .args(["secrets", "keygen", other_key.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // It refuses to replace a file.
+    let again = Command::new(env!("CARGO_BIN_EXE_otm"))
+        .args(["secrets", "keygen", other_key.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
     assert_eq!(mode(&other_key), 0o600);
     let server = otm_server::start(
         {
