@@ -49,7 +49,8 @@ pub struct InstanceRecord {
     pub state: InstanceState,
     /// The shim's control address: `unix:/path` or `http://host:port`.
     pub address: String,
-    /// The token every shim call carries.
+    /// The token every shim call carries. Derived from the instance id under the server's key;
+    /// registries store a marker in its place (see `otm_store::secrets`).
     pub shim_token: Secret,
     /// SHA-256 of the surrogate bot token the agent uses with the Bot API proxy.
     pub surrogate_digest: Option<String>,
@@ -58,11 +59,19 @@ pub struct InstanceRecord {
 }
 
 /// What a dispatcher needs to deliver to a tenant's instance; cached in the coordinator.
+///
+/// The cached form carries no shim token (it is never serialized; whoever delivers derives it
+/// from the instance id) and a signature over tenant, instance and address, checked before an
+/// entry is used, so that whoever can write to the cache cannot redirect deliveries.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Endpoint {
     pub instance: InstanceId,
     pub address: String,
+    #[serde(skip_serializing, default)]
     pub shim_token: Secret,
+    /// Hex HMAC-SHA256 under the server's key; set when the entry is cached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 impl From<&InstanceRecord> for Endpoint {
@@ -71,6 +80,7 @@ impl From<&InstanceRecord> for Endpoint {
             instance: r.id.clone(),
             address: r.address.clone(),
             shim_token: r.shim_token.clone(),
+            signature: None,
         }
     }
 }

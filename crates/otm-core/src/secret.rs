@@ -7,7 +7,7 @@ use std::fmt;
 /// `***`; the value is reached only through [`Secret::expose`], so a log line or an error message
 /// cannot carry it by accident. It serializes as the plain string, for storage only: API answers
 /// use view types that leave secrets out.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
 

@@ -158,7 +158,15 @@ impl LocalRuntime {
 
         let instances = data_dir.join("instances");
         let records = data_dir.join("runtime");
-        for (dir, mode) in [(&data_dir, 0o711), (&instances, 0o711), (&records, 0o700)] {
+        // Instances that run as uids of their own must traverse the data directory to reach
+        // their directories (0711: no listing, and every file in it is private); otherwise it
+        // stays private.
+        let shared = if root && bwrap.is_some() {
+            0o711
+        } else {
+            0o700
+        };
+        for (dir, mode) in [(&data_dir, shared), (&instances, shared), (&records, 0o700)] {
             std::fs::create_dir_all(dir).map_err(|e| Error::generic(BACKEND, e))?;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
                 .map_err(|e| Error::generic(BACKEND, e))?;

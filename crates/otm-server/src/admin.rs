@@ -102,6 +102,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/instances", get(instances))
         .route("/config", get(get_config).put(put_config))
         .route("/status", get(status))
+        .route("/secrets/rotate", post(rotate_secrets))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         // Authentication wraps every /v1 route, the fallback included.
         .layer(middleware::from_fn_with_state(app.clone(), authorize));
@@ -168,6 +169,43 @@ async fn internal_wake(
     let t = load(&app, &id).await?;
     let woken = orchestrator::wake_for(&app, &t.id, body.chat).await?;
     Ok(Json(crate::remote::WakeAnswer::from(&woken)))
+}
+
+/// `POST /v1/secrets/rotate`: what to rotate.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RotateRequest {
+    /// Add a fresh key to the key file first (false: re-encrypt under the newest key the key
+    /// file already lists, for key files their operator manages).
+    new_key: bool,
+    /// Drop the older keys from the key file once every secret is re-encrypted.
+    retire_old_keys: bool,
+}
+
+impl Default for RotateRequest {
+    fn default() -> Self {
+        RotateRequest {
+            new_key: true,
+            retire_old_keys: true,
+        }
+    }
+}
+
+/// Re-encrypts every tenant's secrets under a new key (see [`otm_store::secrets::rotate`]).
+/// An empty body is the defaults.
+async fn rotate_secrets(
+    State(app): State<Arc<App>>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<otm_store::secrets::Rotation>> {
+    let req: RotateRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        RotateRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(e.to_string()))?
+    };
+    let _one_at_a_time = app.rotation.lock().await;
+    let done = app.sealed.rotate(req.new_key, req.retire_old_keys).await?;
+    tracing::info!(key = %done.key_id, new_key = done.new_key, reencrypted = done.reencrypted, failed = done.failed.len(), retired = ?done.retired, "secrets rotated");
+    Ok(Json(done))
 }
 
 async fn authorize(

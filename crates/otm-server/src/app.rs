@@ -22,7 +22,13 @@ pub const EGRESS_BUFFER_KIB: u32 = 256 * 1024;
 #[derive(Debug)]
 pub struct App {
     pub settings: Settings,
+    /// The registry, behind [`otm_store::SealedRegistry`]: tenants' secrets are encrypted
+    /// before they reach the backend.
     pub registry: Arc<dyn Registry>,
+    /// The same registry, for key rotation.
+    pub sealed: Arc<otm_store::SealedRegistry>,
+    /// The key file's keys: shim tokens are derived from them.
+    pub keys: Arc<otm_store::SecretKeys>,
     pub coordinator: Arc<dyn Coordinator>,
     pub state: Arc<dyn StateStore>,
     pub runtime: Arc<dyn Runtime>,
@@ -59,6 +65,8 @@ pub struct App {
     pub(crate) egress_in_flight: Mutex<HashMap<TenantId, Arc<tokio::sync::Semaphore>>>,
     /// The egress proxies' request bodies held in memory at once, in KiB.
     pub egress_buffer: Arc<tokio::sync::Semaphore>,
+    /// Held while secrets are rotated: one rotation at a time.
+    pub(crate) rotation: tokio::sync::Mutex<()>,
 }
 
 /// An instance stopped for running into a limit.
@@ -91,7 +99,7 @@ impl App {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         settings: Settings,
-        registry: Arc<dyn Registry>,
+        registry: Arc<otm_store::SealedRegistry>,
         coordinator: Arc<dyn Coordinator>,
         state: Arc<dyn StateStore>,
         runtime: Arc<dyn Runtime>,
@@ -120,6 +128,8 @@ impl App {
             remote,
             telegram: Telegram::new(&settings.telegram_api, http.clone()),
             settings,
+            keys: registry.keys().clone(),
+            sealed: registry.clone(),
             registry,
             coordinator,
             state,
@@ -139,6 +149,7 @@ impl App {
             model_budgets: Default::default(),
             egress_in_flight: Mutex::new(HashMap::new()),
             egress_buffer: Arc::new(tokio::sync::Semaphore::new(EGRESS_BUFFER_KIB as usize)),
+            rotation: tokio::sync::Mutex::new(()),
             leader: std::sync::atomic::AtomicBool::new(false),
         })
     }

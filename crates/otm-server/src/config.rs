@@ -82,6 +82,10 @@ pub struct Settings {
     pub bot_chat_interval_ms: u64,
     /// Messages a minute one bot may send to one group chat (0: no limit).
     pub bot_group_messages_per_minute: u32,
+    /// The key file that encrypts tenants' secrets at rest and signs shim tokens and cached
+    /// endpoints; `<data-dir>/secret.key`, generated on first start, when unset. Every replica
+    /// of a fleet needs the same file.
+    pub secret_key_file: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -120,6 +124,7 @@ impl Default for Settings {
             bot_messages_per_second: 30,
             bot_chat_interval_ms: 1000,
             bot_group_messages_per_minute: 20,
+            secret_key_file: None,
         }
     }
 }
@@ -268,6 +273,18 @@ impl Settings {
                     format!("`{other}` is not one of all, router, orchestrator"),
                 ));
             }
+        }
+        // Replicas read each other's ciphertexts, shim tokens and cached endpoints: a key file
+        // generated into one replica's data directory would lock the others out.
+        if self.role != "all" && self.secret_key_file.is_none() {
+            return Err(invalid(
+                "secret-key-file",
+                format!(
+                    "the {} role needs OTM_SECRET_KEY_FILE (--secret-key-file), the same file on every replica; \
+                     make one with `otm secrets keygen FILE`",
+                    self.role
+                ),
+            ));
         }
         if self.lease_ttl_s < 2 {
             return Err(invalid("lease-ttl-s", "must be at least 2"));

@@ -230,9 +230,10 @@ async fn wake_locked(
                     Err(_) => tracing::warn!(%tenant, "cold-start notice timed out"),
                 }
             }
+            let id = InstanceId::random();
             let spec = InstanceSpec {
-                id: InstanceId::random(),
-                shim_token: Secret::random(),
+                shim_token: app.keys.shim_token(&id),
+                id,
                 tenant: Some(tenant.clone()),
                 limits,
             };
@@ -1164,9 +1165,10 @@ async fn fill_warm_pool(app: &Arc<App>) -> Result<()> {
         if app.shutdown.is_cancelled() {
             break;
         }
+        let id = InstanceId::random();
         let spec = InstanceSpec {
-            id: InstanceId::random(),
-            shim_token: Secret::random(),
+            shim_token: app.keys.shim_token(&id),
+            id,
             tenant: None,
             limits: settings.default_limits,
         };

@@ -100,6 +100,7 @@ impl OrchestratorClient {
                         instance: a.instance.clone(),
                         address: a.address,
                         shim_token: a.shim_token,
+                        signature: None,
                     },
                     instance: a.instance,
                     path: a.path,

@@ -36,6 +36,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Backend(#[from] otm_core::Error),
+    #[error(transparent)]
+    SecretKeys(#[from] otm_store::secrets::KeyFileError),
 }
 
 /// A running server.
@@ -86,12 +88,13 @@ pub async fn start(
         path: data_dir.display().to_string(),
         source,
     };
-    // Everything otm writes is private to its user unless said otherwise (the data directory
-    // itself is 0711 so that instances' own directories can be reached by their uids).
+    // Everything otm writes is private to its user unless said otherwise: the data directory is
+    // 0700 (0711, traversable but not listable, when instances run as uids of their own and
+    // must reach their directories in it), and every file otm keeps in it 0600.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     std::fs::create_dir_all(&data_dir).map_err(dd_err)?;
     let data_dir = std::path::absolute(&data_dir).map_err(dd_err)?;
-    make_private(&data_dir);
+    make_private(&data_dir).map_err(dd_err)?;
     // Archives a crashed process left on their way in or out.
     match crate::spool::clear(&data_dir) {
         Ok(0) => {}
@@ -112,8 +115,24 @@ pub async fn start(
         .state
         .clone()
         .unwrap_or_else(|| format!("file://{}", data_dir.join("state").display()));
-    let registry = otm_store::open::open_registry(&registry_url).await?;
-    let coordinator = otm_store::open::open_coordinator(&coordinator_url).await?;
+    // The key file: given, or generated into the data directory on first start.
+    let keys = Arc::new(match &settings.secret_key_file {
+        Some(path) => otm_store::SecretKeys::load_or_create(path, false)?,
+        None => otm_store::SecretKeys::load_or_create(&data_dir.join("secret.key"), true)?,
+    });
+    if let Some(path) = &settings.secret_key_file {
+        warn_if_readable_by_others(path);
+    }
+    // Every registry stores tenants' secrets encrypted and no shim token; every cached endpoint is
+    // signed, holds no shim token, and is checked before use.
+    let registry = Arc::new(otm_store::SealedRegistry::new(
+        otm_store::open::open_registry(&registry_url).await?,
+        keys.clone(),
+    ));
+    let coordinator: Arc<dyn otm_core::Coordinator> = Arc::new(otm_store::SignedCoordinator::new(
+        otm_store::open::open_coordinator(&coordinator_url).await?,
+        keys,
+    ));
     let state = otm_store::open::open_state_store(&state_url).await?;
 
     let otm_binary = match &settings.otm_binary {
@@ -371,26 +390,65 @@ fn bind_egress_socket(dir: &Path) -> std::io::Result<tokio::net::UnixListener> {
     Ok(listener)
 }
 
-/// Files at the top of the data directory (the registry, its WAL, the admin token) are private
-/// to otm's user, whatever an older version or the umask left.
-fn make_private(data_dir: &Path) {
+/// Makes what otm keeps in the data directory private to its user, whatever an older version or
+/// the umask left: the directory itself 0700 (the local runtime opens it to 0711 when instances
+/// run as uids of their own), files at its top (the registry, its WAL and shared memory, the
+/// admin token, the key file) 0600, and the local state store's snapshots and the spool
+/// directory, all the way down, 0700 for directories and 0600 for files. What instances use
+/// (`instances`, `run`, `sandbox`, `runtime`) is the runtime's to set.
+fn make_private(data_dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let Ok(rd) = std::fs::read_dir(data_dir) else {
-        return;
+    let set = |path: &Path, m: &std::fs::Metadata, mode: u32| {
+        if m.permissions().mode() & 0o777 != mode
+            && let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot make a file private");
+        }
     };
-    for e in rd.flatten() {
-        if let Ok(m) = e.metadata() {
-            let mode = if m.is_file() {
-                0o600
-            } else if m.is_dir() && e.file_name() == "state" {
-                0o700
-            } else {
+    set(data_dir, &std::fs::symlink_metadata(data_dir)?, 0o700);
+    for e in std::fs::read_dir(data_dir)?.flatten() {
+        let Ok(m) = e.path().symlink_metadata() else {
+            continue;
+        };
+        if m.is_file() {
+            set(&e.path(), &m, 0o600);
+        } else if m.is_dir() && matches!(e.file_name().to_str(), Some("state" | "spool")) {
+            private_tree(&e.path(), &set);
+        }
+    }
+    Ok(())
+}
+
+/// Directories 0700 and files 0600 under `dir`, symbolic links left alone.
+fn private_tree(dir: &Path, set: &dyn Fn(&Path, &std::fs::Metadata, u32)) {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        if let Ok(m) = d.symlink_metadata() {
+            set(&d, &m, 0o700);
+        }
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(m) = e.path().symlink_metadata() else {
                 continue;
             };
-            if m.permissions().mode() & 0o777 != mode {
-                let _ = std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(mode));
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.is_file() {
+                set(&e.path(), &m, 0o600);
             }
         }
+    }
+}
+
+/// A key file others can read is used, and said so.
+fn warn_if_readable_by_others(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = std::fs::metadata(path)
+        && m.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(file = %path.display(), mode = format!("{:o}", m.permissions().mode() & 0o777), "the secret key file can be read by other users; chmod 600 it");
     }
 }
 

@@ -80,6 +80,93 @@ pub async fn registry_suite(r: Arc<dyn Registry>) {
     registry_instances(r.clone(), &run).await;
     registry_settings(&*r).await;
     inbox_stress(r.clone(), 4, 10, 10).await;
+    sealed_registry(r.clone(), &run).await;
+}
+
+/// The backend under [`crate::SealedRegistry`]: it stores only ciphertext for bot tokens and
+/// webhook secrets and a marker for derived shim tokens, reads plaintext rows from before
+/// encryption, and refuses (naming the tenant) a ciphertext moved to another tenant.
+async fn sealed_registry(r: Arc<dyn Registry>, run: &str) {
+    use crate::secrets::{DERIVED_SHIM_TOKEN, SealedRegistry, SecretKeys};
+    let keys = Arc::new(SecretKeys::ephemeral());
+    let sealed = SealedRegistry::new(r.clone(), keys.clone());
+    let a = tenant_id(run, "sealed-a");
+    let b = tenant_id(run, "sealed-b");
+    let ta = tenant(&a, 2_000, 30);
+    sealed.create_tenant(&ta).await.unwrap();
+    let raw = r.get_tenant(&a).await.unwrap().unwrap();
+    for (field, stored, plain) in [
+        (
+            "bot token",
+            raw.bot_token.as_ref().unwrap(),
+            ta.bot_token.as_ref().unwrap(),
+        ),
+        ("webhook secret", &raw.webhook_secret, &ta.webhook_secret),
+    ] {
+        assert!(
+            stored.expose().starts_with("v1:") && !stored.expose().contains(plain.expose()),
+            "the backend stores the {field} encrypted"
+        );
+    }
+    assert_eq!(
+        sealed.get_tenant(&a).await.unwrap().as_ref(),
+        Some(&ta),
+        "a sealed tenant reads back decrypted"
+    );
+
+    // A plaintext row from before encryption reads as it is, and the next write encrypts it.
+    let tb = tenant(&b, 2_000, 30);
+    r.create_tenant(&tb).await.unwrap();
+    assert_eq!(sealed.get_tenant(&b).await.unwrap().as_ref(), Some(&tb));
+    sealed.update_tenant(&tb).await.unwrap();
+    let raw_b = r.get_tenant(&b).await.unwrap().unwrap();
+    assert!(raw_b.webhook_secret.expose().starts_with("v1:"));
+    assert_eq!(sealed.get_tenant(&b).await.unwrap().as_ref(), Some(&tb));
+
+    // A ciphertext copied to another tenant does not decrypt there; the error names the tenant
+    // and carries no secret.
+    let mut moved = raw_b.clone();
+    moved.bot_token = raw.bot_token.clone();
+    r.update_tenant(&moved).await.unwrap();
+    let err = sealed.get_tenant(&b).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
+    assert!(
+        msg.contains(b.as_str()) && msg.contains("bot token") && !msg.contains("conformance"),
+        "{msg}"
+    );
+    assert!(sealed.list_tenants().await.is_err());
+    // Nothing was lost: the old value is still there to restore.
+    r.update_tenant(&raw_b).await.unwrap();
+    assert_eq!(sealed.get_tenant(&b).await.unwrap().as_ref(), Some(&tb));
+
+    // Shim tokens: derived ones are stored as a marker and come back derived.
+    let id = InstanceId::random();
+    let rec = InstanceRecord {
+        id: id.clone(),
+        tenant: None,
+        state: InstanceState::Warm,
+        address: "unix:/run/otm/sealed.sock".into(),
+        shim_token: keys.shim_token(&id),
+        surrogate_digest: None,
+        created_at_ms: 1_000,
+        bound_at_ms: None,
+    };
+    sealed.put_instance(&rec).await.unwrap();
+    assert_eq!(
+        r.get_instance(&id)
+            .await
+            .unwrap()
+            .unwrap()
+            .shim_token
+            .expose(),
+        DERIVED_SHIM_TOKEN,
+        "no shim token in the backend"
+    );
+    assert_eq!(sealed.get_instance(&id).await.unwrap(), Some(rec));
+    sealed.delete_instance(&id).await.unwrap();
+    sealed.delete_tenant(&a).await.unwrap();
+    sealed.delete_tenant(&b).await.unwrap();
 }
 
 async fn registry_tenants(r: &dyn Registry, run: &str) {
@@ -975,6 +1062,60 @@ pub async fn coordinator_suite(c: Arc<dyn Coordinator>) {
     coordinator_lease_expiry(&*c, &run).await;
     coordinator_lease_races(c.clone(), &run).await;
     coordinator_notifications(&*c, &run).await;
+    signed_endpoints(c.clone(), &run).await;
+}
+
+/// The backend under [`crate::SignedCoordinator`]: cached endpoints hold no shim token, and an
+/// entry written straight to the backend (forged, or copied from another tenant) is not used.
+async fn signed_endpoints(c: Arc<dyn Coordinator>, run: &str) {
+    use crate::secrets::{SecretKeys, SignedCoordinator};
+    let keys = Arc::new(SecretKeys::ephemeral());
+    let signed = SignedCoordinator::new(c.clone(), keys.clone());
+    let a = tenant_id(run, "signed-a");
+    let b = tenant_id(run, "signed-b");
+    let id = InstanceId::random();
+    let e = Endpoint {
+        instance: id.clone(),
+        address: "unix:/run/otm/signed.sock".into(),
+        shim_token: keys.shim_token(&id),
+        signature: None,
+    };
+    let ttl = Duration::from_secs(30);
+    signed.set_endpoint(&a, &e, ttl).await.unwrap();
+    let raw = c.endpoint(&a).await.unwrap().expect("cached");
+    assert!(raw.shim_token.expose().is_empty(), "no shim token cached");
+    assert!(raw.signature.is_some());
+    let got = signed
+        .endpoint(&a)
+        .await
+        .unwrap()
+        .expect("a signed entry is used");
+    assert_eq!(
+        (got.address.as_str(), &got.shim_token),
+        (e.address.as_str(), &e.shim_token)
+    );
+
+    // Redirected, or copied to another tenant: dropped, and cleared from the cache.
+    let mut forged = raw.clone();
+    forged.address = "http://203.0.113.7:9000".into();
+    c.set_endpoint(&a, &forged, ttl).await.unwrap();
+    assert_eq!(signed.endpoint(&a).await.unwrap(), None);
+    assert_eq!(
+        c.endpoint(&a).await.unwrap(),
+        None,
+        "a forged entry is cleared"
+    );
+    c.set_endpoint(&b, &raw, ttl).await.unwrap();
+    assert_eq!(signed.endpoint(&b).await.unwrap(), None);
+    let mut unsigned = raw.clone();
+    unsigned.signature = None;
+    c.set_endpoint(&a, &unsigned, ttl).await.unwrap();
+    assert_eq!(signed.endpoint(&a).await.unwrap(), None);
+    // An endpoint whose token is not the derived one is never cached.
+    let mut legacy = e.clone();
+    legacy.shim_token = Secret::new("random-legacy-token");
+    signed.set_endpoint(&a, &legacy, ttl).await.unwrap();
+    assert_eq!(c.endpoint(&a).await.unwrap(), None);
 }
 
 async fn coordinator_endpoints(c: &dyn Coordinator, run: &str) {
@@ -983,7 +1124,8 @@ async fn coordinator_endpoints(c: &dyn Coordinator, run: &str) {
     let e = Endpoint {
         instance: InstanceId::random(),
         address: "unix:/run/otm/x.sock".into(),
-        shim_token: Secret::new("shim-secret"),
+        shim_token: Secret::default(),
+        signature: Some("0a1b2c".into()),
     };
     assert_eq!(c.endpoint(&t).await.unwrap(), None, "nothing cached yet");
     c.set_endpoint(&t, &e, Duration::from_secs(30))

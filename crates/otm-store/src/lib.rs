@@ -16,6 +16,8 @@
 //!   replicas share: a Redis cache, Lua-scripted fenced locks, pub/sub notifications.
 //! - [`objstore`]: [`ObjectStateStore`], the [`otm_core::StateStore`] over any `object_store`
 //!   backend: a local directory, or S3 and S3-compatible stores (cargo feature `s3`).
+//! - [`secrets`]: secrets at rest: the key file, [`SealedRegistry`] (tenants' secrets encrypted
+//!   in any registry, shim tokens derived) and [`SignedCoordinator`] (signed endpoint cache).
 //! - [`open`]: picks a backend from a URL and names the ones missing from this build.
 //! - [`conformance`]: the shared test suites, one per trait.
 
@@ -29,6 +31,7 @@ pub mod open;
 pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
+pub mod secrets;
 pub mod sqlite;
 
 #[cfg(feature = "redis")]
@@ -43,6 +46,7 @@ pub use open::{
 };
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresRegistry;
+pub use secrets::{SealedRegistry, SecretKeys, SignedCoordinator};
 pub use sqlite::SqliteRegistry;
 
 /// The error every registry gives an ack, failure or claim whose dispatcher fence is stale.

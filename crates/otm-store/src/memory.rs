@@ -245,7 +245,8 @@ mod tests {
         let e = Endpoint {
             instance: otm_core::InstanceId::new("i-000000000001"),
             address: "unix:/x".into(),
-            shim_token: otm_core::Secret::new("t"),
+            shim_token: otm_core::Secret::default(),
+            signature: Some("0a1b2c".into()),
         };
         for i in 0..SWEEP_AT - 1 {
             let t = TenantId::parse(&format!("t{i}")).unwrap();

@@ -37,7 +37,10 @@ use std::time::Duration;
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Config, NoTls, Row, Statement};
+use tokio_postgres::{Client, Config, Row, Statement};
+
+pub mod tls;
+use tls::RustlsConnect;
 
 const BACKEND: &str = "postgres";
 
@@ -203,6 +206,8 @@ impl PostgresRegistry {
     /// URL are an error.
     pub async fn connect_with(url: &str, options: PostgresOptions) -> Result<Self> {
         let (url, url_schema) = split_schema(url);
+        let (url, tls_options) = tls::split_tls(&url)?;
+        let tls = RustlsConnect::new(&tls_options)?;
         let schema = match (options.schema, url_schema) {
             (Some(a), Some(b)) if a != b => {
                 return Err(Error::invalid(format!(
@@ -230,6 +235,7 @@ impl PostgresRegistry {
                 describe(&e)
             ))
         })?;
+        config.ssl_mode(tls_options.mode.for_driver());
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -245,7 +251,7 @@ impl PostgresRegistry {
             config.options(opts);
         }
 
-        let mut first = tokio::time::timeout(options.timeout, open_conn(&config))
+        let mut first = tokio::time::timeout(options.timeout, open_conn(&config, &tls))
             .await
             .map_err(|_| timed_out("connecting", options.timeout))??;
         tokio::time::timeout(
@@ -271,6 +277,7 @@ impl PostgresRegistry {
         Ok(PostgresRegistry {
             pool: Pool {
                 config,
+                tls,
                 idle: Mutex::new(vec![first]),
                 permits: Semaphore::new(options.pool_size),
                 size: options.pool_size,
@@ -431,8 +438,8 @@ impl Conn {
 }
 
 /// Opens one connection and drives it on a task of its own.
-async fn open_conn(config: &Config) -> Result<Conn> {
-    let (client, connection) = config.connect(NoTls).await.map_err(|e| {
+async fn open_conn(config: &Config, tls: &RustlsConnect) -> Result<Conn> {
+    let (client, connection) = config.connect(tls.clone()).await.map_err(|e| {
         Error::unavailable(
             BACKEND,
             format!("cannot connect to PostgreSQL: {}", describe(&e)),
@@ -468,6 +475,7 @@ async fn open_conn(config: &Config) -> Result<Conn> {
 /// At most `size` connections; idle ones wait in `idle`, `permits` counts the free slots.
 struct Pool {
     config: Config,
+    tls: RustlsConnect,
     idle: Mutex<Vec<Conn>>,
     permits: Semaphore,
     size: usize,
@@ -495,7 +503,7 @@ impl Pool {
         };
         let conn = match reused {
             Some(c) => c,
-            None => open_conn(&self.config).await?,
+            None => open_conn(&self.config, &self.tls).await?,
         };
         Ok(Pooled {
             pool: self,
@@ -558,9 +566,10 @@ impl Drop for Pooled<'_> {
         if self.in_flight {
             // Abandoned mid-statement: ask the server to stop it, and drop the connection.
             let token = conn.client.cancel_token();
+            let tls = self.pool.tls.clone();
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
-                    let _ = token.cancel_query(NoTls).await;
+                    let _ = token.cancel_query(tls).await;
                 });
             }
             return;

@@ -17,8 +17,10 @@
 //!
 //! The braces are Redis hash tags: a lock and its fence counter hash to the same slot, so the
 //! scripts below keep working behind a proxy that shards by slot. This module speaks to one
-//! Redis server (or a primary behind a stable address); it has no Cluster or Sentinel client, and
-//! this build's Redis client has no TLS, so `rediss://` URLs are refused with a clear message.
+//! Redis server (or a primary behind a stable address); it has no Cluster or Sentinel client.
+//! `rediss://` connects over TLS (rustls; the server's certificate is checked against the
+//! system's roots and the host name), and `redis://user:password@host` or `redis://:password@host`
+//! authenticates with `AUTH`.
 //!
 //! # Operations
 //! - Endpoint cache: `SET … PX ttl`, `GET`, `DEL`. An entry that does not decode (written by an
@@ -180,17 +182,12 @@ impl fmt::Debug for RedisCoordinator {
 }
 
 impl RedisCoordinator {
-    /// Connects to the Redis at `url` (`redis://[user:password@]host[:port][/db]`) with no key
+    /// Connects to the Redis at `url` (`redis://[user:password@]host[:port][/db]`, or
+    /// `rediss://…` over TLS) with no key
     /// prefix, and subscribes to notifications before returning. [`Error::Unavailable`] if Redis
     /// cannot be reached, [`Error::InvalidInput`] if the URL is malformed; neither shows the URL.
     pub async fn connect(url: &str) -> Result<Self> {
         let redact = Arc::new(Redactor::for_url(url));
-        if url.trim_start().starts_with("rediss://") {
-            return Err(Error::invalid(
-                "`rediss://` (Redis over TLS) is not supported by this build's Redis client; \
-                 use `redis://` on a private network, or a TLS sidecar that listens on localhost",
-            ));
-        }
         let client = redis::Client::open(url).map_err(|e| {
             Error::invalid(format!(
                 "the Redis coordinator URL is not valid ({}); use redis://[user:password@]host[:port][/db]",
@@ -750,10 +747,33 @@ mod tests {
 
     #[tokio::test]
     async fn bad_urls_are_invalid_input_without_the_url() {
-        for url in ["redis://:hunter2@", "rediss://:hunter2@cache:6380"] {
+        for url in ["redis://:hunter2@", "rediss://:hunter2@"] {
             let err = RedisCoordinator::connect(url).await.unwrap_err();
             assert!(matches!(err, Error::InvalidInput { .. }), "{url}: {err:?}");
             assert!(!err.to_string().contains("hunter2"), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn rediss_urls_connect_over_tls() {
+        // Port 1 refuses at once: the TLS client is built, the connection fails without the URL.
+        let err = RedisCoordinator::connect("rediss://:hunter2@127.0.0.1:1")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::Unavailable { .. }),
+            "rediss:// is supported: {err:?}"
+        );
+        assert!(!format!("{err} {err:?}").contains("hunter2"), "{err}");
+        // A plain Redis does not speak TLS: the handshake fails, nothing is sent in clear.
+        if let Some(plain) = std::env::var("OTM_TEST_REDIS_URL")
+            .ok()
+            .and_then(|u| u.strip_prefix("redis://").map(str::to_owned))
+        {
+            let err = RedisCoordinator::connect(&format!("rediss://{plain}"))
+                .await
+                .unwrap_err();
+            assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
         }
     }
 }

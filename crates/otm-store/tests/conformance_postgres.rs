@@ -602,3 +602,38 @@ async fn a_draining_dispatcher_sees_sequence_numbers_only_grow() {
     )
     .await;
 }
+
+/// `sslmode=require` (and the verifying modes) never fall back to a plaintext connection: a
+/// server without TLS is refused with a message that says so.
+#[tokio::test]
+async fn tls_modes_refuse_a_server_without_tls() {
+    let Some(url) = postgres_url("tls_modes_refuse_a_server_without_tls") else {
+        return;
+    };
+    let plain = otm_store::PostgresRegistry::connect(&with_param(&url, "sslmode=disable")).await;
+    assert!(plain.is_ok(), "{:?}", plain.err());
+    let prefer = otm_store::PostgresRegistry::connect(&with_param(&url, "sslmode=prefer")).await;
+    assert!(prefer.is_ok(), "{:?}", prefer.err());
+    for mode in ["require", "verify-ca", "verify-full"] {
+        let result =
+            otm_store::PostgresRegistry::connect(&with_param(&url, &format!("sslmode={mode}")))
+                .await;
+        match result {
+            Ok(_) => eprintln!("the test server speaks TLS; sslmode={mode} connected"),
+            Err(e) => {
+                assert!(
+                    matches!(e, otm_core::Error::Unavailable { .. }),
+                    "{mode}: {e:?}"
+                );
+                assert!(e.to_string().contains("TLS"), "{mode}: {e}");
+            }
+        }
+    }
+    let err = otm_store::PostgresRegistry::connect(&with_param(&url, "sslmode=sometimes"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, otm_core::Error::InvalidInput { .. }),
+        "{err:?}"
+    );
+}

@@ -196,7 +196,8 @@ async fn prefixes_keep_fleets_apart() {
     let e = otm_core::instance::Endpoint {
         instance: otm_core::InstanceId::new("i-000000000001"),
         address: "unix:/x".into(),
-        shim_token: otm_core::Secret::new("t"),
+        shim_token: otm_core::Secret::default(),
+        signature: Some("0a1b2c".into()),
     };
     a.set_endpoint(&t, &e, Duration::from_secs(30))
         .await

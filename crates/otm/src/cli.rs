@@ -94,8 +94,37 @@ pub enum Command {
     /// Show the server's status.
     #[command(after_help = EXIT_CODES)]
     Status,
+    /// Secrets at rest: rotate the key that encrypts tenants' secrets, or make a key file.
+    #[command(after_help = EXIT_CODES)]
+    Secrets {
+        #[command(subcommand)]
+        command: SecretsCommand,
+    },
     /// Print this binary's version, and the server's when it can be reached.
     Version,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SecretsCommand {
+    /// Re-encrypt every tenant's bot token and webhook secret under a new key: the server adds
+    /// a key to its key file, re-encrypts, then drops the older keys (kept readable until every
+    /// secret is re-encrypted). Works against a running server.
+    Rotate {
+        /// Do not add a key: re-encrypt under the newest key the key file already lists (for a
+        /// key file its operator manages, e.g. a mounted secret: add the new key line there and
+        /// restart first).
+        #[arg(long)]
+        no_new_key: bool,
+        /// Keep the older keys in the key file afterwards.
+        #[arg(long)]
+        keep_old_keys: bool,
+    },
+    /// Write a new key file (one signing key, one encryption key) to FILE, mode 0600, or print
+    /// it; needs no server. For fleets: give every replica the same file (OTM_SECRET_KEY_FILE).
+    Keygen {
+        /// Where to write it; refuses to replace an existing file. Printed when left out.
+        file: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -862,6 +891,50 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                         })
                         .collect();
                     print_table(&["INSTANCE", "TENANT", "STATE", "AGE"], &rows);
+                }
+            }
+        }
+        Command::Secrets {
+            command:
+                SecretsCommand::Rotate {
+                    no_new_key,
+                    keep_old_keys,
+                },
+        } => {
+            let api = Api::new(&global)?;
+            let body = json!({"new_key": !no_new_key, "retire_old_keys": !keep_old_keys});
+            let v = api
+                .call(Method::POST, "/secrets/rotate", Some(body))
+                .await?;
+            print_object(global.output, &v);
+            if v["failed"].as_array().is_some_and(|f| !f.is_empty()) {
+                return Err(CallError {
+                    code: exit::FAILED,
+                    message:
+                        "some tenants' secrets could not be re-encrypted (listed under `failed`); \
+                              the older keys were kept"
+                            .into(),
+                }
+                .into());
+            }
+        }
+        Command::Secrets {
+            command: SecretsCommand::Keygen { file },
+        } => {
+            let text = otm_store::secrets::generate_key_file();
+            match file {
+                None => print!("{text}"),
+                Some(path) => {
+                    let mut f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&path)
+                        .with_context(|| format!("creating {}", path.display()))?;
+                    f.write_all(text.as_bytes())
+                        .and_then(|()| f.sync_all())
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    eprintln!("wrote a new secret key file to {}", path.display());
                 }
             }
         }

@@ -146,6 +146,11 @@ struct ServerArgs {
     /// Messages a minute a bot may send to one group chat (0: no limit) [default: 20].
     #[arg(long, env = "OTM_BOT_GROUP_MESSAGES_PER_MINUTE")]
     bot_group_messages_per_minute: Option<u32>,
+    /// The key file that encrypts bot tokens and webhook secrets at rest and signs shim tokens
+    /// and cached endpoints (`otm secrets keygen` writes one; every replica needs the same)
+    /// [default: <data-dir>/secret.key, generated on first start, mode 0600].
+    #[arg(long, env = "OTM_SECRET_KEY_FILE")]
+    secret_key_file: Option<PathBuf>,
 }
 
 impl ServerArgs {
@@ -171,7 +176,8 @@ impl ServerArgs {
             coordinator,
             state,
             openclaw_prefix,
-            openclaw_config_template
+            openclaw_config_template,
+            secret_key_file
         );
         set_opt!(
             model_base_url,

@@ -50,6 +50,11 @@ struct Cluster {
 fn spawn(role: &str, data: &Path, b: &Backends, tg: &FakeTelegram, extra: &[String]) -> Proc {
     let (public, admin, egress) = (free_port(), free_port(), free_port());
     let log = data.with_extension(format!("{role}-{admin}.log"));
+    // Every replica shares one key file.
+    let key_file = data.parent().unwrap().join("secret.key");
+    if !key_file.exists() {
+        std::fs::write(&key_file, otm_store::secrets::generate_key_file()).unwrap();
+    }
     let child = Command::new(env!("CARGO_BIN_EXE_otm"))
         .args(["server", "--role", role])
         .args(["--listen", &format!("127.0.0.1:{public}")])
@@ -76,6 +81,7 @@ fn spawn(role: &str, data: &Path, b: &Backends, tg: &FakeTelegram, extra: &[Stri
         .arg("--data-dir")
         .arg(data)
         .env("OTM_SERVICE_TOKEN", SERVICE_TOKEN)
+        .env("OTM_SECRET_KEY_FILE", &key_file)
         .env("OTM_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
