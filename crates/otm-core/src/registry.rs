@@ -59,8 +59,11 @@ pub trait Registry: Send + Sync + std::fmt::Debug + 'static {
     /// Running tenants whose idle deadline is at or before `now_ms`, at most `limit`.
     async fn idle_due(&self, now_ms: i64, limit: usize) -> Result<Vec<TenantId>>;
 
-    /// Stores or replaces an instance record.
-    async fn put_instance(&self, instance: &InstanceRecord) -> Result<()>;
+    /// Stores or replaces an instance record. With a `fence` (the wake lock's) and a tenant on
+    /// the record, the write is refused with [`crate::Error::Conflict`] when a larger fence was
+    /// already used for that tenant's status: a waker that lost its lock cannot publish or
+    /// change the instance of the tenant's newer waker.
+    async fn put_instance(&self, instance: &InstanceRecord, fence: Option<u64>) -> Result<()>;
     /// One instance.
     async fn get_instance(&self, id: &InstanceId) -> Result<Option<InstanceRecord>>;
     /// The instance bound to a tenant, if any.

@@ -314,7 +314,7 @@ async fn bind(
     ));
     rec.surrogate_digest = Some(surrogate.digest());
     rec.state = InstanceState::Binding;
-    app.registry.put_instance(rec).await?;
+    app.registry.put_instance(rec, Some(fence)).await?;
 
     let shim = ShimClient::new(rec.address.clone(), rec.shim_token.clone());
     let restoring = Instant::now();
@@ -357,7 +357,7 @@ async fn bind(
     // `record`: publishing the ready instance (registry writes, endpoint cache).
     let recording = Instant::now();
     rec.state = InstanceState::Ready;
-    app.registry.put_instance(rec).await?;
+    app.registry.put_instance(rec, Some(fence)).await?;
     app.registry
         .set_tenant_status(tenant, TenantStatus::Running, Some(fence))
         .await?;
@@ -436,7 +436,7 @@ async fn stop_locked(
     let began = Instant::now();
     rec.state = InstanceState::Stopping;
     rec.surrogate_digest = None;
-    app.registry.put_instance(rec).await?;
+    app.registry.put_instance(rec, Some(fence)).await?;
     if app.registry.get_tenant(tenant).await?.is_some() {
         app.registry
             .set_tenant_status(tenant, TenantStatus::Stopping, Some(fence))
@@ -1183,7 +1183,7 @@ async fn fill_warm_pool(app: &Arc<App>) -> Result<()> {
             created_at_ms: otm_core::time::now_ms(),
             bound_at_ms: None,
         };
-        app.registry.put_instance(&rec).await?;
+        app.registry.put_instance(&rec, None).await?;
         app.metrics.reconciler("warm_created");
         refresh_instance_gauge(app).await;
     }

@@ -152,7 +152,7 @@ async fn sealed_registry(r: Arc<dyn Registry>, run: &str) {
         created_at_ms: 1_000,
         bound_at_ms: None,
     };
-    sealed.put_instance(&rec).await.unwrap();
+    sealed.put_instance(&rec, None).await.unwrap();
     assert_eq!(
         r.get_instance(&id)
             .await
@@ -342,6 +342,38 @@ async fn registry_fences(r: &dyn Registry, run: &str) {
         "fence 5 after fence 9 (the unfenced write must not reset the fence)"
     );
     status(TenantStatus::Idle, "a stale fence writes nothing").await;
+
+    // Instance writes for the tenant carry the same fence.
+    let mut bound = instance("unix:/run/otm/fenced.sock");
+    bound.tenant = Some(t.clone());
+    bound.state = InstanceState::Binding;
+    bound.bound_at_ms = Some(2_000);
+    r.put_instance(&bound, Some(9))
+        .await
+        .expect("the current holder writes its instance");
+    let mut stale = bound.clone();
+    stale.state = InstanceState::Ready;
+    assert_err!(
+        r.put_instance(&stale, Some(5)).await,
+        Error::Conflict { .. },
+        "an instance write with fence 5 after fence 9"
+    );
+    assert_eq!(
+        r.get_instance(&bound.id).await.unwrap().map(|i| i.state),
+        Some(InstanceState::Binding),
+        "a stale instance write changes nothing"
+    );
+    let mut other = instance("unix:/run/otm/fenced-2.sock");
+    other.tenant = Some(t.clone());
+    assert!(
+        r.put_instance(&other, Some(5)).await.is_err(),
+        "a stale holder cannot bind another instance either"
+    );
+    assert_eq!(r.get_instance(&other.id).await.unwrap(), None);
+    r.put_instance(&stale, Some(9))
+        .await
+        .expect("the current fence again");
+    r.delete_instance(&bound.id).await.unwrap();
     r.delete_tenant(&t).await.unwrap();
 }
 
@@ -793,14 +825,16 @@ fn instance(address: &str) -> InstanceRecord {
 
 async fn registry_instances(r: Arc<dyn Registry>, run: &str) {
     let mut warm = instance("unix:/run/otm/a.sock");
-    r.put_instance(&warm).await.expect("put an instance");
+    r.put_instance(&warm, None).await.expect("put an instance");
     assert_eq!(
         r.get_instance(&warm.id).await.unwrap().as_ref(),
         Some(&warm),
         "an instance reads back as written"
     );
     warm.address = "http://10.0.0.7:7070".into();
-    r.put_instance(&warm).await.expect("replace an instance");
+    r.put_instance(&warm, None)
+        .await
+        .expect("replace an instance");
     assert_eq!(
         r.get_instance(&warm.id).await.unwrap().as_ref(),
         Some(&warm),
@@ -920,7 +954,7 @@ async fn registry_instances(r: Arc<dyn Registry>, run: &str) {
             .iter()
             .find(|o| o.id == other.id)
             .expect("a claimed instance was warm before");
-        r.put_instance(back).await.unwrap();
+        r.put_instance(back, None).await.unwrap();
     }
     let again = r
         .claim_warm_instance(&tenant_id(run, "late"))
@@ -935,7 +969,7 @@ async fn registry_instances(r: Arc<dyn Registry>, run: &str) {
             .iter()
             .find(|o| o.id == other.id)
             .expect("a claimed instance was warm before");
-        r.put_instance(back).await.unwrap();
+        r.put_instance(back, None).await.unwrap();
     }
 
     // Deleting a tenant leaves its instance record alone (the reconciler stops it).

@@ -1248,8 +1248,9 @@ impl Registry for DynamoRegistry {
             .collect()
     }
 
-    async fn put_instance(&self, instance: &InstanceRecord) -> Result<()> {
+    async fn put_instance(&self, instance: &InstanceRecord, fence: Option<u64>) -> Result<()> {
         let id = &instance.id;
+        let fence = fence.map(|f| to_i64(f, "fence")).transpose()?;
         if id.as_str().starts_with('@') {
             return Err(Error::invalid(format!(
                 "instance id `{id}` may not start with '@'"
@@ -1316,8 +1317,35 @@ impl Registry for DynamoRegistry {
                     }
                 }
             }
+            // A waker that lost the tenant's lock: its fence is below the tenant's.
+            let fence_action = match (fence, &instance.tenant) {
+                (Some(f), Some(t)) => {
+                    actions.push(json!({ "ConditionCheck": {
+                        "TableName": self.tables.tenants,
+                        "Key": tenant_key(t.as_str()),
+                        "ConditionExpression": "attribute_not_exists(#f) OR #f <= :f",
+                        "ExpressionAttributeNames": { "#f": "fence" },
+                        "ExpressionAttributeValues": { ":f": n(f) },
+                    }}));
+                    Some((actions.len() - 1, t, f))
+                }
+                _ => None,
+            };
             match self.transact(actions).await {
                 Ok(()) => return Ok(()),
+                Err(e) if fence_action.is_some_and(|(i, _, _)| failed_at(&e, i)) => {
+                    let (_, t, f) = fence_action.expect("checked");
+                    let stored = match self
+                        .get(&self.tables.tenants, tenant_key(t.as_str()))
+                        .await?
+                    {
+                        Some(item) => Reader::new(&item, "a tenant item")
+                            .opt_n("fence")?
+                            .unwrap_or(0),
+                        None => 0,
+                    };
+                    return Err(crate::stale_waker(t, f, stored));
+                }
                 Err(e) if tenant_action.is_some_and(|i| failed_at(&e, i)) => {
                     return Err(Error::conflict(format!(
                         "tenant {} is already bound to another instance than {id}; stop that one first",

@@ -60,3 +60,15 @@ pub(crate) fn stale_dispatcher(
          claimed; another dispatcher took the inbox over"
     ))
 }
+
+/// The error every registry gives an instance write whose wake fence is stale.
+pub(crate) fn stale_waker(
+    tenant: &otm_core::TenantId,
+    fence: impl std::fmt::Display,
+    stored: impl std::fmt::Display,
+) -> otm_core::Error {
+    otm_core::Error::conflict(format!(
+        "fence {fence} for tenant {tenant} is stale: fence {stored} was already used; another \
+         holder of the tenant's lock took over, so this instance write is refused"
+    ))
+}

@@ -1072,11 +1072,16 @@ impl Registry for PostgresRegistry {
         tenant_ids(rows, "tenant row")
     }
 
-    async fn put_instance(&self, instance: &InstanceRecord) -> Result<()> {
+    async fn put_instance(&self, instance: &InstanceRecord, fence: Option<u64>) -> Result<()> {
         let i = instance;
-        self.execute(
-            "INSERT INTO instances (id, tenant, state, address, shim_token, surrogate_digest, created_at_ms, bound_at_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+        let fence = fence.map(|f| to_i64(f, "fence")).transpose()?;
+        // The fence check locks the tenant's row (a status write with a newer fence waits for
+        // this statement), and the write happens only if no larger fence was used.
+        let n = self.execute(
+            "WITH f AS (SELECT fence FROM tenants WHERE id = $2 FOR SHARE) \
+             INSERT INTO instances (id, tenant, state, address, shim_token, surrogate_digest, created_at_ms, bound_at_ms) \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8 \
+             WHERE $9::BIGINT IS NULL OR $2::TEXT IS NULL OR COALESCE((SELECT fence FROM f), 0) <= $9::BIGINT \
              ON CONFLICT (id) DO UPDATE SET tenant = excluded.tenant, state = excluded.state, \
              address = excluded.address, shim_token = excluded.shim_token, \
              surrogate_digest = excluded.surrogate_digest, created_at_ms = excluded.created_at_ms, \
@@ -1090,6 +1095,7 @@ impl Registry for PostgresRegistry {
                 &i.surrogate_digest,
                 &i.created_at_ms,
                 &i.bound_at_ms,
+                &fence,
             ],
             true,
         )
@@ -1101,6 +1107,27 @@ impl Registry for PostgresRegistry {
             )),
             _ => e,
         })?;
+        if n == 0 {
+            // Only the fence condition skips the write.
+            let (Some(t), Some(f)) = (&i.tenant, fence) else {
+                return Err(Error::conflict(format!(
+                    "instance {} was not written",
+                    i.id
+                )));
+            };
+            let stored: i64 = match self
+                .query_opt(
+                    "SELECT fence FROM tenants WHERE id = $1",
+                    &[&t.as_str()],
+                    true,
+                )
+                .await?
+            {
+                Some(row) => get(&row, 0)?,
+                None => 0,
+            };
+            return Err(crate::stale_waker(t, f, stored));
+        }
         Ok(())
     }
 

@@ -688,9 +688,9 @@ impl Registry for SealedRegistry {
     async fn idle_due(&self, now_ms: i64, limit: usize) -> Result<Vec<TenantId>> {
         self.inner.idle_due(now_ms, limit).await
     }
-    async fn put_instance(&self, instance: &InstanceRecord) -> Result<()> {
+    async fn put_instance(&self, instance: &InstanceRecord, fence: Option<u64>) -> Result<()> {
         self.inner
-            .put_instance(&self.store_instance(instance))
+            .put_instance(&self.store_instance(instance), fence)
             .await
     }
     async fn get_instance(&self, id: &InstanceId) -> Result<Option<InstanceRecord>> {

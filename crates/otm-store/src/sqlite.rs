@@ -910,9 +910,19 @@ impl Registry for SqliteRegistry {
         .await
     }
 
-    async fn put_instance(&self, instance: &InstanceRecord) -> Result<()> {
+    async fn put_instance(&self, instance: &InstanceRecord, fence: Option<u64>) -> Result<()> {
         let i = instance.clone();
+        let fence = fence.map(|f| to_i64(f, "fence")).transpose()?;
         self.write(move |c| {
+            if let (Some(f), Some(t)) = (fence, &i.tenant) {
+                let stored: Option<i64> = c
+                    .prepare_cached("SELECT fence FROM tenants WHERE id = ?1")
+                    .and_then(|mut s| s.query_row([t.as_str()], |r| r.get(0)).optional())
+                    .map_err(db)?;
+                if let Some(stored) = stored.filter(|s| *s > f) {
+                    return Err(crate::stale_waker(t, f, stored));
+                }
+            }
             c.prepare_cached(
                 "INSERT INTO instances (id, tenant, state, address, shim_token, surrogate_digest, created_at_ms, bound_at_ms) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \

@@ -116,10 +116,10 @@ mod dynamodb {
             bound_at_ms: Some(2),
         };
         let mut a = instance(Some(&t), "a");
-        r.put_instance(&a).await.unwrap();
+        r.put_instance(&a, None).await.unwrap();
         let b = instance(Some(&t), "b");
         assert!(
-            matches!(r.put_instance(&b).await, Err(Error::Conflict { .. })),
+            matches!(r.put_instance(&b, None).await, Err(Error::Conflict { .. })),
             "a second instance for the same tenant"
         );
         assert_eq!(
@@ -133,7 +133,7 @@ mod dynamodb {
         let old_digest = a.surrogate_digest.clone().unwrap();
         a.tenant = Some(u.clone());
         a.surrogate_digest = Some(otm_core::secret::digest("a2"));
-        r.put_instance(&a).await.unwrap();
+        r.put_instance(&a, None).await.unwrap();
         assert_eq!(r.instance_of(&t).await.unwrap(), None);
         assert_eq!(r.instance_of(&u).await.unwrap().as_ref(), Some(&a));
         assert_eq!(r.instance_by_surrogate(&old_digest).await.unwrap(), None);
@@ -144,7 +144,9 @@ mod dynamodb {
                 .as_ref(),
             Some(&a)
         );
-        r.put_instance(&b).await.expect("the tenant is free again");
+        r.put_instance(&b, None)
+            .await
+            .expect("the tenant is free again");
         assert!(
             matches!(
                 r.claim_warm_instance(&t).await,

@@ -227,7 +227,7 @@ async fn two_processes_claim_one_warm_instance() {
             for (round, warm_count) in [(0, 1), (1, 1), (2, 1), (3, 1), (4, 3)] {
                 let warm: Vec<InstanceRecord> = (0..warm_count).map(|_| warm_instance()).collect();
                 for w in &warm {
-                    procs[round % 2].put_instance(w).await.unwrap();
+                    procs[round % 2].put_instance(w, None).await.unwrap();
                 }
                 let handles: Vec<_> = (0..16)
                     .map(|k| {
