@@ -167,7 +167,7 @@ async fn internal_wake(
     ApiJson(body): ApiJson<crate::remote::WakeRequest>,
 ) -> ApiResult<Json<crate::remote::WakeAnswer>> {
     let t = load(&app, &id).await?;
-    let woken = orchestrator::wake_for(&app, &t.id, body.chat).await?;
+    let woken = app.wake(&t.id, body.chat).await?;
     Ok(Json(crate::remote::WakeAnswer::from(&woken)))
 }
 
@@ -792,7 +792,7 @@ async fn wake_tenant(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let t = load(&app, &id).await?;
-    let woken = orchestrator::wake(&app, &t.id).await?;
+    let woken = app.wake(&t.id, None).await?;
     let phases: serde_json::Map<String, Value> = woken
         .phases
         .iter()

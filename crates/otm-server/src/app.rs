@@ -3,6 +3,7 @@
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::telegram::Telegram;
+use crate::wake::{Waker, Woken};
 use otm_core::{Coordinator, Registry, Runtime, Secret, StateStore, TenantId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -48,8 +49,17 @@ pub struct App {
     pub(crate) dispatchers: Mutex<HashMap<TenantId, Arc<Notify>>>,
     /// True while this process holds the leader lease.
     leader: std::sync::atomic::AtomicBool,
-    /// In the router role: the orchestrators that wake tenants.
-    pub remote: Option<crate::remote::OrchestratorClient>,
+    /// What wakes tenants once the endpoint cache missed: the orchestrator here, or in the
+    /// router role the orchestrators over HTTP.
+    waker: Arc<dyn Waker>,
+    /// True in the router role: another process wakes and runs instances.
+    routed: bool,
+    /// Tenants whose inbox should be looked at again (see [`App::request_delivery`]).
+    kicks: tokio::sync::mpsc::UnboundedSender<TenantId>,
+    kicks_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<TenantId>>>,
+    /// Every task spawned for a tenant (dispatchers, idle stops): shutdown waits for them, within
+    /// its grace period, so dispatchers finish and release their leases.
+    tasks: tokio_util::task::TaskTracker,
     /// The last limit each tenant's instance ran into, as this process saw it.
     pub(crate) limit_kills: Mutex<HashMap<TenantId, LimitKill>>,
     /// The last wake of each tenant that could not restore its head snapshot, as this process
@@ -106,26 +116,22 @@ impl App {
         egress_url: String,
         admin_token: Secret,
         shutdown: CancellationToken,
+        make_waker: impl FnOnce(std::sync::Weak<App>, &reqwest::Client) -> Arc<dyn Waker>,
     ) -> Arc<Self> {
         let http = reqwest::Client::builder()
             .no_proxy()
             .pool_idle_timeout(std::time::Duration::from_secs(60))
             .build()
             .expect("HTTP client");
-        let remote = (settings.role == "router").then(|| {
-            crate::remote::OrchestratorClient::new(
-                settings.orchestrator_urls(),
-                settings
-                    .service_token
-                    .clone()
-                    .unwrap_or_else(|| Secret::new("")),
-                http.clone(),
-                std::time::Duration::from_secs(settings.wake_timeout_s + 30),
-            )
-        });
+        let routed = settings.role == "router";
+        let (kicks, kicks_rx) = tokio::sync::mpsc::unbounded_channel();
         let bot_limits = crate::bot_limits::BotLimits::from_settings(&settings);
-        Arc::new(App {
-            remote,
+        Arc::new_cyclic(|me| App {
+            waker: make_waker(me.clone(), &http),
+            routed,
+            kicks,
+            kicks_rx: Mutex::new(Some(kicks_rx)),
+            tasks: tokio_util::task::TaskTracker::new(),
             telegram: Telegram::new(&settings.telegram_api, http.clone()),
             settings,
             keys: registry.keys().clone(),
@@ -152,6 +158,77 @@ impl App {
             rotation: tokio::sync::Mutex::new(()),
             leader: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Makes sure a tenant has a ready instance and returns its endpoint: the one way every
+    /// caller (dispatchers, the admin API, the orchestrators' internal API) wakes a tenant.
+    /// `chat` is the chat waiting, told that the agent is starting when the tenant asks for that.
+    ///
+    /// The locking scheme, outermost first:
+    /// 1. The endpoint cache (the coordinator) is read without a lock: a hit is an awake tenant
+    ///    and costs one cache read. Entries are signed and checked by the coordinator, and a
+    ///    delivery that fails clears the entry, so a stale one costs one failed attempt.
+    /// 2. On a miss the [`Waker`] takes over. In the router role it asks an orchestrator over
+    ///    HTTP, which goes on from 1. In an orchestrator ([`crate::orchestrator::Local`]):
+    /// 3. the tenant's lock in this process ([`App::tenant_lock`]): concurrent wakes of one
+    ///    tenant join, and a stop waits for a wake under way; the cache is read again under it;
+    /// 4. the registry: an instance registered ready that answers serves the wake (its endpoint
+    ///    goes back into the cache);
+    /// 5. the coordinator's lease `wake:{tenant}`, waited for while another replica holds it.
+    ///    Its fence goes with every write of the wake (tenant status, instance records), and the
+    ///    registry refuses a write whose fence is smaller than one already used, so a replica
+    ///    that lost the lease cannot overwrite its successor's. The lease is renewed while the
+    ///    wake runs; a wake whose lease is lost fails.
+    ///
+    /// Stops take the same tenant lock and lease, so a wake and a stop of one tenant never
+    /// overlap. Dispatchers hold a lease of their own (`dispatch:{tenant}`), see
+    /// [`crate::dispatch`].
+    #[tracing::instrument(name = "wake", skip_all, fields(%tenant, instance = tracing::field::Empty))]
+    pub async fn wake(&self, tenant: &TenantId, chat: Option<i64>) -> otm_core::Result<Woken> {
+        let begun = Instant::now();
+        if let Some(ep) = self.coordinator.endpoint(tenant).await? {
+            tracing::Span::current().record("instance", tracing::field::display(&ep.instance));
+            return Ok(Woken::cached(ep, begun));
+        }
+        let woken = self.waker.wake(tenant, chat).await?;
+        tracing::Span::current().record("instance", tracing::field::display(&woken.instance));
+        Ok(woken)
+    }
+
+    /// True in the router role: the instances run elsewhere.
+    pub fn routed(&self) -> bool {
+        self.routed
+    }
+
+    /// Asks for `tenant`'s inbox to be looked at again (an instance came up, or died with
+    /// updates waiting). Whoever drains [`App::take_delivery_requests`] starts its dispatcher;
+    /// the orchestrator does not call into dispatch itself.
+    pub(crate) fn request_delivery(&self, tenant: &TenantId) {
+        let _ = self.kicks.send(tenant.clone());
+    }
+
+    /// Spawns a task that shutdown waits for ([`App::drain_tasks`]).
+    pub(crate) fn spawn<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(task);
+    }
+
+    /// Waits, until `deadline`, for the tasks of [`App::spawn`] to end; none can be spawned
+    /// after this was called. True if they all ended.
+    pub(crate) async fn drain_tasks(&self, deadline: tokio::time::Instant) -> bool {
+        self.tasks.close();
+        tokio::time::timeout_at(deadline, self.tasks.wait())
+            .await
+            .is_ok()
+    }
+
+    /// The receiving end of [`App::request_delivery`], once.
+    pub(crate) fn take_delivery_requests(
+        &self,
+    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<TenantId>> {
+        self.kicks_rx.lock().unwrap().take()
     }
 
     /// True while this process holds the leader lease.

@@ -204,7 +204,7 @@ async fn open(
     let password = auth
         .and_then(basic_password)
         .ok_or(Refused::NoCredentials)?;
-    let tenant = crate::egress::tenant_by_surrogate(app, &password)
+    let tenant = crate::surrogate::tenant_by_surrogate(app, &password)
         .await
         .map_err(|_| Refused::UnknownSurrogate)?;
     let allow = match &tenant.limits.egress_allow {

@@ -4,7 +4,6 @@
 
 use crate::app::App;
 use crate::lease::HeldLease;
-use crate::orchestrator;
 use otm_core::{FailOutcome, InboxItem, TenantId};
 use otm_shim::ShimClient;
 use std::sync::Arc;
@@ -26,30 +25,35 @@ pub fn kick(app: &Arc<App>, tenant: &TenantId) {
     let notify = Arc::new(Notify::new());
     running.insert(tenant.clone(), notify.clone());
     drop(running);
-    let app = app.clone();
-    let tenant = tenant.clone();
-    tokio::spawn(async move {
-        run(&app, &tenant, notify).await;
+    let (a, tenant) = (app.clone(), tenant.clone());
+    app.spawn(async move {
+        run(&a, &tenant, notify).await;
     });
 }
 
+#[tracing::instrument(name = "dispatch", skip_all, fields(%tenant))]
 async fn run(app: &Arc<App>, tenant: &TenantId, notify: Arc<Notify>) {
     // At most one dispatcher per tenant across all replicas: the one holding this lease.
     let key = format!("dispatch:{tenant}");
-    let lease =
-        match HeldLease::try_acquire(&app.coordinator, &key, orchestrator::lease_ttl(app)).await {
-            Ok(Some(l)) => l,
-            Ok(None) => {
-                // Another replica dispatches; the sweeper looks again later.
-                app.dispatchers.lock().unwrap().remove(tenant);
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(%tenant, error = %e, "cannot take the dispatcher lease");
-                app.dispatchers.lock().unwrap().remove(tenant);
-                return;
-            }
-        };
+    let lease = match HeldLease::try_acquire(
+        &app.coordinator,
+        &key,
+        crate::lease::ttl(&app.settings),
+    )
+    .await
+    {
+        Ok(Some(l)) => l,
+        Ok(None) => {
+            // Another replica dispatches; the sweeper looks again later.
+            app.dispatchers.lock().unwrap().remove(tenant);
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(%tenant, error = %e, "cannot take the dispatcher lease");
+            app.dispatchers.lock().unwrap().remove(tenant);
+            return;
+        }
+    };
     // Claim the inbox with this lease's fence: a dispatcher whose lease lapsed can no longer
     // acknowledge or fail anything once this one started.
     if let Err(e) = app.registry.inbox_claim(tenant, lease.fence()).await {
@@ -105,6 +109,22 @@ async fn run(app: &Arc<App>, tenant: &TenantId, notify: Arc<Notify>) {
     lease.release().await;
 }
 
+/// Starts (or nudges) the dispatchers of the tenants [`App::request_delivery`] names.
+pub async fn run_delivery_requests(app: Arc<App>) {
+    let Some(mut requests) = app.take_delivery_requests() else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = app.shutdown.cancelled() => return,
+            t = requests.recv() => match t {
+                Some(tenant) => kick(&app, &tenant),
+                None => return,
+            },
+        }
+    }
+}
+
 /// Kicks local dispatchers when another replica stored an update (best effort; the sweeper
 /// covers lost notifications).
 pub async fn run_notifications(app: Arc<App>) {
@@ -128,6 +148,7 @@ enum Step {
     Stop,
 }
 
+#[tracing::instrument(name = "delivery", skip_all, fields(update_id = item.update_id, seq = item.seq))]
 async fn deliver_one(app: &Arc<App>, tenant: &TenantId, item: InboxItem, fence: u64) -> Step {
     let started = Instant::now();
     let result = attempt(app, tenant, &item).await;
@@ -207,15 +228,13 @@ async fn attempt(app: &Arc<App>, tenant: &TenantId, item: &InboxItem) -> Result<
     let chat = serde_json::from_slice::<serde_json::Value>(&item.payload)
         .ok()
         .and_then(|u| chat_of(&u));
-    let woken = orchestrator::wake_anywhere(app, tenant, chat)
-        .await
-        .map_err(|e| match e {
-            otm_core::Error::Unavailable {
-                backend: orchestrator::ADMISSION,
-                message,
-            } => Failure::Held(message),
-            e => Failure::Failed(format!("wake failed: {e}")),
-        })?;
+    let woken = app.wake(tenant, chat).await.map_err(|e| match e {
+        otm_core::Error::Unavailable {
+            backend: crate::wake::ADMISSION,
+            message,
+        } => Failure::Held(message),
+        e => Failure::Failed(format!("wake failed: {e}")),
+    })?;
     let shim = ShimClient::new(
         woken.endpoint.address.clone(),
         woken.endpoint.shim_token.clone(),

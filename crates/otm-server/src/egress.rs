@@ -18,6 +18,7 @@
 //! and method, never with a token.
 
 use crate::app::App;
+use crate::surrogate::{MAX_BODY, Refusal, read_body, tenant_by_surrogate};
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode};
@@ -29,11 +30,6 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Largest request body forwarded (file uploads included); the egress listener caps every body
-/// at this size.
-pub const MAX_BODY: usize = 20 << 20;
-/// How long a client may take to send its request body.
-pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one Bot API call may take upstream.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest error answer read back from Telegram (to find a `retry_after`).
@@ -51,33 +47,6 @@ const LOCAL: &[&str] = &[
 
 pub fn router(app: Arc<App>) -> Router {
     Router::new().fallback(proxy).with_state(app)
-}
-
-/// Why a surrogate was not accepted.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Refusal {
-    /// Unknown, revoked, or its instance belongs to no tenant.
-    Unauthorized,
-    /// The registry could not be asked.
-    Unavailable,
-}
-
-/// The tenant whose running instance holds this surrogate token.
-pub(crate) async fn tenant_by_surrogate(app: &App, surrogate: &str) -> Result<Tenant, Refusal> {
-    let digest = otm_core::secret::digest(surrogate);
-    let instance = match app.registry.instance_by_surrogate(&digest).await {
-        Ok(Some(i)) => i,
-        Ok(None) => return Err(Refusal::Unauthorized),
-        Err(e) => {
-            tracing::error!(error = %e, "registry unavailable");
-            return Err(Refusal::Unavailable);
-        }
-    };
-    let tenant = match instance.tenant.as_ref() {
-        Some(t) => app.registry.get_tenant(t).await.ok().flatten(),
-        None => None,
-    };
-    tenant.ok_or(Refusal::Unauthorized)
 }
 
 fn telegram_error(status: StatusCode, description: &str) -> Response {
@@ -161,6 +130,7 @@ fn refused(app: &App, tenant: Option<&Tenant>, method: &str, reason: &str) {
     }
 }
 
+#[tracing::instrument(name = "egress", skip_all, fields(tenant = tracing::field::Empty, call = tracing::field::Empty))]
 async fn proxy(State(app): State<Arc<App>>, req: Request) -> Response {
     if req.method() == axum::http::Method::CONNECT {
         return crate::connect::handle(app, req).await;
@@ -192,12 +162,17 @@ async fn proxy(State(app): State<Arc<App>>, req: Request) -> Response {
             return telegram_error(StatusCode::SERVICE_UNAVAILABLE, "try again later");
         }
     };
+    tracing::Span::current().record("tenant", tracing::field::display(&tenant.id));
     let call = match check_tail(file, raw_tail) {
         Ok(c) => c,
         Err(reason) => {
             refused(&app, Some(&tenant), raw_tail, reason);
             return telegram_error(StatusCode::NOT_FOUND, "Not Found");
         }
+    };
+    match &call {
+        Call::Method(m) => tracing::Span::current().record("call", m.as_str()),
+        Call::File(_) => tracing::Span::current().record("call", "file"),
     };
     let http_method = req.method().clone();
     let allowed = match call {
@@ -259,37 +234,6 @@ async fn answer_locally(app: &App, tenant: &Tenant, method: &str) -> Response {
         // setWebhook, deleteWebhook.
         _ => Json(json!({"ok": true, "result": true, "description": "Webhook is managed by otm"}))
             .into_response(),
-    }
-}
-
-/// Reads a request body of at most `limit` bytes within [`BODY_READ_TIMEOUT`], holding its size
-/// of the egress listeners' shared buffer budget ([`App::egress_buffer`]) until the permit is
-/// dropped: however many calls are under way, their bodies together stay within it.
-pub(crate) async fn read_body(
-    app: &App,
-    headers: &axum::http::HeaderMap,
-    body: Body,
-    limit: usize,
-) -> Result<(bytes::Bytes, tokio::sync::OwnedSemaphorePermit), StatusCode> {
-    let declared = headers
-        .get("content-length")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(StatusCode::PAYLOAD_TOO_LARGE);
-    }
-    let kib = declared.unwrap_or(limit as u64).div_ceil(1024).max(1) as u32;
-    let permit = tokio::time::timeout(
-        BODY_READ_TIMEOUT,
-        app.egress_buffer.clone().acquire_many_owned(kib),
-    )
-    .await
-    .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?
-    .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
-    match tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit)).await {
-        Ok(Ok(b)) => Ok((b, permit)),
-        Ok(Err(_)) => Err(StatusCode::PAYLOAD_TOO_LARGE),
-        Err(_) => Err(StatusCode::REQUEST_TIMEOUT),
     }
 }
 

@@ -43,6 +43,7 @@ fn reject(app: &App, status: StatusCode, reason: &str, description: &str) -> Res
         .into_response()
 }
 
+#[tracing::instrument(name = "webhook", skip_all, fields(tenant = %tenant, update_id = tracing::field::Empty))]
 async fn webhook(
     State(app): State<Arc<App>>,
     Path(tenant): Path<String>,
@@ -122,6 +123,7 @@ async fn webhook(
             );
         }
     };
+    tracing::Span::current().record("update_id", update_id);
     match app.registry.inbox_append(&tenant, update_id, &body).await {
         Ok(Appended::Stored { .. }) => {
             app.metrics.updates_accepted.inc();
@@ -129,7 +131,7 @@ async fn webhook(
                 .accept_seconds
                 .observe(started.elapsed().as_secs_f64());
             crate::dispatch::kick(&app, &tenant);
-            if app.remote.is_some()
+            if app.routed()
                 || app
                     .settings
                     .coordinator

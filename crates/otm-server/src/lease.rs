@@ -129,6 +129,11 @@ impl HeldLease {
     }
 }
 
+/// TTL of the wake lock and dispatcher leases (renewed while held): `--lease-ttl-s`.
+pub fn ttl(settings: &crate::config::Settings) -> Duration {
+    Duration::from_secs(settings.lease_ttl_s)
+}
+
 /// How long before its TTL a lease that could not be renewed is given up: a quarter of the TTL,
 /// at least 200 ms and at most 5 s (clock drift between replicas and the coordinator).
 fn renewal_margin(ttl: Duration) -> Duration {

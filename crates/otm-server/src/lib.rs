@@ -6,12 +6,15 @@
 //! - [`app`]: [`App`], the context every component gets.
 //! - [`ingress`]: `POST /tg/{tenant}`: secret check, durable append.
 //! - [`dispatch`]: per-tenant dispatchers that drain inboxes in order.
+//! - [`wake`]: what a wake answers and the [`wake::Waker`] behind [`App::wake`].
 //! - [`orchestrator`]: wake, stop, idle reaper, reconciler.
 //! - [`egress`]: the Bot API proxy.
 //! - [`model_proxy`]: the model route on the egress listener, which adds the operator's API key.
 //! - [`proxy_path`]: the decoded, checked path segments both egress proxies decide on.
 //! - [`bot_limits`]: per-bot rate limits of the Bot API proxy.
 //! - [`model_budget`]: per-tenant model budgets.
+//! - [`surrogate`]: which tenant a surrogate token belongs to, and bounded request bodies,
+//!   for both egress proxies.
 //! - [`connect`]: the egress policy's CONNECT proxy to allowlisted public hosts.
 //! - [`openclaw`]: where OpenClaw is installed and what its instances are bound with.
 //! - [`admin`]: the admin API and `/metrics`.
@@ -42,7 +45,9 @@ pub mod proxy_path;
 pub mod remote;
 pub mod server;
 pub mod spool;
+pub mod surrogate;
 pub mod telegram;
+pub mod wake;
 
 pub use app::App;
 pub use config::Settings;

@@ -27,8 +27,8 @@
 //! as they arrive. Every refusal is counted in `otm_egress_refused_total{proxy="model",reason}`.
 
 use crate::app::App;
-use crate::egress::{Refusal, read_body, tenant_by_surrogate};
 use crate::model_budget::{SseUsage, usage_tokens};
+use crate::surrogate::{Refusal, read_body, tenant_by_surrogate};
 use axum::Json;
 use axum::body::Body;
 use axum::extract::Request;
@@ -41,7 +41,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Largest request body forwarded: long conversations stay well below this.
-const MAX_BODY: usize = crate::egress::MAX_BODY;
+const MAX_BODY: usize = crate::surrogate::MAX_BODY;
 /// How long one model call may take, stream included.
 pub const TIMEOUT: Duration = Duration::from_secs(600);
 /// Largest non-streamed answer whose `usage` is read (the answer itself is passed on whole).
@@ -55,10 +55,7 @@ const FORWARDED: &[&str] = &[
     "user-agent",
 ];
 
-/// The base URL an agent of this instance is given.
-pub fn instance_base_url(egress_url: &str, surrogate: &str) -> String {
-    format!("{}/model/{surrogate}", egress_url.trim_end_matches('/'))
-}
+pub use crate::proxy_path::model_base_url as instance_base_url;
 
 /// An error in the shape OpenAI-compatible clients parse.
 fn model_error(status: StatusCode, code: &str, message: &str) -> Response {
@@ -124,6 +121,7 @@ fn refused(app: &App, tenant: Option<&TenantId>, what: &str, reason: &str) {
 }
 
 /// Answers a call under `/model/`.
+#[tracing::instrument(name = "model", skip_all, fields(tenant = tracing::field::Empty))]
 pub async fn proxy(app: Arc<App>, req: Request) -> Response {
     let path = req.uri().path().to_owned();
     let rest = path.strip_prefix("/model/").unwrap_or_default();
@@ -155,6 +153,7 @@ pub async fn proxy(app: Arc<App>, req: Request) -> Response {
             );
         }
     };
+    tracing::Span::current().record("tenant", tracing::field::display(&tenant.id));
     let route = match route(req.method(), raw_tail) {
         Ok(r) => r,
         Err(reason) => {

@@ -126,7 +126,7 @@ pub fn bind_settings(
     if let (Some(_), Some(id)) = (&settings.model_base_url, &settings.model_id) {
         out.insert(
             keys::MODEL_BASE_URL.to_owned(),
-            crate::model_proxy::instance_base_url(egress_url, surrogate),
+            crate::proxy_path::model_base_url(egress_url, surrogate),
         );
         out.insert(keys::MODEL_ID.to_owned(), id.clone());
         out.insert(keys::MODEL_API_KEY.to_owned(), INSTANCE_API_KEY.to_owned());

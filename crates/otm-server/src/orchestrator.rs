@@ -3,6 +3,7 @@
 
 use crate::app::App;
 use crate::spool::SpoolFile;
+use crate::wake::{WakePath, Waker, Woken};
 use futures::StreamExt;
 use otm_core::instance::Endpoint;
 use otm_core::shim_api::{BindRequest, StopRequest};
@@ -11,7 +12,6 @@ use otm_core::{
     RuntimeEvent, Secret, SnapshotId, TenantId, TenantStatus,
 };
 use otm_shim::ShimClient;
-use serde::Serialize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,76 +25,40 @@ const WAKE_WAIT: Duration = Duration::from_secs(300);
 
 /// TTL of the wake lock and dispatcher leases (renewed while held).
 pub(crate) fn lease_ttl(app: &App) -> Duration {
-    Duration::from_secs(app.settings.lease_ttl_s)
+    crate::lease::ttl(&app.settings)
 }
 
-/// How a wake was served.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum WakePath {
-    /// Already awake: the endpoint was cached or registered.
-    Cache,
-    /// A warm instance was claimed.
-    Warm,
-    /// A new instance was created.
-    Cold,
+/// The [`Waker`] of a process that runs instances: wakes them here.
+#[derive(Debug)]
+pub struct Local {
+    app: std::sync::Weak<App>,
 }
 
-impl WakePath {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WakePath::Cache => "cache",
-            WakePath::Warm => "warm",
-            WakePath::Cold => "cold",
-        }
+impl Local {
+    pub fn new(app: std::sync::Weak<App>) -> Self {
+        Local { app }
     }
 }
 
-/// The result of a wake, with its phases in milliseconds.
-#[derive(Clone, Debug, Serialize)]
-pub struct Woken {
-    #[serde(skip)]
-    pub endpoint: Endpoint,
-    pub instance: InstanceId,
-    pub path: WakePath,
-    pub total_ms: u64,
-    /// `claim` or `create`, `restore`, `start`, `ready`, in order.
-    pub phases: Vec<(String, u64)>,
-}
-
-/// Makes sure a tenant has a ready instance and returns its endpoint.
-///
-/// Concurrent callers in this process join one wake (the tenant lock); across processes a fenced
-/// lock in the coordinator guards the wake, so exactly one instance per tenant exists.
-pub async fn wake(app: &Arc<App>, tenant: &TenantId) -> Result<Woken> {
-    wake_for(app, tenant, None).await
-}
-
-/// Wakes a tenant here, or, in the router role, through an orchestrator.
-pub async fn wake_anywhere(app: &Arc<App>, tenant: &TenantId, chat: Option<i64>) -> Result<Woken> {
-    match &app.remote {
-        None => wake_for(app, tenant, chat).await,
-        Some(remote) => {
-            let begun = Instant::now();
-            if let Some(ep) = app.coordinator.endpoint(tenant).await? {
-                return Ok(cached(ep, begun));
-            }
-            remote.wake(tenant, chat).await
-        }
+#[async_trait::async_trait]
+impl Waker for Local {
+    async fn wake(&self, tenant: &TenantId, chat: Option<i64>) -> Result<Woken> {
+        let app = self
+            .app
+            .upgrade()
+            .ok_or_else(|| Error::unavailable("orchestrator", "the server is shutting down"))?;
+        wake_here(&app, tenant, chat).await
     }
 }
 
-/// [`wake`], telling which chat is waiting: a cold wake of a tenant with the cold-start notice on
-/// sends that chat a short "starting up" message first.
-pub async fn wake_for(app: &Arc<App>, tenant: &TenantId, chat: Option<i64>) -> Result<Woken> {
+/// Steps 3 to 5 of [`App::wake`]'s locking scheme: the tenant lock, the registry, the
+/// fenced lease, then the wake itself.
+async fn wake_here(app: &Arc<App>, tenant: &TenantId, chat: Option<i64>) -> Result<Woken> {
     let begun = Instant::now();
-    if let Some(ep) = app.coordinator.endpoint(tenant).await? {
-        return Ok(cached(ep, begun));
-    }
     let lock = app.tenant_lock(tenant);
     let _joined = lock.lock().await;
     if let Some(ep) = app.coordinator.endpoint(tenant).await? {
-        return Ok(cached(ep, begun));
+        return Ok(Woken::cached(ep, begun));
     }
     if let Some(rec) = app.registry.instance_of(tenant).await?
         && let Some(woken) = use_registered(app, tenant, &rec, begun).await?
@@ -139,23 +103,13 @@ async fn use_registered(
     app.coordinator
         .set_endpoint(tenant, &ep, ENDPOINT_TTL)
         .await?;
-    Ok(Some(cached(ep, begun)))
+    Ok(Some(Woken::cached(ep, begun)))
 }
 
 /// True when a registered instance's shim answers (checked only when the endpoint cache missed).
 async fn answers(rec: &InstanceRecord) -> bool {
     let shim = ShimClient::new(rec.address.clone(), rec.shim_token.clone());
     matches!(tokio::time::timeout(Duration::from_secs(3), shim.status()).await, Ok(Ok(s)) if s.agent != "stopped" && s.agent != "failed")
-}
-
-fn cached(endpoint: Endpoint, begun: Instant) -> Woken {
-    Woken {
-        instance: endpoint.instance.clone(),
-        endpoint,
-        path: WakePath::Cache,
-        total_ms: begun.elapsed().as_millis() as u64,
-        phases: vec![],
-    }
 }
 
 async fn wake_locked(
@@ -484,9 +438,7 @@ async fn stop_locked(
     Ok(())
 }
 
-/// The error backend of a wake held back by admission control: the dispatcher waits and tries
-/// again without counting an attempt.
-pub const ADMISSION: &str = "admission";
+pub use crate::wake::ADMISSION;
 
 /// A wake under way, counted while it lives.
 pub(crate) struct Admitted<'a>(&'a App);
@@ -689,14 +641,15 @@ pub async fn run_reaper(app: Arc<App>) {
             if app.registry.inbox_depth(&tenant).await.unwrap_or(0) > 0 {
                 continue;
             }
-            let app = app.clone();
-            tokio::spawn(async move {
+            let a = app.clone();
+            app.spawn(async move {
+                let app = a;
                 if let Err(e) = stop(&app, &tenant, "idle").await {
                     tracing::warn!(%tenant, error = %e, "idle stop failed");
                 }
                 // Anything that arrived during the stop wakes the tenant again.
                 if app.registry.inbox_depth(&tenant).await.unwrap_or(0) > 0 {
-                    crate::dispatch::kick(&app, &tenant);
+                    app.request_delivery(&tenant);
                 }
             });
         }
@@ -772,7 +725,7 @@ async fn instance_exited(
             .set_tenant_status(tenant, TenantStatus::Idle, None)
             .await;
         if app.registry.inbox_depth(tenant).await.unwrap_or(0) > 0 {
-            crate::dispatch::kick(app, tenant);
+            app.request_delivery(tenant);
         }
     } else {
         discard(app, &rec).await;

@@ -8,6 +8,12 @@
 
 use std::fmt;
 
+/// The model base URL an agent of an instance is given: the model proxy's route on the egress
+/// listener, under the instance's surrogate token.
+pub fn model_base_url(egress_url: &str, surrogate: &str) -> String {
+    format!("{}/model/{surrogate}", egress_url.trim_end_matches('/'))
+}
+
 /// Why a path was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PathRefusal {

@@ -1,7 +1,7 @@
 //! What a router uses instead of an in-process orchestrator: an HTTP client for the
 //! orchestrators' internal API, and a runtime that runs nothing.
 
-use crate::orchestrator::{WakePath, Woken};
+use crate::wake::{WakePath, Waker, Woken};
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 use otm_core::instance::Endpoint;
@@ -65,7 +65,7 @@ impl OrchestratorClient {
 
     /// Asks an orchestrator to wake a tenant; fails over to the next URL when one cannot be
     /// reached or dies mid-call.
-    pub async fn wake(&self, tenant: &TenantId, chat: Option<i64>) -> Result<Woken> {
+    pub async fn wake_remote(&self, tenant: &TenantId, chat: Option<i64>) -> Result<Woken> {
         let mut last = Error::unavailable(BACKEND, "no orchestrator configured");
         // Start at a different orchestrator per tenant so load spreads.
         let start =
@@ -153,5 +153,12 @@ impl Runtime for NoRuntime {
     }
     fn events(&self) -> BoxStream<'static, RuntimeEvent> {
         Box::pin(futures::stream::pending())
+    }
+}
+
+#[async_trait]
+impl Waker for OrchestratorClient {
+    async fn wake(&self, tenant: &TenantId, chat: Option<i64>) -> Result<Woken> {
+        self.wake_remote(tenant, chat).await
     }
 }

@@ -3,6 +3,7 @@
 use crate::app::App;
 use crate::config::Settings;
 use crate::listen::{self, ListenerLimits};
+use crate::wake::Waker;
 use crate::{admin, dispatch, egress, ingress, orchestrator};
 use axum::Router;
 use axum::error_handling::HandleErrorLayer;
@@ -194,6 +195,28 @@ pub async fn start(
     });
 
     let shutdown = CancellationToken::new();
+    // The waker is chosen once, from the role: routers ask the orchestrators.
+    let orchestrators = (settings.role == "router").then(|| {
+        (
+            settings.orchestrator_urls(),
+            settings
+                .service_token
+                .clone()
+                .unwrap_or_else(|| otm_core::Secret::new("")),
+            Duration::from_secs(settings.wake_timeout_s + 30),
+        )
+    });
+    let make_waker = move |me: std::sync::Weak<App>, http: &reqwest::Client| -> Arc<dyn Waker> {
+        match orchestrators {
+            Some((urls, token, timeout)) => Arc::new(crate::remote::OrchestratorClient::new(
+                urls,
+                token,
+                http.clone(),
+                timeout,
+            )),
+            None => Arc::new(crate::orchestrator::Local::new(me)),
+        }
+    };
     let app = App::new(
         settings,
         registry,
@@ -203,6 +226,7 @@ pub async fn start(
         egress_url,
         token,
         shutdown.clone(),
+        make_waker,
     );
     let role = app.settings.role.clone();
 
@@ -250,6 +274,9 @@ pub async fn start(
             shutdown.clone(),
         ));
     }
+    // The orchestrator asks for deliveries (an instance came up or died with updates waiting)
+    // through this channel rather than calling into dispatch.
+    tasks.push(tokio::spawn(dispatch::run_delivery_requests(app.clone())));
     if app.settings.runs_orchestrator() {
         if let Err(e) = orchestrator::reconcile(&app).await {
             tracing::warn!(error = %e, "first reconcile pass failed");
@@ -288,12 +315,34 @@ pub async fn start(
 fn public_router(app: Arc<App>) -> Router {
     ingress::router(app).layer(
         ServiceBuilder::new()
+            .layer(traced("public"))
             .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
                 StatusCode::SERVICE_UNAVAILABLE
             }))
             .load_shed()
             .concurrency_limit(PUBLIC_CONCURRENCY)
             .timeout(Duration::from_secs(30)),
+    )
+}
+
+/// A `TraceLayer` whose spans name the listener and the request's method, and on the public
+/// and admin listeners its path; the egress listener's paths carry surrogate tokens and are
+/// never recorded.
+fn traced(
+    listener: &'static str,
+) -> tower_http::trace::TraceLayer<
+    tower_http::classify::SharedClassifier<tower_http::classify::ServerErrorsAsFailures>,
+    impl Fn(&axum::http::Request<axum::body::Body>) -> tracing::Span + Clone,
+> {
+    tower_http::trace::TraceLayer::new_for_http().make_span_with(
+        move |req: &axum::http::Request<axum::body::Body>| {
+            let path = if listener == "egress" {
+                ""
+            } else {
+                req.uri().path()
+            };
+            tracing::debug_span!("request", listener, method = %req.method(), path)
+        },
     )
 }
 
@@ -318,6 +367,8 @@ fn admin_router(app: Arc<App>) -> Router {
     let timeout = Duration::from_secs(app.settings.wake_timeout_s + 60);
     admin::router(app).layer(
         ServiceBuilder::new()
+            // A span per request, with its method and route, and its outcome at debug level.
+            .layer(traced("admin"))
             // Errors of the layers below become answers: 503 when shed, 504 when timed out.
             .layer(HandleErrorLayer::new(layer_error))
             // Over the limit, refuse at once: an operator retries, a queue would only grow.
@@ -334,6 +385,8 @@ fn admin_router(app: Arc<App>) -> Router {
 fn egress_router(app: Arc<App>) -> Router {
     egress::router(app).layer(
         ServiceBuilder::new()
+            // A span per request (never its path: it holds the caller's surrogate token).
+            .layer(traced("egress"))
             // Errors of the layers below become answers: 503 when shed, 504 when timed out.
             .layer(HandleErrorLayer::new(layer_error))
             // Over the limit, refuse at once: agents' Bot API and model clients retry.
@@ -350,7 +403,7 @@ fn egress_router(app: Arc<App>) -> Router {
     )
 }
 
-/// Refuses a body declared larger than [`egress::MAX_BODY`] and bounds one that is not declared.
+/// Refuses a body declared larger than [`crate::surrogate::MAX_BODY`] and bounds one that is not declared.
 async fn cap_body(
     req: axum::extract::Request,
     next: axum::middleware::Next,
@@ -361,10 +414,12 @@ async fn cap_body(
         .get("content-length")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > egress::MAX_BODY as u64) {
+    if declared.is_some_and(|n| n > crate::surrogate::MAX_BODY as u64) {
         return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large").into_response();
     }
-    let req = req.map(|b| axum::body::Body::new(http_body_util::Limited::new(b, egress::MAX_BODY)));
+    let req = req.map(|b| {
+        axum::body::Body::new(http_body_util::Limited::new(b, crate::surrogate::MAX_BODY))
+    });
     next.run(req).await
 }
 
@@ -462,8 +517,14 @@ impl Server {
     /// running unless `stop_instances` (the next start adopts them).
     pub async fn shutdown(self, grace: Duration, stop_instances: bool) {
         self.app.shutdown.cancel();
+        // One deadline for everything: the listeners and loops, then the tenants' tasks
+        // (dispatchers end their delivery and release their leases; idle stops finish).
+        let deadline = tokio::time::Instant::now() + grace;
         let drain = futures::future::join_all(self.tasks);
-        let _ = tokio::time::timeout(grace, drain).await;
+        let _ = tokio::time::timeout_at(deadline, drain).await;
+        if !self.app.drain_tasks(deadline).await {
+            tracing::warn!("tasks still running at the end of the grace period were cut off");
+        }
         if stop_instances {
             let tenants: Vec<_> = self
                 .app

@@ -47,6 +47,7 @@ impl ShimClient {
     }
 
     /// The shim's view of itself.
+    #[tracing::instrument(name = "shim", skip_all, fields(call = "status"))]
     pub async fn status(&self) -> Result<ShimStatus> {
         json(
             self.call("GET", "/v1/status", None, Duration::from_secs(5))
@@ -56,6 +57,7 @@ impl ShimClient {
 
     /// Replaces the state directory with the archive in `archive` (before bind), sent as a
     /// stream.
+    #[tracing::instrument(name = "shim", skip_all, fields(call = "restore"))]
     pub async fn restore(&self, archive: tokio::fs::File) -> Result<()> {
         let body = Payload::File(archive);
         self.call_payload(
@@ -70,12 +72,14 @@ impl ShimClient {
     }
 
     /// Binds the instance to a tenant and waits until its agent is ready.
+    #[tracing::instrument(name = "shim", skip_all, fields(call = "bind"))]
     pub async fn bind(&self, req: &BindRequest, timeout: Duration) -> Result<BindResponse> {
         let body = Bytes::from(serde_json::to_vec(req).map_err(|e| Error::generic(BACKEND, e))?);
         json(self.call("POST", "/v1/bind", Some(body), timeout).await?)
     }
 
     /// Delivers one update and returns the agent's answer.
+    #[tracing::instrument(name = "shim", skip_all, fields(call = "deliver"))]
     pub async fn deliver(&self, update: Bytes, timeout: Duration) -> Result<DeliverResponse> {
         json(
             self.call("POST", "/v1/deliver", Some(update), timeout)
@@ -86,6 +90,7 @@ impl ShimClient {
     /// Streams a consistent archive of the state directory into `out`, refused (with an error
     /// and part of it written) past `max_bytes`, or when the transfer breaks off. Returns its
     /// size. What lands in `out` comes from the instance: check it before trusting it.
+    #[tracing::instrument(name = "shim", skip_all, fields(call = "snapshot"))]
     pub async fn snapshot(
         &self,
         out: &mut (impl tokio::io::AsyncWrite + Unpin),
@@ -132,6 +137,7 @@ impl ShimClient {
     }
 
     /// Stops the agent gracefully and waits for it.
+    #[tracing::instrument(name = "shim", skip_all, fields(call = "stop"))]
     pub async fn stop(&self, req: &StopRequest, timeout: Duration) -> Result<StopResponse> {
         let body = Bytes::from(serde_json::to_vec(req).map_err(|e| Error::generic(BACKEND, e))?);
         json(self.call("POST", "/v1/stop", Some(body), timeout).await?)
