@@ -112,7 +112,7 @@ impl App {
             .pool_idle_timeout(std::time::Duration::from_secs(60))
             .build()
             .expect("HTTP client");
-        let remote = (settings.role == "router").then(|| {
+        let remote = (settings.role == crate::config::Role::Router).then(|| {
             crate::remote::OrchestratorClient::new(
                 settings.orchestrator_urls(),
                 settings
