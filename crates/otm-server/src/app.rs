@@ -123,7 +123,7 @@ impl App {
             .pool_idle_timeout(std::time::Duration::from_secs(60))
             .build()
             .expect("HTTP client");
-        let routed = settings.role == "router";
+        let routed = settings.role == crate::config::Role::Router;
         let (kicks, kicks_rx) = tokio::sync::mpsc::unbounded_channel();
         let bot_limits = crate::bot_limits::BotLimits::from_settings(&settings);
         Arc::new_cyclic(|me| App {

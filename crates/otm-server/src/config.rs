@@ -1,133 +1,233 @@
-//! Server settings: defaults, the optional TOML file, and validation before anything binds.
+//! Server settings: one struct that is at once the `otm server` flags (each with its `OTM_*`
+//! variable) and the TOML file's keys, its defaults written once in its `#[arg]` attributes, and
+//! validation before anything binds.
+//!
+//! Precedence: a flag or variable wins over the TOML file, which wins over the default.
 
-use serde::Deserialize;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, FromArgMatches, ValueEnum};
+use otm_core::Secret;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-/// Everything `otm server` can be told. Flags and `OTM_*` variables override the TOML file,
-/// which overrides the defaults.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Settings {
-    /// Public listener: Telegram webhooks and `/healthz`.
-    pub listen: String,
-    /// Admin listener: `/v1/` and `/metrics`.
-    pub admin_listen: String,
-    /// Egress listener: the Bot API proxy agents call.
-    pub egress_listen: String,
-    /// The egress proxy's root URL as agents see it; derived from the egress listener when unset.
-    pub egress_url: Option<String>,
-    /// Where the embedded registry, snapshots and instances live.
-    pub data_dir: PathBuf,
-    /// The real Telegram Bot API root.
-    pub telegram_api: String,
-    /// This server's public URL; when set, tenants' webhooks are registered with Telegram.
-    pub public_url: Option<String>,
-    /// Registry URL; `sqlite://<data-dir>/otm.db` when unset.
-    pub registry: Option<String>,
-    /// Coordinator URL; `memory` when unset.
-    pub coordinator: Option<String>,
-    /// State store URL; `file://<data-dir>/state` when unset.
-    pub state: Option<String>,
-    /// `auto` (bubblewrap, refusing to start without it), `bubblewrap`, or `none` (development
-    /// only: instances are not isolated).
-    pub sandbox: String,
-    /// First uid of the range instances run as when otm runs as root (65,536 from there).
-    pub sandbox_uid_base: u32,
-    /// Accept tenants on the `probe` profile (a shell for whoever writes to the bot; for
-    /// testing sandboxes).
-    pub allow_probe_profile: bool,
-    /// The `otm` binary instances run as `otm shim`; this executable when unset.
-    pub otm_binary: Option<PathBuf>,
-    /// Failed deliveries of one update before it moves to the dead-letter list.
-    pub max_delivery_attempts: u32,
-    /// How long an agent may take to become ready, seconds.
-    pub wake_timeout_s: u64,
-    /// Seconds between snapshots of running tenants; 0 turns periodic snapshots off.
-    pub snapshot_interval_s: u64,
-    /// Snapshots kept per tenant (the head always among them).
-    pub snapshot_keep: usize,
-    /// `all` (everything in one process), `router` (webhooks, inboxes, dispatch, Bot API proxy) or
-    /// `orchestrator` (admin API, wakes, stops, reaper, warm pool, reconciler).
-    pub role: String,
-    /// Orchestrator base URLs a router calls, comma-separated; tried in turn.
-    pub orchestrator_url: Option<String>,
-    /// The token routers and orchestrators present to each other.
-    pub service_token: Option<otm_core::Secret>,
-    /// Time-to-live of the wake lock and of dispatcher leases, renewed while held, seconds. A
-    /// replica that dies holding one blocks that tenant for at most this long.
-    pub lease_ttl_s: u64,
-    /// How long a delivered update's id is kept for deduplication (Telegram redelivers for up
-    /// to a day), seconds; its payload is dropped at delivery already.
-    pub dedupe_window_s: u64,
-    /// Where `scripts/install-openclaw` put Node 24 and OpenClaw (`bin/openclaw`) for tenants on
-    /// the `openclaw` profile; when unset, `<data-dir>/openclaw`, then `openclaw` on `PATH`.
-    pub openclaw_prefix: Option<PathBuf>,
-    /// A JSON5 template of the OpenClaw gateway config; otm's built-in one when unset.
-    pub openclaw_config_template: Option<PathBuf>,
-    /// The model provider's OpenAI-compatible base URL, e.g. `https://api.openai.com/v1`.
-    /// Agents reach it through the egress listener, which adds the API key.
-    pub model_base_url: Option<String>,
-    /// The model id at that provider.
-    pub model_id: Option<String>,
-    /// The provider's API key: added upstream by the egress listener, never given to instances.
-    pub model_api_key: Option<otm_core::Secret>,
-    /// Model requests a minute each tenant may make, unless it has its own budget.
-    pub model_requests_per_minute: Option<u32>,
-    /// Model tokens a UTC day each tenant may use, unless it has its own budget.
-    pub model_tokens_per_day: Option<u64>,
-    /// Messages a second each bot may send through the Bot API proxy (0: no limit).
-    pub bot_messages_per_second: u32,
-    /// Least milliseconds between two messages of one bot to one chat (0: no limit).
-    pub bot_chat_interval_ms: u64,
-    /// Messages a minute one bot may send to one group chat (0: no limit).
-    pub bot_group_messages_per_minute: u32,
-    /// The key file that encrypts tenants' secrets at rest and signs shim tokens and cached
-    /// endpoints; `<data-dir>/secret.key`, generated on first start, when unset. Every replica
-    /// of a fleet needs the same file.
-    pub secret_key_file: Option<PathBuf>,
+/// What one process runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Everything in one process.
+    All,
+    /// Webhooks, inboxes, dispatch, the Bot API proxy.
+    Router,
+    /// The admin API, wakes, stops, the reaper, the warm pool, the reconciler.
+    Orchestrator,
 }
 
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            listen: "127.0.0.1:8080".into(),
-            admin_listen: "127.0.0.1:8081".into(),
-            egress_listen: "127.0.0.1:8082".into(),
-            egress_url: None,
-            data_dir: PathBuf::from("./otm-data"),
-            telegram_api: "https://api.telegram.org".into(),
-            public_url: None,
-            registry: None,
-            coordinator: None,
-            state: None,
-            sandbox: "auto".into(),
-            sandbox_uid_base: otm_runtime::local::DEFAULT_UID_BASE,
-            allow_probe_profile: false,
-            otm_binary: None,
-            max_delivery_attempts: 10,
-            wake_timeout_s: 120,
-            snapshot_interval_s: 300,
-            snapshot_keep: 5,
-            role: "all".into(),
-            orchestrator_url: None,
-            service_token: None,
-            lease_ttl_s: 15,
-            dedupe_window_s: 86_400,
-            openclaw_prefix: None,
-            openclaw_config_template: None,
-            model_base_url: None,
-            model_id: None,
-            model_api_key: None,
-            model_requests_per_minute: None,
-            model_tokens_per_day: None,
-            bot_messages_per_second: 30,
-            bot_chat_interval_ms: 1000,
-            bot_group_messages_per_minute: 20,
-            secret_key_file: None,
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::All => "all",
+            Role::Router => "router",
+            Role::Orchestrator => "orchestrator",
         }
     }
 }
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How instances are isolated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sandbox {
+    /// Bubblewrap; the server refuses to start without it.
+    Auto,
+    /// Bubblewrap; the server refuses to start without it.
+    Bubblewrap,
+    /// Development only: instances are not isolated, and every start says so.
+    None,
+}
+
+impl Sandbox {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Sandbox::Auto => "auto",
+            Sandbox::Bubblewrap => "bubblewrap",
+            Sandbox::None => "none",
+        }
+    }
+}
+
+impl std::fmt::Display for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Everything `otm server` can be told: each field is a flag, an `OTM_*` variable and a key of
+/// the TOML file (`--config`). Flags and variables override the file, which overrides the
+/// defaults. Secrets have no flag (process lists show flags): they come from a variable or the
+/// file.
+#[derive(Clone, Debug, Args, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Public listener: Telegram webhooks (POST /tg/{tenant}) and GET /healthz.
+    #[arg(long, env = "OTM_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Admin listener: the /v1/ API and /metrics.
+    #[arg(long, env = "OTM_ADMIN_LISTEN", default_value = "127.0.0.1:8081")]
+    pub admin_listen: String,
+    /// Egress listener: the Bot API proxy agents call.
+    #[arg(long, env = "OTM_EGRESS_LISTEN", default_value = "127.0.0.1:8082")]
+    pub egress_listen: String,
+    /// The Bot API proxy's URL as agents see it [default: http://<egress listener>].
+    #[arg(long, env = "OTM_EGRESS_URL")]
+    pub egress_url: Option<String>,
+    /// Where the embedded registry, snapshots and instances live (the global --data-dir,
+    /// OTM_DATA_DIR).
+    #[arg(skip = PathBuf::from("./otm-data"))]
+    pub data_dir: PathBuf,
+    /// The Telegram Bot API root.
+    #[arg(
+        long,
+        env = "OTM_TELEGRAM_API",
+        default_value = "https://api.telegram.org"
+    )]
+    pub telegram_api: String,
+    /// This server's public URL; when set, creating a tenant with a bot token registers its
+    /// webhook at {public-url}/tg/{id}, and deleting the tenant removes it.
+    #[arg(long, env = "OTM_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Registry URL [default: sqlite://<data-dir>/otm.db].
+    #[arg(long, env = "OTM_REGISTRY")]
+    pub registry: Option<String>,
+    /// Coordinator URL [default: memory].
+    #[arg(long, env = "OTM_COORDINATOR")]
+    pub coordinator: Option<String>,
+    /// State store URL for snapshots [default: file://<data-dir>/state].
+    #[arg(long, env = "OTM_STATE")]
+    pub state: Option<String>,
+    /// Instance sandbox.
+    #[arg(long, env = "OTM_SANDBOX", value_enum, default_value_t = Sandbox::Auto)]
+    pub sandbox: Sandbox,
+    /// First uid of the range instances run as when otm runs as root; 65,536 uids from there
+    /// must belong to nobody else.
+    #[arg(long, env = "OTM_SANDBOX_UID_BASE", default_value_t = otm_runtime::local::DEFAULT_UID_BASE)]
+    pub sandbox_uid_base: u32,
+    /// Accept tenants on the `probe` profile: the reference agent answering `/sh <command>` with
+    /// the command's output, run inside the sandbox. For testing sandboxes only.
+    #[arg(long, env = "OTM_ALLOW_PROBE_PROFILE")]
+    pub allow_probe_profile: bool,
+    /// The `otm` binary instances run as `otm shim` [default: this executable].
+    #[arg(long, env = "OTM_OTM_BINARY")]
+    pub otm_binary: Option<PathBuf>,
+    /// Failed deliveries of one update before it moves to the dead-letter list.
+    #[arg(long, env = "OTM_MAX_DELIVERY_ATTEMPTS", default_value_t = 10)]
+    pub max_delivery_attempts: u32,
+    /// How long an agent may take to become ready, in seconds.
+    #[arg(long, env = "OTM_WAKE_TIMEOUT_S", default_value_t = 120)]
+    pub wake_timeout_s: u64,
+    /// Seconds between snapshots of running tenants (0: no periodic snapshots).
+    #[arg(long, env = "OTM_SNAPSHOT_INTERVAL_S", default_value_t = 300)]
+    pub snapshot_interval_s: u64,
+    /// Snapshots kept per tenant (the head always among them).
+    #[arg(long, env = "OTM_SNAPSHOT_KEEP", default_value_t = 5)]
+    pub snapshot_keep: usize,
+    /// What this process runs.
+    #[arg(long, env = "OTM_ROLE", value_enum, default_value_t = Role::All)]
+    pub role: Role,
+    /// Orchestrator URLs a router calls (their admin listeners), comma-separated; tried in turn.
+    #[arg(long, env = "OTM_ORCHESTRATOR_URL")]
+    pub orchestrator_url: Option<String>,
+    /// The token routers and orchestrators present to each other: OTM_SERVICE_TOKEN (or
+    /// service_token in the TOML file), never a flag.
+    #[arg(skip)]
+    pub service_token: Option<Secret>,
+    /// Lifetime of wake locks and dispatcher leases, renewed while held, in seconds. A replica
+    /// that dies holding one blocks that tenant for at most this long.
+    #[arg(long, env = "OTM_LEASE_TTL_S", default_value_t = 15)]
+    pub lease_ttl_s: u64,
+    /// How long a delivered update's id is remembered to drop Telegram's redeliveries, in
+    /// seconds; its text is dropped at delivery, the id after this.
+    #[arg(long, env = "OTM_DEDUPE_WINDOW_S", default_value_t = 86_400)]
+    pub dedupe_window_s: u64,
+    /// Where scripts/install-openclaw put Node 24 and OpenClaw, for tenants on the openclaw
+    /// profile [default: <data-dir>/openclaw, then openclaw on PATH].
+    #[arg(long, env = "OTM_OPENCLAW_PREFIX")]
+    pub openclaw_prefix: Option<PathBuf>,
+    /// JSON5 template of the OpenClaw gateway config [default: built in; see docs/openclaw.md].
+    #[arg(long, env = "OTM_OPENCLAW_CONFIG_TEMPLATE")]
+    pub openclaw_config_template: Option<PathBuf>,
+    /// The model provider's OpenAI-compatible base URL, e.g. https://api.openai.com/v1. Agents
+    /// reach it through the egress listener, which adds the key from OTM_MODEL_API_KEY (an
+    /// environment variable only, or model_api_key in the TOML file).
+    #[arg(long, env = "OTM_MODEL_BASE_URL")]
+    pub model_base_url: Option<String>,
+    /// The model id at that provider.
+    #[arg(long, env = "OTM_MODEL_ID")]
+    pub model_id: Option<String>,
+    /// The provider's API key: added upstream by the egress listener, never given to instances.
+    #[arg(skip)]
+    pub model_api_key: Option<Secret>,
+    /// Model requests a minute each tenant may make through the model proxy, unless the tenant
+    /// has its own budget [default: no limit].
+    #[arg(long, env = "OTM_MODEL_REQUESTS_PER_MINUTE")]
+    pub model_requests_per_minute: Option<u32>,
+    /// Model tokens a UTC day each tenant may use, as the provider reports them, unless the
+    /// tenant has its own budget [default: no limit].
+    #[arg(long, env = "OTM_MODEL_TOKENS_PER_DAY")]
+    pub model_tokens_per_day: Option<u64>,
+    /// Messages a second each bot may send through the Bot API proxy; more wait their turn
+    /// (0: no limit; 30 is Telegram's limit).
+    #[arg(long, env = "OTM_BOT_MESSAGES_PER_SECOND", default_value_t = 30)]
+    pub bot_messages_per_second: u32,
+    /// Least milliseconds between two messages of a bot to one chat (0: no limit; 1000 is
+    /// Telegram's one a second).
+    #[arg(long, env = "OTM_BOT_CHAT_INTERVAL_MS", default_value_t = 1000)]
+    pub bot_chat_interval_ms: u64,
+    /// Messages a minute a bot may send to one group chat (0: no limit).
+    #[arg(long, env = "OTM_BOT_GROUP_MESSAGES_PER_MINUTE", default_value_t = 20)]
+    pub bot_group_messages_per_minute: u32,
+    /// The key file that encrypts bot tokens and webhook secrets at rest and signs shim tokens
+    /// and cached endpoints (`otm secrets keygen` writes one; every replica needs the same)
+    /// [default: <data-dir>/secret.key, generated on first start, mode 0600].
+    #[arg(long, env = "OTM_SECRET_KEY_FILE")]
+    pub secret_key_file: Option<PathBuf>,
+    /// The admin token (the global --admin-token, OTM_ADMIN_TOKEN); when unset, read from
+    /// `admin_token_file`, else <data-dir>/admin.token (generated on first start, mode 0600).
+    #[arg(skip)]
+    pub admin_token: Option<Secret>,
+    /// A file holding the admin token, such as a mounted secret (the global
+    /// --admin-token-file, OTM_ADMIN_TOKEN_FILE).
+    #[arg(skip)]
+    pub admin_token_file: Option<PathBuf>,
+}
+
+impl Default for Settings {
+    /// The defaults, as the `#[arg]` attributes above write them (no flag or variable read).
+    fn default() -> Self {
+        let command = Settings::augment_args(clap::Command::new("otm server"))
+            .mut_args(|a| a.env(None::<&'static str>));
+        let matches = command
+            .try_get_matches_from(["otm server"])
+            .expect("the defaults parse");
+        Settings::from_arg_matches(&matches).expect("the defaults parse")
+    }
+}
+
+/// The keys that are no flag of `otm server`'s own: the global options of `otm` the server
+/// reads too (`--data-dir`, `--admin-token`, `--admin-token-file`), and the secrets only a
+/// variable or the file may give.
+const NOT_FLAGS: [&str; 5] = [
+    "data_dir",
+    "service_token",
+    "model_api_key",
+    "admin_token",
+    "admin_token_file",
+];
 
 /// A setting that cannot work; the message names it and says what is expected.
 #[derive(Debug, thiserror::Error)]
@@ -153,11 +253,79 @@ pub struct Listeners {
 }
 
 impl Settings {
-    /// Reads a TOML file of settings.
-    pub fn from_toml_file(path: &std::path::Path) -> Result<Self, InvalidSetting> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| invalid("config", format!("cannot read {}: {e}", path.display())))?;
-        toml::from_str(&text).map_err(|e| invalid("config", format!("{}: {e}", path.display())))
+    /// The effective settings of `otm server`: the defaults, overridden by the TOML `file`,
+    /// overridden by what `matches` (the parsed command line of `otm server`) took from a flag or
+    /// an `OTM_*` variable, and by the secrets' variables (`OTM_SERVICE_TOKEN`,
+    /// `OTM_MODEL_API_KEY`).
+    pub fn resolve(matches: &ArgMatches, file: Option<&Path>) -> Result<Self, InvalidSetting> {
+        let command_line = Settings::from_arg_matches(matches)
+            .map_err(|e| invalid("command line", e.to_string()))?;
+        let mut table = match file {
+            Some(path) => read_toml(path)?,
+            None => toml::Table::new(),
+        };
+        let given = toml::Table::try_from(&command_line)
+            .map_err(|e| invalid("command line", e.to_string()))?;
+        for arg in Settings::augment_args(clap::Command::new("otm server")).get_arguments() {
+            let key = arg.get_id().as_str();
+            if let (Some(ValueSource::CommandLine | ValueSource::EnvVariable), Some(value)) =
+                (matches.value_source(key), given.get(key))
+            {
+                table.insert(key.to_owned(), value.clone());
+            }
+        }
+        let mut s: Settings = table
+            .try_into()
+            .map_err(|e| invalid("command line", e.to_string()))?;
+        // The global options of `otm` that are settings of the server too.
+        if let Some(d) = global::<PathBuf>(matches, "data_dir") {
+            s.data_dir = d;
+        }
+        if let Some(t) = global::<String>(matches, "admin_token").filter(|t| !t.is_empty()) {
+            s.admin_token = Some(Secret::new(t));
+        }
+        if let Some(f) =
+            global::<PathBuf>(matches, "admin_token_file").filter(|f| !f.as_os_str().is_empty())
+        {
+            s.admin_token_file = Some(f);
+        }
+        // Secrets come from the environment, never from a flag (process lists show flags).
+        if let Some(t) = secret_var("OTM_SERVICE_TOKEN") {
+            s.service_token = Some(t);
+        }
+        if let Some(k) = secret_var("OTM_MODEL_API_KEY") {
+            s.model_api_key = Some(k);
+        }
+        Ok(s)
+    }
+
+    /// The settings as a TOML file would give them, secrets redacted, unset keys named in a
+    /// comment at the end.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        let redacted = || Some(Secret::new("<redacted>"));
+        if shown.service_token.is_some() {
+            shown.service_token = redacted();
+        }
+        if shown.model_api_key.is_some() {
+            shown.model_api_key = redacted();
+        }
+        if shown.admin_token.is_some() {
+            shown.admin_token = redacted();
+        }
+        let text = toml::to_string(&shown).expect("settings are TOML");
+        let set = toml::Table::try_from(&shown).expect("settings are TOML");
+        let unset: Vec<String> = Settings::augment_args(clap::Command::new("otm server"))
+            .get_arguments()
+            .map(|a| a.get_id().as_str().to_owned())
+            .chain(NOT_FLAGS.iter().map(|k| (*k).to_owned()))
+            .filter(|k| !set.contains_key(k))
+            .collect();
+        if unset.is_empty() {
+            text
+        } else {
+            format!("{text}# not set: {}\n", unset.join(", "))
+        }
     }
 
     /// Checks every setting; returns the listener addresses to bind.
@@ -194,14 +362,8 @@ impl Settings {
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data-dir", "must not be empty"));
         }
-        if !matches!(self.sandbox.as_str(), "auto" | "bubblewrap" | "none") {
-            return Err(invalid(
-                "sandbox",
-                format!("`{}` is not one of auto, bubblewrap, none", self.sandbox),
-            ));
-        }
         // Fail closed: no sandbox is never chosen for the operator.
-        if self.sandbox != "none"
+        if self.sandbox != Sandbox::None
             && self.runs_orchestrator()
             && otm_shim::sandbox::bwrap().is_none()
         {
@@ -214,7 +376,7 @@ impl Settings {
         }
         // Nothing shown to instances may contain the data directory (checked again by the
         // runtime; here so that nothing is created first).
-        if self.sandbox != "none" && self.runs_orchestrator() {
+        if self.sandbox != Sandbox::None && self.runs_orchestrator() {
             let binary = self
                 .otm_binary
                 .clone()
@@ -239,9 +401,9 @@ impl Settings {
         if self.max_delivery_attempts == 0 {
             return Err(invalid("max-delivery-attempts", "must be at least 1"));
         }
-        match self.role.as_str() {
-            "all" => {}
-            "router" => {
+        match self.role {
+            Role::All => {}
+            Role::Router => {
                 let urls = self.orchestrator_urls();
                 if urls.is_empty() {
                     return Err(invalid(
@@ -259,7 +421,7 @@ impl Settings {
                     ));
                 }
             }
-            "orchestrator" => {
+            Role::Orchestrator => {
                 if self.service_token.is_none() {
                     return Err(invalid(
                         "service-token",
@@ -267,16 +429,10 @@ impl Settings {
                     ));
                 }
             }
-            other => {
-                return Err(invalid(
-                    "role",
-                    format!("`{other}` is not one of all, router, orchestrator"),
-                ));
-            }
         }
         // Replicas read each other's ciphertexts, shim tokens and cached endpoints: a key file
         // generated into one replica's data directory would lock the others out.
-        if self.role != "all" && self.secret_key_file.is_none() {
+        if self.role != Role::All && self.secret_key_file.is_none() {
             return Err(invalid(
                 "secret-key-file",
                 format!(
@@ -364,12 +520,12 @@ impl Settings {
 
     /// Whether this process runs the router's part.
     pub fn runs_router(&self) -> bool {
-        self.role != "orchestrator"
+        self.role != Role::Orchestrator
     }
 
     /// Whether this process runs the orchestrator's part.
     pub fn runs_orchestrator(&self) -> bool {
-        self.role != "router"
+        self.role != Role::Router
     }
 }
 
@@ -384,6 +540,30 @@ fn check_url(name: &'static str, v: &str) -> Result<(), InvalidSetting> {
             format!("`{v}` is not an http:// or https:// URL"),
         )),
     }
+}
+
+/// A TOML file of settings; unknown keys and values of the wrong type are refused, named with
+/// their line.
+fn read_toml(path: &Path) -> Result<toml::Table, InvalidSetting> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid("config", format!("cannot read {}: {e}", path.display())))?;
+    let file_error = |e: toml::de::Error| invalid("config", format!("{}: {e}", path.display()));
+    toml::from_str::<Settings>(&text).map_err(file_error)?;
+    text.parse().map_err(file_error)
+}
+
+/// A global option of `otm` given by a flag or a variable; `None` where the command has no
+/// such option.
+fn global<T: Clone + Send + Sync + 'static>(matches: &ArgMatches, id: &str) -> Option<T> {
+    matches.try_get_one::<T>(id).ok().flatten().cloned()
+}
+
+/// A secret from the environment; an empty variable counts as unset.
+fn secret_var(name: &str) -> Option<Secret> {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(Secret::new)
 }
 
 #[cfg(test)]
@@ -449,6 +629,83 @@ mod tests {
         let s: Settings = toml::from_str("model_base_url = \"https://api.example.test/v1\"\nmodel_id = \"m-1\"\nmodel_api_key = \"sk-1\"").unwrap();
         s.validate().unwrap();
         assert!(!format!("{s:?}").contains("sk-1"), "the key never prints");
+    }
+
+    /// `otm server`'s own flags parsed from `args` (variables unset).
+    fn matches(args: &[&str]) -> ArgMatches {
+        Settings::augment_args(clap::Command::new("otm server"))
+            .mut_args(|a| a.env(None::<&'static str>))
+            .try_get_matches_from(std::iter::once("otm server").chain(args.iter().copied()))
+            .unwrap()
+    }
+
+    #[test]
+    fn flags_win_over_the_file_which_wins_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("otm.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:1\"\nadmin_listen = \"127.0.0.1:2\"\nrole = \"orchestrator\"\nsandbox = \"none\"\nlease_ttl_s = 30\n",
+        )
+        .unwrap();
+        let s = Settings::resolve(
+            &matches(&["--listen", "127.0.0.1:3", "--role", "router"]),
+            Some(&file),
+        )
+        .unwrap();
+        assert_eq!(s.listen, "127.0.0.1:3", "the flag wins");
+        assert_eq!(s.role, Role::Router, "the flag wins");
+        assert_eq!(
+            s.admin_listen, "127.0.0.1:2",
+            "the file wins over the default"
+        );
+        assert_eq!(s.sandbox, Sandbox::None);
+        assert_eq!(s.lease_ttl_s, 30);
+        assert_eq!(s.egress_listen, "127.0.0.1:8082", "the default");
+        assert_eq!(s.dedupe_window_s, 86_400);
+        // Without a file, a default stays a default.
+        let s = Settings::resolve(&matches(&[]), None).unwrap();
+        assert_eq!(s.listen, Settings::default().listen);
+        assert_eq!(s.role, Role::All);
+        assert_eq!(s.sandbox, Sandbox::Auto);
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("otm.toml");
+        for (text, needle) in [
+            ("role = \"leader\"", "leader"),
+            ("sandbox = \"docker\"", "docker"),
+            ("lease_ttl_s = \"soon\"", "lease_ttl_s"),
+            ("no_such_setting = 1", "no_such_setting"),
+        ] {
+            std::fs::write(&file, text).unwrap();
+            let e = Settings::resolve(&matches(&[]), Some(&file)).unwrap_err();
+            assert!(e.to_string().contains(needle), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn printed_settings_hide_secrets_and_read_back() {
+        let s = Settings {
+            service_token: Some(Secret::new("svc-secret")),
+            model_api_key: Some(Secret::new("sk-secret")),
+            admin_token: Some(Secret::new("adm-secret")),
+            role: Role::Orchestrator,
+            ..Settings::default()
+        };
+        let text = s.to_redacted_toml();
+        for secret in ["svc-secret", "sk-secret", "adm-secret"] {
+            assert!(!text.contains(secret), "{secret} printed:\n{text}");
+        }
+        assert!(text.contains("model_api_key = \"<redacted>\""), "{text}");
+        assert!(text.contains("role = \"orchestrator\""), "{text}");
+        assert!(text.contains("# not set: egress_url"), "{text}");
+        let back: Settings = toml::from_str(&text).unwrap();
+        assert_eq!(back.role, Role::Orchestrator);
+        assert_eq!(back.listen, s.listen);
+        assert_eq!(back.sandbox_uid_base, s.sandbox_uid_base);
     }
 
     #[test]

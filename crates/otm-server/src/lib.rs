@@ -2,7 +2,7 @@
 //! orchestrator (wake, stop, reap, reconcile), the Bot API proxy and the admin API.
 //!
 //! # Layout
-//! - [`config`]: settings, the TOML file, validation.
+//! - [`config`]: settings (flags, `OTM_*` variables, the TOML file), validation.
 //! - [`app`]: [`App`], the context every component gets.
 //! - [`ingress`]: `POST /tg/{tenant}`: secret check, durable append.
 //! - [`dispatch`]: per-tenant dispatchers that drain inboxes in order.
@@ -50,5 +50,5 @@ pub mod telegram;
 pub mod wake;
 
 pub use app::App;
-pub use config::Settings;
+pub use config::{Role, Sandbox, Settings};
 pub use server::{Server, StartError, start};

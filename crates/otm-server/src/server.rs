@@ -140,10 +140,10 @@ pub async fn start(
         Some(p) => p.clone(),
         None => std::env::current_exe().map_err(dd_err)?,
     };
-    let sandbox = match settings.sandbox.as_str() {
-        "bubblewrap" => SandboxMode::Bubblewrap,
-        "none" => SandboxMode::None,
-        _ => SandboxMode::Auto,
+    let sandbox = match settings.sandbox {
+        crate::config::Sandbox::Bubblewrap => SandboxMode::Bubblewrap,
+        crate::config::Sandbox::None => SandboxMode::None,
+        crate::config::Sandbox::Auto => SandboxMode::Auto,
     };
     // Instances reach the egress proxy through a socket in this directory only (they have no
     // other network).
@@ -196,7 +196,7 @@ pub async fn start(
 
     let shutdown = CancellationToken::new();
     // The waker is chosen once, from the role: routers ask the orchestrators.
-    let orchestrators = (settings.role == "router").then(|| {
+    let orchestrators = (settings.role == crate::config::Role::Router).then(|| {
         (
             settings.orchestrator_urls(),
             settings
@@ -228,7 +228,7 @@ pub async fn start(
         shutdown.clone(),
         make_waker,
     );
-    let role = app.settings.role.clone();
+    let role = app.settings.role;
 
     let mut tasks = Vec::new();
     // Every role answers /healthz and /metrics; the public listener takes webhooks only on

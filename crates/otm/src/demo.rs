@@ -198,13 +198,13 @@ async fn start_and_run(dir: &Path) -> Result<()> {
         // The demo runs anywhere: without bubblewrap its instances are plain processes, and it
         // says so (a server never falls back on its own).
         sandbox: if otm_shim::sandbox::bwrap().is_some() {
-            "bubblewrap".into()
+            otm_server::Sandbox::Bubblewrap
         } else {
-            "none".into()
+            otm_server::Sandbox::None
         },
         ..Default::default()
     };
-    if settings.sandbox == "none" {
+    if settings.sandbox == otm_server::Sandbox::None {
         say!(
             "  NOTE: bubblewrap (bwrap) is not installed, so this demo's instances run UNSANDBOXED,"
         );

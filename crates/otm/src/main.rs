@@ -4,7 +4,7 @@ mod cli;
 mod demo;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use otm_core::Secret;
 use std::io::Write;
 use std::path::PathBuf;
@@ -51,187 +51,19 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct ServerArgs {
-    /// TOML file with the same settings as the flags below (flags and OTM_* variables win).
+    /// TOML file with the same settings as the flags below, by their names with `_` for `-`
+    /// (flags and OTM_* variables win over it).
     #[arg(long, env = "OTM_CONFIG")]
     config: Option<PathBuf>,
-    /// Public listener: Telegram webhooks (POST /tg/{tenant}) and GET /healthz [default: 127.0.0.1:8080].
-    #[arg(long, env = "OTM_LISTEN")]
-    listen: Option<String>,
-    /// Admin listener: the /v1/ API and /metrics [default: 127.0.0.1:8081].
-    #[arg(long, env = "OTM_ADMIN_LISTEN")]
-    admin_listen: Option<String>,
-    /// Egress listener: the Bot API proxy agents call [default: 127.0.0.1:8082].
-    #[arg(long, env = "OTM_EGRESS_LISTEN")]
-    egress_listen: Option<String>,
-    /// The Bot API proxy's URL as agents see it [default: http://<egress listener>].
-    #[arg(long, env = "OTM_EGRESS_URL")]
-    egress_url: Option<String>,
-    /// The Telegram Bot API root [default: https://api.telegram.org].
-    #[arg(long, env = "OTM_TELEGRAM_API")]
-    telegram_api: Option<String>,
-    /// This server's public URL; when set, creating a tenant with a bot token registers its
-    /// webhook at {public-url}/tg/{id}, and deleting the tenant removes it.
-    #[arg(long, env = "OTM_PUBLIC_URL")]
-    public_url: Option<String>,
-    /// Registry URL [default: sqlite://<data-dir>/otm.db].
-    #[arg(long, env = "OTM_REGISTRY")]
-    registry: Option<String>,
-    /// Coordinator URL [default: memory].
-    #[arg(long, env = "OTM_COORDINATOR")]
-    coordinator: Option<String>,
-    /// State store URL for snapshots [default: file://<data-dir>/state].
-    #[arg(long, env = "OTM_STATE")]
-    state: Option<String>,
-    /// Instance sandbox: auto or bubblewrap (bubblewrap; the server refuses to start without
-    /// it), or none (development only: instances are not isolated, and every start says so)
-    /// [default: auto].
-    #[arg(long, env = "OTM_SANDBOX")]
-    sandbox: Option<String>,
-    /// First uid of the range instances run as when otm runs as root; 65,536 uids from there
-    /// must belong to nobody else [default: 1500000000].
-    #[arg(long, env = "OTM_SANDBOX_UID_BASE")]
-    sandbox_uid_base: Option<u32>,
-    /// Accept tenants on the `probe` profile: the reference agent answering `/sh <command>` with
-    /// the command's output, run inside the sandbox. For testing sandboxes only.
-    #[arg(long, env = "OTM_ALLOW_PROBE_PROFILE")]
-    allow_probe_profile: bool,
-    /// Failed deliveries of one update before it moves to the dead-letter list [default: 10].
-    #[arg(long, env = "OTM_MAX_DELIVERY_ATTEMPTS")]
-    max_delivery_attempts: Option<u32>,
-    /// What this process runs: all; router (webhooks, inboxes, dispatch, Bot API proxy); or
-    /// orchestrator (admin API, wakes, stops, reaper, warm pool, reconciler) [default: all].
-    #[arg(long, env = "OTM_ROLE", value_parser = ["all", "router", "orchestrator"])]
-    role: Option<String>,
-    /// Orchestrator URLs a router calls (their admin listeners), comma-separated.
-    #[arg(long, env = "OTM_ORCHESTRATOR_URL")]
-    orchestrator_url: Option<String>,
-    /// Lifetime of wake locks and dispatcher leases, renewed while held, in seconds [default: 15].
-    #[arg(long, env = "OTM_LEASE_TTL_S")]
-    lease_ttl_s: Option<u64>,
-    /// How long a delivered update's id is remembered to drop Telegram's redeliveries, in
-    /// seconds; its text is dropped at delivery, the id after this [default: 86400].
-    #[arg(long, env = "OTM_DEDUPE_WINDOW_S")]
-    dedupe_window_s: Option<u64>,
-    /// Where scripts/install-openclaw put Node 24 and OpenClaw, for tenants on the openclaw
-    /// profile [default: <data-dir>/openclaw, then openclaw on PATH].
-    #[arg(long, env = "OTM_OPENCLAW_PREFIX")]
-    openclaw_prefix: Option<PathBuf>,
-    /// JSON5 template of the OpenClaw gateway config [default: built in; see docs/openclaw.md].
-    #[arg(long, env = "OTM_OPENCLAW_CONFIG_TEMPLATE")]
-    openclaw_config_template: Option<PathBuf>,
-    /// The model provider's OpenAI-compatible base URL, e.g. https://api.openai.com/v1. Agents
-    /// reach it through the egress listener, which adds the key from OTM_MODEL_API_KEY (an
-    /// environment variable only, or model_api_key in the TOML file).
-    #[arg(long, env = "OTM_MODEL_BASE_URL")]
-    model_base_url: Option<String>,
-    /// The model id at that provider.
-    #[arg(long, env = "OTM_MODEL_ID")]
-    model_id: Option<String>,
-    /// Model requests a minute each tenant may make through the model proxy, unless the tenant
-    /// has its own budget [default: no limit].
-    #[arg(long, env = "OTM_MODEL_REQUESTS_PER_MINUTE")]
-    model_requests_per_minute: Option<u32>,
-    /// Model tokens a UTC day each tenant may use, as the provider reports them, unless the
-    /// tenant has its own budget [default: no limit].
-    #[arg(long, env = "OTM_MODEL_TOKENS_PER_DAY")]
-    model_tokens_per_day: Option<u64>,
-    /// Messages a second each bot may send through the Bot API proxy; more wait their turn
-    /// (0: no limit) [default: 30, Telegram's limit].
-    #[arg(long, env = "OTM_BOT_MESSAGES_PER_SECOND")]
-    bot_messages_per_second: Option<u32>,
-    /// Least milliseconds between two messages of a bot to one chat (0: no limit)
-    /// [default: 1000, Telegram's one a second].
-    #[arg(long, env = "OTM_BOT_CHAT_INTERVAL_MS")]
-    bot_chat_interval_ms: Option<u64>,
-    /// Messages a minute a bot may send to one group chat (0: no limit) [default: 20].
-    #[arg(long, env = "OTM_BOT_GROUP_MESSAGES_PER_MINUTE")]
-    bot_group_messages_per_minute: Option<u32>,
-    /// The key file that encrypts bot tokens and webhook secrets at rest and signs shim tokens
-    /// and cached endpoints (`otm secrets keygen` writes one; every replica needs the same)
-    /// [default: <data-dir>/secret.key, generated on first start, mode 0600].
-    #[arg(long, env = "OTM_SECRET_KEY_FILE")]
-    secret_key_file: Option<PathBuf>,
+    /// Print the effective settings as TOML, secrets redacted, and exit.
+    #[arg(long)]
+    print_config: bool,
+    #[command(flatten)]
+    settings: otm_server::Settings,
 }
 
-impl ServerArgs {
-    fn settings(&self, data_dir: Option<PathBuf>) -> anyhow::Result<otm_server::Settings> {
-        let mut s = match &self.config {
-            Some(path) => otm_server::Settings::from_toml_file(path)?,
-            None => otm_server::Settings::default(),
-        };
-        macro_rules! set {
-            ($($field:ident),*) => { $( if let Some(v) = &self.$field { s.$field = v.clone().into(); } )* };
-        }
-        set!(listen, admin_listen, egress_listen, telegram_api, sandbox);
-        if let Some(d) = data_dir {
-            s.data_dir = d;
-        }
-        macro_rules! set_opt {
-            ($($field:ident),*) => { $( if let Some(v) = &self.$field { s.$field = Some(v.clone()); } )* };
-        }
-        set_opt!(
-            egress_url,
-            public_url,
-            registry,
-            coordinator,
-            state,
-            openclaw_prefix,
-            openclaw_config_template,
-            secret_key_file
-        );
-        set_opt!(
-            model_base_url,
-            model_id,
-            model_requests_per_minute,
-            model_tokens_per_day
-        );
-        if let Some(n) = self.max_delivery_attempts {
-            s.max_delivery_attempts = n;
-        }
-        if let Some(n) = self.sandbox_uid_base {
-            s.sandbox_uid_base = n;
-        }
-        if self.allow_probe_profile {
-            s.allow_probe_profile = true;
-        }
-        if let Some(r) = &self.role {
-            s.role = r.clone();
-        }
-        if let Some(u) = &self.orchestrator_url {
-            s.orchestrator_url = Some(u.clone());
-        }
-        if let Some(t) = self.lease_ttl_s {
-            s.lease_ttl_s = t;
-        }
-        if let Some(w) = self.dedupe_window_s {
-            s.dedupe_window_s = w;
-        }
-        if let Some(n) = self.bot_messages_per_second {
-            s.bot_messages_per_second = n;
-        }
-        if let Some(n) = self.bot_chat_interval_ms {
-            s.bot_chat_interval_ms = n;
-        }
-        if let Some(n) = self.bot_group_messages_per_minute {
-            s.bot_group_messages_per_minute = n;
-        }
-        // The service token comes from the environment only, never from a flag (process lists).
-        if let Some(t) = std::env::var("OTM_SERVICE_TOKEN")
-            .ok()
-            .filter(|t| !t.is_empty())
-        {
-            s.service_token = Some(Secret::new(t));
-        }
-        // So does the model API key.
-        if let Some(k) = std::env::var("OTM_MODEL_API_KEY")
-            .ok()
-            .filter(|k| !k.is_empty())
-        {
-            s.model_api_key = Some(Secret::new(k));
-        }
-        Ok(s)
-    }
-}
+/// The exit code of a bad configuration (sysexits' EX_USAGE).
+const EXIT_BAD_CONFIG: u8 = 64;
 
 #[derive(Args, Debug)]
 struct MigrateArgs {
@@ -302,7 +134,23 @@ struct SandboxInitArgs {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let matches = match Cli::command().try_get_matches() {
+        Ok(m) => m,
+        Err(e) => {
+            // A flag `otm server` refuses is a bad configuration like any other.
+            let code = if e.use_stderr() && for_server(std::env::args_os()) {
+                EXIT_BAD_CONFIG
+            } else {
+                e.exit_code().clamp(0, 255) as u8
+            };
+            let _ = e.print();
+            return std::process::ExitCode::from(code);
+        }
+    };
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     // These two run before any thread exists: they change credentials and wait for signals.
     match cli.command {
         Command::SandboxExec(a) => {
@@ -348,7 +196,12 @@ fn main() -> std::process::ExitCode {
         .expect("tokio runtime");
     let result = rt.block_on(async move {
         match cli.command {
-            Command::Server(args) => server(*args, cli.global.data_dir).await.map(|()| 0),
+            Command::Server(args) => {
+                let server_matches = matches
+                    .subcommand_matches("server")
+                    .expect("the server command's matches");
+                server(*args, server_matches).await
+            }
             Command::Shim(args) => shim(args).await.map(|()| 0),
             Command::Demo(args) => demo::run(args).await.map(|()| 0),
             Command::Migrate(args) => {
@@ -369,27 +222,42 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             // A closed stderr must not turn an error into a panic.
             let _ = writeln!(std::io::stderr(), "otm: {e:#}");
-            std::process::ExitCode::from(1)
+            let bad_config = e
+                .downcast_ref::<otm_server::config::InvalidSetting>()
+                .is_some()
+                || matches!(
+                    e.downcast_ref::<otm_server::StartError>(),
+                    Some(otm_server::StartError::Setting(_))
+                );
+            std::process::ExitCode::from(if bad_config { EXIT_BAD_CONFIG } else { 1 })
         }
     }
 }
 
-async fn server(args: ServerArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
-    let settings = args.settings(data_dir)?;
+/// Whether a command line clap refused asks for `otm server`.
+fn for_server(args: impl IntoIterator<Item = std::ffi::OsString>) -> bool {
+    Cli::command()
+        .ignore_errors(true)
+        .try_get_matches_from(args)
+        .is_ok_and(|m| m.subcommand_name() == Some("server"))
+}
+
+async fn server(args: ServerArgs, matches: &clap::ArgMatches) -> anyhow::Result<u8> {
+    let settings = otm_server::Settings::resolve(matches, args.config.as_deref())?;
+    if args.print_config {
+        settings.validate()?;
+        print!("{}", settings.to_redacted_toml());
+        return Ok(0);
+    }
     // The admin token: OTM_ADMIN_TOKEN, else the file OTM_ADMIN_TOKEN_FILE names (a mounted
     // secret), else <data-dir>/admin.token (created on first start).
-    let token = match std::env::var("OTM_ADMIN_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty())
-    {
-        Some(t) => Some(Secret::new(t)),
-        None => match std::env::var_os("OTM_ADMIN_TOKEN_FILE").filter(|f| !f.is_empty()) {
-            Some(file) => Some(Secret::new(cli::read_secret_file(
-                std::path::Path::new(&file),
-                "admin token (OTM_ADMIN_TOKEN_FILE)",
-            )?)),
-            None => None,
-        },
+    let token = match (&settings.admin_token, &settings.admin_token_file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(file)) => Some(Secret::new(cli::read_secret_file(
+            file,
+            "admin token (OTM_ADMIN_TOKEN_FILE)",
+        )?)),
+        (None, None) => None,
     };
     let server = otm_server::start(settings, token).await?;
     println!(
@@ -403,7 +271,7 @@ async fn server(args: ServerArgs, data_dir: Option<PathBuf>) -> anyhow::Result<(
     }
     tracing::info!("shutting down; instances keep running and are adopted at the next start");
     server.shutdown(Duration::from_secs(10), false).await;
-    Ok(())
+    Ok(0)
 }
 
 async fn shim(args: ShimArgs) -> anyhow::Result<()> {

@@ -25,6 +25,15 @@ fn invalid_settings_exit_non_zero_before_binding() {
         (vec!["--telegram-api", "ftp://x"], "telegram-api"),
         (vec!["--public-url", "nope"], "public-url"),
         (vec!["--sandbox", "docker"], "sandbox"),
+        (vec!["--role", "leader"], "role"),
+        (
+            vec!["--lease-ttl-s", "1", "--sandbox", "none"],
+            "lease-ttl-s",
+        ),
+        (
+            vec!["--role", "router", "--sandbox", "none"],
+            "orchestrator-url",
+        ),
         (
             vec![
                 "--listen",
@@ -42,7 +51,7 @@ fn invalid_settings_exit_non_zero_before_binding() {
             .arg(dir.path().join("d"))
             .output()
             .unwrap();
-        assert!(!out.status.success(), "{args:?} was accepted");
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {out:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(needle), "{args:?}: {err}");
         assert!(
@@ -58,8 +67,53 @@ fn invalid_settings_exit_non_zero_before_binding() {
         .arg(&cfg)
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("no_such_setting"));
+}
+
+#[test]
+fn print_config_shows_the_effective_settings_without_secrets() {
+    let dir = common::tempdir();
+    let cfg = dir.path().join("otm.toml");
+    std::fs::write(
+        &cfg,
+        "listen = \"127.0.0.1:18601\"\nadmin_listen = \"127.0.0.1:18602\"\nlease_ttl_s = 30\nmodel_api_key = \"sk-from-file\"\n",
+    )
+    .unwrap();
+    let out = otm()
+        .args(["server", "--print-config", "--sandbox", "none", "--config"])
+        .arg(&cfg)
+        .args(["--admin-listen", "127.0.0.1:18603"])
+        .env("OTM_LEASE_TTL_S", "40")
+        .env("OTM_SERVICE_TOKEN", "service-secret")
+        .env("OTM_ADMIN_TOKEN", "admin-secret")
+        .env("OTM_DATA_DIR", dir.path().join("d"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for secret in ["sk-from-file", "service-secret", "admin-secret"] {
+        assert!(!text.contains(secret), "{secret} printed:\n{text}");
+    }
+    let printed: toml::Table = text.parse().unwrap();
+    let get = |k: &str| printed.get(k).map(ToString::to_string).unwrap_or_default();
+    assert_eq!(get("listen"), "\"127.0.0.1:18601\"", "from the file");
+    assert_eq!(get("admin_listen"), "\"127.0.0.1:18603\"", "the flag wins");
+    assert_eq!(get("lease_ttl_s"), "40", "the variable wins");
+    assert_eq!(get("egress_listen"), "\"127.0.0.1:8082\"", "the default");
+    assert_eq!(get("sandbox"), "\"none\"");
+    assert_eq!(get("role"), "\"all\"");
+    for secret in ["model_api_key", "service_token", "admin_token"] {
+        assert_eq!(get(secret), "\"<redacted>\"", "{text}");
+    }
+    assert!(
+        get("data_dir").contains(&*dir.path().join("d").to_string_lossy()),
+        "{text}"
+    );
+    assert!(
+        !dir.path().join("d").exists(),
+        "printing the settings created the data directory"
+    );
 }
 
 #[test]

@@ -109,7 +109,7 @@ fn otm_cli(h: &Harness, args: &[&str]) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_are_encrypted_files_private_and_rotation_keeps_delivering() {
-    let mut h = Harness::start_with(|s| s.sandbox = "none".into()).await;
+    let mut h = Harness::start_with(|s| s.sandbox = otm_server::Sandbox::None).await;
     let data = h.dir.path().join("d");
     let tokens = ["8301:ALPHA-bot-token-xyz", "8302:BRAVO-bot-token-xyz"];
     let mut secrets = vec![h.tenant("alpha", tokens[0]).await];
@@ -227,7 +227,7 @@ async fn secrets_are_encrypted_files_private_and_rotation_keeps_delivering() {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
     }
     std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
-    restart(&mut h, |s| s.sandbox = "none".into()).await;
+    restart(&mut h, |s| s.sandbox = otm_server::Sandbox::None).await;
     assert_eq!(mode(&data), 0o700);
     assert_eq!(mode(&db), 0o600);
     assert_eq!(mode(&data.join("admin.token")), 0o600);
@@ -272,7 +272,7 @@ async fn secrets_are_encrypted_files_private_and_rotation_keeps_delivering() {
     let server = otm_server::start(
         {
             let mut s = common::settings(data.clone(), &h.tg);
-            s.sandbox = "none".into();
+            s.sandbox = otm_server::Sandbox::None;
             s.secret_key_file = Some(other_key);
             s
         },
