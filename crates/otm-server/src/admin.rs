@@ -304,99 +304,105 @@ macro_rules! limits_body {
 }
 
 /// Resource limits as the API takes them (see [`otm_core::admin_api::CreateTenant`]).
-fn apply_limits(body: &LimitsBody, to: &mut otm_core::TenantLimits) -> ApiResult<()> {
-    fn text(v: &Value) -> Option<String> {
-        match v {
-            Value::Null => None,
-            Value::String(s) if s == "default" => None,
-            Value::String(s) => Some(s.clone()),
-            other => Some(other.to_string()),
+trait ApplyLimits {
+    fn apply(&self, to: &mut otm_core::TenantLimits) -> ApiResult<()>;
+}
+
+impl ApplyLimits for LimitsBody {
+    fn apply(&self, to: &mut otm_core::TenantLimits) -> ApiResult<()> {
+        fn text(v: &Value) -> Option<String> {
+            match v {
+                Value::Null => None,
+                Value::String(s) if s == "default" => None,
+                Value::String(s) => Some(s.clone()),
+                other => Some(other.to_string()),
+            }
         }
-    }
-    let bad = |name: &str, e: String| ApiError::bad_request(format!("{name}: {e}"));
-    if let Some(v) = &body.memory {
-        to.memory_bytes = text(v)
-            .map(|s| otm_core::quantity::parse_bytes(&s))
-            .transpose()
-            .map_err(|e| bad("memory", e))?;
-        if to.memory_bytes.is_some_and(|m| m < 16 << 20) {
-            return Err(ApiError::bad_request("memory must be at least 16Mi"));
+        let bad = |name: &str, e: String| ApiError::bad_request(format!("{name}: {e}"));
+        if let Some(v) = &self.memory {
+            to.memory_bytes = text(v)
+                .map(|s| otm_core::quantity::parse_bytes(&s))
+                .transpose()
+                .map_err(|e| bad("memory", e))?;
+            if to.memory_bytes.is_some_and(|m| m < 16 << 20) {
+                return Err(ApiError::bad_request("memory must be at least 16Mi"));
+            }
         }
-    }
-    if let Some(v) = &body.disk {
-        to.disk_bytes = text(v)
-            .map(|s| otm_core::quantity::parse_bytes(&s))
-            .transpose()
-            .map_err(|e| bad("disk", e))?;
-    }
-    if let Some(v) = &body.cpu {
-        to.cpu_millis = text(v)
-            .map(|s| otm_core::quantity::parse_cpu(&s))
-            .transpose()
-            .map_err(|e| bad("cpu", e))?;
-    }
-    if let Some(list) = &body.egress_allow {
-        for h in list {
-            let name = h.strip_prefix("*.").unwrap_or(h);
-            let ok = !name.is_empty()
-                && name.len() <= 253
-                && name.split('.').all(|l| {
-                    !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                })
-                && name.parse::<std::net::IpAddr>().is_err();
-            if !ok {
+        if let Some(v) = &self.disk {
+            to.disk_bytes = text(v)
+                .map(|s| otm_core::quantity::parse_bytes(&s))
+                .transpose()
+                .map_err(|e| bad("disk", e))?;
+        }
+        if let Some(v) = &self.cpu {
+            to.cpu_millis = text(v)
+                .map(|s| otm_core::quantity::parse_cpu(&s))
+                .transpose()
+                .map_err(|e| bad("cpu", e))?;
+        }
+        if let Some(list) = &self.egress_allow {
+            for h in list {
+                let name = h.strip_prefix("*.").unwrap_or(h);
+                let ok = !name.is_empty()
+                    && name.len() <= 253
+                    && name.split('.').all(|l| {
+                        !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    })
+                    && name.parse::<std::net::IpAddr>().is_err();
+                if !ok {
+                    return Err(ApiError::bad_request(format!(
+                        "egress_allow: `{h}` is not a host name (example.com, or *.example.com for its subdomains)"
+                    )));
+                }
+            }
+            to.egress_allow = Some(list.iter().map(|h| h.to_ascii_lowercase()).collect())
+                .filter(|l: &Vec<String>| !l.is_empty());
+        }
+        if let Some(list) = &self.allowed_users {
+            let mut users = Vec::new();
+            for v in list {
+                let entry = match v {
+                    Value::String(s) => s.clone(),
+                    Value::Number(n) => n.to_string(),
+                    other => other.to_string(),
+                };
+                let user = otm_core::check_allowed_user(&entry)
+                    .map_err(|e| ApiError::bad_request(format!("allowed_users: {e}")))?;
+                if !users.contains(&user) {
+                    users.push(user);
+                }
+            }
+            to.allowed_users = Some(users).filter(|u| !u.is_empty());
+        }
+        match self.egress.as_deref() {
+            None => {}
+            Some("none") => to.egress_allow = None,
+            Some("proxy") if to.egress_allow.as_ref().is_some_and(|a| !a.is_empty()) => {}
+            Some("proxy") => {
+                return Err(ApiError::bad_request(
+                    "egress `proxy` needs egress_allow: the host names it may reach",
+                ));
+            }
+            Some(other) => {
                 return Err(ApiError::bad_request(format!(
-                    "egress_allow: `{h}` is not a host name (example.com, or *.example.com for its subdomains)"
+                    "egress: `{other}` is not none or proxy"
                 )));
             }
         }
-        to.egress_allow = Some(list.iter().map(|h| h.to_ascii_lowercase()).collect())
-            .filter(|l: &Vec<String>| !l.is_empty());
-    }
-    if let Some(list) = &body.allowed_users {
-        let mut users = Vec::new();
-        for v in list {
-            let entry = match v {
-                Value::String(s) => s.clone(),
-                Value::Number(n) => n.to_string(),
-                other => other.to_string(),
-            };
-            let user = otm_core::check_allowed_user(&entry)
-                .map_err(|e| ApiError::bad_request(format!("allowed_users: {e}")))?;
-            if !users.contains(&user) {
-                users.push(user);
-            }
+        if let Some(v) = &self.pids {
+            to.pids = text(v)
+                .map(|s| {
+                    s.trim()
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|n| (8..=1_000_000).contains(n))
+                        .ok_or("a count from 8 to 1000000".to_owned())
+                })
+                .transpose()
+                .map_err(|e| bad("pids", e))?;
         }
-        to.allowed_users = Some(users).filter(|u| !u.is_empty());
+        Ok(())
     }
-    match body.egress.as_deref() {
-        None => {}
-        Some("none") => to.egress_allow = None,
-        Some("proxy") if to.egress_allow.as_ref().is_some_and(|a| !a.is_empty()) => {}
-        Some("proxy") => {
-            return Err(ApiError::bad_request(
-                "egress `proxy` needs egress_allow: the host names it may reach",
-            ));
-        }
-        Some(other) => {
-            return Err(ApiError::bad_request(format!(
-                "egress: `{other}` is not none or proxy"
-            )));
-        }
-    }
-    if let Some(v) = &body.pids {
-        to.pids = text(v)
-            .map(|s| {
-                s.trim()
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|n| (8..=1_000_000).contains(n))
-                    .ok_or("a count from 8 to 1000000".to_owned())
-            })
-            .transpose()
-            .map_err(|e| bad("pids", e))?;
-    }
-    Ok(())
 }
 
 /// The model settings of a create or patch body: budgets as numbers (0: no limit, `"default"`:
@@ -536,7 +542,7 @@ async fn create_tenant(
         t.idle_timeout_s = s;
     }
     t.cold_start_notice = body.cold_start_notice.unwrap_or(false);
-    apply_limits(&limits_body!(body), &mut t.limits)?;
+    limits_body!(body).apply(&mut t.limits)?;
     apply_model_settings(
         &mut t.limits,
         body.model_requests_per_minute.as_ref(),
@@ -612,7 +618,7 @@ async fn patch_tenant(
     if let Some(c) = body.cold_start_notice {
         t.cold_start_notice = c;
     }
-    apply_limits(&limits_body!(body), &mut t.limits)?;
+    limits_body!(body).apply(&mut t.limits)?;
     apply_model_settings(
         &mut t.limits,
         body.model_requests_per_minute.as_ref(),
@@ -870,7 +876,7 @@ async fn put_config(
     }
     if let Some(l) = &body.default_limits {
         let mut own = otm_core::TenantLimits::default();
-        apply_limits(l, &mut own)?;
+        l.apply(&mut own)?;
         s.default_limits = own.over(&s.default_limits);
     }
     app.registry.put_settings(&s).await?;
