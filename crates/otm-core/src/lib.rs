@@ -14,8 +14,10 @@
 //! - [`state`]: the [`StateStore`] trait for snapshots.
 //! - [`runtime`]: the [`Runtime`] trait that creates, lists, watches and deletes instances.
 //! - [`shim_api`]: the wire types of the shim's control API.
+//! - [`admin_api`]: the wire types of the admin API, and the error shape both APIs answer.
 //! - [`error`]: the one error type every trait returns.
 
+pub mod admin_api;
 pub mod base64;
 pub mod coordinator;
 pub mod error;
@@ -34,7 +36,7 @@ pub mod time;
 pub use coordinator::{Coordinator, Lease, Notification};
 pub use error::{Error, Result};
 pub use id::{InstanceId, SnapshotId, TenantId};
-pub use inbox::{Appended, FailOutcome, InboxItem, InboxView};
+pub use inbox::{Appended, DeliveryFailure, DeliveryOutcome, FailOutcome, InboxItem, InboxView};
 pub use instance::{InstanceRecord, InstanceState};
 pub use registry::{FleetSettings, Registry};
 pub use runtime::{

@@ -9,21 +9,26 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use otm_core::{Error, FleetSettings, InboxItem, InstanceRecord, Secret, Tenant, TenantId};
-use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use otm_core::admin_api::{
+    CreateTenant, ErrorBody, ErrorCode, InboxAnswer, InstanceView, LimitsBody, PatchTenant,
+    PutConfig, RestoreView, RotateAnswer, RotateRequest, SnapshotEntry, SnapshotList, StatusView,
+    StopView, TenantView, WakeView,
+};
+use otm_core::{Error, FleetSettings, InstanceRecord, Secret, Tenant, TenantId};
+use serde::Deserialize;
+use serde_json::Value;
 use std::sync::Arc;
 
 /// An API error: HTTP status, a stable code, and a message that says what to do.
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
         ApiError {
             status,
             code,
@@ -31,12 +36,12 @@ impl ApiError {
         }
     }
     fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+        Self::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidRequest, message)
     }
     fn not_found(what: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
-            "not_found",
+            ErrorCode::NotFound,
             format!("{what} not found"),
         )
     }
@@ -44,24 +49,20 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(json!({"error": {"code": self.code, "message": self.message}})),
-        )
-            .into_response()
+        (self.status, Json(ErrorBody::new(self.code, self.message))).into_response()
     }
 }
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         let (status, code) = match &e {
-            Error::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
-            Error::AlreadyExists { .. } => (StatusCode::CONFLICT, "already_exists"),
-            Error::Conflict { .. } => (StatusCode::CONFLICT, "conflict"),
-            Error::InvalidInput { .. } => (StatusCode::BAD_REQUEST, "invalid_request"),
-            Error::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-            Error::Corrupt { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "corrupt"),
-            _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            Error::NotFound { .. } => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
+            Error::AlreadyExists { .. } => (StatusCode::CONFLICT, ErrorCode::AlreadyExists),
+            Error::Conflict { .. } => (StatusCode::CONFLICT, ErrorCode::Conflict),
+            Error::InvalidInput { .. } => (StatusCode::BAD_REQUEST, ErrorCode::InvalidRequest),
+            Error::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
+            Error::Corrupt { .. } => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Corrupt),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal),
         };
         ApiError::new(status, code, e.to_string())
     }
@@ -103,7 +104,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/config", get(get_config).put(put_config))
         .route("/status", get(status))
         .route("/secrets/rotate", post(rotate_secrets))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route")
+        })
         // Authentication wraps every /v1 route, the fallback included.
         .layer(middleware::from_fn_with_state(app.clone(), authorize));
     let internal = Router::new()
@@ -120,7 +123,7 @@ pub fn router(app: Arc<App>) -> Router {
         let elsewhere = || async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
-                "not_found",
+                ErrorCode::NotFound,
                 "this is a router; the admin API is served by the orchestrators",
             )
         };
@@ -154,7 +157,7 @@ async fn authorize_service(
     } else {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
-            "unauthorized",
+            ErrorCode::Unauthorized,
             "missing or wrong service token",
         )
         .into_response()
@@ -171,32 +174,12 @@ async fn internal_wake(
     Ok(Json(crate::remote::WakeAnswer::from(&woken)))
 }
 
-/// `POST /v1/secrets/rotate`: what to rotate.
-#[derive(Debug, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct RotateRequest {
-    /// Add a fresh key to the key file first (false: re-encrypt under the newest key the key
-    /// file already lists, for key files their operator manages).
-    new_key: bool,
-    /// Drop the older keys from the key file once every secret is re-encrypted.
-    retire_old_keys: bool,
-}
-
-impl Default for RotateRequest {
-    fn default() -> Self {
-        RotateRequest {
-            new_key: true,
-            retire_old_keys: true,
-        }
-    }
-}
-
 /// Re-encrypts every tenant's secrets under a new key (see [`otm_store::secrets::rotate`]).
 /// An empty body is the defaults.
 async fn rotate_secrets(
     State(app): State<Arc<App>>,
     body: axum::body::Bytes,
-) -> ApiResult<Json<otm_store::secrets::Rotation>> {
+) -> ApiResult<Json<RotateAnswer>> {
     let req: RotateRequest = if body.iter().all(u8::is_ascii_whitespace) {
         RotateRequest::default()
     } else {
@@ -205,7 +188,22 @@ async fn rotate_secrets(
     let _one_at_a_time = app.rotation.lock().await;
     let done = app.sealed.rotate(req.new_key, req.retire_old_keys).await?;
     tracing::info!(key = %done.key_id, new_key = done.new_key, reencrypted = done.reencrypted, failed = done.failed.len(), retired = ?done.retired, "secrets rotated");
-    Ok(Json(done))
+    let otm_store::secrets::Rotation {
+        key_id,
+        new_key,
+        reencrypted,
+        unchanged,
+        failed,
+        retired,
+    } = done;
+    Ok(Json(RotateAnswer {
+        key_id,
+        new_key,
+        reencrypted,
+        unchanged,
+        failed,
+        retired,
+    }))
 }
 
 async fn authorize(
@@ -225,13 +223,13 @@ async fn authorize(
         Some(t) if app.admin_token.matches(t.trim()) => next.run(req).await,
         Some(_) => ApiError::new(
             StatusCode::UNAUTHORIZED,
-            "unauthorized",
+            ErrorCode::Unauthorized,
             "wrong admin token",
         )
         .into_response(),
         None => ApiError::new(
             StatusCode::UNAUTHORIZED,
-            "unauthorized",
+            ErrorCode::Unauthorized,
             "missing admin token: send Authorization: Bearer <token> (see <data-dir>/admin.token)",
         )
         .into_response(),
@@ -243,44 +241,6 @@ async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
         [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
         app.metrics.encode(),
     )
-}
-
-/// A tenant as the API shows it: no secrets, only whether a bot token is set.
-#[derive(Serialize)]
-struct TenantView {
-    id: TenantId,
-    profile: String,
-    status: &'static str,
-    idle_timeout_s: u64,
-    cold_start_notice: bool,
-    has_bot_token: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    webhook_url: Option<String>,
-    created_at_ms: i64,
-    last_active_ms: i64,
-    instance: Option<String>,
-    inbox_pending: u64,
-    /// What its instances may use: its own limits over the fleet's defaults.
-    limits: otm_core::ResourceLimits,
-    /// The limits set for this tenant alone.
-    own_limits: otm_core::TenantLimits,
-    /// `none` (no way out but the Bot API and model proxies) or `proxy` (CONNECT to `egress_allow`).
-    egress: &'static str,
-    egress_allow: Vec<String>,
-    /// Telegram user ids that may write to the agent, or `*` (anyone); empty: nobody may write
-    /// to an OpenClaw agent (the reference agent then answers everyone).
-    allowed_users: Vec<String>,
-    /// The DM policy rendered into OpenClaw's config: `disabled`, `allowlist` or `open`.
-    dm_policy: &'static str,
-    /// Whether the tenant has a model key of its own (the key itself is never shown).
-    has_model_api_key: bool,
-    /// The model budget in force and what was used of it (as this server counted it).
-    model_budget: crate::model_budget::BudgetView,
-    /// The last limit one of its instances ran into (as this server saw it).
-    last_limit_kill: Option<crate::app::LimitKill>,
-    /// The last wake that could not restore the head snapshot: what it skipped and why (as this
-    /// server saw it).
-    last_restore_fallback: Option<crate::app::RestoreFallback>,
 }
 
 async fn view(app: &App, t: &Tenant) -> TenantView {
@@ -305,7 +265,7 @@ async fn view_with(app: &App, t: &Tenant, defaults: &otm_core::ResourceLimits) -
     TenantView {
         id: t.id.clone(),
         profile: t.profile.clone(),
-        status: t.status.as_str(),
+        status: t.status,
         idle_timeout_s: t.idle_timeout_s,
         cold_start_notice: t.cold_start_notice,
         has_bot_token: t.bot_token.is_some(),
@@ -316,33 +276,15 @@ async fn view_with(app: &App, t: &Tenant, defaults: &otm_core::ResourceLimits) -
         inbox_pending: app.registry.inbox_depth(&t.id).await.unwrap_or(0),
         limits: t.limits.over(defaults),
         own_limits: t.limits.without_secrets(),
-        egress: t.limits.egress(),
+        egress: t.limits.egress().to_owned(),
         egress_allow: t.limits.egress_allow.clone().unwrap_or_default(),
         allowed_users: t.limits.allowed_users.clone().unwrap_or_default(),
-        dm_policy: t.limits.dm_policy().openclaw_name(),
+        dm_policy: t.limits.dm_policy().openclaw_name().to_owned(),
         has_model_api_key: t.limits.model_api_key.is_some(),
         model_budget: app.model_budget_view(t),
         last_limit_kill: app.last_limit_kill(&t.id),
         last_restore_fallback: app.last_restore_fallback(&t.id),
     }
-}
-
-/// Resource limits as the API takes them: `memory` and `disk` as sizes (`512Mi`, `2GiB`, or a
-/// number of bytes), `cpu` as `500m`, `0.5` or a number of cores, `pids` as a count; `"default"`
-/// (or null) returns one to the fleet's default.
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct LimitsBody {
-    memory: Option<Value>,
-    cpu: Option<Value>,
-    pids: Option<Value>,
-    disk: Option<Value>,
-    #[serde(default)]
-    egress: Option<String>,
-    #[serde(default)]
-    egress_allow: Option<Vec<String>>,
-    #[serde(default)]
-    allowed_users: Option<Vec<Value>>,
 }
 
 /// The limit fields of a create or patch body, which name them one by one (`deny_unknown_fields`
@@ -361,7 +303,12 @@ macro_rules! limits_body {
     };
 }
 
-impl LimitsBody {
+/// Resource limits as the API takes them (see [`otm_core::admin_api::CreateTenant`]).
+trait ApplyLimits {
+    fn apply(&self, to: &mut otm_core::TenantLimits) -> ApiResult<()>;
+}
+
+impl ApplyLimits for LimitsBody {
     fn apply(&self, to: &mut otm_core::TenantLimits) -> ApiResult<()> {
         fn text(v: &Value) -> Option<String> {
             match v {
@@ -511,31 +458,6 @@ async fn load(app: &App, id: &str) -> ApiResult<Tenant> {
         .ok_or_else(|| ApiError::not_found(&format!("tenant {id}")))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateTenant {
-    id: String,
-    bot_token: Option<String>,
-    idle_timeout_s: Option<u64>,
-    profile: Option<String>,
-    cold_start_notice: Option<bool>,
-    /// The secret Telegram must send; generated when absent (it is then only ever given to
-    /// Telegram through setWebhook).
-    webhook_secret: Option<String>,
-    memory: Option<Value>,
-    cpu: Option<Value>,
-    pids: Option<Value>,
-    disk: Option<Value>,
-    egress: Option<String>,
-    egress_allow: Option<Vec<String>>,
-    /// Telegram user ids (numbers or strings) that may write to the agent, or `"*"`.
-    allowed_users: Option<Vec<Value>>,
-    model_requests_per_minute: Option<Value>,
-    model_tokens_per_day: Option<Value>,
-    /// The tenant's own key at the model provider (write-only).
-    model_api_key: Option<String>,
-}
-
 fn check_profile(app: &App, p: &str) -> ApiResult<()> {
     if p == otm_shim::profile::PROBE_PROFILE && !app.settings.allow_probe_profile {
         return Err(ApiError::bad_request(
@@ -600,7 +522,7 @@ async fn register_webhook(app: &App, t: &Tenant) -> ApiResult<()> {
         .map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_GATEWAY,
-                "telegram_error",
+                ErrorCode::TelegramError,
                 format!("{e}; check the bot token and --public-url"),
             )
         })
@@ -633,7 +555,7 @@ async fn create_tenant(
     app.registry.create_tenant(&t).await.map_err(|e| match e {
         Error::AlreadyExists { .. } => ApiError::new(
             StatusCode::CONFLICT,
-            "already_exists",
+            ErrorCode::AlreadyExists,
             format!("tenant {id} already exists"),
         ),
         e => e.into(),
@@ -677,25 +599,6 @@ async fn get_tenant(
 ) -> ApiResult<Json<TenantView>> {
     let t = load(&app, &id).await?;
     Ok(Json(view(&app, &t).await))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PatchTenant {
-    bot_token: Option<String>,
-    idle_timeout_s: Option<u64>,
-    profile: Option<String>,
-    cold_start_notice: Option<bool>,
-    memory: Option<Value>,
-    cpu: Option<Value>,
-    pids: Option<Value>,
-    disk: Option<Value>,
-    egress: Option<String>,
-    egress_allow: Option<Vec<String>>,
-    allowed_users: Option<Vec<Value>>,
-    model_requests_per_minute: Option<Value>,
-    model_tokens_per_day: Option<Value>,
-    model_api_key: Option<String>,
 }
 
 async fn patch_tenant(
@@ -790,73 +693,64 @@ async fn delete_tenant(
 async fn wake_tenant(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<WakeView>> {
     let t = load(&app, &id).await?;
     let woken = app.wake(&t.id, None).await?;
-    let phases: serde_json::Map<String, Value> = woken
-        .phases
-        .iter()
-        .map(|(k, v)| (k.clone(), json!(v)))
-        .collect();
-    Ok(Json(json!({
-        "tenant": t.id, "instance": woken.instance, "path": woken.path, "total_ms": woken.total_ms, "phases_ms": phases
-    })))
+    Ok(Json(WakeView {
+        tenant: t.id,
+        instance: woken.instance.to_string(),
+        path: woken.path.as_str().to_owned(),
+        total_ms: woken.total_ms,
+        phases_ms: woken.phases.into_iter().collect(),
+    }))
 }
 
 async fn stop_tenant(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<StopView>> {
     let t = load(&app, &id).await?;
     let stopped = orchestrator::stop(&app, &t.id, "admin").await?;
-    Ok(Json(json!({"tenant": t.id, "stopped": stopped})))
+    Ok(Json(StopView {
+        tenant: t.id,
+        stopped,
+    }))
 }
 
-#[derive(Serialize)]
-struct InboxEntry {
-    seq: i64,
-    update_id: i64,
-    attempts: u32,
-    accepted_at_ms: i64,
-    last_error: Option<String>,
-}
-
-impl From<&InboxItem> for InboxEntry {
-    fn from(i: &InboxItem) -> Self {
-        InboxEntry {
-            seq: i.seq,
-            update_id: i.update_id,
-            attempts: i.attempts,
-            accepted_at_ms: i.accepted_at_ms,
-            last_error: i.last_error.clone(),
-        }
-    }
-}
-
-async fn inbox(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+async fn inbox(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<InboxAnswer>> {
     let t = load(&app, &id).await?;
     let v = app.registry.inbox_view(&t.id, 1000).await?;
-    let pending: Vec<InboxEntry> = v.pending.iter().map(Into::into).collect();
-    let dead: Vec<InboxEntry> = v.dead.iter().map(Into::into).collect();
-    Ok(Json(
-        json!({"tenant": t.id, "pending": pending, "dead": dead}),
-    ))
+    Ok(Json(InboxAnswer {
+        tenant: t.id,
+        pending: v.pending.iter().map(Into::into).collect(),
+        dead: v.dead.iter().map(Into::into).collect(),
+    }))
 }
 
-async fn snapshots(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+async fn snapshots(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SnapshotList>> {
     let id = parse_id(&id)?;
     let head = app.state.head(&id).await?.map(|h| h.id);
-    let list: Vec<Value> = app
+    let snapshots = app
         .state
         .list(&id)
         .await?
         .into_iter()
         .map(|m| {
-            json!({"id": m.id, "size": m.size, "sha256": m.sha256, "created_at_ms": m.created_at_ms,
-                   "reason": m.reason, "head": Some(&m.id) == head.as_ref()})
+            let is_head = Some(&m.id) == head.as_ref();
+            SnapshotEntry::new(m, is_head)
         })
         .collect();
-    Ok(Json(json!({"tenant": id, "head": head, "snapshots": list})))
+    Ok(Json(SnapshotList {
+        tenant: id,
+        head,
+        snapshots,
+    }))
 }
 
 /// The tenant's latest state as a plain tar (`application/x-tar`), streamed from a spool file;
@@ -896,14 +790,16 @@ async fn export(
 async fn restore_snapshot(
     State(app): State<Arc<App>>,
     Path((id, snapshot)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<RestoreView>> {
     let t = load(&app, &id).await?;
     let snap =
         otm_core::SnapshotId::parse(&snapshot).map_err(|e| ApiError::bad_request(e.to_string()))?;
     orchestrator::restore_snapshot(&app, &t.id, &snap).await?;
-    Ok(Json(
-        json!({"tenant": t.id, "head": snap, "restored_on": "next wake"}),
-    ))
+    Ok(Json(RestoreView {
+        tenant: t.id,
+        head: snap,
+        restored_on: "next wake".to_owned(),
+    }))
 }
 
 #[derive(Deserialize)]
@@ -922,7 +818,7 @@ async fn logs(
     let rec = app.registry.instance_of(&t.id).await?.ok_or_else(|| {
         ApiError::new(
             StatusCode::CONFLICT,
-            "not_running",
+            ErrorCode::NotRunning,
             format!("tenant {} has no instance; wake it first", t.id),
         )
     })?;
@@ -934,24 +830,13 @@ async fn logs(
     Ok(([("content-type", "text/plain; charset=utf-8")], body).into_response())
 }
 
-#[derive(Serialize)]
-struct InstanceView {
-    id: String,
-    tenant: Option<TenantId>,
-    state: &'static str,
-    created_at_ms: i64,
-    bound_at_ms: Option<i64>,
-}
-
-impl From<&InstanceRecord> for InstanceView {
-    fn from(r: &InstanceRecord) -> Self {
-        InstanceView {
-            id: r.id.to_string(),
-            tenant: r.tenant.clone(),
-            state: r.state.as_str(),
-            created_at_ms: r.created_at_ms,
-            bound_at_ms: r.bound_at_ms,
-        }
+fn instance_view(r: &InstanceRecord) -> InstanceView {
+    InstanceView {
+        id: r.id.to_string(),
+        tenant: r.tenant.clone(),
+        state: r.state.as_str().to_owned(),
+        created_at_ms: r.created_at_ms,
+        bound_at_ms: r.bound_at_ms,
     }
 }
 
@@ -961,23 +846,13 @@ async fn instances(State(app): State<Arc<App>>) -> ApiResult<Json<Vec<InstanceVi
             .list_instances()
             .await?
             .iter()
-            .map(Into::into)
+            .map(instance_view)
             .collect(),
     ))
 }
 
 async fn get_config(State(app): State<Arc<App>>) -> ApiResult<Json<FleetSettings>> {
     Ok(Json(app.registry.get_settings().await?))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PutConfig {
-    warm_pool_target: Option<u32>,
-    max_running: Option<u32>,
-    max_concurrent_wakes: Option<u32>,
-    /// Fleet default limits, in the units tenants take (`memory`, `cpu`, `pids`, `disk`).
-    default_limits: Option<LimitsBody>,
 }
 
 async fn put_config(
@@ -1031,7 +906,7 @@ fn warnings(app: &App) -> Vec<String> {
     w
 }
 
-async fn status(State(app): State<Arc<App>>) -> ApiResult<Json<Value>> {
+async fn status(State(app): State<Arc<App>>) -> ApiResult<Json<StatusView>> {
     let tenants = app.registry.list_tenants().await?;
     let instances = app.registry.list_instances().await?;
     let mut pending = 0;
@@ -1042,19 +917,19 @@ async fn status(State(app): State<Arc<App>>) -> ApiResult<Json<Value>> {
         .iter()
         .filter(|t| t.status == otm_core::TenantStatus::Running)
         .count();
-    Ok(Json(json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime_s": app.started.elapsed().as_secs(),
-        "role": app.settings.role,
-        "runtime": app.runtime.name(),
-        "isolation": app.runtime.isolation(),
-        "sandboxed": app.runtime.isolation() != "none",
-        "limits": app.runtime.limits(),
-        "warnings": warnings(&app),
-        "tenants": tenants.len(),
-        "tenants_running": running,
-        "instances": instances.len(),
-        "inbox_pending": pending,
-        "settings": app.registry.get_settings().await?,
-    })))
+    Ok(Json(StatusView {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        uptime_s: app.started.elapsed().as_secs(),
+        role: app.settings.role.to_string(),
+        runtime: app.runtime.name().to_string(),
+        isolation: app.runtime.isolation().to_string(),
+        sandboxed: app.runtime.isolation() != "none",
+        limits: app.runtime.limits().to_string(),
+        warnings: warnings(&app),
+        tenants: tenants.len() as u64,
+        tenants_running: running as u64,
+        instances: instances.len() as u64,
+        inbox_pending: pending,
+        settings: app.registry.get_settings().await?,
+    }))
 }

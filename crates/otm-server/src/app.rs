@@ -79,30 +79,7 @@ pub struct App {
     pub(crate) rotation: tokio::sync::Mutex<()>,
 }
 
-/// An instance stopped for running into a limit.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct LimitKill {
-    pub limit: otm_core::LimitKind,
-    pub detail: String,
-    pub at_ms: i64,
-}
-
-/// A wake that skipped snapshots it could not restore.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct RestoreFallback {
-    /// The snapshot restored instead; `None` when none could be.
-    pub restored: Option<otm_core::SnapshotId>,
-    /// Newest first.
-    pub skipped: Vec<SkippedSnapshot>,
-    pub at_ms: i64,
-}
-
-/// One snapshot a wake could not restore, and why.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct SkippedSnapshot {
-    pub snapshot: otm_core::SnapshotId,
-    pub reason: String,
-}
+pub use otm_core::admin_api::{LimitKill, RestoreFallback, SkippedSnapshot};
 
 impl App {
     /// Assembles the context.

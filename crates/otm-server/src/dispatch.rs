@@ -4,7 +4,7 @@
 
 use crate::app::App;
 use crate::lease::HeldLease;
-use otm_core::{FailOutcome, InboxItem, TenantId};
+use otm_core::{DeliveryFailure, DeliveryOutcome, FailOutcome, InboxItem, TenantId};
 use otm_shim::ShimClient;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -83,7 +83,7 @@ async fn run(app: &Arc<App>, tenant: &TenantId, notify: Arc<Notify>) {
                     _ = lease.lost().cancelled() => Step::Stop,
                 };
                 if let Step::Stop = step {
-                    app.metrics.delivery("fenced_out");
+                    app.metrics.delivery(DeliveryOutcome::FencedOut.as_str());
                     tracing::warn!(%tenant, "this dispatcher lost its lease; it stops");
                     break;
                 }
@@ -158,7 +158,7 @@ async fn deliver_one(app: &Arc<App>, tenant: &TenantId, item: InboxItem, fence: 
     match result {
         Ok(()) => {
             match app.registry.inbox_ack(tenant, item.seq, Some(fence)).await {
-                Ok(()) => app.metrics.delivery("acked"),
+                Ok(()) => app.metrics.delivery(DeliveryOutcome::Acked.as_str()),
                 Err(otm_core::Error::Conflict { message }) => {
                     tracing::warn!(%tenant, update_id = item.update_id, %message, "acknowledgement refused");
                     return Step::Stop;
@@ -177,12 +177,13 @@ async fn deliver_one(app: &Arc<App>, tenant: &TenantId, item: InboxItem, fence: 
             tracing::info!(%tenant, update_id = item.update_id, %message, "delivery waits for room in the fleet");
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        Err(Failure::Failed(message)) => {
-            tracing::warn!(%tenant, update_id = item.update_id, attempt = item.attempts + 1, %message, "delivery failed");
+        Err(Failure::Failed(kind, message)) => {
+            tracing::warn!(%tenant, update_id = item.update_id, attempt = item.attempts + 1, %kind, %message, "delivery failed");
+            app.metrics.delivery_failure(kind.as_str());
             let max = app.settings.max_delivery_attempts;
             match app
                 .registry
-                .inbox_fail(tenant, item.seq, &message, max, Some(fence))
+                .inbox_fail(tenant, item.seq, &kind.record(&message), max, Some(fence))
                 .await
             {
                 // A stale fence, or the update is no longer pending: another dispatcher (or an
@@ -192,11 +193,11 @@ async fn deliver_one(app: &Arc<App>, tenant: &TenantId, item: InboxItem, fence: 
                     return Step::Stop;
                 }
                 Ok(FailOutcome::DeadLettered) => {
-                    app.metrics.delivery("dead_lettered");
+                    app.metrics.delivery(DeliveryOutcome::DeadLettered.as_str());
                     tracing::error!(%tenant, update_id = item.update_id, "update moved to the dead-letter list");
                 }
                 Ok(FailOutcome::Retry { attempts }) => {
-                    app.metrics.delivery("failed");
+                    app.metrics.delivery(DeliveryOutcome::Failed.as_str());
                     tokio::time::sleep(backoff(attempts)).await;
                 }
                 Err(e) => {
@@ -211,17 +212,14 @@ async fn deliver_one(app: &Arc<App>, tenant: &TenantId, item: InboxItem, fence: 
 
 /// Why a delivery did not go through.
 enum Failure {
-    /// A real failure: counts as an attempt.
-    Failed(String),
+    /// A real failure: counts as an attempt, and its kind is kept in the inbox.
+    Failed(DeliveryFailure, String),
     /// Held back by admission control: no attempt was made.
     Held(String),
 }
 
-impl From<String> for Failure {
-    fn from(s: String) -> Self {
-        Failure::Failed(s)
-    }
-}
+/// How long the shim may take to deliver one update.
+const DELIVER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One delivery attempt: wake if needed, deliver through the shim, check the acknowledgement.
 async fn attempt(app: &Arc<App>, tenant: &TenantId, item: &InboxItem) -> Result<(), Failure> {
@@ -233,28 +231,42 @@ async fn attempt(app: &Arc<App>, tenant: &TenantId, item: &InboxItem) -> Result<
             backend: crate::wake::ADMISSION,
             message,
         } => Failure::Held(message),
-        e => Failure::Failed(format!("wake failed: {e}")),
+        e => Failure::Failed(DeliveryFailure::WakeFailed, format!("wake failed: {e}")),
     })?;
     let shim = ShimClient::new(
         woken.endpoint.address.clone(),
         woken.endpoint.shim_token.clone(),
     );
-    let timeout = Duration::from_secs(60);
-    match shim
-        .deliver(bytes::Bytes::from(item.payload.clone()), timeout)
-        .await
-    {
-        Ok(r) if r.acknowledged => Ok(()),
-        Ok(r) => Err(r
-            .detail
-            .unwrap_or_else(|| format!("agent answered {}", r.status))
-            .into()),
-        Err(e) => {
-            // The instance may be gone; forget the endpoint so the next attempt looks again.
-            let _ = app.coordinator.clear_endpoint(tenant).await;
-            Err(e.to_string().into())
+    // The timeout is kept here (the client's own is a little longer) so that running out of
+    // time is told apart from an unreachable shim.
+    let delivered = tokio::time::timeout(
+        DELIVER_TIMEOUT,
+        shim.deliver(
+            bytes::Bytes::from(item.payload.clone()),
+            DELIVER_TIMEOUT + Duration::from_secs(1),
+        ),
+    )
+    .await;
+    let (kind, message) = match delivered {
+        Ok(Ok(r)) if r.acknowledged => return Ok(()),
+        Ok(Ok(r)) => {
+            let message = r
+                .detail
+                .unwrap_or_else(|| format!("agent answered {}", r.status));
+            return Err(Failure::Failed(DeliveryFailure::AgentRefused, message));
         }
-    }
+        Ok(Err(e)) => (DeliveryFailure::ShimUnreachable, e.to_string()),
+        Err(_) => (
+            DeliveryFailure::Timeout,
+            format!(
+                "the shim did not answer a delivery within {} s",
+                DELIVER_TIMEOUT.as_secs()
+            ),
+        ),
+    };
+    // The instance may be gone; forget the endpoint so the next attempt looks again.
+    let _ = app.coordinator.clear_endpoint(tenant).await;
+    Err(Failure::Failed(kind, message))
 }
 
 /// The chat an update came from, wherever the update type keeps it.

@@ -73,6 +73,7 @@ pub struct Metrics {
     pub updates_rejected: Family<Reason, Counter>,
     pub accept_seconds: Histogram,
     pub deliveries: Family<Outcome, Counter>,
+    pub delivery_failures: Family<Kind, Counter>,
     pub delivery_seconds: Histogram,
     pub wakes: Family<Outcome, Counter>,
     pub wake_seconds: Family<WakePath, Histogram>,
@@ -110,6 +111,7 @@ impl Metrics {
             updates_rejected: Family::default(),
             accept_seconds: hist(),
             deliveries: Family::default(),
+            delivery_failures: Family::default(),
             delivery_seconds: hist(),
             wakes: Family::default(),
             wake_seconds: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
@@ -154,6 +156,11 @@ impl Metrics {
             "deliveries",
             "Deliveries to agents, by outcome",
             m.deliveries.clone(),
+        );
+        registry.register(
+            "delivery_failures",
+            "Failed delivery attempts, by kind (wake_failed, agent_refused, shim_unreachable, timeout)",
+            m.delivery_failures.clone(),
         );
         registry.register(
             "delivery_seconds",
@@ -263,6 +270,13 @@ impl Metrics {
             .get_or_create(&Outcome {
                 outcome: outcome.into(),
             })
+            .inc();
+    }
+
+    /// Counts one failed delivery attempt under its kind.
+    pub fn delivery_failure(&self, kind: &str) {
+        self.delivery_failures
+            .get_or_create(&Kind { kind: kind.into() })
             .inc();
     }
 

@@ -23,14 +23,7 @@ pub struct Budget {
     pub tokens_per_day: Option<u64>,
 }
 
-/// What a tenant used, as this process counted it, beside its budget.
-#[derive(Clone, Debug, Serialize)]
-pub struct BudgetView {
-    pub requests_per_minute: Option<u32>,
-    pub tokens_per_day: Option<u64>,
-    pub requests_last_minute: u32,
-    pub tokens_today: u64,
-}
+pub use otm_core::admin_api::BudgetView;
 
 /// Why a request was refused.
 #[derive(Debug, PartialEq, Eq)]

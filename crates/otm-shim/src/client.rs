@@ -322,9 +322,15 @@ fn json<T: DeserializeOwned>(bytes: Bytes) -> Result<T> {
 }
 
 fn status_error(status: u16, body: &[u8]) -> Error {
-    let message = serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+    // A shim of an earlier version answers `{"error": {"code": 404, …}}`: its message still
+    // counts.
+    let message = otm_core::admin_api::ErrorBody::parse(body)
+        .map(|b| b.error.message)
+        .or_else(|| {
+            serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+        })
         .unwrap_or_else(|| String::from_utf8_lossy(body).chars().take(300).collect());
     match status {
         404 => Error::not_found(message),

@@ -13,6 +13,7 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures::StreamExt;
 use otm_core::Secret;
+use otm_core::admin_api::{ErrorBody, ErrorCode};
 use otm_core::shim_api::{BindRequest, BindResponse, ShimStatus, StopRequest, StopResponse};
 use serde::Deserialize;
 use std::io::Write;
@@ -174,7 +175,10 @@ async fn authorize(
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (
         status,
-        Json(serde_json::json!({"error": {"code": status.as_u16(), "message": message.into()}})),
+        Json(ErrorBody::new(
+            ErrorCode::from_status(status.as_u16()),
+            message,
+        )),
     )
         .into_response()
 }

@@ -3,6 +3,13 @@
 use anyhow::{Context, anyhow};
 use clap::{Args, Subcommand, ValueEnum};
 use futures::StreamExt;
+use otm_core::FleetSettings;
+use otm_core::admin_api::{
+    ErrorBody, InboxAnswer, InstanceView, RotateAnswer, SnapshotList, StatusView, StopView,
+    TenantView, WakeView,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use std::io::{IsTerminal, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -354,9 +361,8 @@ impl Api {
             return Ok(resp);
         }
         let text = resp.text().await.unwrap_or_default();
-        let message = serde_json::from_str::<Value>(&text)
-            .ok()
-            .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+        let message = ErrorBody::parse(text.as_bytes())
+            .map(|b| b.error.message)
             .unwrap_or_else(|| format!("{status}: {text}"));
         let code = match status.as_u16() {
             400 | 422 => exit::USAGE,
@@ -398,9 +404,8 @@ impl Api {
             return serde_json::from_str(&text)
                 .map_err(|e| anyhow!("the server answered with invalid JSON: {e}"));
         }
-        let message = serde_json::from_str::<Value>(&text)
-            .ok()
-            .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+        let message = ErrorBody::parse(text.as_bytes())
+            .map(|b| b.error.message)
             .unwrap_or_else(|| format!("{status}: {text}"));
         let code = match status.as_u16() {
             400 | 422 => exit::USAGE,
@@ -410,6 +415,27 @@ impl Api {
             _ => exit::FAILED,
         };
         Err(CallError { code, message }.into())
+    }
+
+    /// A call whose answer must be a `T`: an answer of another shape is an error that says so,
+    /// never a table of blanks.
+    async fn call_as<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<T> {
+        let what = format!("{method} /v1{path}");
+        let v = self.call(method, path, body).await?;
+        serde_json::from_value(v).map_err(|e| {
+            CallError {
+                code: exit::FAILED,
+                message: format!(
+                    "the server's answer to {what} is not what this otm expects ({e}); are the CLI and the server the same version?"
+                ),
+            }
+            .into()
+        })
     }
 }
 
@@ -566,16 +592,16 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                     if cold_start_notice {
                         body["cold_start_notice"] = json!(true);
                     }
-                    let t = api.call(Method::POST, "/tenants", Some(body)).await?;
+                    let t: TenantView = api.call_as(Method::POST, "/tenants", Some(body)).await?;
                     print_tenants(out, &[t], false);
                 }
                 TenantCommand::List => {
-                    let list = api.call(Method::GET, "/tenants", None).await?;
-                    print_tenants(out, list.as_array().map(Vec::as_slice).unwrap_or(&[]), true);
+                    let list: Vec<TenantView> = api.call_as(Method::GET, "/tenants", None).await?;
+                    print_tenants(out, &list, true);
                 }
                 TenantCommand::Get { id } => {
-                    let t = api
-                        .call(Method::GET, &format!("/tenants/{id}"), None)
+                    let t: TenantView = api
+                        .call_as(Method::GET, &format!("/tenants/{id}"), None)
                         .await?;
                     print_object(out, &t);
                 }
@@ -611,8 +637,8 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                     if body.as_object().is_some_and(|m| m.is_empty()) {
                         return Err(CallError { code: exit::USAGE, message: "nothing to update: give at least one of --bot-token, --idle-timeout, --profile, --cold-start-notice, --memory, --cpu, --pids, --disk, --egress, --egress-allow, --allow, --model-requests-per-minute, --model-tokens-per-day, --model-api-key-file, --no-model-api-key".into() }.into());
                     }
-                    let t = api
-                        .call(Method::PATCH, &format!("/tenants/{id}"), Some(body))
+                    let t: TenantView = api
+                        .call_as(Method::PATCH, &format!("/tenants/{id}"), Some(body))
                         .await?;
                     print_object(out, &t);
                 }
@@ -666,28 +692,25 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                     }
                 }
                 TenantCommand::Wake { id } => {
-                    let r = with_progress(
+                    let r: WakeView = with_progress(
                         &format!("waking {id}"),
-                        api.call(Method::POST, &format!("/tenants/{id}/wake"), None),
+                        api.call_as(Method::POST, &format!("/tenants/{id}/wake"), None),
                     )
                     .await?;
                     match out {
                         Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
                         Output::Table => {
-                            let phases = r["phases_ms"]
-                                .as_object()
-                                .map(|m| {
-                                    m.iter()
-                                        .map(|(k, v)| format!("{k} {v} ms"))
-                                        .collect::<Vec<_>>()
-                                        .join(", ")
-                                })
-                                .unwrap_or_default();
+                            let phases = r
+                                .phases_ms
+                                .iter()
+                                .map(|(k, v)| format!("{k} {v} ms"))
+                                .collect::<Vec<_>>()
+                                .join(", ");
                             println!(
                                 "tenant {id} awake on {} ({}, {} ms{})",
-                                str_of(&r["instance"]),
-                                str_of(&r["path"]),
-                                r["total_ms"],
+                                r.instance,
+                                r.path,
+                                r.total_ms,
                                 if phases.is_empty() {
                                     String::new()
                                 } else {
@@ -698,15 +721,15 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                     }
                 }
                 TenantCommand::Stop { id } => {
-                    let r = with_progress(
+                    let r: StopView = with_progress(
                         &format!("stopping {id}"),
-                        api.call(Method::POST, &format!("/tenants/{id}/stop"), None),
+                        api.call_as(Method::POST, &format!("/tenants/{id}/stop"), None),
                     )
                     .await?;
                     match out {
                         Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
                         Output::Table => {
-                            if r["stopped"].as_bool() == Some(true) {
+                            if r.stopped {
                                 println!("tenant {id} stopped");
                             } else {
                                 println!("tenant {id} was not running");
@@ -718,8 +741,8 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
         }
         Command::Config { command } => {
             let api = Api::new(&global)?;
-            let cfg = match command {
-                ConfigCommand::Get => api.call(Method::GET, "/config", None).await?,
+            let cfg: FleetSettings = match command {
+                ConfigCommand::Get => api.call_as(Method::GET, "/config", None).await?,
                 ConfigCommand::Set { key, value } => {
                     let field = key.replace('-', "_");
                     let body = match field.as_str() {
@@ -744,13 +767,13 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                             .into());
                         }
                     };
-                    api.call(Method::PUT, "/config", Some(body)).await?
+                    api.call_as(Method::PUT, "/config", Some(body)).await?
                 }
             };
             match global.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&cfg)?),
                 Output::Table => {
-                    let rows: Vec<Vec<String>> = cfg
+                    let rows: Vec<Vec<String>> = to_value(&cfg)
                         .as_object()
                         .map(|m| {
                             m.iter()
@@ -811,22 +834,22 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
         }
         Command::Inbox { tenant } => {
             let api = Api::new(&global)?;
-            let v = api
-                .call(Method::GET, &format!("/tenants/{tenant}/inbox"), None)
+            let v: InboxAnswer = api
+                .call_as(Method::GET, &format!("/tenants/{tenant}/inbox"), None)
                 .await?;
             match global.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
                 Output::Table => {
                     let mut rows = Vec::new();
-                    for (list, state) in [("pending", "pending"), ("dead", "dead")] {
-                        for i in v[list].as_array().into_iter().flatten() {
+                    for (list, state) in [(&v.pending, "pending"), (&v.dead, "dead")] {
+                        for i in list {
                             rows.push(vec![
-                                str_of(&i["seq"]),
-                                str_of(&i["update_id"]),
+                                i.seq.to_string(),
+                                i.update_id.to_string(),
                                 state.to_owned(),
-                                str_of(&i["attempts"]),
-                                age(&i["accepted_at_ms"]),
-                                str_of(&i["last_error"]),
+                                i.attempts.to_string(),
+                                age(i.accepted_at_ms),
+                                or_dash(i.last_error.as_ref()),
                             ]);
                         }
                     }
@@ -839,31 +862,23 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
         }
         Command::Snapshots { tenant } => {
             let api = Api::new(&global)?;
-            let v = api
-                .call(Method::GET, &format!("/tenants/{tenant}/snapshots"), None)
+            let v: SnapshotList = api
+                .call_as(Method::GET, &format!("/tenants/{tenant}/snapshots"), None)
                 .await?;
             match global.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
                 Output::Table => {
-                    let rows: Vec<Vec<String>> = v["snapshots"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
+                    let rows: Vec<Vec<String>> = v
+                        .snapshots
+                        .iter()
                         .map(|s| {
                             vec![
-                                str_of(&s["id"]),
-                                if s["head"].as_bool() == Some(true) {
-                                    "*".into()
-                                } else {
-                                    String::new()
-                                },
-                                str_of(&s["reason"]),
-                                human_bytes(s["size"].as_u64().unwrap_or(0)),
-                                age(&s["created_at_ms"]),
-                                s["sha256"]
-                                    .as_str()
-                                    .map(|h| h.chars().take(12).collect())
-                                    .unwrap_or_default(),
+                                s.id.to_string(),
+                                if s.head { "*".into() } else { String::new() },
+                                s.reason.clone(),
+                                human_bytes(s.size),
+                                age(s.created_at_ms),
+                                s.sha256.chars().take(12).collect(),
                             ]
                         })
                         .collect();
@@ -873,20 +888,18 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
         }
         Command::Instances => {
             let api = Api::new(&global)?;
-            let v = api.call(Method::GET, "/instances", None).await?;
+            let v: Vec<InstanceView> = api.call_as(Method::GET, "/instances", None).await?;
             match global.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
                 Output::Table => {
                     let rows: Vec<Vec<String>> = v
-                        .as_array()
-                        .into_iter()
-                        .flatten()
+                        .iter()
                         .map(|i| {
                             vec![
-                                str_of(&i["id"]),
-                                str_of(&i["tenant"]),
-                                str_of(&i["state"]),
-                                age(&i["created_at_ms"]),
+                                i.id.clone(),
+                                or_dash(i.tenant.as_ref()),
+                                i.state.clone(),
+                                age(i.created_at_ms),
                             ]
                         })
                         .collect();
@@ -903,11 +916,11 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
         } => {
             let api = Api::new(&global)?;
             let body = json!({"new_key": !no_new_key, "retire_old_keys": !keep_old_keys});
-            let v = api
-                .call(Method::POST, "/secrets/rotate", Some(body))
+            let v: RotateAnswer = api
+                .call_as(Method::POST, "/secrets/rotate", Some(body))
                 .await?;
             print_object(global.output, &v);
-            if v["failed"].as_array().is_some_and(|f| !f.is_empty()) {
+            if !v.failed.is_empty() {
                 return Err(CallError {
                     code: exit::FAILED,
                     message:
@@ -940,17 +953,17 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
         }
         Command::Status => {
             let api = Api::new(&global)?;
-            let v = api.call(Method::GET, "/status", None).await?;
+            let v: StatusView = api.call_as(Method::GET, "/status", None).await?;
             print_object(global.output, &v);
         }
         Command::Version => {
             let client = env!("CARGO_PKG_VERSION");
             let server = match Api::new(&global) {
                 Ok(api) => api
-                    .call(reqwest::Method::GET, "/status", None)
+                    .call_as::<StatusView>(reqwest::Method::GET, "/status", None)
                     .await
                     .ok()
-                    .map(|v| str_of(&v["version"])),
+                    .map(|v| v.version),
                 Err(_) => None,
             };
             match global.output {
@@ -1007,10 +1020,17 @@ fn str_of(v: &Value) -> String {
     }
 }
 
-fn age(ms: &Value) -> String {
-    let Some(ms) = ms.as_i64() else {
-        return "-".into();
-    };
+/// A value as a table shows it; `-` when there is none.
+fn or_dash(v: Option<&impl std::fmt::Display>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+/// An answer as JSON output shows it (keys in order, as the server's own answer reads).
+fn to_value(v: &impl Serialize) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+fn age(ms: i64) -> String {
     let secs = ((otm_core::time::now_ms() - ms).max(0) / 1000) as u64;
     match secs {
         s if s < 120 => format!("{s}s"),
@@ -1029,12 +1049,12 @@ fn human_bytes(n: u64) -> String {
     }
 }
 
-fn print_tenants(out: Output, list: &[Value], as_list: bool) {
+fn print_tenants(out: Output, list: &[TenantView], as_list: bool) {
     if out == Output::Json {
         let v = if !as_list && list.len() == 1 {
-            list[0].clone()
+            to_value(&list[0])
         } else {
-            Value::Array(list.to_vec())
+            to_value(&list)
         };
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return;
@@ -1043,13 +1063,13 @@ fn print_tenants(out: Output, list: &[Value], as_list: bool) {
         .iter()
         .map(|t| {
             vec![
-                str_of(&t["id"]),
-                str_of(&t["status"]),
-                str_of(&t["profile"]),
-                format!("{}s", t["idle_timeout_s"]),
-                str_of(&t["instance"]),
-                str_of(&t["inbox_pending"]),
-                age(&t["last_active_ms"]),
+                t.id.to_string(),
+                t.status.as_str().to_owned(),
+                t.profile.clone(),
+                format!("{}s", t.idle_timeout_s),
+                or_dash(t.instance.as_ref()),
+                t.inbox_pending.to_string(),
+                age(t.last_active_ms),
             ]
         })
         .collect();
@@ -1089,7 +1109,8 @@ fn put_limits(body: &mut Value, l: LimitArgs) {
     }
 }
 
-fn print_object(out: Output, v: &Value) {
+fn print_object(out: Output, v: &impl Serialize) {
+    let v = &to_value(v);
     match out {
         Output::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
         Output::Table => {

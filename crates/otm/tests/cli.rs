@@ -871,3 +871,44 @@ fn the_server_takes_its_admin_token_from_a_file() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Serves one fixed answer to every request, the way a server of another version (or something
+/// that is not otm at all) might answer.
+fn answer_always(body: &'static str) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut buf = [0u8; 8192];
+            let _ = stream.read(&mut buf);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[test]
+fn an_answer_of_another_shape_fails_clearly_instead_of_printing_blanks() {
+    let url = answer_always(r#"[{"name":"acme","state":"up"}]"#);
+    let out = otm()
+        .args(["tenant", "list", "--admin-url", &url, "--admin-token", "t"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("GET /v1/tenants") && err.contains("missing field `id`"),
+        "{err}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

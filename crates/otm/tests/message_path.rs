@@ -207,3 +207,61 @@ async fn metrics_cover_every_phase() {
     assert!(text.contains("otm_accept_seconds_bucket"));
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_refuses_an_update_shows_as_agent_refused_in_the_inbox_and_metrics() {
+    // One attempt only: the refused update goes straight to the dead-letter list, where it
+    // stays to be looked at.
+    let h = Harness::start_with(|s| {
+        s.bot_chat_interval_ms = 0;
+        s.max_delivery_attempts = 1;
+    })
+    .await;
+    let token = "2201:REFUSED";
+    let secret = h.tenant("refused", token).await;
+    // The agent cannot send its reply, so it answers 502 and does not acknowledge the update.
+    h.tg.fail_next_send(1);
+    assert_eq!(
+        h.post_update("refused", &secret, &text_update(7, 3, "hi"))
+            .await,
+        200
+    );
+    let mut inbox = serde_json::Value::Null;
+    for _ in 0..3000 {
+        let (status, v) = h
+            .api(reqwest::Method::GET, "/tenants/refused/inbox", None)
+            .await;
+        assert_eq!(status, 200, "{v}");
+        inbox = v;
+        if inbox["dead"].as_array().is_some_and(|d| !d.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let dead = &inbox["dead"][0];
+    assert_eq!(dead["update_id"], 7, "{inbox}");
+    assert_eq!(dead["last_error_kind"], "agent_refused", "{inbox}");
+    let text = dead["last_error"].as_str().expect("a last error");
+    assert!(
+        !text.starts_with("agent_refused"),
+        "the kind is a field of its own, not part of the text: {text}"
+    );
+    let metrics = h
+        .http
+        .get(format!("http://{}/metrics", h.server().admin_addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("otm_delivery_failures_total{kind=\"agent_refused\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("otm_deliveries_total{outcome=\"dead_lettered\"} 1"),
+        "{metrics}"
+    );
+    h.stop().await;
+}
