@@ -40,7 +40,7 @@ pub use inbox::{Appended, DeliveryFailure, DeliveryOutcome, FailOutcome, InboxIt
 pub use instance::{InstanceRecord, InstanceState};
 pub use registry::{FleetSettings, Registry};
 pub use runtime::{
-    InstanceSpec, LimitKind, ResourceLimits, Runtime, RuntimeEvent, RuntimeInstance,
+    InstanceSpec, LeaderElector, LimitKind, ResourceLimits, Runtime, RuntimeEvent, RuntimeInstance,
 };
 pub use secret::Secret;
 pub use state::{SnapshotMeta, StateStore};

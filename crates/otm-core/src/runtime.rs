@@ -16,6 +16,9 @@ pub struct InstanceSpec {
     pub tenant: Option<TenantId>,
     /// What the instance may use.
     pub limits: ResourceLimits,
+    /// The agent profile it will run, when known (`None` for a warm instance): runtimes that
+    /// pick an image per profile use it.
+    pub profile: Option<String>,
 }
 
 /// What one instance may use. Defaults are those of the system otm replaces: requests 200m CPU,
@@ -93,6 +96,22 @@ pub enum RuntimeEvent {
         limit: LimitKind,
         detail: String,
     },
+    /// Someone else began to remove the instance (a pod evicted, a node drained): it still runs
+    /// for its grace period, time enough for a final snapshot.
+    Terminating { id: InstanceId, detail: String },
+}
+
+/// Leader election where the runtime has its own means (a Kubernetes Lease). Contract: at most
+/// one candidate of a name gets `true` from [`LeaderElector::acquire_or_renew`] within a lease
+/// duration; a holder that stops renewing loses the lead after it.
+#[async_trait]
+pub trait LeaderElector: Send + Sync + std::fmt::Debug + 'static {
+    /// What is elected on, for logs.
+    fn describe(&self) -> String;
+    /// Takes the lead or keeps it; false while another candidate holds it.
+    async fn acquire_or_renew(&self) -> Result<bool>;
+    /// Gives the lead up at once, if held.
+    async fn release(&self) -> Result<()>;
 }
 
 /// Runs instances. Contract:
@@ -134,5 +153,16 @@ pub trait Runtime: Send + Sync + std::fmt::Debug + 'static {
         _into: &std::path::Path,
     ) -> Result<bool> {
         Ok(false)
+    }
+    /// Marks a warm instance as claimed by `tenant`, atomically against other claimers of the
+    /// same instance: false when another claimed it first (or it is gone), and the caller takes
+    /// another instance or creates one. Runtimes whose registry claim is enough return true.
+    async fn claim(&self, _id: &InstanceId, _tenant: &TenantId) -> Result<bool> {
+        Ok(true)
+    }
+    /// The runtime's own leader election for the candidate `holder`, where it has one;
+    /// otherwise the coordinator's lease is used.
+    fn leader_elector(&self, _holder: &str) -> Option<std::sync::Arc<dyn LeaderElector>> {
+        None
     }
 }

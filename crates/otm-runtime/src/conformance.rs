@@ -18,6 +18,7 @@ pub async fn runtime_suite(rt: Arc<dyn Runtime>, kill: impl Fn(&InstanceId)) {
         shim_token: Secret::random(),
         tenant: Some(tenant.clone()),
         limits: Default::default(),
+        profile: None,
     };
     let created = rt.create(&spec).await.expect("create");
     assert_eq!(created.id, spec.id);
@@ -39,6 +40,7 @@ pub async fn runtime_suite(rt: Arc<dyn Runtime>, kill: impl Fn(&InstanceId)) {
         shim_token: Secret::random(),
         tenant: None,
         limits: Default::default(),
+        profile: None,
     };
     rt.create(&warm).await.expect("create a warm instance");
     let listed = rt.list().await.expect("list");

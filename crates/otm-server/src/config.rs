@@ -61,6 +61,31 @@ impl Sandbox {
     }
 }
 
+/// Where instances run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    /// Sandboxed processes on this machine.
+    Local,
+    /// Pods in a Kubernetes namespace (Kata Containers by default).
+    Kube,
+}
+
+impl RuntimeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeKind::Local => "local",
+            RuntimeKind::Kube => "kube",
+        }
+    }
+}
+
+impl std::fmt::Display for RuntimeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl std::fmt::Display for Sandbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -110,7 +135,41 @@ pub struct Settings {
     /// State store URL for snapshots [default: file://<data-dir>/state].
     #[arg(long, env = "OTM_STATE")]
     pub state: Option<String>,
-    /// Instance sandbox.
+    /// Where instances run: `local` (sandboxed processes here) or `kube` (pods; in-cluster
+    /// configuration or KUBECONFIG).
+    #[arg(long, env = "OTM_RUNTIME", value_enum, default_value_t = RuntimeKind::Local)]
+    pub runtime: RuntimeKind,
+    /// The namespace of tenant pods [default: the service account's namespace in a pod, the
+    /// kubeconfig context's namespace otherwise].
+    #[arg(long, env = "OTM_KUBE_NAMESPACE")]
+    pub kube_namespace: Option<String>,
+    /// `runtimeClassName` of tenant pods; empty for the cluster's default runtime.
+    #[arg(long, env = "OTM_KUBE_RUNTIME_CLASS", default_value = "kata-qemu")]
+    pub kube_runtime_class: String,
+    /// The otm image tenant pods run (`otm shim` with the reference agent).
+    #[arg(long, env = "OTM_KUBE_IMAGE", default_value = "otm:latest")]
+    pub kube_image: String,
+    /// The OpenClaw instance image (otm, Node and OpenClaw), for the `openclaw` profile and for
+    /// warm pods [default: none; then every pod runs --kube-image].
+    #[arg(long, env = "OTM_KUBE_OPENCLAW_IMAGE")]
+    pub kube_openclaw_image: Option<String>,
+    /// Node selector of tenant pods, `key=value,key=value` (the Kata nodes' label).
+    #[arg(long, env = "OTM_KUBE_NODE_SELECTOR", default_value = "")]
+    pub kube_node_selector: String,
+    /// Tolerations of tenant pods, a JSON array as a pod spec writes it (the Kata nodes' taint).
+    #[arg(long, env = "OTM_KUBE_TOLERATIONS", default_value = "")]
+    pub kube_tolerations: String,
+    /// The shim's control port in tenant pods.
+    #[arg(long, env = "OTM_KUBE_SHIM_PORT", default_value_t = 7070)]
+    pub kube_shim_port: u16,
+    /// The Lease orchestrators elect their leader with, in the tenant namespace.
+    #[arg(long, env = "OTM_KUBE_LEASE_NAME", default_value = "otm-orchestrator")]
+    pub kube_lease_name: String,
+    /// Whether tenant pods name the `otm-tenant` and `otm-warm` PriorityClasses (the Helm chart
+    /// creates them).
+    #[arg(long, env = "OTM_KUBE_PRIORITY_CLASSES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub kube_priority_classes: bool,
+    /// Instance sandbox (local runtime).
     #[arg(long, env = "OTM_SANDBOX", value_enum, default_value_t = Sandbox::Auto)]
     pub sandbox: Sandbox,
     /// First uid of the range instances run as when otm runs as root; 65,536 uids from there
@@ -364,6 +423,7 @@ impl Settings {
         }
         // Fail closed: no sandbox is never chosen for the operator.
         if self.sandbox != Sandbox::None
+            && self.runtime == RuntimeKind::Local
             && self.runs_orchestrator()
             && otm_shim::sandbox::bwrap().is_none()
         {
@@ -376,7 +436,10 @@ impl Settings {
         }
         // Nothing shown to instances may contain the data directory (checked again by the
         // runtime; here so that nothing is created first).
-        if self.sandbox != Sandbox::None && self.runs_orchestrator() {
+        if self.sandbox != Sandbox::None
+            && self.runtime == RuntimeKind::Local
+            && self.runs_orchestrator()
+        {
             let binary = self
                 .otm_binary
                 .clone()
@@ -457,12 +520,53 @@ impl Settings {
         if self.wake_timeout_s == 0 {
             return Err(invalid("wake-timeout-s", "must be at least 1"));
         }
+        if self.runtime == RuntimeKind::Kube {
+            self.kube_config("default")?;
+        }
         self.validate_openclaw()?;
         Ok(listeners)
     }
 }
 
 impl Settings {
+    /// The `kube` runtime's settings, with `namespace` where none is set.
+    pub fn kube_config(
+        &self,
+        namespace: &str,
+    ) -> Result<otm_runtime::kube::KubeRuntimeConfig, InvalidSetting> {
+        let node_selector = otm_runtime::kube::parse_selector(&self.kube_node_selector)
+            .map_err(|m| invalid("kube-node-selector", m))?;
+        let tolerations = otm_runtime::kube::parse_tolerations(&self.kube_tolerations)
+            .map_err(|m| invalid("kube-tolerations", m))?;
+        if self.kube_image.trim().is_empty() {
+            return Err(invalid("kube-image", "must name the otm image"));
+        }
+        let namespace = self.kube_namespace.clone().unwrap_or_else(|| namespace.to_owned());
+        if !otm_core::id::is_dns_label(&namespace) {
+            return Err(invalid(
+                "kube-namespace",
+                format!("`{namespace}` is not a namespace name"),
+            ));
+        }
+        if self.kube_shim_port == 0 {
+            return Err(invalid("kube-shim-port", "must not be 0"));
+        }
+        Ok(otm_runtime::kube::KubeRuntimeConfig {
+            namespace,
+            runtime_class: (!self.kube_runtime_class.trim().is_empty())
+                .then(|| self.kube_runtime_class.trim().to_owned()),
+            image: self.kube_image.clone(),
+            openclaw_image: self.kube_openclaw_image.clone(),
+            node_selector,
+            tolerations,
+            shim_port: self.kube_shim_port,
+            priority_classes: self.kube_priority_classes,
+            create_timeout: std::time::Duration::from_secs(self.wake_timeout_s.max(60)),
+            lease_name: self.kube_lease_name.clone(),
+            ..Default::default()
+        })
+    }
+
     /// The `openclaw` profile's settings: the model, the install prefix, the config template.
     fn validate_openclaw(&self) -> Result<(), InvalidSetting> {
         match (&self.model_base_url, &self.model_id) {

@@ -152,18 +152,12 @@ async fn wake_locked(
         vec![("prepare".into(), begun.elapsed().as_millis() as u64)];
     let mark = Instant::now();
     // Claim a warm instance, or create one.
-    let (mut rec, path) = match app.registry.claim_warm_instance(tenant).await? {
-        Some(rec) => {
-            if let Err(e) = app.runtime.set_limits(&rec.id, &limits).await {
-                let _ = app
-                    .registry
-                    .set_tenant_status(tenant, TenantStatus::Idle, Some(fence))
-                    .await;
-                discard(app, &rec).await;
-                return Err(e);
-            }
-            (rec, WakePath::Warm)
-        }
+    let claimed = match app.registry.claim_warm_instance(tenant).await? {
+        Some(rec) => claim_warm(app, rec, tenant, &limits).await,
+        None => None,
+    };
+    let (mut rec, path) = match claimed {
+        Some(rec) => (rec, WakePath::Warm),
         None => {
             if let Err(e) = make_room(app, &fleet, tenant).await {
                 let _ = app
@@ -190,6 +184,7 @@ async fn wake_locked(
                 id,
                 tenant: Some(tenant.clone()),
                 limits,
+                profile: Some(t.profile.clone()),
             };
             let created = match app.runtime.create(&spec).await {
                 Ok(c) => c,
@@ -250,6 +245,38 @@ async fn wake_locked(
         total_ms: total.as_millis() as u64,
         phases,
     })
+}
+
+/// Makes a warm instance the tenant's in the runtime too (a pod's labels, with a precondition)
+/// and gives it the tenant's limits; `None` when another orchestrator claimed it first or it
+/// cannot take the limits, and the wake creates an instance instead.
+async fn claim_warm(
+    app: &Arc<App>,
+    rec: InstanceRecord,
+    tenant: &TenantId,
+    limits: &otm_core::ResourceLimits,
+) -> Option<InstanceRecord> {
+    match app.runtime.claim(&rec.id, tenant).await {
+        Ok(true) => {}
+        Ok(false) => {
+            // Someone else's now: forget our record of it, leave the instance alone.
+            tracing::warn!(%tenant, instance = %rec.id, "lost the claim of a warm instance; creating one");
+            app.metrics.reconciler("warm_claim_lost");
+            let _ = app.registry.delete_instance(&rec.id).await;
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!(%tenant, instance = %rec.id, error = %e, "claiming a warm instance failed; creating one");
+            discard(app, &rec).await;
+            return None;
+        }
+    }
+    if let Err(e) = app.runtime.set_limits(&rec.id, limits).await {
+        tracing::warn!(%tenant, instance = %rec.id, error = %e, "a warm instance could not take the tenant's limits; creating one");
+        discard(app, &rec).await;
+        return None;
+    }
+    Some(rec)
 }
 
 async fn bind(
@@ -668,6 +695,7 @@ pub async fn run_reconciler(app: Arc<App>) {
             ev = events.next() => match ev {
                 Some(RuntimeEvent::Exited { id, detail }) => instance_exited(&app, &id, &detail, None).await,
                 Some(RuntimeEvent::LimitExceeded { id, limit, detail }) => instance_exited(&app, &id, &detail, Some(limit)).await,
+                Some(RuntimeEvent::Terminating { id, detail }) => instance_terminating(&app, id, detail).await,
                 None => return,
             },
             _ = full_pass.tick() => {
@@ -677,6 +705,32 @@ pub async fn run_reconciler(app: Arc<App>) {
             }
         }
     }
+}
+
+/// Someone else is removing an instance (an eviction, a node drain): while it still runs, its
+/// tenant is put to sleep the usual way, final snapshot included, and the next update wakes it
+/// elsewhere. This is what a preStop state sync does, driven from outside the instance.
+async fn instance_terminating(app: &Arc<App>, id: InstanceId, detail: String) {
+    app.metrics.reconciler("instance_terminating");
+    let Ok(Some(rec)) = app.registry.get_instance(&id).await else {
+        return;
+    };
+    tracing::warn!(instance = %id, tenant = ?rec.tenant, detail, "instance is being removed; saving its state");
+    let Some(tenant) = rec.tenant else {
+        discard(app, &rec).await;
+        return;
+    };
+    let app2 = app.clone();
+    app.spawn(async move {
+        match stop(&app2, &tenant, "evicted").await {
+            Ok(_) => {
+                if app2.registry.inbox_depth(&tenant).await.unwrap_or(0) > 0 {
+                    app2.request_delivery(&tenant);
+                }
+            }
+            Err(e) => tracing::warn!(%tenant, error = %e, "saving an evicted instance's state failed"),
+        }
+    });
 }
 
 async fn instance_exited(
@@ -1124,6 +1178,7 @@ async fn fill_warm_pool(app: &Arc<App>) -> Result<()> {
             id,
             tenant: None,
             limits: settings.default_limits,
+            profile: None,
         };
         let created = app.runtime.create(&spec).await?;
         let rec = InstanceRecord {
@@ -1167,6 +1222,14 @@ pub(crate) async fn refresh_instance_gauge(app: &Arc<App>) {
 /// Holds the leader lease while it can: the reaper, the warm pool and periodic snapshots act
 /// only on the leader, so several replicas never reap or fill twice.
 pub async fn run_leader_election(app: Arc<App>) {
+    let holder = format!(
+        "{}-{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "otm".into()),
+        otm_core::id::random_hex(4)
+    );
+    if let Some(elector) = app.runtime.leader_elector(&holder) {
+        return run_elector(app, elector.as_ref(), &holder).await;
+    }
     const TTL: Duration = Duration::from_secs(10);
     let mut held: Option<otm_core::Lease> = None;
     loop {
@@ -1197,5 +1260,37 @@ pub async fn run_leader_election(app: Arc<App>) {
     app.set_leader(false);
     if let Some(lease) = held {
         let _ = app.coordinator.release(&lease).await;
+    }
+}
+
+/// Leader election through the runtime's own means (a Kubernetes Lease): renewed every 2 s,
+/// tried every second while another holds it; a renewal that fails drops the lead at once.
+async fn run_elector(app: Arc<App>, elector: &dyn otm_core::LeaderElector, holder: &str) {
+    let mut leading = false;
+    loop {
+        let now_leading = match elector.acquire_or_renew().await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, on = %elector.describe(), "leader election failed");
+                false
+            }
+        };
+        if now_leading != leading {
+            if now_leading {
+                tracing::info!(holder, on = %elector.describe(), "this replica is the leader");
+            } else {
+                tracing::warn!(holder, on = %elector.describe(), "lost the lead");
+            }
+        }
+        leading = now_leading;
+        app.set_leader(leading);
+        tokio::select! {
+            _ = app.shutdown.cancelled() => break,
+            _ = tokio::time::sleep(if leading { Duration::from_secs(2) } else { Duration::from_secs(1) }) => {}
+        }
+    }
+    app.set_leader(false);
+    if leading {
+        let _ = elector.release().await;
     }
 }

@@ -148,12 +148,22 @@ pub async fn start(
     // Instances reach the egress proxy through a socket in this directory only (they have no
     // other network).
     let egress_dir = data_dir.join("run");
-    let egress_unix = if settings.runs_orchestrator() {
+    let local = settings.runtime == crate::config::RuntimeKind::Local;
+    let egress_unix = if settings.runs_orchestrator() && local {
         Some(bind_egress_socket(&egress_dir).map_err(dd_err)?)
     } else {
         None
     };
-    let runtime: Arc<dyn otm_core::Runtime> = if settings.runs_orchestrator() {
+    let runtime: Arc<dyn otm_core::Runtime> = if settings.runs_orchestrator() && !local {
+        let client = otm_runtime::kube::KubeRuntime::client_from_env().await?;
+        let cfg = settings.kube_config(client.default_namespace())?;
+        if settings.egress_url.is_none() {
+            tracing::warn!(
+                "--runtime kube without --egress-url: pods are told this process's own egress address, which only pods on this machine can reach; set it to otm's egress Service"
+            );
+        }
+        Arc::new(otm_runtime::kube::KubeRuntime::new(client, cfg).await?)
+    } else if settings.runs_orchestrator() {
         // An OpenClaw installation is shown read-only inside the sandboxes.
         let read_only = crate::openclaw::locate(&settings)
             .map(|i| i.read_only)

@@ -113,7 +113,7 @@ pub async fn run(config: ShimConfig, shutdown: CancellationToken) -> std::io::Re
             .with_graceful_shutdown(async move { served.cancelled().await })
             .await?;
     } else if let Some(addr) = config.listen.strip_prefix("tcp:") {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let listener = tokio::net::TcpListener::bind(tcp_addr(addr)?).await?;
         tracing::info!(instance = %config.instance, listen = %listener.local_addr()?, "shim listening");
         axum::serve(listener, app)
             .with_graceful_shutdown(async move { served.cancelled().await })
@@ -600,4 +600,24 @@ fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+/// `host:port`, where host may be a bare IPv6 address (a pod's IP put in by `$(POD_IP)`).
+fn tcp_addr(addr: &str) -> std::io::Result<std::net::SocketAddr> {
+    if let Ok(a) = addr.parse() {
+        return Ok(a);
+    }
+    let bad = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("`{addr}` is not an address like 0.0.0.0:7070"),
+        )
+    };
+    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    let ip: std::net::IpAddr = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .map_err(|_| bad())?;
+    Ok(std::net::SocketAddr::new(ip, port.parse().map_err(|_| bad())?))
 }

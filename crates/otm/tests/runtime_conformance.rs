@@ -67,6 +67,7 @@ fn spec() -> InstanceSpec {
         shim_token: Secret::random(),
         tenant: None,
         limits: Default::default(),
+        profile: None,
     }
 }
 
