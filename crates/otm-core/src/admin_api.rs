@@ -418,6 +418,10 @@ pub struct StatusView {
     pub isolation: String,
     pub sandboxed: bool,
     pub limits: String,
+    /// Whether this replica holds the leader lease (runs the reaper, the warm pool, periodic
+    /// snapshots and the reconciler's full passes).
+    #[serde(default)]
+    pub leader: bool,
     /// What an operator must know about this server's safety, in words.
     pub warnings: Vec<String>,
     pub tenants: u64,

@@ -925,6 +925,7 @@ async fn status(State(app): State<Arc<App>>) -> ApiResult<Json<StatusView>> {
         isolation: app.runtime.isolation().to_string(),
         sandboxed: app.runtime.isolation() != "none",
         limits: app.runtime.limits().to_string(),
+        leader: app.is_leader(),
         warnings: warnings(&app),
         tenants: tenants.len() as u64,
         tenants_running: running as u64,

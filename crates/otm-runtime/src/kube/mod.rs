@@ -124,7 +124,7 @@ struct Inner {
     deleting: Mutex<HashSet<InstanceId>>,
     /// Instances already reported, so each is reported once.
     reported: Mutex<std::collections::HashMap<InstanceId, u8>>,
-    watch_task: tokio::task::JoinHandle<()>,
+    watch_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -137,7 +137,9 @@ impl std::fmt::Debug for Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.watch_task.abort();
+        if let Some(t) = self.watch_task.get_mut().unwrap().take() {
+            t.abort();
+        }
     }
 }
 
@@ -213,66 +215,63 @@ impl KubeRuntime {
         let (reader, writer) = reflector::store::<Pod>();
         let (changed_tx, changed) = watch::channel(0u64);
         let (events, _) = broadcast::channel(1024);
-        let inner = Arc::new_cyclic(|weak: &std::sync::Weak<Inner>| {
-            let weak = weak.clone();
-            let stream = watcher::watcher(
-                pods.clone(),
-                watcher::Config::default().labels(spec::SELECTOR),
-            )
+        let inner = Arc::new(Inner {
+            cfg,
+            client,
+            pods: pods.clone(),
+            secrets,
+            store: reader.clone(),
+            changed,
+            events,
+            deleting: Mutex::new(HashSet::new()),
+            reported: Mutex::new(std::collections::HashMap::new()),
+            watch_task: Mutex::new(None),
+        });
+        let weak = Arc::downgrade(&inner);
+        let stream = watcher::watcher(pods, watcher::Config::default().labels(spec::SELECTOR))
             .default_backoff()
             .reflect(writer);
-            let watch_task = tokio::spawn(async move {
-                let mut stream = std::pin::pin!(stream);
-                let mut listing: HashSet<InstanceId> = HashSet::new();
-                let mut known: HashSet<InstanceId> = HashSet::new();
-                while let Some(ev) = stream.next().await {
-                    let Some(inner) = weak.upgrade() else { return };
-                    match ev {
-                        Ok(Event::Init) => listing.clear(),
-                        Ok(Event::InitApply(pod)) => {
-                            if let Some(id) = spec::instance_of(&pod) {
-                                listing.insert(id.clone());
-                                known.insert(id);
-                            }
-                            inner.observe(&pod);
+        let task = tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            let mut listing: HashSet<InstanceId> = HashSet::new();
+            let mut known: HashSet<InstanceId> = HashSet::new();
+            while let Some(ev) = stream.next().await {
+                // The runtime is gone: so is its watch.
+                let Some(inner) = weak.upgrade() else { return };
+                match ev {
+                    Ok(Event::Init) => listing.clear(),
+                    Ok(Event::InitApply(pod)) => {
+                        if let Some(id) = spec::instance_of(&pod) {
+                            listing.insert(id.clone());
+                            known.insert(id);
                         }
-                        Ok(Event::InitDone) => {
-                            // Pods that went while the watch was down: gone without an event.
-                            for id in known.difference(&listing).cloned().collect::<Vec<_>>() {
-                                known.remove(&id);
-                                inner.gone(&id);
-                            }
-                        }
-                        Ok(Event::Apply(pod)) => {
-                            if let Some(id) = spec::instance_of(&pod) {
-                                known.insert(id);
-                            }
-                            inner.observe(&pod);
-                        }
-                        Ok(Event::Delete(pod)) => {
-                            if let Some(id) = spec::instance_of(&pod) {
-                                known.remove(&id);
-                                inner.gone(&id);
-                            }
-                        }
-                        Err(e) => tracing::warn!(error = %e, "watching instance pods"),
+                        inner.observe(&pod);
                     }
-                    changed_tx.send_modify(|n| *n += 1);
+                    Ok(Event::InitDone) => {
+                        // Pods that went while the watch was down: gone without an event.
+                        for id in known.difference(&listing).cloned().collect::<Vec<_>>() {
+                            known.remove(&id);
+                            inner.gone(&id);
+                        }
+                    }
+                    Ok(Event::Apply(pod)) => {
+                        if let Some(id) = spec::instance_of(&pod) {
+                            known.insert(id);
+                        }
+                        inner.observe(&pod);
+                    }
+                    Ok(Event::Delete(pod)) => {
+                        if let Some(id) = spec::instance_of(&pod) {
+                            known.remove(&id);
+                            inner.gone(&id);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "watching instance pods"),
                 }
-            });
-            Inner {
-                cfg,
-                client,
-                pods,
-                secrets,
-                store: reader.clone(),
-                changed,
-                events,
-                deleting: Mutex::new(HashSet::new()),
-                reported: Mutex::new(std::collections::HashMap::new()),
-                watch_task,
+                changed_tx.send_modify(|n| *n += 1);
             }
         });
+        *inner.watch_task.lock().unwrap() = Some(task);
         tokio::time::timeout(Duration::from_secs(30), reader.wait_until_ready())
             .await
             .map_err(|_| Error::unavailable(BACKEND, "the first list of pods took over 30 s"))?

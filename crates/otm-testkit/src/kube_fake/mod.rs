@@ -324,11 +324,14 @@ impl Inner {
     }
 
     pub(crate) fn allocate_ip(&self) -> Ipv4Addr {
-        let mut pods = lock(&self.pods);
-        let n = pods.next_ip;
-        pods.next_ip += 1;
-        // 127.0.0.2, 127.0.0.3, ..., 127.0.1.0, ...: all of 127.0.0.0/8 is loopback.
-        Ipv4Addr::from(0x7f00_0000 | (n & 0x00ff_ffff))
+        // One sequence for every fake in the process, in a /16 of 127.0.0.0/8 picked by the
+        // process id, so that fakes of tests running side by side (in one test binary or in
+        // several) never hand out the same address: 127.P.0.2, 127.P.0.3, ...
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(2);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) & 0xffff;
+        lock(&self.pods).next_ip = n + 1;
+        let block = 1 + std::process::id() % 250;
+        Ipv4Addr::from(0x7f00_0000 | (block << 16) | n.max(2))
     }
 
     pub(crate) fn pod_dirs(&self, ns: &str, name: &str, uid: &str) -> (PathBuf, PathBuf) {

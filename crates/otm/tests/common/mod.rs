@@ -2,6 +2,8 @@
 //! data directory.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use otm_server::{Server, Settings};
 use otm_testkit::FakeTelegram;
 use serde_json::{Value, json};

@@ -1,0 +1,571 @@
+//! The `kube` runtime against the fake Kubernetes API server of `otm-testkit` (real HTTP, list
+//! and watch, preconditions; its pods run as local `otm shim` processes, each on a loopback
+//! address of its own), or against a real cluster when `OTM_TEST_KUBECONFIG` is set:
+//! - `OTM_TEST_KUBE_NAMESPACE` (default `otm-test`, which must exist) and `OTM_TEST_KUBE_IMAGE`
+//!   (the otm image, built by `scripts/build-images` and pullable by the cluster);
+//! - `OTM_TEST_KUBE_RUNTIME_CLASS` (default: the cluster's default runtime);
+//! - the cluster tests (two orchestrators) need pod IPs routable from this machine and
+//!   `OTM_TEST_KUBE_EGRESS_URL`, an address of this machine the pods can reach.
+//!
+//! The cluster tests also need PostgreSQL and Redis (`OTM_TEST_POSTGRES_URL`,
+//! `OTM_TEST_REDIS_URL`) and are skipped with a message without them.
+
+mod common;
+
+use common::cluster::*;
+use futures::StreamExt;
+use otm_core::{InstanceId, InstanceSpec, LeaderElector, Runtime, RuntimeEvent, Secret, TenantId};
+use otm_runtime::kube::{KubeRuntime, KubeRuntimeConfig, lease::LeaseElector, spec as pod_spec};
+use otm_testkit::kube_fake::{FakeApiServer, ProcessRunner};
+use otm_testkit::text_update;
+use serde_json::Value;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The image name the fake maps to the built `otm`.
+const FAKE_IMAGE: &str = "otm-test:dev";
+
+/// Where the tests' pods live: the fake, or a real cluster.
+struct Kube {
+    fake: Option<FakeApiServer>,
+    kubeconfig: PathBuf,
+    namespace: String,
+    image: String,
+    runtime_class: Option<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Kube {
+    async fn start() -> Kube {
+        let dir = common::tempdir();
+        if let Some(kc) = env("OTM_TEST_KUBECONFIG") {
+            let image = env("OTM_TEST_KUBE_IMAGE")
+                .expect("OTM_TEST_KUBE_IMAGE must name the otm image when OTM_TEST_KUBECONFIG is set");
+            eprintln!("running against the cluster of {kc}");
+            return Kube {
+                fake: None,
+                kubeconfig: kc.into(),
+                namespace: env("OTM_TEST_KUBE_NAMESPACE").unwrap_or_else(|| "otm-test".into()),
+                image,
+                runtime_class: env("OTM_TEST_KUBE_RUNTIME_CLASS"),
+                _dir: dir,
+            };
+        }
+        let fake = FakeApiServer::builder()
+            .runner(ProcessRunner::new().binary(FAKE_IMAGE, env!("CARGO_BIN_EXE_otm")))
+            .start()
+            .await
+            .unwrap();
+        let kubeconfig = fake.write_kubeconfig(&dir.path().join("kubeconfig")).unwrap();
+        Kube {
+            fake: Some(fake),
+            kubeconfig,
+            namespace: "otm-tenants".into(),
+            image: FAKE_IMAGE.into(),
+            runtime_class: Some("kata-qemu".into()),
+            _dir: dir,
+        }
+    }
+
+    fn config(&self) -> KubeRuntimeConfig {
+        KubeRuntimeConfig {
+            namespace: self.namespace.clone(),
+            image: self.image.clone(),
+            runtime_class: self.runtime_class.clone(),
+            // A real test cluster may not have the chart's PriorityClasses.
+            priority_classes: self.fake.is_some(),
+            create_timeout: Duration::from_secs(120),
+            ..KubeRuntimeConfig::default()
+        }
+    }
+
+    async fn runtime(&self) -> KubeRuntime {
+        let client = KubeRuntime::client_from_kubeconfig(&self.kubeconfig)
+            .await
+            .unwrap();
+        KubeRuntime::new(client, self.config()).await.unwrap()
+    }
+
+    /// Makes an instance's pod die as a crash would.
+    fn fail_pod(&self, id: &InstanceId) {
+        let name = pod_spec::pod_name(id);
+        match &self.fake {
+            Some(f) => assert!(f.fail_pod(&self.namespace, &name, 137, "Error"), "no pod {name}"),
+            None => {
+                let st = std::process::Command::new("kubectl")
+                    .arg("--kubeconfig")
+                    .arg(&self.kubeconfig)
+                    .args(["-n", &self.namespace, "delete", "pod", &name])
+                    .args(["--grace-period=0", "--force", "--wait=false"])
+                    .status()
+                    .unwrap();
+                assert!(st.success());
+            }
+        }
+    }
+
+    /// The instance pods, as the API server has them.
+    fn pods(&self) -> Vec<Value> {
+        let all = match &self.fake {
+            Some(f) => f.list("pods", Some(&self.namespace)),
+            None => {
+                let out = std::process::Command::new("kubectl")
+                    .arg("--kubeconfig")
+                    .arg(&self.kubeconfig)
+                    .args(["-n", &self.namespace, "get", "pods", "-o", "json"])
+                    .args(["-l", pod_spec::SELECTOR])
+                    .output()
+                    .unwrap();
+                let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+                v["items"].as_array().cloned().unwrap_or_default()
+            }
+        };
+        all.into_iter()
+            .filter(|p| p["metadata"]["labels"]["otm.dev/role"] == "instance")
+            .collect()
+    }
+
+    fn pods_of(&self, tenant: &str) -> Vec<String> {
+        self.pods()
+            .iter()
+            .filter(|p| {
+                p["metadata"]["labels"]["otm.dev/tenant"] == tenant
+                    && p["metadata"]["deletionTimestamp"].is_null()
+            })
+            .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    fn secret(&self, name: &str) -> Option<Value> {
+        self.fake.as_ref()?.get("secrets", &self.namespace, name)
+    }
+
+    /// `otm server` arguments and variables for the `kube` runtime.
+    fn options(&self) -> Options {
+        let mut args: Vec<String> = [
+            "--runtime",
+            "kube",
+            "--kube-namespace",
+            &self.namespace,
+            "--kube-image",
+            &self.image,
+            "--kube-runtime-class",
+            self.runtime_class.as_deref().unwrap_or(""),
+            "--kube-priority-classes",
+            if self.fake.is_some() { "true" } else { "false" },
+        ]
+        .map(String::from)
+        .to_vec();
+        if let Some(url) = env("OTM_TEST_KUBE_EGRESS_URL") {
+            args.extend(["--egress-url".to_owned(), url]);
+        }
+        Options {
+            orchestrator_args: args,
+            orchestrator_env: vec![(
+                "KUBECONFIG".to_owned(),
+                self.kubeconfig.display().to_string(),
+            )],
+        }
+    }
+}
+
+fn spec(tenant: Option<&str>) -> InstanceSpec {
+    InstanceSpec {
+        id: InstanceId::random(),
+        shim_token: Secret::random(),
+        tenant: tenant.map(|t| TenantId::parse(t).unwrap()),
+        limits: Default::default(),
+        profile: tenant.map(|_| "reference".to_owned()),
+    }
+}
+
+async fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_runtime_conformance_suite_passes_on_kube() {
+    let kube = Kube::start().await;
+    let rt = Arc::new(kube.runtime().await);
+    otm_runtime::conformance::runtime_suite(rt, |id| kube.fail_pod(id)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pod_has_its_token_in_a_secret_it_owns_and_both_go_on_delete() {
+    let kube = Kube::start().await;
+    if kube.fake.is_none() {
+        eprintln!("skipped against a real cluster: reads the fake's objects");
+        return;
+    }
+    let rt = kube.runtime().await;
+    let s = spec(Some("alice"));
+    let created = rt.create(&s).await.unwrap();
+    assert!(created.address.starts_with("http://127."), "{}", created.address);
+    assert!(created.address.ends_with(":7070"));
+    let name = pod_spec::pod_name(&s.id);
+    let pod = kube.fake.as_ref().unwrap().get("pods", &kube.namespace, &name).unwrap();
+    assert_eq!(pod["spec"]["runtimeClassName"], "kata-qemu");
+    assert_eq!(pod["spec"]["priorityClassName"], "otm-tenant");
+    assert_eq!(pod["spec"]["automountServiceAccountToken"], false);
+    assert_eq!(pod["metadata"]["labels"]["otm.dev/tenant"], "alice");
+    assert_eq!(pod["metadata"]["annotations"]["karpenter.sh/do-not-disrupt"], "true");
+    assert!(
+        !pod.to_string().contains(s.shim_token.expose()),
+        "the token is not in the pod"
+    );
+    let secret = kube.secret(&name).expect("the token's secret");
+    assert_eq!(
+        secret["metadata"]["ownerReferences"][0]["uid"], pod["metadata"]["uid"],
+        "the pod owns its secret"
+    );
+    rt.delete(&s.id).await.unwrap();
+    eventually("pod and secret gone", Duration::from_secs(15), || {
+        kube.fake.as_ref().unwrap().get("pods", &kube.namespace, &name).is_none()
+            && kube.secret(&name).is_none()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn of_two_orchestrators_claiming_one_warm_pod_exactly_one_wins() {
+    let kube = Kube::start().await;
+    let (a, b) = (kube.runtime().await, kube.runtime().await);
+    for round in 0..3 {
+        let warm = spec(None);
+        a.create(&warm).await.unwrap();
+        // Both have seen the pod running.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !b.list().await.unwrap().iter().any(|i| i.id == warm.id && i.alive) {
+            assert!(Instant::now() < deadline, "the second watcher sees the pod");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (ta, tb) = (TenantId::parse("ta").unwrap(), TenantId::parse("tb").unwrap());
+        let (ra, rb) = tokio::join!(a.claim(&warm.id, &ta), b.claim(&warm.id, &tb));
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        assert!(ra ^ rb, "round {round}: exactly one claim wins (a {ra}, b {rb})");
+        let winner = if ra { "ta" } else { "tb" };
+        let pod = kube
+            .pods()
+            .into_iter()
+            .find(|p| p["metadata"]["name"] == pod_spec::pod_name(&warm.id).as_str())
+            .unwrap();
+        assert_eq!(pod["metadata"]["labels"]["otm.dev/tenant"], winner);
+        assert_eq!(pod["metadata"]["labels"]["otm.dev/warm"], "false");
+        // A claimed pod cannot be claimed again.
+        let again = a.claim(&warm.id, &TenantId::parse("tc").unwrap()).await.unwrap();
+        assert!(!again, "a bound pod is not claimable");
+        a.delete(&warm.id).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_has_one_holder_and_moves_when_it_lapses() {
+    let kube = Kube::start().await;
+    let client = || KubeRuntime::client_from_kubeconfig(&kube.kubeconfig);
+    let name = format!("otm-test-lease-{}", random_suffix());
+    let a = LeaseElector::new(client().await.unwrap(), &kube.namespace, &name, "holder-a");
+    let b = LeaseElector::new(client().await.unwrap(), &kube.namespace, &name, "holder-b");
+    assert!(a.acquire_or_renew().await.unwrap(), "the first candidate takes it");
+    assert!(!b.acquire_or_renew().await.unwrap(), "the second does not");
+    // While `a` renews, `b` never gets it.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(a.acquire_or_renew().await.unwrap());
+        assert!(!b.acquire_or_renew().await.unwrap());
+    }
+    // `a` stops renewing: `b` takes over after a lease duration of no change.
+    let stopped = Instant::now();
+    loop {
+        if b.acquire_or_renew().await.unwrap() {
+            break;
+        }
+        assert!(stopped.elapsed() < Duration::from_secs(30), "b never took over");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!("the lease moved {:?} after the holder stopped", stopped.elapsed());
+    assert!(!a.acquire_or_renew().await.unwrap(), "the old holder is out");
+    if let Some(f) = &kube.fake {
+        let lease = f.get("leases", &kube.namespace, &name).unwrap();
+        assert_eq!(lease["spec"]["holderIdentity"], "holder-b");
+        assert_eq!(lease["spec"]["leaseTransitions"], 1);
+    }
+    // A released lease is taken at once.
+    b.release().await.unwrap();
+    assert!(a.acquire_or_renew().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_pod_is_reported_at_once_and_a_deleted_one_is_not() {
+    let kube = Kube::start().await;
+    let rt = kube.runtime().await;
+    let mut events = rt.events();
+    let s = spec(Some("crashy"));
+    rt.create(&s).await.unwrap();
+    let failed = Instant::now();
+    kube.fail_pod(&s.id);
+    let ev = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(RuntimeEvent::Exited { id, detail }) = events.next().await
+                && id == s.id
+            {
+                return detail;
+            }
+        }
+    })
+    .await
+    .expect("an exit event");
+    eprintln!("pod failure reported after {:?}: {ev}", failed.elapsed());
+    rt.delete(&s.id).await.unwrap();
+}
+
+// ---- Two orchestrators and a router on PostgreSQL + Redis, instances as pods -------------------
+
+async fn kube_cluster(kube: &Kube) -> Option<Cluster> {
+    if kube.fake.is_none() && env("OTM_TEST_KUBE_EGRESS_URL").is_none() {
+        eprintln!("skipped: against a real cluster the pods need OTM_TEST_KUBE_EGRESS_URL");
+        return None;
+    }
+    let b = pg_redis()?;
+    Some(Cluster::start_with(b, kube.options()).await)
+}
+
+async fn admin(c: &Cluster, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+    for o in &c.orchestrators {
+        let mut r = c
+            .http
+            .request(method.clone(), format!("http://127.0.0.1:{}{path}", o.admin))
+            .bearer_auth(ADMIN_TOKEN);
+        if let Some(b) = &body {
+            r = r.json(b);
+        }
+        if let Ok(r) = r.send().await {
+            let status = r.status();
+            let v: Value = r.json().await.unwrap_or_default();
+            assert!(status.is_success(), "{method} {path}: {status} {v}");
+            return v;
+        }
+    }
+    panic!("no orchestrator answers");
+}
+
+async fn send_and_wait(c: &Cluster, tenant: &str, secret: &str, token: &str, updates: &[(i64, i64, String)]) {
+    let before = c.tg.sent_messages(token).len();
+    for (id, chat, text) in updates {
+        let status = c.post(0, tenant, secret, &text_update(*id, *chat, text)).await;
+        if status != 200 {
+            c.dump_logs();
+        }
+        assert_eq!(status, 200);
+    }
+    let got = c
+        .tg
+        .wait_for_messages(token, before + updates.len(), Duration::from_secs(120))
+        .await;
+    if got.len() != before + updates.len() {
+        c.dump_logs();
+    }
+    assert_eq!(got.len(), before + updates.len(), "every update answered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_orchestrators_on_kube_deliver_in_order_sleep_wake_and_survive_a_crash() {
+    let kube = Kube::start().await;
+    let Some(c) = kube_cluster(&kube).await else { return };
+    let token = "9601:KUBE";
+    let secret = c.create_tenant("kt", token).await;
+
+    // Ordered delivery: three chats, five updates each, answered in order per chat by one pod.
+    let updates: Vec<(i64, i64, String)> = (1..=5)
+        .flat_map(|i| (0..3).map(move |chat| (chat * 100 + i, 500 + chat, format!("c{chat} m{i}"))))
+        .collect();
+    send_and_wait(&c, "kt", &secret, token, &updates).await;
+    let all = c.tg.sent_messages(token);
+    for chat in 0..3i64 {
+        let texts: Vec<&str> = all
+            .iter()
+            .filter(|m| m.chat_id == 500 + chat)
+            .map(|m| m.text.as_str())
+            .collect();
+        assert_eq!(texts.len(), 5);
+        let mut prev = 0;
+        for (i, t) in texts.iter().enumerate() {
+            let n: u32 = t[1..t.find(':').unwrap()].parse().unwrap();
+            assert!(n > prev, "chat {chat}: in order: {texts:?}");
+            prev = n;
+            assert!(t.ends_with(&format!("c{chat} m{}", i + 1)), "{texts:?}");
+        }
+    }
+    let pods = kube.pods_of("kt");
+    assert_eq!(pods.len(), 1, "one pod serves the tenant: {pods:?}");
+
+    // Sleep: the pod goes, the state is kept; wake: a new pod goes on from it.
+    admin(&c, reqwest::Method::POST, "/v1/tenants/kt/stop", None).await;
+    eventually("the pod is gone", Duration::from_secs(30), || kube.pods_of("kt").is_empty()).await;
+    send_and_wait(&c, "kt", &secret, token, &[(9001, 500, "after sleep".into())]).await;
+    let last = c.tg.sent_messages(token).last().unwrap().text.clone();
+    assert_eq!(last, "#6: after sleep", "memory survives the sleep");
+    let second = kube.pods_of("kt");
+    assert_eq!(second.len(), 1);
+    assert_ne!(second, pods, "a new pod");
+
+    // Crash: the pod fails; the orchestrators notice, and the next update wakes the tenant
+    // again from its last snapshot (a pod's own disk goes with it). First the last delivery is
+    // acknowledged, so that nothing is delivered again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while admin(&c, reqwest::Method::GET, "/v1/tenants/kt", None).await["inbox_pending"] != 0 {
+        assert!(Instant::now() < deadline, "the inbox drains");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let id = InstanceId::parse(second[0].trim_start_matches("otm-")).unwrap();
+    let failed = Instant::now();
+    kube.fail_pod(&id);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let t = admin(&c, reqwest::Method::GET, "/v1/tenants/kt", None).await;
+        if t["status"] != "running" {
+            eprintln!("pod failure noticed after {:?}", failed.elapsed());
+            break;
+        }
+        assert!(Instant::now() < deadline, "the failure is noticed: {t}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    send_and_wait(&c, "kt", &secret, token, &[(9002, 500, "after crash".into())]).await;
+    let last = c.tg.sent_messages(token).last().unwrap().text.clone();
+    assert_eq!(last, "#6: after crash", "the state of the last snapshot");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_kube_a_warm_pod_is_claimed_pods_outlive_a_killed_orchestrator_and_the_lease_moves() {
+    let kube = Kube::start().await;
+    let Some(mut c) = kube_cluster(&kube).await else { return };
+
+    // Warm pool: the leader keeps one warm pod; a wake claims it (its labels change).
+    admin(
+        &c,
+        reqwest::Method::PUT,
+        "/v1/config",
+        Some(serde_json::json!({"warm_pool_target": 1})),
+    )
+    .await;
+    let warm_pods = |kube: &Kube| -> Vec<String> {
+        kube.pods()
+            .iter()
+            .filter(|p| p["metadata"]["labels"]["otm.dev/warm"] == "true" && p["status"]["phase"] == "Running")
+            .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    eventually("a warm pod runs", Duration::from_secs(30), || warm_pods(&kube).len() == 1).await;
+    let warm = warm_pods(&kube)[0].clone();
+    // ... and the registry has it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let list = admin(&c, reqwest::Method::GET, "/v1/instances", None).await;
+        if list.as_array().into_iter().flatten().any(|i| i["state"] == "warm") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the warm instance is registered: {list}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let token = "9602:WARM";
+    let secret = c.create_tenant("kw", token).await;
+    let woken = admin(&c, reqwest::Method::POST, "/v1/tenants/kw/wake", None).await;
+    if woken["path"] != "warm" {
+        c.dump_logs();
+    }
+    assert_eq!(woken["path"], "warm", "{woken}");
+    assert_eq!(kube.pods_of("kw"), vec![warm.clone()], "the warm pod is the tenant's now");
+    send_and_wait(&c, "kw", &secret, token, &[(1, 77, "hello".into())]).await;
+
+    // Which orchestrator leads?
+    let mut leader = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while leader.is_none() {
+        for (i, o) in c.orchestrators.iter().enumerate() {
+            let s: Value = c
+                .http
+                .get(format!("http://127.0.0.1:{}/v1/status", o.admin))
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if s["leader"] == true {
+                leader = Some(i);
+            }
+        }
+        assert!(Instant::now() < deadline, "one orchestrator leads");
+    }
+    let leader = leader.unwrap();
+    let lease_holder = |kube: &Kube| {
+        kube.fake
+            .as_ref()
+            .and_then(|f| f.get("leases", &kube.namespace, "otm-orchestrator"))
+            .map(|l| l["spec"]["holderIdentity"].clone())
+    };
+    let holder = lease_holder(&kube);
+
+    // The leader is killed (SIGKILL): the pods stay, the other orchestrator takes the lease, and
+    // the tenant is answered by the same pod.
+    let pods_before: Vec<String> = kube.pods().iter().map(|p| p["metadata"]["name"].as_str().unwrap().to_owned()).collect();
+    let killed = c.orchestrators.remove(leader);
+    drop(killed);
+    let other = 0;
+    let moved = Instant::now();
+    loop {
+        let s: Value = c
+            .http
+            .get(format!("http://127.0.0.1:{}/v1/status", c.orchestrators[other].admin))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if s["leader"] == true {
+            break;
+        }
+        assert!(moved.elapsed() < Duration::from_secs(40), "the other orchestrator leads");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("the lead moved {:?} after the leader was killed", moved.elapsed());
+    if holder.is_some() {
+        assert_ne!(lease_holder(&kube), holder, "the Lease has another holder");
+    }
+    let pods_after: Vec<String> = kube.pods().iter().map(|p| p["metadata"]["name"].as_str().unwrap().to_owned()).collect();
+    for p in &pods_before {
+        assert!(pods_after.contains(p), "pod {p} outlived the orchestrator: {pods_after:?}");
+    }
+    send_and_wait(&c, "kw", &secret, token, &[(2, 77, "still there".into())]).await;
+    assert_eq!(kube.pods_of("kw"), vec![warm], "the same pod answers");
+
+    // A restarted orchestrator adopts the pods: nothing is deleted or created for them.
+    let shared = c.dir.path().join("o");
+    let mut back = spawn_with(
+        "orchestrator",
+        &shared,
+        &c.backends,
+        &c.tg,
+        &c.options.orchestrator_args,
+        &c.options.orchestrator_env,
+    );
+    healthy(&c.http, &mut back).await;
+    c.orchestrators.push(back);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pods_adopted: Vec<String> = kube.pods().iter().map(|p| p["metadata"]["name"].as_str().unwrap().to_owned()).collect();
+    for p in &pods_before {
+        assert!(pods_adopted.contains(p), "pod {p} kept after the restart: {pods_adopted:?}");
+    }
+    send_and_wait(&c, "kw", &secret, token, &[(3, 77, "after restart".into())]).await;
+    let last = c.tg.sent_messages(token).last().unwrap().text.clone();
+    assert_eq!(last, "#3: after restart");
+    c.shutdown().await;
+}
