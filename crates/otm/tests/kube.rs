@@ -325,13 +325,66 @@ async fn a_failed_pod_is_reported_at_once_and_a_deleted_one_is_not() {
 
 // ---- Two orchestrators and a router on PostgreSQL + Redis, instances as pods -------------------
 
-async fn kube_cluster(kube: &Kube) -> Option<Cluster> {
+/// otm's egress Service as pods see it: one address in front of every replica's egress
+/// listener, so that an agent's Bot API calls outlive the orchestrator that woke it.
+struct EgressService {
+    port: u16,
+    backends: Arc<std::sync::Mutex<Vec<u16>>>,
+}
+
+impl EgressService {
+    async fn start() -> EgressService {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let backends: Arc<std::sync::Mutex<Vec<u16>>> = Arc::default();
+        let b = backends.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let ports = b.lock().unwrap().clone();
+                tokio::spawn(async move {
+                    for p in ports {
+                        if let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", p)).await {
+                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        EgressService { port, backends }
+    }
+
+    fn serve(&self, c: &Cluster) {
+        *self.backends.lock().unwrap() = c
+            .orchestrators
+            .iter()
+            .chain(&c.routers)
+            .map(|p| p.egress)
+            .collect();
+    }
+}
+
+async fn kube_cluster(kube: &Kube) -> Option<(Cluster, Option<EgressService>)> {
     if kube.fake.is_none() && env("OTM_TEST_KUBE_EGRESS_URL").is_none() {
         eprintln!("skipped: against a real cluster the pods need OTM_TEST_KUBE_EGRESS_URL");
         return None;
     }
     let b = pg_redis()?;
-    Some(Cluster::start_with(b, kube.options()).await)
+    let mut options = kube.options();
+    let service = if kube.fake.is_some() {
+        let s = EgressService::start().await;
+        options
+            .orchestrator_args
+            .extend(["--egress-url".to_owned(), format!("http://127.0.0.1:{}", s.port)]);
+        Some(s)
+    } else {
+        None
+    };
+    let c = Cluster::start_with(b, options).await;
+    if let Some(s) = &service {
+        s.serve(&c);
+    }
+    Some((c, service))
 }
 
 async fn admin(c: &Cluster, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
@@ -375,7 +428,7 @@ async fn send_and_wait(c: &Cluster, tenant: &str, secret: &str, token: &str, upd
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_orchestrators_on_kube_deliver_in_order_sleep_wake_and_survive_a_crash() {
     let kube = Kube::start().await;
-    let Some(c) = kube_cluster(&kube).await else { return };
+    let Some((c, _egress)) = kube_cluster(&kube).await else { return };
     let token = "9601:KUBE";
     let secret = c.create_tenant("kt", token).await;
 
@@ -443,7 +496,7 @@ async fn two_orchestrators_on_kube_deliver_in_order_sleep_wake_and_survive_a_cra
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn on_kube_a_warm_pod_is_claimed_pods_outlive_a_killed_orchestrator_and_the_lease_moves() {
     let kube = Kube::start().await;
-    let Some(mut c) = kube_cluster(&kube).await else { return };
+    let Some((mut c, _egress)) = kube_cluster(&kube).await else { return };
 
     // Warm pool: the leader keeps one warm pod; a wake claims it (its labels change).
     admin(

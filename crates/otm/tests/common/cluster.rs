@@ -19,6 +19,7 @@ pub struct Proc {
     pub child: Child,
     pub public: u16,
     pub admin: u16,
+    pub egress: u16,
     pub log: PathBuf,
 }
 
@@ -113,6 +114,7 @@ pub fn spawn_with(
         child,
         public,
         admin,
+        egress,
         log,
     }
 }
