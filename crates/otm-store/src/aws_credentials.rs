@@ -1177,6 +1177,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_process_shares_one_provider() {
+        let a = AwsCredentialsProvider::shared_from_env().unwrap();
+        let b = AwsCredentialsProvider::shared_from_env().unwrap();
+        assert!(Arc::ptr_eq(&a.inner, &b.inner));
+    }
+
+    #[test]
     fn refreshes_five_minutes_early_or_at_half_life() {
         let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
         let creds = |lifetime: u64| AwsCredentials {

@@ -54,8 +54,8 @@
 mod attr;
 mod client;
 
-use attr::{Item, Reader, b, boolean, n, s};
 use crate::aws_credentials::{AwsCredentialsProvider, CredentialSource};
+use attr::{Item, Reader, b, boolean, n, s};
 use client::{ApiError, Client};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use otm_core::{
