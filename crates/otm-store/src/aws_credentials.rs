@@ -354,9 +354,12 @@ impl AwsCredentialsProvider {
     fn cached(&self) -> Option<(Arc<AwsCredentials>, bool, bool)> {
         let now = self.now();
         let cached = self.inner.cached.lock().unwrap_or_else(|p| p.into_inner());
-        cached
-            .as_ref()
-            .map(|c| (c.credentials.clone(), c.fresh(now), c.usable(now)))
+        cached.as_ref().map(|c| {
+            let usable = c.usable(now);
+            // Credentials issued for less than 20 s reach the end of their use before their
+            // refresh time: they count as due for a refresh then.
+            (c.credentials.clone(), usable && c.fresh(now), usable)
+        })
     }
 
     /// Credentials to sign a request with: the cached ones, or new ones when those are due for
