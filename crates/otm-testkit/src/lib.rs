@@ -4,6 +4,9 @@
 //! use it too.
 //!
 //! # Layout
+//! - [`aws_metadata`]: [`PodIdentityEndpoint`] and [`ImdsEndpoint`], the EKS Pod Identity agent
+//!   and the EC2 instance metadata service (IMDSv2) on `127.0.0.1:0`, handing out numbered
+//!   temporary AWS credentials with an expiry a test sets, and counting requests.
 //! - [`fake_telegram`]: [`FakeTelegram`], an in-process Bot API server on `127.0.0.1:0` that
 //!   checks tokens, answers the methods otm and its agents call, records every call, and can be
 //!   told to fail or slow down `sendMessage`.
@@ -11,10 +14,12 @@
 //! - [`stub_model`]: [`StubModel`], an OpenAI-compatible model server on `127.0.0.1:0` whose
 //!   answers count the earlier user turns it was sent, and which records the key it saw.
 
+pub mod aws_metadata;
 pub mod fake_telegram;
 pub mod stub_model;
 pub mod updates;
 
+pub use aws_metadata::{ImdsEndpoint, PodIdentityEndpoint};
 pub use fake_telegram::{Call, FILE_BYTES, FakeTelegram, SentMessage, WebhookInfo};
 pub use stub_model::{ModelRequest, StubModel};
 pub use updates::text_update;
