@@ -3,8 +3,9 @@
 //! URL: `dynamodb://<table-prefix>?endpoint=http://127.0.0.1:5055&region=us-east-1&create_tables=true`,
 //! every query option optional. The endpoint falls back to `AWS_ENDPOINT_URL_DYNAMODB`, then
 //! `AWS_ENDPOINT_URL`, then `https://dynamodb.{region}.amazonaws.com`; the region to `AWS_REGION`,
-//! then `AWS_DEFAULT_REGION`. Credentials come from `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`
-//! and `AWS_SESSION_TOKEN`.
+//! then `AWS_DEFAULT_REGION`. Credentials come from the process-wide
+//! [`AwsCredentialsProvider`](crate::aws_credentials::AwsCredentialsProvider): the environment,
+//! web identity, EKS Pod Identity or the instance profile.
 //!
 //! # Tables
 //!
@@ -53,8 +54,9 @@
 mod attr;
 mod client;
 
+use crate::aws_credentials::{AwsCredentialsProvider, CredentialSource};
 use attr::{Item, Reader, b, boolean, n, s};
-use client::{ApiError, Client, Credentials};
+use client::{ApiError, Client};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use otm_core::{
     Appended, Error, FailOutcome, FleetSettings, InboxItem, InboxView, InstanceId, InstanceRecord,
@@ -465,8 +467,16 @@ impl DynamoRegistry {
     /// sends nothing, unless the URL says `create_tables=true`: then the tables are created
     /// (if missing) and waited for.
     pub async fn open(url: &str) -> Result<Self> {
+        Self::open_with_credentials(url, AwsCredentialsProvider::shared_from_env()?).await
+    }
+
+    /// [`DynamoRegistry::open`] with credentials from `credentials` instead of the process-wide
+    /// provider.
+    pub async fn open_with_credentials(
+        url: &str,
+        credentials: AwsCredentialsProvider,
+    ) -> Result<Self> {
         let opts = Options::parse(url)?;
-        let credentials = Credentials::from_env()?;
         let endpoint = opts
             .endpoint
             .clone()
@@ -500,6 +510,11 @@ impl DynamoRegistry {
         }
         tracing::debug!(endpoint = %endpoint, prefix = %opts.prefix, "opened the DynamoDB registry");
         Ok(registry)
+    }
+
+    /// Where the registry's AWS credentials come from.
+    pub fn credential_source(&self) -> CredentialSource {
+        self.client.credential_source()
     }
 
     /// The table names.

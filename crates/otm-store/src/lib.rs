@@ -11,6 +11,9 @@
 //!   replicas share: PostgreSQL, one atomic statement per write, a small reconnecting pool.
 //! - `dynamodb` (cargo feature `dynamodb`): `DynamoRegistry`, the [`otm_core::Registry`] on
 //!   DynamoDB: a hand-written, SigV4-signed JSON API client; conditional writes and transactions.
+//! - `aws_credentials` (with `dynamodb` or `s3`): `AwsCredentialsProvider`, the AWS credential
+//!   chain both use: the environment, web identity (IRSA), a container endpoint (EKS Pod
+//!   Identity) and the instance metadata service, cached and refreshed before expiry.
 //! - [`memory`]: [`MemoryCoordinator`], the in-process [`otm_core::Coordinator`].
 //! - `redis` (cargo feature `redis`): `RedisCoordinator`, the [`otm_core::Coordinator`] that
 //!   replicas share: a Redis cache, Lua-scripted fenced locks, pub/sub notifications.
@@ -21,6 +24,8 @@
 //! - [`open`]: picks a backend from a URL and names the ones missing from this build.
 //! - [`conformance`]: the shared test suites, one per trait.
 
+#[cfg(feature = "aws-credentials")]
+pub mod aws_credentials;
 pub mod conformance;
 #[cfg(feature = "dynamodb")]
 pub mod dynamodb;

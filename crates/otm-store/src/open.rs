@@ -257,10 +257,23 @@ impl StateStoreBackend {
 
 /// The state store an `s3://bucket/prefix?endpoint=…&region=…&allow_http=true` URL names: the
 /// AWS environment (`AmazonS3Builder::from_env`), then the URL's bucket and options on top.
-/// Options are object_store's S3 configuration keys; credentials belong in the environment, not
-/// the URL. Sends nothing.
+/// Options are object_store's S3 configuration keys; credentials come from the process-wide
+/// [`AwsCredentialsProvider`](crate::aws_credentials::AwsCredentialsProvider) (the one the
+/// DynamoDB registry uses too), never from the URL. Sends nothing.
 #[cfg(feature = "s3")]
 pub fn s3_state_store(url: &str) -> Result<ObjectStateStore> {
+    s3_state_store_with_credentials(
+        url,
+        crate::aws_credentials::AwsCredentialsProvider::shared_from_env()?,
+    )
+}
+
+/// [`s3_state_store`] with credentials from `credentials`.
+#[cfg(feature = "s3")]
+pub fn s3_state_store_with_credentials(
+    url: &str,
+    credentials: crate::aws_credentials::AwsCredentialsProvider,
+) -> Result<ObjectStateStore> {
     use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
     const FORM: &str = "s3://bucket/prefix?endpoint=…&region=…&allow_http=true";
     let rest = url.strip_prefix("s3://").unwrap_or(url);
@@ -271,15 +284,18 @@ pub fn s3_state_store(url: &str) -> Result<ObjectStateStore> {
             "the S3 state store URL names no bucket; use {FORM}"
         )));
     }
-    let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+    let mut builder = AmazonS3Builder::from_env()
+        .with_bucket_name(bucket)
+        .with_credentials(credentials.object_store());
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, "true"));
         let (key, value) = (percent_decode(key)?, percent_decode(value)?);
         let lower = key.to_ascii_lowercase();
         if lower.contains("secret") || lower.contains("token") || lower.contains("access_key") {
             return Err(Error::invalid(format!(
-                "`{key}` in the S3 state store URL: put credentials in the environment \
-                 (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN), not in the URL"
+                "`{key}` in the S3 state store URL: credentials do not go in the URL; give \
+                 the service account a role (IRSA or EKS Pod Identity), or set \
+                 AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
             )));
         }
         let config: AmazonS3ConfigKey = lower.parse().map_err(|_| {
@@ -455,12 +471,13 @@ mod tests {
         assert!(!err.to_string().contains("hunter2"));
         #[cfg(feature = "dynamodb")]
         {
-            // Without credentials in the environment opening stops before any request and names
-            // the variables; with them, port 1 refuses the connection.
+            // With credentials in the environment, port 1 refuses the connection. (Without them
+            // the chain would ask the instance metadata service, which tests must not reach; the
+            // chain's own tests cover that with their own variables.)
             let url = "dynamodb://otm-table?endpoint=http://127.0.0.1:1&region=us-east-1";
-            let err = open_registry(url).await.unwrap_err();
             let set = |v: &str| std::env::var(v).is_ok_and(|v| !v.is_empty());
             if set("AWS_ACCESS_KEY_ID") && set("AWS_SECRET_ACCESS_KEY") {
+                let err = open_registry(url).await.unwrap_err();
                 assert!(
                     matches!(
                         err,
@@ -472,11 +489,7 @@ mod tests {
                     "{err}"
                 );
             } else {
-                assert!(
-                    matches!(err, Error::InvalidInput { .. })
-                        && err.to_string().contains("AWS_ACCESS_KEY_ID"),
-                    "{err}"
-                );
+                println!("skipped: opening DynamoDB on a closed port: no AWS_ACCESS_KEY_ID");
             }
         }
         #[cfg(not(feature = "s3"))]

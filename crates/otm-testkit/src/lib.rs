@@ -4,6 +4,9 @@
 //! use it too.
 //!
 //! # Layout
+//! - [`aws_metadata`]: [`PodIdentityEndpoint`] and [`ImdsEndpoint`], the EKS Pod Identity agent
+//!   and the EC2 instance metadata service (IMDSv2) on `127.0.0.1:0`, handing out numbered
+//!   temporary AWS credentials with an expiry a test sets, and counting requests.
 //! - [`fake_telegram`]: [`FakeTelegram`], an in-process Bot API server on `127.0.0.1:0` that
 //!   checks tokens, answers the methods otm and its agents call, records every call, and can be
 //!   told to fail or slow down `sendMessage`.
@@ -14,11 +17,13 @@
 //!   secrets, leases and events that kube-rs and `kubectl` can use, and which runs the pods it
 //!   is given as local processes.
 
+pub mod aws_metadata;
 pub mod fake_telegram;
 pub mod kube_fake;
 pub mod stub_model;
 pub mod updates;
 
+pub use aws_metadata::{ImdsEndpoint, PodIdentityEndpoint};
 pub use fake_telegram::{Call, FILE_BYTES, FakeTelegram, SentMessage, WebhookInfo};
 pub use kube_fake::FakeApiServer;
 pub use stub_model::{ModelRequest, StubModel};

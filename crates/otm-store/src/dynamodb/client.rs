@@ -1,12 +1,13 @@
 //! A small client for DynamoDB's JSON API: one signed `POST` per operation.
 //!
 //! Requests carry `X-Amz-Target: DynamoDB_20120810.<Op>` and a JSON body, signed with AWS
-//! Signature Version 4 from static credentials. Throttling, server errors and refused connections
-//! are retried here with jittered backoff; everything else goes back to the caller as
+//! Signature Version 4 with credentials from an [`AwsCredentialsProvider`]. Throttling, server
+//! errors, refused connections and expired credentials are retried here with jittered backoff; everything else goes back to the caller as
 //! [`ApiError`], which the registry maps to [`otm_core::Error`].
 
+use crate::aws_credentials::{AwsCredentials, AwsCredentialsProvider, CredentialSource};
 use hmac::{Hmac, KeyInit, Mac};
-use otm_core::{Error, Secret};
+use otm_core::Error;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::fmt;
@@ -24,40 +25,6 @@ const CONNECT_ATTEMPTS: u32 = 3;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Static AWS credentials.
-#[derive(Clone)]
-pub(crate) struct Credentials {
-    pub access_key_id: String,
-    pub secret_access_key: Secret,
-    pub session_token: Option<Secret>,
-}
-
-impl fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // The key id is not a secret (it names the key), but it is of no use in a log either.
-        f.debug_struct("Credentials").finish_non_exhaustive()
-    }
-}
-
-impl Credentials {
-    /// From `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and the optional `AWS_SESSION_TOKEN`.
-    pub fn from_env() -> Result<Self, Error> {
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-        match (var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY")) {
-            (Some(id), Some(secret)) => Ok(Credentials {
-                access_key_id: id,
-                secret_access_key: Secret::new(secret),
-                session_token: var("AWS_SESSION_TOKEN").map(Secret::new),
-            }),
-            _ => Err(Error::invalid(
-                "the DynamoDB registry needs AWS credentials: set AWS_ACCESS_KEY_ID and \
-                 AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary credentials); \
-                 instance-profile and web-identity credentials are not supported yet",
-            )),
-        }
-    }
-}
-
 /// What a failed call answered.
 #[derive(Debug)]
 pub(crate) enum ApiError {
@@ -72,6 +39,8 @@ pub(crate) enum ApiError {
     },
     /// No usable answer: connection refused, timeout, a body that is not JSON.
     Transport { message: String },
+    /// No credentials to sign with; the error names their source and what to set.
+    Credentials(Error),
 }
 
 impl ApiError {
@@ -79,7 +48,7 @@ impl ApiError {
     pub fn code(&self) -> &str {
         match self {
             ApiError::Service { code, .. } => code,
-            ApiError::Transport { .. } => "",
+            ApiError::Transport { .. } | ApiError::Credentials(_) => "",
         }
     }
 
@@ -93,7 +62,7 @@ impl ApiError {
     pub fn failed_item(&self) -> Option<&serde_json::Map<String, Value>> {
         match self {
             ApiError::Service { body, .. } => body.get("Item")?.as_object(),
-            ApiError::Transport { .. } => None,
+            ApiError::Transport { .. } | ApiError::Credentials(_) => None,
         }
     }
 
@@ -135,13 +104,14 @@ impl ApiError {
                             | "TransactionConflictException"
                     )
             }
-            ApiError::Transport { .. } => false,
+            ApiError::Transport { .. } | ApiError::Credentials(_) => false,
         }
     }
 
     /// As the error a registry caller sees.
     pub fn into_error(self) -> Error {
         match self {
+            ApiError::Credentials(e) => e,
             ApiError::Transport { message } => Error::unavailable(BACKEND, message),
             e if e.retryable() => {
                 Error::unavailable(BACKEND, format!("DynamoDB is overloaded or failing: {e}"))
@@ -172,8 +142,9 @@ impl ApiError {
                 Error::generic(
                     BACKEND,
                     format!(
-                        "DynamoDB refused the credentials ({status} {code}: {message}); check AWS_ACCESS_KEY_ID, \
-                         AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN and the IAM policy"
+                        "DynamoDB refused the credentials ({status} {code}: {message}); check where they \
+                         come from (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, the service account's \
+                         role, the instance profile) and the IAM policy"
                     ),
                 )
             }
@@ -192,6 +163,7 @@ impl fmt::Display for ApiError {
                 ..
             } => write!(f, "{code} ({status}): {message}"),
             ApiError::Transport { message } => f.write_str(message),
+            ApiError::Credentials(e) => write!(f, "{e}"),
         }
     }
 }
@@ -205,7 +177,7 @@ pub(crate) struct Client {
     /// The `Host` header as sent (and signed): host, and port when not the scheme's default.
     host: String,
     region: String,
-    credentials: Credentials,
+    credentials: AwsCredentialsProvider,
 }
 
 impl fmt::Debug for Client {
@@ -213,13 +185,18 @@ impl fmt::Debug for Client {
         f.debug_struct("Client")
             .field("endpoint", &self.url.as_str())
             .field("region", &self.region)
+            .field("credentials", &self.credentials.source().name())
             .finish_non_exhaustive()
     }
 }
 
 impl Client {
     /// A client for `endpoint` (`https://dynamodb.us-east-1.amazonaws.com`).
-    pub fn new(endpoint: &str, region: &str, credentials: Credentials) -> Result<Self, Error> {
+    pub fn new(
+        endpoint: &str,
+        region: &str,
+        credentials: AwsCredentialsProvider,
+    ) -> Result<Self, Error> {
         let url = reqwest::Url::parse(endpoint).map_err(|e| {
             Error::invalid(format!(
                 "the DynamoDB endpoint `{endpoint}` is not a URL: {e}"
@@ -258,6 +235,11 @@ impl Client {
         self.url.as_str()
     }
 
+    /// Where the credentials come from.
+    pub fn credential_source(&self) -> CredentialSource {
+        self.credentials.source()
+    }
+
     /// Runs one operation, retrying what may succeed on a later try.
     pub async fn call(&self, op: &str, body: &Value) -> Result<Value, ApiError> {
         let payload = serde_json::to_vec(body).map_err(|e| ApiError::Transport {
@@ -278,6 +260,10 @@ impl Client {
     }
 
     async fn send(&self, op: &str, payload: &[u8]) -> Result<Value, Attempt> {
+        let credentials = self.credentials.credentials().await.map_err(|e| Attempt {
+            retryable: false,
+            error: ApiError::Credentials(e),
+        })?;
         let target = format!("{TARGET_PREFIX}{op}");
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -290,7 +276,7 @@ impl Client {
             ("x-amz-date", &amz_date),
             ("x-amz-target", &target),
         ];
-        if let Some(token) = &self.credentials.session_token {
+        if let Some(token) = &credentials.session_token {
             headers.push(("x-amz-security-token", token.expose()));
         }
         let authorization = authorization(&Signing {
@@ -302,7 +288,7 @@ impl Client {
             amz_date: &amz_date,
             region: &self.region,
             service: SERVICE,
-            credentials: &self.credentials,
+            credentials: &credentials,
         });
         let mut req = self
             .http
@@ -367,7 +353,8 @@ impl Client {
         Err(Attempt {
             retryable: error.retryable(),
             error,
-        })
+        }
+        .expired_credentials(&self.credentials))
     }
 }
 
@@ -377,13 +364,23 @@ struct Attempt {
 }
 
 impl Attempt {
+    /// After DynamoDB said the credentials expired, the next try fetches new ones.
+    fn expired_credentials(mut self, provider: &AwsCredentialsProvider) -> Self {
+        if self.error.code() == "ExpiredTokenException" {
+            provider.invalidate();
+            self.retryable = true;
+        }
+        self
+    }
+
     fn max_attempts(&self) -> u32 {
         match &self.error {
             // A server error without a JSON body (a proxy or a stand-in failing) is as worth
             // retrying as a declared one; a refused connection less so.
             ApiError::Transport { message } if message.contains("not JSON") => ATTEMPTS,
             ApiError::Transport { .. } => CONNECT_ATTEMPTS,
-            ApiError::Service { .. } => ATTEMPTS,
+            ApiError::Service { code, .. } if code == "ExpiredTokenException" => 2,
+            ApiError::Service { .. } | ApiError::Credentials(_) => ATTEMPTS,
         }
     }
 }
@@ -438,7 +435,7 @@ struct Signing<'a> {
     amz_date: &'a str,
     region: &'a str,
     service: &'a str,
-    credentials: &'a Credentials,
+    credentials: &'a AwsCredentials,
 }
 
 type HmacSha256 = Hmac<Sha256>;
@@ -493,11 +490,12 @@ fn authorization(s: &Signing<'_>) -> String {
 mod tests {
     use super::*;
 
-    fn creds(token: Option<&str>) -> Credentials {
-        Credentials {
+    fn creds(token: Option<&str>) -> AwsCredentials {
+        AwsCredentials {
             access_key_id: "AKIDEXAMPLE".into(),
-            secret_access_key: Secret::new("wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"),
-            session_token: token.map(Secret::new),
+            secret_access_key: otm_core::Secret::new("wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"),
+            session_token: token.map(otm_core::Secret::new),
+            expires_at: None,
         }
     }
 
