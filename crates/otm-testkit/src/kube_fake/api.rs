@@ -840,7 +840,7 @@ fn delete_checked(
                 .write(|s| {
                     s.modify(PODS, ns, name, |p| {
                         let at =
-                            time::OffsetDateTime::now_utc() + Duration::from_secs(grace as u64);
+                            chrono::Utc::now() + Duration::from_secs(grace as u64);
                         p["metadata"]["deletionTimestamp"] = json!(super::util::rfc3339(at));
                         p["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
                         true

@@ -4,8 +4,7 @@
 use std::collections::HashMap;
 
 use serde_json::{Value, json};
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
+use chrono::{DateTime, SecondsFormat, Utc};
 
 /// An error the API answers with, as a `Status` object.
 #[derive(Clone, Debug)]
@@ -130,21 +129,18 @@ fn qualified(plural: &str, group: &str) -> String {
 
 /// Now, as the API writes timestamps (RFC 3339, seconds, `Z`).
 pub(crate) fn now_rfc3339() -> String {
-    rfc3339(OffsetDateTime::now_utc())
+    rfc3339(Utc::now())
 }
 
-pub(crate) fn rfc3339(t: OffsetDateTime) -> String {
-    t.replace_nanosecond(0)
-        .unwrap_or(t)
-        .format(&Rfc3339)
-        .unwrap_or_default()
+pub(crate) fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
 fn random_bytes<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
     if getrandom::fill(&mut b).is_err() {
         // Fall back to the clock: uniqueness within one test run is all that matters.
-        let n = OffsetDateTime::now_utc().unix_timestamp_nanos();
+        let n = i128::from(Utc::now().timestamp_nanos_opt().unwrap_or_default());
         for (i, byte) in b.iter_mut().enumerate() {
             *byte = (n >> ((i % 16) * 8)) as u8 ^ i as u8;
         }
