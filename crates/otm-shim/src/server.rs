@@ -45,7 +45,13 @@ pub struct ShimConfig {
     pub egress: Option<PathBuf>,
     /// Start agents in a sandbox of their own (inside the instance sandbox).
     pub agent_sandbox: Option<Arc<crate::sandbox::AgentSandbox>>,
+    /// After SIGTERM, how long a bound shim keeps serving so that the orchestrator can stop its
+    /// agent and take the final snapshot (a pod being evicted); zero: stop at once.
+    pub term_grace: Duration,
 }
+
+/// How long a shim whose agent was stopped after SIGTERM still serves, for the final snapshot.
+const SNAPSHOT_WINDOW: Duration = Duration::from_secs(10);
 
 struct Bound {
     tenant: otm_core::TenantId,
@@ -58,6 +64,8 @@ struct Shim {
     bound: Mutex<Option<Bound>>,
     /// `http://127.0.0.1:<port>` of the egress forwarder, when there is one.
     egress_root: Option<String>,
+    /// Told when the agent has been stopped through the control API.
+    agent_stopped: tokio::sync::Notify,
 }
 
 impl Shim {
@@ -81,17 +89,32 @@ pub async fn run(config: ShimConfig, shutdown: CancellationToken) -> std::io::Re
         config: config.clone(),
         bound: Mutex::new(None),
         egress_root,
+        agent_stopped: tokio::sync::Notify::new(),
     });
     let app = router(shim.clone());
 
     let stop = shutdown.clone();
+    let on_term = shim.clone();
     tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");
         tokio::select! {
-            _ = term.recv() => stop.cancel(),
-            _ = stop.cancelled() => {}
+            _ = term.recv() => {}
+            _ = stop.cancelled() => return,
         }
+        // A bound instance being removed (an evicted pod): serve on until the orchestrator has
+        // stopped the agent and fetched the final snapshot, within the grace.
+        let grace = on_term.config.term_grace;
+        if !grace.is_zero() && on_term.bound.lock().await.is_some() {
+            tracing::info!(grace_s = grace.as_secs(), "SIGTERM: serving on for the final snapshot");
+            let deadline = tokio::time::Instant::now() + grace;
+            let stopped = tokio::time::timeout_at(deadline, on_term.agent_stopped.notified()).await;
+            if stopped.is_ok() {
+                tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + SNAPSHOT_WINDOW))
+                    .await;
+            }
+        }
+        stop.cancel();
     });
 
     let served = shutdown.clone();
@@ -514,6 +537,7 @@ async fn stop(
         Some(a) => a.stop(grace).await,
         None => (None, false),
     };
+    shim.agent_stopped.notify_waiters();
     Json(StopResponse { exit_code, killed })
 }
 

@@ -98,6 +98,10 @@ struct ShimArgs {
     /// A path the agent sandbox shows read-only (repeatable).
     #[arg(long)]
     show: Vec<PathBuf>,
+    /// After SIGTERM, seconds a bound shim keeps serving so that the orchestrator can take the
+    /// final snapshot (pods: less than terminationGracePeriodSeconds); 0 stops at once.
+    #[arg(long, default_value_t = 0)]
+    term_grace_s: u64,
 }
 
 #[derive(Args, Debug)]
@@ -312,6 +316,7 @@ async fn shim(args: ShimArgs) -> anyhow::Result<()> {
         token: Secret::new(token.trim()),
         egress: args.egress,
         agent_sandbox,
+        term_grace: Duration::from_secs(args.term_grace_s),
     };
     otm_shim::run_shim(config, CancellationToken::new()).await?;
     Ok(())

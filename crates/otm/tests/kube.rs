@@ -105,6 +105,30 @@ impl Kube {
         }
     }
 
+    /// Deletes an instance's pod with its grace period, as an eviction or a node drain does.
+    async fn evict_pod(&self, id: &InstanceId) {
+        let name = pod_spec::pod_name(id);
+        match &self.fake {
+            Some(f) => {
+                let r = reqwest::Client::new()
+                    .delete(format!("{}/api/v1/namespaces/{}/pods/{name}", f.url(), self.namespace))
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(r.status().is_success(), "{}", r.status());
+            }
+            None => {
+                let st = std::process::Command::new("kubectl")
+                    .arg("--kubeconfig")
+                    .arg(&self.kubeconfig)
+                    .args(["-n", &self.namespace, "delete", "pod", &name, "--wait=false"])
+                    .status()
+                    .unwrap();
+                assert!(st.success());
+            }
+        }
+    }
+
     /// The instance pods, as the API server has them.
     fn pods(&self) -> Vec<Value> {
         let all = match &self.fake {
@@ -490,6 +514,30 @@ async fn two_orchestrators_on_kube_deliver_in_order_sleep_wake_and_survive_a_cra
     send_and_wait(&c, "kt", &secret, token, &[(9002, 500, "after crash".into())]).await;
     let last = c.tg.sent_messages(token).last().unwrap().text.clone();
     assert_eq!(last, "#6: after crash", "the state of the last snapshot");
+
+    // Eviction: the pod is deleted with its grace period by someone else; its shim serves on,
+    // the orchestrators stop the tenant with a final snapshot, and nothing is lost.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while admin(&c, reqwest::Method::GET, "/v1/tenants/kt", None).await["inbox_pending"] != 0 {
+        assert!(Instant::now() < deadline, "the inbox drains");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let third = kube.pods_of("kt");
+    assert_eq!(third.len(), 1);
+    kube.evict_pod(&InstanceId::parse(third[0].trim_start_matches("otm-")).unwrap())
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let t = admin(&c, reqwest::Method::GET, "/v1/tenants/kt", None).await;
+        if t["status"] != "running" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the evicted tenant is put to sleep: {t}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    send_and_wait(&c, "kt", &secret, token, &[(9003, 500, "after eviction".into())]).await;
+    let last = c.tg.sent_messages(token).last().unwrap().text.clone();
+    assert_eq!(last, "#7: after eviction", "the evicted pod's state was saved");
     c.shutdown().await;
 }
 

@@ -55,6 +55,7 @@ async fn start_shim(dir: &Path, shutdown: &CancellationToken) -> ShimClient {
         token: token.clone(),
         egress: None,
         agent_sandbox: None,
+        term_grace: std::time::Duration::ZERO,
     };
     let stop = shutdown.clone();
     tokio::spawn(async move { otm_shim::run_shim(config, stop).await.unwrap() });

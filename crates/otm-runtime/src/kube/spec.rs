@@ -236,6 +236,9 @@ pub fn pod(cfg: &KubeRuntimeConfig, spec: &InstanceSpec) -> Pod {
         format!("tcp:$(POD_IP):{port}"),
         "--token-env".to_owned(),
         TOKEN_ENV.to_owned(),
+        // An evicted pod's shim serves on for the final snapshot, within the pod's grace.
+        "--term-grace-s".to_owned(),
+        (cfg.termination_grace_s - 10).max(1).to_string(),
     ];
     args.extend(cfg.shim_args.iter().cloned());
     let container = Container {
@@ -336,6 +339,8 @@ pub fn pod(cfg: &KubeRuntimeConfig, spec: &InstanceSpec) -> Pod {
             }),
             automount_service_account_token: Some(false),
             enable_service_links: Some(false),
+            // The pause process is process 1 and reaps what the agent leaves behind.
+            share_process_namespace: Some(true),
             restart_policy: Some("Never".to_owned()),
             // Long enough for a final snapshot through the shim after an eviction begins.
             termination_grace_period_seconds: Some(cfg.termination_grace_s),
