@@ -23,8 +23,13 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # npm only runs the installer; the Node that OpenClaw runs on is the one it installs.
 FROM ${NODE_IMAGE} AS openclaw
 COPY scripts/install-openclaw /usr/local/bin/install-openclaw
+# Its launcher finds itself with readlink and dirname; the runtime stage has no coreutils, so
+# the launcher is written again with absolute paths.
 RUN install-openclaw --prefix /opt/openclaw \
- && rm -rf /opt/openclaw/lib/node_modules/.cache
+ && rm -rf /opt/openclaw/lib/node_modules/.cache \
+ && entry="$(sed -n 's|.*"\$here/\.\./\(lib/node_modules/openclaw/[^"]*\)".*|\1|p' /opt/openclaw/bin/openclaw)" \
+ && test -n "$entry" \
+ && printf '#!/bin/sh\nexec /opt/openclaw/bin/node /opt/openclaw/%s "$@"\n' "$entry" >/opt/openclaw/bin/openclaw
 
 # glibc, libstdc++ (for Node), CA certificates, /etc/passwd with `nonroot` (65532).
 FROM ${RUNTIME_IMAGE}
