@@ -6,8 +6,9 @@
 //! The OpenClaw image likewise, built from the installation in `OTM_OPENCLAW_PREFIX`: OpenClaw
 //! starts in it and answers through the Bot API with the model's reply.
 //!
-//! Run when `OTM_TEST_IMAGES=1` (podman and runc installed; `.ci/run` sets it); skipped
-//! otherwise. `OTM_TEST_IMAGE=<tag>` (`OTM_TEST_OPENCLAW_IMAGE=<tag>`) uses an image built
+//! Run when `OTM_TEST_IMAGES=1` (podman and runc installed; `.ci/run` sets it): both images are
+//! built and the reference agent's is run; `OTM_TEST_IMAGES=all` runs OpenClaw in its image too.
+//! Skipped otherwise. `OTM_TEST_IMAGE=<tag>` (`OTM_TEST_OPENCLAW_IMAGE=<tag>`) uses an image built
 //! beforehand instead of building one.
 
 mod common;
@@ -121,15 +122,63 @@ fn status_field(pid: &str, field: &str) -> String {
         .to_owned()
 }
 
-fn enabled(test: &str) -> bool {
-    let on = std::env::var("OTM_TEST_IMAGES").as_deref() == Ok("1");
+/// `OTM_TEST_IMAGES`: `1` builds both images and runs the reference agent's; `all` also runs
+/// OpenClaw in its image (a minute or two more).
+fn enabled(test: &str, level: &str) -> bool {
+    let set = std::env::var("OTM_TEST_IMAGES").unwrap_or_default();
+    let on = set == "all" || (set == "1" && level == "1");
     if !on {
         eprintln!(
-            "{test}: skipped: set OTM_TEST_IMAGES=1 to build the images and run them with podman \
-             (apt-get install podman runc slirp4netns)"
+            "{test}: skipped: set OTM_TEST_IMAGES={level} to build the images and run them with \
+             podman (apt-get install podman runc slirp4netns)"
         );
     }
     on
+}
+
+/// Builds `which` (`otm` or `openclaw`) offline from this build's `otm` with
+/// `scripts/build-images`, which also runs `otm --version` (and `openclaw --version`) in it;
+/// returns its tag.
+fn build_image(podman: &Podman, which: &str, suffix: &str) -> String {
+    let version = format!("test-{suffix}");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/build-images");
+    let mut build = Command::new(script);
+    build.args([
+        "--offline",
+        "--only",
+        which,
+        "--otm-binary",
+        env!("CARGO_BIN_EXE_otm"),
+        "--version",
+        &version,
+    ]);
+    if let Some(conf) = &podman.conf {
+        build.env("CONTAINERS_CONF", conf);
+    }
+    let out = build.output().expect("scripts/build-images runs");
+    check("scripts/build-images", &out);
+    match which {
+        "otm" => format!("localhost/otm:{version}"),
+        _ => format!("localhost/otm-openclaw:{version}"),
+    }
+}
+
+/// The OpenClaw installation the OpenClaw image is built from, or `None` (after printing
+/// "skipped") without one.
+fn openclaw_prefix(test: &str) -> Option<PathBuf> {
+    let Some(prefix) = std::env::var_os("OTM_OPENCLAW_PREFIX").filter(|p| !p.is_empty()) else {
+        eprintln!(
+            "{test}: skipped: OTM_OPENCLAW_PREFIX is not set (scripts/install-openclaw --prefix DIR installs OpenClaw)"
+        );
+        return None;
+    };
+    let prefix = PathBuf::from(prefix);
+    assert!(
+        prefix.join("bin/node").exists(),
+        "OTM_OPENCLAW_PREFIX={} holds no OpenClaw installation",
+        prefix.display()
+    );
+    Some(prefix)
 }
 
 /// One instance container, run as a pod runs it.
@@ -159,28 +208,7 @@ impl Instance {
         let image = match std::env::var(given) {
             Ok(tag) if !tag.is_empty() => tag,
             _ => {
-                let version = format!("test-{suffix}");
-                let script =
-                    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/build-images");
-                let mut build = Command::new(script);
-                build.args([
-                    "--offline",
-                    "--only",
-                    which,
-                    "--otm-binary",
-                    env!("CARGO_BIN_EXE_otm"),
-                    "--version",
-                    &version,
-                ]);
-                if let Some(conf) = &cleanup.podman.conf {
-                    build.env("CONTAINERS_CONF", conf);
-                }
-                let out = build.output().expect("scripts/build-images runs");
-                check("scripts/build-images", &out);
-                let tag = match which {
-                    "otm" => format!("localhost/otm:{version}"),
-                    _ => format!("localhost/otm-openclaw:{version}"),
-                };
+                let tag = build_image(&cleanup.podman, which, &suffix);
                 cleanup.image = Some(tag.clone());
                 tag
             }
@@ -311,8 +339,8 @@ impl Instance {
         self.podman().run(&["logs", &self.container])
     }
 
-    /// The shim and its agent run as 65532, with no capabilities and no way to gain any.
-    fn assert_unprivileged(&self) {
+    /// The host's pids of the shim and of its agent.
+    fn pids(&self) -> (String, String) {
         let pid = self
             .podman()
             .run(&["inspect", "--format", "{{.State.Pid}}", &self.container]);
@@ -328,7 +356,26 @@ impl Instance {
             1,
             "the shim has the agent as its only child"
         );
-        for p in [&pid, &children[0]] {
+        (pid, children[0].clone())
+    }
+
+    fn agent_environment(&self) -> BTreeMap<String, String> {
+        let (_, agent) = self.pids();
+        std::fs::read(format!("/proc/{agent}/environ"))
+            .unwrap()
+            .split(|b| *b == 0)
+            .filter_map(|kv| {
+                let kv = String::from_utf8_lossy(kv);
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            })
+            .collect()
+    }
+
+    /// The shim and its agent run as 65532, with no capabilities and no way to gain any.
+    fn assert_unprivileged(&self) {
+        let (shim, agent) = self.pids();
+        for p in [&shim, &agent] {
             assert_eq!(status_field(p, "Uid:"), "65532\t65532\t65532\t65532");
             assert_eq!(status_field(p, "Gid:"), "65532\t65532\t65532\t65532");
             assert_eq!(status_field(p, "CapEff:"), "0000000000000000");
@@ -366,7 +413,7 @@ impl Instance {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_instance_image_runs_the_shim_and_the_reference_agent_answers() {
-    if !enabled("the reference agent's image") {
+    if !enabled("the reference agent's image", "1") {
         return;
     }
     let instance = format!("i-{}", otm_core::id::random_hex(6));
@@ -389,7 +436,12 @@ async fn the_instance_image_runs_the_shim_and_the_reference_agent_answers() {
                 profile: "reference".into(),
                 bot_api_root: c.host_url(tg.addr()),
                 bot_token: bot_token.clone(),
-                settings: Default::default(),
+                // The egress policy `proxy`: with no forwarder in a pod, the CONNECT proxy is
+                // at the Bot API root's host and port.
+                settings: BTreeMap::from([(
+                    otm_shim::profile::EGRESS_PROXY.to_owned(),
+                    "1".to_owned(),
+                )]),
             },
             Duration::from_secs(60),
         )
@@ -415,26 +467,53 @@ async fn the_instance_image_runs_the_shim_and_the_reference_agent_answers() {
     assert_eq!(sent[0].chat_id, 777);
     assert_eq!(sent[0].text, "#1: hello from a pod");
 
+    // What the agent was given: the proxy, and never the shim's token.
+    let env = c.agent_environment();
+    let proxy = format!(
+        "http://otm:{}@{}",
+        bot_token.replace(':', "%3A"),
+        c.host_url(tg.addr()).trim_start_matches("http://")
+    );
+    assert_eq!(env.get("HTTPS_PROXY"), Some(&proxy));
+    assert!(!env.contains_key("OTM_SHIM_TOKEN"), "{:?}", env.keys());
+
     c.assert_unprivileged();
     c.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_openclaw_image_runs_openclaw_and_it_answers() {
-    if !enabled("the OpenClaw image") {
+#[test]
+fn the_openclaw_image_builds_offline_and_runs_openclaw() {
+    if !enabled("the OpenClaw image", "1") || openclaw_prefix("the OpenClaw image").is_none() {
         return;
     }
-    if std::env::var_os("OTM_TEST_OPENCLAW_IMAGE").is_none() {
-        let Some(prefix) = std::env::var_os("OTM_OPENCLAW_PREFIX").filter(|p| !p.is_empty()) else {
-            eprintln!(
-                "the OpenClaw image: skipped: OTM_OPENCLAW_PREFIX is not set (scripts/install-openclaw --prefix DIR installs OpenClaw)"
-            );
-            return;
-        };
-        assert!(
-            Path::new(&prefix).join("bin/node").exists(),
-            "OTM_OPENCLAW_PREFIX holds no OpenClaw installation"
-        );
+    if std::env::var("OTM_TEST_IMAGES").as_deref() == Ok("all") {
+        eprintln!("the OpenClaw image: built and run by the next test");
+        return;
+    }
+    let dir = common::tempdir();
+    let mut cleanup = Cleanup {
+        podman: Podman::new(dir.path()),
+        container: None,
+        image: None,
+    };
+    // The build runs `openclaw --version` in the image, read-only, as 65532.
+    let tag = build_image(&cleanup.podman, "openclaw", &otm_core::id::random_hex(6));
+    cleanup.image = Some(tag.clone());
+    let user = cleanup
+        .podman
+        .run(&["image", "inspect", "--format", "{{.Config.User}}", &tag]);
+    assert_eq!(user, "65532:65532");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openclaw_image_runs_openclaw_and_it_answers() {
+    if !enabled("OpenClaw in its image", "all") {
+        return;
+    }
+    if std::env::var_os("OTM_TEST_OPENCLAW_IMAGE").is_none()
+        && openclaw_prefix("OpenClaw in its image").is_none()
+    {
+        return;
     }
     let instance = format!("i-{}", otm_core::id::random_hex(6));
     // OpenClaw's state (its SQLite stores, a cache of UI assets) needs more room.
