@@ -372,15 +372,9 @@ async fn bind(State(shim): State<Arc<Shim>>, Json(req): Json<BindRequest>) -> Re
         .or_insert_with(|| shim.config.dir.join("tmp").display().to_string());
     // The egress policy `proxy`: web tools reach allowlisted hosts through otm's CONNECT proxy,
     // which knows the instance by its surrogate.
-    if let (Some("1"), Some(local)) = (
-        req.settings.get(profile::EGRESS_PROXY).map(String::as_str),
-        &shim.egress_root,
-    ) {
-        let hostport = local.trim_start_matches("http://");
-        let proxy = format!(
-            "http://otm:{}@{hostport}",
-            req.bot_token.replace(':', "%3A")
-        );
+    if req.settings.get(profile::EGRESS_PROXY).map(String::as_str) == Some("1")
+        && let Some(proxy) = connect_proxy(&root, &req.bot_token)
+    {
         for k in [
             "HTTPS_PROXY",
             "https_proxy",
@@ -619,6 +613,21 @@ pub fn tail_lines(path: &std::path::Path, n: usize) -> std::io::Result<String> {
     Ok(out)
 }
 
+/// The URL of otm's CONNECT proxy for an agent, with its surrogate token as the password. The
+/// proxy is on otm's egress listener, at the host and port of the agent's Bot API root: the
+/// forwarder's when there is one, else (in a pod) the root the bind request gave, such as otm's
+/// egress Service. `None` when that root is not an `http://host:port[/...]` URL.
+fn connect_proxy(bot_api_root: &str, bot_token: &str) -> Option<String> {
+    let hostport = bot_api_root.strip_prefix("http://")?.split('/').next()?;
+    if hostport.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "http://otm:{}@{hostport}",
+        bot_token.replace(':', "%3A")
+    ))
+}
+
 /// A loopback port nobody listens on right now.
 fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -644,4 +653,25 @@ fn tcp_addr(addr: &str) -> std::io::Result<std::net::SocketAddr> {
         .parse()
         .map_err(|_| bad())?;
     Ok(std::net::SocketAddr::new(ip, port.parse().map_err(|_| bad())?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connect_proxy;
+
+    #[test]
+    fn the_connect_proxy_is_at_the_bot_api_roots_host_and_port() {
+        // Behind the forwarder, as in the local runtime.
+        assert_eq!(
+            connect_proxy("http://127.0.0.1:41000", "42:abc").as_deref(),
+            Some("http://otm:42%3Aabc@127.0.0.1:41000")
+        );
+        // In a pod: the egress Service the bind request named, path and all.
+        assert_eq!(
+            connect_proxy("http://otm-egress.otm.svc:8082/", "42:abc").as_deref(),
+            Some("http://otm:42%3Aabc@otm-egress.otm.svc:8082")
+        );
+        assert_eq!(connect_proxy("https://api.telegram.org", "42:abc"), None);
+        assert_eq!(connect_proxy("http:///bot", "42:abc"), None);
+    }
 }
