@@ -153,6 +153,9 @@ pub struct Settings {
     /// warm pods [default: none; then every pod runs --kube-image].
     #[arg(long, env = "OTM_KUBE_OPENCLAW_IMAGE")]
     pub kube_openclaw_image: Option<String>,
+    /// Where the OpenClaw instance image holds OpenClaw (its `bin/openclaw`).
+    #[arg(long, env = "OTM_KUBE_OPENCLAW_PREFIX", default_value = "/opt/openclaw")]
+    pub kube_openclaw_prefix: String,
     /// Node selector of tenant pods, `key=value,key=value` (the Kata nodes' label).
     #[arg(long, env = "OTM_KUBE_NODE_SELECTOR", default_value = "")]
     pub kube_node_selector: String,

@@ -97,7 +97,16 @@ pub fn bind_settings(
     if tenant.profile != PROFILE {
         return Ok(out);
     }
-    let install = locate(settings).ok_or_else(|| {
+    // In a pod, OpenClaw is where the instance image put it, not on this machine.
+    let in_image = (settings.runtime == crate::config::RuntimeKind::Kube).then(|| {
+        let prefix = Path::new(&settings.kube_openclaw_prefix);
+        Install {
+            command: prefix.join("bin/openclaw"),
+            path: vec![prefix.join("bin")],
+            read_only: vec![],
+        }
+    });
+    let install = in_image.or_else(|| locate(settings)).ok_or_else(|| {
         Error::invalid(format!(
             "tenant {} runs on the openclaw profile, but OpenClaw is not installed: run scripts/install-openclaw \
              (it installs into <data-dir>/openclaw) or give --openclaw-prefix",
