@@ -42,6 +42,20 @@ enum Command {
     /// Prepare the registry's storage: apply migrations (SQLite, PostgreSQL) or create the tables
     /// (DynamoDB). Servers migrate SQL registries at start too; DynamoDB tables need this once.
     Migrate(MigrateArgs),
+    /// Print a shell completion script for otm: `otm completions bash > /etc/bash_completion.d/otm`,
+    /// `otm completions zsh > "${fpath[1]}/_otm"`, `otm completions fish > ~/.config/fish/completions/otm.fish`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages of otm and its subcommands, generated from this CLI's definition:
+    /// into DIR (otm.1, otm-server.1, otm-tenant-create.1, ...), or otm(1) alone to stdout.
+    Man {
+        /// Where to write every page (created if missing).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// An offline tour: a server with a stand-in Telegram, three tenants on the reference agent,
     /// a conversation, a sleep and a wake with memory intact, and wake latencies by phase.
     Demo(demo::DemoArgs),
@@ -208,6 +222,12 @@ fn main() -> std::process::ExitCode {
             }
             Command::Shim(args) => shim(args).await.map(|()| 0),
             Command::Demo(args) => demo::run(args).await.map(|()| 0),
+            Command::Completions { shell } => {
+                let mut script = Vec::new();
+                clap_complete::generate(shell, &mut Cli::command(), "otm", &mut script);
+                print_quietly(&script).map(|()| 0)
+            }
+            Command::Man { dir } => man_pages(dir).map(|()| 0),
             Command::Migrate(args) => {
                 let registry = otm_store::open::migrate_registry(&args.registry).await?;
                 let tenants = registry.list_tenants().await?.len();
@@ -320,4 +340,31 @@ async fn shim(args: ShimArgs) -> anyhow::Result<()> {
     };
     otm_shim::run_shim(config, CancellationToken::new()).await?;
     Ok(())
+}
+
+/// otm(1) to stdout, or a page for otm and every visible subcommand into `dir`.
+fn man_pages(dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let cmd = Cli::command();
+    let Some(dir) = dir else {
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd).render(&mut page)?;
+        return print_quietly(&page);
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    clap_mangen::generate_to(cmd, &dir).with_context(|| format!("writing into {}", dir.display()))?;
+    let n = std::fs::read_dir(&dir)?
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "1"))
+        .count();
+    eprintln!("{n} manual pages in {}", dir.display());
+    Ok(())
+}
+
+/// Writes to stdout; a reader that went away (`| head`) is no error.
+fn print_quietly(bytes: &[u8]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
+    }
 }
