@@ -13,13 +13,18 @@
 //! - [`updates`]: builders for realistic Telegram updates, such as [`text_update`].
 //! - [`stub_model`]: [`StubModel`], an OpenAI-compatible model server on `127.0.0.1:0` whose
 //!   answers count the earlier user turns it was sent, and which records the key it saw.
+//! - [`kube_fake`]: [`FakeApiServer`], a Kubernetes API server on `127.0.0.1:0` for pods,
+//!   secrets, leases and events that kube-rs and `kubectl` can use, and which runs the pods it
+//!   is given as local processes.
 
 pub mod aws_metadata;
 pub mod fake_telegram;
+pub mod kube_fake;
 pub mod stub_model;
 pub mod updates;
 
 pub use aws_metadata::{ImdsEndpoint, PodIdentityEndpoint};
 pub use fake_telegram::{Call, FILE_BYTES, FakeTelegram, SentMessage, WebhookInfo};
+pub use kube_fake::FakeApiServer;
 pub use stub_model::{ModelRequest, StubModel};
 pub use updates::text_update;
