@@ -50,10 +50,16 @@ fn ok(body: Value) -> Response {
 }
 
 fn authorized(inner: &Inner, headers: &HeaderMap) -> bool {
-    let Some(want) = &inner.token else { return true };
-    let got = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
+    let Some(want) = &inner.token else {
+        return true;
+    };
+    let Some(got) = headers.get(header::AUTHORIZATION) else {
+        // kubectl sends no credentials to a plain-HTTP server; such requests are anonymous.
+        return !inner.require_token;
+    };
+    let got = got
+        .to_str()
+        .ok()
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     got == Some(want.as_str())
@@ -80,7 +86,11 @@ async fn handle(
         return ApiError::unauthorized().into_response();
     }
     let path = uri.path().trim_matches('/');
-    let segs: Vec<&str> = if path.is_empty() { Vec::new() } else { path.split('/').collect() };
+    let segs: Vec<&str> = if path.is_empty() {
+        Vec::new()
+    } else {
+        path.split('/').collect()
+    };
     let (group, version, rest): (&str, &str, &[&str]) = match segs.as_slice() {
         [] => return ok(root_paths()),
         ["version"] => return ok(version_info()),
@@ -94,27 +104,46 @@ async fn handle(
                     g["apiVersion"] = json!("v1");
                     ok(g)
                 }
-                None => ApiError::new(404, "NotFound", "the server could not find the requested resource").into_response(),
+                None => ApiError::new(
+                    404,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                )
+                .into_response(),
             };
         }
         ["api", "v1", rest @ ..] => ("", "v1", rest),
         ["apis", group, version, rest @ ..] => (group, version, rest),
-        _ => return ApiError::new(404, "NotFound", "the server could not find the requested resource").into_response(),
+        _ => {
+            return ApiError::new(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            )
+            .into_response();
+        }
     };
     if rest.is_empty() {
         return match resource_list(group, version) {
             Some(list) => ok(list),
-            None => ApiError::new(404, "NotFound", "the server could not find the requested resource").into_response(),
+            None => ApiError::new(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            )
+            .into_response(),
         };
     }
     let find = |plural: &str| resource(group, version, plural);
     let target = match rest {
-        ["namespaces", ns, plural, more @ ..] if more.len() <= 2 => find(plural).map(|res| Target {
-            res,
-            namespace: Some((*ns).to_owned()),
-            name: more.first().map(|s| (*s).to_owned()),
-            subresource: more.get(1).map(|s| (*s).to_owned()),
-        }),
+        ["namespaces", ns, plural, more @ ..] if more.len() <= 2 => {
+            find(plural).map(|res| Target {
+                res,
+                namespace: Some((*ns).to_owned()),
+                name: more.first().map(|s| (*s).to_owned()),
+                subresource: more.get(1).map(|s| (*s).to_owned()),
+            })
+        }
         [plural, more @ ..] if more.len() <= 2 => find(plural).map(|res| Target {
             res,
             namespace: None,
@@ -124,11 +153,21 @@ async fn handle(
         _ => None,
     };
     let Some(target) = target else {
-        return ApiError::new(404, "NotFound", "the server could not find the requested resource").into_response();
+        return ApiError::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        )
+        .into_response();
     };
     let rt = &RESOURCES[target.res];
-    if rt.namespaced == false && target.namespace.is_some() {
-        return ApiError::new(404, "NotFound", "the server could not find the requested resource").into_response();
+    if !rt.namespaced && target.namespace.is_some() {
+        return ApiError::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        )
+        .into_response();
     }
     let table = headers
         .get(header::ACCEPT)
@@ -139,7 +178,16 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json")
         .to_owned();
-    let result = route(&inner, &method, &target, &params, &content_type, &body, table).await;
+    let result = route(
+        &inner,
+        &method,
+        &target,
+        &params,
+        &content_type,
+        &body,
+        table,
+    )
+    .await;
     match result {
         Ok(r) => r,
         Err(e) => e.into_response(),
@@ -158,14 +206,28 @@ async fn route(
     let rt = &RESOURCES[t.res];
     // The namespace objects live at /api/v1/namespaces/{name}; everything else that is
     // namespaced needs a namespace except for cluster-wide lists and watches.
-    let ns = if rt.namespaced { t.namespace.clone() } else { Some(String::new()) };
+    let ns = if rt.namespaced {
+        t.namespace.clone()
+    } else {
+        Some(String::new())
+    };
     match (&t.name, &t.subresource) {
         (None, _) => match *method {
             Method::GET => {
                 let watching = q.get("watch").is_some_and(|w| w == "1" || w == "true");
-                let scope = if rt.namespaced { t.namespace.as_deref() } else { None };
+                let scope = if rt.namespaced {
+                    t.namespace.as_deref()
+                } else {
+                    None
+                };
                 if watching {
-                    Ok(watch(inner.clone(), t.res, scope.map(str::to_owned), q, table))
+                    Ok(watch(
+                        inner.clone(),
+                        t.res,
+                        scope.map(str::to_owned),
+                        q,
+                        table,
+                    ))
                 } else {
                     list(inner, t.res, scope, q, table)
                 }
@@ -186,12 +248,24 @@ async fn route(
             _ => Err(ApiError::method_not_allowed()),
         },
         (Some(name), sub) => {
-            let ns = ns.ok_or_else(|| ApiError::new(404, "NotFound", "the server could not find the requested resource"))?;
+            let ns = ns.ok_or_else(|| {
+                ApiError::new(
+                    404,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                )
+            })?;
             let sub = sub.as_deref();
             match (sub, method.clone()) {
                 (None, Method::GET) => inner
                     .get_object(t.res, &ns, name)
-                    .map(|o| if table { ok(to_table(rt, vec![o], rv_now(inner), None)) } else { ok(o) })
+                    .map(|o| {
+                        if table {
+                            ok(to_table(rt, vec![o], rv_now(inner), None))
+                        } else {
+                            ok(o)
+                        }
+                    })
                     .ok_or_else(|| ApiError::not_found(rt.plural, rt.group, name)),
                 (Some("status"), Method::GET) if rt.status => inner
                     .get_object(t.res, &ns, name)
@@ -205,18 +279,26 @@ async fn route(
                         .log_path(&ns, name)
                         .and_then(|p| std::fs::read(p).ok())
                         .unwrap_or_default();
-                    Ok((StatusCode::OK, [(header::CONTENT_TYPE, "text/plain")], text).into_response())
+                    Ok(
+                        (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain")], text)
+                            .into_response(),
+                    )
                 }
                 (None | Some("status"), Method::PUT) if sub.is_none() || rt.status => {
                     let obj = parse_body(body, content_type)?;
                     update(inner, t.res, &ns, name, sub.is_some(), obj).map(ok)
                 }
                 (None | Some("status"), Method::PATCH) if sub.is_none() || rt.status => {
-                    patch(inner, t.res, &ns, name, sub.is_some(), content_type, body).map(|(code, o)| json_response(code, &o))
+                    patch(inner, t.res, &ns, name, sub.is_some(), content_type, body)
+                        .map(|(code, o)| json_response(code, &o))
                 }
                 (None, Method::DELETE) => delete(inner, t.res, &ns, name, q, body).map(ok),
                 (None, _) => Err(ApiError::method_not_allowed()),
-                _ => Err(ApiError::new(404, "NotFound", "the server could not find the requested resource")),
+                _ => Err(ApiError::new(
+                    404,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                )),
             }
         }
     }
@@ -237,21 +319,42 @@ fn parse_body(body: &[u8], content_type: &str) -> Result<Value, ApiError> {
 }
 
 fn selectors(q: &Params) -> Result<(LabelSelector, FieldSelector), ApiError> {
-    let labels = LabelSelector::parse(q.get("labelSelector").map(String::as_str).unwrap_or_default())?;
-    let fields = FieldSelector::parse(q.get("fieldSelector").map(String::as_str).unwrap_or_default())?;
+    let labels = LabelSelector::parse(
+        q.get("labelSelector")
+            .map(String::as_str)
+            .unwrap_or_default(),
+    )?;
+    let fields = FieldSelector::parse(
+        q.get("fieldSelector")
+            .map(String::as_str)
+            .unwrap_or_default(),
+    )?;
     Ok((labels, fields))
 }
 
 fn parse_rv(text: &str) -> Result<u64, ApiError> {
-    text.parse()
-        .map_err(|_| ApiError::bad_request(format!("invalid resource version {text:?}: not an integer")))
+    text.parse().map_err(|_| {
+        ApiError::bad_request(format!("invalid resource version {text:?}: not an integer"))
+    })
 }
 
-fn list(inner: &Inner, res: usize, ns: Option<&str>, q: &Params, table: bool) -> Result<Response, ApiError> {
+fn list(
+    inner: &Inner,
+    res: usize,
+    ns: Option<&str>,
+    q: &Params,
+    table: bool,
+) -> Result<Response, ApiError> {
     let rt = &RESOURCES[res];
     let (labels, fields) = selectors(q)?;
-    let rv_param = q.get("resourceVersion").map(String::as_str).unwrap_or_default();
-    let rvm = q.get("resourceVersionMatch").map(String::as_str).unwrap_or_default();
+    let rv_param = q
+        .get("resourceVersion")
+        .map(String::as_str)
+        .unwrap_or_default();
+    let rvm = q
+        .get("resourceVersionMatch")
+        .map(String::as_str)
+        .unwrap_or_default();
     let limit: usize = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(0);
     // A continue token is `<version>/<namespace>/<name>` of the last item sent, in base64.
     let cont = q.get("continue").filter(|c| !c.is_empty()).map(|c| {
@@ -315,7 +418,12 @@ fn list(inner: &Inner, res: usize, ns: Option<&str>, q: &Params, table: bool) ->
         items.truncate(limit);
         let last = items.last().expect("limit > 0");
         continue_token = Some(base64_encode(
-            format!("{at}/{}/{}", meta_str(last, "namespace"), meta_str(last, "name")).as_bytes(),
+            format!(
+                "{at}/{}/{}",
+                meta_str(last, "namespace"),
+                meta_str(last, "name")
+            )
+            .as_bytes(),
         ));
     }
     if table {
@@ -335,7 +443,13 @@ fn list(inner: &Inner, res: usize, ns: Option<&str>, q: &Params, table: bool) ->
 }
 
 /// What a watch sends for one change, if anything.
-fn watch_event(change: &Change, res: usize, ns: Option<&str>, labels: &LabelSelector, fields: &FieldSelector) -> Option<(&'static str, Value)> {
+fn watch_event(
+    change: &Change,
+    res: usize,
+    ns: Option<&str>,
+    labels: &LabelSelector,
+    fields: &FieldSelector,
+) -> Option<(&'static str, Value)> {
     if change.res != res || ns.is_some_and(|ns| ns != change.namespace) {
         return None;
     }
@@ -393,8 +507,12 @@ fn watch(inner: Arc<Inner>, res: usize, ns: Option<String>, q: &Params, table: b
             Err(e) => return e.into_response(),
         },
     };
-    let bookmarks = q.get("allowWatchBookmarks").is_some_and(|b| b == "true" || b == "1");
-    let initial = q.get("sendInitialEvents").is_some_and(|b| b == "true" || b == "1");
+    let bookmarks = q
+        .get("allowWatchBookmarks")
+        .is_some_and(|b| b == "true" || b == "1");
+    let initial = q
+        .get("sendInitialEvents")
+        .is_some_and(|b| b == "true" || b == "1");
     let deadline = q
         .get("timeoutSeconds")
         .and_then(|t| t.parse::<u64>().ok())
@@ -530,7 +648,14 @@ fn split_status(rt: &ResourceType, old: &Value, mut new: Value, status_only: boo
     }
 }
 
-fn update(inner: &Inner, res: usize, ns: &str, name: &str, status_only: bool, obj: Value) -> Result<Value, ApiError> {
+fn update(
+    inner: &Inner,
+    res: usize,
+    ns: &str,
+    name: &str,
+    status_only: bool,
+    obj: Value,
+) -> Result<Value, ApiError> {
     let rt = &RESOURCES[res];
     let body_name = meta_str(&obj, "name");
     if !body_name.is_empty() && body_name != name {
@@ -539,7 +664,10 @@ fn update(inner: &Inner, res: usize, ns: &str, name: &str, status_only: bool, ob
         )));
     }
     inner.write(|s| {
-        let old = s.get(res, ns, name).cloned().ok_or_else(|| ApiError::not_found(rt.plural, rt.group, name))?;
+        let old = s
+            .get(res, ns, name)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(rt.plural, rt.group, name))?;
         let want = meta_str(&obj, "resourceVersion");
         if !want.is_empty() && want != meta_str(&old, "resourceVersion") {
             return Err(ApiError::stale(rt.plural, rt.group, name));
@@ -549,7 +677,15 @@ fn update(inner: &Inner, res: usize, ns: &str, name: &str, status_only: bool, ob
     })
 }
 
-fn patch(inner: &Arc<Inner>, res: usize, ns: &str, name: &str, status_only: bool, content_type: &str, body: &[u8]) -> Result<(u16, Value), ApiError> {
+fn patch(
+    inner: &Arc<Inner>,
+    res: usize,
+    ns: &str,
+    name: &str,
+    status_only: bool,
+    content_type: &str,
+    body: &[u8],
+) -> Result<(u16, Value), ApiError> {
     let rt = &RESOURCES[res];
     let patch = parse_body(body, content_type)?;
     let media = content_type.split(';').next().unwrap_or_default().trim();
@@ -603,16 +739,36 @@ fn patch(inner: &Arc<Inner>, res: usize, ns: &str, name: &str, status_only: bool
 /// Checks `preconditions` of DeleteOptions against the stored object.
 fn check_preconditions(rt: &ResourceType, obj: &Value, options: &Value) -> Result<(), ApiError> {
     let name = meta_str(obj, "name");
-    if let Some(uid) = options.pointer("/preconditions/uid").and_then(Value::as_str) {
+    if let Some(uid) = options
+        .pointer("/preconditions/uid")
+        .and_then(Value::as_str)
+    {
         let actual = meta_str(obj, "uid");
         if uid != actual {
-            return Err(ApiError::conflict(rt.plural, rt.group, name, &format!("Precondition failed: UID in precondition: {uid}, UID in object meta: {actual}")));
+            return Err(ApiError::conflict(
+                rt.plural,
+                rt.group,
+                name,
+                &format!(
+                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {actual}"
+                ),
+            ));
         }
     }
-    if let Some(rv) = options.pointer("/preconditions/resourceVersion").and_then(Value::as_str) {
+    if let Some(rv) = options
+        .pointer("/preconditions/resourceVersion")
+        .and_then(Value::as_str)
+    {
         let actual = meta_str(obj, "resourceVersion");
         if rv != actual {
-            return Err(ApiError::conflict(rt.plural, rt.group, name, &format!("Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {actual}")));
+            return Err(ApiError::conflict(
+                rt.plural,
+                rt.group,
+                name,
+                &format!(
+                    "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {actual}"
+                ),
+            ));
         }
     }
     Ok(())
@@ -622,31 +778,57 @@ fn delete_options(q: &Params, body: &[u8]) -> Result<Value, ApiError> {
     let mut options = if body.iter().all(u8::is_ascii_whitespace) {
         json!({})
     } else {
-        serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("DeleteOptions are not valid JSON: {e}")))?
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("DeleteOptions are not valid JSON: {e}")))?
     };
     if let Some(g) = q.get("gracePeriodSeconds") {
-        let g: i64 = g.parse().map_err(|_| ApiError::bad_request("gracePeriodSeconds is not an integer"))?;
+        let g: i64 = g
+            .parse()
+            .map_err(|_| ApiError::bad_request("gracePeriodSeconds is not an integer"))?;
         options["gracePeriodSeconds"] = json!(g);
     }
     Ok(options)
 }
 
-fn delete(inner: &Inner, res: usize, ns: &str, name: &str, q: &Params, body: &[u8]) -> Result<Value, ApiError> {
+fn delete(
+    inner: &Inner,
+    res: usize,
+    ns: &str,
+    name: &str,
+    q: &Params,
+    body: &[u8],
+) -> Result<Value, ApiError> {
     let rt = &RESOURCES[res];
     let options = delete_options(q, body)?;
-    let obj = inner.get_object(res, ns, name).ok_or_else(|| ApiError::not_found(rt.plural, rt.group, name))?;
+    let obj = inner
+        .get_object(res, ns, name)
+        .ok_or_else(|| ApiError::not_found(rt.plural, rt.group, name))?;
     check_preconditions(rt, &obj, &options)?;
     delete_checked(inner, res, ns, name, obj, &options)
 }
 
-fn delete_checked(inner: &Inner, res: usize, ns: &str, name: &str, obj: Value, options: &Value) -> Result<Value, ApiError> {
+fn delete_checked(
+    inner: &Inner,
+    res: usize,
+    ns: &str,
+    name: &str,
+    obj: Value,
+    options: &Value,
+) -> Result<Value, ApiError> {
     if res == PODS {
         let requested = options["gracePeriodSeconds"].as_i64();
         let grace = requested
-            .or_else(|| obj.pointer("/spec/terminationGracePeriodSeconds").and_then(Value::as_i64))
+            .or_else(|| {
+                obj.pointer("/spec/terminationGracePeriodSeconds")
+                    .and_then(Value::as_i64)
+            })
             .unwrap_or(30)
             .max(0);
-        let scheduled = !obj.pointer("/spec/nodeName").and_then(Value::as_str).unwrap_or_default().is_empty();
+        let scheduled = !obj
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .is_empty();
         if obj["metadata"].get("deletionTimestamp").is_some() {
             // Already terminating; a zero grace forces it out now.
             if grace > 0 {
@@ -657,7 +839,8 @@ fn delete_checked(inner: &Inner, res: usize, ns: &str, name: &str, obj: Value, o
             let marked = inner
                 .write(|s| {
                     s.modify(PODS, ns, name, |p| {
-                        let at = time::OffsetDateTime::now_utc() + Duration::from_secs(grace as u64);
+                        let at =
+                            time::OffsetDateTime::now_utc() + Duration::from_secs(grace as u64);
                         p["metadata"]["deletionTimestamp"] = json!(super::util::rfc3339(at));
                         p["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
                         true
@@ -677,15 +860,28 @@ fn delete_checked(inner: &Inner, res: usize, ns: &str, name: &str, obj: Value, o
     Ok(removed.into_iter().next().map(|(_, o)| o).unwrap_or(obj))
 }
 
-fn delete_collection(inner: &Inner, res: usize, ns: &str, q: &Params, body: &[u8]) -> Result<Response, ApiError> {
+fn delete_collection(
+    inner: &Inner,
+    res: usize,
+    ns: &str,
+    q: &Params,
+    body: &[u8],
+) -> Result<Response, ApiError> {
     let rt = &RESOURCES[res];
     let (labels, fields) = selectors(q)?;
     let options = delete_options(q, body)?;
     let scope = if rt.namespaced { Some(ns) } else { None };
-    let targets: Vec<Value> = inner.read(|s| s.list(res, scope)).into_iter().filter(|o| labels.matches(o) && fields.matches(o)).collect();
+    let targets: Vec<Value> = inner
+        .read(|s| s.list(res, scope))
+        .into_iter()
+        .filter(|o| labels.matches(o) && fields.matches(o))
+        .collect();
     let mut items = Vec::new();
     for o in targets {
-        let (ons, name) = (meta_str(&o, "namespace").to_owned(), meta_str(&o, "name").to_owned());
+        let (ons, name) = (
+            meta_str(&o, "namespace").to_owned(),
+            meta_str(&o, "name").to_owned(),
+        );
         items.push(delete_checked(inner, res, &ons, &name, o, &options)?);
     }
     Ok(ok(json!({
@@ -699,10 +895,21 @@ fn delete_collection(inner: &Inner, res: usize, ns: &str, q: &Params, body: &[u8
 // ---- discovery ----
 
 fn root_paths() -> Value {
-    let mut paths = vec!["/api".to_owned(), "/api/v1".to_owned(), "/apis".to_owned(), "/version".to_owned(), "/healthz".to_owned()];
+    let mut paths = vec![
+        "/api".to_owned(),
+        "/api/v1".to_owned(),
+        "/apis".to_owned(),
+        "/version".to_owned(),
+        "/healthz".to_owned(),
+    ];
     for g in groups() {
         paths.push(format!("/apis/{}", g["name"].as_str().unwrap_or_default()));
-        paths.push(format!("/apis/{}", g["preferredVersion"]["groupVersion"].as_str().unwrap_or_default()));
+        paths.push(format!(
+            "/apis/{}",
+            g["preferredVersion"]["groupVersion"]
+                .as_str()
+                .unwrap_or_default()
+        ));
     }
     json!({"paths": paths})
 }
@@ -730,7 +937,11 @@ fn api_versions(inner: &Inner) -> Value {
 }
 
 fn groups() -> Vec<Value> {
-    let mut names: Vec<(&str, &str)> = RESOURCES.iter().filter(|r| !r.group.is_empty()).map(|r| (r.group, r.version)).collect();
+    let mut names: Vec<(&str, &str)> = RESOURCES
+        .iter()
+        .filter(|r| !r.group.is_empty())
+        .map(|r| (r.group, r.version))
+        .collect();
     names.dedup();
     names
         .into_iter()
@@ -747,8 +958,13 @@ fn api_groups() -> Value {
 
 fn resource_list(group: &str, version: &str) -> Option<Value> {
     let mut resources = Vec::new();
-    for r in RESOURCES.iter().filter(|r| r.group == group && r.version == version) {
-        let mut verbs = vec!["create", "delete", "get", "list", "patch", "update", "watch"];
+    for r in RESOURCES
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+    {
+        let mut verbs = vec![
+            "create", "delete", "get", "list", "patch", "update", "watch",
+        ];
         if r.namespaced {
             verbs.insert(1, "deletecollection");
         }
@@ -770,8 +986,14 @@ fn resource_list(group: &str, version: &str) -> Option<Value> {
     if resources.is_empty() {
         return None;
     }
-    let gv = if group.is_empty() { version.to_owned() } else { format!("{group}/{version}") };
-    Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}))
+    let gv = if group.is_empty() {
+        version.to_owned()
+    } else {
+        format!("{group}/{version}")
+    };
+    Some(
+        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}),
+    )
 }
 
 // ---- tables, as `kubectl get` asks for them ----
@@ -793,7 +1015,9 @@ fn unix_seconds(ts: &str) -> Option<i64> {
 
 fn age(obj: &Value) -> String {
     let now = unix_seconds(&now_rfc3339()).unwrap_or(0);
-    let Some(created) = unix_seconds(meta_str(obj, "creationTimestamp")) else { return "<unknown>".into() };
+    let Some(created) = unix_seconds(meta_str(obj, "creationTimestamp")) else {
+        return "<unknown>".into();
+    };
     let s = (now - created).max(0);
     match s {
         0..120 => format!("{s}s"),
@@ -808,19 +1032,26 @@ fn pod_status_text(pod: &Value) -> String {
         return "Terminating".into();
     }
     let state = pod.pointer("/status/containerStatuses/0/state");
-    if let Some(r) = state.and_then(|s| s.pointer("/waiting/reason")).and_then(Value::as_str) {
+    if let Some(r) = state
+        .and_then(|s| s.pointer("/waiting/reason"))
+        .and_then(Value::as_str)
+    {
         return r.into();
     }
-    if let Some(r) = state.and_then(|s| s.pointer("/terminated/reason")).and_then(Value::as_str) {
+    if let Some(r) = state
+        .and_then(|s| s.pointer("/terminated/reason"))
+        .and_then(Value::as_str)
+    {
         return r.into();
     }
-    pod.pointer("/status/phase").and_then(Value::as_str).unwrap_or("Pending").into()
+    pod.pointer("/status/phase")
+        .and_then(Value::as_str)
+        .unwrap_or("Pending")
+        .into()
 }
 
 fn to_table(rt: &ResourceType, items: Vec<Value>, rv: u64, cont: Option<String>) -> Value {
-    let col = |name: &str, ty: &str, format: &str, priority: u32| {
-        json!({"name": name, "type": ty, "format": format, "description": name, "priority": priority})
-    };
+    let col = |name: &str, ty: &str, format: &str, priority: u32| json!({"name": name, "type": ty, "format": format, "description": name, "priority": priority});
     let pods = rt.kind == "Pod" && rt.group.is_empty();
     let columns = if pods {
         vec![
@@ -833,13 +1064,19 @@ fn to_table(rt: &ResourceType, items: Vec<Value>, rv: u64, cont: Option<String>)
             col("Node", "string", "", 1),
         ]
     } else {
-        vec![col("Name", "string", "name", 0), col("Age", "string", "", 0)]
+        vec![
+            col("Name", "string", "name", 0),
+            col("Age", "string", "", 0),
+        ]
     };
     let rows: Vec<Value> = items
         .into_iter()
         .map(|o| {
             let cells = if pods {
-                let total = o.pointer("/spec/containers").and_then(Value::as_array).map_or(0, Vec::len);
+                let total = o
+                    .pointer("/spec/containers")
+                    .and_then(Value::as_array)
+                    .map_or(0, Vec::len);
                 let ready = o
                     .pointer("/status/containerStatuses")
                     .and_then(Value::as_array)
@@ -850,8 +1087,12 @@ fn to_table(rt: &ResourceType, items: Vec<Value>, rv: u64, cont: Option<String>)
                     pod_status_text(&o),
                     "0",
                     age(&o),
-                    o.pointer("/status/podIP").and_then(Value::as_str).unwrap_or("<none>"),
-                    o.pointer("/spec/nodeName").and_then(Value::as_str).unwrap_or("<none>"),
+                    o.pointer("/status/podIP")
+                        .and_then(Value::as_str)
+                        .unwrap_or("<none>"),
+                    o.pointer("/spec/nodeName")
+                        .and_then(Value::as_str)
+                        .unwrap_or("<none>"),
                 ])
             } else {
                 json!([meta_str(&o, "name"), age(&o)])

@@ -60,8 +60,10 @@
 //!   `spec.terminationGracePeriodSeconds`, else 30 s), its status shows the exit, and then it is
 //!   removed (`DELETED`). `gracePeriodSeconds=0`, unscheduled pods and other kinds are removed at
 //!   once. Removing an object removes the objects whose `ownerReferences` name its uid.
-//! - **Authentication**: with [`FakeApiServerBuilder::token`], requests need
-//!   `Authorization: Bearer <token>` (401 otherwise); without, anything is accepted.
+//! - **Authentication**: with [`FakeApiServerBuilder::token`], a request with another bearer
+//!   token gets 401; one without credentials is served, since `kubectl` sends none to a
+//!   plain-HTTP server, unless [`FakeApiServerBuilder::require_token`] is set. Without a token,
+//!   anything is accepted.
 //! - `kubectl get` asks for `Table`s; the fake answers with tables for lists and watches
 //!   (pods with the usual NAME, READY, STATUS, RESTARTS, AGE columns).
 //!
@@ -104,8 +106,8 @@
 //! 410 and a kube-rs watcher relists.
 
 mod api;
-pub mod pods;
 mod patch;
+pub mod pods;
 mod select;
 mod store;
 mod util;
@@ -122,8 +124,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-pub use pods::{PodLaunch, PodRunner, ProcessRunner, Workload};
 use pods::{Fate, PodCommand};
+pub use pods::{PodLaunch, PodRunner, ProcessRunner, Workload};
 use store::{PODS, RESOURCES, Store, meta_str};
 
 /// The token the kubeconfig carries when the fake accepts any token.
@@ -133,6 +135,7 @@ pub const DEFAULT_TOKEN: &str = "otm-fake-token";
 #[derive(Debug)]
 pub struct FakeApiServerBuilder {
     token: Option<String>,
+    require_token: bool,
     runner: Option<Arc<dyn PodRunner>>,
     history_limit: usize,
     bookmark_interval: Duration,
@@ -142,6 +145,7 @@ impl Default for FakeApiServerBuilder {
     fn default() -> Self {
         FakeApiServerBuilder {
             token: None,
+            require_token: false,
             runner: Some(Arc::new(ProcessRunner::new())),
             history_limit: 10_000,
             bookmark_interval: Duration::from_secs(1),
@@ -150,9 +154,18 @@ impl Default for FakeApiServerBuilder {
 }
 
 impl FakeApiServerBuilder {
-    /// Requires this bearer token on every request.
+    /// Answers 401 to requests with another bearer token. Requests without credentials are
+    /// still served (as an anonymous user), because `kubectl` sends no token to a plain-HTTP
+    /// server; [`FakeApiServerBuilder::require_token`] refuses those too.
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());
+        self
+    }
+
+    /// With [`FakeApiServerBuilder::token`], also answers 401 to requests without a token
+    /// (`kubectl` then cannot be used).
+    pub fn require_token(mut self) -> Self {
+        self.require_token = true;
         self
     }
 
@@ -193,6 +206,7 @@ impl FakeApiServerBuilder {
             changed,
             shutdown,
             token: self.token,
+            require_token: self.require_token,
             runner: self.runner,
             bookmark_interval: Mutex::new(self.bookmark_interval),
             pods: Mutex::new(Pods {
@@ -235,6 +249,7 @@ pub(crate) struct Inner {
     changed: watch::Sender<u64>,
     shutdown: watch::Sender<bool>,
     token: Option<String>,
+    require_token: bool,
     runner: Option<Arc<dyn PodRunner>>,
     bookmark_interval: Mutex<Duration>,
     pods: Mutex<Pods>,
@@ -266,7 +281,13 @@ impl Inner {
     }
 
     /// Changes a pod's stored object if it is still the pod with `uid`.
-    pub(crate) fn update_pod(&self, ns: &str, name: &str, uid: &str, f: impl FnOnce(&mut Value)) -> Option<Value> {
+    pub(crate) fn update_pod(
+        &self,
+        ns: &str,
+        name: &str,
+        uid: &str,
+        f: impl FnOnce(&mut Value),
+    ) -> Option<Value> {
         self.write(|s| {
             s.modify(PODS, ns, name, |p| {
                 if meta_str(p, "uid") != uid {
@@ -293,7 +314,10 @@ impl Inner {
     }
 
     pub(crate) fn remove_pod_if(&self, ns: &str, name: &str, uid: &str) {
-        let same = self.read(|s| s.get(PODS, ns, name).is_some_and(|p| meta_str(p, "uid") == uid));
+        let same = self.read(|s| {
+            s.get(PODS, ns, name)
+                .is_some_and(|p| meta_str(p, "uid") == uid)
+        });
         if same {
             self.remove(PODS, ns, name);
         }
@@ -308,21 +332,32 @@ impl Inner {
     }
 
     pub(crate) fn pod_dirs(&self, ns: &str, name: &str, uid: &str) -> (PathBuf, PathBuf) {
-        let base = self.root.path().join(ns).join(format!("{name}-{}", &uid[..8.min(uid.len())]));
+        let base = self
+            .root
+            .path()
+            .join(ns)
+            .join(format!("{name}-{}", &uid[..8.min(uid.len())]));
         let workdir = base.join("work");
         let _ = std::fs::create_dir_all(&workdir);
         let log = base.join("log");
-        lock(&self.pods).logs.insert((ns.to_owned(), name.to_owned()), log.clone());
+        lock(&self.pods)
+            .logs
+            .insert((ns.to_owned(), name.to_owned()), log.clone());
         (workdir, log)
     }
 
     pub(crate) fn log_path(&self, ns: &str, name: &str) -> Option<PathBuf> {
-        lock(&self.pods).logs.get(&(ns.to_owned(), name.to_owned())).cloned()
+        lock(&self.pods)
+            .logs
+            .get(&(ns.to_owned(), name.to_owned()))
+            .cloned()
     }
 
     /// Starts the driver of a newly created pod, when the fake runs pods.
     pub(crate) fn pod_created(self: &Arc<Self>, pod: &Value) {
-        let Some(runner) = self.runner.clone() else { return };
+        let Some(runner) = self.runner.clone() else {
+            return;
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         let uid = meta_str(pod, "uid").to_owned();
         let mut pods = lock(&self.pods);
@@ -342,7 +377,10 @@ impl Inner {
 
     /// Sends an order to a pod's driver; false if it has none.
     pub(crate) fn command_pod(&self, uid: &str, cmd: PodCommand) -> bool {
-        lock(&self.pods).drivers.get(uid).is_some_and(|d| d.send(cmd).is_ok())
+        lock(&self.pods)
+            .drivers
+            .get(uid)
+            .is_some_and(|d| d.send(cmd).is_ok())
     }
 
     pub(crate) fn bookmark_interval(&self) -> Duration {
@@ -366,7 +404,9 @@ impl fmt::Debug for FakeApiServer {
 
 impl fmt::Debug for Pods {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Pods").field("drivers", &self.drivers.len()).finish_non_exhaustive()
+        f.debug_struct("Pods")
+            .field("drivers", &self.drivers.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -456,7 +496,8 @@ impl FakeApiServer {
     /// An object as stored, by resource (`pods`, `secrets`, `leases`, `events.events.k8s.io`),
     /// namespace (empty for cluster-scoped ones) and name.
     pub fn get(&self, resource: &str, namespace: &str, name: &str) -> Option<Value> {
-        self.inner.get_object(resource_named(resource), namespace, name)
+        self.inner
+            .get_object(resource_named(resource), namespace, name)
     }
 
     /// The objects of a resource in a namespace (`None`: everywhere), ordered by namespace and name.
@@ -493,13 +534,26 @@ impl FakeApiServer {
     }
 
     /// Sets one of a pod's conditions (`PodScheduled`, `Initialized`, `ContainersReady`, `Ready`).
-    pub fn set_pod_condition(&self, namespace: &str, name: &str, kind: &str, status: bool) -> Option<Value> {
-        self.modify_pod(namespace, name, |p| pods::set_condition(p, kind, status, None))
+    pub fn set_pod_condition(
+        &self,
+        namespace: &str,
+        name: &str,
+        kind: &str,
+        status: bool,
+    ) -> Option<Value> {
+        self.modify_pod(namespace, name, |p| {
+            pods::set_condition(p, kind, status, None)
+        })
     }
 
     /// Binds a pod to the node and gives it `pod_ip` (any loopback address), as the scheduler
     /// and the kubelet would; for pods driven by hand.
-    pub fn mark_pod_scheduled(&self, namespace: &str, name: &str, pod_ip: Ipv4Addr) -> Option<Value> {
+    pub fn mark_pod_scheduled(
+        &self,
+        namespace: &str,
+        name: &str,
+        pod_ip: Ipv4Addr,
+    ) -> Option<Value> {
         self.modify_pod(namespace, name, |p| pods::mark_scheduled(p, Some(pod_ip)))
     }
 
@@ -516,14 +570,18 @@ impl FakeApiServer {
     /// Fails a pod: its process is killed and the pod marked Failed, its container terminated
     /// with `exit_code` and `reason` (e.g. 137, `OOMKilled`). Returns false if there is no such pod.
     pub fn fail_pod(&self, namespace: &str, name: &str, exit_code: i32, reason: &str) -> bool {
-        let Some(pod) = self.get("pods", namespace, name) else { return false };
+        let Some(pod) = self.get("pods", namespace, name) else {
+            return false;
+        };
         let uid = meta_str(&pod, "uid").to_owned();
         let cmd = PodCommand::Fail {
             exit_code,
             reason: reason.to_owned(),
         };
         if !self.inner.command_pod(&uid, cmd) {
-            self.modify_pod(namespace, name, |p| pods::mark_terminated(p, exit_code, reason, None));
+            self.modify_pod(namespace, name, |p| {
+                pods::mark_terminated(p, exit_code, reason, None)
+            });
         }
         true
     }
@@ -536,12 +594,16 @@ impl FakeApiServer {
 
     /// The next `n` pods created are never scheduled: Pending with `PodScheduled=False`.
     pub fn unschedulable_next(&self, n: usize) {
-        lock(&self.inner.pods).fates.extend(std::iter::repeat_n(Fate::Unschedulable, n));
+        lock(&self.inner.pods)
+            .fates
+            .extend(std::iter::repeat_n(Fate::Unschedulable, n));
     }
 
     /// The next `n` pods created fail to start: Failed, container terminated with `StartError`.
     pub fn fail_start_next(&self, n: usize) {
-        lock(&self.inner.pods).fates.extend(std::iter::repeat_n(Fate::FailStart, n));
+        lock(&self.inner.pods)
+            .fates
+            .extend(std::iter::repeat_n(Fate::FailStart, n));
     }
 
     /// What a pod's process wrote to stdout and stderr so far.

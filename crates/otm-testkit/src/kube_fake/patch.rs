@@ -42,14 +42,20 @@ fn split_pointer(path: &str) -> Result<(Vec<String>, String), JsonPatchError> {
         return Err(JsonPatchError::Invalid("the root cannot be patched".into()));
     }
     let Some(rest) = path.strip_prefix('/') else {
-        return Err(JsonPatchError::Invalid(format!("{path:?} is not a JSON pointer")));
+        return Err(JsonPatchError::Invalid(format!(
+            "{path:?} is not a JSON pointer"
+        )));
     };
     let mut parts: Vec<String> = rest.split('/').map(unescape).collect();
     let last = parts.pop().unwrap_or_default();
     Ok((parts, last))
 }
 
-fn parent_mut<'a>(doc: &'a mut Value, parents: &[String], path: &str) -> Result<&'a mut Value, JsonPatchError> {
+fn parent_mut<'a>(
+    doc: &'a mut Value,
+    parents: &[String],
+    path: &str,
+) -> Result<&'a mut Value, JsonPatchError> {
     let mut cur = doc;
     for p in parents {
         cur = match cur {
@@ -76,12 +82,16 @@ fn add(doc: &mut Value, path: &str, value: Value) -> Result<(), JsonPatchError> 
                 last.parse::<usize>()
                     .ok()
                     .filter(|i| *i <= a.len())
-                    .ok_or_else(|| JsonPatchError::Invalid(format!("bad array index in {path:?}")))?
+                    .ok_or_else(|| {
+                        JsonPatchError::Invalid(format!("bad array index in {path:?}"))
+                    })?
             };
             a.insert(i, value);
             Ok(())
         }
-        _ => Err(JsonPatchError::Invalid(format!("path {path:?} does not exist"))),
+        _ => Err(JsonPatchError::Invalid(format!(
+            "path {path:?} does not exist"
+        ))),
     }
 }
 
@@ -91,7 +101,11 @@ fn remove(doc: &mut Value, path: &str) -> Result<Value, JsonPatchError> {
     match parent_mut(doc, &parents, path)? {
         Value::Object(m) => m.remove(&last).ok_or_else(missing),
         Value::Array(a) => {
-            let i = last.parse::<usize>().ok().filter(|i| *i < a.len()).ok_or_else(missing)?;
+            let i = last
+                .parse::<usize>()
+                .ok()
+                .filter(|i| *i < a.len())
+                .ok_or_else(missing)?;
             Ok(a.remove(i))
         }
         _ => Err(missing()),
@@ -133,10 +147,9 @@ pub(crate) fn json_patch(doc: &mut Value, patch: &Value) -> Result<(), JsonPatch
                 add(doc, path, v)?;
             }
             "copy" => {
-                let v = doc
-                    .pointer(from()?)
-                    .cloned()
-                    .ok_or_else(|| JsonPatchError::Invalid(format!("path {path:?} does not exist")))?;
+                let v = doc.pointer(from()?).cloned().ok_or_else(|| {
+                    JsonPatchError::Invalid(format!("path {path:?} does not exist"))
+                })?;
                 add(doc, path, v)?;
             }
             "test" => {
@@ -147,7 +160,11 @@ pub(crate) fn json_patch(doc: &mut Value, patch: &Value) -> Result<(), JsonPatch
                     )));
                 }
             }
-            other => return Err(JsonPatchError::Invalid(format!("unknown operation {other:?}"))),
+            other => {
+                return Err(JsonPatchError::Invalid(format!(
+                    "unknown operation {other:?}"
+                )));
+            }
         }
     }
     Ok(())
@@ -167,7 +184,8 @@ mod tests {
 
     #[test]
     fn json_patch_ops() {
-        let mut doc = json!({"metadata": {"resourceVersion": "5", "labels": {"a": "1"}}, "l": [1, 2]});
+        let mut doc =
+            json!({"metadata": {"resourceVersion": "5", "labels": {"a": "1"}}, "l": [1, 2]});
         json_patch(
             &mut doc,
             &json!([
@@ -179,9 +197,15 @@ mod tests {
             ]),
         )
         .unwrap();
-        assert_eq!(doc["metadata"]["labels"], json!({"a": "2", "otm.dev/warm": "false"}));
+        assert_eq!(
+            doc["metadata"]["labels"],
+            json!({"a": "2", "otm.dev/warm": "false"})
+        );
         assert_eq!(doc["l"], json!([2, 3]));
-        let err = json_patch(&mut doc, &json!([{"op": "test", "path": "/metadata/resourceVersion", "value": "4"}]));
+        let err = json_patch(
+            &mut doc,
+            &json!([{"op": "test", "path": "/metadata/resourceVersion", "value": "4"}]),
+        );
         assert!(matches!(err, Err(JsonPatchError::TestFailed(_))));
         assert!(json_patch(&mut doc, &json!([{"op": "remove", "path": "/nope"}])).is_err());
     }

@@ -115,10 +115,15 @@ impl ProcessRunner {
     }
 
     fn lookup_image(&self, image: &str) -> Option<&PathBuf> {
-        let untagged = image.rsplit_once(':').filter(|(_, tag)| !tag.contains('/')).map_or(image, |(i, _)| i);
+        let untagged = image
+            .rsplit_once(':')
+            .filter(|(_, tag)| !tag.contains('/'))
+            .map_or(image, |(i, _)| i);
         let untagged = untagged.split('@').next().unwrap_or(untagged);
         let last = untagged.rsplit('/').next().unwrap_or(untagged);
-        [image, untagged, last].into_iter().find_map(|k| self.binaries.get(k))
+        [image, untagged, last]
+            .into_iter()
+            .find_map(|k| self.binaries.get(k))
     }
 
     /// The program and arguments to run for a launch.
@@ -135,10 +140,10 @@ impl ProcessRunner {
         if let Some(program) = self.lookup_image(&launch.image) {
             return Ok((program.clone(), launch.args.clone()));
         }
-        if let Some((first, rest)) = launch.args.split_first() {
-            if let Some(program) = self.lookup(first) {
-                return Ok((program.clone(), rest.to_vec()));
-            }
+        if let Some((first, rest)) = launch.args.split_first()
+            && let Some(program) = self.lookup(first)
+        {
+            return Ok((program.clone(), rest.to_vec()));
         }
         Err(format!(
             "the container has no command and its image {:?} is not in the fake's binary map; map it with ProcessRunner::binary",
@@ -155,11 +160,16 @@ impl PodRunner for ProcessRunner {
             .append(true)
             .open(&launch.log_path)
             .map_err(|e| format!("cannot open the pod log: {e}"))?;
-        let log2 = log.try_clone().map_err(|e| format!("cannot open the pod log: {e}"))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| format!("cannot open the pod log: {e}"))?;
         let mut cmd = tokio::process::Command::new(&program);
         cmd.args(&args)
             .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()))
+            .env(
+                "PATH",
+                std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
+            )
             .env("HOME", &launch.workdir)
             .env("HOSTNAME", &launch.name)
             .envs(self.env.iter().cloned())
@@ -266,7 +276,9 @@ pub(crate) fn set_condition(pod: &mut Value, kind: &str, status: bool, reason: O
         pod["status"]["conditions"] = json!([]);
     }
     let status_str = if status { "True" } else { "False" };
-    let conditions = pod["status"]["conditions"].as_array_mut().expect("just made an array");
+    let conditions = pod["status"]["conditions"]
+        .as_array_mut()
+        .expect("just made an array");
     let now = now_rfc3339();
     let mut cond = json!({"type": kind, "status": status_str, "lastProbeTime": null, "lastTransitionTime": now});
     if let Some(r) = reason {
@@ -280,7 +292,9 @@ pub(crate) fn set_condition(pod: &mut Value, kind: &str, status: bool, reason: O
 }
 
 fn first_container(pod: &Value) -> Value {
-    pod.pointer("/spec/containers/0").cloned().unwrap_or(json!({}))
+    pod.pointer("/spec/containers/0")
+        .cloned()
+        .unwrap_or(json!({}))
 }
 
 fn container_status(pod: &Value, ready: bool, state: Value) -> Value {
@@ -298,7 +312,12 @@ fn container_status(pod: &Value, ready: bool, state: Value) -> Value {
 }
 
 /// Marks a pod's (first) container terminated with `exit_code`, and the pod Succeeded or Failed.
-pub(crate) fn mark_terminated(pod: &mut Value, exit_code: i32, reason: &str, message: Option<&str>) {
+pub(crate) fn mark_terminated(
+    pod: &mut Value,
+    exit_code: i32,
+    reason: &str,
+    message: Option<&str>,
+) {
     let started = pod
         .pointer("/status/containerStatuses/0/state/running/startedAt")
         .cloned()
@@ -312,9 +331,18 @@ pub(crate) fn mark_terminated(pod: &mut Value, exit_code: i32, reason: &str, mes
     if let Some(m) = message {
         terminated["message"] = json!(m);
     }
-    pod["status"]["containerStatuses"] = container_status(pod, false, json!({"terminated": terminated}));
-    pod["status"]["phase"] = json!(if exit_code == 0 && reason == "Completed" { "Succeeded" } else { "Failed" });
-    let why = if exit_code == 0 { "PodCompleted" } else { "PodFailed" };
+    pod["status"]["containerStatuses"] =
+        container_status(pod, false, json!({"terminated": terminated}));
+    pod["status"]["phase"] = json!(if exit_code == 0 && reason == "Completed" {
+        "Succeeded"
+    } else {
+        "Failed"
+    });
+    let why = if exit_code == 0 {
+        "PodCompleted"
+    } else {
+        "PodFailed"
+    };
     set_condition(pod, "Ready", false, Some(why));
     set_condition(pod, "ContainersReady", false, Some(why));
 }
@@ -342,12 +370,17 @@ pub(crate) fn mark_running(pod: &mut Value, ready: bool) {
         .pointer("/status/containerStatuses/0/state/running/startedAt")
         .cloned()
         .unwrap_or_else(|| json!(now_rfc3339()));
-    pod["status"]["containerStatuses"] = container_status(pod, ready, json!({"running": {"startedAt": started}}));
+    pod["status"]["containerStatuses"] =
+        container_status(pod, ready, json!({"running": {"startedAt": started}}));
     mark_ready(pod, ready);
 }
 
 pub(crate) fn mark_ready(pod: &mut Value, ready: bool) {
-    let reason = if ready { None } else { Some("ContainersNotReady") };
+    let reason = if ready {
+        None
+    } else {
+        Some("ContainersNotReady")
+    };
     set_condition(pod, "Ready", ready, reason);
     set_condition(pod, "ContainersReady", ready, reason);
     if let Some(cs) = pod.pointer_mut("/status/containerStatuses/0") {
@@ -358,7 +391,11 @@ pub(crate) fn mark_ready(pod: &mut Value, ready: bool) {
 /// Why a container's environment cannot be built yet (the kubelet retries).
 struct ConfigError(String);
 
-fn resolve_env(inner: &Inner, pod: &Value, ip: Ipv4Addr) -> Result<Vec<(String, String)>, ConfigError> {
+fn resolve_env(
+    inner: &Inner,
+    pod: &Value,
+    ip: Ipv4Addr,
+) -> Result<Vec<(String, String)>, ConfigError> {
     let ns = meta_str(pod, "namespace").to_owned();
     let container = first_container(pod);
     let mut vars: HashMap<String, String> = HashMap::new();
@@ -366,7 +403,10 @@ fn resolve_env(inner: &Inner, pod: &Value, ip: Ipv4Addr) -> Result<Vec<(String, 
     let secret = |name: &str| inner.get_object(SECRETS, &ns, name);
     let secret_value = |secret: &Value, key: &str| {
         secret
-            .pointer(&format!("/data/{}", key.replace('~', "~0").replace('/', "~1")))
+            .pointer(&format!(
+                "/data/{}",
+                key.replace('~', "~0").replace('/', "~1")
+            ))
             .and_then(Value::as_str)
             .and_then(base64_decode)
             .map(|b| String::from_utf8_lossy(&b).into_owned())
@@ -378,7 +418,11 @@ fn resolve_env(inner: &Inner, pod: &Value, ip: Ipv4Addr) -> Result<Vec<(String, 
             match secret(name) {
                 Some(s) => {
                     let prefix = from["prefix"].as_str().unwrap_or_default();
-                    for key in s["data"].as_object().map(|m| m.keys().cloned().collect::<Vec<_>>()).unwrap_or_default() {
+                    for key in s["data"]
+                        .as_object()
+                        .map(|m| m.keys().cloned().collect::<Vec<_>>())
+                        .unwrap_or_default()
+                    {
                         if let Some(v) = secret_value(&s, &key) {
                             vars.insert(format!("{prefix}{key}"), v.clone());
                             env.push((format!("{prefix}{key}"), v));
@@ -391,7 +435,9 @@ fn resolve_env(inner: &Inner, pod: &Value, ip: Ipv4Addr) -> Result<Vec<(String, 
         }
     }
     for e in container["env"].as_array().into_iter().flatten() {
-        let Some(name) = e["name"].as_str() else { continue };
+        let Some(name) = e["name"].as_str() else {
+            continue;
+        };
         let value = if let Some(v) = e.get("value").and_then(Value::as_str) {
             expand_vars(v, &vars)
         } else if let Some(r) = e.pointer("/valueFrom/secretKeyRef") {
@@ -403,11 +449,16 @@ fn resolve_env(inner: &Inner, pod: &Value, ip: Ipv4Addr) -> Result<Vec<(String, 
                 Some(None) if optional => continue,
                 None if optional => continue,
                 Some(None) => {
-                    return Err(ConfigError(format!("couldn't find key {key} in Secret {ns}/{sname}")));
+                    return Err(ConfigError(format!(
+                        "couldn't find key {key} in Secret {ns}/{sname}"
+                    )));
                 }
                 None => return Err(ConfigError(format!("secret \"{sname}\" not found"))),
             }
-        } else if let Some(path) = e.pointer("/valueFrom/fieldRef/fieldPath").and_then(Value::as_str) {
+        } else if let Some(path) = e
+            .pointer("/valueFrom/fieldRef/fieldPath")
+            .and_then(Value::as_str)
+        {
             match path {
                 "status.podIP" => ip.to_string(),
                 "status.hostIP" => "127.0.0.1".to_owned(),
@@ -415,14 +466,26 @@ fn resolve_env(inner: &Inner, pod: &Value, ip: Ipv4Addr) -> Result<Vec<(String, 
                 "metadata.name" => meta_str(pod, "name").to_owned(),
                 "metadata.namespace" => ns.clone(),
                 "metadata.uid" => meta_str(pod, "uid").to_owned(),
-                "spec.serviceAccountName" => pod["spec"]["serviceAccountName"].as_str().unwrap_or("default").to_owned(),
+                "spec.serviceAccountName" => pod["spec"]["serviceAccountName"]
+                    .as_str()
+                    .unwrap_or("default")
+                    .to_owned(),
                 other => {
                     let label = other
                         .strip_prefix("metadata.labels['")
                         .map(|l| ("labels", l))
-                        .or_else(|| other.strip_prefix("metadata.annotations['").map(|a| ("annotations", a)));
-                    match label.and_then(|(field, rest)| rest.strip_suffix("']").map(|k| (field, k))) {
-                        Some((field, key)) => pod["metadata"][field][key].as_str().unwrap_or_default().to_owned(),
+                        .or_else(|| {
+                            other
+                                .strip_prefix("metadata.annotations['")
+                                .map(|a| ("annotations", a))
+                        });
+                    match label
+                        .and_then(|(field, rest)| rest.strip_suffix("']").map(|k| (field, k)))
+                    {
+                        Some((field, key)) => pod["metadata"][field][key]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_owned(),
                         None => String::new(),
                     }
                 }
@@ -463,14 +526,21 @@ async fn probe(probe: &Value, container: &Value, ip: Ipv4Addr) -> bool {
             _ => None,
         }
     };
-    let host = |p: &Value| p["host"].as_str().map(str::to_owned).unwrap_or_else(|| ip.to_string());
+    let host = |p: &Value| {
+        p["host"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| ip.to_string())
+    };
     let attempt = async {
         if let Some(h) = probe.get("httpGet") {
             let port = port_of(&h["port"])?;
             let host = host(h);
             let path = h["path"].as_str().unwrap_or("/");
             let mut stream = TcpStream::connect((host.as_str(), port)).await.ok()?;
-            let req = format!("GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: kube-probe/1.32\r\nConnection: close\r\n\r\n");
+            let req = format!(
+                "GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: kube-probe/1.32\r\nConnection: close\r\n\r\n"
+            );
             stream.write_all(req.as_bytes()).await.ok()?;
             let mut head = [0u8; 16];
             let mut n = 0;
@@ -489,16 +559,30 @@ async fn probe(probe: &Value, container: &Value, ip: Ipv4Addr) -> bool {
             Some(TcpStream::connect((host(t).as_str(), port)).await.is_ok())
         } else if let Some(g) = probe.get("grpc") {
             let port = port_of(&g["port"])?;
-            Some(TcpStream::connect((ip.to_string().as_str(), port)).await.is_ok())
+            Some(
+                TcpStream::connect((ip.to_string().as_str(), port))
+                    .await
+                    .is_ok(),
+            )
         } else {
             Some(true)
         }
     };
-    timeout(Duration::from_secs(1), attempt).await.ok().flatten().unwrap_or(false)
+    timeout(Duration::from_secs(1), attempt)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
 }
 
 /// Waits for orders after the workload is gone: a deletion now removes the pod at once.
-async fn after_exit(inner: &Arc<Inner>, ns: &str, name: &str, uid: &str, cmds: &mut mpsc::UnboundedReceiver<PodCommand>) {
+async fn after_exit(
+    inner: &Arc<Inner>,
+    ns: &str,
+    name: &str,
+    uid: &str,
+    cmds: &mut mpsc::UnboundedReceiver<PodCommand>,
+) {
     while let Some(cmd) = cmds.recv().await {
         match cmd {
             PodCommand::Terminate { .. } => {
@@ -506,7 +590,9 @@ async fn after_exit(inner: &Arc<Inner>, ns: &str, name: &str, uid: &str, cmds: &
                 return;
             }
             PodCommand::Fail { exit_code, reason } => {
-                inner.update_pod(ns, name, uid, |p| mark_terminated(p, exit_code, &reason, None));
+                inner.update_pod(ns, name, uid, |p| {
+                    mark_terminated(p, exit_code, &reason, None)
+                });
             }
             PodCommand::Removed => return,
         }
@@ -543,7 +629,9 @@ pub(crate) async fn drive_pod(
     // Build the environment, retrying while a referenced Secret is missing, as the kubelet does.
     let mut waiting_reported = false;
     let env = loop {
-        let Some(pod) = inner.get_object(PODS, &ns, &name) else { return };
+        let Some(pod) = inner.get_object(PODS, &ns, &name) else {
+            return;
+        };
         match resolve_env(&inner, &pod, ip) {
             Ok(env) => break env,
             Err(ConfigError(message)) => {
@@ -590,12 +678,17 @@ pub(crate) async fn drive_pod(
     let workload = match started {
         Ok(w) => w,
         Err(message) => {
-            inner.update_pod(&ns, &name, &uid, |p| mark_terminated(p, 128, "StartError", Some(&message)));
+            inner.update_pod(&ns, &name, &uid, |p| {
+                mark_terminated(p, 128, "StartError", Some(&message))
+            });
             after_exit(&inner, &ns, &name, &uid, &mut cmds).await;
             return;
         }
     };
-    let readiness = container.get("readinessProbe").filter(|p| p.is_object()).cloned();
+    let readiness = container
+        .get("readinessProbe")
+        .filter(|p| p.is_object())
+        .cloned();
     let mut ready = readiness.is_none();
     inner.update_pod(&ns, &name, &uid, |p| mark_running(p, ready));
 
@@ -640,8 +733,19 @@ pub(crate) async fn drive_pod(
     let deleting = inner
         .get_object(PODS, &ns, &name)
         .is_some_and(|p| p["metadata"].get("deletionTimestamp").is_some());
-    let (exit_code, reason) = forced.unwrap_or_else(|| (code, if code == 0 { "Completed".to_owned() } else { "Error".to_owned() }));
-    inner.update_pod(&ns, &name, &uid, |p| mark_terminated(p, exit_code, &reason, None));
+    let (exit_code, reason) = forced.unwrap_or_else(|| {
+        (
+            code,
+            if code == 0 {
+                "Completed".to_owned()
+            } else {
+                "Error".to_owned()
+            },
+        )
+    });
+    inner.update_pod(&ns, &name, &uid, |p| {
+        mark_terminated(p, exit_code, &reason, None)
+    });
     if deleting {
         inner.remove_pod_if(&ns, &name, &uid);
         return;

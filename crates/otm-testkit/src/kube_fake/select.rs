@@ -51,7 +51,11 @@ fn set_values(rest: &str, whole: &str) -> Result<Vec<String>, ApiError> {
         .trim()
         .strip_prefix('(')
         .and_then(|r| r.strip_suffix(')'))
-        .ok_or_else(|| ApiError::bad_request(format!("unable to parse requirement: {whole:?}: expected a set like (a,b)")))?;
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "unable to parse requirement: {whole:?}: expected a set like (a,b)"
+            ))
+        })?;
     Ok(inner
         .split(',')
         .map(|v| v.trim().to_owned())
@@ -96,14 +100,18 @@ impl LabelSelector {
                 Requirement {
                     key: k.trim().to_owned(),
                     op: Op::Gt(v.trim().parse().map_err(|_| {
-                        ApiError::bad_request(format!("unable to parse requirement: {part:?}: not an integer"))
+                        ApiError::bad_request(format!(
+                            "unable to parse requirement: {part:?}: not an integer"
+                        ))
                     })?),
                 }
             } else if let Some((k, v)) = part.split_once('<') {
                 Requirement {
                     key: k.trim().to_owned(),
                     op: Op::Lt(v.trim().parse().map_err(|_| {
-                        ApiError::bad_request(format!("unable to parse requirement: {part:?}: not an integer"))
+                        ApiError::bad_request(format!(
+                            "unable to parse requirement: {part:?}: not an integer"
+                        ))
                     })?),
                 }
             } else {
@@ -133,8 +141,12 @@ impl LabelSelector {
                 Op::NotEq(x) => v != Some(x.as_str()),
                 Op::In(xs) => v.is_some_and(|v| xs.iter().any(|x| x == v)),
                 Op::NotIn(xs) => v.is_none_or(|v| xs.iter().all(|x| x != v)),
-                Op::Gt(n) => v.and_then(|v| v.parse::<i64>().ok()).is_some_and(|v| v > *n),
-                Op::Lt(n) => v.and_then(|v| v.parse::<i64>().ok()).is_some_and(|v| v < *n),
+                Op::Gt(n) => v
+                    .and_then(|v| v.parse::<i64>().ok())
+                    .is_some_and(|v| v > *n),
+                Op::Lt(n) => v
+                    .and_then(|v| v.parse::<i64>().ok())
+                    .is_some_and(|v| v < *n),
             }
         })
     }
@@ -225,7 +237,14 @@ mod tests {
         for s in yes {
             assert!(LabelSelector::parse(s).unwrap().matches(&p), "{s}");
         }
-        let no = ["app=other", "!app", "missing", "tier in (bound)", "tier notin (warm,x)", "app=otm,tier=bound"];
+        let no = [
+            "app=other",
+            "!app",
+            "missing",
+            "tier in (bound)",
+            "tier notin (warm,x)",
+            "app=otm,tier=bound",
+        ];
         for s in no {
             assert!(!LabelSelector::parse(s).unwrap().matches(&p), "{s}");
         }
@@ -235,9 +254,21 @@ mod tests {
     #[test]
     fn field_selectors() {
         let p = pod(json!({}));
-        assert!(FieldSelector::parse("metadata.name=p,status.phase=Running").unwrap().matches(&p));
-        assert!(FieldSelector::parse("status.phase!=Failed").unwrap().matches(&p));
-        assert!(!FieldSelector::parse("metadata.namespace=other").unwrap().matches(&p));
+        assert!(
+            FieldSelector::parse("metadata.name=p,status.phase=Running")
+                .unwrap()
+                .matches(&p)
+        );
+        assert!(
+            FieldSelector::parse("status.phase!=Failed")
+                .unwrap()
+                .matches(&p)
+        );
+        assert!(
+            !FieldSelector::parse("metadata.namespace=other")
+                .unwrap()
+                .matches(&p)
+        );
         assert!(FieldSelector::parse("spec.nodeName=").unwrap().matches(&p));
     }
 }

@@ -33,14 +33,86 @@ impl ResourceType {
 
 /// Every resource type the fake serves; an index into this table identifies one.
 pub(crate) const RESOURCES: &[ResourceType] = &[
-    ResourceType { group: "", version: "v1", plural: "pods", singular: "pod", kind: "Pod", namespaced: true, status: true, short_names: &["po"] },
-    ResourceType { group: "", version: "v1", plural: "secrets", singular: "secret", kind: "Secret", namespaced: true, status: false, short_names: &[] },
-    ResourceType { group: "", version: "v1", plural: "events", singular: "event", kind: "Event", namespaced: true, status: false, short_names: &["ev"] },
-    ResourceType { group: "", version: "v1", plural: "services", singular: "service", kind: "Service", namespaced: true, status: true, short_names: &["svc"] },
-    ResourceType { group: "", version: "v1", plural: "configmaps", singular: "configmap", kind: "ConfigMap", namespaced: true, status: false, short_names: &["cm"] },
-    ResourceType { group: "", version: "v1", plural: "namespaces", singular: "namespace", kind: "Namespace", namespaced: false, status: true, short_names: &["ns"] },
-    ResourceType { group: "coordination.k8s.io", version: "v1", plural: "leases", singular: "lease", kind: "Lease", namespaced: true, status: false, short_names: &[] },
-    ResourceType { group: "events.k8s.io", version: "v1", plural: "events", singular: "event", kind: "Event", namespaced: true, status: false, short_names: &["ev"] },
+    ResourceType {
+        group: "",
+        version: "v1",
+        plural: "pods",
+        singular: "pod",
+        kind: "Pod",
+        namespaced: true,
+        status: true,
+        short_names: &["po"],
+    },
+    ResourceType {
+        group: "",
+        version: "v1",
+        plural: "secrets",
+        singular: "secret",
+        kind: "Secret",
+        namespaced: true,
+        status: false,
+        short_names: &[],
+    },
+    ResourceType {
+        group: "",
+        version: "v1",
+        plural: "events",
+        singular: "event",
+        kind: "Event",
+        namespaced: true,
+        status: false,
+        short_names: &["ev"],
+    },
+    ResourceType {
+        group: "",
+        version: "v1",
+        plural: "services",
+        singular: "service",
+        kind: "Service",
+        namespaced: true,
+        status: true,
+        short_names: &["svc"],
+    },
+    ResourceType {
+        group: "",
+        version: "v1",
+        plural: "configmaps",
+        singular: "configmap",
+        kind: "ConfigMap",
+        namespaced: true,
+        status: false,
+        short_names: &["cm"],
+    },
+    ResourceType {
+        group: "",
+        version: "v1",
+        plural: "namespaces",
+        singular: "namespace",
+        kind: "Namespace",
+        namespaced: false,
+        status: true,
+        short_names: &["ns"],
+    },
+    ResourceType {
+        group: "coordination.k8s.io",
+        version: "v1",
+        plural: "leases",
+        singular: "lease",
+        kind: "Lease",
+        namespaced: true,
+        status: false,
+        short_names: &[],
+    },
+    ResourceType {
+        group: "events.k8s.io",
+        version: "v1",
+        plural: "events",
+        singular: "event",
+        kind: "Event",
+        namespaced: true,
+        status: false,
+        short_names: &["ev"],
+    },
 ];
 
 pub(crate) const PODS: usize = 0;
@@ -177,7 +249,11 @@ impl Store {
     /// The objects of one type as they were at `rv`, or 410 when that is older than the history.
     pub fn list_at(&self, res: usize, ns: Option<&str>, rv: u64) -> Result<Vec<Value>, ApiError> {
         if rv > self.rv {
-            return Err(ApiError::new(504, "Timeout", format!("Too large resource version: {rv}, current: {}", self.rv)));
+            return Err(ApiError::new(
+                504,
+                "Timeout",
+                format!("Too large resource version: {rv}, current: {}", self.rv),
+            ));
         }
         let Some(_) = self.changes_after(rv) else {
             return Err(ApiError::gone(rv, self.horizon));
@@ -299,7 +375,13 @@ impl Store {
     /// Stores a new version of an existing object. The caller has checked preconditions; the
     /// server-set metadata is carried over from the stored object. An update that changes
     /// nothing is not a change: the stored object is returned and no event is recorded.
-    pub fn update(&mut self, res: usize, ns: &str, name: &str, mut obj: Value) -> Result<Value, ApiError> {
+    pub fn update(
+        &mut self,
+        res: usize,
+        ns: &str,
+        name: &str,
+        mut obj: Value,
+    ) -> Result<Value, ApiError> {
         let rt = &RESOURCES[res];
         let Some(old) = self.get(res, ns, name).cloned() else {
             return Err(ApiError::not_found(rt.plural, rt.group, name));
@@ -309,7 +391,15 @@ impl Store {
         if !obj.get("metadata").is_some_and(Value::is_object) {
             obj["metadata"] = json!({});
         }
-        for field in ["name", "namespace", "uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation"] {
+        for field in [
+            "name",
+            "namespace",
+            "uid",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "generation",
+        ] {
             match old["metadata"].get(field) {
                 Some(v) => obj["metadata"][field] = v.clone(),
                 None => {
@@ -334,7 +424,14 @@ impl Store {
     }
 
     /// Stores a modification made by the server itself (status changes, deletion marks).
-    pub fn commit_modified(&mut self, res: usize, ns: &str, name: &str, mut obj: Value, old: Value) -> Value {
+    pub fn commit_modified(
+        &mut self,
+        res: usize,
+        ns: &str,
+        name: &str,
+        mut obj: Value,
+        old: Value,
+    ) -> Value {
         let rv = self.bump();
         set_rv(&mut obj, rv);
         self.objects[res].insert((ns.to_owned(), name.to_owned()), obj.clone());
@@ -351,7 +448,13 @@ impl Store {
 
     /// Changes a stored object in place through `f`; `None` if it does not exist (or `f`
     /// declines by returning false).
-    pub fn modify(&mut self, res: usize, ns: &str, name: &str, f: impl FnOnce(&mut Value) -> bool) -> Option<Value> {
+    pub fn modify(
+        &mut self,
+        res: usize,
+        ns: &str,
+        name: &str,
+        f: impl FnOnce(&mut Value) -> bool,
+    ) -> Option<Value> {
         let old = self.get(res, ns, name)?.clone();
         let mut obj = old.clone();
         if !f(&mut obj) {
@@ -391,7 +494,10 @@ impl Store {
                     let owned = o
                         .pointer("/metadata/ownerReferences")
                         .and_then(Value::as_array)
-                        .is_some_and(|refs| refs.iter().any(|r| r.get("uid").and_then(Value::as_str) == Some(uid.as_str())));
+                        .is_some_and(|refs| {
+                            refs.iter()
+                                .any(|r| r.get("uid").and_then(Value::as_str) == Some(uid.as_str()))
+                        });
                     if owned && (ons == &ns || !RESOURCES[r].namespaced) {
                         queue.push((r, ons.clone(), oname.clone()));
                     }
@@ -415,7 +521,10 @@ fn secret_string_data(obj: &mut Value) {
             obj["data"] = json!({});
         }
         for (k, v) in sd {
-            let text = v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
+            let text = v
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| v.to_string());
             obj["data"][k] = json!(base64_encode(text.as_bytes()));
         }
     }
@@ -428,11 +537,22 @@ mod tests {
     #[test]
     fn exact_lists_replay_history_backwards() {
         let mut s = Store::new(100);
-        s.create(SECRETS, "ns", json!({"metadata": {"name": "a"}, "stringData": {"k": "v"}})).unwrap();
+        s.create(
+            SECRETS,
+            "ns",
+            json!({"metadata": {"name": "a"}, "stringData": {"k": "v"}}),
+        )
+        .unwrap();
         let at = s.resource_version();
-        s.create(SECRETS, "ns", json!({"metadata": {"name": "b"}})).unwrap();
+        s.create(SECRETS, "ns", json!({"metadata": {"name": "b"}}))
+            .unwrap();
         s.remove(SECRETS, "ns", "a");
-        let then: Vec<_> = s.list_at(SECRETS, Some("ns"), at).unwrap().iter().map(|o| meta_str(o, "name").to_owned()).collect();
+        let then: Vec<_> = s
+            .list_at(SECRETS, Some("ns"), at)
+            .unwrap()
+            .iter()
+            .map(|o| meta_str(o, "name").to_owned())
+            .collect();
         assert_eq!(then, ["a"]);
         assert_eq!(s.get(SECRETS, "ns", "b").unwrap()["type"], "Opaque");
         s.compact();

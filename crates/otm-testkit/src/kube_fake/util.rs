@@ -36,8 +36,12 @@ impl ApiError {
     }
 
     pub fn not_found(plural: &str, group: &str, name: &str) -> Self {
-        ApiError::new(404, "NotFound", format!("{} \"{name}\" not found", qualified(plural, group)))
-            .with_details(plural, group, name)
+        ApiError::new(
+            404,
+            "NotFound",
+            format!("{} \"{name}\" not found", qualified(plural, group)),
+        )
+        .with_details(plural, group, name)
     }
 
     pub fn already_exists(plural: &str, group: &str, name: &str) -> Self {
@@ -91,7 +95,11 @@ impl ApiError {
     }
 
     pub fn method_not_allowed() -> Self {
-        ApiError::new(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+        ApiError::new(
+            405,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource",
+        )
     }
 
     /// The `Status` object for this error.
@@ -259,8 +267,14 @@ mod tests {
     #[test]
     fn expands_like_the_kubelet() {
         let vars = HashMap::from([("POD_IP".to_owned(), "127.0.0.2".to_owned())]);
-        assert_eq!(expand_vars("tcp:$(POD_IP):7070", &vars), "tcp:127.0.0.2:7070");
-        assert_eq!(expand_vars("$$(POD_IP) $(NOPE) $x", &vars), "$(POD_IP) $(NOPE) $x");
+        assert_eq!(
+            expand_vars("tcp:$(POD_IP):7070", &vars),
+            "tcp:127.0.0.2:7070"
+        );
+        assert_eq!(
+            expand_vars("$$(POD_IP) $(NOPE) $x", &vars),
+            "$(POD_IP) $(NOPE) $x"
+        );
     }
 
     #[test]
