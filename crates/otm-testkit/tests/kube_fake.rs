@@ -222,7 +222,10 @@ async fn create_get_and_errors_are_status_objects() {
     let api = Api::manual().await;
     let created = api.create_pod(pod("a", json!({}))).await;
     assert_eq!(created["metadata"]["namespace"], NS);
-    assert_eq!(created["status"], Value::Null);
+    assert_eq!(
+        created["status"],
+        json!({"phase": "Pending", "qosClass": "BestEffort"})
+    );
     assert!(created["metadata"]["uid"].as_str().unwrap().len() == 36);
     assert!(
         created["metadata"]["creationTimestamp"]
@@ -549,8 +552,8 @@ async fn status_is_its_own_subresource_and_apply_creates() {
         .await;
     assert_eq!(status, 200);
     assert_eq!(
-        api.fake.get("pods", NS, "p").unwrap()["status"],
-        Value::Null,
+        api.fake.get("pods", NS, "p").unwrap()["status"]["phase"],
+        "Pending",
         "the main resource ignores status"
     );
     let (status, patched) = api
@@ -881,7 +884,7 @@ async fn pods_run_as_processes_until_ready_and_fail_when_killed() {
                 == "CreateContainerConfigError"
         })
         .await;
-    assert_eq!(phase(&waiting), "");
+    assert_eq!(phase(&waiting), "Pending");
     for name in ["web-1", "web-2"] {
         api.post(
             &format!("/api/v1/namespaces/{NS}/secrets"),

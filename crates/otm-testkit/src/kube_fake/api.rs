@@ -521,6 +521,7 @@ fn watch(inner: Arc<Inner>, res: usize, ns: Option<String>, q: &Params, table: b
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let mut changed = inner.changed.subscribe();
     let mut shutdown = inner.shutdown.subscribe();
+    let mut expire = inner.expire.subscribe();
     tokio::spawn(async move {
         let send = |b: Bytes| {
             let tx = tx.clone();
@@ -603,6 +604,11 @@ fn watch(inner: Arc<Inner>, res: usize, ns: Option<String>, q: &Params, table: b
                 }
                 _ = sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => return,
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
+                _ = expire.changed() => {
+                    let horizon = inner.read(|s| s.horizon());
+                    let _ = send(event_line("ERROR", ApiError::gone(last, horizon).status(), rt, table)).await;
+                    return;
+                }
                 _ = tx.closed() => return,
             }
         }

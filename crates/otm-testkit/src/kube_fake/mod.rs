@@ -80,10 +80,12 @@
 //! `Ready` once the `readinessProbe` passes (`httpGet` or `tcpSocket` on the pod IP, tried every
 //! 150 ms; at once without a probe) → on exit `Succeeded` (exit 0) or `Failed` with
 //! `state.terminated.exitCode` (`restartPolicy: Never` is assumed; nothing restarts). Volumes
-//! are not mounted: a process gets a fresh working directory (also `HOME`) and the env and args
-//! of its container only, so a pod spec meant for the fake passes paths and secrets through
-//! `env`/`args`. The pod's stdout and stderr are its log (`GET .../pods/{name}/log`,
-//! [`FakeApiServer::pod_logs`]).
+//! are not mounted: a process gets a fresh working directory (also `HOME` and
+//! `OTM_FAKE_POD_ROOT`) and the env and args of its container only, so secrets reach it through
+//! `env` (not secret volumes); [`ProcessRunner::rewrite_mount_paths`] points arguments and env
+//! values under an `emptyDir` mount path at a local directory. The pod's stdout and stderr are
+//! its log (`GET .../pods/{name}/log`, [`FakeApiServer::pod_logs`]). Pod specs are not
+//! defaulted or validated beyond a new pod's status (`Pending` with its `qosClass`).
 //!
 //! [`ProcessRunner::binary`] maps an image or a command word to a local binary (`otm` → the
 //! built `otm`). Another [`PodRunner`] (e.g. one that runs containers) can be given with
@@ -103,7 +105,8 @@
 //! [`FakeApiServer::resource_version`] is the current version; the history keeps the last
 //! [`FakeApiServerBuilder::history_limit`] changes (default 10 000);
 //! [`FakeApiServer::compact_history`] drops all of it, so a watch from any earlier version gets
-//! 410 and a kube-rs watcher relists.
+//! 410; [`FakeApiServer::expire_watches`] also ends the open watches with a 410 `ERROR` event,
+//! so a kube-rs watcher relists at once.
 
 mod api;
 mod patch;
@@ -199,11 +202,13 @@ impl FakeApiServerBuilder {
         let addr = listener.local_addr()?;
         let root = tempfile::Builder::new().prefix("otm-kube-fake").tempdir()?;
         let (changed, _) = watch::channel(0);
+        let (expire, _) = watch::channel(0);
         let (shutdown, mut stopped) = watch::channel(false);
         let inner = Arc::new(Inner {
             addr,
             store: Mutex::new(Store::new(self.history_limit)),
             changed,
+            expire,
             shutdown,
             token: self.token,
             require_token: self.require_token,
@@ -247,6 +252,8 @@ pub(crate) struct Inner {
     store: Mutex<Store>,
     /// The latest resourceVersion, sent after every write; watches wait on it.
     changed: watch::Sender<u64>,
+    /// Bumped to end every open watch with a 410 `ERROR` event.
+    expire: watch::Sender<u64>,
     shutdown: watch::Sender<bool>,
     token: Option<String>,
     require_token: bool,
@@ -481,6 +488,14 @@ impl FakeApiServer {
     /// Forgets the watch history: watches and exact lists from any version before now get 410.
     pub fn compact_history(&self) {
         self.inner.write(Store::compact);
+    }
+
+    /// Compacts the history and ends every open watch with an `ERROR` event carrying a 410
+    /// `Expired` Status, as the real server does to a watcher that fell too far behind: a
+    /// kube-rs watcher then relists.
+    pub fn expire_watches(&self) {
+        self.inner.write(Store::compact);
+        self.inner.expire.send_modify(|n| *n += 1);
     }
 
     /// Changes how many changes the history keeps (older ones are dropped now).

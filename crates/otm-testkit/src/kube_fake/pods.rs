@@ -53,6 +53,9 @@ pub struct PodLaunch {
     pub workdir: PathBuf,
     /// Where the pod's output should go; `GET .../pods/{name}/log` serves this file.
     pub log_path: PathBuf,
+    /// The first container's `volumeMounts` of `emptyDir` volumes: the mount path and a fresh
+    /// local directory standing in for it (under `workdir`).
+    pub volumes: Vec<(String, PathBuf)>,
 }
 
 /// A pod's running workload, as a [`PodRunner`] started it.
@@ -78,13 +81,16 @@ pub trait PodRunner: Send + Sync + fmt::Debug {
 /// name in the map, the image in the map (as written, without its tag, and its last path
 /// segment without its tag); if none is mapped, the command's first word is run as written
 /// (looked up in `PATH`). A mapped image with an empty `command` runs the mapped binary with
-/// `args`. The process gets only the container's environment plus `PATH`, `HOME` (the pod's
-/// directory), `HOSTNAME` (the pod's name) and what [`ProcessRunner::env`] adds; its working
-/// directory is a fresh directory; stdout and stderr go to the pod's log.
+/// `args`. The process gets only the container's environment plus `PATH`, `HOME` and
+/// `OTM_FAKE_POD_ROOT` (the pod's fresh directory, also its working directory), `HOSTNAME` (the
+/// pod's name) and what [`ProcessRunner::env`] adds; stdout and stderr go to the pod's log.
+/// Volumes are not mounted; [`ProcessRunner::rewrite_mount_paths`] points paths under
+/// `emptyDir` mounts at local directories instead.
 #[derive(Clone, Debug, Default)]
 pub struct ProcessRunner {
     binaries: HashMap<String, PathBuf>,
     env: Vec<(String, String)>,
+    rewrite_mounts: bool,
 }
 
 impl ProcessRunner {
@@ -102,6 +108,14 @@ impl ProcessRunner {
     /// Adds a variable to every pod process's environment (before the container's own).
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Rewrites arguments and environment values that start with the mount path of an
+    /// `emptyDir` volume (`/state/x`, `--dir=/state`) to the local directory standing in for
+    /// it, so a pod spec that writes to its volumes works unchanged as a local process.
+    pub fn rewrite_mount_paths(mut self) -> Self {
+        self.rewrite_mounts = true;
         self
     }
 
@@ -154,7 +168,16 @@ impl ProcessRunner {
 
 impl PodRunner for ProcessRunner {
     fn start(&self, launch: &PodLaunch) -> Result<Box<dyn Workload>, String> {
-        let (program, args) = self.resolve(launch)?;
+        let (program, mut args) = self.resolve(launch)?;
+        let mut env = launch.env.clone();
+        if self.rewrite_mounts {
+            for a in &mut args {
+                *a = rewrite_mounts(a, &launch.volumes);
+            }
+            for (_, v) in &mut env {
+                *v = rewrite_mounts(v, &launch.volumes);
+            }
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -173,7 +196,8 @@ impl PodRunner for ProcessRunner {
             .env("HOME", &launch.workdir)
             .env("HOSTNAME", &launch.name)
             .envs(self.env.iter().cloned())
-            .envs(launch.env.iter().cloned())
+            .env("OTM_FAKE_POD_ROOT", &launch.workdir)
+            .envs(env)
             .current_dir(&launch.workdir)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
@@ -499,6 +523,53 @@ fn resolve_env(
     Ok(env)
 }
 
+/// Fresh local directories for the container's `emptyDir` mounts.
+fn empty_dirs(pod: &Value, container: &Value, workdir: &Path) -> Vec<(String, PathBuf)> {
+    let empty: Vec<&str> = pod
+        .pointer("/spec/volumes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|v| v.get("emptyDir").is_some())
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    container["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| {
+            let name = m["name"].as_str()?;
+            let path = m["mountPath"].as_str()?;
+            if !empty.contains(&name) || name.contains('/') || name.starts_with('.') {
+                return None;
+            }
+            let dir = workdir.join("volumes").join(name);
+            std::fs::create_dir_all(&dir).ok()?;
+            Some((path.to_owned(), dir))
+        })
+        .collect()
+}
+
+/// Replaces a leading mount path in `text` by its local directory.
+fn rewrite_mounts(text: &str, volumes: &[(String, PathBuf)]) -> String {
+    for (mount, dir) in volumes {
+        let mount = mount.trim_end_matches('/');
+        if let Some(rest) = text.strip_prefix(mount)
+            && (rest.is_empty() || rest.starts_with('/'))
+        {
+            return format!("{}{rest}", dir.display());
+        }
+        // `--flag=/mount/path` forms.
+        if let Some((flag, value)) = text.split_once('=')
+            && let Some(rest) = value.strip_prefix(mount)
+            && (rest.is_empty() || rest.starts_with('/'))
+        {
+            return format!("{flag}={}{rest}", dir.display());
+        }
+    }
+    text.to_owned()
+}
+
 fn strings(v: &Value, vars: &HashMap<String, String>) -> Vec<String> {
     v.as_array()
         .into_iter()
@@ -667,6 +738,7 @@ pub(crate) async fn drive_pod(
         command: strings(&container["command"], &vars),
         args: strings(&container["args"], &vars),
         env,
+        volumes: empty_dirs(&pod, &container, &workdir),
         workdir,
         log_path,
     };
@@ -751,4 +823,72 @@ pub(crate) async fn drive_pod(
         return;
     }
     after_exit(&inner, &ns, &name, &uid, &mut cmds).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_paths_are_rewritten_to_local_directories() {
+        let volumes = vec![(
+            "/var/lib/otm/state/".to_owned(),
+            PathBuf::from("/tmp/pod/volumes/state"),
+        )];
+        assert_eq!(
+            rewrite_mounts("/var/lib/otm/state/a", &volumes),
+            "/tmp/pod/volumes/state/a"
+        );
+        assert_eq!(
+            rewrite_mounts("--state=/var/lib/otm/state", &volumes),
+            "--state=/tmp/pod/volumes/state"
+        );
+        assert_eq!(
+            rewrite_mounts("/var/lib/otm/statefile", &volumes),
+            "/var/lib/otm/statefile"
+        );
+        assert_eq!(
+            rewrite_mounts("tcp:127.0.0.2:7070", &volumes),
+            "tcp:127.0.0.2:7070"
+        );
+    }
+
+    #[test]
+    fn programs_come_from_the_binary_map() {
+        let runner = ProcessRunner::new().binary("otm", "/bin/otm-built");
+        let launch = |image: &str, command: &[&str], args: &[&str]| PodLaunch {
+            namespace: "ns".into(),
+            name: "p".into(),
+            pod_ip: Ipv4Addr::new(127, 0, 0, 2),
+            pod: Value::Null,
+            image: image.into(),
+            command: command.iter().map(|s| s.to_string()).collect(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
+            workdir: PathBuf::from("/w"),
+            log_path: PathBuf::from("/w/log"),
+            volumes: Vec::new(),
+        };
+        let otm = PathBuf::from("/bin/otm-built");
+        assert_eq!(
+            runner
+                .resolve(&launch("x", &["/usr/local/bin/otm", "shim"], &["--a"]))
+                .unwrap(),
+            (otm.clone(), vec!["shim".into(), "--a".into()])
+        );
+        assert_eq!(
+            runner
+                .resolve(&launch("registry.example:5000/otm:1.2", &[], &["shim"]))
+                .unwrap(),
+            (otm, vec!["shim".into()])
+        );
+        assert_eq!(
+            runner
+                .resolve(&launch("x", &["sleep", "1"], &[]))
+                .unwrap()
+                .0,
+            PathBuf::from("sleep")
+        );
+        assert!(runner.resolve(&launch("unknown:1", &[], &["a"])).is_err());
+    }
 }
