@@ -1160,3 +1160,32 @@ async fn kubectl_lists_and_watches_pods() {
     assert!(out.contains("deleted"), "{out}");
     assert!(api.fake.get("pods", NS, "second").is_none());
 }
+
+#[tokio::test]
+async fn finalizers_hold_deletion_until_removed() {
+    let api = Api::manual().await;
+    let path = format!("/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/held");
+    let (status, _) = api
+        .post(
+            &format!("/apis/coordination.k8s.io/v1/namespaces/{NS}/leases"),
+            json!({"metadata": {"name": "held", "finalizers": ["otm.dev/cleanup"]}}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (status, deleting) = api.delete(&path, json!({})).await;
+    assert_eq!(status, 200);
+    assert!(deleting["metadata"]["deletionTimestamp"].is_string());
+    let (status, still) = api.get(&path).await;
+    assert_eq!(status, 200, "the finalizer keeps it");
+    assert!(still["metadata"]["deletionTimestamp"].is_string());
+    let (status, _) = api
+        .patch(
+            &path,
+            "application/merge-patch+json",
+            json!({"metadata": {"finalizers": null}}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = api.get(&path).await;
+    assert_eq!(status, 404, "gone once the finalizer is removed");
+}

@@ -669,18 +669,20 @@ fn update(
             "the name of the object ({body_name}) does not match the name on the URL ({name})"
         )));
     }
-    inner.write(|s| {
-        let old = s
-            .get(res, ns, name)
-            .cloned()
-            .ok_or_else(|| ApiError::not_found(rt.plural, rt.group, name))?;
-        let want = meta_str(&obj, "resourceVersion");
-        if !want.is_empty() && want != meta_str(&old, "resourceVersion") {
-            return Err(ApiError::stale(rt.plural, rt.group, name));
-        }
-        let new = split_status(rt, &old, obj, status_only);
-        s.update(res, ns, name, new)
-    })
+    inner
+        .write(|s| {
+            let old = s
+                .get(res, ns, name)
+                .cloned()
+                .ok_or_else(|| ApiError::not_found(rt.plural, rt.group, name))?;
+            let want = meta_str(&obj, "resourceVersion");
+            if !want.is_empty() && want != meta_str(&old, "resourceVersion") {
+                return Err(ApiError::stale(rt.plural, rt.group, name));
+            }
+            let new = split_status(rt, &old, obj, status_only);
+            s.update(res, ns, name, new)
+        })
+        .inspect(|o| inner.finalized(res, ns, name, o))
 }
 
 fn patch(
@@ -739,6 +741,7 @@ fn patch(
     if created.0 == 201 && res == PODS {
         inner.pod_created(&created.1);
     }
+    inner.finalized(res, ns, name, &created.1);
     Ok(created)
 }
 
@@ -813,6 +816,13 @@ fn delete(
     delete_checked(inner, res, ns, name, obj, &options)
 }
 
+/// Whether an object has finalizers (its deletion then waits for them).
+pub(crate) fn finalizers(obj: &Value) -> bool {
+    obj.pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .is_some_and(|f| !f.is_empty())
+}
+
 fn delete_checked(
     inner: &Inner,
     res: usize,
@@ -835,12 +845,21 @@ fn delete_checked(
             .and_then(Value::as_str)
             .unwrap_or_default()
             .is_empty();
+        let has_finalizers = finalizers(&obj);
         if obj["metadata"].get("deletionTimestamp").is_some() {
             // Already terminating; a zero grace forces it out now.
-            if grace > 0 {
+            if grace > 0 || has_finalizers {
+                if grace == 0 {
+                    inner.command_pod(
+                        meta_str(&obj, "uid"),
+                        PodCommand::Terminate {
+                            grace: Duration::ZERO,
+                        },
+                    );
+                }
                 return Ok(obj);
             }
-        } else if grace > 0 && scheduled {
+        } else if (grace > 0 && scheduled) || has_finalizers {
             let uid = meta_str(&obj, "uid").to_owned();
             let marked = inner
                 .write(|s| {
@@ -857,10 +876,14 @@ fn delete_checked(
                 grace: Duration::from_secs(grace as u64),
             };
             if !inner.command_pod(&uid, terminate) {
-                inner.remove(PODS, ns, name);
+                inner.finish_deletion(PODS, ns, name);
             }
             return Ok(marked);
         }
+    }
+    if finalizers(&obj) {
+        // Deletion waits for the finalizers to be removed.
+        return Ok(inner.finish_deletion(res, ns, name).unwrap_or(obj));
     }
     let removed = inner.remove(res, ns, name);
     Ok(removed.into_iter().next().map(|(_, o)| o).unwrap_or(obj))

@@ -59,7 +59,9 @@
 //!   workload gets SIGTERM, SIGKILL after the grace (the pod's, else
 //!   `spec.terminationGracePeriodSeconds`, else 30 s), its status shows the exit, and then it is
 //!   removed (`DELETED`). `gracePeriodSeconds=0`, unscheduled pods and other kinds are removed at
-//!   once. Removing an object removes the objects whose `ownerReferences` name its uid.
+//!   once. An object with `metadata.finalizers` only gets its `deletionTimestamp` and is removed
+//!   by the write that empties them. Removing an object removes the objects whose
+//!   `ownerReferences` name its uid (background propagation; finalizers do not hold that up).
 //! - **Authentication**: with [`FakeApiServerBuilder::token`], a request with another bearer
 //!   token gets 401; one without credentials is served, since `kubectl` sends none to a
 //!   plain-HTTP server, unless [`FakeApiServerBuilder::require_token`] is set. Without a token,
@@ -326,7 +328,45 @@ impl Inner {
                 .is_some_and(|p| meta_str(p, "uid") == uid)
         });
         if same {
-            self.remove(PODS, ns, name);
+            self.finish_deletion(PODS, ns, name);
+        }
+    }
+
+    /// Removes an object whose deletion was asked for, unless it has finalizers: then it only
+    /// gets its `deletionTimestamp` and stays until they are removed. Returns the object kept.
+    pub(crate) fn finish_deletion(&self, res: usize, ns: &str, name: &str) -> Option<Value> {
+        let kept = self.write(|s| {
+            let obj = s.get(res, ns, name)?;
+            if !api::finalizers(obj) {
+                return None;
+            }
+            s.modify(res, ns, name, |o| {
+                if o["metadata"].get("deletionTimestamp").is_none() {
+                    o["metadata"]["deletionTimestamp"] = json!(util::now_rfc3339());
+                    o["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+                }
+                true
+            })
+        });
+        if kept.is_none() {
+            self.remove(res, ns, name);
+        }
+        kept
+    }
+
+    /// After a write: an object being deleted whose last finalizer is gone is removed now
+    /// (a pod whose container still runs is removed when it stops).
+    pub(crate) fn finalized(&self, res: usize, ns: &str, name: &str, obj: &Value) {
+        if obj["metadata"].get("deletionTimestamp").is_none() || api::finalizers(obj) {
+            return;
+        }
+        let running = res == PODS
+            && obj
+                .pointer("/status/containerStatuses/0/state/running")
+                .is_some()
+            && lock(&self.pods).drivers.contains_key(meta_str(obj, "uid"));
+        if !running {
+            self.remove(res, ns, name);
         }
     }
 
