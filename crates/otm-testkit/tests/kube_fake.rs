@@ -1189,3 +1189,51 @@ async fn finalizers_hold_deletion_until_removed() {
     let (status, _) = api.get(&path).await;
     assert_eq!(status, 404, "gone once the finalizer is removed");
 }
+
+/// Whether a process runs (a zombie does not count).
+fn process_runs(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit(')')
+            .next()
+            .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+    })
+}
+
+#[tokio::test]
+async fn a_pod_s_processes_end_with_it() {
+    let api = Api::start(FakeApiServer::builder()).await;
+    api.create_pod(sleeper(
+        "family",
+        &["sh", "-c", "sleep 1000 & echo $!; wait"],
+    ))
+    .await;
+    api.wait_pod("family", "Running", |p| phase(p) == "Running")
+        .await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let child: u32 = loop {
+        let log = api.fake.pod_logs(NS, "family").unwrap_or_default();
+        if let Ok(pid) = log.trim().parse() {
+            break pid;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no child pid in the log: {log:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(process_runs(child));
+    // SIGTERM reaches the shell only (it exits); the container's other process goes with it.
+    let (status, _) = api
+        .delete(&format!("/api/v1/namespaces/{NS}/pods/family"), json!({}))
+        .await;
+    assert_eq!(status, 200);
+    api.wait_pod("family", "deleted", Value::is_null).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while process_runs(child) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pod's child process {child} outlived it"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

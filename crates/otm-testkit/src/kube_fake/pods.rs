@@ -209,7 +209,12 @@ impl PodRunner for ProcessRunner {
             .map_err(|e| format!("cannot start {}: {e}", program.display()))?;
         let (signals, mut signal_rx) = mpsc::unbounded_channel::<nix::sys::signal::Signal>();
         let (exit_tx, exit_rx) = watch::channel(None);
+        let pgid = child
+            .id()
+            .and_then(|p| i32::try_from(p).ok())
+            .map(nix::unistd::Pid::from_raw);
         tokio::spawn(async move {
+            use nix::sys::signal::{Signal, kill, killpg};
             let code = loop {
                 tokio::select! {
                     status = child.wait() => {
@@ -223,13 +228,19 @@ impl PodRunner for ProcessRunner {
                     }
                     Some(sig) = signal_rx.recv() => {
                         // The child has not been reaped yet (its `wait` has not returned), so
-                        // its id still names it; signal its whole process group.
-                        if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
-                            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), sig);
+                        // its id still names it. As in a container, SIGTERM goes to the main
+                        // process only and SIGKILL to all of its processes.
+                        if let Some(pid) = pgid {
+                            let _ = if sig == Signal::SIGKILL { killpg(pid, sig) } else { kill(pid, sig) };
                         }
                     }
                 }
             };
+            // A container's processes end with its main process. The group outlives the
+            // leader while any member lives, so its id still names it here.
+            if let Some(pid) = pgid {
+                let _ = killpg(pid, Signal::SIGKILL);
+            }
             let _ = exit_tx.send(Some(code));
         });
         Ok(Box::new(ProcessWorkload {
