@@ -363,3 +363,51 @@ async fn a_watcher_and_reflector_follow_pods_and_relist_after_410() {
     );
     task.abort();
 }
+
+#[tokio::test]
+async fn a_watcher_with_streaming_lists_gets_its_initial_events() {
+    let fake = FakeApiServer::builder()
+        .manual_pods()
+        .start()
+        .await
+        .unwrap();
+    let client = client_for(&fake.kubeconfig()).await;
+    let pods: Api<Pod> = Api::namespaced(client, NS);
+    for name in ["s1", "s2"] {
+        pods.create(
+            &PostParams::default(),
+            &pod(name, json!({"app": "otm"}), &["sleep", "1"]),
+        )
+        .await
+        .unwrap();
+    }
+    let stream = watcher(pods.clone(), watcher::Config::default().streaming_lists());
+    let mut stream = std::pin::pin!(stream);
+    let mut seen = Vec::new();
+    while seen.last().map(String::as_str) != Some("Apply(s3)") {
+        let event = tokio::time::timeout(PATIENCE, stream.next())
+            .await
+            .expect("no watcher event in time")
+            .expect("the watcher ended")
+            .expect("a watcher error");
+        seen.push(event.to_string());
+        if event.to_string() == "InitDone" {
+            pods.create(
+                &PostParams::default(),
+                &pod("s3", json!({}), &["sleep", "1"]),
+            )
+            .await
+            .unwrap();
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            "Init",
+            "InitApply(s1)",
+            "InitApply(s2)",
+            "InitDone",
+            "Apply(s3)"
+        ]
+    );
+}
