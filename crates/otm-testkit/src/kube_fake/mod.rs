@@ -72,8 +72,9 @@
 //! # Pods
 //! With a runner (by default a [`ProcessRunner`] with an empty binary map), the fake plays
 //! scheduler and kubelet for every pod created: it binds it to node [`pods::NODE_NAME`], gives it
-//! its own loopback address (`127.0.0.2`, `127.0.0.3`, ...) as `status.podIP` (so every pod's
-//! server can listen on the same port), resolves the first container's environment
+//! its own loopback address in `127.0.0.0/8` as `status.podIP` (so every pod's server can
+//! listen on the same port; addresses are unique across the fakes of a process and, from a
+//! per-process block, across processes), resolves the first container's environment
 //! (`value` with `$(VAR)` expansion, `valueFrom.secretKeyRef` from the stored Secret (the pod
 //! waits with `CreateContainerConfigError` until the Secret exists, as the kubelet does),
 //! `valueFrom.fieldRef` for `status.podIP`, `metadata.name`, `metadata.namespace`, ...,
@@ -216,10 +217,7 @@ impl FakeApiServerBuilder {
             require_token: self.require_token,
             runner: self.runner,
             bookmark_interval: Mutex::new(self.bookmark_interval),
-            pods: Mutex::new(Pods {
-                next_ip: 2,
-                ..Pods::default()
-            }),
+            pods: Mutex::new(Pods::default()),
             root,
         });
         let app = api::router(inner.clone());
@@ -244,7 +242,6 @@ struct Pods {
     drivers: HashMap<String, mpsc::UnboundedSender<PodCommand>>,
     tasks: Vec<JoinHandle<()>>,
     logs: HashMap<(String, String), PathBuf>,
-    next_ip: u32,
     fates: VecDeque<Fate>,
 }
 
@@ -371,11 +368,7 @@ impl Inner {
     }
 
     pub(crate) fn allocate_ip(&self) -> Ipv4Addr {
-        let mut pods = lock(&self.pods);
-        let n = pods.next_ip;
-        pods.next_ip += 1;
-        // 127.0.0.2, 127.0.0.3, ..., 127.0.1.0, ...: all of 127.0.0.0/8 is loopback.
-        Ipv4Addr::from(0x7f00_0000 | (n & 0x00ff_ffff))
+        next_pod_ip()
     }
 
     pub(crate) fn pod_dirs(&self, ns: &str, name: &str, uid: &str) -> (PathBuf, PathBuf) {
@@ -433,6 +426,25 @@ impl Inner {
     pub(crate) fn bookmark_interval(&self) -> Duration {
         *lock(&self.bookmark_interval)
     }
+}
+
+/// The next pod address, unique in this process and (for up to 256 pods per process) among
+/// processes: every fake in a test binary shares the sequence, and each process starts at its
+/// own block of `127.0.0.0/8` (from its pid), so tests that run in parallel, in one process or
+/// in many, never give two pods the same address and port.
+fn next_pod_ip() -> Ipv4Addr {
+    static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU32> = std::sync::OnceLock::new();
+    let next = NEXT.get_or_init(|| {
+        let block = std::process::id() % 65_000;
+        // Block 0 starts at 127.0.0.2, after the host's own 127.0.0.1.
+        std::sync::atomic::AtomicU32::new((block << 8) + 2)
+    });
+    let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let n = n % 0x00ff_fffe + 1;
+    if n == 1 {
+        return next_pod_ip();
+    }
+    Ipv4Addr::from(0x7f00_0000 | n)
 }
 
 /// A running fake API server. See the [module docs](self).
