@@ -1237,3 +1237,165 @@ async fn a_pod_s_processes_end_with_it() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+// ---- pods as containers ----
+
+/// Builds a local image holding `/bin/sh` and `/bin/sleep` with their libraries, through
+/// `podman import` (no registry). `None` when podman cannot build or run it here.
+async fn import_test_image(
+    runner: &otm_testkit::kube_fake::PodmanRunner,
+    dir: &std::path::Path,
+) -> Option<String> {
+    let root = dir.join("rootfs");
+    let ldd = std::process::Command::new("ldd")
+        .args(["/bin/sh", "/bin/sleep"])
+        .output()
+        .ok()?;
+    let mut files = vec!["/bin/sh".to_owned(), "/bin/sleep".to_owned()];
+    for word in String::from_utf8_lossy(&ldd.stdout).split_whitespace() {
+        // Library paths; not the `/bin/sh:` headers ldd prints for several files.
+        if word.starts_with('/') && !word.ends_with(':') && !files.iter().any(|f| f == word) {
+            files.push(word.to_owned());
+        }
+    }
+    for f in &files {
+        let target = root.join(f.trim_start_matches('/'));
+        std::fs::create_dir_all(target.parent()?).ok()?;
+        std::fs::copy(f, &target).ok()?;
+    }
+    let tar = dir.join("rootfs.tar");
+    let ok = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .ok()?
+        .success();
+    if !ok {
+        return None;
+    }
+    let image = format!("localhost/otm-kube-fake-test:{}", std::process::id());
+    let out = runner
+        .command()
+        .arg("import")
+        .arg(&tar)
+        .arg(&image)
+        .output()
+        .await
+        .ok()?;
+    if !out.status.success() {
+        eprintln!(
+            "podman import failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return None;
+    }
+    if let Err(why) = runner.check(&image, &["/bin/sh", "-c", "exit 0"]).await {
+        eprintln!("podman cannot run containers here: {why}");
+        let _ = runner
+            .command()
+            .args(["rmi", "--force", &image])
+            .output()
+            .await;
+        return None;
+    }
+    Some(image)
+}
+
+#[tokio::test]
+async fn pods_run_as_podman_containers() {
+    if std::process::Command::new("podman")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: podman is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // As on these machines: Debian's runc, and no default ulimits (which runc refuses here).
+    let conf = dir.path().join("containers.conf");
+    std::fs::write(&conf, "[containers]\ndefault_ulimits = []\n").unwrap();
+    let mut runner = otm_testkit::kube_fake::PodmanRunner::new().containers_conf(&conf);
+    if std::path::Path::new("/usr/sbin/runc").exists() {
+        runner = runner.runtime("/usr/sbin/runc");
+    }
+    let Some(image) = import_test_image(&runner, dir.path()).await else {
+        eprintln!("skipped: podman cannot build and run a test image here");
+        return;
+    };
+    let runner = runner.image("otm-test", image.clone());
+    let api = Api::start(FakeApiServer::builder().runner(runner)).await;
+    api.post(
+        &format!("/api/v1/namespaces/{NS}/secrets"),
+        json!({"metadata": {"name": "greeting"}, "stringData": {"text": "hello from a secret"}}),
+    )
+    .await;
+    let script = "echo \"$GREETING on $POD_IP\"; echo x > /state/f && echo wrote-volume; \
+                  ( : > /root-file ) 2>/dev/null || echo read-only-root; exec sleep 1000";
+    api.create_pod(json!({
+        "metadata": {"name": "boxed"},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 1,
+            "securityContext": {"runAsUser": 65532},
+            "volumes": [{"name": "state", "emptyDir": {}}],
+            "containers": [{
+                "name": "main",
+                "image": "otm-test",
+                "command": ["/bin/sh", "-c", script],
+                "securityContext": {"readOnlyRootFilesystem": true},
+                "volumeMounts": [{"name": "state", "mountPath": "/state"}],
+                "env": [
+                    {"name": "GREETING", "valueFrom": {"secretKeyRef": {"name": "greeting", "key": "text"}}},
+                    {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                ],
+            }],
+        },
+    }))
+    .await;
+    let pod = api
+        .wait_pod("boxed", "Running", |p| phase(p) == "Running")
+        .await;
+    let ip = pod["status"]["podIP"].as_str().unwrap().to_owned();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let log = loop {
+        let log = api.fake.pod_logs(NS, "boxed").unwrap_or_default();
+        if log.contains("read-only-root") || tokio::time::Instant::now() > deadline {
+            break log;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        log.contains(&format!("hello from a secret on {ip}")),
+        "{log}"
+    );
+    assert!(log.contains("wrote-volume"), "{log}");
+    assert!(log.contains("read-only-root"), "{log}");
+
+    // sleep runs as the container's PID 1, which ignores SIGTERM: SIGKILL after the grace.
+    api.delete(&format!("/api/v1/namespaces/{NS}/pods/boxed"), json!({}))
+        .await;
+    api.wait_pod("boxed", "deleted", Value::is_null).await;
+    let runner = otm_testkit::kube_fake::PodmanRunner::new().containers_conf(&conf);
+    let left = runner
+        .command()
+        .args([
+            "ps",
+            "--all",
+            "--quiet",
+            "--filter",
+            "name=otm-fake-otm-boxed",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(left.stdout.is_empty(), "the container is removed");
+    let _ = runner
+        .command()
+        .args(["rmi", "--force", &image])
+        .output()
+        .await;
+}

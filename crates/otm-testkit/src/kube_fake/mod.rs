@@ -91,9 +91,10 @@
 //! defaulted or validated beyond a new pod's status (`Pending` with its `qosClass`).
 //!
 //! [`ProcessRunner::binary`] maps an image or a command word to a local binary (`otm` → the
-//! built `otm`). Another [`PodRunner`] (e.g. one that runs containers) can be given with
-//! [`FakeApiServerBuilder::runner`]; [`FakeApiServerBuilder::manual_pods`] turns pod driving off,
-//! leaving every transition to the test.
+//! built `otm`). [`PodmanRunner`] runs pods as containers of local images instead (host
+//! network, read-only root, `emptyDir`s as bind mounts). Another [`PodRunner`] can be given
+//! with [`FakeApiServerBuilder::runner`]; [`FakeApiServerBuilder::manual_pods`] turns pod
+//! driving off, leaving every transition to the test.
 //!
 //! A test can drive pods by hand: [`FakeApiServer::set_pod_phase`],
 //! [`FakeApiServer::set_pod_condition`], [`FakeApiServer::mark_pod_scheduled`],
@@ -113,6 +114,7 @@
 
 mod api;
 mod patch;
+mod podman;
 pub mod pods;
 mod select;
 mod store;
@@ -130,6 +132,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+pub use podman::PodmanRunner;
 use pods::{Fate, PodCommand};
 pub use pods::{PodLaunch, PodRunner, ProcessRunner, Workload};
 use store::{PODS, RESOURCES, Store, meta_str};

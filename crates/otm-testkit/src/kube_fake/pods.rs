@@ -556,6 +556,9 @@ fn empty_dirs(pod: &Value, container: &Value, workdir: &Path) -> Vec<(String, Pa
             }
             let dir = workdir.join("volumes").join(name);
             std::fs::create_dir_all(&dir).ok()?;
+            // An emptyDir is writable by whatever user the container runs as.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).ok()?;
             Some((path.to_owned(), dir))
         })
         .collect()
