@@ -111,6 +111,18 @@ async fn typed_api_calls_and_their_errors() {
         listed.metadata.resource_version,
         Some(fake.resource_version().to_string())
     );
+    let meta = pods
+        .list_metadata(&ListParams::default().labels("app=otm"))
+        .await
+        .unwrap();
+    assert_eq!(meta.items.len(), 1);
+    assert_eq!(meta.items[0].metadata.name.as_deref(), Some("a"));
+    let one = pods.get_metadata("a").await.unwrap();
+    assert_eq!(one.metadata.uid, created.metadata.uid);
+    assert_eq!(
+        one.types.map(|t| t.kind).as_deref(),
+        Some("PartialObjectMetadata")
+    );
     let paged = pods.list(&ListParams::default().limit(1)).await.unwrap();
     assert_eq!(paged.items.len(), 1);
     let rest = pods
@@ -408,6 +420,29 @@ async fn a_watcher_with_streaming_lists_gets_its_initial_events() {
             "InitApply(s2)",
             "InitDone",
             "Apply(s3)"
+        ]
+    );
+
+    // A metadata watcher lists and watches PartialObjectMetadata.
+    let stream = kube::runtime::metadata_watcher(pods.clone(), watcher::Config::default());
+    let mut stream = std::pin::pin!(stream);
+    let mut seen = Vec::new();
+    while seen.last().map(String::as_str) != Some("InitDone") {
+        let event = tokio::time::timeout(PATIENCE, stream.next())
+            .await
+            .expect("no metadata watcher event in time")
+            .expect("the watcher ended")
+            .expect("a watcher error");
+        seen.push(event.to_string());
+    }
+    assert_eq!(
+        seen,
+        [
+            "Init",
+            "InitApply(s1)",
+            "InitApply(s2)",
+            "InitApply(s3)",
+            "InitDone"
         ]
     );
 }

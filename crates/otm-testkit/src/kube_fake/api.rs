@@ -22,6 +22,23 @@ use super::select::{FieldSelector, LabelSelector};
 use super::store::{Change, ChangeType, PODS, RESOURCES, ResourceType, meta_str, resource, rv_of};
 use super::util::{ApiError, base64_decode, base64_encode, now_rfc3339};
 
+/// How objects are written back, after the `Accept` header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Repr {
+    Full,
+    Table,
+    Meta,
+}
+
+/// An object as `PartialObjectMetadata`.
+fn to_meta(obj: Value) -> Value {
+    json!({
+        "kind": "PartialObjectMetadata",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": obj.get("metadata").cloned().unwrap_or_default(),
+    })
+}
+
 pub(crate) fn router(inner: Arc<Inner>) -> Router {
     Router::new().fallback(handle).with_state(inner)
 }
@@ -169,10 +186,18 @@ async fn handle(
         )
         .into_response();
     }
-    let table = headers
+    let accept = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.contains("as=Table"));
+        .unwrap_or_default();
+    // kubectl asks for tables; kube-rs's metadata calls for PartialObjectMetadata(List).
+    let repr = if accept.contains("as=Table") {
+        Repr::Table
+    } else if accept.contains("as=PartialObjectMetadata") {
+        Repr::Meta
+    } else {
+        Repr::Full
+    };
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -185,7 +210,7 @@ async fn handle(
         &params,
         &content_type,
         &body,
-        table,
+        repr,
     )
     .await;
     match result {
@@ -201,7 +226,7 @@ async fn route(
     q: &Params,
     content_type: &str,
     body: &[u8],
-    table: bool,
+    repr: Repr,
 ) -> Result<Response, ApiError> {
     let rt = &RESOURCES[t.res];
     // The namespace objects live at /api/v1/namespaces/{name}; everything else that is
@@ -226,10 +251,10 @@ async fn route(
                         t.res,
                         scope.map(str::to_owned),
                         q,
-                        table,
+                        repr,
                     ))
                 } else {
-                    list(inner, t.res, scope, q, table)
+                    list(inner, t.res, scope, q, repr)
                 }
             }
             Method::POST => {
@@ -259,12 +284,10 @@ async fn route(
             match (sub, method.clone()) {
                 (None, Method::GET) => inner
                     .get_object(t.res, &ns, name)
-                    .map(|o| {
-                        if table {
-                            ok(to_table(rt, vec![o], rv_now(inner), None))
-                        } else {
-                            ok(o)
-                        }
+                    .map(|o| match repr {
+                        Repr::Table => ok(to_table(rt, vec![o], rv_now(inner), None)),
+                        Repr::Meta => ok(to_meta(o)),
+                        Repr::Full => ok(o),
                     })
                     .ok_or_else(|| ApiError::not_found(rt.plural, rt.group, name)),
                 (Some("status"), Method::GET) if rt.status => inner
@@ -343,7 +366,7 @@ fn list(
     res: usize,
     ns: Option<&str>,
     q: &Params,
-    table: bool,
+    repr: Repr,
 ) -> Result<Response, ApiError> {
     let rt = &RESOURCES[res];
     let (labels, fields) = selectors(q)?;
@@ -426,13 +449,21 @@ fn list(
             .as_bytes(),
         ));
     }
-    if table {
+    if repr == Repr::Table {
         return Ok(ok(to_table(rt, items, at, continue_token)));
     }
     let mut meta = json!({"resourceVersion": at.to_string()});
     if let Some(c) = continue_token {
         meta["continue"] = json!(c);
         meta["remainingItemCount"] = json!(remaining);
+    }
+    if repr == Repr::Meta {
+        return Ok(ok(json!({
+            "kind": "PartialObjectMetadataList",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": meta,
+            "items": items.into_iter().map(to_meta).collect::<Vec<_>>(),
+        })));
     }
     Ok(ok(json!({
         "kind": format!("{}List", rt.kind),
@@ -473,12 +504,15 @@ fn watch_event(
     }
 }
 
-fn event_line(kind: &str, object: Value, rt: &ResourceType, table: bool) -> Bytes {
-    let object = if table && kind != "ERROR" && kind != "BOOKMARK" {
-        let rv = rv_of(&object);
-        to_table(rt, vec![object], rv, None)
-    } else {
-        object
+fn event_line(kind: &str, object: Value, rt: &ResourceType, repr: Repr) -> Bytes {
+    let object = match repr {
+        _ if kind == "ERROR" => object,
+        Repr::Table if kind != "BOOKMARK" => {
+            let rv = rv_of(&object);
+            to_table(rt, vec![object], rv, None)
+        }
+        Repr::Meta => to_meta(object),
+        _ => object,
     };
     let mut line = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
     line.push(b'\n');
@@ -493,7 +527,7 @@ fn bookmark(rt: &ResourceType, rv: u64, initial_end: bool) -> Value {
     json!({"kind": rt.kind, "apiVersion": rt.api_version(), "metadata": meta})
 }
 
-fn watch(inner: Arc<Inner>, res: usize, ns: Option<String>, q: &Params, table: bool) -> Response {
+fn watch(inner: Arc<Inner>, res: usize, ns: Option<String>, q: &Params, repr: Repr) -> Response {
     let rt = &RESOURCES[res];
     let (labels, fields) = match selectors(q) {
         Ok(s) => s,
@@ -541,14 +575,14 @@ fn watch(inner: Arc<Inner>, res: usize, ns: Option<String>, q: &Params, table: b
                 _ => {
                     for o in s.list(res, ns) {
                         if labels.matches(&o) && fields.matches(&o) {
-                            lines.push(event_line("ADDED", o, rt, table));
+                            lines.push(event_line("ADDED", o, rt, repr));
                         }
                     }
                     s.resource_version()
                 }
             };
             if initial && bookmarks {
-                lines.push(event_line("BOOKMARK", bookmark(rt, last, true), rt, table));
+                lines.push(event_line("BOOKMARK", bookmark(rt, last, true), rt, repr));
             }
             Ok((lines, last))
         });
@@ -562,7 +596,7 @@ fn watch(inner: Arc<Inner>, res: usize, ns: Option<String>, q: &Params, table: b
                 last
             }
             Err(e) => {
-                let _ = send(event_line("ERROR", e.status(), rt, table)).await;
+                let _ = send(event_line("ERROR", e.status(), rt, repr)).await;
                 return;
             }
         };
@@ -575,7 +609,7 @@ fn watch(inner: Arc<Inner>, res: usize, ns: Option<String>, q: &Params, table: b
                 Some(changes) => {
                     let lines: Vec<Bytes> = changes
                         .filter_map(|c| watch_event(c, res, ns, &labels, &fields))
-                        .map(|(kind, o)| event_line(kind, o, rt, table))
+                        .map(|(kind, o)| event_line(kind, o, rt, repr))
                         .collect();
                     Ok((lines, s.resource_version().max(last)))
                 }
@@ -590,7 +624,7 @@ fn watch(inner: Arc<Inner>, res: usize, ns: Option<String>, q: &Params, table: b
                     }
                 }
                 Err(e) => {
-                    let _ = send(event_line("ERROR", e.status(), rt, table)).await;
+                    let _ = send(event_line("ERROR", e.status(), rt, repr)).await;
                     return;
                 }
             }
@@ -598,7 +632,7 @@ fn watch(inner: Arc<Inner>, res: usize, ns: Option<String>, q: &Params, table: b
                 r = changed.changed() => if r.is_err() { return },
                 _ = sleep_until(next_bookmark), if bookmarks => {
                     next_bookmark = Instant::now() + interval;
-                    if !send(event_line("BOOKMARK", bookmark(rt, last, false), rt, table)).await {
+                    if !send(event_line("BOOKMARK", bookmark(rt, last, false), rt, repr)).await {
                         return;
                     }
                 }
@@ -606,7 +640,7 @@ fn watch(inner: Arc<Inner>, res: usize, ns: Option<String>, q: &Params, table: b
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
                 _ = expire.changed() => {
                     let horizon = inner.read(|s| s.horizon());
-                    let _ = send(event_line("ERROR", ApiError::gone(last, horizon).status(), rt, table)).await;
+                    let _ = send(event_line("ERROR", ApiError::gone(last, horizon).status(), rt, repr)).await;
                     return;
                 }
                 _ = tx.closed() => return,

@@ -66,8 +66,10 @@
 //!   token gets 401; one without credentials is served, since `kubectl` sends none to a
 //!   plain-HTTP server, unless [`FakeApiServerBuilder::require_token`] is set. Without a token,
 //!   anything is accepted.
-//! - `kubectl get` asks for `Table`s; the fake answers with tables for lists and watches
-//!   (pods with the usual NAME, READY, STATUS, RESTARTS, AGE columns).
+//! - `kubectl get` asks for `Table`s; the fake answers with tables for gets, lists and watches
+//!   (pods with the usual NAME, READY, STATUS, RESTARTS, AGE columns, and IP and NODE for
+//!   `-o wide`). kube-rs's metadata calls (`list_metadata`, `metadata_watcher`) get
+//!   `PartialObjectMetadata`.
 //!
 //! # Pods
 //! With a runner (by default a [`ProcessRunner`] with an empty binary map), the fake plays
