@@ -424,7 +424,9 @@ async fn a_watcher_with_streaming_lists_gets_its_initial_events() {
     );
 
     // A metadata watcher lists and watches PartialObjectMetadata.
-    let stream = kube::runtime::metadata_watcher(pods.clone(), watcher::Config::default());
+    let metadata: Api<kube::core::PartialObjectMeta<Pod>> =
+        Api::namespaced(pods.clone().into_client(), NS);
+    let stream = watcher(metadata, watcher::Config::default());
     let mut stream = std::pin::pin!(stream);
     let mut seen = Vec::new();
     while seen.last().map(String::as_str) != Some("InitDone") {
