@@ -107,6 +107,11 @@
 //! [`FakeApiServer::unschedulable_next`] (Pending forever with `PodScheduled=False`,
 //! `Unschedulable`) and [`FakeApiServer::fail_start_next`] (Failed with a `StartError`).
 //!
+//! A test can look at and seed the store directly: [`FakeApiServer::get`],
+//! [`FakeApiServer::list`], [`FakeApiServer::create`] (resources named as kubectl names them:
+//! `pods`, `secrets`, `leases`, `events.events.k8s.io`), and read a pod's output with
+//! [`FakeApiServer::pod_logs`].
+//!
 //! # History
 //! [`FakeApiServer::resource_version`] is the current version; the history keeps the last
 //! [`FakeApiServerBuilder::history_limit`] changes (default 10 000);
