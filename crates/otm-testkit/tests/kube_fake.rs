@@ -1399,3 +1399,91 @@ async fn pods_run_as_podman_containers() {
         .output()
         .await;
 }
+
+// ---- the otm shim as a pod ----
+
+/// The `otm` binary of this build, when it has been built (`cargo build` builds it).
+fn otm_binary() -> Option<std::path::PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    // target/<profile>/deps/<test> -> target/<profile>/otm
+    let otm = exe.parent()?.parent()?.join("otm");
+    otm.is_file().then_some(otm)
+}
+
+#[tokio::test]
+async fn the_otm_shim_runs_as_a_pod_and_answers_on_its_pod_ip() {
+    let Some(otm) = otm_binary() else {
+        eprintln!("skipped: the otm binary is not built (cargo build -p otm)");
+        return;
+    };
+    let runner = ProcessRunner::new()
+        .binary("otm", otm)
+        .rewrite_mount_paths();
+    let api = Api::start(FakeApiServer::builder().runner(runner)).await;
+    // As the kube runtime would write it: the token in a Secret, state in an emptyDir.
+    api.create_pod(json!({
+        "metadata": {"name": "otm-i1", "labels": {"otm.dev/instance": "i1"}},
+        "spec": {
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": false,
+            "volumes": [{"name": "instance", "emptyDir": {"sizeLimit": "1Gi"}}],
+            "containers": [{
+                "name": "shim",
+                "image": "registry.example/otm:dev",
+                "command": ["otm", "shim"],
+                "args": [
+                    "--instance", "i1",
+                    "--dir", "/var/lib/otm/instance",
+                    "--listen", "tcp:$(POD_IP):7070",
+                    "--token-env", "OTM_SHIM_TOKEN",
+                ],
+                "env": [
+                    {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                    {"name": "OTM_SHIM_TOKEN", "valueFrom": {"secretKeyRef": {"name": "otm-i1-token", "key": "token"}}},
+                ],
+                "ports": [{"name": "control", "containerPort": 7070}],
+                "readinessProbe": {"tcpSocket": {"port": "control"}},
+                "securityContext": {"readOnlyRootFilesystem": true},
+                "volumeMounts": [{"name": "instance", "mountPath": "/var/lib/otm/instance"}],
+            }],
+        },
+    }))
+    .await;
+    api.post(
+        &format!("/api/v1/namespaces/{NS}/secrets"),
+        json!({"metadata": {"name": "otm-i1-token"}, "stringData": {"token": "shim-secret"}}),
+    )
+    .await;
+    let pod = api.wait_pod("otm-i1", "Ready", is_ready).await;
+    let url = format!(
+        "http://{}:7070/v1/status",
+        pod["status"]["podIP"].as_str().unwrap()
+    );
+    let status: Value = api
+        .http
+        .get(&url)
+        .bearer_auth("shim-secret")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["instance"], "i1");
+    let refused = api.http.get(&url).send().await.unwrap();
+    assert_eq!(refused.status().as_u16(), 401);
+
+    let (status, _) = api
+        .delete(&format!("/api/v1/namespaces/{NS}/pods/otm-i1"), json!({}))
+        .await;
+    assert_eq!(status, 200);
+    api.wait_pod("otm-i1", "deleted", Value::is_null).await;
+    assert!(
+        api.http
+            .get(&url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .is_err()
+    );
+}

@@ -298,10 +298,10 @@ async fn route(
                     if inner.get_object(PODS, &ns, name).is_none() {
                         return Err(ApiError::not_found(rt.plural, rt.group, name));
                     }
-                    let text = inner
-                        .log_path(&ns, name)
-                        .and_then(|p| std::fs::read(p).ok())
-                        .unwrap_or_default();
+                    let text = match inner.log_path(&ns, name) {
+                        Some(p) => tokio::fs::read(p).await.unwrap_or_default(),
+                        None => Vec::new(),
+                    };
                     Ok(
                         (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain")], text)
                             .into_response(),
