@@ -1005,7 +1005,18 @@ async fn pods_can_be_driven_by_hand() {
     let p = api.fake.mark_pod_ready(NS, "p", true).unwrap();
     assert!(is_ready(&p));
     assert_eq!(p["status"]["podIP"], "127.0.0.9");
+    let ready = |p: Option<&Value>| p.is_some_and(is_ready);
+    assert!(
+        api.fake
+            .wait_for("pods", NS, "p", Duration::ZERO, ready)
+            .await
+    );
     let p = api.fake.set_pod_condition(NS, "p", "Ready", false).unwrap();
+    assert!(
+        !api.fake
+            .wait_for("pods", NS, "p", Duration::from_millis(100), ready)
+            .await
+    );
     assert!(!is_ready(&p));
     assert!(api.fake.fail_pod(NS, "p", 1, "Error"));
     let p = api.fake.get("pods", NS, "p").unwrap();
@@ -1477,7 +1488,11 @@ async fn the_otm_shim_runs_as_a_pod_and_answers_on_its_pod_ip() {
         .delete(&format!("/api/v1/namespaces/{NS}/pods/otm-i1"), json!({}))
         .await;
     assert_eq!(status, 200);
-    api.wait_pod("otm-i1", "deleted", Value::is_null).await;
+    let gone = api
+        .fake
+        .wait_for("pods", NS, "otm-i1", PATIENCE, |p| p.is_none())
+        .await;
+    assert!(gone, "the shim pod was never removed");
     assert!(
         api.http
             .get(&url)

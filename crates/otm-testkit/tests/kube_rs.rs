@@ -360,6 +360,23 @@ async fn a_watcher_and_reflector_follow_pods_and_relist_after_410() {
             .get(&ObjectRef::new("unlabelled").within(NS))
             .is_none()
     );
+    // It watched rather than polled: one list at the start and one after the 410.
+    let requests = fake.requests();
+    let pod_requests: Vec<&String> = requests
+        .iter()
+        .filter(|r| r.starts_with(&format!("GET /api/v1/namespaces/{NS}/pods?")))
+        .collect();
+    let lists = pod_requests
+        .iter()
+        .filter(|r| !r.contains("watch="))
+        .count();
+    assert_eq!(lists, 2, "{pod_requests:#?}");
+    assert!(
+        pod_requests
+            .iter()
+            .any(|r| r.contains("watch=true") && r.contains("allowWatchBookmarks=true")),
+        "{pod_requests:#?}"
+    );
     let mut names: Vec<String> = store.state().iter().map(|p| p.name_any()).collect();
     names.sort();
     assert_eq!(names, ["before", "r1"]);

@@ -102,6 +102,7 @@ async fn handle(
     if !authorized(&inner, &headers) {
         return ApiError::unauthorized().into_response();
     }
+    inner.record_request(&method, &uri);
     let path = uri.path().trim_matches('/');
     let segs: Vec<&str> = if path.is_empty() {
         Vec::new()

@@ -109,8 +109,10 @@
 //!
 //! A test can look at and seed the store directly: [`FakeApiServer::get`],
 //! [`FakeApiServer::list`], [`FakeApiServer::create`] (resources named as kubectl names them:
-//! `pods`, `secrets`, `leases`, `events.events.k8s.io`), and read a pod's output with
-//! [`FakeApiServer::pod_logs`].
+//! `pods`, `secrets`, `leases`, `events.events.k8s.io`), wait for an object to reach a state
+//! ([`FakeApiServer::wait_for`], woken by changes), read a pod's output
+//! ([`FakeApiServer::pod_logs`]) and see every request made ([`FakeApiServer::requests`]),
+//! e.g. to check that a client watches instead of polling.
 //!
 //! # History
 //! [`FakeApiServer::resource_version`] is the current version; the history keeps the last
@@ -228,6 +230,7 @@ impl FakeApiServerBuilder {
             runner: self.runner,
             bookmark_interval: Mutex::new(self.bookmark_interval),
             pods: Mutex::new(Pods::default()),
+            requests: Mutex::new(Vec::new()),
             root,
         });
         let app = api::router(inner.clone());
@@ -269,6 +272,8 @@ pub(crate) struct Inner {
     runner: Option<Arc<dyn PodRunner>>,
     bookmark_interval: Mutex<Duration>,
     pods: Mutex<Pods>,
+    /// Every authorized request, as `METHOD /path?query`.
+    requests: Mutex<Vec<String>>,
     root: tempfile::TempDir,
 }
 
@@ -431,6 +436,11 @@ impl Inner {
             .drivers
             .get(uid)
             .is_some_and(|d| d.send(cmd).is_ok())
+    }
+
+    pub(crate) fn record_request(&self, method: &axum::http::Method, uri: &axum::http::Uri) {
+        let target = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+        lock(&self.requests).push(format!("{method} {target}"));
     }
 
     pub(crate) fn bookmark_interval(&self) -> Duration {
@@ -603,6 +613,39 @@ impl FakeApiServer {
                 true
             })
         })
+    }
+
+    /// Every authorized request so far, oldest first, as `METHOD /path?query` (e.g.
+    /// `GET /api/v1/namespaces/otm/pods?watch=true&...`): to check that a client watches
+    /// rather than polls, or sent a precondition.
+    pub fn requests(&self) -> Vec<String> {
+        lock(&self.inner.requests).clone()
+    }
+
+    /// Waits until the object satisfies `pred` (given `None` while it does not exist), woken by
+    /// each change rather than polling; returns whether it did within `timeout`.
+    pub async fn wait_for(
+        &self,
+        resource: &str,
+        namespace: &str,
+        name: &str,
+        timeout: Duration,
+        pred: impl Fn(Option<&Value>) -> bool,
+    ) -> bool {
+        let res = resource_named(resource);
+        let mut changed = self.inner.changed.subscribe();
+        let check = async {
+            loop {
+                let obj = self.inner.get_object(res, namespace, name);
+                if pred(obj.as_ref()) {
+                    return;
+                }
+                if changed.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, check).await.is_ok()
     }
 
     /// Sets a pod's `status.phase`; `None` if there is no such pod.
