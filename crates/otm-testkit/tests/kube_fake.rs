@@ -1326,7 +1326,7 @@ async fn pods_run_as_podman_containers() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    // As on these machines: Debian's runc, and no default ulimits (which runc refuses here).
+    // Debian's podman: runc (crun refuses a hybrid cgroup layout) and no default ulimits.
     let conf = dir.path().join("containers.conf");
     std::fs::write(&conf, "[containers]\ndefault_ulimits = []\n").unwrap();
     let mut runner = otm_testkit::kube_fake::PodmanRunner::new().containers_conf(&conf);

@@ -847,15 +847,15 @@ mod tests {
     fn mount_paths_are_rewritten_to_local_directories() {
         let volumes = vec![(
             "/var/lib/otm/state/".to_owned(),
-            PathBuf::from("/tmp/pod/volumes/state"),
+            PathBuf::from("/pods/p/volumes/state"),
         )];
         assert_eq!(
             rewrite_mounts("/var/lib/otm/state/a", &volumes),
-            "/tmp/pod/volumes/state/a"
+            "/pods/p/volumes/state/a"
         );
         assert_eq!(
             rewrite_mounts("--state=/var/lib/otm/state", &volumes),
-            "--state=/tmp/pod/volumes/state"
+            "--state=/pods/p/volumes/state"
         );
         assert_eq!(
             rewrite_mounts("/var/lib/otm/statefile", &volumes),
