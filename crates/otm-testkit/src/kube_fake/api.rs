@@ -20,7 +20,7 @@ use super::patch::{JsonPatchError, json_patch, merge_patch};
 use super::pods::PodCommand;
 use super::select::{FieldSelector, LabelSelector};
 use super::store::{Change, ChangeType, PODS, RESOURCES, ResourceType, meta_str, resource, rv_of};
-use super::util::{ApiError, base64_decode, base64_encode, now_rfc3339};
+use super::util::{ApiError, base64_decode, base64_encode};
 
 /// How objects are written back, after the `Accept` header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -899,8 +899,7 @@ fn delete_checked(
             let marked = inner
                 .write(|s| {
                     s.modify(PODS, ns, name, |p| {
-                        let at =
-                            time::OffsetDateTime::now_utc() + Duration::from_secs(grace as u64);
+                        let at = chrono::Utc::now() + chrono::TimeDelta::seconds(grace);
                         p["metadata"]["deletionTimestamp"] = json!(super::util::rfc3339(at));
                         p["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
                         true
@@ -1062,27 +1061,12 @@ fn resource_list(group: &str, version: &str) -> Option<Value> {
 
 // ---- tables, as `kubectl get` asks for them ----
 
-/// Seconds since the Unix epoch of an RFC 3339 timestamp as the fake writes them.
-fn unix_seconds(ts: &str) -> Option<i64> {
-    let num = |r: std::ops::Range<usize>| ts.get(r).and_then(|s| s.parse::<i64>().ok());
-    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    // Days from civil (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(days * 86_400 + hh * 3600 + mm * 60 + ss)
-}
-
 fn age(obj: &Value) -> String {
-    let now = unix_seconds(&now_rfc3339()).unwrap_or(0);
-    let Some(created) = unix_seconds(meta_str(obj, "creationTimestamp")) else {
+    let Ok(created) = chrono::DateTime::parse_from_rfc3339(meta_str(obj, "creationTimestamp"))
+    else {
         return "<unknown>".into();
     };
-    let s = (now - created).max(0);
+    let s = (chrono::Utc::now() - created.to_utc()).num_seconds().max(0);
     match s {
         0..120 => format!("{s}s"),
         120..7200 => format!("{}m", s / 60),
@@ -1180,12 +1164,6 @@ fn to_table(rt: &ResourceType, items: Vec<Value>, rv: u64, cont: Option<String>)
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn timestamps_to_seconds() {
-        assert_eq!(unix_seconds("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(unix_seconds("2000-03-01T00:00:01Z"), Some(951_868_801));
-    }
 
     #[test]
     fn namespaces_are_cluster_scoped() {

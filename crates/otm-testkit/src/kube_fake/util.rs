@@ -3,9 +3,8 @@
 
 use std::collections::HashMap;
 
+use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Value, json};
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
 /// An error the API answers with, as a `Status` object.
 #[derive(Clone, Debug)]
@@ -130,21 +129,20 @@ fn qualified(plural: &str, group: &str) -> String {
 
 /// Now, as the API writes timestamps (RFC 3339, seconds, `Z`).
 pub(crate) fn now_rfc3339() -> String {
-    rfc3339(OffsetDateTime::now_utc())
+    rfc3339(Utc::now())
 }
 
-pub(crate) fn rfc3339(t: OffsetDateTime) -> String {
-    t.replace_nanosecond(0)
-        .unwrap_or(t)
-        .format(&Rfc3339)
-        .unwrap_or_default()
+pub(crate) fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
 fn random_bytes<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
     if getrandom::fill(&mut b).is_err() {
         // Fall back to the clock: uniqueness within one test run is all that matters.
-        let n = OffsetDateTime::now_utc().unix_timestamp_nanos();
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
         for (i, byte) in b.iter_mut().enumerate() {
             *byte = (n >> ((i % 16) * 8)) as u8 ^ i as u8;
         }
@@ -275,6 +273,12 @@ mod tests {
             expand_vars("$$(POD_IP) $(NOPE) $x", &vars),
             "$(POD_IP) $(NOPE) $x"
         );
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_seconds_in_utc() {
+        let t = DateTime::from_timestamp(951_868_801, 123_000_000).unwrap();
+        assert_eq!(rfc3339(t), "2000-03-01T00:00:01Z");
     }
 
     #[test]
