@@ -1502,3 +1502,60 @@ async fn the_otm_shim_runs_as_a_pod_and_answers_on_its_pod_ip() {
             .is_err()
     );
 }
+
+#[tokio::test]
+async fn pre_stop_hooks_run_before_sigterm() {
+    let api = Api::start(FakeApiServer::builder()).await;
+    // The main process reports, on SIGTERM, whether the hook had already run.
+    let main = "trap '[ -f \"$HOME/hook-ran\" ] && echo hook-before-term; exit 0' TERM; \
+                echo up; while :; do sleep 0.1; done";
+    api.create_pod(json!({
+        "metadata": {"name": "hooked"},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 10,
+            "containers": [{
+                "name": "main",
+                "image": "busybox",
+                "command": ["sh", "-c", main],
+                "lifecycle": {"preStop": {"exec": {"command": ["sh", "-c", "sleep 0.3; touch \"$HOME/hook-ran\""]}}},
+            }],
+        },
+    }))
+    .await;
+    api.wait_pod("hooked", "Running", |p| phase(p) == "Running")
+        .await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !api
+        .fake
+        .pod_logs(NS, "hooked")
+        .unwrap_or_default()
+        .contains("up")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pod never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let now = api.fake.resource_version();
+    let mut w = api
+        .watch(&format!(
+            "/api/v1/namespaces/{NS}/pods?watch=true&resourceVersion={now}"
+        ))
+        .await;
+    api.delete(&format!("/api/v1/namespaces/{NS}/pods/hooked"), json!({}))
+        .await;
+    let events = w.until(|e| e["type"] == "DELETED").await;
+    let exited = events
+        .iter()
+        .find(|e| terminated(&e["object"]).is_object())
+        .expect("the exit is reported before the deletion");
+    assert_eq!(
+        terminated(&exited["object"])["exitCode"],
+        0,
+        "it exited on SIGTERM, not SIGKILL"
+    );
+    let log = api.fake.pod_logs(NS, "hooked").unwrap();
+    assert!(log.contains("hook-before-term"), "{log}");
+}

@@ -242,6 +242,8 @@ impl PodRunner for PodmanRunner {
         Ok(Box::new(PodmanWorkload {
             signals,
             exit: exit_rx,
+            runner: self.clone(),
+            container: name,
         }))
     }
 }
@@ -251,6 +253,8 @@ impl PodRunner for PodmanRunner {
 struct PodmanWorkload {
     signals: mpsc::UnboundedSender<nix::sys::signal::Signal>,
     exit: watch::Receiver<Option<i32>>,
+    runner: PodmanRunner,
+    container: String,
 }
 
 impl Workload for PodmanWorkload {
@@ -269,6 +273,27 @@ impl Workload for PodmanWorkload {
                 Ok(code) => code.unwrap_or(137),
                 Err(_) => 137,
             }
+        })
+    }
+
+    fn exec(
+        &self,
+        command: &[String],
+    ) -> Pin<Box<dyn Future<Output = Result<i32, String>> + Send + 'static>> {
+        let mut cmd = self.runner.command();
+        cmd.arg("exec")
+            .arg(&self.container)
+            .args(command)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        Box::pin(async move {
+            let status = cmd
+                .status()
+                .await
+                .map_err(|e| format!("cannot run podman exec: {e}"))?;
+            Ok(status.code().unwrap_or(137))
         })
     }
 }

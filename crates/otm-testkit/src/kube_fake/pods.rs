@@ -67,6 +67,15 @@ pub trait Workload: Send + Sync + fmt::Debug {
     /// Resolves with its exit code once it has stopped (128 + the signal number when a signal
     /// ended it, as the kubelet reports). May be called more than once.
     fn exited(&self) -> Pin<Box<dyn Future<Output = i32> + Send + 'static>>;
+    /// Runs `command` in the workload's environment, as a `preStop` exec hook does, and
+    /// resolves with its exit code. The default: this runner cannot.
+    fn exec(
+        &self,
+        command: &[String],
+    ) -> Pin<Box<dyn Future<Output = Result<i32, String>> + Send + 'static>> {
+        let _ = command;
+        Box::pin(async { Err("this runner cannot run commands in a workload".to_owned()) })
+    }
 }
 
 /// Starts pods' workloads. The fake calls [`PodRunner::start`] once a pod is scheduled and its
@@ -170,6 +179,7 @@ impl PodRunner for ProcessRunner {
     fn start(&self, launch: &PodLaunch) -> Result<Box<dyn Workload>, String> {
         let (program, mut args) = self.resolve(launch)?;
         let mut env = launch.env.clone();
+        let hook_vars = env.clone();
         if self.rewrite_mounts {
             for a in &mut args {
                 *a = rewrite_mounts(a, &launch.volumes);
@@ -197,7 +207,7 @@ impl PodRunner for ProcessRunner {
             .env("HOSTNAME", &launch.name)
             .envs(self.env.iter().cloned())
             .env("OTM_FAKE_POD_ROOT", &launch.workdir)
-            .envs(env)
+            .envs(env.iter().cloned())
             .current_dir(&launch.workdir)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
@@ -243,9 +253,26 @@ impl PodRunner for ProcessRunner {
             }
             let _ = exit_tx.send(Some(code));
         });
+        let mut hook_env: Vec<(String, String)> = vec![
+            (
+                "PATH".into(),
+                std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()),
+            ),
+            ("HOME".into(), launch.workdir.display().to_string()),
+            ("HOSTNAME".into(), launch.name.clone()),
+            (
+                "OTM_FAKE_POD_ROOT".into(),
+                launch.workdir.display().to_string(),
+            ),
+        ];
+        hook_env.extend(self.env.iter().cloned());
+        hook_env.extend(hook_vars);
         Ok(Box::new(ProcessWorkload {
             signals,
             exit: exit_rx,
+            runner: self.clone(),
+            env: hook_env,
+            workdir: launch.workdir.clone(),
         }))
     }
 }
@@ -255,6 +282,10 @@ impl PodRunner for ProcessRunner {
 struct ProcessWorkload {
     signals: mpsc::UnboundedSender<nix::sys::signal::Signal>,
     exit: watch::Receiver<Option<i32>>,
+    /// For exec hooks: how programs are found, the container's environment, its directory.
+    runner: ProcessRunner,
+    env: Vec<(String, String)>,
+    workdir: PathBuf,
 }
 
 impl Workload for ProcessWorkload {
@@ -273,6 +304,36 @@ impl Workload for ProcessWorkload {
                 Ok(code) => code.unwrap_or(137),
                 Err(_) => 137,
             }
+        })
+    }
+
+    fn exec(
+        &self,
+        command: &[String],
+    ) -> Pin<Box<dyn Future<Output = Result<i32, String>> + Send + 'static>> {
+        let Some((first, rest)) = command.split_first() else {
+            return Box::pin(async { Err("an empty exec command".to_owned()) });
+        };
+        let program = self
+            .runner
+            .lookup(first)
+            .cloned()
+            .unwrap_or_else(|| PathBuf::from(first));
+        let mut cmd = tokio::process::Command::new(&program);
+        cmd.args(rest)
+            .env_clear()
+            .envs(self.env.iter().cloned())
+            .current_dir(&self.workdir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        Box::pin(async move {
+            let status = cmd
+                .status()
+                .await
+                .map_err(|e| format!("cannot run {}: {e}", program.display()))?;
+            Ok(status.code().unwrap_or(137))
         })
     }
 }
@@ -595,7 +656,7 @@ fn strings(v: &Value, vars: &HashMap<String, String>) -> Vec<String> {
 
 /// Probes a container's readiness once: `httpGet` (2xx or 3xx), `tcpSocket` (a connection);
 /// other probe kinds pass.
-async fn probe(probe: &Value, container: &Value, ip: Ipv4Addr) -> bool {
+async fn probe(probe: &Value, container: &Value, ip: Ipv4Addr, limit: Duration) -> bool {
     let port_of = |p: &Value| -> Option<u16> {
         match p {
             Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
@@ -653,11 +714,40 @@ async fn probe(probe: &Value, container: &Value, ip: Ipv4Addr) -> bool {
             Some(true)
         }
     };
-    timeout(Duration::from_secs(1), attempt)
+    timeout(limit, attempt)
         .await
         .ok()
         .flatten()
         .unwrap_or(false)
+}
+
+/// The container's `lifecycle.preStop` hook as a future: `exec` through the workload,
+/// `httpGet` on the pod IP. Its outcome does not matter, as with the kubelet.
+fn pre_stop(
+    container: &Value,
+    ip: Ipv4Addr,
+    workload: &dyn Workload,
+) -> Option<Pin<Box<dyn Future<Output = ()> + Send>>> {
+    let hook = container.pointer("/lifecycle/preStop")?;
+    if let Some(command) = hook.pointer("/exec/command").and_then(Value::as_array) {
+        let command: Vec<String> = command
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect();
+        let run = workload.exec(&command);
+        return Some(Box::pin(async move {
+            let _ = run.await;
+        }));
+    }
+    if let Some(get) = hook.get("httpGet") {
+        let probe_spec = json!({"httpGet": get});
+        let container = container.clone();
+        return Some(Box::pin(async move {
+            probe(&probe_spec, &container, ip, Duration::from_secs(86_400)).await;
+        }));
+    }
+    None
 }
 
 /// Waits for orders after the workload is gone: a deletion now removes the pod at once.
@@ -781,6 +871,7 @@ pub(crate) async fn drive_pod(
     let mut exited = workload.exited();
     let mut kill_at: Option<Instant> = None;
     let mut forced: Option<(i32, String)> = None;
+    let mut hook: Option<Pin<Box<dyn Future<Output = ()> + Send>>> = None;
     let far = Instant::now() + Duration::from_secs(86_400 * 365);
     let code = loop {
         tokio::select! {
@@ -788,8 +879,12 @@ pub(crate) async fn drive_pod(
             cmd = cmds.recv() => match cmd {
                 Some(PodCommand::Terminate { grace }) => {
                     if kill_at.is_none() {
-                        workload.terminate();
                         kill_at = Some(Instant::now() + grace);
+                        // The preStop hook runs first, within the grace; then SIGTERM.
+                        hook = pre_stop(&container, ip, workload.as_ref());
+                        if hook.is_none() {
+                            workload.terminate();
+                        }
                     }
                 }
                 Some(PodCommand::Fail { exit_code, reason }) => {
@@ -801,13 +896,18 @@ pub(crate) async fn drive_pod(
                     return;
                 }
             },
+            _ = async { if let Some(h) = hook.as_mut() { h.await } }, if hook.is_some() => {
+                hook = None;
+                workload.terminate();
+            }
             _ = sleep_until(kill_at.unwrap_or(far)), if kill_at.is_some() => {
+                hook = None;
                 workload.kill();
                 kill_at = None;
             }
             ok = async {
                 sleep(PROBE_PERIOD).await;
-                probe(readiness.as_ref().unwrap_or(&Value::Null), &container, ip).await
+                probe(readiness.as_ref().unwrap_or(&Value::Null), &container, ip, Duration::from_secs(1)).await
             }, if !ready => {
                 if ok {
                     ready = true;
