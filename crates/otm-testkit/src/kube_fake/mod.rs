@@ -57,8 +57,8 @@
 //!   `preconditions` (`uid`, `resourceVersion`; 409 on a mismatch). A scheduled pod is deleted
 //!   gracefully: `deletionTimestamp` and `deletionGracePeriodSeconds` are set (`MODIFIED`), its
 //!   `lifecycle.preStop` hook runs (`exec` in the workload's environment, or `httpGet` on the
-//!   pod IP), then its workload gets SIGTERM, and SIGKILL when the grace is over (the pod's, else
-//!   `spec.terminationGracePeriodSeconds`, else 30 s), its status shows the exit, and then it is
+//!   pod IP), then its workload gets SIGTERM, and SIGKILL when the grace is over (the request's
+//!   `gracePeriodSeconds`, else `spec.terminationGracePeriodSeconds`, else 30 s), its status shows the exit, and then it is
 //!   removed (`DELETED`). `gracePeriodSeconds=0`, unscheduled pods and other kinds are removed at
 //!   once. An object with `metadata.finalizers` only gets its `deletionTimestamp` and is removed
 //!   by the write that empties them. Removing an object removes the objects whose
