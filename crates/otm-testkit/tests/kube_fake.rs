@@ -222,7 +222,10 @@ async fn create_get_and_errors_are_status_objects() {
     let api = Api::manual().await;
     let created = api.create_pod(pod("a", json!({}))).await;
     assert_eq!(created["metadata"]["namespace"], NS);
-    assert_eq!(created["status"], Value::Null);
+    assert_eq!(
+        created["status"],
+        json!({"phase": "Pending", "qosClass": "BestEffort"})
+    );
     assert!(created["metadata"]["uid"].as_str().unwrap().len() == 36);
     assert!(
         created["metadata"]["creationTimestamp"]
@@ -549,8 +552,8 @@ async fn status_is_its_own_subresource_and_apply_creates() {
         .await;
     assert_eq!(status, 200);
     assert_eq!(
-        api.fake.get("pods", NS, "p").unwrap()["status"],
-        Value::Null,
+        api.fake.get("pods", NS, "p").unwrap()["status"]["phase"],
+        "Pending",
         "the main resource ignores status"
     );
     let (status, patched) = api
@@ -881,7 +884,7 @@ async fn pods_run_as_processes_until_ready_and_fail_when_killed() {
                 == "CreateContainerConfigError"
         })
         .await;
-    assert_eq!(phase(&waiting), "");
+    assert_eq!(phase(&waiting), "Pending");
     for name in ["web-1", "web-2"] {
         api.post(
             &format!("/api/v1/namespaces/{NS}/secrets"),
@@ -1002,7 +1005,18 @@ async fn pods_can_be_driven_by_hand() {
     let p = api.fake.mark_pod_ready(NS, "p", true).unwrap();
     assert!(is_ready(&p));
     assert_eq!(p["status"]["podIP"], "127.0.0.9");
+    let ready = |p: Option<&Value>| p.is_some_and(is_ready);
+    assert!(
+        api.fake
+            .wait_for("pods", NS, "p", Duration::ZERO, ready)
+            .await
+    );
     let p = api.fake.set_pod_condition(NS, "p", "Ready", false).unwrap();
+    assert!(
+        !api.fake
+            .wait_for("pods", NS, "p", Duration::from_millis(100), ready)
+            .await
+    );
     assert!(!is_ready(&p));
     assert!(api.fake.fail_pod(NS, "p", 1, "Error"));
     let p = api.fake.get("pods", NS, "p").unwrap();
@@ -1156,4 +1170,392 @@ async fn kubectl_lists_and_watches_pods() {
     .await;
     assert!(out.contains("deleted"), "{out}");
     assert!(api.fake.get("pods", NS, "second").is_none());
+}
+
+#[tokio::test]
+async fn finalizers_hold_deletion_until_removed() {
+    let api = Api::manual().await;
+    let path = format!("/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/held");
+    let (status, _) = api
+        .post(
+            &format!("/apis/coordination.k8s.io/v1/namespaces/{NS}/leases"),
+            json!({"metadata": {"name": "held", "finalizers": ["otm.dev/cleanup"]}}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (status, deleting) = api.delete(&path, json!({})).await;
+    assert_eq!(status, 200);
+    assert!(deleting["metadata"]["deletionTimestamp"].is_string());
+    let (status, still) = api.get(&path).await;
+    assert_eq!(status, 200, "the finalizer keeps it");
+    assert!(still["metadata"]["deletionTimestamp"].is_string());
+    let (status, _) = api
+        .patch(
+            &path,
+            "application/merge-patch+json",
+            json!({"metadata": {"finalizers": null}}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = api.get(&path).await;
+    assert_eq!(status, 404, "gone once the finalizer is removed");
+}
+
+/// Whether a process runs (a zombie does not count).
+fn process_runs(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit(')')
+            .next()
+            .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+    })
+}
+
+#[tokio::test]
+async fn a_pod_s_processes_end_with_it() {
+    let api = Api::start(FakeApiServer::builder()).await;
+    api.create_pod(sleeper(
+        "family",
+        &["sh", "-c", "sleep 1000 & echo $!; wait"],
+    ))
+    .await;
+    api.wait_pod("family", "Running", |p| phase(p) == "Running")
+        .await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let child: u32 = loop {
+        let log = api.fake.pod_logs(NS, "family").unwrap_or_default();
+        if let Ok(pid) = log.trim().parse() {
+            break pid;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no child pid in the log: {log:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(process_runs(child));
+    // SIGTERM reaches the shell only (it exits); the container's other process goes with it.
+    let (status, _) = api
+        .delete(&format!("/api/v1/namespaces/{NS}/pods/family"), json!({}))
+        .await;
+    assert_eq!(status, 200);
+    api.wait_pod("family", "deleted", Value::is_null).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while process_runs(child) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pod's child process {child} outlived it"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---- pods as containers ----
+
+/// Builds a local image holding `/bin/sh` and `/bin/sleep` with their libraries, through
+/// `podman import` (no registry). `None` when podman cannot build or run it here.
+async fn import_test_image(
+    runner: &otm_testkit::kube_fake::PodmanRunner,
+    dir: &std::path::Path,
+) -> Option<String> {
+    let root = dir.join("rootfs");
+    let ldd = std::process::Command::new("ldd")
+        .args(["/bin/sh", "/bin/sleep"])
+        .output()
+        .ok()?;
+    let mut files = vec!["/bin/sh".to_owned(), "/bin/sleep".to_owned()];
+    for word in String::from_utf8_lossy(&ldd.stdout).split_whitespace() {
+        // Library paths; not the `/bin/sh:` headers ldd prints for several files.
+        if word.starts_with('/') && !word.ends_with(':') && !files.iter().any(|f| f == word) {
+            files.push(word.to_owned());
+        }
+    }
+    for f in &files {
+        let target = root.join(f.trim_start_matches('/'));
+        std::fs::create_dir_all(target.parent()?).ok()?;
+        std::fs::copy(f, &target).ok()?;
+    }
+    let tar = dir.join("rootfs.tar");
+    let ok = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .ok()?
+        .success();
+    if !ok {
+        return None;
+    }
+    let image = format!("localhost/otm-kube-fake-test:{}", std::process::id());
+    let out = runner
+        .command()
+        .arg("import")
+        .arg(&tar)
+        .arg(&image)
+        .output()
+        .await
+        .ok()?;
+    if !out.status.success() {
+        eprintln!(
+            "podman import failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return None;
+    }
+    if let Err(why) = runner.check(&image, &["/bin/sh", "-c", "exit 0"]).await {
+        eprintln!("podman cannot run containers here: {why}");
+        let _ = runner
+            .command()
+            .args(["rmi", "--force", &image])
+            .output()
+            .await;
+        return None;
+    }
+    Some(image)
+}
+
+#[tokio::test]
+async fn pods_run_as_podman_containers() {
+    if std::process::Command::new("podman")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: podman is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Debian's podman: runc (crun refuses a hybrid cgroup layout) and no default ulimits.
+    let conf = dir.path().join("containers.conf");
+    std::fs::write(&conf, "[containers]\ndefault_ulimits = []\n").unwrap();
+    let mut runner = otm_testkit::kube_fake::PodmanRunner::new().containers_conf(&conf);
+    if std::path::Path::new("/usr/sbin/runc").exists() {
+        runner = runner.runtime("/usr/sbin/runc");
+    }
+    let Some(image) = import_test_image(&runner, dir.path()).await else {
+        eprintln!("skipped: podman cannot build and run a test image here");
+        return;
+    };
+    let runner = runner.image("otm-test", image.clone());
+    let api = Api::start(FakeApiServer::builder().runner(runner)).await;
+    api.post(
+        &format!("/api/v1/namespaces/{NS}/secrets"),
+        json!({"metadata": {"name": "greeting"}, "stringData": {"text": "hello from a secret"}}),
+    )
+    .await;
+    let script = "echo \"$GREETING on $POD_IP\"; echo x > /state/f && echo wrote-volume; \
+                  ( : > /root-file ) 2>/dev/null || echo read-only-root; exec sleep 1000";
+    api.create_pod(json!({
+        "metadata": {"name": "boxed"},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 1,
+            "securityContext": {"runAsUser": 65532},
+            "volumes": [{"name": "state", "emptyDir": {}}],
+            "containers": [{
+                "name": "main",
+                "image": "otm-test",
+                "command": ["/bin/sh", "-c", script],
+                "securityContext": {"readOnlyRootFilesystem": true},
+                "volumeMounts": [{"name": "state", "mountPath": "/state"}],
+                "env": [
+                    {"name": "GREETING", "valueFrom": {"secretKeyRef": {"name": "greeting", "key": "text"}}},
+                    {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                ],
+            }],
+        },
+    }))
+    .await;
+    let pod = api
+        .wait_pod("boxed", "Running", |p| phase(p) == "Running")
+        .await;
+    let ip = pod["status"]["podIP"].as_str().unwrap().to_owned();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let log = loop {
+        let log = api.fake.pod_logs(NS, "boxed").unwrap_or_default();
+        if log.contains("read-only-root") || tokio::time::Instant::now() > deadline {
+            break log;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        log.contains(&format!("hello from a secret on {ip}")),
+        "{log}"
+    );
+    assert!(log.contains("wrote-volume"), "{log}");
+    assert!(log.contains("read-only-root"), "{log}");
+
+    // sleep runs as the container's PID 1, which ignores SIGTERM: SIGKILL after the grace.
+    api.delete(&format!("/api/v1/namespaces/{NS}/pods/boxed"), json!({}))
+        .await;
+    api.wait_pod("boxed", "deleted", Value::is_null).await;
+    let runner = otm_testkit::kube_fake::PodmanRunner::new().containers_conf(&conf);
+    let left = runner
+        .command()
+        .args([
+            "ps",
+            "--all",
+            "--quiet",
+            "--filter",
+            "name=otm-fake-otm-boxed",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(left.stdout.is_empty(), "the container is removed");
+    let _ = runner
+        .command()
+        .args(["rmi", "--force", &image])
+        .output()
+        .await;
+}
+
+// ---- the otm shim as a pod ----
+
+/// The `otm` binary of this build, when it has been built (`cargo build` builds it).
+fn otm_binary() -> Option<std::path::PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    // target/<profile>/deps/<test> -> target/<profile>/otm
+    let otm = exe.parent()?.parent()?.join("otm");
+    otm.is_file().then_some(otm)
+}
+
+#[tokio::test]
+async fn the_otm_shim_runs_as_a_pod_and_answers_on_its_pod_ip() {
+    let Some(otm) = otm_binary() else {
+        eprintln!("skipped: the otm binary is not built (cargo build -p otm)");
+        return;
+    };
+    let runner = ProcessRunner::new()
+        .binary("otm", otm)
+        .rewrite_mount_paths();
+    let api = Api::start(FakeApiServer::builder().runner(runner)).await;
+    // As the kube runtime would write it: the token in a Secret, state in an emptyDir.
+    api.create_pod(json!({
+        "metadata": {"name": "otm-i1", "labels": {"otm.dev/instance": "i1"}},
+        "spec": {
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": false,
+            "volumes": [{"name": "instance", "emptyDir": {"sizeLimit": "1Gi"}}],
+            "containers": [{
+                "name": "shim",
+                "image": "registry.example/otm:dev",
+                "command": ["otm", "shim"],
+                "args": [
+                    "--instance", "i1",
+                    "--dir", "/var/lib/otm/instance",
+                    "--listen", "tcp:$(POD_IP):7070",
+                    "--token-env", "OTM_SHIM_TOKEN",
+                ],
+                "env": [
+                    {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                    {"name": "OTM_SHIM_TOKEN", "valueFrom": {"secretKeyRef": {"name": "otm-i1-token", "key": "token"}}},
+                ],
+                "ports": [{"name": "control", "containerPort": 7070}],
+                "readinessProbe": {"tcpSocket": {"port": "control"}},
+                "securityContext": {"readOnlyRootFilesystem": true},
+                "volumeMounts": [{"name": "instance", "mountPath": "/var/lib/otm/instance"}],
+            }],
+        },
+    }))
+    .await;
+    api.post(
+        &format!("/api/v1/namespaces/{NS}/secrets"),
+        json!({"metadata": {"name": "otm-i1-token"}, "stringData": {"token": "shim-secret"}}),
+    )
+    .await;
+    let pod = api.wait_pod("otm-i1", "Ready", is_ready).await;
+    let url = format!(
+        "http://{}:7070/v1/status",
+        pod["status"]["podIP"].as_str().unwrap()
+    );
+    let status: Value = api
+        .http
+        .get(&url)
+        .bearer_auth("shim-secret")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["instance"], "i1");
+    let refused = api.http.get(&url).send().await.unwrap();
+    assert_eq!(refused.status().as_u16(), 401);
+
+    let (status, _) = api
+        .delete(&format!("/api/v1/namespaces/{NS}/pods/otm-i1"), json!({}))
+        .await;
+    assert_eq!(status, 200);
+    let gone = api
+        .fake
+        .wait_for("pods", NS, "otm-i1", PATIENCE, |p| p.is_none())
+        .await;
+    assert!(gone, "the shim pod was never removed");
+    assert!(
+        api.http
+            .get(&url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn pre_stop_hooks_run_before_sigterm() {
+    let api = Api::start(FakeApiServer::builder()).await;
+    // The main process reports, on SIGTERM, whether the hook had already run.
+    let main = "trap '[ -f \"$HOME/hook-ran\" ] && echo hook-before-term; exit 0' TERM; \
+                echo up; while :; do sleep 0.1; done";
+    api.create_pod(json!({
+        "metadata": {"name": "hooked"},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 10,
+            "containers": [{
+                "name": "main",
+                "image": "busybox",
+                "command": ["sh", "-c", main],
+                "lifecycle": {"preStop": {"exec": {"command": ["sh", "-c", "sleep 0.3; touch \"$HOME/hook-ran\""]}}},
+            }],
+        },
+    }))
+    .await;
+    api.wait_pod("hooked", "Running", |p| phase(p) == "Running")
+        .await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !api
+        .fake
+        .pod_logs(NS, "hooked")
+        .unwrap_or_default()
+        .contains("up")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pod never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let now = api.fake.resource_version();
+    let mut w = api
+        .watch(&format!(
+            "/api/v1/namespaces/{NS}/pods?watch=true&resourceVersion={now}"
+        ))
+        .await;
+    api.delete(&format!("/api/v1/namespaces/{NS}/pods/hooked"), json!({}))
+        .await;
+    let events = w.until(|e| e["type"] == "DELETED").await;
+    let exited = events
+        .iter()
+        .find(|e| terminated(&e["object"]).is_object())
+        .expect("the exit is reported before the deletion");
+    assert_eq!(
+        terminated(&exited["object"])["exitCode"],
+        0,
+        "it exited on SIGTERM, not SIGKILL"
+    );
+    let log = api.fake.pod_logs(NS, "hooked").unwrap();
+    assert!(log.contains("hook-before-term"), "{log}");
 }

@@ -20,7 +20,24 @@ use super::patch::{JsonPatchError, json_patch, merge_patch};
 use super::pods::PodCommand;
 use super::select::{FieldSelector, LabelSelector};
 use super::store::{Change, ChangeType, PODS, RESOURCES, ResourceType, meta_str, resource, rv_of};
-use super::util::{ApiError, base64_decode, base64_encode, now_rfc3339};
+use super::util::{ApiError, base64_decode, base64_encode};
+
+/// How objects are written back, after the `Accept` header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Repr {
+    Full,
+    Table,
+    Meta,
+}
+
+/// An object as `PartialObjectMetadata`.
+fn to_meta(obj: Value) -> Value {
+    json!({
+        "kind": "PartialObjectMetadata",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": obj.get("metadata").cloned().unwrap_or_default(),
+    })
+}
 
 pub(crate) fn router(inner: Arc<Inner>) -> Router {
     Router::new().fallback(handle).with_state(inner)
@@ -85,6 +102,7 @@ async fn handle(
     if !authorized(&inner, &headers) {
         return ApiError::unauthorized().into_response();
     }
+    inner.record_request(&method, &uri);
     let path = uri.path().trim_matches('/');
     let segs: Vec<&str> = if path.is_empty() {
         Vec::new()
@@ -169,10 +187,18 @@ async fn handle(
         )
         .into_response();
     }
-    let table = headers
+    let accept = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.contains("as=Table"));
+        .unwrap_or_default();
+    // kubectl asks for tables; kube-rs's metadata calls for PartialObjectMetadata(List).
+    let repr = if accept.contains("as=Table") {
+        Repr::Table
+    } else if accept.contains("as=PartialObjectMetadata") {
+        Repr::Meta
+    } else {
+        Repr::Full
+    };
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -185,7 +211,7 @@ async fn handle(
         &params,
         &content_type,
         &body,
-        table,
+        repr,
     )
     .await;
     match result {
@@ -201,7 +227,7 @@ async fn route(
     q: &Params,
     content_type: &str,
     body: &[u8],
-    table: bool,
+    repr: Repr,
 ) -> Result<Response, ApiError> {
     let rt = &RESOURCES[t.res];
     // The namespace objects live at /api/v1/namespaces/{name}; everything else that is
@@ -226,10 +252,10 @@ async fn route(
                         t.res,
                         scope.map(str::to_owned),
                         q,
-                        table,
+                        repr,
                     ))
                 } else {
-                    list(inner, t.res, scope, q, table)
+                    list(inner, t.res, scope, q, repr)
                 }
             }
             Method::POST => {
@@ -259,12 +285,10 @@ async fn route(
             match (sub, method.clone()) {
                 (None, Method::GET) => inner
                     .get_object(t.res, &ns, name)
-                    .map(|o| {
-                        if table {
-                            ok(to_table(rt, vec![o], rv_now(inner), None))
-                        } else {
-                            ok(o)
-                        }
+                    .map(|o| match repr {
+                        Repr::Table => ok(to_table(rt, vec![o], rv_now(inner), None)),
+                        Repr::Meta => ok(to_meta(o)),
+                        Repr::Full => ok(o),
                     })
                     .ok_or_else(|| ApiError::not_found(rt.plural, rt.group, name)),
                 (Some("status"), Method::GET) if rt.status => inner
@@ -275,10 +299,10 @@ async fn route(
                     if inner.get_object(PODS, &ns, name).is_none() {
                         return Err(ApiError::not_found(rt.plural, rt.group, name));
                     }
-                    let text = inner
-                        .log_path(&ns, name)
-                        .and_then(|p| std::fs::read(p).ok())
-                        .unwrap_or_default();
+                    let text = match inner.log_path(&ns, name) {
+                        Some(p) => tokio::fs::read(p).await.unwrap_or_default(),
+                        None => Vec::new(),
+                    };
                     Ok(
                         (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain")], text)
                             .into_response(),
@@ -343,7 +367,7 @@ fn list(
     res: usize,
     ns: Option<&str>,
     q: &Params,
-    table: bool,
+    repr: Repr,
 ) -> Result<Response, ApiError> {
     let rt = &RESOURCES[res];
     let (labels, fields) = selectors(q)?;
@@ -426,13 +450,21 @@ fn list(
             .as_bytes(),
         ));
     }
-    if table {
+    if repr == Repr::Table {
         return Ok(ok(to_table(rt, items, at, continue_token)));
     }
     let mut meta = json!({"resourceVersion": at.to_string()});
     if let Some(c) = continue_token {
         meta["continue"] = json!(c);
         meta["remainingItemCount"] = json!(remaining);
+    }
+    if repr == Repr::Meta {
+        return Ok(ok(json!({
+            "kind": "PartialObjectMetadataList",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": meta,
+            "items": items.into_iter().map(to_meta).collect::<Vec<_>>(),
+        })));
     }
     Ok(ok(json!({
         "kind": format!("{}List", rt.kind),
@@ -473,12 +505,15 @@ fn watch_event(
     }
 }
 
-fn event_line(kind: &str, object: Value, rt: &ResourceType, table: bool) -> Bytes {
-    let object = if table && kind != "ERROR" && kind != "BOOKMARK" {
-        let rv = rv_of(&object);
-        to_table(rt, vec![object], rv, None)
-    } else {
-        object
+fn event_line(kind: &str, object: Value, rt: &ResourceType, repr: Repr) -> Bytes {
+    let object = match repr {
+        _ if kind == "ERROR" => object,
+        Repr::Table if kind != "BOOKMARK" => {
+            let rv = rv_of(&object);
+            to_table(rt, vec![object], rv, None)
+        }
+        Repr::Meta => to_meta(object),
+        _ => object,
     };
     let mut line = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
     line.push(b'\n');
@@ -493,7 +528,7 @@ fn bookmark(rt: &ResourceType, rv: u64, initial_end: bool) -> Value {
     json!({"kind": rt.kind, "apiVersion": rt.api_version(), "metadata": meta})
 }
 
-fn watch(inner: Arc<Inner>, res: usize, ns: Option<String>, q: &Params, table: bool) -> Response {
+fn watch(inner: Arc<Inner>, res: usize, ns: Option<String>, q: &Params, repr: Repr) -> Response {
     let rt = &RESOURCES[res];
     let (labels, fields) = match selectors(q) {
         Ok(s) => s,
@@ -521,6 +556,7 @@ fn watch(inner: Arc<Inner>, res: usize, ns: Option<String>, q: &Params, table: b
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let mut changed = inner.changed.subscribe();
     let mut shutdown = inner.shutdown.subscribe();
+    let mut expire = inner.expire.subscribe();
     tokio::spawn(async move {
         let send = |b: Bytes| {
             let tx = tx.clone();
@@ -540,14 +576,14 @@ fn watch(inner: Arc<Inner>, res: usize, ns: Option<String>, q: &Params, table: b
                 _ => {
                     for o in s.list(res, ns) {
                         if labels.matches(&o) && fields.matches(&o) {
-                            lines.push(event_line("ADDED", o, rt, table));
+                            lines.push(event_line("ADDED", o, rt, repr));
                         }
                     }
                     s.resource_version()
                 }
             };
             if initial && bookmarks {
-                lines.push(event_line("BOOKMARK", bookmark(rt, last, true), rt, table));
+                lines.push(event_line("BOOKMARK", bookmark(rt, last, true), rt, repr));
             }
             Ok((lines, last))
         });
@@ -561,7 +597,7 @@ fn watch(inner: Arc<Inner>, res: usize, ns: Option<String>, q: &Params, table: b
                 last
             }
             Err(e) => {
-                let _ = send(event_line("ERROR", e.status(), rt, table)).await;
+                let _ = send(event_line("ERROR", e.status(), rt, repr)).await;
                 return;
             }
         };
@@ -574,7 +610,7 @@ fn watch(inner: Arc<Inner>, res: usize, ns: Option<String>, q: &Params, table: b
                 Some(changes) => {
                     let lines: Vec<Bytes> = changes
                         .filter_map(|c| watch_event(c, res, ns, &labels, &fields))
-                        .map(|(kind, o)| event_line(kind, o, rt, table))
+                        .map(|(kind, o)| event_line(kind, o, rt, repr))
                         .collect();
                     Ok((lines, s.resource_version().max(last)))
                 }
@@ -589,7 +625,7 @@ fn watch(inner: Arc<Inner>, res: usize, ns: Option<String>, q: &Params, table: b
                     }
                 }
                 Err(e) => {
-                    let _ = send(event_line("ERROR", e.status(), rt, table)).await;
+                    let _ = send(event_line("ERROR", e.status(), rt, repr)).await;
                     return;
                 }
             }
@@ -597,12 +633,17 @@ fn watch(inner: Arc<Inner>, res: usize, ns: Option<String>, q: &Params, table: b
                 r = changed.changed() => if r.is_err() { return },
                 _ = sleep_until(next_bookmark), if bookmarks => {
                     next_bookmark = Instant::now() + interval;
-                    if !send(event_line("BOOKMARK", bookmark(rt, last, false), rt, table)).await {
+                    if !send(event_line("BOOKMARK", bookmark(rt, last, false), rt, repr)).await {
                         return;
                     }
                 }
                 _ = sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => return,
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
+                _ = expire.changed() => {
+                    let horizon = inner.read(|s| s.horizon());
+                    let _ = send(event_line("ERROR", ApiError::gone(last, horizon).status(), rt, repr)).await;
+                    return;
+                }
                 _ = tx.closed() => return,
             }
         }
@@ -663,18 +704,20 @@ fn update(
             "the name of the object ({body_name}) does not match the name on the URL ({name})"
         )));
     }
-    inner.write(|s| {
-        let old = s
-            .get(res, ns, name)
-            .cloned()
-            .ok_or_else(|| ApiError::not_found(rt.plural, rt.group, name))?;
-        let want = meta_str(&obj, "resourceVersion");
-        if !want.is_empty() && want != meta_str(&old, "resourceVersion") {
-            return Err(ApiError::stale(rt.plural, rt.group, name));
-        }
-        let new = split_status(rt, &old, obj, status_only);
-        s.update(res, ns, name, new)
-    })
+    inner
+        .write(|s| {
+            let old = s
+                .get(res, ns, name)
+                .cloned()
+                .ok_or_else(|| ApiError::not_found(rt.plural, rt.group, name))?;
+            let want = meta_str(&obj, "resourceVersion");
+            if !want.is_empty() && want != meta_str(&old, "resourceVersion") {
+                return Err(ApiError::stale(rt.plural, rt.group, name));
+            }
+            let new = split_status(rt, &old, obj, status_only);
+            s.update(res, ns, name, new)
+        })
+        .inspect(|o| inner.finalized(res, ns, name, o))
 }
 
 fn patch(
@@ -733,6 +776,7 @@ fn patch(
     if created.0 == 201 && res == PODS {
         inner.pod_created(&created.1);
     }
+    inner.finalized(res, ns, name, &created.1);
     Ok(created)
 }
 
@@ -807,6 +851,13 @@ fn delete(
     delete_checked(inner, res, ns, name, obj, &options)
 }
 
+/// Whether an object has finalizers (its deletion then waits for them).
+pub(crate) fn finalizers(obj: &Value) -> bool {
+    obj.pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .is_some_and(|f| !f.is_empty())
+}
+
 fn delete_checked(
     inner: &Inner,
     res: usize,
@@ -829,18 +880,26 @@ fn delete_checked(
             .and_then(Value::as_str)
             .unwrap_or_default()
             .is_empty();
+        let has_finalizers = finalizers(&obj);
         if obj["metadata"].get("deletionTimestamp").is_some() {
             // Already terminating; a zero grace forces it out now.
-            if grace > 0 {
+            if grace > 0 || has_finalizers {
+                if grace == 0 {
+                    inner.command_pod(
+                        meta_str(&obj, "uid"),
+                        PodCommand::Terminate {
+                            grace: Duration::ZERO,
+                        },
+                    );
+                }
                 return Ok(obj);
             }
-        } else if grace > 0 && scheduled {
+        } else if (grace > 0 && scheduled) || has_finalizers {
             let uid = meta_str(&obj, "uid").to_owned();
             let marked = inner
                 .write(|s| {
                     s.modify(PODS, ns, name, |p| {
-                        let at =
-                            chrono::Utc::now() + Duration::from_secs(grace as u64);
+                        let at = chrono::Utc::now() + chrono::TimeDelta::seconds(grace);
                         p["metadata"]["deletionTimestamp"] = json!(super::util::rfc3339(at));
                         p["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
                         true
@@ -851,10 +910,14 @@ fn delete_checked(
                 grace: Duration::from_secs(grace as u64),
             };
             if !inner.command_pod(&uid, terminate) {
-                inner.remove(PODS, ns, name);
+                inner.finish_deletion(PODS, ns, name);
             }
             return Ok(marked);
         }
+    }
+    if finalizers(&obj) {
+        // Deletion waits for the finalizers to be removed.
+        return Ok(inner.finish_deletion(res, ns, name).unwrap_or(obj));
     }
     let removed = inner.remove(res, ns, name);
     Ok(removed.into_iter().next().map(|(_, o)| o).unwrap_or(obj))
@@ -998,27 +1061,12 @@ fn resource_list(group: &str, version: &str) -> Option<Value> {
 
 // ---- tables, as `kubectl get` asks for them ----
 
-/// Seconds since the Unix epoch of an RFC 3339 timestamp as the fake writes them.
-fn unix_seconds(ts: &str) -> Option<i64> {
-    let num = |r: std::ops::Range<usize>| ts.get(r).and_then(|s| s.parse::<i64>().ok());
-    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    // Days from civil (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(days * 86_400 + hh * 3600 + mm * 60 + ss)
-}
-
 fn age(obj: &Value) -> String {
-    let now = unix_seconds(&now_rfc3339()).unwrap_or(0);
-    let Some(created) = unix_seconds(meta_str(obj, "creationTimestamp")) else {
+    let Ok(created) = chrono::DateTime::parse_from_rfc3339(meta_str(obj, "creationTimestamp"))
+    else {
         return "<unknown>".into();
     };
-    let s = (now - created).max(0);
+    let s = (chrono::Utc::now() - created.to_utc()).num_seconds().max(0);
     match s {
         0..120 => format!("{s}s"),
         120..7200 => format!("{}m", s / 60),
@@ -1116,12 +1164,6 @@ fn to_table(rt: &ResourceType, items: Vec<Value>, rv: u64, cont: Option<String>)
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn timestamps_to_seconds() {
-        assert_eq!(unix_seconds("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(unix_seconds("2000-03-01T00:00:01Z"), Some(951_868_801));
-    }
 
     #[test]
     fn namespaces_are_cluster_scoped() {

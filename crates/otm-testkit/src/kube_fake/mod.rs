@@ -56,22 +56,28 @@
 //! - **Deletion**: `DeleteOptions` (body or `gracePeriodSeconds` in the query) with
 //!   `preconditions` (`uid`, `resourceVersion`; 409 on a mismatch). A scheduled pod is deleted
 //!   gracefully: `deletionTimestamp` and `deletionGracePeriodSeconds` are set (`MODIFIED`), its
-//!   workload gets SIGTERM, SIGKILL after the grace (the pod's, else
-//!   `spec.terminationGracePeriodSeconds`, else 30 s), its status shows the exit, and then it is
+//!   `lifecycle.preStop` hook runs (`exec` in the workload's environment, or `httpGet` on the
+//!   pod IP), then its workload gets SIGTERM, and SIGKILL when the grace is over (the request's
+//!   `gracePeriodSeconds`, else `spec.terminationGracePeriodSeconds`, else 30 s), its status shows the exit, and then it is
 //!   removed (`DELETED`). `gracePeriodSeconds=0`, unscheduled pods and other kinds are removed at
-//!   once. Removing an object removes the objects whose `ownerReferences` name its uid.
+//!   once. An object with `metadata.finalizers` only gets its `deletionTimestamp` and is removed
+//!   by the write that empties them. Removing an object removes the objects whose
+//!   `ownerReferences` name its uid (background propagation; finalizers do not hold that up).
 //! - **Authentication**: with [`FakeApiServerBuilder::token`], a request with another bearer
 //!   token gets 401; one without credentials is served, since `kubectl` sends none to a
 //!   plain-HTTP server, unless [`FakeApiServerBuilder::require_token`] is set. Without a token,
 //!   anything is accepted.
-//! - `kubectl get` asks for `Table`s; the fake answers with tables for lists and watches
-//!   (pods with the usual NAME, READY, STATUS, RESTARTS, AGE columns).
+//! - `kubectl get` asks for `Table`s; the fake answers with tables for gets, lists and watches
+//!   (pods with the usual NAME, READY, STATUS, RESTARTS, AGE columns, and IP and NODE for
+//!   `-o wide`). kube-rs's metadata calls (`list_metadata`, `metadata_watcher`) get
+//!   `PartialObjectMetadata`.
 //!
 //! # Pods
 //! With a runner (by default a [`ProcessRunner`] with an empty binary map), the fake plays
 //! scheduler and kubelet for every pod created: it binds it to node [`pods::NODE_NAME`], gives it
-//! its own loopback address (`127.0.0.2`, `127.0.0.3`, ...) as `status.podIP` (so every pod's
-//! server can listen on the same port), resolves the first container's environment
+//! its own loopback address in `127.0.0.0/8` as `status.podIP` (so every pod's server can
+//! listen on the same port; addresses are unique across the fakes of a process and, from a
+//! per-process block, across processes), resolves the first container's environment
 //! (`value` with `$(VAR)` expansion, `valueFrom.secretKeyRef` from the stored Secret (the pod
 //! waits with `CreateContainerConfigError` until the Secret exists, as the kubelet does),
 //! `valueFrom.fieldRef` for `status.podIP`, `metadata.name`, `metadata.namespace`, ...,
@@ -80,15 +86,18 @@
 //! `Ready` once the `readinessProbe` passes (`httpGet` or `tcpSocket` on the pod IP, tried every
 //! 150 ms; at once without a probe) → on exit `Succeeded` (exit 0) or `Failed` with
 //! `state.terminated.exitCode` (`restartPolicy: Never` is assumed; nothing restarts). Volumes
-//! are not mounted: a process gets a fresh working directory (also `HOME`) and the env and args
-//! of its container only, so a pod spec meant for the fake passes paths and secrets through
-//! `env`/`args`. The pod's stdout and stderr are its log (`GET .../pods/{name}/log`,
-//! [`FakeApiServer::pod_logs`]).
+//! are not mounted: a process gets a fresh working directory (also `HOME` and
+//! `OTM_FAKE_POD_ROOT`) and the env and args of its container only, so secrets reach it through
+//! `env` (not secret volumes); [`ProcessRunner::rewrite_mount_paths`] points arguments and env
+//! values under an `emptyDir` mount path at a local directory. The pod's stdout and stderr are
+//! its log (`GET .../pods/{name}/log`, [`FakeApiServer::pod_logs`]). Pod specs are not
+//! defaulted or validated beyond a new pod's status (`Pending` with its `qosClass`).
 //!
 //! [`ProcessRunner::binary`] maps an image or a command word to a local binary (`otm` → the
-//! built `otm`). Another [`PodRunner`] (e.g. one that runs containers) can be given with
-//! [`FakeApiServerBuilder::runner`]; [`FakeApiServerBuilder::manual_pods`] turns pod driving off,
-//! leaving every transition to the test.
+//! built `otm`). [`PodmanRunner`] runs pods as containers of local images instead (host
+//! network, read-only root, `emptyDir`s as bind mounts). Another [`PodRunner`] can be given
+//! with [`FakeApiServerBuilder::runner`]; [`FakeApiServerBuilder::manual_pods`] turns pod
+//! driving off, leaving every transition to the test.
 //!
 //! A test can drive pods by hand: [`FakeApiServer::set_pod_phase`],
 //! [`FakeApiServer::set_pod_condition`], [`FakeApiServer::mark_pod_scheduled`],
@@ -99,14 +108,23 @@
 //! [`FakeApiServer::unschedulable_next`] (Pending forever with `PodScheduled=False`,
 //! `Unschedulable`) and [`FakeApiServer::fail_start_next`] (Failed with a `StartError`).
 //!
+//! A test can look at and seed the store directly: [`FakeApiServer::get`],
+//! [`FakeApiServer::list`], [`FakeApiServer::create`] (resources named as kubectl names them:
+//! `pods`, `secrets`, `leases`, `events.events.k8s.io`), wait for an object to reach a state
+//! ([`FakeApiServer::wait_for`], woken by changes), read a pod's output
+//! ([`FakeApiServer::pod_logs`]) and see every request made ([`FakeApiServer::requests`]),
+//! e.g. to check that a client watches instead of polling.
+//!
 //! # History
 //! [`FakeApiServer::resource_version`] is the current version; the history keeps the last
 //! [`FakeApiServerBuilder::history_limit`] changes (default 10 000);
 //! [`FakeApiServer::compact_history`] drops all of it, so a watch from any earlier version gets
-//! 410 and a kube-rs watcher relists.
+//! 410; [`FakeApiServer::expire_watches`] also ends the open watches with a 410 `ERROR` event,
+//! so a kube-rs watcher relists at once.
 
 mod api;
 mod patch;
+mod podman;
 pub mod pods;
 mod select;
 mod store;
@@ -124,6 +142,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+pub use podman::PodmanRunner;
 use pods::{Fate, PodCommand};
 pub use pods::{PodLaunch, PodRunner, ProcessRunner, Workload};
 use store::{PODS, RESOURCES, Store, meta_str};
@@ -199,20 +218,20 @@ impl FakeApiServerBuilder {
         let addr = listener.local_addr()?;
         let root = tempfile::Builder::new().prefix("otm-kube-fake").tempdir()?;
         let (changed, _) = watch::channel(0);
+        let (expire, _) = watch::channel(0);
         let (shutdown, mut stopped) = watch::channel(false);
         let inner = Arc::new(Inner {
             addr,
             store: Mutex::new(Store::new(self.history_limit)),
             changed,
+            expire,
             shutdown,
             token: self.token,
             require_token: self.require_token,
             runner: self.runner,
             bookmark_interval: Mutex::new(self.bookmark_interval),
-            pods: Mutex::new(Pods {
-                next_ip: 2,
-                ..Pods::default()
-            }),
+            pods: Mutex::new(Pods::default()),
+            requests: Mutex::new(Vec::new()),
             root,
         });
         let app = api::router(inner.clone());
@@ -237,7 +256,6 @@ struct Pods {
     drivers: HashMap<String, mpsc::UnboundedSender<PodCommand>>,
     tasks: Vec<JoinHandle<()>>,
     logs: HashMap<(String, String), PathBuf>,
-    next_ip: u32,
     fates: VecDeque<Fate>,
 }
 
@@ -247,12 +265,16 @@ pub(crate) struct Inner {
     store: Mutex<Store>,
     /// The latest resourceVersion, sent after every write; watches wait on it.
     changed: watch::Sender<u64>,
+    /// Bumped to end every open watch with a 410 `ERROR` event.
+    expire: watch::Sender<u64>,
     shutdown: watch::Sender<bool>,
     token: Option<String>,
     require_token: bool,
     runner: Option<Arc<dyn PodRunner>>,
     bookmark_interval: Mutex<Duration>,
     pods: Mutex<Pods>,
+    /// Every authorized request, as `METHOD /path?query`.
+    requests: Mutex<Vec<String>>,
     root: tempfile::TempDir,
 }
 
@@ -319,19 +341,50 @@ impl Inner {
                 .is_some_and(|p| meta_str(p, "uid") == uid)
         });
         if same {
-            self.remove(PODS, ns, name);
+            self.finish_deletion(PODS, ns, name);
+        }
+    }
+
+    /// Removes an object whose deletion was asked for, unless it has finalizers: then it only
+    /// gets its `deletionTimestamp` and stays until they are removed. Returns the object kept.
+    pub(crate) fn finish_deletion(&self, res: usize, ns: &str, name: &str) -> Option<Value> {
+        let kept = self.write(|s| {
+            let obj = s.get(res, ns, name)?;
+            if !api::finalizers(obj) {
+                return None;
+            }
+            s.modify(res, ns, name, |o| {
+                if o["metadata"].get("deletionTimestamp").is_none() {
+                    o["metadata"]["deletionTimestamp"] = json!(util::now_rfc3339());
+                    o["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+                }
+                true
+            })
+        });
+        if kept.is_none() {
+            self.remove(res, ns, name);
+        }
+        kept
+    }
+
+    /// After a write: an object being deleted whose last finalizer is gone is removed now
+    /// (a pod whose container still runs is removed when it stops).
+    pub(crate) fn finalized(&self, res: usize, ns: &str, name: &str, obj: &Value) {
+        if obj["metadata"].get("deletionTimestamp").is_none() || api::finalizers(obj) {
+            return;
+        }
+        let running = res == PODS
+            && obj
+                .pointer("/status/containerStatuses/0/state/running")
+                .is_some()
+            && lock(&self.pods).drivers.contains_key(meta_str(obj, "uid"));
+        if !running {
+            self.remove(res, ns, name);
         }
     }
 
     pub(crate) fn allocate_ip(&self) -> Ipv4Addr {
-        // One sequence for every fake in the process, in a /16 of 127.0.0.0/8 picked by the
-        // process id, so that fakes of tests running side by side (in one test binary or in
-        // several) never hand out the same address: 127.P.0.2, 127.P.0.3, ...
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(2);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) & 0xffff;
-        lock(&self.pods).next_ip = n + 1;
-        let block = 1 + std::process::id() % 250;
-        Ipv4Addr::from(0x7f00_0000 | (block << 16) | n.max(2))
+        next_pod_ip()
     }
 
     pub(crate) fn pod_dirs(&self, ns: &str, name: &str, uid: &str) -> (PathBuf, PathBuf) {
@@ -386,9 +439,33 @@ impl Inner {
             .is_some_and(|d| d.send(cmd).is_ok())
     }
 
+    pub(crate) fn record_request(&self, method: &axum::http::Method, uri: &axum::http::Uri) {
+        let target = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+        lock(&self.requests).push(format!("{method} {target}"));
+    }
+
     pub(crate) fn bookmark_interval(&self) -> Duration {
         *lock(&self.bookmark_interval)
     }
+}
+
+/// The next pod address, unique in this process and (for up to 256 pods per process) among
+/// processes: every fake in a test binary shares the sequence, and each process starts at its
+/// own block of `127.0.0.0/8` (from its pid), so tests that run in parallel, in one process or
+/// in many, never give two pods the same address and port.
+fn next_pod_ip() -> Ipv4Addr {
+    static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU32> = std::sync::OnceLock::new();
+    let next = NEXT.get_or_init(|| {
+        let block = std::process::id() % 65_000;
+        // Block 0 starts at 127.0.0.2, after the host's own 127.0.0.1.
+        std::sync::atomic::AtomicU32::new((block << 8) + 2)
+    });
+    let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let n = n % 0x00ff_fffe + 1;
+    if n == 1 {
+        return next_pod_ip();
+    }
+    Ipv4Addr::from(0x7f00_0000 | n)
 }
 
 /// A running fake API server. See the [module docs](self).
@@ -486,6 +563,14 @@ impl FakeApiServer {
         self.inner.write(Store::compact);
     }
 
+    /// Compacts the history and ends every open watch with an `ERROR` event carrying a 410
+    /// `Expired` Status, as the real server does to a watcher that fell too far behind: a
+    /// kube-rs watcher then relists.
+    pub fn expire_watches(&self) {
+        self.inner.write(Store::compact);
+        self.inner.expire.send_modify(|n| *n += 1);
+    }
+
     /// Changes how many changes the history keeps (older ones are dropped now).
     pub fn set_history_limit(&self, n: usize) {
         self.inner.write(|s| s.set_history_limit(n));
@@ -529,6 +614,39 @@ impl FakeApiServer {
                 true
             })
         })
+    }
+
+    /// Every authorized request so far, oldest first, as `METHOD /path?query` (e.g.
+    /// `GET /api/v1/namespaces/otm/pods?watch=true&...`): to check that a client watches
+    /// rather than polls, or sent a precondition.
+    pub fn requests(&self) -> Vec<String> {
+        lock(&self.inner.requests).clone()
+    }
+
+    /// Waits until the object satisfies `pred` (given `None` while it does not exist), woken by
+    /// each change rather than polling; returns whether it did within `timeout`.
+    pub async fn wait_for(
+        &self,
+        resource: &str,
+        namespace: &str,
+        name: &str,
+        timeout: Duration,
+        pred: impl Fn(Option<&Value>) -> bool,
+    ) -> bool {
+        let res = resource_named(resource);
+        let mut changed = self.inner.changed.subscribe();
+        let check = async {
+            loop {
+                let obj = self.inner.get_object(res, namespace, name);
+                if pred(obj.as_ref()) {
+                    return;
+                }
+                if changed.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, check).await.is_ok()
     }
 
     /// Sets a pod's `status.phase`; `None` if there is no such pod.

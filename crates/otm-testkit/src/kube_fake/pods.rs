@@ -53,6 +53,9 @@ pub struct PodLaunch {
     pub workdir: PathBuf,
     /// Where the pod's output should go; `GET .../pods/{name}/log` serves this file.
     pub log_path: PathBuf,
+    /// The first container's `volumeMounts` of `emptyDir` volumes: the mount path and a fresh
+    /// local directory standing in for it (under `workdir`).
+    pub volumes: Vec<(String, PathBuf)>,
 }
 
 /// A pod's running workload, as a [`PodRunner`] started it.
@@ -64,6 +67,15 @@ pub trait Workload: Send + Sync + fmt::Debug {
     /// Resolves with its exit code once it has stopped (128 + the signal number when a signal
     /// ended it, as the kubelet reports). May be called more than once.
     fn exited(&self) -> Pin<Box<dyn Future<Output = i32> + Send + 'static>>;
+    /// Runs `command` in the workload's environment, as a `preStop` exec hook does, and
+    /// resolves with its exit code. The default: this runner cannot.
+    fn exec(
+        &self,
+        command: &[String],
+    ) -> Pin<Box<dyn Future<Output = Result<i32, String>> + Send + 'static>> {
+        let _ = command;
+        Box::pin(async { Err("this runner cannot run commands in a workload".to_owned()) })
+    }
 }
 
 /// Starts pods' workloads. The fake calls [`PodRunner::start`] once a pod is scheduled and its
@@ -78,13 +90,16 @@ pub trait PodRunner: Send + Sync + fmt::Debug {
 /// name in the map, the image in the map (as written, without its tag, and its last path
 /// segment without its tag); if none is mapped, the command's first word is run as written
 /// (looked up in `PATH`). A mapped image with an empty `command` runs the mapped binary with
-/// `args`. The process gets only the container's environment plus `PATH`, `HOME` (the pod's
-/// directory), `HOSTNAME` (the pod's name) and what [`ProcessRunner::env`] adds; its working
-/// directory is a fresh directory; stdout and stderr go to the pod's log.
+/// `args`. The process gets only the container's environment plus `PATH`, `HOME` and
+/// `OTM_FAKE_POD_ROOT` (the pod's fresh directory, also its working directory), `HOSTNAME` (the
+/// pod's name) and what [`ProcessRunner::env`] adds; stdout and stderr go to the pod's log.
+/// Volumes are not mounted; [`ProcessRunner::rewrite_mount_paths`] points paths under
+/// `emptyDir` mounts at local directories instead.
 #[derive(Clone, Debug, Default)]
 pub struct ProcessRunner {
     binaries: HashMap<String, PathBuf>,
     env: Vec<(String, String)>,
+    rewrite_mounts: bool,
 }
 
 impl ProcessRunner {
@@ -102,6 +117,14 @@ impl ProcessRunner {
     /// Adds a variable to every pod process's environment (before the container's own).
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Rewrites arguments and environment values that start with the mount path of an
+    /// `emptyDir` volume (`/state/x`, `--dir=/state`) to the local directory standing in for
+    /// it, so a pod spec that writes to its volumes works unchanged as a local process.
+    pub fn rewrite_mount_paths(mut self) -> Self {
+        self.rewrite_mounts = true;
         self
     }
 
@@ -154,7 +177,17 @@ impl ProcessRunner {
 
 impl PodRunner for ProcessRunner {
     fn start(&self, launch: &PodLaunch) -> Result<Box<dyn Workload>, String> {
-        let (program, args) = self.resolve(launch)?;
+        let (program, mut args) = self.resolve(launch)?;
+        let mut env = launch.env.clone();
+        let hook_vars = env.clone();
+        if self.rewrite_mounts {
+            for a in &mut args {
+                *a = rewrite_mounts(a, &launch.volumes);
+            }
+            for (_, v) in &mut env {
+                *v = rewrite_mounts(v, &launch.volumes);
+            }
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -173,7 +206,8 @@ impl PodRunner for ProcessRunner {
             .env("HOME", &launch.workdir)
             .env("HOSTNAME", &launch.name)
             .envs(self.env.iter().cloned())
-            .envs(launch.env.iter().cloned())
+            .env("OTM_FAKE_POD_ROOT", &launch.workdir)
+            .envs(env.iter().cloned())
             .current_dir(&launch.workdir)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
@@ -185,7 +219,12 @@ impl PodRunner for ProcessRunner {
             .map_err(|e| format!("cannot start {}: {e}", program.display()))?;
         let (signals, mut signal_rx) = mpsc::unbounded_channel::<nix::sys::signal::Signal>();
         let (exit_tx, exit_rx) = watch::channel(None);
+        let pgid = child
+            .id()
+            .and_then(|p| i32::try_from(p).ok())
+            .map(nix::unistd::Pid::from_raw);
         tokio::spawn(async move {
+            use nix::sys::signal::{Signal, kill, killpg};
             let code = loop {
                 tokio::select! {
                     status = child.wait() => {
@@ -199,18 +238,41 @@ impl PodRunner for ProcessRunner {
                     }
                     Some(sig) = signal_rx.recv() => {
                         // The child has not been reaped yet (its `wait` has not returned), so
-                        // its id still names it; signal its whole process group.
-                        if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
-                            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), sig);
+                        // its id still names it. As in a container, SIGTERM goes to the main
+                        // process only and SIGKILL to all of its processes.
+                        if let Some(pid) = pgid {
+                            let _ = if sig == Signal::SIGKILL { killpg(pid, sig) } else { kill(pid, sig) };
                         }
                     }
                 }
             };
+            // A container's processes end with its main process. The group outlives the
+            // leader while any member lives, so its id still names it here.
+            if let Some(pid) = pgid {
+                let _ = killpg(pid, Signal::SIGKILL);
+            }
             let _ = exit_tx.send(Some(code));
         });
+        let mut hook_env: Vec<(String, String)> = vec![
+            (
+                "PATH".into(),
+                std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()),
+            ),
+            ("HOME".into(), launch.workdir.display().to_string()),
+            ("HOSTNAME".into(), launch.name.clone()),
+            (
+                "OTM_FAKE_POD_ROOT".into(),
+                launch.workdir.display().to_string(),
+            ),
+        ];
+        hook_env.extend(self.env.iter().cloned());
+        hook_env.extend(hook_vars);
         Ok(Box::new(ProcessWorkload {
             signals,
             exit: exit_rx,
+            runner: self.clone(),
+            env: hook_env,
+            workdir: launch.workdir.clone(),
         }))
     }
 }
@@ -220,6 +282,10 @@ impl PodRunner for ProcessRunner {
 struct ProcessWorkload {
     signals: mpsc::UnboundedSender<nix::sys::signal::Signal>,
     exit: watch::Receiver<Option<i32>>,
+    /// For exec hooks: how programs are found, the container's environment, its directory.
+    runner: ProcessRunner,
+    env: Vec<(String, String)>,
+    workdir: PathBuf,
 }
 
 impl Workload for ProcessWorkload {
@@ -238,6 +304,36 @@ impl Workload for ProcessWorkload {
                 Ok(code) => code.unwrap_or(137),
                 Err(_) => 137,
             }
+        })
+    }
+
+    fn exec(
+        &self,
+        command: &[String],
+    ) -> Pin<Box<dyn Future<Output = Result<i32, String>> + Send + 'static>> {
+        let Some((first, rest)) = command.split_first() else {
+            return Box::pin(async { Err("an empty exec command".to_owned()) });
+        };
+        let program = self
+            .runner
+            .lookup(first)
+            .cloned()
+            .unwrap_or_else(|| PathBuf::from(first));
+        let mut cmd = tokio::process::Command::new(&program);
+        cmd.args(rest)
+            .env_clear()
+            .envs(self.env.iter().cloned())
+            .current_dir(&self.workdir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        Box::pin(async move {
+            let status = cmd
+                .status()
+                .await
+                .map_err(|e| format!("cannot run {}: {e}", program.display()))?;
+            Ok(status.code().unwrap_or(137))
         })
     }
 }
@@ -499,6 +595,56 @@ fn resolve_env(
     Ok(env)
 }
 
+/// Fresh local directories for the container's `emptyDir` mounts.
+fn empty_dirs(pod: &Value, container: &Value, workdir: &Path) -> Vec<(String, PathBuf)> {
+    let empty: Vec<&str> = pod
+        .pointer("/spec/volumes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|v| v.get("emptyDir").is_some())
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    container["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| {
+            let name = m["name"].as_str()?;
+            let path = m["mountPath"].as_str()?;
+            if !empty.contains(&name) || name.contains('/') || name.starts_with('.') {
+                return None;
+            }
+            let dir = workdir.join("volumes").join(name);
+            std::fs::create_dir_all(&dir).ok()?;
+            // An emptyDir is writable by whatever user the container runs as.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).ok()?;
+            Some((path.to_owned(), dir))
+        })
+        .collect()
+}
+
+/// Replaces a leading mount path in `text` by its local directory.
+fn rewrite_mounts(text: &str, volumes: &[(String, PathBuf)]) -> String {
+    for (mount, dir) in volumes {
+        let mount = mount.trim_end_matches('/');
+        if let Some(rest) = text.strip_prefix(mount)
+            && (rest.is_empty() || rest.starts_with('/'))
+        {
+            return format!("{}{rest}", dir.display());
+        }
+        // `--flag=/mount/path` forms.
+        if let Some((flag, value)) = text.split_once('=')
+            && let Some(rest) = value.strip_prefix(mount)
+            && (rest.is_empty() || rest.starts_with('/'))
+        {
+            return format!("{flag}={}{rest}", dir.display());
+        }
+    }
+    text.to_owned()
+}
+
 fn strings(v: &Value, vars: &HashMap<String, String>) -> Vec<String> {
     v.as_array()
         .into_iter()
@@ -510,7 +656,7 @@ fn strings(v: &Value, vars: &HashMap<String, String>) -> Vec<String> {
 
 /// Probes a container's readiness once: `httpGet` (2xx or 3xx), `tcpSocket` (a connection);
 /// other probe kinds pass.
-async fn probe(probe: &Value, container: &Value, ip: Ipv4Addr) -> bool {
+async fn probe(probe: &Value, container: &Value, ip: Ipv4Addr, limit: Duration) -> bool {
     let port_of = |p: &Value| -> Option<u16> {
         match p {
             Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
@@ -568,11 +714,40 @@ async fn probe(probe: &Value, container: &Value, ip: Ipv4Addr) -> bool {
             Some(true)
         }
     };
-    timeout(Duration::from_secs(1), attempt)
+    timeout(limit, attempt)
         .await
         .ok()
         .flatten()
         .unwrap_or(false)
+}
+
+/// The container's `lifecycle.preStop` hook as a future: `exec` through the workload,
+/// `httpGet` on the pod IP. Its outcome does not matter, as with the kubelet.
+fn pre_stop(
+    container: &Value,
+    ip: Ipv4Addr,
+    workload: &dyn Workload,
+) -> Option<Pin<Box<dyn Future<Output = ()> + Send>>> {
+    let hook = container.pointer("/lifecycle/preStop")?;
+    if let Some(command) = hook.pointer("/exec/command").and_then(Value::as_array) {
+        let command: Vec<String> = command
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect();
+        let run = workload.exec(&command);
+        return Some(Box::pin(async move {
+            let _ = run.await;
+        }));
+    }
+    if let Some(get) = hook.get("httpGet") {
+        let probe_spec = json!({"httpGet": get});
+        let container = container.clone();
+        return Some(Box::pin(async move {
+            probe(&probe_spec, &container, ip, Duration::from_secs(86_400)).await;
+        }));
+    }
+    None
 }
 
 /// Waits for orders after the workload is gone: a deletion now removes the pod at once.
@@ -667,6 +842,7 @@ pub(crate) async fn drive_pod(
         command: strings(&container["command"], &vars),
         args: strings(&container["args"], &vars),
         env,
+        volumes: empty_dirs(&pod, &container, &workdir),
         workdir,
         log_path,
     };
@@ -695,6 +871,7 @@ pub(crate) async fn drive_pod(
     let mut exited = workload.exited();
     let mut kill_at: Option<Instant> = None;
     let mut forced: Option<(i32, String)> = None;
+    let mut hook: Option<Pin<Box<dyn Future<Output = ()> + Send>>> = None;
     let far = Instant::now() + Duration::from_secs(86_400 * 365);
     let code = loop {
         tokio::select! {
@@ -702,8 +879,12 @@ pub(crate) async fn drive_pod(
             cmd = cmds.recv() => match cmd {
                 Some(PodCommand::Terminate { grace }) => {
                     if kill_at.is_none() {
-                        workload.terminate();
                         kill_at = Some(Instant::now() + grace);
+                        // The preStop hook runs first, within the grace; then SIGTERM.
+                        hook = pre_stop(&container, ip, workload.as_ref());
+                        if hook.is_none() {
+                            workload.terminate();
+                        }
                     }
                 }
                 Some(PodCommand::Fail { exit_code, reason }) => {
@@ -715,13 +896,18 @@ pub(crate) async fn drive_pod(
                     return;
                 }
             },
+            _ = async { if let Some(h) = hook.as_mut() { h.await } }, if hook.is_some() => {
+                hook = None;
+                workload.terminate();
+            }
             _ = sleep_until(kill_at.unwrap_or(far)), if kill_at.is_some() => {
+                hook = None;
                 workload.kill();
                 kill_at = None;
             }
             ok = async {
                 sleep(PROBE_PERIOD).await;
-                probe(readiness.as_ref().unwrap_or(&Value::Null), &container, ip).await
+                probe(readiness.as_ref().unwrap_or(&Value::Null), &container, ip, Duration::from_secs(1)).await
             }, if !ready => {
                 if ok {
                     ready = true;
@@ -751,4 +937,72 @@ pub(crate) async fn drive_pod(
         return;
     }
     after_exit(&inner, &ns, &name, &uid, &mut cmds).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_paths_are_rewritten_to_local_directories() {
+        let volumes = vec![(
+            "/var/lib/otm/state/".to_owned(),
+            PathBuf::from("/pods/p/volumes/state"),
+        )];
+        assert_eq!(
+            rewrite_mounts("/var/lib/otm/state/a", &volumes),
+            "/pods/p/volumes/state/a"
+        );
+        assert_eq!(
+            rewrite_mounts("--state=/var/lib/otm/state", &volumes),
+            "--state=/pods/p/volumes/state"
+        );
+        assert_eq!(
+            rewrite_mounts("/var/lib/otm/statefile", &volumes),
+            "/var/lib/otm/statefile"
+        );
+        assert_eq!(
+            rewrite_mounts("tcp:127.0.0.2:7070", &volumes),
+            "tcp:127.0.0.2:7070"
+        );
+    }
+
+    #[test]
+    fn programs_come_from_the_binary_map() {
+        let runner = ProcessRunner::new().binary("otm", "/bin/otm-built");
+        let launch = |image: &str, command: &[&str], args: &[&str]| PodLaunch {
+            namespace: "ns".into(),
+            name: "p".into(),
+            pod_ip: Ipv4Addr::new(127, 0, 0, 2),
+            pod: Value::Null,
+            image: image.into(),
+            command: command.iter().map(|s| s.to_string()).collect(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
+            workdir: PathBuf::from("/w"),
+            log_path: PathBuf::from("/w/log"),
+            volumes: Vec::new(),
+        };
+        let otm = PathBuf::from("/bin/otm-built");
+        assert_eq!(
+            runner
+                .resolve(&launch("x", &["/usr/local/bin/otm", "shim"], &["--a"]))
+                .unwrap(),
+            (otm.clone(), vec!["shim".into(), "--a".into()])
+        );
+        assert_eq!(
+            runner
+                .resolve(&launch("registry.example:5000/otm:1.2", &[], &["shim"]))
+                .unwrap(),
+            (otm, vec!["shim".into()])
+        );
+        assert_eq!(
+            runner
+                .resolve(&launch("x", &["sleep", "1"], &[]))
+                .unwrap()
+                .0,
+            PathBuf::from("sleep")
+        );
+        assert!(runner.resolve(&launch("unknown:1", &[], &["a"])).is_err());
+    }
 }

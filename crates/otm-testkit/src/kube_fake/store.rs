@@ -350,6 +350,11 @@ impl Store {
         if res == SECRETS {
             secret_string_data(&mut obj);
         }
+        if res == PODS {
+            // As the API server does: a new pod's status is reset to Pending with its QoS class.
+            let qos = qos_class(&obj);
+            obj["status"] = json!({"phase": "Pending", "qosClass": qos});
+        }
         let meta = &mut obj["metadata"];
         meta["uid"] = json!(new_uid());
         meta["creationTimestamp"] = json!(now_rfc3339());
@@ -505,6 +510,35 @@ impl Store {
             }
         }
         removed
+    }
+}
+
+/// A pod's QoS class from its containers' requests and limits.
+fn qos_class(pod: &Value) -> &'static str {
+    let containers = pod
+        .pointer("/spec/containers")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let mut any = false;
+    let mut guaranteed = !containers.is_empty();
+    for c in &containers {
+        let requests = c.pointer("/resources/requests");
+        let limits = c.pointer("/resources/limits");
+        any |= requests.is_some_and(|r| r.as_object().is_some_and(|m| !m.is_empty()))
+            || limits.is_some_and(|l| l.as_object().is_some_and(|m| !m.is_empty()));
+        for resource in ["cpu", "memory"] {
+            let limit = limits.and_then(|l| l.get(resource));
+            let request = requests.and_then(|r| r.get(resource)).or(limit);
+            if limit.is_none() || request != limit {
+                guaranteed = false;
+            }
+        }
+    }
+    match (guaranteed, any) {
+        (true, _) => "Guaranteed",
+        (false, true) => "Burstable",
+        (false, false) => "BestEffort",
     }
 }
 

@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 
-use serde_json::{Value, json};
 use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{Value, json};
 
 /// An error the API answers with, as a `Status` object.
 #[derive(Clone, Debug)]
@@ -140,7 +140,9 @@ fn random_bytes<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
     if getrandom::fill(&mut b).is_err() {
         // Fall back to the clock: uniqueness within one test run is all that matters.
-        let n = i128::from(Utc::now().timestamp_nanos_opt().unwrap_or_default());
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
         for (i, byte) in b.iter_mut().enumerate() {
             *byte = (n >> ((i % 16) * 8)) as u8 ^ i as u8;
         }
@@ -271,6 +273,12 @@ mod tests {
             expand_vars("$$(POD_IP) $(NOPE) $x", &vars),
             "$(POD_IP) $(NOPE) $x"
         );
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_seconds_in_utc() {
+        let t = DateTime::from_timestamp(951_868_801, 123_000_000).unwrap();
+        assert_eq!(rfc3339(t), "2000-03-01T00:00:01Z");
     }
 
     #[test]
