@@ -121,7 +121,7 @@ fn loggable(s: &str) -> String {
 
 /// Counts and logs one refused (or locally answered) call.
 fn refused(app: &App, tenant: Option<&Tenant>, method: &str, reason: &str) {
-    app.metrics.egress_refused("bot", reason);
+    app.metrics().egress_refused("bot", reason);
     match tenant {
         Some(t) => {
             tracing::warn!(tenant = %t.id, method = %loggable(method), reason, "Bot API call refused")
@@ -141,7 +141,7 @@ async fn proxy(State(app): State<Arc<App>>, req: Request) -> Response {
     }
     let Some((file, raw_token, raw_tail)) = split(&path) else {
         refused(&app, None, "-", "not_found");
-        app.metrics.egress("not_found");
+        app.metrics().egress("not_found");
         return telegram_error(StatusCode::NOT_FOUND, "Not Found");
     };
     let surrogate = match crate::proxy_path::segments(&format!("/{raw_token}")).as_deref() {
@@ -154,7 +154,7 @@ async fn proxy(State(app): State<Arc<App>>, req: Request) -> Response {
     let tenant = match tenant_by_surrogate(&app, &surrogate).await {
         Ok(t) => t,
         Err(Refusal::Unauthorized) => {
-            app.metrics.egress("refused");
+            app.metrics().egress("refused");
             refused(&app, None, raw_tail, "unauthorized");
             return telegram_error(StatusCode::UNAUTHORIZED, "Unauthorized");
         }
@@ -190,13 +190,13 @@ async fn proxy(State(app): State<Arc<App>>, req: Request) -> Response {
     if let Call::Method(m) = &call {
         let lower = m.to_ascii_lowercase();
         if LOCAL.contains(&lower.as_str()) {
-            app.metrics.egress("local");
+            app.metrics().egress("local");
             refused(&app, Some(&tenant), m, "answered_locally");
             return answer_locally(&app, &tenant, &lower).await;
         }
     }
     let Some(real) = tenant.bot_token.clone() else {
-        app.metrics.egress("no_token");
+        app.metrics().egress("no_token");
         refused(&app, Some(&tenant), raw_tail, "no_bot_token");
         return telegram_error(
             StatusCode::UNAUTHORIZED,
@@ -215,7 +215,7 @@ async fn proxy(State(app): State<Arc<App>>, req: Request) -> Response {
 async fn answer_locally(app: &App, tenant: &Tenant, method: &str) -> Response {
     match method {
         "getwebhookinfo" => {
-            let pending = app.registry.inbox_depth(&tenant.id).await.unwrap_or(0);
+            let pending = app.registry().inbox_depth(&tenant.id).await.unwrap_or(0);
             let url = app.webhook_url(&tenant.id).unwrap_or_default();
             Json(json!({"ok": true, "result": {
                 "url": url, "has_custom_certificate": false, "pending_update_count": pending
@@ -244,7 +244,7 @@ async fn forward(
     call: &Call,
     req: Request,
 ) -> Response {
-    let root = app.telegram.root();
+    let root = app.telegram().root();
     let (mut url, method_name) = match call {
         Call::Method(m) => (format!("{root}/bot{}/{m}", real.expose()), m.as_str()),
         Call::File(segs) => (
@@ -288,14 +288,14 @@ async fn forward(
     };
     let now = Instant::now();
     match app
-        .bot_limiter
+        .bot_limiter()
         .admit(&tenant.id, message, chat.as_deref(), now)
     {
         crate::bot_limits::Admission::At(slot) => {
             if slot > now {
                 tokio::time::sleep_until(slot.into()).await;
             }
-            app.metrics
+            app.metrics()
                 .bot_api_queued_seconds
                 .observe(slot.saturating_duration_since(now).as_secs_f64());
         }
@@ -305,7 +305,7 @@ async fn forward(
         }
     }
     let mut out = app
-        .http
+        .http()
         .request(method, url)
         .body(body)
         .timeout(UPSTREAM_TIMEOUT);
@@ -314,7 +314,7 @@ async fn forward(
     }
     match out.send().await {
         Ok(resp) => {
-            app.metrics.egress("forwarded");
+            app.metrics().egress("forwarded");
             let status =
                 StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
             let ct = resp
@@ -328,7 +328,7 @@ async fn forward(
                     .ok()
                     .and_then(|v| v["parameters"]["retry_after"].as_u64())
                     .unwrap_or(1);
-                app.bot_limiter.blocked(
+                app.bot_limiter().blocked(
                     &tenant.id,
                     Duration::from_secs(retry_after.min(3600)),
                     Instant::now(),
@@ -346,7 +346,7 @@ async fn forward(
             response
         }
         Err(e) => {
-            app.metrics.egress("upstream_error");
+            app.metrics().egress("upstream_error");
             // The URL carries the real token: never let it into a message.
             tracing::warn!(tenant = %tenant.id, method = method_name, error = %e.without_url(), "Bot API call failed");
             telegram_error(

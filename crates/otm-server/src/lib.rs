@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`config`]: settings (flags, `OTM_*` variables, the TOML file), validation.
 //! - [`app`]: [`App`], the context every component gets.
+//! - [`clock`]: [`clock::Clock`], wall time from the system or, in tests, from tokio's clock.
 //! - [`ingress`]: `POST /tg/{tenant}`: secret check, durable append.
 //! - [`dispatch`]: per-tenant dispatchers that drain inboxes in order.
 //! - [`wake`]: what a wake answers and the [`wake::Waker`] behind [`App::wake`].
@@ -29,6 +30,7 @@
 pub mod admin;
 pub mod app;
 pub mod bot_limits;
+pub mod clock;
 pub mod config;
 pub mod connect;
 pub mod dispatch;

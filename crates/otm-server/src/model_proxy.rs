@@ -112,7 +112,7 @@ fn route(method: &Method, tail: &str) -> Result<Route, &'static str> {
 
 /// Counts and logs one refused call.
 fn refused(app: &App, tenant: Option<&TenantId>, what: &str, reason: &str) {
-    app.metrics.egress_refused("model", reason);
+    app.metrics().egress_refused("model", reason);
     let what: String = what.chars().filter(|c| !c.is_control()).take(120).collect();
     match tenant {
         Some(t) => tracing::warn!(tenant = %t, call = %what, reason, "model call refused"),
@@ -137,7 +137,7 @@ pub async fn proxy(app: Arc<App>, req: Request) -> Response {
     let tenant = match tenant_by_surrogate(&app, &surrogate).await {
         Ok(t) => t,
         Err(Refusal::Unauthorized) => {
-            app.metrics.egress("model_refused");
+            app.metrics().egress("model_refused");
             refused(&app, None, &what, "unauthorized");
             return model_error(
                 StatusCode::UNAUTHORIZED,
@@ -165,8 +165,8 @@ pub async fn proxy(app: Arc<App>, req: Request) -> Response {
             );
         }
     };
-    let Some(base) = app.settings.model_base_url.clone() else {
-        app.metrics.egress("model_unconfigured");
+    let Some(base) = app.settings().model_base_url.clone() else {
+        app.metrics().egress("model_unconfigured");
         refused(&app, Some(&tenant.id), &what, "not_configured");
         return model_error(
             StatusCode::NOT_FOUND,
@@ -182,7 +182,7 @@ pub async fn proxy(app: Arc<App>, req: Request) -> Response {
             Duration::from_secs(1),
         );
     };
-    if let Err(over) = app.model_budgets.admit(
+    if let Err(over) = app.model_budgets().admit(
         &tenant.id,
         app.model_budget(&tenant),
         Instant::now(),
@@ -296,7 +296,7 @@ async fn forward(
         }
     };
     let body = if method == Method::POST {
-        match prepare_body(&route, &body, app.settings.model_id.as_deref()) {
+        match prepare_body(&route, &body, app.settings().model_id.as_deref()) {
             Ok(b) => bytes::Bytes::from(b),
             Err((reason, message)) => {
                 refused(app, Some(&tenant.id), what, reason);
@@ -306,7 +306,7 @@ async fn forward(
     } else {
         bytes::Bytes::new()
     };
-    let mut out = app.http.request(method, url).body(body).timeout(TIMEOUT);
+    let mut out = app.http().request(method, url).body(body).timeout(TIMEOUT);
     for name in FORWARDED {
         if let Some(v) = headers.get(*name) {
             out = out.header(*name, v.clone());
@@ -316,13 +316,13 @@ async fn forward(
         .limits
         .model_api_key
         .as_ref()
-        .or(app.settings.model_api_key.as_ref());
+        .or(app.settings().model_api_key.as_ref());
     if let Some(key) = key {
         out = out.bearer_auth(key.expose());
     }
     match out.send().await {
         Ok(resp) => {
-            app.metrics.egress("model_forwarded");
+            app.metrics().egress("model_forwarded");
             let status =
                 StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
             let mut response_headers = Vec::new();
@@ -362,7 +362,7 @@ async fn forward(
             response
         }
         Err(e) => {
-            app.metrics.egress("model_upstream_error");
+            app.metrics().egress("model_upstream_error");
             tracing::warn!(tenant = %tenant.id, error = %e.without_url(), "model call failed");
             model_error(
                 StatusCode::BAD_GATEWAY,
@@ -414,8 +414,8 @@ impl Drop for Meter {
                 .unwrap_or(0),
         };
         if tokens > 0 {
-            self.app.metrics.model_tokens.inc_by(tokens);
-            self.app.model_budgets.record_tokens(
+            self.app.metrics().model_tokens.inc_by(tokens);
+            self.app.model_budgets().record_tokens(
                 &self.tenant,
                 tokens,
                 Instant::now(),

@@ -1,0 +1,254 @@
+//! Time-based logic under `tokio::time::pause()`: the idle reaper, delivery backoff and
+//! dead-lettering, lease renewal and giving up, and the warm pool, on in-process backends and a
+//! runtime whose instances answer at once. Minutes of the server's time pass in milliseconds.
+
+mod support;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use otm_core::instance::Endpoint;
+use otm_core::{
+    Coordinator, DeliveryFailure, FleetSettings, InstanceState, Lease, Notification, Result,
+    TenantId, TenantStatus,
+};
+use otm_server::lease::HeldLease;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use support::World;
+use tokio::time::{Instant, sleep, sleep_until};
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_tenant_is_stopped_after_its_timeout_with_a_final_snapshot() {
+    let w = World::new(|_| {}).await;
+    w.run_loops();
+    let t = w.tenant("sleepy", 60).await;
+    w.update(&t, 1).await;
+    w.until(Duration::from_secs(5), async || {
+        w.registry().inbox_depth(&t).await.unwrap() == 0
+    })
+    .await;
+    let delivered = Instant::now();
+    assert_eq!(w.runtime.shims.deliveries.load(Ordering::SeqCst), 1);
+    assert_eq!(w.status(&t).await, TenantStatus::Running);
+
+    // Just before its idle timeout the tenant is still up.
+    sleep_until(delivered + Duration::from_secs(58)).await;
+    assert_eq!(w.status(&t).await, TenantStatus::Running);
+    assert!(w.registry().instance_of(&t).await.unwrap().is_some());
+
+    // The reaper looks every second: within two of the deadline it is stopped.
+    sleep_until(delivered + Duration::from_secs(62)).await;
+    assert_eq!(w.status(&t).await, TenantStatus::Idle);
+    assert!(w.registry().instance_of(&t).await.unwrap().is_none());
+    assert_eq!(w.runtime.running(), 0);
+    let head = w.app.state().head(&t).await.unwrap().expect("a snapshot");
+    assert_eq!(head.reason, "final");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tenant_with_updates_arriving_stays_awake() {
+    let w = World::new(|_| {}).await;
+    w.run_loops();
+    let t = w.tenant("chatty", 30).await;
+    // One update every 20 s for two minutes: never 30 s without activity.
+    for i in 1..=6 {
+        w.update(&t, i).await;
+        sleep(Duration::from_secs(20)).await;
+        assert_eq!(
+            w.status(&t).await,
+            TenantStatus::Running,
+            "after update {i}"
+        );
+    }
+    assert_eq!(w.runtime.shims.created.load(Ordering::SeqCst), 1);
+    sleep(Duration::from_secs(12)).await;
+    assert_eq!(w.status(&t).await, TenantStatus::Idle);
+}
+
+#[tokio::test(start_paused = true)]
+async fn refused_updates_back_off_then_go_to_the_dead_letter_list() {
+    let w = World::new(|s| s.max_delivery_attempts = 4).await;
+    w.run_loops();
+    w.runtime.shims.refuse.store(true, Ordering::SeqCst);
+    let t = w.tenant("refused", 600).await;
+    let start = Instant::now();
+    w.update(&t, 1).await;
+    let attempts = async |w: &World, t: &TenantId| {
+        let v = w.registry().inbox_view(t, 10).await.unwrap();
+        (
+            v.pending.first().map(|i| i.attempts),
+            v.dead.first().map(|i| i.attempts),
+        )
+    };
+    // Attempts at 0 ms, then 100, 200 and 400 ms apart.
+    sleep_until(start + Duration::from_millis(50)).await;
+    assert_eq!(attempts(&w, &t).await, (Some(1), None));
+    sleep_until(start + Duration::from_millis(150)).await;
+    assert_eq!(attempts(&w, &t).await, (Some(2), None));
+    sleep_until(start + Duration::from_millis(290)).await;
+    assert_eq!(attempts(&w, &t).await, (Some(2), None));
+    sleep_until(start + Duration::from_millis(650)).await;
+    assert_eq!(attempts(&w, &t).await, (Some(3), None));
+    sleep_until(start + Duration::from_millis(750)).await;
+    assert_eq!(attempts(&w, &t).await, (None, Some(4)));
+
+    let dead = w.registry().inbox_view(&t, 10).await.unwrap().dead;
+    assert_eq!(dead[0].failure().0, Some(DeliveryFailure::AgentRefused));
+    assert_eq!(w.runtime.shims.deliveries.load(Ordering::SeqCst), 4);
+    // Nothing is tried again once it is dead.
+    sleep(Duration::from_secs(60)).await;
+    assert_eq!(w.runtime.shims.deliveries.load(Ordering::SeqCst), 4);
+    // The next update goes through once the agent takes updates again.
+    w.runtime.shims.refuse.store(false, Ordering::SeqCst);
+    w.update(&t, 2).await;
+    w.until(Duration::from_secs(5), async || {
+        w.registry().inbox_depth(&t).await.unwrap() == 0
+    })
+    .await;
+    assert_eq!(w.runtime.shims.deliveries.load(Ordering::SeqCst), 5);
+}
+
+/// The in-memory coordinator, whose renewals fail while `fail_renewals` is set, and find
+/// another owner while `taken` is.
+#[derive(Debug, Default)]
+struct Flaky {
+    inner: otm_store::MemoryCoordinator,
+    fail_renewals: AtomicBool,
+    /// Renewals answer that another owner holds the lease.
+    taken: AtomicBool,
+}
+
+#[async_trait]
+impl Coordinator for Flaky {
+    async fn endpoint(&self, tenant: &TenantId) -> Result<Option<Endpoint>> {
+        self.inner.endpoint(tenant).await
+    }
+    async fn set_endpoint(&self, tenant: &TenantId, ep: &Endpoint, ttl: Duration) -> Result<()> {
+        self.inner.set_endpoint(tenant, ep, ttl).await
+    }
+    async fn clear_endpoint(&self, tenant: &TenantId) -> Result<()> {
+        self.inner.clear_endpoint(tenant).await
+    }
+    async fn acquire(&self, key: &str, ttl: Duration) -> Result<Option<Lease>> {
+        self.inner.acquire(key, ttl).await
+    }
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool> {
+        if self.fail_renewals.load(Ordering::SeqCst) {
+            return Err(otm_core::Error::unavailable("coordinator", "unreachable"));
+        }
+        if self.taken.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        self.inner.renew(lease, ttl).await
+    }
+    async fn release(&self, lease: &Lease) -> Result<bool> {
+        self.inner.release(lease).await
+    }
+    async fn publish(&self, n: Notification) -> Result<()> {
+        self.inner.publish(n).await
+    }
+    fn subscribe(&self) -> BoxStream<'static, Notification> {
+        self.inner.subscribe()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_renewed_lease_outlives_many_ttls() {
+    let flaky = Arc::new(Flaky::default());
+    let c: Arc<dyn Coordinator> = flaky.clone();
+    let ttl = Duration::from_secs(3);
+    let held = HeldLease::try_acquire(&c, "k", ttl).await.unwrap().unwrap();
+    sleep(ttl * 20).await;
+    assert!(!held.lost().is_cancelled());
+    assert!(c.acquire("k", ttl).await.unwrap().is_none(), "still held");
+    held.release().await;
+    assert!(c.acquire("k", ttl).await.unwrap().is_some(), "released");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_that_cannot_be_renewed_is_given_up_before_it_lapses() {
+    let flaky = Arc::new(Flaky::default());
+    let c: Arc<dyn Coordinator> = flaky.clone();
+    // A 4 s lease is renewed every 1.33 s and given up 1 s before it may lapse.
+    let ttl = Duration::from_secs(4);
+    let start = Instant::now();
+    let held = HeldLease::try_acquire(&c, "k", ttl).await.unwrap().unwrap();
+    flaky.fail_renewals.store(true, Ordering::SeqCst);
+    sleep_until(start + Duration::from_millis(2900)).await;
+    assert!(!held.lost().is_cancelled(), "failed renewals are retried");
+    // Given up within the TTL minus its margin (and one retry pause)...
+    sleep_until(start + Duration::from_millis(3500)).await;
+    assert!(held.lost().is_cancelled(), "given up");
+    // ...while the coordinator still holds it for this owner: nobody else can have taken over.
+    assert!(c.acquire("k", ttl).await.unwrap().is_none());
+    sleep_until(start + Duration::from_millis(4100)).await;
+    assert!(
+        c.acquire("k", ttl).await.unwrap().is_some(),
+        "lapsed at its TTL"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_another_owner_took_is_lost_at_the_next_renewal() {
+    let flaky = Arc::new(Flaky::default());
+    let c: Arc<dyn Coordinator> = flaky.clone();
+    let ttl = Duration::from_secs(3);
+    let start = Instant::now();
+    let held = HeldLease::try_acquire(&c, "k", ttl).await.unwrap().unwrap();
+    flaky.taken.store(true, Ordering::SeqCst);
+    sleep_until(start + Duration::from_millis(900)).await;
+    assert!(!held.lost().is_cancelled());
+    // Renewed every third of the TTL: the first renewal, at 1 s, finds another owner.
+    sleep_until(start + Duration::from_millis(1100)).await;
+    assert!(held.lost().is_cancelled());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_warm_pool_fills_refills_after_a_claim_and_drains() {
+    let w = World::new(|_| {}).await;
+    w.run_loops();
+    let warm = async |w: &World| {
+        w.registry()
+            .list_instances()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|r| r.tenant.is_none() && r.state == InstanceState::Warm)
+            .count()
+    };
+    sleep(Duration::from_secs(2)).await;
+    assert_eq!(warm(&w).await, 0);
+    w.registry()
+        .put_settings(&FleetSettings {
+            warm_pool_target: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    sleep(Duration::from_millis(1500)).await;
+    assert_eq!(warm(&w).await, 2);
+    assert_eq!(w.runtime.running(), 2);
+
+    let t = w.tenant("warmed", 600).await;
+    w.update(&t, 1).await;
+    w.until(Duration::from_secs(5), async || {
+        w.registry().inbox_depth(&t).await.unwrap() == 0
+    })
+    .await;
+    sleep(Duration::from_millis(1500)).await;
+    assert_eq!(warm(&w).await, 2, "refilled after the wake claimed one");
+    assert_eq!(
+        w.runtime.shims.created.load(Ordering::SeqCst),
+        3,
+        "the wake took a warm instance instead of creating one"
+    );
+
+    w.registry()
+        .put_settings(&FleetSettings::default())
+        .await
+        .unwrap();
+    sleep(Duration::from_millis(1500)).await;
+    assert_eq!(warm(&w).await, 0);
+    assert_eq!(w.runtime.running(), 1, "the tenant's instance stays");
+}
