@@ -24,7 +24,6 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use futures::TryStreamExt;
 use otm_core::{Secret, Tenant};
 use serde_json::json;
 use std::sync::Arc;
@@ -245,21 +244,27 @@ async fn forward(
     req: Request,
 ) -> Response {
     let root = app.telegram().root();
-    let (mut url, method_name) = match call {
-        Call::Method(m) => (format!("{root}/bot{}/{m}", real.expose()), m.as_str()),
+    let query = req.uri().query().map(str::to_owned);
+    let token = format!("bot{}", real.expose());
+    let (url, method_name) = match call {
+        Call::Method(m) => (
+            crate::forward::url(root, [token.as_str(), m.as_str()], query.as_deref()),
+            m.as_str(),
+        ),
         Call::File(segs) => (
-            format!("{root}/file/bot{}/{}", real.expose(), segs.join("/")),
+            crate::forward::url(
+                root,
+                ["file", token.as_str()]
+                    .into_iter()
+                    .chain(segs.iter().map(String::as_str)),
+                query.as_deref(),
+            ),
             "file",
         ),
     };
-    let query = req.uri().query().map(str::to_owned);
-    if let Some(q) = &query {
-        url.push('?');
-        url.push_str(q);
-    }
     let method = req.method().clone();
-    let content_type = req.headers().get("content-type").cloned();
     let (parts, body) = req.into_parts();
+    let content_type = parts.headers.get("content-type").cloned();
     let (body, _buffered) = match read_body(app, &parts.headers, body, MAX_BODY).await {
         Ok(b) => b,
         Err(StatusCode::PAYLOAD_TOO_LARGE) => {
@@ -304,26 +309,23 @@ async fn forward(
             return too_many(retry_after);
         }
     }
-    let mut out = app
-        .http()
-        .request(method, url)
-        .body(body)
-        .timeout(UPSTREAM_TIMEOUT);
-    if let Some(ct) = content_type {
-        out = out.header("content-type", ct);
-    }
-    match out.send().await {
+    let upstream = crate::forward::Upstream {
+        method,
+        url,
+        headers: &parts.headers,
+        pass: &["content-type"],
+        bearer: None,
+        body,
+        timeout: UPSTREAM_TIMEOUT,
+    };
+    match upstream.send(app.http()).await {
         Ok(resp) => {
             app.metrics().egress("forwarded");
-            let status =
-                StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-            let ct = resp
-                .headers()
-                .get("content-type")
-                .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok());
+            let status = resp.status();
+            let headers = resp.headers().clone();
             let body = if status == StatusCode::TOO_MANY_REQUESTS {
                 // Telegram says how long this bot must wait: hold its later calls as long.
-                let bytes = read_capped(resp, MAX_ERROR_BODY).await;
+                let bytes = crate::forward::read_capped(resp, MAX_ERROR_BODY).await;
                 let retry_after = serde_json::from_slice::<serde_json::Value>(&bytes)
                     .ok()
                     .and_then(|v| v["parameters"]["retry_after"].as_u64())
@@ -336,39 +338,20 @@ async fn forward(
                 tracing::warn!(tenant = %tenant.id, method = method_name, retry_after, "Telegram asked the bot to slow down");
                 Body::from(bytes)
             } else {
-                Body::from_stream(resp.bytes_stream().map_err(std::io::Error::other))
+                crate::forward::stream(resp, |_| {})
             };
-            let mut response = Response::new(body);
-            *response.status_mut() = status;
-            if let Some(ct) = ct {
-                response.headers_mut().insert("content-type", ct);
-            }
-            response
+            crate::forward::respond(status, &headers, &["content-type"], body)
         }
         Err(e) => {
             app.metrics().egress("upstream_error");
-            // The URL carries the real token: never let it into a message.
-            tracing::warn!(tenant = %tenant.id, method = method_name, error = %e.without_url(), "Bot API call failed");
+            // The URL carries the real token: the error has none.
+            tracing::warn!(tenant = %tenant.id, method = method_name, error = %e, "Bot API call failed");
             telegram_error(
                 StatusCode::BAD_GATEWAY,
                 "Bad Gateway: the Bot API could not be reached",
             )
         }
     }
-}
-
-/// At most `limit` bytes of an answer's body.
-async fn read_capped(resp: reqwest::Response, limit: usize) -> bytes::Bytes {
-    let mut out = Vec::new();
-    let mut stream = resp.bytes_stream();
-    while let Some(Ok(chunk)) = futures::StreamExt::next(&mut stream).await {
-        let room = limit.saturating_sub(out.len());
-        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if out.len() >= limit {
-            break;
-        }
-    }
-    out.into()
 }
 
 #[cfg(test)]

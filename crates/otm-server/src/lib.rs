@@ -10,6 +10,7 @@
 //! - [`wake`]: what a wake answers and the [`wake::Waker`] behind [`App::wake`].
 //! - [`orchestrator`]: wake, stop, idle reaper, reconciler.
 //! - [`egress`]: the Bot API proxy.
+//! - `forward`: sending one call upstream and passing its answer back, for both egress proxies.
 //! - [`model_proxy`]: the model route on the egress listener, which adds the operator's API key.
 //! - [`proxy_path`]: the decoded, checked path segments both egress proxies decide on.
 //! - [`bot_limits`]: per-bot rate limits of the Bot API proxy.
@@ -35,6 +36,7 @@ pub mod config;
 pub mod connect;
 pub mod dispatch;
 pub mod egress;
+mod forward;
 pub mod ingress;
 pub mod lease;
 pub mod listen;
