@@ -6,8 +6,8 @@
 //! no system certificate store is read to make one.
 
 use bytes::Bytes;
-use futures::stream::BoxStream;
 use futures::StreamExt;
+use futures::stream::BoxStream;
 use otm_core::shim_api::{
     BindRequest, BindResponse, DeliverResponse, ShimStatus, StopRequest, StopResponse,
 };
@@ -88,7 +88,7 @@ impl ShimClient {
         ShimClient { base, token, http }
     }
 
-/// The shim's view of itself.
+    /// The shim's view of itself.
     #[tracing::instrument(name = "shim", skip_all, fields(call = "status"))]
     pub async fn status(&self) -> Result<ShimStatus> {
         json(
@@ -247,8 +247,8 @@ impl ShimClient {
         path: &str,
         body: Payload,
     ) -> Result<(u16, BoxStream<'static, Result<Bytes>>)> {
-        let method =
-            reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| Error::generic(BACKEND, e))?;
+        let method = reqwest::Method::from_bytes(method.as_bytes())
+            .map_err(|e| Error::generic(BACKEND, e))?;
         let mut req = self
             .http
             .request(method, format!("{}{path}", self.base))
