@@ -340,3 +340,52 @@ fn unavailable(e: reqwest::Error) -> Error {
     }
     Error::unavailable(BACKEND, e)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_missing_socket_is_an_unreachable_shim() {
+        let dir = tempfile::tempdir().unwrap();
+        let address = format!("unix:{}", dir.path().join("gone.sock").display());
+        let err = ShimClient::new(address, Secret::new("t"))
+            .status()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Unavailable { .. })
+                && err.to_string().contains("cannot reach the shim"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn calls_over_a_unix_socket_carry_the_token_and_read_the_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("shim.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let app = axum::Router::new().route(
+            "/v1/status",
+            axum::routing::get(|headers: axum::http::HeaderMap| async move {
+                let authorized = headers
+                    .get("authorization")
+                    .is_some_and(|v| v == "Bearer sesame");
+                axum::Json(serde_json::json!({
+                    "instance": "i-1", "tenant": null, "profile": null,
+                    "agent": if authorized { "running" } else { "refused" },
+                    "agent_pid": null, "restarts": 0
+                }))
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let address = format!("unix:{}", socket.display());
+        for _ in 0..3 {
+            let status = ShimClient::new(address.clone(), Secret::new("sesame"))
+                .status()
+                .await
+                .unwrap();
+            assert_eq!(status.agent, "running");
+        }
+    }
+}
