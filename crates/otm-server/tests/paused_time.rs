@@ -252,3 +252,86 @@ async fn the_warm_pool_fills_refills_after_a_claim_and_drains() {
     assert_eq!(warm(&w).await, 0);
     assert_eq!(w.runtime.running(), 1, "the tenant's instance stays");
 }
+
+/// An orchestrator's internal API stand-in on loopback: answers every wake with `status` (and a
+/// wake when 200), counting the calls.
+async fn orchestrator(status: u16, calls: Arc<std::sync::atomic::AtomicUsize>) -> String {
+    use axum::http::StatusCode;
+    let app = axum::Router::new().route(
+        "/internal/v1/wake/{tenant}",
+        axum::routing::post(move || {
+            let calls = calls.clone();
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let status = StatusCode::from_u16(status).unwrap();
+                let body = if status.is_success() {
+                    serde_json::to_value(otm_server::remote::WakeAnswer {
+                        instance: otm_core::InstanceId::random(),
+                        address: "unix:/nowhere".into(),
+                        shim_token: otm_core::Secret::new("t"),
+                        path: otm_server::wake::WakePath::Warm,
+                        total_ms: 1,
+                        phases: vec![],
+                    })
+                    .unwrap()
+                } else {
+                    serde_json::json!({"error": {"code": "unavailable", "message": "busy"}})
+                };
+                (status, axum::Json(body))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_router_fails_over_to_the_next_orchestrator_and_stops_at_not_found() {
+    use otm_server::remote::OrchestratorClient;
+    use std::sync::atomic::AtomicUsize;
+    let counters: Vec<Arc<AtomicUsize>> = (0..3).map(|_| Arc::default()).collect();
+    let failing = orchestrator(503, counters[0].clone()).await;
+    let working = orchestrator(200, counters[1].clone()).await;
+    let missing = orchestrator(404, counters[2].clone()).await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let client = |urls: Vec<String>| {
+        OrchestratorClient::new(
+            urls,
+            otm_core::Secret::new("s"),
+            http.clone(),
+            Duration::from_secs(5),
+        )
+    };
+    // Which orchestrator is asked first depends on the tenant: "a" (97) starts at index 1 of 2.
+    let t = TenantId::parse("a").unwrap();
+    let woken = client(vec![working.clone(), failing.clone()])
+        .wake_remote(&t, None)
+        .await
+        .unwrap();
+    assert_eq!(woken.path, otm_server::wake::WakePath::Warm);
+    assert_eq!(
+        counters[0].load(Ordering::SeqCst),
+        1,
+        "the failing one first"
+    );
+    assert_eq!(counters[1].load(Ordering::SeqCst), 1, "then the next");
+
+    // Every orchestrator failing: each is asked once, and the last failure is the answer.
+    let err = client(vec![failing.clone(), failing.clone()])
+        .wake_remote(&t, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, otm_core::Error::Unavailable { .. }), "{err}");
+    assert_eq!(counters[0].load(Ordering::SeqCst), 3);
+
+    // Not found is an answer, not a failure: nobody else is asked.
+    let err = client(vec![working, missing])
+        .wake_remote(&t, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, otm_core::Error::NotFound { .. }), "{err}");
+    assert_eq!(counters[2].load(Ordering::SeqCst), 1);
+    assert_eq!(counters[1].load(Ordering::SeqCst), 1);
+}
