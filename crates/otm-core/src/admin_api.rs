@@ -261,6 +261,35 @@ pub struct PatchTenant {
     pub model_api_key: Option<String>,
 }
 
+impl PatchTenant {
+    /// True when it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        *self == PatchTenant::default()
+    }
+
+    /// The body of a new tenant `id` with these settings (the webhook secret generated).
+    pub fn into_create(self, id: String) -> CreateTenant {
+        CreateTenant {
+            id,
+            bot_token: self.bot_token,
+            idle_timeout_s: self.idle_timeout_s,
+            profile: self.profile,
+            cold_start_notice: self.cold_start_notice,
+            webhook_secret: None,
+            memory: self.memory,
+            cpu: self.cpu,
+            pids: self.pids,
+            disk: self.disk,
+            egress: self.egress,
+            egress_allow: self.egress_allow,
+            allowed_users: self.allowed_users,
+            model_requests_per_minute: self.model_requests_per_minute,
+            model_tokens_per_day: self.model_tokens_per_day,
+            model_api_key: self.model_api_key,
+        }
+    }
+}
+
 /// Resource limits in the units tenants take (`memory`, `cpu`, `pids`, `disk`), with the egress
 /// policy; the `default_limits` of [`PutConfig`].
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

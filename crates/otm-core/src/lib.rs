@@ -4,6 +4,7 @@
 //! server in `otm-server` wires them through [`Context`](https://docs.rs) structs of its own.
 //!
 //! # Layout
+//! - [`backoff`]: [`Backoff`], the one retry policy.
 //! - [`id`]: tenant, instance and snapshot identifiers, random tokens.
 //! - [`secret`]: [`Secret`], a string that never prints.
 //! - [`tenant`]: the tenant record and its status.
@@ -18,6 +19,7 @@
 //! - [`error`]: the one error type every trait returns.
 
 pub mod admin_api;
+pub mod backoff;
 pub mod base64;
 pub mod coordinator;
 pub mod error;
@@ -33,6 +35,7 @@ pub mod state;
 pub mod tenant;
 pub mod time;
 
+pub use backoff::Backoff;
 pub use coordinator::{Coordinator, Lease, Notification};
 pub use error::{Error, Result};
 pub use id::{InstanceId, SnapshotId, TenantId};

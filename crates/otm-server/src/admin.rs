@@ -118,7 +118,7 @@ pub fn router(app: Arc<App>) -> Router {
     let base = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }));
-    if !app.settings.runs_orchestrator() {
+    if !app.settings().runs_orchestrator() {
         // A router serves no admin API: tenants and instances are the orchestrators' business.
         let elsewhere = || async {
             ApiError::new(
@@ -147,9 +147,9 @@ async fn authorize_service(
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let ok = match (presented, &app.settings.service_token) {
+    let ok = match (presented, &app.settings().service_token) {
         (Some(t), Some(service)) => service.matches(t),
-        (Some(t), None) => app.admin_token.matches(t),
+        (Some(t), None) => app.admin_token().matches(t),
         (None, _) => false,
     };
     if ok {
@@ -185,8 +185,8 @@ async fn rotate_secrets(
     } else {
         serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(e.to_string()))?
     };
-    let _one_at_a_time = app.rotation.lock().await;
-    let done = app.sealed.rotate(req.new_key, req.retire_old_keys).await?;
+    let _one_at_a_time = app.rotation_lock().lock().await;
+    let done = app.sealed().rotate(req.new_key, req.retire_old_keys).await?;
     tracing::info!(key = %done.key_id, new_key = done.new_key, reencrypted = done.reencrypted, failed = done.failed.len(), retired = ?done.retired, "secrets rotated");
     let otm_store::secrets::Rotation {
         key_id,
@@ -220,7 +220,7 @@ async fn authorize(
                 .or_else(|| v.strip_prefix("bearer "))
         });
     match presented {
-        Some(t) if app.admin_token.matches(t.trim()) => next.run(req).await,
+        Some(t) if app.admin_token().matches(t.trim()) => next.run(req).await,
         Some(_) => ApiError::new(
             StatusCode::UNAUTHORIZED,
             ErrorCode::Unauthorized,
@@ -239,13 +239,13 @@ async fn authorize(
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     (
         [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
-        app.metrics.encode(),
+        app.metrics().encode(),
     )
 }
 
 async fn view(app: &App, t: &Tenant) -> TenantView {
     let defaults = app
-        .registry
+        .registry()
         .get_settings()
         .await
         .map(|s| s.default_limits)
@@ -256,7 +256,7 @@ async fn view(app: &App, t: &Tenant) -> TenantView {
 /// [`view`] with the fleet's default limits already read (once for a whole list).
 async fn view_with(app: &App, t: &Tenant, defaults: &otm_core::ResourceLimits) -> TenantView {
     let instance = app
-        .registry
+        .registry()
         .instance_of(&t.id)
         .await
         .ok()
@@ -273,7 +273,7 @@ async fn view_with(app: &App, t: &Tenant, defaults: &otm_core::ResourceLimits) -
         created_at_ms: t.created_at_ms,
         last_active_ms: t.last_active_ms,
         instance,
-        inbox_pending: app.registry.inbox_depth(&t.id).await.unwrap_or(0),
+        inbox_pending: app.registry().inbox_depth(&t.id).await.unwrap_or(0),
         limits: t.limits.over(defaults),
         own_limits: t.limits.without_secrets(),
         egress: t.limits.egress().to_owned(),
@@ -452,14 +452,14 @@ fn parse_id(id: &str) -> ApiResult<TenantId> {
 
 async fn load(app: &App, id: &str) -> ApiResult<Tenant> {
     let id = parse_id(id)?;
-    app.registry
+    app.registry()
         .get_tenant(&id)
         .await?
         .ok_or_else(|| ApiError::not_found(&format!("tenant {id}")))
 }
 
 fn check_profile(app: &App, p: &str) -> ApiResult<()> {
-    if p == otm_shim::profile::PROBE_PROFILE && !app.settings.allow_probe_profile {
+    if p == otm_shim::profile::PROBE_PROFILE && !app.settings().allow_probe_profile {
         return Err(ApiError::bad_request(
             "the probe profile gives whoever writes to the bot a shell inside the sandbox; it is for testing \
              sandboxes, and a server accepts it only when started with --allow-probe-profile (OTM_ALLOW_PROBE_PROFILE=1)",
@@ -516,7 +516,7 @@ async fn register_webhook(app: &App, t: &Tenant) -> ApiResult<()> {
     let (Some(url), Some(token)) = (app.webhook_url(&t.id), t.bot_token.as_ref()) else {
         return Ok(());
     };
-    app.telegram
+    app.telegram()
         .set_webhook(token, &url, &t.webhook_secret)
         .await
         .map_err(|e| {
@@ -552,7 +552,7 @@ async fn create_tenant(
     if let Some(secret) = body.webhook_secret {
         t.webhook_secret = check_webhook_secret(&secret)?;
     }
-    app.registry.create_tenant(&t).await.map_err(|e| match e {
+    app.registry().create_tenant(&t).await.map_err(|e| match e {
         Error::AlreadyExists { .. } => ApiError::new(
             StatusCode::CONFLICT,
             ErrorCode::AlreadyExists,
@@ -561,21 +561,21 @@ async fn create_tenant(
         e => e.into(),
     })?;
     if let Err(e) = register_webhook(&app, &t).await {
-        let _ = app.registry.delete_tenant(&id).await;
+        let _ = app.registry().delete_tenant(&id).await;
         return Err(e);
     }
     // A new tenant starts empty: snapshots left under its id by an earlier owner (deleted by a
     // version that kept them, or by hand) are moved aside, never restored into this one.
-    if app.state.head(&id).await.ok().flatten().is_some()
-        || !app.state.list(&id).await.unwrap_or_default().is_empty()
+    if app.state().head(&id).await.ok().flatten().is_some()
+        || !app.state().list(&id).await.unwrap_or_default().is_empty()
     {
         let name = format!("{id}-orphaned-{}", otm_core::time::now_ms());
-        match app.state.tombstone(&id, &name).await {
+        match app.state().tombstone(&id, &name).await {
             Ok(n) => {
                 tracing::warn!(tenant = %id, snapshots = n, tombstone = %name, "an earlier owner's snapshots were moved aside")
             }
             Err(e) => {
-                let _ = app.registry.delete_tenant(&id).await;
+                let _ = app.registry().delete_tenant(&id).await;
                 return Err(e.into());
             }
         }
@@ -585,9 +585,9 @@ async fn create_tenant(
 }
 
 async fn list_tenants(State(app): State<Arc<App>>) -> ApiResult<Json<Vec<TenantView>>> {
-    let defaults = app.registry.get_settings().await?.default_limits;
+    let defaults = app.registry().get_settings().await?.default_limits;
     let mut out = Vec::new();
-    for t in app.registry.list_tenants().await? {
+    for t in app.registry().list_tenants().await? {
         out.push(view_with(&app, &t, &defaults).await);
     }
     Ok(Json(out))
@@ -634,13 +634,13 @@ async fn patch_tenant(
     if token_changed {
         register_webhook(&app, &t).await?;
     }
-    app.registry.update_tenant(&t).await?;
+    app.registry().update_tenant(&t).await?;
     // A running instance gets the new limits at once.
-    if let Ok(Some(rec)) = app.registry.instance_of(&t.id).await {
+    if let Ok(Some(rec)) = app.registry().instance_of(&t.id).await {
         let limits = t
             .limits
-            .over(&app.registry.get_settings().await?.default_limits);
-        app.runtime.set_limits(&rec.id, &limits).await?;
+            .over(&app.registry().get_settings().await?.default_limits);
+        app.runtime().set_limits(&rec.id, &limits).await?;
     }
     let t = load(&app, &id).await?;
     Ok(Json(view(&app, &t).await))
@@ -665,21 +665,21 @@ async fn delete_tenant(
     let t = load(&app, &id).await?;
     orchestrator::stop(&app, &t.id, "deleted").await?;
     if let (Some(_), Some(token)) = (app.webhook_url(&t.id), t.bot_token.as_ref())
-        && let Err(e) = app.telegram.delete_webhook(token).await
+        && let Err(e) = app.telegram().delete_webhook(token).await
     {
         tracing::warn!(tenant = %t.id, error = %e, "could not delete the webhook");
     }
     // The registry first: from here on no wake can restore (or snapshot) this tenant, so the
     // snapshots cannot come back behind the deletion.
-    app.registry.delete_tenant(&t.id).await?;
-    app.model_budgets.forget(&t.id);
-    app.bot_limiter.forget(&t.id);
+    app.registry().delete_tenant(&t.id).await?;
+    app.model_budgets().forget(&t.id);
+    app.bot_limiter().forget(&t.id);
     let (snapshots, tombstone) = if q.keep_state {
         let name = format!("{}-{}", t.id, otm_core::time::now_ms());
-        let n = app.state.tombstone(&t.id, &name).await?;
+        let n = app.state().tombstone(&t.id, &name).await?;
         (n, Some(name))
     } else {
-        (app.state.delete_tenant(&t.id).await?, None)
+        (app.state().delete_tenant(&t.id).await?, None)
     };
     match tombstone {
         Some(name) => {
@@ -722,7 +722,7 @@ async fn inbox(
     Path(id): Path<String>,
 ) -> ApiResult<Json<InboxAnswer>> {
     let t = load(&app, &id).await?;
-    let v = app.registry.inbox_view(&t.id, 1000).await?;
+    let v = app.registry().inbox_view(&t.id, 1000).await?;
     Ok(Json(InboxAnswer {
         tenant: t.id,
         pending: v.pending.iter().map(Into::into).collect(),
@@ -735,9 +735,9 @@ async fn snapshots(
     Path(id): Path<String>,
 ) -> ApiResult<Json<SnapshotList>> {
     let id = parse_id(&id)?;
-    let head = app.state.head(&id).await?.map(|h| h.id);
+    let head = app.state().head(&id).await?.map(|h| h.id);
     let snapshots = app
-        .state
+        .state()
         .list(&id)
         .await?
         .into_iter()
@@ -815,7 +815,7 @@ async fn logs(
     Query(q): Query<LogsQuery>,
 ) -> ApiResult<Response> {
     let t = load(&app, &id).await?;
-    let rec = app.registry.instance_of(&t.id).await?.ok_or_else(|| {
+    let rec = app.registry().instance_of(&t.id).await?.ok_or_else(|| {
         ApiError::new(
             StatusCode::CONFLICT,
             ErrorCode::NotRunning,
@@ -842,7 +842,7 @@ fn instance_view(r: &InstanceRecord) -> InstanceView {
 
 async fn instances(State(app): State<Arc<App>>) -> ApiResult<Json<Vec<InstanceView>>> {
     Ok(Json(
-        app.registry
+        app.registry()
             .list_instances()
             .await?
             .iter()
@@ -852,14 +852,14 @@ async fn instances(State(app): State<Arc<App>>) -> ApiResult<Json<Vec<InstanceVi
 }
 
 async fn get_config(State(app): State<Arc<App>>) -> ApiResult<Json<FleetSettings>> {
-    Ok(Json(app.registry.get_settings().await?))
+    Ok(Json(app.registry().get_settings().await?))
 }
 
 async fn put_config(
     State(app): State<Arc<App>>,
     ApiJson(body): ApiJson<PutConfig>,
 ) -> ApiResult<Json<FleetSettings>> {
-    let mut s = app.registry.get_settings().await?;
+    let mut s = app.registry().get_settings().await?;
     if let Some(n) = body.warm_pool_target {
         if n > 1000 {
             return Err(ApiError::bad_request(
@@ -879,9 +879,9 @@ async fn put_config(
         l.apply(&mut own)?;
         s.default_limits = own.over(&s.default_limits);
     }
-    app.registry.put_settings(&s).await?;
+    app.registry().put_settings(&s).await?;
     let _ = app
-        .coordinator
+        .coordinator()
         .publish(otm_core::Notification::SettingsChanged)
         .await;
     Ok(Json(s))
@@ -890,28 +890,28 @@ async fn put_config(
 /// What an operator must know about this server's safety, in words.
 fn warnings(app: &App) -> Vec<String> {
     let mut w = Vec::new();
-    if app.settings.runs_orchestrator() && app.runtime.isolation() == "none" {
+    if app.settings().runs_orchestrator() && app.runtime().isolation() == "none" {
         w.push(
             "instances run without a sandbox (--sandbox none): every agent can read the data directory and every \
              tenant's secrets; for development only"
                 .to_owned(),
         );
     }
-    if app.settings.runs_orchestrator() && app.runtime.limits().starts_with("none") {
+    if app.settings().runs_orchestrator() && app.runtime().limits().starts_with("none") {
         w.push(format!(
             "instances run without resource limits: {}",
-            app.runtime.limits()
+            app.runtime().limits()
         ));
     }
     w
 }
 
 async fn status(State(app): State<Arc<App>>) -> ApiResult<Json<StatusView>> {
-    let tenants = app.registry.list_tenants().await?;
-    let instances = app.registry.list_instances().await?;
+    let tenants = app.registry().list_tenants().await?;
+    let instances = app.registry().list_instances().await?;
     let mut pending = 0;
-    for t in app.registry.inbox_pending_tenants().await? {
-        pending += app.registry.inbox_depth(&t).await?;
+    for t in app.registry().inbox_pending_tenants().await? {
+        pending += app.registry().inbox_depth(&t).await?;
     }
     let running = tenants
         .iter()
@@ -919,18 +919,18 @@ async fn status(State(app): State<Arc<App>>) -> ApiResult<Json<StatusView>> {
         .count();
     Ok(Json(StatusView {
         version: env!("CARGO_PKG_VERSION").to_owned(),
-        uptime_s: app.started.elapsed().as_secs(),
-        role: app.settings.role.to_string(),
-        runtime: app.runtime.name().to_string(),
-        isolation: app.runtime.isolation().to_string(),
-        sandboxed: app.runtime.isolation() != "none",
-        limits: app.runtime.limits().to_string(),
+        uptime_s: app.uptime().as_secs(),
+        role: app.settings().role.to_string(),
+        runtime: app.runtime().name().to_string(),
+        isolation: app.runtime().isolation().to_string(),
+        sandboxed: app.runtime().isolation() != "none",
+        limits: app.runtime().limits().to_string(),
         leader: app.is_leader(),
         warnings: warnings(&app),
         tenants: tenants.len() as u64,
         tenants_running: running as u64,
         instances: instances.len() as u64,
         inbox_pending: pending,
-        settings: app.registry.get_settings().await?,
+        settings: app.registry().get_settings().await?,
     }))
 }

@@ -1,5 +1,6 @@
 //! [`App`]: the context every component gets. Tests build one with their own backends.
 
+use crate::clock::Clock;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::telegram::Telegram;
@@ -7,7 +8,7 @@ use crate::wake::{Waker, Woken};
 use otm_core::{Coordinator, Registry, Runtime, Secret, StateStore, TenantId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use tokio::time::Instant;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -22,31 +23,33 @@ pub const EGRESS_BUFFER_KIB: u32 = 256 * 1024;
 /// Shared state of one server process.
 #[derive(Debug)]
 pub struct App {
-    pub settings: Settings,
+    settings: Settings,
     /// The registry, behind [`otm_store::SealedRegistry`]: tenants' secrets are encrypted
     /// before they reach the backend.
-    pub registry: Arc<dyn Registry>,
+    registry: Arc<dyn Registry>,
     /// The same registry, for key rotation.
-    pub sealed: Arc<otm_store::SealedRegistry>,
+    sealed: Arc<otm_store::SealedRegistry>,
     /// The key file's keys: shim tokens are derived from them.
-    pub keys: Arc<otm_store::SecretKeys>,
-    pub coordinator: Arc<dyn Coordinator>,
-    pub state: Arc<dyn StateStore>,
-    pub runtime: Arc<dyn Runtime>,
-    pub metrics: Metrics,
+    keys: Arc<otm_store::SecretKeys>,
+    coordinator: Arc<dyn Coordinator>,
+    state: Arc<dyn StateStore>,
+    runtime: Arc<dyn Runtime>,
+    metrics: Metrics,
     /// The real Bot API.
-    pub telegram: Telegram,
+    telegram: Telegram,
     /// Outbound HTTP for the Bot API proxy.
-    pub http: reqwest::Client,
+    http: reqwest::Client,
     /// The Bot API proxy's root as agents see it.
-    pub egress_url: String,
-    pub admin_token: Secret,
-    pub started: Instant,
-    pub shutdown: CancellationToken,
+    egress_url: String,
+    admin_token: Secret,
+    started: Instant,
+    /// Wall time: the system's, or in tests tokio's (see [`Clock`]).
+    clock: Clock,
+    shutdown: CancellationToken,
     /// One lock per tenant: wakes join, stops wait.
-    pub(crate) tenant_locks: Mutex<HashMap<TenantId, Arc<tokio::sync::Mutex<()>>>>,
+    tenant_locks: Mutex<HashMap<TenantId, Arc<tokio::sync::Mutex<()>>>>,
     /// Running dispatchers, woken through their `Notify`.
-    pub(crate) dispatchers: Mutex<HashMap<TenantId, Arc<Notify>>>,
+    dispatchers: Mutex<HashMap<TenantId, Arc<Notify>>>,
     /// True while this process holds the leader lease.
     leader: std::sync::atomic::AtomicBool,
     /// What wakes tenants once the endpoint cache missed: the orchestrator here, or in the
@@ -61,22 +64,22 @@ pub struct App {
     /// its grace period, so dispatchers finish and release their leases.
     tasks: tokio_util::task::TaskTracker,
     /// The last limit each tenant's instance ran into, as this process saw it.
-    pub(crate) limit_kills: Mutex<HashMap<TenantId, LimitKill>>,
+    limit_kills: Mutex<HashMap<TenantId, LimitKill>>,
     /// The last wake of each tenant that could not restore its head snapshot, as this process
     /// saw it.
-    pub(crate) restore_fallbacks: Mutex<HashMap<TenantId, RestoreFallback>>,
+    restore_fallbacks: Mutex<HashMap<TenantId, RestoreFallback>>,
     /// Wakes under way in this process (admission control).
-    pub(crate) wakes_in_flight: std::sync::atomic::AtomicUsize,
+    wakes_in_flight: std::sync::atomic::AtomicUsize,
     /// The Bot API proxy's per-bot rate limits.
-    pub bot_limiter: crate::bot_limits::BotLimiter,
+    bot_limiter: crate::bot_limits::BotLimiter,
     /// The model proxy's per-tenant budgets.
-    pub model_budgets: crate::model_budget::ModelBudgets,
+    model_budgets: crate::model_budget::ModelBudgets,
     /// Calls each tenant has under way through the egress proxies.
-    pub(crate) egress_in_flight: Mutex<HashMap<TenantId, Arc<tokio::sync::Semaphore>>>,
+    egress_in_flight: Mutex<HashMap<TenantId, Arc<tokio::sync::Semaphore>>>,
     /// The egress proxies' request bodies held in memory at once, in KiB.
-    pub egress_buffer: Arc<tokio::sync::Semaphore>,
+    egress_buffer: Arc<tokio::sync::Semaphore>,
     /// Held while secrets are rotated: one rotation at a time.
-    pub(crate) rotation: tokio::sync::Mutex<()>,
+    rotation: tokio::sync::Mutex<()>,
 }
 
 pub use otm_core::admin_api::{LimitKill, RestoreFallback, SkippedSnapshot};
@@ -93,6 +96,7 @@ impl App {
         egress_url: String,
         admin_token: Secret,
         shutdown: CancellationToken,
+        clock: Clock,
         make_waker: impl FnOnce(std::sync::Weak<App>, &reqwest::Client) -> Arc<dyn Waker>,
     ) -> Arc<Self> {
         let http = reqwest::Client::builder()
@@ -122,6 +126,7 @@ impl App {
             egress_url,
             admin_token,
             started: Instant::now(),
+            clock,
             shutdown,
             tenant_locks: Mutex::new(HashMap::new()),
             dispatchers: Mutex::new(HashMap::new()),
@@ -172,6 +177,131 @@ impl App {
         Ok(woken)
     }
 
+    /// The settings this server started with.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The registry, behind [`otm_store::SealedRegistry`]: tenants' secrets are encrypted before
+    /// they reach the backend.
+    pub fn registry(&self) -> &Arc<dyn Registry> {
+        &self.registry
+    }
+
+    /// The same registry, for key rotation.
+    pub fn sealed(&self) -> &Arc<otm_store::SealedRegistry> {
+        &self.sealed
+    }
+
+    /// The key file's keys: shim tokens are derived from them.
+    pub fn keys(&self) -> &Arc<otm_store::SecretKeys> {
+        &self.keys
+    }
+
+    pub fn coordinator(&self) -> &Arc<dyn Coordinator> {
+        &self.coordinator
+    }
+
+    /// Where snapshots are kept.
+    pub fn state(&self) -> &Arc<dyn StateStore> {
+        &self.state
+    }
+
+    pub fn runtime(&self) -> &Arc<dyn Runtime> {
+        &self.runtime
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The real Bot API.
+    pub fn telegram(&self) -> &Telegram {
+        &self.telegram
+    }
+
+    /// Outbound HTTP for the egress proxies and the orchestrators' internal API.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// The Bot API proxy's root as agents see it.
+    pub fn egress_url(&self) -> &str {
+        &self.egress_url
+    }
+
+    pub fn admin_token(&self) -> &Secret {
+        &self.admin_token
+    }
+
+    /// How long this server has run.
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+
+    /// Cancelled when the server shuts down.
+    pub fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// The Bot API proxy's per-bot rate limits.
+    pub fn bot_limiter(&self) -> &crate::bot_limits::BotLimiter {
+        &self.bot_limiter
+    }
+
+    /// The model proxy's per-tenant budgets.
+    pub fn model_budgets(&self) -> &crate::model_budget::ModelBudgets {
+        &self.model_budgets
+    }
+
+    /// The egress proxies' request bodies held in memory at once, in KiB.
+    pub(crate) fn egress_buffer(&self) -> &Arc<tokio::sync::Semaphore> {
+        &self.egress_buffer
+    }
+
+    /// Held while secrets are rotated: one rotation at a time.
+    pub(crate) fn rotation_lock(&self) -> &tokio::sync::Mutex<()> {
+        &self.rotation
+    }
+
+    /// Counts a wake starting in this process (admission control); the wakes now under way.
+    pub(crate) fn wake_started(&self) -> usize {
+        self.wakes_in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1
+    }
+
+    /// Counts a wake that ended (or was not admitted); the wakes still under way.
+    pub(crate) fn wake_ended(&self) -> usize {
+        self.wakes_in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
+            - 1
+    }
+
+    /// Nudges `tenant`'s dispatcher in this process and answers `None`, or, when none runs,
+    /// registers one and answers the `Notify` it is to wait on.
+    pub(crate) fn register_dispatcher(&self, tenant: &TenantId) -> Option<Arc<Notify>> {
+        let mut running = self.dispatchers.lock().unwrap();
+        if let Some(notify) = running.get(tenant) {
+            notify.notify_one();
+            return None;
+        }
+        let notify = Arc::new(Notify::new());
+        running.insert(tenant.clone(), notify.clone());
+        Some(notify)
+    }
+
+    /// Forgets `tenant`'s dispatcher: it ends, and the next kick starts another.
+    pub(crate) fn dispatcher_ended(&self, tenant: &TenantId) {
+        self.dispatchers.lock().unwrap().remove(tenant);
+    }
+
+    /// Wall time as this server sees it: timestamps written to the registry and idle and age
+    /// decisions use it.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
     /// True in the router role: the instances run elsewhere.
     pub fn routed(&self) -> bool {
         self.routed
@@ -208,7 +338,7 @@ impl App {
         self.kicks_rx.lock().unwrap().take()
     }
 
-    /// True while this process holds the leader lease.
+    /// Remembers the limit `tenant`'s instance ran into.
     pub(crate) fn record_limit_kill(
         &self,
         tenant: &TenantId,
@@ -218,7 +348,7 @@ impl App {
         let kill = LimitKill {
             limit,
             detail: detail.to_owned(),
-            at_ms: otm_core::time::now_ms(),
+            at_ms: self.clock.now_ms(),
         };
         self.limit_kills
             .lock()
@@ -240,7 +370,7 @@ impl App {
         let fallback = RestoreFallback {
             restored,
             skipped,
-            at_ms: otm_core::time::now_ms(),
+            at_ms: self.clock.now_ms(),
         };
         self.restore_fallbacks
             .lock()
@@ -271,8 +401,8 @@ impl App {
         self.model_budgets.view(
             &t.id,
             self.model_budget(t),
-            Instant::now(),
-            otm_core::time::now_ms(),
+            std::time::Instant::now(),
+            self.clock.now_ms(),
         )
     }
 
@@ -293,6 +423,7 @@ impl App {
         sem.try_acquire_owned().ok()
     }
 
+    /// True while this process holds the leader lease.
     pub fn is_leader(&self) -> bool {
         self.leader.load(std::sync::atomic::Ordering::SeqCst)
     }

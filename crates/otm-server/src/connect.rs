@@ -171,12 +171,12 @@ pub async fn handle(app: Arc<App>, req: Request) -> Response {
     let uri = req.uri().clone();
     match open(&app, auth.as_deref(), &uri).await {
         Err(r) => {
-            app.metrics.egress(r.label());
+            app.metrics().egress(r.label());
             tracing::info!(target = %uri, reason = %r.message(), "CONNECT refused");
             (r.status(), r.message()).into_response()
         }
         Ok((tenant, addr)) => {
-            app.metrics.egress("connect_tunnelled");
+            app.metrics().egress("connect_tunnelled");
             let upgrade = hyper::upgrade::on(req);
             tokio::spawn(async move {
                 let Ok(upgraded) = upgrade.await else { return };

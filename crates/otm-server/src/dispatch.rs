@@ -4,27 +4,27 @@
 
 use crate::app::App;
 use crate::lease::HeldLease;
-use otm_core::{DeliveryFailure, DeliveryOutcome, FailOutcome, InboxItem, TenantId};
+use otm_core::{Backoff, DeliveryFailure, DeliveryOutcome, FailOutcome, InboxItem, TenantId};
 use otm_shim::ShimClient;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use tokio::sync::Notify;
 
 /// A dispatcher with nothing to do ends after this long.
 const IDLE_EXIT: Duration = Duration::from_secs(10);
 /// Longest pause between attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Pauses between delivery attempts of one update: 100 ms, 200 ms, 400 ms … up to five seconds.
+const RETRY: Backoff = Backoff::new(Duration::from_millis(100), MAX_BACKOFF);
+/// Pauses while the inbox cannot be read: 500 ms, doubling up to five seconds.
+const READ_RETRY: Backoff = Backoff::new(Duration::from_millis(500), MAX_BACKOFF).with_jitter(0.2);
 
 /// Tells the tenant's dispatcher there is work, starting one if none runs.
 pub fn kick(app: &Arc<App>, tenant: &TenantId) {
-    let mut running = app.dispatchers.lock().unwrap();
-    if let Some(notify) = running.get(tenant) {
-        notify.notify_one();
+    let Some(notify) = app.register_dispatcher(tenant) else {
         return;
-    }
-    let notify = Arc::new(Notify::new());
-    running.insert(tenant.clone(), notify.clone());
-    drop(running);
+    };
     let (a, tenant) = (app.clone(), tenant.clone());
     app.spawn(async move {
         run(&a, &tenant, notify).await;
@@ -36,41 +36,46 @@ async fn run(app: &Arc<App>, tenant: &TenantId, notify: Arc<Notify>) {
     // At most one dispatcher per tenant across all replicas: the one holding this lease.
     let key = format!("dispatch:{tenant}");
     let lease = match HeldLease::try_acquire(
-        &app.coordinator,
+        app.coordinator(),
         &key,
-        crate::lease::ttl(&app.settings),
+        crate::lease::ttl(app.settings()),
     )
     .await
     {
         Ok(Some(l)) => l,
         Ok(None) => {
             // Another replica dispatches; the sweeper looks again later.
-            app.dispatchers.lock().unwrap().remove(tenant);
+            app.dispatcher_ended(tenant);
             return;
         }
         Err(e) => {
             tracing::warn!(%tenant, error = %e, "cannot take the dispatcher lease");
-            app.dispatchers.lock().unwrap().remove(tenant);
+            app.dispatcher_ended(tenant);
             return;
         }
     };
     // Claim the inbox with this lease's fence: a dispatcher whose lease lapsed can no longer
     // acknowledge or fail anything once this one started.
-    if let Err(e) = app.registry.inbox_claim(tenant, lease.fence()).await {
+    if let Err(e) = app.registry().inbox_claim(tenant, lease.fence()).await {
         tracing::warn!(%tenant, error = %e, "cannot claim the inbox");
-        app.dispatchers.lock().unwrap().remove(tenant);
+        app.dispatcher_ended(tenant);
         lease.release().await;
         return;
     }
+    let mut read_failures = 0u32;
     loop {
-        if app.shutdown.is_cancelled() || lease.lost().is_cancelled() {
+        if app.shutdown().is_cancelled() || lease.lost().is_cancelled() {
             break;
         }
-        let next = match app.registry.inbox_next(tenant).await {
-            Ok(n) => n,
+        let next = match app.registry().inbox_next(tenant).await {
+            Ok(n) => {
+                read_failures = 0;
+                n
+            }
             Err(e) => {
                 tracing::warn!(%tenant, error = %e, "cannot read the inbox");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                read_failures += 1;
+                tokio::time::sleep(READ_RETRY.delay(read_failures)).await;
                 continue;
             }
         };
@@ -83,7 +88,7 @@ async fn run(app: &Arc<App>, tenant: &TenantId, notify: Arc<Notify>) {
                     _ = lease.lost().cancelled() => Step::Stop,
                 };
                 if let Step::Stop = step {
-                    app.metrics.delivery(DeliveryOutcome::FencedOut.as_str());
+                    app.metrics().delivery(DeliveryOutcome::FencedOut.as_str());
                     tracing::warn!(%tenant, "this dispatcher lost its lease; it stops");
                     break;
                 }
@@ -91,21 +96,21 @@ async fn run(app: &Arc<App>, tenant: &TenantId, notify: Arc<Notify>) {
             None => {
                 tokio::select! {
                     _ = notify.notified() => continue,
-                    _ = app.shutdown.cancelled() => break,
+                    _ = app.shutdown().cancelled() => break,
                     _ = lease.lost().cancelled() => break,
                     _ = tokio::time::sleep(IDLE_EXIT) => {}
                 }
                 // Leave; a kick that raced with this sees no dispatcher and starts a new one.
-                app.dispatchers.lock().unwrap().remove(tenant);
+                app.dispatcher_ended(tenant);
                 lease.release().await;
-                if matches!(app.registry.inbox_next(tenant).await, Ok(Some(_))) {
+                if matches!(app.registry().inbox_next(tenant).await, Ok(Some(_))) {
                     kick(app, tenant);
                 }
                 return;
             }
         }
     }
-    app.dispatchers.lock().unwrap().remove(tenant);
+    app.dispatcher_ended(tenant);
     lease.release().await;
 }
 
@@ -116,7 +121,7 @@ pub async fn run_delivery_requests(app: Arc<App>) {
     };
     loop {
         tokio::select! {
-            _ = app.shutdown.cancelled() => return,
+            _ = app.shutdown().cancelled() => return,
             t = requests.recv() => match t {
                 Some(tenant) => kick(&app, &tenant),
                 None => return,
@@ -128,10 +133,10 @@ pub async fn run_delivery_requests(app: Arc<App>) {
 /// Kicks local dispatchers when another replica stored an update (best effort; the sweeper
 /// covers lost notifications).
 pub async fn run_notifications(app: Arc<App>) {
-    let mut notes = app.coordinator.subscribe();
+    let mut notes = app.coordinator().subscribe();
     loop {
         tokio::select! {
-            _ = app.shutdown.cancelled() => return,
+            _ = app.shutdown().cancelled() => return,
             n = futures::StreamExt::next(&mut notes) => match n {
                 Some(otm_core::Notification::InboxHasWork { tenant }) => kick(&app, &tenant),
                 Some(_) => {}
@@ -152,13 +157,13 @@ enum Step {
 async fn deliver_one(app: &Arc<App>, tenant: &TenantId, item: InboxItem, fence: u64) -> Step {
     let started = Instant::now();
     let result = attempt(app, tenant, &item).await;
-    app.metrics
+    app.metrics()
         .delivery_seconds
         .observe(started.elapsed().as_secs_f64());
     match result {
         Ok(()) => {
-            match app.registry.inbox_ack(tenant, item.seq, Some(fence)).await {
-                Ok(()) => app.metrics.delivery(DeliveryOutcome::Acked.as_str()),
+            match app.registry().inbox_ack(tenant, item.seq, Some(fence)).await {
+                Ok(()) => app.metrics().delivery(DeliveryOutcome::Acked.as_str()),
                 Err(otm_core::Error::Conflict { message }) => {
                     tracing::warn!(%tenant, update_id = item.update_id, %message, "acknowledgement refused");
                     return Step::Stop;
@@ -168,8 +173,8 @@ async fn deliver_one(app: &Arc<App>, tenant: &TenantId, item: InboxItem, fence: 
                 }
             }
             let _ = app
-                .registry
-                .touch_tenant(tenant, otm_core::time::now_ms())
+                .registry()
+                .touch_tenant(tenant, app.clock().now_ms())
                 .await;
         }
         Err(Failure::Held(message)) => {
@@ -179,10 +184,10 @@ async fn deliver_one(app: &Arc<App>, tenant: &TenantId, item: InboxItem, fence: 
         }
         Err(Failure::Failed(kind, message)) => {
             tracing::warn!(%tenant, update_id = item.update_id, attempt = item.attempts + 1, %kind, %message, "delivery failed");
-            app.metrics.delivery_failure(kind.as_str());
-            let max = app.settings.max_delivery_attempts;
+            app.metrics().delivery_failure(kind.as_str());
+            let max = app.settings().max_delivery_attempts;
             match app
-                .registry
+                .registry()
                 .inbox_fail(tenant, item.seq, &kind.record(&message), max, Some(fence))
                 .await
             {
@@ -193,12 +198,12 @@ async fn deliver_one(app: &Arc<App>, tenant: &TenantId, item: InboxItem, fence: 
                     return Step::Stop;
                 }
                 Ok(FailOutcome::DeadLettered) => {
-                    app.metrics.delivery(DeliveryOutcome::DeadLettered.as_str());
+                    app.metrics().delivery(DeliveryOutcome::DeadLettered.as_str());
                     tracing::error!(%tenant, update_id = item.update_id, "update moved to the dead-letter list");
                 }
                 Ok(FailOutcome::Retry { attempts }) => {
-                    app.metrics.delivery(DeliveryOutcome::Failed.as_str());
-                    tokio::time::sleep(backoff(attempts)).await;
+                    app.metrics().delivery(DeliveryOutcome::Failed.as_str());
+                    tokio::time::sleep(RETRY.delay(attempts)).await;
                 }
                 Err(e) => {
                     tracing::error!(%tenant, error = %e, "could not record a failed delivery");
@@ -265,7 +270,7 @@ async fn attempt(app: &Arc<App>, tenant: &TenantId, item: &InboxItem) -> Result<
         ),
     };
     // The instance may be gone; forget the endpoint so the next attempt looks again.
-    let _ = app.coordinator.clear_endpoint(tenant).await;
+    let _ = app.coordinator().clear_endpoint(tenant).await;
     Err(Failure::Failed(kind, message))
 }
 
@@ -286,12 +291,6 @@ fn chat_of(update: &serde_json::Value) -> Option<i64> {
     })
 }
 
-/// 100 ms, 200 ms, 400 ms … up to five seconds.
-fn backoff(attempts: u32) -> Duration {
-    let ms = 100u64.saturating_mul(1u64 << attempts.saturating_sub(1).min(16));
-    Duration::from_millis(ms).min(MAX_BACKOFF)
-}
-
 /// How often delivered updates past the dedupe window are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(30);
 
@@ -303,18 +302,18 @@ pub async fn run_sweeper(app: Arc<App>) {
     let mut last_prune: Option<Instant> = None;
     loop {
         tokio::select! {
-            _ = app.shutdown.cancelled() => return,
+            _ = app.shutdown().cancelled() => return,
             _ = tick.tick() => {}
         }
         // Delivered updates: their ids are forgotten after the dedupe window (their payloads
         // went at ack), and what acks and deletes freed is scrubbed from the registry's files.
         if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
             last_prune = Some(Instant::now());
-            let window_ms = i64::try_from(app.settings.dedupe_window_s.saturating_mul(1000))
+            let window_ms = i64::try_from(app.settings().dedupe_window_s.saturating_mul(1000))
                 .unwrap_or(i64::MAX);
             match app
-                .registry
-                .inbox_prune(otm_core::time::now_ms().saturating_sub(window_ms))
+                .registry()
+                .inbox_prune(app.clock().now_ms().saturating_sub(window_ms))
                 .await
             {
                 Ok(0) => {}
@@ -325,27 +324,27 @@ pub async fn run_sweeper(app: Arc<App>) {
                 Err(e) => tracing::warn!(error = %e, "inbox prune failed"),
             }
         }
-        if let Err(e) = app.registry.purge_freed().await {
+        if let Err(e) = app.registry().purge_freed().await {
             tracing::warn!(error = %e, "could not scrub the registry's files");
         }
-        match app.registry.inbox_pending_tenants().await {
+        match app.registry().inbox_pending_tenants().await {
             Ok(tenants) => {
                 let mut pending = 0i64;
                 let mut oldest: Option<i64> = None;
                 for t in &tenants {
-                    pending += app.registry.inbox_depth(t).await.unwrap_or(0) as i64;
-                    if let Ok(Some(head)) = app.registry.inbox_next(t).await {
+                    pending += app.registry().inbox_depth(t).await.unwrap_or(0) as i64;
+                    if let Ok(Some(head)) = app.registry().inbox_next(t).await {
                         oldest = Some(
                             oldest.map_or(head.accepted_at_ms, |o| o.min(head.accepted_at_ms)),
                         );
                     }
                     kick(&app, t);
                 }
-                app.metrics.inbox_pending.set(pending);
+                app.metrics().inbox_pending.set(pending);
                 let age = oldest.map_or(0.0, |o| {
-                    (otm_core::time::now_ms() - o).max(0) as f64 / 1000.0
+                    (app.clock().now_ms() - o).max(0) as f64 / 1000.0
                 });
-                app.metrics.inbox_oldest_age_seconds.set(age);
+                app.metrics().inbox_oldest_age_seconds.set(age);
             }
             Err(e) => tracing::warn!(error = %e, "inbox sweep failed"),
         }
@@ -358,9 +357,9 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_caps() {
-        assert_eq!(backoff(1), Duration::from_millis(100));
-        assert_eq!(backoff(2), Duration::from_millis(200));
-        assert_eq!(backoff(4), Duration::from_millis(800));
-        assert_eq!(backoff(30), MAX_BACKOFF);
+        assert_eq!(RETRY.delay(1), Duration::from_millis(100));
+        assert_eq!(RETRY.delay(2), Duration::from_millis(200));
+        assert_eq!(RETRY.delay(4), Duration::from_millis(800));
+        assert_eq!(RETRY.delay(30), MAX_BACKOFF);
     }
 }

@@ -24,7 +24,6 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use futures::TryStreamExt;
 use otm_core::{Secret, Tenant};
 use serde_json::json;
 use std::sync::Arc;
@@ -121,7 +120,7 @@ fn loggable(s: &str) -> String {
 
 /// Counts and logs one refused (or locally answered) call.
 fn refused(app: &App, tenant: Option<&Tenant>, method: &str, reason: &str) {
-    app.metrics.egress_refused("bot", reason);
+    app.metrics().egress_refused("bot", reason);
     match tenant {
         Some(t) => {
             tracing::warn!(tenant = %t.id, method = %loggable(method), reason, "Bot API call refused")
@@ -141,7 +140,7 @@ async fn proxy(State(app): State<Arc<App>>, req: Request) -> Response {
     }
     let Some((file, raw_token, raw_tail)) = split(&path) else {
         refused(&app, None, "-", "not_found");
-        app.metrics.egress("not_found");
+        app.metrics().egress("not_found");
         return telegram_error(StatusCode::NOT_FOUND, "Not Found");
     };
     let surrogate = match crate::proxy_path::segments(&format!("/{raw_token}")).as_deref() {
@@ -154,7 +153,7 @@ async fn proxy(State(app): State<Arc<App>>, req: Request) -> Response {
     let tenant = match tenant_by_surrogate(&app, &surrogate).await {
         Ok(t) => t,
         Err(Refusal::Unauthorized) => {
-            app.metrics.egress("refused");
+            app.metrics().egress("refused");
             refused(&app, None, raw_tail, "unauthorized");
             return telegram_error(StatusCode::UNAUTHORIZED, "Unauthorized");
         }
@@ -190,13 +189,13 @@ async fn proxy(State(app): State<Arc<App>>, req: Request) -> Response {
     if let Call::Method(m) = &call {
         let lower = m.to_ascii_lowercase();
         if LOCAL.contains(&lower.as_str()) {
-            app.metrics.egress("local");
+            app.metrics().egress("local");
             refused(&app, Some(&tenant), m, "answered_locally");
             return answer_locally(&app, &tenant, &lower).await;
         }
     }
     let Some(real) = tenant.bot_token.clone() else {
-        app.metrics.egress("no_token");
+        app.metrics().egress("no_token");
         refused(&app, Some(&tenant), raw_tail, "no_bot_token");
         return telegram_error(
             StatusCode::UNAUTHORIZED,
@@ -215,7 +214,7 @@ async fn proxy(State(app): State<Arc<App>>, req: Request) -> Response {
 async fn answer_locally(app: &App, tenant: &Tenant, method: &str) -> Response {
     match method {
         "getwebhookinfo" => {
-            let pending = app.registry.inbox_depth(&tenant.id).await.unwrap_or(0);
+            let pending = app.registry().inbox_depth(&tenant.id).await.unwrap_or(0);
             let url = app.webhook_url(&tenant.id).unwrap_or_default();
             Json(json!({"ok": true, "result": {
                 "url": url, "has_custom_certificate": false, "pending_update_count": pending
@@ -244,22 +243,28 @@ async fn forward(
     call: &Call,
     req: Request,
 ) -> Response {
-    let root = app.telegram.root();
-    let (mut url, method_name) = match call {
-        Call::Method(m) => (format!("{root}/bot{}/{m}", real.expose()), m.as_str()),
+    let root = app.telegram().root();
+    let query = req.uri().query().map(str::to_owned);
+    let token = format!("bot{}", real.expose());
+    let (url, method_name) = match call {
+        Call::Method(m) => (
+            crate::forward::url(root, [token.as_str(), m.as_str()], query.as_deref()),
+            m.as_str(),
+        ),
         Call::File(segs) => (
-            format!("{root}/file/bot{}/{}", real.expose(), segs.join("/")),
+            crate::forward::url(
+                root,
+                ["file", token.as_str()]
+                    .into_iter()
+                    .chain(segs.iter().map(String::as_str)),
+                query.as_deref(),
+            ),
             "file",
         ),
     };
-    let query = req.uri().query().map(str::to_owned);
-    if let Some(q) = &query {
-        url.push('?');
-        url.push_str(q);
-    }
     let method = req.method().clone();
-    let content_type = req.headers().get("content-type").cloned();
     let (parts, body) = req.into_parts();
+    let content_type = parts.headers.get("content-type").cloned();
     let (body, _buffered) = match read_body(app, &parts.headers, body, MAX_BODY).await {
         Ok(b) => b,
         Err(StatusCode::PAYLOAD_TOO_LARGE) => {
@@ -288,14 +293,14 @@ async fn forward(
     };
     let now = Instant::now();
     match app
-        .bot_limiter
+        .bot_limiter()
         .admit(&tenant.id, message, chat.as_deref(), now)
     {
         crate::bot_limits::Admission::At(slot) => {
             if slot > now {
                 tokio::time::sleep_until(slot.into()).await;
             }
-            app.metrics
+            app.metrics()
                 .bot_api_queued_seconds
                 .observe(slot.saturating_duration_since(now).as_secs_f64());
         }
@@ -304,31 +309,28 @@ async fn forward(
             return too_many(retry_after);
         }
     }
-    let mut out = app
-        .http
-        .request(method, url)
-        .body(body)
-        .timeout(UPSTREAM_TIMEOUT);
-    if let Some(ct) = content_type {
-        out = out.header("content-type", ct);
-    }
-    match out.send().await {
+    let upstream = crate::forward::Upstream {
+        method,
+        url,
+        headers: &parts.headers,
+        pass: &["content-type"],
+        bearer: None,
+        body,
+        timeout: UPSTREAM_TIMEOUT,
+    };
+    match upstream.send(app.http()).await {
         Ok(resp) => {
-            app.metrics.egress("forwarded");
-            let status =
-                StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-            let ct = resp
-                .headers()
-                .get("content-type")
-                .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok());
+            app.metrics().egress("forwarded");
+            let status = resp.status();
+            let headers = resp.headers().clone();
             let body = if status == StatusCode::TOO_MANY_REQUESTS {
                 // Telegram says how long this bot must wait: hold its later calls as long.
-                let bytes = read_capped(resp, MAX_ERROR_BODY).await;
+                let bytes = crate::forward::read_capped(resp, MAX_ERROR_BODY).await;
                 let retry_after = serde_json::from_slice::<serde_json::Value>(&bytes)
                     .ok()
                     .and_then(|v| v["parameters"]["retry_after"].as_u64())
                     .unwrap_or(1);
-                app.bot_limiter.blocked(
+                app.bot_limiter().blocked(
                     &tenant.id,
                     Duration::from_secs(retry_after.min(3600)),
                     Instant::now(),
@@ -336,39 +338,20 @@ async fn forward(
                 tracing::warn!(tenant = %tenant.id, method = method_name, retry_after, "Telegram asked the bot to slow down");
                 Body::from(bytes)
             } else {
-                Body::from_stream(resp.bytes_stream().map_err(std::io::Error::other))
+                crate::forward::stream(resp, |_| {})
             };
-            let mut response = Response::new(body);
-            *response.status_mut() = status;
-            if let Some(ct) = ct {
-                response.headers_mut().insert("content-type", ct);
-            }
-            response
+            crate::forward::respond(status, &headers, &["content-type"], body)
         }
         Err(e) => {
-            app.metrics.egress("upstream_error");
-            // The URL carries the real token: never let it into a message.
-            tracing::warn!(tenant = %tenant.id, method = method_name, error = %e.without_url(), "Bot API call failed");
+            app.metrics().egress("upstream_error");
+            // The URL carries the real token: the error has none.
+            tracing::warn!(tenant = %tenant.id, method = method_name, error = %e, "Bot API call failed");
             telegram_error(
                 StatusCode::BAD_GATEWAY,
                 "Bad Gateway: the Bot API could not be reached",
             )
         }
     }
-}
-
-/// At most `limit` bytes of an answer's body.
-async fn read_capped(resp: reqwest::Response, limit: usize) -> bytes::Bytes {
-    let mut out = Vec::new();
-    let mut stream = resp.bytes_stream();
-    while let Some(Ok(chunk)) = futures::StreamExt::next(&mut stream).await {
-        let room = limit.saturating_sub(out.len());
-        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if out.len() >= limit {
-            break;
-        }
-    }
-    out.into()
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ pub const SECRET_HEADER: &str = "x-telegram-bot-api-secret-token";
 
 pub fn router(app: Arc<App>) -> Router {
     let r = Router::new().route("/healthz", get(healthz));
-    if app.settings.runs_router() {
+    if app.settings().runs_router() {
         r.route("/tg/{tenant}", post(webhook)).with_state(app)
     } else {
         r.with_state(app)
@@ -35,7 +35,7 @@ async fn healthz() -> &'static str {
 }
 
 fn reject(app: &App, status: StatusCode, reason: &str, description: &str) -> Response {
-    app.metrics.rejected(reason);
+    app.metrics().rejected(reason);
     (
         status,
         Json(json!({"ok": false, "error_code": status.as_u16(), "description": description})),
@@ -58,7 +58,7 @@ async fn webhook(
             "unknown tenant",
         );
     };
-    let t = match app.registry.get_tenant(&tenant).await {
+    let t = match app.registry().get_tenant(&tenant).await {
         Ok(Some(t)) => t,
         Ok(None) => {
             return reject(
@@ -124,23 +124,23 @@ async fn webhook(
         }
     };
     tracing::Span::current().record("update_id", update_id);
-    match app.registry.inbox_append(&tenant, update_id, &body).await {
+    match app.registry().inbox_append(&tenant, update_id, &body).await {
         Ok(Appended::Stored { .. }) => {
-            app.metrics.updates_accepted.inc();
-            app.metrics
+            app.metrics().updates_accepted.inc();
+            app.metrics()
                 .accept_seconds
                 .observe(started.elapsed().as_secs_f64());
             crate::dispatch::kick(&app, &tenant);
             if app.routed()
                 || app
-                    .settings
+                    .settings()
                     .coordinator
                     .as_deref()
                     .is_some_and(|c| c != "memory")
             {
                 // Another replica may hold this tenant's dispatcher lease.
                 let _ = app
-                    .coordinator
+                    .coordinator()
                     .publish(otm_core::Notification::InboxHasWork {
                         tenant: tenant.clone(),
                     })
@@ -148,7 +148,7 @@ async fn webhook(
             }
         }
         Ok(Appended::Duplicate) => {
-            app.metrics.updates_duplicate.inc();
+            app.metrics().updates_duplicate.inc();
         }
         Err(otm_core::Error::NotFound { .. }) => {
             return reject(

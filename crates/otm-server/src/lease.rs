@@ -1,8 +1,15 @@
 //! [`HeldLease`]: a coordinator lease renewed in the background while its work runs.
+//!
+//! Every wait and deadline here is on tokio's clock, so renewal and giving up run under
+//! `tokio::time::pause()` in tests.
 
-use otm_core::{Coordinator, Lease, Result};
+use otm_core::{Backoff, Coordinator, Lease, Result};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How often a lease held by another owner is asked for again while waiting for it.
+const ACQUIRE_POLL: Backoff = Backoff::fixed(Duration::from_millis(25)).with_jitter(0.5);
 use tokio_util::sync::CancellationToken;
 
 /// A lease kept alive by a background task (renewed every third of its TTL). `lost()` fires when
@@ -38,6 +45,7 @@ impl HeldLease {
         wait: Duration,
     ) -> Result<HeldLease> {
         let deadline = Instant::now() + wait;
+        let mut tries = 0;
         loop {
             if let Some(l) = Self::try_acquire(coordinator, key, ttl).await? {
                 return Ok(l);
@@ -48,7 +56,8 @@ impl HeldLease {
                     format!("lock {key} stayed taken"),
                 ));
             }
-            tokio::time::sleep(Duration::from_millis(25)).await;
+            tries += 1;
+            tokio::time::sleep(ACQUIRE_POLL.delay(tries)).await;
         }
     }
 
@@ -62,11 +71,14 @@ impl HeldLease {
             stop.clone(),
         );
         tokio::spawn(async move {
-            // Renewed every third of the TTL; after a failed renewal, retried every tenth. The
-            // lease is given up once it may have lapsed by now: a renewal error past TTL minus a
-            // margin means another replica may hold it, so the guarded work must stop.
+            // Renewed every third of the TTL; after a failed renewal, retried after about a tenth
+            // ([`renewal_retry`]). The lease is given up once it may have lapsed by now: a
+            // renewal error past TTL minus a margin means another replica may hold it, so the
+            // guarded work must stop.
             let give_up_after = ttl.saturating_sub(renewal_margin(ttl));
+            let retry = renewal_retry(ttl);
             let mut renewed = Instant::now();
+            let mut failures = 0;
             let mut wait = ttl / 3;
             loop {
                 tokio::select! {
@@ -85,6 +97,7 @@ impl HeldLease {
                 match outcome {
                     Ok(true) => {
                         renewed = Instant::now();
+                        failures = 0;
                         wait = ttl / 3;
                     }
                     Ok(false) => {
@@ -99,7 +112,8 @@ impl HeldLease {
                     }
                     Err(e) => {
                         tracing::warn!(key = %l.key, error = %e, "lease renewal failed; retrying");
-                        wait = (ttl / 10).max(Duration::from_millis(50));
+                        failures += 1;
+                        wait = retry.delay(failures);
                     }
                 }
             }
@@ -132,6 +146,12 @@ impl HeldLease {
 /// TTL of the wake lock and dispatcher leases (renewed while held): `--lease-ttl-s`.
 pub fn ttl(settings: &crate::config::Settings) -> Duration {
     Duration::from_secs(settings.lease_ttl_s)
+}
+
+/// Pauses between failed renewals: about a tenth of the TTL (at least 50 ms), jittered so that
+/// replicas that lost the coordinator together do not come back together.
+fn renewal_retry(ttl: Duration) -> Backoff {
+    Backoff::fixed((ttl / 10).max(Duration::from_millis(50))).with_jitter(0.25)
 }
 
 /// How long before its TTL a lease that could not be renewed is given up: a quarter of the TTL,

@@ -4,11 +4,13 @@
 //! # Layout
 //! - [`config`]: settings (flags, `OTM_*` variables, the TOML file), validation.
 //! - [`app`]: [`App`], the context every component gets.
+//! - [`clock`]: [`clock::Clock`], wall time from the system or, in tests, from tokio's clock.
 //! - [`ingress`]: `POST /tg/{tenant}`: secret check, durable append.
 //! - [`dispatch`]: per-tenant dispatchers that drain inboxes in order.
 //! - [`wake`]: what a wake answers and the [`wake::Waker`] behind [`App::wake`].
 //! - [`orchestrator`]: wake, stop, idle reaper, reconciler.
 //! - [`egress`]: the Bot API proxy.
+//! - `forward`: sending one call upstream and passing its answer back, for both egress proxies.
 //! - [`model_proxy`]: the model route on the egress listener, which adds the operator's API key.
 //! - [`proxy_path`]: the decoded, checked path segments both egress proxies decide on.
 //! - [`bot_limits`]: per-bot rate limits of the Bot API proxy.
@@ -29,10 +31,12 @@
 pub mod admin;
 pub mod app;
 pub mod bot_limits;
+pub mod clock;
 pub mod config;
 pub mod connect;
 pub mod dispatch;
 pub mod egress;
+mod forward;
 pub mod ingress;
 pub mod lease;
 pub mod listen;

@@ -29,6 +29,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+/// Pauses after a failed accept: 50 ms, doubling up to a second while accepts keep failing.
+const ACCEPT_RETRY: otm_core::Backoff =
+    otm_core::Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+
 /// Bounds of one listener.
 #[derive(Clone, Copy, Debug)]
 pub struct ListenerLimits {
@@ -104,16 +108,21 @@ pub fn serve<L: Accept>(
     tokio::spawn(async move {
         let slots = Arc::new(Semaphore::new(limits.max_connections));
         let connections = TaskTracker::new();
+        let mut failures = 0;
         loop {
             let io = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 accepted = listener.accept() => match accepted {
-                    Ok(io) => io,
+                    Ok(io) => {
+                        failures = 0;
+                        io
+                    }
                     Err(e) => {
                         // Out of descriptors or a connection reset before it was taken: wait a
-                        // little rather than spin, and go on.
+                        // little rather than spin (longer while it lasts), and go on.
                         tracing::warn!(listener = name, error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        failures += 1;
+                        tokio::time::sleep(ACCEPT_RETRY.delay(failures)).await;
                         continue;
                     }
                 },

@@ -30,11 +30,9 @@ use crate::app::App;
 use crate::model_budget::{SseUsage, usage_tokens};
 use crate::surrogate::{Refusal, read_body, tenant_by_surrogate};
 use axum::Json;
-use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use futures::TryStreamExt;
 use otm_core::{Tenant, TenantId};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -112,7 +110,7 @@ fn route(method: &Method, tail: &str) -> Result<Route, &'static str> {
 
 /// Counts and logs one refused call.
 fn refused(app: &App, tenant: Option<&TenantId>, what: &str, reason: &str) {
-    app.metrics.egress_refused("model", reason);
+    app.metrics().egress_refused("model", reason);
     let what: String = what.chars().filter(|c| !c.is_control()).take(120).collect();
     match tenant {
         Some(t) => tracing::warn!(tenant = %t, call = %what, reason, "model call refused"),
@@ -137,7 +135,7 @@ pub async fn proxy(app: Arc<App>, req: Request) -> Response {
     let tenant = match tenant_by_surrogate(&app, &surrogate).await {
         Ok(t) => t,
         Err(Refusal::Unauthorized) => {
-            app.metrics.egress("model_refused");
+            app.metrics().egress("model_refused");
             refused(&app, None, &what, "unauthorized");
             return model_error(
                 StatusCode::UNAUTHORIZED,
@@ -165,8 +163,8 @@ pub async fn proxy(app: Arc<App>, req: Request) -> Response {
             );
         }
     };
-    let Some(base) = app.settings.model_base_url.clone() else {
-        app.metrics.egress("model_unconfigured");
+    let Some(base) = app.settings().model_base_url.clone() else {
+        app.metrics().egress("model_unconfigured");
         refused(&app, Some(&tenant.id), &what, "not_configured");
         return model_error(
             StatusCode::NOT_FOUND,
@@ -182,7 +180,7 @@ pub async fn proxy(app: Arc<App>, req: Request) -> Response {
             Duration::from_secs(1),
         );
     };
-    if let Err(over) = app.model_budgets.admit(
+    if let Err(over) = app.model_budgets().admit(
         &tenant.id,
         app.model_budget(&tenant),
         Instant::now(),
@@ -260,11 +258,8 @@ async fn forward(
     req: Request,
     what: &str,
 ) -> Response {
-    let mut url = format!("{}/{}", base.trim_end_matches('/'), route.path());
-    if let Some(q) = req.uri().query() {
-        url.push('?');
-        url.push_str(q);
-    }
+    let path = route.path();
+    let url = crate::forward::url(base, path.split('/'), req.uri().query());
     let method = req.method().clone();
     let (parts, body) = req.into_parts();
     let headers = parts.headers;
@@ -296,7 +291,7 @@ async fn forward(
         }
     };
     let body = if method == Method::POST {
-        match prepare_body(&route, &body, app.settings.model_id.as_deref()) {
+        match prepare_body(&route, &body, app.settings().model_id.as_deref()) {
             Ok(b) => bytes::Bytes::from(b),
             Err((reason, message)) => {
                 refused(app, Some(&tenant.id), what, reason);
@@ -306,37 +301,26 @@ async fn forward(
     } else {
         bytes::Bytes::new()
     };
-    let mut out = app.http.request(method, url).body(body).timeout(TIMEOUT);
-    for name in FORWARDED {
-        if let Some(v) = headers.get(*name) {
-            out = out.header(*name, v.clone());
-        }
-    }
     let key = tenant
         .limits
         .model_api_key
         .as_ref()
-        .or(app.settings.model_api_key.as_ref());
-    if let Some(key) = key {
-        out = out.bearer_auth(key.expose());
-    }
-    match out.send().await {
+        .or(app.settings().model_api_key.as_ref());
+    let upstream = crate::forward::Upstream {
+        method,
+        url,
+        headers: &headers,
+        pass: FORWARDED,
+        bearer: key.map(|k| k.expose()),
+        body,
+        timeout: TIMEOUT,
+    };
+    match upstream.send(app.http()).await {
         Ok(resp) => {
-            app.metrics.egress("model_forwarded");
-            let status =
-                StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-            let mut response_headers = Vec::new();
-            for name in ["content-type", "cache-control", "x-request-id"] {
-                if let Some(v) = resp
-                    .headers()
-                    .get(name)
-                    .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
-                {
-                    response_headers.push((name, v));
-                }
-            }
-            let streamed = resp
-                .headers()
+            app.metrics().egress("model_forwarded");
+            let status = resp.status();
+            let response_headers = resp.headers().clone();
+            let streamed = response_headers
                 .get("content-type")
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|c| c.starts_with("text/event-stream"));
@@ -347,23 +331,17 @@ async fn forward(
                 json: Vec::new(),
                 overflow: false,
             };
-            let stream = resp
-                .bytes_stream()
-                .map_err(std::io::Error::other)
-                .map_ok(move |chunk| {
-                    meter.feed(&chunk);
-                    chunk
-                });
-            let mut response = Response::new(Body::from_stream(stream));
-            *response.status_mut() = status;
-            for (name, v) in response_headers {
-                response.headers_mut().insert(name, v);
-            }
-            response
+            let body = crate::forward::stream(resp, move |chunk| meter.feed(chunk));
+            crate::forward::respond(
+                status,
+                &response_headers,
+                &["content-type", "cache-control", "x-request-id"],
+                body,
+            )
         }
         Err(e) => {
-            app.metrics.egress("model_upstream_error");
-            tracing::warn!(tenant = %tenant.id, error = %e.without_url(), "model call failed");
+            app.metrics().egress("model_upstream_error");
+            tracing::warn!(tenant = %tenant.id, error = %e, "model call failed");
             model_error(
                 StatusCode::BAD_GATEWAY,
                 "upstream_error",
@@ -414,8 +392,8 @@ impl Drop for Meter {
                 .unwrap_or(0),
         };
         if tokens > 0 {
-            self.app.metrics.model_tokens.inc_by(tokens);
-            self.app.model_budgets.record_tokens(
+            self.app.metrics().model_tokens.inc_by(tokens);
+            self.app.model_budgets().record_tokens(
                 &self.tenant,
                 tokens,
                 Instant::now(),

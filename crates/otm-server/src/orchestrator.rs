@@ -13,7 +13,8 @@ use otm_core::{
 };
 use otm_shim::ShimClient;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// How long a cached endpoint stays valid without being refreshed.
 const ENDPOINT_TTL: Duration = Duration::from_secs(300);
@@ -25,7 +26,7 @@ const WAKE_WAIT: Duration = Duration::from_secs(300);
 
 /// TTL of the wake lock and dispatcher leases (renewed while held).
 pub(crate) fn lease_ttl(app: &App) -> Duration {
-    crate::lease::ttl(&app.settings)
+    crate::lease::ttl(app.settings())
 }
 
 /// The [`Waker`] of a process that runs instances: wakes them here.
@@ -57,17 +58,17 @@ async fn wake_here(app: &Arc<App>, tenant: &TenantId, chat: Option<i64>) -> Resu
     let begun = Instant::now();
     let lock = app.tenant_lock(tenant);
     let _joined = lock.lock().await;
-    if let Some(ep) = app.coordinator.endpoint(tenant).await? {
+    if let Some(ep) = app.coordinator().endpoint(tenant).await? {
         return Ok(Woken::cached(ep, begun));
     }
-    if let Some(rec) = app.registry.instance_of(tenant).await?
+    if let Some(rec) = app.registry().instance_of(tenant).await?
         && let Some(woken) = use_registered(app, tenant, &rec, begun).await?
     {
         return Ok(woken);
     }
 
     let lease = crate::lease::HeldLease::acquire(
-        &app.coordinator,
+        app.coordinator(),
         &format!("wake:{tenant}"),
         lease_ttl(app),
         WAKE_WAIT,
@@ -79,7 +80,7 @@ async fn wake_here(app: &Arc<App>, tenant: &TenantId, chat: Option<i64>) -> Resu
     };
     lease.release().await;
     let outcome = if result.is_ok() { "ok" } else { "error" };
-    app.metrics
+    app.metrics()
         .wakes
         .get_or_create(&crate::metrics::Outcome {
             outcome: outcome.into(),
@@ -100,7 +101,7 @@ async fn use_registered(
         return Ok(None);
     }
     let ep = Endpoint::from(rec);
-    app.coordinator
+    app.coordinator()
         .set_endpoint(tenant, &ep, ENDPOINT_TTL)
         .await?;
     Ok(Some(Woken::cached(ep, begun)))
@@ -120,7 +121,7 @@ async fn wake_locked(
     chat: Option<i64>,
 ) -> Result<Woken> {
     // Another process may have finished a wake while we waited for the lock.
-    if let Some(rec) = app.registry.instance_of(tenant).await? {
+    if let Some(rec) = app.registry().instance_of(tenant).await? {
         if let Some(woken) = use_registered(app, tenant, &rec, begun).await? {
             return Ok(woken);
         }
@@ -136,14 +137,14 @@ async fn wake_locked(
         }
     }
     let t = app
-        .registry
+        .registry()
         .get_tenant(tenant)
         .await?
         .ok_or_else(|| Error::not_found(format!("tenant {tenant}")))?;
-    let fleet = app.registry.get_settings().await?;
+    let fleet = app.registry().get_settings().await?;
     let limits = t.limits.over(&fleet.default_limits);
     let _admitted = admit(app, &fleet, tenant).await?;
-    app.registry
+    app.registry()
         .set_tenant_status(tenant, TenantStatus::Provisioning, Some(fence))
         .await?;
 
@@ -152,7 +153,7 @@ async fn wake_locked(
         vec![("prepare".into(), begun.elapsed().as_millis() as u64)];
     let mark = Instant::now();
     // Claim a warm instance, or create one.
-    let claimed = match app.registry.claim_warm_instance(tenant).await? {
+    let claimed = match app.registry().claim_warm_instance(tenant).await? {
         Some(rec) => claim_warm(app, rec, tenant, &limits).await,
         None => None,
     };
@@ -161,7 +162,7 @@ async fn wake_locked(
         None => {
             if let Err(e) = make_room(app, &fleet, tenant).await {
                 let _ = app
-                    .registry
+                    .registry()
                     .set_tenant_status(tenant, TenantStatus::Idle, Some(fence))
                     .await;
                 return Err(e);
@@ -170,33 +171,33 @@ async fn wake_locked(
                 (t.cold_start_notice, chat, t.bot_token.as_ref())
             {
                 let notice = app
-                    .telegram
+                    .telegram()
                     .send_message(token, chat, "Starting up, one moment…");
                 match tokio::time::timeout(Duration::from_secs(3), notice).await {
-                    Ok(Ok(())) => app.metrics.reconciler("cold_start_notice"),
+                    Ok(Ok(())) => app.metrics().reconciler("cold_start_notice"),
                     Ok(Err(e)) => tracing::warn!(%tenant, error = %e, "cold-start notice failed"),
                     Err(_) => tracing::warn!(%tenant, "cold-start notice timed out"),
                 }
             }
             let id = InstanceId::random();
             let spec = InstanceSpec {
-                shim_token: app.keys.shim_token(&id),
+                shim_token: app.keys().shim_token(&id),
                 id,
                 tenant: Some(tenant.clone()),
                 limits,
                 profile: Some(t.profile.clone()),
             };
-            let created = match app.runtime.create(&spec).await {
+            let created = match app.runtime().create(&spec).await {
                 Ok(c) => c,
                 Err(e) => {
                     let _ = app
-                        .registry
+                        .registry()
                         .set_tenant_status(tenant, TenantStatus::Idle, Some(fence))
                         .await;
                     return Err(e);
                 }
             };
-            let now = otm_core::time::now_ms();
+            let now = app.clock().now_ms();
             let rec = InstanceRecord {
                 id: spec.id,
                 tenant: Some(tenant.clone()),
@@ -222,7 +223,7 @@ async fn wake_locked(
         tracing::error!(%tenant, instance = %rec.id, error = %e, "wake failed");
         discard(app, &rec).await;
         let _ = app
-            .registry
+            .registry()
             .set_tenant_status(tenant, TenantStatus::Idle, Some(fence))
             .await;
         return Err(e);
@@ -230,9 +231,9 @@ async fn wake_locked(
     let total = begun.elapsed();
     let p = path.as_str();
     for (name, ms) in &phases {
-        app.metrics.wake_phase(p, name, Duration::from_millis(*ms));
+        app.metrics().wake_phase(p, name, Duration::from_millis(*ms));
     }
-    app.metrics
+    app.metrics()
         .wake_seconds
         .get_or_create(&crate::metrics::WakePath { path: p.into() })
         .observe(total.as_secs_f64());
@@ -256,13 +257,13 @@ async fn claim_warm(
     tenant: &TenantId,
     limits: &otm_core::ResourceLimits,
 ) -> Option<InstanceRecord> {
-    match app.runtime.claim(&rec.id, tenant).await {
+    match app.runtime().claim(&rec.id, tenant).await {
         Ok(true) => {}
         Ok(false) => {
             // Someone else's now: forget our record of it, leave the instance alone.
             tracing::warn!(%tenant, instance = %rec.id, "lost the claim of a warm instance; creating one");
-            app.metrics.reconciler("warm_claim_lost");
-            let _ = app.registry.delete_instance(&rec.id).await;
+            app.metrics().reconciler("warm_claim_lost");
+            let _ = app.registry().delete_instance(&rec.id).await;
             return None;
         }
         Err(e) => {
@@ -271,7 +272,7 @@ async fn claim_warm(
             return None;
         }
     }
-    if let Err(e) = app.runtime.set_limits(&rec.id, limits).await {
+    if let Err(e) = app.runtime().set_limits(&rec.id, limits).await {
         tracing::warn!(%tenant, instance = %rec.id, error = %e, "a warm instance could not take the tenant's limits; creating one");
         discard(app, &rec).await;
         return None;
@@ -295,7 +296,7 @@ async fn bind(
     ));
     rec.surrogate_digest = Some(surrogate.digest());
     rec.state = InstanceState::Binding;
-    app.registry.put_instance(rec, Some(fence)).await?;
+    app.registry().put_instance(rec, Some(fence)).await?;
 
     let shim = ShimClient::new(rec.address.clone(), rec.shim_token.clone());
     let restoring = Instant::now();
@@ -305,13 +306,13 @@ async fn bind(
     let req = BindRequest {
         tenant: tenant.clone(),
         profile: t.profile.clone(),
-        bot_api_root: app.egress_url.clone(),
+        bot_api_root: app.egress_url().to_owned().clone(),
         bot_token: surrogate.expose().to_owned(),
         // Empty for the reference agent; for OpenClaw its install, template and model route.
         settings: {
             let mut s = crate::openclaw::bind_settings(
-                &app.settings,
-                &app.egress_url,
+                app.settings(),
+                app.egress_url(),
                 t,
                 surrogate.expose(),
             )?;
@@ -330,7 +331,7 @@ async fn bind(
         },
     };
     let bound = shim
-        .bind(&req, Duration::from_secs(app.settings.wake_timeout_s))
+        .bind(&req, Duration::from_secs(app.settings().wake_timeout_s))
         .await?;
     phases.push(("start".into(), bound.start_ms));
     phases.push(("ready".into(), bound.ready_ms));
@@ -338,14 +339,14 @@ async fn bind(
     // `record`: publishing the ready instance (registry writes, endpoint cache).
     let recording = Instant::now();
     rec.state = InstanceState::Ready;
-    app.registry.put_instance(rec, Some(fence)).await?;
-    app.registry
+    app.registry().put_instance(rec, Some(fence)).await?;
+    app.registry()
         .set_tenant_status(tenant, TenantStatus::Running, Some(fence))
         .await?;
-    app.registry
-        .touch_tenant(tenant, otm_core::time::now_ms())
+    app.registry()
+        .touch_tenant(tenant, app.clock().now_ms())
         .await?;
-    app.coordinator
+    app.coordinator()
         .set_endpoint(tenant, &Endpoint::from(&*rec), ENDPOINT_TTL)
         .await?;
     phases.push(("record".into(), recording.elapsed().as_millis() as u64));
@@ -364,12 +365,12 @@ fn surrogate_bot_id(t: &otm_core::Tenant) -> String {
 
 /// Removes an instance from the runtime and the registry, ignoring what is already gone.
 async fn discard(app: &Arc<App>, rec: &InstanceRecord) {
-    if let Err(e) = app.runtime.delete(&rec.id).await {
+    if let Err(e) = app.runtime().delete(&rec.id).await {
         tracing::warn!(instance = %rec.id, error = %e, "could not delete instance");
     }
-    let _ = app.registry.delete_instance(&rec.id).await;
+    let _ = app.registry().delete_instance(&rec.id).await;
     if let Some(t) = &rec.tenant {
-        let _ = app.coordinator.clear_endpoint(t).await;
+        let _ = app.coordinator().clear_endpoint(t).await;
     }
     refresh_instance_gauge(app).await;
 }
@@ -380,17 +381,17 @@ async fn discard(app: &Arc<App>, rec: &InstanceRecord) {
 pub async fn stop(app: &Arc<App>, tenant: &TenantId, reason: &str) -> Result<bool> {
     let lock = app.tenant_lock(tenant);
     let _held = lock.lock().await;
-    app.coordinator.clear_endpoint(tenant).await?;
-    let Some(mut rec) = app.registry.instance_of(tenant).await? else {
-        if app.registry.get_tenant(tenant).await?.is_some() {
-            app.registry
+    app.coordinator().clear_endpoint(tenant).await?;
+    let Some(mut rec) = app.registry().instance_of(tenant).await? else {
+        if app.registry().get_tenant(tenant).await?.is_some() {
+            app.registry()
                 .set_tenant_status(tenant, TenantStatus::Idle, None)
                 .await?;
         }
         return Ok(false);
     };
     let lease = crate::lease::HeldLease::acquire(
-        &app.coordinator,
+        app.coordinator(),
         &format!("wake:{tenant}"),
         lease_ttl(app),
         WAKE_WAIT,
@@ -399,7 +400,7 @@ pub async fn stop(app: &Arc<App>, tenant: &TenantId, reason: &str) -> Result<boo
     let result = stop_locked(app, tenant, &mut rec, reason, lease.fence()).await;
     lease.release().await;
     let _ = app
-        .coordinator
+        .coordinator()
         .publish(Notification::EndpointInvalidated {
             tenant: tenant.clone(),
         })
@@ -417,9 +418,9 @@ async fn stop_locked(
     let began = Instant::now();
     rec.state = InstanceState::Stopping;
     rec.surrogate_digest = None;
-    app.registry.put_instance(rec, Some(fence)).await?;
-    if app.registry.get_tenant(tenant).await?.is_some() {
-        app.registry
+    app.registry().put_instance(rec, Some(fence)).await?;
+    if app.registry().get_tenant(tenant).await?.is_some() {
+        app.registry()
             .set_tenant_status(tenant, TenantStatus::Stopping, Some(fence))
             .await?;
     }
@@ -439,7 +440,7 @@ async fn stop_locked(
         if let Err(e) = salvage(app, tenant, rec, "final").await {
             // Nothing is deleted: the instance's state stays on disk, the record says
             // `stopping`, and the next stop, wake or reconcile pass tries again.
-            app.metrics.reconciler("final_snapshot_failed");
+            app.metrics().reconciler("final_snapshot_failed");
             return Err(Error::unavailable(
                 "orchestrator",
                 format!(
@@ -450,12 +451,12 @@ async fn stop_locked(
         }
     }
     discard(app, rec).await;
-    if app.registry.get_tenant(tenant).await?.is_some() {
-        app.registry
+    if app.registry().get_tenant(tenant).await?.is_some() {
+        app.registry()
             .set_tenant_status(tenant, TenantStatus::Idle, Some(fence))
             .await?;
     }
-    app.metrics
+    app.metrics()
         .stops
         .get_or_create(&crate::metrics::Reason {
             reason: reason.into(),
@@ -472,12 +473,8 @@ pub(crate) struct Admitted<'a>(&'a App);
 
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
-        let n = self
-            .0
-            .wakes_in_flight
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
-            - 1;
-        self.0.metrics.wakes_in_flight.set(n as i64);
+        let n = self.0.wake_ended();
+        self.0.metrics().wakes_in_flight.set(n as i64);
     }
 }
 
@@ -488,17 +485,16 @@ async fn admit<'a>(
     fleet: &otm_core::FleetSettings,
     tenant: &TenantId,
 ) -> Result<Admitted<'a>> {
-    use std::sync::atomic::Ordering;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let n = app.wakes_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        let n = app.wake_started();
         if fleet.max_concurrent_wakes == 0 || n <= fleet.max_concurrent_wakes as usize {
-            app.metrics.wakes_in_flight.set(n as i64);
+            app.metrics().wakes_in_flight.set(n as i64);
             return Ok(Admitted(app));
         }
-        app.wakes_in_flight.fetch_sub(1, Ordering::SeqCst);
+        app.wake_ended();
         if Instant::now() >= deadline {
-            app.metrics
+            app.metrics()
                 .admission_waits
                 .get_or_create(&crate::metrics::Reason {
                     reason: "max_concurrent_wakes".into(),
@@ -524,12 +520,12 @@ async fn make_room(
     fleet: &otm_core::FleetSettings,
     waking: &TenantId,
 ) -> Result<()> {
-    app.metrics.max_running.set(i64::from(fleet.max_running));
+    app.metrics().max_running.set(i64::from(fleet.max_running));
     if fleet.max_running == 0 {
         return Ok(());
     }
     let max = fleet.max_running as usize;
-    let instances = app.registry.list_instances().await?;
+    let instances = app.registry().list_instances().await?;
     if instances.len() < max {
         return Ok(());
     }
@@ -539,7 +535,7 @@ async fn make_room(
         .find(|r| r.tenant.is_none() && r.state == InstanceState::Warm)
     {
         discard(app, warm).await;
-        app.metrics.reconciler("warm_removed_for_room");
+        app.metrics().reconciler("warm_removed_for_room");
         return Ok(());
     }
     let mut candidates = Vec::new();
@@ -547,10 +543,10 @@ async fn make_room(
         let Some(t) = rec.tenant.as_ref().filter(|t| *t != waking) else {
             continue;
         };
-        if app.registry.inbox_depth(t).await.unwrap_or(1) > 0 {
+        if app.registry().inbox_depth(t).await.unwrap_or(1) > 0 {
             continue;
         }
-        if let Ok(Some(tenant)) = app.registry.get_tenant(t).await {
+        if let Ok(Some(tenant)) = app.registry().get_tenant(t).await {
             candidates.push((tenant.last_active_ms, t.clone()));
         }
     }
@@ -561,7 +557,7 @@ async fn make_room(
         let Ok(free) = lock.try_lock() else { continue };
         drop(free);
         tracing::info!(tenant = %t, for_tenant = %waking, max_running = max, "putting the longest-idle tenant to sleep to make room");
-        app.metrics
+        app.metrics()
             .admission_waits
             .get_or_create(&crate::metrics::Reason {
                 reason: "evicted_idle".into(),
@@ -571,7 +567,7 @@ async fn make_room(
             return Ok(());
         }
     }
-    app.metrics
+    app.metrics()
         .admission_waits
         .get_or_create(&crate::metrics::Reason {
             reason: "max_running".into(),
@@ -593,22 +589,25 @@ async fn salvage(
     rec: &InstanceRecord,
     reason: &str,
 ) -> Result<()> {
-    let profile = match app.registry.get_tenant(tenant).await? {
+    let profile = match app.registry().get_tenant(tenant).await? {
         Some(t) => t.profile,
         None => return Ok(()),
     };
     let skip: Vec<String> = otm_shim::profile::profile(&profile)
         .map(|p| p.snapshot_skip.iter().map(|s| s.to_string()).collect())
         .unwrap_or_default();
+    // Three tries, 200 ms and 400 ms apart.
+    const RETRY: otm_core::Backoff =
+        otm_core::Backoff::new(Duration::from_millis(200), Duration::from_secs(1));
     let mut last = None;
     for attempt in 0..3u32 {
         if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+            tokio::time::sleep(RETRY.delay(attempt)).await;
         }
-        let (spool, file) = SpoolFile::create(&app.settings.data_dir, tenant.as_str()).await?;
+        let (spool, file) = SpoolFile::create(&app.settings().data_dir, tenant.as_str()).await?;
         drop(file);
         match app
-            .runtime
+            .runtime()
             .salvage_state(&rec.id, &skip, MAX_SNAPSHOT_BYTES, spool.path())
             .await
         {
@@ -616,7 +615,7 @@ async fn salvage(
             Ok(true) => {
                 match publish_snapshot(app, tenant, &spool, &format!("{reason}-salvaged")).await {
                     Ok(meta) => {
-                        app.metrics.reconciler("state_salvaged");
+                        app.metrics().reconciler("state_salvaged");
                         tracing::info!(%tenant, instance = %rec.id, snapshot = %meta.id, size = meta.size, "state packed from outside the instance");
                         return Ok(());
                     }
@@ -637,7 +636,7 @@ async fn retire(app: &Arc<App>, rec: &InstanceRecord) -> bool {
         && let Err(e) = salvage(app, tenant, rec, "exit").await
     {
         tracing::error!(%tenant, instance = %rec.id, error = %e, "cannot save the state of a dead instance; keeping it");
-        app.metrics.reconciler("salvage_failed");
+        app.metrics().reconciler("salvage_failed");
         return false;
     }
     discard(app, rec).await;
@@ -650,13 +649,13 @@ pub async fn run_reaper(app: Arc<App>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = app.shutdown.cancelled() => return,
+            _ = app.shutdown().cancelled() => return,
             _ = tick.tick() => {}
         }
         if !app.is_leader() {
             continue;
         }
-        let due = match app.registry.idle_due(otm_core::time::now_ms(), 256).await {
+        let due = match app.registry().idle_due(app.clock().now_ms(), 256).await {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!(error = %e, "idle sweep failed");
@@ -665,7 +664,7 @@ pub async fn run_reaper(app: Arc<App>) {
         };
         for tenant in due {
             // Updates still waiting keep a tenant awake.
-            if app.registry.inbox_depth(&tenant).await.unwrap_or(0) > 0 {
+            if app.registry().inbox_depth(&tenant).await.unwrap_or(0) > 0 {
                 continue;
             }
             let a = app.clone();
@@ -675,7 +674,7 @@ pub async fn run_reaper(app: Arc<App>) {
                     tracing::warn!(%tenant, error = %e, "idle stop failed");
                 }
                 // Anything that arrived during the stop wakes the tenant again.
-                if app.registry.inbox_depth(&tenant).await.unwrap_or(0) > 0 {
+                if app.registry().inbox_depth(&tenant).await.unwrap_or(0) > 0 {
                     app.request_delivery(&tenant);
                 }
             });
@@ -686,12 +685,12 @@ pub async fn run_reaper(app: Arc<App>) {
 /// Acts on runtime events until shutdown: an instance that exits on its own is removed, its
 /// tenant returns to idle, and pending updates wake it again.
 pub async fn run_reconciler(app: Arc<App>) {
-    let mut events = app.runtime.events();
+    let mut events = app.runtime().events();
     let mut full_pass = tokio::time::interval(Duration::from_secs(60));
     full_pass.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = app.shutdown.cancelled() => return,
+            _ = app.shutdown().cancelled() => return,
             ev = events.next() => match ev {
                 Some(RuntimeEvent::Exited { id, detail }) => instance_exited(&app, &id, &detail, None).await,
                 Some(RuntimeEvent::LimitExceeded { id, limit, detail }) => instance_exited(&app, &id, &detail, Some(limit)).await,
@@ -711,8 +710,8 @@ pub async fn run_reconciler(app: Arc<App>) {
 /// tenant is put to sleep the usual way, final snapshot included, and the next update wakes it
 /// elsewhere. This is what a preStop state sync does, driven from outside the instance.
 async fn instance_terminating(app: &Arc<App>, id: InstanceId, detail: String) {
-    app.metrics.reconciler("instance_terminating");
-    let Ok(Some(rec)) = app.registry.get_instance(&id).await else {
+    app.metrics().reconciler("instance_terminating");
+    let Ok(Some(rec)) = app.registry().get_instance(&id).await else {
         return;
     };
     tracing::warn!(instance = %id, tenant = ?rec.tenant, detail, "instance is being removed; saving its state");
@@ -724,7 +723,7 @@ async fn instance_terminating(app: &Arc<App>, id: InstanceId, detail: String) {
     app.spawn(async move {
         match stop(&app2, &tenant, "evicted").await {
             Ok(_) => {
-                if app2.registry.inbox_depth(&tenant).await.unwrap_or(0) > 0 {
+                if app2.registry().inbox_depth(&tenant).await.unwrap_or(0) > 0 {
                     app2.request_delivery(&tenant);
                 }
             }
@@ -739,21 +738,21 @@ async fn instance_exited(
     detail: &str,
     limit: Option<otm_core::LimitKind>,
 ) {
-    app.metrics.reconciler(if limit.is_some() {
+    app.metrics().reconciler(if limit.is_some() {
         "limit_kill"
     } else {
         "instance_exited"
     });
-    let Ok(Some(rec)) = app.registry.get_instance(id).await else {
+    let Ok(Some(rec)) = app.registry().get_instance(id).await else {
         // Not ours (any more): make sure nothing is left of it.
         if limit.is_some() {
-            let _ = app.runtime.delete(id).await;
+            let _ = app.runtime().delete(id).await;
         }
         return;
     };
     tracing::warn!(instance = %id, tenant = ?rec.tenant, detail, "instance died");
     if let Some(kind) = limit {
-        app.metrics
+        app.metrics()
             .limit_kills
             .get_or_create(&crate::metrics::Limit {
                 limit: kind.as_str().into(),
@@ -766,7 +765,7 @@ async fn instance_exited(
     if let Some(tenant) = &rec.tenant {
         let lock = app.tenant_lock(tenant);
         let _held = lock.lock().await;
-        let _ = app.coordinator.clear_endpoint(tenant).await;
+        let _ = app.coordinator().clear_endpoint(tenant).await;
         if limit == Some(otm_core::LimitKind::Disk) {
             // State over its disk limit is not kept: the previous snapshot stays in force.
             tracing::warn!(%tenant, instance = %id, "state over the disk limit is dropped; the previous snapshot stays the head");
@@ -775,10 +774,10 @@ async fn instance_exited(
             return;
         }
         let _ = app
-            .registry
+            .registry()
             .set_tenant_status(tenant, TenantStatus::Idle, None)
             .await;
-        if app.registry.inbox_depth(tenant).await.unwrap_or(0) > 0 {
+        if app.registry().inbox_depth(tenant).await.unwrap_or(0) > 0 {
             app.request_delivery(tenant);
         }
     } else {
@@ -789,20 +788,20 @@ async fn instance_exited(
 /// One full pass: adopts live instances the registry knows, removes instances that belong to no
 /// record, and repairs records whose instance is gone.
 pub async fn reconcile(app: &Arc<App>) -> Result<()> {
-    let now = otm_core::time::now_ms();
-    let live = app.runtime.list().await?;
-    let records = app.registry.list_instances().await?;
+    let now = app.clock().now_ms();
+    let live = app.runtime().list().await?;
+    let records = app.registry().list_instances().await?;
     for inst in &live {
         let known = records.iter().find(|r| r.id == inst.id);
         match known {
             Some(rec) if inst.alive && rec.state == InstanceState::Ready => {
                 if let Some(t) = &rec.tenant
-                    && app.coordinator.endpoint(t).await?.is_none()
+                    && app.coordinator().endpoint(t).await?.is_none()
                 {
-                    app.coordinator
+                    app.coordinator()
                         .set_endpoint(t, &Endpoint::from(rec), ENDPOINT_TTL)
                         .await?;
-                    app.metrics.reconciler("adopted");
+                    app.metrics().reconciler("adopted");
                 }
             }
             Some(_) => {}
@@ -812,8 +811,8 @@ pub async fn reconcile(app: &Arc<App>) -> Result<()> {
                 .is_some_and(|t| now - t < RECONCILE_GRACE_MS) => {}
             None => {
                 tracing::warn!(instance = %inst.id, "removing an instance that no record owns");
-                app.runtime.delete(&inst.id).await?;
-                app.metrics.reconciler("orphan_removed");
+                app.runtime().delete(&inst.id).await?;
+                app.metrics().reconciler("orphan_removed");
             }
         }
     }
@@ -826,20 +825,20 @@ pub async fn reconcile(app: &Arc<App>) -> Result<()> {
             }
             if let Some(t) = &rec.tenant {
                 let _ = app
-                    .registry
+                    .registry()
                     .set_tenant_status(t, TenantStatus::Idle, None)
                     .await;
             }
-            app.metrics.reconciler("stale_record_removed");
+            app.metrics().reconciler("stale_record_removed");
         }
     }
     // Tenants marked awake without an instance are idle.
-    for t in app.registry.list_tenants().await? {
-        if t.status != TenantStatus::Idle && app.registry.instance_of(&t.id).await?.is_none() {
-            app.registry
+    for t in app.registry().list_tenants().await? {
+        if t.status != TenantStatus::Idle && app.registry().instance_of(&t.id).await?.is_none() {
+            app.registry()
                 .set_tenant_status(&t.id, TenantStatus::Idle, None)
                 .await?;
-            app.metrics.reconciler("status_repaired");
+            app.metrics().reconciler("status_repaired");
         }
     }
     refresh_instance_gauge(app).await;
@@ -853,12 +852,12 @@ pub async fn reconcile(app: &Arc<App>) -> Result<()> {
 /// wake instead (it is retried): an older snapshot would fare no better there, and falling back
 /// over a passing outage would drop newer state. Nothing to do for a tenant without snapshots.
 async fn restore_newest(app: &Arc<App>, tenant: &TenantId, shim: &ShimClient) -> Result<()> {
-    let Some(head) = app.state.head(tenant).await? else {
+    let Some(head) = app.state().head(tenant).await? else {
         return Ok(());
     };
     let mut candidates = vec![head.clone()];
     let mut older: Vec<_> = app
-        .state
+        .state()
         .list(tenant)
         .await?
         .into_iter()
@@ -867,7 +866,7 @@ async fn restore_newest(app: &Arc<App>, tenant: &TenantId, shim: &ShimClient) ->
     older.reverse();
     candidates.extend(older);
     // One private file, refilled for each candidate, removed however this ends.
-    let (spool, file) = SpoolFile::create(&app.settings.data_dir, tenant.as_str()).await?;
+    let (spool, file) = SpoolFile::create(&app.settings().data_dir, tenant.as_str()).await?;
     drop(file);
     let mut skipped = Vec::new();
     let mut restored = None;
@@ -890,7 +889,7 @@ async fn restore_newest(app: &Arc<App>, tenant: &TenantId, shim: &ShimClient) ->
             }
             Err(e) => {
                 tracing::error!(%tenant, snapshot = %meta.id, error = %e, "cannot restore this snapshot; trying the one before it");
-                app.metrics.reconciler(match e {
+                app.metrics().reconciler(match e {
                     Error::Corrupt { .. } => "snapshot_corrupt",
                     _ => "restore_refused",
                 });
@@ -907,7 +906,7 @@ async fn restore_newest(app: &Arc<App>, tenant: &TenantId, shim: &ShimClient) ->
     let all_failed = restored.is_none();
     if let Some(id) = &restored {
         tracing::warn!(%tenant, snapshot = %id, skipped = skipped.len(), "restored an older snapshot because newer ones failed");
-        app.metrics.reconciler("restore_fallback");
+        app.metrics().reconciler("restore_fallback");
     }
     let count = skipped.len();
     app.record_restore_fallback(tenant, restored, skipped);
@@ -930,7 +929,7 @@ async fn fetch_checked(
     id: &SnapshotId,
     spool: &SpoolFile,
 ) -> Result<otm_core::SnapshotMeta> {
-    let meta = app.state.get(tenant, id, spool.path()).await?;
+    let meta = app.state().get(tenant, id, spool.path()).await?;
     verify_archive(spool.path())
         .await
         .map_err(|e| Error::Corrupt {
@@ -966,7 +965,7 @@ pub async fn take_snapshot(
     shim: &ShimClient,
     reason: &str,
 ) -> Result<otm_core::SnapshotMeta> {
-    let (spool, mut file) = SpoolFile::create(&app.settings.data_dir, tenant.as_str()).await?;
+    let (spool, mut file) = SpoolFile::create(&app.settings().data_dir, tenant.as_str()).await?;
     shim.snapshot(&mut file, MAX_SNAPSHOT_BYTES).await?;
     drop(file);
     publish_snapshot(app, tenant, &spool, reason).await
@@ -990,8 +989,8 @@ async fn publish_snapshot(
         ))
     })?;
     let id = SnapshotId::new_now();
-    let meta = app.state.put(tenant, &id, archive.path(), reason).await?;
-    app.state.publish(tenant, &id).await?;
+    let meta = app.state().put(tenant, &id, archive.path(), reason).await?;
+    app.state().publish(tenant, &id).await?;
     tracing::info!(%tenant, snapshot = %id, size = meta.size, reason, ms = started.elapsed().as_millis() as u64, "snapshot published");
     prune_snapshots(app, tenant).await;
     Ok(meta)
@@ -999,8 +998,8 @@ async fn publish_snapshot(
 
 /// Deletes the oldest snapshots beyond the retention count; never the head.
 async fn prune_snapshots(app: &Arc<App>, tenant: &TenantId) {
-    let keep = app.settings.snapshot_keep;
-    let (Ok(list), Ok(head)) = (app.state.list(tenant).await, app.state.head(tenant).await) else {
+    let keep = app.settings().snapshot_keep;
+    let (Ok(list), Ok(head)) = (app.state().list(tenant).await, app.state().head(tenant).await) else {
         return;
     };
     let head = head.map(|h| h.id);
@@ -1010,7 +1009,7 @@ async fn prune_snapshots(app: &Arc<App>, tenant: &TenantId) {
         .filter(|m| Some(&m.id) != head.as_ref())
         .take(excess)
     {
-        if let Err(e) = app.state.delete(tenant, &meta.id).await {
+        if let Err(e) = app.state().delete(tenant, &meta.id).await {
             tracing::warn!(%tenant, snapshot = %meta.id, error = %e, "could not prune a snapshot");
         }
     }
@@ -1020,14 +1019,14 @@ async fn prune_snapshots(app: &Arc<App>, tenant: &TenantId) {
 /// stopped first (its final snapshot is kept, but no longer the head).
 pub async fn restore_snapshot(app: &Arc<App>, tenant: &TenantId, id: &SnapshotId) -> Result<()> {
     // Fetch and test-decode before anything changes.
-    let (spool, file) = SpoolFile::create(&app.settings.data_dir, tenant.as_str()).await?;
+    let (spool, file) = SpoolFile::create(&app.settings().data_dir, tenant.as_str()).await?;
     drop(file);
     fetch_checked(app, tenant, id, &spool).await?;
     drop(spool);
     stop(app, tenant, "restore").await?;
     let lock = app.tenant_lock(tenant);
     let _held = lock.lock().await;
-    app.state.publish(tenant, id).await?;
+    app.state().publish(tenant, id).await?;
     tracing::info!(%tenant, snapshot = %id, "snapshot made head; the next wake restores it");
     Ok(())
 }
@@ -1041,7 +1040,7 @@ pub async fn export_state(
     {
         let lock = app.tenant_lock(tenant);
         let _held = lock.lock().await;
-        if let Ok(Some(rec)) = app.registry.instance_of(tenant).await
+        if let Ok(Some(rec)) = app.registry().instance_of(tenant).await
             && rec.state == InstanceState::Ready
         {
             let shim = ShimClient::new(rec.address.clone(), rec.shim_token.clone());
@@ -1050,15 +1049,15 @@ pub async fn export_state(
             }
         }
     }
-    let Some(head) = app.state.head(tenant).await? else {
+    let Some(head) = app.state().head(tenant).await? else {
         return Err(Error::not_found(format!(
             "saved state of tenant {tenant} (it has never been snapshotted)"
         )));
     };
-    let (archive, file) = SpoolFile::create(&app.settings.data_dir, tenant.as_str()).await?;
+    let (archive, file) = SpoolFile::create(&app.settings().data_dir, tenant.as_str()).await?;
     drop(file);
     let meta = fetch_checked(app, tenant, &head.id, &archive).await?;
-    let (tar, file) = SpoolFile::create(&app.settings.data_dir, tenant.as_str()).await?;
+    let (tar, file) = SpoolFile::create(&app.settings().data_dir, tenant.as_str()).await?;
     let from = archive.path().to_path_buf();
     let file = file.into_std().await;
     tokio::task::spawn_blocking(move || {
@@ -1078,7 +1077,7 @@ pub async fn export_state(
 
 /// Snapshots every running tenant every `snapshot_interval_s`, on the leader.
 pub async fn run_periodic_snapshots(app: Arc<App>) {
-    let secs = app.settings.snapshot_interval_s;
+    let secs = app.settings().snapshot_interval_s;
     if secs == 0 {
         return;
     }
@@ -1087,20 +1086,20 @@ pub async fn run_periodic_snapshots(app: Arc<App>) {
     tick.tick().await;
     loop {
         tokio::select! {
-            _ = app.shutdown.cancelled() => return,
+            _ = app.shutdown().cancelled() => return,
             _ = tick.tick() => {}
         }
         if !app.is_leader() {
             continue;
         }
-        for rec in app.registry.list_instances().await.unwrap_or_default() {
+        for rec in app.registry().list_instances().await.unwrap_or_default() {
             let (Some(tenant), InstanceState::Ready) = (rec.tenant.clone(), rec.state) else {
                 continue;
             };
             let lock = app.tenant_lock(&tenant);
             let _held = lock.lock().await;
             // Still the same ready instance once the lock is ours?
-            match app.registry.instance_of(&tenant).await {
+            match app.registry().instance_of(&tenant).await {
                 Ok(Some(r)) if r.id == rec.id && r.state == InstanceState::Ready => {}
                 _ => continue,
             }
@@ -1115,12 +1114,12 @@ pub async fn run_periodic_snapshots(app: Arc<App>) {
 /// Keeps `warm_pool_target` started, unbound instances, on the leader. Wakes claim them; this
 /// loop refills the pool within about a second, or at once when the target changes.
 pub async fn run_warm_pool(app: Arc<App>) {
-    let mut notes = app.coordinator.subscribe();
+    let mut notes = app.coordinator().subscribe();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = app.shutdown.cancelled() => return,
+            _ = app.shutdown().cancelled() => return,
             _ = tick.tick() => {}
             n = notes.next() => if n.is_none() { return },
         }
@@ -1134,13 +1133,13 @@ pub async fn run_warm_pool(app: Arc<App>) {
 }
 
 async fn fill_warm_pool(app: &Arc<App>) -> Result<()> {
-    let settings = app.registry.get_settings().await?;
-    app.metrics.max_running.set(i64::from(settings.max_running));
+    let settings = app.registry().get_settings().await?;
+    app.metrics().max_running.set(i64::from(settings.max_running));
     let mut target = settings.warm_pool_target as usize;
     if settings.max_running > 0 {
         // Warm instances count as running: the pool never takes the fleet over its limit.
         let running = app
-            .registry
+            .registry()
             .list_instances()
             .await?
             .iter()
@@ -1149,7 +1148,7 @@ async fn fill_warm_pool(app: &Arc<App>) -> Result<()> {
         target = target.min((settings.max_running as usize).saturating_sub(running));
     }
     let warm: Vec<InstanceRecord> = app
-        .registry
+        .registry()
         .list_instances()
         .await?
         .into_iter()
@@ -1158,29 +1157,29 @@ async fn fill_warm_pool(app: &Arc<App>) -> Result<()> {
     if warm.len() > target {
         for rec in warm.iter().skip(target) {
             // Claimed meanwhile? Only delete what is still warm.
-            if let Ok(Some(r)) = app.registry.get_instance(&rec.id).await
+            if let Ok(Some(r)) = app.registry().get_instance(&rec.id).await
                 && r.tenant.is_none()
                 && r.state == InstanceState::Warm
             {
                 discard(app, &r).await;
-                app.metrics.reconciler("warm_removed");
+                app.metrics().reconciler("warm_removed");
             }
         }
         return Ok(());
     }
     for _ in warm.len()..target {
-        if app.shutdown.is_cancelled() {
+        if app.shutdown().is_cancelled() {
             break;
         }
         let id = InstanceId::random();
         let spec = InstanceSpec {
-            shim_token: app.keys.shim_token(&id),
+            shim_token: app.keys().shim_token(&id),
             id,
             tenant: None,
             limits: settings.default_limits,
             profile: None,
         };
-        let created = app.runtime.create(&spec).await?;
+        let created = app.runtime().create(&spec).await?;
         let rec = InstanceRecord {
             id: spec.id,
             tenant: None,
@@ -1188,11 +1187,11 @@ async fn fill_warm_pool(app: &Arc<App>) -> Result<()> {
             address: created.address,
             shim_token: spec.shim_token,
             surrogate_digest: None,
-            created_at_ms: otm_core::time::now_ms(),
+            created_at_ms: app.clock().now_ms(),
             bound_at_ms: None,
         };
-        app.registry.put_instance(&rec, None).await?;
-        app.metrics.reconciler("warm_created");
+        app.registry().put_instance(&rec, None).await?;
+        app.metrics().reconciler("warm_created");
         refresh_instance_gauge(app).await;
     }
     Ok(())
@@ -1200,7 +1199,7 @@ async fn fill_warm_pool(app: &Arc<App>) -> Result<()> {
 
 /// Sets `otm_instances{state}` from the registry.
 pub(crate) async fn refresh_instance_gauge(app: &Arc<App>) {
-    let Ok(list) = app.registry.list_instances().await else {
+    let Ok(list) = app.registry().list_instances().await else {
         return;
     };
     for state in [
@@ -1210,7 +1209,7 @@ pub(crate) async fn refresh_instance_gauge(app: &Arc<App>) {
         InstanceState::Stopping,
     ] {
         let n = list.iter().filter(|i| i.state == state).count() as i64;
-        app.metrics
+        app.metrics()
             .instances
             .get_or_create(&crate::metrics::State {
                 state: state.as_str().into(),
@@ -1227,14 +1226,14 @@ pub async fn run_leader_election(app: Arc<App>) {
         std::env::var("HOSTNAME").unwrap_or_else(|_| "otm".into()),
         otm_core::id::random_hex(4)
     );
-    if let Some(elector) = app.runtime.leader_elector(&holder) {
+    if let Some(elector) = app.runtime().leader_elector(&holder) {
         return run_elector(app, elector.as_ref(), &holder).await;
     }
     const TTL: Duration = Duration::from_secs(10);
     let mut held: Option<otm_core::Lease> = None;
     loop {
         held = match held.take() {
-            Some(lease) => match app.coordinator.renew(&lease, TTL).await {
+            Some(lease) => match app.coordinator().renew(&lease, TTL).await {
                 Ok(true) => Some(lease),
                 _ => {
                     tracing::warn!("lost the leader lease");
@@ -1242,7 +1241,7 @@ pub async fn run_leader_election(app: Arc<App>) {
                 }
             },
             None => app
-                .coordinator
+                .coordinator()
                 .acquire("leader", TTL)
                 .await
                 .ok()
@@ -1253,13 +1252,13 @@ pub async fn run_leader_election(app: Arc<App>) {
         };
         app.set_leader(held.is_some());
         tokio::select! {
-            _ = app.shutdown.cancelled() => break,
+            _ = app.shutdown().cancelled() => break,
             _ = tokio::time::sleep(if held.is_some() { Duration::from_secs(3) } else { Duration::from_millis(500) }) => {}
         }
     }
     app.set_leader(false);
     if let Some(lease) = held {
-        let _ = app.coordinator.release(&lease).await;
+        let _ = app.coordinator().release(&lease).await;
     }
 }
 
@@ -1285,7 +1284,7 @@ async fn run_elector(app: Arc<App>, elector: &dyn otm_core::LeaderElector, holde
         leading = now_leading;
         app.set_leader(leading);
         tokio::select! {
-            _ = app.shutdown.cancelled() => break,
+            _ = app.shutdown().cancelled() => break,
             _ = tokio::time::sleep(if leading { Duration::from_secs(2) } else { Duration::from_secs(1) }) => {}
         }
     }

@@ -14,6 +14,11 @@ use std::time::Duration;
 
 const BACKEND: &str = "orchestrator";
 
+/// Pauses before trying the next orchestrator after one failed: 50 ms, 100 ms … up to a second,
+/// jittered so that routers do not move over together.
+const FAILOVER: otm_core::Backoff =
+    otm_core::Backoff::new(Duration::from_millis(50), Duration::from_secs(1)).with_jitter(0.5);
+
 /// The internal wake call's body.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct WakeRequest {
@@ -71,6 +76,9 @@ impl OrchestratorClient {
         let start =
             tenant.as_str().bytes().map(usize::from).sum::<usize>() % self.urls.len().max(1);
         for i in 0..self.urls.len() {
+            if i > 0 {
+                tokio::time::sleep(FAILOVER.delay(i as u32)).await;
+            }
             let base = &self.urls[(start + i) % self.urls.len()];
             let resp = self
                 .http

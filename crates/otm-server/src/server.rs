@@ -236,9 +236,10 @@ pub async fn start(
         egress_url,
         token,
         shutdown.clone(),
+        crate::clock::Clock::system(),
         make_waker,
     );
-    let role = app.settings.role;
+    let role = app.settings().role;
 
     let mut tasks = Vec::new();
     // Every role answers /healthz and /metrics; the public listener takes webhooks only on
@@ -248,7 +249,7 @@ pub async fn start(
     // listener is reachable by every agent) cannot use up the descriptors webhooks need.
     let refused_app = app.clone();
     let metrics: Option<listen::OnRefused> = Some(Arc::new(move |listener: &'static str| {
-        refused_app.metrics.connection_refused(listener)
+        refused_app.metrics().connection_refused(listener)
     }));
     tasks.push(listen::serve(
         "public",
@@ -287,7 +288,7 @@ pub async fn start(
     // The orchestrator asks for deliveries (an instance came up or died with updates waiting)
     // through this channel rather than calling into dispatch.
     tasks.push(tokio::spawn(dispatch::run_delivery_requests(app.clone())));
-    if app.settings.runs_orchestrator() {
+    if app.settings().runs_orchestrator() {
         if let Err(e) = orchestrator::reconcile(&app).await {
             tracing::warn!(error = %e, "first reconcile pass failed");
         }
@@ -299,17 +300,17 @@ pub async fn start(
             app.clone(),
         )));
     }
-    if app.settings.runs_router() {
+    if app.settings().runs_router() {
         tasks.push(tokio::spawn(dispatch::run_sweeper(app.clone())));
         tasks.push(tokio::spawn(dispatch::run_notifications(app.clone())));
         // Inboxes left pending by an earlier run are drained at once.
-        if let Ok(pending) = app.registry.inbox_pending_tenants().await {
+        if let Ok(pending) = app.registry().inbox_pending_tenants().await {
             for t in pending {
                 dispatch::kick(&app, &t);
             }
         }
     }
-    tracing::info!(%role, %public_addr, %admin_addr, %egress_addr, runtime = app.runtime.name(), isolation = %app.runtime.isolation(), "otm server started");
+    tracing::info!(%role, %public_addr, %admin_addr, %egress_addr, runtime = app.runtime().name(), isolation = %app.runtime().isolation(), "otm server started");
     Ok(Server {
         public_addr,
         admin_addr,
@@ -374,7 +375,7 @@ async fn layer_error(e: tower::BoxError) -> StatusCode {
 /// The admin router behind its middleware, outermost first.
 fn admin_router(app: Arc<App>) -> Router {
     // A wake answers when the agent is ready: the longest an admin call may take.
-    let timeout = Duration::from_secs(app.settings.wake_timeout_s + 60);
+    let timeout = Duration::from_secs(app.settings().wake_timeout_s + 60);
     admin::router(app).layer(
         ServiceBuilder::new()
             // A span per request, with its method and route, and its outcome at debug level.
@@ -520,13 +521,13 @@ fn warn_if_readable_by_others(path: &Path) {
 impl Server {
     /// The admin token.
     pub fn admin_token(&self) -> &Secret {
-        &self.app.admin_token
+        self.app.admin_token()
     }
 
     /// Stops accepting, lets work drain for up to `grace`, and ends every loop. Instances keep
     /// running unless `stop_instances` (the next start adopts them).
     pub async fn shutdown(self, grace: Duration, stop_instances: bool) {
-        self.app.shutdown.cancel();
+        self.app.shutdown().cancel();
         // One deadline for everything: the listeners and loops, then the tenants' tasks
         // (dispatchers end their delivery and release their leases; idle stops finish).
         let deadline = tokio::time::Instant::now() + grace;
@@ -538,7 +539,7 @@ impl Server {
         if stop_instances {
             let tenants: Vec<_> = self
                 .app
-                .registry
+                .registry()
                 .list_instances()
                 .await
                 .unwrap_or_default()
@@ -549,9 +550,9 @@ impl Server {
                 .iter()
                 .map(|t| orchestrator::stop(&self.app, t, "shutdown"));
             let _ = tokio::time::timeout(grace, futures::future::join_all(stops)).await;
-            for rec in self.app.registry.list_instances().await.unwrap_or_default() {
-                let _ = self.app.runtime.delete(&rec.id).await;
-                let _ = self.app.registry.delete_instance(&rec.id).await;
+            for rec in self.app.registry().list_instances().await.unwrap_or_default() {
+                let _ = self.app.runtime().delete(&rec.id).await;
+                let _ = self.app.registry().delete_instance(&rec.id).await;
             }
         }
     }

@@ -25,7 +25,7 @@ pub(crate) enum Refusal {
 /// The tenant whose running instance holds this surrogate token.
 pub(crate) async fn tenant_by_surrogate(app: &App, surrogate: &str) -> Result<Tenant, Refusal> {
     let digest = otm_core::secret::digest(surrogate);
-    let instance = match app.registry.instance_by_surrogate(&digest).await {
+    let instance = match app.registry().instance_by_surrogate(&digest).await {
         Ok(Some(i)) => i,
         Ok(None) => return Err(Refusal::Unauthorized),
         Err(e) => {
@@ -34,7 +34,7 @@ pub(crate) async fn tenant_by_surrogate(app: &App, surrogate: &str) -> Result<Te
         }
     };
     let tenant = match instance.tenant.as_ref() {
-        Some(t) => app.registry.get_tenant(t).await.ok().flatten(),
+        Some(t) => app.registry().get_tenant(t).await.ok().flatten(),
         None => None,
     };
     tenant.ok_or(Refusal::Unauthorized)
@@ -59,7 +59,7 @@ pub(crate) async fn read_body(
     let kib = declared.unwrap_or(limit as u64).div_ceil(1024).max(1) as u32;
     let permit = tokio::time::timeout(
         BODY_READ_TIMEOUT,
-        app.egress_buffer.clone().acquire_many_owned(kib),
+        app.egress_buffer().clone().acquire_many_owned(kib),
     )
     .await
     .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use otm_core::instance::Endpoint;
 use otm_core::{InstanceId, Result, TenantId};
 use serde::{Deserialize, Serialize};
-use std::time::Instant;
+use tokio::time::Instant;
 
 /// The error backend of a wake held back by admission control: the dispatcher waits and tries
 /// again without counting an attempt.

@@ -186,11 +186,14 @@ impl Agent {
             let n = inner.restarts.fetch_add(1, Ordering::SeqCst) + 1;
             tracing::warn!(pid, ?code, restarts = n, "agent exited; restarting");
             inner.state.send_replace(AgentState::Crashed { code });
-            // Back off a little on crash loops, but restart the first crash at once.
-            let backoff =
-                Duration::from_millis((100 * 2u64.saturating_pow(n.min(6) - 1)).min(5_000));
+            // Back off a little on crash loops (200 ms, 400 ms … up to 3.2 s), but restart the
+            // first crash at once.
+            const RESTART: otm_core::Backoff = otm_core::Backoff::new(
+                Duration::from_millis(100),
+                Duration::from_millis(3200),
+            );
             if n > 1 {
-                tokio::time::sleep(backoff).await;
+                tokio::time::sleep(RESTART.delay(n)).await;
             }
             if inner.stopping.load(Ordering::SeqCst) {
                 inner.state.send_replace(AgentState::Stopped {

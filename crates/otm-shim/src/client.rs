@@ -1,21 +1,20 @@
 //! The orchestrator's client for the shim's control API.
 //!
-//! `unix:` addresses are reached with a fresh HTTP/1 connection per call over the Unix socket
-//! (cheap, and nothing to go stale when an instance is replaced); `http://` addresses (pods) with
-//! a pooled HTTP client.
+//! Clients are cheap to make: the HTTP clients behind them are shared by the whole process, one
+//! for `http://` addresses (pods) and one per Unix socket for `unix:` addresses, each with its
+//! pool of kept-alive connections. None of them trusts any TLS root: shims answer plain HTTP, so
+//! no system certificate store is read to make one.
 
 use bytes::Bytes;
+use futures::StreamExt;
 use futures::stream::BoxStream;
-use futures::{StreamExt, TryStreamExt};
-use http_body_util::{BodyExt, Full, StreamBody};
-use hyper::Request;
-use hyper::body::Frame;
-use hyper_util::rt::TokioIo;
 use otm_core::shim_api::{
     BindRequest, BindResponse, DeliverResponse, ShimStatus, StopRequest, StopResponse,
 };
 use otm_core::{Error, Result, Secret};
 use serde::de::DeserializeOwned;
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 use tokio_util::io::ReaderStream;
 
@@ -25,25 +24,68 @@ const BACKEND: &str = "shim";
 /// instance is hostile, and so may be whatever answers on its control address.
 const MAX_ANSWER: u64 = 1 << 20;
 
+/// How long a kept-alive connection to a shim may sit unused.
+const POOL_IDLE: Duration = Duration::from_secs(30);
+
+/// Unix sockets whose clients are kept; past this, clients of sockets that are gone are dropped
+/// (instances come and go, each with a socket of its own).
+const MAX_SOCKET_CLIENTS: usize = 256;
+
 /// A client for one instance's shim.
 #[derive(Clone, Debug)]
 pub struct ShimClient {
-    address: String,
+    /// The URL calls are made under: the address itself, or `http://shim` over a Unix socket.
+    base: String,
     token: Secret,
     http: reqwest::Client,
+}
+
+/// A client builder for shims: no proxy, no TLS roots.
+fn builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .no_proxy()
+        .tls_certs_only(std::iter::empty())
+        .pool_idle_timeout(POOL_IDLE)
+}
+
+/// The one client for `http://` shims.
+fn tcp_client() -> reqwest::Client {
+    static CLIENT: LazyLock<reqwest::Client> =
+        LazyLock::new(|| builder().build().expect("HTTP client"));
+    CLIENT.clone()
+}
+
+/// The client for the shim listening on `socket`, made once per socket.
+fn unix_client(socket: &str) -> reqwest::Client {
+    static CLIENTS: LazyLock<Mutex<HashMap<String, reqwest::Client>>> =
+        LazyLock::new(Default::default);
+    let mut clients = CLIENTS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(c) = clients.get(socket) {
+        return c.clone();
+    }
+    if clients.len() >= MAX_SOCKET_CLIENTS {
+        clients.retain(|path, _| std::path::Path::new(path).exists());
+        if clients.len() >= MAX_SOCKET_CLIENTS {
+            clients.clear();
+        }
+    }
+    let client = builder()
+        .unix_socket(std::path::PathBuf::from(socket))
+        .build()
+        .expect("HTTP client");
+    clients.insert(socket.to_owned(), client.clone());
+    client
 }
 
 impl ShimClient {
     /// A client for the shim at `address` (`unix:/path` or `http://host:port`).
     pub fn new(address: impl Into<String>, token: Secret) -> Self {
-        ShimClient {
-            address: address.into(),
-            token,
-            http: reqwest::Client::builder()
-                .no_proxy()
-                .build()
-                .expect("HTTP client"),
-        }
+        let address = address.into();
+        let (base, http) = match address.strip_prefix("unix:") {
+            Some(socket) => ("http://shim".to_owned(), unix_client(socket)),
+            None => (address, tcp_client()),
+        };
+        ShimClient { base, token, http }
     }
 
     /// The shim's view of itself.
@@ -205,78 +247,25 @@ impl ShimClient {
         path: &str,
         body: Payload,
     ) -> Result<(u16, BoxStream<'static, Result<Bytes>>)> {
-        if let Some(socket) = self.address.strip_prefix("unix:") {
-            let resp = self.unix_request(socket, method, path, body).await?;
-            let status = resp.status().as_u16();
-            let stream = resp
-                .into_body()
-                .into_data_stream()
-                .map(|r| r.map_err(unavailable_hyper));
-            Ok((status, stream.boxed()))
-        } else {
-            let method = reqwest::Method::from_bytes(method.as_bytes())
-                .map_err(|e| Error::generic(BACKEND, e))?;
-            let mut req = self
-                .http
-                .request(method, format!("{}{path}", self.address))
-                .bearer_auth(self.token.expose());
-            match body {
-                Payload::Empty => {}
-                Payload::Bytes(b) => req = req.header("content-type", "application/json").body(b),
-                Payload::File(f) => {
-                    req = req
-                        .header("content-type", "application/zstd")
-                        .body(reqwest::Body::wrap_stream(file_stream(f)));
-                }
-            }
-            let resp = req.send().await.map_err(unavailable)?;
-            let status = resp.status().as_u16();
-            Ok((
-                status,
-                resp.bytes_stream().map(|r| r.map_err(unavailable)).boxed(),
-            ))
-        }
-    }
-
-    async fn unix_request(
-        &self,
-        socket: &str,
-        method: &str,
-        path: &str,
-        body: Payload,
-    ) -> Result<hyper::Response<hyper::body::Incoming>> {
-        let stream = tokio::net::UnixStream::connect(socket)
-            .await
-            .map_err(|e| Error::unavailable(BACKEND, format!("cannot reach the shim: {e}")))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(unavailable_hyper)?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let (content_type, body) = match body {
-            Payload::Empty => (
-                "application/json",
-                Full::new(Bytes::new()).map_err(never).boxed_unsync(),
-            ),
-            Payload::Bytes(b) => (
-                "application/json",
-                Full::new(b).map_err(never).boxed_unsync(),
-            ),
-            Payload::File(f) => (
-                "application/zstd",
-                StreamBody::new(file_stream(f).map_ok(Frame::data)).boxed_unsync(),
-            ),
-        };
-        let req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "shim")
-            .header("authorization", format!("Bearer {}", self.token.expose()))
-            .header("content-type", content_type)
-            .body(body)
+        let method = reqwest::Method::from_bytes(method.as_bytes())
             .map_err(|e| Error::generic(BACKEND, e))?;
-        sender.send_request(req).await.map_err(unavailable_hyper)
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(self.token.expose());
+        req = match body {
+            Payload::Empty => req.header("content-type", "application/json"),
+            Payload::Bytes(b) => req.header("content-type", "application/json").body(b),
+            Payload::File(f) => req
+                .header("content-type", "application/zstd")
+                .body(reqwest::Body::wrap_stream(file_stream(f))),
+        };
+        let resp = req.send().await.map_err(unavailable)?;
+        let status = resp.status().as_u16();
+        Ok((
+            status,
+            resp.bytes_stream().map(|r| r.map_err(unavailable)).boxed(),
+        ))
     }
 }
 
@@ -290,10 +279,6 @@ enum Payload {
 
 fn file_stream(f: tokio::fs::File) -> ReaderStream<tokio::fs::File> {
     ReaderStream::with_capacity(f, crate::pipe::CHUNK)
-}
-
-fn never(n: std::convert::Infallible) -> std::io::Error {
-    match n {}
 }
 
 /// Reads a whole answer, refusing more than `limit` bytes.
@@ -341,9 +326,66 @@ fn status_error(status: u16, body: &[u8]) -> Error {
 }
 
 fn unavailable(e: reqwest::Error) -> Error {
-    Error::unavailable(BACKEND, e.without_url())
+    let e = e.without_url();
+    if e.is_connect() {
+        // The chain says why (no such socket, refused): the top error alone does not.
+        let mut message = String::from("cannot reach the shim");
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            message.push_str(": ");
+            message.push_str(&s.to_string());
+            source = s.source();
+        }
+        return Error::unavailable(BACKEND, message);
+    }
+    Error::unavailable(BACKEND, e)
 }
 
-fn unavailable_hyper(e: hyper::Error) -> Error {
-    Error::unavailable(BACKEND, e)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_missing_socket_is_an_unreachable_shim() {
+        let dir = tempfile::tempdir().unwrap();
+        let address = format!("unix:{}", dir.path().join("gone.sock").display());
+        let err = ShimClient::new(address, Secret::new("t"))
+            .status()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Unavailable { .. })
+                && err.to_string().contains("cannot reach the shim"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn calls_over_a_unix_socket_carry_the_token_and_read_the_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("shim.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let app = axum::Router::new().route(
+            "/v1/status",
+            axum::routing::get(|headers: axum::http::HeaderMap| async move {
+                let authorized = headers
+                    .get("authorization")
+                    .is_some_and(|v| v == "Bearer sesame");
+                axum::Json(serde_json::json!({
+                    "instance": "i-1", "tenant": null, "profile": null,
+                    "agent": if authorized { "running" } else { "refused" },
+                    "agent_pid": null, "restarts": 0
+                }))
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let address = format!("unix:{}", socket.display());
+        for _ in 0..3 {
+            let status = ShimClient::new(address.clone(), Secret::new("sesame"))
+                .status()
+                .await
+                .unwrap();
+            assert_eq!(status.agent, "running");
+        }
+    }
 }

@@ -22,6 +22,12 @@ pub async fn start(socket: PathBuf, shutdown: CancellationToken) -> std::io::Res
     let root = format!("http://{}", listener.local_addr()?);
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
+        // Pauses after a failed accept: 50 ms, doubling up to a second while it lasts.
+        const ACCEPT_RETRY: otm_core::Backoff = otm_core::Backoff::new(
+            std::time::Duration::from_millis(50),
+            std::time::Duration::from_secs(1),
+        );
+        let mut failures = 0;
         loop {
             let permit = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -30,10 +36,14 @@ pub async fn start(socket: PathBuf, shutdown: CancellationToken) -> std::io::Res
             let (mut tcp, _) = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 a = listener.accept() => match a {
-                    Ok(a) => a,
+                    Ok(a) => {
+                        failures = 0;
+                        a
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "egress forwarder accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        failures += 1;
+                        tokio::time::sleep(ACCEPT_RETRY.delay(failures)).await;
                         continue;
                     }
                 },

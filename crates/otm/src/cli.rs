@@ -5,8 +5,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use futures::StreamExt;
 use otm_core::FleetSettings;
 use otm_core::admin_api::{
-    ErrorBody, InboxAnswer, InstanceView, RotateAnswer, SnapshotList, StatusView, StopView,
-    TenantView, WakeView,
+    ErrorBody, InboxAnswer, InstanceView, LimitsBody, PatchTenant, PutConfig, RotateAnswer,
+    RotateRequest, SnapshotList, StatusView, StopView, TenantView, WakeView,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -258,23 +258,23 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     /// Adds the flags that were given to a create or update body.
-    fn put(self, body: &mut Value) -> anyhow::Result<()> {
-        for (k, v) in [
-            ("model_requests_per_minute", self.model_requests_per_minute),
-            ("model_tokens_per_day", self.model_tokens_per_day),
-        ] {
-            if let Some(v) = v {
-                body[k] = match v.trim().parse::<u64>() {
-                    Ok(n) => json!(n),
-                    Err(_) => json!(v),
-                };
-            }
+    fn put(self, body: &mut PatchTenant) -> anyhow::Result<()> {
+        // A number, or a word the server knows (`default`).
+        let count = |v: String| match v.trim().parse::<u64>() {
+            Ok(n) => json!(n),
+            Err(_) => json!(v),
+        };
+        if let Some(v) = self.model_requests_per_minute {
+            body.model_requests_per_minute = Some(count(v));
+        }
+        if let Some(v) = self.model_tokens_per_day {
+            body.model_tokens_per_day = Some(count(v));
         }
         if let Some(file) = self.model_api_key_file {
-            body["model_api_key"] = json!(read_secret_file(&file, "model API key")?);
+            body.model_api_key = Some(read_secret_file(&file, "model API key")?);
         }
         if self.no_model_api_key {
-            body["model_api_key"] = json!("");
+            body.model_api_key = Some(String::new());
         }
         Ok(())
     }
@@ -419,6 +419,18 @@ impl Api {
 
     /// A call whose answer must be a `T`: an answer of another shape is an error that says so,
     /// never a table of blanks.
+    /// Sends `body` (one of the request types of [`otm_core::admin_api`]) and reads the answer
+    /// as `T`.
+    async fn send_as<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        let body = serde_json::to_value(body)?;
+        self.call_as(method, path, Some(body)).await
+    }
+
     async fn call_as<T: DeserializeOwned>(
         &self,
         method: reqwest::Method,
@@ -566,7 +578,7 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                     limits,
                     model,
                 } => {
-                    let mut body = json!({"id": id});
+                    let mut body = PatchTenant::default();
                     put_limits(&mut body, limits);
                     model.put(&mut body)?;
                     let bot_token = match (bot_token, bot_token_file) {
@@ -580,19 +592,13 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                         }
                         (None, None) => None,
                     };
-                    if let Some(t) = bot_token {
-                        body["bot_token"] = json!(t);
-                    }
-                    if let Some(s) = idle_timeout {
-                        body["idle_timeout_s"] = json!(s);
-                    }
-                    if let Some(p) = profile {
-                        body["profile"] = json!(p);
-                    }
-                    if cold_start_notice {
-                        body["cold_start_notice"] = json!(true);
-                    }
-                    let t: TenantView = api.call_as(Method::POST, "/tenants", Some(body)).await?;
+                    body.bot_token = bot_token;
+                    body.idle_timeout_s = idle_timeout;
+                    body.profile = profile;
+                    body.cold_start_notice = cold_start_notice.then_some(true);
+                    let t: TenantView = api
+                        .send_as(Method::POST, "/tenants", &body.into_create(id))
+                        .await?;
                     print_tenants(out, &[t], false);
                 }
                 TenantCommand::List => {
@@ -615,30 +621,22 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                     limits,
                     model,
                 } => {
-                    let mut body = json!({});
+                    let mut body = PatchTenant::default();
                     put_limits(&mut body, limits);
                     model.put(&mut body)?;
                     let bot_token = match (bot_token, bot_token_file) {
                         (_, Some(file)) => Some(read_secret_file(&file, "bot token")?),
                         (t, None) => t,
                     };
-                    if let Some(t) = bot_token {
-                        body["bot_token"] = json!(t);
-                    }
-                    if let Some(s) = idle_timeout {
-                        body["idle_timeout_s"] = json!(s);
-                    }
-                    if let Some(p) = profile {
-                        body["profile"] = json!(p);
-                    }
-                    if let Some(c) = cold_start_notice {
-                        body["cold_start_notice"] = json!(c);
-                    }
-                    if body.as_object().is_some_and(|m| m.is_empty()) {
+                    body.bot_token = bot_token;
+                    body.idle_timeout_s = idle_timeout;
+                    body.profile = profile;
+                    body.cold_start_notice = cold_start_notice;
+                    if body.is_empty() {
                         return Err(CallError { code: exit::USAGE, message: "nothing to update: give at least one of --bot-token, --idle-timeout, --profile, --cold-start-notice, --memory, --cpu, --pids, --disk, --egress, --egress-allow, --allow, --model-requests-per-minute, --model-tokens-per-day, --model-api-key-file, --no-model-api-key".into() }.into());
                     }
                     let t: TenantView = api
-                        .call_as(Method::PATCH, &format!("/tenants/{id}"), Some(body))
+                        .send_as(Method::PATCH, &format!("/tenants/{id}"), &body)
                         .await?;
                     print_object(out, &t);
                 }
@@ -751,10 +749,26 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                                 code: exit::USAGE,
                                 message: format!("`{value}` is not a whole number"),
                             })?;
-                            json!({field: n})
+                            let mut body = PutConfig::default();
+                            *match field.as_str() {
+                                "warm_pool_target" => &mut body.warm_pool_target,
+                                "max_running" => &mut body.max_running,
+                                _ => &mut body.max_concurrent_wakes,
+                            } = Some(n);
+                            body
                         }
                         "default_memory" | "default_cpu" | "default_pids" | "default_disk" => {
-                            json!({"default_limits": {field.trim_start_matches("default_"): value}})
+                            let mut limits = LimitsBody::default();
+                            *match field.as_str() {
+                                "default_memory" => &mut limits.memory,
+                                "default_cpu" => &mut limits.cpu,
+                                "default_pids" => &mut limits.pids,
+                                _ => &mut limits.disk,
+                            } = Some(Value::String(value));
+                            PutConfig {
+                                default_limits: Some(limits),
+                                ..PutConfig::default()
+                            }
                         }
                         _ => {
                             return Err(CallError {
@@ -767,7 +781,7 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                             .into());
                         }
                     };
-                    api.call_as(Method::PUT, "/config", Some(body)).await?
+                    api.send_as(Method::PUT, "/config", &body).await?
                 }
             };
             match global.output {
@@ -915,9 +929,12 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                 },
         } => {
             let api = Api::new(&global)?;
-            let body = json!({"new_key": !no_new_key, "retire_old_keys": !keep_old_keys});
+            let body = RotateRequest {
+                new_key: !no_new_key,
+                retire_old_keys: !keep_old_keys,
+            };
             let v: RotateAnswer = api
-                .call_as(Method::POST, "/secrets/rotate", Some(body))
+                .send_as(Method::POST, "/secrets/rotate", &body)
                 .await?;
             print_object(global.output, &v);
             if !v.failed.is_empty() {
@@ -1088,25 +1105,20 @@ fn print_tenants(out: Output, list: &[TenantView], as_list: bool) {
 }
 
 /// Adds the resource-limit flags that were given to a create or update body.
-fn put_limits(body: &mut Value, l: LimitArgs) {
-    for (k, v) in [
-        ("memory", l.memory),
-        ("cpu", l.cpu),
-        ("pids", l.pids),
-        ("disk", l.disk),
-        ("egress", l.egress),
-    ] {
-        if let Some(v) = v {
-            body[k] = json!(v);
-        }
-    }
-    if let Some(hosts) = l.egress_allow {
-        body["egress_allow"] = json!(hosts);
-    }
-    if let Some(users) = l.allow {
-        let users: Vec<String> = users.into_iter().filter(|u| !u.trim().is_empty()).collect();
-        body["allowed_users"] = json!(users);
-    }
+fn put_limits(body: &mut PatchTenant, l: LimitArgs) {
+    body.memory = l.memory.map(Value::String);
+    body.cpu = l.cpu.map(Value::String);
+    body.pids = l.pids.map(Value::String);
+    body.disk = l.disk.map(Value::String);
+    body.egress = l.egress;
+    body.egress_allow = l.egress_allow;
+    body.allowed_users = l.allow.map(|users| {
+        users
+            .into_iter()
+            .filter(|u| !u.trim().is_empty())
+            .map(Value::String)
+            .collect()
+    });
 }
 
 fn print_object(out: Output, v: &impl Serialize) {

@@ -111,14 +111,14 @@ async fn a_big_state_streams_into_the_store_in_bounded_memory() {
         "peak RSS grew by {grown} KiB while a {} MiB snapshot went through",
         STATE >> 20
     );
-    assert_eq!(app.state.head(&tenant).await.unwrap(), Some(meta.clone()));
+    assert_eq!(app.state().head(&tenant).await.unwrap(), Some(meta.clone()));
     assert!(spool_files(&h).is_empty(), "the spool file is gone");
 
     // And back: restored into a fresh instance, byte for byte.
     let fresh = common::tempdir();
     let shim2 = start_shim(fresh.path(), &shutdown).await;
     let into = h.dir.path().join("fetched.tar.zst");
-    app.state.get(&tenant, &meta.id, &into).await.unwrap();
+    app.state().get(&tenant, &meta.id, &into).await.unwrap();
     std::fs::write("/proc/self/clear_refs", "5").unwrap();
     let before = status_kib("VmHWM:");
     shim2
@@ -259,12 +259,12 @@ async fn short_broken_or_garbled_snapshots_never_become_the_head() {
             .expect_err(what);
         assert!(err.to_string().contains(expect), "{what}: {err}");
         assert_eq!(
-            app.state.head(&tenant).await.unwrap().map(|m| m.id),
+            app.state().head(&tenant).await.unwrap().map(|m| m.id),
             Some(good.id.clone()),
             "{what}: the head did not move"
         );
         assert_eq!(
-            app.state.list(&tenant).await.unwrap().len(),
+            app.state().list(&tenant).await.unwrap().len(),
             1,
             "{what}: nothing was stored"
         );
@@ -308,11 +308,11 @@ async fn short_broken_or_garbled_snapshots_never_become_the_head() {
         .unwrap_err();
     assert!(err.to_string().contains("broke off"), "{err}");
     assert_eq!(
-        app.state.head(&tenant).await.unwrap().map(|m| m.id),
+        app.state().head(&tenant).await.unwrap().map(|m| m.id),
         Some(good.id.clone()),
         "a failed pack leaves the head alone"
     );
-    assert_eq!(app.state.list(&tenant).await.unwrap().len(), 1);
+    assert_eq!(app.state().list(&tenant).await.unwrap().len(), 1);
     assert!(spool_files(&h).is_empty());
     shutdown.cancel();
     h.stop().await;

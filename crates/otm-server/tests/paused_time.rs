@@ -1,0 +1,337 @@
+//! Time-based logic under `tokio::time::pause()`: the idle reaper, delivery backoff and
+//! dead-lettering, lease renewal and giving up, and the warm pool, on in-process backends and a
+//! runtime whose instances answer at once. Minutes of the server's time pass in milliseconds.
+
+mod support;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use otm_core::instance::Endpoint;
+use otm_core::{
+    Coordinator, DeliveryFailure, FleetSettings, InstanceState, Lease, Notification, Result,
+    TenantId, TenantStatus,
+};
+use otm_server::lease::HeldLease;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use support::World;
+use tokio::time::{Instant, sleep, sleep_until};
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_tenant_is_stopped_after_its_timeout_with_a_final_snapshot() {
+    let w = World::new(|_| {}).await;
+    w.run_loops();
+    let t = w.tenant("sleepy", 60).await;
+    w.update(&t, 1).await;
+    w.until(Duration::from_secs(5), async || {
+        w.registry().inbox_depth(&t).await.unwrap() == 0
+    })
+    .await;
+    let delivered = Instant::now();
+    assert_eq!(w.runtime.shims.deliveries.load(Ordering::SeqCst), 1);
+    assert_eq!(w.status(&t).await, TenantStatus::Running);
+
+    // Just before its idle timeout the tenant is still up.
+    sleep_until(delivered + Duration::from_secs(58)).await;
+    assert_eq!(w.status(&t).await, TenantStatus::Running);
+    assert!(w.registry().instance_of(&t).await.unwrap().is_some());
+
+    // The reaper looks every second: within two of the deadline it is stopped.
+    sleep_until(delivered + Duration::from_secs(62)).await;
+    assert_eq!(w.status(&t).await, TenantStatus::Idle);
+    assert!(w.registry().instance_of(&t).await.unwrap().is_none());
+    assert_eq!(w.runtime.running(), 0);
+    let head = w.app.state().head(&t).await.unwrap().expect("a snapshot");
+    assert_eq!(head.reason, "final");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tenant_with_updates_arriving_stays_awake() {
+    let w = World::new(|_| {}).await;
+    w.run_loops();
+    let t = w.tenant("chatty", 30).await;
+    // One update every 20 s for two minutes: never 30 s without activity.
+    for i in 1..=6 {
+        w.update(&t, i).await;
+        sleep(Duration::from_secs(20)).await;
+        assert_eq!(
+            w.status(&t).await,
+            TenantStatus::Running,
+            "after update {i}"
+        );
+    }
+    assert_eq!(w.runtime.shims.created.load(Ordering::SeqCst), 1);
+    sleep(Duration::from_secs(12)).await;
+    assert_eq!(w.status(&t).await, TenantStatus::Idle);
+}
+
+#[tokio::test(start_paused = true)]
+async fn refused_updates_back_off_then_go_to_the_dead_letter_list() {
+    let w = World::new(|s| s.max_delivery_attempts = 4).await;
+    w.run_loops();
+    w.runtime.shims.refuse.store(true, Ordering::SeqCst);
+    let t = w.tenant("refused", 600).await;
+    let start = Instant::now();
+    w.update(&t, 1).await;
+    let attempts = async |w: &World, t: &TenantId| {
+        let v = w.registry().inbox_view(t, 10).await.unwrap();
+        (
+            v.pending.first().map(|i| i.attempts),
+            v.dead.first().map(|i| i.attempts),
+        )
+    };
+    // Attempts at 0 ms, then 100, 200 and 400 ms apart.
+    sleep_until(start + Duration::from_millis(50)).await;
+    assert_eq!(attempts(&w, &t).await, (Some(1), None));
+    sleep_until(start + Duration::from_millis(150)).await;
+    assert_eq!(attempts(&w, &t).await, (Some(2), None));
+    sleep_until(start + Duration::from_millis(290)).await;
+    assert_eq!(attempts(&w, &t).await, (Some(2), None));
+    sleep_until(start + Duration::from_millis(650)).await;
+    assert_eq!(attempts(&w, &t).await, (Some(3), None));
+    sleep_until(start + Duration::from_millis(750)).await;
+    assert_eq!(attempts(&w, &t).await, (None, Some(4)));
+
+    let dead = w.registry().inbox_view(&t, 10).await.unwrap().dead;
+    assert_eq!(dead[0].failure().0, Some(DeliveryFailure::AgentRefused));
+    assert_eq!(w.runtime.shims.deliveries.load(Ordering::SeqCst), 4);
+    // Nothing is tried again once it is dead.
+    sleep(Duration::from_secs(60)).await;
+    assert_eq!(w.runtime.shims.deliveries.load(Ordering::SeqCst), 4);
+    // The next update goes through once the agent takes updates again.
+    w.runtime.shims.refuse.store(false, Ordering::SeqCst);
+    w.update(&t, 2).await;
+    w.until(Duration::from_secs(5), async || {
+        w.registry().inbox_depth(&t).await.unwrap() == 0
+    })
+    .await;
+    assert_eq!(w.runtime.shims.deliveries.load(Ordering::SeqCst), 5);
+}
+
+/// The in-memory coordinator, whose renewals fail while `fail_renewals` is set, and find
+/// another owner while `taken` is.
+#[derive(Debug, Default)]
+struct Flaky {
+    inner: otm_store::MemoryCoordinator,
+    fail_renewals: AtomicBool,
+    /// Renewals answer that another owner holds the lease.
+    taken: AtomicBool,
+}
+
+#[async_trait]
+impl Coordinator for Flaky {
+    async fn endpoint(&self, tenant: &TenantId) -> Result<Option<Endpoint>> {
+        self.inner.endpoint(tenant).await
+    }
+    async fn set_endpoint(&self, tenant: &TenantId, ep: &Endpoint, ttl: Duration) -> Result<()> {
+        self.inner.set_endpoint(tenant, ep, ttl).await
+    }
+    async fn clear_endpoint(&self, tenant: &TenantId) -> Result<()> {
+        self.inner.clear_endpoint(tenant).await
+    }
+    async fn acquire(&self, key: &str, ttl: Duration) -> Result<Option<Lease>> {
+        self.inner.acquire(key, ttl).await
+    }
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool> {
+        if self.fail_renewals.load(Ordering::SeqCst) {
+            return Err(otm_core::Error::unavailable("coordinator", "unreachable"));
+        }
+        if self.taken.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        self.inner.renew(lease, ttl).await
+    }
+    async fn release(&self, lease: &Lease) -> Result<bool> {
+        self.inner.release(lease).await
+    }
+    async fn publish(&self, n: Notification) -> Result<()> {
+        self.inner.publish(n).await
+    }
+    fn subscribe(&self) -> BoxStream<'static, Notification> {
+        self.inner.subscribe()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_renewed_lease_outlives_many_ttls() {
+    let flaky = Arc::new(Flaky::default());
+    let c: Arc<dyn Coordinator> = flaky.clone();
+    let ttl = Duration::from_secs(3);
+    let held = HeldLease::try_acquire(&c, "k", ttl).await.unwrap().unwrap();
+    sleep(ttl * 20).await;
+    assert!(!held.lost().is_cancelled());
+    assert!(c.acquire("k", ttl).await.unwrap().is_none(), "still held");
+    held.release().await;
+    assert!(c.acquire("k", ttl).await.unwrap().is_some(), "released");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_that_cannot_be_renewed_is_given_up_before_it_lapses() {
+    let flaky = Arc::new(Flaky::default());
+    let c: Arc<dyn Coordinator> = flaky.clone();
+    // A 4 s lease is renewed every 1.33 s and given up 1 s before it may lapse.
+    let ttl = Duration::from_secs(4);
+    let start = Instant::now();
+    let held = HeldLease::try_acquire(&c, "k", ttl).await.unwrap().unwrap();
+    flaky.fail_renewals.store(true, Ordering::SeqCst);
+    sleep_until(start + Duration::from_millis(2900)).await;
+    assert!(!held.lost().is_cancelled(), "failed renewals are retried");
+    // Given up within the TTL minus its margin (and one retry pause)...
+    sleep_until(start + Duration::from_millis(3500)).await;
+    assert!(held.lost().is_cancelled(), "given up");
+    // ...while the coordinator still holds it for this owner: nobody else can have taken over.
+    assert!(c.acquire("k", ttl).await.unwrap().is_none());
+    sleep_until(start + Duration::from_millis(4100)).await;
+    assert!(
+        c.acquire("k", ttl).await.unwrap().is_some(),
+        "lapsed at its TTL"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_another_owner_took_is_lost_at_the_next_renewal() {
+    let flaky = Arc::new(Flaky::default());
+    let c: Arc<dyn Coordinator> = flaky.clone();
+    let ttl = Duration::from_secs(3);
+    let start = Instant::now();
+    let held = HeldLease::try_acquire(&c, "k", ttl).await.unwrap().unwrap();
+    flaky.taken.store(true, Ordering::SeqCst);
+    sleep_until(start + Duration::from_millis(900)).await;
+    assert!(!held.lost().is_cancelled());
+    // Renewed every third of the TTL: the first renewal, at 1 s, finds another owner.
+    sleep_until(start + Duration::from_millis(1100)).await;
+    assert!(held.lost().is_cancelled());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_warm_pool_fills_refills_after_a_claim_and_drains() {
+    let w = World::new(|_| {}).await;
+    w.run_loops();
+    let warm = async |w: &World| {
+        w.registry()
+            .list_instances()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|r| r.tenant.is_none() && r.state == InstanceState::Warm)
+            .count()
+    };
+    sleep(Duration::from_secs(2)).await;
+    assert_eq!(warm(&w).await, 0);
+    w.registry()
+        .put_settings(&FleetSettings {
+            warm_pool_target: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    sleep(Duration::from_millis(1500)).await;
+    assert_eq!(warm(&w).await, 2);
+    assert_eq!(w.runtime.running(), 2);
+
+    let t = w.tenant("warmed", 600).await;
+    w.update(&t, 1).await;
+    w.until(Duration::from_secs(5), async || {
+        w.registry().inbox_depth(&t).await.unwrap() == 0
+    })
+    .await;
+    sleep(Duration::from_millis(1500)).await;
+    assert_eq!(warm(&w).await, 2, "refilled after the wake claimed one");
+    assert_eq!(
+        w.runtime.shims.created.load(Ordering::SeqCst),
+        3,
+        "the wake took a warm instance instead of creating one"
+    );
+
+    w.registry()
+        .put_settings(&FleetSettings::default())
+        .await
+        .unwrap();
+    sleep(Duration::from_millis(1500)).await;
+    assert_eq!(warm(&w).await, 0);
+    assert_eq!(w.runtime.running(), 1, "the tenant's instance stays");
+}
+
+/// An orchestrator's internal API stand-in on loopback: answers every wake with `status` (and a
+/// wake when 200), counting the calls.
+async fn orchestrator(status: u16, calls: Arc<std::sync::atomic::AtomicUsize>) -> String {
+    use axum::http::StatusCode;
+    let app = axum::Router::new().route(
+        "/internal/v1/wake/{tenant}",
+        axum::routing::post(move || {
+            let calls = calls.clone();
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let status = StatusCode::from_u16(status).unwrap();
+                let body = if status.is_success() {
+                    serde_json::to_value(otm_server::remote::WakeAnswer {
+                        instance: otm_core::InstanceId::random(),
+                        address: "unix:/nowhere".into(),
+                        shim_token: otm_core::Secret::new("t"),
+                        path: otm_server::wake::WakePath::Warm,
+                        total_ms: 1,
+                        phases: vec![],
+                    })
+                    .unwrap()
+                } else {
+                    serde_json::json!({"error": {"code": "unavailable", "message": "busy"}})
+                };
+                (status, axum::Json(body))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_router_fails_over_to_the_next_orchestrator_and_stops_at_not_found() {
+    use otm_server::remote::OrchestratorClient;
+    use std::sync::atomic::AtomicUsize;
+    let counters: Vec<Arc<AtomicUsize>> = (0..3).map(|_| Arc::default()).collect();
+    let failing = orchestrator(503, counters[0].clone()).await;
+    let working = orchestrator(200, counters[1].clone()).await;
+    let missing = orchestrator(404, counters[2].clone()).await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let client = |urls: Vec<String>| {
+        OrchestratorClient::new(
+            urls,
+            otm_core::Secret::new("s"),
+            http.clone(),
+            Duration::from_secs(5),
+        )
+    };
+    // Which orchestrator is asked first depends on the tenant: "a" (97) starts at index 1 of 2.
+    let t = TenantId::parse("a").unwrap();
+    let woken = client(vec![working.clone(), failing.clone()])
+        .wake_remote(&t, None)
+        .await
+        .unwrap();
+    assert_eq!(woken.path, otm_server::wake::WakePath::Warm);
+    assert_eq!(
+        counters[0].load(Ordering::SeqCst),
+        1,
+        "the failing one first"
+    );
+    assert_eq!(counters[1].load(Ordering::SeqCst), 1, "then the next");
+
+    // Every orchestrator failing: each is asked once, and the last failure is the answer.
+    let err = client(vec![failing.clone(), failing.clone()])
+        .wake_remote(&t, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, otm_core::Error::Unavailable { .. }), "{err}");
+    assert_eq!(counters[0].load(Ordering::SeqCst), 3);
+
+    // Not found is an answer, not a failure: nobody else is asked.
+    let err = client(vec![working, missing])
+        .wake_remote(&t, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, otm_core::Error::NotFound { .. }), "{err}");
+    assert_eq!(counters[2].load(Ordering::SeqCst), 1);
+    assert_eq!(counters[1].load(Ordering::SeqCst), 1);
+}
