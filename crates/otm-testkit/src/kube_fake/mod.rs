@@ -86,8 +86,11 @@
 //! [`FakeApiServer::pod_logs`]).
 //!
 //! [`ProcessRunner::binary`] maps an image or a command word to a local binary (`otm` → the
-//! built `otm`). Another [`PodRunner`] (e.g. one that runs containers) can be given with
-//! [`FakeApiServerBuilder::runner`]; [`FakeApiServerBuilder::manual_pods`] turns pod driving off,
+//! built `otm`). Another [`PodRunner`] can be given with [`FakeApiServerBuilder::runner`]:
+//! [`ContainerRunner`] runs a pod's first container as a real podman container of its image
+//! instead, with the pod's user, capabilities, read-only root filesystem, `emptyDir` volumes
+//! (as tmpfs), working directory and limits, on the host's network so that it listens on its
+//! pod IP like a process does (see its docs); [`FakeApiServerBuilder::manual_pods`] turns pod driving off,
 //! leaving every transition to the test.
 //!
 //! A test can drive pods by hand: [`FakeApiServer::set_pod_phase`],
@@ -106,6 +109,7 @@
 //! 410 and a kube-rs watcher relists.
 
 mod api;
+mod container;
 mod patch;
 pub mod pods;
 mod select;
@@ -125,6 +129,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use pods::{Fate, PodCommand};
+pub use container::ContainerRunner;
 pub use pods::{PodLaunch, PodRunner, ProcessRunner, Workload};
 use store::{PODS, RESOURCES, Store, meta_str};
 
