@@ -9,6 +9,12 @@
 //!
 //! The cluster tests also need PostgreSQL and Redis (`OTM_TEST_POSTGRES_URL`,
 //! `OTM_TEST_REDIS_URL`) and are skipped with a message without them.
+//!
+//! With `OTM_TEST_IMAGES` set (podman and runc installed; `.ci/run` sets it), the conformance
+//! suite and the two-orchestrator delivery test run a second time with the fake's pods as real
+//! containers of the otm image (built offline from this build once per run, or the one
+//! `OTM_TEST_IMAGE` names): read-only, as user 65532, without capabilities, with the pod's
+//! emptyDirs as tmpfs and its limits, on the host's network so that each listens on its pod IP.
 
 mod common;
 
@@ -16,7 +22,8 @@ use common::cluster::*;
 use futures::StreamExt;
 use otm_core::{InstanceId, InstanceSpec, LeaderElector, Runtime, RuntimeEvent, Secret, TenantId};
 use otm_runtime::kube::{KubeRuntime, KubeRuntimeConfig, lease::LeaseElector, spec as pod_spec};
-use otm_testkit::kube_fake::{FakeApiServer, ProcessRunner};
+use otm_testkit::kube_fake::{ContainerRunner, FakeApiServer, ProcessRunner};
+use otm_testkit::podman::Podman;
 use otm_testkit::text_update;
 use serde_json::Value;
 use std::path::PathBuf;
@@ -25,6 +32,43 @@ use std::time::{Duration, Instant};
 
 /// The image name the fake maps to the built `otm`.
 const FAKE_IMAGE: &str = "otm-test:dev";
+
+/// How the fake runs its pods.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pods {
+    /// As local `otm shim` processes.
+    Processes,
+    /// As podman containers of the otm image.
+    Containers,
+}
+
+/// The otm image the fake's containers run, built once per test binary: the tag is fixed, so
+/// each run replaces the last one's image rather than adding one.
+async fn otm_image(podman: &Podman) -> String {
+    static IMAGE: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    IMAGE
+        .get_or_init(|| async {
+            if let Some(tag) = env("OTM_TEST_IMAGE") {
+                return tag;
+            }
+            let podman = podman.clone();
+            tokio::task::spawn_blocking(move || {
+                let version = "kube-fake-test";
+                let _ = podman
+                    .command()
+                    .args(["rmi", "-f", "--ignore", &format!("localhost/otm:{version}")])
+                    .output();
+                let started = Instant::now();
+                let image = common::images::build_image(&podman, "otm", version);
+                eprintln!("built {image} in {:?}", started.elapsed());
+                image
+            })
+            .await
+            .unwrap()
+        })
+        .await
+        .clone()
+}
 
 /// Where the tests' pods live: the fake, or a real cluster.
 struct Kube {
@@ -38,6 +82,23 @@ struct Kube {
 
 impl Kube {
     async fn start() -> Kube {
+        Kube::start_with(Pods::Processes).await
+    }
+
+    /// With `Pods::Containers`, `None` (after saying why) unless `OTM_TEST_IMAGES` is set, and
+    /// against a real cluster (whose pods are containers anyway).
+    async fn start_containers(test: &str) -> Option<Kube> {
+        if !common::images::enabled(test, "1") {
+            return None;
+        }
+        if env("OTM_TEST_KUBECONFIG").is_some() {
+            eprintln!("{test}: skipped: a real cluster runs its pods as containers anyway");
+            return None;
+        }
+        Some(Kube::start_with(Pods::Containers).await)
+    }
+
+    async fn start_with(pods: Pods) -> Kube {
         let dir = common::tempdir();
         if let Some(kc) = env("OTM_TEST_KUBECONFIG") {
             let image = env("OTM_TEST_KUBE_IMAGE")
@@ -52,8 +113,18 @@ impl Kube {
                 _dir: dir,
             };
         }
-        let fake = FakeApiServer::builder()
-            .runner(ProcessRunner::new().binary(FAKE_IMAGE, env!("CARGO_BIN_EXE_otm")))
+        let builder = FakeApiServer::builder();
+        let builder = match pods {
+            Pods::Processes => {
+                builder.runner(ProcessRunner::new().binary(FAKE_IMAGE, env!("CARGO_BIN_EXE_otm")))
+            }
+            Pods::Containers => {
+                let podman = Podman::new().unwrap();
+                let image = otm_image(&podman).await;
+                builder.runner(ContainerRunner::new(podman).image(FAKE_IMAGE, image))
+            }
+        };
+        let fake = builder
             .start()
             .await
             .unwrap();
@@ -217,6 +288,17 @@ async fn the_runtime_conformance_suite_passes_on_kube() {
     let kube = Kube::start().await;
     let rt = Arc::new(kube.runtime().await);
     otm_runtime::conformance::runtime_suite(rt, |id| kube.fail_pod(id)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_runtime_conformance_suite_passes_on_kube_with_pods_as_containers() {
+    let Some(kube) = Kube::start_containers("the conformance suite with containers").await else {
+        return;
+    };
+    let started = Instant::now();
+    let rt = Arc::new(kube.runtime().await);
+    otm_runtime::conformance::runtime_suite(rt, |id| kube.fail_pod(id)).await;
+    eprintln!("the conformance suite with containers took {:?}", started.elapsed());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -452,7 +534,20 @@ async fn send_and_wait(c: &Cluster, tenant: &str, secret: &str, token: &str, upd
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_orchestrators_on_kube_deliver_in_order_sleep_wake_and_survive_a_crash() {
     let kube = Kube::start().await;
-    let Some((c, _egress)) = kube_cluster(&kube).await else { return };
+    deliver_in_order_sleep_wake_and_survive_a_crash(&kube).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_orchestrators_on_kube_with_pods_as_containers_deliver_in_order_sleep_wake_and_survive_a_crash() {
+    let test = "two orchestrators with containers";
+    let Some(kube) = Kube::start_containers(test).await else { return };
+    let started = Instant::now();
+    deliver_in_order_sleep_wake_and_survive_a_crash(&kube).await;
+    eprintln!("{test}: took {:?}", started.elapsed());
+}
+
+async fn deliver_in_order_sleep_wake_and_survive_a_crash(kube: &Kube) {
+    let Some((c, _egress)) = kube_cluster(kube).await else { return };
     let token = "9601:KUBE";
     let secret = c.create_tenant("kt", token).await;
 
