@@ -73,6 +73,8 @@ async fn otm_image(podman: &Podman) -> String {
 /// Where the tests' pods live: the fake, or a real cluster.
 struct Kube {
     fake: Option<FakeApiServer>,
+    /// With the fake's pods as containers, how podman is run.
+    podman: Option<Podman>,
     kubeconfig: PathBuf,
     namespace: String,
     image: String,
@@ -106,6 +108,7 @@ impl Kube {
             eprintln!("running against the cluster of {kc}");
             return Kube {
                 fake: None,
+                podman: None,
                 kubeconfig: kc.into(),
                 namespace: env("OTM_TEST_KUBE_NAMESPACE").unwrap_or_else(|| "otm-test".into()),
                 image,
@@ -114,14 +117,15 @@ impl Kube {
             };
         }
         let builder = FakeApiServer::builder();
-        let builder = match pods {
-            Pods::Processes => {
-                builder.runner(ProcessRunner::new().binary(FAKE_IMAGE, env!("CARGO_BIN_EXE_otm")))
-            }
+        let (builder, podman) = match pods {
+            Pods::Processes => (
+                builder.runner(ProcessRunner::new().binary(FAKE_IMAGE, env!("CARGO_BIN_EXE_otm"))),
+                None,
+            ),
             Pods::Containers => {
                 let podman = Podman::new().unwrap();
                 let image = otm_image(&podman).await;
-                builder.runner(ContainerRunner::new(podman).image(FAKE_IMAGE, image))
+                (builder.runner(ContainerRunner::new(podman.clone()).image(FAKE_IMAGE, image)), Some(podman))
             }
         };
         let fake = builder
@@ -131,6 +135,7 @@ impl Kube {
         let kubeconfig = fake.write_kubeconfig(&dir.path().join("kubeconfig")).unwrap();
         Kube {
             fake: Some(fake),
+            podman,
             kubeconfig,
             namespace: "otm-tenants".into(),
             image: FAKE_IMAGE.into(),
@@ -156,6 +161,52 @@ impl Kube {
             .await
             .unwrap();
         KubeRuntime::new(client, self.config()).await.unwrap()
+    }
+
+    /// With the fake's pods as containers: the pod runs as a container of the otm image, confined
+    /// as the pod asks (user 65532, read-only root, no capabilities, no new privileges, its
+    /// emptyDirs as tmpfs, its memory limit), and listening on its pod IP.
+    fn assert_pod_is_a_confined_container(&self, pod: &str) {
+        let Some(podman) = &self.podman else { return };
+        let found = podman.run(&[
+            "ps",
+            "--filter",
+            &format!("label={}={pod}", otm_testkit::kube_fake::container::POD_NAME_LABEL),
+            "--format",
+            "{{.Names}}",
+        ]);
+        let names: Vec<&str> = found.lines().collect();
+        assert_eq!(names.len(), 1, "one running container for pod {pod}: {found:?}");
+        let inspect: Value = serde_json::from_str(&podman.run(&["inspect", names[0]])).unwrap();
+        let c = &inspect[0];
+        assert_eq!(c["Config"]["User"], "65532:65532", "{c}");
+        assert_eq!(c["HostConfig"]["ReadonlyRootfs"], true);
+        assert_eq!(c["HostConfig"]["NetworkMode"], "host");
+        assert_eq!(c["HostConfig"]["Memory"], 2u64 << 30);
+        let tmpfs = c["HostConfig"]["Tmpfs"].as_object().cloned().unwrap_or_default();
+        for dir in ["/var/lib/otm/instance", "/tmp"] {
+            assert!(tmpfs.contains_key(dir), "{dir} is a tmpfs: {tmpfs:?}");
+        }
+        // The container's processes, as the host sees them.
+        let pid = c["State"]["Pid"].as_i64().unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert_eq!(field("Uid:"), "65532\t65532\t65532\t65532");
+        assert_eq!(field("CapEff:"), "0000000000000000");
+        assert_eq!(field("NoNewPrivs:"), "1");
+        let ip = self.fake.as_ref().unwrap().get("pods", &self.namespace, pod).unwrap()["status"]["podIP"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        std::net::TcpStream::connect((ip.as_str(), 7070))
+            .unwrap_or_else(|e| panic!("the shim of {pod} listens on its pod IP {ip}: {e}"));
     }
 
     /// Makes an instance's pod die as a crash would.
@@ -574,6 +625,7 @@ async fn deliver_in_order_sleep_wake_and_survive_a_crash(kube: &Kube) {
     }
     let pods = kube.pods_of("kt");
     assert_eq!(pods.len(), 1, "one pod serves the tenant: {pods:?}");
+    kube.assert_pod_is_a_confined_container(&pods[0]);
 
     // Sleep: the pod goes, the state is kept; wake: a new pod goes on from it.
     admin(&c, reqwest::Method::POST, "/v1/tenants/kt/stop", None).await;

@@ -18,6 +18,10 @@ use crate::podman::Podman;
 /// The label every container the runner starts carries (its value: the runner's id), so that
 /// what a killed test left behind can be found: `podman ps -a --filter label=otm-testkit.kube-fake`.
 pub const LABEL: &str = "otm-testkit.kube-fake";
+/// The labels naming a container's pod and its namespace, as the kubelet's CRI runtimes set them
+/// (`podman ps --filter label=io.kubernetes.pod.name=NAME`).
+pub const POD_NAME_LABEL: &str = "io.kubernetes.pod.name";
+pub const POD_NAMESPACE_LABEL: &str = "io.kubernetes.pod.namespace";
 
 /// Runs a pod's first container as a podman container of the pod's image, as a kubelet would:
 ///
@@ -110,6 +114,10 @@ impl ContainerRunner {
             container_name.into(),
             "--label".into(),
             format!("{LABEL}={}", self.live.id),
+            "--label".into(),
+            format!("{POD_NAME_LABEL}={}", launch.name),
+            "--label".into(),
+            format!("{POD_NAMESPACE_LABEL}={}", launch.namespace),
             "--pull".into(),
             "never".into(),
             "--network".into(),

@@ -109,7 +109,7 @@
 //! 410 and a kube-rs watcher relists.
 
 mod api;
-mod container;
+pub mod container;
 mod patch;
 pub mod pods;
 mod select;
