@@ -272,7 +272,7 @@ fn parse_bytes(q: &str) -> Option<u64> {
         .find_map(|(s, f)| q.strip_suffix(s).map(|n| (n, *f)))
         .unwrap_or((q, 1));
     let n: f64 = number.parse().ok()?;
-    (n >= 0.0).then(|| (n * factor as f64) as u64)
+    (n >= 0.0).then_some((n * factor as f64) as u64)
 }
 
 /// A Kubernetes CPU quantity (`500m`, `1`, `2.5`) in CPUs.
