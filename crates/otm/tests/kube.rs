@@ -207,6 +207,26 @@ impl Kube {
             .to_owned();
         std::net::TcpStream::connect((ip.as_str(), 7070))
             .unwrap_or_else(|e| panic!("the shim of {pod} listens on its pod IP {ip}: {e}"));
+        // The container's output is the pod's log.
+        let log = self.fake.as_ref().unwrap().pod_logs(&self.namespace, pod).unwrap_or_default();
+        assert!(log.contains("shim listening"), "the pod's log: {log}");
+        // The shim's token reached the container from its Secret, and no process on the host
+        // (podman's included) has it on its command line.
+        let token = c["Config"]["Env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .find_map(|e| e.strip_prefix("OTM_SHIM_TOKEN="))
+            .expect("the container has the shim's token")
+            .to_owned();
+        assert!(token.len() >= 16, "a real token");
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+                let cmdline = String::from_utf8_lossy(&cmdline);
+                assert!(!cmdline.contains(&token), "the token is in a command line: {cmdline}");
+            }
+        }
     }
 
     /// Makes an instance's pod die as a crash would.
