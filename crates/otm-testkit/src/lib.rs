@@ -15,11 +15,14 @@
 //!   answers count the earlier user turns it was sent, and which records the key it saw.
 //! - [`kube_fake`]: [`FakeApiServer`], a Kubernetes API server on `127.0.0.1:0` for pods,
 //!   secrets, leases and events that kube-rs and `kubectl` can use, and which runs the pods it
-//!   is given as local processes.
+//!   is given as local processes or, with [`kube_fake::ContainerRunner`], as podman containers.
+//! - [`podman`]: [`podman::Podman`], podman with the runtime and `containers.conf` that work on
+//!   hosts with a cgroup v1 or hybrid layout and a low open-files limit.
 
 pub mod aws_metadata;
 pub mod fake_telegram;
 pub mod kube_fake;
+pub mod podman;
 pub mod stub_model;
 pub mod updates;
 

@@ -13,73 +13,20 @@
 
 mod common;
 
+use common::images::{build_image, enabled};
 use otm_core::shim_api::BindRequest;
 use otm_core::{Secret, TenantId};
 use otm_shim::ShimClient;
+use otm_testkit::podman::{Podman, check};
 use otm_testkit::{FakeTelegram, StubModel, text_update};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
-const RUNC: &str = "/usr/sbin/runc";
 /// The instance directory inside the image (`otm shim --dir`), an emptyDir in a pod.
 const INSTANCE_DIR: &str = "/var/lib/otm/instance";
 const SHIM_PORT: u16 = 7070;
-
-/// How podman is run here: runc where the host has it (crun refuses cgroup v1 and hybrid
-/// layouts), and a containers.conf that keeps the process limits podman runs with (its default
-/// of 1048576 open files fails where the hard limit is lower and cannot be raised).
-struct Podman {
-    conf: Option<PathBuf>,
-}
-
-impl Podman {
-    fn new(dir: &Path) -> Podman {
-        let conf = std::env::var_os("CONTAINERS_CONF").is_none().then(|| {
-            let path = dir.join("containers.conf");
-            std::fs::write(&path, "[containers]\ndefault_ulimits = []\n").unwrap();
-            path
-        });
-        Podman { conf }
-    }
-
-    fn command(&self) -> Command {
-        let mut cmd = Command::new("podman");
-        if Path::new(RUNC).exists() {
-            cmd.args(["--runtime", RUNC]);
-        }
-        if let Some(conf) = &self.conf {
-            cmd.env("CONTAINERS_CONF", conf);
-        }
-        cmd
-    }
-
-    /// Runs podman with `args`; panics with its output unless it succeeds.
-    fn run(&self, args: &[&str]) -> String {
-        let out = self.command().args(args).output().expect("podman runs");
-        check(&format!("podman {}", args.join(" ")), &out);
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    }
-
-    fn exists(&self, container: &str) -> bool {
-        self.command()
-            .args(["container", "exists", container])
-            .status()
-            .expect("podman runs")
-            .success()
-    }
-}
-
-fn check(what: &str, out: &Output) {
-    assert!(
-        out.status.success(),
-        "`{what}` failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// Removes the container (and an image the test built) however the test ends.
 struct Cleanup {
@@ -122,47 +69,6 @@ fn status_field(pid: &str, field: &str) -> String {
         .to_owned()
 }
 
-/// `OTM_TEST_IMAGES`: `1` builds both images and runs the reference agent's; `all` also runs
-/// OpenClaw in its image (a minute or two more).
-fn enabled(test: &str, level: &str) -> bool {
-    let set = std::env::var("OTM_TEST_IMAGES").unwrap_or_default();
-    let on = set == "all" || (set == "1" && level == "1");
-    if !on {
-        eprintln!(
-            "{test}: skipped: set OTM_TEST_IMAGES={level} to build the images and run them with \
-             podman (apt-get install podman runc slirp4netns)"
-        );
-    }
-    on
-}
-
-/// Builds `which` (`otm` or `openclaw`) offline from this build's `otm` with
-/// `scripts/build-images`, which also runs `otm --version` (and `openclaw --version`) in it;
-/// returns its tag.
-fn build_image(podman: &Podman, which: &str, suffix: &str) -> String {
-    let version = format!("test-{suffix}");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/build-images");
-    let mut build = Command::new(script);
-    build.args([
-        "--offline",
-        "--only",
-        which,
-        "--otm-binary",
-        env!("CARGO_BIN_EXE_otm"),
-        "--version",
-        &version,
-    ]);
-    if let Some(conf) = &podman.conf {
-        build.env("CONTAINERS_CONF", conf);
-    }
-    let out = build.output().expect("scripts/build-images runs");
-    check("scripts/build-images", &out);
-    match which {
-        "otm" => format!("localhost/otm:{version}"),
-        _ => format!("localhost/otm-openclaw:{version}"),
-    }
-}
-
 /// The OpenClaw installation the OpenClaw image is built from, or `None` (after printing
 /// "skipped") without one.
 fn openclaw_prefix(test: &str) -> Option<PathBuf> {
@@ -189,16 +95,13 @@ struct Instance {
     shim: ShimClient,
     /// Whether the container has a network of its own (slirp4netns) rather than the host's.
     slirp: bool,
-    /// Holds the containers.conf; dropped after `cleanup` (fields drop in order).
-    _dir: tempfile::TempDir,
 }
 
 impl Instance {
     /// Builds the image (`otm` or `openclaw`) offline from this build's binaries unless the
     /// variable `given` names one, and starts the shim in it; returns once the shim answers.
     async fn start(which: &str, given: &str, instance: &str, tmpfs_size: &str) -> Instance {
-        let dir = common::tempdir();
-        let podman = Podman::new(dir.path());
+        let podman = Podman::new().unwrap();
         let suffix = otm_core::id::random_hex(6);
         let mut cleanup = Cleanup {
             podman,
@@ -208,7 +111,7 @@ impl Instance {
         let image = match std::env::var(given) {
             Ok(tag) if !tag.is_empty() => tag,
             _ => {
-                let tag = build_image(&cleanup.podman, which, &suffix);
+                let tag = build_image(&cleanup.podman, which, &format!("test-{suffix}"));
                 cleanup.image = Some(tag.clone());
                 tag
             }
@@ -305,7 +208,6 @@ impl Instance {
             image,
             shim,
             slirp,
-            _dir: dir,
         }
     }
 
@@ -490,14 +392,17 @@ fn the_openclaw_image_builds_offline_and_runs_openclaw() {
         eprintln!("the OpenClaw image: built and run by the next test");
         return;
     }
-    let dir = common::tempdir();
     let mut cleanup = Cleanup {
-        podman: Podman::new(dir.path()),
+        podman: Podman::new().unwrap(),
         container: None,
         image: None,
     };
     // The build runs `openclaw --version` in the image, read-only, as 65532.
-    let tag = build_image(&cleanup.podman, "openclaw", &otm_core::id::random_hex(6));
+    let tag = build_image(
+        &cleanup.podman,
+        "openclaw",
+        &format!("test-{}", otm_core::id::random_hex(6)),
+    );
     cleanup.image = Some(tag.clone());
     let user = cleanup
         .podman

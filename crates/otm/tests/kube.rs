@@ -9,6 +9,12 @@
 //!
 //! The cluster tests also need PostgreSQL and Redis (`OTM_TEST_POSTGRES_URL`,
 //! `OTM_TEST_REDIS_URL`) and are skipped with a message without them.
+//!
+//! With `OTM_TEST_IMAGES` set (podman and runc installed; `.ci/run` sets it), the conformance
+//! suite and the two-orchestrator delivery test run a second time with the fake's pods as real
+//! containers of the otm image (built offline from this build once per run, or the one
+//! `OTM_TEST_IMAGE` names): read-only, as user 65532, without capabilities, with the pod's
+//! emptyDirs as tmpfs and its limits, on the host's network so that each listens on its pod IP.
 
 mod common;
 
@@ -16,7 +22,8 @@ use common::cluster::*;
 use futures::StreamExt;
 use otm_core::{InstanceId, InstanceSpec, LeaderElector, Runtime, RuntimeEvent, Secret, TenantId};
 use otm_runtime::kube::{KubeRuntime, KubeRuntimeConfig, lease::LeaseElector, spec as pod_spec};
-use otm_testkit::kube_fake::{FakeApiServer, ProcessRunner};
+use otm_testkit::kube_fake::{ContainerRunner, FakeApiServer, ProcessRunner};
+use otm_testkit::podman::Podman;
 use otm_testkit::text_update;
 use serde_json::Value;
 use std::path::PathBuf;
@@ -26,9 +33,48 @@ use std::time::{Duration, Instant};
 /// The image name the fake maps to the built `otm`.
 const FAKE_IMAGE: &str = "otm-test:dev";
 
+/// How the fake runs its pods.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pods {
+    /// As local `otm shim` processes.
+    Processes,
+    /// As podman containers of the otm image.
+    Containers,
+}
+
+/// The otm image the fake's containers run, built once per test binary: the tag is fixed, so
+/// each run replaces the last one's image rather than adding one.
+async fn otm_image(podman: &Podman) -> String {
+    static IMAGE: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    IMAGE
+        .get_or_init(|| async {
+            if let Some(tag) = env("OTM_TEST_IMAGE") {
+                return tag;
+            }
+            let podman = podman.clone();
+            tokio::task::spawn_blocking(move || {
+                let version = "kube-fake-test";
+                let _ = podman
+                    .command()
+                    .args(["rmi", "-f", "--ignore", &format!("localhost/otm:{version}")])
+                    .output();
+                let started = Instant::now();
+                let image = common::images::build_image(&podman, "otm", version);
+                eprintln!("built {image} in {:?}", started.elapsed());
+                image
+            })
+            .await
+            .unwrap()
+        })
+        .await
+        .clone()
+}
+
 /// Where the tests' pods live: the fake, or a real cluster.
 struct Kube {
     fake: Option<FakeApiServer>,
+    /// With the fake's pods as containers, how podman is run.
+    podman: Option<Podman>,
     kubeconfig: PathBuf,
     namespace: String,
     image: String,
@@ -38,6 +84,23 @@ struct Kube {
 
 impl Kube {
     async fn start() -> Kube {
+        Kube::start_with(Pods::Processes).await
+    }
+
+    /// With `Pods::Containers`, `None` (after saying why) unless `OTM_TEST_IMAGES` is set, and
+    /// against a real cluster (whose pods are containers anyway).
+    async fn start_containers(test: &str) -> Option<Kube> {
+        if !common::images::enabled(test, "1") {
+            return None;
+        }
+        if env("OTM_TEST_KUBECONFIG").is_some() {
+            eprintln!("{test}: skipped: a real cluster runs its pods as containers anyway");
+            return None;
+        }
+        Some(Kube::start_with(Pods::Containers).await)
+    }
+
+    async fn start_with(pods: Pods) -> Kube {
         let dir = common::tempdir();
         if let Some(kc) = env("OTM_TEST_KUBECONFIG") {
             let image = env("OTM_TEST_KUBE_IMAGE")
@@ -45,6 +108,7 @@ impl Kube {
             eprintln!("running against the cluster of {kc}");
             return Kube {
                 fake: None,
+                podman: None,
                 kubeconfig: kc.into(),
                 namespace: env("OTM_TEST_KUBE_NAMESPACE").unwrap_or_else(|| "otm-test".into()),
                 image,
@@ -52,14 +116,26 @@ impl Kube {
                 _dir: dir,
             };
         }
-        let fake = FakeApiServer::builder()
-            .runner(ProcessRunner::new().binary(FAKE_IMAGE, env!("CARGO_BIN_EXE_otm")))
+        let builder = FakeApiServer::builder();
+        let (builder, podman) = match pods {
+            Pods::Processes => (
+                builder.runner(ProcessRunner::new().binary(FAKE_IMAGE, env!("CARGO_BIN_EXE_otm"))),
+                None,
+            ),
+            Pods::Containers => {
+                let podman = Podman::new().unwrap();
+                let image = otm_image(&podman).await;
+                (builder.runner(ContainerRunner::new(podman.clone()).image(FAKE_IMAGE, image)), Some(podman))
+            }
+        };
+        let fake = builder
             .start()
             .await
             .unwrap();
         let kubeconfig = fake.write_kubeconfig(&dir.path().join("kubeconfig")).unwrap();
         Kube {
             fake: Some(fake),
+            podman,
             kubeconfig,
             namespace: "otm-tenants".into(),
             image: FAKE_IMAGE.into(),
@@ -85,6 +161,72 @@ impl Kube {
             .await
             .unwrap();
         KubeRuntime::new(client, self.config()).await.unwrap()
+    }
+
+    /// With the fake's pods as containers: the pod runs as a container of the otm image, confined
+    /// as the pod asks (user 65532, read-only root, no capabilities, no new privileges, its
+    /// emptyDirs as tmpfs, its memory limit), and listening on its pod IP.
+    fn assert_pod_is_a_confined_container(&self, pod: &str) {
+        let Some(podman) = &self.podman else { return };
+        let found = podman.run(&[
+            "ps",
+            "--filter",
+            &format!("label={}={pod}", otm_testkit::kube_fake::container::POD_NAME_LABEL),
+            "--format",
+            "{{.Names}}",
+        ]);
+        let names: Vec<&str> = found.lines().collect();
+        assert_eq!(names.len(), 1, "one running container for pod {pod}: {found:?}");
+        let inspect: Value = serde_json::from_str(&podman.run(&["inspect", names[0]])).unwrap();
+        let c = &inspect[0];
+        assert_eq!(c["Config"]["User"], "65532:65532", "{c}");
+        assert_eq!(c["HostConfig"]["ReadonlyRootfs"], true);
+        assert_eq!(c["HostConfig"]["NetworkMode"], "host");
+        assert_eq!(c["HostConfig"]["Memory"], 2u64 << 30);
+        let tmpfs = c["HostConfig"]["Tmpfs"].as_object().cloned().unwrap_or_default();
+        for dir in ["/var/lib/otm/instance", "/tmp"] {
+            assert!(tmpfs.contains_key(dir), "{dir} is a tmpfs: {tmpfs:?}");
+        }
+        // The container's processes, as the host sees them.
+        let pid = c["State"]["Pid"].as_i64().unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert_eq!(field("Uid:"), "65532\t65532\t65532\t65532");
+        assert_eq!(field("CapEff:"), "0000000000000000");
+        assert_eq!(field("NoNewPrivs:"), "1");
+        let ip = self.fake.as_ref().unwrap().get("pods", &self.namespace, pod).unwrap()["status"]["podIP"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        std::net::TcpStream::connect((ip.as_str(), 7070))
+            .unwrap_or_else(|e| panic!("the shim of {pod} listens on its pod IP {ip}: {e}"));
+        // The container's output is the pod's log.
+        let log = self.fake.as_ref().unwrap().pod_logs(&self.namespace, pod).unwrap_or_default();
+        assert!(log.contains("shim listening"), "the pod's log: {log}");
+        // The shim's token reached the container from its Secret, and no process on the host
+        // (podman's included) has it on its command line.
+        let token = c["Config"]["Env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .find_map(|e| e.strip_prefix("OTM_SHIM_TOKEN="))
+            .expect("the container has the shim's token")
+            .to_owned();
+        assert!(token.len() >= 16, "a real token");
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+                let cmdline = String::from_utf8_lossy(&cmdline);
+                assert!(!cmdline.contains(&token), "the token is in a command line: {cmdline}");
+            }
+        }
     }
 
     /// Makes an instance's pod die as a crash would.
@@ -217,6 +359,17 @@ async fn the_runtime_conformance_suite_passes_on_kube() {
     let kube = Kube::start().await;
     let rt = Arc::new(kube.runtime().await);
     otm_runtime::conformance::runtime_suite(rt, |id| kube.fail_pod(id)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_runtime_conformance_suite_passes_on_kube_with_pods_as_containers() {
+    let Some(kube) = Kube::start_containers("the conformance suite with containers").await else {
+        return;
+    };
+    let started = Instant::now();
+    let rt = Arc::new(kube.runtime().await);
+    otm_runtime::conformance::runtime_suite(rt, |id| kube.fail_pod(id)).await;
+    eprintln!("the conformance suite with containers took {:?}", started.elapsed());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -452,7 +605,20 @@ async fn send_and_wait(c: &Cluster, tenant: &str, secret: &str, token: &str, upd
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_orchestrators_on_kube_deliver_in_order_sleep_wake_and_survive_a_crash() {
     let kube = Kube::start().await;
-    let Some((c, _egress)) = kube_cluster(&kube).await else { return };
+    deliver_in_order_sleep_wake_and_survive_a_crash(&kube).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_orchestrators_on_kube_with_pods_as_containers_deliver_in_order_sleep_wake_and_survive_a_crash() {
+    let test = "two orchestrators with containers";
+    let Some(kube) = Kube::start_containers(test).await else { return };
+    let started = Instant::now();
+    deliver_in_order_sleep_wake_and_survive_a_crash(&kube).await;
+    eprintln!("{test}: took {:?}", started.elapsed());
+}
+
+async fn deliver_in_order_sleep_wake_and_survive_a_crash(kube: &Kube) {
+    let Some((c, _egress)) = kube_cluster(kube).await else { return };
     let token = "9601:KUBE";
     let secret = c.create_tenant("kt", token).await;
 
@@ -479,6 +645,7 @@ async fn two_orchestrators_on_kube_deliver_in_order_sleep_wake_and_survive_a_cra
     }
     let pods = kube.pods_of("kt");
     assert_eq!(pods.len(), 1, "one pod serves the tenant: {pods:?}");
+    kube.assert_pod_is_a_confined_container(&pods[0]);
 
     // Sleep: the pod goes, the state is kept; wake: a new pod goes on from it.
     admin(&c, reqwest::Method::POST, "/v1/tenants/kt/stop", None).await;

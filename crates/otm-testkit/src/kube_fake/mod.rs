@@ -94,10 +94,12 @@
 //! defaulted or validated beyond a new pod's status (`Pending` with its `qosClass`).
 //!
 //! [`ProcessRunner::binary`] maps an image or a command word to a local binary (`otm` → the
-//! built `otm`). [`PodmanRunner`] runs pods as containers of local images instead (host
-//! network, read-only root, `emptyDir`s as bind mounts). Another [`PodRunner`] can be given
-//! with [`FakeApiServerBuilder::runner`]; [`FakeApiServerBuilder::manual_pods`] turns pod
-//! driving off, leaving every transition to the test.
+//! built `otm`). Another [`PodRunner`] can be given with [`FakeApiServerBuilder::runner`]:
+//! [`ContainerRunner`] runs a pod's first container as a real podman container of its image
+//! instead, with the pod's user, capabilities, read-only root filesystem, `emptyDir` volumes
+//! (as tmpfs), working directory and limits, on the host's network so that it listens on its
+//! pod IP like a process does (see its docs); [`FakeApiServerBuilder::manual_pods`] turns pod driving off,
+//! leaving every transition to the test.
 //!
 //! A test can drive pods by hand: [`FakeApiServer::set_pod_phase`],
 //! [`FakeApiServer::set_pod_condition`], [`FakeApiServer::mark_pod_scheduled`],
@@ -123,6 +125,7 @@
 //! so a kube-rs watcher relists at once.
 
 mod api;
+pub mod container;
 mod patch;
 mod podman;
 pub mod pods;
@@ -144,6 +147,7 @@ use tokio::task::JoinHandle;
 
 pub use podman::PodmanRunner;
 use pods::{Fate, PodCommand};
+pub use container::ContainerRunner;
 pub use pods::{PodLaunch, PodRunner, ProcessRunner, Workload};
 use store::{PODS, RESOURCES, Store, meta_str};
 

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod images;
 
 use otm_server::{Server, Settings};
 use otm_testkit::FakeTelegram;
