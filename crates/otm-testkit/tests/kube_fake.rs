@@ -1254,7 +1254,7 @@ async fn a_pod_s_processes_end_with_it() {
 /// Builds a local image holding `/bin/sh` and `/bin/sleep` with their libraries, through
 /// `podman import` (no registry). `None` when podman cannot build or run it here.
 async fn import_test_image(
-    runner: &otm_testkit::kube_fake::PodmanRunner,
+    podman: &otm_testkit::podman::Podman,
     dir: &std::path::Path,
 ) -> Option<String> {
     let root = dir.join("rootfs");
@@ -1288,8 +1288,8 @@ async fn import_test_image(
         return None;
     }
     let image = format!("localhost/otm-kube-fake-test:{}", std::process::id());
-    let out = runner
-        .command()
+    let out = podman
+        .tokio_command()
         .arg("import")
         .arg(&tar)
         .arg(&image)
@@ -1303,10 +1303,19 @@ async fn import_test_image(
         );
         return None;
     }
-    if let Err(why) = runner.check(&image, &["/bin/sh", "-c", "exit 0"]).await {
-        eprintln!("podman cannot run containers here: {why}");
-        let _ = runner
-            .command()
+    let run = podman
+        .tokio_command()
+        .args(["run", "--rm", "--network", "none", &image, "/bin/sh", "-c", "exit 0"])
+        .output()
+        .await
+        .ok()?;
+    if !run.status.success() {
+        eprintln!(
+            "podman cannot run containers here: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let _ = podman
+            .tokio_command()
             .args(["rmi", "--force", &image])
             .output()
             .await;
@@ -1327,17 +1336,13 @@ async fn pods_run_as_podman_containers() {
     }
     let dir = tempfile::tempdir().unwrap();
     // Debian's podman: runc (crun refuses a hybrid cgroup layout) and no default ulimits.
-    let conf = dir.path().join("containers.conf");
-    std::fs::write(&conf, "[containers]\ndefault_ulimits = []\n").unwrap();
-    let mut runner = otm_testkit::kube_fake::PodmanRunner::new().containers_conf(&conf);
-    if std::path::Path::new("/usr/sbin/runc").exists() {
-        runner = runner.runtime("/usr/sbin/runc");
-    }
-    let Some(image) = import_test_image(&runner, dir.path()).await else {
+    let podman = otm_testkit::podman::Podman::new().unwrap();
+    let Some(image) = import_test_image(&podman, dir.path()).await else {
         eprintln!("skipped: podman cannot build and run a test image here");
         return;
     };
-    let runner = runner.image("otm-test", image.clone());
+    let runner =
+        otm_testkit::kube_fake::ContainerRunner::new(podman.clone()).image("otm-test", image.clone());
     let api = Api::start(FakeApiServer::builder().runner(runner)).await;
     api.post(
         &format!("/api/v1/namespaces/{NS}/secrets"),
@@ -1390,22 +1395,16 @@ async fn pods_run_as_podman_containers() {
     api.delete(&format!("/api/v1/namespaces/{NS}/pods/boxed"), json!({}))
         .await;
     api.wait_pod("boxed", "deleted", Value::is_null).await;
-    let runner = otm_testkit::kube_fake::PodmanRunner::new().containers_conf(&conf);
-    let left = runner
-        .command()
-        .args([
-            "ps",
-            "--all",
-            "--quiet",
-            "--filter",
-            "name=otm-fake-otm-boxed",
-        ])
+    let left = podman
+        .tokio_command()
+        .args(["ps", "--all", "--quiet", "--filter"])
+        .arg(format!("label={}=boxed", otm_testkit::kube_fake::container::POD_NAME_LABEL))
         .output()
         .await
         .unwrap();
     assert!(left.stdout.is_empty(), "the container is removed");
-    let _ = runner
-        .command()
+    let _ = podman
+        .tokio_command()
         .args(["rmi", "--force", &image])
         .output()
         .await;

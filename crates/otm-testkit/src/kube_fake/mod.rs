@@ -127,7 +127,6 @@
 mod api;
 pub mod container;
 mod patch;
-mod podman;
 pub mod pods;
 mod select;
 mod store;
@@ -145,7 +144,6 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-pub use podman::PodmanRunner;
 use pods::{Fate, PodCommand};
 pub use container::ContainerRunner;
 pub use pods::{PodLaunch, PodRunner, ProcessRunner, Workload};
