@@ -526,6 +526,7 @@ mod tests {
             ],
             workdir: "/nonexistent".into(),
             log_path: "/nonexistent/log".into(),
+            volumes: vec![],
         };
         let runner =
             ContainerRunner::new(Podman::new().unwrap()).image("otm-test:dev", "localhost/otm:t");
