@@ -1,15 +1,15 @@
-//! [`PostgresRegistry`]: the [`Registry`] on PostgreSQL, for fleets that outgrow one machine.
+//! [`PostgresRegistry`]: the [`Registry`](otm_core::Registry) on PostgreSQL, for fleets that outgrow one machine.
 //!
 //! Behaves exactly like [`crate::SqliteRegistry`], down to which error each call returns, but every
 //! write is one atomic statement that is safe with many callers in many processes:
-//! - [`Registry::inbox_append`] locks the tenant's row and inserts with
+//! - [`Inbox::inbox_append`] locks the tenant's row and inserts with
 //!   `ON CONFLICT (tenant, update_id) DO NOTHING`, in one statement. Appends to one tenant thus
 //!   commit in sequence order, so a dispatcher never sees a lower sequence number appear after a
 //!   higher one; appends to different tenants run side by side.
-//! - [`Registry::set_tenant_status`] checks the fence inside its `UPDATE … WHERE fence <= $n`.
-//! - [`Registry::claim_warm_instance`] picks its row with `FOR UPDATE SKIP LOCKED`: concurrent
+//! - [`TenantStore::set_tenant_status`] checks the fence inside its `UPDATE … WHERE fence <= $n`.
+//! - [`InstanceStore::claim_warm_instance`] picks its row with `FOR UPDATE SKIP LOCKED`: concurrent
 //!   claimers take different instances or nothing, never the same one.
-//! - [`Registry::inbox_ack`] and [`Registry::inbox_fail`] are single `UPDATE`s.
+//! - [`Inbox::inbox_ack`] and [`Inbox::inbox_fail`] are single `UPDATE`s.
 //!
 //! A write is durable when it returns: PostgreSQL commits each statement before answering, and a
 //! connection whose session has `synchronous_commit = off` is switched back on.
@@ -26,9 +26,10 @@
 //!
 //! The URL may hold a password: it never appears in an error, a log line or `Debug` output.
 
+use crate::record::{self, InboxRow, InstanceRow, TenantRow, deadline, to_i64};
 use otm_core::{
-    Appended, Error, FailOutcome, FleetSettings, InboxItem, InboxView, InstanceId, InstanceRecord,
-    InstanceState, Registry, Result, Secret, Tenant, TenantId, TenantStatus,
+    Appended, Error, FailOutcome, FleetSettings, Inbox, InboxItem, InboxView, InstanceId,
+    InstanceRecord, InstanceStore, Result, Secret, Tenant, TenantId, TenantStatus, TenantStore,
 };
 use std::collections::HashMap;
 use std::fmt;
@@ -53,8 +54,6 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for the migrations (another process may hold the migration lock).
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(120);
-/// Longest stored delivery error, in bytes.
-const MAX_ERROR_LEN: usize = 2000;
 /// The settings row that holds [`FleetSettings`].
 const FLEET_KEY: &str = "fleet";
 /// Prepared statements kept per connection before the cache starts over.
@@ -332,7 +331,7 @@ impl PostgresRegistry {
         if let Some(row) = row {
             let stored: i64 = get(&row, 0)?;
             if stored > fence {
-                return Err(crate::stale_dispatcher(tenant, fence, stored));
+                return Err(record::stale_dispatcher(tenant, fence, stored));
             }
         }
         Ok(())
@@ -775,21 +774,6 @@ fn timed_out(what: &str, after: Duration) -> Error {
     )
 }
 
-fn corrupt(what: impl fmt::Display, message: impl fmt::Display) -> Error {
-    Error::Corrupt {
-        what: what.to_string(),
-        message: message.to_string(),
-    }
-}
-
-fn to_i64(value: u64, what: &str) -> Result<i64> {
-    i64::try_from(value).map_err(|_| Error::invalid(format!("{what} {value} is too large")))
-}
-
-fn deadline(at_ms: i64, idle_timeout_s: i64) -> i64 {
-    at_ms.saturating_add(idle_timeout_s.saturating_mul(1000))
-}
-
 /// `deadline(at, idle)` in SQL: numeric arithmetic clamped to BIGINT, like the saturating Rust.
 macro_rules! deadline_sql {
     ($at:literal, $idle:literal) => {
@@ -816,23 +800,20 @@ macro_rules! tenant_columns {
 
 fn tenant_row(row: &Row) -> Result<Tenant> {
     let id: String = get(row, 0)?;
-    let status: String = get(row, 6)?;
-    let idle_timeout_s: i64 = get(row, 2)?;
-    Ok(Tenant {
-        id: TenantId::parse(&id).map_err(|e| corrupt(format!("tenant row `{id}`"), e))?,
+    let what = format!("tenant row `{id}`");
+    TenantRow {
+        id,
         profile: get(row, 1)?,
-        idle_timeout_s: u64::try_from(idle_timeout_s)
-            .map_err(|_| corrupt(format!("tenant {id}"), "negative idle timeout"))?,
-        bot_token: get::<Option<String>>(row, 3)?.map(Secret::new),
-        webhook_secret: Secret::new(get::<String>(row, 4)?),
+        idle_timeout_s: get(row, 2)?,
+        bot_token: get(row, 3)?,
+        webhook_secret: get(row, 4)?,
         cold_start_notice: get(row, 5)?,
-        status: TenantStatus::parse(&status)
-            .ok_or_else(|| corrupt(format!("tenant {id}"), format!("unknown status `{status}`")))?,
+        status: get(row, 6)?,
         created_at_ms: get(row, 7)?,
         last_active_ms: get(row, 8)?,
-        limits: otm_core::TenantLimits::from_json(get::<Option<String>>(row, 9)?.as_deref())
-            .map_err(|e| corrupt(format!("tenant {id}"), e))?,
-    })
+        limits: get(row, 9)?,
+    }
+    .into_tenant(&what)
 }
 
 macro_rules! instance_columns {
@@ -843,22 +824,18 @@ macro_rules! instance_columns {
 
 fn instance_row(row: &Row) -> Result<InstanceRecord> {
     let id: String = get(row, 0)?;
-    let tenant: Option<String> = get(row, 1)?;
-    let state: String = get(row, 2)?;
-    Ok(InstanceRecord {
-        tenant: tenant
-            .map(|t| TenantId::parse(&t))
-            .transpose()
-            .map_err(|e| corrupt(format!("instance {id}"), e))?,
-        state: InstanceState::parse(&state)
-            .ok_or_else(|| corrupt(format!("instance {id}"), format!("unknown state `{state}`")))?,
+    let what = format!("instance {id}");
+    InstanceRow {
+        id,
+        tenant: get(row, 1)?,
+        state: get(row, 2)?,
         address: get(row, 3)?,
-        shim_token: Secret::new(get::<String>(row, 4)?),
+        shim_token: get(row, 4)?,
         surrogate_digest: get(row, 5)?,
         created_at_ms: get(row, 6)?,
         bound_at_ms: get(row, 7)?,
-        id: InstanceId::new(id),
-    })
+    }
+    .into_instance(&what)
 }
 
 macro_rules! inbox_columns {
@@ -875,7 +852,7 @@ fn tenant_ids(rows: Vec<Row>, what: &str) -> Result<Vec<TenantId>> {
     rows.iter()
         .map(|r| {
             let id: String = get(r, 0)?;
-            TenantId::parse(&id).map_err(|e| corrupt(format!("{what} `{id}`"), e))
+            record::tenant_id(&id, what)
         })
         .collect()
 }
@@ -883,26 +860,18 @@ fn tenant_ids(rows: Vec<Row>, what: &str) -> Result<Vec<TenantId>> {
 /// At most `max` bytes, cut on a character boundary, without NUL characters (PostgreSQL text
 /// cannot hold them).
 fn truncate(s: &str, max: usize) -> String {
-    let s = if s.contains('\0') {
-        std::borrow::Cow::Owned(s.replace('\0', "\u{fffd}"))
+    if s.contains('\0') {
+        record::truncate(&s.replace('\0', "\u{fffd}"), max)
     } else {
-        std::borrow::Cow::Borrowed(s)
-    };
-    if s.len() <= max {
-        return s.into_owned();
+        record::truncate(s, max)
     }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }
 
 // ---------------------------------------------------------------------------------------------
 // The trait.
 
 #[async_trait::async_trait]
-impl Registry for PostgresRegistry {
+impl TenantStore for PostgresRegistry {
     async fn create_tenant(&self, tenant: &Tenant) -> Result<()> {
         let t = tenant;
         let idle = to_i64(t.idle_timeout_s, "idle timeout")?;
@@ -928,9 +897,7 @@ impl Registry for PostgresRegistry {
         .await
         .map_err(|e| {
             if is_unique_violation(&e) {
-                Error::AlreadyExists {
-                    what: format!("tenant {}", t.id),
-                }
+                record::tenant_exists(&t.id)
             } else {
                 e
             }
@@ -986,7 +953,7 @@ impl Registry for PostgresRegistry {
             )
             .await?;
         if n == 0 {
-            return Err(Error::not_found(format!("tenant {}", t.id)));
+            return Err(record::tenant_not_found(&t.id));
         }
         Ok(())
     }
@@ -1032,12 +999,9 @@ impl Registry for PostgresRegistry {
             None => None,
         };
         match (stored, fence) {
-            (Some(stored), Some(f)) if f < stored => Err(Error::conflict(format!(
-                "fence {f} for tenant {id} is stale: fence {stored} was already used; \
-                 another holder of the tenant's lock took over"
-            ))),
+            (Some(stored), Some(f)) if f < stored => Err(record::stale_status(id, f, stored)),
             // Missing when the update ran (it may have been created since).
-            _ => Err(Error::not_found(format!("tenant {id}"))),
+            _ => Err(record::tenant_not_found(id)),
         }
     }
 
@@ -1054,7 +1018,7 @@ impl Registry for PostgresRegistry {
             )
             .await?;
         if n == 0 {
-            return Err(Error::not_found(format!("tenant {id}")));
+            return Err(record::tenant_not_found(id));
         }
         Ok(())
     }
@@ -1071,7 +1035,10 @@ impl Registry for PostgresRegistry {
             .await?;
         tenant_ids(rows, "tenant row")
     }
+}
 
+#[async_trait::async_trait]
+impl InstanceStore for PostgresRegistry {
     async fn put_instance(&self, instance: &InstanceRecord, fence: Option<u64>) -> Result<()> {
         let i = instance;
         let fence = fence.map(|f| to_i64(f, "fence")).transpose()?;
@@ -1101,10 +1068,7 @@ impl Registry for PostgresRegistry {
         )
         .await
         .map_err(|e| match (&i.tenant, is_unique_violation(&e)) {
-            (Some(t), true) => Error::conflict(format!(
-                "tenant {t} is already bound to another instance than {}; stop that one first",
-                i.id
-            )),
+            (Some(t), true) => record::bound_elsewhere(t, &i.id),
             _ => e,
         })?;
         if n == 0 {
@@ -1126,7 +1090,7 @@ impl Registry for PostgresRegistry {
                 Some(row) => get(&row, 0)?,
                 None => 0,
             };
-            return Err(crate::stale_waker(t, f, stored));
+            return Err(record::stale_waker(t, f, stored));
         }
         Ok(())
     }
@@ -1223,7 +1187,7 @@ impl Registry for PostgresRegistry {
         .await
         .map_err(|e| {
             if is_unique_violation(&e) {
-                Error::conflict(format!("tenant {tenant} is already bound to an instance"))
+                record::already_bound(tenant)
             } else {
                 e
             }
@@ -1233,6 +1197,38 @@ impl Registry for PostgresRegistry {
         .transpose()
     }
 
+    async fn get_settings(&self) -> Result<FleetSettings> {
+        let row = self
+            .query_opt(
+                "SELECT value FROM settings WHERE key = $1",
+                &[&FLEET_KEY],
+                true,
+            )
+            .await?;
+        match row {
+            None => Ok(FleetSettings::default()),
+            Some(row) => {
+                let v: String = get(&row, 0)?;
+                serde_json::from_str(&v).map_err(|e| record::corrupt("the fleet settings", e))
+            }
+        }
+    }
+
+    async fn put_settings(&self, settings: &FleetSettings) -> Result<()> {
+        let value = serde_json::to_string(settings).map_err(|e| Error::generic(BACKEND, e))?;
+        self.execute(
+            "INSERT INTO settings (key, value) VALUES ($1, $2) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            &[&FLEET_KEY, &value],
+            true,
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Inbox for PostgresRegistry {
     async fn inbox_append(
         &self,
         tenant: &TenantId,
@@ -1263,7 +1259,7 @@ impl Registry for PostgresRegistry {
         let known: bool = get(&row, 0)?;
         let seq: Option<i64> = get(&row, 1)?;
         match (known, seq) {
-            (false, _) => Err(Error::not_found(format!("tenant {tenant}"))),
+            (false, _) => Err(record::tenant_not_found(tenant)),
             (true, Some(seq)) => Ok(Appended::Stored { seq }),
             (true, None) => Ok(Appended::Duplicate),
         }
@@ -1306,9 +1302,7 @@ impl Registry for PostgresRegistry {
             if let Some(f) = fence {
                 self.check_dispatch_fence(tenant, f).await?;
             }
-            return Err(Error::not_found(format!(
-                "update {seq} in the inbox of tenant {tenant}"
-            )));
+            return Err(record::update_not_found(tenant, seq));
         }
         Ok(())
     }
@@ -1321,7 +1315,7 @@ impl Registry for PostgresRegistry {
         max_attempts: u32,
         fence: Option<u64>,
     ) -> Result<FailOutcome> {
-        let error = truncate(error, MAX_ERROR_LEN);
+        let error = truncate(error, record::MAX_ERROR_LEN);
         let fence = fence.map(|f| to_i64(f, "fence")).transpose()?;
         // One statement: check the fence, count the attempt and dead-letter at the limit, only
         // if still pending.
@@ -1345,12 +1339,10 @@ impl Registry for PostgresRegistry {
             .await?;
         if let Some(row) = row {
             let attempts: i64 = get(&row, 0)?;
-            let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
-            return Ok(if attempts >= max_attempts {
-                FailOutcome::DeadLettered
-            } else {
-                FailOutcome::Retry { attempts }
-            });
+            return Ok(record::fail_outcome(
+                record::attempts(attempts),
+                max_attempts,
+            ));
         }
         // Nothing written: say why.
         if let Some(f) = fence {
@@ -1368,12 +1360,8 @@ impl Registry for PostgresRegistry {
             None => None,
         };
         match state {
-            None => Err(Error::not_found(format!(
-                "update {seq} in the inbox of tenant {tenant}"
-            ))),
-            Some(other) => Err(Error::conflict(format!(
-                "update {seq} of tenant {tenant} is {other}, not pending; nothing to retry"
-            ))),
+            None => Err(record::update_not_found(tenant, seq)),
+            Some(other) => Err(record::not_pending(tenant, seq, other)),
         }
     }
 
@@ -1390,7 +1378,7 @@ impl Registry for PostgresRegistry {
             return Ok(());
         }
         self.check_dispatch_fence(tenant, fence).await?;
-        Err(Error::not_found(format!("tenant {tenant}")))
+        Err(record::tenant_not_found(tenant))
     }
 
     async fn inbox_view(&self, tenant: &TenantId, limit: usize) -> Result<InboxView> {
@@ -1457,51 +1445,20 @@ impl Registry for PostgresRegistry {
         )
         .await
     }
-
-    async fn get_settings(&self) -> Result<FleetSettings> {
-        let row = self
-            .query_opt(
-                "SELECT value FROM settings WHERE key = $1",
-                &[&FLEET_KEY],
-                true,
-            )
-            .await?;
-        match row {
-            None => Ok(FleetSettings::default()),
-            Some(row) => {
-                let v: String = get(&row, 0)?;
-                serde_json::from_str(&v).map_err(|e| corrupt("the fleet settings", e))
-            }
-        }
-    }
-
-    async fn put_settings(&self, settings: &FleetSettings) -> Result<()> {
-        let value = serde_json::to_string(settings).map_err(|e| Error::generic(BACKEND, e))?;
-        self.execute(
-            "INSERT INTO settings (key, value) VALUES ($1, $2) \
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            &[&FLEET_KEY, &value],
-            true,
-        )
-        .await?;
-        Ok(())
-    }
 }
 
 /// [`inbox_row`] for a row whose inbox columns start at `offset`.
 fn inbox_row_at(row: &Row, offset: usize) -> Result<InboxItem> {
-    let tenant: String = get(row, offset)?;
-    let seq: i64 = get(row, offset + 1)?;
-    let attempts: i64 = get(row, offset + 4)?;
-    Ok(InboxItem {
-        tenant: TenantId::parse(&tenant).map_err(|e| corrupt(format!("inbox row {seq}"), e))?,
-        seq,
+    InboxRow {
+        tenant: get(row, offset)?,
+        seq: get(row, offset + 1)?,
         update_id: get(row, offset + 2)?,
         payload: get(row, offset + 3)?,
-        attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+        attempts: get(row, offset + 4)?,
         accepted_at_ms: get(row, offset + 5)?,
         last_error: get(row, offset + 6)?,
-    })
+    }
+    .into_item()
 }
 
 #[cfg(test)]
@@ -1575,13 +1532,6 @@ mod tests {
             assert!(matches!(err, Error::InvalidInput { .. }), "{url}: {err:?}");
             assert!(!format!("{err} {err:?}").contains("hunter2"), "{err}");
         }
-    }
-
-    #[test]
-    fn deadlines_saturate_like_sqlite() {
-        assert_eq!(deadline(1_000, 10), 11_000);
-        assert_eq!(deadline(i64::MAX - 5, 10), i64::MAX);
-        assert_eq!(deadline(i64::MIN, -10), i64::MIN);
     }
 
     #[test]
