@@ -21,6 +21,8 @@
 //!   backend: a local directory, or S3 and S3-compatible stores (cargo feature `s3`).
 //! - [`secrets`]: secrets at rest: the key file, [`SealedRegistry`] (tenants' secrets encrypted
 //!   in any registry, shim tokens derived) and [`SignedCoordinator`] (signed endpoint cache).
+//! - [`wrap`]: registry wrappers: [`Metered`] counts and times calls, [`Faulty`] makes chosen
+//!   calls fail as an unreachable backend would.
 //! - [`open`]: picks a backend from a URL and names the ones missing from this build.
 //! - `record`: what the three registries share: their errors, row checks and conversions.
 //! - `conformance` (cargo feature `conformance`, for tests only): the shared test suites, one per
@@ -42,6 +44,7 @@ pub(crate) mod record;
 pub mod redis;
 pub mod secrets;
 pub mod sqlite;
+pub mod wrap;
 
 #[cfg(feature = "redis")]
 pub use self::redis::RedisCoordinator;
@@ -57,3 +60,4 @@ pub use open::{
 pub use postgres::PostgresRegistry;
 pub use secrets::{SealedRegistry, SecretKeys, SignedCoordinator};
 pub use sqlite::SqliteRegistry;
+pub use wrap::{FaultHandle, Faulty, Metered, RegistryMetrics, RegistryOp};
