@@ -14,10 +14,21 @@
 //! A write is durable when it returns: PostgreSQL commits each statement before answering, and a
 //! connection whose session has `synchronous_commit = off` is switched back on.
 //!
-//! Connections: a small pool (at most [`PostgresOptions::pool_size`]), opened on demand and kept.
-//! A connection that breaks is dropped and replaced by the next caller; a call that lost its
-//! connection is retried once on a fresh one when repeating it cannot change its answer (reads and
-//! idempotent writes). Every call is bounded by [`PostgresOptions::timeout`].
+//! Connections: a `deadpool-postgres` pool (at most [`PostgresOptions::pool_size`]), opened on
+//! demand and kept, each with its cache of prepared statements (unbounded: the registry runs a
+//! fixed set of statements); a connection found closed is dropped when it is next taken. Around it, this module keeps what the pool does not do:
+//! - a new connection whose session has `synchronous_commit = off` is switched back on before
+//!   the pool hands it out;
+//! - a call abandoned mid-statement (its timeout ran out, or its caller went away) asks the
+//!   server to cancel the statement and takes the connection out of the pool, since its answer
+//!   is still on the way;
+//! - a connection that broke is taken out of the pool, with the idle ones (they may have died
+//!   with it), and a call that lost its connection is retried once on a fresh one when
+//!   repeating it cannot change its answer (reads and idempotent writes);
+//! - a statement that a concurrent schema change invalidated empties the connection's
+//!   statement cache and is run again.
+//!
+//! Every call is bounded by [`PostgresOptions::timeout`], waiting for a connection included.
 //!
 //! The schema lives in [`MIGRATIONS`], applied in order at connect time inside one transaction
 //! under an advisory lock, and tracked in `otm_schema_version`. Tables live in the connection's
@@ -31,14 +42,11 @@ use otm_core::{
     Appended, Error, FailOutcome, FleetSettings, Inbox, InboxItem, InboxView, InstanceId,
     InstanceRecord, InstanceStore, Result, Secret, Tenant, TenantId, TenantStatus, TenantStore,
 };
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::Mutex;
 use std::time::Duration;
-use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Config, Row, Statement};
+use tokio_postgres::{Client, Config, Row};
 
 pub mod tls;
 use tls::RustlsConnect;
@@ -56,8 +64,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(120);
 /// The settings row that holds [`FleetSettings`].
 const FLEET_KEY: &str = "fleet";
-/// Prepared statements kept per connection before the cache starts over.
-const MAX_STATEMENTS: usize = 128;
 /// The advisory lock that serializes migrations across processes: "otm-mig" in ASCII.
 const MIGRATION_LOCK: i64 = 0x006f_746d_2d6d_6967;
 
@@ -180,7 +186,10 @@ impl PostgresOptions {
 /// The PostgreSQL registry. Cheap to share behind an `Arc`; any number of processes may use the
 /// same database (and schema) at once.
 pub struct PostgresRegistry {
-    pool: Pool,
+    pool: deadpool_postgres::Pool,
+    tls: RustlsConnect,
+    size: usize,
+    timeout: Duration,
     schema: Option<String>,
 }
 
@@ -188,7 +197,7 @@ impl fmt::Debug for PostgresRegistry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresRegistry")
             .field("schema", &self.schema)
-            .field("pool_size", &self.pool.size)
+            .field("pool_size", &self.size)
             .finish_non_exhaustive()
     }
 }
@@ -250,12 +259,28 @@ impl PostgresRegistry {
             config.options(opts);
         }
 
-        let mut first = tokio::time::timeout(options.timeout, open_conn(&config, &tls))
+        let manager = deadpool_postgres::Manager::from_connect(
+            config,
+            Connector { tls: tls.clone() },
+            deadpool_postgres::ManagerConfig {
+                // Taking a connection checks only that it is open: a statement on a connection
+                // that died unnoticed fails as a connection error and is retried on a fresh one.
+                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+            },
+        );
+        let pool = deadpool_postgres::Pool::builder(manager)
+            .max_size(options.pool_size)
+            .build()
+            .map_err(|e| {
+                Error::generic(BACKEND, format!("cannot build the connection pool: {e}"))
+            })?;
+        let mut first = tokio::time::timeout(options.timeout, pool.get())
             .await
-            .map_err(|_| timed_out("connecting", options.timeout))??;
+            .map_err(|_| timed_out("connecting", options.timeout))?
+            .map_err(pool_error)?;
         tokio::time::timeout(
             MIGRATE_TIMEOUT.max(options.timeout),
-            migrate(&mut first.client, schema.as_deref()),
+            migrate(&mut first, schema.as_deref()),
         )
         .await
         .map_err(|_| {
@@ -268,20 +293,17 @@ impl PostgresRegistry {
                 ),
             )
         })??;
+        drop(first);
         tracing::debug!(
             schema = schema.as_deref().unwrap_or("(default)"),
             "opened the PostgreSQL registry"
         );
 
         Ok(PostgresRegistry {
-            pool: Pool {
-                config,
-                tls,
-                idle: Mutex::new(vec![first]),
-                permits: Semaphore::new(options.pool_size),
-                size: options.pool_size,
-                timeout: options.timeout,
-            },
+            pool,
+            tls,
+            size: options.pool_size,
+            timeout: options.timeout,
             schema,
         })
     }
@@ -361,12 +383,19 @@ impl PostgresRegistry {
         loop {
             attempt += 1;
             let run = async {
-                // A retry takes a new connection: the idle ones may have died with the last one.
-                let mut conn = self
-                    .pool
-                    .get(attempt > 1)
-                    .await
-                    .map_err(|e| (e, Retry::Never))?;
+                // A retry takes a new connection: the idle ones were dropped when the last one
+                // broke, as they may have died with it.
+                let mut conn = Pooled {
+                    conn: Some(
+                        self.pool
+                            .get()
+                            .await
+                            .map_err(|e| (pool_error(e), Retry::Never))?,
+                    ),
+                    in_flight: false,
+                    broken: false,
+                    tls: &self.tls,
+                };
                 conn.run(sql, params, count).await.map_err(|e| {
                     let retry = if is_stale_plan(&e) {
                         Retry::Always
@@ -375,10 +404,14 @@ impl PostgresRegistry {
                     } else {
                         Retry::Never
                     };
+                    if matches!(retry, Retry::IfIdempotent) {
+                        // Whatever broke this connection may have broken the idle ones too.
+                        self.pool.retain(|_, _| false);
+                    }
                     (pg(&e), retry)
                 })
             };
-            match tokio::time::timeout(self.pool.timeout, run).await {
+            match tokio::time::timeout(self.timeout, run).await {
                 Ok(Ok(out)) => return Ok(out),
                 Ok(Err((e, retry))) => {
                     let again = match retry {
@@ -393,7 +426,7 @@ impl PostgresRegistry {
                 }
                 // The pooled connection, if it was mid-statement, was dropped and its statement
                 // cancelled: see `Pooled::drop`.
-                Err(_) => return Err(timed_out("a registry call", self.pool.timeout)),
+                Err(_) => return Err(timed_out("a registry call", self.timeout)),
             }
         }
     }
@@ -416,113 +449,69 @@ enum Retry {
 // ---------------------------------------------------------------------------------------------
 // Connections.
 
-/// One connection with its prepared statements.
-struct Conn {
-    client: Client,
-    statements: HashMap<String, Statement>,
-}
-
-impl Conn {
-    async fn statement(&mut self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
-        if let Some(s) = self.statements.get(sql) {
-            return Ok(s.clone());
-        }
-        let s = self.client.prepare(sql).await?;
-        if self.statements.len() >= MAX_STATEMENTS {
-            self.statements.clear();
-        }
-        self.statements.insert(sql.to_owned(), s.clone());
-        Ok(s)
-    }
-}
-
-/// Opens one connection and drives it on a task of its own.
-async fn open_conn(config: &Config, tls: &RustlsConnect) -> Result<Conn> {
-    let (client, connection) = config.connect(tls.clone()).await.map_err(|e| {
-        Error::unavailable(
-            BACKEND,
-            format!("cannot connect to PostgreSQL: {}", describe(&e)),
-        )
-    })?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::warn!(error = %describe(&e), "a PostgreSQL registry connection broke; the next call opens a new one");
-        }
-    });
-    // Every answered write must be durable: undo a session default that would lose commits.
-    let sync = client
-        .query_one("SELECT current_setting('synchronous_commit')", &[])
-        .await
-        .map_err(|e| pg(&e))?;
-    let sync: String = sync.try_get(0).map_err(|e| pg(&e))?;
-    if sync == "off" {
-        client
-            .batch_execute("SET synchronous_commit TO on")
-            .await
-            .map_err(|e| pg(&e))?;
-        tracing::warn!(
-            "the PostgreSQL session had synchronous_commit = off; the registry turned it on, since every \
-             answered write must be durable"
-        );
-    }
-    Ok(Conn {
-        client,
-        statements: HashMap::new(),
-    })
-}
-
-/// At most `size` connections; idle ones wait in `idle`, `permits` counts the free slots.
-struct Pool {
-    config: Config,
+/// Opens the pool's connections: each is driven on a task of its own and checked to commit
+/// durably before the pool hands it out.
+struct Connector {
     tls: RustlsConnect,
-    idle: Mutex<Vec<Conn>>,
-    permits: Semaphore,
-    size: usize,
-    timeout: Duration,
 }
 
-impl Pool {
-    /// A live connection: an idle one unless `fresh`, or a new one.
-    async fn get(&self, fresh: bool) -> Result<Pooled<'_>> {
-        let permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| Error::unavailable(BACKEND, "the registry is shutting down"))?;
-        let reused = loop {
-            if fresh {
-                break None;
+impl deadpool_postgres::Connect for Connector {
+    fn connect(
+        &self,
+        config: &Config,
+    ) -> futures::future::BoxFuture<
+        '_,
+        Result<(Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>,
+    > {
+        let config = config.clone();
+        let tls = self.tls.clone();
+        Box::pin(async move {
+            let (client, connection) = config.connect(tls).await?;
+            let task = tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::warn!(error = %describe(&e), "a PostgreSQL registry connection broke; the next call opens a new one");
+                }
+            });
+            // Every answered write must be durable: undo a session default that would lose
+            // commits.
+            let sync: String = client
+                .query_one("SELECT current_setting('synchronous_commit')", &[])
+                .await?
+                .try_get(0)?;
+            if sync == "off" {
+                client.batch_execute("SET synchronous_commit TO on").await?;
+                tracing::warn!(
+                    "the PostgreSQL session had synchronous_commit = off; the registry turned it on, since every \
+                     answered write must be durable"
+                );
             }
-            let next = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-            match next {
-                // The server went away (restart, pg_terminate_backend): drop it, try the next.
-                Some(c) if c.client.is_closed() => continue,
-                other => break other,
-            }
-        };
-        let conn = match reused {
-            Some(c) => c,
-            None => open_conn(&self.config, &self.tls).await?,
-        };
-        Ok(Pooled {
-            pool: self,
-            conn: Some(conn),
-            in_flight: false,
-            broken: false,
-            _permit: permit,
+            Ok((client, task))
         })
     }
 }
 
-/// A connection taken from the pool; returned on drop unless it broke.
+/// What taking a connection from the pool failed with.
+fn pool_error(e: deadpool_postgres::PoolError) -> Error {
+    use deadpool_postgres::PoolError;
+    match e {
+        PoolError::Backend(e) => Error::unavailable(
+            BACKEND,
+            format!("cannot connect to PostgreSQL: {}", describe(&e)),
+        ),
+        PoolError::Closed => Error::unavailable(BACKEND, "the registry is shutting down"),
+        e => Error::unavailable(BACKEND, format!("cannot take a PostgreSQL connection: {e}")),
+    }
+}
+
+/// A connection taken from the pool; goes back on drop unless it broke or was abandoned
+/// mid-statement.
 struct Pooled<'a> {
-    pool: &'a Pool,
-    conn: Option<Conn>,
+    conn: Option<deadpool_postgres::Object>,
     /// A statement was sent and its answer not yet read: set while `run` awaits, so a caller that
     /// gives up (timeout, cancellation) leaves a connection that must not be reused.
     in_flight: bool,
     broken: bool,
-    _permit: SemaphorePermit<'a>,
+    tls: &'a RustlsConnect,
 }
 
 impl Pooled<'_> {
@@ -535,20 +524,20 @@ impl Pooled<'_> {
         let conn = self.conn.as_mut().expect("present until drop");
         self.in_flight = true;
         let out = async {
-            let stmt = conn.statement(sql).await?;
+            let stmt = conn.prepare_cached(sql).await?;
             if count {
-                conn.client.execute(&stmt, params).await.map(Output::Count)
+                conn.execute(&stmt, params).await.map(Output::Count)
             } else {
-                conn.client.query(&stmt, params).await.map(Output::Rows)
+                conn.query(&stmt, params).await.map(Output::Rows)
             }
         }
         .await;
         self.in_flight = false;
         if let Err(e) = &out {
             if is_stale_plan(e) {
-                conn.statements.clear();
+                conn.statement_cache.clear();
             }
-            self.broken = conn.client.is_closed() || is_connection_error(e);
+            self.broken = conn.is_closed() || is_connection_error(e);
         }
         out
     }
@@ -559,24 +548,20 @@ impl Drop for Pooled<'_> {
         let Some(conn) = self.conn.take() else {
             return;
         };
-        if conn.client.is_closed() || self.broken {
-            return;
+        if !self.in_flight && !self.broken {
+            return; // back to the pool
         }
-        if self.in_flight {
-            // Abandoned mid-statement: ask the server to stop it, and drop the connection.
-            let token = conn.client.cancel_token();
-            let tls = self.pool.tls.clone();
+        // Out of the pool; the connection closes when `conn` goes.
+        let conn = deadpool_postgres::Object::take(conn);
+        if self.in_flight && !conn.is_closed() {
+            // Abandoned mid-statement: ask the server to stop it.
+            let token = conn.cancel_token();
+            let tls = self.tls.clone();
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
                     let _ = token.cancel_query(tls).await;
                 });
             }
-            return;
-        }
-        let mut idle = self.pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-        // A retry opens a connection beside the idle ones; keep no more than the pool's size.
-        if idle.len() < self.pool.size {
-            idle.push(conn);
         }
     }
 }
@@ -1532,6 +1517,39 @@ mod tests {
             assert!(matches!(err, Error::InvalidInput { .. }), "{url}: {err:?}");
             assert!(!format!("{err} {err:?}").contains("hunter2"), "{err}");
         }
+    }
+
+    /// A session default that would lose answered writes is undone on every pooled connection.
+    /// Needs `OTM_TEST_POSTGRES_URL`; passes without doing anything when it is not set.
+    #[tokio::test]
+    async fn pooled_connections_commit_synchronously() {
+        let Some(url) = std::env::var("OTM_TEST_POSTGRES_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+        else {
+            return;
+        };
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let url = format!("{url}{sep}options=-c%20synchronous_commit%3Doff");
+        let schema = format!("otm_test_{}", otm_core::id::random_hex(4));
+        let r = PostgresRegistry::connect_with(
+            &url,
+            PostgresOptions::default()
+                .with_schema(&schema)
+                .with_pool_size(2),
+        )
+        .await
+        .unwrap();
+        // Both connections of the pool, taken at once.
+        let show = "SELECT current_setting('synchronous_commit'), pg_sleep(0.05)::text";
+        let (a, b) = tokio::join!(r.query(show, &[], true), r.query(show, &[], true));
+        for rows in [a.unwrap(), b.unwrap()] {
+            let value: String = rows[0].get(0);
+            assert_eq!(value, "on");
+        }
+        r.execute(&format!("DROP SCHEMA {schema} CASCADE"), &[], false)
+            .await
+            .unwrap();
     }
 
     #[test]
