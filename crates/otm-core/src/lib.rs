@@ -10,7 +10,8 @@
 //! - [`tenant`]: the tenant record and its status.
 //! - [`instance`]: the instance record and the endpoint a dispatcher delivers to.
 //! - [`inbox`]: accepted updates waiting for delivery.
-//! - [`registry`]: the [`Registry`] trait, source of truth for all of the above.
+//! - [`registry`]: the [`Registry`], source of truth for all of the above: [`TenantStore`],
+//!   [`InstanceStore`] and [`Inbox`] in one.
 //! - [`coordinator`]: the [`Coordinator`] trait: endpoint cache, fenced locks, leases, notifications.
 //! - [`state`]: the [`StateStore`] trait for snapshots.
 //! - [`runtime`]: the [`Runtime`] trait that creates, lists, watches and deletes instances.
@@ -41,7 +42,7 @@ pub use error::{Error, Result};
 pub use id::{InstanceId, SnapshotId, TenantId};
 pub use inbox::{Appended, DeliveryFailure, DeliveryOutcome, FailOutcome, InboxItem, InboxView};
 pub use instance::{InstanceRecord, InstanceState};
-pub use registry::{FleetSettings, Registry};
+pub use registry::{FleetSettings, Inbox, InstanceStore, Registry, TenantStore};
 pub use runtime::{
     InstanceSpec, LeaderElector, LimitKind, ResourceLimits, Runtime, RuntimeEvent, RuntimeInstance,
 };

@@ -1,4 +1,9 @@
-//! The [`Registry`] trait: the source of truth for tenants, instances, inboxes and fleet settings.
+//! The [`Registry`]: the source of truth for tenants, instances, inboxes and fleet settings.
+//!
+//! It is three traits, each with its own contract: [`TenantStore`] (tenants and their status),
+//! [`InstanceStore`] (instance records and the fleet settings) and [`Inbox`] (accepted updates
+//! waiting for delivery). [`Registry`] is all three; every type that implements the three is a
+//! `Registry`, so callers hold one `Arc<dyn Registry>` and backends implement three small traits.
 
 use crate::{
     Appended, FailOutcome, InboxItem, InboxView, InstanceId, InstanceRecord, Result, Tenant,
@@ -22,21 +27,21 @@ pub struct FleetSettings {
     pub default_limits: crate::ResourceLimits,
 }
 
-/// The source of truth.
+/// Tenants: their settings, secrets, status and activity.
 ///
 /// Contract, for every backend:
 /// - Every method that returns `Ok` has made its write durable: a crash right after it returns
-///   loses nothing.
-/// - [`Registry::inbox_append`] is idempotent per `(tenant, update_id)`: the first call stores the
-///   update, later ones return [`Appended::Duplicate`] and write nothing, for as long as the update
-///   is pending or was delivered within the retention window.
-/// - Per tenant, [`Registry::inbox_next`] returns the pending update with the lowest sequence
-///   number; sequence numbers grow in append order.
-/// - Writes that take a `fence` fail with [`crate::Error::Conflict`] when a larger fence was already
-///   used for that tenant, so a stale lock holder cannot overwrite a newer one.
-/// - Missing tenants or instances are [`crate::Error::NotFound`] for updates, `Ok(None)` for gets.
+///   loses nothing. Each write is atomic: it happens whole or not at all.
+/// - [`TenantStore::set_tenant_status`] with a `fence` is refused with
+///   [`crate::Error::Conflict`] when a larger fence was already used for that tenant (the fence
+///   check and the write are one atomic step), so a stale holder of the tenant's lock cannot
+///   overwrite a newer one. The stored fence never decreases.
+/// - [`TenantStore::delete_tenant`] deletes the tenant's inbox with it, atomically.
+/// - [`TenantStore::list_tenants`] is ordered by id (byte order); [`TenantStore::idle_due`] by
+///   idle deadline.
+/// - Missing tenants are [`crate::Error::NotFound`] for updates, `Ok(None)` for gets.
 #[async_trait]
-pub trait Registry: Send + Sync + std::fmt::Debug + 'static {
+pub trait TenantStore: Send + Sync + std::fmt::Debug + 'static {
     /// Stores a new tenant; [`crate::Error::AlreadyExists`] if the id is taken.
     async fn create_tenant(&self, tenant: &Tenant) -> Result<()>;
     /// One tenant.
@@ -58,7 +63,25 @@ pub trait Registry: Send + Sync + std::fmt::Debug + 'static {
     async fn touch_tenant(&self, id: &TenantId, at_ms: i64) -> Result<()>;
     /// Running tenants whose idle deadline is at or before `now_ms`, at most `limit`.
     async fn idle_due(&self, now_ms: i64, limit: usize) -> Result<Vec<TenantId>>;
+}
 
+/// Instance records (which instance serves which tenant, at what address) and the fleet
+/// settings that govern them.
+///
+/// Contract, for every backend:
+/// - Every method that returns `Ok` has made its write durable, atomically.
+/// - At most one instance is bound to a tenant: a write that would bind a second one is
+///   refused with [`crate::Error::Conflict`].
+/// - [`InstanceStore::put_instance`] with a `fence` is fenced by the tenant's status fence (the
+///   one [`TenantStore::set_tenant_status`] records), checked in the same atomic step as the
+///   write.
+/// - [`InstanceStore::claim_warm_instance`] is atomic: concurrent claimers, in any process,
+///   take different instances or none, never the same one. Warm instances are taken oldest
+///   first.
+/// - [`InstanceStore::list_instances`] is ordered by id.
+/// - Missing instances are `Ok(None)` for gets and `Ok(false)` for deletes.
+#[async_trait]
+pub trait InstanceStore: Send + Sync + std::fmt::Debug + 'static {
     /// Stores or replaces an instance record. With a `fence` (the wake lock's) and a tenant on
     /// the record, the write is refused with [`crate::Error::Conflict`] when a larger fence was
     /// already used for that tenant's status: a waker that lost its lock cannot publish or
@@ -77,6 +100,30 @@ pub trait Registry: Send + Sync + std::fmt::Debug + 'static {
     /// Atomically takes one warm instance and binds it to `tenant` (state becomes binding).
     async fn claim_warm_instance(&self, tenant: &TenantId) -> Result<Option<InstanceRecord>>;
 
+    /// The fleet settings (defaults if never written).
+    async fn get_settings(&self) -> Result<FleetSettings>;
+    /// Replaces the fleet settings.
+    async fn put_settings(&self, settings: &FleetSettings) -> Result<()>;
+}
+
+/// Every tenant's inbox: updates accepted from Telegram, waiting for delivery in order.
+///
+/// Contract, for every backend:
+/// - Every method that returns `Ok` has made its write durable: an update answered
+///   [`Appended::Stored`] survives a crash right after the call returns.
+/// - [`Inbox::inbox_append`] is idempotent per `(tenant, update_id)`: the first call stores the
+///   update, later ones return [`Appended::Duplicate`] and write nothing, for as long as the
+///   update is pending or was delivered within the retention window (until
+///   [`Inbox::inbox_prune`]).
+/// - Ordering: per tenant, sequence numbers grow in append order, and [`Inbox::inbox_next`]
+///   returns the pending update with the lowest one; an update never appears below one already
+///   returned.
+/// - Fencing: [`Inbox::inbox_claim`] records the fence of the dispatcher that owns the tenant's
+///   inbox; [`Inbox::inbox_ack`] and [`Inbox::inbox_fail`] with a smaller fence are refused with
+///   [`crate::Error::Conflict`], checked in the same atomic step as their write.
+/// - Acks are idempotent: acking a delivered update again changes nothing.
+#[async_trait]
+pub trait Inbox: Send + Sync + std::fmt::Debug + 'static {
     /// Appends an update to a tenant's inbox, durably.
     async fn inbox_append(
         &self,
@@ -88,14 +135,14 @@ pub trait Registry: Send + Sync + std::fmt::Debug + 'static {
     async fn inbox_next(&self, tenant: &TenantId) -> Result<Option<InboxItem>>;
     /// Marks an update delivered and drops its payload (the message text is kept nowhere once
     /// the agent has it); it leaves the pending list but still counts for deduplication until
-    /// [`Registry::inbox_prune`].
+    /// [`Inbox::inbox_prune`].
     ///
     /// With a `fence` (the dispatcher lease's), the ack is refused with [`crate::Error::Conflict`]
     /// when a larger fence was claimed for the tenant's inbox: a dispatcher that lost its lease
     /// cannot acknowledge what its successor owns.
     async fn inbox_ack(&self, tenant: &TenantId, seq: i64, fence: Option<u64>) -> Result<()>;
     /// Records a failed delivery; after `max_attempts` failures the update is dead-lettered.
-    /// Fenced as [`Registry::inbox_ack`].
+    /// Fenced as [`Inbox::inbox_ack`].
     async fn inbox_fail(
         &self,
         tenant: &TenantId,
@@ -116,15 +163,21 @@ pub trait Registry: Send + Sync + std::fmt::Debug + 'static {
     async fn inbox_pending_tenants(&self) -> Result<Vec<TenantId>>;
     /// Forgets delivered updates accepted before `before_ms`; returns how many.
     async fn inbox_prune(&self, before_ms: i64) -> Result<u64>;
-    /// Makes what was cleared or deleted unreadable from the registry's own files where the
-    /// backend keeps old versions around (SQLite: its write-ahead log is checkpointed and
-    /// truncated). Called every few seconds; cheap when there is nothing to do.
+    /// Makes what was cleared or deleted (acked payloads, deleted tenants) unreadable from the
+    /// registry's own files where the backend keeps old versions around (SQLite: its
+    /// write-ahead log is checkpointed and truncated). Called every few seconds; cheap when
+    /// there is nothing to do.
     async fn purge_freed(&self) -> Result<()> {
         Ok(())
     }
-
-    /// The fleet settings (defaults if never written).
-    async fn get_settings(&self) -> Result<FleetSettings>;
-    /// Replaces the fleet settings.
-    async fn put_settings(&self, settings: &FleetSettings) -> Result<()>;
 }
+
+/// The source of truth: [`TenantStore`], [`InstanceStore`] and [`Inbox`] in one.
+///
+/// Implemented for every type that implements the three, so a backend implements those and
+/// callers hold an `Arc<dyn Registry>`. The contract is the three traits' together; across them,
+/// [`TenantStore::delete_tenant`] also deletes the tenant's inbox, and
+/// [`InstanceStore::put_instance`] is fenced by the status fence of [`TenantStore`].
+pub trait Registry: TenantStore + InstanceStore + Inbox {}
+
+impl<T: TenantStore + InstanceStore + Inbox + ?Sized> Registry for T {}

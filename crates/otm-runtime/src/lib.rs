@@ -5,9 +5,11 @@
 //! - [`cgroup`]: per-instance cgroups (limits, limit events, kill).
 //! - [`exec`]: `otm sandbox-exec`, the first process of every local instance.
 //! - [`kube`]: the `kube` runtime: each instance a pod (feature `kube`).
-//! - [`conformance`]: the suite every runtime must pass.
+//! - `conformance` (cargo feature `conformance`, for tests only): the suite every runtime must
+//!   pass.
 
 pub mod cgroup;
+#[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod exec;
 #[cfg(feature = "kube")]

@@ -806,17 +806,10 @@ impl Runtime for LocalRuntime {
     }
 
     fn events(&self) -> BoxStream<'static, RuntimeEvent> {
-        let rx = self.inner.events.subscribe();
-        futures::stream::unfold(rx, |mut rx| async move {
-            loop {
-                match rx.recv().await {
-                    Ok(ev) => return Some((ev, rx)),
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                }
-            }
-        })
-        .boxed()
+        // A subscriber that fell behind skips the events it missed.
+        tokio_stream::wrappers::BroadcastStream::new(self.inner.events.subscribe())
+            .filter_map(|ev| std::future::ready(ev.ok()))
+            .boxed()
     }
 
     async fn set_limits(&self, id: &InstanceId, limits: &ResourceLimits) -> Result<()> {

@@ -162,14 +162,29 @@ async fn deliver_one(app: &Arc<App>, tenant: &TenantId, item: InboxItem, fence: 
         .observe(started.elapsed().as_secs_f64());
     match result {
         Ok(()) => {
-            match app.registry().inbox_ack(tenant, item.seq, Some(fence)).await {
-                Ok(()) => app.metrics().delivery(DeliveryOutcome::Acked.as_str()),
-                Err(otm_core::Error::Conflict { message }) => {
-                    tracing::warn!(%tenant, update_id = item.update_id, %message, "acknowledgement refused");
-                    return Step::Stop;
-                }
-                Err(e) => {
-                    tracing::error!(%tenant, update_id = item.update_id, error = %e, "could not remove a delivered update");
+            // The agent has the update: record that until the registry takes it (or the inbox
+            // is another dispatcher's), so that a passing registry failure does not deliver the
+            // update a second time.
+            let mut attempt = 0;
+            loop {
+                match app.registry().inbox_ack(tenant, item.seq, Some(fence)).await {
+                    Ok(()) => {
+                        app.metrics().delivery(DeliveryOutcome::Acked.as_str());
+                        break;
+                    }
+                    Err(otm_core::Error::Conflict { message }) => {
+                        tracing::warn!(%tenant, update_id = item.update_id, %message, "acknowledgement refused");
+                        return Step::Stop;
+                    }
+                    Err(e) => {
+                        tracing::error!(%tenant, update_id = item.update_id, error = %e, "could not remove a delivered update; trying again");
+                        tokio::select! {
+                            _ = tokio::time::sleep(RETRY.delay(attempt)) => {}
+                            // Left pending: delivered again after the restart.
+                            _ = app.shutdown().cancelled() => return Step::Continue,
+                        }
+                        attempt += 1;
+                    }
                 }
             }
             let _ = app

@@ -55,4 +55,4 @@ pub mod wake;
 
 pub use app::App;
 pub use config::{Role, Sandbox, Settings};
-pub use server::{Server, StartError, start};
+pub use server::{Server, StartError, start, start_with_registry};

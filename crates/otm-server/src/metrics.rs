@@ -67,7 +67,9 @@ fn latency_buckets() -> impl Iterator<Item = f64> {
 /// Every metric the server exports.
 #[derive(Debug)]
 pub struct Metrics {
-    registry: Registry,
+    /// Behind a lock so that metrics kept elsewhere (the registry's calls) can join after
+    /// start.
+    registry: std::sync::Mutex<Registry>,
     pub updates_accepted: Counter,
     pub updates_duplicate: Counter,
     pub updates_rejected: Family<Reason, Counter>,
@@ -130,7 +132,7 @@ impl Metrics {
             egress_refused: Family::default(),
             bot_api_queued_seconds: hist(),
             model_tokens: Counter::default(),
-            registry: Registry::default(),
+            registry: std::sync::Mutex::new(Registry::default()),
         };
         registry.register(
             "updates_accepted",
@@ -244,15 +246,24 @@ impl Metrics {
             "Model tokens used, as providers reported them",
             m.model_tokens.clone(),
         );
-        Metrics { registry, ..m }
+        Metrics {
+            registry: std::sync::Mutex::new(registry),
+            ..m
+        }
     }
 
     /// The text exposition format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("encoding metrics");
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        prometheus_client::encoding::text::encode(&mut out, &registry).expect("encoding metrics");
         out
+    }
+
+    /// Exports the registry's calls (`otm_registry_calls_total{op,outcome}`) and their latency
+    /// (`otm_registry_call_seconds{op}`), as [`otm_store::Metered`] counts them.
+    pub fn register_registry_calls(&self, calls: &otm_store::RegistryMetrics) {
+        calls.register(&mut self.registry.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
     /// Records one wake phase.

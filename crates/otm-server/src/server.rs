@@ -82,6 +82,16 @@ pub async fn start(
     settings: Settings,
     admin_token_given: Option<Secret>,
 ) -> Result<Server, StartError> {
+    start_with_registry(settings, admin_token_given, |registry| registry).await
+}
+
+/// [`start`], with the registry backend passed through `wrap` before the server uses it (tests
+/// wrap it in an [`otm_store::Faulty`] to make it fail on demand).
+pub async fn start_with_registry(
+    settings: Settings,
+    admin_token_given: Option<Secret>,
+    wrap: impl FnOnce(Arc<dyn otm_core::Registry>) -> Arc<dyn otm_core::Registry>,
+) -> Result<Server, StartError> {
     let listeners = settings.validate()?;
     let caps = ListenerLimits::for_descriptors(listen::raise_nofile());
     let data_dir = settings.data_dir.clone();
@@ -126,8 +136,11 @@ pub async fn start(
     }
     // Every registry stores tenants' secrets encrypted and no shim token; every cached endpoint is
     // signed, holds no shim token, and is checked before use.
+    // Every call is counted and timed for /metrics.
+    let registry_calls = otm_store::RegistryMetrics::default();
+    let backend = wrap(otm_store::open::open_registry(&registry_url).await?);
     let registry = Arc::new(otm_store::SealedRegistry::new(
-        otm_store::open::open_registry(&registry_url).await?,
+        Arc::new(otm_store::Metered::new(backend, registry_calls.clone())),
         keys.clone(),
     ));
     let coordinator: Arc<dyn otm_core::Coordinator> = Arc::new(otm_store::SignedCoordinator::new(
@@ -239,6 +252,7 @@ pub async fn start(
         crate::clock::Clock::system(),
         make_waker,
     );
+    app.metrics().register_registry_calls(&registry_calls);
     let role = app.settings().role;
 
     let mut tasks = Vec::new();

@@ -14,8 +14,8 @@ use object_store::{ObjectStoreExt, PutPayload};
 use otm_core::instance::Endpoint;
 use otm_core::{
     Appended, Coordinator, Error, FailOutcome, FleetSettings, InstanceId, InstanceRecord,
-    InstanceState, Lease, Notification, Registry, Secret, SnapshotId, SnapshotMeta, StateStore,
-    Tenant, TenantId, TenantStatus,
+    InstanceState, InstanceStore, Lease, Notification, Registry, Secret, SnapshotId, SnapshotMeta,
+    StateStore, Tenant, TenantId, TenantStatus, TenantStore,
 };
 use sha2::Digest;
 use std::collections::{HashMap, HashSet};

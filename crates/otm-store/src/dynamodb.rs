@@ -1,4 +1,4 @@
-//! [`DynamoRegistry`]: the [`Registry`] on Amazon DynamoDB, through its JSON API.
+//! [`DynamoRegistry`]: the [`Registry`](otm_core::Registry) on Amazon DynamoDB, through its JSON API.
 //!
 //! URL: `dynamodb://<table-prefix>?endpoint=http://127.0.0.1:5055&region=us-east-1&create_tables=true`,
 //! every query option optional. The endpoint falls back to `AWS_ENDPOINT_URL_DYNAMODB`, then
@@ -16,14 +16,14 @@
 //! - **tenants**, key `tenant_id`: one item per tenant, plus the fleet settings under the key
 //!   `@settings` and the tenant incarnation counter `@tenant-numbers` (tenant ids are DNS labels,
 //!   so neither can collide). GSI `status-index` (`status`, `idle_deadline_ms`, keys only) makes
-//!   [`Registry::idle_due`] one Query of the `running` partition up to `now`. `touch_tenant`
+//!   [`TenantStore::idle_due`] one Query of the `running` partition up to `now`. `touch_tenant`
 //!   keeps `idle_deadline_ms` = `last_active_ms + idle_timeout_ms` in one update expression.
 //! - **instances**, key `instance_id`: one item per instance, plus pointer items that make
 //!   two lookups strongly consistent and one of them unique: `@tenant/{tenant}` (the instance
 //!   bound to a tenant; at most one, like SQLite's `UNIQUE (tenant)`) and `@surrogate/{digest}`.
 //!   Every write of an instance updates its pointers in the same transaction. GSI `state-index`
 //!   (`state`, `created_at_ms`, projecting `tenant`) lists warm instances, oldest first, for
-//!   [`Registry::claim_warm_instance`], which then takes one with a transaction whose condition
+//!   [`InstanceStore::claim_warm_instance`], which then takes one with a transaction whose condition
 //!   is `attribute_not_exists(tenant) AND state = warm`, trying the next candidate when another
 //!   claimant won.
 //! - **inbox**, key (`tenant`, `sk`), one partition per tenant:
@@ -38,10 +38,10 @@
 //!     transaction as the `q#` item and the `pending` increment.
 //!
 //!   Sparse GSI `pending-index` (`pending_shard`, `tenant`, keys only) holds only `#meta` items
-//!   of tenants that may have pending updates, so [`Registry::inbox_pending_tenants`] is a few
+//!   of tenants that may have pending updates, so [`Inbox::inbox_pending_tenants`] is a few
 //!   Queries, not a Scan; hits are confirmed with a consistent read of `pending`, and stale
 //!   entries are cleared there. Sparse GSI `done-index` (`done_shard`, `accepted_at_ms`)
-//!   holds only `d#` items, so [`Registry::inbox_prune`] is a few Queries too. Both spread
+//!   holds only `d#` items, so [`Inbox::inbox_prune`] is a few Queries too. Both spread
 //!   their items over [`SHARDS`] partition keys.
 //!
 //! Every state change is a conditional write or a transaction: fences
@@ -55,12 +55,14 @@ mod attr;
 mod client;
 
 use crate::aws_credentials::{AwsCredentialsProvider, CredentialSource};
+use crate::record::{self, InstanceRow, TenantRow, corrupt, deadline, to_i64, truncate};
 use attr::{Item, Reader, b, boolean, n, s};
 use client::{ApiError, Client};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use otm_core::{
-    Appended, Error, FailOutcome, FleetSettings, InboxItem, InboxView, InstanceId, InstanceRecord,
-    InstanceState, Registry, Result, Secret, Tenant, TenantId, TenantStatus,
+    Appended, Error, FailOutcome, FleetSettings, Inbox, InboxItem, InboxView, InstanceId,
+    InstanceRecord, InstanceState, InstanceStore, Result, Tenant, TenantId, TenantStatus,
+    TenantStore,
 };
 use serde_json::{Value, json};
 use std::collections::HashSet;
@@ -71,8 +73,6 @@ pub(crate) const BACKEND: &str = "dynamodb";
 
 /// Partition keys that the sparse GSIs `pending-index` and `done-index` spread items over.
 pub const SHARDS: u64 = 8;
-/// Longest stored delivery error, in bytes.
-const MAX_ERROR_LEN: usize = 2000;
 /// Optimistic read-then-write rounds before giving up.
 const ROUNDS: u32 = 20;
 /// Longest surrogate digest accepted as a key.
@@ -285,28 +285,6 @@ fn failed_at(e: &ApiError, i: usize) -> bool {
         .is_some_and(|c| c.get(i).map(String::as_str) == Some("ConditionalCheckFailed"))
 }
 
-fn corrupt(what: impl fmt::Display, message: impl fmt::Display) -> Error {
-    Error::Corrupt {
-        what: what.to_string(),
-        message: message.to_string(),
-    }
-}
-
-fn to_i64(value: u64, what: &str) -> Result<i64> {
-    i64::try_from(value).map_err(|_| Error::invalid(format!("{what} {value} is too large")))
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
-}
-
 /// FNV-1a: a stable hash for picking shards (not `DefaultHasher`, which may change).
 fn fnv(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325, |h, byte| {
@@ -358,7 +336,7 @@ fn tenant_item(t: &Tenant) -> Result<Value> {
         "status": s(t.status.as_str()),
         "created_at_ms": n(t.created_at_ms),
         "last_active_ms": n(t.last_active_ms),
-        "idle_deadline_ms": n(t.last_active_ms.saturating_add(idle_ms)),
+        "idle_deadline_ms": n(deadline(t.last_active_ms, idle_s)),
         "fence": n(0),
         "limits": s(t.limits.to_json()),
     });
@@ -376,22 +354,19 @@ fn tenant_from(item: &Item) -> Result<Tenant> {
         .unwrap_or("?");
     let what = format!("tenant item `{raw_id}`");
     let r = Reader::new(item, &what);
-    let status = r.s("status")?;
-    Ok(Tenant {
-        id: TenantId::parse(r.s("tenant_id")?).map_err(|e| corrupt(&what, e))?,
+    TenantRow {
+        id: r.s("tenant_id")?.to_owned(),
         profile: r.s("profile")?.to_owned(),
-        idle_timeout_s: u64::try_from(r.n("idle_timeout_s")?)
-            .map_err(|_| corrupt(&what, "negative idle timeout"))?,
-        bot_token: r.opt_s("bot_token")?.map(Secret::new),
-        webhook_secret: Secret::new(r.s("webhook_secret")?),
+        idle_timeout_s: r.n("idle_timeout_s")?,
+        bot_token: r.opt_s("bot_token")?.map(str::to_owned),
+        webhook_secret: r.s("webhook_secret")?.to_owned(),
         cold_start_notice: r.bool("cold_start_notice")?,
-        status: TenantStatus::parse(status)
-            .ok_or_else(|| corrupt(&what, format!("unknown status `{status}`")))?,
+        status: r.s("status")?.to_owned(),
         created_at_ms: r.n("created_at_ms")?,
         last_active_ms: r.n("last_active_ms")?,
-        limits: otm_core::TenantLimits::from_json(r.opt_s("limits")?)
-            .map_err(|e| corrupt(&what, e))?,
-    })
+        limits: r.opt_s("limits")?.map(str::to_owned),
+    }
+    .into_tenant(&what)
 }
 
 fn instance_item(i: &InstanceRecord) -> Value {
@@ -422,22 +397,17 @@ fn instance_from(item: &Item) -> Result<InstanceRecord> {
         .unwrap_or("?");
     let what = format!("instance item `{raw_id}`");
     let r = Reader::new(item, &what);
-    let state = r.s("state")?;
-    Ok(InstanceRecord {
-        id: InstanceId::new(r.s("instance_id")?),
-        tenant: r
-            .opt_s("tenant")?
-            .map(TenantId::parse)
-            .transpose()
-            .map_err(|e| corrupt(&what, e))?,
-        state: InstanceState::parse(state)
-            .ok_or_else(|| corrupt(&what, format!("unknown state `{state}`")))?,
+    InstanceRow {
+        id: r.s("instance_id")?.to_owned(),
+        tenant: r.opt_s("tenant")?.map(str::to_owned),
+        state: r.s("state")?.to_owned(),
         address: r.s("address")?.to_owned(),
-        shim_token: Secret::new(r.s("shim_token")?),
+        shim_token: r.s("shim_token")?.to_owned(),
         surrogate_digest: r.opt_s("surrogate_digest")?.map(str::to_owned),
         created_at_ms: r.n("created_at_ms")?,
         bound_at_ms: r.opt_n("bound_at_ms")?,
-    })
+    }
+    .into_instance(&what)
 }
 
 /// A `q#` or `x#` item as an [`InboxItem`].
@@ -449,7 +419,7 @@ fn inbox_item_from(tenant: &TenantId, item: &Item) -> Result<InboxItem> {
         seq: r.n("seq")?,
         update_id: r.n("update_id")?,
         payload: r.b("payload")?,
-        attempts: u32::try_from(r.n("attempts")?).unwrap_or(u32::MAX),
+        attempts: record::attempts(r.n("attempts")?),
         accepted_at_ms: r.n("accepted_at_ms")?,
         last_error: r.opt_s("last_error")?.map(str::to_owned),
     })
@@ -843,7 +813,7 @@ impl DynamoRegistry {
             return Ok(());
         };
         match Reader::new(&item, "an inbox counter").opt_n("dispatch_fence")? {
-            Some(stored) if stored > f => Err(crate::stale_dispatcher(tenant, f, stored)),
+            Some(stored) if stored > f => Err(record::stale_dispatcher(tenant, f, stored)),
             _ => Ok(()),
         }
     }
@@ -980,7 +950,7 @@ fn table_definitions_for(tables: &Tables) -> Vec<Value> {
 }
 
 #[async_trait::async_trait]
-impl Registry for DynamoRegistry {
+impl TenantStore for DynamoRegistry {
     async fn create_tenant(&self, tenant: &Tenant) -> Result<()> {
         let item = tenant_item(tenant)?;
         // One write per tenant creation on this counter: never a hot key.
@@ -1026,9 +996,7 @@ impl Registry for DynamoRegistry {
         ];
         match self.transact(actions).await {
             Ok(()) => Ok(()),
-            Err(e) if failed_at(&e, 0) => Err(Error::AlreadyExists {
-                what: format!("tenant {}", tenant.id),
-            }),
+            Err(e) if failed_at(&e, 0) => Err(record::tenant_exists(&tenant.id)),
             Err(e) => Err(api(e)),
         }
     }
@@ -1091,9 +1059,7 @@ impl Registry for DynamoRegistry {
         });
         match self.client.call("UpdateItem", &body).await {
             Ok(_) => Ok(()),
-            Err(e) if e.is_condition_failed() => {
-                Err(Error::not_found(format!("tenant {}", tenant.id)))
-            }
+            Err(e) if e.is_condition_failed() => Err(record::tenant_not_found(&tenant.id)),
             Err(e) => Err(api(e)),
         }
     }
@@ -1204,12 +1170,9 @@ impl Registry for DynamoRegistry {
                         let stored = Reader::new(&item, "a tenant item")
                             .opt_n("fence")?
                             .unwrap_or(0);
-                        Err(Error::conflict(format!(
-                            "fence {f} for tenant {id} is stale: fence {stored} was already used; \
-                             another holder of the tenant's lock took over"
-                        )))
+                        Err(record::stale_status(id, f, stored))
                     }
-                    _ => Err(Error::not_found(format!("tenant {id}"))),
+                    _ => Err(record::tenant_not_found(id)),
                 }
             }
             Err(e) => Err(api(e)),
@@ -1230,7 +1193,7 @@ impl Registry for DynamoRegistry {
         });
         match self.client.call("UpdateItem", &body).await {
             Ok(_) => Ok(()),
-            Err(e) if e.is_condition_failed() => Err(Error::not_found(format!("tenant {id}"))),
+            Err(e) if e.is_condition_failed() => Err(record::tenant_not_found(id)),
             Err(e) => Err(api(e)),
         }
     }
@@ -1258,11 +1221,14 @@ impl Registry for DynamoRegistry {
             .iter()
             .map(|i| {
                 let id = Reader::new(i, "a status-index entry").s("tenant_id")?;
-                TenantId::parse(id).map_err(|e| corrupt(format!("tenant item `{id}`"), e))
+                record::tenant_id(id, "tenant item")
             })
             .collect()
     }
+}
 
+#[async_trait::async_trait]
+impl InstanceStore for DynamoRegistry {
     async fn put_instance(&self, instance: &InstanceRecord, fence: Option<u64>) -> Result<()> {
         let id = &instance.id;
         let fence = fence.map(|f| to_i64(f, "fence")).transpose()?;
@@ -1359,17 +1325,14 @@ impl Registry for DynamoRegistry {
                             .unwrap_or(0),
                         None => 0,
                     };
-                    return Err(crate::stale_waker(t, f, stored));
+                    return Err(record::stale_waker(t, f, stored));
                 }
                 Err(e) if tenant_action.is_some_and(|i| failed_at(&e, i)) => {
-                    return Err(Error::conflict(format!(
-                        "tenant {} is already bound to another instance than {id}; stop that one first",
-                        instance
-                            .tenant
-                            .as_ref()
-                            .map(TenantId::as_str)
-                            .unwrap_or_default()
-                    )));
+                    // Only a record with a tenant has a tenant action.
+                    return Err(match &instance.tenant {
+                        Some(t) => record::bound_elsewhere(t, id),
+                        None => Error::conflict(format!("instance {id} was not written")),
+                    });
                 }
                 Err(e) if e.cancellation_codes().is_some() => continue,
                 Err(e) => return Err(api(e)),
@@ -1518,9 +1481,7 @@ impl Registry for DynamoRegistry {
                         }
                     }
                     Err(e) if failed_at(&e, 1) => {
-                        return Err(Error::conflict(format!(
-                            "tenant {tenant} is already bound to an instance"
-                        )));
+                        return Err(record::already_bound(tenant));
                     }
                     Err(e) if e.cancellation_codes().is_some() => {}
                     Err(e) => return Err(api(e)),
@@ -1530,6 +1491,37 @@ impl Registry for DynamoRegistry {
         Ok(None)
     }
 
+    async fn get_settings(&self) -> Result<FleetSettings> {
+        match self
+            .get(&self.tables.tenants, tenant_key(SETTINGS_KEY))
+            .await?
+        {
+            None => Ok(FleetSettings::default()),
+            Some(item) => {
+                let raw = Reader::new(&item, "the fleet settings").s("fleet")?;
+                serde_json::from_str(raw).map_err(|e| corrupt("the fleet settings", e))
+            }
+        }
+    }
+
+    async fn put_settings(&self, settings: &FleetSettings) -> Result<()> {
+        let value = serde_json::to_string(settings).map_err(|e| Error::generic(BACKEND, e))?;
+        self.client
+            .call(
+                "PutItem",
+                &json!({
+                    "TableName": self.tables.tenants,
+                    "Item": { "tenant_id": s(SETTINGS_KEY), "fleet": s(value) },
+                }),
+            )
+            .await
+            .map_err(api)?;
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Inbox for DynamoRegistry {
     async fn inbox_append(
         &self,
         tenant: &TenantId,
@@ -1561,7 +1553,7 @@ impl Registry for DynamoRegistry {
                     .n("next_seq")?
             }
             Err(e) if e.is_condition_failed() => {
-                return Err(Error::not_found(format!("tenant {tenant}")));
+                return Err(record::tenant_not_found(tenant));
             }
             Err(e) => return Err(api(e)),
         };
@@ -1599,7 +1591,7 @@ impl Registry for DynamoRegistry {
         match self.transact(actions).await {
             Ok(()) => Ok(Appended::Stored { seq }),
             Err(e) if failed_at(&e, 0) => Ok(Appended::Duplicate),
-            Err(e) if failed_at(&e, 2) => Err(Error::not_found(format!("tenant {tenant}"))),
+            Err(e) if failed_at(&e, 2) => Err(record::tenant_not_found(tenant)),
             Err(e) if failed_at(&e, 1) => Err(corrupt(
                 format!("the inbox of tenant {tenant}"),
                 format!("sequence number {seq} was handed out twice"),
@@ -1644,15 +1636,13 @@ impl Registry for DynamoRegistry {
                         Ok(()) => Ok(()),
                         Err(e) if failed_at(&e, 0) => {
                             self.check_dispatch_fence(tenant, fence).await?;
-                            Err(Error::not_found(format!("tenant {tenant}")))
+                            Err(record::tenant_not_found(tenant))
                         }
                         Err(e) => Err(api(e)),
                     };
                 }
                 (None, None, None) => {
-                    return Err(Error::not_found(format!(
-                        "update {seq} in the inbox of tenant {tenant}"
-                    )));
+                    return Err(record::update_not_found(tenant, seq));
                 }
             };
             let entry = inbox_item_from(tenant, source)?;
@@ -1684,8 +1674,7 @@ impl Registry for DynamoRegistry {
             match self.transact(actions).await {
                 Ok(()) => return Ok(()),
                 Err(e) if failed_at(&e, 2) => {
-                    let missing =
-                        Error::not_found(format!("update {seq} in the inbox of tenant {tenant}"));
+                    let missing = record::update_not_found(tenant, seq);
                     self.check_dispatch_fence(tenant, fence).await?;
                     return Err(missing);
                 }
@@ -1708,7 +1697,7 @@ impl Registry for DynamoRegistry {
         fence: Option<u64>,
     ) -> Result<FailOutcome> {
         let inbox = &self.tables.inbox;
-        let error = truncate(error, MAX_ERROR_LEN);
+        let error = truncate(error, record::MAX_ERROR_LEN);
         let fence = fence.map(|f| to_i64(f, "fence")).transpose()?;
         for _ in 0..ROUNDS {
             let Some(item) = self.get(inbox, inbox_key(tenant, &q_sk(seq))).await? else {
@@ -1724,12 +1713,8 @@ impl Registry for DynamoRegistry {
                     .map(|sk| if sk.starts_with('x') { "dead" } else { "done" });
                 self.check_dispatch_fence(tenant, fence).await?;
                 return Err(match state {
-                    Some(state) => Error::conflict(format!(
-                        "update {seq} of tenant {tenant} is {state}, not pending; nothing to retry"
-                    )),
-                    None => {
-                        Error::not_found(format!("update {seq} in the inbox of tenant {tenant}"))
-                    }
+                    Some(state) => record::not_pending(tenant, seq, state),
+                    None => record::update_not_found(tenant, seq),
                 });
             };
             let mut entry = inbox_item_from(tenant, &item)?;
@@ -1764,7 +1749,7 @@ impl Registry for DynamoRegistry {
                 match self.transact(actions).await {
                     Ok(()) => return Ok(FailOutcome::Retry { attempts }),
                     Err(e) if failed_at(&e, 1) => {
-                        let missing = Error::not_found(format!("tenant {tenant}"));
+                        let missing = record::tenant_not_found(tenant);
                         self.check_dispatch_fence(tenant, fence).await?;
                         return Err(missing);
                     }
@@ -1796,8 +1781,7 @@ impl Registry for DynamoRegistry {
             match self.transact(actions).await {
                 Ok(()) => return Ok(FailOutcome::DeadLettered),
                 Err(e) if failed_at(&e, 2) => {
-                    let missing =
-                        Error::not_found(format!("update {seq} in the inbox of tenant {tenant}"));
+                    let missing = record::update_not_found(tenant, seq);
                     self.check_dispatch_fence(tenant, fence).await?;
                     return Err(missing);
                 }
@@ -1821,7 +1805,7 @@ impl Registry for DynamoRegistry {
             Ok(_) => Ok(()),
             Err(e) if e.is_condition_failed() => {
                 self.check_dispatch_fence(tenant, Some(f)).await?;
-                Err(Error::not_found(format!("tenant {tenant}")))
+                Err(record::tenant_not_found(tenant))
             }
             Err(e) => Err(api(e)),
         }
@@ -1861,8 +1845,7 @@ impl Registry for DynamoRegistry {
         for items in futures::future::try_join_all(shards).await? {
             for i in items {
                 let t = Reader::new(&i, "a pending-index entry").s("tenant")?;
-                candidates
-                    .push(TenantId::parse(t).map_err(|e| corrupt(format!("inbox of `{t}`"), e))?);
+                candidates.push(record::tenant_id(t, "inbox of")?);
             }
         }
         // The index lags: confirm each candidate with a consistent read, and clear the marker of
@@ -1872,7 +1855,7 @@ impl Registry for DynamoRegistry {
         let mut out = Vec::new();
         for item in metas {
             let t = Reader::new(&item, "an inbox counter").s("tenant")?;
-            let tenant = TenantId::parse(t).map_err(|e| corrupt(format!("inbox of `{t}`"), e))?;
+            let tenant = record::tenant_id(t, "inbox of")?;
             let meta = meta_from(&tenant, &item)?;
             if meta.deleting {
                 continue;
@@ -1925,7 +1908,7 @@ impl Registry for DynamoRegistry {
             .map(|item| async move {
                 let r = Reader::new(&item, "a done-index entry");
                 let tenant = r.s("tenant")?;
-                let tenant = TenantId::parse(tenant).map_err(|e| corrupt(format!("inbox of `{tenant}`"), e))?;
+                let tenant = record::tenant_id(tenant, "inbox of")?;
                 let (seq, update_id) = (r.n("seq")?, r.n("update_id")?);
                 // The marker first, and only if it is still this update's: a crash in between
                 // leaves the `d#` item, which the next prune finds again.
@@ -1956,39 +1939,12 @@ impl Registry for DynamoRegistry {
             .await?;
         Ok(pruned.into_iter().filter(|p| *p).count() as u64)
     }
-
-    async fn get_settings(&self) -> Result<FleetSettings> {
-        match self
-            .get(&self.tables.tenants, tenant_key(SETTINGS_KEY))
-            .await?
-        {
-            None => Ok(FleetSettings::default()),
-            Some(item) => {
-                let raw = Reader::new(&item, "the fleet settings").s("fleet")?;
-                serde_json::from_str(raw).map_err(|e| corrupt("the fleet settings", e))
-            }
-        }
-    }
-
-    async fn put_settings(&self, settings: &FleetSettings) -> Result<()> {
-        let value = serde_json::to_string(settings).map_err(|e| Error::generic(BACKEND, e))?;
-        self.client
-            .call(
-                "PutItem",
-                &json!({
-                    "TableName": self.tables.tenants,
-                    "Item": { "tenant_id": s(SETTINGS_KEY), "fleet": s(value) },
-                }),
-            )
-            .await
-            .map_err(api)?;
-        Ok(())
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use otm_core::Secret;
 
     #[test]
     fn parses_urls() {

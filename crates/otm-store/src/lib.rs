@@ -21,11 +21,16 @@
 //!   backend: a local directory, or S3 and S3-compatible stores (cargo feature `s3`).
 //! - [`secrets`]: secrets at rest: the key file, [`SealedRegistry`] (tenants' secrets encrypted
 //!   in any registry, shim tokens derived) and [`SignedCoordinator`] (signed endpoint cache).
+//! - [`wrap`]: registry wrappers: [`Metered`] counts and times calls, [`Faulty`] makes chosen
+//!   calls fail as an unreachable backend would.
 //! - [`open`]: picks a backend from a URL and names the ones missing from this build.
-//! - [`conformance`]: the shared test suites, one per trait.
+//! - `record`: what the three registries share: their errors, row checks and conversions.
+//! - `conformance` (cargo feature `conformance`, for tests only): the shared test suites, one per
+//!   trait.
 
 #[cfg(feature = "aws-credentials")]
 pub mod aws_credentials;
+#[cfg(feature = "conformance")]
 pub mod conformance;
 #[cfg(feature = "dynamodb")]
 pub mod dynamodb;
@@ -34,10 +39,12 @@ pub mod objstore;
 pub mod open;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+pub(crate) mod record;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod secrets;
 pub mod sqlite;
+pub mod wrap;
 
 #[cfg(feature = "redis")]
 pub use self::redis::RedisCoordinator;
@@ -53,27 +60,4 @@ pub use open::{
 pub use postgres::PostgresRegistry;
 pub use secrets::{SealedRegistry, SecretKeys, SignedCoordinator};
 pub use sqlite::SqliteRegistry;
-
-/// The error every registry gives an ack, failure or claim whose dispatcher fence is stale.
-pub(crate) fn stale_dispatcher(
-    tenant: &otm_core::TenantId,
-    fence: impl std::fmt::Display,
-    stored: impl std::fmt::Display,
-) -> otm_core::Error {
-    otm_core::Error::conflict(format!(
-        "dispatcher fence {fence} for tenant {tenant} is stale: fence {stored} was already \
-         claimed; another dispatcher took the inbox over"
-    ))
-}
-
-/// The error every registry gives an instance write whose wake fence is stale.
-pub(crate) fn stale_waker(
-    tenant: &otm_core::TenantId,
-    fence: impl std::fmt::Display,
-    stored: impl std::fmt::Display,
-) -> otm_core::Error {
-    otm_core::Error::conflict(format!(
-        "fence {fence} for tenant {tenant} is stale: fence {stored} was already used; another \
-         holder of the tenant's lock took over, so this instance write is refused"
-    ))
-}
+pub use wrap::{FaultHandle, Faulty, Metered, RegistryMetrics, RegistryOp};

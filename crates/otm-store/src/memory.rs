@@ -5,7 +5,7 @@
 //! `tokio::time::pause()` and `advance()`; outside a paused runtime it is the monotonic clock.
 
 use async_trait::async_trait;
-use futures::stream::{self, BoxStream, StreamExt};
+use futures::stream::{BoxStream, StreamExt};
 use otm_core::instance::Endpoint;
 use otm_core::{Coordinator, Lease, Notification, Result, TenantId};
 use std::collections::HashMap;
@@ -13,6 +13,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
 /// Notifications a slow subscriber may fall behind by before it skips some.
 const NOTIFY_CAPACITY: usize = 1024;
@@ -175,20 +177,18 @@ impl Coordinator for MemoryCoordinator {
     }
 
     fn subscribe(&self) -> BoxStream<'static, Notification> {
-        let rx = self.notify.subscribe();
-        stream::unfold(rx, |mut rx| async move {
-            loop {
-                match rx.recv().await {
-                    Ok(n) => return Some((n, rx)),
+        BroadcastStream::new(self.notify.subscribe())
+            .filter_map(|n| async move {
+                match n {
+                    Ok(n) => Some(n),
                     // A slow subscriber lost some; sweepers make up for them.
-                    Err(broadcast::error::RecvError::Lagged(skipped)) => {
+                    Err(BroadcastStreamRecvError::Lagged(skipped)) => {
                         tracing::debug!(skipped, "a notification subscriber fell behind");
+                        None
                     }
-                    Err(broadcast::error::RecvError::Closed) => return None,
                 }
-            }
-        })
-        .boxed()
+            })
+            .boxed()
     }
 }
 

@@ -1,23 +1,34 @@
-//! [`PostgresRegistry`]: the [`Registry`] on PostgreSQL, for fleets that outgrow one machine.
+//! [`PostgresRegistry`]: the [`Registry`](otm_core::Registry) on PostgreSQL, for fleets that outgrow one machine.
 //!
 //! Behaves exactly like [`crate::SqliteRegistry`], down to which error each call returns, but every
 //! write is one atomic statement that is safe with many callers in many processes:
-//! - [`Registry::inbox_append`] locks the tenant's row and inserts with
+//! - [`Inbox::inbox_append`] locks the tenant's row and inserts with
 //!   `ON CONFLICT (tenant, update_id) DO NOTHING`, in one statement. Appends to one tenant thus
 //!   commit in sequence order, so a dispatcher never sees a lower sequence number appear after a
 //!   higher one; appends to different tenants run side by side.
-//! - [`Registry::set_tenant_status`] checks the fence inside its `UPDATE … WHERE fence <= $n`.
-//! - [`Registry::claim_warm_instance`] picks its row with `FOR UPDATE SKIP LOCKED`: concurrent
+//! - [`TenantStore::set_tenant_status`] checks the fence inside its `UPDATE … WHERE fence <= $n`.
+//! - [`InstanceStore::claim_warm_instance`] picks its row with `FOR UPDATE SKIP LOCKED`: concurrent
 //!   claimers take different instances or nothing, never the same one.
-//! - [`Registry::inbox_ack`] and [`Registry::inbox_fail`] are single `UPDATE`s.
+//! - [`Inbox::inbox_ack`] and [`Inbox::inbox_fail`] are single `UPDATE`s.
 //!
 //! A write is durable when it returns: PostgreSQL commits each statement before answering, and a
 //! connection whose session has `synchronous_commit = off` is switched back on.
 //!
-//! Connections: a small pool (at most [`PostgresOptions::pool_size`]), opened on demand and kept.
-//! A connection that breaks is dropped and replaced by the next caller; a call that lost its
-//! connection is retried once on a fresh one when repeating it cannot change its answer (reads and
-//! idempotent writes). Every call is bounded by [`PostgresOptions::timeout`].
+//! Connections: a `deadpool-postgres` pool (at most [`PostgresOptions::pool_size`]), opened on
+//! demand and kept, each with its cache of prepared statements (unbounded: the registry runs a
+//! fixed set of statements); a connection found closed is dropped when it is next taken. Around it, this module keeps what the pool does not do:
+//! - a new connection whose session has `synchronous_commit = off` is switched back on before
+//!   the pool hands it out;
+//! - a call abandoned mid-statement (its timeout ran out, or its caller went away) asks the
+//!   server to cancel the statement and takes the connection out of the pool, since its answer
+//!   is still on the way;
+//! - a connection that broke is taken out of the pool, with the idle ones (they may have died
+//!   with it), and a call that lost its connection is retried once on a fresh one when
+//!   repeating it cannot change its answer (reads and idempotent writes);
+//! - a statement that a concurrent schema change invalidated empties the connection's
+//!   statement cache and is run again.
+//!
+//! Every call is bounded by [`PostgresOptions::timeout`], waiting for a connection included.
 //!
 //! The schema lives in [`MIGRATIONS`], applied in order at connect time inside one transaction
 //! under an advisory lock, and tracked in `otm_schema_version`. Tables live in the connection's
@@ -26,18 +37,16 @@
 //!
 //! The URL may hold a password: it never appears in an error, a log line or `Debug` output.
 
+use crate::record::{self, InboxRow, InstanceRow, TenantRow, deadline, to_i64};
 use otm_core::{
-    Appended, Error, FailOutcome, FleetSettings, InboxItem, InboxView, InstanceId, InstanceRecord,
-    InstanceState, Registry, Result, Secret, Tenant, TenantId, TenantStatus,
+    Appended, Error, FailOutcome, FleetSettings, Inbox, InboxItem, InboxView, InstanceId,
+    InstanceRecord, InstanceStore, Result, Secret, Tenant, TenantId, TenantStatus, TenantStore,
 };
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::Mutex;
 use std::time::Duration;
-use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Config, Row, Statement};
+use tokio_postgres::{Client, Config, Row};
 
 pub mod tls;
 use tls::RustlsConnect;
@@ -53,12 +62,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for the migrations (another process may hold the migration lock).
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(120);
-/// Longest stored delivery error, in bytes.
-const MAX_ERROR_LEN: usize = 2000;
 /// The settings row that holds [`FleetSettings`].
 const FLEET_KEY: &str = "fleet";
-/// Prepared statements kept per connection before the cache starts over.
-const MAX_STATEMENTS: usize = 128;
 /// The advisory lock that serializes migrations across processes: "otm-mig" in ASCII.
 const MIGRATION_LOCK: i64 = 0x006f_746d_2d6d_6967;
 
@@ -181,7 +186,10 @@ impl PostgresOptions {
 /// The PostgreSQL registry. Cheap to share behind an `Arc`; any number of processes may use the
 /// same database (and schema) at once.
 pub struct PostgresRegistry {
-    pool: Pool,
+    pool: deadpool_postgres::Pool,
+    tls: RustlsConnect,
+    size: usize,
+    timeout: Duration,
     schema: Option<String>,
 }
 
@@ -189,7 +197,7 @@ impl fmt::Debug for PostgresRegistry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresRegistry")
             .field("schema", &self.schema)
-            .field("pool_size", &self.pool.size)
+            .field("pool_size", &self.size)
             .finish_non_exhaustive()
     }
 }
@@ -251,12 +259,28 @@ impl PostgresRegistry {
             config.options(opts);
         }
 
-        let mut first = tokio::time::timeout(options.timeout, open_conn(&config, &tls))
+        let manager = deadpool_postgres::Manager::from_connect(
+            config,
+            Connector { tls: tls.clone() },
+            deadpool_postgres::ManagerConfig {
+                // Taking a connection checks only that it is open: a statement on a connection
+                // that died unnoticed fails as a connection error and is retried on a fresh one.
+                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+            },
+        );
+        let pool = deadpool_postgres::Pool::builder(manager)
+            .max_size(options.pool_size)
+            .build()
+            .map_err(|e| {
+                Error::generic(BACKEND, format!("cannot build the connection pool: {e}"))
+            })?;
+        let mut first = tokio::time::timeout(options.timeout, pool.get())
             .await
-            .map_err(|_| timed_out("connecting", options.timeout))??;
+            .map_err(|_| timed_out("connecting", options.timeout))?
+            .map_err(pool_error)?;
         tokio::time::timeout(
             MIGRATE_TIMEOUT.max(options.timeout),
-            migrate(&mut first.client, schema.as_deref()),
+            migrate(&mut first, schema.as_deref()),
         )
         .await
         .map_err(|_| {
@@ -269,20 +293,17 @@ impl PostgresRegistry {
                 ),
             )
         })??;
+        drop(first);
         tracing::debug!(
             schema = schema.as_deref().unwrap_or("(default)"),
             "opened the PostgreSQL registry"
         );
 
         Ok(PostgresRegistry {
-            pool: Pool {
-                config,
-                tls,
-                idle: Mutex::new(vec![first]),
-                permits: Semaphore::new(options.pool_size),
-                size: options.pool_size,
-                timeout: options.timeout,
-            },
+            pool,
+            tls,
+            size: options.pool_size,
+            timeout: options.timeout,
             schema,
         })
     }
@@ -332,7 +353,7 @@ impl PostgresRegistry {
         if let Some(row) = row {
             let stored: i64 = get(&row, 0)?;
             if stored > fence {
-                return Err(crate::stale_dispatcher(tenant, fence, stored));
+                return Err(record::stale_dispatcher(tenant, fence, stored));
             }
         }
         Ok(())
@@ -362,12 +383,19 @@ impl PostgresRegistry {
         loop {
             attempt += 1;
             let run = async {
-                // A retry takes a new connection: the idle ones may have died with the last one.
-                let mut conn = self
-                    .pool
-                    .get(attempt > 1)
-                    .await
-                    .map_err(|e| (e, Retry::Never))?;
+                // A retry takes a new connection: the idle ones were dropped when the last one
+                // broke, as they may have died with it.
+                let mut conn = Pooled {
+                    conn: Some(
+                        self.pool
+                            .get()
+                            .await
+                            .map_err(|e| (pool_error(e), Retry::Never))?,
+                    ),
+                    in_flight: false,
+                    broken: false,
+                    tls: &self.tls,
+                };
                 conn.run(sql, params, count).await.map_err(|e| {
                     let retry = if is_stale_plan(&e) {
                         Retry::Always
@@ -376,10 +404,14 @@ impl PostgresRegistry {
                     } else {
                         Retry::Never
                     };
+                    if matches!(retry, Retry::IfIdempotent) {
+                        // Whatever broke this connection may have broken the idle ones too.
+                        self.pool.retain(|_, _| false);
+                    }
                     (pg(&e), retry)
                 })
             };
-            match tokio::time::timeout(self.pool.timeout, run).await {
+            match tokio::time::timeout(self.timeout, run).await {
                 Ok(Ok(out)) => return Ok(out),
                 Ok(Err((e, retry))) => {
                     let again = match retry {
@@ -394,7 +426,7 @@ impl PostgresRegistry {
                 }
                 // The pooled connection, if it was mid-statement, was dropped and its statement
                 // cancelled: see `Pooled::drop`.
-                Err(_) => return Err(timed_out("a registry call", self.pool.timeout)),
+                Err(_) => return Err(timed_out("a registry call", self.timeout)),
             }
         }
     }
@@ -417,113 +449,69 @@ enum Retry {
 // ---------------------------------------------------------------------------------------------
 // Connections.
 
-/// One connection with its prepared statements.
-struct Conn {
-    client: Client,
-    statements: HashMap<String, Statement>,
-}
-
-impl Conn {
-    async fn statement(&mut self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
-        if let Some(s) = self.statements.get(sql) {
-            return Ok(s.clone());
-        }
-        let s = self.client.prepare(sql).await?;
-        if self.statements.len() >= MAX_STATEMENTS {
-            self.statements.clear();
-        }
-        self.statements.insert(sql.to_owned(), s.clone());
-        Ok(s)
-    }
-}
-
-/// Opens one connection and drives it on a task of its own.
-async fn open_conn(config: &Config, tls: &RustlsConnect) -> Result<Conn> {
-    let (client, connection) = config.connect(tls.clone()).await.map_err(|e| {
-        Error::unavailable(
-            BACKEND,
-            format!("cannot connect to PostgreSQL: {}", describe(&e)),
-        )
-    })?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::warn!(error = %describe(&e), "a PostgreSQL registry connection broke; the next call opens a new one");
-        }
-    });
-    // Every answered write must be durable: undo a session default that would lose commits.
-    let sync = client
-        .query_one("SELECT current_setting('synchronous_commit')", &[])
-        .await
-        .map_err(|e| pg(&e))?;
-    let sync: String = sync.try_get(0).map_err(|e| pg(&e))?;
-    if sync == "off" {
-        client
-            .batch_execute("SET synchronous_commit TO on")
-            .await
-            .map_err(|e| pg(&e))?;
-        tracing::warn!(
-            "the PostgreSQL session had synchronous_commit = off; the registry turned it on, since every \
-             answered write must be durable"
-        );
-    }
-    Ok(Conn {
-        client,
-        statements: HashMap::new(),
-    })
-}
-
-/// At most `size` connections; idle ones wait in `idle`, `permits` counts the free slots.
-struct Pool {
-    config: Config,
+/// Opens the pool's connections: each is driven on a task of its own and checked to commit
+/// durably before the pool hands it out.
+struct Connector {
     tls: RustlsConnect,
-    idle: Mutex<Vec<Conn>>,
-    permits: Semaphore,
-    size: usize,
-    timeout: Duration,
 }
 
-impl Pool {
-    /// A live connection: an idle one unless `fresh`, or a new one.
-    async fn get(&self, fresh: bool) -> Result<Pooled<'_>> {
-        let permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| Error::unavailable(BACKEND, "the registry is shutting down"))?;
-        let reused = loop {
-            if fresh {
-                break None;
+impl deadpool_postgres::Connect for Connector {
+    fn connect(
+        &self,
+        config: &Config,
+    ) -> futures::future::BoxFuture<
+        '_,
+        Result<(Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>,
+    > {
+        let config = config.clone();
+        let tls = self.tls.clone();
+        Box::pin(async move {
+            let (client, connection) = config.connect(tls).await?;
+            let task = tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::warn!(error = %describe(&e), "a PostgreSQL registry connection broke; the next call opens a new one");
+                }
+            });
+            // Every answered write must be durable: undo a session default that would lose
+            // commits.
+            let sync: String = client
+                .query_one("SELECT current_setting('synchronous_commit')", &[])
+                .await?
+                .try_get(0)?;
+            if sync == "off" {
+                client.batch_execute("SET synchronous_commit TO on").await?;
+                tracing::warn!(
+                    "the PostgreSQL session had synchronous_commit = off; the registry turned it on, since every \
+                     answered write must be durable"
+                );
             }
-            let next = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-            match next {
-                // The server went away (restart, pg_terminate_backend): drop it, try the next.
-                Some(c) if c.client.is_closed() => continue,
-                other => break other,
-            }
-        };
-        let conn = match reused {
-            Some(c) => c,
-            None => open_conn(&self.config, &self.tls).await?,
-        };
-        Ok(Pooled {
-            pool: self,
-            conn: Some(conn),
-            in_flight: false,
-            broken: false,
-            _permit: permit,
+            Ok((client, task))
         })
     }
 }
 
-/// A connection taken from the pool; returned on drop unless it broke.
+/// What taking a connection from the pool failed with.
+fn pool_error(e: deadpool_postgres::PoolError) -> Error {
+    use deadpool_postgres::PoolError;
+    match e {
+        PoolError::Backend(e) => Error::unavailable(
+            BACKEND,
+            format!("cannot connect to PostgreSQL: {}", describe(&e)),
+        ),
+        PoolError::Closed => Error::unavailable(BACKEND, "the registry is shutting down"),
+        e => Error::unavailable(BACKEND, format!("cannot take a PostgreSQL connection: {e}")),
+    }
+}
+
+/// A connection taken from the pool; goes back on drop unless it broke or was abandoned
+/// mid-statement.
 struct Pooled<'a> {
-    pool: &'a Pool,
-    conn: Option<Conn>,
+    conn: Option<deadpool_postgres::Object>,
     /// A statement was sent and its answer not yet read: set while `run` awaits, so a caller that
     /// gives up (timeout, cancellation) leaves a connection that must not be reused.
     in_flight: bool,
     broken: bool,
-    _permit: SemaphorePermit<'a>,
+    tls: &'a RustlsConnect,
 }
 
 impl Pooled<'_> {
@@ -536,20 +524,20 @@ impl Pooled<'_> {
         let conn = self.conn.as_mut().expect("present until drop");
         self.in_flight = true;
         let out = async {
-            let stmt = conn.statement(sql).await?;
+            let stmt = conn.prepare_cached(sql).await?;
             if count {
-                conn.client.execute(&stmt, params).await.map(Output::Count)
+                conn.execute(&stmt, params).await.map(Output::Count)
             } else {
-                conn.client.query(&stmt, params).await.map(Output::Rows)
+                conn.query(&stmt, params).await.map(Output::Rows)
             }
         }
         .await;
         self.in_flight = false;
         if let Err(e) = &out {
             if is_stale_plan(e) {
-                conn.statements.clear();
+                conn.statement_cache.clear();
             }
-            self.broken = conn.client.is_closed() || is_connection_error(e);
+            self.broken = conn.is_closed() || is_connection_error(e);
         }
         out
     }
@@ -560,24 +548,20 @@ impl Drop for Pooled<'_> {
         let Some(conn) = self.conn.take() else {
             return;
         };
-        if conn.client.is_closed() || self.broken {
-            return;
+        if !self.in_flight && !self.broken {
+            return; // back to the pool
         }
-        if self.in_flight {
-            // Abandoned mid-statement: ask the server to stop it, and drop the connection.
-            let token = conn.client.cancel_token();
-            let tls = self.pool.tls.clone();
+        // Out of the pool; the connection closes when `conn` goes.
+        let conn = deadpool_postgres::Object::take(conn);
+        if self.in_flight && !conn.is_closed() {
+            // Abandoned mid-statement: ask the server to stop it.
+            let token = conn.cancel_token();
+            let tls = self.tls.clone();
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
                     let _ = token.cancel_query(tls).await;
                 });
             }
-            return;
-        }
-        let mut idle = self.pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-        // A retry opens a connection beside the idle ones; keep no more than the pool's size.
-        if idle.len() < self.pool.size {
-            idle.push(conn);
         }
     }
 }
@@ -775,21 +759,6 @@ fn timed_out(what: &str, after: Duration) -> Error {
     )
 }
 
-fn corrupt(what: impl fmt::Display, message: impl fmt::Display) -> Error {
-    Error::Corrupt {
-        what: what.to_string(),
-        message: message.to_string(),
-    }
-}
-
-fn to_i64(value: u64, what: &str) -> Result<i64> {
-    i64::try_from(value).map_err(|_| Error::invalid(format!("{what} {value} is too large")))
-}
-
-fn deadline(at_ms: i64, idle_timeout_s: i64) -> i64 {
-    at_ms.saturating_add(idle_timeout_s.saturating_mul(1000))
-}
-
 /// `deadline(at, idle)` in SQL: numeric arithmetic clamped to BIGINT, like the saturating Rust.
 macro_rules! deadline_sql {
     ($at:literal, $idle:literal) => {
@@ -816,23 +785,20 @@ macro_rules! tenant_columns {
 
 fn tenant_row(row: &Row) -> Result<Tenant> {
     let id: String = get(row, 0)?;
-    let status: String = get(row, 6)?;
-    let idle_timeout_s: i64 = get(row, 2)?;
-    Ok(Tenant {
-        id: TenantId::parse(&id).map_err(|e| corrupt(format!("tenant row `{id}`"), e))?,
+    let what = format!("tenant row `{id}`");
+    TenantRow {
+        id,
         profile: get(row, 1)?,
-        idle_timeout_s: u64::try_from(idle_timeout_s)
-            .map_err(|_| corrupt(format!("tenant {id}"), "negative idle timeout"))?,
-        bot_token: get::<Option<String>>(row, 3)?.map(Secret::new),
-        webhook_secret: Secret::new(get::<String>(row, 4)?),
+        idle_timeout_s: get(row, 2)?,
+        bot_token: get(row, 3)?,
+        webhook_secret: get(row, 4)?,
         cold_start_notice: get(row, 5)?,
-        status: TenantStatus::parse(&status)
-            .ok_or_else(|| corrupt(format!("tenant {id}"), format!("unknown status `{status}`")))?,
+        status: get(row, 6)?,
         created_at_ms: get(row, 7)?,
         last_active_ms: get(row, 8)?,
-        limits: otm_core::TenantLimits::from_json(get::<Option<String>>(row, 9)?.as_deref())
-            .map_err(|e| corrupt(format!("tenant {id}"), e))?,
-    })
+        limits: get(row, 9)?,
+    }
+    .into_tenant(&what)
 }
 
 macro_rules! instance_columns {
@@ -843,22 +809,18 @@ macro_rules! instance_columns {
 
 fn instance_row(row: &Row) -> Result<InstanceRecord> {
     let id: String = get(row, 0)?;
-    let tenant: Option<String> = get(row, 1)?;
-    let state: String = get(row, 2)?;
-    Ok(InstanceRecord {
-        tenant: tenant
-            .map(|t| TenantId::parse(&t))
-            .transpose()
-            .map_err(|e| corrupt(format!("instance {id}"), e))?,
-        state: InstanceState::parse(&state)
-            .ok_or_else(|| corrupt(format!("instance {id}"), format!("unknown state `{state}`")))?,
+    let what = format!("instance {id}");
+    InstanceRow {
+        id,
+        tenant: get(row, 1)?,
+        state: get(row, 2)?,
         address: get(row, 3)?,
-        shim_token: Secret::new(get::<String>(row, 4)?),
+        shim_token: get(row, 4)?,
         surrogate_digest: get(row, 5)?,
         created_at_ms: get(row, 6)?,
         bound_at_ms: get(row, 7)?,
-        id: InstanceId::new(id),
-    })
+    }
+    .into_instance(&what)
 }
 
 macro_rules! inbox_columns {
@@ -875,7 +837,7 @@ fn tenant_ids(rows: Vec<Row>, what: &str) -> Result<Vec<TenantId>> {
     rows.iter()
         .map(|r| {
             let id: String = get(r, 0)?;
-            TenantId::parse(&id).map_err(|e| corrupt(format!("{what} `{id}`"), e))
+            record::tenant_id(&id, what)
         })
         .collect()
 }
@@ -883,26 +845,18 @@ fn tenant_ids(rows: Vec<Row>, what: &str) -> Result<Vec<TenantId>> {
 /// At most `max` bytes, cut on a character boundary, without NUL characters (PostgreSQL text
 /// cannot hold them).
 fn truncate(s: &str, max: usize) -> String {
-    let s = if s.contains('\0') {
-        std::borrow::Cow::Owned(s.replace('\0', "\u{fffd}"))
+    if s.contains('\0') {
+        record::truncate(&s.replace('\0', "\u{fffd}"), max)
     } else {
-        std::borrow::Cow::Borrowed(s)
-    };
-    if s.len() <= max {
-        return s.into_owned();
+        record::truncate(s, max)
     }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }
 
 // ---------------------------------------------------------------------------------------------
 // The trait.
 
 #[async_trait::async_trait]
-impl Registry for PostgresRegistry {
+impl TenantStore for PostgresRegistry {
     async fn create_tenant(&self, tenant: &Tenant) -> Result<()> {
         let t = tenant;
         let idle = to_i64(t.idle_timeout_s, "idle timeout")?;
@@ -928,9 +882,7 @@ impl Registry for PostgresRegistry {
         .await
         .map_err(|e| {
             if is_unique_violation(&e) {
-                Error::AlreadyExists {
-                    what: format!("tenant {}", t.id),
-                }
+                record::tenant_exists(&t.id)
             } else {
                 e
             }
@@ -986,7 +938,7 @@ impl Registry for PostgresRegistry {
             )
             .await?;
         if n == 0 {
-            return Err(Error::not_found(format!("tenant {}", t.id)));
+            return Err(record::tenant_not_found(&t.id));
         }
         Ok(())
     }
@@ -1032,12 +984,9 @@ impl Registry for PostgresRegistry {
             None => None,
         };
         match (stored, fence) {
-            (Some(stored), Some(f)) if f < stored => Err(Error::conflict(format!(
-                "fence {f} for tenant {id} is stale: fence {stored} was already used; \
-                 another holder of the tenant's lock took over"
-            ))),
+            (Some(stored), Some(f)) if f < stored => Err(record::stale_status(id, f, stored)),
             // Missing when the update ran (it may have been created since).
-            _ => Err(Error::not_found(format!("tenant {id}"))),
+            _ => Err(record::tenant_not_found(id)),
         }
     }
 
@@ -1054,7 +1003,7 @@ impl Registry for PostgresRegistry {
             )
             .await?;
         if n == 0 {
-            return Err(Error::not_found(format!("tenant {id}")));
+            return Err(record::tenant_not_found(id));
         }
         Ok(())
     }
@@ -1071,7 +1020,10 @@ impl Registry for PostgresRegistry {
             .await?;
         tenant_ids(rows, "tenant row")
     }
+}
 
+#[async_trait::async_trait]
+impl InstanceStore for PostgresRegistry {
     async fn put_instance(&self, instance: &InstanceRecord, fence: Option<u64>) -> Result<()> {
         let i = instance;
         let fence = fence.map(|f| to_i64(f, "fence")).transpose()?;
@@ -1101,10 +1053,7 @@ impl Registry for PostgresRegistry {
         )
         .await
         .map_err(|e| match (&i.tenant, is_unique_violation(&e)) {
-            (Some(t), true) => Error::conflict(format!(
-                "tenant {t} is already bound to another instance than {}; stop that one first",
-                i.id
-            )),
+            (Some(t), true) => record::bound_elsewhere(t, &i.id),
             _ => e,
         })?;
         if n == 0 {
@@ -1126,7 +1075,7 @@ impl Registry for PostgresRegistry {
                 Some(row) => get(&row, 0)?,
                 None => 0,
             };
-            return Err(crate::stale_waker(t, f, stored));
+            return Err(record::stale_waker(t, f, stored));
         }
         Ok(())
     }
@@ -1223,7 +1172,7 @@ impl Registry for PostgresRegistry {
         .await
         .map_err(|e| {
             if is_unique_violation(&e) {
-                Error::conflict(format!("tenant {tenant} is already bound to an instance"))
+                record::already_bound(tenant)
             } else {
                 e
             }
@@ -1233,6 +1182,38 @@ impl Registry for PostgresRegistry {
         .transpose()
     }
 
+    async fn get_settings(&self) -> Result<FleetSettings> {
+        let row = self
+            .query_opt(
+                "SELECT value FROM settings WHERE key = $1",
+                &[&FLEET_KEY],
+                true,
+            )
+            .await?;
+        match row {
+            None => Ok(FleetSettings::default()),
+            Some(row) => {
+                let v: String = get(&row, 0)?;
+                serde_json::from_str(&v).map_err(|e| record::corrupt("the fleet settings", e))
+            }
+        }
+    }
+
+    async fn put_settings(&self, settings: &FleetSettings) -> Result<()> {
+        let value = serde_json::to_string(settings).map_err(|e| Error::generic(BACKEND, e))?;
+        self.execute(
+            "INSERT INTO settings (key, value) VALUES ($1, $2) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            &[&FLEET_KEY, &value],
+            true,
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Inbox for PostgresRegistry {
     async fn inbox_append(
         &self,
         tenant: &TenantId,
@@ -1263,7 +1244,7 @@ impl Registry for PostgresRegistry {
         let known: bool = get(&row, 0)?;
         let seq: Option<i64> = get(&row, 1)?;
         match (known, seq) {
-            (false, _) => Err(Error::not_found(format!("tenant {tenant}"))),
+            (false, _) => Err(record::tenant_not_found(tenant)),
             (true, Some(seq)) => Ok(Appended::Stored { seq }),
             (true, None) => Ok(Appended::Duplicate),
         }
@@ -1306,9 +1287,7 @@ impl Registry for PostgresRegistry {
             if let Some(f) = fence {
                 self.check_dispatch_fence(tenant, f).await?;
             }
-            return Err(Error::not_found(format!(
-                "update {seq} in the inbox of tenant {tenant}"
-            )));
+            return Err(record::update_not_found(tenant, seq));
         }
         Ok(())
     }
@@ -1321,7 +1300,7 @@ impl Registry for PostgresRegistry {
         max_attempts: u32,
         fence: Option<u64>,
     ) -> Result<FailOutcome> {
-        let error = truncate(error, MAX_ERROR_LEN);
+        let error = truncate(error, record::MAX_ERROR_LEN);
         let fence = fence.map(|f| to_i64(f, "fence")).transpose()?;
         // One statement: check the fence, count the attempt and dead-letter at the limit, only
         // if still pending.
@@ -1345,12 +1324,10 @@ impl Registry for PostgresRegistry {
             .await?;
         if let Some(row) = row {
             let attempts: i64 = get(&row, 0)?;
-            let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
-            return Ok(if attempts >= max_attempts {
-                FailOutcome::DeadLettered
-            } else {
-                FailOutcome::Retry { attempts }
-            });
+            return Ok(record::fail_outcome(
+                record::attempts(attempts),
+                max_attempts,
+            ));
         }
         // Nothing written: say why.
         if let Some(f) = fence {
@@ -1368,12 +1345,8 @@ impl Registry for PostgresRegistry {
             None => None,
         };
         match state {
-            None => Err(Error::not_found(format!(
-                "update {seq} in the inbox of tenant {tenant}"
-            ))),
-            Some(other) => Err(Error::conflict(format!(
-                "update {seq} of tenant {tenant} is {other}, not pending; nothing to retry"
-            ))),
+            None => Err(record::update_not_found(tenant, seq)),
+            Some(other) => Err(record::not_pending(tenant, seq, other)),
         }
     }
 
@@ -1390,7 +1363,7 @@ impl Registry for PostgresRegistry {
             return Ok(());
         }
         self.check_dispatch_fence(tenant, fence).await?;
-        Err(Error::not_found(format!("tenant {tenant}")))
+        Err(record::tenant_not_found(tenant))
     }
 
     async fn inbox_view(&self, tenant: &TenantId, limit: usize) -> Result<InboxView> {
@@ -1457,51 +1430,20 @@ impl Registry for PostgresRegistry {
         )
         .await
     }
-
-    async fn get_settings(&self) -> Result<FleetSettings> {
-        let row = self
-            .query_opt(
-                "SELECT value FROM settings WHERE key = $1",
-                &[&FLEET_KEY],
-                true,
-            )
-            .await?;
-        match row {
-            None => Ok(FleetSettings::default()),
-            Some(row) => {
-                let v: String = get(&row, 0)?;
-                serde_json::from_str(&v).map_err(|e| corrupt("the fleet settings", e))
-            }
-        }
-    }
-
-    async fn put_settings(&self, settings: &FleetSettings) -> Result<()> {
-        let value = serde_json::to_string(settings).map_err(|e| Error::generic(BACKEND, e))?;
-        self.execute(
-            "INSERT INTO settings (key, value) VALUES ($1, $2) \
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            &[&FLEET_KEY, &value],
-            true,
-        )
-        .await?;
-        Ok(())
-    }
 }
 
 /// [`inbox_row`] for a row whose inbox columns start at `offset`.
 fn inbox_row_at(row: &Row, offset: usize) -> Result<InboxItem> {
-    let tenant: String = get(row, offset)?;
-    let seq: i64 = get(row, offset + 1)?;
-    let attempts: i64 = get(row, offset + 4)?;
-    Ok(InboxItem {
-        tenant: TenantId::parse(&tenant).map_err(|e| corrupt(format!("inbox row {seq}"), e))?,
-        seq,
+    InboxRow {
+        tenant: get(row, offset)?,
+        seq: get(row, offset + 1)?,
         update_id: get(row, offset + 2)?,
         payload: get(row, offset + 3)?,
-        attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+        attempts: get(row, offset + 4)?,
         accepted_at_ms: get(row, offset + 5)?,
         last_error: get(row, offset + 6)?,
-    })
+    }
+    .into_item()
 }
 
 #[cfg(test)]
@@ -1577,11 +1519,37 @@ mod tests {
         }
     }
 
-    #[test]
-    fn deadlines_saturate_like_sqlite() {
-        assert_eq!(deadline(1_000, 10), 11_000);
-        assert_eq!(deadline(i64::MAX - 5, 10), i64::MAX);
-        assert_eq!(deadline(i64::MIN, -10), i64::MIN);
+    /// A session default that would lose answered writes is undone on every pooled connection.
+    /// Needs `OTM_TEST_POSTGRES_URL`; passes without doing anything when it is not set.
+    #[tokio::test]
+    async fn pooled_connections_commit_synchronously() {
+        let Some(url) = std::env::var("OTM_TEST_POSTGRES_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+        else {
+            return;
+        };
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let url = format!("{url}{sep}options=-c%20synchronous_commit%3Doff");
+        let schema = format!("otm_test_{}", otm_core::id::random_hex(4));
+        let r = PostgresRegistry::connect_with(
+            &url,
+            PostgresOptions::default()
+                .with_schema(&schema)
+                .with_pool_size(2),
+        )
+        .await
+        .unwrap();
+        // Both connections of the pool, taken at once.
+        let show = "SELECT current_setting('synchronous_commit'), pg_sleep(0.05)::text";
+        let (a, b) = tokio::join!(r.query(show, &[], true), r.query(show, &[], true));
+        for rows in [a.unwrap(), b.unwrap()] {
+            let value: String = rows[0].get(0);
+            assert_eq!(value, "on");
+        }
+        r.execute(&format!("DROP SCHEMA {schema} CASCADE"), &[], false)
+            .await
+            .unwrap();
     }
 
     #[test]

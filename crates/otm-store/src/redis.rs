@@ -74,7 +74,7 @@
 
 use async_trait::async_trait;
 use futures::FutureExt;
-use futures::stream::{self, BoxStream, StreamExt};
+use futures::stream::{BoxStream, StreamExt};
 use otm_core::instance::Endpoint;
 use otm_core::{Coordinator, Error, Lease, Notification, Result, TenantId};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
@@ -84,6 +84,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
 const BACKEND: &str = "redis";
 /// Notifications a slow subscriber may fall behind by before it skips some.
@@ -391,20 +393,18 @@ impl Coordinator for RedisCoordinator {
     }
 
     fn subscribe(&self) -> BoxStream<'static, Notification> {
-        let rx = self.notify.subscribe();
-        stream::unfold(rx, |mut rx| async move {
-            loop {
-                match rx.recv().await {
-                    Ok(n) => return Some((n, rx)),
+        BroadcastStream::new(self.notify.subscribe())
+            .filter_map(|n| async move {
+                match n {
+                    Ok(n) => Some(n),
                     // A slow subscriber lost some; sweepers make up for them.
-                    Err(broadcast::error::RecvError::Lagged(skipped)) => {
+                    Err(BroadcastStreamRecvError::Lagged(skipped)) => {
                         tracing::debug!(skipped, "a notification subscriber fell behind");
+                        None
                     }
-                    Err(broadcast::error::RecvError::Closed) => return None,
                 }
-            }
-        })
-        .boxed()
+            })
+            .boxed()
     }
 }
 

@@ -22,8 +22,9 @@ use aws_lc_rs::hmac;
 use futures::stream::BoxStream;
 use otm_core::instance::Endpoint;
 use otm_core::{
-    Appended, Coordinator, Error, FailOutcome, FleetSettings, InboxItem, InboxView, InstanceId,
-    InstanceRecord, Lease, Notification, Registry, Result, Secret, Tenant, TenantId, TenantStatus,
+    Appended, Coordinator, Error, FailOutcome, FleetSettings, Inbox, InboxItem, InboxView,
+    InstanceId, InstanceRecord, InstanceStore, Lease, Notification, Registry, Result, Secret,
+    Tenant, TenantId, TenantStatus, TenantStore,
 };
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -485,7 +486,7 @@ const WEBHOOK_SECRET: &str = "webhook_secret";
 /// A tenant's own model provider key, kept with its limits.
 const MODEL_API_KEY: &str = "model_api_key";
 
-/// A [`Registry`] that encrypts tenants' bot tokens and webhook secrets before they reach the
+/// A [`Registry`](otm_core::Registry) that encrypts tenants' bot tokens and webhook secrets before they reach the
 /// backend, decrypts them on the way back, and stores no shim token (it is derived from the
 /// instance id). Wraps any backend, so every registry stores ciphertext.
 #[derive(Debug)]
@@ -649,7 +650,7 @@ impl SealedRegistry {
 }
 
 #[async_trait]
-impl Registry for SealedRegistry {
+impl TenantStore for SealedRegistry {
     async fn create_tenant(&self, tenant: &Tenant) -> Result<()> {
         self.inner.create_tenant(&self.seal_tenant(tenant)).await
     }
@@ -688,6 +689,10 @@ impl Registry for SealedRegistry {
     async fn idle_due(&self, now_ms: i64, limit: usize) -> Result<Vec<TenantId>> {
         self.inner.idle_due(now_ms, limit).await
     }
+}
+
+#[async_trait]
+impl InstanceStore for SealedRegistry {
     async fn put_instance(&self, instance: &InstanceRecord, fence: Option<u64>) -> Result<()> {
         self.inner
             .put_instance(&self.store_instance(instance), fence)
@@ -733,6 +738,16 @@ impl Registry for SealedRegistry {
             .await?
             .map(|i| self.load_instance(i)))
     }
+    async fn get_settings(&self) -> Result<FleetSettings> {
+        self.inner.get_settings().await
+    }
+    async fn put_settings(&self, settings: &FleetSettings) -> Result<()> {
+        self.inner.put_settings(settings).await
+    }
+}
+
+#[async_trait]
+impl Inbox for SealedRegistry {
     async fn inbox_append(
         &self,
         tenant: &TenantId,
@@ -776,12 +791,6 @@ impl Registry for SealedRegistry {
     }
     async fn purge_freed(&self) -> Result<()> {
         self.inner.purge_freed().await
-    }
-    async fn get_settings(&self) -> Result<FleetSettings> {
-        self.inner.get_settings().await
-    }
-    async fn put_settings(&self, settings: &FleetSettings) -> Result<()> {
-        self.inner.put_settings(settings).await
     }
 }
 

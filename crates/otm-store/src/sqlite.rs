@@ -1,4 +1,4 @@
-//! [`SqliteRegistry`]: the embedded [`Registry`], one SQLite file.
+//! [`SqliteRegistry`]: the embedded [`Registry`](otm_core::Registry), one SQLite file.
 //!
 //! Durability first: the database runs in WAL mode with `synchronous=FULL`, so every commit is
 //! fsync'd before the caller hears `Ok`.
@@ -13,9 +13,10 @@
 //!
 //! The schema lives in [`MIGRATIONS`], applied in order by `user_version`.
 
+use crate::record::{self, InboxRow, InstanceRow, TenantRow, deadline, to_i64};
 use otm_core::{
-    Appended, Error, FailOutcome, FleetSettings, InboxItem, InboxView, InstanceId, InstanceRecord,
-    InstanceState, Registry, Result, Secret, Tenant, TenantId, TenantStatus,
+    Appended, Error, FailOutcome, FleetSettings, Inbox, InboxItem, InboxView, InstanceId,
+    InstanceRecord, InstanceStore, Result, Secret, Tenant, TenantId, TenantStatus, TenantStore,
 };
 use rusqlite::{
     Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior, params,
@@ -38,8 +39,6 @@ const READERS: usize = 4;
 const QUEUE: usize = 4096;
 /// How long a connection waits for a lock held by another process before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest stored delivery error, in bytes.
-const MAX_ERROR_LEN: usize = 2000;
 /// The settings row that holds [`FleetSettings`].
 const FLEET_KEY: &str = "fleet";
 
@@ -145,7 +144,7 @@ pub struct WriteStats {
 struct Counters {
     jobs: AtomicU64,
     commits: AtomicU64,
-    /// Set by [`Registry::purge_freed`]: checkpoint and truncate the WAL after the next commit,
+    /// Set by [`Inbox::purge_freed`]: checkpoint and truncate the WAL after the next commit,
     /// outside any transaction.
     truncate_wal: std::sync::atomic::AtomicBool,
 }
@@ -558,13 +557,6 @@ fn db(e: rusqlite::Error) -> Error {
     }
 }
 
-fn corrupt(what: impl fmt::Display, message: impl fmt::Display) -> Error {
-    Error::Corrupt {
-        what: what.to_string(),
-        message: message.to_string(),
-    }
-}
-
 /// Refuses `fence` if a larger one was claimed for the tenant's inbox; otherwise records it.
 fn check_dispatch_fence(c: &Connection, tenant: &TenantId, fence: i64) -> Result<()> {
     let stored: Option<i64> = c
@@ -572,10 +564,10 @@ fn check_dispatch_fence(c: &Connection, tenant: &TenantId, fence: i64) -> Result
         .and_then(|mut s| s.query_row([tenant.as_str()], |r| r.get(0)).optional())
         .map_err(db)?;
     let Some(stored) = stored else {
-        return Err(Error::not_found(format!("tenant {tenant}")));
+        return Err(record::tenant_not_found(tenant));
     };
     if stored > fence {
-        return Err(crate::stale_dispatcher(tenant, fence, stored));
+        return Err(record::stale_dispatcher(tenant, fence, stored));
     }
     if stored < fence {
         c.prepare_cached("UPDATE tenants SET dispatch_fence = ?2 WHERE id = ?1")
@@ -585,46 +577,26 @@ fn check_dispatch_fence(c: &Connection, tenant: &TenantId, fence: i64) -> Result
     Ok(())
 }
 
-fn to_i64(value: u64, what: &str) -> Result<i64> {
-    i64::try_from(value).map_err(|_| Error::invalid(format!("{what} {value} is too large")))
-}
-
-fn deadline(at_ms: i64, idle_timeout_s: i64) -> i64 {
-    at_ms.saturating_add(idle_timeout_s.saturating_mul(1000))
-}
-
 const TENANT_COLUMNS: &str = "id, profile, idle_timeout_s, bot_token, webhook_secret, cold_start_notice, status, \
                               created_at_ms, last_active_ms, limits";
 
 /// Reads a row of [`TENANT_COLUMNS`]; the outer error is SQLite's, the inner one a bad value.
 fn tenant_row(row: &Row<'_>) -> rusqlite::Result<Result<Tenant>> {
     let id: String = row.get(0)?;
-    let status: String = row.get(6)?;
-    let idle_timeout_s: i64 = row.get(2)?;
-    let tenant = (|| {
-        Ok(Tenant {
-            id: TenantId::parse(&id).map_err(|e| corrupt(format!("tenant row `{id}`"), e))?,
-            profile: row.get(1).map_err(db)?,
-            idle_timeout_s: u64::try_from(idle_timeout_s)
-                .map_err(|_| corrupt(format!("tenant {id}"), "negative idle timeout"))?,
-            bot_token: row
-                .get::<_, Option<String>>(3)
-                .map_err(db)?
-                .map(Secret::new),
-            webhook_secret: Secret::new(row.get::<_, String>(4).map_err(db)?),
-            cold_start_notice: row.get(5).map_err(db)?,
-            status: TenantStatus::parse(&status).ok_or_else(|| {
-                corrupt(format!("tenant {id}"), format!("unknown status `{status}`"))
-            })?,
-            created_at_ms: row.get(7).map_err(db)?,
-            last_active_ms: row.get(8).map_err(db)?,
-            limits: otm_core::TenantLimits::from_json(
-                row.get::<_, Option<String>>(9).map_err(db)?.as_deref(),
-            )
-            .map_err(|e| corrupt(format!("tenant {id}"), e))?,
-        })
-    })();
-    Ok(tenant)
+    let what = format!("tenant row `{id}`");
+    let stored = TenantRow {
+        id,
+        profile: row.get(1)?,
+        idle_timeout_s: row.get(2)?,
+        bot_token: row.get(3)?,
+        webhook_secret: row.get(4)?,
+        cold_start_notice: row.get(5)?,
+        status: row.get(6)?,
+        created_at_ms: row.get(7)?,
+        last_active_ms: row.get(8)?,
+        limits: row.get(9)?,
+    };
+    Ok(stored.into_tenant(&what))
 }
 
 const INSTANCE_COLUMNS: &str =
@@ -632,46 +604,33 @@ const INSTANCE_COLUMNS: &str =
 
 fn instance_row(row: &Row<'_>) -> rusqlite::Result<Result<InstanceRecord>> {
     let id: String = row.get(0)?;
-    let tenant: Option<String> = row.get(1)?;
-    let state: String = row.get(2)?;
-    let record = (|| {
-        Ok(InstanceRecord {
-            tenant: tenant
-                .map(|t| TenantId::parse(&t))
-                .transpose()
-                .map_err(|e| corrupt(format!("instance {id}"), e))?,
-            state: InstanceState::parse(&state).ok_or_else(|| {
-                corrupt(format!("instance {id}"), format!("unknown state `{state}`"))
-            })?,
-            address: row.get(3).map_err(db)?,
-            shim_token: Secret::new(row.get::<_, String>(4).map_err(db)?),
-            surrogate_digest: row.get(5).map_err(db)?,
-            created_at_ms: row.get(6).map_err(db)?,
-            bound_at_ms: row.get(7).map_err(db)?,
-            id: InstanceId::new(id.clone()),
-        })
-    })();
-    Ok(record)
+    let what = format!("instance {id}");
+    let stored = InstanceRow {
+        id,
+        tenant: row.get(1)?,
+        state: row.get(2)?,
+        address: row.get(3)?,
+        shim_token: row.get(4)?,
+        surrogate_digest: row.get(5)?,
+        created_at_ms: row.get(6)?,
+        bound_at_ms: row.get(7)?,
+    };
+    Ok(stored.into_instance(&what))
 }
 
 const INBOX_COLUMNS: &str = "tenant, seq, update_id, payload, attempts, accepted_at_ms, last_error";
 
 fn inbox_row(row: &Row<'_>) -> rusqlite::Result<Result<InboxItem>> {
-    let tenant: String = row.get(0)?;
-    let seq: i64 = row.get(1)?;
-    let attempts: i64 = row.get(4)?;
-    let item = (|| {
-        Ok(InboxItem {
-            tenant: TenantId::parse(&tenant).map_err(|e| corrupt(format!("inbox row {seq}"), e))?,
-            seq,
-            update_id: row.get(2).map_err(db)?,
-            payload: row.get(3).map_err(db)?,
-            attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
-            accepted_at_ms: row.get(5).map_err(db)?,
-            last_error: row.get(6).map_err(db)?,
-        })
-    })();
-    Ok(item)
+    let stored = InboxRow {
+        tenant: row.get(0)?,
+        seq: row.get(1)?,
+        update_id: row.get(2)?,
+        payload: row.get(3)?,
+        attempts: row.get(4)?,
+        accepted_at_ms: row.get(5)?,
+        last_error: row.get(6)?,
+    };
+    Ok(stored.into_item())
 }
 
 /// Runs a query whose rows map through `f`, flattening both error layers.
@@ -710,22 +669,11 @@ fn tenant_exists(conn: &Connection, id: &str) -> Result<bool> {
     stmt.exists([id]).map_err(db)
 }
 
-fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
-}
-
 // ---------------------------------------------------------------------------------------------
 // The trait.
 
 #[async_trait::async_trait]
-impl Registry for SqliteRegistry {
+impl TenantStore for SqliteRegistry {
     async fn create_tenant(&self, tenant: &Tenant) -> Result<()> {
         let t = tenant.clone();
         let idle = to_i64(t.idle_timeout_s, "idle timeout")?;
@@ -752,7 +700,7 @@ impl Registry for SqliteRegistry {
             ])
             .map_err(|e| {
                 if is_constraint(&e) {
-                    Error::AlreadyExists { what: format!("tenant {}", t.id) }
+                    record::tenant_exists(&t.id)
                 } else {
                     db(e)
                 }
@@ -796,7 +744,7 @@ impl Registry for SqliteRegistry {
                 .and_then(|mut s| s.query_row([t.id.as_str()], |r| r.get(0)).optional())
                 .map_err(db)?;
             let Some(last_active) = last_active else {
-                return Err(Error::not_found(format!("tenant {}", t.id)));
+                return Err(record::tenant_not_found(&t.id));
             };
             c.prepare_cached(
                 "UPDATE tenants SET profile = ?2, idle_timeout_s = ?3, bot_token = ?4, webhook_secret = ?5, \
@@ -849,15 +797,10 @@ impl Registry for SqliteRegistry {
                 .and_then(|mut s| s.query_row([id.as_str()], |r| r.get(0)).optional())
                 .map_err(db)?;
             let Some(stored) = stored else {
-                return Err(Error::not_found(format!("tenant {id}")));
+                return Err(record::tenant_not_found(&id));
             };
             let new_fence = match fence {
-                Some(f) if f < stored => {
-                    return Err(Error::conflict(format!(
-                        "fence {f} for tenant {id} is stale: fence {stored} was already used; \
-                         another holder of the tenant's lock took over"
-                    )));
-                }
+                Some(f) if f < stored => return Err(record::stale_status(&id, f, stored)),
                 Some(f) => f,
                 None => stored,
             };
@@ -877,7 +820,7 @@ impl Registry for SqliteRegistry {
                 .and_then(|mut s| s.query_row([id.as_str()], |r| r.get(0)).optional())
                 .map_err(db)?;
             let Some(idle) = idle else {
-                return Err(Error::not_found(format!("tenant {id}")));
+                return Err(record::tenant_not_found(&id));
             };
             c.prepare_cached(
                 "UPDATE tenants SET last_active_ms = ?2, idle_deadline_ms = ?3 WHERE id = ?1",
@@ -903,13 +846,16 @@ impl Registry for SqliteRegistry {
                 .map_err(db)?;
             ids.map(|id| {
                 let id = id.map_err(db)?;
-                TenantId::parse(&id).map_err(|e| corrupt(format!("tenant row `{id}`"), e))
+                record::tenant_id(&id, "tenant row")
             })
             .collect()
         })
         .await
     }
+}
 
+#[async_trait::async_trait]
+impl InstanceStore for SqliteRegistry {
     async fn put_instance(&self, instance: &InstanceRecord, fence: Option<u64>) -> Result<()> {
         let i = instance.clone();
         let fence = fence.map(|f| to_i64(f, "fence")).transpose()?;
@@ -920,7 +866,7 @@ impl Registry for SqliteRegistry {
                     .and_then(|mut s| s.query_row([t.as_str()], |r| r.get(0)).optional())
                     .map_err(db)?;
                 if let Some(stored) = stored.filter(|s| *s > f) {
-                    return Err(crate::stale_waker(t, f, stored));
+                    return Err(record::stale_waker(t, f, stored));
                 }
             }
             c.prepare_cached(
@@ -944,10 +890,7 @@ impl Registry for SqliteRegistry {
                 ])
             })
             .map_err(|e| match (&i.tenant, is_constraint(&e)) {
-                (Some(t), true) => Error::conflict(format!(
-                    "tenant {t} is already bound to another instance than {}; stop that one first",
-                    i.id
-                )),
+                (Some(t), true) => record::bound_elsewhere(t, &i.id),
                 _ => db(e),
             })?;
             Ok(())
@@ -1042,7 +985,7 @@ impl Registry for SqliteRegistry {
                         .downcast_ref::<rusqlite::Error>()
                         .is_some_and(is_constraint) =>
                 {
-                    Error::conflict(format!("tenant {tenant} is already bound to an instance"))
+                    record::already_bound(&tenant)
                 }
                 e => e,
             })
@@ -1050,6 +993,38 @@ impl Registry for SqliteRegistry {
         .await
     }
 
+    async fn get_settings(&self) -> Result<FleetSettings> {
+        self.read(|c| {
+            let value: Option<String> = c
+                .prepare_cached("SELECT value FROM settings WHERE key = ?1")
+                .and_then(|mut s| s.query_row([FLEET_KEY], |r| r.get(0)).optional())
+                .map_err(db)?;
+            match value {
+                None => Ok(FleetSettings::default()),
+                Some(v) => {
+                    serde_json::from_str(&v).map_err(|e| record::corrupt("the fleet settings", e))
+                }
+            }
+        })
+        .await
+    }
+
+    async fn put_settings(&self, settings: &FleetSettings) -> Result<()> {
+        let value = serde_json::to_string(settings).map_err(|e| Error::generic(BACKEND, e))?;
+        self.write(move |c| {
+            c.prepare_cached(
+                "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )
+            .and_then(|mut s| s.execute([FLEET_KEY, value.as_str()]))
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[async_trait::async_trait]
+impl Inbox for SqliteRegistry {
     async fn inbox_append(
         &self,
         tenant: &TenantId,
@@ -1060,7 +1035,7 @@ impl Registry for SqliteRegistry {
         let payload = payload.to_vec();
         self.write(move |c| {
             if !tenant_exists(c, tenant.as_str())? {
-                return Err(Error::not_found(format!("tenant {tenant}")));
+                return Err(record::tenant_not_found(&tenant));
             }
             // Look first rather than INSERT … ON CONFLICT DO NOTHING: that would still take a
             // sequence number, leaving a gap for every duplicate. The single writer makes the
@@ -1119,9 +1094,7 @@ impl Registry for SqliteRegistry {
                 })
                 .map_err(db)?;
             if n == 0 {
-                return Err(Error::not_found(format!(
-                    "update {seq} in the inbox of tenant {tenant}"
-                )));
+                return Err(record::update_not_found(&tenant, seq));
             }
             Ok(())
         })
@@ -1137,7 +1110,7 @@ impl Registry for SqliteRegistry {
         fence: Option<u64>,
     ) -> Result<FailOutcome> {
         let tenant = tenant.clone();
-        let error = truncate(error, MAX_ERROR_LEN);
+        let error = record::truncate(error, record::MAX_ERROR_LEN);
         let fence = fence.map(|f| to_i64(f, "fence")).transpose()?;
         self.write(move |c| {
             if let Some(f) = fence {
@@ -1151,17 +1124,9 @@ impl Registry for SqliteRegistry {
                 })
                 .map_err(db)?;
             match state.as_deref() {
-                None => {
-                    return Err(Error::not_found(format!(
-                        "update {seq} in the inbox of tenant {tenant}"
-                    )));
-                }
+                None => return Err(record::update_not_found(&tenant, seq)),
                 Some("pending") => {}
-                Some(other) => {
-                    return Err(Error::conflict(format!(
-                        "update {seq} of tenant {tenant} is {other}, not pending; nothing to retry"
-                    )));
-                }
+                Some(other) => return Err(record::not_pending(&tenant, seq, other)),
             }
             let attempts: i64 = c
                 .prepare_cached(
@@ -1176,12 +1141,10 @@ impl Registry for SqliteRegistry {
                     )
                 })
                 .map_err(db)?;
-            let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
-            Ok(if attempts >= max_attempts {
-                FailOutcome::DeadLettered
-            } else {
-                FailOutcome::Retry { attempts }
-            })
+            Ok(record::fail_outcome(
+                record::attempts(attempts),
+                max_attempts,
+            ))
         })
         .await
     }
@@ -1232,7 +1195,7 @@ impl Registry for SqliteRegistry {
             let ids = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(db)?;
             ids.map(|id| {
                 let id = id.map_err(db)?;
-                TenantId::parse(&id).map_err(|e| corrupt(format!("inbox of `{id}`"), e))
+                record::tenant_id(&id, "inbox of")
             })
             .collect()
         })
@@ -1254,33 +1217,6 @@ impl Registry for SqliteRegistry {
         // The writer thread checkpoints right after the commit this empty job rides in.
         self.stats.truncate_wal.store(true, Ordering::Relaxed);
         self.write(|_| Ok(())).await
-    }
-
-    async fn get_settings(&self) -> Result<FleetSettings> {
-        self.read(|c| {
-            let value: Option<String> = c
-                .prepare_cached("SELECT value FROM settings WHERE key = ?1")
-                .and_then(|mut s| s.query_row([FLEET_KEY], |r| r.get(0)).optional())
-                .map_err(db)?;
-            match value {
-                None => Ok(FleetSettings::default()),
-                Some(v) => serde_json::from_str(&v).map_err(|e| corrupt("the fleet settings", e)),
-            }
-        })
-        .await
-    }
-
-    async fn put_settings(&self, settings: &FleetSettings) -> Result<()> {
-        let value = serde_json::to_string(settings).map_err(|e| Error::generic(BACKEND, e))?;
-        self.write(move |c| {
-            c.prepare_cached(
-                "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            )
-            .and_then(|mut s| s.execute([FLEET_KEY, value.as_str()]))
-            .map_err(db)?;
-            Ok(())
-        })
-        .await
     }
 }
 
@@ -1511,11 +1447,5 @@ mod tests {
                 |step: &String| step.starts_with("SCAN") && !step.contains("inbox_pending");
             assert!(!plan.iter().any(full_scan), "{sql} scans: {plan:?}");
         }
-    }
-
-    #[test]
-    fn truncates_on_char_boundaries() {
-        assert_eq!(truncate("héllo", 2), "h…");
-        assert_eq!(truncate("abc", 5), "abc");
     }
 }

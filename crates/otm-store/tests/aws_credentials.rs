@@ -433,7 +433,7 @@ mod end_to_end {
     use super::*;
     use object_store::ObjectStoreExt;
     use object_store::path::Path as ObjectPath;
-    use otm_core::{Registry, Tenant, TenantId};
+    use otm_core::{Tenant, TenantId, TenantStore};
     use otm_store::DynamoRegistry;
 
     /// The S3 state store and then the DynamoDB registry, both on `provider` (fresh), each doing

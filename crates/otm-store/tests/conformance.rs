@@ -1,7 +1,7 @@
 //! The conformance suites against the embedded backends: SQLite in a temporary directory, the
 //! in-process coordinator, and a local object store in a temporary directory.
 
-use otm_core::{Appended, Error, Registry, SnapshotId, StateStore, TenantId};
+use otm_core::{Appended, Error, Inbox, Registry, SnapshotId, StateStore, TenantId};
 use otm_store::{MemoryCoordinator, ObjectStateStore, SqliteRegistry, conformance};
 use std::sync::Arc;
 

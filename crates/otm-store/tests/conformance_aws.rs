@@ -33,7 +33,8 @@ fn with_suffix(url: &str, suffix: &str) -> String {
 mod dynamodb {
     use super::*;
     use otm_core::{
-        Error, InstanceId, InstanceRecord, InstanceState, Registry, Secret, Tenant, TenantId,
+        Error, InstanceId, InstanceRecord, InstanceState, InstanceStore, Secret, Tenant, TenantId,
+        TenantStore,
     };
     use otm_store::{DynamoRegistry, conformance};
 

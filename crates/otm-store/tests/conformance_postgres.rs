@@ -7,7 +7,8 @@
 
 use futures::FutureExt;
 use otm_core::{
-    Appended, Error, InstanceId, InstanceRecord, InstanceState, Registry, Secret, Tenant, TenantId,
+    Appended, Error, Inbox, InstanceId, InstanceRecord, InstanceState, InstanceStore, Secret,
+    Tenant, TenantId, TenantStore,
 };
 use otm_store::postgres::{MIGRATIONS, PostgresOptions};
 use otm_store::{PostgresRegistry, conformance};

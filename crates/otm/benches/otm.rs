@@ -391,7 +391,7 @@ async fn run() {
 
     // One idle sweep over 100,000 registered tenants (SQLite, indexed by status and deadline).
     {
-        use otm_core::Registry;
+        use otm_core::TenantStore;
         let reg = std::sync::Arc::new(
             otm_store::sqlite::SqliteRegistry::open(&dir.path().join("sweep.db")).unwrap(),
         );

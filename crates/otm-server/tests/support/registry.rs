@@ -3,9 +3,10 @@
 //! the contract's fencing and inbox rules; it keeps nothing across a restart.
 
 use async_trait::async_trait;
+use otm_core::registry::{Inbox, InstanceStore, TenantStore};
 use otm_core::{
     Appended, Error, FailOutcome, FleetSettings, InboxItem, InboxView, InstanceId, InstanceRecord,
-    InstanceState, Registry, Result, Tenant, TenantId, TenantStatus,
+    InstanceState, Result, Tenant, TenantId, TenantStatus,
 };
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -96,7 +97,7 @@ impl MemoryRegistry {
 }
 
 #[async_trait]
-impl Registry for MemoryRegistry {
+impl TenantStore for MemoryRegistry {
     async fn create_tenant(&self, tenant: &Tenant) -> Result<()> {
         let mut i = self.lock();
         if i.tenants.contains_key(&tenant.id) {
@@ -187,6 +188,10 @@ impl Registry for MemoryRegistry {
         due.sort();
         Ok(due.into_iter().take(limit).map(|(_, id)| id).collect())
     }
+}
+
+#[async_trait]
+impl InstanceStore for MemoryRegistry {
 
     async fn put_instance(&self, instance: &InstanceRecord, fence: Option<u64>) -> Result<()> {
         let mut i = self.lock();
@@ -243,6 +248,19 @@ impl Registry for MemoryRegistry {
         rec.state = InstanceState::Binding;
         Ok(Some(rec.clone()))
     }
+
+    async fn get_settings(&self) -> Result<FleetSettings> {
+        Ok(self.lock().settings.clone())
+    }
+
+    async fn put_settings(&self, settings: &FleetSettings) -> Result<()> {
+        self.lock().settings = settings.clone();
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Inbox for MemoryRegistry {
 
     async fn inbox_append(
         &self,
@@ -361,14 +379,5 @@ impl Registry for MemoryRegistry {
         i.inbox
             .retain(|_, e| e.state != EntryState::Done || e.item.accepted_at_ms >= before_ms);
         Ok((before - i.inbox.len()) as u64)
-    }
-
-    async fn get_settings(&self) -> Result<FleetSettings> {
-        Ok(self.lock().settings.clone())
-    }
-
-    async fn put_settings(&self, settings: &FleetSettings) -> Result<()> {
-        self.lock().settings = settings.clone();
-        Ok(())
     }
 }

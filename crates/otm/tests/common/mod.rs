@@ -9,6 +9,7 @@ use otm_server::{Server, Settings};
 use otm_testkit::FakeTelegram;
 use serde_json::{Value, json};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub const PUBLIC_URL: &str = "https://otm.example.test";
@@ -40,11 +41,21 @@ impl Harness {
     }
 
     pub async fn start_with(f: impl FnOnce(&mut Settings)) -> Self {
+        Self::start_with_registry(f, |r| r).await
+    }
+
+    /// A server whose registry backend is passed through `wrap` first.
+    pub async fn start_with_registry(
+        f: impl FnOnce(&mut Settings),
+        wrap: impl FnOnce(Arc<dyn otm_core::Registry>) -> Arc<dyn otm_core::Registry>,
+    ) -> Self {
         let tg = FakeTelegram::start().await;
         let dir = tempdir();
         let mut s = settings(dir.path().join("d"), &tg);
         f(&mut s);
-        let server = otm_server::start(s, None).await.expect("server starts");
+        let server = otm_server::start_with_registry(s, None, wrap)
+            .await
+            .expect("server starts");
         let token = server.admin_token().expose().to_owned();
         Harness {
             server: Some(server),
