@@ -1141,6 +1141,9 @@ fn kill_instances(data: &Path) {
     }
 }
 
+/// A named line of points in a colour.
+type Series = (&'static str, RGBColor, Vec<(f64, f64)>);
+
 fn plot_sweep(path: &Path, points: &[(u32, f64, f64)]) {
     let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
     root.fill(&WHITE).unwrap();
@@ -1159,7 +1162,7 @@ fn plot_sweep(path: &Path, points: &[(u32, f64, f64)]) {
         .y_desc("requests/s")
         .draw()
         .unwrap();
-    let series: [(&str, RGBColor, Vec<(f64, f64)>); 2] = [
+    let series: [Series; 2] = [
         (
             "nginx, fixed 200",
             RGBColor(120, 120, 120),
