@@ -265,7 +265,7 @@ async fn run(plan: Plan) {
                 r.rps / floor256
             );
             table.row(&measure, &floor_text, &otm_text, &ratio);
-            server.stop(&http).await;
+            server.stop().await;
         }
     }
     for (pg, schema) in pg_url
@@ -398,7 +398,7 @@ async fn run(plan: Plan) {
         ),
         "",
     );
-    server.stop(&http).await;
+    server.stop().await;
     drop(nginx);
     drop(agent);
 
@@ -1085,25 +1085,10 @@ impl OtmServer {
             .unwrap_or(0)
     }
 
-    /// Stops every tenant, then the server; kills whatever instance is left.
-    async fn stop(mut self, http: &reqwest::Client) {
-        let (_, list) = self
-            .api(http, reqwest::Method::GET, "/instances", None)
-            .await;
-        for i in list.as_array().into_iter().flatten() {
-            if let Some(t) = i["tenant"].as_str() {
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(10),
-                    self.api(
-                        http,
-                        reqwest::Method::POST,
-                        &format!("/tenants/{t}/stop"),
-                        None,
-                    ),
-                )
-                .await;
-            }
-        }
+    /// Stops the server (SIGTERM), then kills the instances it leaves running for the next
+    /// start to adopt. Tenants are not stopped through the API first: with a backlog in the
+    /// inbox, the dispatcher would wake them again.
+    async fn stop(mut self) {
         if let Some(pid) = self.child.id() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),
@@ -1117,12 +1102,34 @@ impl OtmServer {
             let _ = self.child.start_kill();
             let _ = self.child.wait().await;
         }
+        // Twice: a shim may have been starting its agent during the first pass.
+        kill_instances(&self.data);
+        tokio::time::sleep(Duration::from_millis(300)).await;
         kill_instances(&self.data);
     }
 }
 
-/// Kills every instance recorded under a data directory.
+/// Kills every instance recorded under a data directory, and any agent left running with its
+/// state there (without a sandbox, an agent does not die with its shim's process group).
 fn kill_instances(data: &Path) {
+    let marker = format!("OTM_AGENT_STATE_DIR={}", data.display());
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        if environ
+            .split(|b| *b == 0)
+            .any(|v| v.starts_with(marker.as_bytes()))
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
     let Ok(dirs) = std::fs::read_dir(data.join("runtime")) else {
         return;
     };
