@@ -1,0 +1,1255 @@
+//! otm side by side with its floors, measured from outside: the release `otm server` runs as a
+//! process of its own, `wrk` (a separate process) posts Telegram updates to it, and in the same
+//! run nginx answers the same requests with a fixed 200 and SQLite inserts the same rows with the
+//! same durability. Prints the machine, its load and one table; draws SVG plots under
+//! `target/bench/`.
+//!
+//! `cargo bench -p otm --bench side_by_side` (about 5 minutes), `-- --quick` for a smoke run of
+//! about a minute. Needs `wrk` and `nginx` on PATH (Debian: `apt-get install wrk nginx`); the
+//! PostgreSQL rows need `OTM_TEST_POSTGRES_URL` (and `psql` to drop the schema afterwards).
+
+use otm_testkit::FakeTelegram;
+use plotters::prelude::*;
+use serde_json::{Value, json};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+const SECRET_HEADER: &str = "x-telegram-bot-api-secret-token";
+/// The `wrk` binary found at start.
+static WRK: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+const ADMIN_TOKEN: &str = "bench-admin-token-0123456789abcdef";
+
+/// The update every path receives, as Telegram sends it (`%d`: update id, message id, user id,
+/// user id, chat id, chat id). The Lua script and the SQLite floor fill in the same template.
+const UPDATE_TEMPLATE: &str = r#"{"update_id":%d,"message":{"message_id":%d,"from":{"id":%d,"is_bot":false,"first_name":"Test","username":"user%d","language_code":"en"},"chat":{"id":%d,"first_name":"Test","username":"user%d","type":"private"},"date":1765000000,"text":"bench"}}"#;
+
+fn update_body(id: u64) -> String {
+    let chat = 10 + id % 1000;
+    let vals = [id, id, chat, chat, chat, chat];
+    let mut out = String::new();
+    let mut parts = UPDATE_TEMPLATE.split("%d");
+    out.push_str(parts.next().unwrap());
+    for (v, p) in vals.iter().zip(parts) {
+        write!(out, "{v}{p}").unwrap();
+    }
+    out
+}
+
+#[derive(Clone, Copy)]
+struct Plan {
+    quick: bool,
+    /// Seconds of each wrk run in the table.
+    run_s: u32,
+    /// Seconds of each point of the connection sweep.
+    sweep_s: u32,
+    sweep: &'static [u32],
+    /// Sequential messages per awake path.
+    replies: usize,
+    /// Seconds of each SQLite floor.
+    floor_s: f64,
+    wakes: usize,
+    idle_tenants: usize,
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs bench targets without it,
+    // and a five-minute load test is no unit test.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("side_by_side runs under `cargo bench -p otm --bench side_by_side` only");
+        return;
+    }
+    let quick = std::env::args().any(|a| a == "--quick");
+    let plan = if quick {
+        Plan {
+            quick,
+            run_s: 3,
+            sweep_s: 2,
+            sweep: &[1, 32],
+            replies: 60,
+            floor_s: 1.0,
+            wakes: 3,
+            idle_tenants: 200,
+        }
+    } else {
+        Plan {
+            quick,
+            run_s: 8,
+            sweep_s: 4,
+            sweep: &[1, 4, 16, 32, 64, 128],
+            replies: 300,
+            floor_s: 3.0,
+            wakes: 10,
+            idle_tenants: 2000,
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run(plan));
+}
+
+/// The path of `tool` on PATH (or in /usr/sbin, which a user's PATH may lack); exits with a hint
+/// when it is missing.
+fn need(tool: &str, hint: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            eprintln!("side_by_side needs `{tool}`: {hint}");
+            std::process::exit(2);
+        })
+}
+
+async fn run(plan: Plan) {
+    let wrk_bin = need("wrk", "install it (Debian: apt-get install wrk)");
+    let nginx_bin = need("nginx", "install it (Debian: apt-get install nginx)");
+    WRK.set(wrk_bin).unwrap();
+    let started = Instant::now();
+    let out_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .unwrap()
+        .join("bench");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("otm-side-by-side")
+        .tempdir_in(std::env::temp_dir())
+        .unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )
+    .unwrap();
+    let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let tg = FakeTelegram::start().await;
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap();
+    let mut table = Table::default();
+
+    // The HTTP floor: nginx answering 200 to the same POSTs.
+    let agent_dir = dir.path().join("agent");
+    std::fs::create_dir_all(&agent_dir).unwrap();
+    let agent = DirectAgent::start(&agent_dir, &tg).await;
+    let nginx = Nginx::start(&nginx_bin, &dir.path().join("nginx"), agent.port);
+    let script = dir.path().join("post.lua");
+    write_script(&script, &[("/tg/floor".into(), "none".into())]);
+    eprintln!("nginx floor…");
+    let nginx_run = wrk(&nginx.fixed_url(), &script, 32, plan.run_s, 0).await;
+
+    // The durable floor: the inbox table, the same rows, WAL and synchronous=FULL.
+    let mut floors = Vec::new();
+    for per_tx in [1usize, 32, 256] {
+        eprintln!("SQLite floor, {per_tx} rows per transaction…");
+        let db = dir.path().join(format!("floor-{per_tx}.db"));
+        let secs = plan.floor_s;
+        let rate = tokio::task::spawn_blocking(move || sqlite_floor(&db, per_tx, secs))
+            .await
+            .unwrap();
+        floors.push((per_tx, rate));
+    }
+    table.row(
+        "HTTP floor: nginx answering the same POSTs with a fixed 200 (32 connections)",
+        &format!(
+            "{}, p50 {}, p99 {}{}",
+            rate(nginx_run.rps),
+            ms(nginx_run.p50_ms),
+            ms(nginx_run.p99_ms),
+            nginx_run.failures()
+        ),
+        "",
+        "",
+    );
+    table.row(
+        "durable floor: SQLite inserting the same rows into the same table (WAL, synchronous=FULL), rows/s",
+        &format!(
+            "1 per transaction: {}; 32: {}; 256: {}",
+            rate(floors[0].1),
+            rate(floors[1].1),
+            rate(floors[2].1)
+        ),
+        "",
+        "",
+    );
+    let floor_text = format!(
+        "nginx {}; SQLite {} (32/tx), {} (256/tx)",
+        rate(nginx_run.rps),
+        rate(floors[1].1),
+        rate(floors[2].1)
+    );
+    let floor32 = floors[1].1;
+    let floor256 = floors[2].1;
+
+    // otm's ingress, on SQLite and on PostgreSQL, with deliveries paused and running.
+    let mut registries: Vec<(&str, Option<String>)> = vec![("SQLite", None)];
+    let pg_url = std::env::var("OTM_TEST_POSTGRES_URL").ok();
+    let mut pg_schemas = Vec::new();
+    if let Some(pg) = &pg_url {
+        registries.push(("PostgreSQL", Some(pg.clone())));
+    } else {
+        eprintln!("OTM_TEST_POSTGRES_URL is not set: no PostgreSQL rows");
+    }
+    let mut sweep_otm = Vec::new();
+    let mut base = 1u64;
+    for (name, registry) in &registries {
+        for running in [false, true] {
+            let what = if running { "running" } else { "paused" };
+            eprintln!("otm on {name}, deliveries {what}…");
+            let data = dir.path().join(format!("otm-{name}-{what}"));
+            // A schema of its own for each server on PostgreSQL, dropped at the end.
+            let registry = registry.as_ref().map(|pg| {
+                let schema = format!("otm_bench_{}_{what}", std::process::id());
+                let sep = if pg.contains('?') { '&' } else { '?' };
+                pg_schemas.push(schema.clone());
+                format!("{pg}{sep}schema={schema}")
+            });
+            let server = OtmServer::start(&data, &tg, registry.as_deref(), "none").await;
+            let mut tenants = Vec::new();
+            for i in 0..4 {
+                let id = format!("in{i}");
+                let bot = format!("{}:INGRESS{i}{what}{name}", 7100 + i);
+                let profile = if running { "reference" } else { "openclaw" };
+                let secret = server.tenant(&http, &tg, &id, &bot, profile).await;
+                tenants.push((format!("/tg/{id}"), secret, bot));
+            }
+            let script = data.join("post.lua");
+            write_script(
+                &script,
+                &tenants
+                    .iter()
+                    .map(|t| (t.0.clone(), t.1.clone()))
+                    .collect::<Vec<_>>(),
+            );
+            if !running && *name == "SQLite" {
+                for &c in plan.sweep {
+                    let o = wrk(&server.public, &script, c, plan.sweep_s, base).await;
+                    base += 1_000_000_000;
+                    let n = wrk(&nginx.fixed_url(), &script, c, plan.sweep_s, 0).await;
+                    sweep_otm.push((c, o.rps, n.rps));
+                }
+            }
+            let r = wrk(&server.public, &script, 32, plan.run_s, base).await;
+            base += 1_000_000_000;
+            let answered: usize = tenants.iter().map(|t| tg.sent_messages(&t.2).len()).sum();
+            let mut measure = format!("accepts/s, {name}, deliveries {what}");
+            if !running {
+                measure.push_str(" (tenants whose wakes fail)");
+            } else {
+                measure.push_str(" (4 tenants on the reference agent)");
+            }
+            let mut otm_text = format!(
+                "{}, p50 {}, p99 {}{}",
+                rate(r.rps),
+                ms(r.p50_ms),
+                ms(r.p99_ms),
+                r.failures()
+            );
+            if running {
+                write!(
+                    otm_text,
+                    "; {} accepted in {} s, {answered} answered meanwhile",
+                    r.requests, plan.run_s
+                )
+                .unwrap();
+            }
+            let ratio = format!(
+                "{:.2} of nginx; {:.2} of SQLite at 32/tx, {:.2} at 256/tx",
+                r.rps / nginx_run.rps,
+                r.rps / floor32,
+                r.rps / floor256
+            );
+            table.row(&measure, &floor_text, &otm_text, &ratio);
+            server.stop().await;
+        }
+    }
+    for (pg, schema) in pg_url
+        .iter()
+        .flat_map(|pg| pg_schemas.iter().map(move |s| (pg, s)))
+    {
+        let _ = tokio::process::Command::new("psql")
+            .arg(pg)
+            .args([
+                "-q",
+                "-c",
+                &format!("DROP SCHEMA IF EXISTS {schema} CASCADE"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await;
+    }
+
+    // Awake reply latency: through otm, straight to the same agent, through nginx as a proxy.
+    eprintln!("awake reply latency…");
+    let data = dir.path().join("otm-awake");
+    // The instance sandboxed as in production (bubblewrap).
+    let server = OtmServer::start(&data, &tg, None, "auto").await;
+    let bot = "7200:AWAKE";
+    let secret = server.tenant(&http, &tg, "awake", bot, "reference").await;
+    // The three paths take turns, one message each, so that the machine's load changes weigh
+    // on all three alike. The first message on each wakes or warms it up and is not counted.
+    let paths = [
+        (
+            format!("{}/tg/awake", server.public),
+            secret.clone(),
+            bot.to_owned(),
+        ),
+        (
+            format!("http://127.0.0.1:{}/webhook", agent.port),
+            agent.secret.clone(),
+            agent.bot.clone(),
+        ),
+        (
+            format!("{}/webhook", nginx.proxy_url()),
+            agent.secret.clone(),
+            agent.bot.clone(),
+        ),
+    ];
+    let mut lat: [Vec<f64>; 3] = Default::default();
+    let mut next_id = 1u64;
+    for i in 0..=plan.replies {
+        for (k, (url, secret, bot)) in paths.iter().enumerate() {
+            let t = reply_once(&http, &tg, url, secret, bot, next_id).await;
+            next_id += 1;
+            if i > 0 {
+                lat[k].push(t);
+            }
+        }
+    }
+    let [via_otm, direct, proxied] = lat;
+    let p = |v: &[f64]| {
+        format!(
+            "p50 {} / p90 {} / p99 {}",
+            ms(pct(v, 0.5)),
+            ms(pct(v, 0.9)),
+            ms(pct(v, 0.99))
+        )
+    };
+    table.row(
+        &format!(
+            "awake reply, webhook to reply at Telegram ({} in turn)",
+            plan.replies
+        ),
+        &format!(
+            "straight to the agent: {}; through nginx as a proxy: {}",
+            p(&direct),
+            p(&proxied)
+        ),
+        &format!("through otm: {}", p(&via_otm)),
+        &format!(
+            "+{} p50, +{} p99 over straight",
+            ms(pct(&via_otm, 0.5) - pct(&direct, 0.5)),
+            ms(pct(&via_otm, 0.99) - pct(&direct, 0.99))
+        ),
+    );
+
+    // Wake latency by phase, from the server's own answers.
+    eprintln!("wakes…");
+    for warm in [false, true] {
+        let (totals, phases) = server.wakes(&http, "awake", plan.wakes, warm).await;
+        let kind = if warm { "warm pool" } else { "cold" };
+        let mut by_phase = String::new();
+        let order = [
+            "prepare", "claim", "create", "restore", "start", "ready", "record",
+        ];
+        let mut phases: Vec<_> = phases.into_iter().collect();
+        phases.sort_by_key(|(k, _)| order.iter().position(|o| o == k).unwrap_or(order.len()));
+        for (k, v) in &phases {
+            if !by_phase.is_empty() {
+                by_phase.push_str(", ");
+            }
+            write!(by_phase, "{k} {}", ms(pct(v, 0.5))).unwrap();
+        }
+        table.row(
+            &format!("wake, {kind}, reference agent in the bubblewrap sandbox ({} wakes, admin API's answers)", plan.wakes),
+            "the agent's own start is inside `ready`",
+            &format!(
+                "p50 {}, max {}; phases p50: {by_phase}",
+                ms(pct(&totals, 0.5)),
+                ms(pct(&totals, 1.0))
+            ),
+            "",
+        );
+    }
+
+    // Control-plane memory per idle tenant.
+    eprintln!("idle tenants…");
+    let before = server.rss_kib();
+    server.idle_tenants(&http, plan.idle_tenants).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = server.rss_kib();
+    table.row(
+        &format!(
+            "control-plane RSS per idle tenant ({} created)",
+            plan.idle_tenants
+        ),
+        "",
+        &format!(
+            "{:.1} kB (server RSS {} MiB → {} MiB)",
+            (after as f64 - before as f64) * 1.024 / plan.idle_tenants as f64,
+            before / 1024,
+            after / 1024
+        ),
+        "",
+    );
+    server.stop().await;
+    drop(nginx);
+    drop(agent);
+
+    // Plots.
+    let sweep_svg = out_dir.join("accepts-by-connections.svg");
+    if plan.sweep.len() > 1 {
+        plot_sweep(&sweep_svg, &sweep_otm);
+    }
+    let cdf_svg = out_dir.join("awake-reply-cdf.svg");
+    plot_cdf(
+        &cdf_svg,
+        &[
+            ("through otm", &via_otm),
+            ("straight to the agent", &direct),
+            ("through nginx as a proxy", &proxied),
+        ],
+    );
+
+    let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!();
+    println!(
+        "otm side by side{}: {}",
+        if plan.quick { " (--quick)" } else { "" },
+        machine()
+    );
+    println!(
+        "load average (1, 5, 15 min) before: {}; after: {}; run took {:.0} s",
+        load_before
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+        load_after
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "otm's accept runs use --sandbox none (ingress only; the awake and wake rows use the bubblewrap \
+         sandbox), all without Telegram's send pacing (--bot-messages-per-second 0, \
+         --bot-chat-interval-ms 0); wrk -t2 and the stand-in Telegram share the cores with what \
+         they measure."
+    );
+    println!();
+    table.print();
+    if plan.sweep.len() > 1 {
+        println!();
+        println!("accepts/s by connections (otm on SQLite, deliveries paused; nginx):");
+        for (c, o, n) in &sweep_otm {
+            println!("  {c:>4}: otm {o:>9.0}  nginx {n:>9.0}");
+        }
+        println!("plot: {}", sweep_svg.display());
+    }
+    println!("plot: {}", cdf_svg.display());
+}
+
+#[derive(Default)]
+struct Table(Vec<[String; 4]>);
+
+impl Table {
+    fn row(&mut self, measure: &str, floor: &str, otm: &str, ratio: &str) {
+        self.0
+            .push([measure.into(), floor.into(), otm.into(), ratio.into()]);
+    }
+
+    fn print(&self) {
+        println!("| measure | floor in the same run | otm | ratio |");
+        println!("|---|---|---|---|");
+        for r in &self.0 {
+            println!("| {} | {} | {} | {} |", r[0], r[1], r[2], r[3]);
+        }
+    }
+}
+
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+        .unwrap_or(0);
+    format!(
+        "{cores} cores ({model}), {} GiB, Linux {}",
+        mem / 1024 / 1024,
+        kernel.trim()
+    )
+}
+
+fn rate(r: f64) -> String {
+    if r >= 10_000.0 {
+        format!("{:.1}k/s", r / 1000.0)
+    } else {
+        format!("{r:.0}/s")
+    }
+}
+
+fn ms(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0} ms")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1} ms")
+    } else {
+        format!("{v:.2} ms")
+    }
+}
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// One `wrk` run, as its Lua `done` reported it.
+struct WrkRun {
+    rps: f64,
+    requests: u64,
+    non_2xx: u64,
+    socket_errors: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+impl WrkRun {
+    fn failures(&self) -> String {
+        if self.non_2xx + self.socket_errors == 0 {
+            String::new()
+        } else {
+            format!(
+                " ({} not 2xx, {} socket errors)",
+                self.non_2xx, self.socket_errors
+            )
+        }
+    }
+}
+
+/// The wrk script: POSTs a Telegram update with an update id no other request of the run uses
+/// (`base` + the thread number × 10⁸ + a counter) to each tenant in turn, with its secret.
+fn write_script(path: &Path, tenants: &[(String, String)]) {
+    let mut list = String::new();
+    for (p, s) in tenants {
+        writeln!(list, "  {{ {p:?}, {s:?} }},").unwrap();
+    }
+    let script = format!(
+        r#"local tenants = {{
+{list}}}
+local template = [[{UPDATE_TEMPLATE}]]
+next_thread = 0
+thread_no = 0
+function setup(thread)
+  thread:set("thread_no", next_thread)
+  next_thread = next_thread + 1
+end
+local base = 0
+local n = 0
+function init(args)
+  base = tonumber(args[1] or "0")
+end
+function request()
+  n = n + 1
+  local id = base + thread_no * 100000000 + n
+  local chat = 10 + id % 1000
+  local t = tenants[n % #tenants + 1]
+  local body = string.format(template, id, id, chat, chat, chat, chat)
+  return wrk.format("POST", t[1], {{["Content-Type"] = "application/json", ["X-Telegram-Bot-Api-Secret-Token"] = t[2]}}, body)
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("BENCH %d %d %d %d %f %f\n", summary.requests, summary.duration,
+    e.status, e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50) / 1000.0, latency:percentile(99) / 1000.0))
+end
+"#
+    );
+    std::fs::write(path, script).unwrap();
+}
+
+async fn wrk(url: &str, script: &Path, conns: u32, secs: u32, base: u64) -> WrkRun {
+    let out = tokio::process::Command::new(WRK.get().unwrap())
+        .arg(format!("-t{}", conns.min(2)))
+        .arg(format!("-c{conns}"))
+        .arg(format!("-d{secs}s"))
+        .args(["--timeout", "10s", "-s"])
+        .arg(script)
+        .arg(url)
+        .arg("--")
+        .arg(base.to_string())
+        .output()
+        .await
+        .expect("running wrk");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("BENCH "))
+        .unwrap_or_else(|| {
+            panic!(
+                "wrk gave no summary: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    WrkRun {
+        rps: f[0] / (f[1] / 1e6),
+        requests: f[0] as u64,
+        non_2xx: f[2] as u64,
+        socket_errors: f[3] as u64,
+        p50_ms: f[4],
+        p99_ms: f[5],
+    }
+}
+
+/// Rows per second SQLite commits into otm's inbox table, `per_tx` rows a transaction, in WAL
+/// mode with `synchronous=FULL`, as otm's writer does (`BEGIN IMMEDIATE`, `INSERT … RETURNING`).
+fn sqlite_floor(db: &Path, per_tx: usize, secs: f64) -> f64 {
+    let mut conn = rusqlite::Connection::open(db).unwrap();
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    conn.pragma_update(None, "synchronous", "FULL").unwrap();
+    conn.pragma_update(None, "foreign_keys", true).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE tenants (id TEXT PRIMARY KEY) STRICT;
+         CREATE TABLE inbox (
+            seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+            tenant         TEXT NOT NULL REFERENCES tenants (id) ON DELETE CASCADE,
+            update_id      INTEGER NOT NULL,
+            payload        BLOB NOT NULL,
+            state          TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'done', 'dead')),
+            attempts       INTEGER NOT NULL DEFAULT 0,
+            accepted_at_ms INTEGER NOT NULL,
+            last_error     TEXT,
+            done_at_ms     INTEGER,
+            UNIQUE (tenant, update_id)
+         ) STRICT;
+         CREATE INDEX inbox_queue ON inbox (tenant, state, seq);
+         CREATE INDEX inbox_pending ON inbox (tenant) WHERE state = 'pending';
+         INSERT INTO tenants VALUES ('in0'), ('in1'), ('in2'), ('in3');",
+    )
+    .unwrap();
+    let tenants = ["in0", "in1", "in2", "in3"];
+    let started = Instant::now();
+    let mut n = 0u64;
+    while started.elapsed().as_secs_f64() < secs {
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .unwrap();
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT INTO inbox (tenant, update_id, payload, accepted_at_ms) \
+                     VALUES (?1, ?2, ?3, ?4) RETURNING seq",
+                )
+                .unwrap();
+            for _ in 0..per_tx {
+                n += 1;
+                let body = update_body(n);
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis() as i64;
+                let _seq: i64 = stmt
+                    .query_row(
+                        rusqlite::params![tenants[n as usize % 4], n as i64, body.as_bytes(), now],
+                        |r| r.get(0),
+                    )
+                    .unwrap();
+            }
+        }
+        tx.commit().unwrap();
+    }
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn wait_listening(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{what} is not listening on {port}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// nginx on two loopback ports: one answering every request with a fixed 200, one a plain
+/// reverse proxy to the directly started agent (keep-alive upstream connections).
+struct Nginx {
+    child: std::process::Child,
+    fixed: u16,
+    proxy: u16,
+}
+
+impl Nginx {
+    fn start(bin: &Path, dir: &Path, agent_port: u16) -> Nginx {
+        std::fs::create_dir_all(dir.join("logs")).unwrap();
+        let fixed = free_port();
+        let proxy = free_port();
+        let d = dir.display();
+        let conf = format!(
+            r#"daemon off;
+worker_processes auto;
+pid {d}/nginx.pid;
+error_log {d}/logs/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  keepalive_requests 1000000;
+  upstream agent {{ server 127.0.0.1:{agent_port}; keepalive 16; }}
+  server {{
+    listen 127.0.0.1:{fixed};
+    location / {{ return 200 '{{"ok":true}}'; }}
+  }}
+  server {{
+    listen 127.0.0.1:{proxy};
+    location / {{
+      proxy_pass http://agent;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+  }}
+}}
+"#
+        );
+        let path = dir.join("nginx.conf");
+        std::fs::write(&path, conf).unwrap();
+        let child = std::process::Command::new(bin)
+            .arg("-c")
+            .arg(&path)
+            .arg("-p")
+            .arg(dir)
+            .arg("-e")
+            .arg(dir.join("logs/error.log"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting nginx");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", proxy)).is_err() {
+            assert!(Instant::now() < deadline, "nginx did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Nginx {
+            child,
+            fixed,
+            proxy,
+        }
+    }
+
+    fn fixed_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.fixed)
+    }
+
+    fn proxy_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.proxy)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGQUIT: nginx's graceful stop; its workers go with the master.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGQUIT,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+/// The reference agent started by hand, its Bot API the stand-in Telegram.
+struct DirectAgent {
+    child: tokio::process::Child,
+    port: u16,
+    bot: String,
+    secret: String,
+}
+
+impl DirectAgent {
+    async fn start(dir: &Path, tg: &FakeTelegram) -> DirectAgent {
+        let port = free_port();
+        let bot = "7300:DIRECT".to_owned();
+        let secret = "direct-secret".to_owned();
+        tg.add_bot(&bot);
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_otm-reference-agent"))
+            .env("OTM_AGENT_LISTEN", format!("127.0.0.1:{port}"))
+            .env("OTM_AGENT_STATE_DIR", dir)
+            .env("OTM_BOT_API_ROOT", tg.url())
+            .env("OTM_BOT_TOKEN", &bot)
+            .env("OTM_WEBHOOK_SECRET", &secret)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting otm-reference-agent");
+        wait_listening(port, "the reference agent").await;
+        DirectAgent {
+            child,
+            port,
+            bot,
+            secret,
+        }
+    }
+}
+
+impl Drop for DirectAgent {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// Milliseconds from posting an update to its reply arriving at the stand-in Telegram.
+async fn reply_once(
+    http: &reqwest::Client,
+    tg: &FakeTelegram,
+    url: &str,
+    secret: &str,
+    bot: &str,
+    id: u64,
+) -> f64 {
+    let have = tg.sent_messages(bot).len();
+    let t0 = Instant::now();
+    let r = http
+        .post(url)
+        .header(SECRET_HEADER, secret)
+        .header("content-type", "application/json")
+        .body(update_body(id))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{url}");
+    tg.wait_for_messages(bot, have + 1, Duration::from_secs(120))
+        .await;
+    t0.elapsed().as_secs_f64() * 1000.0
+}
+
+/// The release `otm server` as a process of its own, on loopback ports, with a data directory of
+/// its own.
+struct OtmServer {
+    child: tokio::process::Child,
+    data: PathBuf,
+    public: String,
+    admin: String,
+}
+
+impl OtmServer {
+    async fn start(
+        data: &Path,
+        tg: &FakeTelegram,
+        registry: Option<&str>,
+        sandbox: &str,
+    ) -> OtmServer {
+        std::fs::create_dir_all(data).unwrap();
+        let (public, admin, egress) = (free_port(), free_port(), free_port());
+        // An OpenClaw that exits at once: tenants on the openclaw profile fail every wake, and
+        // their updates stay in the inbox (deliveries paused; each retried with backoff).
+        let no_openclaw = data.join("failing-openclaw");
+        std::fs::create_dir_all(no_openclaw.join("bin")).unwrap();
+        let fake = no_openclaw.join("bin/openclaw");
+        std::fs::write(&fake, "#!/bin/sh\nexit 1\n").unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let log = std::fs::File::create(data.join("server.log")).unwrap();
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_otm"));
+        cmd.arg("--data-dir")
+            .arg(data)
+            .arg("server")
+            .arg(format!("--listen=127.0.0.1:{public}"))
+            .arg(format!("--admin-listen=127.0.0.1:{admin}"))
+            .arg(format!("--egress-listen=127.0.0.1:{egress}"))
+            .arg(format!("--telegram-api={}", tg.url()))
+            .arg("--public-url=https://otm.bench.test")
+            .arg(format!("--sandbox={sandbox}"))
+            .arg("--bot-messages-per-second=0")
+            .arg("--bot-chat-interval-ms=0")
+            .arg("--bot-group-messages-per-minute=0")
+            .arg("--snapshot-interval-s=0")
+            .arg("--openclaw-prefix")
+            .arg(&no_openclaw)
+            .env("OTM_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env_remove("OTM_REGISTRY")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .kill_on_drop(true);
+        if let Some(r) = registry {
+            cmd.arg(format!("--registry={r}"));
+        }
+        let mut child = cmd.spawn().expect("starting otm server");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for port in [admin, public] {
+            while tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+            {
+                let exited = child.try_wait().unwrap();
+                if exited.is_some() || Instant::now() > deadline {
+                    let log = std::fs::read_to_string(data.join("server.log")).unwrap_or_default();
+                    panic!("otm server did not start ({exited:?}):\n{log}");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        OtmServer {
+            child,
+            data: data.to_owned(),
+            public: format!("http://127.0.0.1:{public}"),
+            admin: format!("http://127.0.0.1:{admin}/v1"),
+        }
+    }
+
+    async fn api(
+        &self,
+        http: &reqwest::Client,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = http
+            .request(method, format!("{}{path}", self.admin))
+            .bearer_auth(ADMIN_TOKEN);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// Creates a tenant with a bot; returns the webhook secret Telegram was given.
+    async fn tenant(
+        &self,
+        http: &reqwest::Client,
+        tg: &FakeTelegram,
+        id: &str,
+        bot: &str,
+        profile: &str,
+    ) -> String {
+        tg.add_bot(bot);
+        let (status, body) = self
+            .api(
+                http,
+                reqwest::Method::POST,
+                "/tenants",
+                Some(json!({"id": id, "bot_token": bot, "profile": profile})),
+            )
+            .await;
+        assert_eq!(status, 201, "creating tenant {id}: {body}");
+        tg.webhook(bot)
+            .and_then(|h| h.secret_token)
+            .expect("webhook registered with a secret")
+    }
+
+    /// Wakes the tenant `n` times from stopped (cold) or from the warm pool; the totals and the
+    /// phases as the server reports them, in ms.
+    async fn wakes(
+        &self,
+        http: &reqwest::Client,
+        id: &str,
+        n: usize,
+        warm: bool,
+    ) -> (Vec<f64>, std::collections::BTreeMap<String, Vec<f64>>) {
+        let post = reqwest::Method::POST;
+        if warm {
+            self.api(
+                http,
+                reqwest::Method::PUT,
+                "/config",
+                Some(json!({"warm_pool_target": 1})),
+            )
+            .await;
+        }
+        let mut totals = Vec::new();
+        let mut phases: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+        for _ in 0..n {
+            let (s, _) = self
+                .api(http, post.clone(), &format!("/tenants/{id}/stop"), None)
+                .await;
+            assert_eq!(s, 200);
+            if warm {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    let (_, list) = self
+                        .api(http, reqwest::Method::GET, "/instances", None)
+                        .await;
+                    if list
+                        .as_array()
+                        .is_some_and(|l| l.iter().any(|i| i["state"] == "warm"))
+                    {
+                        break;
+                    }
+                    assert!(Instant::now() < deadline, "no warm instance");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            let (s, v) = self
+                .api(http, post.clone(), &format!("/tenants/{id}/wake"), None)
+                .await;
+            assert_eq!(s, 200, "{v}");
+            let expect = if warm { "warm" } else { "cold" };
+            assert_eq!(v["path"], expect, "{v}");
+            totals.push(v["total_ms"].as_f64().unwrap());
+            for (k, ms) in v["phases_ms"].as_object().unwrap() {
+                phases
+                    .entry(k.clone())
+                    .or_default()
+                    .push(ms.as_f64().unwrap());
+            }
+        }
+        if warm {
+            self.api(
+                http,
+                reqwest::Method::PUT,
+                "/config",
+                Some(json!({"warm_pool_target": 0})),
+            )
+            .await;
+        }
+        (totals, phases)
+    }
+
+    /// Creates `n` tenants without bots (never woken), 32 requests at a time.
+    async fn idle_tenants(&self, http: &reqwest::Client, n: usize) {
+        use futures::StreamExt;
+        futures::stream::iter(0..n)
+            .map(|i| async move {
+                let (s, b) = self
+                    .api(
+                        http,
+                        reqwest::Method::POST,
+                        "/tenants",
+                        Some(json!({"id": format!("idle{i}")})),
+                    )
+                    .await;
+                assert_eq!(s, 201, "{b}");
+            })
+            .buffer_unordered(32)
+            .collect::<Vec<()>>()
+            .await;
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let pid = self.child.id().unwrap();
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Stops the server (SIGTERM), then kills the instances it leaves running for the next
+    /// start to adopt. Tenants are not stopped through the API first: with a backlog in the
+    /// inbox, the dispatcher would wake them again.
+    async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        if tokio::time::timeout(Duration::from_secs(15), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.start_kill();
+            let _ = self.child.wait().await;
+        }
+        // Twice: a shim may have been starting its agent during the first pass.
+        kill_instances(&self.data);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        kill_instances(&self.data);
+    }
+}
+
+/// Kills every instance recorded under a data directory, and any agent left running with its
+/// state there (without a sandbox, an agent does not die with its shim's process group).
+fn kill_instances(data: &Path) {
+    let marker = format!("OTM_AGENT_STATE_DIR={}", data.display());
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        if environ
+            .split(|b| *b == 0)
+            .any(|v| v.starts_with(marker.as_bytes()))
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    let Ok(dirs) = std::fs::read_dir(data.join("runtime")) else {
+        return;
+    };
+    for d in dirs.flatten() {
+        let Ok(raw) = std::fs::read(d.path().join("record.json")) else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_slice::<Value>(&raw) else {
+            continue;
+        };
+        if let Some(pid) = v["pid"].as_i64() {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+/// A named line of points in a colour.
+type Series = (&'static str, RGBColor, Vec<(f64, f64)>);
+
+fn plot_sweep(path: &Path, points: &[(u32, f64, f64)]) {
+    let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
+    root.fill(&WHITE).unwrap();
+    let max_c = points.iter().map(|p| p.0).max().unwrap_or(1) as f64;
+    let max_y = points.iter().map(|p| p.1.max(p.2)).fold(1.0, f64::max) * 1.1;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("accepts/s by wrk connections", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d((1.0f64..max_c).log_scale(), 0.0..max_y)
+        .unwrap();
+    chart
+        .configure_mesh()
+        .x_desc("connections")
+        .y_desc("requests/s")
+        .draw()
+        .unwrap();
+    let series: [Series; 2] = [
+        (
+            "nginx, fixed 200",
+            RGBColor(120, 120, 120),
+            points.iter().map(|p| (p.0 as f64, p.2)).collect(),
+        ),
+        (
+            "otm on SQLite, durable accepts (deliveries paused)",
+            RGBColor(31, 119, 180),
+            points.iter().map(|p| (p.0 as f64, p.1)).collect(),
+        ),
+    ];
+    for (name, color, data) in series {
+        chart
+            .draw_series(LineSeries::new(data.clone(), color.stroke_width(2)))
+            .unwrap()
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        chart
+            .draw_series(data.into_iter().map(|p| Circle::new(p, 3, color.filled())))
+            .unwrap();
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()
+        .unwrap();
+    root.present().unwrap();
+}
+
+fn plot_cdf(path: &Path, series: &[(&str, &Vec<f64>)]) {
+    let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
+    root.fill(&WHITE).unwrap();
+    // A log scale: the three paths differ by multiples, and the tails matter.
+    let all = || series.iter().flat_map(|s| s.1.iter().copied());
+    let max_x = all().fold(1.0, f64::max) * 1.2;
+    let min_x = all().fold(max_x, f64::min).max(0.01) * 0.8;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "awake reply latency, webhook to reply at Telegram (CDF)",
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d((min_x..max_x).log_scale(), 0.0..1.0f64)
+        .unwrap();
+    chart
+        .configure_mesh()
+        .x_desc("ms (log scale)")
+        .y_desc("fraction of replies")
+        .draw()
+        .unwrap();
+    let colors = [
+        RGBColor(31, 119, 180),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+    ];
+    for ((name, v), color) in series.iter().zip(colors) {
+        let mut s = (*v).clone();
+        s.sort_by(f64::total_cmp);
+        let n = s.len() as f64;
+        let pts: Vec<(f64, f64)> = s
+            .iter()
+            .enumerate()
+            .map(|(i, x)| (*x, (i + 1) as f64 / n))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(pts, color.stroke_width(2)))
+            .unwrap()
+            .label(*name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .unwrap();
+    root.present().unwrap();
+}
