@@ -186,7 +186,10 @@ async fn rotate_secrets(
         serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(e.to_string()))?
     };
     let _one_at_a_time = app.rotation_lock().lock().await;
-    let done = app.sealed().rotate(req.new_key, req.retire_old_keys).await?;
+    let done = app
+        .sealed()
+        .rotate(req.new_key, req.retire_old_keys)
+        .await?;
     tracing::info!(key = %done.key_id, new_key = done.new_key, reencrypted = done.reencrypted, failed = done.failed.len(), retired = ?done.retired, "secrets rotated");
     let otm_store::secrets::Rotation {
         key_id,
@@ -552,14 +555,17 @@ async fn create_tenant(
     if let Some(secret) = body.webhook_secret {
         t.webhook_secret = check_webhook_secret(&secret)?;
     }
-    app.registry().create_tenant(&t).await.map_err(|e| match e {
-        Error::AlreadyExists { .. } => ApiError::new(
-            StatusCode::CONFLICT,
-            ErrorCode::AlreadyExists,
-            format!("tenant {id} already exists"),
-        ),
-        e => e.into(),
-    })?;
+    app.registry()
+        .create_tenant(&t)
+        .await
+        .map_err(|e| match e {
+            Error::AlreadyExists { .. } => ApiError::new(
+                StatusCode::CONFLICT,
+                ErrorCode::AlreadyExists,
+                format!("tenant {id} already exists"),
+            ),
+            e => e.into(),
+        })?;
     if let Err(e) = register_webhook(&app, &t).await {
         let _ = app.registry().delete_tenant(&id).await;
         return Err(e);

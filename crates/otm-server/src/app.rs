@@ -8,8 +8,8 @@ use crate::wake::{Waker, Woken};
 use otm_core::{Coordinator, Registry, Runtime, Secret, StateStore, TenantId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use tokio::time::Instant;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Egress calls (Bot API and model) one tenant may have under way at once; more are answered

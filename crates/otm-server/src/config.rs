@@ -154,7 +154,11 @@ pub struct Settings {
     #[arg(long, env = "OTM_KUBE_OPENCLAW_IMAGE")]
     pub kube_openclaw_image: Option<String>,
     /// Where the OpenClaw instance image holds OpenClaw (its `bin/openclaw`).
-    #[arg(long, env = "OTM_KUBE_OPENCLAW_PREFIX", default_value = "/opt/openclaw")]
+    #[arg(
+        long,
+        env = "OTM_KUBE_OPENCLAW_PREFIX",
+        default_value = "/opt/openclaw"
+    )]
     pub kube_openclaw_prefix: String,
     /// Node selector of tenant pods, `key=value,key=value` (the Kata nodes' label).
     #[arg(long, env = "OTM_KUBE_NODE_SELECTOR", default_value = "")]
@@ -544,7 +548,10 @@ impl Settings {
         if self.kube_image.trim().is_empty() {
             return Err(invalid("kube-image", "must name the otm image"));
         }
-        let namespace = self.kube_namespace.clone().unwrap_or_else(|| namespace.to_owned());
+        let namespace = self
+            .kube_namespace
+            .clone()
+            .unwrap_or_else(|| namespace.to_owned());
         if !otm_core::id::is_dns_label(&namespace) {
             return Err(invalid(
                 "kube-namespace",

@@ -8,8 +8,8 @@ use otm_core::{Backoff, DeliveryFailure, DeliveryOutcome, FailOutcome, InboxItem
 use otm_shim::ShimClient;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::time::Instant;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 /// A dispatcher with nothing to do ends after this long.
 const IDLE_EXIT: Duration = Duration::from_secs(10);
@@ -35,25 +35,22 @@ pub fn kick(app: &Arc<App>, tenant: &TenantId) {
 async fn run(app: &Arc<App>, tenant: &TenantId, notify: Arc<Notify>) {
     // At most one dispatcher per tenant across all replicas: the one holding this lease.
     let key = format!("dispatch:{tenant}");
-    let lease = match HeldLease::try_acquire(
-        app.coordinator(),
-        &key,
-        crate::lease::ttl(app.settings()),
-    )
-    .await
-    {
-        Ok(Some(l)) => l,
-        Ok(None) => {
-            // Another replica dispatches; the sweeper looks again later.
-            app.dispatcher_ended(tenant);
-            return;
-        }
-        Err(e) => {
-            tracing::warn!(%tenant, error = %e, "cannot take the dispatcher lease");
-            app.dispatcher_ended(tenant);
-            return;
-        }
-    };
+    let lease =
+        match HeldLease::try_acquire(app.coordinator(), &key, crate::lease::ttl(app.settings()))
+            .await
+        {
+            Ok(Some(l)) => l,
+            Ok(None) => {
+                // Another replica dispatches; the sweeper looks again later.
+                app.dispatcher_ended(tenant);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(%tenant, error = %e, "cannot take the dispatcher lease");
+                app.dispatcher_ended(tenant);
+                return;
+            }
+        };
     // Claim the inbox with this lease's fence: a dispatcher whose lease lapsed can no longer
     // acknowledge or fail anything once this one started.
     if let Err(e) = app.registry().inbox_claim(tenant, lease.fence()).await {
@@ -167,7 +164,11 @@ async fn deliver_one(app: &Arc<App>, tenant: &TenantId, item: InboxItem, fence: 
             // update a second time.
             let mut attempt = 0;
             loop {
-                match app.registry().inbox_ack(tenant, item.seq, Some(fence)).await {
+                match app
+                    .registry()
+                    .inbox_ack(tenant, item.seq, Some(fence))
+                    .await
+                {
                     Ok(()) => {
                         app.metrics().delivery(DeliveryOutcome::Acked.as_str());
                         break;
@@ -213,7 +214,8 @@ async fn deliver_one(app: &Arc<App>, tenant: &TenantId, item: InboxItem, fence: 
                     return Step::Stop;
                 }
                 Ok(FailOutcome::DeadLettered) => {
-                    app.metrics().delivery(DeliveryOutcome::DeadLettered.as_str());
+                    app.metrics()
+                        .delivery(DeliveryOutcome::DeadLettered.as_str());
                     tracing::error!(%tenant, update_id = item.update_id, "update moved to the dead-letter list");
                 }
                 Ok(FailOutcome::Retry { attempts }) => {
@@ -356,9 +358,7 @@ pub async fn run_sweeper(app: Arc<App>) {
                     kick(&app, t);
                 }
                 app.metrics().inbox_pending.set(pending);
-                let age = oldest.map_or(0.0, |o| {
-                    (app.clock().now_ms() - o).max(0) as f64 / 1000.0
-                });
+                let age = oldest.map_or(0.0, |o| (app.clock().now_ms() - o).max(0) as f64 / 1000.0);
                 app.metrics().inbox_oldest_age_seconds.set(age);
             }
             Err(e) => tracing::warn!(error = %e, "inbox sweep failed"),

@@ -231,7 +231,8 @@ async fn wake_locked(
     let total = begun.elapsed();
     let p = path.as_str();
     for (name, ms) in &phases {
-        app.metrics().wake_phase(p, name, Duration::from_millis(*ms));
+        app.metrics()
+            .wake_phase(p, name, Duration::from_millis(*ms));
     }
     app.metrics()
         .wake_seconds
@@ -727,7 +728,9 @@ async fn instance_terminating(app: &Arc<App>, id: InstanceId, detail: String) {
                     app2.request_delivery(&tenant);
                 }
             }
-            Err(e) => tracing::warn!(%tenant, error = %e, "saving an evicted instance's state failed"),
+            Err(e) => {
+                tracing::warn!(%tenant, error = %e, "saving an evicted instance's state failed")
+            }
         }
     });
 }
@@ -999,7 +1002,10 @@ async fn publish_snapshot(
 /// Deletes the oldest snapshots beyond the retention count; never the head.
 async fn prune_snapshots(app: &Arc<App>, tenant: &TenantId) {
     let keep = app.settings().snapshot_keep;
-    let (Ok(list), Ok(head)) = (app.state().list(tenant).await, app.state().head(tenant).await) else {
+    let (Ok(list), Ok(head)) = (
+        app.state().list(tenant).await,
+        app.state().head(tenant).await,
+    ) else {
         return;
     };
     let head = head.map(|h| h.id);
@@ -1134,7 +1140,9 @@ pub async fn run_warm_pool(app: Arc<App>) {
 
 async fn fill_warm_pool(app: &Arc<App>) -> Result<()> {
     let settings = app.registry().get_settings().await?;
-    app.metrics().max_running.set(i64::from(settings.max_running));
+    app.metrics()
+        .max_running
+        .set(i64::from(settings.max_running));
     let mut target = settings.warm_pool_target as usize;
     if settings.max_running > 0 {
         // Warm instances count as running: the pool never takes the fleet over its limit.

@@ -564,7 +564,13 @@ impl Server {
                 .iter()
                 .map(|t| orchestrator::stop(&self.app, t, "shutdown"));
             let _ = tokio::time::timeout(grace, futures::future::join_all(stops)).await;
-            for rec in self.app.registry().list_instances().await.unwrap_or_default() {
+            for rec in self
+                .app
+                .registry()
+                .list_instances()
+                .await
+                .unwrap_or_default()
+            {
                 let _ = self.app.runtime().delete(&rec.id).await;
                 let _ = self.app.registry().delete_instance(&rec.id).await;
             }

@@ -188,10 +188,8 @@ impl Agent {
             inner.state.send_replace(AgentState::Crashed { code });
             // Back off a little on crash loops (200 ms, 400 ms … up to 3.2 s), but restart the
             // first crash at once.
-            const RESTART: otm_core::Backoff = otm_core::Backoff::new(
-                Duration::from_millis(100),
-                Duration::from_millis(3200),
-            );
+            const RESTART: otm_core::Backoff =
+                otm_core::Backoff::new(Duration::from_millis(100), Duration::from_millis(3200));
             if n > 1 {
                 tokio::time::sleep(RESTART.delay(n)).await;
             }

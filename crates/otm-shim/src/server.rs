@@ -106,12 +106,17 @@ pub async fn run(config: ShimConfig, shutdown: CancellationToken) -> std::io::Re
         // stopped the agent and fetched the final snapshot, within the grace.
         let grace = on_term.config.term_grace;
         if !grace.is_zero() && on_term.bound.lock().await.is_some() {
-            tracing::info!(grace_s = grace.as_secs(), "SIGTERM: serving on for the final snapshot");
+            tracing::info!(
+                grace_s = grace.as_secs(),
+                "SIGTERM: serving on for the final snapshot"
+            );
             let deadline = tokio::time::Instant::now() + grace;
             let stopped = tokio::time::timeout_at(deadline, on_term.agent_stopped.notified()).await;
             if stopped.is_ok() {
-                tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + SNAPSHOT_WINDOW))
-                    .await;
+                tokio::time::sleep_until(
+                    deadline.min(tokio::time::Instant::now() + SNAPSHOT_WINDOW),
+                )
+                .await;
             }
         }
         stop.cancel();
@@ -652,7 +657,10 @@ fn tcp_addr(addr: &str) -> std::io::Result<std::net::SocketAddr> {
         .trim_end_matches(']')
         .parse()
         .map_err(|_| bad())?;
-    Ok(std::net::SocketAddr::new(ip, port.parse().map_err(|_| bad())?))
+    Ok(std::net::SocketAddr::new(
+        ip,
+        port.parse().map_err(|_| bad())?,
+    ))
 }
 
 #[cfg(test)]

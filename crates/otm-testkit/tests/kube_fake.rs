@@ -1305,7 +1305,16 @@ async fn import_test_image(
     }
     let run = podman
         .tokio_command()
-        .args(["run", "--rm", "--network", "none", &image, "/bin/sh", "-c", "exit 0"])
+        .args([
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            &image,
+            "/bin/sh",
+            "-c",
+            "exit 0",
+        ])
         .output()
         .await
         .ok()?;
@@ -1341,8 +1350,8 @@ async fn pods_run_as_podman_containers() {
         eprintln!("skipped: podman cannot build and run a test image here");
         return;
     };
-    let runner =
-        otm_testkit::kube_fake::ContainerRunner::new(podman.clone()).image("otm-test", image.clone());
+    let runner = otm_testkit::kube_fake::ContainerRunner::new(podman.clone())
+        .image("otm-test", image.clone());
     let api = Api::start(FakeApiServer::builder().runner(runner)).await;
     api.post(
         &format!("/api/v1/namespaces/{NS}/secrets"),
@@ -1398,7 +1407,10 @@ async fn pods_run_as_podman_containers() {
     let left = podman
         .tokio_command()
         .args(["ps", "--all", "--quiet", "--filter"])
-        .arg(format!("label={}=boxed", otm_testkit::kube_fake::container::POD_NAME_LABEL))
+        .arg(format!(
+            "label={}=boxed",
+            otm_testkit::kube_fake::container::POD_NAME_LABEL
+        ))
         .output()
         .await
         .unwrap();

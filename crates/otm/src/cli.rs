@@ -933,9 +933,7 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                 new_key: !no_new_key,
                 retire_old_keys: !keep_old_keys,
             };
-            let v: RotateAnswer = api
-                .send_as(Method::POST, "/secrets/rotate", &body)
-                .await?;
+            let v: RotateAnswer = api.send_as(Method::POST, "/secrets/rotate", &body).await?;
             print_object(global.output, &v);
             if !v.failed.is_empty() {
                 return Err(CallError {

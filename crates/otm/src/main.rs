@@ -351,7 +351,8 @@ fn man_pages(dir: Option<PathBuf>) -> anyhow::Result<()> {
         return print_quietly(&page);
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    clap_mangen::generate_to(cmd, &dir).with_context(|| format!("writing into {}", dir.display()))?;
+    clap_mangen::generate_to(cmd, &dir)
+        .with_context(|| format!("writing into {}", dir.display()))?;
     let n = std::fs::read_dir(&dir)?
         .flatten()
         .filter(|e| e.path().extension().is_some_and(|x| x == "1"))

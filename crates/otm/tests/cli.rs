@@ -917,14 +917,22 @@ fn an_answer_of_another_shape_fails_clearly_instead_of_printing_blanks() {
 fn completions_cover_every_shell_and_subcommand() {
     for shell in ["bash", "zsh", "fish"] {
         let out = otm().args(["completions", shell]).output().unwrap();
-        assert!(out.status.success(), "{shell}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{shell}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let script = String::from_utf8(out.stdout).unwrap();
         for word in ["tenant", "inbox", "snapshots", "memory", "admin-url"] {
             assert!(script.contains(word), "{shell} completion lacks {word}");
         }
     }
     let out = otm().args(["completions", "tcsh"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2), "an unknown shell is a usage error");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
 }
 
 #[test]
@@ -932,10 +940,22 @@ fn man_pages_come_from_the_cli_definition() {
     let out = otm().arg("man").output().unwrap();
     assert!(out.status.success());
     let page = String::from_utf8(out.stdout).unwrap();
-    assert!(page.starts_with(".ie") || page.contains(".TH otm 1"), "{page}");
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH otm 1"),
+        "{page}"
+    );
     let dir = tempfile::tempdir().unwrap();
-    let out = otm().arg("man").arg("--dir").arg(dir.path()).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = otm()
+        .arg("man")
+        .arg("--dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let create = std::fs::read_to_string(dir.path().join("otm-tenant-create.1")).unwrap();
     assert!(create.contains("memory"), "the page documents the flags");
     assert!(dir.path().join("otm-server.1").is_file());

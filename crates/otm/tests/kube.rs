@@ -103,8 +103,9 @@ impl Kube {
     async fn start_with(pods: Pods) -> Kube {
         let dir = common::tempdir();
         if let Some(kc) = env("OTM_TEST_KUBECONFIG") {
-            let image = env("OTM_TEST_KUBE_IMAGE")
-                .expect("OTM_TEST_KUBE_IMAGE must name the otm image when OTM_TEST_KUBECONFIG is set");
+            let image = env("OTM_TEST_KUBE_IMAGE").expect(
+                "OTM_TEST_KUBE_IMAGE must name the otm image when OTM_TEST_KUBECONFIG is set",
+            );
             eprintln!("running against the cluster of {kc}");
             return Kube {
                 fake: None,
@@ -125,14 +126,16 @@ impl Kube {
             Pods::Containers => {
                 let podman = Podman::new().unwrap();
                 let image = otm_image(&podman).await;
-                (builder.runner(ContainerRunner::new(podman.clone()).image(FAKE_IMAGE, image)), Some(podman))
+                (
+                    builder.runner(ContainerRunner::new(podman.clone()).image(FAKE_IMAGE, image)),
+                    Some(podman),
+                )
             }
         };
-        let fake = builder
-            .start()
-            .await
+        let fake = builder.start().await.unwrap();
+        let kubeconfig = fake
+            .write_kubeconfig(&dir.path().join("kubeconfig"))
             .unwrap();
-        let kubeconfig = fake.write_kubeconfig(&dir.path().join("kubeconfig")).unwrap();
         Kube {
             fake: Some(fake),
             podman,
@@ -171,19 +174,29 @@ impl Kube {
         let found = podman.run(&[
             "ps",
             "--filter",
-            &format!("label={}={pod}", otm_testkit::kube_fake::container::POD_NAME_LABEL),
+            &format!(
+                "label={}={pod}",
+                otm_testkit::kube_fake::container::POD_NAME_LABEL
+            ),
             "--format",
             "{{.Names}}",
         ]);
         let names: Vec<&str> = found.lines().collect();
-        assert_eq!(names.len(), 1, "one running container for pod {pod}: {found:?}");
+        assert_eq!(
+            names.len(),
+            1,
+            "one running container for pod {pod}: {found:?}"
+        );
         let inspect: Value = serde_json::from_str(&podman.run(&["inspect", names[0]])).unwrap();
         let c = &inspect[0];
         assert_eq!(c["Config"]["User"], "65532:65532", "{c}");
         assert_eq!(c["HostConfig"]["ReadonlyRootfs"], true);
         assert_eq!(c["HostConfig"]["NetworkMode"], "host");
         assert_eq!(c["HostConfig"]["Memory"], 2u64 << 30);
-        let tmpfs = c["HostConfig"]["Tmpfs"].as_object().cloned().unwrap_or_default();
+        let tmpfs = c["HostConfig"]["Tmpfs"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
         for dir in ["/var/lib/otm/instance", "/tmp"] {
             assert!(tmpfs.contains_key(dir), "{dir} is a tmpfs: {tmpfs:?}");
         }
@@ -201,14 +214,24 @@ impl Kube {
         assert_eq!(field("Uid:"), "65532\t65532\t65532\t65532");
         assert_eq!(field("CapEff:"), "0000000000000000");
         assert_eq!(field("NoNewPrivs:"), "1");
-        let ip = self.fake.as_ref().unwrap().get("pods", &self.namespace, pod).unwrap()["status"]["podIP"]
+        let ip = self
+            .fake
+            .as_ref()
+            .unwrap()
+            .get("pods", &self.namespace, pod)
+            .unwrap()["status"]["podIP"]
             .as_str()
             .unwrap()
             .to_owned();
         std::net::TcpStream::connect((ip.as_str(), 7070))
             .unwrap_or_else(|e| panic!("the shim of {pod} listens on its pod IP {ip}: {e}"));
         // The container's output is the pod's log.
-        let log = self.fake.as_ref().unwrap().pod_logs(&self.namespace, pod).unwrap_or_default();
+        let log = self
+            .fake
+            .as_ref()
+            .unwrap()
+            .pod_logs(&self.namespace, pod)
+            .unwrap_or_default();
         assert!(log.contains("shim listening"), "the pod's log: {log}");
         // The shim's token reached the container from its Secret, and no process on the host
         // (podman's included) has it on its command line.
@@ -224,7 +247,10 @@ impl Kube {
         for entry in std::fs::read_dir("/proc").unwrap().flatten() {
             if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
                 let cmdline = String::from_utf8_lossy(&cmdline);
-                assert!(!cmdline.contains(&token), "the token is in a command line: {cmdline}");
+                assert!(
+                    !cmdline.contains(&token),
+                    "the token is in a command line: {cmdline}"
+                );
             }
         }
     }
@@ -233,7 +259,10 @@ impl Kube {
     fn fail_pod(&self, id: &InstanceId) {
         let name = pod_spec::pod_name(id);
         match &self.fake {
-            Some(f) => assert!(f.fail_pod(&self.namespace, &name, 137, "Error"), "no pod {name}"),
+            Some(f) => assert!(
+                f.fail_pod(&self.namespace, &name, 137, "Error"),
+                "no pod {name}"
+            ),
             None => {
                 let st = std::process::Command::new("kubectl")
                     .arg("--kubeconfig")
@@ -253,7 +282,11 @@ impl Kube {
         match &self.fake {
             Some(f) => {
                 let r = reqwest::Client::new()
-                    .delete(format!("{}/api/v1/namespaces/{}/pods/{name}", f.url(), self.namespace))
+                    .delete(format!(
+                        "{}/api/v1/namespaces/{}/pods/{name}",
+                        f.url(),
+                        self.namespace
+                    ))
                     .send()
                     .await
                     .unwrap();
@@ -263,7 +296,14 @@ impl Kube {
                 let st = std::process::Command::new("kubectl")
                     .arg("--kubeconfig")
                     .arg(&self.kubeconfig)
-                    .args(["-n", &self.namespace, "delete", "pod", &name, "--wait=false"])
+                    .args([
+                        "-n",
+                        &self.namespace,
+                        "delete",
+                        "pod",
+                        &name,
+                        "--wait=false",
+                    ])
                     .status()
                     .unwrap();
                 assert!(st.success());
@@ -369,7 +409,10 @@ async fn the_runtime_conformance_suite_passes_on_kube_with_pods_as_containers() 
     let started = Instant::now();
     let rt = Arc::new(kube.runtime().await);
     otm_runtime::conformance::runtime_suite(rt, |id| kube.fail_pod(id)).await;
-    eprintln!("the conformance suite with containers took {:?}", started.elapsed());
+    eprintln!(
+        "the conformance suite with containers took {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -382,15 +425,27 @@ async fn a_pod_has_its_token_in_a_secret_it_owns_and_both_go_on_delete() {
     let rt = kube.runtime().await;
     let s = spec(Some("alice"));
     let created = rt.create(&s).await.unwrap();
-    assert!(created.address.starts_with("http://127."), "{}", created.address);
+    assert!(
+        created.address.starts_with("http://127."),
+        "{}",
+        created.address
+    );
     assert!(created.address.ends_with(":7070"));
     let name = pod_spec::pod_name(&s.id);
-    let pod = kube.fake.as_ref().unwrap().get("pods", &kube.namespace, &name).unwrap();
+    let pod = kube
+        .fake
+        .as_ref()
+        .unwrap()
+        .get("pods", &kube.namespace, &name)
+        .unwrap();
     assert_eq!(pod["spec"]["runtimeClassName"], "kata-qemu");
     assert_eq!(pod["spec"]["priorityClassName"], "otm-tenant");
     assert_eq!(pod["spec"]["automountServiceAccountToken"], false);
     assert_eq!(pod["metadata"]["labels"]["otm.dev/tenant"], "alice");
-    assert_eq!(pod["metadata"]["annotations"]["karpenter.sh/do-not-disrupt"], "true");
+    assert_eq!(
+        pod["metadata"]["annotations"]["karpenter.sh/do-not-disrupt"],
+        "true"
+    );
     assert!(
         !pod.to_string().contains(s.shim_token.expose()),
         "the token is not in the pod"
@@ -402,7 +457,11 @@ async fn a_pod_has_its_token_in_a_secret_it_owns_and_both_go_on_delete() {
     );
     rt.delete(&s.id).await.unwrap();
     eventually("pod and secret gone", Duration::from_secs(15), || {
-        kube.fake.as_ref().unwrap().get("pods", &kube.namespace, &name).is_none()
+        kube.fake
+            .as_ref()
+            .unwrap()
+            .get("pods", &kube.namespace, &name)
+            .is_none()
             && kube.secret(&name).is_none()
     })
     .await;
@@ -417,14 +476,26 @@ async fn of_two_orchestrators_claiming_one_warm_pod_exactly_one_wins() {
         a.create(&warm).await.unwrap();
         // Both have seen the pod running.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !b.list().await.unwrap().iter().any(|i| i.id == warm.id && i.alive) {
+        while !b
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .any(|i| i.id == warm.id && i.alive)
+        {
             assert!(Instant::now() < deadline, "the second watcher sees the pod");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let (ta, tb) = (TenantId::parse("ta").unwrap(), TenantId::parse("tb").unwrap());
+        let (ta, tb) = (
+            TenantId::parse("ta").unwrap(),
+            TenantId::parse("tb").unwrap(),
+        );
         let (ra, rb) = tokio::join!(a.claim(&warm.id, &ta), b.claim(&warm.id, &tb));
         let (ra, rb) = (ra.unwrap(), rb.unwrap());
-        assert!(ra ^ rb, "round {round}: exactly one claim wins (a {ra}, b {rb})");
+        assert!(
+            ra ^ rb,
+            "round {round}: exactly one claim wins (a {ra}, b {rb})"
+        );
         let winner = if ra { "ta" } else { "tb" };
         let pod = kube
             .pods()
@@ -434,7 +505,10 @@ async fn of_two_orchestrators_claiming_one_warm_pod_exactly_one_wins() {
         assert_eq!(pod["metadata"]["labels"]["otm.dev/tenant"], winner);
         assert_eq!(pod["metadata"]["labels"]["otm.dev/warm"], "false");
         // A claimed pod cannot be claimed again.
-        let again = a.claim(&warm.id, &TenantId::parse("tc").unwrap()).await.unwrap();
+        let again = a
+            .claim(&warm.id, &TenantId::parse("tc").unwrap())
+            .await
+            .unwrap();
         assert!(!again, "a bound pod is not claimable");
         a.delete(&warm.id).await.unwrap();
     }
@@ -447,7 +521,10 @@ async fn the_lease_has_one_holder_and_moves_when_it_lapses() {
     let name = format!("otm-test-lease-{}", random_suffix());
     let a = LeaseElector::new(client().await.unwrap(), &kube.namespace, &name, "holder-a");
     let b = LeaseElector::new(client().await.unwrap(), &kube.namespace, &name, "holder-b");
-    assert!(a.acquire_or_renew().await.unwrap(), "the first candidate takes it");
+    assert!(
+        a.acquire_or_renew().await.unwrap(),
+        "the first candidate takes it"
+    );
     assert!(!b.acquire_or_renew().await.unwrap(), "the second does not");
     // While `a` renews, `b` never gets it.
     for _ in 0..4 {
@@ -461,11 +538,20 @@ async fn the_lease_has_one_holder_and_moves_when_it_lapses() {
         if b.acquire_or_renew().await.unwrap() {
             break;
         }
-        assert!(stopped.elapsed() < Duration::from_secs(30), "b never took over");
+        assert!(
+            stopped.elapsed() < Duration::from_secs(30),
+            "b never took over"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    eprintln!("the lease moved {:?} after the holder stopped", stopped.elapsed());
-    assert!(!a.acquire_or_renew().await.unwrap(), "the old holder is out");
+    eprintln!(
+        "the lease moved {:?} after the holder stopped",
+        stopped.elapsed()
+    );
+    assert!(
+        !a.acquire_or_renew().await.unwrap(),
+        "the old holder is out"
+    );
     if let Some(f) = &kube.fake {
         let lease = f.get("leases", &kube.namespace, &name).unwrap();
         assert_eq!(lease["spec"]["holderIdentity"], "holder-b");
@@ -520,7 +606,8 @@ impl EgressService {
                 let ports = b.lock().unwrap().clone();
                 tokio::spawn(async move {
                     for p in ports {
-                        if let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", p)).await {
+                        if let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", p)).await
+                        {
                             let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
                             return;
                         }
@@ -550,9 +637,10 @@ async fn kube_cluster(kube: &Kube) -> Option<(Cluster, Option<EgressService>)> {
     let mut options = kube.options();
     let service = if kube.fake.is_some() {
         let s = EgressService::start().await;
-        options
-            .orchestrator_args
-            .extend(["--egress-url".to_owned(), format!("http://127.0.0.1:{}", s.port)]);
+        options.orchestrator_args.extend([
+            "--egress-url".to_owned(),
+            format!("http://127.0.0.1:{}", s.port),
+        ]);
         Some(s)
     } else {
         None
@@ -568,7 +656,10 @@ async fn admin(c: &Cluster, method: reqwest::Method, path: &str, body: Option<Va
     for o in &c.orchestrators {
         let mut r = c
             .http
-            .request(method.clone(), format!("http://127.0.0.1:{}{path}", o.admin))
+            .request(
+                method.clone(),
+                format!("http://127.0.0.1:{}{path}", o.admin),
+            )
             .bearer_auth(ADMIN_TOKEN);
         if let Some(b) = &body {
             r = r.json(b);
@@ -583,19 +674,26 @@ async fn admin(c: &Cluster, method: reqwest::Method, path: &str, body: Option<Va
     panic!("no orchestrator answers");
 }
 
-async fn send_and_wait(c: &Cluster, tenant: &str, secret: &str, token: &str, updates: &[(i64, i64, String)]) {
+async fn send_and_wait(
+    c: &Cluster,
+    tenant: &str,
+    secret: &str,
+    token: &str,
+    updates: &[(i64, i64, String)],
+) {
     let before = c.tg.sent_messages(token).len();
     for (id, chat, text) in updates {
-        let status = c.post(0, tenant, secret, &text_update(*id, *chat, text)).await;
+        let status = c
+            .post(0, tenant, secret, &text_update(*id, *chat, text))
+            .await;
         if status != 200 {
             c.dump_logs();
         }
         assert_eq!(status, 200);
     }
-    let got = c
-        .tg
-        .wait_for_messages(token, before + updates.len(), Duration::from_secs(120))
-        .await;
+    let got =
+        c.tg.wait_for_messages(token, before + updates.len(), Duration::from_secs(120))
+            .await;
     if got.len() != before + updates.len() {
         c.dump_logs();
     }
@@ -609,16 +707,21 @@ async fn two_orchestrators_on_kube_deliver_in_order_sleep_wake_and_survive_a_cra
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_orchestrators_on_kube_with_pods_as_containers_deliver_in_order_sleep_wake_and_survive_a_crash() {
+async fn two_orchestrators_on_kube_with_pods_as_containers_deliver_in_order_sleep_wake_and_survive_a_crash()
+ {
     let test = "two orchestrators with containers";
-    let Some(kube) = Kube::start_containers(test).await else { return };
+    let Some(kube) = Kube::start_containers(test).await else {
+        return;
+    };
     let started = Instant::now();
     deliver_in_order_sleep_wake_and_survive_a_crash(&kube).await;
     eprintln!("{test}: took {:?}", started.elapsed());
 }
 
 async fn deliver_in_order_sleep_wake_and_survive_a_crash(kube: &Kube) {
-    let Some((c, _egress)) = kube_cluster(kube).await else { return };
+    let Some((c, _egress)) = kube_cluster(kube).await else {
+        return;
+    };
     let token = "9601:KUBE";
     let secret = c.create_tenant("kt", token).await;
 
@@ -649,8 +752,18 @@ async fn deliver_in_order_sleep_wake_and_survive_a_crash(kube: &Kube) {
 
     // Sleep: the pod goes, the state is kept; wake: a new pod goes on from it.
     admin(&c, reqwest::Method::POST, "/v1/tenants/kt/stop", None).await;
-    eventually("the pod is gone", Duration::from_secs(30), || kube.pods_of("kt").is_empty()).await;
-    send_and_wait(&c, "kt", &secret, token, &[(9001, 500, "after sleep".into())]).await;
+    eventually("the pod is gone", Duration::from_secs(30), || {
+        kube.pods_of("kt").is_empty()
+    })
+    .await;
+    send_and_wait(
+        &c,
+        "kt",
+        &secret,
+        token,
+        &[(9001, 500, "after sleep".into())],
+    )
+    .await;
     let last = c.tg.sent_messages(token).last().unwrap().text.clone();
     assert_eq!(last, "#6: after sleep", "memory survives the sleep");
     let second = kube.pods_of("kt");
@@ -678,7 +791,14 @@ async fn deliver_in_order_sleep_wake_and_survive_a_crash(kube: &Kube) {
         assert!(Instant::now() < deadline, "the failure is noticed: {t}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    send_and_wait(&c, "kt", &secret, token, &[(9002, 500, "after crash".into())]).await;
+    send_and_wait(
+        &c,
+        "kt",
+        &secret,
+        token,
+        &[(9002, 500, "after crash".into())],
+    )
+    .await;
     let last = c.tg.sent_messages(token).last().unwrap().text.clone();
     assert_eq!(last, "#6: after crash", "the state of the last snapshot");
 
@@ -699,19 +819,34 @@ async fn deliver_in_order_sleep_wake_and_survive_a_crash(kube: &Kube) {
         if t["status"] != "running" {
             break;
         }
-        assert!(Instant::now() < deadline, "the evicted tenant is put to sleep: {t}");
+        assert!(
+            Instant::now() < deadline,
+            "the evicted tenant is put to sleep: {t}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    send_and_wait(&c, "kt", &secret, token, &[(9003, 500, "after eviction".into())]).await;
+    send_and_wait(
+        &c,
+        "kt",
+        &secret,
+        token,
+        &[(9003, 500, "after eviction".into())],
+    )
+    .await;
     let last = c.tg.sent_messages(token).last().unwrap().text.clone();
-    assert_eq!(last, "#7: after eviction", "the evicted pod's state was saved");
+    assert_eq!(
+        last, "#7: after eviction",
+        "the evicted pod's state was saved"
+    );
     c.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn on_kube_a_warm_pod_is_claimed_pods_outlive_a_killed_orchestrator_and_the_lease_moves() {
     let kube = Kube::start().await;
-    let Some((mut c, _egress)) = kube_cluster(&kube).await else { return };
+    let Some((mut c, _egress)) = kube_cluster(&kube).await else {
+        return;
+    };
 
     // Warm pool: the leader keeps one warm pod; a wake claims it (its labels change).
     admin(
@@ -724,20 +859,34 @@ async fn on_kube_a_warm_pod_is_claimed_pods_outlive_a_killed_orchestrator_and_th
     let warm_pods = |kube: &Kube| -> Vec<String> {
         kube.pods()
             .iter()
-            .filter(|p| p["metadata"]["labels"]["otm.dev/warm"] == "true" && p["status"]["phase"] == "Running")
+            .filter(|p| {
+                p["metadata"]["labels"]["otm.dev/warm"] == "true"
+                    && p["status"]["phase"] == "Running"
+            })
             .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
             .collect()
     };
-    eventually("a warm pod runs", Duration::from_secs(30), || warm_pods(&kube).len() == 1).await;
+    eventually("a warm pod runs", Duration::from_secs(30), || {
+        warm_pods(&kube).len() == 1
+    })
+    .await;
     let warm = warm_pods(&kube)[0].clone();
     // ... and the registry has it.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let list = admin(&c, reqwest::Method::GET, "/v1/instances", None).await;
-        if list.as_array().into_iter().flatten().any(|i| i["state"] == "warm") {
+        if list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|i| i["state"] == "warm")
+        {
             break;
         }
-        assert!(Instant::now() < deadline, "the warm instance is registered: {list}");
+        assert!(
+            Instant::now() < deadline,
+            "the warm instance is registered: {list}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let token = "9602:WARM";
@@ -747,7 +896,11 @@ async fn on_kube_a_warm_pod_is_claimed_pods_outlive_a_killed_orchestrator_and_th
         c.dump_logs();
     }
     assert_eq!(woken["path"], "warm", "{woken}");
-    assert_eq!(kube.pods_of("kw"), vec![warm.clone()], "the warm pod is the tenant's now");
+    assert_eq!(
+        kube.pods_of("kw"),
+        vec![warm.clone()],
+        "the warm pod is the tenant's now"
+    );
     send_and_wait(&c, "kw", &secret, token, &[(1, 77, "hello".into())]).await;
 
     // Which orchestrator leads?
@@ -782,7 +935,11 @@ async fn on_kube_a_warm_pod_is_claimed_pods_outlive_a_killed_orchestrator_and_th
 
     // The leader is killed (SIGKILL): the pods stay, the other orchestrator takes the lease, and
     // the tenant is answered by the same pod.
-    let pods_before: Vec<String> = kube.pods().iter().map(|p| p["metadata"]["name"].as_str().unwrap().to_owned()).collect();
+    let pods_before: Vec<String> = kube
+        .pods()
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect();
     let killed = c.orchestrators.remove(leader);
     drop(killed);
     let other = 0;
@@ -790,7 +947,10 @@ async fn on_kube_a_warm_pod_is_claimed_pods_outlive_a_killed_orchestrator_and_th
     loop {
         let s: Value = c
             .http
-            .get(format!("http://127.0.0.1:{}/v1/status", c.orchestrators[other].admin))
+            .get(format!(
+                "http://127.0.0.1:{}/v1/status",
+                c.orchestrators[other].admin
+            ))
             .bearer_auth(ADMIN_TOKEN)
             .send()
             .await
@@ -801,16 +961,29 @@ async fn on_kube_a_warm_pod_is_claimed_pods_outlive_a_killed_orchestrator_and_th
         if s["leader"] == true {
             break;
         }
-        assert!(moved.elapsed() < Duration::from_secs(40), "the other orchestrator leads");
+        assert!(
+            moved.elapsed() < Duration::from_secs(40),
+            "the other orchestrator leads"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    eprintln!("the lead moved {:?} after the leader was killed", moved.elapsed());
+    eprintln!(
+        "the lead moved {:?} after the leader was killed",
+        moved.elapsed()
+    );
     if holder.is_some() {
         assert_ne!(lease_holder(&kube), holder, "the Lease has another holder");
     }
-    let pods_after: Vec<String> = kube.pods().iter().map(|p| p["metadata"]["name"].as_str().unwrap().to_owned()).collect();
+    let pods_after: Vec<String> = kube
+        .pods()
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect();
     for p in &pods_before {
-        assert!(pods_after.contains(p), "pod {p} outlived the orchestrator: {pods_after:?}");
+        assert!(
+            pods_after.contains(p),
+            "pod {p} outlived the orchestrator: {pods_after:?}"
+        );
     }
     send_and_wait(&c, "kw", &secret, token, &[(2, 77, "still there".into())]).await;
     assert_eq!(kube.pods_of("kw"), vec![warm], "the same pod answers");
@@ -828,9 +1001,16 @@ async fn on_kube_a_warm_pod_is_claimed_pods_outlive_a_killed_orchestrator_and_th
     healthy(&c.http, &mut back).await;
     c.orchestrators.push(back);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let pods_adopted: Vec<String> = kube.pods().iter().map(|p| p["metadata"]["name"].as_str().unwrap().to_owned()).collect();
+    let pods_adopted: Vec<String> = kube
+        .pods()
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect();
     for p in &pods_before {
-        assert!(pods_adopted.contains(p), "pod {p} kept after the restart: {pods_adopted:?}");
+        assert!(
+            pods_adopted.contains(p),
+            "pod {p} kept after the restart: {pods_adopted:?}"
+        );
     }
     send_and_wait(&c, "kw", &secret, token, &[(3, 77, "after restart".into())]).await;
     let last = c.tg.sent_messages(token).last().unwrap().text.clone();

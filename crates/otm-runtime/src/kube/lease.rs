@@ -132,14 +132,21 @@ impl LeaderElector for LeaseElector {
             return Ok(false);
         }
         let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!mine);
-        let acquired = if mine { spec.acquire_time.clone() } else { None };
+        let acquired = if mine {
+            spec.acquire_time.clone()
+        } else {
+            None
+        };
         let mut next = current.clone();
         next.spec = Some(self.spec(transitions, acquired));
         // `replace` sends the resourceVersion we read: a stale one is refused with 409.
         match self.api.replace(&self.name, &pp, &next).await {
             Ok(l) => {
-                *self.observed.lock().unwrap() =
-                    l.metadata.resource_version.clone().map(|rv| (rv, Instant::now()));
+                *self.observed.lock().unwrap() = l
+                    .metadata
+                    .resource_version
+                    .clone()
+                    .map(|rv| (rv, Instant::now()));
                 Ok(true)
             }
             Err(e) if code(&e) == Some(409) => Ok(false),
@@ -159,7 +166,11 @@ impl LeaderElector for LeaseElector {
         spec.holder_identity = None;
         spec.lease_duration_seconds = Some(1);
         spec.renew_time = Some(now());
-        match self.api.replace(&self.name, &PostParams::default(), &lease).await {
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
             Ok(_) => Ok(()),
             Err(e) if matches!(code(&e), Some(409 | 404)) => Ok(()),
             Err(e) => Err(err(e)),

@@ -14,13 +14,13 @@ pub mod lease;
 pub mod spec;
 
 use async_trait::async_trait;
-use futures::stream::BoxStream;
 use futures::StreamExt;
+use futures::stream::BoxStream;
 use k8s_openapi::api::core::v1::{Pod, Secret, Toleration};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::WatchStreamExt;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, Event};
-use kube::runtime::WatchStreamExt;
 use otm_core::{
     Error, InstanceId, InstanceSpec, ResourceLimits, Result, Runtime, RuntimeEvent,
     RuntimeInstance, TenantId,
@@ -187,13 +187,14 @@ impl KubeRuntime {
 
     /// A client from a kubeconfig file.
     pub async fn client_from_kubeconfig(path: &std::path::Path) -> Result<kube::Client> {
-        let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| {
-            Error::generic(BACKEND, format!("kubeconfig {}: {e}", path.display()))
-        })?;
+        let kc = kube::config::Kubeconfig::read_from(path)
+            .map_err(|e| Error::generic(BACKEND, format!("kubeconfig {}: {e}", path.display())))?;
         let config =
             kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
                 .await
-                .map_err(|e| Error::generic(BACKEND, format!("kubeconfig {}: {e}", path.display())))?;
+                .map_err(|e| {
+                    Error::generic(BACKEND, format!("kubeconfig {}: {e}", path.display()))
+                })?;
         kube::Client::try_from(config).map_err(|e| Error::generic(BACKEND, e))
     }
 
@@ -203,15 +204,18 @@ impl KubeRuntime {
         let pods: Api<Pod> = Api::namespaced(client.clone(), &cfg.namespace);
         let secrets: Api<Secret> = Api::namespaced(client.clone(), &cfg.namespace);
         // Fail early, with a clear message, when the API or the namespace cannot be read.
-        pods.list_metadata(&kube::api::ListParams::default().labels(spec::SELECTOR).limit(1))
-            .await
-            .map_err(|e| match api_err(e) {
-                Error::NotFound { what } => Error::generic(
-                    BACKEND,
-                    format!("namespace {}: {what}", cfg.namespace),
-                ),
-                other => other,
-            })?;
+        pods.list_metadata(
+            &kube::api::ListParams::default()
+                .labels(spec::SELECTOR)
+                .limit(1),
+        )
+        .await
+        .map_err(|e| match api_err(e) {
+            Error::NotFound { what } => {
+                Error::generic(BACKEND, format!("namespace {}: {what}", cfg.namespace))
+            }
+            other => other,
+        })?;
         let (reader, writer) = reflector::store::<Pod>();
         let (changed_tx, changed) = watch::channel(0u64);
         let (events, _) = broadcast::channel(1024);
@@ -352,7 +356,12 @@ impl KubeRuntime {
             Err(e) if status_code(&e) == Some(404) => {}
             Err(e) => return Err(api_err(e)),
         }
-        match self.inner.secrets.delete(&name, &DeleteParams::default()).await {
+        match self
+            .inner
+            .secrets
+            .delete(&name, &DeleteParams::default())
+            .await
+        {
             Ok(_) => Ok(()),
             Err(e) if status_code(&e) == Some(404) => Ok(()),
             Err(e) => Err(api_err(e)),
@@ -443,7 +452,11 @@ impl Runtime for KubeRuntime {
         let created = match self.inner.pods.create(&pp, &spec::pod(cfg, spec)).await {
             Ok(p) => p,
             Err(e) => {
-                let _ = self.inner.secrets.delete(&name, &DeleteParams::default()).await;
+                let _ = self
+                    .inner
+                    .secrets
+                    .delete(&name, &DeleteParams::default())
+                    .await;
                 return Err(api_err(e));
             }
         };
@@ -560,9 +573,7 @@ impl Runtime for KubeRuntime {
             .as_ref()
             .and_then(|s| s.containers.first())
             .and_then(|c| c.resources.clone());
-        if have.as_ref().map(|h| (&h.requests, &h.limits))
-            == Some((&want.requests, &want.limits))
-        {
+        if have.as_ref().map(|h| (&h.requests, &h.limits)) == Some((&want.requests, &want.limits)) {
             return Ok(());
         }
         let patch = serde_json::json!({
@@ -581,7 +592,10 @@ impl Runtime for KubeRuntime {
             .map_err(|e| {
                 Error::unavailable(
                     BACKEND,
-                    format!("the cluster did not resize pod {} in place: {e}", spec::pod_name(id)),
+                    format!(
+                        "the cluster did not resize pod {} in place: {e}",
+                        spec::pod_name(id)
+                    ),
                 )
             })
     }
@@ -600,7 +614,11 @@ impl Runtime for KubeRuntime {
         match self
             .inner
             .pods
-            .patch(&spec::pod_name(id), &PatchParams::default(), &Patch::Merge(&patch))
+            .patch(
+                &spec::pod_name(id),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
             .await
         {
             Ok(_) => Ok(true),

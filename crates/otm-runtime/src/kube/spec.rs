@@ -2,16 +2,16 @@
 //! runtime's settings, so every field that matters for isolation is checked by unit tests.
 
 use super::KubeRuntimeConfig;
+use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    ObjectFieldSelector, Pod,
-    PodSecurityContext, PodSpec, Probe, ResourceRequirements, SeccompProfile, Secret,
-    SecretKeySelector, SecurityContext, TCPSocketAction, Volume, VolumeMount,
+    ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, Probe, ResourceRequirements,
+    SeccompProfile, Secret, SecretKeySelector, SecurityContext, TCPSocketAction, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use k8s_openapi::ByteString;
 use otm_core::{InstanceId, InstanceSpec, ResourceLimits, TenantId};
 use std::collections::BTreeMap;
 
@@ -190,7 +190,10 @@ pub fn resources(limits: &ResourceLimits) -> ResourceRequirements {
     let mem_request = limits.memory_bytes.min(MEMORY_REQUEST);
     ResourceRequirements {
         requests: Some(BTreeMap::from([
-            ("cpu".to_owned(), cpu(limits.cpu_request_millis.min(limits.cpu_millis))),
+            (
+                "cpu".to_owned(),
+                cpu(limits.cpu_request_millis.min(limits.cpu_millis)),
+            ),
             ("memory".to_owned(), bytes(mem_request)),
         ])),
         limits: Some(BTreeMap::from([
@@ -334,9 +337,9 @@ pub fn pod(cfg: &KubeRuntimeConfig, spec: &InstanceSpec) -> Pod {
         },
         spec: Some(PodSpec {
             runtime_class_name: cfg.runtime_class.clone(),
-            priority_class_name: cfg.priority_classes.then(|| {
-                if bound { PRIORITY_BOUND } else { PRIORITY_WARM }.to_owned()
-            }),
+            priority_class_name: cfg
+                .priority_classes
+                .then(|| if bound { PRIORITY_BOUND } else { PRIORITY_WARM }.to_owned()),
             automount_service_account_token: Some(false),
             enable_service_links: Some(false),
             // The pause process is process 1 and reaps what the agent leaves behind.
@@ -485,9 +488,15 @@ mod tests {
         // Requests and limits as the original's defaults.
         let r = c.resources.as_ref().unwrap();
         assert_eq!(r.requests.as_ref().unwrap()["cpu"].0, "200m");
-        assert_eq!(r.requests.as_ref().unwrap()["memory"].0, (1u64 << 30).to_string());
+        assert_eq!(
+            r.requests.as_ref().unwrap()["memory"].0,
+            (1u64 << 30).to_string()
+        );
         assert_eq!(r.limits.as_ref().unwrap()["cpu"].0, "1000m");
-        assert_eq!(r.limits.as_ref().unwrap()["memory"].0, (2u64 << 30).to_string());
+        assert_eq!(
+            r.limits.as_ref().unwrap()["memory"].0,
+            (2u64 << 30).to_string()
+        );
 
         // The token comes from the instance's secret, never from the pod spec itself.
         let json = serde_json::to_string(&p).unwrap();

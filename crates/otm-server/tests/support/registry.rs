@@ -192,7 +192,6 @@ impl TenantStore for MemoryRegistry {
 
 #[async_trait]
 impl InstanceStore for MemoryRegistry {
-
     async fn put_instance(&self, instance: &InstanceRecord, fence: Option<u64>) -> Result<()> {
         let mut i = self.lock();
         if let (Some(f), Some(t)) = (fence, &instance.tenant)
@@ -261,7 +260,6 @@ impl InstanceStore for MemoryRegistry {
 
 #[async_trait]
 impl Inbox for MemoryRegistry {
-
     async fn inbox_append(
         &self,
         tenant: &TenantId,

@@ -144,8 +144,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use pods::{Fate, PodCommand};
 pub use container::ContainerRunner;
+use pods::{Fate, PodCommand};
 pub use pods::{PodLaunch, PodRunner, ProcessRunner, Workload};
 use store::{PODS, RESOURCES, Store, meta_str};
 

@@ -381,4 +381,3 @@ pub fn dynamo_s3() -> Option<Backends> {
         state: with_prefix(&s3, &format!("/scale{suffix}")),
     })
 }
-
