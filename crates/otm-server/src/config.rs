@@ -452,9 +452,10 @@ impl Settings {
                 .clone()
                 .or_else(|| std::env::current_exe().ok())
                 .unwrap_or_default();
-            let read_only = crate::openclaw::locate(self)
-                .map(|i| i.read_only)
-                .unwrap_or_default();
+            let read_only =
+                crate::openclaw_install::locate(self.openclaw_prefix.as_deref(), &self.data_dir)
+                    .map(|i| i.read_only)
+                    .unwrap_or_default();
             if let Err(e) =
                 otm_runtime::local::check_shown_paths(&self.data_dir, &binary, &read_only)
             {

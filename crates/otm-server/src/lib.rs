@@ -18,7 +18,8 @@
 //! - [`surrogate`]: which tenant a surrogate token belongs to, and bounded request bodies,
 //!   for both egress proxies.
 //! - [`connect`]: the egress policy's CONNECT proxy to allowlisted public hosts.
-//! - [`openclaw`]: where OpenClaw is installed and what its instances are bound with.
+//! - [`openclaw`]: what the `openclaw` profile's instances are bound with.
+//! - [`openclaw_install`]: where OpenClaw is installed on this machine.
 //! - [`admin`]: the admin API and `/metrics`.
 //! - [`telegram`]: a client for the real Bot API.
 //! - [`metrics`]: Prometheus metrics.
@@ -44,6 +45,7 @@ pub mod metrics;
 pub mod model_budget;
 pub mod model_proxy;
 pub mod openclaw;
+pub mod openclaw_install;
 pub mod orchestrator;
 pub mod proxy_path;
 pub mod remote;
