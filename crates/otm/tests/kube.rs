@@ -332,6 +332,14 @@ impl Kube {
             .collect()
     }
 
+    /// The names of every instance pod.
+    fn pod_names(&self) -> Vec<String> {
+        self.pods()
+            .iter()
+            .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
     fn pods_of(&self, tenant: &str) -> Vec<String> {
         self.pods()
             .iter()
@@ -935,11 +943,7 @@ async fn on_kube_a_warm_pod_is_claimed_pods_outlive_a_killed_orchestrator_and_th
 
     // The leader is killed (SIGKILL): the pods stay, the other orchestrator takes the lease, and
     // the tenant is answered by the same pod.
-    let pods_before: Vec<String> = kube
-        .pods()
-        .iter()
-        .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
-        .collect();
+    let pods_before: Vec<String> = kube.pod_names();
     let killed = c.orchestrators.remove(leader);
     drop(killed);
     let other = 0;
@@ -974,11 +978,7 @@ async fn on_kube_a_warm_pod_is_claimed_pods_outlive_a_killed_orchestrator_and_th
     if holder.is_some() {
         assert_ne!(lease_holder(&kube), holder, "the Lease has another holder");
     }
-    let pods_after: Vec<String> = kube
-        .pods()
-        .iter()
-        .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
-        .collect();
+    let pods_after: Vec<String> = kube.pod_names();
     for p in &pods_before {
         assert!(
             pods_after.contains(p),
@@ -1001,11 +1001,7 @@ async fn on_kube_a_warm_pod_is_claimed_pods_outlive_a_killed_orchestrator_and_th
     healthy(&c.http, &mut back).await;
     c.orchestrators.push(back);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let pods_adopted: Vec<String> = kube
-        .pods()
-        .iter()
-        .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
-        .collect();
+    let pods_adopted: Vec<String> = kube.pod_names();
     for p in &pods_before {
         assert!(
             pods_adopted.contains(p),
