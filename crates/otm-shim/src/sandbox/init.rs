@@ -346,14 +346,14 @@ mod tests {
         let none: [(&String, &String); 0] = [];
         assert!(encode_launch("/bin/a\0b", &[], none).is_err());
         assert!(
-            decode_launch(b"/bin/agent\03\0a\0").is_err(),
+            decode_launch(b"/bin/agent\x003\x00a\x00").is_err(),
             "arguments missing"
         );
         assert!(
-            decode_launch(b"/bin/agent\00\0=x\0").is_err(),
+            decode_launch(b"/bin/agent\x000\x00=x\x00").is_err(),
             "a nameless variable"
         );
-        assert!(decode_launch(b"/bin/agent\00").is_err(), "no end");
+        assert!(decode_launch(b"/bin/agent\x000").is_err(), "no end");
         assert!(decode_launch(b"").is_err());
     }
 }
