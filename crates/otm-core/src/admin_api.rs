@@ -15,6 +15,10 @@
 //! | `POST /v1/tenants/{id}/wake` | | [`WakeView`] |
 //! | `POST /v1/tenants/{id}/stop` | | [`StopView`] |
 //! | `GET /v1/tenants/{id}/inbox` | | [`InboxAnswer`] |
+//! | `POST /v1/tenants/{id}/inbox/{seq}/retry` | | [`RetryAnswer`] |
+//! | `POST /v1/tenants/{id}/inbox/dead/retry` (every dead letter) | | [`RetryAnswer`] |
+//! | `DELETE /v1/tenants/{id}/inbox/{seq}` | | [`DropAnswer`] |
+//! | `DELETE /v1/tenants/{id}/inbox/dead` (every dead letter) | | [`DropAnswer`] |
 //! | `GET /v1/tenants/{id}/snapshots` | | [`SnapshotList`] |
 //! | `POST /v1/tenants/{id}/snapshots/{snapshot}/restore` | | [`RestoreView`] |
 //! | `GET /v1/tenants/{id}/export` | | the state as a tar, `x-otm-snapshot` names its snapshot |
@@ -379,6 +383,23 @@ pub struct InboxAnswer {
     pub tenant: TenantId,
     pub pending: Vec<InboxEntry>,
     pub dead: Vec<InboxEntry>,
+}
+
+/// The answer to a retry of dead letters: they are pending again, at the head of the inbox,
+/// and the tenant's dispatcher was told.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryAnswer {
+    pub tenant: TenantId,
+    /// Sequence numbers of the updates retried, ascending.
+    pub retried: Vec<i64>,
+}
+
+/// The answer to a drop of dead letters: they are gone (their update ids still count as seen).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DropAnswer {
+    pub tenant: TenantId,
+    /// Sequence numbers of the updates dropped, ascending.
+    pub dropped: Vec<i64>,
 }
 
 /// One snapshot of a tenant.

@@ -40,7 +40,9 @@ pub use backoff::Backoff;
 pub use coordinator::{Coordinator, Lease, Notification};
 pub use error::{Error, Result};
 pub use id::{InstanceId, SnapshotId, TenantId};
-pub use inbox::{Appended, DeliveryFailure, DeliveryOutcome, FailOutcome, InboxItem, InboxView};
+pub use inbox::{
+    Appended, DeadLetters, DeliveryFailure, DeliveryOutcome, FailOutcome, InboxItem, InboxView,
+};
 pub use instance::{InstanceRecord, InstanceState};
 pub use registry::{FleetSettings, Inbox, InstanceStore, Registry, TenantStore};
 pub use runtime::{

@@ -7,12 +7,12 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use otm_core::admin_api::{
-    CreateTenant, ErrorBody, ErrorCode, InboxAnswer, InstanceView, LimitsBody, PatchTenant,
-    PutConfig, RestoreView, RotateAnswer, RotateRequest, SnapshotEntry, SnapshotList, StatusView,
-    StopView, TenantView, WakeView,
+    CreateTenant, DropAnswer, ErrorBody, ErrorCode, InboxAnswer, InstanceView, LimitsBody,
+    PatchTenant, PutConfig, RestoreView, RetryAnswer, RotateAnswer, RotateRequest, SnapshotEntry,
+    SnapshotList, StatusView, StopView, TenantView, WakeView,
 };
 use otm_core::{Error, FleetSettings, InstanceRecord, Secret, Tenant, TenantId};
 use serde::Deserialize;
@@ -93,6 +93,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/tenants/{id}/wake", post(wake_tenant))
         .route("/tenants/{id}/stop", post(stop_tenant))
         .route("/tenants/{id}/inbox", get(inbox))
+        .route("/tenants/{id}/inbox/{seq}", delete(drop_dead_letters))
+        .route("/tenants/{id}/inbox/{seq}/retry", post(retry_dead_letters))
         .route("/tenants/{id}/snapshots", get(snapshots))
         .route("/tenants/{id}/export", get(export))
         .route(
@@ -733,6 +735,46 @@ async fn inbox(
         tenant: t.id,
         pending: v.pending.iter().map(Into::into).collect(),
         dead: v.dead.iter().map(Into::into).collect(),
+    }))
+}
+
+/// The dead letters a `{seq}` segment names: one sequence number, or `dead` for all of them.
+fn dead_letters(seq: &str) -> ApiResult<otm_core::DeadLetters> {
+    if seq == "dead" {
+        return Ok(otm_core::DeadLetters::All);
+    }
+    seq.parse::<i64>()
+        .map(otm_core::DeadLetters::One)
+        .map_err(|_| {
+            ApiError::bad_request(format!(
+                "`{seq}` is not a sequence number (see `otm inbox TENANT`), nor `dead` for every dead letter"
+            ))
+        })
+}
+
+async fn retry_dead_letters(
+    State(app): State<Arc<App>>,
+    Path((id, seq)): Path<(String, String)>,
+) -> ApiResult<Json<RetryAnswer>> {
+    let which = dead_letters(&seq)?;
+    let id = parse_id(&id)?;
+    let retried = app.retry_dead_letters(&id, which).await?;
+    Ok(Json(RetryAnswer {
+        tenant: id,
+        retried,
+    }))
+}
+
+async fn drop_dead_letters(
+    State(app): State<Arc<App>>,
+    Path((id, seq)): Path<(String, String)>,
+) -> ApiResult<Json<DropAnswer>> {
+    let which = dead_letters(&seq)?;
+    let id = parse_id(&id)?;
+    let dropped = app.drop_dead_letters(&id, which).await?;
+    Ok(Json(DropAnswer {
+        tenant: id,
+        dropped,
     }))
 }
 

@@ -307,6 +307,52 @@ impl App {
         self.routed
     }
 
+    /// Makes dead letters of `tenant` pending again, at the head of its inbox, and has them
+    /// delivered at once: the dispatcher here is kicked, and (with a shared coordinator) the
+    /// replica that may hold its lease is told. Returns the sequence numbers retried. Errors as
+    /// [`otm_core::Inbox::inbox_retry`]: not found for an unknown tenant or seq, conflict for an
+    /// update that is not a dead letter.
+    pub async fn retry_dead_letters(
+        self: &Arc<Self>,
+        tenant: &TenantId,
+        which: otm_core::DeadLetters,
+    ) -> otm_core::Result<Vec<i64>> {
+        let retried = self.registry.inbox_retry(tenant, which).await?;
+        if !retried.is_empty() {
+            tracing::info!(%tenant, ?retried, "dead letters retried");
+            crate::dispatch::kick(self, tenant);
+            if self.routed
+                || self
+                    .settings
+                    .coordinator
+                    .as_deref()
+                    .is_some_and(|c| c != "memory")
+            {
+                let _ = self
+                    .coordinator
+                    .publish(otm_core::Notification::InboxHasWork {
+                        tenant: tenant.clone(),
+                    })
+                    .await;
+            }
+        }
+        Ok(retried)
+    }
+
+    /// Drops dead letters of `tenant`; returns the sequence numbers dropped. Errors as
+    /// [`otm_core::Inbox::inbox_drop`].
+    pub async fn drop_dead_letters(
+        &self,
+        tenant: &TenantId,
+        which: otm_core::DeadLetters,
+    ) -> otm_core::Result<Vec<i64>> {
+        let dropped = self.registry.inbox_drop(tenant, which).await?;
+        if !dropped.is_empty() {
+            tracing::info!(%tenant, ?dropped, "dead letters dropped");
+        }
+        Ok(dropped)
+    }
+
     /// Asks for `tenant`'s inbox to be looked at again (an instance came up, or died with
     /// updates waiting). Whoever drains [`App::take_delivery_requests`] starts its dispatcher;
     /// the orchestrator does not call into dispatch itself.

@@ -60,9 +60,9 @@ use attr::{Item, Reader, b, boolean, n, s};
 use client::{ApiError, Client};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use otm_core::{
-    Appended, Error, FailOutcome, FleetSettings, Inbox, InboxItem, InboxView, InstanceId,
-    InstanceRecord, InstanceState, InstanceStore, Result, Tenant, TenantId, TenantStatus,
-    TenantStore,
+    Appended, DeadLetters, Error, FailOutcome, FleetSettings, Inbox, InboxItem, InboxView,
+    InstanceId, InstanceRecord, InstanceState, InstanceStore, Result, Tenant, TenantId,
+    TenantStatus, TenantStore,
 };
 use serde_json::{Value, json};
 use std::collections::HashSet;
@@ -842,6 +842,118 @@ impl DynamoRegistry {
             )
             .await?;
         items.iter().map(|i| inbox_item_from(tenant, i)).collect()
+    }
+
+    /// The dead letters `which` names, or why there are none to move.
+    async fn dead_letters(&self, tenant: &TenantId, which: DeadLetters) -> Result<Vec<InboxItem>> {
+        let inbox = &self.tables.inbox;
+        let seq = match which {
+            DeadLetters::All => {
+                if self.get(inbox, inbox_key(tenant, META)).await?.is_none() {
+                    return Err(record::tenant_not_found(tenant));
+                }
+                return self.inbox_range(tenant, "x#", usize::MAX).await;
+            }
+            DeadLetters::One(seq) => seq,
+        };
+        let found = self
+            .batch_get(
+                inbox,
+                vec![
+                    inbox_key(tenant, META),
+                    inbox_key(tenant, &q_sk(seq)),
+                    inbox_key(tenant, &x_sk(seq)),
+                    inbox_key(tenant, &d_sk(seq)),
+                ],
+            )
+            .await?;
+        let find = |sk: &str| {
+            found
+                .iter()
+                .find(|i| i.get("sk").and_then(|v| v.get("S")).and_then(Value::as_str) == Some(sk))
+        };
+        if let Some(x) = find(&x_sk(seq)) {
+            return Ok(vec![inbox_item_from(tenant, x)?]);
+        }
+        if find(META).is_none() {
+            return Err(record::tenant_not_found(tenant));
+        }
+        if find(&q_sk(seq)).is_some() {
+            return Err(record::not_dead(tenant, seq, "pending"));
+        }
+        if find(&d_sk(seq)).is_some() {
+            return Err(record::not_dead(tenant, seq, "done"));
+        }
+        Err(record::update_not_found(tenant, seq))
+    }
+
+    /// Moves dead letters back to pending (`retry`: a `q#` item with no failed attempts, and
+    /// the tenant's pending count up) or to done (a `d#` item without the payload), each in a
+    /// transaction that needs its `x#` item still there.
+    async fn move_dead(
+        &self,
+        tenant: &TenantId,
+        which: DeadLetters,
+        retry: bool,
+    ) -> Result<Vec<i64>> {
+        let inbox = &self.tables.inbox;
+        let mut moved = Vec::new();
+        for _ in 0..ROUNDS {
+            let items = match self.dead_letters(tenant, which).await {
+                // Moved by someone else since the last round: one named update is done, for
+                // this caller too; a listed one does not count here.
+                Err(Error::Conflict { .. }) if !moved.is_empty() => return Ok(moved),
+                other => other?,
+            };
+            let mut raced = false;
+            for entry in items {
+                let seq = entry.seq;
+                let target = if retry {
+                    let mut item = json!({
+                        "tenant": s(tenant.as_str()), "sk": s(q_sk(seq)), "seq": n(seq),
+                        "update_id": n(entry.update_id), "payload": b(&entry.payload), "attempts": n(0),
+                        "accepted_at_ms": n(entry.accepted_at_ms),
+                    });
+                    if let Some(e) = &entry.last_error {
+                        item["last_error"] = s(e);
+                    }
+                    item
+                } else {
+                    json!({
+                        "tenant": s(tenant.as_str()), "sk": s(d_sk(seq)), "seq": n(seq),
+                        "update_id": n(entry.update_id), "accepted_at_ms": n(entry.accepted_at_ms),
+                        "done_at_ms": n(otm_core::time::now_ms()), "done_shard": s(done_shard(tenant, seq)),
+                    })
+                };
+                let actions = vec![
+                    json!({ "Delete": {
+                        "TableName": inbox,
+                        "Key": inbox_key(tenant, &x_sk(seq)),
+                        "ConditionExpression": "attribute_exists(#sk)",
+                        "ExpressionAttributeNames": { "#sk": "sk" },
+                    }}),
+                    json!({ "Put": { "TableName": inbox, "Item": target } }),
+                    if retry {
+                        self.meta_update(tenant, 1, true)
+                    } else {
+                        self.meta_check(tenant)
+                    },
+                ];
+                match self.transact(actions).await {
+                    Ok(()) => moved.push(seq),
+                    Err(e) if failed_at(&e, 2) => return Err(record::tenant_not_found(tenant)),
+                    Err(e) if e.cancellation_codes().is_some() => raced = true,
+                    Err(e) => return Err(api(e)),
+                }
+            }
+            if !raced {
+                moved.sort_unstable();
+                return Ok(moved);
+            }
+        }
+        Err(Error::conflict(format!(
+            "the dead letters of tenant {tenant} kept changing while they were moved; try again"
+        )))
     }
 
     /// The instance item and the pointer items that name it, for a read-then-write round.
@@ -1792,6 +1904,14 @@ impl Inbox for DynamoRegistry {
         Err(Error::conflict(format!(
             "update {seq} of tenant {tenant} kept changing while its failure was recorded; try again"
         )))
+    }
+
+    async fn inbox_retry(&self, tenant: &TenantId, which: DeadLetters) -> Result<Vec<i64>> {
+        self.move_dead(tenant, which, true).await
+    }
+
+    async fn inbox_drop(&self, tenant: &TenantId, which: DeadLetters) -> Result<Vec<i64>> {
+        self.move_dead(tenant, which, false).await
     }
 
     async fn inbox_claim(&self, tenant: &TenantId, fence: u64) -> Result<()> {

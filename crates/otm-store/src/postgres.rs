@@ -39,8 +39,9 @@
 
 use crate::record::{self, InboxRow, InstanceRow, TenantRow, deadline, to_i64};
 use otm_core::{
-    Appended, Error, FailOutcome, FleetSettings, Inbox, InboxItem, InboxView, InstanceId,
-    InstanceRecord, InstanceStore, Result, Secret, Tenant, TenantId, TenantStatus, TenantStore,
+    Appended, DeadLetters, Error, FailOutcome, FleetSettings, Inbox, InboxItem, InboxView,
+    InstanceId, InstanceRecord, InstanceStore, Result, Secret, Tenant, TenantId, TenantStatus,
+    TenantStore,
 };
 use std::fmt;
 use std::time::Duration;
@@ -357,6 +358,58 @@ impl PostgresRegistry {
             }
         }
         Ok(())
+    }
+
+    /// Moves dead letters back to pending (`retry`, with no failed attempts) or to done
+    /// (without their payload), in one statement: the tenant's row is locked first, and what
+    /// `seq` named is read in the same snapshot, to say why nothing moved.
+    async fn move_dead(
+        &self,
+        tenant: &TenantId,
+        which: DeadLetters,
+        retry: bool,
+    ) -> Result<Vec<i64>> {
+        let one = match which {
+            DeadLetters::One(seq) => Some(seq),
+            DeadLetters::All => None,
+        };
+        let set = if retry {
+            "state = 'pending', attempts = 0"
+        } else {
+            "state = 'done', done_at_ms = $3, payload = ''::bytea"
+        };
+        let sql = format!(
+            "WITH t AS (SELECT id FROM tenants WHERE id = $1 FOR NO KEY UPDATE), \
+                  cur AS (SELECT state FROM inbox WHERE tenant = $1 AND seq = $2::BIGINT), \
+                  moved AS (UPDATE inbox SET {set} \
+                            WHERE tenant IN (SELECT id FROM t) AND state = 'dead' \
+                            AND ($2::BIGINT IS NULL OR seq = $2::BIGINT) RETURNING seq) \
+             SELECT EXISTS (SELECT 1 FROM t), (SELECT state FROM cur), \
+                    COALESCE((SELECT array_agg(seq ORDER BY seq) FROM moved), '{{}}'::BIGINT[]), \
+                    $3::BIGINT"
+        );
+        let row = self
+            .query_opt(
+                &sql,
+                &[&tenant.as_str(), &one, &otm_core::time::now_ms()],
+                false,
+            )
+            .await?
+            .ok_or_else(|| Error::generic(BACKEND, "a dead-letter move returned no row"))?;
+        let known: bool = get(&row, 0)?;
+        let state: Option<String> = get(&row, 1)?;
+        let moved: Vec<i64> = get(&row, 2)?;
+        if !known {
+            return Err(record::tenant_not_found(tenant));
+        }
+        if let Some(seq) = one {
+            match state.as_deref() {
+                None => return Err(record::update_not_found(tenant, seq)),
+                Some("dead") => {}
+                Some(other) => return Err(record::not_dead(tenant, seq, other)),
+            }
+        }
+        Ok(moved)
     }
 
     async fn query_opt(
@@ -1364,6 +1417,14 @@ impl Inbox for PostgresRegistry {
         }
         self.check_dispatch_fence(tenant, fence).await?;
         Err(record::tenant_not_found(tenant))
+    }
+
+    async fn inbox_retry(&self, tenant: &TenantId, which: DeadLetters) -> Result<Vec<i64>> {
+        self.move_dead(tenant, which, true).await
+    }
+
+    async fn inbox_drop(&self, tenant: &TenantId, which: DeadLetters) -> Result<Vec<i64>> {
+        self.move_dead(tenant, which, false).await
     }
 
     async fn inbox_view(&self, tenant: &TenantId, limit: usize) -> Result<InboxView> {

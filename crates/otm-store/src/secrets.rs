@@ -22,9 +22,9 @@ use aws_lc_rs::hmac;
 use futures::stream::BoxStream;
 use otm_core::instance::Endpoint;
 use otm_core::{
-    Appended, Coordinator, Error, FailOutcome, FleetSettings, Inbox, InboxItem, InboxView,
-    InstanceId, InstanceRecord, InstanceStore, Lease, Notification, Registry, Result, Secret,
-    Tenant, TenantId, TenantStatus, TenantStore,
+    Appended, Coordinator, DeadLetters, Error, FailOutcome, FleetSettings, Inbox, InboxItem,
+    InboxView, InstanceId, InstanceRecord, InstanceStore, Lease, Notification, Registry, Result,
+    Secret, Tenant, TenantId, TenantStatus, TenantStore,
 };
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -776,6 +776,12 @@ impl Inbox for SealedRegistry {
     }
     async fn inbox_claim(&self, tenant: &TenantId, fence: u64) -> Result<()> {
         self.inner.inbox_claim(tenant, fence).await
+    }
+    async fn inbox_retry(&self, tenant: &TenantId, which: DeadLetters) -> Result<Vec<i64>> {
+        self.inner.inbox_retry(tenant, which).await
+    }
+    async fn inbox_drop(&self, tenant: &TenantId, which: DeadLetters) -> Result<Vec<i64>> {
+        self.inner.inbox_drop(tenant, which).await
     }
     async fn inbox_view(&self, tenant: &TenantId, limit: usize) -> Result<InboxView> {
         self.inner.inbox_view(tenant, limit).await

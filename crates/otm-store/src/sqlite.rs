@@ -15,8 +15,9 @@
 
 use crate::record::{self, InboxRow, InstanceRow, TenantRow, deadline, to_i64};
 use otm_core::{
-    Appended, Error, FailOutcome, FleetSettings, Inbox, InboxItem, InboxView, InstanceId,
-    InstanceRecord, InstanceStore, Result, Secret, Tenant, TenantId, TenantStatus, TenantStore,
+    Appended, DeadLetters, Error, FailOutcome, FleetSettings, Inbox, InboxItem, InboxView,
+    InstanceId, InstanceRecord, InstanceStore, Result, Secret, Tenant, TenantId, TenantStatus,
+    TenantStore,
 };
 use rusqlite::{
     Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior, params,
@@ -575,6 +576,58 @@ fn check_dispatch_fence(c: &Connection, tenant: &TenantId, fence: i64) -> Result
             .map_err(db)?;
     }
     Ok(())
+}
+
+/// Moves dead letters back to pending (`retry`, with no failed attempts) or to done (without
+/// their payload), in the writer's transaction.
+fn move_dead(
+    c: &Connection,
+    tenant: &TenantId,
+    which: DeadLetters,
+    retry: bool,
+) -> Result<Vec<i64>> {
+    if !tenant_exists(c, tenant.as_str())? {
+        return Err(record::tenant_not_found(tenant));
+    }
+    let one = match which {
+        DeadLetters::One(seq) => {
+            let state: Option<String> = c
+                .prepare_cached("SELECT state FROM inbox WHERE tenant = ?1 AND seq = ?2")
+                .and_then(|mut s| {
+                    s.query_row(params![tenant.as_str(), seq], |r| r.get(0))
+                        .optional()
+                })
+                .map_err(db)?;
+            match state.as_deref() {
+                None => return Err(record::update_not_found(tenant, seq)),
+                Some("dead") => {}
+                Some(other) => return Err(record::not_dead(tenant, seq, other)),
+            }
+            Some(seq)
+        }
+        DeadLetters::All => None,
+    };
+    let sql = if retry {
+        "UPDATE inbox SET state = 'pending', attempts = 0 \
+         WHERE tenant = ?1 AND state = 'dead' AND (?2 IS NULL OR seq = ?2) RETURNING seq"
+    } else {
+        "UPDATE inbox SET state = 'done', done_at_ms = ?3, payload = X'' \
+         WHERE tenant = ?1 AND state = 'dead' AND (?2 IS NULL OR seq = ?2) RETURNING seq"
+    };
+    let mut stmt = c.prepare_cached(sql).map_err(db)?;
+    let now = otm_core::time::now_ms();
+    fn seq_of(r: &Row<'_>) -> rusqlite::Result<i64> {
+        r.get(0)
+    }
+    let rows = if retry {
+        stmt.query_map(params![tenant.as_str(), one], seq_of)
+    } else {
+        stmt.query_map(params![tenant.as_str(), one, now], seq_of)
+    }
+    .map_err(db)?;
+    let mut seqs = rows.collect::<rusqlite::Result<Vec<i64>>>().map_err(db)?;
+    seqs.sort_unstable();
+    Ok(seqs)
 }
 
 const TENANT_COLUMNS: &str = "id, profile, idle_timeout_s, bot_token, webhook_secret, cold_start_notice, status, \
@@ -1153,6 +1206,18 @@ impl Inbox for SqliteRegistry {
         let tenant = tenant.clone();
         let fence = to_i64(fence, "fence")?;
         self.write(move |c| check_dispatch_fence(c, &tenant, fence))
+            .await
+    }
+
+    async fn inbox_retry(&self, tenant: &TenantId, which: DeadLetters) -> Result<Vec<i64>> {
+        let tenant = tenant.clone();
+        self.write(move |c| move_dead(c, &tenant, which, true))
+            .await
+    }
+
+    async fn inbox_drop(&self, tenant: &TenantId, which: DeadLetters) -> Result<Vec<i64>> {
+        let tenant = tenant.clone();
+        self.write(move |c| move_dead(c, &tenant, which, false))
             .await
     }
 

@@ -5,8 +5,9 @@
 
 use async_trait::async_trait;
 use otm_core::{
-    Appended, Error, FailOutcome, FleetSettings, Inbox, InboxItem, InboxView, InstanceId,
-    InstanceRecord, InstanceStore, Registry, Result, Tenant, TenantId, TenantStatus, TenantStore,
+    Appended, DeadLetters, Error, FailOutcome, FleetSettings, Inbox, InboxItem, InboxView,
+    InstanceId, InstanceRecord, InstanceStore, Registry, Result, Tenant, TenantId, TenantStatus,
+    TenantStore,
 };
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -44,6 +45,8 @@ pub enum RegistryOp {
     InboxAck,
     InboxFail,
     InboxClaim,
+    InboxRetry,
+    InboxDrop,
     InboxView,
     InboxDepth,
     InboxPendingTenants,
@@ -77,6 +80,8 @@ impl RegistryOp {
             RegistryOp::InboxAck => "inbox_ack",
             RegistryOp::InboxFail => "inbox_fail",
             RegistryOp::InboxClaim => "inbox_claim",
+            RegistryOp::InboxRetry => "inbox_retry",
+            RegistryOp::InboxDrop => "inbox_drop",
             RegistryOp::InboxView => "inbox_view",
             RegistryOp::InboxDepth => "inbox_depth",
             RegistryOp::InboxPendingTenants => "inbox_pending_tenants",
@@ -262,6 +267,17 @@ macro_rules! delegate_registry {
                     self.inner.inbox_claim(tenant, fence),
                 )
                 .await
+            }
+            async fn inbox_retry(&self, tenant: &TenantId, which: DeadLetters) -> Result<Vec<i64>> {
+                self.around(
+                    RegistryOp::InboxRetry,
+                    self.inner.inbox_retry(tenant, which),
+                )
+                .await
+            }
+            async fn inbox_drop(&self, tenant: &TenantId, which: DeadLetters) -> Result<Vec<i64>> {
+                self.around(RegistryOp::InboxDrop, self.inner.inbox_drop(tenant, which))
+                    .await
             }
             async fn inbox_view(&self, tenant: &TenantId, limit: usize) -> Result<InboxView> {
                 self.around(RegistryOp::InboxView, self.inner.inbox_view(tenant, limit))

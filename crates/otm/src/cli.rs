@@ -5,8 +5,9 @@ use clap::{Args, Subcommand, ValueEnum};
 use futures::StreamExt;
 use otm_core::FleetSettings;
 use otm_core::admin_api::{
-    ErrorBody, InboxAnswer, InstanceView, LimitsBody, PatchTenant, PutConfig, RotateAnswer,
-    RotateRequest, SnapshotList, StatusView, StopView, TenantView, WakeView,
+    DropAnswer, ErrorBody, InboxAnswer, InstanceView, LimitsBody, PatchTenant, PutConfig,
+    RetryAnswer, RotateAnswer, RotateRequest, SnapshotList, StatusView, StopView, TenantView,
+    WakeView,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -89,9 +90,20 @@ pub enum Command {
         #[arg(long, default_value_t = 100)]
         tail: usize,
     },
-    /// Show a tenant's pending and dead-lettered updates.
-    #[command(after_help = EXIT_CODES)]
-    Inbox { tenant: String },
+    /// Show a tenant's pending and dead-lettered updates (`otm inbox TENANT`), or retry or drop
+    /// its dead letters.
+    #[command(
+        after_help = EXIT_CODES,
+        args_conflicts_with_subcommands = true,
+        subcommand_negates_reqs = true
+    )]
+    Inbox {
+        /// The tenant whose inbox to show.
+        #[arg(required = true)]
+        tenant: Option<String>,
+        #[command(subcommand)]
+        command: Option<InboxCommand>,
+    },
     /// List a tenant's snapshots.
     #[command(after_help = EXIT_CODES)]
     Snapshots { tenant: String },
@@ -109,6 +121,39 @@ pub enum Command {
     },
     /// Print this binary's version, and the server's when it can be reached.
     Version,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum InboxCommand {
+    /// Put dead letters back at the head of the inbox, in order, and deliver them now (after
+    /// fixing what made them fail).
+    #[command(after_help = EXIT_CODES)]
+    Retry(DeadLetterArgs),
+    /// Drop dead letters for good (their update ids still count as seen, so Telegram cannot
+    /// bring them back).
+    #[command(after_help = EXIT_CODES)]
+    Drop(DeadLetterArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DeadLetterArgs {
+    tenant: String,
+    /// The dead letter's sequence number (the SEQ column of `otm inbox TENANT`).
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    seq: Option<i64>,
+    /// Every dead letter of the tenant.
+    #[arg(long)]
+    all: bool,
+}
+
+impl DeadLetterArgs {
+    /// The path segment the API takes: the seq, or `dead` for all.
+    fn segment(&self) -> String {
+        match self.seq {
+            Some(seq) if !self.all => seq.to_string(),
+            _ => "dead".to_owned(),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -561,6 +606,20 @@ pub async fn run(cmd: Command, global: Global) -> anyhow::Result<u8> {
     }
 }
 
+/// `update 5` or `updates 5, 7, 9`.
+fn seq_list(seqs: &[i64]) -> String {
+    let list = seqs
+        .iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if seqs.len() == 1 {
+        format!("update {list}")
+    } else {
+        format!("updates {list}")
+    }
+}
+
 async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
     use reqwest::Method;
     match cmd {
@@ -846,7 +905,45 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                 stdout.flush()?;
             }
         }
-        Command::Inbox { tenant } => {
+        Command::Inbox {
+            command: Some(InboxCommand::Retry(args)),
+            ..
+        } => {
+            let api = Api::new(&global)?;
+            let path = format!("/tenants/{}/inbox/{}/retry", args.tenant, args.segment());
+            let v: RetryAnswer = api.call_as(Method::POST, &path, None).await?;
+            match global.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                Output::Table if v.retried.is_empty() => {
+                    println!("{}: no dead letters to retry", v.tenant)
+                }
+                Output::Table => println!(
+                    "{}: retried {} (back at the head of the inbox, delivering now)",
+                    v.tenant,
+                    seq_list(&v.retried)
+                ),
+            }
+        }
+        Command::Inbox {
+            command: Some(InboxCommand::Drop(args)),
+            ..
+        } => {
+            let api = Api::new(&global)?;
+            let path = format!("/tenants/{}/inbox/{}", args.tenant, args.segment());
+            let v: DropAnswer = api.call_as(Method::DELETE, &path, None).await?;
+            match global.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                Output::Table if v.dropped.is_empty() => {
+                    println!("{}: no dead letters to drop", v.tenant)
+                }
+                Output::Table => println!("{}: dropped {}", v.tenant, seq_list(&v.dropped)),
+            }
+        }
+        Command::Inbox {
+            tenant,
+            command: None,
+        } => {
+            let tenant = tenant.unwrap_or_default();
             let api = Api::new(&global)?;
             let v: InboxAnswer = api
                 .call_as(Method::GET, &format!("/tenants/{tenant}/inbox"), None)

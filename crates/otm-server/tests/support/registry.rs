@@ -5,8 +5,8 @@
 use async_trait::async_trait;
 use otm_core::registry::{Inbox, InstanceStore, TenantStore};
 use otm_core::{
-    Appended, Error, FailOutcome, FleetSettings, InboxItem, InboxView, InstanceId, InstanceRecord,
-    InstanceState, Result, Tenant, TenantId, TenantStatus,
+    Appended, DeadLetters, Error, FailOutcome, FleetSettings, InboxItem, InboxView, InstanceId,
+    InstanceRecord, InstanceState, Result, Tenant, TenantId, TenantStatus,
 };
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -80,6 +80,43 @@ impl Inner {
             )));
         }
         Ok(e)
+    }
+
+    /// Dead letters back to pending (`retry`) or to done, as the contract says.
+    fn move_dead(
+        &mut self,
+        tenant: &TenantId,
+        which: DeadLetters,
+        retry: bool,
+    ) -> Result<Vec<i64>> {
+        self.row(tenant)?;
+        if let DeadLetters::One(seq) = which {
+            let e = self
+                .inbox
+                .get(&(tenant.clone(), seq))
+                .ok_or_else(|| Error::not_found(format!("update {seq} of tenant {tenant}")))?;
+            if e.state != EntryState::Dead {
+                return Err(Error::conflict(format!(
+                    "update {seq} of tenant {tenant} is not a dead letter"
+                )));
+            }
+        }
+        let mut moved = Vec::new();
+        for ((t, seq), e) in self.inbox.iter_mut() {
+            let named =
+                matches!(which, DeadLetters::One(s) if s == *seq) || which == DeadLetters::All;
+            if t == tenant && named && e.state == EntryState::Dead {
+                if retry {
+                    e.state = EntryState::Pending;
+                    e.item.attempts = 0;
+                } else {
+                    e.state = EntryState::Done;
+                    e.item.payload.clear();
+                }
+                moved.push(*seq);
+            }
+        }
+        Ok(moved)
     }
 
     fn items(&self, tenant: &TenantId, state: EntryState) -> impl Iterator<Item = &InboxItem> {
@@ -337,6 +374,14 @@ impl Inbox for MemoryRegistry {
 
     async fn inbox_claim(&self, tenant: &TenantId, fence: u64) -> Result<()> {
         self.lock().dispatch_fence(tenant, Some(fence))
+    }
+
+    async fn inbox_retry(&self, tenant: &TenantId, which: DeadLetters) -> Result<Vec<i64>> {
+        self.lock().move_dead(tenant, which, true)
+    }
+
+    async fn inbox_drop(&self, tenant: &TenantId, which: DeadLetters) -> Result<Vec<i64>> {
+        self.lock().move_dead(tenant, which, false)
     }
 
     async fn inbox_view(&self, tenant: &TenantId, limit: usize) -> Result<InboxView> {
