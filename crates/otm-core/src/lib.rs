@@ -17,9 +17,11 @@
 //! - [`runtime`]: the [`Runtime`] trait that creates, lists, watches and deletes instances.
 //! - [`shim_api`]: the wire types of the shim's control API.
 //! - [`admin_api`]: the wire types of the admin API, and the error shape both APIs answer.
+//! - [`audit`]: the [`AdminStore`]: the audit trail of admin writes and named admin tokens.
 //! - [`error`]: the one error type every trait returns.
 
 pub mod admin_api;
+pub mod audit;
 pub mod backoff;
 pub mod base64;
 pub mod coordinator;
@@ -36,6 +38,7 @@ pub mod state;
 pub mod tenant;
 pub mod time;
 
+pub use audit::{AdminStore, AdminToken, AuditEntry};
 pub use backoff::Backoff;
 pub use coordinator::{Coordinator, Lease, Notification};
 pub use error::{Error, Result};

@@ -189,12 +189,13 @@ pub trait Inbox: Send + Sync + std::fmt::Debug + 'static {
     }
 }
 
-/// The source of truth: [`TenantStore`], [`InstanceStore`] and [`Inbox`] in one.
+/// The source of truth: [`TenantStore`], [`InstanceStore`], [`Inbox`] and
+/// [`crate::AdminStore`] in one.
 ///
 /// Implemented for every type that implements the three, so a backend implements those and
 /// callers hold an `Arc<dyn Registry>`. The contract is the three traits' together; across them,
 /// [`TenantStore::delete_tenant`] also deletes the tenant's inbox, and
 /// [`InstanceStore::put_instance`] is fenced by the status fence of [`TenantStore`].
-pub trait Registry: TenantStore + InstanceStore + Inbox {}
+pub trait Registry: TenantStore + InstanceStore + Inbox + crate::AdminStore {}
 
-impl<T: TenantStore + InstanceStore + Inbox + ?Sized> Registry for T {}
+impl<T: TenantStore + InstanceStore + Inbox + crate::AdminStore + ?Sized> Registry for T {}

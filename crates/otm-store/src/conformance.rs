@@ -77,6 +77,7 @@ pub async fn registry_suite(r: Arc<dyn Registry>) {
     registry_idle_due(&*r, &run).await;
     registry_inbox(&*r, &run).await;
     registry_dead_letters(&*r, &run).await;
+    registry_admin(&*r, &run).await;
     registry_inbox_prune(&*r, &run).await;
     registry_instances(r.clone(), &run).await;
     registry_settings(&*r).await;
@@ -870,6 +871,94 @@ async fn registry_dead_letters(r: &dyn Registry, run: &str) {
     );
     assert_eq!(r.inbox_depth(t).await.unwrap(), 1);
     r.delete_tenant(t).await.unwrap();
+}
+
+/// The audit trail (newest first, paged with `before`) and named admin tokens (unique names,
+/// found by digest, gone once revoked). Other runs' entries may share the trail: only this
+/// run's are checked.
+async fn registry_admin(r: &dyn Registry, run: &str) {
+    use otm_core::{AdminToken, AuditEntry};
+    let now = otm_core::time::now_ms();
+    let mut written = Vec::new();
+    for (i, status) in [201u16, 409, 401].into_iter().enumerate() {
+        let e = AuditEntry::new(
+            now + i as i64,
+            run,
+            "POST",
+            "/v1/tenants/{id}/wake",
+            Some("acme"),
+            status,
+        );
+        r.audit_append(&e).await.unwrap();
+        written.push(e);
+    }
+    let anon = AuditEntry::new(now + 3, run, "DELETE", "/v1/tokens/{name}", None, 204);
+    r.audit_append(&anon).await.unwrap();
+    written.push(anon);
+    let ours = |list: Vec<AuditEntry>| {
+        list.into_iter()
+            .filter(|e| e.who == run)
+            .collect::<Vec<_>>()
+    };
+    let newest_first: Vec<AuditEntry> = written.iter().rev().cloned().collect();
+    assert_eq!(
+        ours(r.audit_list(10_000, None).await.unwrap()),
+        newest_first,
+        "newest first, as written"
+    );
+    let page = ours(r.audit_list(10_000, Some(written[2].id)).await.unwrap());
+    assert_eq!(
+        page,
+        newest_first[2..].to_vec(),
+        "`before` pages to older entries"
+    );
+    assert!(r.audit_list(1, None).await.unwrap().len() <= 1, "limit");
+
+    let digest = otm_core::secret::digest(&format!("token-of-{run}"));
+    let token = AdminToken {
+        name: format!("{run}-dash"),
+        digest: digest.clone(),
+        read_only: true,
+        created_at_ms: now,
+    };
+    r.token_create(&token).await.unwrap();
+    assert_err!(
+        r.token_create(&AdminToken {
+            digest: "other".into(),
+            ..token.clone()
+        })
+        .await,
+        Error::AlreadyExists { .. },
+        "a token name is unique"
+    );
+    assert_eq!(
+        r.token_by_digest(&digest).await.unwrap(),
+        Some(token.clone())
+    );
+    assert_eq!(r.token_by_digest("no such digest").await.unwrap(), None);
+    let full = AdminToken {
+        name: format!("{run}-ci"),
+        digest: otm_core::secret::digest(&format!("ci-of-{run}")),
+        read_only: false,
+        created_at_ms: now,
+    };
+    r.token_create(&full).await.unwrap();
+    let listed: Vec<AdminToken> = r
+        .token_list()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|t| t.name.starts_with(run))
+        .collect();
+    assert_eq!(listed, vec![full.clone(), token.clone()], "by name");
+    assert!(r.token_revoke(&token.name).await.unwrap());
+    assert!(!r.token_revoke(&token.name).await.unwrap(), "revoked once");
+    assert_eq!(
+        r.token_by_digest(&digest).await.unwrap(),
+        None,
+        "a revoked token is gone at once"
+    );
+    assert!(r.token_revoke(&full.name).await.unwrap());
 }
 
 async fn registry_inbox_prune(r: &dyn Registry, run: &str) {

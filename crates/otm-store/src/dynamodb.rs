@@ -44,6 +44,10 @@
 //!   holds only `d#` items, so [`Inbox::inbox_prune`] is a few Queries too. Both spread
 //!   their items over [`SHARDS`] partition keys.
 //!
+//!   - The partitions `@audit` and `@tokens` (tenant ids are DNS labels, so they collide with
+//!     none) hold the audit trail (`a#{id:020}`, read newest first with one Query) and the named
+//!     admin tokens (`t#{name}`, a handful, read with one consistent Query).
+//!
 //! Every state change is a conditional write or a transaction: fences
 //! (`attribute_not_exists(fence) OR fence <= :f`), moves between `q#`, `x#` and `d#` (the source
 //! must still be there), and the tenant's `#meta` (it must exist and not be `deleting`), so a
@@ -2058,6 +2062,146 @@ impl Inbox for DynamoRegistry {
             .try_collect()
             .await?;
         Ok(pruned.into_iter().filter(|p| *p).count() as u64)
+    }
+}
+
+const AUDIT: &str = "@audit";
+const TOKENS: &str = "@tokens";
+
+fn token_from(item: &Item) -> Result<otm_core::AdminToken> {
+    let r = Reader::new(item, "an admin token item");
+    Ok(otm_core::AdminToken {
+        name: r.s("name")?.to_owned(),
+        digest: r.s("digest")?.to_owned(),
+        read_only: r.bool("read_only")?,
+        created_at_ms: r.n("created_at_ms")?,
+    })
+}
+
+impl DynamoRegistry {
+    async fn tokens(&self) -> Result<Vec<otm_core::AdminToken>> {
+        let items = self
+            .pages(
+                "Query",
+                json!({
+                    "TableName": self.tables.inbox,
+                    "KeyConditionExpression": "#t = :t",
+                    "ExpressionAttributeNames": { "#t": "tenant" },
+                    "ExpressionAttributeValues": { ":t": s(TOKENS) },
+                    "ConsistentRead": true,
+                }),
+                None,
+            )
+            .await?;
+        items.iter().map(token_from).collect()
+    }
+}
+
+#[async_trait::async_trait]
+impl otm_core::AdminStore for DynamoRegistry {
+    async fn audit_append(&self, e: &otm_core::AuditEntry) -> Result<()> {
+        let mut item = json!({
+            "tenant": s(AUDIT), "sk": s(format!("a#{:020}", e.id)), "id": n(e.id),
+            "at_ms": n(e.at_ms), "who": s(&e.who), "method": s(&e.method), "route": s(&e.route),
+            "status": n(i64::from(e.status)),
+        });
+        if let Some(t) = &e.tenant {
+            item["audit_tenant"] = s(t);
+        }
+        self.client
+            .call(
+                "PutItem",
+                &json!({ "TableName": self.tables.inbox, "Item": item }),
+            )
+            .await
+            .map_err(api)?;
+        Ok(())
+    }
+
+    async fn audit_list(
+        &self,
+        limit: usize,
+        before: Option<i64>,
+    ) -> Result<Vec<otm_core::AuditEntry>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let below = before.map_or_else(|| "a$".to_owned(), |b| format!("a#{b:020}"));
+        let items = self
+            .pages(
+                "Query",
+                json!({
+                    "TableName": self.tables.inbox,
+                    "KeyConditionExpression": "#t = :t AND #sk < :b",
+                    "ExpressionAttributeNames": { "#t": "tenant", "#sk": "sk" },
+                    "ExpressionAttributeValues": { ":t": s(AUDIT), ":b": s(below) },
+                    "ScanIndexForward": false,
+                    "ConsistentRead": true,
+                }),
+                Some(limit),
+            )
+            .await?;
+        items
+            .iter()
+            .map(|i| {
+                let r = Reader::new(i, "an audit item");
+                Ok(otm_core::AuditEntry {
+                    id: r.n("id")?,
+                    at_ms: r.n("at_ms")?,
+                    who: r.s("who")?.to_owned(),
+                    method: r.s("method")?.to_owned(),
+                    route: r.s("route")?.to_owned(),
+                    tenant: r.opt_s("audit_tenant")?.map(str::to_owned),
+                    status: u16::try_from(r.n("status")?).unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
+    async fn token_create(&self, t: &otm_core::AdminToken) -> Result<()> {
+        let body = json!({
+            "TableName": self.tables.inbox,
+            "Item": {
+                "tenant": s(TOKENS), "sk": s(format!("t#{}", t.name)), "name": s(&t.name),
+                "digest": s(&t.digest), "read_only": boolean(t.read_only),
+                "created_at_ms": n(t.created_at_ms),
+            },
+            "ConditionExpression": "attribute_not_exists(#sk)",
+            "ExpressionAttributeNames": { "#sk": "sk" },
+        });
+        match self.client.call("PutItem", &body).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_condition_failed() => Err(Error::AlreadyExists {
+                what: format!("admin token {}", t.name),
+            }),
+            Err(e) => Err(api(e)),
+        }
+    }
+
+    async fn token_by_digest(&self, digest: &str) -> Result<Option<otm_core::AdminToken>> {
+        Ok(self
+            .tokens()
+            .await?
+            .into_iter()
+            .find(|t| t.digest == digest))
+    }
+
+    async fn token_list(&self) -> Result<Vec<otm_core::AdminToken>> {
+        let mut list = self.tokens().await?;
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(list)
+    }
+
+    async fn token_revoke(&self, name: &str) -> Result<bool> {
+        let body = json!({
+            "TableName": self.tables.inbox,
+            "Key": { "tenant": s(TOKENS), "sk": s(format!("t#{name}")) },
+            "ReturnValues": "ALL_OLD",
+        });
+        let resp = self.client.call("DeleteItem", &body).await.map_err(api)?;
+        Ok(resp["Attributes"]
+            .as_object()
+            .is_some_and(|a| !a.is_empty()))
     }
 }
 

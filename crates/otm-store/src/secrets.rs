@@ -800,6 +800,32 @@ impl Inbox for SealedRegistry {
     }
 }
 
+#[async_trait]
+impl otm_core::AdminStore for SealedRegistry {
+    async fn audit_append(&self, entry: &otm_core::AuditEntry) -> Result<()> {
+        self.inner.audit_append(entry).await
+    }
+    async fn audit_list(
+        &self,
+        limit: usize,
+        before: Option<i64>,
+    ) -> Result<Vec<otm_core::AuditEntry>> {
+        self.inner.audit_list(limit, before).await
+    }
+    async fn token_create(&self, token: &otm_core::AdminToken) -> Result<()> {
+        self.inner.token_create(token).await
+    }
+    async fn token_by_digest(&self, digest: &str) -> Result<Option<otm_core::AdminToken>> {
+        self.inner.token_by_digest(digest).await
+    }
+    async fn token_list(&self) -> Result<Vec<otm_core::AdminToken>> {
+        self.inner.token_list().await
+    }
+    async fn token_revoke(&self, name: &str) -> Result<bool> {
+        self.inner.token_revoke(name).await
+    }
+}
+
 /// A [`Coordinator`] whose endpoint cache holds no shim token and trusts no entry it did not
 /// sign: entries are signed with the server's key over tenant, instance and address before they
 /// are cached, and an entry whose signature does not match (forged, or copied from another

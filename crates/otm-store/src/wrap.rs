@@ -52,6 +52,12 @@ pub enum RegistryOp {
     InboxPendingTenants,
     InboxPrune,
     PurgeFreed,
+    AuditAppend,
+    AuditList,
+    TokenCreate,
+    TokenByDigest,
+    TokenList,
+    TokenRevoke,
 }
 
 impl RegistryOp {
@@ -87,6 +93,12 @@ impl RegistryOp {
             RegistryOp::InboxPendingTenants => "inbox_pending_tenants",
             RegistryOp::InboxPrune => "inbox_prune",
             RegistryOp::PurgeFreed => "purge_freed",
+            RegistryOp::AuditAppend => "audit_append",
+            RegistryOp::AuditList => "audit_list",
+            RegistryOp::TokenCreate => "token_create",
+            RegistryOp::TokenByDigest => "token_by_digest",
+            RegistryOp::TokenList => "token_list",
+            RegistryOp::TokenRevoke => "token_revoke",
         }
     }
 }
@@ -300,6 +312,41 @@ macro_rules! delegate_registry {
             }
             async fn purge_freed(&self) -> Result<()> {
                 self.around(RegistryOp::PurgeFreed, self.inner.purge_freed())
+                    .await
+            }
+        }
+
+        #[async_trait]
+        impl<R: Registry + ?Sized> otm_core::AdminStore for $ty<R> {
+            async fn audit_append(&self, entry: &otm_core::AuditEntry) -> Result<()> {
+                self.around(RegistryOp::AuditAppend, self.inner.audit_append(entry))
+                    .await
+            }
+            async fn audit_list(
+                &self,
+                limit: usize,
+                before: Option<i64>,
+            ) -> Result<Vec<otm_core::AuditEntry>> {
+                self.around(RegistryOp::AuditList, self.inner.audit_list(limit, before))
+                    .await
+            }
+            async fn token_create(&self, token: &otm_core::AdminToken) -> Result<()> {
+                self.around(RegistryOp::TokenCreate, self.inner.token_create(token))
+                    .await
+            }
+            async fn token_by_digest(&self, digest: &str) -> Result<Option<otm_core::AdminToken>> {
+                self.around(
+                    RegistryOp::TokenByDigest,
+                    self.inner.token_by_digest(digest),
+                )
+                .await
+            }
+            async fn token_list(&self) -> Result<Vec<otm_core::AdminToken>> {
+                self.around(RegistryOp::TokenList, self.inner.token_list())
+                    .await
+            }
+            async fn token_revoke(&self, name: &str) -> Result<bool> {
+                self.around(RegistryOp::TokenRevoke, self.inner.token_revoke(name))
                     .await
             }
         }

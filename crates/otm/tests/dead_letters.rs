@@ -43,14 +43,22 @@ async fn dead_letters(h: &Harness, tenant: &str, n: usize) -> Vec<i64> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("{tenant} never had {n} dead letters: {}", inbox(h, tenant).await);
+    panic!(
+        "{tenant} never had {n} dead letters: {}",
+        inbox(h, tenant).await
+    );
 }
 
 /// The texts the bot sent, without the agent's `#n: ` counter.
 fn texts(h: &Harness, token: &str) -> Vec<String> {
     h.tg.sent_messages(token)
         .into_iter()
-        .map(|m| m.text.split_once(": ").map(|(_, t)| t.to_owned()).unwrap_or(m.text))
+        .map(|m| {
+            m.text
+                .split_once(": ")
+                .map(|(_, t)| t.to_owned())
+                .unwrap_or(m.text)
+        })
         .collect()
 }
 
@@ -68,12 +76,17 @@ async fn refused_updates_are_retried_in_order_once_fixed_and_dropped_ones_stay_g
     h.tg.fail_next_send(2);
     for (u, text) in [(1, "one"), (2, "two")] {
         assert_eq!(
-            h.post_update("mailbag", &secret, &text_update(u, 9, text)).await,
+            h.post_update("mailbag", &secret, &text_update(u, 9, text))
+                .await,
             200
         );
     }
     let dead = dead_letters(&h, "mailbag", 2).await;
-    assert_eq!(texts(&h, token), Vec::<String>::new(), "nothing was answered");
+    assert_eq!(
+        texts(&h, token),
+        Vec::<String>::new(),
+        "nothing was answered"
+    );
 
     // What names no dead letter is refused: an unknown seq (not found, exit 3), a tenant that
     // does not exist (3), a seq that is not a number (invalid, 2).
@@ -86,15 +99,27 @@ async fn refused_updates_are_retried_in_order_once_fixed_and_dropped_ones_stay_g
     let (code, out) = otm(&h, &["inbox", "retry", "nobody", "--all"]).await;
     assert_eq!(code, 3, "{out}");
     let (status, body) = h
-        .api(reqwest::Method::POST, "/tenants/mailbag/inbox/first/retry", None)
+        .api(
+            reqwest::Method::POST,
+            "/tenants/mailbag/inbox/first/retry",
+            None,
+        )
         .await;
-    assert_eq!((status, &body["error"]["code"]), (400, &Value::from("invalid_request")));
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (400, &Value::from("invalid_request"))
+    );
 
     // The cause is gone now (Telegram takes sends again). Retry the first: answered at once.
     let (code, out) = otm(&h, &["inbox", "retry", "mailbag", &dead[0].to_string()]).await;
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains(&format!("retried update {}", dead[0])), "{out}");
-    let sent = h.tg.wait_for_messages(token, 1, Duration::from_secs(30)).await;
+    assert!(
+        out.contains(&format!("retried update {}", dead[0])),
+        "{out}"
+    );
+    let sent =
+        h.tg.wait_for_messages(token, 1, Duration::from_secs(30))
+            .await;
     assert_eq!(sent.len(), 1, "the retried update was answered");
     assert_eq!(texts(&h, token), ["one"]);
     // It is no dead letter any more: retrying it again is a conflict (exit 4).
@@ -106,7 +131,8 @@ async fn refused_updates_are_retried_in_order_once_fixed_and_dropped_ones_stay_g
     h.tg.fail_next_send(2);
     for (u, text) in [(3, "three"), (4, "four")] {
         assert_eq!(
-            h.post_update("mailbag", &secret, &text_update(u, 9, text)).await,
+            h.post_update("mailbag", &secret, &text_update(u, 9, text))
+                .await,
             200
         );
     }
@@ -115,7 +141,8 @@ async fn refused_updates_are_retried_in_order_once_fixed_and_dropped_ones_stay_g
     assert_eq!(code, 0, "{out}");
     let answer: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(answer["retried"], serde_json::json!(dead));
-    h.tg.wait_for_messages(token, 4, Duration::from_secs(30)).await;
+    h.tg.wait_for_messages(token, 4, Duration::from_secs(30))
+        .await;
     assert_eq!(texts(&h, token), ["one", "two", "three", "four"]);
     let v = inbox(&h, "mailbag").await;
     assert_eq!(v["dead"], serde_json::json!([]), "{v}");
@@ -125,23 +152,30 @@ async fn refused_updates_are_retried_in_order_once_fixed_and_dropped_ones_stay_g
     // Dropped: gone from the inbox, and Telegram sending it again changes nothing.
     h.tg.fail_next_send(1);
     assert_eq!(
-        h.post_update("mailbag", &secret, &text_update(5, 9, "five")).await,
+        h.post_update("mailbag", &secret, &text_update(5, 9, "five"))
+            .await,
         200
     );
     let dead = dead_letters(&h, "mailbag", 1).await;
     let (code, out) = otm(&h, &["inbox", "drop", "mailbag", "--all"]).await;
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains(&format!("dropped update {}", dead[0])), "{out}");
+    assert!(
+        out.contains(&format!("dropped update {}", dead[0])),
+        "{out}"
+    );
     assert_eq!(inbox(&h, "mailbag").await["dead"], serde_json::json!([]));
     assert_eq!(
-        h.post_update("mailbag", &secret, &text_update(5, 9, "five")).await,
+        h.post_update("mailbag", &secret, &text_update(5, 9, "five"))
+            .await,
         200
     );
     assert_eq!(
-        h.post_update("mailbag", &secret, &text_update(6, 9, "six")).await,
+        h.post_update("mailbag", &secret, &text_update(6, 9, "six"))
+            .await,
         200
     );
-    h.tg.wait_for_messages(token, 5, Duration::from_secs(30)).await;
+    h.tg.wait_for_messages(token, 5, Duration::from_secs(30))
+        .await;
     assert_eq!(texts(&h, token), ["one", "two", "three", "four", "six"]);
     let (code, out) = otm(&h, &["inbox", "drop", "mailbag", &dead[0].to_string()]).await;
     assert_eq!(code, 4, "a dropped update is not dropped twice: {out}");

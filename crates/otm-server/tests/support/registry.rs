@@ -23,6 +23,8 @@ struct Inner {
     inbox: BTreeMap<(TenantId, i64), Entry>,
     next_seq: i64,
     settings: FleetSettings,
+    audit: BTreeMap<i64, otm_core::AuditEntry>,
+    tokens: BTreeMap<String, otm_core::AdminToken>,
 }
 
 #[derive(Debug)]
@@ -422,5 +424,50 @@ impl Inbox for MemoryRegistry {
         i.inbox
             .retain(|_, e| e.state != EntryState::Done || e.item.accepted_at_ms >= before_ms);
         Ok((before - i.inbox.len()) as u64)
+    }
+}
+
+#[async_trait]
+impl otm_core::AdminStore for MemoryRegistry {
+    async fn audit_append(&self, entry: &otm_core::AuditEntry) -> Result<()> {
+        self.lock().audit.insert(entry.id, entry.clone());
+        Ok(())
+    }
+    async fn audit_list(
+        &self,
+        limit: usize,
+        before: Option<i64>,
+    ) -> Result<Vec<otm_core::AuditEntry>> {
+        let i = self.lock();
+        Ok(i.audit
+            .range(..before.unwrap_or(i64::MAX))
+            .rev()
+            .take(limit)
+            .map(|(_, e)| e.clone())
+            .collect())
+    }
+    async fn token_create(&self, token: &otm_core::AdminToken) -> Result<()> {
+        let mut i = self.lock();
+        if i.tokens.contains_key(&token.name) {
+            return Err(Error::AlreadyExists {
+                what: format!("admin token {}", token.name),
+            });
+        }
+        i.tokens.insert(token.name.clone(), token.clone());
+        Ok(())
+    }
+    async fn token_by_digest(&self, digest: &str) -> Result<Option<otm_core::AdminToken>> {
+        Ok(self
+            .lock()
+            .tokens
+            .values()
+            .find(|t| t.digest == digest)
+            .cloned())
+    }
+    async fn token_list(&self) -> Result<Vec<otm_core::AdminToken>> {
+        Ok(self.lock().tokens.values().cloned().collect())
+    }
+    async fn token_revoke(&self, name: &str) -> Result<bool> {
+        Ok(self.lock().tokens.remove(name).is_some())
     }
 }
