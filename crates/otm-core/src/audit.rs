@@ -4,11 +4,13 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::Result;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 /// One admin write (or failed sign-in): who, what, when, and how it ended.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {
-    /// Orders the trail: `at_ms * 1_000_000` plus a random part, so replicas need no counter.
+    /// Orders the trail: `at_ms * 1_000_000` plus a random part, so replicas need no counter;
+    /// within one process ids only grow, so entries of the same millisecond keep their order.
     pub id: i64,
     pub at_ms: i64,
     /// The token's name (`admin` for the bootstrap token), or `unknown` for a token that did not

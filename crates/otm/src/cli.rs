@@ -5,9 +5,9 @@ use clap::{Args, Subcommand, ValueEnum};
 use futures::StreamExt;
 use otm_core::FleetSettings;
 use otm_core::admin_api::{
-    DropAnswer, ErrorBody, InboxAnswer, InstanceView, LimitsBody, PatchTenant, PutConfig,
-    RetryAnswer, RotateAnswer, RotateRequest, SnapshotList, StatusView, StopView, TenantView,
-    WakeView,
+    AuditPage, CreateToken, DropAnswer, ErrorBody, InboxAnswer, InstanceView, LimitsBody, NewToken,
+    PatchTenant, PutConfig, RetryAnswer, RotateAnswer, RotateRequest, SnapshotList, StatusView,
+    StopView, TenantView, TokenView, WakeView,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -119,8 +119,39 @@ pub enum Command {
         #[command(subcommand)]
         command: SecretsCommand,
     },
+    /// Named admin tokens: create (read-only or full), list, revoke.
+    #[command(after_help = EXIT_CODES)]
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Show the audit trail of admin writes (and failed sign-ins), newest first.
+    #[command(after_help = EXIT_CODES)]
+    Audit {
+        /// Entries to show.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Show entries older than this id (the `next_before` of a previous page).
+        #[arg(long)]
+        before: Option<i64>,
+    },
     /// Print this binary's version, and the server's when it can be reached.
     Version,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Make a named admin token and print it, once: only its SHA-256 is kept.
+    Create {
+        name: String,
+        /// May read everything and change nothing (403 on every write).
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// List the named admin tokens (not the tokens themselves).
+    List,
+    /// Revoke a named token: refused at once by every replica.
+    Revoke { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -1067,6 +1098,86 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
             let api = Api::new(&global)?;
             let v: StatusView = api.call_as(Method::GET, "/status", None).await?;
             print_object(global.output, &v);
+        }
+        Command::Token { command } => {
+            let api = Api::new(&global)?;
+            match command {
+                TokenCommand::Create { name, read_only } => {
+                    let t: NewToken = api
+                        .send_as(Method::POST, "/tokens", &CreateToken { name, read_only })
+                        .await?;
+                    match global.output {
+                        Output::Json => println!("{}", serde_json::to_string_pretty(&t)?),
+                        Output::Table => {
+                            let kind = if t.read_only { "read-only" } else { "full" };
+                            eprintln!(
+                                "created the {kind} admin token `{}`; it is shown only now:",
+                                t.name
+                            );
+                            println!("{}", t.token);
+                        }
+                    }
+                }
+                TokenCommand::List => {
+                    let list: Vec<TokenView> = api.call_as(Method::GET, "/tokens", None).await?;
+                    match global.output {
+                        Output::Json => println!("{}", serde_json::to_string_pretty(&list)?),
+                        Output::Table => {
+                            let rows: Vec<Vec<String>> = list
+                                .iter()
+                                .map(|t| {
+                                    vec![
+                                        t.name.clone(),
+                                        if t.read_only { "read-only" } else { "full" }.to_owned(),
+                                        age(t.created_at_ms),
+                                    ]
+                                })
+                                .collect();
+                            print_table(&["NAME", "ACCESS", "AGE"], &rows);
+                        }
+                    }
+                }
+                TokenCommand::Revoke { name } => {
+                    api.call(Method::DELETE, &format!("/tokens/{name}"), None)
+                        .await?;
+                    match global.output {
+                        Output::Json => println!("{}", json!({"revoked": name})),
+                        Output::Table => println!("admin token {name} revoked"),
+                    }
+                }
+            }
+        }
+        Command::Audit { limit, before } => {
+            let api = Api::new(&global)?;
+            let mut path = format!("/audit?limit={limit}");
+            if let Some(b) = before {
+                path.push_str(&format!("&before={b}"));
+            }
+            let page: AuditPage = api.call_as(Method::GET, &path, None).await?;
+            match global.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&page)?),
+                Output::Table => {
+                    let rows: Vec<Vec<String>> = page
+                        .entries
+                        .iter()
+                        .map(|e| {
+                            vec![
+                                e.id.to_string(),
+                                age(e.at_ms),
+                                e.who.clone(),
+                                e.method.clone(),
+                                e.route.clone(),
+                                or_dash(e.tenant.as_ref()),
+                                e.status.to_string(),
+                            ]
+                        })
+                        .collect();
+                    print_table(
+                        &["ID", "AGE", "WHO", "METHOD", "ROUTE", "TENANT", "STATUS"],
+                        &rows,
+                    );
+                }
+            }
         }
         Command::Version => {
             let client = env!("CARGO_PKG_VERSION");
