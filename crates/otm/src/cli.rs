@@ -27,12 +27,12 @@ pub mod exit {
     pub const NOT_FOUND: u8 = 3;
     /// Conflict: it exists already, or is not in a state that allows this.
     pub const CONFLICT: u8 = 4;
-    /// Missing or wrong admin token.
+    /// Missing, wrong or revoked admin token, or a read-only token asked to change something.
     pub const UNAUTHORIZED: u8 = 5;
 }
 
 const EXIT_CODES: &str = "Exit codes: 0 success, 1 failure (unreachable server, server error), 2 invalid request, \
-3 not found, 4 conflict (exists already, wrong state), 5 missing or wrong admin token.";
+3 not found, 4 conflict (exists already, wrong state), 5 missing, wrong or revoked admin token, or a read-only token asked to change something.";
 
 /// How to reach the admin API and how to print answers.
 #[derive(Args, Debug, Clone)]
