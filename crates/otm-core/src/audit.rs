@@ -37,11 +37,18 @@ impl AuditEntry {
         let mut r = [0u8; 4];
         getrandom::fill(&mut r).expect("the system's random number generator");
         let random = i64::from(u32::from_le_bytes(r) % 1_000_000);
+        let candidate = at_ms
+            .max(0)
+            .saturating_mul(1_000_000)
+            .saturating_add(random);
+        static LAST: AtomicI64 = AtomicI64::new(0);
+        let previous = LAST
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
+                Some(candidate.max(last.saturating_add(1)))
+            })
+            .unwrap_or(candidate);
         AuditEntry {
-            id: at_ms
-                .max(0)
-                .saturating_mul(1_000_000)
-                .saturating_add(random),
+            id: candidate.max(previous.saturating_add(1)),
             at_ms,
             who: who.to_owned(),
             method: method.to_owned(),
@@ -84,4 +91,18 @@ pub trait AdminStore: Send + Sync + std::fmt::Debug + 'static {
     async fn token_list(&self) -> Result<Vec<AdminToken>>;
     /// Deletes a token; false if there was none of that name.
     async fn token_revoke(&self, name: &str) -> Result<bool>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_grow_within_a_process_even_in_one_millisecond() {
+        let ids: Vec<i64> = (0..100)
+            .map(|_| AuditEntry::new(1_000, "admin", "POST", "/v1/x", None, 200).id)
+            .collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+        assert!(ids[0] >= 1_000_000_000);
+    }
 }
