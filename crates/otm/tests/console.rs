@@ -127,7 +127,10 @@ async fn without_a_session_pages_go_to_sign_in_and_forms_are_refused() {
     // The sign-in page itself carries the console's policy: scripts from here only.
     let page = http.get(console(&h, "/signin")).send().await.unwrap();
     let csp = page.headers()["content-security-policy"].to_str().unwrap();
-    assert!(csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"), "{csp}");
+    assert!(
+        csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+        "{csp}"
+    );
     let html = page.text().await.unwrap();
     assert!(!html.contains("<script>"), "no inline script: {html}");
 
@@ -161,6 +164,19 @@ async fn without_a_session_pages_go_to_sign_in_and_forms_are_refused() {
     assert_eq!(fleet.status(), 200);
     let html = fleet.text().await.unwrap();
     assert!(html.contains("data-tenant=\"ada\""), "{html}");
+    let charts = http
+        .get(console(&h, "/charts"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        charts.contains("Wake latency by path and phase") && charts.contains("<svg"),
+        "{charts}"
+    );
 
     // Signed in, a form without its CSRF token is still refused, and changes nothing.
     for body in ["idle_timeout_s=5", "csrf=wrong&idle_timeout_s=5"] {
@@ -181,7 +197,10 @@ async fn without_a_session_pages_go_to_sign_in_and_forms_are_refused() {
         .post(console(&h, "/tenants/ada/settings"))
         .header("cookie", &cookie)
         .header("content-type", "application/x-www-form-urlencoded")
-        .body(form_body(&[("csrf", &csrf_of(&html)), ("idle_timeout_s", "5")]))
+        .body(form_body(&[
+            ("csrf", &csrf_of(&html)),
+            ("idle_timeout_s", "5"),
+        ]))
         .send()
         .await
         .unwrap();
@@ -371,7 +390,8 @@ impl Browser {
             .await;
         let bytes = otm_core::base64::decode(png.as_str().unwrap()).expect("a PNG");
         assert!(bytes.starts_with(b"\x89PNG"), "a PNG");
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/console-screenshots");
+        let dir =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/console-screenshots");
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(format!("{name}-{width}.png"));
         std::fs::write(&path, bytes).unwrap();
@@ -420,7 +440,9 @@ async fn a_browser_signs_in_sees_the_fleet_follows_a_log_and_takes_screenshots()
         )
         .await;
     assert_eq!(status, 201, "{body}");
-    let (status, body) = h.api(reqwest::Method::POST, "/tenants/awake/wake", None).await;
+    let (status, body) = h
+        .api(reqwest::Method::POST, "/tenants/awake/wake", None)
+        .await;
     assert_eq!(status, 200, "{body}");
     let (status, body) = h
         .api(reqwest::Method::POST, "/tenants/broken/wake", None)
@@ -436,16 +458,17 @@ async fn a_browser_signs_in_sees_the_fleet_follows_a_log_and_takes_screenshots()
     // Not signed in: the console sends the browser to the sign-in form, which works without
     // the page's script.
     b.goto(&format!("{admin}/")).await;
-    b.wait_for(
-        "the sign-in page",
-        "return location.pathname === '/signin'",
-    )
-    .await;
+    b.wait_for("the sign-in page", "return location.pathname === '/signin'")
+        .await;
     b.type_into("#token", &h.token).await;
     b.click("form.signin button").await;
     b.wait_for("the fleet page", "return location.pathname === '/'")
         .await;
-    for (tenant, state) in [("awake", "awake"), ("asleep", "asleep"), ("broken", "failed")] {
+    for (tenant, state) in [
+        ("awake", "awake"),
+        ("asleep", "asleep"),
+        ("broken", "failed"),
+    ] {
         b.wait_for(
             &format!("{tenant} shown {state}"),
             &format!(
@@ -458,7 +481,9 @@ async fn a_browser_signs_in_sees_the_fleet_follows_a_log_and_takes_screenshots()
     // Live: a tenant put to sleep through the API turns asleep on the open page, which is not
     // reloaded (the marker set here would be gone).
     b.js("window.otmMarker = true; return true").await;
-    let (status, _) = h.api(reqwest::Method::POST, "/tenants/awake/stop", None).await;
+    let (status, _) = h
+        .api(reqwest::Method::POST, "/tenants/awake/stop", None)
+        .await;
     assert_eq!(status, 200);
     b.wait_for(
         "awake shown asleep without a reload",
@@ -506,7 +531,11 @@ async fn a_browser_signs_in_sees_the_fleet_follows_a_log_and_takes_screenshots()
         b.screenshot("tenant", 390).await,
     ];
     for p in fleet_shots.iter().chain(&tenant_shots) {
-        assert!(std::fs::metadata(p).unwrap().len() > 1000, "{}", p.display());
+        assert!(
+            std::fs::metadata(p).unwrap().len() > 1000,
+            "{}",
+            p.display()
+        );
     }
 
     // The pages stay small and use nothing from elsewhere.
@@ -517,6 +546,9 @@ async fn a_browser_signs_in_sees_the_fleet_follows_a_log_and_takes_screenshots()
         .unwrap();
     assert!(size < 200_000, "the tenant page is {size} bytes");
     let errors = b.errors().await;
-    assert!(errors.is_empty(), "the browser console shows errors: {errors:#?}");
+    assert!(
+        errors.is_empty(),
+        "the browser console shows errors: {errors:#?}"
+    );
     h.stop().await;
 }
