@@ -89,8 +89,11 @@ impl History {
     }
 }
 
+/// A metric's labels, `(name, value)`.
+type Labels<'a> = Vec<(&'a str, &'a str)>;
+
 /// One line of the text exposition: name, labels, value.
-fn parse_line(line: &str) -> Option<(&str, Vec<(&str, &str)>, f64)> {
+fn parse_line(line: &str) -> Option<(&str, Labels<'_>, f64)> {
     if line.starts_with('#') || line.trim().is_empty() {
         return None;
     }

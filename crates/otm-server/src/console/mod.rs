@@ -296,18 +296,18 @@ fn refused(message: &str) -> Response {
 }
 
 /// A form post's checks: its CSRF token, and that the session may write. Answers the refusal.
-fn check_post(s: &Signed, form: &HashMap<String, String>) -> Result<(), Response> {
+fn check_post(s: &Signed, form: &HashMap<String, String>) -> Result<(), Box<Response>> {
     let given = form.get("csrf").map(String::as_str).unwrap_or("");
     if !Secret::new(s.csrf.clone()).matches(given) {
-        return Err(refused(
+        return Err(Box::new(refused(
             "This form is out of date or did not come from this console; reload the page and try again.",
-        ));
+        )));
     }
     if s.who.read_only {
-        return Err(refused(&format!(
+        return Err(Box::new(refused(&format!(
             "The token `{}` is read-only: it can look at the fleet but not change it.",
             s.who.name
-        )));
+        ))));
     }
     Ok(())
 }
@@ -1074,7 +1074,7 @@ where
 {
     if let Err(refusal) = check_post(s, form) {
         audit(&c.app, &s.who.name, &what, "refused").await;
-        return refusal;
+        return *refusal;
     }
     let outcome = act.await;
     let (notice, result) = match &outcome {
