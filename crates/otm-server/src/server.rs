@@ -24,13 +24,13 @@ use tower::ServiceBuilder;
 pub enum StartError {
     #[error(transparent)]
     Setting(#[from] crate::config::InvalidSetting),
-    #[error("cannot bind the {listener} listener on {addr}: {source}")]
+    #[error("cannot bind the {listener} listener on {addr}")]
     Bind {
         listener: &'static str,
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("cannot use the data directory {path}: {source}")]
+    #[error("cannot use the data directory {path}")]
     DataDir {
         path: String,
         source: std::io::Error,
@@ -463,10 +463,15 @@ fn bind_egress_socket(dir: &Path) -> std::io::Result<tokio::net::UnixListener> {
             let _ = std::fs::remove_file(e.path());
         }
     }
-    let path = dir.join(format!("egress-{}.sock", std::process::id()));
-    let _ = std::fs::remove_file(&path);
-    let listener = tokio::net::UnixListener::bind(&path)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
+    // Bound under a name the sweep above skips and renamed into place once listening: a server
+    // starting beside this one must not take the socket for a dead one between bind and listen.
+    let pid = std::process::id();
+    let path = dir.join(format!("egress-{pid}.sock"));
+    let binding = dir.join(format!("egress-{pid}.binding"));
+    let _ = std::fs::remove_file(&binding);
+    let listener = tokio::net::UnixListener::bind(&binding)?;
+    std::fs::set_permissions(&binding, std::fs::Permissions::from_mode(0o666))?;
+    std::fs::rename(&binding, &path)?;
     Ok(listener)
 }
 

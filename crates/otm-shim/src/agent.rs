@@ -1,7 +1,7 @@
 //! One supervised agent process: start, readiness, restart on crash, delivery, graceful stop.
 
 use crate::profile::{AckRule, AgentLaunch, AgentProfile};
-use crate::sandbox::AgentSandbox;
+use crate::sandbox::{AgentSandbox, Prestarted};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use otm_core::shim_api::DeliverResponse;
@@ -70,6 +70,8 @@ struct Inner {
     sandbox: Option<Arc<AgentSandbox>>,
     /// Directories the agent may write (sandboxed only).
     writable: Vec<PathBuf>,
+    /// A sandbox made ahead for the first start, when there is one.
+    prestarted: std::sync::Mutex<Option<Prestarted>>,
 }
 
 impl Agent {
@@ -82,6 +84,7 @@ impl Agent {
         log_path: PathBuf,
         sandbox: Option<Arc<AgentSandbox>>,
         writable: Vec<PathBuf>,
+        prestarted: Option<Prestarted>,
     ) -> Agent {
         let (state, _) = watch::channel(AgentState::Starting { pid: 0 });
         let http = reqwest::Client::builder()
@@ -101,6 +104,7 @@ impl Agent {
                 http,
                 sandbox,
                 writable,
+                prestarted: std::sync::Mutex::new(prestarted),
             }),
         };
         tokio::spawn(agent.clone().supervise());
@@ -223,6 +227,33 @@ impl Agent {
             env.entry("RUST_LOG".into()).or_insert(rust_log);
         }
         let program = &inner.launch.program;
+        let prestarted = inner
+            .prestarted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(ready) = prestarted {
+            if ready.fits(
+                program,
+                &inner.workdir,
+                &inner.writable,
+                &inner.launch.read_only,
+            ) {
+                let spawned = ready
+                    .launch(program, &inner.launch.args, &env)
+                    .map_err(|e| {
+                        format!(
+                            "cannot start {} in its waiting sandbox: {e}",
+                            program.display()
+                        )
+                    })?;
+                return Ok((spawned.child, spawned.init_pid));
+            }
+            tracing::info!(
+                program = %program.display(),
+                "the sandbox made ahead does not show what this agent needs; making another"
+            );
+        }
         if let Some(sandbox) = &inner.sandbox {
             let spawned = sandbox
                 .spawn(
@@ -480,7 +511,7 @@ fn family(pid: i32) -> Vec<i32> {
     out
 }
 
-fn open_log(path: &std::path::Path) -> std::io::Result<(std::fs::File, std::fs::File)> {
+pub(crate) fn open_log(path: &std::path::Path) -> std::io::Result<(std::fs::File, std::fs::File)> {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

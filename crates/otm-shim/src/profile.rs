@@ -7,6 +7,10 @@ use std::time::Duration;
 
 pub mod openclaw;
 
+/// The directory of an instance where a profile writes the files it renders for its agent
+/// (its config): shown read-only in the agent's sandbox, which may be made before they are.
+pub const CONFIG_DIR: &str = "config";
+
 /// How an agent acknowledges a delivered update.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AckRule {

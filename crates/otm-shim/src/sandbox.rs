@@ -433,6 +433,21 @@ pub struct Spawned {
     pub init_pid: u32,
 }
 
+/// What an agent sandbox's process 1 is told to run.
+enum Start<'a> {
+    /// The agent, named on process 1's command line; its environment is bubblewrap's.
+    Now {
+        program: &'a Path,
+        args: &'a [String],
+        env: &'a std::collections::BTreeMap<String, String>,
+    },
+    /// Nothing yet: process 1 waits for a launch on this pipe (read end).
+    Later(std::os::fd::OwnedFd),
+}
+
+/// The descriptor a waiting process 1 reads its launch from.
+const LAUNCH_FD: i32 = 12;
+
 impl AgentSandbox {
     /// Starts `program` in a new agent sandbox with `writable` directories (created if missing)
     /// and `read_only` extra paths shown, `env` as its whole environment, `workdir` as its
@@ -448,14 +463,72 @@ impl AgentSandbox {
         read_only: &[PathBuf],
         log: std::fs::File,
     ) -> std::io::Result<Spawned> {
+        let mut shown = read_only.to_vec();
+        if !self.shows(program, read_only) {
+            shown.push(program.to_path_buf());
+        }
+        let how = Start::Now { program, args, env };
+        self.start(how, workdir, writable, &shown, log).await
+    }
+
+    /// Makes an agent sandbox ahead of its agent: bubblewrap, its namespaces and mounts, and
+    /// process 1 waiting for what to run. [`Prestarted::launch`] then starts the agent in it
+    /// without paying for any of that; a launch that needs more than it shows (a program or
+    /// file outside `read_only` and the system view, other writable directories) does not fit
+    /// and takes [`AgentSandbox::spawn`]. Dropped unused, the sandbox ends on its own.
+    pub async fn prestart(
+        self: &std::sync::Arc<Self>,
+        workdir: &Path,
+        writable: &[PathBuf],
+        read_only: &[PathBuf],
+        log: std::fs::File,
+    ) -> std::io::Result<Prestarted> {
+        let began = std::time::Instant::now();
+        // Close-on-exec, both ends: the sandbox gets the read end as its launch descriptor only,
+        // and no process but this one may hold the write end, or process 1 never sees its end.
+        let (launch_r, launch_w) = pipe()?;
+        let spawned = self
+            .start(Start::Later(launch_r), workdir, writable, read_only, log)
+            .await?;
+        Ok(Prestarted {
+            spawned,
+            launch: launch_w,
+            sandbox: self.clone(),
+            workdir: workdir.to_path_buf(),
+            writable: writable.to_vec(),
+            read_only: read_only.to_vec(),
+            took: began.elapsed(),
+        })
+    }
+
+    /// Whether `path` is shown by this sandbox's view (the system directories, its read-only
+    /// paths) or below one of `extra`.
+    fn shows(&self, path: &Path, extra: &[PathBuf]) -> bool {
+        SYSTEM_DIRS.iter().any(|d| path.starts_with(d))
+            || self
+                .view
+                .read_only
+                .iter()
+                .chain(extra)
+                .any(|r| path.starts_with(r))
+    }
+
+    async fn start(
+        &self,
+        how: Start<'_>,
+        workdir: &Path,
+        writable: &[PathBuf],
+        read_only: &[PathBuf],
+        log: std::fs::File,
+    ) -> std::io::Result<Spawned> {
         use command_fds::{CommandFdExt, FdMapping};
         use std::io::Write;
         const SECCOMP_FD: i32 = 10;
         const INFO_FD: i32 = 11;
 
-        let (seccomp_r, seccomp_w) = nix::unistd::pipe()?;
+        let (seccomp_r, seccomp_w) = pipe()?;
         std::fs::File::from(seccomp_w).write_all(&seccomp::program())?;
-        let (info_r, info_w) = nix::unistd::pipe()?;
+        let (info_r, info_w) = pipe()?;
 
         let s = |p: &Path| p.display().to_string();
         let mut a: Vec<String> = isolation_args();
@@ -470,9 +543,6 @@ impl AgentSandbox {
         let init = init_command(&self.otm);
         view.read_only.push(init[0].clone());
         view.read_only.extend(read_only.iter().cloned());
-        if !program.starts_with("/usr") && !view.read_only.iter().any(|r| program.starts_with(r)) {
-            view.read_only.push(program.to_path_buf());
-        }
         view.read_only.sort();
         view.read_only.dedup();
         a.extend(view.args());
@@ -491,21 +561,7 @@ impl AgentSandbox {
         for w in writable {
             a.extend(["--rw".into(), s(w)]);
         }
-        a.extend(["--".into(), s(program)]);
-        a.extend(args.iter().cloned());
-
-        let mut cmd = tokio::process::Command::new(&self.bwrap);
-        // The environment holds the instance's secrets (surrogate token, webhook secret): it goes
-        // through bubblewrap's own environment, never its arguments, which every user can read.
-        cmd.args(&a)
-            .env_clear()
-            .envs(env)
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .process_group(0)
-            .kill_on_drop(false);
-        cmd.fd_mappings(vec![
+        let mut fds = vec![
             FdMapping {
                 parent_fd: seccomp_r,
                 child_fd: SECCOMP_FD,
@@ -514,16 +570,112 @@ impl AgentSandbox {
                 parent_fd: info_w,
                 child_fd: INFO_FD,
             },
-        ])
-        .map_err(std::io::Error::other)?;
+        ];
+        let env = match how {
+            Start::Now { program, args, env } => {
+                a.extend(["--".into(), s(program)]);
+                a.extend(args.iter().cloned());
+                env.clone()
+            }
+            Start::Later(launch_r) => {
+                a.extend(["--wait-fd".into(), LAUNCH_FD.to_string()]);
+                fds.push(FdMapping {
+                    parent_fd: launch_r,
+                    child_fd: LAUNCH_FD,
+                });
+                // The agent's environment comes with its launch; bubblewrap has none of it.
+                let mut env = std::collections::BTreeMap::new();
+                if let Ok(path) = std::env::var("PATH") {
+                    env.insert("PATH".to_owned(), path);
+                }
+                env
+            }
+        };
+
+        let mut cmd = tokio::process::Command::new(&self.bwrap);
+        // The environment holds the instance's secrets (surrogate token, webhook secret): it goes
+        // through bubblewrap's own environment (or the launch pipe), never its arguments, which
+        // every user can read.
+        cmd.args(&a)
+            .env_clear()
+            .envs(&env)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .kill_on_drop(false);
+        cmd.fd_mappings(fds).map_err(std::io::Error::other)?;
         let child = cmd.spawn()?;
-        // Our copy of the write end must go, or the read below never ends.
+        // Our copies of the pipes' child ends must go, or the read below never ends.
         drop(cmd);
         let init_pid = tokio::task::spawn_blocking(move || read_child_pid(info_r))
             .await
             .map_err(std::io::Error::other)??;
         Ok(Spawned { child, init_pid })
     }
+}
+
+/// An agent sandbox made ahead of its agent ([`AgentSandbox::prestart`]).
+#[derive(Debug)]
+pub struct Prestarted {
+    spawned: Spawned,
+    /// The write end of the launch pipe; closed unused, process 1 exits.
+    launch: std::os::fd::OwnedFd,
+    sandbox: std::sync::Arc<AgentSandbox>,
+    workdir: PathBuf,
+    writable: Vec<PathBuf>,
+    read_only: Vec<PathBuf>,
+    /// How long making it took.
+    pub took: std::time::Duration,
+}
+
+impl Prestarted {
+    /// The sandbox's process 1, waiting.
+    pub fn init_pid(&self) -> u32 {
+        self.spawned.init_pid
+    }
+
+    /// Whether a launch of `program` in `workdir`, writing `writable` and reading the files
+    /// `read_only`, fits this sandbox.
+    pub fn fits(
+        &self,
+        program: &Path,
+        workdir: &Path,
+        writable: &[PathBuf],
+        read_only: &[PathBuf],
+    ) -> bool {
+        self.workdir == workdir
+            && self.writable == writable
+            && self.sandbox.shows(program, &self.read_only)
+            && read_only
+                .iter()
+                .all(|f| self.read_only.iter().any(|r| f.starts_with(r)))
+    }
+
+    /// Starts the agent in the waiting sandbox: `program` with `args` and `env` as its whole
+    /// environment.
+    pub fn launch(
+        self,
+        program: &Path,
+        args: &[String],
+        env: &std::collections::BTreeMap<String, String>,
+    ) -> std::io::Result<Spawned> {
+        use std::io::Write;
+        let program = program
+            .to_str()
+            .ok_or_else(|| std::io::Error::other("a program path that is not UTF-8"))?;
+        let message = init::encode_launch(program, args, env).map_err(std::io::Error::other)?;
+        // The pipe holds 64 KiB; a larger launch is written while process 1 reads it.
+        let mut pipe = std::fs::File::from(self.launch);
+        pipe.write_all(&message)?;
+        drop(pipe);
+        Ok(self.spawned)
+    }
+}
+
+/// A close-on-exec pipe: handed to a child only where mapped to a descriptor of its own.
+fn pipe() -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    Ok(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)
 }
 
 /// Reads `{"child-pid": N}` from bubblewrap's info pipe (`--info-fd`).

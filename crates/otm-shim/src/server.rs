@@ -4,6 +4,7 @@ use crate::agent::{Agent, AgentState};
 use crate::archive;
 use crate::pipe;
 use crate::profile::{self, AgentProfile, LaunchInputs};
+use crate::sandbox::Prestarted;
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -66,6 +67,9 @@ struct Shim {
     egress_root: Option<String>,
     /// Told when the agent has been stopped through the control API.
     agent_stopped: tokio::sync::Notify,
+    /// The agent's sandbox, being made (or made) while the instance waits for its tenant; the
+    /// first bind takes it.
+    prestarting: Mutex<Option<tokio::task::JoinHandle<std::io::Result<Prestarted>>>>,
 }
 
 impl Shim {
@@ -75,6 +79,37 @@ impl Shim {
     fn log_path(&self) -> PathBuf {
         self.config.dir.join("agent.log")
     }
+    /// What the agent may write: its state, scratch and home directories.
+    fn agent_writable(&self) -> Vec<PathBuf> {
+        vec![
+            self.state_dir(),
+            self.config.dir.join("tmp"),
+            self.config.dir.join("home"),
+        ]
+    }
+}
+
+/// Makes the agent's sandbox ahead of the bind that needs it: the agent's start then pays for
+/// no namespace and no mount. Whatever the profile, it shows the agent's writable directories
+/// and [`profile::CONFIG_DIR`] read-only; a launch that needs more gets a sandbox of its own.
+fn prestart(shim: &Arc<Shim>) -> Option<tokio::task::JoinHandle<std::io::Result<Prestarted>>> {
+    let sandbox = shim.config.agent_sandbox.clone()?;
+    let config = shim.config.dir.join(profile::CONFIG_DIR);
+    let workdir = shim.state_dir();
+    let writable = shim.agent_writable();
+    let log = shim.log_path();
+    Some(tokio::spawn(async move {
+        std::fs::create_dir_all(&config)?;
+        let (out, _) = crate::agent::open_log(&log)?;
+        let made = sandbox
+            .prestart(&workdir, &writable, &[config], out)
+            .await?;
+        tracing::debug!(
+            ms = made.took.as_secs_f64() * 1e3,
+            "agent sandbox made ahead"
+        );
+        Ok(made)
+    }))
 }
 
 /// Serves the control API until SIGTERM or `shutdown`, then stops the agent gracefully.
@@ -90,7 +125,9 @@ pub async fn run(config: ShimConfig, shutdown: CancellationToken) -> std::io::Re
         bound: Mutex::new(None),
         egress_root,
         agent_stopped: tokio::sync::Notify::new(),
+        prestarting: Mutex::new(None),
     });
+    *shim.prestarting.lock().await = prestart(&shim);
     let app = router(shim.clone());
 
     let stop = shutdown.clone();
@@ -396,11 +433,21 @@ async fn bind(State(shim): State<Arc<Shim>>, Json(req): Json<BindRequest>) -> Re
         }
         launch.env.insert("NODE_USE_ENV_PROXY".into(), "1".into());
     }
-    let writable = vec![
-        state_dir.clone(),
-        shim.config.dir.join("tmp"),
-        shim.config.dir.join("home"),
-    ];
+    let writable = shim.agent_writable();
+    let prestarted = match shim.prestarting.lock().await.take() {
+        Some(making) => match making.await {
+            Ok(Ok(made)) => Some(made),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the agent sandbox made ahead failed; making another");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the agent sandbox made ahead failed; making another");
+                None
+            }
+        },
+        None => None,
+    };
     let agent = Agent::start(
         profile.clone(),
         launch,
@@ -408,6 +455,7 @@ async fn bind(State(shim): State<Arc<Shim>>, Json(req): Json<BindRequest>) -> Re
         shim.log_path(),
         shim.config.agent_sandbox.clone(),
         writable,
+        prestarted,
     );
     let start_ms = begun.elapsed().as_millis() as u64;
     let spawned = Instant::now();

@@ -146,8 +146,12 @@ struct SandboxInitArgs {
     /// A directory the agent may write (Landlock); repeatable. Everything else is read-only.
     #[arg(long = "rw", value_name = "DIR")]
     rw: Vec<std::path::PathBuf>,
+    /// Read the agent, its arguments and its environment from this descriptor instead (a
+    /// sandbox made ahead of its agent).
+    #[arg(long, value_name = "FD", conflicts_with = "command")]
+    wait_fd: Option<i32>,
     /// The agent and its arguments.
-    #[arg(last = true, required = true)]
+    #[arg(last = true, required_unless_present = "wait_fd")]
     command: Vec<std::ffi::OsString>,
 }
 
@@ -189,7 +193,15 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(126);
         }
         Command::SandboxInit(a) => {
-            let code = otm_shim::sandbox::init::run(&a.command[0], &a.command[1..], &a.rw);
+            use otm_shim::sandbox::init::Program;
+            let program = match a.wait_fd {
+                Some(fd) => Program::Wait(fd),
+                None => Program::Given {
+                    program: a.command[0].clone(),
+                    args: a.command[1..].to_vec(),
+                },
+            };
+            let code = otm_shim::sandbox::init::run(program, &a.rw);
             return std::process::ExitCode::from(code.clamp(0, 255) as u8);
         }
         _ => {}

@@ -720,7 +720,7 @@ async fn two_openclaw_tenants_run_side_by_side() {
     // and the two sets are disjoint.
     let mut configured = vec![];
     for dir in &dirs {
-        let config = std::fs::read_to_string(dir.join("openclaw.json5")).unwrap();
+        let config = std::fs::read_to_string(dir.join("config/openclaw.json5")).unwrap();
         let port_after = |key: &str| -> u16 {
             let at = config
                 .find(key)

@@ -193,6 +193,9 @@ async fn the_data_dir_other_tenants_and_the_shim_are_out_of_reach() {
         status.contains("NoNewPrivs:\t1") && status.contains("Seccomp:\t2"),
         "{status}"
     );
+    // The agent started in the sandbox the shim made ahead of it, its launch read from a pipe.
+    let (_, init) = a.sh("tr '\\0' ' ' < /proc/1/cmdline").await;
+    assert!(init.contains("--wait-fd"), "process 1 is {init}");
 
     // The victim is fine and still answers.
     assert_eq!(
@@ -402,4 +405,92 @@ async fn the_egress_proxy_reaches_only_allowlisted_public_hosts() {
     );
     drop(a);
     h.stop().await;
+}
+
+/// An agent sandbox made ahead of its agent runs exactly the launch it is sent (program,
+/// arguments, environment); bubblewrap and process 1 never hold the agent's environment, no
+/// descriptor of the launch pipe reaches the agent, and a launch the sandbox does not show
+/// does not fit it.
+#[tokio::test]
+async fn a_sandbox_made_ahead_runs_exactly_its_launch() {
+    use otm_shim::sandbox::{AgentSandbox, SystemView};
+    use std::path::PathBuf;
+    let bwrap = otm_shim::sandbox::bwrap().expect("these checks need bubblewrap");
+    let dir = tempfile::tempdir().unwrap();
+    let at = |p: &str| dir.path().join(p);
+    let writable = vec![at("state"), at("tmp"), at("home")];
+    std::fs::create_dir_all(at("config")).unwrap();
+    let sandbox = std::sync::Arc::new(AgentSandbox {
+        bwrap,
+        otm: PathBuf::from(env!("CARGO_BIN_EXE_otm")),
+        view: SystemView {
+            tmp_bytes: 1 << 20,
+            ..Default::default()
+        },
+    });
+    let log = std::fs::File::create(at("agent.log")).unwrap();
+    let made = sandbox
+        .prestart(&at("state"), &writable, &[at("config")], log)
+        .await
+        .unwrap();
+    let sh = std::path::Path::new("/usr/bin/sh");
+    assert!(made.fits(sh, &at("state"), &writable, &[at("config/agent.json")]));
+    assert!(
+        !made.fits(sh, &at("state"), &writable, &[at("elsewhere.json")]),
+        "a file outside what it shows"
+    );
+    assert!(!made.fits(&at("agent"), &at("state"), &writable, &[]));
+    assert!(!made.fits(sh, &at("state"), &writable[..1], &[]));
+
+    let env: std::collections::BTreeMap<String, String> = [
+        ("SECRET".to_owned(), "s3cret-value".to_owned()),
+        ("PATH".to_owned(), "/usr/bin:/bin".to_owned()),
+    ]
+    .into();
+    let args = vec![
+        "-c".to_owned(),
+        "echo \"secret=$SECRET arg=$0\"; ls /proc/self/fd | tr '\\n' ' '; echo; pwd; \
+         touch started; while [ ! -e go ]; do sleep 0.01; done"
+            .to_owned(),
+        "two words".to_owned(),
+    ];
+    let init_pid = made.init_pid();
+    let cmdline = std::fs::read(format!("/proc/{init_pid}/cmdline")).unwrap();
+    let mut spawned = made.launch(sh, &args, &env).unwrap();
+    // While the agent runs (it waits for `go`), process 1 is there to look at.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !at("state/started").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let environ = std::fs::read(format!("/proc/{init_pid}/environ")).unwrap();
+    std::fs::write(at("state/go"), "").unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), spawned.child.wait())
+        .await
+        .expect("the agent ran and ended")
+        .unwrap();
+    let out = std::fs::read_to_string(at("agent.log")).unwrap();
+    assert!(status.success(), "{status:?}: {out}");
+    assert!(out.contains("secret=s3cret-value arg=two words"), "{out}");
+    let fds: Vec<&str> = out
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(fds, ["0", "1", "2", "3"], "only its own descriptors: {out}");
+    assert!(out.contains(&at("state").display().to_string()), "{out}");
+    let contains =
+        |hay: &[u8], needle: &str| hay.windows(needle.len()).any(|w| w == needle.as_bytes());
+    assert!(
+        contains(&cmdline, "--wait-fd"),
+        "process 1 waited for its launch"
+    );
+    assert!(
+        !contains(&environ, "s3cret-value"),
+        "process 1's environment holds none of the agent's"
+    );
 }

@@ -16,7 +16,7 @@
 //! | `state/workspace/` | the agent's workspace (memory files) | yes |
 //! | `home/` | `HOME` and `OPENCLAW_HOME` | no |
 //! | `tmp/` | `TMPDIR` (Node's compile cache, scratch files) | no |
-//! | `openclaw.json5` | `OPENCLAW_CONFIG_PATH`, rendered at every bind | no |
+//! | `config/openclaw.json5` | `OPENCLAW_CONFIG_PATH`, rendered at every bind | no |
 //! | `home/openclaw.log` | the gateway's own log file (`logging.file`) | no |
 //!
 //! In a sandbox the gateway sees `state/`, `home/` and `tmp/` writable and its config
@@ -108,9 +108,10 @@ fn render(i: &LaunchInputs<'_>) -> Result<AgentLaunch, String> {
     let home = dir.join("home");
     let tmp = dir.join("tmp");
     let workspace = i.state_dir.join("workspace");
-    let config_path = dir.join("openclaw.json5");
+    let config_dir = dir.join(super::CONFIG_DIR);
+    let config_path = config_dir.join("openclaw.json5");
     let log_file = home.join("openclaw.log");
-    for d in [&home, &tmp, &workspace] {
+    for d in [&home, &tmp, &workspace, &config_dir] {
         std::fs::create_dir_all(d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
     }
 
@@ -374,7 +375,7 @@ mod tests {
             launch.env["HOME"],
             dir.path().join("home").display().to_string()
         );
-        let config = std::fs::read_to_string(dir.path().join("openclaw.json5")).unwrap();
+        let config = std::fs::read_to_string(dir.path().join("config/openclaw.json5")).unwrap();
         assert!(
             config.contains("apiRoot: \"http://127.0.0.1:8082\""),
             "{config}"
@@ -382,7 +383,7 @@ mod tests {
         assert!(config.contains("primary: \"otm/m-1\""), "{config}");
         assert!(config.contains("webhookSecret: \"whs\""), "{config}");
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join("openclaw.json5"))
+        let mode = std::fs::metadata(dir.path().join("config/openclaw.json5"))
             .unwrap()
             .permissions()
             .mode();

@@ -7,6 +7,12 @@
 //! the agent's OOM score so that, inside the instance's memory limit, the agent goes first, and
 //! applies the sandbox's Landlock rules ([`super::landlock`]) to itself before the agent starts,
 //! so that the agent and everything it runs inherit them.
+//!
+//! Started ahead of its agent (`--wait-fd N`, a sandbox the shim makes while the instance waits
+//! for its tenant), it first reads what to run from descriptor `N`: the program, its arguments
+//! and its whole environment, as [`encode_launch`] writes them. The agent's secrets then never
+//! pass through bubblewrap's environment, and the sandbox's namespaces and mounts are made
+//! before the wake that needs them.
 
 use super::landlock::Enforcement;
 use nix::sys::signal::{SigSet, Signal, killpg};
@@ -25,9 +31,124 @@ const FORWARDED: &[Signal] = &[
     Signal::SIGUSR2,
 ];
 
-/// Runs `program` with `args`, allowed to write only below `writable`, and returns the exit code
-/// to exit with.
-pub fn run(program: &OsString, args: &[OsString], writable: &[PathBuf]) -> i32 {
+/// What process 1 runs: given on its command line, or read from a descriptor once it is known.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Program {
+    Given {
+        program: OsString,
+        args: Vec<OsString>,
+    },
+    /// Read the launch ([`encode_launch`]) from this descriptor, up to its end.
+    Wait(i32),
+}
+
+/// The most a launch message may hold.
+const MAX_LAUNCH: usize = 1 << 20;
+
+/// Encodes what a waiting process 1 runs: the program, the number of arguments, the arguments,
+/// then `KEY=VALUE` for each variable of the environment, each field ended by a NUL byte (no
+/// program name, argument or variable can hold one).
+pub fn encode_launch<'a>(
+    program: &str,
+    args: &[String],
+    env: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    let mut field = |f: &str| -> Result<(), String> {
+        if f.contains('\0') {
+            return Err(format!("a NUL byte in {f:?}"));
+        }
+        out.extend_from_slice(f.as_bytes());
+        out.push(0);
+        Ok(())
+    };
+    field(program)?;
+    field(&args.len().to_string())?;
+    for a in args {
+        field(a)?;
+    }
+    for (k, v) in env {
+        if k.is_empty() || k.contains('=') {
+            return Err(format!("an environment variable named {k:?}"));
+        }
+        field(&format!("{k}={v}"))?;
+    }
+    if out.len() > MAX_LAUNCH {
+        return Err(format!("a launch of {} bytes", out.len()));
+    }
+    Ok(out)
+}
+
+/// A launch read back: program, arguments, environment.
+type Launch = (OsString, Vec<OsString>, Vec<(OsString, OsString)>);
+
+/// Decodes what [`encode_launch`] wrote.
+pub fn decode_launch(bytes: &[u8]) -> Result<Launch, String> {
+    use std::os::unix::ffi::OsStrExt;
+    let Some(body) = bytes.strip_suffix(&[0]) else {
+        return Err("the launch does not end with a NUL byte".into());
+    };
+    let mut fields = body.split(|b| *b == 0);
+    let os = |f: &[u8]| std::ffi::OsStr::from_bytes(f).to_os_string();
+    let program = match fields.next() {
+        Some(p) if !p.is_empty() => os(p),
+        _ => return Err("the launch names no program".into()),
+    };
+    let argc: usize = fields
+        .next()
+        .and_then(|n| std::str::from_utf8(n).ok()?.parse().ok())
+        .ok_or("the launch has no argument count")?;
+    let args: Vec<OsString> = fields.by_ref().take(argc).map(os).collect();
+    if args.len() != argc {
+        return Err(format!("the launch has {} of {argc} arguments", args.len()));
+    }
+    let mut env = Vec::new();
+    for f in fields {
+        match f.iter().position(|b| *b == b'=') {
+            Some(i) if i > 0 => env.push((os(&f[..i]), os(&f[i + 1..]))),
+            _ => return Err("the launch has an environment entry without a name".into()),
+        }
+    }
+    Ok((program, args, env))
+}
+
+/// Reads a launch from `fd` (up to its end, at most [`MAX_LAUNCH`] bytes) and closes it; `None`
+/// when the descriptor was closed with nothing written (a sandbox made ahead and not needed).
+fn read_launch(fd: i32) -> Result<Option<Launch>, String> {
+    use std::io::Read;
+    // Opened again through /proc (the same pipe), and the inherited descriptor closed: the
+    // agent inherits neither.
+    let f = std::fs::File::open(format!("/proc/self/fd/{fd}"))
+        .map_err(|e| format!("cannot open the launch descriptor {fd}: {e}"))?;
+    let _ = nix::unistd::close(fd);
+    let mut buf = Vec::new();
+    f.take(MAX_LAUNCH as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| format!("cannot read the launch from descriptor {fd}: {e}"))?;
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    if buf.len() > MAX_LAUNCH {
+        return Err("the launch is too large".into());
+    }
+    decode_launch(&buf).map(Some)
+}
+
+/// Runs `program`, allowed to write only below `writable`, and returns the exit code to exit
+/// with.
+pub fn run(program: Program, writable: &[PathBuf]) -> i32 {
+    let (program, args, env) = match program {
+        Program::Given { program, args } => (program, args, None),
+        Program::Wait(fd) => match read_launch(fd) {
+            Ok(Some((program, args, env))) => (program, args, Some(env)),
+            Ok(None) => return 0,
+            Err(e) => {
+                eprintln!("otm sandbox-init: {e}");
+                return 126;
+            }
+        },
+    };
+    close_inherited();
     let _ = std::fs::write("/proc/self/oom_score_adj", "500");
     let _ = nix::sys::prctl::set_dumpable(false);
     match super::landlock::restrict(writable) {
@@ -46,11 +167,12 @@ pub fn run(program: &OsString, args: &[OsString], writable: &[PathBuf]) -> i32 {
         }
     }
     // Started before the signals are blocked: a child inherits the signal mask.
-    let child = match std::process::Command::new(program)
-        .args(args)
-        .process_group(0)
-        .spawn()
-    {
+    let mut command = std::process::Command::new(&program);
+    command.args(&args).process_group(0);
+    if let Some(env) = env {
+        command.env_clear().envs(env);
+    }
+    let child = match command.spawn() {
         Ok(c) => c,
         Err(e) => {
             eprintln!(
@@ -90,6 +212,24 @@ pub fn run(program: &OsString, args: &[OsString], writable: &[PathBuf]) -> i32 {
     }
 }
 
+/// Closes every descriptor above standard error: whatever the processes above left open (a
+/// build tool's job server, a pipe of the shim) is not the agent's to have.
+fn close_inherited() {
+    let fds: Vec<i32> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(listing) => listing
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .filter(|fd| *fd > 2)
+            .collect(),
+        Err(_) => return,
+    };
+    // The listing's own descriptor is among them and already closed; closing it again fails
+    // harmlessly.
+    for fd in fds {
+        let _ = nix::unistd::close(fd);
+    }
+}
+
 /// Reaps every exited child; the agent's exit code once it is among them.
 fn reap(agent: Pid) -> Option<i32> {
     loop {
@@ -102,11 +242,12 @@ fn reap(agent: Pid) -> Option<i32> {
     }
 }
 
-/// Parses `[--rw DIR]… [--] PROGRAM [ARGS…]`, the arguments of `otm-sandbox-init`: the
-/// directories the agent may write, then the agent.
+/// Parses `[--rw DIR]… (--wait-fd N | [--] PROGRAM [ARGS…])`, the arguments of
+/// `otm-sandbox-init`: the directories the agent may write, then the agent or the descriptor
+/// its launch will come from.
 pub fn parse_args(
     args: impl IntoIterator<Item = OsString>,
-) -> Result<(Vec<PathBuf>, OsString, Vec<OsString>), String> {
+) -> Result<(Vec<PathBuf>, Program), String> {
     let mut args = args.into_iter();
     let mut writable = Vec::new();
     let program = loop {
@@ -115,6 +256,17 @@ pub fn parse_args(
                 Some(dir) => writable.push(PathBuf::from(dir)),
                 None => return Err("--rw needs a directory".into()),
             },
+            Some(a) if a == "--wait-fd" => {
+                let fd = args
+                    .next()
+                    .and_then(|n| n.to_str()?.parse::<i32>().ok())
+                    .filter(|n| *n > 2)
+                    .ok_or("--wait-fd needs a descriptor number above 2")?;
+                if args.next().is_some() {
+                    return Err("--wait-fd takes no program".into());
+                }
+                return Ok((writable, Program::Wait(fd)));
+            }
             Some(a) if a == "--" => match args.next() {
                 Some(p) => break p,
                 None => return Err("no program after --".into()),
@@ -123,7 +275,13 @@ pub fn parse_args(
             None => return Err("no program given".into()),
         }
     };
-    Ok((writable, program, args.collect()))
+    Ok((
+        writable,
+        Program::Given {
+            program,
+            args: args.collect(),
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -136,7 +294,7 @@ mod tests {
 
     #[test]
     fn arguments_name_the_writable_directories_then_the_agent() {
-        let (rw, program, args) = parse_args(os(&[
+        let (rw, program) = parse_args(os(&[
             "--rw",
             "/s",
             "--rw",
@@ -148,17 +306,54 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(rw, vec![PathBuf::from("/s"), PathBuf::from("/t")]);
-        assert_eq!(program, "/bin/agent");
         assert_eq!(
-            args,
-            os(&["--rw", "x"]),
+            program,
+            Program::Given {
+                program: "/bin/agent".into(),
+                args: os(&["--rw", "x"])
+            },
             "the agent's own arguments are its own"
         );
-        let (rw, program, _) = parse_args(os(&["/bin/agent"])).unwrap();
+        let (rw, program) = parse_args(os(&["/bin/agent"])).unwrap();
         assert!(rw.is_empty());
-        assert_eq!(program, "/bin/agent");
+        assert!(matches!(program, Program::Given { program, .. } if program == "/bin/agent"));
+        let (rw, program) = parse_args(os(&["--rw", "/s", "--wait-fd", "12"])).unwrap();
+        assert_eq!(rw, vec![PathBuf::from("/s")]);
+        assert_eq!(program, Program::Wait(12));
+        assert!(parse_args(os(&["--wait-fd", "1"])).is_err(), "not stdout");
+        assert!(parse_args(os(&["--wait-fd", "12", "/bin/agent"])).is_err());
         assert!(parse_args(os(&["--rw"])).is_err());
         assert!(parse_args(os(&["--"])).is_err());
         assert!(parse_args(os(&[])).is_err());
+    }
+
+    #[test]
+    fn a_launch_comes_back_as_it_was_sent() {
+        let env: std::collections::BTreeMap<String, String> = [
+            ("A".to_owned(), "x=y".to_owned()),
+            ("EMPTY".to_owned(), String::new()),
+        ]
+        .into();
+        let args = vec![String::new(), "--flag".to_owned(), "two words".to_owned()];
+        let bytes = encode_launch("/bin/agent", &args, &env).unwrap();
+        let (program, got_args, got_env) = decode_launch(&bytes).unwrap();
+        assert_eq!(program, "/bin/agent");
+        assert_eq!(got_args, os(&["", "--flag", "two words"]));
+        assert_eq!(
+            got_env,
+            vec![("A".into(), "x=y".into()), ("EMPTY".into(), "".into())]
+        );
+        let none: [(&String, &String); 0] = [];
+        assert!(encode_launch("/bin/a\0b", &[], none).is_err());
+        assert!(
+            decode_launch(b"/bin/agent\x003\x00a\x00").is_err(),
+            "arguments missing"
+        );
+        assert!(
+            decode_launch(b"/bin/agent\x000\x00=x\x00").is_err(),
+            "a nameless variable"
+        );
+        assert!(decode_launch(b"/bin/agent\x000").is_err(), "no end");
+        assert!(decode_launch(b"").is_err());
     }
 }
