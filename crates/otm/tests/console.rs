@@ -444,6 +444,24 @@ async fn a_browser_signs_in_sees_the_fleet_follows_a_log_and_takes_screenshots()
         .api(reqwest::Method::POST, "/tenants/awake/wake", None)
         .await;
     assert_eq!(status, 200, "{body}");
+    // A dead letter: the agent cannot send its reply once, and one attempt is all it gets.
+    h.tg.fail_next_send(1);
+    assert_eq!(
+        h.post_update("awake", &secret, &text_update(31, 9, "lost"))
+            .await,
+        200
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, inbox) = h
+            .api(reqwest::Method::GET, "/tenants/awake/inbox", None)
+            .await;
+        if inbox["dead"].as_array().is_some_and(|d| !d.is_empty()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no dead letter: {inbox}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (status, body) = h
         .api(reqwest::Method::POST, "/tenants/broken/wake", None)
         .await;
@@ -509,6 +527,15 @@ async fn a_browser_signs_in_sees_the_fleet_follows_a_log_and_takes_screenshots()
         "the tenant awake after its wake button",
         "var s = document.querySelector('#tenant-live [data-state]'); \
          return !!s && s.getAttribute('data-state') === 'awake'",
+    )
+    .await;
+    // The dead letter, with its retry and drop buttons.
+    b.wait_for(
+        "the dead letter of update 31",
+        "var r = document.querySelector('#tenant-live tr[data-seq]'); \
+         return !!r && r.textContent.indexOf('31') >= 0 \
+           && !!r.querySelector('form[action$=\"/retry\"] button') \
+           && !!r.querySelector('form[action$=\"/drop\"] button')",
     )
     .await;
     b.wait_for(
