@@ -24,6 +24,7 @@ use axum::routing::{get, post};
 use axum::{Form, Router};
 use history::History;
 use html::{ago, button, csrf_field, esc, page};
+use otm_core::admin_api::ErrorCode;
 use otm_core::{Secret, TenantId};
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -324,24 +325,41 @@ fn nav(s: &Signed) -> Option<(&str, &str)> {
 // Hooks into the audit trail, named tokens and dead-letter handling.
 
 /// Which token `presented` is, if any.
-fn identify(app: &App, presented: &str) -> Option<Identity> {
+async fn identify(app: &App, presented: &str) -> Option<Identity> {
     app.admin_token().matches(presented).then(|| Identity {
         name: "admin".to_owned(),
         read_only: false,
     })
 }
 
-/// Appends one console write to the audit trail.
-async fn audit(_app: &App, _who: &str, _what: &str, _outcome: &str) {}
+/// Appends one console write to the audit trail: who (a token's name, `unknown` for a failed
+/// sign-in), the method and the console's route, the tenant, the HTTP status it amounted to.
+async fn audit(
+    _app: &App,
+    _who: &str,
+    _method: &str,
+    _route: &str,
+    _tenant: Option<&str>,
+    _status: u16,
+) {
+}
 
 /// Puts dead letter `seq` back at the head of `tenant`'s inbox.
-async fn retry_dead_letter(_app: &App, _tenant: &TenantId, _seq: i64) -> Result<(), String> {
-    Err("retrying dead letters is not in this build".to_owned())
+async fn retry_dead_letter(_app: &Arc<App>, _tenant: &TenantId, _seq: i64) -> Result<(), ApiError> {
+    Err(ApiError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        ErrorCode::InvalidRequest,
+        "retrying dead letters is not in this build",
+    ))
 }
 
 /// Drops dead letter `seq` of `tenant`.
-async fn drop_dead_letter(_app: &App, _tenant: &TenantId, _seq: i64) -> Result<(), String> {
-    Err("dropping dead letters is not in this build".to_owned())
+async fn drop_dead_letter(_app: &Arc<App>, _tenant: &TenantId, _seq: i64) -> Result<(), ApiError> {
+    Err(ApiError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        ErrorCode::InvalidRequest,
+        "dropping dead letters is not in this build",
+    ))
 }
 
 /// The audit trail's latest entries as table rows, or `None` where there is none.
@@ -395,16 +413,16 @@ async fn signin(
         return refused("The sign-in form is out of date; reload it and try again.");
     }
     let token = form.get("token").map(|t| t.trim()).unwrap_or("");
-    let Some(who) = identify(&c.app, token) else {
+    let Some(who) = identify(&c.app, token).await else {
         tracing::warn!("console sign-in with a wrong token");
-        audit(&c.app, "unknown", "console sign-in", "wrong token").await;
+        audit(&c.app, "unknown", "POST", "/signin", None, 401).await;
         return signin_form(
             StatusCode::UNAUTHORIZED,
             Some("That token is not valid here."),
         );
     };
     tracing::info!(who = %who.name, "console sign-in");
-    audit(&c.app, &who.name, "console sign-in", "ok").await;
+    audit(&c.app, &who.name, "POST", "/signin", None, 303).await;
     let id = c.open_session(who);
     let mut resp = Redirect::to("/").into_response();
     let h = resp.headers_mut();
@@ -1059,29 +1077,30 @@ async fn logs(
 // ---------------------------------------------------------------------------------------------
 // The forms.
 
-/// Runs one console write after its checks, audits it, leaves its outcome as the next page's
-/// notice and sends the browser back to the tenant's page.
+/// Runs one console write after its checks, audits it under its console `route`, leaves its
+/// outcome as the next page's notice and sends the browser back to the tenant's page.
 async fn write_action<F>(
     c: &Console,
     s: &Signed,
     form: &HashMap<String, String>,
     tenant: &str,
-    what: String,
+    route: &str,
     act: F,
 ) -> Response
 where
-    F: std::future::Future<Output = Result<String, String>>,
+    F: std::future::Future<Output = Result<String, ApiError>>,
 {
+    let audited = TenantId::parse(tenant).ok();
+    let audited = audited.as_ref().map(TenantId::as_str);
     if let Err(refusal) = check_post(s, form) {
-        audit(&c.app, &s.who.name, &what, "refused").await;
+        audit(&c.app, &s.who.name, "POST", route, audited, 403).await;
         return *refusal;
     }
-    let outcome = act.await;
-    let (notice, result) = match &outcome {
-        Ok(done) => (done.clone(), "ok".to_owned()),
-        Err(e) => (format!("Failed: {e}"), format!("failed: {e}")),
+    let (notice, status) = match act.await {
+        Ok(done) => (done, 200),
+        Err(e) => (format!("Failed: {}", e.message), e.status.as_u16()),
     };
-    audit(&c.app, &s.who.name, &what, &result).await;
+    audit(&c.app, &s.who.name, "POST", route, audited, status).await;
     c.flash(s, notice);
     let back = match TenantId::parse(tenant) {
         Ok(id) => format!("/tenants/{id}"),
@@ -1097,10 +1116,9 @@ async fn wake(
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
     let app = c.app.clone();
-    let what = format!("wake tenant {id}");
-    write_action(&c, &s, &form, &id, what, async {
-        let t = admin::load(&app, &id).await.map_err(|e| e.message)?;
-        let w = app.wake(&t.id, None).await.map_err(|e| e.to_string())?;
+    write_action(&c, &s, &form, &id, "/tenants/{id}/wake", async {
+        let t = admin::load(&app, &id).await?;
+        let w = app.wake(&t.id, None).await?;
         Ok(format!(
             "{} is awake ({} wake, {} ms).",
             t.id,
@@ -1118,12 +1136,9 @@ async fn stop(
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
     let app = c.app.clone();
-    let what = format!("stop tenant {id}");
-    write_action(&c, &s, &form, &id, what, async {
-        let t = admin::load(&app, &id).await.map_err(|e| e.message)?;
-        let stopped = crate::orchestrator::stop(&app, &t.id, "admin")
-            .await
-            .map_err(|e| e.to_string())?;
+    write_action(&c, &s, &form, &id, "/tenants/{id}/stop", async {
+        let t = admin::load(&app, &id).await?;
+        let stopped = crate::orchestrator::stop(&app, &t.id, "admin").await?;
         Ok(if stopped {
             format!("{} was stopped; its state is in a snapshot.", t.id)
         } else {
@@ -1140,18 +1155,22 @@ async fn restore(
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
     let app = c.app.clone();
-    let what = format!("restore snapshot {snapshot} of tenant {id}");
-    write_action(&c, &s, &form, &id, what, async {
-        let t = admin::load(&app, &id).await.map_err(|e| e.message)?;
-        let snap = otm_core::SnapshotId::parse(&snapshot).map_err(|e| e.to_string())?;
-        crate::orchestrator::restore_snapshot(&app, &t.id, &snap)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(format!(
-            "Snapshot {snap} is the head now: the next wake of {} restores it.",
-            t.id
-        ))
-    })
+    write_action(
+        &c,
+        &s,
+        &form,
+        &id,
+        "/tenants/{id}/snapshots/{snapshot}/restore",
+        async {
+            let t = admin::load(&app, &id).await?;
+            let snap = otm_core::SnapshotId::parse(&snapshot)?;
+            crate::orchestrator::restore_snapshot(&app, &t.id, &snap).await?;
+            Ok(format!(
+                "Snapshot {snap} is the head now: the next wake of {} restores it.",
+                t.id
+            ))
+        },
+    )
     .await
 }
 
@@ -1162,15 +1181,21 @@ async fn retry(
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
     let app = c.app.clone();
-    let what = format!("retry dead letter {seq} of tenant {id}");
-    write_action(&c, &s, &form, &id, what, async {
-        let t = admin::load(&app, &id).await.map_err(|e| e.message)?;
-        retry_dead_letter(&app, &t.id, seq).await?;
-        Ok(format!(
-            "Update {seq} is back at the head of {}'s inbox.",
-            t.id
-        ))
-    })
+    write_action(
+        &c,
+        &s,
+        &form,
+        &id,
+        "/tenants/{id}/inbox/{seq}/retry",
+        async {
+            let t = admin::load(&app, &id).await?;
+            retry_dead_letter(&app, &t.id, seq).await?;
+            Ok(format!(
+                "Update {seq} is back at the head of {}'s inbox.",
+                t.id
+            ))
+        },
+    )
     .await
 }
 
@@ -1181,12 +1206,18 @@ async fn drop_letter(
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
     let app = c.app.clone();
-    let what = format!("drop dead letter {seq} of tenant {id}");
-    write_action(&c, &s, &form, &id, what, async {
-        let t = admin::load(&app, &id).await.map_err(|e| e.message)?;
-        drop_dead_letter(&app, &t.id, seq).await?;
-        Ok(format!("Dead letter {seq} of {} was dropped.", t.id))
-    })
+    write_action(
+        &c,
+        &s,
+        &form,
+        &id,
+        "/tenants/{id}/inbox/{seq}/drop",
+        async {
+            let t = admin::load(&app, &id).await?;
+            drop_dead_letter(&app, &t.id, seq).await?;
+            Ok(format!("Dead letter {seq} of {} was dropped.", t.id))
+        },
+    )
     .await
 }
 
@@ -1252,13 +1283,11 @@ async fn save_settings(
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
     let app = c.app.clone();
-    let what = format!("change settings of tenant {id}");
     let patch = patch_of(&form);
-    write_action(&c, &s, &form, &id, what, async {
-        let patch = patch?;
-        admin::patch(&app, &id, patch)
-            .await
-            .map_err(|e| e.message)?;
+    write_action(&c, &s, &form, &id, "/tenants/{id}/settings", async {
+        let patch = patch
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidRequest, e))?;
+        admin::patch(&app, &id, patch).await?;
         Ok(format!("Settings of {id} saved."))
     })
     .await
