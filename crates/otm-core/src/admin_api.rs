@@ -15,6 +15,10 @@
 //! | `POST /v1/tenants/{id}/wake` | | [`WakeView`] |
 //! | `POST /v1/tenants/{id}/stop` | | [`StopView`] |
 //! | `GET /v1/tenants/{id}/inbox` | | [`InboxAnswer`] |
+//! | `POST /v1/tenants/{id}/inbox/{seq}/retry` | | [`RetryAnswer`] |
+//! | `POST /v1/tenants/{id}/inbox/dead/retry` (every dead letter) | | [`RetryAnswer`] |
+//! | `DELETE /v1/tenants/{id}/inbox/{seq}` | | [`DropAnswer`] |
+//! | `DELETE /v1/tenants/{id}/inbox/dead` (every dead letter) | | [`DropAnswer`] |
 //! | `GET /v1/tenants/{id}/snapshots` | | [`SnapshotList`] |
 //! | `POST /v1/tenants/{id}/snapshots/{snapshot}/restore` | | [`RestoreView`] |
 //! | `GET /v1/tenants/{id}/export` | | the state as a tar, `x-otm-snapshot` names its snapshot |
@@ -24,6 +28,13 @@
 //! | `PUT /v1/config` | [`PutConfig`] | [`FleetSettings`] |
 //! | `GET /v1/status` | | [`StatusView`] |
 //! | `POST /v1/secrets/rotate` | [`RotateRequest`] (or nothing) | [`RotateAnswer`] |
+//! | `GET /v1/audit?limit=N&before=ID` | | [`AuditPage`] |
+//! | `POST /v1/tokens` | [`CreateToken`] | 201 [`NewToken`] |
+//! | `GET /v1/tokens` | | `[`[`TokenView`]`]` |
+//! | `DELETE /v1/tokens/{name}` | | 204 |
+//!
+//! Every write (every method but GET and HEAD) is recorded in the audit trail with the name of
+//! the token that made it; a read-only token gets 403 `forbidden` on every write.
 //!
 //! Every error, of the admin API and of the shim's, is an [`ErrorBody`]:
 //! `{"error": {"code": "not_found", "message": "tenant acme not found"}}`.
@@ -44,8 +55,10 @@ use std::collections::BTreeMap;
 pub enum ErrorCode {
     /// The request is malformed or names something invalid (400).
     InvalidRequest,
-    /// Missing or wrong token (401).
+    /// Missing, wrong or revoked token (401).
     Unauthorized,
+    /// The token may not do this: a read-only token on a write route (403).
+    Forbidden,
     /// No such tenant, snapshot or route (404).
     NotFound,
     /// It exists already (409).
@@ -72,7 +85,8 @@ impl ErrorCode {
     pub fn from_status(status: u16) -> Self {
         match status {
             400 | 413 | 422 => ErrorCode::InvalidRequest,
-            401 | 403 => ErrorCode::Unauthorized,
+            401 => ErrorCode::Unauthorized,
+            403 => ErrorCode::Forbidden,
             404 => ErrorCode::NotFound,
             409 => ErrorCode::Conflict,
             502 => ErrorCode::Unavailable,
@@ -381,6 +395,23 @@ pub struct InboxAnswer {
     pub dead: Vec<InboxEntry>,
 }
 
+/// The answer to a retry of dead letters: they are pending again, at the head of the inbox,
+/// and the tenant's dispatcher was told.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryAnswer {
+    pub tenant: TenantId,
+    /// Sequence numbers of the updates retried, ascending.
+    pub retried: Vec<i64>,
+}
+
+/// The answer to a drop of dead letters: they are gone (their update ids still count as seen).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DropAnswer {
+    pub tenant: TenantId,
+    /// Sequence numbers of the updates dropped, ascending.
+    pub dropped: Vec<i64>,
+}
+
 /// One snapshot of a tenant.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotEntry {
@@ -497,6 +528,41 @@ pub struct RotateAnswer {
     pub retired: Vec<String>,
 }
 
+/// A page of the audit trail, newest first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditPage {
+    pub entries: Vec<crate::AuditEntry>,
+    /// Pass as `before` for the next (older) page; `None` on the last page.
+    pub next_before: Option<i64>,
+}
+
+/// `POST /v1/tokens`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    /// Lowercase letters, digits, `-` and `_`, up to 63; `admin` and `unknown` are taken.
+    pub name: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// A named admin token, without the token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenView {
+    pub name: String,
+    pub read_only: bool,
+    pub created_at_ms: i64,
+}
+
+/// The answer to `POST /v1/tokens`: the only time the token is shown (only its SHA-256 is kept).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewToken {
+    pub name: String,
+    pub read_only: bool,
+    pub created_at_ms: i64,
+    pub token: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -536,6 +602,7 @@ mod tests {
     fn status_codes_map_to_codes() {
         assert_eq!(ErrorCode::from_status(404), ErrorCode::NotFound);
         assert_eq!(ErrorCode::from_status(401), ErrorCode::Unauthorized);
+        assert_eq!(ErrorCode::from_status(403), ErrorCode::Forbidden);
         assert_eq!(ErrorCode::from_status(409), ErrorCode::Conflict);
         assert_eq!(ErrorCode::from_status(400), ErrorCode::InvalidRequest);
         assert_eq!(ErrorCode::from_status(503), ErrorCode::Unavailable);

@@ -137,6 +137,15 @@ pub enum FailOutcome {
     DeadLettered,
 }
 
+/// Which dead letters an operator retries or drops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeadLetters {
+    /// The dead letter with this sequence number.
+    One(i64),
+    /// Every dead letter of the tenant.
+    All,
+}
+
 /// A tenant's inbox as the admin API shows it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct InboxView {

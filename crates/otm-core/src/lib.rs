@@ -17,9 +17,11 @@
 //! - [`runtime`]: the [`Runtime`] trait that creates, lists, watches and deletes instances.
 //! - [`shim_api`]: the wire types of the shim's control API.
 //! - [`admin_api`]: the wire types of the admin API, and the error shape both APIs answer.
+//! - [`audit`]: the [`AdminStore`]: the audit trail of admin writes and named admin tokens.
 //! - [`error`]: the one error type every trait returns.
 
 pub mod admin_api;
+pub mod audit;
 pub mod backoff;
 pub mod base64;
 pub mod coordinator;
@@ -36,11 +38,14 @@ pub mod state;
 pub mod tenant;
 pub mod time;
 
+pub use audit::{AdminStore, AdminToken, AuditEntry};
 pub use backoff::Backoff;
 pub use coordinator::{Coordinator, Lease, Notification};
 pub use error::{Error, Result};
 pub use id::{InstanceId, SnapshotId, TenantId};
-pub use inbox::{Appended, DeliveryFailure, DeliveryOutcome, FailOutcome, InboxItem, InboxView};
+pub use inbox::{
+    Appended, DeadLetters, DeliveryFailure, DeliveryOutcome, FailOutcome, InboxItem, InboxView,
+};
 pub use instance::{InstanceRecord, InstanceState};
 pub use registry::{FleetSettings, Inbox, InstanceStore, Registry, TenantStore};
 pub use runtime::{

@@ -6,8 +6,8 @@
 //! `Registry`, so callers hold one `Arc<dyn Registry>` and backends implement three small traits.
 
 use crate::{
-    Appended, FailOutcome, InboxItem, InboxView, InstanceId, InstanceRecord, Result, Tenant,
-    TenantId, TenantStatus,
+    Appended, DeadLetters, FailOutcome, InboxItem, InboxView, InstanceId, InstanceRecord, Result,
+    Tenant, TenantId, TenantStatus,
 };
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -122,6 +122,16 @@ pub trait InstanceStore: Send + Sync + std::fmt::Debug + 'static {
 ///   inbox; [`Inbox::inbox_ack`] and [`Inbox::inbox_fail`] with a smaller fence are refused with
 ///   [`crate::Error::Conflict`], checked in the same atomic step as their write.
 /// - Acks are idempotent: acking a delivered update again changes nothing.
+/// - Dead letters: [`Inbox::inbox_retry`] makes dead-lettered updates pending again under their
+///   own sequence numbers, with no failed attempts, so they are next in line (before every
+///   update appended after them, in sequence order among themselves); the exception to "never
+///   below one already returned". [`Inbox::inbox_drop`] moves them to delivered, without their
+///   payload, so they still count for deduplication. Both act on dead letters only: a sequence
+///   number that names no update of the tenant is [`crate::Error::NotFound`], one that names a
+///   pending or delivered update [`crate::Error::Conflict`], and nothing is written; with
+///   [`DeadLetters::All`] every dead letter moves in one atomic step where the backend can
+///   (SQLite, PostgreSQL), else one by one. Neither is fenced: an operator acts outside any
+///   dispatcher's lease.
 #[async_trait]
 pub trait Inbox: Send + Sync + std::fmt::Debug + 'static {
     /// Appends an update to a tenant's inbox, durably.
@@ -155,6 +165,13 @@ pub trait Inbox: Send + Sync + std::fmt::Debug + 'static {
     /// with a smaller fence are refused. [`crate::Error::Conflict`] if a larger fence was already
     /// claimed; [`crate::Error::NotFound`] if there is no such tenant.
     async fn inbox_claim(&self, tenant: &TenantId, fence: u64) -> Result<()>;
+    /// Makes dead letters pending again, at the head of the inbox; returns their sequence
+    /// numbers, ascending (empty when [`DeadLetters::All`] found none). A missing tenant is
+    /// [`crate::Error::NotFound`].
+    async fn inbox_retry(&self, tenant: &TenantId, which: DeadLetters) -> Result<Vec<i64>>;
+    /// Drops dead letters: they leave the dead-letter list and their payload goes, but their
+    /// update ids still count as seen. Returns their sequence numbers, ascending.
+    async fn inbox_drop(&self, tenant: &TenantId, which: DeadLetters) -> Result<Vec<i64>>;
     /// Pending and dead-lettered updates, oldest first, at most `limit` of each.
     async fn inbox_view(&self, tenant: &TenantId, limit: usize) -> Result<InboxView>;
     /// Number of pending updates of a tenant.
@@ -172,12 +189,13 @@ pub trait Inbox: Send + Sync + std::fmt::Debug + 'static {
     }
 }
 
-/// The source of truth: [`TenantStore`], [`InstanceStore`] and [`Inbox`] in one.
+/// The source of truth: [`TenantStore`], [`InstanceStore`], [`Inbox`] and
+/// [`crate::AdminStore`] in one.
 ///
 /// Implemented for every type that implements the three, so a backend implements those and
 /// callers hold an `Arc<dyn Registry>`. The contract is the three traits' together; across them,
 /// [`TenantStore::delete_tenant`] also deletes the tenant's inbox, and
 /// [`InstanceStore::put_instance`] is fenced by the status fence of [`TenantStore`].
-pub trait Registry: TenantStore + InstanceStore + Inbox {}
+pub trait Registry: TenantStore + InstanceStore + Inbox + crate::AdminStore {}
 
-impl<T: TenantStore + InstanceStore + Inbox + ?Sized> Registry for T {}
+impl<T: TenantStore + InstanceStore + Inbox + crate::AdminStore + ?Sized> Registry for T {}

@@ -4,15 +4,16 @@
 use crate::app::App;
 use crate::orchestrator;
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use otm_core::admin_api::{
-    CreateTenant, ErrorBody, ErrorCode, InboxAnswer, InstanceView, LimitsBody, PatchTenant,
-    PutConfig, RestoreView, RotateAnswer, RotateRequest, SnapshotEntry, SnapshotList, StatusView,
-    StopView, TenantView, WakeView,
+    AuditPage, CreateTenant, CreateToken, DropAnswer, ErrorBody, ErrorCode, InboxAnswer,
+    InstanceView, LimitsBody, NewToken, PatchTenant, PutConfig, RestoreView, RetryAnswer,
+    RotateAnswer, RotateRequest, SnapshotEntry, SnapshotList, StatusView, StopView, TenantView,
+    TokenView, WakeView,
 };
 use otm_core::{Error, FleetSettings, InstanceRecord, Secret, Tenant, TenantId};
 use serde::Deserialize;
@@ -93,6 +94,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/tenants/{id}/wake", post(wake_tenant))
         .route("/tenants/{id}/stop", post(stop_tenant))
         .route("/tenants/{id}/inbox", get(inbox))
+        .route("/tenants/{id}/inbox/{seq}", delete(drop_dead_letters))
+        .route("/tenants/{id}/inbox/{seq}/retry", post(retry_dead_letters))
         .route("/tenants/{id}/snapshots", get(snapshots))
         .route("/tenants/{id}/export", get(export))
         .route(
@@ -104,6 +107,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/config", get(get_config).put(put_config))
         .route("/status", get(status))
         .route("/secrets/rotate", post(rotate_secrets))
+        .route("/audit", get(audit))
+        .route("/tokens", get(list_tokens).post(create_token))
+        .route("/tokens/{name}", delete(revoke_token))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route")
         })
@@ -214,33 +220,187 @@ async fn rotate_secrets(
     }))
 }
 
-async fn authorize(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    req: Request,
-    next: Next,
-) -> Response {
-    let presented = headers
+/// Authenticates every `/v1` call, refuses writes of read-only tokens, and records every write
+/// (and every failed sign-in) in the audit trail.
+async fn authorize(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    // Under `nest("/v1", …)` the path arrives without its prefix; the trail names it whole.
+    let path = match req.uri().path() {
+        p if p.starts_with("/v1/") => p.to_owned(),
+        p => format!("/v1{p}"),
+    };
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_else(|| path.clone());
+    let tenant = path
+        .strip_prefix("/v1/tenants/")
+        .and_then(|rest| rest.split('/').next())
+        .filter(|id| !id.is_empty())
+        .map(str::to_owned);
+    let write = !matches!(method, Method::GET | Method::HEAD);
+    let presented = req
+        .headers()
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
-        });
-    match presented {
-        Some(t) if app.admin_token().matches(t.trim()) => next.run(req).await,
-        Some(_) => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            ErrorCode::Unauthorized,
-            "wrong admin token",
+        })
+        .map(|t| t.trim().to_owned());
+    let refuse = |status: StatusCode, code: ErrorCode, message: &str| {
+        ApiError::new(status, code, message).into_response()
+    };
+    let caller = match presented {
+        None => None,
+        Some(t) => match app.authenticate(&t).await {
+            Ok(c) => c,
+            Err(e) => return ApiError::from(e).into_response(),
+        },
+    };
+    let Some(caller) = caller else {
+        let response = if req.headers().contains_key("authorization") {
+            refuse(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                "wrong or revoked admin token",
+            )
+        } else {
+            refuse(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                "missing admin token: send Authorization: Bearer <token> (see <data-dir>/admin.token)",
+            )
+        };
+        app.audit(
+            crate::app::UNKNOWN_CALLER,
+            method.as_str(),
+            &route,
+            tenant.as_deref(),
+            response.status().as_u16(),
         )
-        .into_response(),
-        None => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            ErrorCode::Unauthorized,
-            "missing admin token: send Authorization: Bearer <token> (see <data-dir>/admin.token)",
+        .await;
+        return response;
+    };
+    let response = if write && caller.read_only {
+        refuse(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            &format!(
+                "the token `{}` is read-only: it may read everything and change nothing",
+                caller.name
+            ),
         )
-        .into_response(),
+    } else {
+        req.extensions_mut().insert(caller.clone());
+        next.run(req).await
+    };
+    if write {
+        app.audit(
+            &caller.name,
+            method.as_str(),
+            &route,
+            tenant.as_deref(),
+            response.status().as_u16(),
+        )
+        .await;
+    }
+    response
+}
+
+#[derive(Debug, Deserialize)]
+struct AuditQuery {
+    limit: Option<usize>,
+    before: Option<i64>,
+}
+
+/// The audit trail, newest first: at most `limit` entries (100 by default, 1000 at most), older
+/// than the entry `before` names.
+async fn audit(
+    State(app): State<Arc<App>>,
+    Query(q): Query<AuditQuery>,
+) -> ApiResult<Json<AuditPage>> {
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let entries = app.registry().audit_list(limit, q.before).await?;
+    let next_before = (entries.len() == limit)
+        .then(|| entries.last().map(|e| e.id))
+        .flatten();
+    Ok(Json(AuditPage {
+        entries,
+        next_before,
+    }))
+}
+
+/// A token name: lowercase letters, digits, `-` and `_`, up to 63, not one of the reserved.
+fn check_token_name(name: &str) -> ApiResult<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if !ok {
+        return Err(ApiError::bad_request(format!(
+            "`{name}` is not a token name: use 1 to 63 lowercase letters, digits, - and _"
+        )));
+    }
+    if name == crate::app::ADMIN_NAME || name == crate::app::UNKNOWN_CALLER {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            ErrorCode::AlreadyExists,
+            format!("the token name `{name}` is reserved"),
+        ));
+    }
+    Ok(())
+}
+
+async fn create_token(
+    State(app): State<Arc<App>>,
+    ApiJson(body): ApiJson<CreateToken>,
+) -> ApiResult<(StatusCode, Json<NewToken>)> {
+    check_token_name(&body.name)?;
+    let token = otm_core::id::random_hex(32);
+    let record = otm_core::AdminToken {
+        name: body.name.clone(),
+        digest: otm_core::secret::digest(&token),
+        read_only: body.read_only,
+        created_at_ms: app.clock().now_ms(),
+    };
+    app.registry().token_create(&record).await?;
+    tracing::info!(name = %record.name, read_only = record.read_only, "admin token created");
+    Ok((
+        StatusCode::CREATED,
+        Json(NewToken {
+            name: record.name,
+            read_only: record.read_only,
+            created_at_ms: record.created_at_ms,
+            token,
+        }),
+    ))
+}
+
+async fn list_tokens(State(app): State<Arc<App>>) -> ApiResult<Json<Vec<TokenView>>> {
+    let list = app.registry().token_list().await?;
+    Ok(Json(
+        list.into_iter()
+            .map(|t| TokenView {
+                name: t.name,
+                read_only: t.read_only,
+                created_at_ms: t.created_at_ms,
+            })
+            .collect(),
+    ))
+}
+
+async fn revoke_token(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    if app.registry().token_revoke(&name).await? {
+        tracing::info!(%name, "admin token revoked");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(&format!("admin token {name}")))
     }
 }
 
@@ -743,6 +903,46 @@ async fn inbox(
         tenant: t.id,
         pending: v.pending.iter().map(Into::into).collect(),
         dead: v.dead.iter().map(Into::into).collect(),
+    }))
+}
+
+/// The dead letters a `{seq}` segment names: one sequence number, or `dead` for all of them.
+fn dead_letters(seq: &str) -> ApiResult<otm_core::DeadLetters> {
+    if seq == "dead" {
+        return Ok(otm_core::DeadLetters::All);
+    }
+    seq.parse::<i64>()
+        .map(otm_core::DeadLetters::One)
+        .map_err(|_| {
+            ApiError::bad_request(format!(
+                "`{seq}` is not a sequence number (see `otm inbox TENANT`), nor `dead` for every dead letter"
+            ))
+        })
+}
+
+async fn retry_dead_letters(
+    State(app): State<Arc<App>>,
+    Path((id, seq)): Path<(String, String)>,
+) -> ApiResult<Json<RetryAnswer>> {
+    let which = dead_letters(&seq)?;
+    let id = parse_id(&id)?;
+    let retried = app.retry_dead_letters(&id, which).await?;
+    Ok(Json(RetryAnswer {
+        tenant: id,
+        retried,
+    }))
+}
+
+async fn drop_dead_letters(
+    State(app): State<Arc<App>>,
+    Path((id, seq)): Path<(String, String)>,
+) -> ApiResult<Json<DropAnswer>> {
+    let which = dead_letters(&seq)?;
+    let id = parse_id(&id)?;
+    let dropped = app.drop_dead_letters(&id, which).await?;
+    Ok(Json(DropAnswer {
+        tenant: id,
+        dropped,
     }))
 }
 

@@ -100,6 +100,19 @@ pub struct LastWake {
 
 pub use otm_core::admin_api::{LimitKill, RestoreFallback, SkippedSnapshot};
 
+/// The name of the bootstrap admin token in the audit trail.
+pub const ADMIN_NAME: &str = "admin";
+/// Who a failed sign-in was, in the audit trail.
+pub const UNKNOWN_CALLER: &str = "unknown";
+
+/// Who made an admin call: the name of the token it presented, and what that token may do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub name: String,
+    /// May read everything and change nothing.
+    pub read_only: bool,
+}
+
 impl App {
     /// Assembles the context.
     #[allow(clippy::too_many_arguments)]
@@ -353,6 +366,96 @@ impl App {
     /// True in the router role: the instances run elsewhere.
     pub fn routed(&self) -> bool {
         self.routed
+    }
+
+    /// Who a presented admin token is: the bootstrap token (`admin.token`, `OTM_ADMIN_TOKEN`) is
+    /// `admin` with every right; a named token is looked up by its SHA-256 in the registry on
+    /// every call, so a revoked one is refused at once by every replica. `Ok(None)`: no such
+    /// token.
+    pub async fn authenticate(&self, token: &str) -> otm_core::Result<Option<Caller>> {
+        if self.admin_token.matches(token) {
+            return Ok(Some(Caller {
+                name: ADMIN_NAME.to_owned(),
+                read_only: false,
+            }));
+        }
+        let digest = otm_core::secret::digest(token);
+        Ok(self
+            .registry
+            .token_by_digest(&digest)
+            .await?
+            .map(|t| Caller {
+                name: t.name,
+                read_only: t.read_only,
+            }))
+    }
+
+    /// Appends one admin write to the audit trail: `who` is the token's name ([`Caller::name`],
+    /// or [`UNKNOWN_CALLER`] for a failed sign-in, never a token), `method` and `route` what was
+    /// done (`route` as the API or console names it, e.g. `/v1/tenants/{id}/wake`), `tenant` the
+    /// tenant it was done to, `status` the HTTP status answered. The admin API calls it for every
+    /// write; anything else that changes the fleet on an operator's behalf (the web console)
+    /// calls it for its own writes. Best effort: a registry that cannot take the entry is logged,
+    /// and the write it records stands.
+    pub async fn audit(
+        &self,
+        who: &str,
+        method: &str,
+        route: &str,
+        tenant: Option<&str>,
+        status: u16,
+    ) {
+        let entry =
+            otm_core::AuditEntry::new(self.clock.now_ms(), who, method, route, tenant, status);
+        if let Err(e) = self.registry.audit_append(&entry).await {
+            tracing::warn!(who, method, route, status, error = %e, "cannot append to the audit trail");
+        }
+    }
+
+    /// Makes dead letters of `tenant` pending again, at the head of its inbox, and has them
+    /// delivered at once: the dispatcher here is kicked, and (with a shared coordinator) the
+    /// replica that may hold its lease is told. Returns the sequence numbers retried. Errors as
+    /// [`otm_core::Inbox::inbox_retry`]: not found for an unknown tenant or seq, conflict for an
+    /// update that is not a dead letter.
+    pub async fn retry_dead_letters(
+        self: &Arc<Self>,
+        tenant: &TenantId,
+        which: otm_core::DeadLetters,
+    ) -> otm_core::Result<Vec<i64>> {
+        let retried = self.registry.inbox_retry(tenant, which).await?;
+        if !retried.is_empty() {
+            tracing::info!(%tenant, ?retried, "dead letters retried");
+            crate::dispatch::kick(self, tenant);
+            if self.routed
+                || self
+                    .settings
+                    .coordinator
+                    .as_deref()
+                    .is_some_and(|c| c != "memory")
+            {
+                let _ = self
+                    .coordinator
+                    .publish(otm_core::Notification::InboxHasWork {
+                        tenant: tenant.clone(),
+                    })
+                    .await;
+            }
+        }
+        Ok(retried)
+    }
+
+    /// Drops dead letters of `tenant`; returns the sequence numbers dropped. Errors as
+    /// [`otm_core::Inbox::inbox_drop`].
+    pub async fn drop_dead_letters(
+        &self,
+        tenant: &TenantId,
+        which: otm_core::DeadLetters,
+    ) -> otm_core::Result<Vec<i64>> {
+        let dropped = self.registry.inbox_drop(tenant, which).await?;
+        if !dropped.is_empty() {
+            tracing::info!(%tenant, ?dropped, "dead letters dropped");
+        }
+        Ok(dropped)
     }
 
     /// Asks for `tenant`'s inbox to be looked at again (an instance came up, or died with

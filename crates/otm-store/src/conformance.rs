@@ -13,9 +13,9 @@ use futures::stream::BoxStream;
 use object_store::{ObjectStoreExt, PutPayload};
 use otm_core::instance::Endpoint;
 use otm_core::{
-    Appended, Coordinator, Error, FailOutcome, FleetSettings, InstanceId, InstanceRecord,
-    InstanceState, InstanceStore, Lease, Notification, Registry, Secret, SnapshotId, SnapshotMeta,
-    StateStore, Tenant, TenantId, TenantStatus, TenantStore,
+    Appended, Coordinator, DeadLetters, Error, FailOutcome, FleetSettings, InstanceId,
+    InstanceRecord, InstanceState, InstanceStore, Lease, Notification, Registry, Secret,
+    SnapshotId, SnapshotMeta, StateStore, Tenant, TenantId, TenantStatus, TenantStore,
 };
 use sha2::Digest;
 use std::collections::{HashMap, HashSet};
@@ -76,6 +76,8 @@ pub async fn registry_suite(r: Arc<dyn Registry>) {
     registry_dispatch_fences(&*r, &run).await;
     registry_idle_due(&*r, &run).await;
     registry_inbox(&*r, &run).await;
+    registry_dead_letters(&*r, &run).await;
+    registry_admin(&*r, &run).await;
     registry_inbox_prune(&*r, &run).await;
     registry_instances(r.clone(), &run).await;
     registry_settings(&*r).await;
@@ -739,6 +741,224 @@ async fn registry_inbox(r: &dyn Registry, run: &str) {
     );
     r.delete_tenant(&t1).await.unwrap();
     r.delete_tenant(&t2).await.unwrap();
+}
+
+/// Retrying and dropping dead letters: retried ones go back to the head in sequence order,
+/// dropped ones are gone but still deduplicated, and only dead letters move.
+async fn registry_dead_letters(r: &dyn Registry, run: &str) {
+    let owned = tenant_id(run, "dead");
+    let t = &owned;
+    let ghost = tenant_id(run, "dead-ghost");
+    r.create_tenant(&tenant(t, 1_000, 60)).await.unwrap();
+    let mut s = Vec::new();
+    for u in 1..=5 {
+        match r.inbox_append(t, u, &payload(u, "dead")).await.unwrap() {
+            Appended::Stored { seq } => s.push(seq),
+            other => panic!("append {u}: {other:?}"),
+        }
+    }
+    let kill = |seq: i64| async move {
+        assert_eq!(
+            r.inbox_next(t).await.unwrap().map(|i| i.seq),
+            Some(seq),
+            "the update about to be dead-lettered is at the head"
+        );
+        assert_eq!(
+            r.inbox_fail(t, seq, "agent refused", 1, None)
+                .await
+                .unwrap(),
+            FailOutcome::DeadLettered
+        );
+    };
+    let pending = |v: &otm_core::InboxView| v.pending.iter().map(|i| i.seq).collect::<Vec<_>>();
+    let dead = |v: &otm_core::InboxView| v.dead.iter().map(|i| i.seq).collect::<Vec<_>>();
+    kill(s[0]).await;
+    kill(s[1]).await;
+
+    // Nothing moves that is not a dead letter of this tenant.
+    assert_err!(
+        r.inbox_retry(t, DeadLetters::One(i64::MAX - 7)).await,
+        Error::NotFound { .. },
+        "retry of an unknown seq"
+    );
+    assert_err!(
+        r.inbox_drop(t, DeadLetters::One(i64::MAX - 7)).await,
+        Error::NotFound { .. },
+        "drop of an unknown seq"
+    );
+    assert_err!(
+        r.inbox_retry(t, DeadLetters::One(s[2])).await,
+        Error::Conflict { .. },
+        "retry of a pending update"
+    );
+    assert_err!(
+        r.inbox_drop(t, DeadLetters::One(s[2])).await,
+        Error::Conflict { .. },
+        "drop of a pending update"
+    );
+    assert_err!(
+        r.inbox_retry(&ghost, DeadLetters::All).await,
+        Error::NotFound { .. },
+        "retry in a missing tenant"
+    );
+    assert_err!(
+        r.inbox_drop(&ghost, DeadLetters::One(s[0])).await,
+        Error::NotFound { .. },
+        "drop in a missing tenant"
+    );
+    let v = r.inbox_view(t, 100).await.unwrap();
+    assert_eq!((pending(&v), dead(&v)), (s[2..].to_vec(), s[..2].to_vec()));
+
+    // Retried: back at the head, before later updates, with no failed attempts.
+    assert_eq!(
+        r.inbox_retry(t, DeadLetters::One(s[1])).await.unwrap(),
+        vec![s[1]]
+    );
+    let head = r.inbox_next(t).await.unwrap().unwrap();
+    assert_eq!((head.seq, head.update_id, head.attempts), (s[1], 2, 0));
+    assert_eq!(head.payload, payload(2, "dead"), "the payload was kept");
+    assert_eq!(r.inbox_depth(t).await.unwrap(), 4);
+    assert_eq!(
+        r.inbox_retry(t, DeadLetters::All).await.unwrap(),
+        vec![s[0]],
+        "all that were left"
+    );
+    let v = r.inbox_view(t, 100).await.unwrap();
+    assert_eq!(
+        (pending(&v), dead(&v)),
+        (s.clone(), vec![]),
+        "retried ones first, in seq order"
+    );
+    assert!(r.inbox_pending_tenants().await.unwrap().contains(t));
+    assert_eq!(
+        r.inbox_retry(t, DeadLetters::All).await.unwrap(),
+        Vec::<i64>::new(),
+        "nothing left to retry"
+    );
+
+    // Drain: the first is delivered, two die again.
+    r.inbox_ack(t, s[0], None).await.unwrap();
+    kill(s[1]).await;
+    r.inbox_ack(t, s[2], None).await.unwrap();
+    kill(s[3]).await;
+    assert_err!(
+        r.inbox_retry(t, DeadLetters::One(s[0])).await,
+        Error::Conflict { .. },
+        "retry of a delivered update"
+    );
+
+    // Dropped: gone from both lists, its update id still seen.
+    assert_eq!(
+        r.inbox_drop(t, DeadLetters::One(s[1])).await.unwrap(),
+        vec![s[1]]
+    );
+    assert_eq!(r.inbox_drop(t, DeadLetters::All).await.unwrap(), vec![s[3]]);
+    let v = r.inbox_view(t, 100).await.unwrap();
+    assert_eq!((pending(&v), dead(&v)), (vec![s[4]], vec![]));
+    assert_eq!(
+        r.inbox_append(t, 2, &payload(2, "again")).await.unwrap(),
+        Appended::Duplicate,
+        "a dropped update still counts as seen"
+    );
+    assert_err!(
+        r.inbox_drop(t, DeadLetters::One(s[1])).await,
+        Error::Conflict { .. },
+        "a dropped update is not dropped twice"
+    );
+    assert_eq!(
+        r.inbox_drop(t, DeadLetters::All).await.unwrap(),
+        Vec::<i64>::new()
+    );
+    assert_eq!(r.inbox_depth(t).await.unwrap(), 1);
+    r.delete_tenant(t).await.unwrap();
+}
+
+/// The audit trail (newest first, paged with `before`) and named admin tokens (unique names,
+/// found by digest, gone once revoked). Other runs' entries may share the trail: only this
+/// run's are checked.
+async fn registry_admin(r: &dyn Registry, run: &str) {
+    use otm_core::{AdminToken, AuditEntry};
+    let now = otm_core::time::now_ms();
+    let mut written = Vec::new();
+    for (i, status) in [201u16, 409, 401].into_iter().enumerate() {
+        let e = AuditEntry::new(
+            now + i as i64,
+            run,
+            "POST",
+            "/v1/tenants/{id}/wake",
+            Some("acme"),
+            status,
+        );
+        r.audit_append(&e).await.unwrap();
+        written.push(e);
+    }
+    let anon = AuditEntry::new(now + 3, run, "DELETE", "/v1/tokens/{name}", None, 204);
+    r.audit_append(&anon).await.unwrap();
+    written.push(anon);
+    let ours = |list: Vec<AuditEntry>| {
+        list.into_iter()
+            .filter(|e| e.who == run)
+            .collect::<Vec<_>>()
+    };
+    let newest_first: Vec<AuditEntry> = written.iter().rev().cloned().collect();
+    assert_eq!(
+        ours(r.audit_list(10_000, None).await.unwrap()),
+        newest_first,
+        "newest first, as written"
+    );
+    let page = ours(r.audit_list(10_000, Some(written[2].id)).await.unwrap());
+    assert_eq!(
+        page,
+        newest_first[2..].to_vec(),
+        "`before` pages to older entries"
+    );
+    assert!(r.audit_list(1, None).await.unwrap().len() <= 1, "limit");
+
+    let digest = otm_core::secret::digest(&format!("token-of-{run}"));
+    let token = AdminToken {
+        name: format!("{run}-dash"),
+        digest: digest.clone(),
+        read_only: true,
+        created_at_ms: now,
+    };
+    r.token_create(&token).await.unwrap();
+    assert_err!(
+        r.token_create(&AdminToken {
+            digest: "other".into(),
+            ..token.clone()
+        })
+        .await,
+        Error::AlreadyExists { .. },
+        "a token name is unique"
+    );
+    assert_eq!(
+        r.token_by_digest(&digest).await.unwrap(),
+        Some(token.clone())
+    );
+    assert_eq!(r.token_by_digest("no such digest").await.unwrap(), None);
+    let full = AdminToken {
+        name: format!("{run}-ci"),
+        digest: otm_core::secret::digest(&format!("ci-of-{run}")),
+        read_only: false,
+        created_at_ms: now,
+    };
+    r.token_create(&full).await.unwrap();
+    let listed: Vec<AdminToken> = r
+        .token_list()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|t| t.name.starts_with(run))
+        .collect();
+    assert_eq!(listed, vec![full.clone(), token.clone()], "by name");
+    assert!(r.token_revoke(&token.name).await.unwrap());
+    assert!(!r.token_revoke(&token.name).await.unwrap(), "revoked once");
+    assert_eq!(
+        r.token_by_digest(&digest).await.unwrap(),
+        None,
+        "a revoked token is gone at once"
+    );
+    assert!(r.token_revoke(&full.name).await.unwrap());
 }
 
 async fn registry_inbox_prune(r: &dyn Registry, run: &str) {

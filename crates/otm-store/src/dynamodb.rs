@@ -44,6 +44,10 @@
 //!   holds only `d#` items, so [`Inbox::inbox_prune`] is a few Queries too. Both spread
 //!   their items over [`SHARDS`] partition keys.
 //!
+//!   - The partitions `@audit` and `@tokens` (tenant ids are DNS labels, so they collide with
+//!     none) hold the audit trail (`a#{id:020}`, read newest first with one Query) and the named
+//!     admin tokens (`t#{name}`, a handful, read with one consistent Query).
+//!
 //! Every state change is a conditional write or a transaction: fences
 //! (`attribute_not_exists(fence) OR fence <= :f`), moves between `q#`, `x#` and `d#` (the source
 //! must still be there), and the tenant's `#meta` (it must exist and not be `deleting`), so a
@@ -60,9 +64,9 @@ use attr::{Item, Reader, b, boolean, n, s};
 use client::{ApiError, Client};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use otm_core::{
-    Appended, Error, FailOutcome, FleetSettings, Inbox, InboxItem, InboxView, InstanceId,
-    InstanceRecord, InstanceState, InstanceStore, Result, Tenant, TenantId, TenantStatus,
-    TenantStore,
+    Appended, DeadLetters, Error, FailOutcome, FleetSettings, Inbox, InboxItem, InboxView,
+    InstanceId, InstanceRecord, InstanceState, InstanceStore, Result, Tenant, TenantId,
+    TenantStatus, TenantStore,
 };
 use serde_json::{Value, json};
 use std::collections::HashSet;
@@ -842,6 +846,118 @@ impl DynamoRegistry {
             )
             .await?;
         items.iter().map(|i| inbox_item_from(tenant, i)).collect()
+    }
+
+    /// The dead letters `which` names, or why there are none to move.
+    async fn dead_letters(&self, tenant: &TenantId, which: DeadLetters) -> Result<Vec<InboxItem>> {
+        let inbox = &self.tables.inbox;
+        let seq = match which {
+            DeadLetters::All => {
+                if self.get(inbox, inbox_key(tenant, META)).await?.is_none() {
+                    return Err(record::tenant_not_found(tenant));
+                }
+                return self.inbox_range(tenant, "x#", usize::MAX).await;
+            }
+            DeadLetters::One(seq) => seq,
+        };
+        let found = self
+            .batch_get(
+                inbox,
+                vec![
+                    inbox_key(tenant, META),
+                    inbox_key(tenant, &q_sk(seq)),
+                    inbox_key(tenant, &x_sk(seq)),
+                    inbox_key(tenant, &d_sk(seq)),
+                ],
+            )
+            .await?;
+        let find = |sk: &str| {
+            found
+                .iter()
+                .find(|i| i.get("sk").and_then(|v| v.get("S")).and_then(Value::as_str) == Some(sk))
+        };
+        if let Some(x) = find(&x_sk(seq)) {
+            return Ok(vec![inbox_item_from(tenant, x)?]);
+        }
+        if find(META).is_none() {
+            return Err(record::tenant_not_found(tenant));
+        }
+        if find(&q_sk(seq)).is_some() {
+            return Err(record::not_dead(tenant, seq, "pending"));
+        }
+        if find(&d_sk(seq)).is_some() {
+            return Err(record::not_dead(tenant, seq, "done"));
+        }
+        Err(record::update_not_found(tenant, seq))
+    }
+
+    /// Moves dead letters back to pending (`retry`: a `q#` item with no failed attempts, and
+    /// the tenant's pending count up) or to done (a `d#` item without the payload), each in a
+    /// transaction that needs its `x#` item still there.
+    async fn move_dead(
+        &self,
+        tenant: &TenantId,
+        which: DeadLetters,
+        retry: bool,
+    ) -> Result<Vec<i64>> {
+        let inbox = &self.tables.inbox;
+        let mut moved = Vec::new();
+        for _ in 0..ROUNDS {
+            let items = match self.dead_letters(tenant, which).await {
+                // Moved by someone else since the last round: one named update is done, for
+                // this caller too; a listed one does not count here.
+                Err(Error::Conflict { .. }) if !moved.is_empty() => return Ok(moved),
+                other => other?,
+            };
+            let mut raced = false;
+            for entry in items {
+                let seq = entry.seq;
+                let target = if retry {
+                    let mut item = json!({
+                        "tenant": s(tenant.as_str()), "sk": s(q_sk(seq)), "seq": n(seq),
+                        "update_id": n(entry.update_id), "payload": b(&entry.payload), "attempts": n(0),
+                        "accepted_at_ms": n(entry.accepted_at_ms),
+                    });
+                    if let Some(e) = &entry.last_error {
+                        item["last_error"] = s(e);
+                    }
+                    item
+                } else {
+                    json!({
+                        "tenant": s(tenant.as_str()), "sk": s(d_sk(seq)), "seq": n(seq),
+                        "update_id": n(entry.update_id), "accepted_at_ms": n(entry.accepted_at_ms),
+                        "done_at_ms": n(otm_core::time::now_ms()), "done_shard": s(done_shard(tenant, seq)),
+                    })
+                };
+                let actions = vec![
+                    json!({ "Delete": {
+                        "TableName": inbox,
+                        "Key": inbox_key(tenant, &x_sk(seq)),
+                        "ConditionExpression": "attribute_exists(#sk)",
+                        "ExpressionAttributeNames": { "#sk": "sk" },
+                    }}),
+                    json!({ "Put": { "TableName": inbox, "Item": target } }),
+                    if retry {
+                        self.meta_update(tenant, 1, true)
+                    } else {
+                        self.meta_check(tenant)
+                    },
+                ];
+                match self.transact(actions).await {
+                    Ok(()) => moved.push(seq),
+                    Err(e) if failed_at(&e, 2) => return Err(record::tenant_not_found(tenant)),
+                    Err(e) if e.cancellation_codes().is_some() => raced = true,
+                    Err(e) => return Err(api(e)),
+                }
+            }
+            if !raced {
+                moved.sort_unstable();
+                return Ok(moved);
+            }
+        }
+        Err(Error::conflict(format!(
+            "the dead letters of tenant {tenant} kept changing while they were moved; try again"
+        )))
     }
 
     /// The instance item and the pointer items that name it, for a read-then-write round.
@@ -1794,6 +1910,14 @@ impl Inbox for DynamoRegistry {
         )))
     }
 
+    async fn inbox_retry(&self, tenant: &TenantId, which: DeadLetters) -> Result<Vec<i64>> {
+        self.move_dead(tenant, which, true).await
+    }
+
+    async fn inbox_drop(&self, tenant: &TenantId, which: DeadLetters) -> Result<Vec<i64>> {
+        self.move_dead(tenant, which, false).await
+    }
+
     async fn inbox_claim(&self, tenant: &TenantId, fence: u64) -> Result<()> {
         let f = to_i64(fence, "fence")?;
         let Value::Object(mut action) = Self::fenced(self.meta_check(tenant), Some(f)) else {
@@ -1938,6 +2062,146 @@ impl Inbox for DynamoRegistry {
             .try_collect()
             .await?;
         Ok(pruned.into_iter().filter(|p| *p).count() as u64)
+    }
+}
+
+const AUDIT: &str = "@audit";
+const TOKENS: &str = "@tokens";
+
+fn token_from(item: &Item) -> Result<otm_core::AdminToken> {
+    let r = Reader::new(item, "an admin token item");
+    Ok(otm_core::AdminToken {
+        name: r.s("name")?.to_owned(),
+        digest: r.s("digest")?.to_owned(),
+        read_only: r.bool("read_only")?,
+        created_at_ms: r.n("created_at_ms")?,
+    })
+}
+
+impl DynamoRegistry {
+    async fn tokens(&self) -> Result<Vec<otm_core::AdminToken>> {
+        let items = self
+            .pages(
+                "Query",
+                json!({
+                    "TableName": self.tables.inbox,
+                    "KeyConditionExpression": "#t = :t",
+                    "ExpressionAttributeNames": { "#t": "tenant" },
+                    "ExpressionAttributeValues": { ":t": s(TOKENS) },
+                    "ConsistentRead": true,
+                }),
+                None,
+            )
+            .await?;
+        items.iter().map(token_from).collect()
+    }
+}
+
+#[async_trait::async_trait]
+impl otm_core::AdminStore for DynamoRegistry {
+    async fn audit_append(&self, e: &otm_core::AuditEntry) -> Result<()> {
+        let mut item = json!({
+            "tenant": s(AUDIT), "sk": s(format!("a#{:020}", e.id)), "id": n(e.id),
+            "at_ms": n(e.at_ms), "who": s(&e.who), "method": s(&e.method), "route": s(&e.route),
+            "status": n(i64::from(e.status)),
+        });
+        if let Some(t) = &e.tenant {
+            item["audit_tenant"] = s(t);
+        }
+        self.client
+            .call(
+                "PutItem",
+                &json!({ "TableName": self.tables.inbox, "Item": item }),
+            )
+            .await
+            .map_err(api)?;
+        Ok(())
+    }
+
+    async fn audit_list(
+        &self,
+        limit: usize,
+        before: Option<i64>,
+    ) -> Result<Vec<otm_core::AuditEntry>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let below = before.map_or_else(|| "a$".to_owned(), |b| format!("a#{b:020}"));
+        let items = self
+            .pages(
+                "Query",
+                json!({
+                    "TableName": self.tables.inbox,
+                    "KeyConditionExpression": "#t = :t AND #sk < :b",
+                    "ExpressionAttributeNames": { "#t": "tenant", "#sk": "sk" },
+                    "ExpressionAttributeValues": { ":t": s(AUDIT), ":b": s(below) },
+                    "ScanIndexForward": false,
+                    "ConsistentRead": true,
+                }),
+                Some(limit),
+            )
+            .await?;
+        items
+            .iter()
+            .map(|i| {
+                let r = Reader::new(i, "an audit item");
+                Ok(otm_core::AuditEntry {
+                    id: r.n("id")?,
+                    at_ms: r.n("at_ms")?,
+                    who: r.s("who")?.to_owned(),
+                    method: r.s("method")?.to_owned(),
+                    route: r.s("route")?.to_owned(),
+                    tenant: r.opt_s("audit_tenant")?.map(str::to_owned),
+                    status: u16::try_from(r.n("status")?).unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
+    async fn token_create(&self, t: &otm_core::AdminToken) -> Result<()> {
+        let body = json!({
+            "TableName": self.tables.inbox,
+            "Item": {
+                "tenant": s(TOKENS), "sk": s(format!("t#{}", t.name)), "name": s(&t.name),
+                "digest": s(&t.digest), "read_only": boolean(t.read_only),
+                "created_at_ms": n(t.created_at_ms),
+            },
+            "ConditionExpression": "attribute_not_exists(#sk)",
+            "ExpressionAttributeNames": { "#sk": "sk" },
+        });
+        match self.client.call("PutItem", &body).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_condition_failed() => Err(Error::AlreadyExists {
+                what: format!("admin token {}", t.name),
+            }),
+            Err(e) => Err(api(e)),
+        }
+    }
+
+    async fn token_by_digest(&self, digest: &str) -> Result<Option<otm_core::AdminToken>> {
+        Ok(self
+            .tokens()
+            .await?
+            .into_iter()
+            .find(|t| t.digest == digest))
+    }
+
+    async fn token_list(&self) -> Result<Vec<otm_core::AdminToken>> {
+        let mut list = self.tokens().await?;
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(list)
+    }
+
+    async fn token_revoke(&self, name: &str) -> Result<bool> {
+        let body = json!({
+            "TableName": self.tables.inbox,
+            "Key": { "tenant": s(TOKENS), "sk": s(format!("t#{name}")) },
+            "ReturnValues": "ALL_OLD",
+        });
+        let resp = self.client.call("DeleteItem", &body).await.map_err(api)?;
+        Ok(resp["Attributes"]
+            .as_object()
+            .is_some_and(|a| !a.is_empty()))
     }
 }
 

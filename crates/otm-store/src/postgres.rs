@@ -39,8 +39,9 @@
 
 use crate::record::{self, InboxRow, InstanceRow, TenantRow, deadline, to_i64};
 use otm_core::{
-    Appended, Error, FailOutcome, FleetSettings, Inbox, InboxItem, InboxView, InstanceId,
-    InstanceRecord, InstanceStore, Result, Secret, Tenant, TenantId, TenantStatus, TenantStore,
+    Appended, DeadLetters, Error, FailOutcome, FleetSettings, Inbox, InboxItem, InboxView,
+    InstanceId, InstanceRecord, InstanceStore, Result, Secret, Tenant, TenantId, TenantStatus,
+    TenantStore,
 };
 use std::fmt;
 use std::time::Duration;
@@ -136,6 +137,24 @@ pub const MIGRATIONS: &[&str] = &[
     // 3: the fence of the dispatcher that owns a tenant's inbox (acks and failures check it).
     r#"
     ALTER TABLE tenants ADD COLUMN dispatch_fence BIGINT NOT NULL DEFAULT 0;
+    "#,
+    // 4: the audit trail of admin writes, and named admin tokens (their SHA-256 only).
+    r#"
+    CREATE TABLE audit (
+        id     BIGINT PRIMARY KEY,
+        at_ms  BIGINT NOT NULL,
+        who    TEXT NOT NULL,
+        method TEXT NOT NULL,
+        route  TEXT NOT NULL,
+        tenant TEXT,
+        status INTEGER NOT NULL
+    );
+    CREATE TABLE admin_tokens (
+        name          TEXT COLLATE "C" PRIMARY KEY,
+        digest        TEXT NOT NULL UNIQUE,
+        read_only     BOOLEAN NOT NULL,
+        created_at_ms BIGINT NOT NULL
+    );
     "#,
 ];
 
@@ -357,6 +376,58 @@ impl PostgresRegistry {
             }
         }
         Ok(())
+    }
+
+    /// Moves dead letters back to pending (`retry`, with no failed attempts) or to done
+    /// (without their payload), in one statement: the tenant's row is locked first, and what
+    /// `seq` named is read in the same snapshot, to say why nothing moved.
+    async fn move_dead(
+        &self,
+        tenant: &TenantId,
+        which: DeadLetters,
+        retry: bool,
+    ) -> Result<Vec<i64>> {
+        let one = match which {
+            DeadLetters::One(seq) => Some(seq),
+            DeadLetters::All => None,
+        };
+        let set = if retry {
+            "state = 'pending', attempts = 0"
+        } else {
+            "state = 'done', done_at_ms = $3, payload = ''::bytea"
+        };
+        let sql = format!(
+            "WITH t AS (SELECT id FROM tenants WHERE id = $1 FOR NO KEY UPDATE), \
+                  cur AS (SELECT state FROM inbox WHERE tenant = $1 AND seq = $2::BIGINT), \
+                  moved AS (UPDATE inbox SET {set} \
+                            WHERE tenant IN (SELECT id FROM t) AND state = 'dead' \
+                            AND ($2::BIGINT IS NULL OR seq = $2::BIGINT) RETURNING seq) \
+             SELECT EXISTS (SELECT 1 FROM t), (SELECT state FROM cur), \
+                    COALESCE((SELECT array_agg(seq ORDER BY seq) FROM moved), '{{}}'::BIGINT[]), \
+                    $3::BIGINT"
+        );
+        let row = self
+            .query_opt(
+                &sql,
+                &[&tenant.as_str(), &one, &otm_core::time::now_ms()],
+                false,
+            )
+            .await?
+            .ok_or_else(|| Error::generic(BACKEND, "a dead-letter move returned no row"))?;
+        let known: bool = get(&row, 0)?;
+        let state: Option<String> = get(&row, 1)?;
+        let moved: Vec<i64> = get(&row, 2)?;
+        if !known {
+            return Err(record::tenant_not_found(tenant));
+        }
+        if let Some(seq) = one {
+            match state.as_deref() {
+                None => return Err(record::update_not_found(tenant, seq)),
+                Some("dead") => {}
+                Some(other) => return Err(record::not_dead(tenant, seq, other)),
+            }
+        }
+        Ok(moved)
     }
 
     async fn query_opt(
@@ -1366,6 +1437,14 @@ impl Inbox for PostgresRegistry {
         Err(record::tenant_not_found(tenant))
     }
 
+    async fn inbox_retry(&self, tenant: &TenantId, which: DeadLetters) -> Result<Vec<i64>> {
+        self.move_dead(tenant, which, true).await
+    }
+
+    async fn inbox_drop(&self, tenant: &TenantId, which: DeadLetters) -> Result<Vec<i64>> {
+        self.move_dead(tenant, which, false).await
+    }
+
     async fn inbox_view(&self, tenant: &TenantId, limit: usize) -> Result<InboxView> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         // One statement, so both lists come from the same snapshot.
@@ -1444,6 +1523,116 @@ fn inbox_row_at(row: &Row, offset: usize) -> Result<InboxItem> {
         last_error: get(row, offset + 6)?,
     }
     .into_item()
+}
+
+fn audit_from(row: &Row) -> Result<otm_core::AuditEntry> {
+    let status: i32 = get(row, 6)?;
+    Ok(otm_core::AuditEntry {
+        id: get(row, 0)?,
+        at_ms: get(row, 1)?,
+        who: get(row, 2)?,
+        method: get(row, 3)?,
+        route: get(row, 4)?,
+        tenant: get(row, 5)?,
+        status: u16::try_from(status).unwrap_or(0),
+    })
+}
+
+fn token_from(row: &Row) -> Result<otm_core::AdminToken> {
+    Ok(otm_core::AdminToken {
+        name: get(row, 0)?,
+        digest: get(row, 1)?,
+        read_only: get(row, 2)?,
+        created_at_ms: get(row, 3)?,
+    })
+}
+
+#[async_trait::async_trait]
+impl otm_core::AdminStore for PostgresRegistry {
+    async fn audit_append(&self, entry: &otm_core::AuditEntry) -> Result<()> {
+        let e = entry;
+        self.execute(
+            "INSERT INTO audit (id, at_ms, who, method, route, tenant, status) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
+            &[
+                &e.id,
+                &e.at_ms,
+                &e.who,
+                &e.method,
+                &e.route,
+                &e.tenant,
+                &i32::from(e.status),
+            ],
+            true,
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn audit_list(
+        &self,
+        limit: usize,
+        before: Option<i64>,
+    ) -> Result<Vec<otm_core::AuditEntry>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self
+            .query(
+                "SELECT id, at_ms, who, method, route, tenant, status FROM audit \
+                 WHERE $1::BIGINT IS NULL OR id < $1 ORDER BY id DESC LIMIT $2",
+                &[&before, &limit],
+                true,
+            )
+            .await?;
+        rows.iter().map(audit_from).collect()
+    }
+
+    async fn token_create(&self, token: &otm_core::AdminToken) -> Result<()> {
+        let t = token;
+        let n = self
+            .execute(
+                "INSERT INTO admin_tokens (name, digest, read_only, created_at_ms) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                &[&t.name, &t.digest, &t.read_only, &t.created_at_ms],
+                false,
+            )
+            .await?;
+        if n == 0 {
+            return Err(Error::AlreadyExists {
+                what: format!("admin token {}", t.name),
+            });
+        }
+        Ok(())
+    }
+
+    async fn token_by_digest(&self, digest: &str) -> Result<Option<otm_core::AdminToken>> {
+        self.query_opt(
+            "SELECT name, digest, read_only, created_at_ms FROM admin_tokens WHERE digest = $1",
+            &[&digest],
+            true,
+        )
+        .await?
+        .as_ref()
+        .map(token_from)
+        .transpose()
+    }
+
+    async fn token_list(&self) -> Result<Vec<otm_core::AdminToken>> {
+        let rows = self
+            .query(
+                "SELECT name, digest, read_only, created_at_ms FROM admin_tokens ORDER BY name",
+                &[],
+                true,
+            )
+            .await?;
+        rows.iter().map(token_from).collect()
+    }
+
+    async fn token_revoke(&self, name: &str) -> Result<bool> {
+        let n = self
+            .execute("DELETE FROM admin_tokens WHERE name = $1", &[&name], true)
+            .await?;
+        Ok(n > 0)
+    }
 }
 
 #[cfg(test)]

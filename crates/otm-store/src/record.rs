@@ -78,6 +78,14 @@ pub(crate) fn not_pending(tenant: &TenantId, seq: i64, state: impl fmt::Display)
     ))
 }
 
+/// A retry or drop of an update that is not a dead letter (`state`: pending or done).
+pub(crate) fn not_dead(tenant: &TenantId, seq: i64, state: &str) -> Error {
+    let state = if state == "done" { "delivered" } else { state };
+    Error::conflict(format!(
+        "update {seq} of tenant {tenant} is {state}, not a dead letter; only dead letters can be retried or dropped"
+    ))
+}
+
 /// An instance write that would bind a tenant to a second instance.
 pub(crate) fn bound_elsewhere(tenant: &TenantId, instance: &InstanceId) -> Error {
     Error::conflict(format!(

@@ -22,9 +22,9 @@ use aws_lc_rs::hmac;
 use futures::stream::BoxStream;
 use otm_core::instance::Endpoint;
 use otm_core::{
-    Appended, Coordinator, Error, FailOutcome, FleetSettings, Inbox, InboxItem, InboxView,
-    InstanceId, InstanceRecord, InstanceStore, Lease, Notification, Registry, Result, Secret,
-    Tenant, TenantId, TenantStatus, TenantStore,
+    Appended, Coordinator, DeadLetters, Error, FailOutcome, FleetSettings, Inbox, InboxItem,
+    InboxView, InstanceId, InstanceRecord, InstanceStore, Lease, Notification, Registry, Result,
+    Secret, Tenant, TenantId, TenantStatus, TenantStore,
 };
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -777,6 +777,12 @@ impl Inbox for SealedRegistry {
     async fn inbox_claim(&self, tenant: &TenantId, fence: u64) -> Result<()> {
         self.inner.inbox_claim(tenant, fence).await
     }
+    async fn inbox_retry(&self, tenant: &TenantId, which: DeadLetters) -> Result<Vec<i64>> {
+        self.inner.inbox_retry(tenant, which).await
+    }
+    async fn inbox_drop(&self, tenant: &TenantId, which: DeadLetters) -> Result<Vec<i64>> {
+        self.inner.inbox_drop(tenant, which).await
+    }
     async fn inbox_view(&self, tenant: &TenantId, limit: usize) -> Result<InboxView> {
         self.inner.inbox_view(tenant, limit).await
     }
@@ -791,6 +797,32 @@ impl Inbox for SealedRegistry {
     }
     async fn purge_freed(&self) -> Result<()> {
         self.inner.purge_freed().await
+    }
+}
+
+#[async_trait]
+impl otm_core::AdminStore for SealedRegistry {
+    async fn audit_append(&self, entry: &otm_core::AuditEntry) -> Result<()> {
+        self.inner.audit_append(entry).await
+    }
+    async fn audit_list(
+        &self,
+        limit: usize,
+        before: Option<i64>,
+    ) -> Result<Vec<otm_core::AuditEntry>> {
+        self.inner.audit_list(limit, before).await
+    }
+    async fn token_create(&self, token: &otm_core::AdminToken) -> Result<()> {
+        self.inner.token_create(token).await
+    }
+    async fn token_by_digest(&self, digest: &str) -> Result<Option<otm_core::AdminToken>> {
+        self.inner.token_by_digest(digest).await
+    }
+    async fn token_list(&self) -> Result<Vec<otm_core::AdminToken>> {
+        self.inner.token_list().await
+    }
+    async fn token_revoke(&self, name: &str) -> Result<bool> {
+        self.inner.token_revoke(name).await
     }
 }
 

@@ -15,8 +15,9 @@
 
 use crate::record::{self, InboxRow, InstanceRow, TenantRow, deadline, to_i64};
 use otm_core::{
-    Appended, Error, FailOutcome, FleetSettings, Inbox, InboxItem, InboxView, InstanceId,
-    InstanceRecord, InstanceStore, Result, Secret, Tenant, TenantId, TenantStatus, TenantStore,
+    Appended, DeadLetters, Error, FailOutcome, FleetSettings, Inbox, InboxItem, InboxView,
+    InstanceId, InstanceRecord, InstanceStore, Result, Secret, Tenant, TenantId, TenantStatus,
+    TenantStore,
 };
 use rusqlite::{
     Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior, params,
@@ -108,6 +109,24 @@ pub const MIGRATIONS: &[&str] = &[
     // 3: the fence of the dispatcher that owns a tenant's inbox (acks and failures check it).
     r#"
     ALTER TABLE tenants ADD COLUMN dispatch_fence INTEGER NOT NULL DEFAULT 0;
+    "#,
+    // 4: the audit trail of admin writes, and named admin tokens (their SHA-256 only).
+    r#"
+    CREATE TABLE audit (
+        id     INTEGER PRIMARY KEY,
+        at_ms  INTEGER NOT NULL,
+        who    TEXT NOT NULL,
+        method TEXT NOT NULL,
+        route  TEXT NOT NULL,
+        tenant TEXT,
+        status INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE admin_tokens (
+        name          TEXT PRIMARY KEY NOT NULL,
+        digest        TEXT NOT NULL UNIQUE,
+        read_only     INTEGER NOT NULL,
+        created_at_ms INTEGER NOT NULL
+    ) STRICT;
     "#,
 ];
 
@@ -575,6 +594,58 @@ fn check_dispatch_fence(c: &Connection, tenant: &TenantId, fence: i64) -> Result
             .map_err(db)?;
     }
     Ok(())
+}
+
+/// Moves dead letters back to pending (`retry`, with no failed attempts) or to done (without
+/// their payload), in the writer's transaction.
+fn move_dead(
+    c: &Connection,
+    tenant: &TenantId,
+    which: DeadLetters,
+    retry: bool,
+) -> Result<Vec<i64>> {
+    if !tenant_exists(c, tenant.as_str())? {
+        return Err(record::tenant_not_found(tenant));
+    }
+    let one = match which {
+        DeadLetters::One(seq) => {
+            let state: Option<String> = c
+                .prepare_cached("SELECT state FROM inbox WHERE tenant = ?1 AND seq = ?2")
+                .and_then(|mut s| {
+                    s.query_row(params![tenant.as_str(), seq], |r| r.get(0))
+                        .optional()
+                })
+                .map_err(db)?;
+            match state.as_deref() {
+                None => return Err(record::update_not_found(tenant, seq)),
+                Some("dead") => {}
+                Some(other) => return Err(record::not_dead(tenant, seq, other)),
+            }
+            Some(seq)
+        }
+        DeadLetters::All => None,
+    };
+    let sql = if retry {
+        "UPDATE inbox SET state = 'pending', attempts = 0 \
+         WHERE tenant = ?1 AND state = 'dead' AND (?2 IS NULL OR seq = ?2) RETURNING seq"
+    } else {
+        "UPDATE inbox SET state = 'done', done_at_ms = ?3, payload = X'' \
+         WHERE tenant = ?1 AND state = 'dead' AND (?2 IS NULL OR seq = ?2) RETURNING seq"
+    };
+    let mut stmt = c.prepare_cached(sql).map_err(db)?;
+    let now = otm_core::time::now_ms();
+    fn seq_of(r: &Row<'_>) -> rusqlite::Result<i64> {
+        r.get(0)
+    }
+    let rows = if retry {
+        stmt.query_map(params![tenant.as_str(), one], seq_of)
+    } else {
+        stmt.query_map(params![tenant.as_str(), one, now], seq_of)
+    }
+    .map_err(db)?;
+    let mut seqs = rows.collect::<rusqlite::Result<Vec<i64>>>().map_err(db)?;
+    seqs.sort_unstable();
+    Ok(seqs)
 }
 
 const TENANT_COLUMNS: &str = "id, profile, idle_timeout_s, bot_token, webhook_secret, cold_start_notice, status, \
@@ -1156,6 +1227,18 @@ impl Inbox for SqliteRegistry {
             .await
     }
 
+    async fn inbox_retry(&self, tenant: &TenantId, which: DeadLetters) -> Result<Vec<i64>> {
+        let tenant = tenant.clone();
+        self.write(move |c| move_dead(c, &tenant, which, true))
+            .await
+    }
+
+    async fn inbox_drop(&self, tenant: &TenantId, which: DeadLetters) -> Result<Vec<i64>> {
+        let tenant = tenant.clone();
+        self.write(move |c| move_dead(c, &tenant, which, false))
+            .await
+    }
+
     async fn inbox_view(&self, tenant: &TenantId, limit: usize) -> Result<InboxView> {
         let tenant = tenant.clone();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
@@ -1217,6 +1300,129 @@ impl Inbox for SqliteRegistry {
         // The writer thread checkpoints right after the commit this empty job rides in.
         self.stats.truncate_wal.store(true, Ordering::Relaxed);
         self.write(|_| Ok(())).await
+    }
+}
+
+fn audit_row(r: &Row<'_>) -> rusqlite::Result<Result<otm_core::AuditEntry>> {
+    Ok(Ok(otm_core::AuditEntry {
+        id: r.get(0)?,
+        at_ms: r.get(1)?,
+        who: r.get(2)?,
+        method: r.get(3)?,
+        route: r.get(4)?,
+        tenant: r.get(5)?,
+        status: u16::try_from(r.get::<_, i64>(6)?).unwrap_or(0),
+    }))
+}
+
+fn token_row(r: &Row<'_>) -> rusqlite::Result<Result<otm_core::AdminToken>> {
+    Ok(Ok(otm_core::AdminToken {
+        name: r.get(0)?,
+        digest: r.get(1)?,
+        read_only: r.get(2)?,
+        created_at_ms: r.get(3)?,
+    }))
+}
+
+#[async_trait::async_trait]
+impl otm_core::AdminStore for SqliteRegistry {
+    async fn audit_append(&self, entry: &otm_core::AuditEntry) -> Result<()> {
+        let e = entry.clone();
+        self.write(move |c| {
+            c.prepare_cached(
+                "INSERT OR IGNORE INTO audit (id, at_ms, who, method, route, tenant, status) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    e.id,
+                    e.at_ms,
+                    e.who,
+                    e.method,
+                    e.route,
+                    e.tenant,
+                    i64::from(e.status)
+                ])
+            })
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn audit_list(
+        &self,
+        limit: usize,
+        before: Option<i64>,
+    ) -> Result<Vec<otm_core::AuditEntry>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |c| {
+            collect(
+                c,
+                "SELECT id, at_ms, who, method, route, tenant, status FROM audit \
+                 WHERE ?1 IS NULL OR id < ?1 ORDER BY id DESC LIMIT ?2",
+                params![before, limit],
+                audit_row,
+            )
+        })
+        .await
+    }
+
+    async fn token_create(&self, token: &otm_core::AdminToken) -> Result<()> {
+        let t = token.clone();
+        self.write(move |c| {
+            let taken = c
+                .prepare_cached("SELECT 1 FROM admin_tokens WHERE name = ?1")
+                .and_then(|mut s| s.exists([t.name.as_str()]))
+                .map_err(db)?;
+            if taken {
+                return Err(Error::AlreadyExists { what: format!("admin token {}", t.name) });
+            }
+            c.prepare_cached(
+                "INSERT INTO admin_tokens (name, digest, read_only, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
+            )
+            .and_then(|mut s| s.execute(params![t.name, t.digest, t.read_only, t.created_at_ms]))
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn token_by_digest(&self, digest: &str) -> Result<Option<otm_core::AdminToken>> {
+        let digest = digest.to_owned();
+        self.read(move |c| {
+            one(
+                c,
+                "SELECT name, digest, read_only, created_at_ms FROM admin_tokens WHERE digest = ?1",
+                [digest.as_str()],
+                token_row,
+            )
+        })
+        .await
+    }
+
+    async fn token_list(&self) -> Result<Vec<otm_core::AdminToken>> {
+        self.read(|c| {
+            collect(
+                c,
+                "SELECT name, digest, read_only, created_at_ms FROM admin_tokens ORDER BY name",
+                [],
+                token_row,
+            )
+        })
+        .await
+    }
+
+    async fn token_revoke(&self, name: &str) -> Result<bool> {
+        let name = name.to_owned();
+        self.write(move |c| {
+            let n = c
+                .prepare_cached("DELETE FROM admin_tokens WHERE name = ?1")
+                .and_then(|mut s| s.execute([name.as_str()]))
+                .map_err(db)?;
+            Ok(n > 0)
+        })
+        .await
     }
 }
 

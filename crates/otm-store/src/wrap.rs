@@ -5,8 +5,9 @@
 
 use async_trait::async_trait;
 use otm_core::{
-    Appended, Error, FailOutcome, FleetSettings, Inbox, InboxItem, InboxView, InstanceId,
-    InstanceRecord, InstanceStore, Registry, Result, Tenant, TenantId, TenantStatus, TenantStore,
+    Appended, DeadLetters, Error, FailOutcome, FleetSettings, Inbox, InboxItem, InboxView,
+    InstanceId, InstanceRecord, InstanceStore, Registry, Result, Tenant, TenantId, TenantStatus,
+    TenantStore,
 };
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -44,11 +45,19 @@ pub enum RegistryOp {
     InboxAck,
     InboxFail,
     InboxClaim,
+    InboxRetry,
+    InboxDrop,
     InboxView,
     InboxDepth,
     InboxPendingTenants,
     InboxPrune,
     PurgeFreed,
+    AuditAppend,
+    AuditList,
+    TokenCreate,
+    TokenByDigest,
+    TokenList,
+    TokenRevoke,
 }
 
 impl RegistryOp {
@@ -77,11 +86,19 @@ impl RegistryOp {
             RegistryOp::InboxAck => "inbox_ack",
             RegistryOp::InboxFail => "inbox_fail",
             RegistryOp::InboxClaim => "inbox_claim",
+            RegistryOp::InboxRetry => "inbox_retry",
+            RegistryOp::InboxDrop => "inbox_drop",
             RegistryOp::InboxView => "inbox_view",
             RegistryOp::InboxDepth => "inbox_depth",
             RegistryOp::InboxPendingTenants => "inbox_pending_tenants",
             RegistryOp::InboxPrune => "inbox_prune",
             RegistryOp::PurgeFreed => "purge_freed",
+            RegistryOp::AuditAppend => "audit_append",
+            RegistryOp::AuditList => "audit_list",
+            RegistryOp::TokenCreate => "token_create",
+            RegistryOp::TokenByDigest => "token_by_digest",
+            RegistryOp::TokenList => "token_list",
+            RegistryOp::TokenRevoke => "token_revoke",
         }
     }
 }
@@ -263,6 +280,17 @@ macro_rules! delegate_registry {
                 )
                 .await
             }
+            async fn inbox_retry(&self, tenant: &TenantId, which: DeadLetters) -> Result<Vec<i64>> {
+                self.around(
+                    RegistryOp::InboxRetry,
+                    self.inner.inbox_retry(tenant, which),
+                )
+                .await
+            }
+            async fn inbox_drop(&self, tenant: &TenantId, which: DeadLetters) -> Result<Vec<i64>> {
+                self.around(RegistryOp::InboxDrop, self.inner.inbox_drop(tenant, which))
+                    .await
+            }
             async fn inbox_view(&self, tenant: &TenantId, limit: usize) -> Result<InboxView> {
                 self.around(RegistryOp::InboxView, self.inner.inbox_view(tenant, limit))
                     .await
@@ -284,6 +312,41 @@ macro_rules! delegate_registry {
             }
             async fn purge_freed(&self) -> Result<()> {
                 self.around(RegistryOp::PurgeFreed, self.inner.purge_freed())
+                    .await
+            }
+        }
+
+        #[async_trait]
+        impl<R: Registry + ?Sized> otm_core::AdminStore for $ty<R> {
+            async fn audit_append(&self, entry: &otm_core::AuditEntry) -> Result<()> {
+                self.around(RegistryOp::AuditAppend, self.inner.audit_append(entry))
+                    .await
+            }
+            async fn audit_list(
+                &self,
+                limit: usize,
+                before: Option<i64>,
+            ) -> Result<Vec<otm_core::AuditEntry>> {
+                self.around(RegistryOp::AuditList, self.inner.audit_list(limit, before))
+                    .await
+            }
+            async fn token_create(&self, token: &otm_core::AdminToken) -> Result<()> {
+                self.around(RegistryOp::TokenCreate, self.inner.token_create(token))
+                    .await
+            }
+            async fn token_by_digest(&self, digest: &str) -> Result<Option<otm_core::AdminToken>> {
+                self.around(
+                    RegistryOp::TokenByDigest,
+                    self.inner.token_by_digest(digest),
+                )
+                .await
+            }
+            async fn token_list(&self) -> Result<Vec<otm_core::AdminToken>> {
+                self.around(RegistryOp::TokenList, self.inner.token_list())
+                    .await
+            }
+            async fn token_revoke(&self, name: &str) -> Result<bool> {
+                self.around(RegistryOp::TokenRevoke, self.inner.token_revoke(name))
                     .await
             }
         }

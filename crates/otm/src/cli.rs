@@ -5,8 +5,9 @@ use clap::{Args, Subcommand, ValueEnum};
 use futures::StreamExt;
 use otm_core::FleetSettings;
 use otm_core::admin_api::{
-    ErrorBody, InboxAnswer, InstanceView, LimitsBody, PatchTenant, PutConfig, RotateAnswer,
-    RotateRequest, SnapshotList, StatusView, StopView, TenantView, WakeView,
+    AuditPage, CreateToken, DropAnswer, ErrorBody, InboxAnswer, InstanceView, LimitsBody, NewToken,
+    PatchTenant, PutConfig, RetryAnswer, RotateAnswer, RotateRequest, SnapshotList, StatusView,
+    StopView, TenantView, TokenView, WakeView,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -26,12 +27,12 @@ pub mod exit {
     pub const NOT_FOUND: u8 = 3;
     /// Conflict: it exists already, or is not in a state that allows this.
     pub const CONFLICT: u8 = 4;
-    /// Missing or wrong admin token.
+    /// Missing, wrong or revoked admin token, or a read-only token asked to change something.
     pub const UNAUTHORIZED: u8 = 5;
 }
 
 const EXIT_CODES: &str = "Exit codes: 0 success, 1 failure (unreachable server, server error), 2 invalid request, \
-3 not found, 4 conflict (exists already, wrong state), 5 missing or wrong admin token.";
+3 not found, 4 conflict (exists already, wrong state), 5 missing, wrong or revoked admin token, or a read-only token asked to change something.";
 
 /// How to reach the admin API and how to print answers.
 #[derive(Args, Debug, Clone)]
@@ -89,9 +90,20 @@ pub enum Command {
         #[arg(long, default_value_t = 100)]
         tail: usize,
     },
-    /// Show a tenant's pending and dead-lettered updates.
-    #[command(after_help = EXIT_CODES)]
-    Inbox { tenant: String },
+    /// Show a tenant's pending and dead-lettered updates (`otm inbox TENANT`), or retry or drop
+    /// its dead letters.
+    #[command(
+        after_help = EXIT_CODES,
+        args_conflicts_with_subcommands = true,
+        subcommand_negates_reqs = true
+    )]
+    Inbox {
+        /// The tenant whose inbox to show.
+        #[arg(required = true)]
+        tenant: Option<String>,
+        #[command(subcommand)]
+        command: Option<InboxCommand>,
+    },
     /// List a tenant's snapshots.
     #[command(after_help = EXIT_CODES)]
     Snapshots { tenant: String },
@@ -107,8 +119,72 @@ pub enum Command {
         #[command(subcommand)]
         command: SecretsCommand,
     },
+    /// Named admin tokens: create (read-only or full), list, revoke.
+    #[command(after_help = EXIT_CODES)]
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Show the audit trail of admin writes (and failed sign-ins), newest first.
+    #[command(after_help = EXIT_CODES)]
+    Audit {
+        /// Entries to show.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Show entries older than this id (the `next_before` of a previous page).
+        #[arg(long)]
+        before: Option<i64>,
+    },
     /// Print this binary's version, and the server's when it can be reached.
     Version,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Make a named admin token and print it, once: only its SHA-256 is kept.
+    Create {
+        name: String,
+        /// May read everything and change nothing (403 on every write).
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// List the named admin tokens (not the tokens themselves).
+    List,
+    /// Revoke a named token: refused at once by every replica.
+    Revoke { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum InboxCommand {
+    /// Put dead letters back at the head of the inbox, in order, and deliver them now (after
+    /// fixing what made them fail).
+    #[command(after_help = EXIT_CODES)]
+    Retry(DeadLetterArgs),
+    /// Drop dead letters for good (their update ids still count as seen, so Telegram cannot
+    /// bring them back).
+    #[command(after_help = EXIT_CODES)]
+    Drop(DeadLetterArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DeadLetterArgs {
+    tenant: String,
+    /// The dead letter's sequence number (the SEQ column of `otm inbox TENANT`).
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    seq: Option<i64>,
+    /// Every dead letter of the tenant.
+    #[arg(long)]
+    all: bool,
+}
+
+impl DeadLetterArgs {
+    /// The path segment the API takes: the seq, or `dead` for all.
+    fn segment(&self) -> String {
+        match self.seq {
+            Some(seq) if !self.all => seq.to_string(),
+            _ => "dead".to_owned(),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -561,6 +637,20 @@ pub async fn run(cmd: Command, global: Global) -> anyhow::Result<u8> {
     }
 }
 
+/// `update 5` or `updates 5, 7, 9`.
+fn seq_list(seqs: &[i64]) -> String {
+    let list = seqs
+        .iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if seqs.len() == 1 {
+        format!("update {list}")
+    } else {
+        format!("updates {list}")
+    }
+}
+
 async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
     use reqwest::Method;
     match cmd {
@@ -846,7 +936,45 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                 stdout.flush()?;
             }
         }
-        Command::Inbox { tenant } => {
+        Command::Inbox {
+            command: Some(InboxCommand::Retry(args)),
+            ..
+        } => {
+            let api = Api::new(&global)?;
+            let path = format!("/tenants/{}/inbox/{}/retry", args.tenant, args.segment());
+            let v: RetryAnswer = api.call_as(Method::POST, &path, None).await?;
+            match global.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                Output::Table if v.retried.is_empty() => {
+                    println!("{}: no dead letters to retry", v.tenant)
+                }
+                Output::Table => println!(
+                    "{}: retried {} (back at the head of the inbox, delivering now)",
+                    v.tenant,
+                    seq_list(&v.retried)
+                ),
+            }
+        }
+        Command::Inbox {
+            command: Some(InboxCommand::Drop(args)),
+            ..
+        } => {
+            let api = Api::new(&global)?;
+            let path = format!("/tenants/{}/inbox/{}", args.tenant, args.segment());
+            let v: DropAnswer = api.call_as(Method::DELETE, &path, None).await?;
+            match global.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                Output::Table if v.dropped.is_empty() => {
+                    println!("{}: no dead letters to drop", v.tenant)
+                }
+                Output::Table => println!("{}: dropped {}", v.tenant, seq_list(&v.dropped)),
+            }
+        }
+        Command::Inbox {
+            tenant,
+            command: None,
+        } => {
+            let tenant = tenant.unwrap_or_default();
             let api = Api::new(&global)?;
             let v: InboxAnswer = api
                 .call_as(Method::GET, &format!("/tenants/{tenant}/inbox"), None)
@@ -970,6 +1098,86 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
             let api = Api::new(&global)?;
             let v: StatusView = api.call_as(Method::GET, "/status", None).await?;
             print_object(global.output, &v);
+        }
+        Command::Token { command } => {
+            let api = Api::new(&global)?;
+            match command {
+                TokenCommand::Create { name, read_only } => {
+                    let t: NewToken = api
+                        .send_as(Method::POST, "/tokens", &CreateToken { name, read_only })
+                        .await?;
+                    match global.output {
+                        Output::Json => println!("{}", serde_json::to_string_pretty(&t)?),
+                        Output::Table => {
+                            let kind = if t.read_only { "read-only" } else { "full" };
+                            eprintln!(
+                                "created the {kind} admin token `{}`; it is shown only now:",
+                                t.name
+                            );
+                            println!("{}", t.token);
+                        }
+                    }
+                }
+                TokenCommand::List => {
+                    let list: Vec<TokenView> = api.call_as(Method::GET, "/tokens", None).await?;
+                    match global.output {
+                        Output::Json => println!("{}", serde_json::to_string_pretty(&list)?),
+                        Output::Table => {
+                            let rows: Vec<Vec<String>> = list
+                                .iter()
+                                .map(|t| {
+                                    vec![
+                                        t.name.clone(),
+                                        if t.read_only { "read-only" } else { "full" }.to_owned(),
+                                        age(t.created_at_ms),
+                                    ]
+                                })
+                                .collect();
+                            print_table(&["NAME", "ACCESS", "AGE"], &rows);
+                        }
+                    }
+                }
+                TokenCommand::Revoke { name } => {
+                    api.call(Method::DELETE, &format!("/tokens/{name}"), None)
+                        .await?;
+                    match global.output {
+                        Output::Json => println!("{}", json!({"revoked": name})),
+                        Output::Table => println!("admin token {name} revoked"),
+                    }
+                }
+            }
+        }
+        Command::Audit { limit, before } => {
+            let api = Api::new(&global)?;
+            let mut path = format!("/audit?limit={limit}");
+            if let Some(b) = before {
+                path.push_str(&format!("&before={b}"));
+            }
+            let page: AuditPage = api.call_as(Method::GET, &path, None).await?;
+            match global.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&page)?),
+                Output::Table => {
+                    let rows: Vec<Vec<String>> = page
+                        .entries
+                        .iter()
+                        .map(|e| {
+                            vec![
+                                e.id.to_string(),
+                                age(e.at_ms),
+                                e.who.clone(),
+                                e.method.clone(),
+                                e.route.clone(),
+                                or_dash(e.tenant.as_ref()),
+                                e.status.to_string(),
+                            ]
+                        })
+                        .collect();
+                    print_table(
+                        &["ID", "AGE", "WHO", "METHOD", "ROUTE", "TENANT", "STATUS"],
+                        &rows,
+                    );
+                }
+            }
         }
         Command::Version => {
             let client = env!("CARGO_PKG_VERSION");

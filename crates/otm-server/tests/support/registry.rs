@@ -5,8 +5,8 @@
 use async_trait::async_trait;
 use otm_core::registry::{Inbox, InstanceStore, TenantStore};
 use otm_core::{
-    Appended, Error, FailOutcome, FleetSettings, InboxItem, InboxView, InstanceId, InstanceRecord,
-    InstanceState, Result, Tenant, TenantId, TenantStatus,
+    Appended, DeadLetters, Error, FailOutcome, FleetSettings, InboxItem, InboxView, InstanceId,
+    InstanceRecord, InstanceState, Result, Tenant, TenantId, TenantStatus,
 };
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -23,6 +23,8 @@ struct Inner {
     inbox: BTreeMap<(TenantId, i64), Entry>,
     next_seq: i64,
     settings: FleetSettings,
+    audit: BTreeMap<i64, otm_core::AuditEntry>,
+    tokens: BTreeMap<String, otm_core::AdminToken>,
 }
 
 #[derive(Debug)]
@@ -80,6 +82,43 @@ impl Inner {
             )));
         }
         Ok(e)
+    }
+
+    /// Dead letters back to pending (`retry`) or to done, as the contract says.
+    fn move_dead(
+        &mut self,
+        tenant: &TenantId,
+        which: DeadLetters,
+        retry: bool,
+    ) -> Result<Vec<i64>> {
+        self.row(tenant)?;
+        if let DeadLetters::One(seq) = which {
+            let e = self
+                .inbox
+                .get(&(tenant.clone(), seq))
+                .ok_or_else(|| Error::not_found(format!("update {seq} of tenant {tenant}")))?;
+            if e.state != EntryState::Dead {
+                return Err(Error::conflict(format!(
+                    "update {seq} of tenant {tenant} is not a dead letter"
+                )));
+            }
+        }
+        let mut moved = Vec::new();
+        for ((t, seq), e) in self.inbox.iter_mut() {
+            let named =
+                matches!(which, DeadLetters::One(s) if s == *seq) || which == DeadLetters::All;
+            if t == tenant && named && e.state == EntryState::Dead {
+                if retry {
+                    e.state = EntryState::Pending;
+                    e.item.attempts = 0;
+                } else {
+                    e.state = EntryState::Done;
+                    e.item.payload.clear();
+                }
+                moved.push(*seq);
+            }
+        }
+        Ok(moved)
     }
 
     fn items(&self, tenant: &TenantId, state: EntryState) -> impl Iterator<Item = &InboxItem> {
@@ -339,6 +378,14 @@ impl Inbox for MemoryRegistry {
         self.lock().dispatch_fence(tenant, Some(fence))
     }
 
+    async fn inbox_retry(&self, tenant: &TenantId, which: DeadLetters) -> Result<Vec<i64>> {
+        self.lock().move_dead(tenant, which, true)
+    }
+
+    async fn inbox_drop(&self, tenant: &TenantId, which: DeadLetters) -> Result<Vec<i64>> {
+        self.lock().move_dead(tenant, which, false)
+    }
+
     async fn inbox_view(&self, tenant: &TenantId, limit: usize) -> Result<InboxView> {
         let i = self.lock();
         Ok(InboxView {
@@ -377,5 +424,50 @@ impl Inbox for MemoryRegistry {
         i.inbox
             .retain(|_, e| e.state != EntryState::Done || e.item.accepted_at_ms >= before_ms);
         Ok((before - i.inbox.len()) as u64)
+    }
+}
+
+#[async_trait]
+impl otm_core::AdminStore for MemoryRegistry {
+    async fn audit_append(&self, entry: &otm_core::AuditEntry) -> Result<()> {
+        self.lock().audit.insert(entry.id, entry.clone());
+        Ok(())
+    }
+    async fn audit_list(
+        &self,
+        limit: usize,
+        before: Option<i64>,
+    ) -> Result<Vec<otm_core::AuditEntry>> {
+        let i = self.lock();
+        Ok(i.audit
+            .range(..before.unwrap_or(i64::MAX))
+            .rev()
+            .take(limit)
+            .map(|(_, e)| e.clone())
+            .collect())
+    }
+    async fn token_create(&self, token: &otm_core::AdminToken) -> Result<()> {
+        let mut i = self.lock();
+        if i.tokens.contains_key(&token.name) {
+            return Err(Error::AlreadyExists {
+                what: format!("admin token {}", token.name),
+            });
+        }
+        i.tokens.insert(token.name.clone(), token.clone());
+        Ok(())
+    }
+    async fn token_by_digest(&self, digest: &str) -> Result<Option<otm_core::AdminToken>> {
+        Ok(self
+            .lock()
+            .tokens
+            .values()
+            .find(|t| t.digest == digest)
+            .cloned())
+    }
+    async fn token_list(&self) -> Result<Vec<otm_core::AdminToken>> {
+        Ok(self.lock().tokens.values().cloned().collect())
+    }
+    async fn token_revoke(&self, name: &str) -> Result<bool> {
+        Ok(self.lock().tokens.remove(name).is_some())
     }
 }
