@@ -211,6 +211,101 @@ async fn without_a_session_pages_go_to_sign_in_and_forms_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_token_changes_nothing_and_a_wrong_token_shows_in_the_audit_trail() {
+    let h = Harness::start().await;
+    h.tenant("ada", "7301:ADA").await;
+    let (status, created) = h
+        .api(
+            reqwest::Method::POST,
+            "/tokens",
+            Some(json!({"name": "dash", "read_only": true})),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let dash = created["token"].as_str().unwrap().to_owned();
+
+    let wrong = sign_in(&h, "guess-the-token").await;
+    assert_eq!(wrong.status(), 401);
+    let signed = sign_in(&h, &dash).await;
+    assert_eq!(signed.status(), 303, "a read-only token may look");
+    let cookie = format!(
+        "otm_console={}",
+        set_cookie(&signed, "otm_console").unwrap()
+    );
+    let http = client();
+    let html = http
+        .get(console(&h, "/tenants/ada"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("dash"), "the page names who is signed in");
+    let csrf = csrf_of(&html);
+    for (path, body) in [
+        (
+            "/tenants/ada/settings",
+            form_body(&[("csrf", &csrf), ("idle_timeout_s", "7")]),
+        ),
+        ("/tenants/ada/wake", form_body(&[("csrf", &csrf)])),
+        ("/tenants/ada/stop", form_body(&[("csrf", &csrf)])),
+        ("/tenants/ada/inbox/1/retry", form_body(&[("csrf", &csrf)])),
+        ("/tenants/ada/inbox/1/drop", form_body(&[("csrf", &csrf)])),
+    ] {
+        let resp = http
+            .post(console(&h, path))
+            .header("cookie", &cookie)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 403, "POST {path} with a read-only token");
+    }
+    let (_, t) = h.api(reqwest::Method::GET, "/tenants/ada", None).await;
+    assert_ne!(t["idle_timeout_s"], 7, "{t}");
+    assert!(t["instance"].is_null(), "not woken: {t}");
+
+    let (status, trail) = h.api(reqwest::Method::GET, "/audit", None).await;
+    assert_eq!(status, 200, "{trail}");
+    let entries = trail
+        .as_array()
+        .or_else(|| trail["entries"].as_array())
+        .cloned()
+        .unwrap_or_default();
+    let has = |who: &str, route: &str, status: u64| {
+        entries
+            .iter()
+            .any(|e| e["who"] == who && e["route"] == route && e["status"] == status)
+    };
+    assert!(
+        has("unknown", "/signin", 401),
+        "the wrong token's sign-in: {trail}"
+    );
+    assert!(
+        has("dash", "/tenants/{id}/wake", 403),
+        "the refused console write: {trail}"
+    );
+    // The console shows the trail too.
+    let page = http
+        .get(console(&h, "/audit"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("unknown") && page.contains("/signin"),
+        "{page}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_console_turns_it_off() {
     let h = Harness::start_with(|s| s.console = false).await;
     let resp = client().get(console(&h, "/signin")).send().await.unwrap();
@@ -538,6 +633,17 @@ async fn a_browser_signs_in_sees_the_fleet_follows_a_log_and_takes_screenshots()
            && !!r.querySelector('form[action$=\"/drop\"] button')",
     )
     .await;
+    // Retried, it is delivered and answered.
+    let before = h.tg.sent_messages("7201:AWAKE").len();
+    b.click("#tenant-live tr[data-seq] form[action$='/retry'] button")
+        .await;
+    b.wait_for(
+        "no dead letters after the retry",
+        "return !!document.getElementById('no-dead-letters')",
+    )
+    .await;
+    h.tg.wait_for_messages("7201:AWAKE", before + 1, Duration::from_secs(60))
+        .await;
     b.wait_for(
         "the log tail",
         "return document.getElementById('log').textContent.length > 0",

@@ -324,47 +324,67 @@ fn nav(s: &Signed) -> Option<(&str, &str)> {
 // ---------------------------------------------------------------------------------------------
 // Hooks into the audit trail, named tokens and dead-letter handling.
 
-/// Which token `presented` is, if any.
+/// Which token `presented` is, if any: the admin token or a named one (read-only or not).
 async fn identify(app: &App, presented: &str) -> Option<Identity> {
-    app.admin_token().matches(presented).then(|| Identity {
-        name: "admin".to_owned(),
-        read_only: false,
-    })
+    match app.authenticate(presented).await {
+        Ok(caller) => caller.map(|c| Identity {
+            name: c.name,
+            read_only: c.read_only,
+        }),
+        Err(e) => {
+            tracing::warn!(error = %e, "console sign-in: the token could not be checked");
+            None
+        }
+    }
 }
 
 /// Appends one console write to the audit trail: who (a token's name, `unknown` for a failed
 /// sign-in), the method and the console's route, the tenant, the HTTP status it amounted to.
-async fn audit(
-    _app: &App,
-    _who: &str,
-    _method: &str,
-    _route: &str,
-    _tenant: Option<&str>,
-    _status: u16,
-) {
+async fn audit(app: &App, who: &str, method: &str, route: &str, tenant: Option<&str>, status: u16) {
+    app.audit(who, method, route, tenant, status).await;
 }
 
-/// Puts dead letter `seq` back at the head of `tenant`'s inbox.
-async fn retry_dead_letter(_app: &Arc<App>, _tenant: &TenantId, _seq: i64) -> Result<(), ApiError> {
-    Err(ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        ErrorCode::InvalidRequest,
-        "retrying dead letters is not in this build",
-    ))
+/// Puts dead letter `seq` back at the head of `tenant`'s inbox, to be delivered at once.
+async fn retry_dead_letter(app: &Arc<App>, tenant: &TenantId, seq: i64) -> Result<(), ApiError> {
+    app.retry_dead_letters(tenant, otm_core::DeadLetters::One(seq))
+        .await?;
+    Ok(())
 }
 
 /// Drops dead letter `seq` of `tenant`.
-async fn drop_dead_letter(_app: &Arc<App>, _tenant: &TenantId, _seq: i64) -> Result<(), ApiError> {
-    Err(ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        ErrorCode::InvalidRequest,
-        "dropping dead letters is not in this build",
-    ))
+async fn drop_dead_letter(app: &Arc<App>, tenant: &TenantId, seq: i64) -> Result<(), ApiError> {
+    app.drop_dead_letters(tenant, otm_core::DeadLetters::One(seq))
+        .await?;
+    Ok(())
 }
 
-/// The audit trail's latest entries as table rows, or `None` where there is none.
-async fn audit_rows(_app: &App) -> Option<String> {
-    None
+/// The audit trail's latest entries as table rows.
+async fn audit_rows(app: &App) -> Option<String> {
+    let entries = match app.registry().audit_list(200, None).await {
+        Ok(e) => e,
+        Err(e) => {
+            return Some(format!(
+                "<tr><td colspan=\"5\" class=\"bad\">{}</td></tr>",
+                esc(&e.to_string())
+            ));
+        }
+    };
+    let now = app.clock().now_ms();
+    let mut out = String::new();
+    for e in entries {
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{}</td><td>{} <code>{}</code></td><td>{}</td><td class=\"num{}\">{}</td></tr>",
+            ago(now, e.at_ms),
+            esc(&e.who),
+            esc(&e.method),
+            esc(&e.route),
+            esc(e.tenant.as_deref().unwrap_or("")),
+            if e.status >= 400 { " bad" } else { "" },
+            e.status
+        );
+    }
+    Some(out)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1385,7 +1405,7 @@ async fn audit_page(
         Some(rows) => format!(
             "<h1>Audit trail</h1><div class=\"scroll\"><table class=\"audit\"><thead><tr>\
              <th scope=\"col\">When</th><th scope=\"col\">Who</th><th scope=\"col\">What</th>\
-             <th scope=\"col\">Outcome</th></tr></thead><tbody>{rows}</tbody></table></div>"
+             <th scope=\"col\">Tenant</th><th scope=\"col\">Status</th></tr></thead><tbody>{rows}</tbody></table></div>"
         ),
         None => "<h1>Audit trail</h1><p>This server keeps no audit trail.</p>".to_owned(),
     };
