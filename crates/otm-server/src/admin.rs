@@ -69,7 +69,7 @@ impl From<Error> for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 /// JSON bodies that fail to parse answer in the API's error shape.
 struct ApiJson<T>(T);
@@ -137,9 +137,14 @@ pub fn router(app: Arc<App>) -> Router {
             .nest("/v1", Router::new().fallback(elsewhere))
             .with_state(app);
     }
-    base.nest("/v1", v1)
+    let api = base
+        .nest("/v1", v1)
         .nest("/internal/v1", internal)
-        .with_state(app)
+        .with_state(app.clone());
+    match crate::console::router(app) {
+        Some(console) => api.merge(console),
+        None => api,
+    }
 }
 
 /// Routers present the shared service token; in the `all` role the admin token works too.
@@ -406,7 +411,7 @@ async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     )
 }
 
-async fn view(app: &App, t: &Tenant) -> TenantView {
+pub(crate) async fn view(app: &App, t: &Tenant) -> TenantView {
     let defaults = app
         .registry()
         .get_settings()
@@ -613,7 +618,7 @@ fn parse_id(id: &str) -> ApiResult<TenantId> {
     TenantId::parse(id).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
-async fn load(app: &App, id: &str) -> ApiResult<Tenant> {
+pub(crate) async fn load(app: &App, id: &str) -> ApiResult<Tenant> {
     let id = parse_id(id)?;
     app.registry()
         .get_tenant(&id)
@@ -772,13 +777,18 @@ async fn patch_tenant(
     Path(id): Path<String>,
     ApiJson(body): ApiJson<PatchTenant>,
 ) -> ApiResult<Json<TenantView>> {
-    let mut t = load(&app, &id).await?;
+    Ok(Json(patch(&app, &id, body).await?))
+}
+
+/// Changes a tenant's settings (the API's and the console's one way to do it).
+pub(crate) async fn patch(app: &App, id: &str, body: PatchTenant) -> ApiResult<TenantView> {
+    let mut t = load(app, id).await?;
     if let Some(s) = body.idle_timeout_s {
         check_idle_timeout(s)?;
         t.idle_timeout_s = s;
     }
     if let Some(p) = body.profile {
-        check_profile(&app, &p)?;
+        check_profile(app, &p)?;
         t.profile = p;
     }
     if let Some(c) = body.cold_start_notice {
@@ -798,7 +808,7 @@ async fn patch_tenant(
         false
     };
     if token_changed {
-        register_webhook(&app, &t).await?;
+        register_webhook(app, &t).await?;
     }
     app.registry().update_tenant(&t).await?;
     // A running instance gets the new limits at once.
@@ -808,8 +818,8 @@ async fn patch_tenant(
             .over(&app.registry().get_settings().await?.default_limits);
         app.runtime().set_limits(&rec.id, &limits).await?;
     }
-    let t = load(&app, &id).await?;
-    Ok(Json(view(&app, &t).await))
+    let t = load(app, id).await?;
+    Ok(view(app, &t).await)
 }
 
 #[derive(Deserialize)]

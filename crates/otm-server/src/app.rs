@@ -80,6 +80,22 @@ pub struct App {
     egress_buffer: Arc<tokio::sync::Semaphore>,
     /// Held while secrets are rotated: one rotation at a time.
     rotation: tokio::sync::Mutex<()>,
+    /// The last wake of each tenant that did more than read the cache, as this process saw it.
+    last_wakes: Mutex<HashMap<TenantId, LastWake>>,
+}
+
+/// The outcome of a tenant's last wake that did more than read the cache (the console shows it).
+#[derive(Clone, Debug)]
+pub struct LastWake {
+    /// When it ended, wall time in milliseconds.
+    pub at_ms: i64,
+    /// `warm` or `cold`; empty when it failed.
+    pub path: String,
+    pub total_ms: u64,
+    /// `claim` or `create`, `restore`, `start`, `ready`, in order, in milliseconds.
+    pub phases: Vec<(String, u64)>,
+    /// Why it failed; `None` when it succeeded.
+    pub error: Option<String>,
 }
 
 pub use otm_core::admin_api::{LimitKill, RestoreFallback, SkippedSnapshot};
@@ -151,6 +167,7 @@ impl App {
             egress_in_flight: Mutex::new(HashMap::new()),
             egress_buffer: Arc::new(tokio::sync::Semaphore::new(EGRESS_BUFFER_KIB as usize)),
             rotation: tokio::sync::Mutex::new(()),
+            last_wakes: Mutex::new(HashMap::new()),
             leader: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -185,9 +202,40 @@ impl App {
             tracing::Span::current().record("instance", tracing::field::display(&ep.instance));
             return Ok(Woken::cached(ep, begun));
         }
-        let woken = self.waker.wake(tenant, chat).await?;
+        let woken = match self.waker.wake(tenant, chat).await {
+            Ok(w) => w,
+            Err(e) => {
+                // Held back by admission control is waiting, not failing.
+                if !matches!(&e, otm_core::Error::Unavailable { backend, .. } if *backend == crate::wake::ADMISSION)
+                {
+                    self.record_wake(tenant, None, Some(e.to_string()));
+                }
+                return Err(e);
+            }
+        };
         tracing::Span::current().record("instance", tracing::field::display(&woken.instance));
+        if woken.path != crate::wake::WakePath::Cache {
+            self.record_wake(tenant, Some(&woken), None);
+        }
         Ok(woken)
+    }
+
+    fn record_wake(&self, tenant: &TenantId, woken: Option<&Woken>, error: Option<String>) {
+        let last = LastWake {
+            at_ms: self.clock.now_ms(),
+            path: woken
+                .map(|w| w.path.as_str().to_owned())
+                .unwrap_or_default(),
+            total_ms: woken.map_or(0, |w| w.total_ms),
+            phases: woken.map(|w| w.phases.clone()).unwrap_or_default(),
+            error,
+        };
+        self.last_wakes.lock().unwrap().insert(tenant.clone(), last);
+    }
+
+    /// The last wake of `tenant` that did more than read the cache, as this process saw it.
+    pub fn last_wake(&self, tenant: &TenantId) -> Option<LastWake> {
+        self.last_wakes.lock().unwrap().get(tenant).cloned()
     }
 
     /// The settings this server started with.

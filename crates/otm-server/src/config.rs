@@ -105,6 +105,15 @@ pub struct Settings {
     /// Admin listener: the /v1/ API and /metrics.
     #[arg(long, env = "OTM_ADMIN_LISTEN", default_value = "127.0.0.1:8081")]
     pub admin_listen: String,
+    /// Serve the web console at / on the admin listener (on by default; off with --no-console or
+    /// OTM_CONSOLE=false).
+    #[arg(long, env = "OTM_CONSOLE", default_value_t = true, action = clap::ArgAction::Set,
+        num_args = 0..=1, default_missing_value = "true", overrides_with = "no_console")]
+    pub console: bool,
+    /// Serve no web console on the admin listener (the same as --console=false).
+    #[arg(long, overrides_with = "console")]
+    #[serde(skip)]
+    pub no_console: bool,
     /// Egress listener: the Bot API proxy agents call.
     #[arg(long, env = "OTM_EGRESS_LISTEN", default_value = "127.0.0.1:8082")]
     pub egress_listen: String,
@@ -343,6 +352,9 @@ impl Settings {
         let mut s: Settings = table
             .try_into()
             .map_err(|e| invalid("command line", e.to_string()))?;
+        if matches!(matches.try_get_one::<bool>("no_console"), Ok(Some(true))) {
+            s.console = false;
+        }
         // The global options of `otm` that are settings of the server too.
         if let Some(d) = global::<PathBuf>(matches, "data_dir") {
             s.data_dir = d;
@@ -385,7 +397,8 @@ impl Settings {
             .get_arguments()
             .map(|a| a.get_id().as_str().to_owned())
             .chain(NOT_FLAGS.iter().map(|k| (*k).to_owned()))
-            .filter(|k| !set.contains_key(k))
+            // `--no-console` is `console = false`, not a key of its own.
+            .filter(|k| k != "no_console" && !set.contains_key(k))
             .collect();
         if unset.is_empty() {
             text

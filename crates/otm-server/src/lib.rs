@@ -21,6 +21,7 @@
 //! - [`openclaw`]: what the `openclaw` profile's instances are bound with.
 //! - [`openclaw_install`]: where OpenClaw is installed on this machine.
 //! - [`admin`]: the admin API and `/metrics`.
+//! - [`console`]: the web console on the admin listener, and the metrics history it charts.
 //! - [`telegram`]: a client for the real Bot API.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`lease`]: coordinator leases renewed while their work runs.
@@ -35,6 +36,7 @@ pub mod bot_limits;
 pub mod clock;
 pub mod config;
 pub mod connect;
+pub mod console;
 pub mod dispatch;
 pub mod egress;
 mod forward;
