@@ -41,7 +41,12 @@ fn p90(v: &[f64]) -> f64 {
 async fn run(wakes: usize) {
     let mut by_mode = Vec::new();
     // Alternated twice, so that a noisy minute of a shared machine does not land on one mode.
-    for mode in [Sandbox::None, Sandbox::Bubblewrap, Sandbox::None, Sandbox::Bubblewrap] {
+    for mode in [
+        Sandbox::None,
+        Sandbox::Bubblewrap,
+        Sandbox::None,
+        Sandbox::Bubblewrap,
+    ] {
         let figures = measure(mode, wakes / 2).await;
         by_mode.push((mode, figures));
     }
@@ -68,7 +73,9 @@ async fn run(wakes: usize) {
         "\n{} wakes per path and mode, reference agent, admin API's answers (ms)\n",
         wakes / 2 * 2
     );
-    println!("| wake, phase | unsandboxed p50 / p90 | bubblewrap p50 / p90 | the sandbox's cost, p50 |");
+    println!(
+        "| wake, phase | unsandboxed p50 / p90 | bubblewrap p50 / p90 | the sandbox's cost, p50 |"
+    );
     println!("|---|---|---|---|");
     for (path, phases) in &bwrap {
         let mut names: Vec<&String> = phases.keys().filter(|k| *k != "total").collect();
