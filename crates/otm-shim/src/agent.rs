@@ -341,8 +341,21 @@ impl Agent {
         if frozen.is_some() {
             return Ok(false);
         }
-        if !matches!(self.state(), AgentState::Ready { .. }) {
-            return Err(format!("the agent is {}", self.state().name()));
+        let pid = match self.state() {
+            AgentState::Ready { pid } if pid > 0 => pid as i32,
+            s => return Err(format!("the agent is {}", s.name())),
+        };
+        // An agent still at work on a turn it acknowledged (before its next call goes out) is
+        // busy, not idle: it uses CPU, where an idle one waits on its timers.
+        let before = family_cpu_ticks(pid);
+        std::thread::sleep(BUSY_WINDOW);
+        let used = family_cpu_ticks(pid).saturating_sub(before);
+        if used >= BUSY_TICKS {
+            return Err(format!(
+                "the agent is working ({} ms of CPU in the last {} ms)",
+                used * 10,
+                BUSY_WINDOW.as_millis()
+            ));
         }
         let hold = self
             .pause()
@@ -541,6 +554,27 @@ fn stop_family(pid: i32) -> Option<Paused> {
         }
     }
     (!stopped.is_empty()).then_some(Paused { pids: stopped })
+}
+
+/// How long [`Agent::freeze`] watches the agent's CPU use before it freezes it.
+const BUSY_WINDOW: Duration = Duration::from_millis(200);
+/// CPU used within [`BUSY_WINDOW`] (in clock ticks, 10 ms each) that makes an agent busy: a
+/// quarter of one core.
+const BUSY_TICKS: u64 = 5;
+
+/// CPU time used so far by `pid` and its descendants, in clock ticks (user and system).
+fn family_cpu_ticks(pid: i32) -> u64 {
+    family(pid)
+        .into_iter()
+        .filter_map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            // After `(comm)`: state is field 3, utime 14 and stime 15.
+            let mut f = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+            let utime: u64 = f.next()?.parse().ok()?;
+            let stime: u64 = f.next()?.parse().ok()?;
+            Some(utime + stime)
+        })
+        .sum()
 }
 
 /// A std mutex's guard, whether or not a holder panicked.

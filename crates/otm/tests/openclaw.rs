@@ -951,7 +951,7 @@ async fn frozen_openclaw_answers_after(test: &str, frozen_for: Duration) {
         .api(
             Method::PATCH,
             "/tenants/icicle",
-            Some(json!({"freeze_after_s": 1, "idle_timeout_s": frozen_for.as_secs() + 3600})),
+            Some(json!({"freeze_after_s": 5, "idle_timeout_s": frozen_for.as_secs() + 3600})),
         )
         .await;
     assert_eq!(status, 200, "{t}");
