@@ -1019,11 +1019,13 @@ fn freeze_seconds(default_s: u64) -> Duration {
     )
 }
 
+/// Frozen past the gateway's longest keep-alive interval that its log names (its health monitor,
+/// every 300 s), so that timers due during the freeze fire after the thaw.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_openclaw_tenant_answers_after_a_few_minutes() {
     frozen_openclaw_answers_after(
         "a_frozen_openclaw_tenant_answers_after_a_few_minutes",
-        freeze_seconds(150),
+        freeze_seconds(330),
     )
     .await;
 }
