@@ -1068,8 +1068,10 @@ pub async fn reconcile(app: &Arc<App>) -> Result<()> {
         let known = records.iter().find(|r| r.id == inst.id);
         match known {
             Some(rec) if inst.alive && rec.state == InstanceState::Ready => {
+                // A frozen tenant has no endpoint on purpose: its next update thaws it.
                 if let Some(t) = &rec.tenant
                     && app.coordinator().endpoint(t).await?.is_none()
+                    && !matches!(app.registry().get_tenant(t).await?, Some(t) if t.status == TenantStatus::Frozen)
                 {
                     app.coordinator()
                         .set_endpoint(t, &Endpoint::from(rec), ENDPOINT_TTL)
