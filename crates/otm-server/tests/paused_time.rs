@@ -69,6 +69,11 @@ async fn an_idle_tenant_is_frozen_after_freeze_after_thawed_by_an_update_and_sto
         w.app.coordinator().endpoint(&t).await.unwrap().is_none(),
         "the next update goes through a wake, which thaws"
     );
+    otm_server::orchestrator::reconcile(&w.app).await.unwrap();
+    assert!(
+        w.app.coordinator().endpoint(&t).await.unwrap().is_none(),
+        "the reconcile pass does not put a frozen tenant's endpoint back"
+    );
 
     // An update thaws it: the same instance, a thaw, no new instance.
     w.update(&t, 2).await;
