@@ -978,6 +978,16 @@ async fn frozen_openclaw_answers_after(test: &str, frozen_for: Duration) {
             "gateway process {pid} is stopped while frozen: {st}"
         );
     }
+    // The turn after the thaw takes seconds, some of them waiting without CPU or a call under
+    // way: back to the default, so that it is not frozen again half-way.
+    let (status, t) = h
+        .api(
+            Method::PATCH,
+            "/tenants/icicle",
+            Some(json!({"freeze_after_s": "default"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{t}");
     eprintln!("{test}: frozen; waiting {} s", frozen_for.as_secs());
     tokio::time::sleep(frozen_for).await;
     let (_, t) = h.api(Method::GET, "/tenants/icicle", None).await;
