@@ -132,6 +132,9 @@ pub struct TenantView {
     pub profile: String,
     pub status: TenantStatus,
     pub idle_timeout_s: u64,
+    /// Seconds idle before the agent is frozen; 0: never.
+    #[serde(default)]
+    pub freeze_after_s: u64,
     pub cold_start_notice: bool,
     pub has_bot_token: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -208,6 +211,9 @@ pub struct CreateTenant {
     pub bot_token: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout_s: Option<u64>,
+    /// Seconds idle before the agent is frozen (0: never); `"default"` or null: the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_after_s: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -249,6 +255,9 @@ pub struct PatchTenant {
     pub bot_token: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout_s: Option<u64>,
+    /// Seconds idle before the agent is frozen (0: never); `"default"` or null: the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_after_s: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -287,6 +296,7 @@ impl PatchTenant {
             id,
             bot_token: self.bot_token,
             idle_timeout_s: self.idle_timeout_s,
+            freeze_after_s: self.freeze_after_s,
             profile: self.profile,
             cold_start_notice: self.cold_start_notice,
             webhook_secret: None,
@@ -335,6 +345,9 @@ pub struct PutConfig {
     pub max_running: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent_wakes: Option<u32>,
+    /// A size (`8GiB`, a number of bytes); 0 is no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen_memory_max: Option<Value>,
     /// Fleet default limits, in the units tenants take (`memory`, `cpu`, `pids`, `disk`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_limits: Option<LimitsBody>,

@@ -23,6 +23,9 @@ pub struct FleetSettings {
     pub max_running: u32,
     /// Most wakes under way at once in one orchestrator; 0 is no limit.
     pub max_concurrent_wakes: u32,
+    /// Most memory frozen agents may hold together, in bytes; 0 is no limit. Beyond it, the least
+    /// recently active frozen tenants are put to sleep (snapshotted and stopped) first.
+    pub frozen_memory_max: u64,
     /// Limits of every instance, unless its tenant says otherwise.
     pub default_limits: crate::ResourceLimits,
 }

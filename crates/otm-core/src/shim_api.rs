@@ -9,6 +9,8 @@
 //! | `POST /v1/deliver` | the update (JSON) | [`DeliverResponse`] |
 //! | `GET /v1/snapshot` | | tar+zstd archive of the state directory |
 //! | `POST /v1/stop` | [`StopRequest`] | [`StopResponse`] after the agent exited |
+//! | `POST /v1/freeze` | | [`FreezeResponse`]: the agent's process tree is stopped in place |
+//! | `POST /v1/thaw` | | [`FreezeResponse`]: the agent runs again |
 //! | `GET /v1/logs?tail=N&follow=true` | | the agent's output, text |
 
 use crate::TenantId;
@@ -80,4 +82,29 @@ pub struct ShimStatus {
     pub agent: String,
     pub agent_pid: Option<u32>,
     pub restarts: u32,
+    /// True while the agent is frozen ([`FreezeResponse`]).
+    #[serde(default)]
+    pub frozen: bool,
+    /// Resident memory of the agent's processes, in bytes, while it runs or is frozen.
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
+}
+
+/// What a freeze or a thaw did. Deliveries, stops and snapshots of a frozen agent need no thaw
+/// first: a delivery or a stop thaws it, a snapshot packs the frozen state as it is.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct FreezeResponse {
+    /// Whether the agent is frozen after the call.
+    pub frozen: bool,
+    /// Whether the call changed anything (false: it was frozen, or thawed, already).
+    pub changed: bool,
+    /// How the agent is held: `sigstop` (every process of its tree stopped).
+    #[serde(default)]
+    pub method: Option<String>,
+    /// Resident memory of the agent's processes, in bytes.
+    #[serde(default)]
+    pub memory_bytes: u64,
+    /// How long the call took inside the shim, in microseconds.
+    #[serde(default)]
+    pub micros: u64,
 }

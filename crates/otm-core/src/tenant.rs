@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 /// Default idle timeout: ten minutes.
 pub const DEFAULT_IDLE_TIMEOUT_S: u64 = 600;
 
+/// Default time idle before a tenant's agent is frozen: one minute.
+pub const DEFAULT_FREEZE_AFTER_S: u64 = 60;
+
 /// Where a tenant is in its lifecycle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -16,6 +19,9 @@ pub enum TenantStatus {
     Provisioning,
     /// An instance is bound and ready.
     Running,
+    /// An instance is bound and its agent frozen in place (no CPU, memory kept); the next
+    /// update thaws it.
+    Frozen,
     /// The instance is being stopped.
     Stopping,
 }
@@ -27,6 +33,7 @@ impl TenantStatus {
             TenantStatus::Idle => "idle",
             TenantStatus::Provisioning => "provisioning",
             TenantStatus::Running => "running",
+            TenantStatus::Frozen => "frozen",
             TenantStatus::Stopping => "stopping",
         }
     }
@@ -37,6 +44,7 @@ impl TenantStatus {
             "idle" => TenantStatus::Idle,
             "provisioning" => TenantStatus::Provisioning,
             "running" => TenantStatus::Running,
+            "frozen" => TenantStatus::Frozen,
             "stopping" => TenantStatus::Stopping,
             _ => return None,
         })
@@ -100,6 +108,10 @@ pub struct TenantLimits {
     /// write-only: views say only whether one is set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model_api_key: Option<Secret>,
+    /// Seconds without a delivery after which the agent is frozen in place (until the next
+    /// update or its idle timeout); 0 never freezes it; unset is [`DEFAULT_FREEZE_AFTER_S`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub freeze_after_s: Option<u64>,
 }
 
 /// Who may write to a tenant's agent in a direct chat.
@@ -191,6 +203,11 @@ impl TenantLimits {
         )
     }
 
+    /// Seconds idle before the agent is frozen; 0: never.
+    pub fn freeze_after_s(&self) -> u64 {
+        self.freeze_after_s.unwrap_or(DEFAULT_FREEZE_AFTER_S)
+    }
+
     /// These limits as views show them: the model key left out.
     pub fn without_secrets(&self) -> Self {
         TenantLimits {
@@ -251,6 +268,16 @@ impl Tenant {
             last_active_ms: now,
             limits: TenantLimits::default(),
         }
+    }
+
+    /// When the tenant's agent is frozen if nothing arrives, in Unix milliseconds; `None` when it
+    /// is never frozen (freezing is off, or would not come before the idle timeout).
+    pub fn freeze_deadline_ms(&self) -> Option<i64> {
+        let after = self.limits.freeze_after_s();
+        (after > 0 && after < self.idle_timeout_s).then(|| {
+            self.last_active_ms
+                .saturating_add((after as i64).saturating_mul(1000))
+        })
     }
 
     /// When the tenant becomes idle if nothing arrives, in Unix milliseconds.

@@ -435,6 +435,7 @@ async fn view_with(app: &App, t: &Tenant, defaults: &otm_core::ResourceLimits) -
         profile: t.profile.clone(),
         status: t.status,
         idle_timeout_s: t.idle_timeout_s,
+        freeze_after_s: t.limits.freeze_after_s(),
         cold_start_notice: t.cold_start_notice,
         has_bot_token: t.bot_token.is_some(),
         webhook_url: app.webhook_url(&t.id),
@@ -643,6 +644,20 @@ fn check_profile(app: &App, p: &str) -> ApiResult<()> {
     }
 }
 
+/// `freeze_after_s` as given: seconds (0: never freeze), or `"default"`/null for the default.
+fn freeze_after(v: &Value) -> ApiResult<Option<u64>> {
+    match v {
+        Value::Null => Ok(None),
+        Value::String(s) if s == "default" => Ok(None),
+        Value::Number(n) if n.as_u64().is_some() => Ok(n.as_u64()),
+        Value::String(s) if s.trim().parse::<u64>().is_ok() => Ok(s.trim().parse().ok()),
+        _ => Err(ApiError::bad_request(format!(
+            "freeze_after_s: a whole number of seconds (0: never freeze) or \"default\" ({} s)",
+            otm_core::tenant::DEFAULT_FREEZE_AFTER_S
+        ))),
+    }
+}
+
 fn check_idle_timeout(s: u64) -> ApiResult<()> {
     if s == 0 {
         Err(ApiError::bad_request("idle_timeout_s must be at least 1"))
@@ -708,6 +723,9 @@ async fn create_tenant(
     if let Some(s) = body.idle_timeout_s {
         check_idle_timeout(s)?;
         t.idle_timeout_s = s;
+    }
+    if let Some(v) = &body.freeze_after_s {
+        t.limits.freeze_after_s = freeze_after(v)?;
     }
     t.cold_start_notice = body.cold_start_notice.unwrap_or(false);
     limits_body!(body).apply(&mut t.limits)?;
@@ -786,6 +804,9 @@ pub(crate) async fn patch(app: &App, id: &str, body: PatchTenant) -> ApiResult<T
     if let Some(s) = body.idle_timeout_s {
         check_idle_timeout(s)?;
         t.idle_timeout_s = s;
+    }
+    if let Some(v) = &body.freeze_after_s {
+        t.limits.freeze_after_s = freeze_after(v)?;
     }
     if let Some(p) = body.profile {
         check_profile(app, &p)?;
@@ -1089,6 +1110,19 @@ async fn put_config(
     }
     if let Some(n) = body.max_concurrent_wakes {
         s.max_concurrent_wakes = n;
+    }
+    if let Some(v) = &body.frozen_memory_max {
+        s.frozen_memory_max = match v {
+            Value::Number(n) if n.as_u64().is_some() => n.as_u64().unwrap_or(0),
+            Value::String(t) if t.trim() == "0" => 0,
+            Value::String(t) => otm_core::quantity::parse_bytes(t)
+                .map_err(|e| ApiError::bad_request(format!("frozen_memory_max: {e}")))?,
+            _ => {
+                return Err(ApiError::bad_request(
+                    "frozen_memory_max: a size such as 8GiB or 512Mi, or 0 for no limit",
+                ));
+            }
+        };
     }
     if let Some(l) = &body.default_limits {
         let mut own = otm_core::TenantLimits::default();

@@ -20,6 +20,23 @@ pub const EGRESS_CALLS_PER_TENANT: usize = 32;
 /// whose body does not fit waits for room, then gets 503.
 pub const EGRESS_BUFFER_KIB: u32 = 256 * 1024;
 
+/// While an egress call runs, how often it refreshes its tenant's last activity (so that other
+/// replicas' idle sweeps see the tenant busy too).
+const EGRESS_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// One egress call under way ([`App::egress_slot`]): the tenant is busy until it is dropped.
+#[derive(Debug)]
+pub(crate) struct EgressCall {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    done: CancellationToken,
+}
+
+impl Drop for EgressCall {
+    fn drop(&mut self) {
+        self.done.cancel();
+    }
+}
+
 /// Shared state of one server process.
 #[derive(Debug)]
 pub struct App {
@@ -559,11 +576,10 @@ impl App {
 
     /// A slot for one egress call of `tenant`, or `None` when it has
     /// [`EGRESS_CALLS_PER_TENANT`] under way already: one tenant cannot take the whole
-    /// listener's concurrency.
-    pub(crate) fn egress_slot(
-        &self,
-        tenant: &TenantId,
-    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    /// listener's concurrency. While the slot is held the tenant is busy, not idle
+    /// ([`App::egress_calls`]): the idle sweep neither freezes nor stops it. Other replicas learn
+    /// it through the tenant's last activity, refreshed while the call runs and when it ends.
+    pub(crate) fn egress_slot(&self, tenant: &TenantId) -> Option<EgressCall> {
         let sem = self
             .egress_in_flight
             .lock()
@@ -571,7 +587,42 @@ impl App {
             .entry(tenant.clone())
             .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(EGRESS_CALLS_PER_TENANT)))
             .clone();
-        sem.try_acquire_owned().ok()
+        let permit = sem.try_acquire_owned().ok()?;
+        let done = CancellationToken::new();
+        let (registry, clock, t, ended) = (
+            self.registry.clone(),
+            self.clock.clone(),
+            tenant.clone(),
+            done.clone(),
+        );
+        tokio::spawn(async move {
+            let begun = Instant::now();
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(EGRESS_HEARTBEAT) => {}
+                    _ = ended.cancelled() => break,
+                }
+                let _ = registry.touch_tenant(&t, clock.now_ms()).await;
+            }
+            // A long call restarts the idle clock when it ends; a short one is covered by the
+            // delivery that caused it.
+            if begun.elapsed() >= std::time::Duration::from_secs(1) {
+                let _ = registry.touch_tenant(&t, clock.now_ms()).await;
+            }
+        });
+        Some(EgressCall {
+            _permit: permit,
+            done,
+        })
+    }
+
+    /// Egress calls `tenant` has under way through this process's proxies.
+    pub fn egress_calls(&self, tenant: &TenantId) -> usize {
+        self.egress_in_flight
+            .lock()
+            .unwrap()
+            .get(tenant)
+            .map_or(0, |s| EGRESS_CALLS_PER_TENANT - s.available_permits())
     }
 
     /// True while this process holds the leader lease.

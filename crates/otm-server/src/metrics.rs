@@ -94,6 +94,10 @@ pub struct Metrics {
     pub egress_refused: Family<Refusal, Counter>,
     pub bot_api_queued_seconds: Histogram,
     pub model_tokens: Counter,
+    pub thaw_seconds: Histogram,
+    pub instances_frozen: Gauge,
+    pub frozen_memory_bytes: Gauge,
+    pub freezes: Family<Outcome, Counter>,
 }
 
 impl Default for Metrics {
@@ -132,6 +136,10 @@ impl Metrics {
             egress_refused: Family::default(),
             bot_api_queued_seconds: hist(),
             model_tokens: Counter::default(),
+            thaw_seconds: hist(),
+            instances_frozen: Gauge::default(),
+            frozen_memory_bytes: Gauge::default(),
+            freezes: Family::default(),
             registry: std::sync::Mutex::new(Registry::default()),
         };
         registry.register(
@@ -172,7 +180,7 @@ impl Metrics {
         registry.register("wakes", "Wakes, by outcome", m.wakes.clone());
         registry.register(
             "wake_seconds",
-            "Wake latency by path (cache, warm, cold)",
+            "Wake latency by path (cache, frozen, warm, cold)",
             m.wake_seconds.clone(),
         );
         registry.register(
@@ -181,6 +189,26 @@ impl Metrics {
             m.wake_phase_seconds.clone(),
         );
         registry.register("stops", "Instance stops, by reason", m.stops.clone());
+        registry.register(
+            "thaw_seconds",
+            "Time to thaw a frozen agent, from the wake's start to its endpoint published",
+            m.thaw_seconds.clone(),
+        );
+        registry.register(
+            "instances_frozen",
+            "Instances whose agent is frozen",
+            m.instances_frozen.clone(),
+        );
+        registry.register(
+            "frozen_memory_bytes",
+            "Resident memory held by frozen agents, as their shims report it",
+            m.frozen_memory_bytes.clone(),
+        );
+        registry.register(
+            "freezes",
+            "Freezes of idle agents, by outcome (frozen, busy, failed)",
+            m.freezes.clone(),
+        );
         registry.register(
             "instances",
             "Instances, by state (warm, binding, ready, stopping)",
@@ -267,6 +295,15 @@ impl Metrics {
     }
 
     /// Records one wake phase.
+    /// Counts one freeze attempt of an idle agent.
+    pub fn freeze(&self, outcome: &str) {
+        self.freezes
+            .get_or_create(&Outcome {
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
     pub fn wake_phase(&self, path: &str, phase: &str, d: Duration) {
         self.wake_phase_seconds
             .get_or_create(&Phase {

@@ -172,7 +172,7 @@ pub async fn proxy(app: Arc<App>, req: Request) -> Response {
             "no model is configured on this otm server",
         );
     };
-    let Some(_slot) = app.egress_slot(&tenant.id) else {
+    let Some(slot) = app.egress_slot(&tenant.id) else {
         refused(&app, Some(&tenant.id), &what, "too_many_in_flight");
         return over_budget(
             "too_many_requests",
@@ -197,7 +197,7 @@ pub async fn proxy(app: Arc<App>, req: Request) -> Response {
         };
         return over_budget("rate_limit_exceeded", message, over.retry_after());
     }
-    forward(&app, &tenant, &base, route, req, &what).await
+    forward(&app, &tenant, &base, route, req, &what, slot).await
 }
 
 fn over_budget(code: &str, message: &str, retry_after: Duration) -> Response {
@@ -257,6 +257,7 @@ async fn forward(
     route: Route,
     req: Request,
     what: &str,
+    slot: crate::app::EgressCall,
 ) -> Response {
     let path = route.path();
     let url = crate::forward::url(base, path.split('/'), req.uri().query());
@@ -331,7 +332,11 @@ async fn forward(
                 json: Vec::new(),
                 overflow: false,
             };
-            let body = crate::forward::stream(resp, move |chunk| meter.feed(chunk));
+            // The call stays under way (its tenant busy) until the answer's last byte passed.
+            let body = crate::forward::stream(resp, move |chunk| {
+                let _busy = &slot;
+                meter.feed(chunk)
+            });
             crate::forward::respond(
                 status,
                 &response_headers,

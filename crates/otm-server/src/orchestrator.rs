@@ -90,27 +90,93 @@ async fn wake_here(app: &Arc<App>, tenant: &TenantId, chat: Option<i64>) -> Resu
 }
 
 /// A registered instance that is ready and answers serves the wake: its endpoint goes back into
-/// the cache. `None` when it cannot serve.
+/// the cache. A frozen one is thawed first (the `frozen` wake path). `None` when it cannot
+/// serve.
 async fn use_registered(
     app: &Arc<App>,
     tenant: &TenantId,
     rec: &InstanceRecord,
     begun: Instant,
 ) -> Result<Option<Woken>> {
-    if rec.state != InstanceState::Ready || !answers(rec).await {
+    if rec.state != InstanceState::Ready {
         return Ok(None);
     }
+    let shim = ShimClient::new(rec.address.clone(), rec.shim_token.clone());
+    let Some(status) = answers(&shim).await else {
+        return Ok(None);
+    };
     let ep = Endpoint::from(rec);
+    if !status.frozen {
+        // Frozen by this orchestrator's account, but thawed meanwhile (a delivery that had the
+        // endpoint before the freeze thaws the agent itself).
+        if matches!(app.registry().get_tenant(tenant).await, Ok(Some(t)) if t.status == TenantStatus::Frozen)
+        {
+            app.registry()
+                .set_tenant_status(tenant, TenantStatus::Running, None)
+                .await?;
+        }
+        app.coordinator()
+            .set_endpoint(tenant, &ep, ENDPOINT_TTL)
+            .await?;
+        return Ok(Some(Woken::cached(ep, begun)));
+    }
+    // Thaw: the agent resumes where it stopped; the update is delivered at once after.
+    let thawing = Instant::now();
+    let thawed = shim.thaw().await?;
+    let thaw_ms = thawing.elapsed();
+    let recording = Instant::now();
+    app.registry()
+        .set_tenant_status(tenant, TenantStatus::Running, None)
+        .await?;
+    app.registry()
+        .touch_tenant(tenant, app.clock().now_ms())
+        .await?;
     app.coordinator()
         .set_endpoint(tenant, &ep, ENDPOINT_TTL)
         .await?;
-    Ok(Some(Woken::cached(ep, begun)))
+    let total = begun.elapsed();
+    let phases = vec![
+        (
+            "prepare".to_owned(),
+            thawing.duration_since(begun).as_millis() as u64,
+        ),
+        ("thaw".to_owned(), thaw_ms.as_millis() as u64),
+        ("record".to_owned(), recording.elapsed().as_millis() as u64),
+    ];
+    let p = WakePath::Frozen.as_str();
+    app.metrics()
+        .wake_phase(p, "prepare", thawing.duration_since(begun));
+    app.metrics().wake_phase(p, "thaw", thaw_ms);
+    app.metrics().wake_phase(p, "record", recording.elapsed());
+    app.metrics()
+        .wake_seconds
+        .get_or_create(&crate::metrics::WakePath { path: p.into() })
+        .observe(total.as_secs_f64());
+    app.metrics().thaw_seconds.observe(total.as_secs_f64());
+    app.metrics()
+        .wakes
+        .get_or_create(&crate::metrics::Outcome {
+            outcome: "ok".into(),
+        })
+        .inc();
+    app.metrics().instances_frozen.dec();
+    tracing::info!(%tenant, instance = %rec.id, path = p, total_ms = total.as_millis() as u64, shim_us = thawed.micros, "thawed");
+    Ok(Some(Woken {
+        instance: ep.instance.clone(),
+        endpoint: ep,
+        path: WakePath::Frozen,
+        total_ms: total.as_millis() as u64,
+        phases,
+    }))
 }
 
-/// True when a registered instance's shim answers (checked only when the endpoint cache missed).
-async fn answers(rec: &InstanceRecord) -> bool {
-    let shim = ShimClient::new(rec.address.clone(), rec.shim_token.clone());
-    matches!(tokio::time::timeout(Duration::from_secs(3), shim.status()).await, Ok(Ok(s)) if s.agent != "stopped" && s.agent != "failed")
+/// A registered instance's shim's status, when it answers and its agent is not stopped or
+/// failed (checked only when the endpoint cache missed).
+async fn answers(shim: &ShimClient) -> Option<otm_core::shim_api::ShimStatus> {
+    match tokio::time::timeout(Duration::from_secs(3), shim.status()).await {
+        Ok(Ok(s)) if s.agent != "stopped" && s.agent != "failed" => Some(s),
+        _ => None,
+    }
 }
 
 async fn wake_locked(
@@ -644,41 +710,245 @@ async fn retire(app: &Arc<App>, rec: &InstanceRecord) -> bool {
     true
 }
 
-/// Stops tenants whose idle timeout has passed; runs every second until shutdown.
+/// The idle sweep, every second until shutdown, on the leader: freezes tenants idle past their
+/// `freeze_after_s`, stops (snapshots) tenants idle past their idle timeout, frozen or not, and
+/// puts the least recently active frozen tenants to sleep while frozen agents hold more memory
+/// than the fleet's `frozen_memory_max`. A busy tenant (updates waiting, a call under way
+/// through the egress proxies) is left alone.
 pub async fn run_reaper(app: Arc<App>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut frozen = FrozenBook::default();
     loop {
         tokio::select! {
             _ = app.shutdown().cancelled() => return,
             _ = tick.tick() => {}
         }
         if !app.is_leader() {
+            frozen = FrozenBook::default();
             continue;
         }
-        let due = match app.registry().idle_due(app.clock().now_ms(), 256).await {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::warn!(error = %e, "idle sweep failed");
-                continue;
-            }
+        sweep(&app, &mut frozen).await;
+    }
+}
+
+/// What the sweep knows of the frozen tenants: since when, and the memory their agents hold
+/// (as their shims reported it).
+#[derive(Debug, Default)]
+pub struct FrozenBook {
+    tenants: std::collections::HashMap<TenantId, FrozenEntry>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct FrozenEntry {
+    since_ms: i64,
+    memory_bytes: u64,
+}
+
+/// One pass of the idle sweep ([`run_reaper`]).
+pub async fn sweep(app: &Arc<App>, frozen: &mut FrozenBook) {
+    let now = app.clock().now_ms();
+    let due = match app.registry().idle_due(now, 256).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "idle sweep failed");
+            return;
+        }
+    };
+    for tenant in due {
+        if busy(app, &tenant).await {
+            continue;
+        }
+        spawn_idle_stop(app, tenant, "idle");
+    }
+    if let Err(e) = sweep_awake(app, frozen, now).await {
+        tracing::warn!(error = %e, "freeze sweep failed");
+    }
+}
+
+/// Updates still waiting, or a call under way through the egress proxies, keep a tenant awake.
+async fn busy(app: &Arc<App>, tenant: &TenantId) -> bool {
+    app.egress_calls(tenant) > 0 || app.registry().inbox_depth(tenant).await.unwrap_or(0) > 0
+}
+
+fn spawn_idle_stop(app: &Arc<App>, tenant: TenantId, reason: &'static str) {
+    let a = app.clone();
+    app.spawn(async move {
+        let app = a;
+        if let Err(e) = stop(&app, &tenant, reason).await {
+            tracing::warn!(%tenant, error = %e, "idle stop failed");
+        }
+        // Anything that arrived during the stop wakes the tenant again.
+        if app.registry().inbox_depth(&tenant).await.unwrap_or(0) > 0 {
+            app.request_delivery(&tenant);
+        }
+    });
+}
+
+/// The frozen tier's part of the sweep, over the awake instances: freezes, stops of frozen
+/// tenants past their idle timeout, and the frozen memory budget.
+async fn sweep_awake(app: &Arc<App>, book: &mut FrozenBook, now: i64) -> Result<()> {
+    let fleet = app.registry().get_settings().await?;
+    let mut seen = std::collections::HashSet::new();
+    // (last active, tenant, memory) of every tenant frozen after this pass.
+    let mut frozen_now: Vec<(i64, TenantId, u64)> = Vec::new();
+    for rec in app.registry().list_instances().await? {
+        let (Some(tenant), InstanceState::Ready) = (rec.tenant.clone(), rec.state) else {
+            continue;
         };
-        for tenant in due {
-            // Updates still waiting keep a tenant awake.
-            if app.registry().inbox_depth(&tenant).await.unwrap_or(0) > 0 {
-                continue;
+        let Some(t) = app.registry().get_tenant(&tenant).await? else {
+            continue;
+        };
+        seen.insert(tenant.clone());
+        match t.status {
+            TenantStatus::Frozen => {
+                let entry = match book.tenants.get(&tenant) {
+                    Some(e) => *e,
+                    None => {
+                        // Frozen before this process led the sweep: ask its shim.
+                        let shim = ShimClient::new(rec.address.clone(), rec.shim_token.clone());
+                        let memory = answers(&shim)
+                            .await
+                            .and_then(|s| s.memory_bytes)
+                            .unwrap_or(0);
+                        let e = FrozenEntry {
+                            since_ms: t.last_active_ms,
+                            memory_bytes: memory,
+                        };
+                        book.tenants.insert(tenant.clone(), e);
+                        e
+                    }
+                };
+                if t.last_active_ms > entry.since_ms {
+                    // A delivery reached it since: it was thawed by its shim. Awake again.
+                    let _ = app
+                        .registry()
+                        .set_tenant_status(&tenant, TenantStatus::Running, None)
+                        .await;
+                    book.tenants.remove(&tenant);
+                    continue;
+                }
+                if t.idle_deadline_ms() <= now {
+                    if !busy(app, &tenant).await {
+                        book.tenants.remove(&tenant);
+                        spawn_idle_stop(app, tenant, "idle");
+                    }
+                    continue;
+                }
+                frozen_now.push((t.last_active_ms, tenant, entry.memory_bytes));
             }
-            let a = app.clone();
-            app.spawn(async move {
-                let app = a;
-                if let Err(e) = stop(&app, &tenant, "idle").await {
-                    tracing::warn!(%tenant, error = %e, "idle stop failed");
+            TenantStatus::Running => {
+                book.tenants.remove(&tenant);
+                let Some(deadline) = t.freeze_deadline_ms() else {
+                    continue;
+                };
+                if deadline > now || t.idle_deadline_ms() <= now || busy(app, &tenant).await {
+                    continue;
                 }
-                // Anything that arrived during the stop wakes the tenant again.
-                if app.registry().inbox_depth(&tenant).await.unwrap_or(0) > 0 {
-                    app.request_delivery(&tenant);
+                if let Some(memory) = freeze(app, &tenant, &rec).await {
+                    let since = app
+                        .registry()
+                        .get_tenant(&tenant)
+                        .await
+                        .ok()
+                        .flatten()
+                        .map_or(t.last_active_ms, |t| t.last_active_ms);
+                    book.tenants.insert(
+                        tenant.clone(),
+                        FrozenEntry {
+                            since_ms: since,
+                            memory_bytes: memory,
+                        },
+                    );
+                    frozen_now.push((since, tenant, memory));
                 }
+            }
+            _ => {
+                book.tenants.remove(&tenant);
+            }
+        }
+    }
+    book.tenants.retain(|t, _| seen.contains(t));
+    // The budget: the least recently active frozen tenants go to sleep first.
+    frozen_now.sort();
+    let mut total: u64 = frozen_now.iter().map(|(_, _, m)| m).sum();
+    let mut count = frozen_now.len();
+    if fleet.frozen_memory_max > 0 {
+        for (_, tenant, memory) in &frozen_now {
+            if total <= fleet.frozen_memory_max {
+                break;
+            }
+            tracing::info!(%tenant, memory_bytes = memory, frozen_memory_bytes = total, frozen_memory_max = fleet.frozen_memory_max, "frozen memory over its budget: putting the least recently active frozen tenant to sleep");
+            book.tenants.remove(tenant);
+            spawn_idle_stop(app, tenant.clone(), "frozen_memory");
+            total -= memory;
+            count -= 1;
+        }
+    }
+    app.metrics().instances_frozen.set(count as i64);
+    app.metrics().frozen_memory_bytes.set(total as i64);
+    Ok(())
+}
+
+/// Freezes one idle tenant's agent through its shim, under the tenant's lock: its endpoint is
+/// cleared first, so the next update goes through a wake, which thaws it. Returns the memory
+/// its agent holds, or `None` when it was not frozen (busy, changed meanwhile, or refused).
+async fn freeze(app: &Arc<App>, tenant: &TenantId, rec: &InstanceRecord) -> Option<u64> {
+    let lock = app.tenant_lock(tenant);
+    // A wake or a stop under way: not idle.
+    let _held = lock.try_lock().ok()?;
+    match app.registry().instance_of(tenant).await {
+        Ok(Some(r)) if r.id == rec.id && r.state == InstanceState::Ready => {}
+        _ => return None,
+    }
+    if busy(app, tenant).await {
+        app.metrics().freeze("busy");
+        return None;
+    }
+    let _ = app.coordinator().clear_endpoint(tenant).await;
+    let _ = app
+        .coordinator()
+        .publish(Notification::EndpointInvalidated {
+            tenant: tenant.clone(),
+        })
+        .await;
+    let shim = ShimClient::new(rec.address.clone(), rec.shim_token.clone());
+    let restore_endpoint = || async {
+        let _ = app
+            .coordinator()
+            .set_endpoint(tenant, &Endpoint::from(rec), ENDPOINT_TTL)
+            .await;
+    };
+    // A call that began between the check and the endpoint's clearing.
+    if busy(app, tenant).await {
+        restore_endpoint().await;
+        app.metrics().freeze("busy");
+        return None;
+    }
+    match shim.freeze().await {
+        Ok(r) => {
+            if let Err(e) = app
+                .registry()
+                .set_tenant_status(tenant, TenantStatus::Frozen, None)
+                .await
+            {
+                tracing::warn!(%tenant, error = %e, "cannot record the freeze; thawing");
+                let _ = shim.thaw().await;
+                restore_endpoint().await;
+                return None;
+            }
+            app.metrics().freeze("frozen");
+            tracing::info!(%tenant, instance = %rec.id, memory_bytes = r.memory_bytes, shim_us = r.micros, "frozen");
+            Some(r.memory_bytes)
+        }
+        Err(e) => {
+            tracing::info!(%tenant, error = %e, "not frozen");
+            app.metrics().freeze(match e {
+                Error::Conflict { .. } => "busy",
+                _ => "failed",
             });
+            restore_endpoint().await;
+            None
         }
     }
 }
@@ -798,8 +1068,10 @@ pub async fn reconcile(app: &Arc<App>) -> Result<()> {
         let known = records.iter().find(|r| r.id == inst.id);
         match known {
             Some(rec) if inst.alive && rec.state == InstanceState::Ready => {
+                // A frozen tenant has no endpoint on purpose: its next update thaws it.
                 if let Some(t) = &rec.tenant
                     && app.coordinator().endpoint(t).await?.is_none()
+                    && !matches!(app.registry().get_tenant(t).await?, Some(t) if t.status == TenantStatus::Frozen)
                 {
                     app.coordinator()
                         .set_endpoint(t, &Endpoint::from(rec), ENDPOINT_TTL)

@@ -19,6 +19,8 @@ pub const ADMISSION: &str = "admission";
 pub enum WakePath {
     /// Already awake: the endpoint was cached or registered.
     Cache,
+    /// Frozen in place: its agent was thawed.
+    Frozen,
     /// A warm instance was claimed.
     Warm,
     /// A new instance was created.
@@ -29,6 +31,7 @@ impl WakePath {
     pub fn as_str(self) -> &'static str {
         match self {
             WakePath::Cache => "cache",
+            WakePath::Frozen => "frozen",
             WakePath::Warm => "warm",
             WakePath::Cold => "cold",
         }

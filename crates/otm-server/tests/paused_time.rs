@@ -47,6 +47,99 @@ async fn an_idle_tenant_is_stopped_after_its_timeout_with_a_final_snapshot() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_idle_tenant_is_frozen_after_freeze_after_thawed_by_an_update_and_stopped_later() {
+    let w = World::new(|_| {}).await;
+    w.run_loops();
+    let t = w.tenant("icy", 600).await;
+    w.update(&t, 1).await;
+    w.until(Duration::from_secs(5), async || {
+        w.registry().inbox_depth(&t).await.unwrap() == 0
+    })
+    .await;
+    let delivered = Instant::now();
+    let instance = w.registry().instance_of(&t).await.unwrap().unwrap().id;
+
+    // Frozen after the default 60 s, not before.
+    sleep_until(delivered + Duration::from_secs(58)).await;
+    assert_eq!(w.status(&t).await, TenantStatus::Running);
+    sleep_until(delivered + Duration::from_secs(62)).await;
+    assert_eq!(w.status(&t).await, TenantStatus::Frozen);
+    assert_eq!(w.runtime.shims.freezes.load(Ordering::SeqCst), 1);
+    assert!(
+        w.app.coordinator().endpoint(&t).await.unwrap().is_none(),
+        "the next update goes through a wake, which thaws"
+    );
+    otm_server::orchestrator::reconcile(&w.app).await.unwrap();
+    assert!(
+        w.app.coordinator().endpoint(&t).await.unwrap().is_none(),
+        "the reconcile pass does not put a frozen tenant's endpoint back"
+    );
+
+    // An update thaws it: the same instance, a thaw, no new instance.
+    w.update(&t, 2).await;
+    w.until(Duration::from_secs(5), async || {
+        w.registry().inbox_depth(&t).await.unwrap() == 0
+    })
+    .await;
+    let thawed = Instant::now();
+    assert_eq!(w.status(&t).await, TenantStatus::Running);
+    assert_eq!(w.runtime.shims.thaws.load(Ordering::SeqCst), 1);
+    assert_eq!(w.runtime.shims.created.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        w.registry().instance_of(&t).await.unwrap().unwrap().id,
+        instance
+    );
+
+    // Frozen again 60 s later; stopped with a final snapshot at its idle timeout.
+    sleep_until(thawed + Duration::from_secs(62)).await;
+    assert_eq!(w.status(&t).await, TenantStatus::Frozen);
+    sleep_until(thawed + Duration::from_secs(598)).await;
+    assert_eq!(w.status(&t).await, TenantStatus::Frozen);
+    sleep_until(thawed + Duration::from_secs(602)).await;
+    assert_eq!(w.status(&t).await, TenantStatus::Idle);
+    assert!(w.registry().instance_of(&t).await.unwrap().is_none());
+    let head = w.app.state().head(&t).await.unwrap().expect("a snapshot");
+    assert_eq!(head.reason, "final");
+}
+
+#[tokio::test(start_paused = true)]
+async fn over_the_frozen_memory_budget_the_least_recently_active_frozen_tenants_sleep_first() {
+    let w = World::new(|_| {}).await;
+    w.run_loops();
+    let mut tenants = Vec::new();
+    for (i, id) in ["first", "second", "third"].into_iter().enumerate() {
+        let t = w.tenant(id, 600).await;
+        w.update(&t, 1).await;
+        w.until(Duration::from_secs(5), async || {
+            w.registry().inbox_depth(&t).await.unwrap() == 0
+        })
+        .await;
+        tenants.push(t);
+        if i < 2 {
+            sleep(Duration::from_secs(5)).await;
+        }
+    }
+    sleep(Duration::from_secs(62)).await;
+    for t in &tenants {
+        assert_eq!(w.status(t).await, TenantStatus::Frozen, "{t}");
+    }
+    // Room for two of the three: the one active longest ago goes to sleep, the others stay.
+    let mut fleet = w.registry().get_settings().await.unwrap();
+    fleet.frozen_memory_max = 2 * support::runtime::FROZEN_MEMORY + 1;
+    w.registry().put_settings(&fleet).await.unwrap();
+    sleep(Duration::from_secs(3)).await;
+    assert_eq!(w.status(&tenants[0]).await, TenantStatus::Idle);
+    assert_eq!(w.status(&tenants[1]).await, TenantStatus::Frozen);
+    assert_eq!(w.status(&tenants[2]).await, TenantStatus::Frozen);
+    // Room for one.
+    fleet.frozen_memory_max = support::runtime::FROZEN_MEMORY;
+    w.registry().put_settings(&fleet).await.unwrap();
+    sleep(Duration::from_secs(3)).await;
+    assert_eq!(w.status(&tenants[1]).await, TenantStatus::Idle);
+    assert_eq!(w.status(&tenants[2]).await, TenantStatus::Frozen);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_tenant_with_updates_arriving_stays_awake() {
     let w = World::new(|_| {}).await;
     w.run_loops();

@@ -72,6 +72,17 @@ struct Inner {
     writable: Vec<PathBuf>,
     /// A sandbox made ahead for the first start, when there is one.
     prestarted: std::sync::Mutex<Option<Prestarted>>,
+    /// Who holds the agent stopped right now (a snapshot, a freeze).
+    holds: Arc<std::sync::Mutex<Holds>>,
+    /// The hold of a freeze, while the agent is frozen.
+    frozen: std::sync::Mutex<Option<Hold>>,
+}
+
+/// The agent's processes stopped once for however many holders want them stopped.
+#[derive(Debug, Default)]
+struct Holds {
+    count: usize,
+    paused: Option<Paused>,
 }
 
 impl Agent {
@@ -105,6 +116,8 @@ impl Agent {
                 sandbox,
                 writable,
                 prestarted: std::sync::Mutex::new(prestarted),
+                holds: Default::default(),
+                frozen: std::sync::Mutex::new(None),
             }),
         };
         tokio::spawn(agent.clone().supervise());
@@ -180,6 +193,9 @@ impl Agent {
                 }
             };
             let code = status.ok().and_then(|s| s.code());
+            // Whatever held the processes stopped held processes that are gone now: nothing to
+            // resume (their pids may be someone else's soon).
+            self.forget_holds();
             if inner.stopping.load(Ordering::SeqCst) {
                 inner.state.send_replace(AgentState::Stopped {
                     code,
@@ -331,32 +347,95 @@ impl Agent {
 
     /// Pauses the agent and every process it started (SIGSTOP), whatever their process group,
     /// until the guard is dropped (SIGCONT), so its files can be copied as of one instant.
-    /// `None` when no agent process runs.
-    pub fn pause(&self) -> Option<Paused> {
-        let pid = self.state().pid().filter(|p| *p > 0)? as i32;
-        let mut stopped = Vec::new();
-        // The agent first, so it starts nothing new; then its descendants, until a pass over
-        // /proc finds none left running.
-        for _ in 0..4 {
-            let fresh: Vec<i32> = family(pid)
-                .into_iter()
-                .filter(|p| !stopped.contains(p))
-                .collect();
-            if fresh.is_empty() {
-                break;
-            }
-            for p in fresh {
-                if kill(Pid::from_raw(p), Signal::SIGSTOP).is_ok() {
-                    stopped.push(p);
-                }
-            }
+    /// Holds nest: the agent resumes when the last one is dropped (a snapshot of a frozen agent
+    /// leaves it frozen). `None` when no agent process runs.
+    pub fn pause(&self) -> Option<Hold> {
+        let mut holds = lock(&self.inner.holds);
+        if holds.count == 0 {
+            let pid = self.state().pid().filter(|p| *p > 0)? as i32;
+            holds.paused = Some(stop_family(pid)?);
         }
-        (!stopped.is_empty()).then_some(Paused { pids: stopped })
+        holds.count += 1;
+        Some(Hold {
+            holds: self.inner.holds.clone(),
+        })
+    }
+
+    /// Freezes the agent in place: its whole process tree stopped (SIGSTOP) until
+    /// [`Agent::thaw`], costing no CPU and keeping its memory. Refused while it is not ready or
+    /// a delivery runs. Returns whether it was frozen by this call.
+    pub fn freeze(&self) -> Result<bool, String> {
+        let Ok(_no_delivery) = self.inner.deliver_lock.try_lock() else {
+            return Err("a delivery is under way".to_owned());
+        };
+        let mut frozen = lock(&self.inner.frozen);
+        if frozen.is_some() {
+            return Ok(false);
+        }
+        let pid = match self.state() {
+            AgentState::Ready { pid } if pid > 0 => pid as i32,
+            s => return Err(format!("the agent is {}", s.name())),
+        };
+        // An agent still at work on a turn it acknowledged (before its next call goes out) is
+        // busy, not idle: it uses CPU, where an idle one waits on its timers.
+        let before = family_cpu_ticks(pid);
+        std::thread::sleep(BUSY_WINDOW);
+        let used = family_cpu_ticks(pid).saturating_sub(before);
+        if used >= BUSY_TICKS {
+            return Err(format!(
+                "the agent is working ({} ms of CPU in the last {} ms)",
+                used * 10,
+                BUSY_WINDOW.as_millis()
+            ));
+        }
+        let hold = self
+            .pause()
+            .ok_or_else(|| "no agent process to freeze".to_owned())?;
+        *frozen = Some(hold);
+        tracing::info!("agent frozen");
+        Ok(true)
+    }
+
+    /// Thaws a frozen agent; returns whether it was frozen.
+    pub fn thaw(&self) -> bool {
+        let hold = lock(&self.inner.frozen).take();
+        let was = hold.is_some();
+        drop(hold);
+        if was {
+            tracing::info!("agent thawed");
+        }
+        was
+    }
+
+    /// True while the agent is frozen.
+    pub fn is_frozen(&self) -> bool {
+        lock(&self.inner.frozen).is_some()
+    }
+
+    /// Resident memory of the agent's processes, in bytes (`None` when none runs).
+    pub fn memory_bytes(&self) -> Option<u64> {
+        let pid = self.state().pid().filter(|p| *p > 0)? as i32;
+        Some(family(pid).into_iter().map(rss_bytes).sum())
+    }
+
+    /// Drops every hold without resuming anything: the processes they stopped are gone.
+    fn forget_holds(&self) {
+        let frozen = lock(&self.inner.frozen).take();
+        let mut holds = lock(&self.inner.holds);
+        if let Some(p) = holds.paused.as_mut() {
+            p.pids.clear();
+        }
+        holds.paused = None;
+        drop(holds);
+        // Dropping the freeze's hold now only counts down.
+        drop(frozen);
     }
 
     /// Forwards one update to the agent's webhook and reports whether it acknowledged it.
     pub async fn deliver(&self, update: bytes::Bytes) -> DeliverResponse {
         let _one_at_a_time = self.inner.deliver_lock.lock().await;
+        // A message for a frozen agent thaws it.
+        self.thaw();
         if let Err(detail) = self.wait_ready(self.inner.profile.ready_timeout).await {
             return DeliverResponse {
                 acknowledged: false,
@@ -415,6 +494,8 @@ impl Agent {
         let grace = grace.unwrap_or(self.inner.profile.stop_grace);
         self.inner.stopping.store(true, Ordering::SeqCst);
         let _no_more_deliveries = self.inner.deliver_lock.lock().await;
+        // A stopped process would not see SIGTERM until resumed.
+        self.thaw();
         let pid = match self.state() {
             AgentState::Stopped { code, killed } => return (code, killed),
             s => s.pid(),
@@ -460,10 +541,88 @@ impl Agent {
     }
 }
 
-/// An agent paused by [`Agent::pause`]; dropping it resumes the agent.
+/// One holder's wish that the agent stays paused ([`Agent::pause`]); the agent resumes when the
+/// last hold is dropped.
 #[derive(Debug)]
-pub struct Paused {
+pub struct Hold {
+    holds: Arc<std::sync::Mutex<Holds>>,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let mut holds = lock(&self.holds);
+        holds.count = holds.count.saturating_sub(1);
+        if holds.count == 0 {
+            // Dropping it resumes the processes.
+            holds.paused = None;
+        }
+    }
+}
+
+/// Processes stopped by [`stop_family`]; dropping it resumes them.
+#[derive(Debug)]
+struct Paused {
     pids: Vec<i32>,
+}
+
+/// Stops `pid` and every process it started (SIGSTOP), whatever their process group: the agent
+/// first, so it starts nothing new; then its descendants, until a pass over /proc finds none
+/// left running. `None` when nothing could be stopped.
+fn stop_family(pid: i32) -> Option<Paused> {
+    let mut stopped = Vec::new();
+    for _ in 0..4 {
+        let fresh: Vec<i32> = family(pid)
+            .into_iter()
+            .filter(|p| !stopped.contains(p))
+            .collect();
+        if fresh.is_empty() {
+            break;
+        }
+        for p in fresh {
+            if kill(Pid::from_raw(p), Signal::SIGSTOP).is_ok() {
+                stopped.push(p);
+            }
+        }
+    }
+    (!stopped.is_empty()).then_some(Paused { pids: stopped })
+}
+
+/// How long [`Agent::freeze`] watches the agent's CPU use before it freezes it.
+const BUSY_WINDOW: Duration = Duration::from_millis(200);
+/// CPU used within [`BUSY_WINDOW`] (in clock ticks, 10 ms each) that makes an agent busy: a
+/// quarter of one core.
+const BUSY_TICKS: u64 = 5;
+
+/// CPU time used so far by `pid` and its descendants, in clock ticks (user and system).
+fn family_cpu_ticks(pid: i32) -> u64 {
+    family(pid)
+        .into_iter()
+        .filter_map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            // After `(comm)`: state is field 3, utime 14 and stime 15.
+            let mut f = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+            let utime: u64 = f.next()?.parse().ok()?;
+            let stime: u64 = f.next()?.parse().ok()?;
+            Some(utime + stime)
+        })
+        .sum()
+}
+
+/// A std mutex's guard, whether or not a holder panicked.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The resident memory of one process, from `VmRSS` in /proc (0 when it is gone).
+fn rss_bytes(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
 }
 
 impl Drop for Paused {

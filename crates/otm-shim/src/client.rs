@@ -9,7 +9,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use otm_core::shim_api::{
-    BindRequest, BindResponse, DeliverResponse, ShimStatus, StopRequest, StopResponse,
+    BindRequest, BindResponse, DeliverResponse, FreezeResponse, ShimStatus, StopRequest,
+    StopResponse,
 };
 use otm_core::{Error, Result, Secret};
 use serde::de::DeserializeOwned;
@@ -183,6 +184,24 @@ impl ShimClient {
     pub async fn stop(&self, req: &StopRequest, timeout: Duration) -> Result<StopResponse> {
         let body = Bytes::from(serde_json::to_vec(req).map_err(|e| Error::generic(BACKEND, e))?);
         json(self.call("POST", "/v1/stop", Some(body), timeout).await?)
+    }
+
+    /// Freezes the agent in place (its process tree stopped, its memory kept).
+    #[tracing::instrument(name = "shim", skip_all, fields(call = "freeze"))]
+    pub async fn freeze(&self) -> Result<FreezeResponse> {
+        json(
+            self.call("POST", "/v1/freeze", None, Duration::from_secs(10))
+                .await?,
+        )
+    }
+
+    /// Thaws a frozen agent.
+    #[tracing::instrument(name = "shim", skip_all, fields(call = "thaw"))]
+    pub async fn thaw(&self) -> Result<FreezeResponse> {
+        json(
+            self.call("POST", "/v1/thaw", None, Duration::from_secs(10))
+                .await?,
+        )
     }
 
     /// The agent's output: the last `tail` lines, then, with `follow`, whatever it writes next.

@@ -15,7 +15,9 @@ use axum::{Json, Router};
 use futures::StreamExt;
 use otm_core::Secret;
 use otm_core::admin_api::{ErrorBody, ErrorCode};
-use otm_core::shim_api::{BindRequest, BindResponse, ShimStatus, StopRequest, StopResponse};
+use otm_core::shim_api::{
+    BindRequest, BindResponse, FreezeResponse, ShimStatus, StopRequest, StopResponse,
+};
 use serde::Deserialize;
 use std::io::Write;
 use std::path::PathBuf;
@@ -215,6 +217,8 @@ fn router(shim: Arc<Shim>) -> Router {
         )
         .route("/v1/snapshot", get(snapshot))
         .route("/v1/stop", post(stop))
+        .route("/v1/freeze", post(freeze))
+        .route("/v1/thaw", post(thaw))
         .route("/v1/logs", get(logs))
         // Every route requires the instance token.
         .layer(middleware::from_fn_with_state(shim.clone(), authorize))
@@ -250,16 +254,23 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 
 async fn status(State(shim): State<Arc<Shim>>) -> Json<ShimStatus> {
     let bound = shim.bound.lock().await;
-    let (tenant, profile, agent, pid, restarts) = match &*bound {
-        None => (None, None, "unbound".to_owned(), None, 0),
+    let (tenant, profile, agent, pid, restarts, frozen, memory) = match &*bound {
+        None => (None, None, "unbound".to_owned(), None, 0, false, None),
         Some(b) => {
             let st = b.agent.state();
+            let a = b.agent.clone();
+            let memory = tokio::task::spawn_blocking(move || a.memory_bytes())
+                .await
+                .ok()
+                .flatten();
             (
                 Some(b.tenant.clone()),
                 Some(b.profile.name.to_owned()),
                 st.name().to_owned(),
                 st.pid(),
                 b.agent.restarts(),
+                b.agent.is_frozen(),
+                memory,
             )
         }
     };
@@ -270,6 +281,8 @@ async fn status(State(shim): State<Arc<Shim>>) -> Json<ShimStatus> {
         agent,
         agent_pid: pid,
         restarts,
+        frozen,
+        memory_bytes: memory,
     })
 }
 
@@ -508,10 +521,11 @@ async fn deliver(State(shim): State<Arc<Shim>>, body: Bytes) -> Response {
 /// A failure before the first chunk is a 500 with the reason; a failure later aborts the body,
 /// so the caller sees a broken transfer, never a short archive that looks whole.
 async fn snapshot(State(shim): State<Arc<Shim>>) -> Response {
+    // A frozen agent is held by its freeze already; the snapshot's own hold keeps it so.
     let (skip, running): (Vec<&'static str>, Option<Agent>) = match &*shim.bound.lock().await {
         Some(b) => (
             b.profile.snapshot_skip.to_vec(),
-            b.profile.quiesce_snapshots.then(|| b.agent.clone()),
+            (b.profile.quiesce_snapshots || b.agent.is_frozen()).then(|| b.agent.clone()),
         ),
         None => (vec![], None),
     };
@@ -586,6 +600,58 @@ async fn stop(
     };
     shim.agent_stopped.notify_waiters();
     Json(StopResponse { exit_code, killed })
+}
+
+/// Freezes the bound agent in place ([`Agent::freeze`]).
+async fn freeze(State(shim): State<Arc<Shim>>) -> Response {
+    let Some(agent) = shim.bound.lock().await.as_ref().map(|b| b.agent.clone()) else {
+        return error(
+            StatusCode::CONFLICT,
+            "the instance is not bound to a tenant",
+        );
+    };
+    let begun = Instant::now();
+    let frozen = tokio::task::spawn_blocking(move || {
+        let changed = agent.freeze()?;
+        Ok::<_, String>((changed, agent.memory_bytes().unwrap_or(0)))
+    })
+    .await;
+    match frozen {
+        Ok(Ok((changed, memory_bytes))) => Json(FreezeResponse {
+            frozen: true,
+            changed,
+            method: Some("sigstop".into()),
+            memory_bytes,
+            micros: begun.elapsed().as_micros() as u64,
+        })
+        .into_response(),
+        Ok(Err(why)) => error(
+            StatusCode::CONFLICT,
+            format!("the agent cannot be frozen now: {why}"),
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// Thaws the bound agent; thawing one that is not frozen changes nothing.
+async fn thaw(State(shim): State<Arc<Shim>>) -> Response {
+    let Some(agent) = shim.bound.lock().await.as_ref().map(|b| b.agent.clone()) else {
+        return error(
+            StatusCode::CONFLICT,
+            "the instance is not bound to a tenant",
+        );
+    };
+    let begun = Instant::now();
+    let changed = agent.thaw();
+    let micros = begun.elapsed().as_micros() as u64;
+    Json(FreezeResponse {
+        frozen: false,
+        changed,
+        method: changed.then(|| "sigstop".into()),
+        memory_bytes: 0,
+        micros,
+    })
+    .into_response()
 }
 
 #[derive(Deserialize)]

@@ -293,6 +293,99 @@ async fn run() {
             w.pct(1.0)
         ),
     ));
+    // Frozen wakes (thaws), by phase, and the first reply to a frozen tenant.
+    http.patch(format!("{admin}/tenants/awake"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"freeze_after_s": 1}))
+        .send()
+        .await
+        .unwrap();
+    let frozen = || async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let t: Value = http
+                .get(format!("{admin}/tenants/awake"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if t["status"] == "frozen" {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the tenant did not freeze: {t}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let mut frozen_phases: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    let mut frozen_totals = Vec::new();
+    for _ in 0..10 {
+        http.post(format!("{admin}/tenants/awake/wake"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        frozen().await;
+        let v: Value = http
+            .post(format!("{admin}/tenants/awake/wake"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["path"], "frozen", "{v}");
+        frozen_totals.push(v["total_ms"].as_f64().unwrap());
+        for (k, ms) in v["phases_ms"].as_object().unwrap() {
+            frozen_phases
+                .entry(k.clone())
+                .or_default()
+                .push(ms.as_f64().unwrap());
+        }
+    }
+    for (k, v) in &frozen_phases {
+        let s = Stats(v.clone());
+        rows.push((
+            format!("frozen wake (thaw) phase `{k}` mean / p50"),
+            format!("{:.1} ms / {:.1} ms", s.mean(), s.pct(0.5)),
+        ));
+    }
+    let f = Stats(frozen_totals);
+    rows.push((
+        "frozen wake (thaw) total mean / p50 / max".into(),
+        format!(
+            "{:.1} ms / {:.1} ms / {:.1} ms",
+            f.mean(),
+            f.pct(0.5),
+            f.pct(1.0)
+        ),
+    ));
+    let mut frozen_first = Vec::new();
+    let mut n_frozen = 2000;
+    for _ in 0..5 {
+        frozen().await;
+        let have = tg.sent_messages("9200:AWAKE").len();
+        n_frozen += 1;
+        let t0 = Instant::now();
+        post(n_frozen).await;
+        tg.wait_for_messages("9200:AWAKE", have + 1, Duration::from_secs(60))
+            .await;
+        frozen_first.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    let ff = Stats(frozen_first);
+    rows.push((
+        "first reply from a frozen tenant mean / p50".into(),
+        format!("{:.1} ms / {:.1} ms", ff.mean(), ff.pct(0.5)),
+    ));
+    http.patch(format!("{admin}/tenants/awake"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"freeze_after_s": 0}))
+        .send()
+        .await
+        .unwrap();
     let t = Stats(totals);
     rows.push((
         "cold wake total mean / p50 / max".into(),

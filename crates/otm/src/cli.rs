@@ -226,6 +226,10 @@ pub enum TenantCommand {
         /// Seconds without messages before the tenant sleeps.
         #[arg(long)]
         idle_timeout: Option<u64>,
+        /// Seconds without messages before the tenant's agent is frozen in place (0: never;
+        /// `default`: 60).
+        #[arg(long, value_name = "SECONDS")]
+        freeze_after: Option<String>,
         /// Agent profile.
         #[arg(long)]
         profile: Option<String>,
@@ -252,6 +256,9 @@ pub enum TenantCommand {
         bot_token_file: Option<PathBuf>,
         #[arg(long)]
         idle_timeout: Option<u64>,
+        /// Seconds without messages before the agent is frozen (0: never; `default`: 60).
+        #[arg(long, value_name = "SECONDS")]
+        freeze_after: Option<String>,
         #[arg(long)]
         profile: Option<String>,
         #[arg(long)]
@@ -361,11 +368,11 @@ pub enum ConfigCommand {
     /// Show fleet settings.
     Get,
     /// Change one fleet setting: warm-pool-target N, max-running N (0: no limit),
-    /// max-concurrent-wakes N, default-memory SIZE, default-cpu CPU, default-pids N,
-    /// default-disk SIZE.
+    /// max-concurrent-wakes N, frozen-memory-max SIZE (0: no limit), default-memory SIZE,
+    /// default-cpu CPU, default-pids N, default-disk SIZE.
     Set {
-        /// Setting name: warm-pool-target, max-running, max-concurrent-wakes, default-memory,
-        /// default-cpu, default-pids, default-disk.
+        /// Setting name: warm-pool-target, max-running, max-concurrent-wakes,
+        /// frozen-memory-max, default-memory, default-cpu, default-pids, default-disk.
         key: String,
         value: String,
     },
@@ -663,6 +670,7 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                     bot_token,
                     bot_token_file,
                     idle_timeout,
+                    freeze_after,
                     profile,
                     cold_start_notice,
                     limits,
@@ -684,6 +692,7 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                     };
                     body.bot_token = bot_token;
                     body.idle_timeout_s = idle_timeout;
+                    body.freeze_after_s = freeze_after.map(Value::String);
                     body.profile = profile;
                     body.cold_start_notice = cold_start_notice.then_some(true);
                     let t: TenantView = api
@@ -706,6 +715,7 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                     bot_token,
                     bot_token_file,
                     idle_timeout,
+                    freeze_after,
                     profile,
                     cold_start_notice,
                     limits,
@@ -720,10 +730,11 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                     };
                     body.bot_token = bot_token;
                     body.idle_timeout_s = idle_timeout;
+                    body.freeze_after_s = freeze_after.map(Value::String);
                     body.profile = profile;
                     body.cold_start_notice = cold_start_notice;
                     if body.is_empty() {
-                        return Err(CallError { code: exit::USAGE, message: "nothing to update: give at least one of --bot-token, --idle-timeout, --profile, --cold-start-notice, --memory, --cpu, --pids, --disk, --egress, --egress-allow, --allow, --model-requests-per-minute, --model-tokens-per-day, --model-api-key-file, --no-model-api-key".into() }.into());
+                        return Err(CallError { code: exit::USAGE, message: "nothing to update: give at least one of --bot-token, --idle-timeout, --freeze-after, --profile, --cold-start-notice, --memory, --cpu, --pids, --disk, --egress, --egress-allow, --allow, --model-requests-per-minute, --model-tokens-per-day, --model-api-key-file, --no-model-api-key".into() }.into());
                     }
                     let t: TenantView = api
                         .send_as(Method::PATCH, &format!("/tenants/{id}"), &body)
@@ -847,6 +858,10 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                             } = Some(n);
                             body
                         }
+                        "frozen_memory_max" => PutConfig {
+                            frozen_memory_max: Some(Value::String(value)),
+                            ..PutConfig::default()
+                        },
                         "default_memory" | "default_cpu" | "default_pids" | "default_disk" => {
                             let mut limits = LimitsBody::default();
                             *match field.as_str() {
@@ -865,7 +880,7 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                                 code: exit::USAGE,
                                 message: format!(
                                     "unknown setting `{key}`; settable: warm-pool-target, max-running, max-concurrent-wakes, \
-                                     default-memory, default-cpu, default-pids, default-disk"
+                                     frozen-memory-max, default-memory, default-cpu, default-pids, default-disk"
                                 ),
                             }
                             .into());

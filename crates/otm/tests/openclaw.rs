@@ -933,3 +933,120 @@ async fn the_model_route_adds_the_operators_key_and_refuses_foreign_surrogates()
     );
     h.stop().await;
 }
+
+/// Freezes an OpenClaw tenant for `frozen_for`, then writes to it: the gateway, its session and
+/// its Telegram webhook listener answer after the thaw, from the same instance, with the
+/// conversation kept.
+async fn frozen_openclaw_answers_after(test: &str, frozen_for: Duration) {
+    let Some(prefix) = openclaw_prefix(test) else {
+        return;
+    };
+    let _one_at_a_time = GATEWAYS.lock().await;
+    let stub = StubModel::start().await;
+    stub.require_key(MODEL_KEY);
+    let h = start(&prefix, Found::Given, &stub, 0).await;
+    let token = "7301:REAL-bot-token-of-frozen-claw";
+    let secret = openclaw_tenant(&h, "icicle", token).await;
+    let (status, t) = h
+        .api(
+            Method::PATCH,
+            "/tenants/icicle",
+            Some(json!({"freeze_after_s": 5, "idle_timeout_s": frozen_for.as_secs() + 3600})),
+        )
+        .await;
+    assert_eq!(status, 200, "{t}");
+    let (reply, _) = exchange(&h, "icicle", &secret, token, 1, "before the freeze").await;
+    assert_eq!(earlier_turns(&reply), Some(0), "{reply}");
+    let dir = instance_dir(&h, "icicle").await;
+    wait_until("the tenant to freeze", Duration::from_secs(60), || async {
+        let (_, t) = h.api(Method::GET, "/tenants/icicle", None).await;
+        t["status"] == "frozen"
+    })
+    .await;
+    let gw: Vec<u32> = gateway_pids(&dir)
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() != "bwrap")
+        })
+        .collect();
+    assert!(!gw.is_empty(), "the gateway is found");
+    for pid in &gw {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        assert!(
+            st.lines()
+                .any(|l| l.starts_with("State:") && l.contains('T')),
+            "gateway process {pid} is stopped while frozen: {st}"
+        );
+    }
+    // The turn after the thaw takes seconds, some of them waiting without CPU or a call under
+    // way: back to the default, so that it is not frozen again half-way.
+    let (status, t) = h
+        .api(
+            Method::PATCH,
+            "/tenants/icicle",
+            Some(json!({"freeze_after_s": "default"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{t}");
+    eprintln!("{test}: frozen; waiting {} s", frozen_for.as_secs());
+    tokio::time::sleep(frozen_for).await;
+    let (_, t) = h.api(Method::GET, "/tenants/icicle", None).await;
+    assert_eq!(t["status"], "frozen", "still frozen after the wait: {t}");
+    let (reply, took) = exchange(&h, "icicle", &secret, token, 2, "after the freeze").await;
+    eprintln!("{test}: answered {} ms after the thaw", took.as_millis());
+    assert_eq!(
+        earlier_turns(&reply),
+        Some(1),
+        "the session kept its turn: {reply}"
+    );
+    assert!(reply.contains("you said: after the freeze"), "{reply}");
+    assert_eq!(instance_dir(&h, "icicle").await, dir, "no new instance");
+    let m = h
+        .http
+        .get(format!("http://{}/metrics", h.server().admin_addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.lines().any(
+            |l| l.starts_with("otm_wake_seconds_count{path=\"frozen\"} ") && !l.ends_with(" 0")
+        ),
+        "the wake was a thaw: {m}"
+    );
+    h.stop().await;
+}
+
+/// How long the frozen OpenClaw tests keep it frozen: `OTM_OPENCLAW_FREEZE_S`, else `default_s`.
+fn freeze_seconds(default_s: u64) -> Duration {
+    Duration::from_secs(
+        std::env::var("OTM_OPENCLAW_FREEZE_S")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default_s),
+    )
+}
+
+/// Frozen past the gateway's longest keep-alive interval that its log names (its health monitor,
+/// every 300 s), so that timers due during the freeze fire after the thaw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_openclaw_tenant_answers_after_a_few_minutes() {
+    frozen_openclaw_answers_after(
+        "a_frozen_openclaw_tenant_answers_after_a_few_minutes",
+        freeze_seconds(330),
+    )
+    .await;
+}
+
+/// The hour: run with `--ignored` (`OTM_OPENCLAW_FREEZE_S` changes the length).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "freezes OpenClaw for an hour"]
+async fn a_frozen_openclaw_tenant_answers_after_an_hour() {
+    frozen_openclaw_answers_after(
+        "a_frozen_openclaw_tenant_answers_after_an_hour",
+        freeze_seconds(3600),
+    )
+    .await;
+}

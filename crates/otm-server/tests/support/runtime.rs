@@ -10,7 +10,9 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post, put};
 use futures::stream::BoxStream;
-use otm_core::shim_api::{BindRequest, BindResponse, DeliverResponse, ShimStatus, StopResponse};
+use otm_core::shim_api::{
+    BindRequest, BindResponse, DeliverResponse, FreezeResponse, ShimStatus, StopResponse,
+};
 use otm_core::{
     Error, InstanceId, InstanceSpec, Result, Runtime, RuntimeEvent, RuntimeInstance, TenantId,
 };
@@ -29,7 +31,13 @@ pub struct Shims {
     pub created: AtomicUsize,
     /// Instances deleted.
     pub deleted: AtomicUsize,
+    /// Freezes and thaws that changed something.
+    pub freezes: AtomicUsize,
+    pub thaws: AtomicUsize,
 }
+
+/// What a frozen stand-in agent reports holding.
+pub const FROZEN_MEMORY: u64 = 10 << 20;
 
 #[derive(Debug)]
 pub struct FakeRuntime {
@@ -71,6 +79,7 @@ struct Shim {
     shims: Arc<Shims>,
     archive: bytes::Bytes,
     tenant: Arc<Mutex<Option<TenantId>>>,
+    frozen: Arc<AtomicBool>,
 }
 
 async fn status(State(s): State<Shim>) -> Json<ShimStatus> {
@@ -82,6 +91,34 @@ async fn status(State(s): State<Shim>) -> Json<ShimStatus> {
         profile: Some("reference".into()),
         agent_pid: None,
         restarts: 0,
+        frozen: s.frozen.load(Ordering::SeqCst),
+        memory_bytes: Some(FROZEN_MEMORY),
+    })
+}
+
+async fn freeze(State(s): State<Shim>) -> Json<FreezeResponse> {
+    let changed = !s.frozen.swap(true, Ordering::SeqCst);
+    if changed {
+        s.shims.freezes.fetch_add(1, Ordering::SeqCst);
+    }
+    Json(FreezeResponse {
+        frozen: true,
+        changed,
+        method: Some("sigstop".into()),
+        memory_bytes: FROZEN_MEMORY,
+        micros: 0,
+    })
+}
+
+async fn thaw(State(s): State<Shim>) -> Json<FreezeResponse> {
+    let changed = s.frozen.swap(false, Ordering::SeqCst);
+    if changed {
+        s.shims.thaws.fetch_add(1, Ordering::SeqCst);
+    }
+    Json(FreezeResponse {
+        frozen: false,
+        changed,
+        ..Default::default()
     })
 }
 
@@ -91,6 +128,8 @@ async fn bind(State(s): State<Shim>, Json(req): Json<BindRequest>) -> Json<BindR
 }
 
 async fn deliver(State(s): State<Shim>) -> Json<DeliverResponse> {
+    // A real shim thaws a frozen agent before delivering.
+    s.frozen.store(false, Ordering::SeqCst);
     s.shims.deliveries.fetch_add(1, Ordering::SeqCst);
     let refuse = s.shims.refuse.load(Ordering::SeqCst);
     Json(DeliverResponse {
@@ -119,12 +158,15 @@ impl Runtime for FakeRuntime {
             shims: self.shims.clone(),
             archive: self.archive.clone(),
             tenant: Arc::default(),
+            frozen: Arc::default(),
         };
         let router = Router::new()
             .route("/v1/status", get(status))
             .route("/v1/state", put(|| async { StatusCode::NO_CONTENT }))
             .route("/v1/bind", post(bind))
             .route("/v1/deliver", post(deliver))
+            .route("/v1/freeze", post(freeze))
+            .route("/v1/thaw", post(thaw))
             .route(
                 "/v1/snapshot",
                 get(|State(s): State<Shim>| async move { s.archive.clone() }),
