@@ -150,10 +150,11 @@ pub struct TenantView {
     /// `none` (no way out but the Bot API and model proxies) or `proxy` (CONNECT to `egress_allow`).
     pub egress: String,
     pub egress_allow: Vec<String>,
-    /// Telegram user ids that may write to the agent, or `*` (anyone); empty: nobody may write
-    /// to an OpenClaw agent (the reference agent then answers everyone).
+    /// Telegram user ids that may write to the agent, or `*` (anyone); empty: nobody, or (when
+    /// the list was never set) the profile's default, which `dm_policy` tells.
     pub allowed_users: Vec<String>,
-    /// The DM policy rendered into OpenClaw's config: `disabled`, `allowlist` or `open`.
+    /// The DM policy the agent applies: `disabled` (nobody), `allowlist` or `open` (anyone).
+    /// With no list ever set, an OpenClaw agent answers nobody and the reference agent anyone.
     pub dm_policy: String,
     /// Whether the tenant has a model key of its own (the key itself is never shown).
     pub has_model_api_key: bool,

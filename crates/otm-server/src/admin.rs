@@ -448,12 +448,22 @@ async fn view_with(app: &App, t: &Tenant, defaults: &otm_core::ResourceLimits) -
         egress: t.limits.egress().to_owned(),
         egress_allow: t.limits.egress_allow.clone().unwrap_or_default(),
         allowed_users: t.limits.allowed_users.clone().unwrap_or_default(),
-        dm_policy: t.limits.dm_policy().openclaw_name().to_owned(),
+        dm_policy: dm_policy(t).to_owned(),
         has_model_api_key: t.limits.model_api_key.is_some(),
         model_budget: app.model_budget_view(t),
         last_limit_kill: app.last_limit_kill(&t.id),
         last_restore_fallback: app.last_restore_fallback(&t.id),
     }
+}
+
+/// The DM policy a tenant's agent applies: what `allowed_users` says, and where it was never set,
+/// the profile's own default (OpenClaw answers nobody; the reference agent, which has no tools,
+/// answers anyone).
+fn dm_policy(t: &Tenant) -> &'static str {
+    if t.limits.allowed_users.is_none() && t.profile != "openclaw" {
+        return otm_core::DmPolicy::Anyone.openclaw_name();
+    }
+    t.limits.dm_policy().openclaw_name()
 }
 
 /// The limit fields of a create or patch body, which name them one by one (`deny_unknown_fields`
@@ -541,7 +551,9 @@ impl ApplyLimits for LimitsBody {
                     users.push(user);
                 }
             }
-            to.allowed_users = Some(users).filter(|u| !u.is_empty());
+            // Kept even when empty: an empty list set on purpose is nobody, for every profile,
+            // while a list never set leaves each agent to its own default.
+            to.allowed_users = Some(users);
         }
         match self.egress.as_deref() {
             None => {}

@@ -309,48 +309,62 @@ async fn forward(
             return too_many(retry_after);
         }
     }
-    let upstream = crate::forward::Upstream {
-        method,
-        url,
-        headers: &parts.headers,
-        pass: &["content-type"],
-        bearer: None,
-        body,
-        timeout: UPSTREAM_TIMEOUT,
-    };
-    match upstream.send(app.http()).await {
-        Ok(resp) => {
-            app.metrics().egress("forwarded");
-            let status = resp.status();
-            let headers = resp.headers().clone();
-            let body = if status == StatusCode::TOO_MANY_REQUESTS {
-                // Telegram says how long this bot must wait: hold its later calls as long.
-                let bytes = crate::forward::read_capped(resp, MAX_ERROR_BODY).await;
-                let retry_after = serde_json::from_slice::<serde_json::Value>(&bytes)
-                    .ok()
-                    .and_then(|v| v["parameters"]["retry_after"].as_u64())
-                    .unwrap_or(1);
-                app.bot_limiter().blocked(
-                    &tenant.id,
-                    Duration::from_secs(retry_after.min(3600)),
-                    Instant::now(),
+    // Telegram's own 429 is queued too: the call goes out once more after the `retry_after`
+    // it was given, when that wait is within the limiter's (a 429 means Telegram did nothing,
+    // so sending again cannot repeat a message). A second 429 goes back to the agent.
+    let mut retried = false;
+    loop {
+        let upstream = crate::forward::Upstream {
+            method: method.clone(),
+            url: url.clone(),
+            headers: &parts.headers,
+            pass: &["content-type"],
+            bearer: None,
+            body: body.clone(),
+            timeout: UPSTREAM_TIMEOUT,
+        };
+        let resp = match upstream.send(app.http()).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                app.metrics().egress("upstream_error");
+                // The URL carries the real token: the error has none.
+                tracing::warn!(tenant = %tenant.id, method = method_name, error = %e, "Bot API call failed");
+                return telegram_error(
+                    StatusCode::BAD_GATEWAY,
+                    "Bad Gateway: the Bot API could not be reached",
                 );
-                tracing::warn!(tenant = %tenant.id, method = method_name, retry_after, "Telegram asked the bot to slow down");
-                Body::from(bytes)
-            } else {
-                crate::forward::stream(resp, |_| {})
-            };
-            crate::forward::respond(status, &headers, &["content-type"], body)
+            }
+        };
+        app.metrics().egress("forwarded");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        if status != StatusCode::TOO_MANY_REQUESTS {
+            let body = crate::forward::stream(resp, |_| {});
+            return crate::forward::respond(status, &headers, &["content-type"], body);
         }
-        Err(e) => {
-            app.metrics().egress("upstream_error");
-            // The URL carries the real token: the error has none.
-            tracing::warn!(tenant = %tenant.id, method = method_name, error = %e, "Bot API call failed");
-            telegram_error(
-                StatusCode::BAD_GATEWAY,
-                "Bad Gateway: the Bot API could not be reached",
-            )
+        // Telegram says how long this bot must wait: hold its later calls as long.
+        let bytes = crate::forward::read_capped(resp, MAX_ERROR_BODY).await;
+        let retry_after = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v["parameters"]["retry_after"].as_u64())
+            .unwrap_or(1);
+        let now = Instant::now();
+        app.bot_limiter()
+            .blocked(&tenant.id, Duration::from_secs(retry_after.min(3600)), now);
+        tracing::warn!(tenant = %tenant.id, method = method_name, retry_after, "Telegram asked the bot to slow down");
+        if !retried
+            && let crate::bot_limits::Admission::At(slot) =
+                app.bot_limiter()
+                    .admit(&tenant.id, message, chat.as_deref(), now)
+        {
+            retried = true;
+            tokio::time::sleep_until(slot.into()).await;
+            app.metrics()
+                .bot_api_queued_seconds
+                .observe(slot.saturating_duration_since(now).as_secs_f64());
+            continue;
         }
+        return crate::forward::respond(status, &headers, &["content-type"], Body::from(bytes));
     }
 }
 

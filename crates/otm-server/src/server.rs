@@ -334,18 +334,23 @@ pub async fn start_with_registry(
     })
 }
 
-/// The public router behind its middleware. Order matters: errors from the layers below become
-/// 503 (Telegram retries those); load shedding refuses at once when the concurrency limit is
-/// reached instead of queueing webhooks; the timeout bounds a stuck store.
+/// The public router behind its middleware, outermost first. The connection-level limits of
+/// every listener (header-read timeout, connection cap) are applied where connections are
+/// accepted ([`crate::listen`]); these layers are per request.
 fn public_router(app: Arc<App>) -> Router {
     ingress::router(app).layer(
         ServiceBuilder::new()
+            // A span per request, with its method and path, and its outcome at debug level.
             .layer(traced("public"))
+            // Errors of the layers below become 503, which Telegram retries.
             .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
                 StatusCode::SERVICE_UNAVAILABLE
             }))
+            // Over the limit, refuse at once rather than queue webhooks behind a slow store.
             .load_shed()
+            // Webhooks handled at once: the largest of the listeners' limits.
             .concurrency_limit(PUBLIC_CONCURRENCY)
+            // A stuck store cannot hold a webhook (and its connection) for longer than this.
             .timeout(Duration::from_secs(30)),
     )
 }

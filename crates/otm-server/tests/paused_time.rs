@@ -297,6 +297,42 @@ async fn a_lease_another_owner_took_is_lost_at_the_next_renewal() {
     assert!(held.lost().is_cancelled());
 }
 
+/// A dispatcher that did not notice it lost its lease (its process paused past the TTL, say)
+/// delivers, then finds its late acknowledgement refused: the inbox was claimed under a newer
+/// fence meanwhile. The update stays pending for the new owner, and the old dispatcher stops.
+#[tokio::test(start_paused = true)]
+async fn a_late_acknowledgement_under_a_stale_fence_is_refused() {
+    let w = World::new(|_| {}).await;
+    w.run_loops();
+    let t = w.tenant("fenced", 600).await;
+    w.runtime.shims.hold.store(true, Ordering::SeqCst);
+    w.update(&t, 1).await;
+    w.until(Duration::from_secs(5), async || {
+        w.runtime.shims.deliveries.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // Another dispatcher takes the inbox over while the agent is still at the update.
+    w.registry().inbox_claim(&t, u64::MAX / 2).await.unwrap();
+    w.runtime.shims.hold.store(false, Ordering::SeqCst);
+    sleep(Duration::from_secs(10)).await;
+
+    let view = w.registry().inbox_view(&t, 10).await.unwrap();
+    assert_eq!(
+        view.pending.len(),
+        1,
+        "the late acknowledgement was refused"
+    );
+    assert_eq!(view.pending[0].update_id, 1);
+    assert_eq!(view.pending[0].attempts, 0, "nor recorded as a failure");
+    let metrics = w.app.metrics().encode();
+    assert!(
+        !metrics.contains("otm_deliveries_total{outcome=\"acked\"}"),
+        "{metrics}"
+    );
+    // Nothing more is delivered under the stale fence: the inbox is the new owner's.
+    assert_eq!(w.runtime.shims.deliveries.load(Ordering::SeqCst), 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_warm_pool_fills_refills_after_a_claim_and_drains() {
     let w = World::new(|_| {}).await;

@@ -91,8 +91,9 @@ struct FakeState {
     calls: Vec<Call>,
     fail_next_send: usize,
     send_delay: Duration,
-    /// The next `sendMessage` is answered 429 with this `retry_after`.
-    limit_next_send: Option<u64>,
+    /// The next `sendMessage` calls are answered 429 with this `retry_after`: how many, and
+    /// the seconds.
+    limit_next_send: Option<(usize, u64)>,
 }
 
 #[derive(Debug)]
@@ -242,7 +243,12 @@ impl FakeTelegram {
     /// Answers the next `sendMessage` with Telegram's 429 and `parameters.retry_after`
     /// (seconds); the message is not sent.
     pub fn limit_next_send(&self, retry_after_s: u64) {
-        self.shared.lock().limit_next_send = Some(retry_after_s);
+        self.limit_next_sends(1, retry_after_s);
+    }
+
+    /// Answers the next `count` `sendMessage` calls with Telegram's 429 and `retry_after`.
+    pub fn limit_next_sends(&self, count: usize, retry_after_s: u64) {
+        self.shared.lock().limit_next_send = (count > 0).then_some((count, retry_after_s));
     }
 
     /// Makes every later `sendMessage` call wait `delay` before it is answered.
@@ -417,7 +423,10 @@ async fn send_message(shared: &Shared, token: &str, bot_id: i64, params: &Value)
 
     let message_id = {
         let mut state = shared.lock();
-        if let Some(retry_after) = state.limit_next_send.take() {
+        if let Some((count, retry_after)) = state.limit_next_send.take() {
+            if count > 1 {
+                state.limit_next_send = Some((count - 1, retry_after));
+            }
             let body = json!({
                 "ok": false, "error_code": 429,
                 "description": format!("Too Many Requests: retry after {retry_after}"),

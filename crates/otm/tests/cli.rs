@@ -710,8 +710,8 @@ async fn secrets_come_from_files_and_stdin_and_owners_are_allowed_by_flag() {
     let t = get("pip");
     assert_eq!(t["allowed_users"], serde_json::json!([]), "{t}");
     assert_eq!(
-        t["dm_policy"], "disabled",
-        "nobody until someone is allowed: {t}"
+        t["dm_policy"], "open",
+        "a reference agent with no list set answers anyone, and the view says so: {t}"
     );
 
     // A closed, empty stdin creates a tenant without a bot; an empty token file is refused.
@@ -742,7 +742,10 @@ async fn secrets_come_from_files_and_stdin_and_owners_are_allowed_by_flag() {
     assert_eq!(code, 0, "{err}");
     let t = get("fil");
     assert_eq!(t["allowed_users"], serde_json::json!([]), "{t}");
-    assert_eq!(t["dm_policy"], "disabled", "{t}");
+    assert_eq!(
+        t["dm_policy"], "disabled",
+        "an empty list set on purpose is nobody: {t}"
+    );
 
     // Model budgets and a tenant's own model key: shown by `tenant get`, the key never.
     let key_file = files.path().join("model.key");
@@ -769,6 +772,16 @@ async fn secrets_come_from_files_and_stdin_and_owners_are_allowed_by_flag() {
     assert_eq!(t["model_budget"]["tokens_today"], 0, "{t}");
     assert_eq!(t["has_model_api_key"], true, "{t}");
     assert!(!t.to_string().contains("sk-FILE-model-key"), "{t}");
+    // The table says the same.
+    let (code, table, err) = run(&["tenant", "get", "fil"], None);
+    assert_eq!(code, 0, "{err}");
+    let budget = table
+        .lines()
+        .find(|l| l.starts_with("model_budget"))
+        .unwrap_or_else(|| panic!("a model_budget row in:\n{table}"));
+    assert!(budget.contains(r#""requests_per_minute":5"#), "{budget}");
+    assert!(budget.contains(r#""tokens_per_day":1000"#), "{budget}");
+    assert!(!table.contains("sk-FILE-model-key"), "{table}");
     let (code, _, err) = run(
         &[
             "tenant",

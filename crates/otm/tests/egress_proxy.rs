@@ -375,12 +375,46 @@ async fn messages_over_the_rate_limit_are_queued_in_order() {
         "three messages to one chat took {spread:?}"
     );
 
-    // Telegram says "retry after 2": that call gets the 429, the next one waits it out.
+    // Telegram says "retry after 2": that call is queued, not failed: it goes out again once
+    // the two seconds are over, and so does the next call of the bot.
     h.tg.limit_next_send(2);
+    let started = std::time::Instant::now();
     let limited = h
         .http
         .post(&url)
         .json(&serde_json::json!({"chat_id": 5150, "text": "r1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(limited.status(), 200, "the agent never sees Telegram's 429");
+    let r1: Vec<_> =
+        h.tg.calls()
+            .into_iter()
+            .filter(|c| c.params["text"] == "r1")
+            .map(|c| c.at)
+            .collect();
+    assert_eq!(r1.len(), 2, "sent, refused with 429, sent again");
+    assert!(
+        r1[1].duration_since(r1[0]) >= Duration::from_millis(1900),
+        "the second try waited out retry_after: {:?}",
+        r1[1].duration_since(r1[0])
+    );
+    assert!(started.elapsed() >= Duration::from_millis(1900));
+    assert_eq!(
+        h.tg.sent_messages(token)
+            .iter()
+            .filter(|m| m.text == "r1")
+            .count(),
+        1,
+        "sent once"
+    );
+
+    // Two 429s in a row: the second goes back to the agent, and the bot's next call waits.
+    h.tg.limit_next_sends(2, 1);
+    let limited = h
+        .http
+        .post(&url)
+        .json(&serde_json::json!({"chat_id": 5152, "text": "r3"}))
         .send()
         .await
         .unwrap();
@@ -389,20 +423,20 @@ async fn messages_over_the_rate_limit_are_queued_in_order() {
     let next = h
         .http
         .post(&url)
-        .json(&serde_json::json!({"chat_id": 5151, "text": "r2"}))
+        .json(&serde_json::json!({"chat_id": 5153, "text": "r4"}))
         .send()
         .await
         .unwrap();
     assert_eq!(next.status(), 200);
-    let r2 =
+    let r4 =
         h.tg.calls()
             .into_iter()
-            .find(|c| c.params["text"] == "r2")
+            .find(|c| c.params["text"] == "r4")
             .unwrap();
     assert!(
-        r2.at.duration_since(told) >= Duration::from_millis(1500),
+        r4.at.duration_since(told) >= Duration::from_millis(700),
         "the call after a 429 went out {:?} after it",
-        r2.at.duration_since(told)
+        r4.at.duration_since(told)
     );
     h.stop().await;
 }

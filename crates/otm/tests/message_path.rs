@@ -265,3 +265,79 @@ async fn an_agent_that_refuses_an_update_shows_as_agent_refused_in_the_inbox_and
     );
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reference_agent_answers_only_the_users_its_tenant_allows() {
+    let h = Harness::start_with(|s| s.bot_chat_interval_ms = 0).await;
+    let token = "2301:OWNED";
+    h.tg.add_bot(token);
+    let (status, body) = h
+        .api(
+            reqwest::Method::POST,
+            "/tenants",
+            Some(serde_json::json!({"id": "owned", "bot_token": token, "allowed_users": ["501"]})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["dm_policy"], "allowlist", "{body}");
+    let secret =
+        h.tg.webhook(token)
+            .and_then(|w| w.secret_token)
+            .expect("webhook secret");
+
+    // A stranger first, then the owner: only the owner is answered, and the stranger's update is
+    // taken off the inbox rather than retried.
+    assert_eq!(
+        h.post_update("owned", &secret, &text_update(1, 777, "let me in"))
+            .await,
+        200
+    );
+    assert_eq!(
+        h.post_update("owned", &secret, &text_update(2, 501, "hello"))
+            .await,
+        200
+    );
+    let got =
+        h.tg.wait_for_messages(token, 1, Duration::from_secs(30))
+            .await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].chat_id, 501, "{got:?}");
+
+    // An empty list set on purpose allows nobody, the owner included.
+    let (status, body) = h
+        .api(
+            reqwest::Method::PATCH,
+            "/tenants/owned",
+            Some(serde_json::json!({"allowed_users": []})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["dm_policy"], "disabled", "{body}");
+    // The running instance keeps the list it was bound with; the next wake takes the new one.
+    let (status, body) = h
+        .api(reqwest::Method::POST, "/tenants/owned/stop", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        h.post_update("owned", &secret, &text_update(3, 501, "again"))
+            .await,
+        200
+    );
+    let mut pending = u64::MAX;
+    for _ in 0..3000 {
+        let (_, t) = h.api(reqwest::Method::GET, "/tenants/owned", None).await;
+        pending = t["inbox_pending"].as_u64().unwrap_or(u64::MAX);
+        if pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(pending, 0, "the update was delivered and acknowledged");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        h.tg.sent_messages(token).len(),
+        1,
+        "nobody is answered once the list is empty"
+    );
+    h.stop().await;
+}

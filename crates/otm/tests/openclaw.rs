@@ -822,8 +822,8 @@ async fn two_openclaw_tenants_run_side_by_side() {
     h.stop().await;
 }
 
-/// The model route on the egress listener needs no OpenClaw: it swaps the instance's placeholder
-/// key for the operator's, and refuses unknown and revoked surrogates as the Bot API proxy does.
+/// An OpenClaw tenant answers only the users it allows: a stranger's message reaches neither the
+/// agent's answer nor the model, and the owner's is answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_who_is_not_allowed_gets_no_answer_and_never_reaches_the_model() {
     let Some(prefix) = openclaw_prefix("a_user_who_is_not_allowed_gets_no_answer") else {
@@ -873,6 +873,8 @@ async fn a_user_who_is_not_allowed_gets_no_answer_and_never_reaches_the_model() 
     h.stop().await;
 }
 
+/// The model route on the egress listener needs no OpenClaw: it swaps the instance's placeholder
+/// key for the operator's, and refuses unknown and revoked surrogates as the Bot API proxy does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_model_route_adds_the_operators_key_and_refuses_foreign_surrogates() {
     let stub = StubModel::start().await;

@@ -25,8 +25,10 @@ use std::sync::{Arc, Mutex};
 pub struct Shims {
     /// Deliveries are answered as refused by the agent while set.
     pub refuse: AtomicBool,
-    /// Deliveries answered (acknowledged or not).
+    /// Deliveries received (acknowledged or not).
     pub deliveries: AtomicUsize,
+    /// Deliveries are received but not answered while set (an agent in the middle of a turn).
+    pub hold: AtomicBool,
     /// Instances created, warm ones included.
     pub created: AtomicUsize,
     /// Instances deleted.
@@ -131,6 +133,9 @@ async fn deliver(State(s): State<Shim>) -> Json<DeliverResponse> {
     // A real shim thaws a frozen agent before delivering.
     s.frozen.store(false, Ordering::SeqCst);
     s.shims.deliveries.fetch_add(1, Ordering::SeqCst);
+    while s.shims.hold.load(Ordering::SeqCst) {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     let refuse = s.shims.refuse.load(Ordering::SeqCst);
     Json(DeliverResponse {
         acknowledged: !refuse,
