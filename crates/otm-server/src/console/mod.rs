@@ -953,11 +953,21 @@ fn settings_form(app: &App, s: &Signed, v: &otm_core::admin_api::TenantView) -> 
             &v.egress_allow.join(", "),
             "example.com, *.example.org"
         ),
-        users = field(
-            "allowed_users",
-            "Allowed users (comma-separated ids, or *)",
-            &v.allowed_users.join(", "),
-            "nobody"
+        // The list as shown goes back too: an untouched field changes nothing (an empty list
+        // never set is the profile's default, one set on purpose is nobody).
+        users = format!(
+            "{}<input type=\"hidden\" name=\"allowed_users_was\" value=\"{}\">",
+            field(
+                "allowed_users",
+                "Allowed users (comma-separated ids, or *)",
+                &v.allowed_users.join(", "),
+                if v.dm_policy == "open" {
+                    "anyone"
+                } else {
+                    "nobody"
+                }
+            ),
+            esc(&v.allowed_users.join(", "))
         ),
         rpm = field(
             "model_requests_per_minute",
@@ -1291,7 +1301,10 @@ fn patch_of(form: &HashMap<String, String>) -> Result<otm_core::admin_api::Patch
         );
     }
     if let Some(v) = form.get("allowed_users") {
-        body.insert("allowed_users".into(), Value::Array(list(v)));
+        let was = form.get("allowed_users_was").map(|w| list(w));
+        if was.as_ref() != Some(&list(v)) {
+            body.insert("allowed_users".into(), Value::Array(list(v)));
+        }
     }
     serde_json::from_value(Value::Object(body)).map_err(|e| e.to_string())
 }
@@ -1429,6 +1442,7 @@ mod tests {
             ("egress", "proxy"),
             ("egress_allow", "example.com, *.example.org"),
             ("allowed_users", ""),
+            ("allowed_users_was", "501"),
             ("bot_token", ""),
         ]
         .into_iter()
@@ -1448,7 +1462,16 @@ mod tests {
             p.egress_allow,
             Some(vec!["example.com".to_owned(), "*.example.org".to_owned()])
         );
-        assert_eq!(p.allowed_users, Some(vec![]));
+        assert_eq!(p.allowed_users, Some(vec![]), "emptied: nobody");
+        let untouched: HashMap<String, String> = [("allowed_users", ""), ("allowed_users_was", "")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        assert_eq!(
+            patch_of(&untouched).unwrap().allowed_users,
+            None,
+            "an untouched list changes nothing"
+        );
     }
 
     #[test]
