@@ -407,6 +407,9 @@ pub struct InboxAnswer {
     pub tenant: TenantId,
     pub pending: Vec<InboxEntry>,
     pub dead: Vec<InboxEntry>,
+    /// Where the next page starts (`?after=`); `None` on the last page.
+    #[serde(default)]
+    pub next_after: Option<i64>,
 }
 
 /// The answer to a retry of dead letters: they are pending again, at the head of the inbox,

@@ -27,6 +27,8 @@ pub enum Notification {
     EndpointInvalidated { tenant: TenantId },
     /// Fleet settings changed.
     SettingsChanged,
+    /// A tenant was deleted or created: what a replica keeps of it (its webhook secret) is stale.
+    TenantChanged { tenant: TenantId },
 }
 
 /// Fast shared state. Contract:

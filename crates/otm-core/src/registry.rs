@@ -175,8 +175,15 @@ pub trait Inbox: Send + Sync + std::fmt::Debug + 'static {
     /// Drops dead letters: they leave the dead-letter list and their payload goes, but their
     /// update ids still count as seen. Returns their sequence numbers, ascending.
     async fn inbox_drop(&self, tenant: &TenantId, which: DeadLetters) -> Result<Vec<i64>>;
-    /// Pending and dead-lettered updates, oldest first, at most `limit` of each.
-    async fn inbox_view(&self, tenant: &TenantId, limit: usize) -> Result<InboxView>;
+    /// Pending and dead-lettered updates with a sequence number above `after` (all with
+    /// `None`), oldest first, at most `limit` of each: a page of the inbox; the next page starts
+    /// after the largest sequence number of this one.
+    async fn inbox_view(
+        &self,
+        tenant: &TenantId,
+        after: Option<i64>,
+        limit: usize,
+    ) -> Result<InboxView>;
     /// Number of pending updates of a tenant.
     async fn inbox_depth(&self, tenant: &TenantId) -> Result<u64>;
     /// Tenants that have pending updates.

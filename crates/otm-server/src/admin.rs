@@ -761,6 +761,8 @@ async fn create_tenant(
             ),
             e => e.into(),
         })?;
+    // A replica may still keep the secret of an earlier tenant of this id.
+    app.tenant_changed(&id).await;
     if let Err(e) = register_webhook(&app, &t).await {
         let _ = app.registry().delete_tenant(&id).await;
         return Err(e);
@@ -881,6 +883,7 @@ async fn delete_tenant(
     // The registry first: from here on no wake can restore (or snapshot) this tenant, so the
     // snapshots cannot come back behind the deletion.
     app.registry().delete_tenant(&t.id).await?;
+    app.tenant_changed(&t.id).await;
     app.model_budgets().forget(&t.id);
     app.bot_limiter().forget(&t.id);
     let (snapshots, tombstone) = if q.keep_state {
@@ -926,16 +929,43 @@ async fn stop_tenant(
     }))
 }
 
+/// A page of a tenant's inbox: `?after=SEQ` (from the start without it), `?limit=N` updates of
+/// each list at most (default [`INBOX_PAGE`], at most [`INBOX_PAGE_MAX`]).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InboxQuery {
+    after: Option<i64>,
+    limit: Option<usize>,
+}
+
+const INBOX_PAGE: usize = 1000;
+const INBOX_PAGE_MAX: usize = 10_000;
+
 async fn inbox(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
+    Query(q): Query<InboxQuery>,
 ) -> ApiResult<Json<InboxAnswer>> {
     let t = load(&app, &id).await?;
-    let v = app.registry().inbox_view(&t.id, 1000).await?;
+    let limit = q.limit.unwrap_or(INBOX_PAGE).clamp(1, INBOX_PAGE_MAX);
+    let mut v = app.registry().inbox_view(&t.id, q.after, limit).await?;
+    // A list that came back full may go on: the page ends at the smallest last sequence number
+    // of the full lists and the other list is cut there, so that the next page (after it)
+    // misses nothing and repeats nothing.
+    let next_after = [&v.pending, &v.dead]
+        .into_iter()
+        .filter(|l| l.len() == limit)
+        .filter_map(|l| l.last().map(|i| i.seq))
+        .min();
+    if let Some(end) = next_after {
+        v.pending.retain(|i| i.seq <= end);
+        v.dead.retain(|i| i.seq <= end);
+    }
     Ok(Json(InboxAnswer {
         tenant: t.id,
         pending: v.pending.iter().map(Into::into).collect(),
         dead: v.dead.iter().map(Into::into).collect(),
+        next_after,
     }))
 }
 

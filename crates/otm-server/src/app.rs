@@ -99,6 +99,8 @@ pub struct App {
     rotation: tokio::sync::Mutex<()>,
     /// The last wake of each tenant that did more than read the cache, as this process saw it.
     last_wakes: Mutex<HashMap<TenantId, LastWake>>,
+    /// Tenants' webhook secrets, so that accepting an update needs no registry read.
+    webhook_secrets: crate::webhook_secrets::WebhookSecrets,
 }
 
 /// The outcome of a tenant's last wake that did more than read the cache (the console shows it).
@@ -180,6 +182,7 @@ impl App {
             restore_fallbacks: Mutex::new(HashMap::new()),
             wakes_in_flight: std::sync::atomic::AtomicUsize::new(0),
             bot_limiter: crate::bot_limits::BotLimiter::new(bot_limits),
+            webhook_secrets: Default::default(),
             model_budgets: Default::default(),
             egress_in_flight: Mutex::new(HashMap::new()),
             egress_buffer: Arc::new(tokio::sync::Semaphore::new(EGRESS_BUFFER_KIB as usize)),
@@ -320,6 +323,26 @@ impl App {
     /// Cancelled when the server shuts down.
     pub fn shutdown(&self) -> &CancellationToken {
         &self.shutdown
+    }
+
+    /// Tenants' webhook secrets as this process keeps them.
+    pub fn webhook_secrets(&self) -> &crate::webhook_secrets::WebhookSecrets {
+        &self.webhook_secrets
+    }
+
+    /// A tenant was deleted or created: forget what this process keeps of it, and tell the other
+    /// replicas to do the same (best effort; their entries expire soon anyway).
+    pub async fn tenant_changed(&self, tenant: &TenantId) {
+        self.webhook_secrets.forget(tenant);
+        if let Err(e) = self
+            .coordinator
+            .publish(otm_core::Notification::TenantChanged {
+                tenant: tenant.clone(),
+            })
+            .await
+        {
+            tracing::warn!(%tenant, error = %e, "could not tell other replicas that a tenant changed");
+        }
     }
 
     /// The Bot API proxy's per-bot rate limits.

@@ -136,6 +136,9 @@ pub async fn run_notifications(app: Arc<App>) {
             _ = app.shutdown().cancelled() => return,
             n = futures::StreamExt::next(&mut notes) => match n {
                 Some(otm_core::Notification::InboxHasWork { tenant }) => kick(&app, &tenant),
+                Some(otm_core::Notification::TenantChanged { tenant }) => {
+                    app.webhook_secrets().forget(&tenant)
+                }
                 Some(_) => {}
                 None => return,
             },

@@ -58,32 +58,39 @@ async fn webhook(
             "unknown tenant",
         );
     };
-    let t = match app.registry().get_tenant(&tenant).await {
-        Ok(Some(t)) => t,
-        Ok(None) => {
-            return reject(
-                &app,
-                StatusCode::NOT_FOUND,
-                "unknown_tenant",
-                "unknown tenant",
-            );
-        }
-        Err(e) => {
-            tracing::error!(%tenant, error = %e, "registry unavailable");
-            return reject(
-                &app,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "try again later",
-            );
-        }
-    };
     let presented = req
         .headers()
         .get(SECRET_HEADER)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    if !t.webhook_secret.matches(presented) {
+    let now = Instant::now();
+    let known = match app.webhook_secrets().check(&tenant, presented, now) {
+        Some(known) => known,
+        None => match app.registry().get_tenant(&tenant).await {
+            Ok(Some(t)) => {
+                app.webhook_secrets().put(&tenant, &t.webhook_secret, now);
+                t.webhook_secret.matches(presented)
+            }
+            Ok(None) => {
+                return reject(
+                    &app,
+                    StatusCode::NOT_FOUND,
+                    "unknown_tenant",
+                    "unknown tenant",
+                );
+            }
+            Err(e) => {
+                tracing::error!(%tenant, error = %e, "registry unavailable");
+                return reject(
+                    &app,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "try again later",
+                );
+            }
+        },
+    };
+    if !known {
         return reject(
             &app,
             StatusCode::UNAUTHORIZED,
@@ -102,25 +109,10 @@ async fn webhook(
             );
         }
     };
-    let update_id = match serde_json::from_slice::<serde_json::Value>(&body) {
-        Ok(serde_json::Value::Object(map)) => match map.get("update_id").and_then(|v| v.as_i64()) {
-            Some(id) => id,
-            None => {
-                return reject(
-                    &app,
-                    StatusCode::BAD_REQUEST,
-                    "malformed",
-                    "update_id must be an integer",
-                );
-            }
-        },
-        _ => {
-            return reject(
-                &app,
-                StatusCode::BAD_REQUEST,
-                "malformed",
-                "the body must be a JSON object",
-            );
+    let update_id = match update_id(&body) {
+        Ok(id) => id,
+        Err(description) => {
+            return reject(&app, StatusCode::BAD_REQUEST, "malformed", description);
         }
     };
     tracing::Span::current().record("update_id", update_id);
@@ -170,4 +162,55 @@ async fn webhook(
         }
     }
     (StatusCode::OK, Json(json!({"ok": true}))).into_response()
+}
+
+/// The update's `update_id`, read without building the update: the rest of the body is checked
+/// to be JSON and kept as sent. A body that does not read that way is looked at again as a
+/// whole, to say what is wrong with it.
+fn update_id(body: &[u8]) -> Result<i64, &'static str> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        update_id: i64,
+    }
+    if let Ok(head) = serde_json::from_slice::<Head>(body) {
+        return Ok(head.update_id);
+    }
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(map)) => map
+            .get("update_id")
+            .and_then(|v| v.as_i64())
+            .ok_or("update_id must be an integer"),
+        _ => Err("the body must be a JSON object"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::update_id;
+
+    #[test]
+    fn reads_the_update_id_and_says_what_is_wrong() {
+        assert_eq!(
+            update_id(br#"{"update_id":42,"message":{"text":"hi"}}"#),
+            Ok(42)
+        );
+        assert_eq!(update_id(br#"{"message":{},"update_id":-7}"#), Ok(-7));
+        assert_eq!(
+            update_id(br#"{"update_id":"42"}"#),
+            Err("update_id must be an integer")
+        );
+        assert_eq!(
+            update_id(br#"{"message":{}}"#),
+            Err("update_id must be an integer")
+        );
+        assert_eq!(
+            update_id(br#"[1,2]"#),
+            Err("the body must be a JSON object")
+        );
+        assert_eq!(
+            update_id(br#"{"update_id":1,"message":"#),
+            Err("the body must be a JSON object"),
+            "a body cut short is refused, though its id came first"
+        );
+    }
 }

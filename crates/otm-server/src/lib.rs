@@ -56,6 +56,7 @@ pub mod spool;
 pub mod surrogate;
 pub mod telegram;
 pub mod wake;
+pub mod webhook_secrets;
 
 pub use app::App;
 pub use config::{Role, Sandbox, Settings};

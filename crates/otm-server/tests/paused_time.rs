@@ -168,7 +168,7 @@ async fn refused_updates_back_off_then_go_to_the_dead_letter_list() {
     let start = Instant::now();
     w.update(&t, 1).await;
     let attempts = async |w: &World, t: &TenantId| {
-        let v = w.registry().inbox_view(t, 10).await.unwrap();
+        let v = w.registry().inbox_view(t, None, 10).await.unwrap();
         (
             v.pending.first().map(|i| i.attempts),
             v.dead.first().map(|i| i.attempts),
@@ -186,7 +186,7 @@ async fn refused_updates_back_off_then_go_to_the_dead_letter_list() {
     sleep_until(start + Duration::from_millis(750)).await;
     assert_eq!(attempts(&w, &t).await, (None, Some(4)));
 
-    let dead = w.registry().inbox_view(&t, 10).await.unwrap().dead;
+    let dead = w.registry().inbox_view(&t, None, 10).await.unwrap().dead;
     assert_eq!(dead[0].failure().0, Some(DeliveryFailure::AgentRefused));
     assert_eq!(w.runtime.shims.deliveries.load(Ordering::SeqCst), 4);
     // Nothing is tried again once it is dead.
@@ -316,7 +316,7 @@ async fn a_late_acknowledgement_under_a_stale_fence_is_refused() {
     w.runtime.shims.hold.store(false, Ordering::SeqCst);
     sleep(Duration::from_secs(10)).await;
 
-    let view = w.registry().inbox_view(&t, 10).await.unwrap();
+    let view = w.registry().inbox_view(&t, None, 10).await.unwrap();
     assert_eq!(
         view.pending.len(),
         1,

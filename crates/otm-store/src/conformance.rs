@@ -685,7 +685,7 @@ async fn registry_inbox(r: &dyn Registry, run: &str) {
         "dead updates are not pending"
     );
 
-    let view = r.inbox_view(&t1, 100).await.unwrap();
+    let view = r.inbox_view(&t1, None, 100).await.unwrap();
     let ids = |items: &[otm_core::InboxItem]| items.iter().map(|i| i.update_id).collect::<Vec<_>>();
     assert_eq!(
         ids(&view.pending),
@@ -700,13 +700,39 @@ async fn registry_inbox(r: &dyn Registry, run: &str) {
         payload(10, "first"),
         "the first payload was kept"
     );
-    let small = r.inbox_view(&t1, 1).await.unwrap();
+    let small = r.inbox_view(&t1, None, 1).await.unwrap();
     assert_eq!(
         (ids(&small.pending), ids(&small.dead)),
         (vec![40], vec![10]),
         "inbox_view honours its limit"
     );
-    assert_eq!(r.inbox_view(&ghost, 10).await.unwrap(), Default::default());
+    // A page after a sequence number holds only what comes after it, in both lists.
+    let first = view.pending[0].seq;
+    let rest = r.inbox_view(&t1, Some(first), 100).await.unwrap();
+    assert_eq!(ids(&rest.pending), vec![20, 30], "after the first pending");
+    let dead_after: Vec<i64> = view
+        .dead
+        .iter()
+        .filter(|i| i.seq > first)
+        .map(|i| i.update_id)
+        .collect();
+    assert_eq!(ids(&rest.dead), dead_after, "dead letters after it");
+    let last = view
+        .pending
+        .iter()
+        .chain(&view.dead)
+        .map(|i| i.seq)
+        .max()
+        .unwrap();
+    assert_eq!(
+        r.inbox_view(&t1, Some(last), 100).await.unwrap(),
+        Default::default(),
+        "nothing after the last"
+    );
+    assert_eq!(
+        r.inbox_view(&ghost, None, 10).await.unwrap(),
+        Default::default()
+    );
 
     // Drain in order.
     for want in [40, 20, 30] {
@@ -726,7 +752,7 @@ async fn registry_inbox(r: &dyn Registry, run: &str) {
     assert!(r.delete_tenant(&t2).await.unwrap());
     assert!(!r.inbox_pending_tenants().await.unwrap().contains(&t2));
     assert_eq!(
-        r.inbox_view(&t2, 10).await.unwrap(),
+        r.inbox_view(&t2, None, 10).await.unwrap(),
         Default::default(),
         "the inbox went with the tenant"
     );
@@ -806,7 +832,7 @@ async fn registry_dead_letters(r: &dyn Registry, run: &str) {
         Error::NotFound { .. },
         "drop in a missing tenant"
     );
-    let v = r.inbox_view(t, 100).await.unwrap();
+    let v = r.inbox_view(t, None, 100).await.unwrap();
     assert_eq!((pending(&v), dead(&v)), (s[2..].to_vec(), s[..2].to_vec()));
 
     // Retried: back at the head, before later updates, with no failed attempts.
@@ -823,7 +849,7 @@ async fn registry_dead_letters(r: &dyn Registry, run: &str) {
         vec![s[0]],
         "all that were left"
     );
-    let v = r.inbox_view(t, 100).await.unwrap();
+    let v = r.inbox_view(t, None, 100).await.unwrap();
     assert_eq!(
         (pending(&v), dead(&v)),
         (s.clone(), vec![]),
@@ -853,7 +879,7 @@ async fn registry_dead_letters(r: &dyn Registry, run: &str) {
         vec![s[1]]
     );
     assert_eq!(r.inbox_drop(t, DeadLetters::All).await.unwrap(), vec![s[3]]);
-    let v = r.inbox_view(t, 100).await.unwrap();
+    let v = r.inbox_view(t, None, 100).await.unwrap();
     assert_eq!((pending(&v), dead(&v)), (vec![s[4]], vec![]));
     assert_eq!(
         r.inbox_append(t, 2, &payload(2, "again")).await.unwrap(),
@@ -1018,7 +1044,7 @@ async fn registry_inbox_prune(r: &dyn Registry, run: &str) {
         Appended::Duplicate,
         "prune keeps pending updates"
     );
-    let view = r.inbox_view(&t, 10).await.unwrap();
+    let view = r.inbox_view(&t, None, 10).await.unwrap();
     assert_eq!(
         view.dead.iter().map(|i| i.update_id).collect::<Vec<_>>(),
         vec![3]
@@ -1282,7 +1308,7 @@ pub async fn inbox_stress(r: Arc<dyn Registry>, tenants: usize, tasks: usize, pe
             want.len() as u64,
             "every update of {t} stored once"
         );
-        let view = r.inbox_view(t, want.len() + 10).await.unwrap();
+        let view = r.inbox_view(t, None, want.len() + 10).await.unwrap();
         assert_eq!(view.pending.len(), want.len());
         assert!(
             view.pending.windows(2).all(|w| w[0].seq < w[1].seq),

@@ -829,17 +829,35 @@ impl DynamoRegistry {
         prefix: &str,
         limit: usize,
     ) -> Result<Vec<InboxItem>> {
+        self.inbox_range_after(tenant, prefix, None, limit).await
+    }
+
+    /// [`Self::inbox_range`] from the first sequence number above `after`.
+    async fn inbox_range_after(
+        &self,
+        tenant: &TenantId,
+        prefix: &str,
+        after: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<InboxItem>> {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        // Sort keys are `{prefix}{seq:020}`: sequence numbers are never negative, and 20 nines
+        // are above any of them.
+        let from = after.map_or(0, |a| a.saturating_add(1).max(0));
         let items = self
             .pages(
                 "Query",
                 json!({
                     "TableName": self.tables.inbox,
-                    "KeyConditionExpression": "#t = :t AND begins_with(#sk, :p)",
+                    "KeyConditionExpression": "#t = :t AND #sk BETWEEN :lo AND :hi",
                     "ExpressionAttributeNames": { "#t": "tenant", "#sk": "sk" },
-                    "ExpressionAttributeValues": { ":t": s(tenant.as_str()), ":p": s(prefix) },
+                    "ExpressionAttributeValues": {
+                        ":t": s(tenant.as_str()),
+                        ":lo": s(format!("{prefix}{from:020}")),
+                        ":hi": s(format!("{prefix}{}", "9".repeat(20))),
+                    },
                     "ConsistentRead": true,
                 }),
                 Some(limit),
@@ -1935,10 +1953,15 @@ impl Inbox for DynamoRegistry {
         }
     }
 
-    async fn inbox_view(&self, tenant: &TenantId, limit: usize) -> Result<InboxView> {
+    async fn inbox_view(
+        &self,
+        tenant: &TenantId,
+        after: Option<i64>,
+        limit: usize,
+    ) -> Result<InboxView> {
         let (pending, dead) = futures::try_join!(
-            self.inbox_range(tenant, "q#", limit),
-            self.inbox_range(tenant, "x#", limit)
+            self.inbox_range_after(tenant, "q#", after, limit),
+            self.inbox_range_after(tenant, "x#", after, limit)
         )?;
         Ok(InboxView { pending, dead })
     }

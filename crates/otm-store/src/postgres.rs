@@ -1453,8 +1453,14 @@ impl Inbox for PostgresRegistry {
         self.move_dead(tenant, which, false).await
     }
 
-    async fn inbox_view(&self, tenant: &TenantId, limit: usize) -> Result<InboxView> {
+    async fn inbox_view(
+        &self,
+        tenant: &TenantId,
+        after: Option<i64>,
+        limit: usize,
+    ) -> Result<InboxView> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let after = after.unwrap_or(i64::MIN);
         // One statement, so both lists come from the same snapshot.
         let rows = self
             .query(
@@ -1462,14 +1468,14 @@ impl Inbox for PostgresRegistry {
                     "SELECT * FROM ( \
                        (SELECT state, ",
                     inbox_columns!(),
-                    " FROM inbox WHERE tenant = $1 AND state = 'pending' ORDER BY seq LIMIT $2) \
+                    " FROM inbox WHERE tenant = $1 AND state = 'pending' AND seq > $3 ORDER BY seq LIMIT $2) \
                        UNION ALL \
                        (SELECT state, ",
                     inbox_columns!(),
-                    " FROM inbox WHERE tenant = $1 AND state = 'dead' ORDER BY seq LIMIT $2) \
+                    " FROM inbox WHERE tenant = $1 AND state = 'dead' AND seq > $3 ORDER BY seq LIMIT $2) \
                      ) AS v ORDER BY seq"
                 ),
-                &[&tenant.as_str(), &limit],
+                &[&tenant.as_str(), &limit, &after],
                 true,
             )
             .await?;

@@ -783,8 +783,13 @@ impl Inbox for SealedRegistry {
     async fn inbox_drop(&self, tenant: &TenantId, which: DeadLetters) -> Result<Vec<i64>> {
         self.inner.inbox_drop(tenant, which).await
     }
-    async fn inbox_view(&self, tenant: &TenantId, limit: usize) -> Result<InboxView> {
-        self.inner.inbox_view(tenant, limit).await
+    async fn inbox_view(
+        &self,
+        tenant: &TenantId,
+        after: Option<i64>,
+        limit: usize,
+    ) -> Result<InboxView> {
+        self.inner.inbox_view(tenant, after, limit).await
     }
     async fn inbox_depth(&self, tenant: &TenantId) -> Result<u64> {
         self.inner.inbox_depth(tenant).await

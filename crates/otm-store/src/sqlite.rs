@@ -1239,15 +1239,21 @@ impl Inbox for SqliteRegistry {
             .await
     }
 
-    async fn inbox_view(&self, tenant: &TenantId, limit: usize) -> Result<InboxView> {
+    async fn inbox_view(
+        &self,
+        tenant: &TenantId,
+        after: Option<i64>,
+        limit: usize,
+    ) -> Result<InboxView> {
         let tenant = tenant.clone();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let after = after.unwrap_or(i64::MIN);
         self.read(move |c| {
             // One read transaction, so both lists come from the same snapshot.
             let tx = c.unchecked_transaction().map_err(db)?;
-            let sql = format!("SELECT {INBOX_COLUMNS} FROM inbox WHERE tenant = ?1 AND state = ?2 ORDER BY seq LIMIT ?3");
-            let pending = collect(&tx, &sql, params![tenant.as_str(), "pending", limit], inbox_row)?;
-            let dead = collect(&tx, &sql, params![tenant.as_str(), "dead", limit], inbox_row)?;
+            let sql = format!("SELECT {INBOX_COLUMNS} FROM inbox WHERE tenant = ?1 AND state = ?2 AND seq > ?4 ORDER BY seq LIMIT ?3");
+            let pending = collect(&tx, &sql, params![tenant.as_str(), "pending", limit, after], inbox_row)?;
+            let dead = collect(&tx, &sql, params![tenant.as_str(), "dead", limit, after], inbox_row)?;
             tx.finish().map_err(db)?;
             Ok(InboxView { pending, dead })
         })

@@ -291,9 +291,17 @@ macro_rules! delegate_registry {
                 self.around(RegistryOp::InboxDrop, self.inner.inbox_drop(tenant, which))
                     .await
             }
-            async fn inbox_view(&self, tenant: &TenantId, limit: usize) -> Result<InboxView> {
-                self.around(RegistryOp::InboxView, self.inner.inbox_view(tenant, limit))
-                    .await
+            async fn inbox_view(
+                &self,
+                tenant: &TenantId,
+                after: Option<i64>,
+                limit: usize,
+            ) -> Result<InboxView> {
+                self.around(
+                    RegistryOp::InboxView,
+                    self.inner.inbox_view(tenant, after, limit),
+                )
+                .await
             }
             async fn inbox_depth(&self, tenant: &TenantId) -> Result<u64> {
                 self.around(RegistryOp::InboxDepth, self.inner.inbox_depth(tenant))

@@ -178,7 +178,7 @@ async fn two_processes_append_the_same_updates_concurrently() {
             let mut seq_of: HashMap<(TenantId, i64), i64> = HashMap::new();
             for t in &ids {
                 let r = &procs[1];
-                let view = r.inbox_view(t, 10_000).await.unwrap();
+                let view = r.inbox_view(t, None, 10_000).await.unwrap();
                 let want = PAIRS / TENANTS * PER_TASK;
                 assert_eq!(
                     view.pending.len(),

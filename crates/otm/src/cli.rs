@@ -991,9 +991,22 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
         } => {
             let tenant = tenant.unwrap_or_default();
             let api = Api::new(&global)?;
-            let v: InboxAnswer = api
+            // Every page, however long the inbox.
+            let mut v: InboxAnswer = api
                 .call_as(Method::GET, &format!("/tenants/{tenant}/inbox"), None)
                 .await?;
+            while let Some(after) = v.next_after {
+                let page: InboxAnswer = api
+                    .call_as(
+                        Method::GET,
+                        &format!("/tenants/{tenant}/inbox?after={after}"),
+                        None,
+                    )
+                    .await?;
+                v.pending.extend(page.pending);
+                v.dead.extend(page.dead);
+                v.next_after = page.next_after;
+            }
             match global.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
                 Output::Table => {

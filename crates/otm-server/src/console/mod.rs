@@ -511,7 +511,7 @@ const STATES: [&str; 6] = ["awake", "frozen", "asleep", "waking", "stopping", "f
 async fn rows(app: &App) -> Result<Vec<Row>, ApiError> {
     let mut out = Vec::new();
     for t in app.registry().list_tenants().await? {
-        let inbox = app.registry().inbox_view(&t.id, 1000).await?;
+        let inbox = app.registry().inbox_view(&t.id, None, 1000).await?;
         let pending = app
             .registry()
             .inbox_depth(&t.id)
@@ -810,7 +810,7 @@ async fn tenant_live_html(app: &App, s: &Signed, id: &TenantId) -> Result<String
         );
     }
     out.push_str("</dl></section>");
-    let inbox = app.registry().inbox_view(&t.id, 200).await?;
+    let inbox = app.registry().inbox_view(&t.id, None, 200).await?;
     let idq = esc(t.id.as_str());
     let _ = write!(
         out,

@@ -386,16 +386,24 @@ impl Inbox for MemoryRegistry {
         self.lock().move_dead(tenant, which, false)
     }
 
-    async fn inbox_view(&self, tenant: &TenantId, limit: usize) -> Result<InboxView> {
+    async fn inbox_view(
+        &self,
+        tenant: &TenantId,
+        after: Option<i64>,
+        limit: usize,
+    ) -> Result<InboxView> {
         let i = self.lock();
+        let after = after.unwrap_or(i64::MIN);
         Ok(InboxView {
             pending: i
                 .items(tenant, EntryState::Pending)
+                .filter(|e| e.seq > after)
                 .take(limit)
                 .cloned()
                 .collect(),
             dead: i
                 .items(tenant, EntryState::Dead)
+                .filter(|e| e.seq > after)
                 .take(limit)
                 .cloned()
                 .collect(),
