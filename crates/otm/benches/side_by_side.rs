@@ -378,6 +378,84 @@ async fn run(plan: Plan) {
         );
     }
 
+    // What one awake instance holds, process by process (the tenant was just answered).
+    let procs = instance_processes(&data);
+    if !procs.is_empty() {
+        let list = procs
+            .iter()
+            .map(|(name, rss, pss)| {
+                format!(
+                    "{name} {:.1} MiB RSS / {:.1} MiB PSS",
+                    *rss as f64 / 1024.0,
+                    *pss as f64 / 1024.0
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        let (rss, pss) = procs
+            .iter()
+            .fold((0, 0), |(r, p), (_, rss, pss)| (r + rss, p + pss));
+        table.row(
+            "one awake instance (reference agent in the bubblewrap sandbox), by process",
+            "",
+            &list,
+            &format!(
+                "{:.1} MiB RSS, {:.1} MiB proportional in all",
+                rss as f64 / 1024.0,
+                pss as f64 / 1024.0
+            ),
+        );
+    }
+
+    // A reply from the frozen tier: the tenant is frozen after a second idle, then written to;
+    // webhook to reply at Telegram, beside the awake reply of the same run.
+    eprintln!("frozen replies…");
+    let (s, v) = server
+        .api(
+            &http,
+            reqwest::Method::PATCH,
+            "/tenants/awake",
+            Some(json!({"freeze_after_s": 1})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let awake_url = format!("{}/tg/awake", server.public);
+    let mut from_frozen = Vec::new();
+    let mut next_id = 900_000_000u64;
+    for _ in 0..plan.wakes {
+        next_id += 1;
+        reply_once(&http, &tg, &awake_url, &secret, bot, next_id).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, t) = server
+                .api(&http, reqwest::Method::GET, "/tenants/awake", None)
+                .await;
+            if t["status"] == "frozen" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "never frozen: {t}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        next_id += 1;
+        from_frozen.push(reply_once(&http, &tg, &awake_url, &secret, bot, next_id).await);
+    }
+    table.row(
+        &format!(
+            "reply from the frozen tier, webhook to reply at Telegram ({} thaws, reference agent in the bubblewrap sandbox)",
+            plan.wakes
+        ),
+        &format!("awake reply through otm: p50 {}", ms(pct(&via_otm, 0.5))),
+        &format!(
+            "p50 {}, max {}",
+            ms(pct(&from_frozen, 0.5)),
+            ms(pct(&from_frozen, 1.0))
+        ),
+        &format!(
+            "+{} p50 over awake",
+            ms(pct(&from_frozen, 0.5) - pct(&via_otm, 0.5))
+        ),
+    );
+
     // Control-plane memory per idle tenant.
     eprintln!("idle tenants…");
     let before = server.rss_kib();
@@ -1107,6 +1185,56 @@ impl OtmServer {
         tokio::time::sleep(Duration::from_millis(300)).await;
         kill_instances(&self.data);
     }
+}
+
+/// The processes of the instances recorded under a data directory (the sandbox's first process
+/// and every descendant): name, RSS and PSS in KiB.
+fn instance_processes(data: &Path) -> Vec<(String, u64, u64)> {
+    let mut out = Vec::new();
+    let Ok(dirs) = std::fs::read_dir(data.join("runtime")) else {
+        return out;
+    };
+    for d in dirs.flatten() {
+        let Ok(raw) = std::fs::read(d.path().join("record.json")) else {
+            continue;
+        };
+        let Some(pid) = serde_json::from_slice::<Value>(&raw)
+            .ok()
+            .and_then(|v| v["pid"].as_u64())
+        else {
+            continue;
+        };
+        let mut todo = vec![pid];
+        while let Some(pid) = todo.pop() {
+            let proc = PathBuf::from(format!("/proc/{pid}"));
+            let name = std::fs::read_to_string(proc.join("comm"))
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            let field = |text: &str, key: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            let rollup = std::fs::read_to_string(proc.join("smaps_rollup")).unwrap_or_default();
+            out.push((name, field(&rollup, "Rss:"), field(&rollup, "Pss:")));
+            for task in std::fs::read_dir(proc.join("task"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let children =
+                    std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+                todo.extend(
+                    children
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u64>().ok()),
+                );
+            }
+        }
+    }
+    out
 }
 
 /// Kills every instance recorded under a data directory, and any agent left running with its

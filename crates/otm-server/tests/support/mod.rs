@@ -23,6 +23,21 @@ pub struct World {
 impl World {
     /// A world whose settings `f` adjusts; no loop runs yet.
     pub async fn new(f: impl FnOnce(&mut Settings)) -> World {
+        World::on(
+            Arc::new(registry::MemoryRegistry::default()),
+            Arc::new(otm_store::SecretKeys::ephemeral()),
+            f,
+        )
+        .await
+    }
+
+    /// A world on the registry `inner`, its secrets sealed with `keys` (the same registry and
+    /// keys again: the world after a restart).
+    pub async fn on(
+        inner: Arc<dyn Registry>,
+        keys: Arc<otm_store::SecretKeys>,
+        f: impl FnOnce(&mut Settings),
+    ) -> World {
         let dir = tempfile::tempdir().unwrap();
         let mut settings = Settings {
             data_dir: dir.path().join("d"),
@@ -30,11 +45,7 @@ impl World {
         };
         f(&mut settings);
         std::fs::create_dir_all(&settings.data_dir).unwrap();
-        let keys = Arc::new(otm_store::SecretKeys::ephemeral());
-        let registry = Arc::new(otm_store::SealedRegistry::new(
-            Arc::new(registry::MemoryRegistry::default()),
-            keys,
-        ));
+        let registry = Arc::new(otm_store::SealedRegistry::new(inner, keys));
         let state = otm_store::open::open_state_store(&format!(
             "file://{}",
             dir.path().join("state").display()
