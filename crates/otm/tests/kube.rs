@@ -32,6 +32,28 @@ use std::time::{Duration, Instant};
 
 /// The image name the fake maps to the built `otm`.
 const FAKE_IMAGE: &str = "otm-test:dev";
+/// The OpenClaw image's name in the fake: a stand-in of its `/usr/local/bin` (this build's `otm`
+/// and `otm-reference-agent`, and nothing on `PATH` that holds them) as processes, or the otm
+/// image as containers. That the real OpenClaw image holds the reference agent is checked by
+/// `images.rs`; here what is checked is that a warm pod of that image serves any tenant.
+const FAKE_OPENCLAW_IMAGE: &str = "otm-openclaw-test:dev";
+
+/// A directory laid out as the OpenClaw image's `/usr/local/bin`, with this build's binaries
+/// linked (or copied) in: `otm shim` finds the reference agent beside itself there, or not at
+/// all.
+fn openclaw_image_stand_in(dir: &std::path::Path) -> PathBuf {
+    let bin = dir.join("openclaw-image/usr/local/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let otm = PathBuf::from(env!("CARGO_BIN_EXE_otm"));
+    let agent = otm.with_file_name("otm-reference-agent");
+    for from in [&otm, &agent] {
+        let to = bin.join(from.file_name().unwrap());
+        if std::fs::hard_link(from, &to).is_err() {
+            std::fs::copy(from, &to).unwrap();
+        }
+    }
+    bin.join("otm")
+}
 
 /// How the fake runs its pods.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -78,6 +100,8 @@ struct Kube {
     kubeconfig: PathBuf,
     namespace: String,
     image: String,
+    /// `--kube-openclaw-image`, when a test sets it.
+    openclaw_image: Option<String>,
     runtime_class: Option<String>,
     _dir: tempfile::TempDir,
 }
@@ -113,6 +137,7 @@ impl Kube {
                 kubeconfig: kc.into(),
                 namespace: env("OTM_TEST_KUBE_NAMESPACE").unwrap_or_else(|| "otm-test".into()),
                 image,
+                openclaw_image: None,
                 runtime_class: env("OTM_TEST_KUBE_RUNTIME_CLASS"),
                 _dir: dir,
             };
@@ -120,14 +145,22 @@ impl Kube {
         let builder = FakeApiServer::builder();
         let (builder, podman) = match pods {
             Pods::Processes => (
-                builder.runner(ProcessRunner::new().binary(FAKE_IMAGE, env!("CARGO_BIN_EXE_otm"))),
+                builder.runner(
+                    ProcessRunner::new()
+                        .binary(FAKE_IMAGE, env!("CARGO_BIN_EXE_otm"))
+                        .binary(FAKE_OPENCLAW_IMAGE, openclaw_image_stand_in(dir.path())),
+                ),
                 None,
             ),
             Pods::Containers => {
                 let podman = Podman::new().unwrap();
                 let image = otm_image(&podman).await;
                 (
-                    builder.runner(ContainerRunner::new(podman.clone()).image(FAKE_IMAGE, image)),
+                    builder.runner(
+                        ContainerRunner::new(podman.clone())
+                            .image(FAKE_IMAGE, image.clone())
+                            .image(FAKE_OPENCLAW_IMAGE, image),
+                    ),
                     Some(podman),
                 )
             }
@@ -142,9 +175,44 @@ impl Kube {
             kubeconfig,
             namespace: "otm-tenants".into(),
             image: FAKE_IMAGE.into(),
+            openclaw_image: None,
             runtime_class: Some("kata-qemu".into()),
             _dir: dir,
         }
+    }
+
+    /// Gives the orchestrators `--kube-openclaw-image` (the fake's stand-in, or
+    /// `OTM_TEST_KUBE_OPENCLAW_IMAGE` on a real cluster); false, after saying why, without one.
+    fn use_openclaw_image(&mut self) -> bool {
+        self.openclaw_image = if self.fake.is_some() {
+            Some(FAKE_OPENCLAW_IMAGE.to_owned())
+        } else {
+            env("OTM_TEST_KUBE_OPENCLAW_IMAGE")
+        };
+        if self.openclaw_image.is_none() {
+            eprintln!("skipped: against a real cluster this needs OTM_TEST_KUBE_OPENCLAW_IMAGE");
+        }
+        self.openclaw_image.is_some()
+    }
+
+    /// An instance pod as the API server has it.
+    fn pod(&self, name: &str) -> Option<Value> {
+        self.pods()
+            .into_iter()
+            .find(|p| p["metadata"]["name"] == name)
+    }
+
+    /// The running warm pods.
+    fn warm_pods(&self) -> Vec<String> {
+        self.pods()
+            .iter()
+            .filter(|p| {
+                p["metadata"]["labels"]["otm.dev/warm"] == "true"
+                    && p["status"]["phase"] == "Running"
+                    && p["metadata"]["deletionTimestamp"].is_null()
+            })
+            .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
+            .collect()
     }
 
     fn config(&self) -> KubeRuntimeConfig {
@@ -373,6 +441,9 @@ impl Kube {
         .to_vec();
         if let Some(url) = env("OTM_TEST_KUBE_EGRESS_URL") {
             args.extend(["--egress-url".to_owned(), url]);
+        }
+        if let Some(image) = &self.openclaw_image {
+            args.extend(["--kube-openclaw-image".to_owned(), image.clone()]);
         }
         Options {
             orchestrator_args: args,
@@ -708,6 +779,70 @@ async fn send_and_wait(
     assert_eq!(got.len(), before + updates.len(), "every update answered");
 }
 
+/// Sets the warm pool's target to `n` and waits until `n` warm pods run and the registry has
+/// them; returns their names.
+async fn warm_pool(c: &Cluster, kube: &Kube, n: usize) -> Vec<String> {
+    admin(
+        c,
+        reqwest::Method::PUT,
+        "/v1/config",
+        Some(serde_json::json!({ "warm_pool_target": n })),
+    )
+    .await;
+    eventually("the warm pods run", Duration::from_secs(30), || {
+        kube.warm_pods().len() == n
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let list = admin(c, reqwest::Method::GET, "/v1/instances", None).await;
+        let registered = list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|i| i["state"] == "warm")
+            .count();
+        if registered == n {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the warm instances are registered: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    kube.warm_pods()
+}
+
+/// Wakes a tenant through orchestrator `o` and returns the answer.
+async fn wake_through(c: &Cluster, o: usize, tenant: &str) -> Value {
+    let r = c
+        .http
+        .post(format!(
+            "http://127.0.0.1:{}/v1/tenants/{tenant}/wake",
+            c.orchestrators[o].admin
+        ))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let v: Value = r.json().await.unwrap_or_default();
+    if !status.is_success() {
+        c.dump_logs();
+    }
+    assert!(status.is_success(), "waking {tenant}: {status} {v}");
+    v
+}
+
+/// The image of a pod's container.
+fn image_of(pod: &Value) -> String {
+    pod["spec"]["containers"][0]["image"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_orchestrators_on_kube_deliver_in_order_sleep_wake_and_survive_a_crash() {
     let kube = Kube::start().await;
@@ -857,46 +992,7 @@ async fn on_kube_a_warm_pod_is_claimed_pods_outlive_a_killed_orchestrator_and_th
     };
 
     // Warm pool: the leader keeps one warm pod; a wake claims it (its labels change).
-    admin(
-        &c,
-        reqwest::Method::PUT,
-        "/v1/config",
-        Some(serde_json::json!({"warm_pool_target": 1})),
-    )
-    .await;
-    let warm_pods = |kube: &Kube| -> Vec<String> {
-        kube.pods()
-            .iter()
-            .filter(|p| {
-                p["metadata"]["labels"]["otm.dev/warm"] == "true"
-                    && p["status"]["phase"] == "Running"
-            })
-            .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
-            .collect()
-    };
-    eventually("a warm pod runs", Duration::from_secs(30), || {
-        warm_pods(&kube).len() == 1
-    })
-    .await;
-    let warm = warm_pods(&kube)[0].clone();
-    // ... and the registry has it.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let list = admin(&c, reqwest::Method::GET, "/v1/instances", None).await;
-        if list
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|i| i["state"] == "warm")
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the warm instance is registered: {list}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let warm = warm_pool(&c, &kube, 1).await.remove(0);
     let token = "9602:WARM";
     let secret = c.create_tenant("kw", token).await;
     let woken = admin(&c, reqwest::Method::POST, "/v1/tenants/kw/wake", None).await;
@@ -1011,5 +1107,40 @@ async fn on_kube_a_warm_pod_is_claimed_pods_outlive_a_killed_orchestrator_and_th
     send_and_wait(&c, "kw", &secret, token, &[(3, 77, "after restart".into())]).await;
     let last = c.tg.sent_messages(token).last().unwrap().text.clone();
     assert_eq!(last, "#3: after restart");
+    c.shutdown().await;
+}
+
+/// With an OpenClaw image set (the chart's default), warm pods run it whatever profile their
+/// tenant will have: a reference tenant woken into one is bound and answered there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_an_openclaw_image_a_warm_pod_serves_a_reference_tenant() {
+    let mut kube = Kube::start().await;
+    if !kube.use_openclaw_image() {
+        return;
+    }
+    let Some((c, _egress)) = kube_cluster(&kube).await else {
+        return;
+    };
+    let warm = warm_pool(&c, &kube, 1).await.remove(0);
+    let openclaw_image = kube.openclaw_image.clone().unwrap();
+    assert_eq!(
+        image_of(&kube.pod(&warm).unwrap()),
+        openclaw_image,
+        "a warm pod runs the OpenClaw image"
+    );
+
+    let token = "9603:REFWARM";
+    let secret = c.create_tenant("kref", token).await;
+    let t = admin(&c, reqwest::Method::GET, "/v1/tenants/kref", None).await;
+    assert_eq!(t["profile"], "reference", "{t}");
+    let woken = wake_through(&c, 0, "kref").await;
+    assert_eq!(woken["path"], "warm", "{woken}");
+    assert_eq!(kube.pods_of("kref"), vec![warm.clone()]);
+    send_and_wait(&c, "kref", &secret, token, &[(1, 88, "hello".into())]).await;
+    let last = c.tg.sent_messages(token).last().unwrap().text.clone();
+    assert_eq!(
+        last, "#1: hello",
+        "the reference agent answers in the warm pod"
+    );
     c.shutdown().await;
 }
