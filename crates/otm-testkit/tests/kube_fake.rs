@@ -586,6 +586,75 @@ async fn status_is_its_own_subresource_and_apply_creates() {
 }
 
 #[tokio::test]
+async fn resize_changes_only_cpu_and_memory_and_keeps_the_qos_class() {
+    let api = Api::manual().await;
+    let mut p = pod("r", json!({}));
+    p["spec"]["containers"][0]["resources"] = json!({
+        "requests": {"cpu": "200m", "memory": "1Gi"},
+        "limits": {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "1Gi"},
+    });
+    api.create_pod(p).await;
+    api.fake.mark_pod_running(NS, "r", true).unwrap();
+    let path = format!("/api/v1/namespaces/{NS}/pods/r/resize");
+    let strategic = "application/strategic-merge-patch+json";
+    let resize = |resources: Value| json!({"spec": {"containers": [{"name": "main", "resources": resources}]}});
+
+    let (status, resized) = api
+        .patch(
+            &path,
+            strategic,
+            resize(json!({"limits": {"cpu": "1500m", "memory": "3Gi"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{resized}");
+    let c = &resized["spec"]["containers"][0];
+    assert_eq!(c["image"], "busybox", "the rest of the container is kept");
+    assert_eq!(c["resources"]["limits"]["cpu"], "1500m");
+    assert_eq!(c["resources"]["limits"]["ephemeral-storage"], "1Gi");
+    assert_eq!(c["resources"]["requests"]["cpu"], "200m");
+    assert_eq!(
+        resized["status"]["containerStatuses"][0]["resources"]["limits"]["memory"], "3Gi",
+        "actuated at once"
+    );
+
+    for (what, body) in [
+        (
+            "ephemeral storage",
+            resize(json!({"limits": {"ephemeral-storage": "2Gi"}})),
+        ),
+        (
+            "the QoS class",
+            resize(json!({"requests": {"cpu": "1500m", "memory": "3Gi"}})),
+        ),
+        (
+            "another field",
+            json!({"spec": {"containers": [{"name": "main", "image": "evil"}]}}),
+        ),
+        (
+            "an unknown container",
+            json!({"spec": {"containers": [{"name": "nope", "resources": {}}]}}),
+        ),
+    ] {
+        let (status, body) = api.patch(&path, strategic, body).await;
+        assert_eq!(status, 422, "{what} cannot be resized: {body}");
+        assert_eq!(body["reason"], "Invalid");
+    }
+    let (status, _) = api
+        .patch(
+            &path,
+            strategic,
+            json!({"metadata": {"resourceVersion": "1"}, "spec": {"containers": []}}),
+        )
+        .await;
+    assert_eq!(status, 409, "a stale version");
+    assert!(api.fake.fail_pod(NS, "r", 1, "Error"));
+    let (status, _) = api
+        .patch(&path, strategic, resize(json!({"limits": {"cpu": "2"}})))
+        .await;
+    assert_eq!(status, 422, "an ended pod");
+}
+
+#[tokio::test]
 async fn label_selectors_filter_lists_and_watches() {
     let api = Api::manual().await;
     api.create_pod(pod("warm-a", json!({"app": "otm", "otm.dev/warm": "true"})))

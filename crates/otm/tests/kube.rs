@@ -1144,3 +1144,59 @@ async fn with_an_openclaw_image_a_warm_pod_serves_a_reference_tenant() {
     );
     c.shutdown().await;
 }
+
+/// A tenant with limits of its own claims a warm pod all the same: the pod is resized in place
+/// (`pods/resize`) to the tenant's CPU and memory, not discarded for a cold one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_warm_pod_is_resized_in_place_to_its_tenants_limits() {
+    let kube = Kube::start().await;
+    let Some((c, _egress)) = kube_cluster(&kube).await else {
+        return;
+    };
+    let warm = warm_pool(&c, &kube, 1).await.remove(0);
+    let limits = |p: &Value| p["spec"]["containers"][0]["resources"]["limits"].clone();
+    let before = limits(&kube.pod(&warm).unwrap());
+    assert_eq!(before["cpu"], "1000m", "{before}");
+
+    let token = "9604:RESIZE";
+    let secret = c.create_tenant("kbig", token).await;
+    admin(
+        &c,
+        reqwest::Method::PATCH,
+        "/v1/tenants/kbig",
+        Some(serde_json::json!({"memory": "1536Mi", "cpu": "1500m"})),
+    )
+    .await;
+    let woken = wake_through(&c, 0, "kbig").await;
+    assert_eq!(woken["path"], "warm", "{woken}");
+    assert_eq!(
+        kube.pods_of("kbig"),
+        vec![warm.clone()],
+        "the warm pod is kept"
+    );
+    let pod = kube.pod(&warm).unwrap();
+    let after = limits(&pod);
+    assert_eq!(after["cpu"], "1500m", "{pod}");
+    assert_eq!(after["memory"], (1536u64 << 20).to_string(), "{pod}");
+    assert_eq!(
+        after["ephemeral-storage"], before["ephemeral-storage"],
+        "only CPU and memory change"
+    );
+    if kube.fake.is_some() {
+        assert!(
+            kube.fake
+                .as_ref()
+                .unwrap()
+                .requests()
+                .iter()
+                .any(|r| r.starts_with("PATCH ") && r.contains(&format!("/pods/{warm}/resize"))),
+            "resized through the resize subresource"
+        );
+        assert_eq!(
+            pod["status"]["containerStatuses"][0]["resources"]["limits"]["cpu"], "1500m",
+            "the resize was actuated"
+        );
+    }
+    send_and_wait(&c, "kbig", &secret, token, &[(1, 99, "big".into())]).await;
+    c.shutdown().await;
+}

@@ -562,18 +562,31 @@ impl Runtime for KubeRuntime {
     }
 
     /// A running pod's resources can only change through the `resize` subresource (in-place
-    /// resize); where the cluster refuses, the caller creates a pod of the right size instead.
+    /// resize), and only its CPU and memory: a tenant whose disk limit differs (the pod's
+    /// ephemeral-storage limit and the emptyDir's size) needs a new pod, as it does where the
+    /// cluster refuses the resize; the caller then creates one.
     async fn set_limits(&self, id: &InstanceId, limits: &ResourceLimits) -> Result<()> {
         let pod = self
             .pod(id)
             .ok_or_else(|| Error::not_found(format!("pod {}", spec::pod_name(id))))?;
-        let want = spec::resources(limits);
         let have = pod
             .spec
             .as_ref()
             .and_then(|s| s.containers.first())
-            .and_then(|c| c.resources.clone());
-        if have.as_ref().map(|h| (&h.requests, &h.limits)) == Some((&want.requests, &want.limits)) {
+            .and_then(|c| c.resources.clone())
+            .unwrap_or_default();
+        let want = spec::resources(limits);
+        if spec::storage(&have) != spec::storage(&want) {
+            return Err(Error::unavailable(
+                BACKEND,
+                format!(
+                    "pod {} has another disk limit, which cannot change in place",
+                    spec::pod_name(id)
+                ),
+            ));
+        }
+        let want = spec::resizable(&want);
+        if spec::resizable(&have) == want {
             return Ok(());
         }
         let patch = serde_json::json!({

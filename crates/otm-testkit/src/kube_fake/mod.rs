@@ -23,7 +23,8 @@
 //!
 //! # What it serves
 //! Discovery (`/api`, `/api/v1`, `/apis`, `/apis/{group}/{version}`, `/version`) and, for core/v1
-//! `pods` (with `status` and `log` subresources), `secrets`, `events`, `services`, `configmaps`,
+//! `pods` (with `status`, `log` and `resize` subresources; a resize may change only the
+//! containers' CPU and memory, keeps the QoS class, and shows in the container statuses at once), `secrets`, `events`, `services`, `configmaps`,
 //! `namespaces`, `coordination.k8s.io/v1` `leases` and `events.k8s.io/v1` `events`: namespaced
 //! collections (list, watch, create, deletecollection), objects (get, put, patch, delete), and
 //! cluster-wide list and watch (`/api/v1/pods`). Objects are kept as JSON; objects may be created
