@@ -1230,12 +1230,9 @@ async fn a_warm_pod_is_resized_in_place_to_its_tenants_limits() {
         after["ephemeral-storage"], before["ephemeral-storage"],
         "only CPU and memory change"
     );
-    if kube.fake.is_some() {
+    if let Some(fake) = &kube.fake {
         assert!(
-            kube.fake
-                .as_ref()
-                .unwrap()
-                .requests()
+            fake.requests()
                 .iter()
                 .any(|r| r.starts_with("PATCH ") && r.contains(&format!("/pods/{warm}/resize"))),
             "resized through the resize subresource"
@@ -1247,4 +1244,73 @@ async fn a_warm_pod_is_resized_in_place_to_its_tenants_limits() {
     }
     send_and_wait(&c, "kbig", &secret, token, &[(1, 99, "big".into())]).await;
     c.shutdown().await;
+}
+
+/// The reconciler's pass (the first one runs as an orchestrator starts) removes a pod no record
+/// owns once it is older than the grace that covers another replica between creating a pod and
+/// recording it, and a Secret of otm's whose pod is gone; it keeps younger ones and a Secret
+/// whose pod is there. Ages come from backdating `creationTimestamp` in the fake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_reconciler_removes_old_orphan_pods_and_secrets_whose_pod_is_gone() {
+    let kube = Kube::start().await;
+    let Some(fake) = kube.fake.as_ref() else {
+        eprintln!("skipped against a real cluster: ages objects in the fake");
+        return;
+    };
+    if env("OTM_TEST_POSTGRES_URL").is_none() || env("OTM_TEST_REDIS_URL").is_none() {
+        eprintln!("skipped: OTM_TEST_POSTGRES_URL and OTM_TEST_REDIS_URL are not both set");
+        return;
+    }
+    let old = Duration::from_secs(600);
+    let rt = kube.runtime().await;
+    // An old pod no record owns, and a young one.
+    let (orphan, young) = (spec(None), spec(None));
+    rt.create(&orphan).await.unwrap();
+    rt.create(&young).await.unwrap();
+    let (orphan_pod, young_pod) = (
+        pod_spec::pod_name(&orphan.id),
+        pod_spec::pod_name(&young.id),
+    );
+    fake.backdate("pods", &kube.namespace, &orphan_pod, old)
+        .unwrap();
+    // The young pod's Secret is old, but its pod is there.
+    fake.backdate("secrets", &kube.namespace, &young_pod, old)
+        .unwrap();
+    // Secrets left behind without a pod (no owner reference was set): an old one, a young one.
+    let leftover = |id: &InstanceId| {
+        let s = pod_spec::secret(&kube.config(), id, &Secret::random(), None);
+        fake.create("secrets", &kube.namespace, serde_json::to_value(s).unwrap())
+            .unwrap();
+        pod_spec::pod_name(id)
+    };
+    let (stale, fresh) = (
+        leftover(&InstanceId::random()),
+        leftover(&InstanceId::random()),
+    );
+    fake.backdate("secrets", &kube.namespace, &stale, old)
+        .unwrap();
+    drop(rt);
+
+    let Some((c, _egress)) = kube_cluster(&kube).await else {
+        return;
+    };
+    eventually(
+        "the old orphan pod and the stale Secret are removed",
+        Duration::from_secs(30),
+        || {
+            !kube.pod_names().contains(&orphan_pod)
+                && kube.secret(&stale).is_none()
+                && kube.secret(&orphan_pod).is_none()
+        },
+    )
+    .await;
+    assert!(kube.pod_names().contains(&young_pod), "a young pod is kept");
+    assert!(
+        kube.secret(&young_pod).is_some(),
+        "a Secret whose pod is there is kept"
+    );
+    assert!(kube.secret(&fresh).is_some(), "a young Secret is kept");
+    c.shutdown().await;
+    let rt = kube.runtime().await;
+    rt.delete(&young.id).await.unwrap();
 }

@@ -613,6 +613,76 @@ impl Runtime for KubeRuntime {
             })
     }
 
+    /// Secrets of otm's instances whose pod is gone: a pod owns its Secret once created, and the
+    /// cluster's garbage collector removes the Secret with it, but an orchestrator that dies (or
+    /// fails to set the owner) between creating the Secret and the pod leaves one behind.
+    async fn collect_garbage(&self, grace: Duration) -> Result<usize> {
+        let secrets = self
+            .inner
+            .secrets
+            .list(&kube::api::ListParams::default().labels(&format!(
+                "{}=otm,{}",
+                spec::MANAGED_BY,
+                spec::INSTANCE_LABEL
+            )))
+            .await
+            .map_err(api_err)?;
+        let now = jiff::Timestamp::now();
+        let mut removed = 0;
+        for secret in secrets {
+            let Some(name) = secret.metadata.name.as_deref() else {
+                continue;
+            };
+            let old_enough = secret
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .is_some_and(|t| {
+                    now.duration_since(t.0)
+                        >= jiff::SignedDuration::try_from(grace).unwrap_or_default()
+                });
+            if !old_enough
+                || self
+                    .inner
+                    .store
+                    .get(&ObjectRef::new(name).within(&self.inner.cfg.namespace))
+                    .is_some()
+            {
+                continue;
+            }
+            // The watch may lag: ask the API server itself before deleting.
+            if self
+                .inner
+                .pods
+                .get_opt(name)
+                .await
+                .map_err(api_err)?
+                .is_some()
+            {
+                continue;
+            }
+            let dp =
+                DeleteParams {
+                    preconditions: secret.metadata.uid.clone().map(|uid| {
+                        kube::api::Preconditions {
+                            uid: Some(uid),
+                            resource_version: None,
+                        }
+                    }),
+                    ..DeleteParams::default()
+                };
+            match self.inner.secrets.delete(name, &dp).await {
+                Ok(_) => {
+                    tracing::warn!(secret = name, "removed the Secret of a pod that is gone");
+                    removed += 1;
+                }
+                Err(e) if matches!(status_code(&e), Some(404 | 409)) => {}
+                Err(e) => return Err(api_err(e)),
+            }
+        }
+        Ok(removed)
+    }
+
     async fn claim(&self, id: &InstanceId, tenant: &TenantId) -> Result<bool> {
         let Some(pod) = self.pod(id) else {
             return Ok(false);

@@ -619,6 +619,31 @@ impl FakeApiServer {
         })
     }
 
+    /// Moves an object's `creationTimestamp` back by `by` (one `MODIFIED` event), so that a test
+    /// can make it look as old as it needs without waiting; the real API server lets no client
+    /// do this. `None` if there is no such object.
+    pub fn backdate(
+        &self,
+        resource: &str,
+        namespace: &str,
+        name: &str,
+        by: Duration,
+    ) -> Option<Value> {
+        let res = resource_named(resource);
+        let by = chrono::Duration::from_std(by).ok()?;
+        self.inner.write(|s| {
+            s.modify(res, namespace, name, |o| {
+                let Ok(t) = chrono::DateTime::parse_from_rfc3339(meta_str(o, "creationTimestamp"))
+                else {
+                    return false;
+                };
+                o["metadata"]["creationTimestamp"] =
+                    json!(util::rfc3339(t.with_timezone(&chrono::Utc) - by));
+                true
+            })
+        })
+    }
+
     /// Every authorized request so far, oldest first, as `METHOD /path?query` (e.g.
     /// `GET /api/v1/namespaces/otm/pods?watch=true&...`): to check that a client watches
     /// rather than polls, or sent a precondition.
