@@ -1314,3 +1314,90 @@ async fn the_reconciler_removes_old_orphan_pods_and_secrets_whose_pod_is_gone() 
     let rt = kube.runtime().await;
     rt.delete(&young.id).await.unwrap();
 }
+
+/// Two tenants woken at the same moment through different orchestrators with one warm pod: the
+/// registry hands the warm instance to exactly one, the other's wake creates a pod, and both are
+/// answered. Then the runtime's half of a claim: a warm pod that another claimer has labelled
+/// for its tenant, while the registry still lists it as warm, is lost (the label patch's
+/// `resourceVersion` precondition fails, or the pod is no longer claimable), left alone, and the
+/// wake creates a pod instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_wakes_at_once_share_one_warm_pod_and_a_lost_claim_creates_a_pod() {
+    let kube = Kube::start().await;
+    let Some((c, _egress)) = kube_cluster(&kube).await else {
+        return;
+    };
+    let warm = warm_pool(&c, &kube, 1).await.remove(0);
+    let (ta, tb) = ("9605:RACEA", "9606:RACEB");
+    let sa = c.create_tenant("ka", ta).await;
+    let sb = c.create_tenant("kb", tb).await;
+    let (wa, wb) = tokio::join!(wake_through(&c, 0, "ka"), wake_through(&c, 1, "kb"));
+    let mut paths = [
+        wa["path"].as_str().unwrap().to_owned(),
+        wb["path"].as_str().unwrap().to_owned(),
+    ];
+    paths.sort();
+    assert_eq!(paths, ["cold", "warm"], "{wa} {wb}");
+    let (winner, loser) = if wa["path"] == "warm" {
+        ("ka", "kb")
+    } else {
+        ("kb", "ka")
+    };
+    assert_eq!(kube.pods_of(winner), vec![warm.clone()]);
+    let cold = kube.pods_of(loser);
+    assert_eq!(cold.len(), 1, "{cold:?}");
+    assert_ne!(cold[0], warm);
+    send_and_wait(&c, "ka", &sa, ta, &[(1, 10, "a".into())]).await;
+    send_and_wait(&c, "kb", &sb, tb, &[(1, 20, "b".into())]).await;
+
+    // The pool is refilled; another claimer takes the new warm pod on the API server first.
+    let Some(fake) = &kube.fake else {
+        c.shutdown().await;
+        return;
+    };
+    let refilled = warm_pool(&c, &kube, 1).await.remove(0);
+    assert_ne!(refilled, warm);
+    let r = c
+        .http
+        .patch(format!(
+            "{}/api/v1/namespaces/{}/pods/{refilled}",
+            fake.url(),
+            kube.namespace
+        ))
+        .header("content-type", "application/merge-patch+json")
+        .body(
+            serde_json::json!({"metadata": {"labels": {
+                "otm.dev/warm": "false",
+                "otm.dev/tenant": "elsewhere",
+            }}})
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let tc = "9607:LOST";
+    let sc = c.create_tenant("kc", tc).await;
+    let woken = wake_through(&c, 0, "kc").await;
+    assert_eq!(woken["path"], "cold", "a lost claim creates a pod: {woken}");
+    let pods = kube.pods_of("kc");
+    assert_eq!(pods.len(), 1);
+    assert_ne!(pods[0], refilled);
+    assert_eq!(
+        kube.pods_of("elsewhere"),
+        vec![refilled.clone()],
+        "the other claimer's pod is left alone"
+    );
+    let logs: String = c
+        .orchestrators
+        .iter()
+        .map(|o| std::fs::read_to_string(&o.log).unwrap_or_default())
+        .collect();
+    assert!(
+        logs.contains("lost the claim of a warm instance"),
+        "the wake went through the lost-claim path"
+    );
+    send_and_wait(&c, "kc", &sc, tc, &[(1, 30, "c".into())]).await;
+    c.shutdown().await;
+    let _ = fake.lose_pod(&kube.namespace, &refilled);
+}
