@@ -1103,7 +1103,12 @@ async fn pods_can_be_driven_by_hand() {
 
 // ---- kubectl ----
 
+/// `kubectl`: `$OTM_TEST_KUBECTL`, `/usr/bin/kubectl` (Debian's `kubernetes-client`, which
+/// `.ci/run` installs), or one on `PATH`.
 fn kubectl() -> Option<std::path::PathBuf> {
+    if let Some(given) = std::env::var_os("OTM_TEST_KUBECTL").filter(|v| !v.is_empty()) {
+        return Some(given.into());
+    }
     let path = std::path::PathBuf::from("/usr/bin/kubectl");
     if path.exists() {
         return Some(path);
@@ -1141,7 +1146,12 @@ async fn run_kubectl(
 #[tokio::test]
 async fn kubectl_lists_and_watches_pods() {
     let Some(kubectl) = kubectl() else {
-        eprintln!("skipped: kubectl is not installed");
+        // CI installs it (.ci/run): there, a missing kubectl is a failure, not a skip.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "kubectl is not installed, and CI is set (apt-get install kubernetes-client)"
+        );
+        eprintln!("skipped: kubectl is not installed (apt-get install kubernetes-client)");
         return;
     };
     let api = Api::manual().await;

@@ -727,3 +727,51 @@ fn created_ms(pod: &Pod) -> Option<i64> {
         .as_ref()
         .map(|t| t.0.as_millisecond())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `OTM_KUBE_NODE_SELECTOR` and `OTM_KUBE_TOLERATIONS` as the Helm chart's ConfigMap renders
+    /// them with the default values (`scripts/check-chart` renders the same chart).
+    const CHART_NODE_SELECTOR: &str = "otm.dev/kata=true";
+    const CHART_TOLERATIONS: &str =
+        r#"[{"effect":"NoSchedule","key":"otm.dev/kata","operator":"Equal","value":"true"}]"#;
+
+    #[test]
+    fn the_charts_node_selector_parses() {
+        let s = parse_selector(CHART_NODE_SELECTOR).unwrap();
+        assert_eq!(
+            s,
+            BTreeMap::from([("otm.dev/kata".to_owned(), "true".to_owned())])
+        );
+        let s = parse_selector(" a=1 , b.example.com/c = x,,").unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s["b.example.com/c"], "x");
+        assert_eq!(parse_selector("").unwrap(), BTreeMap::new());
+        assert_eq!(parse_selector("a=").unwrap()["a"], "");
+        for bad in ["novalue", "=v", "a=1,b"] {
+            assert!(parse_selector(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_charts_tolerations_parse() {
+        let t = parse_tolerations(CHART_TOLERATIONS).unwrap();
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].key.as_deref(), Some("otm.dev/kata"));
+        assert_eq!(t[0].operator.as_deref(), Some("Equal"));
+        assert_eq!(t[0].value.as_deref(), Some("true"));
+        assert_eq!(t[0].effect.as_deref(), Some("NoSchedule"));
+        assert!(parse_tolerations("").unwrap().is_empty());
+        assert!(parse_tolerations("  ").unwrap().is_empty());
+        assert!(parse_tolerations("[]").unwrap().is_empty());
+        for bad in [
+            "otm.dev/kata=true:NoSchedule",
+            r#"{"key":"otm.dev/kata"}"#,
+            r#"[{"key":1}]"#,
+        ] {
+            assert!(parse_tolerations(bad).is_err(), "{bad}");
+        }
+    }
+}
