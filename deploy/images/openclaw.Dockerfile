@@ -1,5 +1,7 @@
 # The OpenClaw instance image: `otm shim` supervising one OpenClaw gateway, with Node 24 and
 # OpenClaw installed by scripts/install-openclaw (which pins both versions) in /opt/openclaw.
+# It also holds `otm-reference-agent`: a warm pod runs this image before anyone knows which
+# profile its tenant will have, so it must serve every profile.
 # The orchestrator passes /opt/openclaw/bin/openclaw as the launcher (--openclaw-prefix
 # /opt/openclaw).
 #
@@ -16,9 +18,9 @@ COPY Cargo.toml Cargo.lock ./
 COPY crates crates
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p otm --bin otm \
+    cargo build --release --locked -p otm --bin otm --bin otm-reference-agent \
  && mkdir -p /out/bin /out/var/lib/otm/instance \
- && cp target/release/otm /out/bin/
+ && cp target/release/otm target/release/otm-reference-agent /out/bin/
 
 # npm only runs the installer; the Node that OpenClaw runs on is the one it installs.
 FROM ${NODE_IMAGE} AS openclaw
@@ -33,7 +35,8 @@ RUN install-openclaw --prefix /opt/openclaw \
 
 # glibc, libstdc++ (for Node), CA certificates, /etc/passwd with `nonroot` (65532).
 FROM ${RUNTIME_IMAGE}
-COPY --from=build /out/bin/otm /usr/local/bin/otm
+# `otm shim` finds the reference agent beside itself.
+COPY --from=build /out/bin/ /usr/local/bin/
 COPY --from=openclaw /opt/openclaw /opt/openclaw
 # The `openclaw` launcher is a shell script: dash (needs only libc) as /bin/sh.
 COPY --from=openclaw /bin/dash /bin/sh

@@ -154,6 +154,12 @@ pub trait Runtime: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<bool> {
         Ok(false)
     }
+    /// Removes what the runtime keeps beside its instances and what no instance owns any more,
+    /// when older than `grace` (the `kube` runtime's per-instance Secrets whose pod is gone);
+    /// the reconciler's full pass calls it. Returns how many objects went.
+    async fn collect_garbage(&self, _grace: std::time::Duration) -> Result<usize> {
+        Ok(0)
+    }
     /// Marks a warm instance as claimed by `tenant`, atomically against other claimers of the
     /// same instance: false when another claimed it first (or it is gone), and the caller takes
     /// another instance or creates one. Runtimes whose registry claim is enough return true.

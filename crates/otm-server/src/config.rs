@@ -707,6 +707,57 @@ mod tests {
     }
 
     #[test]
+    fn the_charts_kube_settings_make_a_kube_config() {
+        // OTM_KUBE_NODE_SELECTOR and OTM_KUBE_TOLERATIONS as the Helm chart's ConfigMap renders
+        // them with the default values.
+        let s = Settings {
+            runtime: RuntimeKind::Kube,
+            kube_node_selector: "otm.dev/kata=true".into(),
+            kube_tolerations: r#"[{"effect":"NoSchedule","key":"otm.dev/kata","operator":"Equal","value":"true"}]"#.into(),
+            kube_image: "registry.example/otm:0.1.0".into(),
+            kube_openclaw_image: Some("registry.example/otm-openclaw:0.1.0".into()),
+            ..Settings::default()
+        };
+        s.validate().unwrap();
+        let k = s.kube_config("otm-tenants").unwrap();
+        assert_eq!(k.namespace, "otm-tenants");
+        assert_eq!(k.node_selector["otm.dev/kata"], "true");
+        assert_eq!(k.tolerations.len(), 1);
+        let t = &k.tolerations[0];
+        assert_eq!(
+            (
+                t.key.as_deref(),
+                t.operator.as_deref(),
+                t.value.as_deref(),
+                t.effect.as_deref()
+            ),
+            (
+                Some("otm.dev/kata"),
+                Some("Equal"),
+                Some("true"),
+                Some("NoSchedule")
+            )
+        );
+        assert_eq!(k.runtime_class.as_deref(), Some("kata-qemu"));
+        assert_eq!(
+            k.openclaw_image.as_deref(),
+            Some("registry.example/otm-openclaw:0.1.0")
+        );
+
+        // A toleration written as kubectl taint syntax is refused, by name.
+        let bad = Settings {
+            kube_tolerations: "otm.dev/kata=true:NoSchedule".into(),
+            ..s.clone()
+        };
+        assert_eq!(bad.validate().unwrap_err().name, "kube-tolerations");
+        let bad = Settings {
+            kube_node_selector: "otm.dev/kata".into(),
+            ..s
+        };
+        assert_eq!(bad.validate().unwrap_err().name, "kube-node-selector");
+    }
+
+    #[test]
     fn bad_settings_name_themselves() {
         let s = Settings {
             listen: "nope".into(),

@@ -1059,7 +1059,7 @@ async fn instance_exited(
 }
 
 /// One full pass: adopts live instances the registry knows, removes instances that belong to no
-/// record, and repairs records whose instance is gone.
+/// record (and what gone instances left behind), and repairs records whose instance is gone.
 pub async fn reconcile(app: &Arc<App>) -> Result<()> {
     let now = app.clock().now_ms();
     let live = app.runtime().list().await?;
@@ -1106,6 +1106,19 @@ pub async fn reconcile(app: &Arc<App>) -> Result<()> {
             }
             app.metrics().reconciler("stale_record_removed");
         }
+    }
+    // What instances leave behind (a pod's Secret when its owner reference was never set).
+    match app
+        .runtime()
+        .collect_garbage(Duration::from_millis(RECONCILE_GRACE_MS as u64))
+        .await
+    {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::warn!(removed = n, "removed what gone instances left behind");
+            app.metrics().reconciler("garbage_removed");
+        }
+        Err(e) => tracing::warn!(error = %e, "removing what gone instances left behind failed"),
     }
     // Tenants marked awake without an instance are idle.
     for t in app.registry().list_tenants().await? {

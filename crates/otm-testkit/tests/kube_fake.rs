@@ -586,6 +586,75 @@ async fn status_is_its_own_subresource_and_apply_creates() {
 }
 
 #[tokio::test]
+async fn resize_changes_only_cpu_and_memory_and_keeps_the_qos_class() {
+    let api = Api::manual().await;
+    let mut p = pod("r", json!({}));
+    p["spec"]["containers"][0]["resources"] = json!({
+        "requests": {"cpu": "200m", "memory": "1Gi"},
+        "limits": {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "1Gi"},
+    });
+    api.create_pod(p).await;
+    api.fake.mark_pod_running(NS, "r", true).unwrap();
+    let path = format!("/api/v1/namespaces/{NS}/pods/r/resize");
+    let strategic = "application/strategic-merge-patch+json";
+    let resize = |resources: Value| json!({"spec": {"containers": [{"name": "main", "resources": resources}]}});
+
+    let (status, resized) = api
+        .patch(
+            &path,
+            strategic,
+            resize(json!({"limits": {"cpu": "1500m", "memory": "3Gi"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{resized}");
+    let c = &resized["spec"]["containers"][0];
+    assert_eq!(c["image"], "busybox", "the rest of the container is kept");
+    assert_eq!(c["resources"]["limits"]["cpu"], "1500m");
+    assert_eq!(c["resources"]["limits"]["ephemeral-storage"], "1Gi");
+    assert_eq!(c["resources"]["requests"]["cpu"], "200m");
+    assert_eq!(
+        resized["status"]["containerStatuses"][0]["resources"]["limits"]["memory"], "3Gi",
+        "actuated at once"
+    );
+
+    for (what, body) in [
+        (
+            "ephemeral storage",
+            resize(json!({"limits": {"ephemeral-storage": "2Gi"}})),
+        ),
+        (
+            "the QoS class",
+            resize(json!({"requests": {"cpu": "1500m", "memory": "3Gi"}})),
+        ),
+        (
+            "another field",
+            json!({"spec": {"containers": [{"name": "main", "image": "evil"}]}}),
+        ),
+        (
+            "an unknown container",
+            json!({"spec": {"containers": [{"name": "nope", "resources": {}}]}}),
+        ),
+    ] {
+        let (status, body) = api.patch(&path, strategic, body).await;
+        assert_eq!(status, 422, "{what} cannot be resized: {body}");
+        assert_eq!(body["reason"], "Invalid");
+    }
+    let (status, _) = api
+        .patch(
+            &path,
+            strategic,
+            json!({"metadata": {"resourceVersion": "1"}, "spec": {"containers": []}}),
+        )
+        .await;
+    assert_eq!(status, 409, "a stale version");
+    assert!(api.fake.fail_pod(NS, "r", 1, "Error"));
+    let (status, _) = api
+        .patch(&path, strategic, resize(json!({"limits": {"cpu": "2"}})))
+        .await;
+    assert_eq!(status, 422, "an ended pod");
+}
+
+#[tokio::test]
 async fn label_selectors_filter_lists_and_watches() {
     let api = Api::manual().await;
     api.create_pod(pod("warm-a", json!({"app": "otm", "otm.dev/warm": "true"})))
@@ -1034,7 +1103,12 @@ async fn pods_can_be_driven_by_hand() {
 
 // ---- kubectl ----
 
+/// `kubectl`: `$OTM_TEST_KUBECTL`, `/usr/bin/kubectl` (Debian's `kubernetes-client`, which
+/// `.ci/run` installs), or one on `PATH`.
 fn kubectl() -> Option<std::path::PathBuf> {
+    if let Some(given) = std::env::var_os("OTM_TEST_KUBECTL").filter(|v| !v.is_empty()) {
+        return Some(given.into());
+    }
     let path = std::path::PathBuf::from("/usr/bin/kubectl");
     if path.exists() {
         return Some(path);
@@ -1072,7 +1146,12 @@ async fn run_kubectl(
 #[tokio::test]
 async fn kubectl_lists_and_watches_pods() {
     let Some(kubectl) = kubectl() else {
-        eprintln!("skipped: kubectl is not installed");
+        // CI installs it (.ci/run): there, a missing kubectl is a failure, not a skip.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "kubectl is not installed, and CI is set (apt-get install kubernetes-client)"
+        );
+        eprintln!("skipped: kubectl is not installed (apt-get install kubernetes-client)");
         return;
     };
     let api = Api::manual().await;

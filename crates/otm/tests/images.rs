@@ -3,11 +3,13 @@
 //! capabilities, a writable instance directory of its own, the control API on TCP), and the
 //! reference agent in it answers a delivered update through the Bot API root it was bound to.
 //!
-//! The OpenClaw image likewise, built from the installation in `OTM_OPENCLAW_PREFIX`: OpenClaw
-//! starts in it and answers through the Bot API with the model's reply.
+//! The OpenClaw image likewise, built from the installation in `OTM_OPENCLAW_PREFIX`: the
+//! reference agent answers in it too (warm pods run it for every profile), and OpenClaw starts
+//! in it and answers through the Bot API with the model's reply.
 //!
 //! Run when `OTM_TEST_IMAGES=1` (podman and runc installed; `.ci/run` sets it): both images are
-//! built and the reference agent's is run; `OTM_TEST_IMAGES=all` runs OpenClaw in its image too.
+//! built and the reference agent is run in each; `OTM_TEST_IMAGES=all` runs OpenClaw in its image
+//! too.
 //! Skipped otherwise. `OTM_TEST_IMAGE=<tag>` (`OTM_TEST_OPENCLAW_IMAGE=<tag>`) uses an image built
 //! beforehand instead of building one.
 
@@ -313,15 +315,10 @@ impl Instance {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_instance_image_runs_the_shim_and_the_reference_agent_answers() {
-    if !enabled("the reference agent's image", "1") {
-        return;
-    }
-    let instance = format!("i-{}", otm_core::id::random_hex(6));
-    let c = Instance::start("otm", "OTM_TEST_IMAGE", &instance, "64m").await;
+/// Binds the reference agent in the container and checks that it answers one update through
+/// the Bot API root it was given, and what its environment holds.
+async fn the_reference_agent_answers(c: &Instance, tenant: &str) {
     let status = c.shim.status().await.unwrap();
-    assert_eq!(status.instance, instance);
     assert_eq!(status.agent, "unbound");
 
     // The agent's Bot API: a stand-in Telegram on the host's loopback.
@@ -329,7 +326,7 @@ async fn the_instance_image_runs_the_shim_and_the_reference_agent_answers() {
     let bot_token = format!("4242:{}", otm_core::id::random_hex(12));
     tg.add_bot(&bot_token);
 
-    let tenant = TenantId::parse("image-test").unwrap();
+    let tenant = TenantId::parse(tenant).unwrap();
     let bound = c
         .shim
         .bind(
@@ -378,36 +375,40 @@ async fn the_instance_image_runs_the_shim_and_the_reference_agent_answers() {
     );
     assert_eq!(env.get("HTTPS_PROXY"), Some(&proxy));
     assert!(!env.contains_key("OTM_SHIM_TOKEN"), "{:?}", env.keys());
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_instance_image_runs_the_shim_and_the_reference_agent_answers() {
+    if !enabled("the reference agent's image", "1") {
+        return;
+    }
+    let instance = format!("i-{}", otm_core::id::random_hex(6));
+    let c = Instance::start("otm", "OTM_TEST_IMAGE", &instance, "64m").await;
+    let status = c.shim.status().await.unwrap();
+    assert_eq!(status.instance, instance);
+    the_reference_agent_answers(&c, "image-test").await;
     c.assert_unprivileged();
     c.stop().await;
 }
 
-#[test]
-fn the_openclaw_image_builds_offline_and_runs_openclaw() {
-    if !enabled("the OpenClaw image", "1") || openclaw_prefix("the OpenClaw image").is_none() {
+/// A warm pod runs the OpenClaw image (when there is one) before its tenant, and so its profile,
+/// is known: the image must serve the reference agent too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openclaw_image_builds_offline_and_runs_the_reference_agent() {
+    let test = "the reference agent in the OpenClaw image";
+    if !enabled(test, "1") {
         return;
     }
-    if std::env::var("OTM_TEST_IMAGES").as_deref() == Ok("all") {
-        eprintln!("the OpenClaw image: built and run by the next test");
+    if std::env::var_os("OTM_TEST_OPENCLAW_IMAGE").is_none() && openclaw_prefix(test).is_none() {
         return;
     }
-    let mut cleanup = Cleanup {
-        podman: Podman::new().unwrap(),
-        container: None,
-        image: None,
-    };
-    // The build runs `openclaw --version` in the image, read-only, as 65532.
-    let tag = build_image(
-        &cleanup.podman,
-        "openclaw",
-        &format!("test-{}", otm_core::id::random_hex(6)),
-    );
-    cleanup.image = Some(tag.clone());
-    let user = cleanup
-        .podman
-        .run(&["image", "inspect", "--format", "{{.Config.User}}", &tag]);
-    assert_eq!(user, "65532:65532");
+    let instance = format!("i-{}", otm_core::id::random_hex(6));
+    // The build runs `otm --version` and `openclaw --version` in the image, read-only, as 65532.
+    let c = Instance::start("openclaw", "OTM_TEST_OPENCLAW_IMAGE", &instance, "64m").await;
+    assert_eq!(c.shim.status().await.unwrap().instance, instance);
+    the_reference_agent_answers(&c, "openclaw-image-reference").await;
+    c.assert_unprivileged();
+    c.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

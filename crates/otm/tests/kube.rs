@@ -32,6 +32,28 @@ use std::time::{Duration, Instant};
 
 /// The image name the fake maps to the built `otm`.
 const FAKE_IMAGE: &str = "otm-test:dev";
+/// The OpenClaw image's name in the fake: a stand-in of its `/usr/local/bin` (this build's `otm`
+/// and `otm-reference-agent`, and nothing on `PATH` that holds them) as processes, or the otm
+/// image as containers. That the real OpenClaw image holds the reference agent is checked by
+/// `images.rs`; here what is checked is that a warm pod of that image serves any tenant.
+const FAKE_OPENCLAW_IMAGE: &str = "otm-openclaw-test:dev";
+
+/// A directory laid out as the OpenClaw image's `/usr/local/bin`, with this build's binaries
+/// linked (or copied) in: `otm shim` finds the reference agent beside itself there, or not at
+/// all.
+fn openclaw_image_stand_in(dir: &std::path::Path) -> PathBuf {
+    let bin = dir.join("openclaw-image/usr/local/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let otm = PathBuf::from(env!("CARGO_BIN_EXE_otm"));
+    let agent = otm.with_file_name("otm-reference-agent");
+    for from in [&otm, &agent] {
+        let to = bin.join(from.file_name().unwrap());
+        if std::fs::hard_link(from, &to).is_err() {
+            std::fs::copy(from, &to).unwrap();
+        }
+    }
+    bin.join("otm")
+}
 
 /// How the fake runs its pods.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -78,6 +100,8 @@ struct Kube {
     kubeconfig: PathBuf,
     namespace: String,
     image: String,
+    /// `--kube-openclaw-image`, when a test sets it.
+    openclaw_image: Option<String>,
     runtime_class: Option<String>,
     _dir: tempfile::TempDir,
 }
@@ -113,6 +137,7 @@ impl Kube {
                 kubeconfig: kc.into(),
                 namespace: env("OTM_TEST_KUBE_NAMESPACE").unwrap_or_else(|| "otm-test".into()),
                 image,
+                openclaw_image: None,
                 runtime_class: env("OTM_TEST_KUBE_RUNTIME_CLASS"),
                 _dir: dir,
             };
@@ -120,14 +145,22 @@ impl Kube {
         let builder = FakeApiServer::builder();
         let (builder, podman) = match pods {
             Pods::Processes => (
-                builder.runner(ProcessRunner::new().binary(FAKE_IMAGE, env!("CARGO_BIN_EXE_otm"))),
+                builder.runner(
+                    ProcessRunner::new()
+                        .binary(FAKE_IMAGE, env!("CARGO_BIN_EXE_otm"))
+                        .binary(FAKE_OPENCLAW_IMAGE, openclaw_image_stand_in(dir.path())),
+                ),
                 None,
             ),
             Pods::Containers => {
                 let podman = Podman::new().unwrap();
                 let image = otm_image(&podman).await;
                 (
-                    builder.runner(ContainerRunner::new(podman.clone()).image(FAKE_IMAGE, image)),
+                    builder.runner(
+                        ContainerRunner::new(podman.clone())
+                            .image(FAKE_IMAGE, image.clone())
+                            .image(FAKE_OPENCLAW_IMAGE, image),
+                    ),
                     Some(podman),
                 )
             }
@@ -142,9 +175,44 @@ impl Kube {
             kubeconfig,
             namespace: "otm-tenants".into(),
             image: FAKE_IMAGE.into(),
+            openclaw_image: None,
             runtime_class: Some("kata-qemu".into()),
             _dir: dir,
         }
+    }
+
+    /// Gives the orchestrators `--kube-openclaw-image` (the fake's stand-in, or
+    /// `OTM_TEST_KUBE_OPENCLAW_IMAGE` on a real cluster); false, after saying why, without one.
+    fn use_openclaw_image(&mut self) -> bool {
+        self.openclaw_image = if self.fake.is_some() {
+            Some(FAKE_OPENCLAW_IMAGE.to_owned())
+        } else {
+            env("OTM_TEST_KUBE_OPENCLAW_IMAGE")
+        };
+        if self.openclaw_image.is_none() {
+            eprintln!("skipped: against a real cluster this needs OTM_TEST_KUBE_OPENCLAW_IMAGE");
+        }
+        self.openclaw_image.is_some()
+    }
+
+    /// An instance pod as the API server has it.
+    fn pod(&self, name: &str) -> Option<Value> {
+        self.pods()
+            .into_iter()
+            .find(|p| p["metadata"]["name"] == name)
+    }
+
+    /// The running warm pods.
+    fn warm_pods(&self) -> Vec<String> {
+        self.pods()
+            .iter()
+            .filter(|p| {
+                p["metadata"]["labels"]["otm.dev/warm"] == "true"
+                    && p["status"]["phase"] == "Running"
+                    && p["metadata"]["deletionTimestamp"].is_null()
+            })
+            .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
+            .collect()
     }
 
     fn config(&self) -> KubeRuntimeConfig {
@@ -374,6 +442,9 @@ impl Kube {
         if let Some(url) = env("OTM_TEST_KUBE_EGRESS_URL") {
             args.extend(["--egress-url".to_owned(), url]);
         }
+        if let Some(image) = &self.openclaw_image {
+            args.extend(["--kube-openclaw-image".to_owned(), image.clone()]);
+        }
         Options {
             orchestrator_args: args,
             orchestrator_env: vec![(
@@ -590,8 +661,45 @@ async fn a_failed_pod_is_reported_at_once_and_a_deleted_one_is_not() {
     })
     .await
     .expect("an exit event");
-    eprintln!("pod failure reported after {:?}: {ev}", failed.elapsed());
+    let after = failed.elapsed();
+    eprintln!("pod failure reported after {after:?}: {ev}");
+    // The watch carries the failure as it happens (a few ms against the fake). On a real
+    // cluster the kubelet first has to see the container die and write the pod's status, which
+    // takes its own time: there the bound is the "about a second", with room.
+    let bound = if kube.fake.is_some() {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_secs(5)
+    };
+    assert!(
+        after < bound,
+        "a failed pod is reported within {bound:?}, not after {after:?}"
+    );
     rt.delete(&s.id).await.unwrap();
+
+    // A pod the runtime deletes itself is no event: its instance did not die.
+    let quiet = spec(Some("quiet"));
+    rt.create(&quiet).await.unwrap();
+    rt.delete(&quiet.id).await.unwrap();
+    eventually("the deleted pod is gone", Duration::from_secs(30), || {
+        !kube.pod_names().contains(&pod_spec::pod_name(&quiet.id))
+    })
+    .await;
+    let reported = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            match events.next().await {
+                Some(RuntimeEvent::Exited { id, .. } | RuntimeEvent::Terminating { id, .. })
+                    if id == quiet.id =>
+                {
+                    return;
+                }
+                Some(_) => {}
+                None => std::future::pending::<()>().await,
+            }
+        }
+    })
+    .await;
+    assert!(reported.is_err(), "a deleted pod is not reported");
 }
 
 // ---- Two orchestrators and a router on PostgreSQL + Redis, instances as pods -------------------
@@ -708,6 +816,70 @@ async fn send_and_wait(
     assert_eq!(got.len(), before + updates.len(), "every update answered");
 }
 
+/// Sets the warm pool's target to `n` and waits until `n` warm pods run and the registry has
+/// them; returns their names.
+async fn warm_pool(c: &Cluster, kube: &Kube, n: usize) -> Vec<String> {
+    admin(
+        c,
+        reqwest::Method::PUT,
+        "/v1/config",
+        Some(serde_json::json!({ "warm_pool_target": n })),
+    )
+    .await;
+    eventually("the warm pods run", Duration::from_secs(30), || {
+        kube.warm_pods().len() == n
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let list = admin(c, reqwest::Method::GET, "/v1/instances", None).await;
+        let registered = list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|i| i["state"] == "warm")
+            .count();
+        if registered == n {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the warm instances are registered: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    kube.warm_pods()
+}
+
+/// Wakes a tenant through orchestrator `o` and returns the answer.
+async fn wake_through(c: &Cluster, o: usize, tenant: &str) -> Value {
+    let r = c
+        .http
+        .post(format!(
+            "http://127.0.0.1:{}/v1/tenants/{tenant}/wake",
+            c.orchestrators[o].admin
+        ))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let v: Value = r.json().await.unwrap_or_default();
+    if !status.is_success() {
+        c.dump_logs();
+    }
+    assert!(status.is_success(), "waking {tenant}: {status} {v}");
+    v
+}
+
+/// The image of a pod's container.
+fn image_of(pod: &Value) -> String {
+    pod["spec"]["containers"][0]["image"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_orchestrators_on_kube_deliver_in_order_sleep_wake_and_survive_a_crash() {
     let kube = Kube::start().await;
@@ -793,7 +965,18 @@ async fn deliver_in_order_sleep_wake_and_survive_a_crash(kube: &Kube) {
     loop {
         let t = admin(&c, reqwest::Method::GET, "/v1/tenants/kt", None).await;
         if t["status"] != "running" {
-            eprintln!("pod failure noticed after {:?}", failed.elapsed());
+            let after = failed.elapsed();
+            eprintln!("pod failure noticed after {after:?}");
+            // Against the fake, the watch brings the failure within milliseconds and the
+            // orchestrator retires the instance at once (its shim refuses connections): the
+            // tenant is no longer running well within a second. A real kubelet takes longer to
+            // see the container die.
+            if kube.fake.is_some() {
+                assert!(
+                    after < Duration::from_secs(1),
+                    "the failure is noticed within a second, not after {after:?}"
+                );
+            }
             break;
         }
         assert!(Instant::now() < deadline, "the failure is noticed: {t}");
@@ -857,46 +1040,7 @@ async fn on_kube_a_warm_pod_is_claimed_pods_outlive_a_killed_orchestrator_and_th
     };
 
     // Warm pool: the leader keeps one warm pod; a wake claims it (its labels change).
-    admin(
-        &c,
-        reqwest::Method::PUT,
-        "/v1/config",
-        Some(serde_json::json!({"warm_pool_target": 1})),
-    )
-    .await;
-    let warm_pods = |kube: &Kube| -> Vec<String> {
-        kube.pods()
-            .iter()
-            .filter(|p| {
-                p["metadata"]["labels"]["otm.dev/warm"] == "true"
-                    && p["status"]["phase"] == "Running"
-            })
-            .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
-            .collect()
-    };
-    eventually("a warm pod runs", Duration::from_secs(30), || {
-        warm_pods(&kube).len() == 1
-    })
-    .await;
-    let warm = warm_pods(&kube)[0].clone();
-    // ... and the registry has it.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let list = admin(&c, reqwest::Method::GET, "/v1/instances", None).await;
-        if list
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|i| i["state"] == "warm")
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the warm instance is registered: {list}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let warm = warm_pool(&c, &kube, 1).await.remove(0);
     let token = "9602:WARM";
     let secret = c.create_tenant("kw", token).await;
     let woken = admin(&c, reqwest::Method::POST, "/v1/tenants/kw/wake", None).await;
@@ -1012,4 +1156,248 @@ async fn on_kube_a_warm_pod_is_claimed_pods_outlive_a_killed_orchestrator_and_th
     let last = c.tg.sent_messages(token).last().unwrap().text.clone();
     assert_eq!(last, "#3: after restart");
     c.shutdown().await;
+}
+
+/// With an OpenClaw image set (the chart's default), warm pods run it whatever profile their
+/// tenant will have: a reference tenant woken into one is bound and answered there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_an_openclaw_image_a_warm_pod_serves_a_reference_tenant() {
+    let mut kube = Kube::start().await;
+    if !kube.use_openclaw_image() {
+        return;
+    }
+    let Some((c, _egress)) = kube_cluster(&kube).await else {
+        return;
+    };
+    let warm = warm_pool(&c, &kube, 1).await.remove(0);
+    let openclaw_image = kube.openclaw_image.clone().unwrap();
+    assert_eq!(
+        image_of(&kube.pod(&warm).unwrap()),
+        openclaw_image,
+        "a warm pod runs the OpenClaw image"
+    );
+
+    let token = "9603:REFWARM";
+    let secret = c.create_tenant("kref", token).await;
+    let t = admin(&c, reqwest::Method::GET, "/v1/tenants/kref", None).await;
+    assert_eq!(t["profile"], "reference", "{t}");
+    let woken = wake_through(&c, 0, "kref").await;
+    assert_eq!(woken["path"], "warm", "{woken}");
+    assert_eq!(kube.pods_of("kref"), vec![warm.clone()]);
+    send_and_wait(&c, "kref", &secret, token, &[(1, 88, "hello".into())]).await;
+    let last = c.tg.sent_messages(token).last().unwrap().text.clone();
+    assert_eq!(
+        last, "#1: hello",
+        "the reference agent answers in the warm pod"
+    );
+    c.shutdown().await;
+}
+
+/// A tenant with limits of its own claims a warm pod all the same: the pod is resized in place
+/// (`pods/resize`) to the tenant's CPU and memory, not discarded for a cold one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_warm_pod_is_resized_in_place_to_its_tenants_limits() {
+    let kube = Kube::start().await;
+    let Some((c, _egress)) = kube_cluster(&kube).await else {
+        return;
+    };
+    let warm = warm_pool(&c, &kube, 1).await.remove(0);
+    let limits = |p: &Value| p["spec"]["containers"][0]["resources"]["limits"].clone();
+    let before = limits(&kube.pod(&warm).unwrap());
+    assert_eq!(before["cpu"], "1000m", "{before}");
+
+    let token = "9604:RESIZE";
+    let secret = c.create_tenant("kbig", token).await;
+    admin(
+        &c,
+        reqwest::Method::PATCH,
+        "/v1/tenants/kbig",
+        Some(serde_json::json!({"memory": "1536Mi", "cpu": "1500m"})),
+    )
+    .await;
+    let woken = wake_through(&c, 0, "kbig").await;
+    assert_eq!(woken["path"], "warm", "{woken}");
+    assert_eq!(
+        kube.pods_of("kbig"),
+        vec![warm.clone()],
+        "the warm pod is kept"
+    );
+    let pod = kube.pod(&warm).unwrap();
+    let after = limits(&pod);
+    assert_eq!(after["cpu"], "1500m", "{pod}");
+    assert_eq!(after["memory"], (1536u64 << 20).to_string(), "{pod}");
+    assert_eq!(
+        after["ephemeral-storage"], before["ephemeral-storage"],
+        "only CPU and memory change"
+    );
+    if let Some(fake) = &kube.fake {
+        assert!(
+            fake.requests()
+                .iter()
+                .any(|r| r.starts_with("PATCH ") && r.contains(&format!("/pods/{warm}/resize"))),
+            "resized through the resize subresource"
+        );
+        assert_eq!(
+            pod["status"]["containerStatuses"][0]["resources"]["limits"]["cpu"], "1500m",
+            "the resize was actuated"
+        );
+    }
+    send_and_wait(&c, "kbig", &secret, token, &[(1, 99, "big".into())]).await;
+    c.shutdown().await;
+}
+
+/// The reconciler's pass (the first one runs as an orchestrator starts) removes a pod no record
+/// owns once it is older than the grace that covers another replica between creating a pod and
+/// recording it, and a Secret of otm's whose pod is gone; it keeps younger ones and a Secret
+/// whose pod is there. Ages come from backdating `creationTimestamp` in the fake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_reconciler_removes_old_orphan_pods_and_secrets_whose_pod_is_gone() {
+    let kube = Kube::start().await;
+    let Some(fake) = kube.fake.as_ref() else {
+        eprintln!("skipped against a real cluster: ages objects in the fake");
+        return;
+    };
+    if env("OTM_TEST_POSTGRES_URL").is_none() || env("OTM_TEST_REDIS_URL").is_none() {
+        eprintln!("skipped: OTM_TEST_POSTGRES_URL and OTM_TEST_REDIS_URL are not both set");
+        return;
+    }
+    let old = Duration::from_secs(600);
+    let rt = kube.runtime().await;
+    // An old pod no record owns, and a young one.
+    let (orphan, young) = (spec(None), spec(None));
+    rt.create(&orphan).await.unwrap();
+    rt.create(&young).await.unwrap();
+    let (orphan_pod, young_pod) = (
+        pod_spec::pod_name(&orphan.id),
+        pod_spec::pod_name(&young.id),
+    );
+    fake.backdate("pods", &kube.namespace, &orphan_pod, old)
+        .unwrap();
+    // The young pod's Secret is old, but its pod is there.
+    fake.backdate("secrets", &kube.namespace, &young_pod, old)
+        .unwrap();
+    // Secrets left behind without a pod (no owner reference was set): an old one, a young one.
+    let leftover = |id: &InstanceId| {
+        let s = pod_spec::secret(&kube.config(), id, &Secret::random(), None);
+        fake.create("secrets", &kube.namespace, serde_json::to_value(s).unwrap())
+            .unwrap();
+        pod_spec::pod_name(id)
+    };
+    let (stale, fresh) = (
+        leftover(&InstanceId::random()),
+        leftover(&InstanceId::random()),
+    );
+    fake.backdate("secrets", &kube.namespace, &stale, old)
+        .unwrap();
+    drop(rt);
+
+    let Some((c, _egress)) = kube_cluster(&kube).await else {
+        return;
+    };
+    eventually(
+        "the old orphan pod and the stale Secret are removed",
+        Duration::from_secs(30),
+        || {
+            !kube.pod_names().contains(&orphan_pod)
+                && kube.secret(&stale).is_none()
+                && kube.secret(&orphan_pod).is_none()
+        },
+    )
+    .await;
+    assert!(kube.pod_names().contains(&young_pod), "a young pod is kept");
+    assert!(
+        kube.secret(&young_pod).is_some(),
+        "a Secret whose pod is there is kept"
+    );
+    assert!(kube.secret(&fresh).is_some(), "a young Secret is kept");
+    c.shutdown().await;
+    let rt = kube.runtime().await;
+    rt.delete(&young.id).await.unwrap();
+}
+
+/// Two tenants woken at the same moment through different orchestrators with one warm pod: the
+/// registry hands the warm instance to exactly one, the other's wake creates a pod, and both are
+/// answered. Then the runtime's half of a claim: a warm pod that another claimer has labelled
+/// for its tenant, while the registry still lists it as warm, is lost (the label patch's
+/// `resourceVersion` precondition fails, or the pod is no longer claimable), left alone, and the
+/// wake creates a pod instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_wakes_at_once_share_one_warm_pod_and_a_lost_claim_creates_a_pod() {
+    let kube = Kube::start().await;
+    let Some((c, _egress)) = kube_cluster(&kube).await else {
+        return;
+    };
+    let warm = warm_pool(&c, &kube, 1).await.remove(0);
+    let (ta, tb) = ("9605:RACEA", "9606:RACEB");
+    let sa = c.create_tenant("ka", ta).await;
+    let sb = c.create_tenant("kb", tb).await;
+    let (wa, wb) = tokio::join!(wake_through(&c, 0, "ka"), wake_through(&c, 1, "kb"));
+    let mut paths = [
+        wa["path"].as_str().unwrap().to_owned(),
+        wb["path"].as_str().unwrap().to_owned(),
+    ];
+    paths.sort();
+    assert_eq!(paths, ["cold", "warm"], "{wa} {wb}");
+    let (winner, loser) = if wa["path"] == "warm" {
+        ("ka", "kb")
+    } else {
+        ("kb", "ka")
+    };
+    assert_eq!(kube.pods_of(winner), vec![warm.clone()]);
+    let cold = kube.pods_of(loser);
+    assert_eq!(cold.len(), 1, "{cold:?}");
+    assert_ne!(cold[0], warm);
+    send_and_wait(&c, "ka", &sa, ta, &[(1, 10, "a".into())]).await;
+    send_and_wait(&c, "kb", &sb, tb, &[(1, 20, "b".into())]).await;
+
+    // The pool is refilled; another claimer takes the new warm pod on the API server first.
+    let Some(fake) = &kube.fake else {
+        c.shutdown().await;
+        return;
+    };
+    let refilled = warm_pool(&c, &kube, 1).await.remove(0);
+    assert_ne!(refilled, warm);
+    let r = c
+        .http
+        .patch(format!(
+            "{}/api/v1/namespaces/{}/pods/{refilled}",
+            fake.url(),
+            kube.namespace
+        ))
+        .header("content-type", "application/merge-patch+json")
+        .body(
+            serde_json::json!({"metadata": {"labels": {
+                "otm.dev/warm": "false",
+                "otm.dev/tenant": "elsewhere",
+            }}})
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let tc = "9607:LOST";
+    let sc = c.create_tenant("kc", tc).await;
+    let woken = wake_through(&c, 0, "kc").await;
+    assert_eq!(woken["path"], "cold", "a lost claim creates a pod: {woken}");
+    let pods = kube.pods_of("kc");
+    assert_eq!(pods.len(), 1);
+    assert_ne!(pods[0], refilled);
+    assert_eq!(
+        kube.pods_of("elsewhere"),
+        vec![refilled.clone()],
+        "the other claimer's pod is left alone"
+    );
+    let logs: String = c
+        .orchestrators
+        .iter()
+        .map(|o| std::fs::read_to_string(&o.log).unwrap_or_default())
+        .collect();
+    assert!(
+        logs.contains("lost the claim of a warm instance"),
+        "the wake went through the lost-claim path"
+    );
+    send_and_wait(&c, "kc", &sc, tc, &[(1, 30, "c".into())]).await;
+    c.shutdown().await;
+    let _ = fake.lose_pod(&kube.namespace, &refilled);
 }

@@ -562,18 +562,31 @@ impl Runtime for KubeRuntime {
     }
 
     /// A running pod's resources can only change through the `resize` subresource (in-place
-    /// resize); where the cluster refuses, the caller creates a pod of the right size instead.
+    /// resize), and only its CPU and memory: a tenant whose disk limit differs (the pod's
+    /// ephemeral-storage limit and the emptyDir's size) needs a new pod, as it does where the
+    /// cluster refuses the resize; the caller then creates one.
     async fn set_limits(&self, id: &InstanceId, limits: &ResourceLimits) -> Result<()> {
         let pod = self
             .pod(id)
             .ok_or_else(|| Error::not_found(format!("pod {}", spec::pod_name(id))))?;
-        let want = spec::resources(limits);
         let have = pod
             .spec
             .as_ref()
             .and_then(|s| s.containers.first())
-            .and_then(|c| c.resources.clone());
-        if have.as_ref().map(|h| (&h.requests, &h.limits)) == Some((&want.requests, &want.limits)) {
+            .and_then(|c| c.resources.clone())
+            .unwrap_or_default();
+        let want = spec::resources(limits);
+        if spec::storage(&have) != spec::storage(&want) {
+            return Err(Error::unavailable(
+                BACKEND,
+                format!(
+                    "pod {} has another disk limit, which cannot change in place",
+                    spec::pod_name(id)
+                ),
+            ));
+        }
+        let want = spec::resizable(&want);
+        if spec::resizable(&have) == want {
             return Ok(());
         }
         let patch = serde_json::json!({
@@ -598,6 +611,76 @@ impl Runtime for KubeRuntime {
                     ),
                 )
             })
+    }
+
+    /// Secrets of otm's instances whose pod is gone: a pod owns its Secret once created, and the
+    /// cluster's garbage collector removes the Secret with it, but an orchestrator that dies (or
+    /// fails to set the owner) between creating the Secret and the pod leaves one behind.
+    async fn collect_garbage(&self, grace: Duration) -> Result<usize> {
+        let secrets = self
+            .inner
+            .secrets
+            .list(&kube::api::ListParams::default().labels(&format!(
+                "{}=otm,{}",
+                spec::MANAGED_BY,
+                spec::INSTANCE_LABEL
+            )))
+            .await
+            .map_err(api_err)?;
+        let now = jiff::Timestamp::now();
+        let mut removed = 0;
+        for secret in secrets {
+            let Some(name) = secret.metadata.name.as_deref() else {
+                continue;
+            };
+            let old_enough = secret
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .is_some_and(|t| {
+                    now.duration_since(t.0)
+                        >= jiff::SignedDuration::try_from(grace).unwrap_or_default()
+                });
+            if !old_enough
+                || self
+                    .inner
+                    .store
+                    .get(&ObjectRef::new(name).within(&self.inner.cfg.namespace))
+                    .is_some()
+            {
+                continue;
+            }
+            // The watch may lag: ask the API server itself before deleting.
+            if self
+                .inner
+                .pods
+                .get_opt(name)
+                .await
+                .map_err(api_err)?
+                .is_some()
+            {
+                continue;
+            }
+            let dp =
+                DeleteParams {
+                    preconditions: secret.metadata.uid.clone().map(|uid| {
+                        kube::api::Preconditions {
+                            uid: Some(uid),
+                            resource_version: None,
+                        }
+                    }),
+                    ..DeleteParams::default()
+                };
+            match self.inner.secrets.delete(name, &dp).await {
+                Ok(_) => {
+                    tracing::warn!(secret = name, "removed the Secret of a pod that is gone");
+                    removed += 1;
+                }
+                Err(e) if matches!(status_code(&e), Some(404 | 409)) => {}
+                Err(e) => return Err(api_err(e)),
+            }
+        }
+        Ok(removed)
     }
 
     async fn claim(&self, id: &InstanceId, tenant: &TenantId) -> Result<bool> {
@@ -643,4 +726,52 @@ fn created_ms(pod: &Pod) -> Option<i64> {
         .creation_timestamp
         .as_ref()
         .map(|t| t.0.as_millisecond())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `OTM_KUBE_NODE_SELECTOR` and `OTM_KUBE_TOLERATIONS` as the Helm chart's ConfigMap renders
+    /// them with the default values (`scripts/check-chart` renders the same chart).
+    const CHART_NODE_SELECTOR: &str = "otm.dev/kata=true";
+    const CHART_TOLERATIONS: &str =
+        r#"[{"effect":"NoSchedule","key":"otm.dev/kata","operator":"Equal","value":"true"}]"#;
+
+    #[test]
+    fn the_charts_node_selector_parses() {
+        let s = parse_selector(CHART_NODE_SELECTOR).unwrap();
+        assert_eq!(
+            s,
+            BTreeMap::from([("otm.dev/kata".to_owned(), "true".to_owned())])
+        );
+        let s = parse_selector(" a=1 , b.example.com/c = x,,").unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s["b.example.com/c"], "x");
+        assert_eq!(parse_selector("").unwrap(), BTreeMap::new());
+        assert_eq!(parse_selector("a=").unwrap()["a"], "");
+        for bad in ["novalue", "=v", "a=1,b"] {
+            assert!(parse_selector(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_charts_tolerations_parse() {
+        let t = parse_tolerations(CHART_TOLERATIONS).unwrap();
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].key.as_deref(), Some("otm.dev/kata"));
+        assert_eq!(t[0].operator.as_deref(), Some("Equal"));
+        assert_eq!(t[0].value.as_deref(), Some("true"));
+        assert_eq!(t[0].effect.as_deref(), Some("NoSchedule"));
+        assert!(parse_tolerations("").unwrap().is_empty());
+        assert!(parse_tolerations("  ").unwrap().is_empty());
+        assert!(parse_tolerations("[]").unwrap().is_empty());
+        for bad in [
+            "otm.dev/kata=true:NoSchedule",
+            r#"{"key":"otm.dev/kata"}"#,
+            r#"[{"key":1}]"#,
+        ] {
+            assert!(parse_tolerations(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -208,6 +208,28 @@ pub fn resources(limits: &ResourceLimits) -> ResourceRequirements {
     }
 }
 
+/// The part of requests and limits an in-place resize may change: CPU and memory.
+pub fn resizable(r: &ResourceRequirements) -> ResourceRequirements {
+    let keep = |m: &Option<BTreeMap<String, Quantity>>| {
+        m.as_ref().map(|m| {
+            m.iter()
+                .filter(|(k, _)| *k == "cpu" || *k == "memory")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect::<BTreeMap<_, _>>()
+        })
+    };
+    ResourceRequirements {
+        requests: keep(&r.requests),
+        limits: keep(&r.limits),
+        ..Default::default()
+    }
+}
+
+/// The ephemeral-storage limit, which no resize changes.
+pub fn storage(r: &ResourceRequirements) -> Option<&Quantity> {
+    r.limits.as_ref()?.get("ephemeral-storage")
+}
+
 /// The image for a profile: OpenClaw's own image where one is set, the otm image otherwise (a
 /// warm pod, whose profile is not known yet, gets the OpenClaw image when there is one, since it
 /// also runs the reference agent).
@@ -579,6 +601,30 @@ mod tests {
             Default::default(),
         ));
         assert!(!claimable(&p), "being deleted");
+    }
+
+    #[test]
+    fn a_resize_changes_cpu_and_memory_only() {
+        let small = ResourceLimits::default();
+        let big = ResourceLimits {
+            memory_bytes: 3 << 30,
+            cpu_millis: 1500,
+            ..small
+        };
+        let (a, b) = (resources(&small), resources(&big));
+        assert_ne!(resizable(&a), resizable(&b));
+        assert_eq!(storage(&a), storage(&b));
+        let r = resizable(&b);
+        assert_eq!(
+            r.limits.as_ref().unwrap().keys().collect::<Vec<_>>(),
+            ["cpu", "memory"]
+        );
+        assert_eq!(r.limits.as_ref().unwrap()["cpu"].0, "1500m");
+        let disk = ResourceLimits {
+            disk_bytes: 4 << 30,
+            ..small
+        };
+        assert_ne!(storage(&a), storage(&resources(&disk)));
     }
 
     #[test]

@@ -19,7 +19,9 @@ use super::Inner;
 use super::patch::{JsonPatchError, json_patch, merge_patch};
 use super::pods::PodCommand;
 use super::select::{FieldSelector, LabelSelector};
-use super::store::{Change, ChangeType, PODS, RESOURCES, ResourceType, meta_str, resource, rv_of};
+use super::store::{
+    Change, ChangeType, PODS, RESOURCES, ResourceType, meta_str, qos_class, resource, rv_of,
+};
 use super::util::{ApiError, base64_decode, base64_encode};
 
 /// How objects are written back, after the `Accept` header.
@@ -307,6 +309,13 @@ async fn route(
                         (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain")], text)
                             .into_response(),
                     )
+                }
+                (Some("resize"), Method::GET) if t.res == PODS => inner
+                    .get_object(t.res, &ns, name)
+                    .map(ok)
+                    .ok_or_else(|| ApiError::not_found(rt.plural, rt.group, name)),
+                (Some("resize"), Method::PATCH) if t.res == PODS => {
+                    resize(inner, &ns, name, content_type, body).map(ok)
                 }
                 (None | Some("status"), Method::PUT) if sub.is_none() || rt.status => {
                     let obj = parse_body(body, content_type)?;
@@ -780,6 +789,111 @@ fn patch(
     Ok(created)
 }
 
+/// `PATCH pods/{name}/resize` (in-place resize): only the containers' CPU and memory requests and
+/// limits may change, containers are matched by name (as a strategic merge patch does), the QoS
+/// class may not change, and a pod that has ended cannot be resized; a `metadata.resourceVersion`
+/// in the body is a precondition. The fake's kubelet takes the new resources at once: they show
+/// in the container's status too (`status.containerStatuses[].resources`). The workload itself
+/// (a process, or a container) keeps the limits it was started with.
+fn resize(
+    inner: &Inner,
+    ns: &str,
+    name: &str,
+    content_type: &str,
+    body: &[u8],
+) -> Result<Value, ApiError> {
+    let rt = &RESOURCES[PODS];
+    let media = content_type.split(';').next().unwrap_or_default().trim();
+    if !matches!(
+        media,
+        "application/merge-patch+json" | "application/strategic-merge-patch+json"
+    ) {
+        return Err(ApiError::new(
+            415,
+            "UnsupportedMediaType",
+            format!(
+                "the resize subresource takes a merge or strategic merge patch (got {media:?})"
+            ),
+        ));
+    }
+    let patch = parse_body(body, content_type)?;
+    let invalid = |m: String| ApiError::invalid(format!("Pod \"{name}\" is invalid: {m}"));
+    if let Some(other) = patch
+        .as_object()
+        .into_iter()
+        .flat_map(|o| o.keys())
+        .find(|k| !matches!(k.as_str(), "spec" | "metadata"))
+    {
+        return Err(invalid(format!(
+            "{other}: Forbidden: only spec.containers[*].resources may change"
+        )));
+    }
+    let containers = patch
+        .pointer("/spec/containers")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    inner.write(|s| {
+        let old = s
+            .get(PODS, ns, name)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(rt.plural, rt.group, name))?;
+        let want = meta_str(&patch, "resourceVersion");
+        if !want.is_empty() && want != meta_str(&old, "resourceVersion") {
+            return Err(ApiError::stale(rt.plural, rt.group, name));
+        }
+        let phase = old.pointer("/status/phase").and_then(Value::as_str).unwrap_or("Pending");
+        if matches!(phase, "Succeeded" | "Failed") {
+            return Err(invalid(format!("spec: Forbidden: a pod in phase {phase} cannot be resized")));
+        }
+        let mut new = old.clone();
+        for c in &containers {
+            let cname = c.get("name").and_then(Value::as_str).unwrap_or_default();
+            if let Some(k) = c.as_object().into_iter().flat_map(|o| o.keys()).find(|k| !matches!(k.as_str(), "name" | "resources")) {
+                return Err(invalid(format!("spec.containers[{cname}].{k}: Forbidden: only resources may change")));
+            }
+            let Some(target) = new
+                .pointer_mut("/spec/containers")
+                .and_then(Value::as_array_mut)
+                .and_then(|cs| cs.iter_mut().find(|t| t["name"] == cname))
+            else {
+                return Err(invalid(format!("spec.containers[{cname}]: Not found")));
+            };
+            if let Some(r) = c.get("resources") {
+                merge_patch(&mut target["resources"], r);
+            }
+        }
+        // Only CPU and memory are resizable.
+        let old_cs = old.pointer("/spec/containers").and_then(Value::as_array).cloned().unwrap_or_default();
+        let new_cs = new.pointer("/spec/containers").and_then(Value::as_array).cloned().unwrap_or_default();
+        for (o, n) in old_cs.iter().zip(&new_cs) {
+            for kind in ["requests", "limits"] {
+                let (ro, rn) = (&o["resources"][kind], &n["resources"][kind]);
+                let keys: std::collections::BTreeSet<&String> = ro.as_object().into_iter().chain(rn.as_object()).flat_map(|m| m.keys()).collect();
+                for k in keys {
+                    if k != "cpu" && k != "memory" && ro.get(k) != rn.get(k) {
+                        return Err(invalid(format!("spec.containers[{}].resources.{kind}[{k}]: Forbidden: only cpu and memory resources are mutable", n["name"].as_str().unwrap_or_default())));
+                    }
+                }
+            }
+        }
+        if qos_class(&new) != qos_class(&old) {
+            return Err(invalid("spec: Forbidden: Pod QoS is immutable".to_owned()));
+        }
+        // The kubelet actuates the resize: the containers' status shows the new resources.
+        for c in &new_cs {
+            if let Some(st) = new
+                .pointer_mut("/status/containerStatuses")
+                .and_then(Value::as_array_mut)
+                .and_then(|cs| cs.iter_mut().find(|st| st["name"] == c["name"]))
+            {
+                st["resources"] = c["resources"].clone();
+            }
+        }
+        s.update(PODS, ns, name, new)
+    })
+}
+
 /// Checks `preconditions` of DeleteOptions against the stored object.
 fn check_preconditions(rt: &ResourceType, obj: &Value, options: &Value) -> Result<(), ApiError> {
     let name = meta_str(obj, "name");
@@ -1044,6 +1158,7 @@ fn resource_list(group: &str, version: &str) -> Option<Value> {
         }
         if r.plural == "pods" {
             resources.push(json!({"name": "pods/log", "singularName": "", "namespaced": true, "kind": "Pod", "verbs": ["get"]}));
+            resources.push(json!({"name": "pods/resize", "singularName": "", "namespaced": true, "kind": "Pod", "verbs": ["get", "patch", "update"]}));
         }
     }
     if resources.is_empty() {

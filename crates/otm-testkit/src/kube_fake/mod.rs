@@ -23,7 +23,8 @@
 //!
 //! # What it serves
 //! Discovery (`/api`, `/api/v1`, `/apis`, `/apis/{group}/{version}`, `/version`) and, for core/v1
-//! `pods` (with `status` and `log` subresources), `secrets`, `events`, `services`, `configmaps`,
+//! `pods` (with `status`, `log` and `resize` subresources; a resize may change only the
+//! containers' CPU and memory, keeps the QoS class, and shows in the container statuses at once), `secrets`, `events`, `services`, `configmaps`,
 //! `namespaces`, `coordination.k8s.io/v1` `leases` and `events.k8s.io/v1` `events`: namespaced
 //! collections (list, watch, create, deletecollection), objects (get, put, patch, delete), and
 //! cluster-wide list and watch (`/api/v1/pods`). Objects are kept as JSON; objects may be created
@@ -613,6 +614,31 @@ impl FakeApiServer {
         self.inner.write(|s| {
             s.modify(PODS, namespace, name, |p| {
                 f(p);
+                true
+            })
+        })
+    }
+
+    /// Moves an object's `creationTimestamp` back by `by` (one `MODIFIED` event), so that a test
+    /// can make it look as old as it needs without waiting; the real API server lets no client
+    /// do this. `None` if there is no such object.
+    pub fn backdate(
+        &self,
+        resource: &str,
+        namespace: &str,
+        name: &str,
+        by: Duration,
+    ) -> Option<Value> {
+        let res = resource_named(resource);
+        let by = chrono::Duration::from_std(by).ok()?;
+        self.inner.write(|s| {
+            s.modify(res, namespace, name, |o| {
+                let Ok(t) = chrono::DateTime::parse_from_rfc3339(meta_str(o, "creationTimestamp"))
+                else {
+                    return false;
+                };
+                o["metadata"]["creationTimestamp"] =
+                    json!(util::rfc3339(t.with_timezone(&chrono::Utc) - by));
                 true
             })
         })

@@ -514,7 +514,7 @@ impl Store {
 }
 
 /// A pod's QoS class from its containers' requests and limits.
-fn qos_class(pod: &Value) -> &'static str {
+pub(crate) fn qos_class(pod: &Value) -> &'static str {
     let containers = pod
         .pointer("/spec/containers")
         .and_then(Value::as_array)
