@@ -955,7 +955,7 @@ fn settings_form(app: &App, s: &Signed, v: &otm_core::admin_api::TenantView) -> 
         ),
         // The list as shown goes back too: an untouched field changes nothing (an empty list
         // never set is the profile's default, one set on purpose is nobody).
-        users = format!(
+        users = format_args!(
             "{}<input type=\"hidden\" name=\"allowed_users_was\" value=\"{}\">",
             field(
                 "allowed_users",
