@@ -453,19 +453,19 @@ impl App {
     }
 
     /// Makes dead letters of `tenant` pending again, at the head of its inbox, and has them
-    /// delivered at once: the dispatcher here is kicked, and (with a shared coordinator) the
-    /// replica that may hold its lease is told. Returns the sequence numbers retried. Errors as
+    /// delivered at once: delivery is requested here ([`App::request_delivery`]), and (with a
+    /// shared coordinator) the replica that may hold its lease is told. Returns the sequence numbers retried. Errors as
     /// [`otm_core::Inbox::inbox_retry`]: not found for an unknown tenant or seq, conflict for an
     /// update that is not a dead letter.
     pub async fn retry_dead_letters(
-        self: &Arc<Self>,
+        &self,
         tenant: &TenantId,
         which: otm_core::DeadLetters,
     ) -> otm_core::Result<Vec<i64>> {
         let retried = self.registry.inbox_retry(tenant, which).await?;
         if !retried.is_empty() {
             tracing::info!(%tenant, ?retried, "dead letters retried");
-            crate::dispatch::kick(self, tenant);
+            self.request_delivery(tenant);
             if self.routed
                 || self
                     .settings
