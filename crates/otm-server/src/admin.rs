@@ -1,6 +1,7 @@
 //! The admin API under `/v1/` (bearer token) and `/metrics`. Errors are
 //! `{"error": {"code", "message"}}`. Secrets are write-only: no answer contains one.
 
+use crate::api_error::{ApiError, ApiResult};
 use crate::app::App;
 use crate::orchestrator;
 use axum::extract::{Path, Query, Request, State};
@@ -10,66 +11,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use otm_core::admin_api::{
-    AuditPage, CreateTenant, CreateToken, DropAnswer, ErrorBody, ErrorCode, InboxAnswer,
-    InstanceView, LimitsBody, NewToken, PatchTenant, PutConfig, RestoreView, RetryAnswer,
-    RotateAnswer, RotateRequest, SnapshotEntry, SnapshotList, StatusView, StopView, TenantView,
-    TokenView, WakeView,
+    AuditPage, CreateTenant, CreateToken, DropAnswer, ErrorCode, InboxAnswer, InstanceView,
+    LimitsBody, NewToken, PatchTenant, PutConfig, RestoreView, RetryAnswer, RotateAnswer,
+    RotateRequest, SnapshotEntry, SnapshotList, StatusView, StopView, TenantView, TokenView,
+    WakeView,
 };
 use otm_core::{Error, FleetSettings, InstanceRecord, Secret, Tenant, TenantId};
 use serde::Deserialize;
 use serde_json::Value;
 use std::sync::Arc;
-
-/// An API error: HTTP status, a stable code, and a message that says what to do.
-#[derive(Debug)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub code: ErrorCode,
-    pub message: String,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-    fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidRequest, message)
-    }
-    fn not_found(what: &str) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            ErrorCode::NotFound,
-            format!("{what} not found"),
-        )
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.status, Json(ErrorBody::new(self.code, self.message))).into_response()
-    }
-}
-
-impl From<Error> for ApiError {
-    fn from(e: Error) -> Self {
-        let (status, code) = match &e {
-            Error::NotFound { .. } => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
-            Error::AlreadyExists { .. } => (StatusCode::CONFLICT, ErrorCode::AlreadyExists),
-            Error::Conflict { .. } => (StatusCode::CONFLICT, ErrorCode::Conflict),
-            Error::InvalidInput { .. } => (StatusCode::BAD_REQUEST, ErrorCode::InvalidRequest),
-            Error::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
-            Error::Corrupt { .. } => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Corrupt),
-            _ => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal),
-        };
-        ApiError::new(status, code, e.to_string())
-    }
-}
-
-pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 /// JSON bodies that fail to parse answer in the API's error shape.
 struct ApiJson<T>(T);
@@ -137,14 +87,9 @@ pub fn router(app: Arc<App>) -> Router {
             .nest("/v1", Router::new().fallback(elsewhere))
             .with_state(app);
     }
-    let api = base
-        .nest("/v1", v1)
+    base.nest("/v1", v1)
         .nest("/internal/v1", internal)
-        .with_state(app.clone());
-    match crate::console::router(app) {
-        Some(console) => api.merge(console),
-        None => api,
-    }
+        .with_state(app)
 }
 
 /// Routers present the shared service token; in the `all` role the admin token works too.

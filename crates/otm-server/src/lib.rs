@@ -21,6 +21,7 @@
 //! - [`openclaw`]: what the `openclaw` profile's instances are bound with.
 //! - [`openclaw_install`]: where OpenClaw is installed on this machine.
 //! - [`admin`]: the admin API and `/metrics`.
+//! - [`api_error`]: the error answer of the admin API and the console.
 //! - [`console`]: the web console on the admin listener, and the metrics history it charts.
 //! - [`telegram`]: a client for the real Bot API.
 //! - [`metrics`]: Prometheus metrics.
@@ -31,6 +32,7 @@
 //! - [`server`]: start and shutdown.
 
 pub mod admin;
+pub mod api_error;
 pub mod app;
 pub mod bot_limits;
 pub mod clock;

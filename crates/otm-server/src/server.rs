@@ -4,7 +4,7 @@ use crate::app::App;
 use crate::config::Settings;
 use crate::listen::{self, ListenerLimits};
 use crate::wake::Waker;
-use crate::{admin, dispatch, egress, ingress, orchestrator};
+use crate::{admin, console, dispatch, egress, ingress, orchestrator};
 use axum::Router;
 use axum::error_handling::HandleErrorLayer;
 use axum::http::StatusCode;
@@ -391,11 +391,17 @@ async fn layer_error(e: tower::BoxError) -> StatusCode {
     }
 }
 
-/// The admin router behind its middleware, outermost first.
+/// The admin listener's router (the admin API, and the web console when it is served) behind
+/// its middleware, outermost first.
 fn admin_router(app: Arc<App>) -> Router {
     // A wake answers when the agent is ready: the longest an admin call may take.
     let timeout = Duration::from_secs(app.settings().wake_timeout_s + 60);
-    admin::router(app).layer(
+    let api = admin::router(app.clone());
+    let routes = match console::router(app) {
+        Some(console) => api.merge(console),
+        None => api,
+    };
+    routes.layer(
         ServiceBuilder::new()
             // A span per request, with its method and route, and its outcome at debug level.
             .layer(traced("admin"))

@@ -14,7 +14,8 @@
 pub mod history;
 mod html;
 
-use crate::admin::{self, ApiError};
+use crate::admin;
+use crate::api_error::ApiError;
 use crate::app::App;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
