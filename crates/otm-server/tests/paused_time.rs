@@ -1,6 +1,7 @@
 //! Time-based logic under `tokio::time::pause()`: the idle reaper, delivery backoff and
 //! dead-lettering, lease renewal and giving up, and the warm pool, on in-process backends and a
-//! runtime whose instances answer at once. Minutes of the server's time pass in milliseconds.
+//! runtime whose instances answer at once; the dispatcher against a stand-in waker and its
+//! failure kinds. Minutes of the server's time pass in milliseconds.
 
 mod support;
 
@@ -9,9 +10,10 @@ use futures::stream::BoxStream;
 use otm_core::instance::Endpoint;
 use otm_core::{
     Coordinator, DeliveryFailure, FleetSettings, InstanceState, Lease, Notification, Result,
-    TenantId, TenantStatus,
+    Runtime, TenantId, TenantStatus,
 };
 use otm_server::lease::HeldLease;
+use otm_server::wake::{WakePath, Waker, Woken};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -463,4 +465,196 @@ async fn a_router_fails_over_to_the_next_orchestrator_and_stops_at_not_found() {
     assert!(matches!(err, otm_core::Error::NotFound { .. }), "{err}");
     assert_eq!(counters[2].load(Ordering::SeqCst), 1);
     assert_eq!(counters[1].load(Ordering::SeqCst), 1);
+}
+
+/// A waker standing in for the orchestrator: its first `failures` wakes fail, every later one
+/// answers the endpoint it was given (without caching it, so every attempt asks again).
+#[derive(Debug)]
+struct FakeWaker {
+    failures: usize,
+    calls: std::sync::atomic::AtomicUsize,
+    endpoint: std::sync::Mutex<Option<Endpoint>>,
+}
+
+impl FakeWaker {
+    fn new(failures: usize) -> Arc<FakeWaker> {
+        Arc::new(FakeWaker {
+            failures,
+            calls: Default::default(),
+            endpoint: Default::default(),
+        })
+    }
+
+    fn answer(&self, address: String) {
+        *self.endpoint.lock().unwrap() = Some(Endpoint {
+            instance: otm_core::InstanceId::random(),
+            address,
+            shim_token: otm_core::Secret::new("t"),
+            signature: None,
+        });
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl Waker for FakeWaker {
+    async fn wake(&self, _tenant: &TenantId, _chat: Option<i64>) -> Result<Woken> {
+        if self.calls.fetch_add(1, Ordering::SeqCst) < self.failures {
+            return Err(otm_core::Error::unavailable(
+                "orchestrator",
+                "no orchestrator answered",
+            ));
+        }
+        let endpoint = self.endpoint.lock().unwrap().clone().expect("an endpoint");
+        Ok(Woken {
+            instance: endpoint.instance.clone(),
+            endpoint,
+            path: WakePath::Warm,
+            total_ms: 0,
+            phases: vec![],
+        })
+    }
+}
+
+/// A world whose wakes go to `waker`; no loop runs, the dispatcher is started by each update.
+async fn world_waking_with(waker: &Arc<FakeWaker>, max_attempts: u32) -> World {
+    let waker = waker.clone();
+    World::with_waker(
+        |s| s.max_delivery_attempts = max_attempts,
+        move |_| waker as Arc<dyn Waker>,
+    )
+    .await
+}
+
+/// The pending and dead-lettered head of `t`'s inbox: attempts, and the kind of the last failure.
+async fn head(
+    w: &World,
+    t: &TenantId,
+) -> (
+    Option<(u32, Option<DeliveryFailure>)>,
+    Option<(u32, Option<DeliveryFailure>)>,
+) {
+    let v = w.registry().inbox_view(t, None, 10).await.unwrap();
+    let of = |i: &otm_core::InboxItem| (i.attempts, i.failure().0);
+    (v.pending.first().map(of), v.dead.first().map(of))
+}
+
+/// `otm_delivery_failures_total{kind}` as the metrics page shows it.
+fn failures_counted(w: &World, kind: DeliveryFailure) -> u64 {
+    let page = w.app.metrics().encode();
+    let prefix = format!("otm_delivery_failures_total{{kind=\"{}\"}} ", kind.as_str());
+    page.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_wakes_back_off_are_recorded_as_wake_failed_and_the_update_goes_through_after() {
+    let waker = FakeWaker::new(3);
+    let w = world_waking_with(&waker, 10).await;
+    // Once the waker stops failing it answers a stand-in shim that takes updates.
+    let instance = w
+        .runtime
+        .create(&otm_core::InstanceSpec {
+            id: otm_core::InstanceId::random(),
+            shim_token: otm_core::Secret::new("t"),
+            tenant: None,
+            limits: Default::default(),
+            profile: None,
+        })
+        .await
+        .unwrap();
+    waker.answer(instance.address);
+    let t = w.tenant("unwakeable", 600).await;
+    let start = Instant::now();
+    w.update(&t, 1).await;
+    // Attempts at 0 ms, then 100, 200 and 400 ms apart; the first three find no instance.
+    sleep_until(start + Duration::from_millis(50)).await;
+    assert_eq!(
+        head(&w, &t).await,
+        (Some((1, Some(DeliveryFailure::WakeFailed))), None)
+    );
+    sleep_until(start + Duration::from_millis(150)).await;
+    assert_eq!(
+        head(&w, &t).await.0,
+        Some((2, Some(DeliveryFailure::WakeFailed)))
+    );
+    sleep_until(start + Duration::from_millis(290)).await;
+    assert_eq!(
+        head(&w, &t).await.0,
+        Some((2, Some(DeliveryFailure::WakeFailed)))
+    );
+    sleep_until(start + Duration::from_millis(650)).await;
+    assert_eq!(
+        head(&w, &t).await.0,
+        Some((3, Some(DeliveryFailure::WakeFailed)))
+    );
+    assert_eq!(waker.calls(), 3);
+    assert_eq!(w.runtime.shims.deliveries.load(Ordering::SeqCst), 0);
+    // The fourth wake works: the update is delivered and leaves the inbox.
+    sleep_until(start + Duration::from_millis(750)).await;
+    assert_eq!(head(&w, &t).await, (None, None));
+    assert_eq!(w.registry().inbox_depth(&t).await.unwrap(), 0);
+    assert_eq!(waker.calls(), 4);
+    assert_eq!(w.runtime.shims.deliveries.load(Ordering::SeqCst), 1);
+    assert_eq!(failures_counted(&w, DeliveryFailure::WakeFailed), 3);
+    assert_eq!(failures_counted(&w, DeliveryFailure::ShimUnreachable), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shim_nobody_listens_on_is_recorded_as_shim_unreachable() {
+    let waker = FakeWaker::new(0);
+    let w = world_waking_with(&waker, 2).await;
+    waker.answer(format!(
+        "unix:{}",
+        w.dir.path().join("nobody.sock").display()
+    ));
+    let t = w.tenant("unreachable", 600).await;
+    let start = Instant::now();
+    w.update(&t, 1).await;
+    sleep_until(start + Duration::from_millis(50)).await;
+    assert_eq!(
+        head(&w, &t).await,
+        (Some((1, Some(DeliveryFailure::ShimUnreachable))), None)
+    );
+    // The second attempt, 100 ms later, is the last.
+    sleep_until(start + Duration::from_millis(150)).await;
+    assert_eq!(
+        head(&w, &t).await,
+        (None, Some((2, Some(DeliveryFailure::ShimUnreachable))))
+    );
+    assert_eq!(waker.calls(), 2);
+    assert_eq!(failures_counted(&w, DeliveryFailure::ShimUnreachable), 2);
+    assert_eq!(failures_counted(&w, DeliveryFailure::WakeFailed), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shim_that_never_answers_is_recorded_as_timeout_after_60_s() {
+    let waker = FakeWaker::new(0);
+    let w = world_waking_with(&waker, 1).await;
+    // A socket that takes connections and never answers on them.
+    let socket = w.dir.path().join("silent.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            held.push(conn);
+        }
+    });
+    waker.answer(format!("unix:{}", socket.display()));
+    let t = w.tenant("silent", 600).await;
+    let start = Instant::now();
+    w.update(&t, 1).await;
+    sleep_until(start + Duration::from_secs(59)).await;
+    assert_eq!(head(&w, &t).await, (Some((0, None)), None), "still waiting");
+    sleep_until(start + Duration::from_secs(61)).await;
+    assert_eq!(
+        head(&w, &t).await,
+        (None, Some((1, Some(DeliveryFailure::Timeout))))
+    );
+    assert_eq!(waker.calls(), 1);
+    assert_eq!(failures_counted(&w, DeliveryFailure::Timeout), 1);
 }

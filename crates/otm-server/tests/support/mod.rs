@@ -8,6 +8,7 @@ pub mod runtime;
 
 use otm_core::{Registry, Secret, Tenant, TenantId, TenantLimits, TenantStatus};
 use otm_server::clock::Clock;
+use otm_server::wake::Waker;
 use otm_server::{App, Settings};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +39,33 @@ impl World {
         keys: Arc<otm_store::SecretKeys>,
         f: impl FnOnce(&mut Settings),
     ) -> World {
+        World::build(inner, keys, f, |me| {
+            Arc::new(otm_server::orchestrator::Local::new(me))
+        })
+        .await
+    }
+
+    /// A world whose tenants are woken by what `waker` makes (given the [`App`] it serves)
+    /// instead of the orchestrator in this process.
+    pub async fn with_waker(
+        f: impl FnOnce(&mut Settings),
+        waker: impl FnOnce(std::sync::Weak<App>) -> Arc<dyn Waker>,
+    ) -> World {
+        World::build(
+            Arc::new(registry::MemoryRegistry::default()),
+            Arc::new(otm_store::SecretKeys::ephemeral()),
+            f,
+            waker,
+        )
+        .await
+    }
+
+    async fn build(
+        inner: Arc<dyn Registry>,
+        keys: Arc<otm_store::SecretKeys>,
+        f: impl FnOnce(&mut Settings),
+        waker: impl FnOnce(std::sync::Weak<App>) -> Arc<dyn Waker>,
+    ) -> World {
         let dir = tempfile::tempdir().unwrap();
         let mut settings = Settings {
             data_dir: dir.path().join("d"),
@@ -64,7 +92,7 @@ impl World {
             Secret::new("admin"),
             shutdown.clone(),
             Clock::tokio(),
-            |me, _| Arc::new(otm_server::orchestrator::Local::new(me)),
+            |me, _| waker(me),
         );
         World {
             app,
