@@ -515,7 +515,7 @@ impl App {
 
     /// Waits, until `deadline`, for the tasks of [`App::spawn`] to end; none can be spawned
     /// after this was called. True if they all ended.
-    pub(crate) async fn drain_tasks(&self, deadline: tokio::time::Instant) -> bool {
+    pub async fn drain_tasks(&self, deadline: tokio::time::Instant) -> bool {
         self.tasks.close();
         tokio::time::timeout_at(deadline, self.tasks.wait())
             .await

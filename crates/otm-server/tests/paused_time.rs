@@ -1,7 +1,7 @@
 //! Time-based logic under `tokio::time::pause()`: the idle reaper, delivery backoff and
 //! dead-lettering, lease renewal and giving up, and the warm pool, on in-process backends and a
 //! runtime whose instances answer at once; the dispatcher against a stand-in waker and its
-//! failure kinds. Minutes of the server's time pass in milliseconds.
+//! failure kinds; shutdown's drain. Minutes of the server's time pass in milliseconds.
 
 mod support;
 
@@ -657,4 +657,51 @@ async fn a_shim_that_never_answers_is_recorded_as_timeout_after_60_s() {
     );
     assert_eq!(waker.calls(), 1);
     assert_eq!(failures_counted(&w, DeliveryFailure::Timeout), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_drains_the_dispatchers_and_releases_their_leases_at_once() {
+    let w = World::new(|s| s.lease_ttl_s = 30).await;
+    w.run_loops();
+    let t = w.tenant("draining", 600).await;
+    w.update(&t, 1).await;
+    w.until(Duration::from_secs(5), async || {
+        w.registry().inbox_depth(&t).await.unwrap() == 0
+    })
+    .await;
+    // The dispatcher stays for a while with nothing to do, holding its lease.
+    let key = format!("dispatch:{t}");
+    let ttl = Duration::from_secs(30);
+    assert!(
+        w.app
+            .coordinator()
+            .acquire(&key, ttl)
+            .await
+            .unwrap()
+            .is_none(),
+        "the dispatcher holds its lease"
+    );
+
+    let begun = Instant::now();
+    w.shutdown.cancel();
+    assert!(
+        w.app.drain_tasks(begun + Duration::from_secs(10)).await,
+        "every tracked task ended within the grace period"
+    );
+    assert!(
+        begun.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        begun.elapsed()
+    );
+    // Released, not left to lapse: another replica takes it at once, well before the TTL.
+    assert!(
+        w.app
+            .coordinator()
+            .acquire(&key, ttl)
+            .await
+            .unwrap()
+            .is_some(),
+        "the lease was released at shutdown"
+    );
+    assert!(begun.elapsed() < ttl);
 }
