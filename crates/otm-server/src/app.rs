@@ -77,8 +77,9 @@ pub struct App {
     /// Tenants whose inbox should be looked at again (see [`App::request_delivery`]).
     kicks: tokio::sync::mpsc::UnboundedSender<TenantId>,
     kicks_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<TenantId>>>,
-    /// Every task spawned for a tenant (dispatchers, idle stops): shutdown waits for them, within
-    /// its grace period, so dispatchers finish and release their leases.
+    /// Every task spawned for a tenant (dispatchers, idle stops, egress heartbeats, CONNECT
+    /// tunnels) and the console's sampler: shutdown waits for them, within its grace period, so
+    /// dispatchers finish and release their leases.
     tasks: tokio_util::task::TaskTracker,
     /// The last limit each tenant's instance ran into, as this process saw it.
     limit_kills: Mutex<HashMap<TenantId, LimitKill>>,
@@ -612,18 +613,21 @@ impl App {
             .clone();
         let permit = sem.try_acquire_owned().ok()?;
         let done = CancellationToken::new();
-        let (registry, clock, t, ended) = (
+        let (registry, clock, t, ended, shutdown) = (
             self.registry.clone(),
             self.clock.clone(),
             tenant.clone(),
             done.clone(),
+            self.shutdown.clone(),
         );
-        tokio::spawn(async move {
+        self.spawn(async move {
             let begun = Instant::now();
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(EGRESS_HEARTBEAT) => {}
                     _ = ended.cancelled() => break,
+                    // A call still under way at shutdown does not hold the drain up.
+                    _ = shutdown.cancelled() => break,
                 }
                 let _ = registry.touch_tenant(&t, clock.now_ms()).await;
             }

@@ -178,7 +178,10 @@ pub async fn handle(app: Arc<App>, req: Request) -> Response {
         Ok((tenant, addr)) => {
             app.metrics().egress("connect_tunnelled");
             let upgrade = hyper::upgrade::on(req);
-            tokio::spawn(async move {
+            // Tracked, and cut at shutdown: a tunnel may stay open for as long as the agent
+            // likes, and shutdown waits only for what ends.
+            let shutdown = app.shutdown().clone();
+            let tunnel = async move {
                 let Ok(upgraded) = upgrade.await else { return };
                 match tokio::net::TcpStream::connect(addr).await {
                     Ok(mut upstream) => {
@@ -186,6 +189,12 @@ pub async fn handle(app: Arc<App>, req: Request) -> Response {
                         let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
                     }
                     Err(e) => tracing::warn!(%tenant, %addr, error = %e, "CONNECT upstream failed"),
+                }
+            };
+            app.spawn(async move {
+                tokio::select! {
+                    _ = tunnel => {}
+                    _ = shutdown.cancelled() => {}
                 }
             });
             Response::builder()

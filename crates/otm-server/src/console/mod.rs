@@ -98,7 +98,7 @@ pub fn router(app: Arc<App>) -> Option<Router> {
         sessions: Mutex::new(HashMap::new()),
         history: Mutex::new(History::default()),
     });
-    tokio::spawn(sample(Arc::downgrade(&console), app.shutdown().clone()));
+    app.spawn(sample(Arc::downgrade(&console), app.shutdown().clone()));
     let signed_in = Router::new()
         .route("/", get(fleet))
         .route("/fleet/rows", get(fleet_rows))
