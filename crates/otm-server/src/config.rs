@@ -438,6 +438,24 @@ impl Settings {
         if let Some(u) = &self.egress_url {
             check_url("egress-url", u)?;
         }
+        // The backends' URLs are parsed here, not opened: an unknown scheme or something that
+        // is no URL is a bad configuration, found before anything is created.
+        use otm_store::open::{CoordinatorBackend, RegistryBackend, StateStoreBackend};
+        let backend = |name: &'static str, parsed: otm_core::Result<()>| {
+            parsed.map_err(|e| match e {
+                otm_core::Error::InvalidInput { message } => invalid(name, message),
+                e => invalid(name, e.to_string()),
+            })
+        };
+        if let Some(u) = &self.registry {
+            backend("registry", RegistryBackend::parse(u).map(drop))?;
+        }
+        if let Some(u) = &self.coordinator {
+            backend("coordinator", CoordinatorBackend::parse(u).map(drop))?;
+        }
+        if let Some(u) = &self.state {
+            backend("state", StateStoreBackend::parse(u).map(drop))?;
+        }
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data-dir", "must not be empty"));
         }

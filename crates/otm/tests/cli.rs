@@ -25,6 +25,36 @@ fn invalid_settings_exit_non_zero_before_binding() {
         (vec!["--telegram-api", "ftp://x"], "telegram-api"),
         (vec!["--public-url", "nope"], "public-url"),
         (vec!["--sandbox", "docker"], "sandbox"),
+        // Backend URLs: an unknown scheme, or no URL at all.
+        (
+            vec!["--registry", "mysql://db/otm", "--sandbox", "none"],
+            "registry",
+        ),
+        (
+            vec!["--registry", "not a url", "--sandbox", "none"],
+            "registry",
+        ),
+        (
+            vec![
+                "--coordinator",
+                "etcd://127.0.0.1:2379",
+                "--sandbox",
+                "none",
+            ],
+            "coordinator",
+        ),
+        (
+            vec!["--coordinator", "127.0.0.1:6379", "--sandbox", "none"],
+            "coordinator",
+        ),
+        (
+            vec!["--state", "ftp://files/otm", "--sandbox", "none"],
+            "state",
+        ),
+        (
+            vec!["--state", "file://relative/dir", "--sandbox", "none"],
+            "state",
+        ),
         (vec!["--role", "leader"], "role"),
         (
             vec!["--lease-ttl-s", "1", "--sandbox", "none"],
