@@ -632,7 +632,7 @@ impl DynamoRegistry {
                             "DynamoDB keeps leaving reads unprocessed (throttled)",
                         ));
                     }
-                    tokio::time::sleep(client::backoff(attempt)).await;
+                    tokio::time::sleep(client::BACKOFF.delay(attempt)).await;
                 }
             }
         }
@@ -668,7 +668,7 @@ impl DynamoRegistry {
                             "DynamoDB keeps leaving deletes unprocessed (throttled)",
                         ));
                     }
-                    tokio::time::sleep(client::backoff(attempt)).await;
+                    tokio::time::sleep(client::BACKOFF.delay(attempt)).await;
                 }
             }
         }
@@ -718,7 +718,7 @@ impl DynamoRegistry {
                             && !codes.iter().any(|c| c == "ConditionalCheckFailed")
                     });
                     if contended && attempt < ROUNDS {
-                        tokio::time::sleep(client::backoff(attempt.min(6))).await;
+                        tokio::time::sleep(client::BACKOFF.delay(attempt)).await;
                         continue;
                     }
                     return Err(e);

@@ -76,7 +76,7 @@ use async_trait::async_trait;
 use futures::FutureExt;
 use futures::stream::{BoxStream, StreamExt};
 use otm_core::instance::Endpoint;
-use otm_core::{Coordinator, Error, Lease, Notification, Result, TenantId};
+use otm_core::{Backoff, Coordinator, Error, Lease, Notification, Result, TenantId};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
 use redis::{ErrorKind, RedisError, Script, ServerErrorKind};
 use std::fmt;
@@ -102,9 +102,8 @@ const HEALTH_EVERY: Duration = Duration::from_secs(5);
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long [`Coordinator::publish`] waits for its notification to come back.
 const ECHO_WAIT: Duration = Duration::from_secs(1);
-/// Backoff between pub/sub reconnection attempts.
-const RESUBSCRIBE_MIN: Duration = Duration::from_millis(100);
-const RESUBSCRIBE_MAX: Duration = Duration::from_secs(5);
+/// Pauses between pub/sub reconnection attempts: 100 ms, doubling up to 5 s.
+const RESUBSCRIBE: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
 /// The longest TTL passed to Redis (about 100 years), far below where `now + ttl` overflows.
 const MAX_TTL_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
 
@@ -508,20 +507,23 @@ struct ListenTask {
 /// Forwards notifications until the coordinator is dropped, resubscribing after a lost
 /// connection with backoff.
 async fn listen(mut t: ListenTask) {
-    let mut backoff = RESUBSCRIBE_MIN;
+    // Resubscriptions that failed in a row.
+    let mut failures = 0;
     loop {
         let (mut sink, mut messages) = match t.first.take() {
             Some(first) => first,
             None => match subscribe(&t.client, &t.channel, &t.redact).await {
                 Ok(split) => {
                     tracing::info!("redis coordinator: notifications resubscribed");
-                    backoff = RESUBSCRIBE_MIN;
+                    failures = 0;
                     split
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "redis coordinator: cannot resubscribe to notifications");
+                    failures += 1;
+                    let wait = RESUBSCRIBE.delay(failures);
+                    tracing::warn!(error = %e, retry_in = ?wait, "redis coordinator: cannot resubscribe to notifications");
                     // Answer echo requests at once meanwhile: nothing will come back.
-                    let sleep = tokio::time::sleep(backoff);
+                    let sleep = tokio::time::sleep(wait);
                     tokio::pin!(sleep);
                     loop {
                         tokio::select! {
@@ -532,7 +534,6 @@ async fn listen(mut t: ListenTask) {
                             },
                         }
                     }
-                    backoff = (backoff * 2).min(RESUBSCRIBE_MAX);
                     continue;
                 }
             },

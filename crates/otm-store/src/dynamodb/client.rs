@@ -7,7 +7,7 @@
 
 use crate::aws_credentials::{AwsCredentials, AwsCredentialsProvider, CredentialSource};
 use hmac::{Hmac, KeyInit, Mac};
-use otm_core::Error;
+use otm_core::{Backoff, Error};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::fmt;
@@ -252,7 +252,7 @@ impl Client {
                 Ok(v) => return Ok(v),
                 Err(e) if e.retryable && attempt < e.max_attempts() => {
                     tracing::debug!(op, attempt, error = %e.error, "retrying a DynamoDB call");
-                    tokio::time::sleep(backoff(attempt)).await;
+                    tokio::time::sleep(BACKOFF.delay(attempt)).await;
                 }
                 Err(e) => return Err(e.error),
             }
@@ -385,15 +385,11 @@ impl Attempt {
     }
 }
 
-/// 25 ms, 50 ms, 100 ms … up to about a second, each with up to half again of jitter.
-pub(crate) fn backoff(attempt: u32) -> Duration {
-    let base = 25u64.saturating_mul(1 << attempt.saturating_sub(1).min(6));
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .subsec_nanos() as u64;
-    Duration::from_millis(base + nanos % (base / 2 + 1))
-}
+/// Pauses between retries of one call: 25–37.5 ms, 50–75 ms, 100–150 ms … up to 1.6–2.4 s
+/// (a base doubling from 25 ms up to 1.6 s, plus up to half of it again at random).
+pub(crate) const BACKOFF: Backoff =
+    Backoff::new(Duration::from_micros(37_500), Duration::from_millis(2_400))
+        .with_jitter(1.0 / 3.0);
 
 /// `YYYYMMDDTHHMMSSZ` for a Unix time in seconds.
 fn amz_date(unix_s: u64) -> String {
