@@ -761,6 +761,7 @@ impl Runtime for LocalRuntime {
         self.limits_status()
     }
 
+    #[tracing::instrument(name = "local_create", skip_all, fields(instance = %spec.id, tenant = spec.tenant.as_ref().map(tracing::field::display)))]
     async fn create(&self, spec: &InstanceSpec) -> Result<RuntimeInstance> {
         let result = self.create_inner(spec).await;
         if result.is_err() {
@@ -797,6 +798,7 @@ impl Runtime for LocalRuntime {
         Ok(out)
     }
 
+    #[tracing::instrument(name = "local_delete", skip_all, fields(instance = %id))]
     async fn delete(&self, id: &InstanceId) -> Result<()> {
         self.inner.deleting.lock().unwrap().insert(id.clone());
         let result = self.remove(id).await;

@@ -16,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use tracing::Instrument;
 
 /// Ports a tunnel may reach.
 const PORTS: &[u16] = &[80, 443];
@@ -176,6 +177,7 @@ pub async fn handle(app: Arc<App>, req: Request) -> Response {
             (r.status(), r.message()).into_response()
         }
         Ok((tenant, addr)) => {
+            tracing::Span::current().record("tenant", tracing::field::display(&tenant));
             app.metrics().egress("connect_tunnelled");
             let upgrade = hyper::upgrade::on(req);
             // Tracked, and cut at shutdown: a tunnel may stay open for as long as the agent
@@ -191,12 +193,15 @@ pub async fn handle(app: Arc<App>, req: Request) -> Response {
                     Err(e) => tracing::warn!(%tenant, %addr, error = %e, "CONNECT upstream failed"),
                 }
             };
-            app.spawn(async move {
-                tokio::select! {
-                    _ = tunnel => {}
-                    _ = shutdown.cancelled() => {}
+            app.spawn(
+                async move {
+                    tokio::select! {
+                        _ = tunnel => {}
+                        _ = shutdown.cancelled() => {}
+                    }
                 }
-            });
+                .instrument(tracing::Span::current()),
+            );
             Response::builder()
                 .status(StatusCode::OK)
                 .body(Body::empty())

@@ -153,7 +153,7 @@ enum Step {
     Stop,
 }
 
-#[tracing::instrument(name = "delivery", skip_all, fields(update_id = item.update_id, seq = item.seq))]
+#[tracing::instrument(name = "delivery", skip_all, fields(update_id = item.update_id, seq = item.seq, instance = tracing::field::Empty))]
 async fn deliver_one(app: &Arc<App>, tenant: &TenantId, item: InboxItem, fence: u64) -> Step {
     let started = Instant::now();
     let result = attempt(app, tenant, &item).await;
@@ -258,6 +258,7 @@ async fn attempt(app: &Arc<App>, tenant: &TenantId, item: &InboxItem) -> Result<
         } => Failure::Held(message),
         e => Failure::Failed(DeliveryFailure::WakeFailed, format!("wake failed: {e}")),
     })?;
+    tracing::Span::current().record("instance", tracing::field::display(&woken.instance));
     let shim = ShimClient::new(
         woken.endpoint.address.clone(),
         woken.endpoint.shim_token.clone(),

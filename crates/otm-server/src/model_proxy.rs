@@ -119,7 +119,7 @@ fn refused(app: &App, tenant: Option<&TenantId>, what: &str, reason: &str) {
 }
 
 /// Answers a call under `/model/`.
-#[tracing::instrument(name = "model", skip_all, fields(tenant = tracing::field::Empty))]
+#[tracing::instrument(name = "model", skip_all, fields(tenant = tracing::field::Empty, instance = tracing::field::Empty))]
 pub async fn proxy(app: Arc<App>, req: Request) -> Response {
     let path = req.uri().path().to_owned();
     let rest = path.strip_prefix("/model/").unwrap_or_default();

@@ -22,11 +22,15 @@ pub(crate) enum Refusal {
     Unavailable,
 }
 
-/// The tenant whose running instance holds this surrogate token.
+/// The tenant whose running instance holds this surrogate token. The instance is recorded as
+/// `instance` on the current span (the egress, model and CONNECT calls' spans declare it).
 pub(crate) async fn tenant_by_surrogate(app: &App, surrogate: &str) -> Result<Tenant, Refusal> {
     let digest = otm_core::secret::digest(surrogate);
     let instance = match app.registry().instance_by_surrogate(&digest).await {
-        Ok(Some(i)) => i,
+        Ok(Some(i)) => {
+            tracing::Span::current().record("instance", tracing::field::display(&i.id));
+            i
+        }
         Ok(None) => return Err(Refusal::Unauthorized),
         Err(e) => {
             tracing::error!(error = %e, "registry unavailable");

@@ -252,6 +252,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
         .into_response()
 }
 
+#[tracing::instrument(name = "shim_api", skip_all, level = "debug", fields(instance = %shim.config.instance, call = "status"))]
 async fn status(State(shim): State<Arc<Shim>>) -> Json<ShimStatus> {
     let bound = shim.bound.lock().await;
     let (tenant, profile, agent, pid, restarts, frozen, memory) = match &*bound {
@@ -288,6 +289,7 @@ async fn status(State(shim): State<Arc<Shim>>) -> Json<ShimStatus> {
 
 /// Unpacks the archive in the body as it arrives, on a blocking thread fed through a channel,
 /// within the archive caps; the body is refused past [`MAX_ARCHIVE`] bytes.
+#[tracing::instrument(name = "shim_api", skip_all, fields(instance = %shim.config.instance, call = "restore"))]
 async fn restore(State(shim): State<Arc<Shim>>, body: Body) -> Response {
     let bound = shim.bound.lock().await;
     if bound.is_some() {
@@ -349,6 +351,7 @@ async fn restore(State(shim): State<Arc<Shim>>, body: Body) -> Response {
     }
 }
 
+#[tracing::instrument(name = "shim_api", skip_all, fields(instance = %shim.config.instance, call = "bind"))]
 async fn bind(State(shim): State<Arc<Shim>>, Json(req): Json<BindRequest>) -> Response {
     let begun = Instant::now();
     let mut bound = shim.bound.lock().await;
@@ -500,6 +503,7 @@ async fn bind(State(shim): State<Arc<Shim>>, Json(req): Json<BindRequest>) -> Re
     }
 }
 
+#[tracing::instrument(name = "shim_api", skip_all, fields(instance = %shim.config.instance, call = "deliver"))]
 async fn deliver(State(shim): State<Arc<Shim>>, body: Bytes) -> Response {
     let agent = match &*shim.bound.lock().await {
         Some(b) => b.agent.clone(),
@@ -520,6 +524,7 @@ async fn deliver(State(shim): State<Arc<Shim>>, body: Bytes) -> Response {
 /// Streams an archive of the state directory, packed on a blocking thread as the body is sent.
 /// A failure before the first chunk is a 500 with the reason; a failure later aborts the body,
 /// so the caller sees a broken transfer, never a short archive that looks whole.
+#[tracing::instrument(name = "shim_api", skip_all, fields(instance = %shim.config.instance, call = "snapshot"))]
 async fn snapshot(State(shim): State<Arc<Shim>>) -> Response {
     // A frozen agent is held by its freeze already; the snapshot's own hold keeps it so.
     let (skip, running): (Vec<&'static str>, Option<Agent>) = match &*shim.bound.lock().await {
@@ -588,6 +593,7 @@ async fn snapshot(State(shim): State<Arc<Shim>>) -> Response {
         .into_response()
 }
 
+#[tracing::instrument(name = "shim_api", skip_all, fields(instance = %shim.config.instance, call = "stop"))]
 async fn stop(
     State(shim): State<Arc<Shim>>,
     body: Option<Json<StopRequest>>,
@@ -603,6 +609,7 @@ async fn stop(
 }
 
 /// Freezes the bound agent in place ([`Agent::freeze`]).
+#[tracing::instrument(name = "shim_api", skip_all, fields(instance = %shim.config.instance, call = "freeze"))]
 async fn freeze(State(shim): State<Arc<Shim>>) -> Response {
     let Some(agent) = shim.bound.lock().await.as_ref().map(|b| b.agent.clone()) else {
         return error(
@@ -634,6 +641,7 @@ async fn freeze(State(shim): State<Arc<Shim>>) -> Response {
 }
 
 /// Thaws the bound agent; thawing one that is not frozen changes nothing.
+#[tracing::instrument(name = "shim_api", skip_all, fields(instance = %shim.config.instance, call = "thaw"))]
 async fn thaw(State(shim): State<Arc<Shim>>) -> Response {
     let Some(agent) = shim.bound.lock().await.as_ref().map(|b| b.agent.clone()) else {
         return error(
@@ -661,6 +669,7 @@ struct LogsQuery {
     follow: bool,
 }
 
+#[tracing::instrument(name = "shim_api", skip_all, fields(instance = %shim.config.instance, call = "logs"))]
 async fn logs(State(shim): State<Arc<Shim>>, Query(q): Query<LogsQuery>) -> Response {
     let path = shim.log_path();
     let tail = tail_lines(&path, q.tail.unwrap_or(200)).unwrap_or_default();

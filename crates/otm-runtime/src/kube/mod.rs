@@ -536,6 +536,7 @@ impl Runtime for KubeRuntime {
             .collect())
     }
 
+    #[tracing::instrument(name = "kube_delete", skip_all, fields(instance = %id))]
     async fn delete(&self, id: &InstanceId) -> Result<()> {
         self.inner.deleting.lock().unwrap().insert(id.clone());
         // The orchestrator took the final snapshot before it deletes: a short grace is enough.
