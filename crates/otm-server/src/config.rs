@@ -229,6 +229,11 @@ pub struct Settings {
     /// seconds; its text is dropped at delivery, the id after this.
     #[arg(long, env = "OTM_DEDUPE_WINDOW_S", default_value_t = 86_400)]
     pub dedupe_window_s: u64,
+    /// How long a stopping server (SIGTERM, Ctrl-C) lets its work finish, in seconds: listeners
+    /// drain, dispatchers end their delivery and release their leases; what is still running
+    /// after this is cut off.
+    #[arg(long, env = "OTM_SHUTDOWN_GRACE_S", default_value_t = 10)]
+    pub shutdown_grace_s: u64,
     /// Where scripts/install-openclaw put Node 24 and OpenClaw, for tenants on the openclaw
     /// profile [default: <data-dir>/openclaw, then openclaw on PATH].
     #[arg(long, env = "OTM_OPENCLAW_PREFIX")]
@@ -860,6 +865,12 @@ mod tests {
         assert_eq!(s.lease_ttl_s, 30);
         assert_eq!(s.egress_listen, "127.0.0.1:8082", "the default");
         assert_eq!(s.dedupe_window_s, 86_400);
+        assert_eq!(s.shutdown_grace_s, 10, "the default");
+        let s = Settings::resolve(&matches(&["--shutdown-grace-s", "25"]), Some(&file)).unwrap();
+        assert_eq!(s.shutdown_grace_s, 25);
+        std::fs::write(&file, "shutdown_grace_s = 3\n").unwrap();
+        let s = Settings::resolve(&matches(&[]), Some(&file)).unwrap();
+        assert_eq!(s.shutdown_grace_s, 3);
         // Without a file, a default stays a default.
         let s = Settings::resolve(&matches(&[]), None).unwrap();
         assert_eq!(s.listen, Settings::default().listen);

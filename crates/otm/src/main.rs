@@ -306,7 +306,8 @@ async fn server(args: ServerArgs, matches: &clap::ArgMatches) -> anyhow::Result<
         _ = term.recv() => {}
     }
     tracing::info!("shutting down; instances keep running and are adopted at the next start");
-    server.shutdown(Duration::from_secs(10), false).await;
+    let grace = Duration::from_secs(server.app.settings().shutdown_grace_s);
+    server.shutdown(grace, false).await;
     Ok(0)
 }
 
