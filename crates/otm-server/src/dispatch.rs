@@ -85,7 +85,7 @@ async fn run(app: &Arc<App>, tenant: &TenantId, notify: Arc<Notify>) {
                     _ = lease.lost().cancelled() => Step::Stop,
                 };
                 if let Step::Stop = step {
-                    app.metrics().delivery(DeliveryOutcome::FencedOut.as_str());
+                    app.metrics().delivery(DeliveryOutcome::FencedOut);
                     tracing::warn!(%tenant, "this dispatcher lost its lease; it stops");
                     break;
                 }
@@ -173,7 +173,7 @@ async fn deliver_one(app: &Arc<App>, tenant: &TenantId, item: InboxItem, fence: 
                     .await
                 {
                     Ok(()) => {
-                        app.metrics().delivery(DeliveryOutcome::Acked.as_str());
+                        app.metrics().delivery(DeliveryOutcome::Acked);
                         break;
                     }
                     Err(otm_core::Error::Conflict { message }) => {
@@ -203,7 +203,7 @@ async fn deliver_one(app: &Arc<App>, tenant: &TenantId, item: InboxItem, fence: 
         }
         Err(Failure::Failed(kind, message)) => {
             tracing::warn!(%tenant, update_id = item.update_id, attempt = item.attempts + 1, %kind, %message, "delivery failed");
-            app.metrics().delivery_failure(kind.as_str());
+            app.metrics().delivery_failure(kind);
             let max = app.settings().max_delivery_attempts;
             match app
                 .registry()
@@ -217,12 +217,11 @@ async fn deliver_one(app: &Arc<App>, tenant: &TenantId, item: InboxItem, fence: 
                     return Step::Stop;
                 }
                 Ok(FailOutcome::DeadLettered) => {
-                    app.metrics()
-                        .delivery(DeliveryOutcome::DeadLettered.as_str());
+                    app.metrics().delivery(DeliveryOutcome::DeadLettered);
                     tracing::error!(%tenant, update_id = item.update_id, "update moved to the dead-letter list");
                 }
                 Ok(FailOutcome::Retry { attempts }) => {
-                    app.metrics().delivery(DeliveryOutcome::Failed.as_str());
+                    app.metrics().delivery(DeliveryOutcome::Failed);
                     tokio::time::sleep(RETRY.delay(attempts)).await;
                 }
                 Err(e) => {

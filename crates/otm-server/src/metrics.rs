@@ -1,5 +1,6 @@
 //! Prometheus metrics, all prefixed `otm_`.
 
+use otm_core::{DeliveryFailure, DeliveryOutcome};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -313,18 +314,20 @@ impl Metrics {
             .observe(d.as_secs_f64());
     }
 
-    pub fn delivery(&self, outcome: &str) {
+    pub fn delivery(&self, outcome: DeliveryOutcome) {
         self.deliveries
             .get_or_create(&Outcome {
-                outcome: outcome.into(),
+                outcome: outcome.as_str().into(),
             })
             .inc();
     }
 
     /// Counts one failed delivery attempt under its kind.
-    pub fn delivery_failure(&self, kind: &str) {
+    pub fn delivery_failure(&self, kind: DeliveryFailure) {
         self.delivery_failures
-            .get_or_create(&Kind { kind: kind.into() })
+            .get_or_create(&Kind {
+                kind: kind.as_str().into(),
+            })
             .inc();
     }
 

@@ -116,11 +116,9 @@ impl OrchestratorClient {
                     phases: a.phases,
                 });
             }
-            let body: serde_json::Value = resp.json().await.unwrap_or_default();
-            let message = body["error"]["message"]
-                .as_str()
-                .unwrap_or("no message")
-                .to_owned();
+            let body = resp.bytes().await.unwrap_or_default();
+            let message = otm_core::admin_api::ErrorBody::parse(&body)
+                .map_or_else(|| "no message".to_owned(), |b| b.error.message);
             if status.as_u16() == 404 {
                 return Err(Error::not_found(message));
             }

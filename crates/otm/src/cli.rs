@@ -930,11 +930,9 @@ async fn run_inner(cmd: Command, global: Global) -> anyhow::Result<()> {
                 })?;
             if !resp.status().is_success() {
                 let status = resp.status().as_u16();
-                let v: Value = resp.json().await.unwrap_or(Value::Null);
-                let message = v["error"]["message"]
-                    .as_str()
-                    .unwrap_or("request failed")
-                    .to_owned();
+                let body = resp.bytes().await.unwrap_or_default();
+                let message = ErrorBody::parse(&body)
+                    .map_or_else(|| "request failed".to_owned(), |b| b.error.message);
                 let code = match status {
                     404 => exit::NOT_FOUND,
                     409 => exit::CONFLICT,
