@@ -717,7 +717,7 @@ async fn create_tenant(
     if app.state().head(&id).await.ok().flatten().is_some()
         || !app.state().list(&id).await.unwrap_or_default().is_empty()
     {
-        let name = format!("{id}-orphaned-{}", otm_core::time::now_ms());
+        let name = format!("{id}-orphaned-{}", app.clock().now_ms());
         match app.state().tombstone(&id, &name).await {
             Ok(n) => {
                 tracing::warn!(tenant = %id, snapshots = n, tombstone = %name, "an earlier owner's snapshots were moved aside")
@@ -832,7 +832,7 @@ async fn delete_tenant(
     app.model_budgets().forget(&t.id);
     app.bot_limiter().forget(&t.id);
     let (snapshots, tombstone) = if q.keep_state {
-        let name = format!("{}-{}", t.id, otm_core::time::now_ms());
+        let name = format!("{}-{}", t.id, app.clock().now_ms());
         let n = app.state().tombstone(&t.id, &name).await?;
         (n, Some(name))
     } else {

@@ -184,7 +184,7 @@ pub async fn proxy(app: Arc<App>, req: Request) -> Response {
         &tenant.id,
         app.model_budget(&tenant),
         Instant::now(),
-        otm_core::time::now_ms(),
+        app.clock().now_ms(),
     ) {
         refused(&app, Some(&tenant.id), &what, over.label());
         let message = match over {
@@ -402,7 +402,7 @@ impl Drop for Meter {
                 &self.tenant,
                 tokens,
                 Instant::now(),
-                otm_core::time::now_ms(),
+                self.app.clock().now_ms(),
             );
         }
     }
