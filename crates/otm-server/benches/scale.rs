@@ -202,9 +202,8 @@ async fn run(tenants: usize, awake: usize) {
         .map(|id| {
             let registry = registry_again.clone();
             async move {
-                let payload = format!(
-                    r#"{{"update_id":1,"message":{{"message_id":1,"chat":{{"id":7}},"text":"hi"}}}}"#
-                );
+                let payload =
+                    r#"{"update_id":1,"message":{"message_id":1,"chat":{"id":7},"text":"hi"}}"#;
                 registry
                     .inbox_append(&id, 1, payload.as_bytes())
                     .await
