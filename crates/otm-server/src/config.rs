@@ -241,6 +241,10 @@ pub struct Settings {
     /// JSON5 template of the OpenClaw gateway config [default: built in; see docs/openclaw.md].
     #[arg(long, env = "OTM_OPENCLAW_CONFIG_TEMPLATE")]
     pub openclaw_config_template: Option<PathBuf>,
+    /// NODE_OPTIONS of the OpenClaw gateways, e.g. V8 heap limits [default: built in; see
+    /// docs/openclaw.md]; an empty value gives them none.
+    #[arg(long, env = "OTM_OPENCLAW_NODE_OPTIONS")]
+    pub openclaw_node_options: Option<String>,
     /// The model provider's OpenAI-compatible base URL, e.g. https://api.openai.com/v1. Agents
     /// reach it through the egress listener, which adds the key from OTM_MODEL_API_KEY (an
     /// environment variable only, or model_api_key in the TOML file).

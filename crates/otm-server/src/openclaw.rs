@@ -41,6 +41,7 @@ pub fn bind_settings(
             command: prefix.join("bin/openclaw"),
             path: vec![prefix.join("bin")],
             read_only: vec![],
+            compile_cache: Some(prefix.join(crate::openclaw_install::COMPILE_CACHE_DIR)),
         }
     });
     let install = in_image.or_else(|| locate(settings)).ok_or_else(|| {
@@ -60,6 +61,12 @@ pub fn bind_settings(
         .map(|p| p.display().to_string())
         .collect();
     out.insert(keys::PATH.to_owned(), path.join(":"));
+    if let Some(cache) = &install.compile_cache {
+        out.insert(keys::COMPILE_CACHE.to_owned(), cache.display().to_string());
+    }
+    if let Some(options) = &settings.openclaw_node_options {
+        out.insert(keys::NODE_OPTIONS.to_owned(), options.clone());
+    }
     if let Some(file) = &settings.openclaw_config_template {
         let text = std::fs::read_to_string(file).map_err(|e| {
             Error::invalid(format!(
@@ -97,6 +104,7 @@ mod tests {
         assert_eq!(found.command, dir.join("bin/openclaw"));
         assert_eq!(found.path, vec![dir.join("bin")]);
         assert!(found.read_only.contains(&dir));
+        assert_eq!(found.compile_cache, Some(dir.join("compile-cache")));
 
         let mut t = Tenant::new(otm_core::TenantId::parse("t1").unwrap(), "openclaw", None);
         let s = Settings {
@@ -108,6 +116,10 @@ mod tests {
         let b = bind_settings(&s, "http://127.0.0.1:8082", &t, "1:sur").unwrap();
         assert_eq!(b[keys::MODEL_BASE_URL], "http://127.0.0.1:8082/model/1:sur");
         assert_eq!(b[keys::MODEL_ID], "m-1");
+        assert_eq!(
+            b[keys::COMPILE_CACHE],
+            dir.join("compile-cache").display().to_string()
+        );
         assert!(
             !b.values().any(|v| v.contains("sk-real")),
             "the real key stays on the server"

@@ -3,6 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
+/// Where `scripts/install-openclaw` puts Node's compile cache, below the prefix.
+pub const COMPILE_CACHE_DIR: &str = "compile-cache";
+
 /// An OpenClaw installation this server can start gateways from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Install {
@@ -12,6 +15,9 @@ pub struct Install {
     pub path: Vec<PathBuf>,
     /// Directories the sandbox must show read-only for the launcher to run.
     pub read_only: Vec<PathBuf>,
+    /// Node's compile cache that `scripts/install-openclaw` fills, `<prefix>/compile-cache`
+    /// (inside the read-only prefix); the instance uses it when it exists.
+    pub compile_cache: Option<PathBuf>,
 }
 
 /// Finds OpenClaw: `openclaw_prefix` when set, else `<data-dir>/openclaw`, else `openclaw` on
@@ -36,6 +42,7 @@ pub fn locate(openclaw_prefix: Option<&Path>, data_dir: &Path) -> Option<Install
                 command,
                 path: vec![prefix.join("bin")],
                 read_only,
+                compile_cache: Some(prefix.join(COMPILE_CACHE_DIR)),
             });
         }
         if openclaw_prefix.is_some() {
@@ -70,5 +77,6 @@ pub fn locate(openclaw_prefix: Option<&Path>, data_dir: &Path) -> Option<Install
         command,
         path: vec![],
         read_only,
+        compile_cache: None,
     })
 }

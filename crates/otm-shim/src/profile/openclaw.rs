@@ -32,6 +32,10 @@ use std::time::Duration;
 /// The gateway config otm renders unless the operator gives a template of their own.
 pub const DEFAULT_TEMPLATE: &str = include_str!("openclaw.json5");
 
+/// The gateway's `NODE_OPTIONS` unless the operator gives others: V8 heap limits measured to
+/// keep a gateway smaller without slowing its start or its turns (docs/openclaw.md).
+pub const DEFAULT_NODE_OPTIONS: &str = "--max-semi-space-size=8";
+
 /// Where the gateway's Telegram webhook listens, on its own port.
 pub const WEBHOOK_PATH: &str = "/telegram-webhook";
 
@@ -43,6 +47,11 @@ pub mod keys {
     pub const PATH: &str = "openclaw.path";
     /// The config template's text; [`super::DEFAULT_TEMPLATE`] when absent.
     pub const TEMPLATE: &str = "openclaw.config_template";
+    /// Node's module compile cache that `scripts/install-openclaw` filled (`<prefix>/compile-cache`),
+    /// read-only to instances; used when the directory exists.
+    pub const COMPILE_CACHE: &str = "openclaw.compile_cache";
+    /// `NODE_OPTIONS` of the gateway; [`super::DEFAULT_NODE_OPTIONS`] when absent.
+    pub const NODE_OPTIONS: &str = "openclaw.node_options";
     /// The model's OpenAI-compatible base URL as the instance reaches it (otm's egress route).
     pub const MODEL_BASE_URL: &str = "model.base_url";
     /// The model id at the provider.
@@ -188,6 +197,27 @@ fn render(i: &LaunchInputs<'_>) -> Result<AgentLaunch, String> {
     set("OPENCLAW_OFFLINE", "1".into());
     set("OPENCLAW_SUPERVISOR_MODE", "external".into());
     set("NO_COLOR", "1".into());
+    // The compile cache made at install: every wake starts with the gateway's modules compiled
+    // instead of compiling them all again into its own `tmp/` (and writing them there on exit).
+    // Node only reads a cache it cannot write. OpenClaw's launcher would otherwise start a second
+    // Node process to move the cache into a directory of its own below this one.
+    if let Some(cache) = i
+        .settings
+        .get(keys::COMPILE_CACHE)
+        .filter(|c| !c.is_empty() && Path::new(c).is_dir())
+    {
+        set("NODE_COMPILE_CACHE", cache.clone());
+        set("NODE_COMPILE_CACHE_PORTABLE", "1".into());
+        set("OPENCLAW_PACKAGED_COMPILE_CACHE_RESPAWNED", "1".into());
+    }
+    let node_options = i
+        .settings
+        .get(keys::NODE_OPTIONS)
+        .map(String::as_str)
+        .unwrap_or(DEFAULT_NODE_OPTIONS);
+    if !node_options.trim().is_empty() {
+        set("NODE_OPTIONS", node_options.trim().to_owned());
+    }
 
     Ok(AgentLaunch {
         program: command.into(),
@@ -349,6 +379,9 @@ mod tests {
         );
         settings.insert(keys::MODEL_ID.to_owned(), "m-1".to_owned());
         settings.insert(keys::MODEL_API_KEY.to_owned(), "otm-proxied".to_owned());
+        let cache = dir.path().join("compile-cache");
+        std::fs::create_dir(&cache).unwrap();
+        settings.insert(keys::COMPILE_CACHE.to_owned(), cache.display().to_string());
         let inputs = LaunchInputs {
             instance_dir: dir.path(),
             state_dir: &state,
@@ -375,6 +408,12 @@ mod tests {
             launch.env["HOME"],
             dir.path().join("home").display().to_string()
         );
+        assert_eq!(
+            launch.env["NODE_COMPILE_CACHE"],
+            cache.display().to_string()
+        );
+        assert_eq!(launch.env["OPENCLAW_PACKAGED_COMPILE_CACHE_RESPAWNED"], "1");
+        assert_eq!(launch.env["NODE_OPTIONS"], DEFAULT_NODE_OPTIONS);
         let config = std::fs::read_to_string(dir.path().join("config/openclaw.json5")).unwrap();
         assert!(
             config.contains("apiRoot: \"http://127.0.0.1:8082\""),
@@ -389,6 +428,27 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o077, 0, "the config carries tokens: owner only");
         assert!(state.join("workspace").is_dir());
+
+        // No cache where the install should have put it (an older install): Node's default.
+        let mut no_cache = settings.clone();
+        no_cache.insert(
+            keys::COMPILE_CACHE.to_owned(),
+            dir.path().join("nope").display().to_string(),
+        );
+        no_cache.insert(keys::NODE_OPTIONS.to_owned(), String::new());
+        let launch = profile()
+            .render(&LaunchInputs {
+                settings: &no_cache,
+                ..inputs.clone()
+            })
+            .unwrap();
+        assert!(!launch.env.contains_key("NODE_COMPILE_CACHE"));
+        assert!(
+            !launch
+                .env
+                .contains_key("OPENCLAW_PACKAGED_COMPILE_CACHE_RESPAWNED")
+        );
+        assert!(!launch.env.contains_key("NODE_OPTIONS"));
 
         let mut without = settings.clone();
         without.remove(keys::COMMAND);
