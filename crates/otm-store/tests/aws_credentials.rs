@@ -1,7 +1,8 @@
 //! The AWS credential chain against stand-ins on loopback: the EKS Pod Identity agent and the
 //! instance metadata service from otm-testkit, and moto (`OTM_TEST_DYNAMODB_URL`'s endpoint) for
-//! STS `AssumeRoleWithWebIdentity`; then the DynamoDB registry and the S3 state store against
-//! moto with credentials from each of those sources.
+//! STS `AssumeRoleWithWebIdentity`, behind a recording proxy where a test counts the calls; then
+//! the DynamoDB registry and the S3 state store against moto with credentials from each of those
+//! sources.
 //!
 //! Every provider here is built from its own variable map, never from the process environment,
 //! so the tests run in parallel without touching each other's variables. Time is a clock the
@@ -12,8 +13,8 @@
 use otm_core::Error;
 use otm_store::aws_credentials::{AwsCredentialsProvider, CredentialSource};
 use otm_testkit::{ImdsEndpoint, PodIdentityEndpoint};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 /// A clock that stands still until the test moves it.
@@ -426,6 +427,202 @@ async fn web_identity_assumes_the_role_through_sts() {
         err.contains("AWS_WEB_IDENTITY_TOKEN_FILE") && err.contains("gone"),
         "{err}"
     );
+}
+
+/// Two projected service account tokens, before and after the kubelet rotates one. JWT-shaped,
+/// and of characters a form body carries as they are, so the recorded bodies show them verbatim.
+const WEB_IDENTITY_TOKEN_1: &str = "eyJhbGciOiJSUzI1NiIsImtpZCI6Im90bSJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6b3RtOm90bSJ9.cm90YXRpb24tMQ";
+const WEB_IDENTITY_TOKEN_2: &str = "eyJhbGciOiJSUzI1NiIsImtpZCI6Im90bSJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6b3RtOm90bSJ9.cm90YXRpb24tMg";
+
+/// A loopback proxy in front of moto's STS that keeps the form body of every request before
+/// passing it on unchanged, so a test counts the `AssumeRoleWithWebIdentity` calls and sees which
+/// token each one carried. Stops when dropped.
+struct StsRecorder {
+    url: String,
+    state: Arc<RecorderState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct RecorderState {
+    upstream: String,
+    http: reqwest::Client,
+    bodies: Mutex<Vec<String>>,
+}
+
+impl StsRecorder {
+    async fn start(upstream: &str) -> StsRecorder {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .expect("STS recorder: cannot bind 127.0.0.1:0");
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let state = Arc::new(RecorderState {
+            upstream: upstream.to_owned(),
+            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+            bodies: Mutex::new(Vec::new()),
+        });
+        let app = axum::Router::new()
+            .fallback(forward_to_sts)
+            .with_state(state.clone());
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .await
+                .expect("STS recorder failed");
+        });
+        StsRecorder { url, state, task }
+    }
+
+    fn bodies(&self) -> Vec<String> {
+        self.state
+            .bodies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// How many requests reached STS.
+    fn requests(&self) -> usize {
+        self.bodies().len()
+    }
+
+    /// The value of `name`, as sent (form-encoded), in the `n`th request (from 0).
+    fn param(&self, n: usize, name: &str) -> Option<String> {
+        let bodies = self.bodies();
+        bodies.get(n)?.split('&').find_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            (k == name).then(|| v.to_owned())
+        })
+    }
+}
+
+impl Drop for StsRecorder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn forward_to_sts(
+    axum::extract::State(state): axum::extract::State<Arc<RecorderState>>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    use axum::http::header::{ACCEPT, CONTENT_TYPE};
+    use axum::response::IntoResponse;
+    state
+        .bodies
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(String::from_utf8_lossy(&body).into_owned());
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut request = state
+        .http
+        .request(method, format!("{}{path}", state.upstream))
+        .body(body);
+    for name in [CONTENT_TYPE, ACCEPT] {
+        if let Some(value) = headers.get(&name) {
+            request = request.header(name, value);
+        }
+    }
+    let answer = match request.send().await {
+        Ok(answer) => answer,
+        Err(e) => return (axum::http::StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+    };
+    let status = answer.status();
+    let content_type = answer.headers().get(CONTENT_TYPE).cloned();
+    let body = answer.bytes().await.unwrap_or_default();
+    let mut response = (status, body).into_response();
+    if let Some(content_type) = content_type {
+        response.headers_mut().insert(CONTENT_TYPE, content_type);
+    }
+    response
+}
+
+#[tokio::test]
+async fn web_identity_credentials_are_refreshed_before_they_expire() {
+    let Some(moto) = moto_endpoint("web_identity_credentials_are_refreshed_before_they_expire")
+    else {
+        return;
+    };
+    let sts = StsRecorder::start(&moto).await;
+    let dir = tempfile::tempdir().unwrap();
+    let vars = web_identity_vars(dir.path(), &sts.url);
+    let token_file = dir.path().join("web-identity-token");
+    std::fs::write(&token_file, format!("{WEB_IDENTITY_TOKEN_1}\n")).unwrap();
+    let clock = TestClock::new();
+    let p = clock.install(AwsCredentialsProvider::from_vars(vars).unwrap());
+    assert_eq!(p.source(), CredentialSource::WebIdentity);
+    assert_eq!(sts.requests(), 0, "choosing a source sends nothing");
+
+    let first = p.credentials().await.unwrap();
+    assert!(
+        first.access_key_id.starts_with("ASIA"),
+        "temporary credentials"
+    );
+    // No DurationSeconds is sent, so STS (and moto) issue them for an hour, counted on this
+    // machine's clock, where the test clock started just before.
+    let expires = first.expires_at.expect("temporary credentials expire");
+    assert!(
+        expires > clock.at(3590) && expires < clock.at(3660),
+        "{expires:?} is not an hour after {:?}",
+        clock.at(0)
+    );
+    assert_eq!(sts.requests(), 1);
+    assert_eq!(
+        sts.param(0, "Action").as_deref(),
+        Some("AssumeRoleWithWebIdentity")
+    );
+    assert_eq!(
+        sts.param(0, "RoleArn").as_deref(),
+        Some("arn%3Aaws%3Aiam%3A%3A123456789012%3Arole%2Fotm-control-plane")
+    );
+    assert_eq!(sts.param(0, "RoleSessionName").as_deref(), Some("otm-test"));
+    assert_eq!(
+        sts.param(0, "WebIdentityToken").as_deref(),
+        Some(WEB_IDENTITY_TOKEN_1)
+    );
+
+    // Cached: until 5 minutes before expiry nobody asks STS again.
+    clock.set(3000);
+    let keys = concurrent_key_ids(&p, 4).await;
+    assert_eq!(count(&keys, &first.access_key_id), 4, "{keys:?}");
+    assert_eq!(sts.requests(), 1);
+
+    // Due for a refresh while the kubelet rotates the token, the file gone for a moment: the
+    // refresh fails before STS is asked, and the current credentials, still valid, are used.
+    std::fs::remove_file(&token_file).unwrap();
+    clock.set(3400);
+    assert!(clock.now() < expires);
+    assert_eq!(
+        p.credentials().await.unwrap().access_key_id,
+        first.access_key_id
+    );
+    assert_eq!(sts.requests(), 1);
+    assert_eq!(p.fetches(), 1);
+
+    // The rotated token is there: one caller exchanges it for new credentials, before the old
+    // ones expire; the others go on with the old ones meanwhile.
+    std::fs::write(&token_file, format!("{WEB_IDENTITY_TOKEN_2}\n")).unwrap();
+    let keys = concurrent_key_ids(&p, 8).await;
+    assert_eq!(count(&keys, &first.access_key_id), 7, "{keys:?}");
+    let second = keys
+        .iter()
+        .find(|k| **k != first.access_key_id)
+        .expect("one caller got new credentials")
+        .clone();
+    assert!(second.starts_with("ASIA"), "{second}");
+    assert_eq!(sts.requests(), 2);
+    assert_eq!(
+        sts.param(1, "WebIdentityToken").as_deref(),
+        Some(WEB_IDENTITY_TOKEN_2),
+        "the refresh read the token file again"
+    );
+    assert!(clock.now() < expires);
+    let refreshed = p.credentials().await.unwrap();
+    assert_eq!(refreshed.access_key_id, second, "the new ones are cached");
+    assert!(refreshed.expires_at.expect("temporary credentials expire") >= expires);
+    assert_eq!(sts.requests(), 2);
+    assert_eq!(p.fetches(), 2);
 }
 
 #[cfg(all(feature = "dynamodb", feature = "s3"))]
