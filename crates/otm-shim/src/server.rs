@@ -114,8 +114,13 @@ fn prestart(shim: &Arc<Shim>) -> Option<tokio::task::JoinHandle<std::io::Result<
     }))
 }
 
-/// Serves the control API until SIGTERM or `shutdown`, then stops the agent gracefully.
-pub async fn run(config: ShimConfig, shutdown: CancellationToken) -> std::io::Result<()> {
+/// Serves the control API until `terminated` (the process's SIGTERM, which `main` watches) or
+/// `shutdown`, then stops the agent gracefully.
+pub async fn run(
+    config: ShimConfig,
+    shutdown: CancellationToken,
+    terminated: CancellationToken,
+) -> std::io::Result<()> {
     std::fs::create_dir_all(config.dir.join("state"))?;
     std::fs::create_dir_all(config.dir.join("tmp"))?;
     let egress_root = match &config.egress {
@@ -135,10 +140,8 @@ pub async fn run(config: ShimConfig, shutdown: CancellationToken) -> std::io::Re
     let stop = shutdown.clone();
     let on_term = shim.clone();
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
         tokio::select! {
-            _ = term.recv() => {}
+            _ = terminated.cancelled() => {}
             _ = stop.cancelled() => return,
         }
         // A bound instance being removed (an evicted pod): serve on until the orchestrator has

@@ -351,7 +351,15 @@ async fn shim(args: ShimArgs) -> anyhow::Result<()> {
         agent_sandbox,
         term_grace: Duration::from_secs(args.term_grace_s),
     };
-    otm_shim::run_shim(config, CancellationToken::new()).await?;
+    // SIGTERM (an evicted pod, a stopping runtime) is watched here and handed to the shim.
+    let terminated = CancellationToken::new();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let on_term = terminated.clone();
+    tokio::spawn(async move {
+        term.recv().await;
+        on_term.cancel();
+    });
+    otm_shim::run_shim(config, CancellationToken::new(), terminated).await?;
     Ok(())
 }
 

@@ -58,7 +58,11 @@ async fn start_shim(dir: &Path, shutdown: &CancellationToken) -> ShimClient {
         term_grace: std::time::Duration::ZERO,
     };
     let stop = shutdown.clone();
-    tokio::spawn(async move { otm_shim::run_shim(config, stop).await.unwrap() });
+    tokio::spawn(async move {
+        otm_shim::run_shim(config, stop, CancellationToken::new())
+            .await
+            .unwrap()
+    });
     let client = ShimClient::new(format!("unix:{}", socket.display()), token);
     for _ in 0..500 {
         if client.status().await.is_ok() {
