@@ -364,16 +364,15 @@ async fn a_router_cut_off_from_redis_stops_dispatching_within_the_ttl() {
         state: b.state.clone(),
     };
     let router_args = ["--orchestrator-url".to_owned(), orchestrator_url];
-    let routers = vec![
-        spawn(
-            "router",
-            &dir.path().join("r0"),
-            &cut_off,
-            &tg,
-            &router_args,
-        ),
-        spawn("router", &dir.path().join("r1"), &b, &tg, &router_args),
-    ];
+    // The second router starts once the first one dispatches: otherwise either could win the
+    // dispatcher lease, and only the first goes through the relay that is cut.
+    let routers = vec![spawn(
+        "router",
+        &dir.path().join("r0"),
+        &cut_off,
+        &tg,
+        &router_args,
+    )];
     let mut c = Cluster {
         backends: b.clone(),
         options: Options::default(),
@@ -401,7 +400,7 @@ async fn a_router_cut_off_from_redis_stops_dispatching_within_the_ttl() {
     c.tg.wait_for_messages(token, 2, Duration::from_secs(60))
         .await;
     let acked = "otm_deliveries_total{outcome=\"acked\"}";
-    let (r0, r1) = (c.routers[0].admin, c.routers[1].admin);
+    let r0 = c.routers[0].admin;
     // The replies are out; their acknowledgements follow a moment later.
     let deadline = Instant::now() + Duration::from_secs(15);
     while counter(&c.http, r0, acked).await < 1.0 {
@@ -411,6 +410,17 @@ async fn a_router_cut_off_from_redis_stops_dispatching_within_the_ttl() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let orchestrator_url = format!("http://127.0.0.1:{}", c.orchestrators[0].admin);
+    let mut second = spawn(
+        "router",
+        &c.dir.path().join("r1"),
+        &b,
+        &c.tg,
+        &["--orchestrator-url".to_owned(), orchestrator_url],
+    );
+    healthy(&c.http, &mut second).await;
+    let r1 = second.admin;
+    c.routers.push(second);
     relay.cut();
     // The lease's TTL is 3 s: by then the cut-off router has given it up.
     tokio::time::sleep(Duration::from_secs(3)).await;
