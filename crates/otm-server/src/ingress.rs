@@ -34,6 +34,15 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
+fn unknown_tenant(app: &App) -> Response {
+    reject(
+        app,
+        StatusCode::NOT_FOUND,
+        "unknown_tenant",
+        "unknown tenant",
+    )
+}
+
 fn reject(app: &App, status: StatusCode, reason: &str, description: &str) -> Response {
     app.metrics().rejected(reason);
     (
@@ -51,12 +60,7 @@ async fn webhook(
 ) -> Response {
     let started = Instant::now();
     let Ok(tenant) = TenantId::parse(&tenant) else {
-        return reject(
-            &app,
-            StatusCode::NOT_FOUND,
-            "unknown_tenant",
-            "unknown tenant",
-        );
+        return unknown_tenant(&app);
     };
     let presented = req
         .headers()
@@ -72,12 +76,7 @@ async fn webhook(
                 t.webhook_secret.matches(presented)
             }
             Ok(None) => {
-                return reject(
-                    &app,
-                    StatusCode::NOT_FOUND,
-                    "unknown_tenant",
-                    "unknown tenant",
-                );
+                return unknown_tenant(&app);
             }
             Err(e) => {
                 tracing::error!(%tenant, error = %e, "registry unavailable");
@@ -143,12 +142,7 @@ async fn webhook(
             app.metrics().updates_duplicate.inc();
         }
         Err(otm_core::Error::NotFound { .. }) => {
-            return reject(
-                &app,
-                StatusCode::NOT_FOUND,
-                "unknown_tenant",
-                "unknown tenant",
-            );
+            return unknown_tenant(&app);
         }
         Err(e) => {
             tracing::error!(%tenant, update_id, error = %e, "could not store an update");

@@ -822,18 +822,9 @@ impl DynamoRegistry {
         }
     }
 
-    /// Pending or dead updates (`q#` or `x#`), oldest first, at most `limit`.
+    /// Pending or dead updates (`q#` or `x#`) with a sequence number above `after`, oldest
+    /// first, at most `limit`.
     async fn inbox_range(
-        &self,
-        tenant: &TenantId,
-        prefix: &str,
-        limit: usize,
-    ) -> Result<Vec<InboxItem>> {
-        self.inbox_range_after(tenant, prefix, None, limit).await
-    }
-
-    /// [`Self::inbox_range`] from the first sequence number above `after`.
-    async fn inbox_range_after(
         &self,
         tenant: &TenantId,
         prefix: &str,
@@ -874,7 +865,7 @@ impl DynamoRegistry {
                 if self.get(inbox, inbox_key(tenant, META)).await?.is_none() {
                     return Err(record::tenant_not_found(tenant));
                 }
-                return self.inbox_range(tenant, "x#", usize::MAX).await;
+                return self.inbox_range(tenant, "x#", None, usize::MAX).await;
             }
             DeadLetters::One(seq) => seq,
         };
@@ -1735,7 +1726,11 @@ impl Inbox for DynamoRegistry {
     }
 
     async fn inbox_next(&self, tenant: &TenantId) -> Result<Option<InboxItem>> {
-        Ok(self.inbox_range(tenant, "q#", 1).await?.into_iter().next())
+        Ok(self
+            .inbox_range(tenant, "q#", None, 1)
+            .await?
+            .into_iter()
+            .next())
     }
 
     /// Acking a dead-lettered update (an operator redelivered it) moves it to done as well;
@@ -1960,8 +1955,8 @@ impl Inbox for DynamoRegistry {
         limit: usize,
     ) -> Result<InboxView> {
         let (pending, dead) = futures::try_join!(
-            self.inbox_range_after(tenant, "q#", after, limit),
-            self.inbox_range_after(tenant, "x#", after, limit)
+            self.inbox_range(tenant, "q#", after, limit),
+            self.inbox_range(tenant, "x#", after, limit)
         )?;
         Ok(InboxView { pending, dead })
     }

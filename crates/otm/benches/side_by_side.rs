@@ -1191,19 +1191,7 @@ impl OtmServer {
 /// and every descendant): name, RSS and PSS in KiB.
 fn instance_processes(data: &Path) -> Vec<(String, u64, u64)> {
     let mut out = Vec::new();
-    let Ok(dirs) = std::fs::read_dir(data.join("runtime")) else {
-        return out;
-    };
-    for d in dirs.flatten() {
-        let Ok(raw) = std::fs::read(d.path().join("record.json")) else {
-            continue;
-        };
-        let Some(pid) = serde_json::from_slice::<Value>(&raw)
-            .ok()
-            .and_then(|v| v["pid"].as_u64())
-        else {
-            continue;
-        };
+    for pid in recorded_pids(data) {
         let mut todo = vec![pid];
         while let Some(pid) = todo.pop() {
             let proc = PathBuf::from(format!("/proc/{pid}"));
@@ -1258,22 +1246,23 @@ fn kill_instances(data: &Path) {
             );
         }
     }
-    let Ok(dirs) = std::fs::read_dir(data.join("runtime")) else {
-        return;
-    };
-    for d in dirs.flatten() {
-        let Ok(raw) = std::fs::read(d.path().join("record.json")) else {
-            continue;
-        };
-        let Ok(v) = serde_json::from_slice::<Value>(&raw) else {
-            continue;
-        };
-        if let Some(pid) = v["pid"].as_i64() {
-            let pid = nix::unistd::Pid::from_raw(pid as i32);
-            let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        }
+    for pid in recorded_pids(data) {
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
     }
+}
+
+/// The first process of every instance recorded under a data directory.
+fn recorded_pids(data: &Path) -> Vec<u64> {
+    let Ok(dirs) = std::fs::read_dir(data.join("runtime")) else {
+        return Vec::new();
+    };
+    dirs.flatten()
+        .filter_map(|d| std::fs::read(d.path().join("record.json")).ok())
+        .filter_map(|raw| serde_json::from_slice::<Value>(&raw).ok())
+        .filter_map(|v| v["pid"].as_u64())
+        .collect()
 }
 
 /// A named line of points in a colour.
