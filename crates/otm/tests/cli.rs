@@ -525,12 +525,18 @@ fn a_data_dir_beside_the_binary_is_refused() {
 fn the_sandbox_init_lets_the_agent_write_only_its_own_directories() {
     // What the agent sandbox's process 1 applies to itself (Landlock) holds for whatever the
     // agent starts: run both forms of it on the host, outside any other sandbox layer, so the
-    // file rules alone decide. Not below /tmp, which the rules keep writable.
+    // file rules alone decide. Not below /tmp, which the rules keep writable: beside the
+    // binary, or in /var/tmp when the checkout itself is below /tmp.
     let target = std::path::Path::new(env!("CARGO_BIN_EXE_otm"))
         .parent()
         .unwrap()
         .to_path_buf();
-    let dir = tempfile::tempdir_in(&target).unwrap();
+    let base = if target.starts_with("/tmp") {
+        std::path::PathBuf::from("/var/tmp")
+    } else {
+        target.clone()
+    };
+    let dir = tempfile::tempdir_in(&base).unwrap();
     let state = dir.path().join("state");
     std::fs::create_dir(&state).unwrap();
     std::fs::write(dir.path().join("secret"), "host file").unwrap();

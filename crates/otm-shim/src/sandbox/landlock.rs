@@ -94,9 +94,16 @@ mod tests {
             println!("landlock: checked");
             return;
         }
-        // Not below /tmp, which the rules keep writable.
+        // Not below /tmp, which the rules keep writable: beside the test binary, or in /var/tmp
+        // when the checkout itself is below /tmp.
         let exe = std::env::current_exe().unwrap();
-        let dir = tempfile::tempdir_in(exe.parent().unwrap()).unwrap();
+        let near = exe.parent().unwrap();
+        let base = if near.starts_with("/tmp") {
+            std::path::Path::new("/var/tmp")
+        } else {
+            near
+        };
+        let dir = tempfile::tempdir_in(base).unwrap();
         std::fs::create_dir(dir.path().join("state")).unwrap();
         std::fs::write(dir.path().join("readable"), "r").unwrap();
         let out = std::process::Command::new(std::env::current_exe().unwrap())
