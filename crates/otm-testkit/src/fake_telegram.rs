@@ -202,6 +202,15 @@ impl FakeTelegram {
             .unwrap_or_default()
     }
 
+    /// How many messages `token` sent successfully, without copying them.
+    pub fn sent_count(&self, token: &str) -> usize {
+        self.shared
+            .lock()
+            .bots
+            .get(token)
+            .map_or(0, |b| b.sent.len())
+    }
+
     /// The webhook `token` set last, if any.
     pub fn webhook(&self, token: &str) -> Option<WebhookInfo> {
         self.shared
@@ -225,9 +234,8 @@ impl FakeTelegram {
             let notified = self.shared.sent.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let sent = self.sent_messages(token);
-            if sent.len() >= n {
-                return sent;
+            if self.sent_count(token) >= n {
+                return self.sent_messages(token);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return self.sent_messages(token);

@@ -20,6 +20,10 @@ const SECRET_HEADER: &str = "x-telegram-bot-api-secret-token";
 /// The `wrk` binary found at start.
 static WRK: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 const ADMIN_TOKEN: &str = "bench-admin-token-0123456789abcdef";
+/// The offered rate of the fixed-rate accept runs, updates a second.
+const FIXED_RATE: u32 = 10_000;
+/// The offered rate of webhooks while a backlog drains, updates a second.
+const DRAIN_ACCEPT_RATE: u32 = 2_000;
 
 /// The update every path receives, as Telegram sends it (`%d`: update id, message id, user id,
 /// user id, chat id, chat id). The Lua script and the SQLite floor fill in the same template.
@@ -51,9 +55,16 @@ struct Plan {
     floor_s: f64,
     wakes: usize,
     idle_tenants: usize,
+    /// Updates in each backlog of the drain.
+    backlog: usize,
 }
 
 fn main() {
+    // The bench's own load generator, started by the bench as a process of its own.
+    if let Some(i) = std::env::args().position(|a| a == "--loadgen") {
+        let args: Vec<String> = std::env::args().skip(i + 1).collect();
+        std::process::exit(loadgen_main(&args));
+    }
     // `cargo bench` passes --bench; `cargo test --all-targets` runs bench targets without it,
     // and a five-minute load test is no unit test.
     if !std::env::args().any(|a| a == "--bench") {
@@ -71,6 +82,7 @@ fn main() {
             floor_s: 1.0,
             wakes: 3,
             idle_tenants: 200,
+            backlog: 1000,
         }
     } else {
         Plan {
@@ -82,6 +94,7 @@ fn main() {
             floor_s: 3.0,
             wakes: 10,
             idle_tenants: 2000,
+            backlog: 4000,
         }
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -219,13 +232,8 @@ async fn run(plan: Plan) {
                 tenants.push((format!("/tg/{id}"), secret, bot));
             }
             let script = data.join("post.lua");
-            write_script(
-                &script,
-                &tenants
-                    .iter()
-                    .map(|t| (t.0.clone(), t.1.clone()))
-                    .collect::<Vec<_>>(),
-            );
+            let paths: Vec<_> = tenants.iter().map(|t| (t.0.clone(), t.1.clone())).collect();
+            write_script(&script, &paths);
             if !running && *name == "SQLite" {
                 for &c in plan.sweep {
                     let o = wrk(&server.public, &script, c, plan.sweep_s, base).await;
@@ -265,6 +273,27 @@ async fn run(plan: Plan) {
                 r.rps / floor256
             );
             table.row(&measure, &floor_text, &otm_text, &ratio);
+            if !running {
+                eprintln!("otm on {name} at a fixed {}/s…", FIXED_RATE);
+                let l = loadgen(
+                    &server.public,
+                    &paths,
+                    FIXED_RATE,
+                    plan.run_s as f64,
+                    32,
+                    base,
+                )
+                .await;
+                base += 1_000_000_000;
+                table.row(
+                    &format!(
+                        "accept latency at a fixed offered rate, {name}, deliveries paused (the bench's own open-loop generator, 32 connections)"
+                    ),
+                    "",
+                    &l.summary(),
+                    "",
+                );
+            }
             server.stop().await;
         }
     }
@@ -284,6 +313,105 @@ async fn run(plan: Plan) {
             .status()
             .await;
     }
+
+    // The drain: a backlog delivered to four awake tenants, with otm's CPU per delivery beside
+    // the agents' own; then a second backlog drained while webhooks keep coming at a fixed rate.
+    eprintln!("delivery drain…");
+    let data = dir.path().join("otm-drain");
+    let server = OtmServer::start(&data, &tg, None, "auto").await;
+    let mut tenants = Vec::new();
+    for i in 0..4 {
+        let id = format!("drain{i}");
+        let bot = format!("{}:DRAIN{i}", 7400 + i);
+        let secret = server.tenant(&http, &tg, &id, &bot, "reference").await;
+        let url = format!("{}/tg/{id}", server.public);
+        reply_once(&http, &tg, &url, &secret, &bot, base).await;
+        base += 1;
+        tenants.push((format!("/tg/{id}"), secret, bot));
+    }
+    let paths: Vec<_> = tenants.iter().map(|t| (t.0.clone(), t.1.clone())).collect();
+    let answered = || tenants.iter().map(|t| tg.sent_count(&t.2)).sum::<usize>();
+    let drained = |target: usize| {
+        let (tg, tenants) = (&tg, &tenants);
+        async move {
+            for t in tenants {
+                let have = tg.sent_count(&t.2);
+                let want = have.max(target);
+                let got = tg
+                    .wait_for_messages(&t.2, want, Duration::from_secs(600))
+                    .await
+                    .len();
+                assert!(got >= want, "{}: {got} of {want} replies", t.0);
+            }
+        }
+    };
+    let n = plan.backlog;
+    let per_tenant = tenants
+        .iter()
+        .map(|t| tg.sent_count(&t.2))
+        .max()
+        .unwrap_or(0)
+        + n / 4;
+    let posted = loadgen(&server.public, &paths, n as u32, 1.0, 32, base).await;
+    base += 1_000_000_000;
+    assert_eq!(
+        posted.ok as usize, n,
+        "every update of the backlog accepted"
+    );
+    let (otm0, agents0) = otm_and_agent_cpu_ms(&server);
+    let (t0, a0) = (Instant::now(), answered());
+    drained(per_tenant).await;
+    let (otm1, agents1) = otm_and_agent_cpu_ms(&server);
+    let (took, delivered) = (t0.elapsed().as_secs_f64(), answered() - a0);
+    table.row(
+        &format!(
+            "delivery drain: a backlog of {n} updates to 4 awake tenants (reference agent in the bubblewrap sandbox), no webhooks meanwhile; CPU per delivered update"
+        ),
+        &format!(
+            "the agent itself: {} per reply",
+            ms((agents1 - agents0) / delivered as f64)
+        ),
+        &format!(
+            "{} per delivery (server, shims and sandboxes); replied at {}",
+            ms((otm1 - otm0) / delivered as f64),
+            rate(delivered as f64 / took)
+        ),
+        &format!(
+            "{:.2} of the agent's",
+            (otm1 - otm0) / (agents1 - agents0).max(f64::MIN_POSITIVE)
+        ),
+    );
+    // Fairness: webhooks at a fixed rate while a backlog drains.
+    let posted = loadgen(&server.public, &paths, n as u32, 1.0, 32, base).await;
+    base += 1_000_000_000;
+    assert_eq!(
+        posted.ok as usize, n,
+        "every update of the backlog accepted"
+    );
+    let a0 = answered();
+    let during = loadgen(
+        &server.public,
+        &paths,
+        DRAIN_ACCEPT_RATE,
+        plan.run_s as f64,
+        32,
+        base,
+    )
+    .await;
+    let delivered = answered() - a0;
+    table.row(
+        &format!(
+            "accepts while a backlog of {n} drains (4 awake tenants, the bench's own open-loop generator, 32 connections)"
+        ),
+        "",
+        &format!(
+            "{}; {delivered} replies meanwhile ({})",
+            during.summary(),
+            rate(delivered as f64 / plan.run_s as f64)
+        ),
+        "",
+    );
+    server.stop().await;
 
     // Awake reply latency: through otm, straight to the same agent, through nginx as a proxy.
     eprintln!("awake reply latency…");
@@ -351,31 +479,18 @@ async fn run(plan: Plan) {
 
     // Wake latency by phase, from the server's own answers.
     eprintln!("wakes…");
+    // (path, totals, phases) of each kind of wake, for the table and the plot.
+    let mut wake_runs = Vec::new();
     for warm in [false, true] {
         let (totals, phases) = server.wakes(&http, "awake", plan.wakes, warm).await;
         let kind = if warm { "warm pool" } else { "cold" };
-        let mut by_phase = String::new();
-        let order = [
-            "prepare", "claim", "create", "restore", "start", "ready", "record",
-        ];
-        let mut phases: Vec<_> = phases.into_iter().collect();
-        phases.sort_by_key(|(k, _)| order.iter().position(|o| o == k).unwrap_or(order.len()));
-        for (k, v) in &phases {
-            if !by_phase.is_empty() {
-                by_phase.push_str(", ");
-            }
-            write!(by_phase, "{k} {}", ms(pct(v, 0.5))).unwrap();
-        }
         table.row(
             &format!("wake, {kind}, reference agent in the bubblewrap sandbox ({} wakes, admin API's answers)", plan.wakes),
             "the agent's own start is inside `ready`",
-            &format!(
-                "p50 {}, max {}; phases p50: {by_phase}",
-                ms(pct(&totals, 0.5)),
-                ms(pct(&totals, 1.0))
-            ),
+            &wake_text(&totals, &phases),
             "",
         );
+        wake_runs.push((kind, totals, phases));
     }
 
     // What one awake instance holds, process by process (the tenant was just answered).
@@ -425,17 +540,7 @@ async fn run(plan: Plan) {
     for _ in 0..plan.wakes {
         next_id += 1;
         reply_once(&http, &tg, &awake_url, &secret, bot, next_id).await;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let (_, t) = server
-                .api(&http, reqwest::Method::GET, "/tenants/awake", None)
-                .await;
-            if t["status"] == "frozen" {
-                break;
-            }
-            assert!(Instant::now() < deadline, "never frozen: {t}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        server.wait_frozen(&http, "awake").await;
         next_id += 1;
         from_frozen.push(reply_once(&http, &tg, &awake_url, &secret, bot, next_id).await);
     }
@@ -455,6 +560,35 @@ async fn run(plan: Plan) {
             ms(pct(&from_frozen, 0.5) - pct(&via_otm, 0.5))
         ),
     );
+
+    // Wakes from the frozen tier through the admin API, by phase.
+    let mut totals = Vec::new();
+    let mut phases: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    for _ in 0..plan.wakes {
+        server.wait_frozen(&http, "awake").await;
+        let (s, v) = server
+            .api(&http, reqwest::Method::POST, "/tenants/awake/wake", None)
+            .await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["path"], "frozen", "{v}");
+        totals.push(v["total_ms"].as_f64().unwrap());
+        for (k, ms) in v["phases_ms"].as_object().unwrap() {
+            phases
+                .entry(k.clone())
+                .or_default()
+                .push(ms.as_f64().unwrap());
+        }
+    }
+    table.row(
+        &format!(
+            "wake, frozen tier, reference agent in the bubblewrap sandbox ({} wakes, admin API's answers)",
+            plan.wakes
+        ),
+        "",
+        &wake_text(&totals, &phases),
+        "",
+    );
+    wake_runs.push(("frozen", totals, phases));
 
     // Control-plane memory per idle tenant.
     eprintln!("idle tenants…");
@@ -495,6 +629,9 @@ async fn run(plan: Plan) {
         ],
     );
 
+    let wakes_svg = out_dir.join("wake-phases.svg");
+    plot_wakes(&wakes_svg, &wake_runs);
+
     let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!();
     println!(
@@ -533,6 +670,40 @@ async fn run(plan: Plan) {
         println!("plot: {}", sweep_svg.display());
     }
     println!("plot: {}", cdf_svg.display());
+    println!("plot: {}", wakes_svg.display());
+}
+
+/// The phases of a kind of wake in the order they run.
+const PHASE_ORDER: [&str; 8] = [
+    "prepare", "claim", "create", "thaw", "restore", "start", "ready", "record",
+];
+
+/// The phases sorted as they run, each with its p50.
+fn phase_p50s(phases: &std::collections::BTreeMap<String, Vec<f64>>) -> Vec<(String, f64)> {
+    let mut out: Vec<(String, f64)> = phases
+        .iter()
+        .map(|(k, v)| (k.clone(), pct(v, 0.5)))
+        .collect();
+    out.sort_by_key(|(k, _)| {
+        PHASE_ORDER
+            .iter()
+            .position(|o| o == k)
+            .unwrap_or(PHASE_ORDER.len())
+    });
+    out
+}
+
+fn wake_text(totals: &[f64], phases: &std::collections::BTreeMap<String, Vec<f64>>) -> String {
+    let by_phase = phase_p50s(phases)
+        .iter()
+        .map(|(k, v)| format!("{k} {}", ms(*v)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "p50 {}, max {}; phases p50: {by_phase}",
+        ms(pct(totals, 0.5)),
+        ms(pct(totals, 1.0))
+    )
 }
 
 #[derive(Default)]
@@ -703,6 +874,203 @@ async fn wrk(url: &str, script: &Path, conns: u32, secs: u32, base: u64) -> WrkR
         p50_ms: f[4],
         p99_ms: f[5],
     }
+}
+
+/// One run of the bench's own open-loop load generator, as it reported it: requests offered at a
+/// fixed rate whatever the answers' pace (as `wrk2` does, which Debian does not package).
+struct LoadRun {
+    offered_rps: f64,
+    ok: u64,
+    failed: u64,
+    /// Requests answered 200 per second of the run.
+    rps: f64,
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+impl LoadRun {
+    fn summary(&self) -> String {
+        let mut s = format!(
+            "{} offered, {} answered; p50 {}, p90 {}, p99 {}, max {}",
+            rate(self.offered_rps),
+            rate(self.rps),
+            ms(self.p50_ms),
+            ms(self.p90_ms),
+            ms(self.p99_ms),
+            ms(self.max_ms)
+        );
+        if self.failed > 0 {
+            write!(s, " ({} failed)", self.failed).unwrap();
+        }
+        s
+    }
+}
+
+/// Runs this bench binary as a load generator of its own (a separate process, as `wrk` is):
+/// `rate` updates a second for `secs` seconds over `conns` connections, to the tenants in turn.
+async fn loadgen(
+    url: &str,
+    tenants: &[(String, String)],
+    rate: u32,
+    secs: f64,
+    conns: u32,
+    base: u64,
+) -> LoadRun {
+    let list: String = tenants
+        .iter()
+        .map(|(path, secret)| format!("{path} {secret}\n"))
+        .collect();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), list).unwrap();
+    let out = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .arg("--loadgen")
+        .arg(url)
+        .arg(rate.to_string())
+        .arg(secs.to_string())
+        .arg(conns.to_string())
+        .arg(base.to_string())
+        .arg(file.path())
+        .output()
+        .await
+        .expect("running the load generator");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("LOADGEN "))
+        .unwrap_or_else(|| {
+            panic!(
+                "the load generator gave no summary: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    LoadRun {
+        offered_rps: rate as f64,
+        ok: f[0] as u64,
+        failed: f[1] as u64,
+        rps: f[0] / f[2],
+        p50_ms: f[3],
+        p90_ms: f[4],
+        p99_ms: f[5],
+        max_ms: f[6],
+    }
+}
+
+/// `--loadgen URL RATE SECS CONNS BASE TENANTS_FILE`: posts update `BASE + k` at `start + k /
+/// RATE` to tenant `k mod n` (the file's lines: `PATH SECRET`), request `k` on connection
+/// `k mod CONNS`, one request in flight per connection. A request's latency runs from the time
+/// it was due when its connection was still busy then (the wait is the server's doing), else
+/// from when it was sent (a late timer is the generator's). Prints `LOADGEN ok failed seconds
+/// p50 p90 p99 max`, in ms.
+fn loadgen_main(args: &[String]) -> i32 {
+    let [url, rate, secs, conns, base, tenants] = args else {
+        eprintln!("usage: --loadgen URL RATE SECS CONNS BASE TENANTS_FILE");
+        return 2;
+    };
+    let (Ok(rate), Ok(secs), Ok(conns), Ok(base)) = (
+        rate.parse::<f64>(),
+        secs.parse::<f64>(),
+        conns.parse::<u64>(),
+        base.parse::<u64>(),
+    ) else {
+        eprintln!("--loadgen: RATE, SECS, CONNS and BASE are numbers");
+        return 2;
+    };
+    let tenants: Vec<(String, String)> = std::fs::read_to_string(tenants)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(p, s)| (format!("{url}{p}"), s.to_owned()))
+        .collect();
+    if tenants.is_empty() || conns == 0 {
+        eprintln!("--loadgen: no tenants, or no connections");
+        return 2;
+    }
+    // One thread: the generator takes at most one core from what it measures.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .http1_only()
+            .pool_max_idle_per_host(conns as usize)
+            .build()
+            .unwrap();
+        let total = (rate * secs) as u64;
+        let tenants = std::sync::Arc::new(tenants);
+        let start = tokio::time::Instant::now() + Duration::from_millis(50);
+        let mut tasks = tokio::task::JoinSet::new();
+        for c in 0..conns {
+            let (http, tenants) = (http.clone(), tenants.clone());
+            tasks.spawn(async move {
+                let (mut ok, mut failed, mut lat) = (0u64, 0u64, Vec::new());
+                let mut free_at = start;
+                let mut k = c;
+                while k < total {
+                    let due = start + Duration::from_secs_f64(k as f64 / rate);
+                    tokio::time::sleep_until(due).await;
+                    let sent = tokio::time::Instant::now();
+                    let from = if free_at > due { due } else { sent };
+                    let (url, secret) = &tenants[(k % tenants.len() as u64) as usize];
+                    let r = http
+                        .post(url)
+                        .header(SECRET_HEADER, secret)
+                        .header("content-type", "application/json")
+                        .body(update_body(base + k))
+                        .timeout(Duration::from_secs(10))
+                        .send()
+                        .await;
+                    free_at = tokio::time::Instant::now();
+                    match r {
+                        Ok(r) if r.status() == 200 => {
+                            ok += 1;
+                            lat.push((free_at - from).as_secs_f64() * 1000.0);
+                        }
+                        _ => failed += 1,
+                    }
+                    k += conns;
+                }
+                (ok, failed, lat)
+            });
+        }
+        let (mut ok, mut failed, mut lat) = (0, 0, Vec::new());
+        while let Some(r) = tasks.join_next().await {
+            let (o, f, l) = r.unwrap();
+            ok += o;
+            failed += f;
+            lat.extend(l);
+        }
+        let took = (tokio::time::Instant::now() - start).as_secs_f64();
+        println!(
+            "LOADGEN {ok} {failed} {took} {} {} {} {}",
+            pct(&lat, 0.5),
+            pct(&lat, 0.9),
+            pct(&lat, 0.99),
+            pct(&lat, 1.0)
+        );
+    });
+    0
+}
+
+/// CPU time (user + system) a process has used so far, in ms.
+fn cpu_ms(pid: u64) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command's name, which may hold spaces: state is the first.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    // In USER_HZ, which Linux keeps at 100 on every architecture it exports it to.
+    ticks as f64 * 10.0
 }
 
 /// Rows per second SQLite commits into otm's inbox table, `per_tx` rows a transaction, in WAL
@@ -1133,6 +1501,21 @@ impl OtmServer {
         (totals, phases)
     }
 
+    /// Waits until the tenant is frozen (its `freeze_after_s` is short).
+    async fn wait_frozen(&self, http: &reqwest::Client, id: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, t) = self
+                .api(http, reqwest::Method::GET, &format!("/tenants/{id}"), None)
+                .await;
+            if t["status"] == "frozen" {
+                return;
+            }
+            assert!(Instant::now() < deadline, "never frozen: {t}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Creates `n` tenants without bots (never woken), 32 requests at a time.
     async fn idle_tenants(&self, http: &reqwest::Client, n: usize) {
         use futures::StreamExt;
@@ -1190,15 +1573,10 @@ impl OtmServer {
 /// The processes of the instances recorded under a data directory (the sandbox's first process
 /// and every descendant): name, RSS and PSS in KiB.
 fn instance_processes(data: &Path) -> Vec<(String, u64, u64)> {
-    let mut out = Vec::new();
-    for pid in recorded_pids(data) {
-        let mut todo = vec![pid];
-        while let Some(pid) = todo.pop() {
+    instance_pids(data)
+        .into_iter()
+        .map(|pid| {
             let proc = PathBuf::from(format!("/proc/{pid}"));
-            let name = std::fs::read_to_string(proc.join("comm"))
-                .unwrap_or_default()
-                .trim()
-                .to_owned();
             let field = |text: &str, key: &str| {
                 text.lines()
                     .find_map(|l| l.strip_prefix(key))
@@ -1206,23 +1584,58 @@ fn instance_processes(data: &Path) -> Vec<(String, u64, u64)> {
                     .unwrap_or(0)
             };
             let rollup = std::fs::read_to_string(proc.join("smaps_rollup")).unwrap_or_default();
-            out.push((name, field(&rollup, "Rss:"), field(&rollup, "Pss:")));
-            for task in std::fs::read_dir(proc.join("task"))
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                let children =
-                    std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-                todo.extend(
-                    children
-                        .split_whitespace()
-                        .filter_map(|c| c.parse::<u64>().ok()),
-                );
-            }
+            (
+                process_name(pid),
+                field(&rollup, "Rss:"),
+                field(&rollup, "Pss:"),
+            )
+        })
+        .collect()
+}
+
+fn process_name(pid: u64) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// The first process of every instance recorded under a data directory and all its descendants.
+fn instance_pids(data: &Path) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut todo = recorded_pids(data);
+    while let Some(pid) = todo.pop() {
+        out.push(pid);
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            todo.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u64>().ok()),
+            );
         }
     }
     out
+}
+
+/// CPU used so far, in ms: by otm (the server and every instance's shim and sandbox processes)
+/// and by the agents (the reference agent's processes).
+fn otm_and_agent_cpu_ms(server: &OtmServer) -> (f64, f64) {
+    let mut otm = cpu_ms(server.child.id().unwrap_or(0) as u64);
+    let mut agents = 0.0;
+    for pid in instance_pids(&server.data) {
+        if process_name(pid).starts_with("otm-reference") {
+            agents += cpu_ms(pid);
+        } else {
+            otm += cpu_ms(pid);
+        }
+    }
+    (otm, agents)
 }
 
 /// Kills every instance recorded under a data directory, and any agent left running with its
@@ -1360,6 +1773,90 @@ fn plot_cdf(path: &Path, series: &[(&str, &Vec<f64>)]) {
             .unwrap()
             .label(*name)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .unwrap();
+    root.present().unwrap();
+}
+
+/// Wake latency by phase: one bar per kind of wake, its phases' p50s stacked in the order they
+/// run, and the p50 of the wake's total (the phases do not add up to it: the rest is the HTTP
+/// round trip, the tenant's lock and tracing) as a black tick.
+type WakeRun<'a> = (
+    &'a str,
+    Vec<f64>,
+    std::collections::BTreeMap<String, Vec<f64>>,
+);
+
+fn plot_wakes(path: &Path, runs: &[WakeRun]) {
+    let root = SVGBackend::new(path, (720, 300)).into_drawing_area();
+    root.fill(&WHITE).unwrap();
+    let max_x = runs
+        .iter()
+        .map(|(_, totals, phases)| {
+            pct(totals, 0.5).max(phase_p50s(phases).iter().map(|p| p.1).sum())
+        })
+        .fold(1.0, f64::max)
+        * 1.15;
+    let n = runs.len();
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "wake latency by phase, p50 (reference agent, bubblewrap sandbox)",
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0.0..max_x, 0.0..n as f64)
+        .unwrap();
+    let names: Vec<String> = runs.iter().map(|r| r.0.to_owned()).collect();
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .y_labels(n * 2 + 1)
+        .y_label_formatter(&|y| {
+            let i = y.floor() as usize;
+            if (y - y.floor() - 0.5).abs() < 0.01 && i < names.len() {
+                names[names.len() - 1 - i].clone()
+            } else {
+                String::new()
+            }
+        })
+        .x_desc("ms")
+        .draw()
+        .unwrap();
+    let color = |phase: &str| {
+        let i = PHASE_ORDER.iter().position(|p| *p == phase).unwrap_or(0);
+        Palette99::pick(i).to_rgba()
+    };
+    let mut legend_done = std::collections::HashSet::new();
+    for (i, (_, totals, phases)) in runs.iter().enumerate() {
+        let y = (n - 1 - i) as f64;
+        let mut x = 0.0;
+        for (phase, v) in phase_p50s(phases) {
+            let c = color(&phase);
+            let bar = chart
+                .draw_series([Rectangle::new([(x, y + 0.2), (x + v, y + 0.8)], c.filled())])
+                .unwrap();
+            if legend_done.insert(phase.clone()) {
+                bar.label(phase).legend(move |(lx, ly)| {
+                    Rectangle::new([(lx, ly - 5), (lx + 12, ly + 5)], c.filled())
+                });
+            }
+            x += v;
+        }
+        let t = pct(totals, 0.5);
+        chart
+            .draw_series([PathElement::new(
+                vec![(t, y + 0.1), (t, y + 0.9)],
+                BLACK.stroke_width(2),
+            )])
+            .unwrap();
     }
     chart
         .configure_series_labels()
