@@ -19,6 +19,44 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const RETRY: Backoff = Backoff::new(Duration::from_millis(100), MAX_BACKOFF);
 /// Pauses while the inbox cannot be read: 500 ms, doubling up to five seconds.
 const READ_RETRY: Backoff = Backoff::new(Duration::from_millis(500), MAX_BACKOFF).with_jitter(0.2);
+/// While a backlog drains, the tenant's last activity is written at most this often (the idle
+/// sweep counts in seconds, and a tenant with updates waiting is busy anyway); the last
+/// delivery of a burst is always written.
+const TOUCH_EVERY: Duration = Duration::from_secs(1);
+
+/// The tenant's last activity as this dispatcher owes it to the registry.
+#[derive(Default)]
+struct Activity {
+    written: Option<Instant>,
+    owed: bool,
+}
+
+impl Activity {
+    /// An update was delivered: written now, or owed when it was written a moment ago.
+    async fn delivered(&mut self, app: &App, tenant: &TenantId) {
+        if self.written.is_some_and(|w| w.elapsed() < TOUCH_EVERY) {
+            self.owed = true;
+        } else {
+            self.write(app, tenant).await;
+        }
+    }
+
+    /// Writes what is owed (the inbox ran dry, or the dispatcher stops).
+    async fn settle(&mut self, app: &App, tenant: &TenantId) {
+        if self.owed {
+            self.write(app, tenant).await;
+        }
+    }
+
+    async fn write(&mut self, app: &App, tenant: &TenantId) {
+        let _ = app
+            .registry()
+            .touch_tenant(tenant, app.clock().now_ms())
+            .await;
+        self.written = Some(Instant::now());
+        self.owed = false;
+    }
+}
 
 /// Tells the tenant's dispatcher there is work, starting one if none runs.
 pub fn kick(app: &Arc<App>, tenant: &TenantId) {
@@ -60,6 +98,7 @@ async fn run(app: &Arc<App>, tenant: &TenantId, notify: Arc<Notify>) {
         return;
     }
     let mut read_failures = 0u32;
+    let mut activity = Activity::default();
     loop {
         if app.shutdown().is_cancelled() || lease.lost().is_cancelled() {
             break;
@@ -81,7 +120,7 @@ async fn run(app: &Arc<App>, tenant: &TenantId, notify: Arc<Notify>) {
                 // A lease that could not be renewed ends the attempt at once: another replica may
                 // be delivering the same update by now.
                 let step = tokio::select! {
-                    step = deliver_one(app, tenant, item, lease.fence()) => step,
+                    step = deliver_one(app, tenant, item, lease.fence(), &mut activity) => step,
                     _ = lease.lost().cancelled() => Step::Stop,
                 };
                 if let Step::Stop = step {
@@ -91,6 +130,7 @@ async fn run(app: &Arc<App>, tenant: &TenantId, notify: Arc<Notify>) {
                 }
             }
             None => {
+                activity.settle(app, tenant).await;
                 tokio::select! {
                     _ = notify.notified() => continue,
                     _ = app.shutdown().cancelled() => break,
@@ -107,6 +147,7 @@ async fn run(app: &Arc<App>, tenant: &TenantId, notify: Arc<Notify>) {
             }
         }
     }
+    activity.settle(app, tenant).await;
     app.dispatcher_ended(tenant);
     lease.release().await;
 }
@@ -154,7 +195,13 @@ enum Step {
 }
 
 #[tracing::instrument(name = "delivery", skip_all, fields(update_id = item.update_id, seq = item.seq, instance = tracing::field::Empty))]
-async fn deliver_one(app: &Arc<App>, tenant: &TenantId, item: InboxItem, fence: u64) -> Step {
+async fn deliver_one(
+    app: &Arc<App>,
+    tenant: &TenantId,
+    item: InboxItem,
+    fence: u64,
+    activity: &mut Activity,
+) -> Step {
     let started = Instant::now();
     let result = attempt(app, tenant, &item).await;
     app.metrics()
@@ -191,10 +238,7 @@ async fn deliver_one(app: &Arc<App>, tenant: &TenantId, item: InboxItem, fence: 
                     }
                 }
             }
-            let _ = app
-                .registry()
-                .touch_tenant(tenant, app.clock().now_ms())
-                .await;
+            activity.delivered(app, tenant).await;
         }
         Err(Failure::Held(message)) => {
             // Admission control: the update waits in the inbox without using up an attempt.

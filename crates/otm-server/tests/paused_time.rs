@@ -162,6 +162,50 @@ async fn a_tenant_with_updates_arriving_stays_awake() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_draining_backlog_records_activity_once_a_second_and_after_its_last_update() {
+    let w = World::new(|_| {}).await;
+    w.run_loops();
+    let t = w.tenant("backlog", 60).await;
+    // Thirty updates, each a 100 ms turn of the agent: about three seconds of deliveries.
+    w.runtime.shims.turn_ms.store(100, Ordering::SeqCst);
+    let started = w.app.clock().now_ms();
+    for i in 1..=30 {
+        w.update(&t, i).await;
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    w.until(Duration::from_secs(30), async || {
+        let tenant = w.registry().get_tenant(&t).await.unwrap().unwrap();
+        seen.insert(tenant.last_active_ms);
+        w.registry().inbox_depth(&t).await.unwrap() == 0
+    })
+    .await;
+    sleep(Duration::from_millis(50)).await;
+    let drained = w.app.clock().now_ms();
+    let last = w
+        .registry()
+        .get_tenant(&t)
+        .await
+        .unwrap()
+        .unwrap()
+        .last_active_ms;
+    seen.insert(last);
+    assert_eq!(w.runtime.shims.deliveries.load(Ordering::SeqCst), 30);
+    // Written about once a second while it drained (not once per update), …
+    let writes = seen.iter().filter(|&&at| at > started).count();
+    assert!(
+        (2..=6).contains(&writes),
+        "activity written {writes} times for 30 deliveries: {seen:?}"
+    );
+    // … and as of the last delivery once the inbox is empty.
+    assert!(
+        last >= started + 2_900 && last <= drained,
+        "last activity {} ms after the first update, drained at {} ms",
+        last - started,
+        drained - started
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn refused_updates_back_off_then_go_to_the_dead_letter_list() {
     let w = World::new(|s| s.max_delivery_attempts = 4).await;
     w.run_loops();

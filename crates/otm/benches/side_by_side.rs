@@ -358,27 +358,27 @@ async fn run(plan: Plan) {
         posted.ok as usize, n,
         "every update of the backlog accepted"
     );
-    let (otm0, agents0) = otm_and_agent_cpu_ms(&server);
+    let cpu0 = cpu_use_ms(&server);
     let (t0, a0) = (Instant::now(), answered());
     drained(per_tenant).await;
-    let (otm1, agents1) = otm_and_agent_cpu_ms(&server);
+    let cpu1 = cpu_use_ms(&server);
     let (took, delivered) = (t0.elapsed().as_secs_f64(), answered() - a0);
+    let per = |i: usize| (cpu1[i] - cpu0[i]) / delivered as f64;
     table.row(
         &format!(
             "delivery drain: a backlog of {n} updates to 4 awake tenants (reference agent in the bubblewrap sandbox), no webhooks meanwhile; CPU per delivered update"
         ),
+        &format!("the agent itself: {} per reply", ms(per(2))),
         &format!(
-            "the agent itself: {} per reply",
-            ms((agents1 - agents0) / delivered as f64)
-        ),
-        &format!(
-            "{} per delivery (server, shims and sandboxes); replied at {}",
-            ms((otm1 - otm0) / delivered as f64),
+            "{} per delivery: server {}, shims and sandboxes {}; replied at {}",
+            ms(per(0) + per(1)),
+            ms(per(0)),
+            ms(per(1)),
             rate(delivered as f64 / took)
         ),
         &format!(
             "{:.2} of the agent's",
-            (otm1 - otm0) / (agents1 - agents0).max(f64::MIN_POSITIVE)
+            (per(0) + per(1)) / per(2).max(f64::MIN_POSITIVE)
         ),
     );
     // Fairness: webhooks at a fixed rate while a backlog drains.
@@ -1623,19 +1623,15 @@ fn instance_pids(data: &Path) -> Vec<u64> {
     out
 }
 
-/// CPU used so far, in ms: by otm (the server and every instance's shim and sandbox processes)
+/// CPU used so far, in ms: by the otm server, by every instance's shim and sandbox processes,
 /// and by the agents (the reference agent's processes).
-fn otm_and_agent_cpu_ms(server: &OtmServer) -> (f64, f64) {
-    let mut otm = cpu_ms(server.child.id().unwrap_or(0) as u64);
-    let mut agents = 0.0;
+fn cpu_use_ms(server: &OtmServer) -> [f64; 3] {
+    let mut out = [cpu_ms(server.child.id().unwrap_or(0) as u64), 0.0, 0.0];
     for pid in instance_pids(&server.data) {
-        if process_name(pid).starts_with("otm-reference") {
-            agents += cpu_ms(pid);
-        } else {
-            otm += cpu_ms(pid);
-        }
+        let agent = process_name(pid).starts_with("otm-reference");
+        out[if agent { 2 } else { 1 }] += cpu_ms(pid);
     }
-    (otm, agents)
+    out
 }
 
 /// Kills every instance recorded under a data directory, and any agent left running with its

@@ -17,7 +17,7 @@ use otm_core::{
     Error, InstanceId, InstanceSpec, Result, Runtime, RuntimeEvent, RuntimeInstance, TenantId,
 };
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// What every stand-in shim of one runtime shares: switches and counters a test reads.
@@ -29,6 +29,8 @@ pub struct Shims {
     pub deliveries: AtomicUsize,
     /// Deliveries are received but not answered while set (an agent in the middle of a turn).
     pub hold: AtomicBool,
+    /// How long the stand-in agent takes over each delivery, in ms.
+    pub turn_ms: AtomicU64,
     /// Instances created, warm ones included.
     pub created: AtomicUsize,
     /// Instances deleted.
@@ -133,6 +135,10 @@ async fn deliver(State(s): State<Shim>) -> Json<DeliverResponse> {
     // A real shim thaws a frozen agent before delivering.
     s.frozen.store(false, Ordering::SeqCst);
     s.shims.deliveries.fetch_add(1, Ordering::SeqCst);
+    let turn = s.shims.turn_ms.load(Ordering::SeqCst);
+    if turn > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(turn)).await;
+    }
     while s.shims.hold.load(Ordering::SeqCst) {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
