@@ -240,6 +240,15 @@ pub fn image_for<'a>(cfg: &'a KubeRuntimeConfig, profile: Option<&str>) -> &'a s
     }
 }
 
+/// The shim's own settings in its environment ([`otm_shim::cli::SHIM_ENV`]).
+fn shim_env() -> impl Iterator<Item = EnvVar> {
+    otm_shim::cli::SHIM_ENV.iter().map(|(k, v)| EnvVar {
+        name: (*k).to_owned(),
+        value: Some((*v).to_owned()),
+        ..Default::default()
+    })
+}
+
 /// The pod of an instance.
 pub fn pod(cfg: &KubeRuntimeConfig, spec: &InstanceSpec) -> Pod {
     let name = pod_name(&spec.id);
@@ -301,7 +310,10 @@ pub fn pod(cfg: &KubeRuntimeConfig, spec: &InstanceSpec) -> Pod {
                 value: Some(TMP_DIR.to_owned()),
                 ..Default::default()
             },
-        ]),
+        ]
+        .into_iter()
+        .chain(shim_env())
+        .collect()),
         ports: Some(vec![ContainerPort {
             name: Some("shim".to_owned()),
             container_port: port,
@@ -541,7 +553,7 @@ mod tests {
         }
         // No bot token, model key or storage credential: no env but these three.
         let names: Vec<_> = env.iter().map(|e| e.name.as_str()).collect();
-        assert_eq!(names, [TOKEN_ENV, "POD_IP", "TMPDIR"]);
+        assert_eq!(names, [TOKEN_ENV, "POD_IP", "TMPDIR", "MALLOC_ARENA_MAX"]);
     }
 
     #[test]
