@@ -600,12 +600,7 @@ impl LocalRuntime {
             Some(small) => argv.push(s(&small)),
             None => argv.extend([s(&self.inner.otm_binary), "shim".into()]),
         }
-        argv.extend([
-            "--instance".into(),
-            id.to_string(),
-            "--dir".into(),
-            s(&dir),
-        ]);
+        argv.extend(["--instance".into(), id.to_string(), "--dir".into(), s(&dir)]);
         argv.extend([
             "--listen".into(),
             "stdin".into(),

@@ -237,7 +237,9 @@ mod tests {
 
     #[test]
     fn a_shim_without_a_token_is_refused() {
-        let args = parse(&["--instance", "i", "--dir", "/nowhere", "--listen", "stdin"].map(OsString::from));
+        let args = parse(
+            &["--instance", "i", "--dir", "/nowhere", "--listen", "stdin"].map(OsString::from),
+        );
         let e = args.config("/usr/bin/otm".into()).unwrap_err();
         assert!(e.contains("--token-file or --token-env"), "{e}");
     }

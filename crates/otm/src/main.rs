@@ -291,7 +291,9 @@ fn shim(args: otm_shim::cli::ShimArgs) -> std::process::ExitCode {
     };
     if let Some(small) = otm_shim::cli::small_binary(&otm) {
         use std::os::unix::process::CommandExt;
-        let e = std::process::Command::new(&small).args(args.to_args()).exec();
+        let e = std::process::Command::new(&small)
+            .args(args.to_args())
+            .exec();
         let _ = writeln!(
             std::io::stderr(),
             "otm shim: cannot run {}: {e}; serving here",

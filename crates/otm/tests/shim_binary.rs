@@ -92,7 +92,12 @@ async fn without_the_small_shim_an_instance_runs_otm_shim() {
     // otm and the agent's binaries in a directory of their own, without otm-shim.
     let install = common::tempdir();
     let built = Path::new(env!("CARGO_BIN_EXE_otm")).parent().unwrap();
-    for name in ["otm", "otm-reference-agent", "otm-sandbox-init", "otm-sandbox-exec"] {
+    for name in [
+        "otm",
+        "otm-reference-agent",
+        "otm-sandbox-init",
+        "otm-sandbox-exec",
+    ] {
         let (from, to) = (built.join(name), install.path().join(name));
         if std::fs::hard_link(&from, &to).is_err() {
             std::fs::copy(&from, &to).unwrap();

@@ -275,7 +275,7 @@ pub fn pod(cfg: &KubeRuntimeConfig, spec: &InstanceSpec) -> Pod {
         (cfg.termination_grace_s - 10).max(1).to_string(),
     ];
     args.extend(cfg.shim_args.iter().cloned());
-    let container = Container {
+    let mut container = Container {
         name: "shim".to_owned(),
         image: Some(image_for(cfg, spec.profile.as_deref()).to_owned()),
         image_pull_policy: cfg.image_pull_policy.clone(),
@@ -310,10 +310,7 @@ pub fn pod(cfg: &KubeRuntimeConfig, spec: &InstanceSpec) -> Pod {
                 value: Some(TMP_DIR.to_owned()),
                 ..Default::default()
             },
-        ]
-        .into_iter()
-        .chain(shim_env())
-        .collect()),
+        ]),
         ports: Some(vec![ContainerPort {
             name: Some("shim".to_owned()),
             container_port: port,
@@ -361,6 +358,7 @@ pub fn pod(cfg: &KubeRuntimeConfig, spec: &InstanceSpec) -> Pod {
         ]),
         ..Default::default()
     };
+    container.env.get_or_insert_default().extend(shim_env());
     Pod {
         metadata: ObjectMeta {
             name: Some(name),
@@ -551,7 +549,7 @@ mod tests {
         for v in s.volumes.as_ref().unwrap() {
             assert!(v.empty_dir.as_ref().unwrap().size_limit.is_some(), "{v:?}");
         }
-        // No bot token, model key or storage credential: no env but these three.
+        // No bot token, model key or storage credential: no env but these four.
         let names: Vec<_> = env.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(names, [TOKEN_ENV, "POD_IP", "TMPDIR", "MALLOC_ARENA_MAX"]);
     }
