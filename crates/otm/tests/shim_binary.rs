@@ -8,9 +8,11 @@ use otm_testkit::text_update;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// The shim processes of the instances recorded under a data directory: pid, the binary it
-/// runs (`/proc/<pid>/exe`) and its command line.
-fn shims(data_dir: &Path) -> Vec<(u32, PathBuf, Vec<String>)> {
+/// A process of an instance: pid, the binary it runs (`/proc/<pid>/exe`), its command line.
+type Process = (u32, PathBuf, Vec<String>);
+
+/// The processes of the instances recorded under a data directory.
+fn processes(data_dir: &Path) -> Vec<Process> {
     let mut out = Vec::new();
     for d in std::fs::read_dir(data_dir.join("runtime"))
         .into_iter()
@@ -30,12 +32,7 @@ fn shims(data_dir: &Path) -> Vec<(u32, PathBuf, Vec<String>)> {
                 .filter(|a| !a.is_empty())
                 .map(|a| String::from_utf8_lossy(a).into_owned())
                 .collect();
-            // The shim is the one process of the instance given its id; bubblewrap's own
-            // arguments never name it.
-            if argv.iter().any(|a| a == "--instance")
-                && !argv.first().is_some_and(|a| a.ends_with("bwrap"))
-            {
-                let exe = std::fs::read_link(proc.join("exe")).unwrap();
+            if let Ok(exe) = std::fs::read_link(proc.join("exe")) {
                 out.push((pid, exe, argv));
             }
             for task in std::fs::read_dir(proc.join("task"))
@@ -45,11 +42,33 @@ fn shims(data_dir: &Path) -> Vec<(u32, PathBuf, Vec<String>)> {
             {
                 let children =
                     std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-                todo.extend(children.split_whitespace().filter_map(|c| c.parse().ok()));
+                todo.extend(
+                    children
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
             }
         }
     }
     out
+}
+
+/// The shims among them: the one process given its instance's id, bubblewrap aside.
+fn shims(data_dir: &Path) -> Vec<Process> {
+    processes(data_dir)
+        .into_iter()
+        .filter(|(_, exe, argv)| argv.iter().any(|a| a == "--instance") && !exe.ends_with("bwrap"))
+        .collect()
+}
+
+/// A process's environment, `NAME=value` each.
+fn environ(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .filter(|v| !v.is_empty())
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect()
 }
 
 /// Wakes a tenant with a message and waits for its answer.
@@ -84,6 +103,16 @@ async fn an_instance_runs_the_small_shim_beside_otm_and_answers_through_it() {
         "shim {pid} runs {argv:?}"
     );
     assert!(!argv.iter().any(|a| a == "shim"), "{argv:?}");
+    // One malloc arena for the shim; the agent's environment is its own.
+    let arena = "MALLOC_ARENA_MAX=1".to_owned();
+    assert!(environ(*pid).contains(&arena), "{:?}", environ(*pid));
+    let agent = processes(&h.dir.path().join("d"))
+        .into_iter()
+        .find(|(_, exe, _)| exe.ends_with("otm-reference-agent"))
+        .expect("the agent runs");
+    let env = environ(agent.0);
+    assert!(!env.is_empty(), "the agent's environment is readable");
+    assert!(!env.contains(&arena), "{env:?}");
     h.stop().await;
 }
 
