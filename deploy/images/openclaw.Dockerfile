@@ -18,9 +18,9 @@ COPY Cargo.toml Cargo.lock ./
 COPY crates crates
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p otm --bin otm --bin otm-reference-agent \
+    cargo build --release --locked -p otm --bin otm --bin otm-shim --bin otm-reference-agent \
  && mkdir -p /out/bin /out/var/lib/otm/instance \
- && cp target/release/otm target/release/otm-reference-agent /out/bin/
+ && cp target/release/otm target/release/otm-shim target/release/otm-reference-agent /out/bin/
 
 # npm only runs the installer; the Node that OpenClaw runs on is the one it installs.
 FROM ${NODE_IMAGE} AS openclaw

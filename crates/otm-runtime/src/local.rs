@@ -335,6 +335,9 @@ impl LocalRuntime {
         if let Ok(level) = std::env::var("RUST_LOG") {
             a.extend(["--setenv".into(), "RUST_LOG".into(), level]);
         }
+        for (k, v) in otm_shim::cli::SHIM_ENV {
+            a.extend(["--setenv".into(), (*k).into(), (*v).into()]);
+        }
         a.push("--".into());
         a
     }
@@ -343,7 +346,11 @@ impl LocalRuntime {
     /// installations.
     fn view(&self) -> SystemView {
         let mut read_only = vec![self.inner.otm_binary.clone()];
-        for beside in ["otm-reference-agent", "otm-sandbox-init"] {
+        for beside in [
+            "otm-reference-agent",
+            "otm-sandbox-init",
+            otm_shim::cli::SMALL_BINARY,
+        ] {
             if let Some(p) = self.inner.otm_binary.parent().map(|d| d.join(beside))
                 && p.is_file()
             {
@@ -587,14 +594,13 @@ impl LocalRuntime {
             argv.push(s(bwrap));
             argv.extend(self.instance_sandbox_args(&dir, INFO_FD));
         }
-        argv.push(s(&self.inner.otm_binary));
-        argv.extend([
-            "shim".into(),
-            "--instance".into(),
-            id.to_string(),
-            "--dir".into(),
-            s(&dir),
-        ]);
+        // `otm-shim` beside otm holds a fraction of the whole otm binary's memory for as long
+        // as the instance is awake.
+        match otm_shim::cli::small_binary(&self.inner.otm_binary) {
+            Some(small) => argv.push(s(&small)),
+            None => argv.extend([s(&self.inner.otm_binary), "shim".into()]),
+        }
+        argv.extend(["--instance".into(), id.to_string(), "--dir".into(), s(&dir)]);
         argv.extend([
             "--listen".into(),
             "stdin".into(),
@@ -630,6 +636,7 @@ impl LocalRuntime {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(otm_shim::cli::SHIM_ENV.iter().copied())
             .stdin(Stdio::from(std::os::fd::OwnedFd::from(listener)))
             .stdout(log.try_clone().map_err(g)?)
             .stderr(log)

@@ -11,6 +11,7 @@
 //! - [`agent`]: one supervised agent process.
 //! - [`server`]: the control API served by `otm shim`.
 //! - [`client`]: the orchestrator's side of that API.
+//! - [`cli`]: the shim as a process: the command line of `otm shim` and `otm-shim`, its runtime.
 //! - [`archive`]: tar + zstd archives of state directories, packed and unpacked as streams.
 //! - [`pipe`]: byte streams between blocking archive code and async bodies.
 //! - [`sandbox`]: the instance and agent sandboxes (bubblewrap arguments, seccomp filter, the
@@ -19,6 +20,7 @@
 
 pub mod agent;
 pub mod archive;
+pub mod cli;
 pub mod client;
 pub mod forward;
 pub mod pipe;

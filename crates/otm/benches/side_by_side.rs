@@ -522,6 +522,39 @@ async fn run(plan: Plan) {
         );
     }
 
+    // The shim of each of ten awake instances: the pages of its binary are shared between the
+    // shims and divided among them in PSS, what each holds of its own is not.
+    eprintln!("ten awake instances…");
+    let mut others = Vec::new();
+    for i in 1..10 {
+        let (id, bot) = (format!("awake-{i}"), format!("72{i:02}:AWAKE"));
+        let secret = server.tenant(&http, &tg, &id, &bot, "reference").await;
+        let url = format!("{}/tg/{id}", server.public);
+        reply_once(&http, &tg, &url, &secret, &bot, next_id).await;
+        next_id += 1;
+        others.push(id);
+    }
+    let shims = shim_memory(&data);
+    if !shims.is_empty() {
+        let n = shims.len() as f64;
+        let mean = |k: usize| shims.iter().map(|m| m[k]).sum::<u64>() as f64 / n / 1024.0;
+        table.row(
+            &format!("the shim of each of {} awake instances, mean", shims.len()),
+            "",
+            &format!(
+                "{:.1} MiB RSS / {:.1} MiB PSS / {:.1} MiB private dirty",
+                mean(0),
+                mean(1),
+                mean(2)
+            ),
+            "",
+        );
+    }
+    for id in &others {
+        let path = format!("/tenants/{id}/stop");
+        server.api(&http, reqwest::Method::POST, &path, None).await;
+    }
+
     // A reply from the frozen tier: the tenant is frozen after a second idle, then written to;
     // webhook to reply at Telegram, beside the awake reply of the same run.
     eprintln!("frozen replies…");
@@ -1618,6 +1651,29 @@ fn instance_pids(data: &Path) -> Vec<u64> {
                     .split_whitespace()
                     .filter_map(|c| c.parse::<u64>().ok()),
             );
+        }
+    }
+    out
+}
+
+/// The shims of the instances recorded under a data directory (each the one process given its
+/// instance's id, bubblewrap aside): RSS, PSS and private dirty memory in KiB.
+fn shim_memory(data: &Path) -> Vec<[u64; 3]> {
+    let mut out = Vec::new();
+    for pid in instance_pids(data) {
+        let proc = PathBuf::from(format!("/proc/{pid}"));
+        let argv = std::fs::read(proc.join("cmdline")).unwrap_or_default();
+        let argv: Vec<&[u8]> = argv.split(|b| *b == 0).collect();
+        if argv.contains(&&b"--instance"[..]) && !argv[0].ends_with(b"bwrap") {
+            let rollup = std::fs::read_to_string(proc.join("smaps_rollup")).unwrap_or_default();
+            let field = |key: &str| {
+                rollup
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            out.push([field("Rss:"), field("Pss:"), field("Private_Dirty:")]);
         }
     }
     out

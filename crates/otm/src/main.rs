@@ -9,7 +9,6 @@ use otm_core::Secret;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 /// Run single-user AI agents (OpenClaw, or the built-in reference agent) as a multi-tenant
 /// service: every tenant gets its own sandboxed instance that wakes on a Telegram message,
@@ -31,7 +30,7 @@ enum Command {
     /// else <data-dir>/admin.token (generated on first start, mode 0600).
     Server(Box<ServerArgs>),
     /// Run inside an instance: supervise one agent (started by the runtime, not by hand).
-    Shim(ShimArgs),
+    Shim(otm_shim::cli::ShimArgs),
     /// Internal: the first process of a local instance (joins its cgroups, drops privileges,
     /// executes the sandbox).
     #[command(hide = true)]
@@ -84,38 +83,6 @@ struct MigrateArgs {
     /// Registry URL: sqlite://…, postgres://…, dynamodb://<table-prefix>?region=…&endpoint=….
     #[arg(long, env = "OTM_REGISTRY")]
     registry: String,
-}
-
-#[derive(Args, Debug)]
-struct ShimArgs {
-    /// Instance id.
-    #[arg(long)]
-    instance: String,
-    /// Instance directory (state/, agent.log, tmp/).
-    #[arg(long)]
-    dir: PathBuf,
-    /// Control address: unix:/path or tcp:host:port.
-    #[arg(long)]
-    listen: String,
-    /// File holding the instance token; read once and removed.
-    #[arg(long, conflicts_with = "token_env")]
-    token_file: Option<PathBuf>,
-    /// Environment variable holding the instance token (for pods).
-    #[arg(long)]
-    token_env: Option<String>,
-    /// otm's egress proxy as a Unix socket; the shim forwards a loopback port to it.
-    #[arg(long)]
-    egress: Option<PathBuf>,
-    /// Start the agent in a sandbox of its own (bubblewrap).
-    #[arg(long)]
-    agent_sandbox: bool,
-    /// A path the agent sandbox shows read-only (repeatable).
-    #[arg(long)]
-    show: Vec<PathBuf>,
-    /// After SIGTERM, seconds a bound shim keeps serving so that the orchestrator can take the
-    /// final snapshot (pods: less than terminationGracePeriodSeconds); 0 stops at once.
-    #[arg(long, default_value_t = 0)]
-    term_grace_s: u64,
 }
 
 #[derive(Args, Debug)]
@@ -173,7 +140,8 @@ fn main() -> std::process::ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    // These two run before any thread exists: they change credentials and wait for signals.
+    // These run before any thread exists: the sandbox's two change credentials and wait for
+    // signals, and the shim builds a runtime of its own.
     match cli.command {
         Command::SandboxExec(a) => {
             let mut command = a.command.into_iter();
@@ -204,6 +172,7 @@ fn main() -> std::process::ExitCode {
             let code = otm_shim::sandbox::init::run(program, &a.rw);
             return std::process::ExitCode::from(code.clamp(0, 255) as u8);
         }
+        Command::Shim(a) => return shim(a),
         _ => {}
     }
     // The CLI and the demo print for people: only warnings unless RUST_LOG says otherwise.
@@ -232,7 +201,6 @@ fn main() -> std::process::ExitCode {
                     .expect("the server command's matches");
                 server(*args, server_matches).await
             }
-            Command::Shim(args) => shim(args).await.map(|()| 0),
             Command::Demo(args) => demo::run(args).await.map(|()| 0),
             Command::Completions { shell } => {
                 let mut script = Vec::new();
@@ -247,7 +215,7 @@ fn main() -> std::process::ExitCode {
                 Ok(0)
             }
             Command::Cli(cmd) => cli::run(cmd, cli.global).await,
-            Command::SandboxExec(_) | Command::SandboxInit(_) => {
+            Command::SandboxExec(_) | Command::SandboxInit(_) | Command::Shim(_) => {
                 unreachable!("handled before the runtime starts")
             }
         }
@@ -311,56 +279,28 @@ async fn server(args: ServerArgs, matches: &clap::ArgMatches) -> anyhow::Result<
     Ok(0)
 }
 
-async fn shim(args: ShimArgs) -> anyhow::Result<()> {
-    let token = match (&args.token_file, &args.token_env) {
-        (Some(path), _) => {
-            let t = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            // The agent runs as the same user: leave nothing for it to find.
-            std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
-            t
+/// `otm shim`: becomes `otm-shim` when it is installed beside otm (a pod's command is `otm
+/// shim` whatever its image holds), else runs the shim here.
+fn shim(args: otm_shim::cli::ShimArgs) -> std::process::ExitCode {
+    let otm = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "otm shim: finding the otm binary: {e}");
+            return std::process::ExitCode::FAILURE;
         }
-        (None, Some(var)) => std::env::var(var).with_context(|| format!("reading ${var}"))?,
-        (None, None) => anyhow::bail!("give the instance token with --token-file or --token-env"),
     };
-    let agent_sandbox = if args.agent_sandbox {
-        let bwrap = otm_shim::sandbox::bwrap()
-            .context("--agent-sandbox needs bubblewrap (bwrap) on PATH")?;
-        let otm = std::env::current_exe().context("finding the otm binary")?;
-        let view = otm_shim::sandbox::SystemView {
-            read_only: args.show,
-            // The instance sandbox's /etc is already the minimal one: shown whole, one mount.
-            etc: Some("/etc".into()),
-            passwd: None,
-            tmp_bytes: 256 << 20,
-        };
-        Some(std::sync::Arc::new(otm_shim::sandbox::AgentSandbox {
-            bwrap,
-            otm,
-            view,
-        }))
-    } else {
-        None
-    };
-    let config = otm_shim::ShimConfig {
-        instance: args.instance,
-        dir: args.dir,
-        listen: args.listen,
-        token: Secret::new(token.trim()),
-        egress: args.egress,
-        agent_sandbox,
-        term_grace: Duration::from_secs(args.term_grace_s),
-    };
-    // SIGTERM (an evicted pod, a stopping runtime) is watched here and handed to the shim.
-    let terminated = CancellationToken::new();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let on_term = terminated.clone();
-    tokio::spawn(async move {
-        term.recv().await;
-        on_term.cancel();
-    });
-    otm_shim::run_shim(config, CancellationToken::new(), terminated).await?;
-    Ok(())
+    if let Some(small) = otm_shim::cli::small_binary(&otm) {
+        use std::os::unix::process::CommandExt;
+        let e = std::process::Command::new(&small)
+            .args(args.to_args())
+            .exec();
+        let _ = writeln!(
+            std::io::stderr(),
+            "otm shim: cannot run {}: {e}; serving here",
+            small.display()
+        );
+    }
+    otm_shim::cli::main("otm shim", args, otm)
 }
 
 /// otm(1) to stdout, or a page for otm and every visible subcommand into `dir`.

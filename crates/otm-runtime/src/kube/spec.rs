@@ -240,6 +240,15 @@ pub fn image_for<'a>(cfg: &'a KubeRuntimeConfig, profile: Option<&str>) -> &'a s
     }
 }
 
+/// The shim's own settings in its environment ([`otm_shim::cli::SHIM_ENV`]).
+fn shim_env() -> impl Iterator<Item = EnvVar> {
+    otm_shim::cli::SHIM_ENV.iter().map(|(k, v)| EnvVar {
+        name: (*k).to_owned(),
+        value: Some((*v).to_owned()),
+        ..Default::default()
+    })
+}
+
 /// The pod of an instance.
 pub fn pod(cfg: &KubeRuntimeConfig, spec: &InstanceSpec) -> Pod {
     let name = pod_name(&spec.id);
@@ -266,7 +275,7 @@ pub fn pod(cfg: &KubeRuntimeConfig, spec: &InstanceSpec) -> Pod {
         (cfg.termination_grace_s - 10).max(1).to_string(),
     ];
     args.extend(cfg.shim_args.iter().cloned());
-    let container = Container {
+    let mut container = Container {
         name: "shim".to_owned(),
         image: Some(image_for(cfg, spec.profile.as_deref()).to_owned()),
         image_pull_policy: cfg.image_pull_policy.clone(),
@@ -349,6 +358,7 @@ pub fn pod(cfg: &KubeRuntimeConfig, spec: &InstanceSpec) -> Pod {
         ]),
         ..Default::default()
     };
+    container.env.get_or_insert_default().extend(shim_env());
     Pod {
         metadata: ObjectMeta {
             name: Some(name),
@@ -539,9 +549,9 @@ mod tests {
         for v in s.volumes.as_ref().unwrap() {
             assert!(v.empty_dir.as_ref().unwrap().size_limit.is_some(), "{v:?}");
         }
-        // No bot token, model key or storage credential: no env but these three.
+        // No bot token, model key or storage credential: no env but these four.
         let names: Vec<_> = env.iter().map(|e| e.name.as_str()).collect();
-        assert_eq!(names, [TOKEN_ENV, "POD_IP", "TMPDIR"]);
+        assert_eq!(names, [TOKEN_ENV, "POD_IP", "TMPDIR", "MALLOC_ARENA_MAX"]);
     }
 
     #[test]
