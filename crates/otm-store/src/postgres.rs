@@ -45,8 +45,8 @@ use otm_core::{
     InstanceId, InstanceRecord, InstanceStore, Result, Secret, Tenant, TenantId, TenantStatus,
     TenantStore,
 };
-use std::fmt;
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
@@ -616,9 +616,7 @@ impl AppendQueue {
 }
 
 /// The next batch off the front of the queue.
-fn take_batch(
-    waiting: &mut std::collections::VecDeque<PendingAppend>,
-) -> Vec<PendingAppend> {
+fn take_batch(waiting: &mut std::collections::VecDeque<PendingAppend>) -> Vec<PendingAppend> {
     let mut bytes = 0;
     let mut n = 0;
     for a in waiting.iter() {
@@ -660,21 +658,20 @@ async fn append_batch(db: &Db, batch: Vec<PendingAppend>) {
             false,
         )
         .await
-        .and_then(|out| match out {
-            Output::Rows(rows) => rows.into_iter().next(),
-            Output::Count(_) => None,
-        }
-        .ok_or_else(|| Error::generic(BACKEND, "an inbox append returned no row")))
+        .and_then(|out| {
+            match out {
+                Output::Rows(rows) => rows.into_iter().next(),
+                Output::Count(_) => None,
+            }
+            .ok_or_else(|| Error::generic(BACKEND, "an inbox append returned no row"))
+        })
         .and_then(|row| {
             let known: Vec<String> = get(&row, 0)?;
             let ins_tenants: Vec<String> = get(&row, 1)?;
             let ins_ids: Vec<i64> = get(&row, 2)?;
             let ins_seqs: Vec<i64> = get(&row, 3)?;
-            let stored: HashMap<(String, i64), i64> = ins_tenants
-                .into_iter()
-                .zip(ins_ids)
-                .zip(ins_seqs)
-                .collect();
+            let stored: HashMap<(String, i64), i64> =
+                ins_tenants.into_iter().zip(ins_ids).zip(ins_seqs).collect();
             Ok((known, stored))
         });
     // What each sent append got: `Some(seq)` stored, `None` a duplicate; `Err(())` an unknown
@@ -1528,7 +1525,10 @@ impl Inbox for PostgresRegistry {
             },
         );
         answer.await.map_err(|_| {
-            Error::unavailable(BACKEND, "the registry stopped before the append was answered")
+            Error::unavailable(
+                BACKEND,
+                "the registry stopped before the append was answered",
+            )
         })?
     }
 
