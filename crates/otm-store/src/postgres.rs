@@ -536,8 +536,11 @@ impl Db {
 const APPEND_BATCH: usize = 256;
 /// Most payload bytes one multi-row insert takes (the first append of a batch always goes in).
 const APPEND_BATCH_BYTES: usize = 4 << 20;
-/// Most multi-row inserts under way at once, whatever the pool size.
-const APPEND_BATCHES: usize = 4;
+/// Most multi-row inserts under way at once, whatever the pool size. Two: while one commits,
+/// the next is already sent (and waits for the tenant locks the first holds, when they share
+/// tenants, as batches of a few busy tenants do); more would only split the waiting appends
+/// into smaller batches that commit one after another all the same.
+const APPEND_BATCHES: usize = 2;
 
 /// The multi-row append: lock the batch's tenants (in id order, so batches from several
 /// processes cannot deadlock; appends to one tenant thus take their seq and commit one batch

@@ -6,8 +6,9 @@
 //! Nothing here blocks the async runtime:
 //! - Writes go to ONE writer thread over a channel. The thread applies group commit: it takes every
 //!   job queued at that moment (up to [`MAX_BATCH`]), runs them in one `BEGIN IMMEDIATE … COMMIT`
-//!   transaction, each job inside its own savepoint so one failing job does not fail the others,
-//!   and answers each job only after the commit. One fsync then serves a whole batch.
+//!   transaction, each job inside its own savepoint so one failing job does not fail the others
+//!   (an append, one statement, needs none: SQLite undoes a failed statement by itself), and
+//!   answers each job only after the commit. One fsync then serves a whole batch.
 //! - Reads use a small pool of read-only connections on `spawn_blocking` threads. WAL lets them
 //!   run beside the writer, and each sees every commit answered before it started.
 //!
