@@ -76,6 +76,7 @@ pub async fn registry_suite(r: Arc<dyn Registry>) {
     registry_dispatch_fences(&*r, &run).await;
     registry_idle_due(&*r, &run).await;
     registry_inbox(&*r, &run).await;
+    registry_inbox_together(&*r, &run).await;
     registry_dead_letters(&*r, &run).await;
     registry_admin(&*r, &run).await;
     registry_inbox_prune(&*r, &run).await;
@@ -771,6 +772,157 @@ async fn registry_inbox(r: &dyn Registry, run: &str) {
 
 /// Retrying and dropping dead letters: retried ones go back to the head in sequence order,
 /// dropped ones are gone but still deduplicated, and only dead letters move.
+/// Appends made at once, so that a backend that writes concurrent appends together (group
+/// commit, multi-row inserts) takes several in one batch: several tenants, a missing one, the
+/// same update twice in one tenant and once in another, and an update stored before. Each append
+/// gets the answer it would get alone, and each inbox holds every new update once, with the
+/// payload and sequence number of the append that stored it.
+async fn registry_inbox_together(r: &dyn Registry, run: &str) {
+    let a = tenant_id(run, "together-a");
+    let b = tenant_id(run, "together-b");
+    let c = tenant_id(run, "together-c");
+    let ghost = tenant_id(run, "together-ghost");
+    for t in [&a, &b, &c] {
+        r.create_tenant(&tenant(t, 1_000, 60)).await.unwrap();
+    }
+    let Appended::Stored { seq: before } =
+        r.inbox_append(&a, 1, &payload(1, "before")).await.unwrap()
+    else {
+        panic!("update 1 of {a} is new");
+    };
+    let calls: Vec<(&TenantId, i64, Vec<u8>)> = [
+        (&a, 1, "again"),
+        (&a, 2, "first"),
+        (&b, 2, "first"),
+        (&ghost, 2, "ghost"),
+        (&a, 2, "second"),
+        (&c, 5, "first"),
+        (&a, 3, "first"),
+        (&b, 2, "second"),
+        (&c, 6, "first"),
+        (&a, 3, "second"),
+        (&ghost, 3, "ghost"),
+        (&b, 4, "first"),
+    ]
+    .into_iter()
+    .map(|(t, u, text)| (t, u, payload(u, text)))
+    .collect();
+    let mut all: HashMap<(TenantId, i64), (i64, Vec<u8>)> = HashMap::new();
+    all.insert((a.clone(), 1), (before, payload(1, "before")));
+    // Several rounds: the first appends of a round may start a batch of their own, the later ones
+    // then wait together for the next.
+    for round in 0..3i64 {
+        let calls: Vec<(&TenantId, i64, Vec<u8>)> = calls
+            .iter()
+            .map(|(t, u, p)| {
+                let u = u + round * 100;
+                (
+                    *t,
+                    u,
+                    if round == 0 {
+                        p.clone()
+                    } else {
+                        payload(u, &format!("{round}-{}", p.len()))
+                    },
+                )
+            })
+            .collect();
+        let answers =
+            futures::future::join_all(calls.iter().map(|(t, u, p)| r.inbox_append(t, *u, p))).await;
+        // The payload and seq each new (tenant, update_id) was stored with.
+        let mut stored: HashMap<(TenantId, i64), (i64, Vec<u8>)> = HashMap::new();
+        let mut dups: HashMap<(TenantId, i64), usize> = HashMap::new();
+        for ((t, u, p), answer) in calls.iter().zip(answers) {
+            if **t == ghost {
+                assert_err!(
+                    answer,
+                    Error::NotFound { .. },
+                    "append {u} to a missing tenant, together with others"
+                );
+                continue;
+            }
+            match answer {
+                Ok(Appended::Stored { seq }) => {
+                    let old = stored.insert(((*t).clone(), *u), (seq, p.clone()));
+                    assert!(old.is_none(), "update {u} of {t} stored twice in one batch");
+                }
+                Ok(Appended::Duplicate) => *dups.entry(((*t).clone(), *u)).or_default() += 1,
+                Err(e) => panic!("append {u} to {t}, together with others: {e}"),
+            }
+        }
+        if round == 0 {
+            assert_eq!(
+                dups.remove(&(a.clone(), 1)),
+                Some(1),
+                "an update stored before is a duplicate"
+            );
+        }
+        let mut wanted: Vec<(&TenantId, i64)> = vec![
+            (&a, 2 + round * 100),
+            (&a, 3 + round * 100),
+            (&b, 2 + round * 100),
+            (&b, 4 + round * 100),
+            (&c, 5 + round * 100),
+            (&c, 6 + round * 100),
+        ];
+        if round > 0 {
+            // Update 1 was stored before round 0 only.
+            wanted.push((&a, 1 + round * 100));
+        }
+        for (t, u) in &wanted {
+            assert!(
+                stored.contains_key(&((*t).clone(), *u)),
+                "update {u} of {t} stored"
+            );
+        }
+        assert_eq!(
+            stored.len(),
+            wanted.len(),
+            "only the new updates stored: {stored:?}"
+        );
+        for key in [(&a, 2), (&a, 3), (&b, 2)] {
+            let key = (key.0.clone(), key.1 + round * 100);
+            assert_eq!(
+                dups.remove(&key),
+                Some(1),
+                "the second append of {key:?} is a duplicate"
+            );
+        }
+        assert!(dups.is_empty(), "no other duplicates: {dups:?}");
+        all.extend(stored);
+    }
+    for (t, n) in [(&a, 9), (&b, 6), (&c, 6)] {
+        assert_eq!(
+            r.inbox_depth(t).await.unwrap(),
+            n,
+            "every update of {t} stored once"
+        );
+        let view = r.inbox_view(t, None, 100).await.unwrap();
+        assert!(
+            view.pending.windows(2).all(|w| w[0].seq < w[1].seq),
+            "the inbox of {t} is ordered by seq"
+        );
+        assert_eq!(view.pending.len(), n as usize);
+        for item in &view.pending {
+            assert_eq!(
+                all.get(&(t.clone(), item.update_id)),
+                Some(&(item.seq, item.payload.clone())),
+                "update {} of {t} has the seq and payload of the append that stored it",
+                item.update_id
+            );
+        }
+    }
+    assert_eq!(
+        r.inbox_next(&a).await.unwrap().map(|i| i.seq),
+        Some(before),
+        "the update stored before is first"
+    );
+    assert_eq!(r.inbox_depth(&ghost).await.unwrap(), 0);
+    for t in [&a, &b, &c] {
+        r.delete_tenant(t).await.unwrap();
+    }
+}
+
 async fn registry_dead_letters(r: &dyn Registry, run: &str) {
     let owned = tenant_id(run, "dead");
     let t = &owned;

@@ -2,10 +2,12 @@
 //!
 //! Behaves exactly like [`crate::SqliteRegistry`], down to which error each call returns, but every
 //! write is one atomic statement that is safe with many callers in many processes:
-//! - [`Inbox::inbox_append`] locks the tenant's row and inserts with
-//!   `ON CONFLICT (tenant, update_id) DO NOTHING`, in one statement. Appends to one tenant thus
-//!   commit in sequence order, so a dispatcher never sees a lower sequence number appear after a
-//!   higher one; appends to different tenants run side by side.
+//! - [`Inbox::inbox_append`] uses group commit: the appends that arrive while earlier ones are
+//!   being written go together in one multi-row statement (one transaction, one WAL flush), which
+//!   locks their tenants' rows in id order and inserts with
+//!   `ON CONFLICT (tenant, update_id) DO NOTHING`. Appends to one tenant thus commit in sequence
+//!   order, so a dispatcher never sees a lower sequence number appear after a higher one; batches
+//!   that share no tenant run side by side.
 //! - [`TenantStore::set_tenant_status`] checks the fence inside its `UPDATE … WHERE fence <= $n`.
 //! - [`InstanceStore::claim_warm_instance`] picks its row with `FOR UPDATE SKIP LOCKED`: concurrent
 //!   claimers take different instances or nothing, never the same one.
@@ -43,7 +45,9 @@ use otm_core::{
     InstanceId, InstanceRecord, InstanceStore, Result, Secret, Tenant, TenantId, TenantStatus,
     TenantStore,
 };
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 use tokio_postgres::error::SqlState;
@@ -206,11 +210,11 @@ impl PostgresOptions {
 /// The PostgreSQL registry. Cheap to share behind an `Arc`; any number of processes may use the
 /// same database (and schema) at once.
 pub struct PostgresRegistry {
-    pool: deadpool_postgres::Pool,
-    tls: RustlsConnect,
+    db: Db,
     size: usize,
-    timeout: Duration,
     schema: Option<String>,
+    /// Appends waiting for the next multi-row insert ([`Inbox::inbox_append`]).
+    appends: Arc<AppendQueue>,
     /// When the inbox was last vacuumed, in ms since the epoch ([`Inbox::purge_freed`]).
     vacuumed_at_ms: AtomicI64,
 }
@@ -326,11 +330,14 @@ impl PostgresRegistry {
         );
 
         Ok(PostgresRegistry {
-            pool,
-            tls,
+            db: Db {
+                pool,
+                tls,
+                timeout: options.timeout,
+            },
             size: options.pool_size,
-            timeout: options.timeout,
             schema,
+            appends: Arc::new(AppendQueue::new(options.pool_size)),
             vacuumed_at_ms: AtomicI64::new(0),
         })
     }
@@ -348,7 +355,7 @@ impl PostgresRegistry {
         params: &[&(dyn ToSql + Sync)],
         idempotent: bool,
     ) -> Result<Vec<Row>> {
-        match self.call(sql, params, idempotent, false).await? {
+        match self.db.call(sql, params, idempotent, false).await? {
             Output::Rows(rows) => Ok(rows),
             Output::Count(_) => unreachable!("asked for rows"),
         }
@@ -361,7 +368,7 @@ impl PostgresRegistry {
         params: &[&(dyn ToSql + Sync)],
         idempotent: bool,
     ) -> Result<u64> {
-        match self.call(sql, params, idempotent, true).await? {
+        match self.db.call(sql, params, idempotent, true).await? {
             Output::Count(n) => Ok(n),
             Output::Rows(_) => unreachable!("asked for a count"),
         }
@@ -450,7 +457,18 @@ impl PostgresRegistry {
             .into_iter()
             .next())
     }
+}
 
+/// The connection pool and what every call on it needs; cheap to clone, so that a task of its
+/// own can run calls (the multi-row appends).
+#[derive(Clone)]
+struct Db {
+    pool: deadpool_postgres::Pool,
+    tls: RustlsConnect,
+    timeout: Duration,
+}
+
+impl Db {
     async fn call(
         &self,
         sql: &str,
@@ -508,6 +526,205 @@ impl PostgresRegistry {
                 Err(_) => return Err(timed_out("a registry call", self.timeout)),
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Group commit of appends.
+
+/// Most appends one multi-row insert takes.
+const APPEND_BATCH: usize = 256;
+/// Most payload bytes one multi-row insert takes (the first append of a batch always goes in).
+const APPEND_BATCH_BYTES: usize = 4 << 20;
+/// Most multi-row inserts under way at once, whatever the pool size. Two: while one commits,
+/// the next is already sent (and waits for the tenant locks the first holds, when they share
+/// tenants, as batches of a few busy tenants do); more would only split the waiting appends
+/// into smaller batches that commit one after another all the same.
+const APPEND_BATCHES: usize = 2;
+
+/// The multi-row append: lock the batch's tenants (in id order, so batches from several
+/// processes cannot deadlock; appends to one tenant thus take their seq and commit one batch
+/// after another, so seq order is commit order), then insert the batch in its order unless
+/// `(tenant, update_id)` is taken. Answers the tenants found and what was inserted.
+const APPEND_SQL: &str = "WITH input AS (SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::BYTEA[]) \
+                          WITH ORDINALITY AS i (tenant, update_id, payload, ord)), \
+          t AS (SELECT id FROM tenants WHERE id = ANY ($1::TEXT[]) ORDER BY id FOR NO KEY UPDATE), \
+          ins AS (INSERT INTO inbox (tenant, update_id, payload, accepted_at_ms) \
+                  SELECT i.tenant, i.update_id, i.payload, $4::BIGINT FROM input i \
+                  WHERE i.tenant IN (SELECT id FROM t) ORDER BY i.ord \
+                  ON CONFLICT (tenant, update_id) DO NOTHING \
+                  RETURNING tenant, update_id, seq) \
+     SELECT ARRAY(SELECT id FROM t), ARRAY(SELECT tenant FROM ins), \
+            ARRAY(SELECT update_id FROM ins), ARRAY(SELECT seq FROM ins)";
+
+/// One append waiting for its batch.
+struct PendingAppend {
+    tenant: TenantId,
+    update_id: i64,
+    payload: Vec<u8>,
+    reply: tokio::sync::oneshot::Sender<Result<Appended>>,
+}
+
+/// Appends waiting to ride in a multi-row insert, and how many inserts are under way. Group
+/// commit: while inserts are under way (at most `max_batches`), new appends wait here, and the
+/// next insert to start takes all of them (up to [`APPEND_BATCH`]): one statement, one
+/// transaction and one WAL flush serve many webhooks.
+struct AppendQueue {
+    state: std::sync::Mutex<AppendState>,
+    max_batches: usize,
+}
+
+#[derive(Default)]
+struct AppendState {
+    waiting: std::collections::VecDeque<PendingAppend>,
+    batches: usize,
+}
+
+impl AppendQueue {
+    fn new(pool_size: usize) -> Self {
+        AppendQueue {
+            state: Default::default(),
+            max_batches: pool_size.clamp(1, APPEND_BATCHES),
+        }
+    }
+
+    /// Queues an append; starts an inserting task when fewer than `max_batches` run.
+    fn push(self: &Arc<Self>, db: &Db, append: PendingAppend) {
+        {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.waiting.push_back(append);
+            if st.batches >= self.max_batches {
+                return; // a running task takes it
+            }
+            st.batches += 1;
+        }
+        // A task of its own: the insert goes on (and answers every append of its batch) even if
+        // the caller that started it goes away. It takes its batch when it first runs, so the
+        // appends queued meanwhile ride along.
+        let (queue, db) = (self.clone(), db.clone());
+        tokio::spawn(async move {
+            loop {
+                let batch = {
+                    let mut st = queue.state.lock().unwrap_or_else(|p| p.into_inner());
+                    if st.waiting.is_empty() {
+                        st.batches -= 1;
+                        return;
+                    }
+                    take_batch(&mut st.waiting)
+                };
+                append_batch(&db, batch).await;
+            }
+        });
+    }
+}
+
+/// The next batch off the front of the queue.
+fn take_batch(waiting: &mut std::collections::VecDeque<PendingAppend>) -> Vec<PendingAppend> {
+    let mut bytes = 0;
+    let mut n = 0;
+    for a in waiting.iter() {
+        if n == APPEND_BATCH || (n > 0 && bytes + a.payload.len() > APPEND_BATCH_BYTES) {
+            break;
+        }
+        bytes += a.payload.len();
+        n += 1;
+    }
+    waiting.drain(..n).collect()
+}
+
+/// Runs one multi-row insert and answers every append of `batch`. A second append of the same
+/// `(tenant, update_id)` in one batch is not sent: it is a duplicate of the first (or fails as
+/// the first does).
+async fn append_batch(db: &Db, batch: Vec<PendingAppend>) {
+    let mut first_of: HashMap<(&str, i64), usize> = HashMap::with_capacity(batch.len());
+    // For each append, the index of the first append of its (tenant, update_id) in `sent`.
+    let mut sent: Vec<usize> = Vec::with_capacity(batch.len());
+    let mut refers: Vec<usize> = Vec::with_capacity(batch.len());
+    for (i, a) in batch.iter().enumerate() {
+        let k = *first_of
+            .entry((a.tenant.as_str(), a.update_id))
+            .or_insert_with(|| {
+                sent.push(i);
+                sent.len() - 1
+            });
+        refers.push(k);
+    }
+    let tenants: Vec<&str> = sent.iter().map(|&i| batch[i].tenant.as_str()).collect();
+    let update_ids: Vec<i64> = sent.iter().map(|&i| batch[i].update_id).collect();
+    let payloads: Vec<&[u8]> = sent.iter().map(|&i| batch[i].payload.as_slice()).collect();
+    let now = otm_core::time::now_ms();
+    let outcome = db
+        .call(
+            APPEND_SQL,
+            &[&tenants, &update_ids, &payloads, &now],
+            false,
+            false,
+        )
+        .await
+        .and_then(|out| {
+            match out {
+                Output::Rows(rows) => rows.into_iter().next(),
+                Output::Count(_) => None,
+            }
+            .ok_or_else(|| Error::generic(BACKEND, "an inbox append returned no row"))
+        })
+        .and_then(|row| {
+            let known: Vec<String> = get(&row, 0)?;
+            let ins_tenants: Vec<String> = get(&row, 1)?;
+            let ins_ids: Vec<i64> = get(&row, 2)?;
+            let ins_seqs: Vec<i64> = get(&row, 3)?;
+            let stored: HashMap<(String, i64), i64> =
+                ins_tenants.into_iter().zip(ins_ids).zip(ins_seqs).collect();
+            Ok((known, stored))
+        });
+    // What each sent append got: `Some(seq)` stored, `None` a duplicate; `Err(())` an unknown
+    // tenant.
+    let results: Result<Vec<Result<Option<i64>, ()>>> = outcome.map(|(known, stored)| {
+        sent.iter()
+            .map(|&i| {
+                let a = &batch[i];
+                if !known.iter().any(|k| k == a.tenant.as_str()) {
+                    return Err(());
+                }
+                Ok(stored
+                    .get(&(a.tenant.as_str().to_owned(), a.update_id))
+                    .copied())
+            })
+            .collect()
+    });
+    let answers: Vec<Result<Appended>> = batch
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let k = refers[i];
+            let first = sent[k] == i;
+            match &results {
+                Err(e) => Err(copy_error(e)),
+                Ok(r) => match r[k] {
+                    Err(()) => Err(record::tenant_not_found(&a.tenant)),
+                    Ok(Some(seq)) if first => Ok(Appended::Stored { seq }),
+                    Ok(_) => Ok(Appended::Duplicate),
+                },
+            }
+        })
+        .collect();
+    for (a, answer) in batch.into_iter().zip(answers) {
+        // The caller may have gone away; the write stands either way.
+        let _ = a.reply.send(answer);
+    }
+}
+
+/// The same error for every append of a failed batch.
+fn copy_error(e: &Error) -> Error {
+    match e {
+        Error::Unavailable { backend, message } => Error::Unavailable {
+            backend,
+            message: message.clone(),
+        },
+        Error::InvalidInput { message } => Error::invalid(message),
+        Error::NotFound { what } => Error::not_found(what),
+        Error::Conflict { message } => Error::conflict(message),
+        e => Error::generic(BACKEND, e.to_string()),
     }
 }
 
@@ -1299,34 +1516,23 @@ impl Inbox for PostgresRegistry {
         update_id: i64,
         payload: &[u8],
     ) -> Result<Appended> {
-        // One statement: lock the tenant's row (appends to one tenant take their seq and commit
-        // one after another, so seq order is commit order), then insert unless (tenant,
-        // update_id) is taken. `known` tells a missing tenant from a duplicate.
-        let row = self
-            .query_opt(
-                "WITH t AS (SELECT id FROM tenants WHERE id = $1 FOR NO KEY UPDATE), \
-                      ins AS (INSERT INTO inbox (tenant, update_id, payload, accepted_at_ms) \
-                              SELECT id, $2::BIGINT, $3::BYTEA, $4::BIGINT FROM t \
-                              ON CONFLICT (tenant, update_id) DO NOTHING \
-                              RETURNING seq) \
-                 SELECT EXISTS (SELECT 1 FROM t), (SELECT seq FROM ins)",
-                &[
-                    &tenant.as_str(),
-                    &update_id,
-                    &payload,
-                    &otm_core::time::now_ms(),
-                ],
-                false,
+        // Group commit: the append rides in the next multi-row insert (see `AppendQueue`).
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.appends.push(
+            &self.db,
+            PendingAppend {
+                tenant: tenant.clone(),
+                update_id,
+                payload: payload.to_vec(),
+                reply,
+            },
+        );
+        answer.await.map_err(|_| {
+            Error::unavailable(
+                BACKEND,
+                "the registry stopped before the append was answered",
             )
-            .await?
-            .ok_or_else(|| Error::generic(BACKEND, "an inbox append returned no row"))?;
-        let known: bool = get(&row, 0)?;
-        let seq: Option<i64> = get(&row, 1)?;
-        match (known, seq) {
-            (false, _) => Err(record::tenant_not_found(tenant)),
-            (true, Some(seq)) => Ok(Appended::Stored { seq }),
-            (true, None) => Ok(Appended::Duplicate),
-        }
+        })?
     }
 
     async fn inbox_next(&self, tenant: &TenantId) -> Result<Option<InboxItem>> {
@@ -1539,7 +1745,7 @@ impl Inbox for PostgresRegistry {
         {
             return Ok(());
         }
-        let client = self.pool.get().await.map_err(pool_error)?;
+        let client = self.db.pool.get().await.map_err(pool_error)?;
         // VACUUM runs outside a transaction: a simple query of its own.
         client
             .batch_execute("VACUUM inbox")

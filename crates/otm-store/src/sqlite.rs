@@ -6,8 +6,9 @@
 //! Nothing here blocks the async runtime:
 //! - Writes go to ONE writer thread over a channel. The thread applies group commit: it takes every
 //!   job queued at that moment (up to [`MAX_BATCH`]), runs them in one `BEGIN IMMEDIATE … COMMIT`
-//!   transaction, each job inside its own savepoint so one failing job does not fail the others,
-//!   and answers each job only after the commit. One fsync then serves a whole batch.
+//!   transaction, each job inside its own savepoint so one failing job does not fail the others
+//!   (an append, one statement, needs none: SQLite undoes a failed statement by itself), and
+//!   answers each job only after the commit. One fsync then serves a whole batch.
 //! - Reads use a small pool of read-only connections on `spawn_blocking` threads. WAL lets them
 //!   run beside the writer, and each sees every commit answered before it started.
 //!
@@ -34,6 +35,8 @@ const BACKEND: &str = "sqlite";
 
 /// Most jobs one group commit takes.
 pub const MAX_BATCH: usize = 256;
+/// Most delivered updates one write of [`Inbox::inbox_prune`] deletes.
+const PRUNE_STEP: i64 = 2_000;
 /// Read-only connections in the pool.
 const READERS: usize = 4;
 /// Jobs that may wait for the writer before senders wait too.
@@ -168,6 +171,14 @@ struct Counters {
     truncate_wal: std::sync::atomic::AtomicBool,
 }
 
+/// What the writer thread alone keeps between batches.
+struct WriterState {
+    /// A job that may have cleared or deleted something ran since the WAL was last truncated
+    /// (true at start: the WAL may hold what an earlier process freed). Appends only add rows,
+    /// so a WAL written by appends alone holds nothing to scrub, and is not truncated.
+    freed: bool,
+}
+
 impl SqliteRegistry {
     /// Opens (creating it and its parent directory if needed) the database at `path`, applies
     /// the migrations, and starts the writer thread.
@@ -249,8 +260,28 @@ impl SqliteRegistry {
         }
     }
 
-    /// Runs `work` on the writer thread inside the next group commit; answers after the commit.
+    /// Runs `work` on the writer thread inside the next group commit, in a savepoint of its
+    /// own; answers after the commit.
     async fn write<T, F>(&self, work: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        self.write_job(true, work).await
+    }
+
+    /// [`SqliteRegistry::write`] for an append: work that writes one new row with one statement
+    /// and cannot fail after it. No savepoint (SQLite undoes a failed statement by itself), and
+    /// it frees nothing that [`Inbox::purge_freed`] must scrub.
+    async fn write_append<T, F>(&self, work: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        self.write_job(false, work).await
+    }
+
+    async fn write_job<T, F>(&self, savepoint: bool, work: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
@@ -260,6 +291,7 @@ impl SqliteRegistry {
             work: Some(work),
             out: None,
             reply,
+            savepoint,
         });
         self.writer.send(job).await.map_err(|_| writer_gone())?;
         answer.await.map_err(|_| writer_gone())?
@@ -334,8 +366,13 @@ impl Drop for Pooled<'_> {
 // ---------------------------------------------------------------------------------------------
 // The writer thread.
 
-/// One queued write: `run` inside a savepoint, then `finish` once the batch's fate is known.
+/// One queued write: `run` (inside a savepoint unless it needs none), then `finish` once the
+/// batch's fate is known.
 trait WriteJob: Send {
+    /// Whether the work needs a savepoint of its own (and may clear or delete something): false
+    /// for appends, which insert one row with one statement and fail only in it (SQLite undoes
+    /// a failed statement by itself).
+    fn savepoint(&self) -> bool;
     /// Runs the work; true if it succeeded and its savepoint should be kept.
     fn run(&mut self, conn: &Connection) -> bool;
     /// Answers the caller: the work's own result if the batch committed, else the batch error.
@@ -346,6 +383,7 @@ struct Job<T, F> {
     work: Option<F>,
     out: Option<Result<T>>,
     reply: oneshot::Sender<Result<T>>,
+    savepoint: bool,
 }
 
 impl<T, F> WriteJob for Job<T, F>
@@ -353,6 +391,10 @@ where
     T: Send + 'static,
     F: FnOnce(&Connection) -> Result<T> + Send + 'static,
 {
+    fn savepoint(&self) -> bool {
+        self.savepoint
+    }
+
     fn run(&mut self, conn: &Connection) -> bool {
         let Some(work) = self.work.take() else {
             return false;
@@ -408,6 +450,7 @@ impl From<rusqlite::Error> for BatchError {
 }
 
 fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Box<dyn WriteJob>>, stats: &Counters) {
+    let mut state = WriterState { freed: true };
     let mut batch: Vec<Box<dyn WriteJob>> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -418,8 +461,11 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Box<dyn WriteJob>>, 
             }
         }
         let outcome = run_batch(&mut conn, &mut batch);
-        if stats.truncate_wal.swap(false, Ordering::Relaxed) {
-            truncate_wal(&conn);
+        if batch.iter().any(|job| job.savepoint()) {
+            state.freed = true;
+        }
+        if stats.truncate_wal.swap(false, Ordering::Relaxed) && state.freed {
+            state.freed = !truncate_wal(&conn);
         }
         stats.jobs.fetch_add(batch.len() as u64, Ordering::Relaxed);
         match &outcome {
@@ -440,25 +486,37 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Box<dyn WriteJob>>, 
 /// Copies every WAL frame into the database (where `secure_delete` zeroed what was removed) and
 /// cuts the WAL file to nothing, so old versions of rows are gone from both files. A reader in
 /// the middle of a transaction blocks it; the next call tries again.
-fn truncate_wal(conn: &Connection) {
+/// True if it did.
+fn truncate_wal(conn: &Connection) -> bool {
     match conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
         r.get::<_, i64>(0)
     }) {
-        Ok(0) => {}
-        Ok(_) => tracing::debug!("a reader blocked the WAL checkpoint; tried again later"),
-        Err(e) => tracing::warn!(error = %e, "the WAL checkpoint failed"),
+        Ok(0) => true,
+        Ok(_) => {
+            tracing::debug!("a reader blocked the WAL checkpoint; tried again later");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the WAL checkpoint failed");
+            false
+        }
     }
 }
 
-/// Runs a batch in one transaction, one savepoint per job.
+/// Runs a batch in one transaction, one savepoint per job that needs one. The savepoint
+/// statements are prepared once and kept, like every other statement of the writer.
 fn run_batch(conn: &mut Connection, batch: &mut [Box<dyn WriteJob>]) -> Result<(), BatchError> {
-    let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let step = |sql: &str| tx.prepare_cached(sql).and_then(|mut s| s.execute([]));
     for job in batch.iter_mut() {
-        let sp = tx.savepoint()?;
-        if job.run(&sp) {
-            sp.commit()?;
+        if !job.savepoint() {
+            job.run(&tx);
         } else {
-            sp.finish()?; // rolls back to the savepoint, then releases it
+            step("SAVEPOINT job")?;
+            if !job.run(&tx) {
+                step("ROLLBACK TO job")?;
+            }
+            step("RELEASE job")?;
         }
         // Some errors (disk full, I/O) make SQLite roll back the whole transaction. A later
         // savepoint would then open a new transaction and the commit would cover only the jobs
@@ -565,6 +623,11 @@ fn is_busy(e: &rusqlite::Error) -> bool {
 
 fn is_constraint(e: &rusqlite::Error) -> bool {
     e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation)
+}
+
+fn is_foreign_key(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY)
 }
 
 /// Maps a SQLite error; busy means another process holds the lock, and retrying may work.
@@ -1104,30 +1167,36 @@ impl Inbox for SqliteRegistry {
     ) -> Result<Appended> {
         let tenant = tenant.clone();
         let payload = payload.to_vec();
-        self.write(move |c| {
-            if !tenant_exists(c, tenant.as_str())? {
-                return Err(record::tenant_not_found(&tenant));
-            }
-            // Look first rather than INSERT … ON CONFLICT DO NOTHING: that would still take a
-            // sequence number, leaving a gap for every duplicate. The single writer makes the
-            // look-then-insert atomic.
-            let seen = c
-                .prepare_cached("SELECT 1 FROM inbox WHERE tenant = ?1 AND update_id = ?2")
-                .and_then(|mut s| s.exists(params![tenant.as_str(), update_id]))
-                .map_err(db)?;
-            if seen {
-                return Ok(Appended::Duplicate);
-            }
-            let seq: i64 = c
+        // One statement, so no savepoint: it inserts unless the update was seen, rather than
+        // INSERT … ON CONFLICT DO NOTHING, which would still take a sequence number and leave a
+        // gap for every duplicate. The single writer makes the look-then-insert atomic. A
+        // missing tenant fails the foreign key.
+        self.write_append(move |c| {
+            let seq: Option<i64> = c
                 .prepare_cached(
-                    "INSERT INTO inbox (tenant, update_id, payload, accepted_at_ms) VALUES (?1, ?2, ?3, ?4) \
+                    "INSERT INTO inbox (tenant, update_id, payload, accepted_at_ms) \
+                     SELECT ?1, ?2, ?3, ?4 \
+                     WHERE NOT EXISTS (SELECT 1 FROM inbox WHERE tenant = ?1 AND update_id = ?2) \
                      RETURNING seq",
                 )
                 .and_then(|mut s| {
-                    s.query_row(params![tenant.as_str(), update_id, payload, otm_core::time::now_ms()], |r| r.get(0))
+                    let now = otm_core::time::now_ms();
+                    s.query_row(params![tenant.as_str(), update_id, payload, now], |r| {
+                        r.get(0)
+                    })
+                    .optional()
                 })
-                .map_err(db)?;
-            Ok(Appended::Stored { seq })
+                .map_err(|e| {
+                    if is_foreign_key(&e) {
+                        record::tenant_not_found(&tenant)
+                    } else {
+                        db(e)
+                    }
+                })?;
+            Ok(match seq {
+                Some(seq) => Appended::Stored { seq },
+                None => Appended::Duplicate,
+            })
         })
         .await
     }
@@ -1291,21 +1360,33 @@ impl Inbox for SqliteRegistry {
         .await
     }
 
+    /// In steps of [`PRUNE_STEP`] rows, each a write of its own: appends queued meanwhile
+    /// commit between them rather than wait for one long delete.
     async fn inbox_prune(&self, before_ms: i64) -> Result<u64> {
-        self.write(move |c| {
-            let n = c
-                .prepare_cached("DELETE FROM inbox WHERE state = 'done' AND accepted_at_ms < ?1")
-                .and_then(|mut s| s.execute([before_ms]))
-                .map_err(db)?;
-            Ok(n as u64)
-        })
-        .await
+        let mut total = 0;
+        loop {
+            let n = self
+                .write(move |c| {
+                    c.prepare_cached(
+                        "DELETE FROM inbox WHERE seq IN (SELECT seq FROM inbox \
+                         WHERE state = 'done' AND accepted_at_ms < ?1 LIMIT ?2)",
+                    )
+                    .and_then(|mut s| s.execute(params![before_ms, PRUNE_STEP]))
+                    .map_err(db)
+                })
+                .await?;
+            total += n as u64;
+            if (n as i64) < PRUNE_STEP {
+                return Ok(total);
+            }
+        }
     }
 
     async fn purge_freed(&self) -> Result<()> {
-        // The writer thread checkpoints right after the commit this empty job rides in.
+        // The writer thread checkpoints right after the commit this empty job rides in (if a
+        // job since the last time may have freed something); the job itself frees nothing.
         self.stats.truncate_wal.store(true, Ordering::Relaxed);
-        self.write(|_| Ok(())).await
+        self.write_job(false, |_| Ok(())).await
     }
 }
 
@@ -1631,7 +1712,8 @@ mod tests {
                 &["sqlite_autoindex_inbox_1"],
             ),
             (
-                "DELETE FROM inbox WHERE state = 'done' AND accepted_at_ms < 5",
+                "DELETE FROM inbox WHERE seq IN (SELECT seq FROM inbox \
+                 WHERE state = 'done' AND accepted_at_ms < 5 LIMIT 10)",
                 &["inbox_done"],
             ),
             (
