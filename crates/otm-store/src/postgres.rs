@@ -864,16 +864,18 @@ macro_rules! deadline_sql {
     };
 }
 
-/// SQL for `at + ms`, both BIGINT milliseconds, saturating as [`record::deadline`] does (NULL
-/// when `ms` is).
+/// SQL for `at + ms`, both BIGINT milliseconds, saturating as [`record::deadline`] does; NULL
+/// when `ms` is (LEAST and GREATEST skip NULLs, so it is checked first).
 macro_rules! offset_sql {
     ($at:literal, $ms:literal) => {
         concat!(
-            "LEAST(GREATEST(",
+            "CASE WHEN ",
+            $ms,
+            "::BIGINT IS NULL THEN NULL ELSE LEAST(GREATEST(",
             $at,
             "::BIGINT::NUMERIC + ",
             $ms,
-            "::BIGINT::NUMERIC, -9223372036854775808), 9223372036854775807)::BIGINT"
+            "::BIGINT::NUMERIC, -9223372036854775808), 9223372036854775807)::BIGINT END"
         )
     };
 }
