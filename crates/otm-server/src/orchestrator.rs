@@ -879,7 +879,9 @@ async fn sweep_awake(app: &Arc<App>, book: &mut FrozenBook, now: i64) -> Result<
         };
         if let Some(memory) = freeze(app, &tenant, &rec).await {
             let after = app.registry().get_tenant(&tenant).await.ok().flatten();
-            let since = after.as_ref().map_or(t.last_active_ms, |t| t.last_active_ms);
+            let since = after
+                .as_ref()
+                .map_or(t.last_active_ms, |t| t.last_active_ms);
             book.tenants.insert(
                 tenant.clone(),
                 FrozenEntry {

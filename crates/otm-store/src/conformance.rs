@@ -487,8 +487,16 @@ async fn registry_freeze_due(r: &dyn Registry, run: &str) {
             .filter(|(t, _)| ours.contains(&t))
             .collect::<Vec<(TenantId, i64)>>()
     };
-    assert_eq!(due(10_999).await, NONE, "nobody is due before the first deadline");
-    assert_eq!(due(11_000).await, [a.clone()], "a deadline equal to now is due");
+    assert_eq!(
+        due(10_999).await,
+        NONE,
+        "nobody is due before the first deadline"
+    );
+    assert_eq!(
+        due(11_000).await,
+        [a.clone()],
+        "a deadline equal to now is due"
+    );
     assert_eq!(
         due(61_000).await,
         [a.clone(), b.clone()],
@@ -506,7 +514,11 @@ async fn registry_freeze_due(r: &dyn Registry, run: &str) {
     assert_eq!(frozen().await, [(f.clone(), 51_000)]);
 
     r.touch_tenant(&a, 50_000).await.unwrap();
-    assert_eq!(due(59_999).await, NONE, "touch_tenant pushes the freeze deadline out");
+    assert_eq!(
+        due(59_999).await,
+        NONE,
+        "touch_tenant pushes the freeze deadline out"
+    );
     assert_eq!(due(61_000).await, [a.clone(), b.clone()]);
 
     // update_tenant recomputes the freeze deadline from the stored activity.
@@ -516,10 +528,22 @@ async fn registry_freeze_due(r: &dyn Registry, run: &str) {
     let mut tb = r.get_tenant(&b).await.unwrap().unwrap();
     tb.limits.freeze_after_s = Some(5);
     r.update_tenant(&tb).await.unwrap();
-    assert_eq!(due(6_000).await, [b.clone()], "a shorter freeze time moves the deadline in");
-    assert_eq!(due(70_000).await, [b.clone()], "freezing turned off: never due");
+    assert_eq!(
+        due(6_000).await,
+        [b.clone()],
+        "a shorter freeze time moves the deadline in"
+    );
+    assert_eq!(
+        due(70_000).await,
+        [b.clone()],
+        "freezing turned off: never due"
+    );
     r.touch_tenant(&a, 80_000).await.unwrap();
-    assert_eq!(due(175_000).await, NONE, "freezing stays off across touches");
+    assert_eq!(
+        due(175_000).await,
+        NONE,
+        "freezing stays off across touches"
+    );
 
     // Frozen tenants leave freeze_due for frozen_tenants; a touch moves their idle deadline.
     r.set_tenant_status(&b, TenantStatus::Frozen, None)

@@ -574,7 +574,11 @@ impl DynamoRegistry {
                 .as_array()
                 .is_some_and(|ix| ix.iter().any(|i| i["IndexName"] == index))
         };
-        for index in def["GlobalSecondaryIndexes"].as_array().into_iter().flatten() {
+        for index in def["GlobalSecondaryIndexes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
             let index_name = index["IndexName"].as_str().unwrap_or_default();
             if has(index_name) {
                 continue;
@@ -585,7 +589,10 @@ impl DynamoRegistry {
                 if Instant::now() > deadline {
                     return Err(Error::unavailable(
                         BACKEND,
-                        format!("the table {name} did not become ACTIVE within {} s", CREATE_TIMEOUT.as_secs()),
+                        format!(
+                            "the table {name} did not become ACTIVE within {} s",
+                            CREATE_TIMEOUT.as_secs()
+                        ),
                     ));
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -595,12 +602,18 @@ impl DynamoRegistry {
                 "AttributeDefinitions": def["AttributeDefinitions"],
                 "GlobalSecondaryIndexUpdates": [{ "Create": index }],
             });
-            self.client.call("UpdateTable", &update).await.map_err(|e| {
-                Error::generic(
-                    BACKEND,
-                    format!("cannot add the index {index_name} to the table {name}: {}", api(e)),
-                )
-            })?;
+            self.client
+                .call("UpdateTable", &update)
+                .await
+                .map_err(|e| {
+                    Error::generic(
+                        BACKEND,
+                        format!(
+                            "cannot add the index {index_name} to the table {name}: {}",
+                            api(e)
+                        ),
+                    )
+                })?;
             tracing::info!(table = %name, index = %index_name, "added a DynamoDB index");
         }
         Ok(())

@@ -125,8 +125,11 @@ pub(crate) fn deadline(at_ms: i64, idle_timeout_s: i64) -> i64 {
 /// [`Tenant::freeze_deadline_ms`] computes it.
 pub(crate) fn freeze_after_ms(t: &Tenant) -> Option<i64> {
     let after = t.limits.freeze_after_s();
-    (after > 0 && after < t.idle_timeout_s)
-        .then(|| i64::try_from(after).unwrap_or(i64::MAX).saturating_mul(1000))
+    (after > 0 && after < t.idle_timeout_s).then(|| {
+        i64::try_from(after)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1000)
+    })
 }
 
 /// A stored attempt counter as the domain's `u32`, saturating.
@@ -281,7 +284,10 @@ mod tests {
         let mut t = Tenant::new(TenantId::parse("alice").unwrap(), "reference", None);
         t.idle_timeout_s = 600;
         for (after, expected) in [
-            (None, Some(otm_core::tenant::DEFAULT_FREEZE_AFTER_S as i64 * 1000)),
+            (
+                None,
+                Some(otm_core::tenant::DEFAULT_FREEZE_AFTER_S as i64 * 1000),
+            ),
             (Some(0), None),
             (Some(30), Some(30_000)),
             (Some(600), None),
