@@ -494,7 +494,7 @@ async fn registry_freeze_due(r: &dyn Registry, run: &str) {
     );
     assert_eq!(
         due(11_000).await,
-        [a.clone()],
+        vec![a.clone()],
         "a deadline equal to now is due"
     );
     assert_eq!(
@@ -530,12 +530,12 @@ async fn registry_freeze_due(r: &dyn Registry, run: &str) {
     r.update_tenant(&tb).await.unwrap();
     assert_eq!(
         due(6_000).await,
-        [b.clone()],
+        vec![b.clone()],
         "a shorter freeze time moves the deadline in"
     );
     assert_eq!(
         due(70_000).await,
-        [b.clone()],
+        vec![b.clone()],
         "freezing turned off: never due"
     );
     r.touch_tenant(&a, 80_000).await.unwrap();
@@ -557,7 +557,7 @@ async fn registry_freeze_due(r: &dyn Registry, run: &str) {
         .await
         .unwrap();
     assert_eq!(frozen().await, [(f.clone(), 110_000)]);
-    assert_eq!(due(70_000).await, [b.clone()]);
+    assert_eq!(due(70_000).await, vec![b.clone()]);
 
     for id in ours {
         r.delete_tenant(id).await.unwrap();
