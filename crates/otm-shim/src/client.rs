@@ -28,6 +28,11 @@ const MAX_ANSWER: u64 = 1 << 20;
 /// How long a kept-alive connection to a shim may sit unused.
 const POOL_IDLE: Duration = Duration::from_secs(30);
 
+/// How long a kept-alive connection to a shim on a Unix socket may sit unused: connecting to a
+/// local socket costs little, and a client kept for every awake instance must not hold a file
+/// descriptor for each one long after its last call.
+const UNIX_POOL_IDLE: Duration = Duration::from_secs(2);
+
 /// Most Unix-socket clients kept at once: a bound far above any one machine's instances. Past
 /// it, the least recently used half goes.
 const MAX_SOCKET_CLIENTS: usize = 1 << 16;
@@ -113,6 +118,7 @@ fn unix_client(socket: &str) -> reqwest::Client {
     }
     // Built outside the lock: callers for other sockets do not wait for it.
     let client = builder()
+        .pool_idle_timeout(UNIX_POOL_IDLE)
         .unix_socket(std::path::PathBuf::from(socket))
         .build()
         .expect("HTTP client");
