@@ -40,8 +40,10 @@ pub struct FleetSettings {
 ///   check and the write are one atomic step), so a stale holder of the tenant's lock cannot
 ///   overwrite a newer one. The stored fence never decreases.
 /// - [`TenantStore::delete_tenant`] deletes the tenant's inbox with it, atomically.
-/// - [`TenantStore::list_tenants`] is ordered by id (byte order); [`TenantStore::idle_due`] by
-///   idle deadline.
+/// - [`TenantStore::list_tenants`] is ordered by id (byte order); [`TenantStore::idle_due`] and
+///   [`TenantStore::frozen_tenants`] by idle deadline, [`TenantStore::freeze_due`] by freeze
+///   deadline ([`Tenant::freeze_deadline_ms`], kept by every write that moves it: create, update,
+///   touch).
 /// - Missing tenants are [`crate::Error::NotFound`] for updates, `Ok(None)` for gets.
 #[async_trait]
 pub trait TenantStore: Send + Sync + std::fmt::Debug + 'static {
@@ -66,6 +68,12 @@ pub trait TenantStore: Send + Sync + std::fmt::Debug + 'static {
     async fn touch_tenant(&self, id: &TenantId, at_ms: i64) -> Result<()>;
     /// Running tenants whose idle deadline is at or before `now_ms`, at most `limit`.
     async fn idle_due(&self, now_ms: i64, limit: usize) -> Result<Vec<TenantId>>;
+    /// Running tenants whose freeze deadline is at or before `now_ms` and whose idle deadline is
+    /// after it, at most `limit`: the ones the idle sweep freezes next. Tenants that never freeze
+    /// are never listed.
+    async fn freeze_due(&self, now_ms: i64, limit: usize) -> Result<Vec<TenantId>>;
+    /// Every frozen tenant with its idle deadline (Unix milliseconds), ordered by idle deadline.
+    async fn frozen_tenants(&self) -> Result<Vec<(TenantId, i64)>>;
 }
 
 /// Instance records (which instance serves which tenant, at what address) and the fleet

@@ -100,6 +100,9 @@ pub struct App {
     rotation: tokio::sync::Mutex<()>,
     /// The last wake of each tenant that did more than read the cache, as this process saw it.
     last_wakes: Mutex<HashMap<TenantId, LastWake>>,
+    /// When `otm_instances` was last read from the registry, and whether a reading is
+    /// scheduled (see [`App::instance_gauge_due`]).
+    instance_gauge: Mutex<(Option<tokio::time::Instant>, bool)>,
     /// Tenants' webhook secrets, so that accepting an update needs no registry read.
     webhook_secrets: crate::webhook_secrets::WebhookSecrets,
 }
@@ -189,6 +192,7 @@ impl App {
             egress_buffer: Arc::new(tokio::sync::Semaphore::new(EGRESS_BUFFER_KIB as usize)),
             rotation: tokio::sync::Mutex::new(()),
             last_wakes: Mutex::new(HashMap::new()),
+            instance_gauge: Mutex::new((None, false)),
             leader: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -364,6 +368,33 @@ impl App {
     /// Held while secrets are rotated: one rotation at a time.
     pub(crate) fn rotation_lock(&self) -> &tokio::sync::Mutex<()> {
         &self.rotation
+    }
+
+    /// When to read the instances for `otm_instances` next, at most once every `every`: now
+    /// (`None`), at the returned instant (the caller schedules that reading), or never, when one
+    /// is already scheduled (`Some(None)`).
+    pub(crate) fn instance_gauge_due(
+        &self,
+        every: std::time::Duration,
+    ) -> Option<Option<tokio::time::Instant>> {
+        let now = tokio::time::Instant::now();
+        let mut g = self.instance_gauge.lock().unwrap();
+        match *g {
+            (_, true) => Some(None),
+            (Some(last), false) if now < last + every => {
+                g.1 = true;
+                Some(Some(last + every))
+            }
+            _ => {
+                *g = (Some(now), false);
+                None
+            }
+        }
+    }
+
+    /// A scheduled reading of the instances for `otm_instances` runs now.
+    pub(crate) fn instance_gauge_reading(&self) {
+        *self.instance_gauge.lock().unwrap() = (Some(tokio::time::Instant::now()), false);
     }
 
     /// Counts a wake starting in this process (admission control); the wakes now under way.

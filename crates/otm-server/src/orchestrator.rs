@@ -732,8 +732,8 @@ pub async fn run_reaper(app: Arc<App>) {
     }
 }
 
-/// What the sweep knows of the frozen tenants: since when, and the memory their agents hold
-/// (as their shims reported it).
+/// What the sweep knows of the frozen tenants: since when, the idle deadline the registry had
+/// for them then, and the memory their agents hold (as their shims reported it).
 #[derive(Debug, Default)]
 pub struct FrozenBook {
     tenants: std::collections::HashMap<TenantId, FrozenEntry>,
@@ -742,8 +742,12 @@ pub struct FrozenBook {
 #[derive(Clone, Copy, Debug)]
 struct FrozenEntry {
     since_ms: i64,
+    idle_deadline_ms: i64,
     memory_bytes: u64,
 }
+
+/// Most tenants one pass of the sweep looks at to freeze; the rest wait for the next pass.
+const FREEZE_BATCH: usize = 1024;
 
 /// One pass of the idle sweep ([`run_reaper`]).
 pub async fn sweep(app: &Arc<App>, frozen: &mut FrozenBook) {
@@ -785,90 +789,110 @@ fn spawn_idle_stop(app: &Arc<App>, tenant: TenantId, reason: &'static str) {
     });
 }
 
-/// The frozen tier's part of the sweep, over the awake instances: freezes, stops of frozen
-/// tenants past their idle timeout, and the frozen memory budget.
+/// The frozen tier's part of the sweep: freezes, stops of frozen tenants past their idle
+/// timeout, and the frozen memory budget. It reads what is due and what is frozen, not every
+/// awake tenant: the frozen tenants come with their idle deadlines in one query
+/// ([`otm_core::TenantStore::frozen_tenants`]), and only those new to the book or whose deadline
+/// moved (a delivery thawed them, or their idle timeout changed) are read further; the tenants
+/// to freeze come from [`otm_core::TenantStore::freeze_due`].
 async fn sweep_awake(app: &Arc<App>, book: &mut FrozenBook, now: i64) -> Result<()> {
     let fleet = app.registry().get_settings().await?;
-    let mut seen = std::collections::HashSet::new();
+    // Read before this pass freezes anyone: the ones it freezes are added below.
+    let frozen = app.registry().frozen_tenants().await?;
+    let mut seen = std::collections::HashSet::with_capacity(frozen.len());
     // (last active, tenant, memory) of every tenant frozen after this pass.
     let mut frozen_now: Vec<(i64, TenantId, u64)> = Vec::new();
-    for rec in app.registry().list_instances().await? {
-        let (Some(tenant), InstanceState::Ready) = (rec.tenant.clone(), rec.state) else {
-            continue;
-        };
-        let Some(t) = app.registry().get_tenant(&tenant).await? else {
-            continue;
-        };
-        seen.insert(tenant.clone());
-        match t.status {
-            TenantStatus::Frozen => {
-                let entry = match book.tenants.get(&tenant) {
-                    Some(e) => *e,
+    for (tenant, idle_deadline_ms) in frozen {
+        let entry = match book.tenants.get(&tenant) {
+            Some(e) if e.idle_deadline_ms == idle_deadline_ms => *e,
+            known => {
+                let known = known.copied();
+                let Some(t) = app.registry().get_tenant(&tenant).await? else {
+                    continue;
+                };
+                if t.status != TenantStatus::Frozen {
+                    continue;
+                }
+                match known {
+                    Some(e) if t.last_active_ms > e.since_ms => {
+                        // A delivery reached it since: it was thawed by its shim. Awake again.
+                        let _ = app
+                            .registry()
+                            .set_tenant_status(&tenant, TenantStatus::Running, None)
+                            .await;
+                        continue;
+                    }
+                    Some(e) => FrozenEntry {
+                        idle_deadline_ms: t.idle_deadline_ms(),
+                        ..e
+                    },
                     None => {
                         // Frozen before this process led the sweep: ask its shim.
+                        let rec = match app.registry().instance_of(&tenant).await? {
+                            Some(rec) if rec.state == InstanceState::Ready => rec,
+                            _ => continue,
+                        };
                         let shim = ShimClient::new(rec.address.clone(), rec.shim_token.clone());
                         let memory = answers(&shim)
                             .await
                             .and_then(|s| s.memory_bytes)
                             .unwrap_or(0);
-                        let e = FrozenEntry {
-                            since_ms: t.last_active_ms,
-                            memory_bytes: memory,
-                        };
-                        book.tenants.insert(tenant.clone(), e);
-                        e
-                    }
-                };
-                if t.last_active_ms > entry.since_ms {
-                    // A delivery reached it since: it was thawed by its shim. Awake again.
-                    let _ = app
-                        .registry()
-                        .set_tenant_status(&tenant, TenantStatus::Running, None)
-                        .await;
-                    book.tenants.remove(&tenant);
-                    continue;
-                }
-                if t.idle_deadline_ms() <= now {
-                    if !busy(app, &tenant).await {
-                        book.tenants.remove(&tenant);
-                        spawn_idle_stop(app, tenant, "idle");
-                    }
-                    continue;
-                }
-                frozen_now.push((t.last_active_ms, tenant, entry.memory_bytes));
-            }
-            TenantStatus::Running => {
-                book.tenants.remove(&tenant);
-                let Some(deadline) = t.freeze_deadline_ms() else {
-                    continue;
-                };
-                if deadline > now || t.idle_deadline_ms() <= now || busy(app, &tenant).await {
-                    continue;
-                }
-                if let Some(memory) = freeze(app, &tenant, &rec).await {
-                    let since = app
-                        .registry()
-                        .get_tenant(&tenant)
-                        .await
-                        .ok()
-                        .flatten()
-                        .map_or(t.last_active_ms, |t| t.last_active_ms);
-                    book.tenants.insert(
-                        tenant.clone(),
                         FrozenEntry {
-                            since_ms: since,
+                            since_ms: t.last_active_ms,
+                            idle_deadline_ms: t.idle_deadline_ms(),
                             memory_bytes: memory,
-                        },
-                    );
-                    frozen_now.push((since, tenant, memory));
+                        }
+                    }
                 }
             }
-            _ => {
-                book.tenants.remove(&tenant);
+        };
+        seen.insert(tenant.clone());
+        book.tenants.insert(tenant.clone(), entry);
+        if entry.idle_deadline_ms <= now {
+            if !busy(app, &tenant).await {
+                seen.remove(&tenant);
+                spawn_idle_stop(app, tenant, "idle");
             }
+            continue;
         }
+        frozen_now.push((entry.since_ms, tenant, entry.memory_bytes));
     }
     book.tenants.retain(|t, _| seen.contains(t));
+    for tenant in app.registry().freeze_due(now, FREEZE_BATCH).await? {
+        // The registry listed it; its own record decides (it may have changed since).
+        let Some(t) = app.registry().get_tenant(&tenant).await? else {
+            continue;
+        };
+        let Some(deadline) = t.freeze_deadline_ms() else {
+            continue;
+        };
+        if t.status != TenantStatus::Running
+            || deadline > now
+            || t.idle_deadline_ms() <= now
+            || busy(app, &tenant).await
+        {
+            continue;
+        }
+        let rec = match app.registry().instance_of(&tenant).await? {
+            Some(rec) if rec.state == InstanceState::Ready => rec,
+            _ => continue,
+        };
+        if let Some(memory) = freeze(app, &tenant, &rec).await {
+            let after = app.registry().get_tenant(&tenant).await.ok().flatten();
+            let since = after
+                .as_ref()
+                .map_or(t.last_active_ms, |t| t.last_active_ms);
+            book.tenants.insert(
+                tenant.clone(),
+                FrozenEntry {
+                    since_ms: since,
+                    idle_deadline_ms: after.as_ref().unwrap_or(&t).idle_deadline_ms(),
+                    memory_bytes: memory,
+                },
+            );
+            frozen_now.push((since, tenant, memory));
+        }
+    }
     // The budget: the least recently active frozen tenants go to sleep first.
     frozen_now.sort();
     let mut total: u64 = frozen_now.iter().map(|(_, _, m)| m).sum();
@@ -1490,8 +1514,32 @@ async fn fill_warm_pool(app: &Arc<App>) -> Result<()> {
     Ok(())
 }
 
-/// Sets `otm_instances{state}` from the registry.
+/// Shortest time between two readings of every instance record for `otm_instances`.
+const INSTANCE_GAUGE_EVERY: Duration = Duration::from_secs(1);
+
+/// Sets `otm_instances{state}` from the registry: at once when it was last read more than
+/// [`INSTANCE_GAUGE_EVERY`] ago, else once that long after the last reading, so a burst of wakes
+/// and stops reads every instance record once a second, not once per wake.
 pub(crate) async fn refresh_instance_gauge(app: &Arc<App>) {
+    match app.instance_gauge_due(INSTANCE_GAUGE_EVERY) {
+        None => read_instance_gauge(app).await,
+        Some(None) => {}
+        Some(Some(at)) => {
+            let a = app.clone();
+            app.spawn(async move {
+                let app = a;
+                tokio::select! {
+                    _ = app.shutdown().cancelled() => return,
+                    _ = tokio::time::sleep_until(at) => {}
+                }
+                app.instance_gauge_reading();
+                read_instance_gauge(&app).await;
+            });
+        }
+    }
+}
+
+async fn read_instance_gauge(app: &Arc<App>) {
     let Ok(list) = app.registry().list_instances().await else {
         return;
     };

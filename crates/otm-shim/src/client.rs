@@ -1,8 +1,8 @@
 //! The orchestrator's client for the shim's control API.
 //!
 //! Clients are cheap to make: the HTTP clients behind them are shared by the whole process, one
-//! for `http://` addresses (pods) and one per Unix socket for `unix:` addresses, each with its
-//! pool of kept-alive connections. None of them trusts any TLS root: shims answer plain HTTP, so
+//! for `http://` addresses (pods) and one per Unix socket for `unix:` addresses (kept while the
+//! socket exists, however many there are), each with its pool of kept-alive connections. None of them trusts any TLS root: shims answer plain HTTP, so
 //! no system certificate store is read to make one.
 
 use bytes::Bytes;
@@ -28,9 +28,18 @@ const MAX_ANSWER: u64 = 1 << 20;
 /// How long a kept-alive connection to a shim may sit unused.
 const POOL_IDLE: Duration = Duration::from_secs(30);
 
-/// Unix sockets whose clients are kept; past this, clients of sockets that are gone are dropped
-/// (instances come and go, each with a socket of its own).
-const MAX_SOCKET_CLIENTS: usize = 256;
+/// How long a kept-alive connection to a shim on a Unix socket may sit unused: connecting to a
+/// local socket costs little, and a client kept for every awake instance must not hold a file
+/// descriptor for each one long after its last call.
+const UNIX_POOL_IDLE: Duration = Duration::from_secs(2);
+
+/// Most Unix-socket clients kept at once: a bound far above any one machine's instances. Past
+/// it, the least recently used half goes.
+const MAX_SOCKET_CLIENTS: usize = 1 << 16;
+/// The clients of sockets that are gone (instances come and go, each with a socket of its own)
+/// are dropped whenever the map has doubled since the last such pruning, and at this size at
+/// the least.
+const PRUNE_SOCKET_CLIENTS_AT: usize = 256;
 
 /// A client for one instance's shim.
 #[derive(Clone, Debug)]
@@ -56,26 +65,64 @@ fn tcp_client() -> reqwest::Client {
     CLIENT.clone()
 }
 
+/// The clients of the shims on Unix sockets, one per socket, made once and kept while the socket
+/// exists: a shim is called many times (a status, a bind, every delivery), and building a client
+/// costs far more than a call.
+#[derive(Default)]
+struct SocketClients {
+    clients: HashMap<String, (reqwest::Client, u64)>,
+    /// Incremented by every lookup: the larger a client's stamp, the more recently it was used.
+    clock: u64,
+    /// The size at which the next pruning runs.
+    prune_at: usize,
+}
+
+impl SocketClients {
+    fn get(&mut self, socket: &str) -> Option<reqwest::Client> {
+        self.clock += 1;
+        let now = self.clock;
+        self.clients.get_mut(socket).map(|(client, used)| {
+            *used = now;
+            client.clone()
+        })
+    }
+
+    /// Keeps `client` for `socket` (or the one another caller kept meanwhile) and returns it.
+    fn insert(&mut self, socket: &str, client: reqwest::Client) -> reqwest::Client {
+        if let Some(kept) = self.get(socket) {
+            return kept;
+        }
+        if self.clients.len() >= self.prune_at.max(PRUNE_SOCKET_CLIENTS_AT) {
+            self.clients
+                .retain(|path, _| std::path::Path::new(path).exists());
+            if self.clients.len() >= MAX_SOCKET_CLIENTS {
+                let mut stamps: Vec<u64> = self.clients.values().map(|(_, used)| *used).collect();
+                let (_, median, _) = stamps.select_nth_unstable(self.clients.len() / 2);
+                let median = *median;
+                self.clients.retain(|_, (_, used)| *used > median);
+            }
+            self.prune_at = self.clients.len() * 2;
+        }
+        self.clients
+            .insert(socket.to_owned(), (client.clone(), self.clock));
+        client
+    }
+}
+
 /// The client for the shim listening on `socket`, made once per socket.
 fn unix_client(socket: &str) -> reqwest::Client {
-    static CLIENTS: LazyLock<Mutex<HashMap<String, reqwest::Client>>> =
-        LazyLock::new(Default::default);
-    let mut clients = CLIENTS.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(c) = clients.get(socket) {
-        return c.clone();
+    static CLIENTS: LazyLock<Mutex<SocketClients>> = LazyLock::new(Default::default);
+    let lock = || CLIENTS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(c) = lock().get(socket) {
+        return c;
     }
-    if clients.len() >= MAX_SOCKET_CLIENTS {
-        clients.retain(|path, _| std::path::Path::new(path).exists());
-        if clients.len() >= MAX_SOCKET_CLIENTS {
-            clients.clear();
-        }
-    }
+    // Built outside the lock: callers for other sockets do not wait for it.
     let client = builder()
+        .pool_idle_timeout(UNIX_POOL_IDLE)
         .unix_socket(std::path::PathBuf::from(socket))
         .build()
         .expect("HTTP client");
-    clients.insert(socket.to_owned(), client.clone());
-    client
+    lock().insert(socket, client)
 }
 
 impl ShimClient {
@@ -363,6 +410,31 @@ fn unavailable(e: reqwest::Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With more live sockets than the pruning threshold, every socket keeps its client (no
+    /// rebuild on the next call); the clients of sockets that are gone are dropped.
+    #[test]
+    fn socket_clients_are_kept_while_their_sockets_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |i: usize| dir.path().join(format!("{i}.sock")).display().to_string();
+        let client = builder().build().unwrap();
+        let mut clients = SocketClients::default();
+        let live = PRUNE_SOCKET_CLIENTS_AT * 3;
+        for i in 0..live {
+            std::fs::write(path(i), b"").unwrap();
+            clients.insert(&path(i), client.clone());
+        }
+        assert!((0..live).all(|i| clients.get(&path(i)).is_some()));
+        for i in 0..live / 2 {
+            std::fs::remove_file(path(i)).unwrap();
+        }
+        for i in live..live * 3 {
+            std::fs::write(path(i), b"").unwrap();
+            clients.insert(&path(i), client.clone());
+        }
+        assert!((live / 2..live * 3).all(|i| clients.get(&path(i)).is_some()));
+        assert!((0..live / 2).all(|i| clients.get(&path(i)).is_none()));
+    }
 
     #[tokio::test]
     async fn a_missing_socket_is_an_unreachable_shim() {

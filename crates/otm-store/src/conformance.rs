@@ -75,6 +75,7 @@ pub async fn registry_suite(r: Arc<dyn Registry>) {
     registry_fences(&*r, &run).await;
     registry_dispatch_fences(&*r, &run).await;
     registry_idle_due(&*r, &run).await;
+    registry_freeze_due(&*r, &run).await;
     registry_inbox(&*r, &run).await;
     registry_inbox_together(&*r, &run).await;
     registry_dead_letters(&*r, &run).await;
@@ -443,6 +444,127 @@ async fn registry_dispatch_fences(r: &dyn Registry, run: &str) {
         "claiming a missing tenant's inbox"
     );
     r.delete_tenant(&t).await.unwrap();
+}
+
+/// `freeze_due` lists running tenants past their freeze deadline and not yet past their idle
+/// deadline, by freeze deadline, following every write that moves either; `frozen_tenants` lists
+/// frozen tenants with their idle deadlines.
+async fn registry_freeze_due(r: &dyn Registry, run: &str) {
+    // Times near the epoch, so tenants of other runs (active now) never show up as due.
+    let a = tenant_id(run, "freeze-a"); // running, freezes after 10 s: due from 11_000
+    let b = tenant_id(run, "freeze-b"); // running, the default 60 s: due from 61_000
+    let c = tenant_id(run, "freeze-c"); // running, freezing off
+    let d = tenant_id(run, "freeze-d"); // idle: never due
+    let e = tenant_id(run, "freeze-e"); // running, idle timeout before the freeze: never due
+    let f = tenant_id(run, "freeze-f"); // frozen, idle deadline 51_000
+    for (id, status, idle_s, freeze_after_s) in [
+        (&a, TenantStatus::Running, 100, Some(10)),
+        (&b, TenantStatus::Running, 100, None),
+        (&c, TenantStatus::Running, 100, Some(0)),
+        (&d, TenantStatus::Idle, 100, Some(10)),
+        (&e, TenantStatus::Running, 20, Some(30)),
+        (&f, TenantStatus::Frozen, 50, Some(10)),
+    ] {
+        let mut t = tenant(id, 1_000, idle_s);
+        t.status = status;
+        t.limits.freeze_after_s = freeze_after_s;
+        r.create_tenant(&t).await.unwrap();
+    }
+    let ours = [&a, &b, &c, &d, &e, &f];
+    const NONE: Vec<TenantId> = Vec::new();
+    let due = |now: i64| async move {
+        r.freeze_due(now, 10_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|t| ours.contains(&t))
+            .collect::<Vec<TenantId>>()
+    };
+    let frozen = || async move {
+        r.frozen_tenants()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|(t, _)| ours.contains(&t))
+            .collect::<Vec<(TenantId, i64)>>()
+    };
+    assert_eq!(
+        due(10_999).await,
+        NONE,
+        "nobody is due before the first deadline"
+    );
+    assert_eq!(
+        due(11_000).await,
+        vec![a.clone()],
+        "a deadline equal to now is due"
+    );
+    assert_eq!(
+        due(61_000).await,
+        [a.clone(), b.clone()],
+        "running tenants that freeze, by freeze deadline"
+    );
+    assert!(
+        r.freeze_due(61_000, 1).await.unwrap().len() <= 1,
+        "freeze_due honours its limit"
+    );
+    assert_eq!(
+        due(101_000).await,
+        NONE,
+        "past the idle deadline a tenant is idle_due's, not freeze_due's"
+    );
+    assert_eq!(frozen().await, [(f.clone(), 51_000)]);
+
+    r.touch_tenant(&a, 50_000).await.unwrap();
+    assert_eq!(
+        due(59_999).await,
+        NONE,
+        "touch_tenant pushes the freeze deadline out"
+    );
+    assert_eq!(due(61_000).await, [a.clone(), b.clone()]);
+
+    // update_tenant recomputes the freeze deadline from the stored activity.
+    let mut ta = r.get_tenant(&a).await.unwrap().unwrap();
+    ta.limits.freeze_after_s = Some(0);
+    r.update_tenant(&ta).await.unwrap();
+    let mut tb = r.get_tenant(&b).await.unwrap().unwrap();
+    tb.limits.freeze_after_s = Some(5);
+    r.update_tenant(&tb).await.unwrap();
+    assert_eq!(
+        due(6_000).await,
+        vec![b.clone()],
+        "a shorter freeze time moves the deadline in"
+    );
+    assert_eq!(
+        due(70_000).await,
+        vec![b.clone()],
+        "freezing turned off: never due"
+    );
+    r.touch_tenant(&a, 80_000).await.unwrap();
+    assert_eq!(
+        due(175_000).await,
+        NONE,
+        "freezing stays off across touches"
+    );
+
+    // Frozen tenants leave freeze_due for frozen_tenants; a touch moves their idle deadline.
+    r.set_tenant_status(&b, TenantStatus::Frozen, None)
+        .await
+        .unwrap();
+    assert_eq!(due(70_000).await, NONE);
+    assert_eq!(frozen().await, [(f.clone(), 51_000), (b.clone(), 101_000)]);
+    r.touch_tenant(&f, 60_000).await.unwrap();
+    assert_eq!(frozen().await, [(b.clone(), 101_000), (f.clone(), 110_000)]);
+    r.set_tenant_status(&b, TenantStatus::Running, None)
+        .await
+        .unwrap();
+    assert_eq!(frozen().await, [(f.clone(), 110_000)]);
+    assert_eq!(due(70_000).await, vec![b.clone()]);
+
+    for id in ours {
+        r.delete_tenant(id).await.unwrap();
+    }
+    assert_eq!(due(70_000).await, NONE);
+    assert_eq!(frozen().await, Vec::<(TenantId, i64)>::new());
 }
 
 async fn registry_idle_due(r: &dyn Registry, run: &str) {

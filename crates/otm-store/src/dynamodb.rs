@@ -16,8 +16,15 @@
 //! - **tenants**, key `tenant_id`: one item per tenant, plus the fleet settings under the key
 //!   `@settings` and the tenant incarnation counter `@tenant-numbers` (tenant ids are DNS labels,
 //!   so neither can collide). GSI `status-index` (`status`, `idle_deadline_ms`, keys only) makes
-//!   [`TenantStore::idle_due`] one Query of the `running` partition up to `now`. `touch_tenant`
-//!   keeps `idle_deadline_ms` = `last_active_ms + idle_timeout_ms` in one update expression.
+//!   [`TenantStore::idle_due`] one Query of the `running` partition up to `now`, and
+//!   [`TenantStore::frozen_tenants`] one of the `frozen` partition. GSI `freeze-index`
+//!   (`status`, `freeze_deadline_ms`, projecting `idle_deadline_ms`) makes
+//!   [`TenantStore::freeze_due`] one Query of the `running` partition up to `now`. `touch_tenant`
+//!   keeps `idle_deadline_ms` = `last_active_ms + idle_timeout_ms` and `freeze_deadline_ms` =
+//!   `last_active_ms + freeze_after_ms` in one update expression (`freeze_after_ms` is
+//!   [`NEVER_MS`] for a tenant that never freezes; an item written before it was stored is
+//!   taken to freeze after the default time until its next update, and the sweep checks the
+//!   tenant's own settings before it freezes anything).
 //! - **instances**, key `instance_id`: one item per instance, plus pointer items that make
 //!   two lookups strongly consistent and one of them unique: `@tenant/{tenant}` (the instance
 //!   bound to a tenant; at most one, like SQLite's `UNIQUE (tenant)`) and `@surrogate/{digest}`.
@@ -52,7 +59,7 @@
 //! (`attribute_not_exists(fence) OR fence <= :f`), moves between `q#`, `x#` and `d#` (the source
 //! must still be there), and the tenant's `#meta` (it must exist and not be `deleting`), so a
 //! concurrent delete leaves no orphans. Reads that decide anything are strongly consistent;
-//! only the GSI lookups (`idle_due`, candidates in `claim_warm_instance`,
+//! only the GSI lookups (`idle_due`, `freeze_due`, `frozen_tenants`, candidates in `claim_warm_instance`,
 //! `inbox_pending_tenants`, `inbox_prune`) are eventually consistent, as GSIs are on AWS.
 
 mod attr;
@@ -85,6 +92,9 @@ const MAX_DIGEST_LEN: usize = 512;
 const CREATE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Requests in flight at once in bulk work (prune).
 const CONCURRENCY: usize = 16;
+
+/// `freeze_after_ms` of a tenant that never freezes: its freeze deadline is never reached.
+pub const NEVER_MS: i64 = i64::MAX;
 
 const SETTINGS_KEY: &str = "@settings";
 /// The tenants-table item that numbers tenant incarnations.
@@ -131,17 +141,28 @@ pub fn table_definitions(prefix: &str) -> Vec<Value> {
             "AttributeDefinitions": [
                 {"AttributeName": "tenant_id", "AttributeType": "S"},
                 {"AttributeName": "status", "AttributeType": "S"},
-                {"AttributeName": "idle_deadline_ms", "AttributeType": "N"}
+                {"AttributeName": "idle_deadline_ms", "AttributeType": "N"},
+                {"AttributeName": "freeze_deadline_ms", "AttributeType": "N"}
             ],
             "KeySchema": [{"AttributeName": "tenant_id", "KeyType": "HASH"}],
-            "GlobalSecondaryIndexes": [{
-                "IndexName": "status-index",
-                "KeySchema": [
-                    {"AttributeName": "status", "KeyType": "HASH"},
-                    {"AttributeName": "idle_deadline_ms", "KeyType": "RANGE"}
-                ],
-                "Projection": {"ProjectionType": "KEYS_ONLY"}
-            }]
+            "GlobalSecondaryIndexes": [
+                {
+                    "IndexName": "status-index",
+                    "KeySchema": [
+                        {"AttributeName": "status", "KeyType": "HASH"},
+                        {"AttributeName": "idle_deadline_ms", "KeyType": "RANGE"}
+                    ],
+                    "Projection": {"ProjectionType": "KEYS_ONLY"}
+                },
+                {
+                    "IndexName": "freeze-index",
+                    "KeySchema": [
+                        {"AttributeName": "status", "KeyType": "HASH"},
+                        {"AttributeName": "freeze_deadline_ms", "KeyType": "RANGE"}
+                    ],
+                    "Projection": {"ProjectionType": "INCLUDE", "NonKeyAttributes": ["idle_deadline_ms"]}
+                }
+            ]
         }),
         json!({
             "TableName": t.instances,
@@ -341,6 +362,10 @@ fn tenant_item(t: &Tenant) -> Result<Value> {
         "created_at_ms": n(t.created_at_ms),
         "last_active_ms": n(t.last_active_ms),
         "idle_deadline_ms": n(deadline(t.last_active_ms, idle_s)),
+        "freeze_after_ms": n(record::freeze_after_ms(t).unwrap_or(NEVER_MS)),
+        // Past i64 for a tenant that never freezes, as `touch_tenant` computes it too.
+        "freeze_deadline_ms": { "N": (i128::from(t.last_active_ms)
+            + i128::from(record::freeze_after_ms(t).unwrap_or(NEVER_MS))).to_string() },
         "fence": n(0),
         "limits": s(t.limits.to_json()),
     });
@@ -503,7 +528,9 @@ impl DynamoRegistry {
             let name = def["TableName"].as_str().unwrap_or_default().to_owned();
             match self.client.call("CreateTable", &def).await {
                 Ok(_) => tracing::info!(table = %name, "created a DynamoDB table"),
-                Err(e) if e.code() == "ResourceInUseException" => {}
+                Err(e) if e.code() == "ResourceInUseException" => {
+                    self.add_missing_indexes(&def).await?;
+                }
                 Err(e) => {
                     return Err(Error::generic(
                         BACKEND,
@@ -529,6 +556,65 @@ impl DynamoRegistry {
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
+        }
+        Ok(())
+    }
+
+    /// Creates the GSIs of `def` that its existing table lacks (added by a later version), one
+    /// `UpdateTable` each; `create_tables` then waits for them to become ACTIVE.
+    async fn add_missing_indexes(&self, def: &Value) -> Result<()> {
+        let name = def["TableName"].as_str().unwrap_or_default();
+        let desc = self
+            .client
+            .call("DescribeTable", &json!({ "TableName": name }))
+            .await
+            .map_err(api)?;
+        let has = |index: &str| {
+            desc["Table"]["GlobalSecondaryIndexes"]
+                .as_array()
+                .is_some_and(|ix| ix.iter().any(|i| i["IndexName"] == index))
+        };
+        for index in def["GlobalSecondaryIndexes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let index_name = index["IndexName"].as_str().unwrap_or_default();
+            if has(index_name) {
+                continue;
+            }
+            // Index creations on one table go one at a time: wait for the previous one.
+            let deadline = Instant::now() + CREATE_TIMEOUT;
+            while !self.table_active(name).await? {
+                if Instant::now() > deadline {
+                    return Err(Error::unavailable(
+                        BACKEND,
+                        format!(
+                            "the table {name} did not become ACTIVE within {} s",
+                            CREATE_TIMEOUT.as_secs()
+                        ),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let update = json!({
+                "TableName": name,
+                "AttributeDefinitions": def["AttributeDefinitions"],
+                "GlobalSecondaryIndexUpdates": [{ "Create": index }],
+            });
+            self.client
+                .call("UpdateTable", &update)
+                .await
+                .map_err(|e| {
+                    Error::generic(
+                        BACKEND,
+                        format!(
+                            "cannot add the index {index_name} to the table {name}: {}",
+                            api(e)
+                        ),
+                    )
+                })?;
+            tracing::info!(table = %name, index = %index_name, "added a DynamoDB index");
         }
         Ok(())
     }
@@ -1158,15 +1244,17 @@ impl TenantStore for DynamoRegistry {
             "#id": "tenant_id", "#pr": "profile", "#is": "idle_timeout_s", "#ims": "idle_timeout_ms",
             "#ws": "webhook_secret", "#cs": "cold_start_notice", "#dl": "idle_deadline_ms",
             "#la": "last_active_ms", "#bt": "bot_token", "#lm": "limits",
+            "#fam": "freeze_after_ms", "#fd": "freeze_deadline_ms",
         });
         let mut values = json!({
             ":pr": s(&tenant.profile), ":is": n(idle_s), ":ims": n(idle_ms),
             ":ws": s(tenant.webhook_secret.expose()), ":cs": boolean(tenant.cold_start_notice),
             ":lm": s(tenant.limits.to_json()),
+            ":fam": n(record::freeze_after_ms(tenant).unwrap_or(NEVER_MS)),
         });
-        let mut expr =
-            "SET #pr = :pr, #is = :is, #ims = :ims, #ws = :ws, #cs = :cs, #lm = :lm, #dl = #la + :ims"
-                .to_owned();
+        let mut expr = "SET #pr = :pr, #is = :is, #ims = :ims, #ws = :ws, #cs = :cs, #lm = :lm, \
+                        #dl = #la + :ims, #fam = :fam, #fd = #la + :fam"
+            .to_owned();
         match &tenant.bot_token {
             Some(token) => {
                 expr.push_str(", #bt = :bt");
@@ -1308,13 +1396,17 @@ impl TenantStore for DynamoRegistry {
         let body = json!({
             "TableName": self.tables.tenants,
             "Key": tenant_key(id.as_str()),
-            "UpdateExpression": "SET #la = :at, #dl = :at + #ims",
+            "UpdateExpression":
+                "SET #la = :at, #dl = :at + #ims, #fd = :at + if_not_exists(#fam, :dflt)",
             "ConditionExpression": "attribute_exists(#id)",
             "ExpressionAttributeNames": {
                 "#id": "tenant_id", "#la": "last_active_ms", "#dl": "idle_deadline_ms",
-                "#ims": "idle_timeout_ms",
+                "#ims": "idle_timeout_ms", "#fd": "freeze_deadline_ms", "#fam": "freeze_after_ms",
             },
-            "ExpressionAttributeValues": { ":at": n(at_ms) },
+            "ExpressionAttributeValues": {
+                ":at": n(at_ms),
+                ":dflt": n(otm_core::tenant::DEFAULT_FREEZE_AFTER_S as i64 * 1000),
+            },
         });
         match self.client.call("UpdateItem", &body).await {
             Ok(_) => Ok(()),
@@ -1347,6 +1439,61 @@ impl TenantStore for DynamoRegistry {
             .map(|i| {
                 let id = Reader::new(i, "a status-index entry").s("tenant_id")?;
                 record::tenant_id(id, "tenant item")
+            })
+            .collect()
+    }
+
+    async fn freeze_due(&self, now_ms: i64, limit: usize) -> Result<Vec<TenantId>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let items = self
+            .pages(
+                "Query",
+                json!({
+                    "TableName": self.tables.tenants,
+                    "IndexName": "freeze-index",
+                    "KeyConditionExpression": "#st = :running AND #fd <= :now",
+                    "FilterExpression": "#dl > :now",
+                    "ExpressionAttributeNames": {
+                        "#st": "status", "#fd": "freeze_deadline_ms", "#dl": "idle_deadline_ms",
+                    },
+                    "ExpressionAttributeValues": {
+                        ":running": s(TenantStatus::Running.as_str()), ":now": n(now_ms),
+                    },
+                }),
+                Some(limit),
+            )
+            .await?;
+        items
+            .iter()
+            .map(|i| {
+                let id = Reader::new(i, "a freeze-index entry").s("tenant_id")?;
+                record::tenant_id(id, "tenant item")
+            })
+            .collect()
+    }
+
+    async fn frozen_tenants(&self) -> Result<Vec<(TenantId, i64)>> {
+        let items = self
+            .pages(
+                "Query",
+                json!({
+                    "TableName": self.tables.tenants,
+                    "IndexName": "status-index",
+                    "KeyConditionExpression": "#st = :frozen",
+                    "ExpressionAttributeNames": { "#st": "status" },
+                    "ExpressionAttributeValues": { ":frozen": s(TenantStatus::Frozen.as_str()) },
+                }),
+                None,
+            )
+            .await?;
+        items
+            .iter()
+            .map(|i| {
+                let r = Reader::new(i, "a status-index entry");
+                let id = record::tenant_id(r.s("tenant_id")?, "tenant item")?;
+                Ok((id, r.n("idle_deadline_ms")?))
             })
             .collect()
     }

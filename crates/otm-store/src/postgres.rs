@@ -161,6 +161,19 @@ pub const MIGRATIONS: &[&str] = &[
         created_at_ms BIGINT NOT NULL
     );
     "#,
+    // 5: freeze deadlines (NULL: never frozen), so the idle sweep asks for the tenants due
+    // instead of reading every awake one. 60 s is the default `freeze_after_s`.
+    r#"
+    ALTER TABLE tenants ADD COLUMN freeze_after_ms BIGINT;
+    ALTER TABLE tenants ADD COLUMN freeze_deadline_ms BIGINT;
+    UPDATE tenants t SET freeze_after_ms = (f.s * 1000)::BIGINT
+      FROM (SELECT id, COALESCE((limits::jsonb ->> 'freeze_after_s')::NUMERIC, 60) AS s FROM tenants) f
+      WHERE f.id = t.id AND f.s > 0 AND f.s < t.idle_timeout_s AND f.s < 9000000000000;
+    UPDATE tenants SET freeze_deadline_ms =
+        LEAST(last_active_ms::NUMERIC + freeze_after_ms, 9223372036854775807)::BIGINT
+      WHERE freeze_after_ms IS NOT NULL;
+    CREATE INDEX tenants_freeze ON tenants (status, freeze_deadline_ms);
+    "#,
 ];
 
 /// How to connect, beyond the URL.
@@ -1068,6 +1081,22 @@ macro_rules! deadline_sql {
     };
 }
 
+/// SQL for `at + ms`, both BIGINT milliseconds, saturating as [`record::deadline`] does; NULL
+/// when `ms` is (LEAST and GREATEST skip NULLs, so it is checked first).
+macro_rules! offset_sql {
+    ($at:literal, $ms:literal) => {
+        concat!(
+            "CASE WHEN ",
+            $ms,
+            "::BIGINT IS NULL THEN NULL ELSE LEAST(GREATEST(",
+            $at,
+            "::BIGINT::NUMERIC + ",
+            $ms,
+            "::BIGINT::NUMERIC, -9223372036854775808), 9223372036854775807)::BIGINT END"
+        )
+    };
+}
+
 fn get<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, idx: usize) -> Result<T> {
     row.try_get(idx).map_err(|e| pg(&e))
 }
@@ -1156,10 +1185,12 @@ impl TenantStore for PostgresRegistry {
     async fn create_tenant(&self, tenant: &Tenant) -> Result<()> {
         let t = tenant;
         let idle = to_i64(t.idle_timeout_s, "idle timeout")?;
+        let freeze = record::freeze_after_ms(t);
         self.execute(
             "INSERT INTO tenants (id, profile, idle_timeout_s, bot_token, webhook_secret, cold_start_notice, \
-             status, created_at_ms, last_active_ms, idle_deadline_ms, limits) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+             status, created_at_ms, last_active_ms, idle_deadline_ms, limits, freeze_after_ms, \
+             freeze_deadline_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
             &[
                 &t.id.as_str(),
                 &t.profile,
@@ -1172,6 +1203,8 @@ impl TenantStore for PostgresRegistry {
                 &t.last_active_ms,
                 &deadline(t.last_active_ms, idle),
                 &t.limits.to_json(),
+                &freeze,
+                &freeze.map(|f| t.last_active_ms.saturating_add(f)),
             ],
             false,
         )
@@ -1217,8 +1250,10 @@ impl TenantStore for PostgresRegistry {
             .execute(
                 concat!(
                     "UPDATE tenants SET profile = $2, idle_timeout_s = $3, bot_token = $4, webhook_secret = $5, \
-                     cold_start_notice = $6, limits = $7, idle_deadline_ms = ",
+                     cold_start_notice = $6, limits = $7, freeze_after_ms = $8, idle_deadline_ms = ",
                     deadline_sql!("last_active_ms", "$3"),
+                    ", freeze_deadline_ms = ",
+                    offset_sql!("last_active_ms", "$8"),
                     " WHERE id = $1"
                 ),
                 &[
@@ -1229,6 +1264,7 @@ impl TenantStore for PostgresRegistry {
                     &t.webhook_secret.expose(),
                     &t.cold_start_notice,
                     &t.limits.to_json(),
+                    &record::freeze_after_ms(t),
                 ],
                 true,
             )
@@ -1292,6 +1328,8 @@ impl TenantStore for PostgresRegistry {
                 concat!(
                     "UPDATE tenants SET last_active_ms = $2, idle_deadline_ms = ",
                     deadline_sql!("$2", "idle_timeout_s"),
+                    ", freeze_deadline_ms = ",
+                    offset_sql!("$2", "freeze_after_ms"),
                     " WHERE id = $1"
                 ),
                 &[&id.as_str(), &at_ms],
@@ -1315,6 +1353,36 @@ impl TenantStore for PostgresRegistry {
             )
             .await?;
         tenant_ids(rows, "tenant row")
+    }
+
+    async fn freeze_due(&self, now_ms: i64, limit: usize) -> Result<Vec<TenantId>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self
+            .query(
+                "SELECT id FROM tenants WHERE status = 'running' AND freeze_deadline_ms <= $1 \
+                 AND idle_deadline_ms > $1 ORDER BY freeze_deadline_ms LIMIT $2",
+                &[&now_ms, &limit],
+                true,
+            )
+            .await?;
+        tenant_ids(rows, "tenant row")
+    }
+
+    async fn frozen_tenants(&self) -> Result<Vec<(TenantId, i64)>> {
+        let rows = self
+            .query(
+                "SELECT id, idle_deadline_ms FROM tenants WHERE status = 'frozen' \
+                 ORDER BY idle_deadline_ms",
+                &[],
+                true,
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let id: String = get(r, 0)?;
+                Ok((record::tenant_id(&id, "tenant row")?, get(r, 1)?))
+            })
+            .collect()
     }
 }
 

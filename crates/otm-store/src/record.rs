@@ -120,6 +120,18 @@ pub(crate) fn deadline(at_ms: i64, idle_timeout_s: i64) -> i64 {
     at_ms.saturating_add(idle_timeout_s.saturating_mul(1000))
 }
 
+/// How long after its last activity a tenant is frozen, in milliseconds (saturating); `None`
+/// when it never is. The stored freeze deadline is `last_active_ms` plus this, as
+/// [`Tenant::freeze_deadline_ms`] computes it.
+pub(crate) fn freeze_after_ms(t: &Tenant) -> Option<i64> {
+    let after = t.limits.freeze_after_s();
+    (after > 0 && after < t.idle_timeout_s).then(|| {
+        i64::try_from(after)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1000)
+    })
+}
+
 /// A stored attempt counter as the domain's `u32`, saturating.
 pub(crate) fn attempts(stored: i64) -> u32 {
     u32::try_from(stored).unwrap_or(u32::MAX)
@@ -265,6 +277,30 @@ mod tests {
     fn truncates_on_char_boundaries() {
         assert_eq!(truncate("héllo", 2), "h…");
         assert_eq!(truncate("abc", 5), "abc");
+    }
+
+    #[test]
+    fn freeze_offsets_give_the_tenants_freeze_deadline() {
+        let mut t = Tenant::new(TenantId::parse("alice").unwrap(), "reference", None);
+        t.idle_timeout_s = 600;
+        for (after, expected) in [
+            (
+                None,
+                Some(otm_core::tenant::DEFAULT_FREEZE_AFTER_S as i64 * 1000),
+            ),
+            (Some(0), None),
+            (Some(30), Some(30_000)),
+            (Some(600), None),
+            (Some(u64::MAX), None),
+        ] {
+            t.limits.freeze_after_s = after;
+            assert_eq!(freeze_after_ms(&t), expected, "{after:?}");
+            assert_eq!(
+                freeze_after_ms(&t).map(|ms| t.last_active_ms + ms),
+                t.freeze_deadline_ms(),
+                "{after:?}"
+            );
+        }
     }
 
     #[test]

@@ -689,6 +689,12 @@ impl TenantStore for SealedRegistry {
     async fn idle_due(&self, now_ms: i64, limit: usize) -> Result<Vec<TenantId>> {
         self.inner.idle_due(now_ms, limit).await
     }
+    async fn freeze_due(&self, now_ms: i64, limit: usize) -> Result<Vec<TenantId>> {
+        self.inner.freeze_due(now_ms, limit).await
+    }
+    async fn frozen_tenants(&self) -> Result<Vec<(TenantId, i64)>> {
+        self.inner.frozen_tenants().await
+    }
 }
 
 #[async_trait]

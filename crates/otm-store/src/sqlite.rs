@@ -131,6 +131,19 @@ pub const MIGRATIONS: &[&str] = &[
         created_at_ms INTEGER NOT NULL
     ) STRICT;
     "#,
+    // 5: freeze deadlines (NULL: never frozen), so the idle sweep asks for the tenants due
+    // instead of reading every awake one. 60 s is the default `freeze_after_s`.
+    r#"
+    ALTER TABLE tenants ADD COLUMN freeze_after_ms INTEGER;
+    ALTER TABLE tenants ADD COLUMN freeze_deadline_ms INTEGER;
+    UPDATE tenants SET freeze_after_ms = 1000 * coalesce(json_extract(limits, '$.freeze_after_s'), 60)
+      WHERE typeof(coalesce(json_extract(limits, '$.freeze_after_s'), 60)) = 'integer'
+        AND coalesce(json_extract(limits, '$.freeze_after_s'), 60)
+            BETWEEN 1 AND min(idle_timeout_s - 1, 9000000000000);
+    UPDATE tenants SET freeze_deadline_ms = last_active_ms + freeze_after_ms
+      WHERE freeze_after_ms IS NOT NULL AND last_active_ms < 9000000000000000000 - freeze_after_ms;
+    CREATE INDEX tenants_freeze ON tenants (status, freeze_deadline_ms);
+    "#,
 ];
 
 /// The embedded registry: one SQLite file.
@@ -815,10 +828,12 @@ impl TenantStore for SqliteRegistry {
             let mut stmt = c
                 .prepare_cached(
                     "INSERT INTO tenants (id, profile, idle_timeout_s, bot_token, webhook_secret, cold_start_notice, \
-                     status, created_at_ms, last_active_ms, idle_deadline_ms, limits) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                     status, created_at_ms, last_active_ms, idle_deadline_ms, limits, \
+                     freeze_after_ms, freeze_deadline_ms) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
                 )
                 .map_err(db)?;
+            let freeze = record::freeze_after_ms(&t);
             stmt.execute(params![
                 t.id.as_str(),
                 t.profile,
@@ -831,6 +846,8 @@ impl TenantStore for SqliteRegistry {
                 t.last_active_ms,
                 deadline(t.last_active_ms, idle),
                 t.limits.to_json(),
+                freeze,
+                freeze.map(|f| t.last_active_ms.saturating_add(f)),
             ])
             .map_err(|e| {
                 if is_constraint(&e) {
@@ -882,9 +899,11 @@ impl TenantStore for SqliteRegistry {
             };
             c.prepare_cached(
                 "UPDATE tenants SET profile = ?2, idle_timeout_s = ?3, bot_token = ?4, webhook_secret = ?5, \
-                 cold_start_notice = ?6, idle_deadline_ms = ?7, limits = ?8 WHERE id = ?1",
+                 cold_start_notice = ?6, idle_deadline_ms = ?7, limits = ?8, freeze_after_ms = ?9, \
+                 freeze_deadline_ms = ?10 WHERE id = ?1",
             )
             .and_then(|mut s| {
+                let freeze = record::freeze_after_ms(&t);
                 s.execute(params![
                     t.id.as_str(),
                     t.profile,
@@ -894,6 +913,8 @@ impl TenantStore for SqliteRegistry {
                     t.cold_start_notice,
                     deadline(last_active, idle),
                     t.limits.to_json(),
+                    freeze,
+                    freeze.map(|f| last_active.saturating_add(f)),
                 ])
             })
             .map_err(db)?;
@@ -949,17 +970,28 @@ impl TenantStore for SqliteRegistry {
     async fn touch_tenant(&self, id: &TenantId, at_ms: i64) -> Result<()> {
         let id = id.clone();
         self.write(move |c| {
-            let idle: Option<i64> = c
-                .prepare_cached("SELECT idle_timeout_s FROM tenants WHERE id = ?1")
-                .and_then(|mut s| s.query_row([id.as_str()], |r| r.get(0)).optional())
+            let stored: Option<(i64, Option<i64>)> = c
+                .prepare_cached("SELECT idle_timeout_s, freeze_after_ms FROM tenants WHERE id = ?1")
+                .and_then(|mut s| {
+                    s.query_row([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()
+                })
                 .map_err(db)?;
-            let Some(idle) = idle else {
+            let Some((idle, freeze)) = stored else {
                 return Err(record::tenant_not_found(&id));
             };
             c.prepare_cached(
-                "UPDATE tenants SET last_active_ms = ?2, idle_deadline_ms = ?3 WHERE id = ?1",
+                "UPDATE tenants SET last_active_ms = ?2, idle_deadline_ms = ?3, freeze_deadline_ms = ?4 \
+                 WHERE id = ?1",
             )
-            .and_then(|mut s| s.execute(params![id.as_str(), at_ms, deadline(at_ms, idle)]))
+            .and_then(|mut s| {
+                s.execute(params![
+                    id.as_str(),
+                    at_ms,
+                    deadline(at_ms, idle),
+                    freeze.map(|f| at_ms.saturating_add(f))
+                ])
+            })
             .map_err(db)?;
             Ok(())
         })
@@ -981,6 +1013,47 @@ impl TenantStore for SqliteRegistry {
             ids.map(|id| {
                 let id = id.map_err(db)?;
                 record::tenant_id(&id, "tenant row")
+            })
+            .collect()
+        })
+        .await
+    }
+
+    async fn freeze_due(&self, now_ms: i64, limit: usize) -> Result<Vec<TenantId>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT id FROM tenants WHERE status = 'running' AND freeze_deadline_ms <= ?1 \
+                     AND idle_deadline_ms > ?1 ORDER BY freeze_deadline_ms LIMIT ?2",
+                )
+                .map_err(db)?;
+            let ids = stmt
+                .query_map(params![now_ms, limit], |r| r.get::<_, String>(0))
+                .map_err(db)?;
+            ids.map(|id| {
+                let id = id.map_err(db)?;
+                record::tenant_id(&id, "tenant row")
+            })
+            .collect()
+        })
+        .await
+    }
+
+    async fn frozen_tenants(&self) -> Result<Vec<(TenantId, i64)>> {
+        self.read(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT id, idle_deadline_ms FROM tenants WHERE status = 'frozen' \
+                     ORDER BY idle_deadline_ms",
+                )
+                .map_err(db)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+                .map_err(db)?;
+            rows.map(|row| {
+                let (id, deadline) = row.map_err(db)?;
+                Ok((record::tenant_id(&id, "tenant row")?, deadline))
             })
             .collect()
         })
@@ -1611,6 +1684,58 @@ mod tests {
         assert!(err.contains("newer than this build"), "{err}");
     }
 
+    /// A registry from before freeze deadlines were stored gets them, as the tenants' settings
+    /// say, when it is opened.
+    #[tokio::test]
+    async fn migration_stores_the_freeze_deadlines_of_existing_tenants() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        {
+            let mut c = Connection::open(&path).unwrap();
+            let tx = c.transaction().unwrap();
+            for step in &MIGRATIONS[..4] {
+                tx.execute_batch(step).unwrap();
+            }
+            tx.pragma_update(None, "user_version", 4).unwrap();
+            for (id, idle, limits) in [
+                ("dflt", 600, "{}"),
+                ("short", 600, r#"{"freeze_after_s":30}"#),
+                ("never", 600, r#"{"freeze_after_s":0}"#),
+                ("brief", 30, "{}"),
+            ] {
+                tx.execute(
+                    "INSERT INTO tenants (id, profile, idle_timeout_s, webhook_secret, status, \
+                     created_at_ms, last_active_ms, idle_deadline_ms, limits) \
+                     VALUES (?1, 'reference', ?2, 's', 'running', 1000, 1000, 1000 + ?2 * 1000, ?3)",
+                    params![id, idle, limits],
+                )
+                .unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let r = SqliteRegistry::open(&path).unwrap();
+        let due = |at| {
+            let r = &r;
+            async move {
+                r.freeze_due(at, 10)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect::<Vec<_>>()
+            }
+        };
+        assert!(due(30_999).await.is_empty());
+        assert_eq!(due(31_000).await, ["short"]);
+        assert_eq!(due(61_000).await, ["short", "dflt"]);
+        // A touch moves the deadline by the stored offset.
+        r.touch_tenant(&TenantId::parse("short").unwrap(), 50_000)
+            .await
+            .unwrap();
+        assert_eq!(due(61_000).await, ["dflt"]);
+        assert_eq!(due(80_000).await, ["dflt", "short"]);
+    }
+
     /// While the writer is busy with one job, queued jobs pile up and go out in ONE commit, and a
     /// failing job among them fails alone.
     #[tokio::test]
@@ -1697,6 +1822,16 @@ mod tests {
             (
                 "SELECT id FROM tenants WHERE status = 'running' AND idle_deadline_ms <= 1 \
                  ORDER BY idle_deadline_ms LIMIT 10",
+                &["tenants_idle"][..],
+            ),
+            (
+                "SELECT id FROM tenants WHERE status = 'running' AND freeze_deadline_ms <= 1 \
+                 AND idle_deadline_ms > 1 ORDER BY freeze_deadline_ms LIMIT 10",
+                &["tenants_freeze"][..],
+            ),
+            (
+                "SELECT id, idle_deadline_ms FROM tenants WHERE status = 'frozen' \
+                 ORDER BY idle_deadline_ms",
                 &["tenants_idle"][..],
             ),
             (

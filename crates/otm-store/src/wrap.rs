@@ -31,6 +31,8 @@ pub enum RegistryOp {
     SetTenantStatus,
     TouchTenant,
     IdleDue,
+    FreezeDue,
+    FrozenTenants,
     PutInstance,
     GetInstance,
     InstanceOf,
@@ -72,6 +74,8 @@ impl RegistryOp {
             RegistryOp::SetTenantStatus => "set_tenant_status",
             RegistryOp::TouchTenant => "touch_tenant",
             RegistryOp::IdleDue => "idle_due",
+            RegistryOp::FreezeDue => "freeze_due",
+            RegistryOp::FrozenTenants => "frozen_tenants",
             RegistryOp::PutInstance => "put_instance",
             RegistryOp::GetInstance => "get_instance",
             RegistryOp::InstanceOf => "instance_of",
@@ -168,6 +172,14 @@ macro_rules! delegate_registry {
             }
             async fn idle_due(&self, now_ms: i64, limit: usize) -> Result<Vec<TenantId>> {
                 self.around(RegistryOp::IdleDue, self.inner.idle_due(now_ms, limit))
+                    .await
+            }
+            async fn freeze_due(&self, now_ms: i64, limit: usize) -> Result<Vec<TenantId>> {
+                self.around(RegistryOp::FreezeDue, self.inner.freeze_due(now_ms, limit))
+                    .await
+            }
+            async fn frozen_tenants(&self) -> Result<Vec<(TenantId, i64)>> {
+                self.around(RegistryOp::FrozenTenants, self.inner.frozen_tenants())
                     .await
             }
         }

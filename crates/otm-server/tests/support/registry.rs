@@ -227,6 +227,31 @@ impl TenantStore for MemoryRegistry {
         due.sort();
         Ok(due.into_iter().take(limit).map(|(_, id)| id).collect())
     }
+
+    async fn freeze_due(&self, now_ms: i64, limit: usize) -> Result<Vec<TenantId>> {
+        let i = self.lock();
+        let mut due: Vec<_> = i
+            .tenants
+            .values()
+            .filter(|r| r.tenant.status == TenantStatus::Running && r.idle_deadline_ms > now_ms)
+            .filter_map(|r| Some((r.tenant.freeze_deadline_ms()?, r.tenant.id.clone())))
+            .filter(|(deadline, _)| *deadline <= now_ms)
+            .collect();
+        due.sort();
+        Ok(due.into_iter().take(limit).map(|(_, id)| id).collect())
+    }
+
+    async fn frozen_tenants(&self) -> Result<Vec<(TenantId, i64)>> {
+        let i = self.lock();
+        let mut frozen: Vec<_> = i
+            .tenants
+            .values()
+            .filter(|r| r.tenant.status == TenantStatus::Frozen)
+            .map(|r| (r.idle_deadline_ms, r.tenant.id.clone()))
+            .collect();
+        frozen.sort();
+        Ok(frozen.into_iter().map(|(d, id)| (id, d)).collect())
+    }
 }
 
 #[async_trait]
