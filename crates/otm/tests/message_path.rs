@@ -170,15 +170,26 @@ async fn metrics_cover_every_phase() {
         .await
         .unwrap();
     assert_eq!(bad.status(), 401);
-    let text = h
-        .http
-        .get(format!("http://{}/metrics", h.server().admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    // The instance gauge is counted from the registry at most once a second: wait for it.
+    let mut text = String::new();
+    for _ in 0..500 {
+        text = h
+            .http
+            .get(format!("http://{}/metrics", h.server().admin_addr))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text
+            .lines()
+            .any(|l| l == "otm_instances{state=\"ready\"} 1")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let value = |needle: &str| -> f64 {
         text.lines()
             .find(|l| l.starts_with(needle))
