@@ -213,8 +213,10 @@ async fn a_killed_shim_loses_no_acknowledged_state() {
             let pid: i32 = e.file_name().to_str()?.parse().ok()?;
             let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
             let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            (cmd.contains(" shim ") && cmd.contains(&instance) && !cmd.contains("bwrap"))
-                .then_some(pid)
+            // `otm-shim --instance …`, or `otm shim --instance …` where it is not installed.
+            let program = cmd.split(' ').next().unwrap_or("");
+            let shim = program.ends_with("otm-shim") || cmd.contains(" shim ");
+            (shim && cmd.contains(&instance) && !cmd.contains("bwrap")).then_some(pid)
         })
         .expect("the shim runs");
     nix::sys::signal::kill(
