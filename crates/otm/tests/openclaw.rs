@@ -949,6 +949,10 @@ async fn frozen_openclaw_answers_after(test: &str, frozen_for: Duration) {
     let h = start(&prefix, Found::Given, &stub, 0).await;
     let token = "7301:REAL-bot-token-of-frozen-claw";
     let secret = openclaw_tenant(&h, "icicle", token).await;
+    let (reply, _) = exchange(&h, "icicle", &secret, token, 1, "before the freeze").await;
+    assert_eq!(earlier_turns(&reply), Some(0), "{reply}");
+    // Frozen soon only once the first turn is answered: a gateway on a loaded machine can spend
+    // more than a few seconds on a turn without CPU or a call under way.
     let (status, t) = h
         .api(
             Method::PATCH,
@@ -957,8 +961,6 @@ async fn frozen_openclaw_answers_after(test: &str, frozen_for: Duration) {
         )
         .await;
     assert_eq!(status, 200, "{t}");
-    let (reply, _) = exchange(&h, "icicle", &secret, token, 1, "before the freeze").await;
-    assert_eq!(earlier_turns(&reply), Some(0), "{reply}");
     let dir = instance_dir(&h, "icicle").await;
     wait_until("the tenant to freeze", Duration::from_secs(60), || async {
         let (_, t) = h.api(Method::GET, "/tenants/icicle", None).await;
