@@ -310,6 +310,23 @@ impl SqliteRegistry {
         answer.await.map_err(|_| writer_gone())?
     }
 
+    /// The tenants a `sql` query with the parameters (now, limit) finds due.
+    async fn due(&self, sql: &'static str, now_ms: i64, limit: usize) -> Result<Vec<TenantId>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(sql).map_err(db)?;
+            let ids = stmt
+                .query_map(params![now_ms, limit], |r| r.get::<_, String>(0))
+                .map_err(db)?;
+            ids.map(|id| {
+                let id = id.map_err(db)?;
+                record::tenant_id(&id, "tenant row")
+            })
+            .collect()
+        })
+        .await
+    }
+
     /// Runs `work` on a pooled read-only connection, off the async runtime.
     async fn read<T, F>(&self, work: F) -> Result<T>
     where
@@ -999,44 +1016,22 @@ impl TenantStore for SqliteRegistry {
     }
 
     async fn idle_due(&self, now_ms: i64, limit: usize) -> Result<Vec<TenantId>> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.read(move |c| {
-            let mut stmt = c
-                .prepare_cached(
-                    "SELECT id FROM tenants WHERE status = 'running' AND idle_deadline_ms <= ?1 \
-                     ORDER BY idle_deadline_ms LIMIT ?2",
-                )
-                .map_err(db)?;
-            let ids = stmt
-                .query_map(params![now_ms, limit], |r| r.get::<_, String>(0))
-                .map_err(db)?;
-            ids.map(|id| {
-                let id = id.map_err(db)?;
-                record::tenant_id(&id, "tenant row")
-            })
-            .collect()
-        })
+        self.due(
+            "SELECT id FROM tenants WHERE status = 'running' AND idle_deadline_ms <= ?1 \
+             ORDER BY idle_deadline_ms LIMIT ?2",
+            now_ms,
+            limit,
+        )
         .await
     }
 
     async fn freeze_due(&self, now_ms: i64, limit: usize) -> Result<Vec<TenantId>> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.read(move |c| {
-            let mut stmt = c
-                .prepare_cached(
-                    "SELECT id FROM tenants WHERE status = 'running' AND freeze_deadline_ms <= ?1 \
-                     AND idle_deadline_ms > ?1 ORDER BY freeze_deadline_ms LIMIT ?2",
-                )
-                .map_err(db)?;
-            let ids = stmt
-                .query_map(params![now_ms, limit], |r| r.get::<_, String>(0))
-                .map_err(db)?;
-            ids.map(|id| {
-                let id = id.map_err(db)?;
-                record::tenant_id(&id, "tenant row")
-            })
-            .collect()
-        })
+        self.due(
+            "SELECT id FROM tenants WHERE status = 'running' AND freeze_deadline_ms <= ?1 \
+             AND idle_deadline_ms > ?1 ORDER BY freeze_deadline_ms LIMIT ?2",
+            now_ms,
+            limit,
+        )
         .await
     }
 

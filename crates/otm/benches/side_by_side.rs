@@ -885,20 +885,7 @@ async fn wrk(url: &str, script: &Path, conns: u32, secs: u32, base: u64) -> WrkR
         .output()
         .await
         .expect("running wrk");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("BENCH "))
-        .unwrap_or_else(|| {
-            panic!(
-                "wrk gave no summary: {stdout}{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-    let f: Vec<f64> = line
-        .split_whitespace()
-        .map(|v| v.parse().unwrap())
-        .collect();
+    let f = summary(&out, "BENCH ", "wrk");
     WrkRun {
         rps: f[0] / (f[1] / 1e6),
         requests: f[0] as u64,
@@ -968,20 +955,7 @@ async fn loadgen(
         .output()
         .await
         .expect("running the load generator");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("LOADGEN "))
-        .unwrap_or_else(|| {
-            panic!(
-                "the load generator gave no summary: {stdout}{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-    let f: Vec<f64> = line
-        .split_whitespace()
-        .map(|v| v.parse().unwrap())
-        .collect();
+    let f = summary(&out, "LOADGEN ", "the load generator");
     LoadRun {
         offered_rps: rate as f64,
         ok: f[0] as u64,
@@ -1104,6 +1078,23 @@ fn cpu_ms(pid: u64) -> f64 {
     let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
     // In USER_HZ, which Linux keeps at 100 on every architecture it exports it to.
     ticks as f64 * 10.0
+}
+
+/// The numbers on the line of a load generator's output that starts with `prefix`.
+fn summary(out: &std::process::Output, prefix: &str, what: &str) -> Vec<f64> {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| {
+            panic!(
+                "{what} gave no summary: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    line.split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect()
 }
 
 /// Rows per second SQLite commits into otm's inbox table, `per_tx` rows a transaction, in WAL
