@@ -291,9 +291,7 @@ const DELIVER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One delivery attempt: wake if needed, deliver through the shim, check the acknowledgement.
 async fn attempt(app: &Arc<App>, tenant: &TenantId, item: &InboxItem) -> Result<(), Failure> {
-    let chat = serde_json::from_slice::<serde_json::Value>(&item.payload)
-        .ok()
-        .and_then(|u| chat_of(&u));
+    let chat = chat_of(&item.payload);
     let woken = app.wake(tenant, chat).await.map_err(|e| match e {
         otm_core::Error::Unavailable {
             backend: crate::wake::ADMISSION,
@@ -338,21 +336,34 @@ async fn attempt(app: &Arc<App>, tenant: &TenantId, item: &InboxItem) -> Result<
     Err(Failure::Failed(kind, message))
 }
 
-/// The chat an update came from, wherever the update type keeps it.
-fn chat_of(update: &serde_json::Value) -> Option<i64> {
-    [
-        "message",
-        "edited_message",
-        "channel_post",
-        "callback_query",
-    ]
-    .iter()
-    .find_map(|k| {
-        let v = &update[*k];
-        v["chat"]["id"]
-            .as_i64()
-            .or_else(|| v["message"]["chat"]["id"].as_i64())
-    })
+/// The chat an update came from, wherever the update type keeps it; read without building the
+/// update (the rest of it is skipped, not kept).
+fn chat_of(payload: &[u8]) -> Option<i64> {
+    #[derive(serde::Deserialize)]
+    struct Chat {
+        id: i64,
+    }
+    #[derive(serde::Deserialize)]
+    struct Message {
+        chat: Option<Chat>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Callback {
+        message: Option<Message>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Update {
+        message: Option<Message>,
+        edited_message: Option<Message>,
+        channel_post: Option<Message>,
+        callback_query: Option<Callback>,
+    }
+    let u: Update = serde_json::from_slice(payload).ok()?;
+    let chat = |m: Option<Message>| m.and_then(|m| m.chat).map(|c| c.id);
+    chat(u.message)
+        .or_else(|| chat(u.edited_message))
+        .or_else(|| chat(u.channel_post))
+        .or_else(|| chat(u.callback_query.and_then(|c| c.message)))
 }
 
 /// How often delivered updates past the dedupe window are pruned.
@@ -416,6 +427,33 @@ pub async fn run_sweeper(app: Arc<App>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_chat_is_found_wherever_the_update_type_keeps_it() {
+        let chat = |s: &str| chat_of(s.as_bytes());
+        assert_eq!(
+            chat(r#"{"update_id":1,"message":{"chat":{"id":7},"text":"hi"}}"#),
+            Some(7)
+        );
+        assert_eq!(
+            chat(r#"{"update_id":1,"edited_message":{"chat":{"id":-8}}}"#),
+            Some(-8)
+        );
+        assert_eq!(
+            chat(r#"{"update_id":1,"channel_post":{"chat":{"id":9}}}"#),
+            Some(9)
+        );
+        assert_eq!(
+            chat(r#"{"update_id":1,"callback_query":{"id":"x","message":{"chat":{"id":10}}}}"#),
+            Some(10)
+        );
+        assert_eq!(chat(r#"{"update_id":1,"poll":{"id":"p"}}"#), None);
+        assert_eq!(
+            chat(r#"{"update_id":1,"message":{"text":"no chat"}}"#),
+            None
+        );
+        assert_eq!(chat("not json"), None);
+    }
 
     #[test]
     fn backoff_grows_and_caps() {

@@ -9,6 +9,11 @@
 //!   transaction, each job inside its own savepoint so one failing job does not fail the others
 //!   (an append, one statement, needs none: SQLite undoes a failed statement by itself), and
 //!   answers each job only after the commit. One fsync then serves a whole batch.
+//! - A batch of relaxed writes only ([`SqliteRegistry::write_relaxed`]: an acknowledgement, a
+//!   failed attempt, the last-activity time) commits without the fsync (`synchronous=NORMAL`):
+//!   atomic, and kept when otm itself dies, but lost with the machine's power until the next
+//!   durable commit or checkpoint syncs the WAL. What such a loss undoes is safe to redo: an
+//!   update delivered again (agents deduplicate `update_id`s), an attempt counted again.
 //! - Reads use a small pool of read-only connections on `spawn_blocking` threads. WAL lets them
 //!   run beside the writer, and each sees every commit answered before it started.
 //!
@@ -172,6 +177,8 @@ pub struct WriteStats {
     pub jobs: u64,
     /// Transactions committed. Fewer than `jobs` when group commit batched them.
     pub commits: u64,
+    /// Commits fsync'd before their jobs were answered; the rest held relaxed writes only.
+    pub synced_commits: u64,
 }
 
 /// Shared between the registry and its writer thread.
@@ -179,6 +186,7 @@ pub struct WriteStats {
 struct Counters {
     jobs: AtomicU64,
     commits: AtomicU64,
+    synced_commits: AtomicU64,
     /// Set by [`Inbox::purge_freed`]: checkpoint and truncate the WAL after the next commit,
     /// outside any transaction.
     truncate_wal: std::sync::atomic::AtomicBool,
@@ -190,6 +198,8 @@ struct WriterState {
     /// (true at start: the WAL may hold what an earlier process freed). Appends only add rows,
     /// so a WAL written by appends alone holds nothing to scrub, and is not truncated.
     freed: bool,
+    /// The connection's `synchronous` setting is FULL (else NORMAL).
+    synced: bool,
 }
 
 impl SqliteRegistry {
@@ -270,6 +280,7 @@ impl SqliteRegistry {
         WriteStats {
             jobs: self.stats.jobs.load(Ordering::Relaxed),
             commits: self.stats.commits.load(Ordering::Relaxed),
+            synced_commits: self.stats.synced_commits.load(Ordering::Relaxed),
         }
     }
 
@@ -280,7 +291,17 @@ impl SqliteRegistry {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
-        self.write_job(true, work).await
+        self.write_job(true, true, work).await
+    }
+
+    /// [`SqliteRegistry::write`] for work whose loss at a power cut is safe to redo (see the
+    /// module's notes): its commit is not fsync'd unless a durable write shares the batch.
+    async fn write_relaxed<T, F>(&self, work: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        self.write_job(true, false, work).await
     }
 
     /// [`SqliteRegistry::write`] for an append: work that writes one new row with one statement
@@ -291,10 +312,10 @@ impl SqliteRegistry {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
-        self.write_job(false, work).await
+        self.write_job(false, true, work).await
     }
 
-    async fn write_job<T, F>(&self, savepoint: bool, work: F) -> Result<T>
+    async fn write_job<T, F>(&self, savepoint: bool, durable: bool, work: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
@@ -305,6 +326,7 @@ impl SqliteRegistry {
             out: None,
             reply,
             savepoint,
+            durable,
         });
         self.writer.send(job).await.map_err(|_| writer_gone())?;
         answer.await.map_err(|_| writer_gone())?
@@ -403,6 +425,8 @@ trait WriteJob: Send {
     /// for appends, which insert one row with one statement and fail only in it (SQLite undoes
     /// a failed statement by itself).
     fn savepoint(&self) -> bool;
+    /// Whether the caller is answered only after the commit is fsync'd.
+    fn durable(&self) -> bool;
     /// Runs the work; true if it succeeded and its savepoint should be kept.
     fn run(&mut self, conn: &Connection) -> bool;
     /// Answers the caller: the work's own result if the batch committed, else the batch error.
@@ -414,6 +438,7 @@ struct Job<T, F> {
     out: Option<Result<T>>,
     reply: oneshot::Sender<Result<T>>,
     savepoint: bool,
+    durable: bool,
 }
 
 impl<T, F> WriteJob for Job<T, F>
@@ -423,6 +448,10 @@ where
 {
     fn savepoint(&self) -> bool {
         self.savepoint
+    }
+
+    fn durable(&self) -> bool {
+        self.durable
     }
 
     fn run(&mut self, conn: &Connection) -> bool {
@@ -480,7 +509,10 @@ impl From<rusqlite::Error> for BatchError {
 }
 
 fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Box<dyn WriteJob>>, stats: &Counters) {
-    let mut state = WriterState { freed: true };
+    let mut state = WriterState {
+        freed: true,
+        synced: true,
+    };
     let mut batch: Vec<Box<dyn WriteJob>> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -490,7 +522,23 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Box<dyn WriteJob>>, 
                 Err(_) => break,
             }
         }
-        let outcome = run_batch(&mut conn, &mut batch);
+        // FULL when any job of the batch waits for the fsync; NORMAL for relaxed jobs alone.
+        let durable = batch.iter().any(|job| job.durable());
+        if durable != state.synced {
+            let level = if durable { "FULL" } else { "NORMAL" };
+            match conn.pragma_update(None, "synchronous", level) {
+                Ok(()) => state.synced = durable,
+                Err(e) => tracing::warn!(error = %e, "cannot set synchronous={level}"),
+            }
+        }
+        let outcome = if durable && !state.synced {
+            Err(BatchError {
+                busy: false,
+                message: "cannot make the commit durable (synchronous=FULL refused)".into(),
+            })
+        } else {
+            run_batch(&mut conn, &mut batch)
+        };
         if batch.iter().any(|job| job.savepoint()) {
             state.freed = true;
         }
@@ -501,6 +549,9 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Box<dyn WriteJob>>, 
         match &outcome {
             Ok(()) => {
                 stats.commits.fetch_add(1, Ordering::Relaxed);
+                if durable {
+                    stats.synced_commits.fetch_add(1, Ordering::Relaxed);
+                }
             }
             Err(e) => {
                 tracing::warn!(jobs = batch.len(), error = %e.message, "a registry write batch failed")
@@ -986,7 +1037,7 @@ impl TenantStore for SqliteRegistry {
 
     async fn touch_tenant(&self, id: &TenantId, at_ms: i64) -> Result<()> {
         let id = id.clone();
-        self.write(move |c| {
+        self.write_relaxed(move |c| {
             let stored: Option<(i64, Option<i64>)> = c
                 .prepare_cached("SELECT idle_timeout_s, freeze_after_ms FROM tenants WHERE id = ?1")
                 .and_then(|mut s| {
@@ -1288,7 +1339,7 @@ impl Inbox for SqliteRegistry {
     async fn inbox_ack(&self, tenant: &TenantId, seq: i64, fence: Option<u64>) -> Result<()> {
         let tenant = tenant.clone();
         let fence = fence.map(|f| to_i64(f, "fence")).transpose()?;
-        self.write(move |c| {
+        self.write_relaxed(move |c| {
             if let Some(f) = fence {
                 check_dispatch_fence(c, &tenant, f)?;
             }
@@ -1320,7 +1371,7 @@ impl Inbox for SqliteRegistry {
         let tenant = tenant.clone();
         let error = record::truncate(error, record::MAX_ERROR_LEN);
         let fence = fence.map(|f| to_i64(f, "fence")).transpose()?;
-        self.write(move |c| {
+        self.write_relaxed(move |c| {
             if let Some(f) = fence {
                 check_dispatch_fence(c, &tenant, f)?;
             }
@@ -1454,7 +1505,7 @@ impl Inbox for SqliteRegistry {
         // The writer thread checkpoints right after the commit this empty job rides in (if a
         // job since the last time may have freed something); the job itself frees nothing.
         self.stats.truncate_wal.store(true, Ordering::Relaxed);
-        self.write_job(false, |_| Ok(())).await
+        self.write_job(false, false, |_| Ok(())).await
     }
 }
 
@@ -1789,6 +1840,70 @@ mod tests {
             "the 20 queued appends share one commit"
         );
         assert_eq!(r.inbox_depth(&bob).await.unwrap(), 19);
+    }
+
+    /// The `synchronous` level a job's commit runs under, read inside the job's transaction.
+    fn sync_level(c: &Connection) -> Result<i64> {
+        c.query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .map_err(db)
+    }
+
+    #[tokio::test]
+    async fn relaxed_writes_alone_skip_the_fsync_and_share_a_durable_one() {
+        const NORMAL: i64 = 1;
+        const FULL: i64 = 2;
+        let dir = tempfile::tempdir().unwrap();
+        let r = Arc::new(SqliteRegistry::open(&dir.path().join("r.db")).unwrap());
+        assert_eq!(r.write(sync_level).await.unwrap(), FULL);
+        assert_eq!(r.write_relaxed(sync_level).await.unwrap(), NORMAL);
+        assert_eq!(r.write(sync_level).await.unwrap(), FULL, "back to FULL");
+
+        // A relaxed job queued beside a durable one commits with it, fsync'd.
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let blocker = {
+            let r = r.clone();
+            tokio::spawn(async move {
+                r.write_relaxed(move |_| {
+                    started_tx.send(()).unwrap();
+                    std::thread::sleep(Duration::from_millis(200));
+                    Ok(())
+                })
+                .await
+            })
+        };
+        tokio::task::spawn_blocking(move || started_rx.recv().unwrap())
+            .await
+            .unwrap();
+        let relaxed = tokio::spawn({
+            let r = r.clone();
+            async move { r.write_relaxed(sync_level).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let durable = tokio::spawn({
+            let r = r.clone();
+            async move { r.write(sync_level).await }
+        });
+        blocker.await.unwrap().unwrap();
+        assert_eq!(relaxed.await.unwrap().unwrap(), FULL);
+        assert_eq!(durable.await.unwrap().unwrap(), FULL);
+
+        // What the registry relaxes: acknowledgements and failures of deliveries, activity.
+        // Tenants and appends stay fsync'd.
+        let synced = || r.write_stats().synced_commits;
+        let s0 = synced();
+        r.create_tenant(&tenant("dora")).await.unwrap();
+        let dora = TenantId::parse("dora").unwrap();
+        let Appended::Stored { seq } = r.inbox_append(&dora, 1, b"{}").await.unwrap() else {
+            panic!("stored")
+        };
+        assert_eq!(synced() - s0, 2, "a tenant and an append are durable");
+        let c0 = r.write_stats().commits;
+        r.inbox_fail(&dora, seq, "refused", 5, None).await.unwrap();
+        r.touch_tenant(&dora, 1_000).await.unwrap();
+        r.inbox_ack(&dora, seq, None).await.unwrap();
+        assert_eq!(r.write_stats().commits - c0, 3);
+        assert_eq!(synced() - s0, 2, "none of the three waited for an fsync");
+        assert!(r.inbox_next(&dora).await.unwrap().is_none());
     }
 
     #[tokio::test]
