@@ -242,7 +242,7 @@ pub struct Settings {
     #[arg(long, env = "OTM_OPENCLAW_CONFIG_TEMPLATE")]
     pub openclaw_config_template: Option<PathBuf>,
     /// NODE_OPTIONS of the OpenClaw gateways, e.g. V8 heap limits [default: built in; see
-    /// docs/openclaw.md]; an empty value gives them none.
+    /// docs/openclaw.md]; an empty value gives them none (but for the install's import resolver).
     #[arg(long, env = "OTM_OPENCLAW_NODE_OPTIONS")]
     pub openclaw_node_options: Option<String>,
     /// The model provider's OpenAI-compatible base URL, e.g. https://api.openai.com/v1. Agents

@@ -42,6 +42,7 @@ pub fn bind_settings(
             path: vec![prefix.join("bin")],
             read_only: vec![],
             compile_cache: Some(prefix.join(crate::openclaw_install::COMPILE_CACHE_DIR)),
+            esm_resolve: Some(prefix.join(crate::openclaw_install::ESM_RESOLVE_FILE)),
         }
     });
     let install = in_image.or_else(|| locate(settings)).ok_or_else(|| {
@@ -63,6 +64,9 @@ pub fn bind_settings(
     out.insert(keys::PATH.to_owned(), path.join(":"));
     if let Some(cache) = &install.compile_cache {
         out.insert(keys::COMPILE_CACHE.to_owned(), cache.display().to_string());
+    }
+    if let Some(file) = &install.esm_resolve {
+        out.insert(keys::ESM_RESOLVE.to_owned(), file.display().to_string());
     }
     if let Some(options) = &settings.openclaw_node_options {
         out.insert(keys::NODE_OPTIONS.to_owned(), options.clone());
@@ -105,6 +109,7 @@ mod tests {
         assert_eq!(found.path, vec![dir.join("bin")]);
         assert!(found.read_only.contains(&dir));
         assert_eq!(found.compile_cache, Some(dir.join("compile-cache")));
+        assert_eq!(found.esm_resolve, Some(dir.join("esm-resolve.mjs")));
 
         let mut t = Tenant::new(otm_core::TenantId::parse("t1").unwrap(), "openclaw", None);
         let s = Settings {
@@ -119,6 +124,10 @@ mod tests {
         assert_eq!(
             b[keys::COMPILE_CACHE],
             dir.join("compile-cache").display().to_string()
+        );
+        assert_eq!(
+            b[keys::ESM_RESOLVE],
+            dir.join("esm-resolve.mjs").display().to_string()
         );
         assert!(
             !b.values().any(|v| v.contains("sk-real")),

@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 /// Where `scripts/install-openclaw` puts Node's compile cache, below the prefix.
 pub const COMPILE_CACHE_DIR: &str = "compile-cache";
 
+/// Where `scripts/install-openclaw` writes the import resolver the gateway loads, below the prefix.
+pub const ESM_RESOLVE_FILE: &str = "esm-resolve.mjs";
+
 /// An OpenClaw installation this server can start gateways from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Install {
@@ -18,6 +21,9 @@ pub struct Install {
     /// Node's compile cache that `scripts/install-openclaw` fills, `<prefix>/compile-cache`
     /// (inside the read-only prefix); the instance uses it when it exists.
     pub compile_cache: Option<PathBuf>,
+    /// The import resolver `scripts/install-openclaw` writes, `<prefix>/esm-resolve.mjs`; the
+    /// instance loads it when it exists.
+    pub esm_resolve: Option<PathBuf>,
 }
 
 /// Finds OpenClaw: `openclaw_prefix` when set, else `<data-dir>/openclaw`, else `openclaw` on
@@ -43,6 +49,7 @@ pub fn locate(openclaw_prefix: Option<&Path>, data_dir: &Path) -> Option<Install
                 path: vec![prefix.join("bin")],
                 read_only,
                 compile_cache: Some(prefix.join(COMPILE_CACHE_DIR)),
+                esm_resolve: Some(prefix.join(ESM_RESOLVE_FILE)),
             });
         }
         if openclaw_prefix.is_some() {
@@ -78,5 +85,6 @@ pub fn locate(openclaw_prefix: Option<&Path>, data_dir: &Path) -> Option<Install
         path: vec![],
         read_only,
         compile_cache: None,
+        esm_resolve: None,
     })
 }

@@ -52,6 +52,9 @@ pub mod keys {
     pub const COMPILE_CACHE: &str = "openclaw.compile_cache";
     /// `NODE_OPTIONS` of the gateway; [`super::DEFAULT_NODE_OPTIONS`] when absent.
     pub const NODE_OPTIONS: &str = "openclaw.node_options";
+    /// The import resolver that `scripts/install-openclaw` wrote (`<prefix>/esm-resolve.mjs`),
+    /// loaded into the gateway with `--import`; used when the file exists.
+    pub const ESM_RESOLVE: &str = "openclaw.esm_resolve";
     /// The model's OpenAI-compatible base URL as the instance reaches it (otm's egress route).
     pub const MODEL_BASE_URL: &str = "model.base_url";
     /// The model id at the provider.
@@ -210,13 +213,30 @@ fn render(i: &LaunchInputs<'_>) -> Result<AgentLaunch, String> {
         set("NODE_COMPILE_CACHE_PORTABLE", "1".into());
         set("OPENCLAW_PACKAGED_COMPILE_CACHE_RESPAWNED", "1".into());
     }
-    let node_options = i
+    let mut node_options = i
         .settings
         .get(keys::NODE_OPTIONS)
         .map(String::as_str)
-        .unwrap_or(DEFAULT_NODE_OPTIONS);
-    if !node_options.trim().is_empty() {
-        set("NODE_OPTIONS", node_options.trim().to_owned());
+        .unwrap_or(DEFAULT_NODE_OPTIONS)
+        .trim()
+        .to_owned();
+    // The install's import resolver, in the gateway, its worker threads and the Node processes
+    // it starts (they inherit NODE_OPTIONS; its tools' commands do not, OpenClaw drops it there):
+    // it spares Node the file-system work of resolving each import between OpenClaw's own files.
+    if let Some(file) = i
+        .settings
+        .get(keys::ESM_RESOLVE)
+        .map(Path::new)
+        .filter(|f| f.is_absolute() && f.is_file())
+    {
+        if !node_options.is_empty() {
+            node_options.push(' ');
+        }
+        node_options.push_str("--import=");
+        node_options.push_str(&file_url(file)?);
+    }
+    if !node_options.is_empty() {
+        set("NODE_OPTIONS", node_options);
     }
 
     Ok(AgentLaunch {
@@ -290,6 +310,21 @@ pub fn render_template(template: &str, values: &BTreeMap<&str, Value>) -> Result
             rest = &after[end + 2..];
         }
         out.push_str(rest);
+    }
+    Ok(out)
+}
+
+/// `file://` URL of an absolute path, for a `NODE_OPTIONS` value: bytes other than unreserved
+/// ones and `/` are percent-encoded, so it holds no spaces or quotes.
+fn file_url(p: &Path) -> Result<String, String> {
+    let s = path_str(p)?;
+    let mut out = String::from("file://");
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
     }
     Ok(out)
 }
@@ -414,6 +449,35 @@ mod tests {
         );
         assert_eq!(launch.env["OPENCLAW_PACKAGED_COMPILE_CACHE_RESPAWNED"], "1");
         assert_eq!(launch.env["NODE_OPTIONS"], DEFAULT_NODE_OPTIONS);
+
+        // With the install's import resolver, the gateway loads it after the options.
+        let resolver = dir.path().join("my prefix/esm-resolve.mjs");
+        std::fs::create_dir_all(resolver.parent().unwrap()).unwrap();
+        std::fs::write(&resolver, "").unwrap();
+        let mut with_resolver = settings.clone();
+        with_resolver.insert(keys::ESM_RESOLVE.to_owned(), resolver.display().to_string());
+        let launch = profile()
+            .render(&LaunchInputs {
+                settings: &with_resolver,
+                ..inputs.clone()
+            })
+            .unwrap();
+        let url = format!(
+            "file://{}",
+            resolver.display().to_string().replace(' ', "%20")
+        );
+        assert_eq!(
+            launch.env["NODE_OPTIONS"],
+            format!("{DEFAULT_NODE_OPTIONS} --import={url}")
+        );
+        with_resolver.insert(keys::NODE_OPTIONS.to_owned(), String::new());
+        let launch = profile()
+            .render(&LaunchInputs {
+                settings: &with_resolver,
+                ..inputs.clone()
+            })
+            .unwrap();
+        assert_eq!(launch.env["NODE_OPTIONS"], format!("--import={url}"));
         let config = std::fs::read_to_string(dir.path().join("config/openclaw.json5")).unwrap();
         assert!(
             config.contains("apiRoot: \"http://127.0.0.1:8082\""),
@@ -436,6 +500,10 @@ mod tests {
             dir.path().join("nope").display().to_string(),
         );
         no_cache.insert(keys::NODE_OPTIONS.to_owned(), String::new());
+        no_cache.insert(
+            keys::ESM_RESOLVE.to_owned(),
+            dir.path().join("nope.mjs").display().to_string(),
+        );
         let launch = profile()
             .render(&LaunchInputs {
                 settings: &no_cache,
