@@ -791,6 +791,8 @@ pub(crate) async fn patch(app: &App, id: &str, body: PatchTenant) -> ApiResult<T
         register_webhook(app, &t).await?;
     }
     app.registry().update_tenant(&t).await?;
+    // Replicas that keep the tenant's settings in memory (its surrogates' tenant) read them anew.
+    app.tenant_changed(&t.id).await;
     // A running instance gets the new limits at once.
     if let Ok(Some(rec)) = app.registry().instance_of(&t.id).await {
         let limits = t

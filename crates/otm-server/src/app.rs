@@ -105,6 +105,7 @@ pub struct App {
     instance_gauge: Mutex<(Option<tokio::time::Instant>, bool)>,
     /// Tenants' webhook secrets, so that accepting an update needs no registry read.
     webhook_secrets: crate::webhook_secrets::WebhookSecrets,
+    surrogates: crate::surrogate::Surrogates,
 }
 
 /// The outcome of a tenant's last wake that did more than read the cache (the console shows it).
@@ -187,6 +188,7 @@ impl App {
             wakes_in_flight: std::sync::atomic::AtomicUsize::new(0),
             bot_limiter: crate::bot_limits::BotLimiter::new(bot_limits),
             webhook_secrets: Default::default(),
+            surrogates: Default::default(),
             model_budgets: Default::default(),
             egress_in_flight: Mutex::new(HashMap::new()),
             egress_buffer: Arc::new(tokio::sync::Semaphore::new(EGRESS_BUFFER_KIB as usize)),
@@ -335,10 +337,16 @@ impl App {
         &self.webhook_secrets
     }
 
-    /// A tenant was deleted or created: forget what this process keeps of it, and tell the other
-    /// replicas to do the same (best effort; their entries expire soon anyway).
+    /// The tenants of surrogate tokens as this process keeps them.
+    pub fn surrogates(&self) -> &crate::surrogate::Surrogates {
+        &self.surrogates
+    }
+
+    /// A tenant was deleted, created or changed: forget what this process keeps of it, and tell
+    /// the other replicas to do the same (best effort; their entries expire soon anyway).
     pub async fn tenant_changed(&self, tenant: &TenantId) {
         self.webhook_secrets.forget(tenant);
+        self.surrogates.forget_tenant(tenant);
         if let Err(e) = self
             .coordinator
             .publish(otm_core::Notification::TenantChanged {

@@ -178,7 +178,8 @@ pub async fn run_notifications(app: Arc<App>) {
             n = futures::StreamExt::next(&mut notes) => match n {
                 Some(otm_core::Notification::InboxHasWork { tenant }) => kick(&app, &tenant),
                 Some(otm_core::Notification::TenantChanged { tenant }) => {
-                    app.webhook_secrets().forget(&tenant)
+                    app.webhook_secrets().forget(&tenant);
+                    app.surrogates().forget_tenant(&tenant);
                 }
                 Some(_) => {}
                 None => return,

@@ -436,6 +436,7 @@ async fn discard(app: &Arc<App>, rec: &InstanceRecord) {
         tracing::warn!(instance = %rec.id, error = %e, "could not delete instance");
     }
     let _ = app.registry().delete_instance(&rec.id).await;
+    app.surrogates().forget_instance(&rec.id);
     if let Some(t) = &rec.tenant {
         let _ = app.coordinator().clear_endpoint(t).await;
     }
@@ -486,6 +487,7 @@ async fn stop_locked(
     rec.state = InstanceState::Stopping;
     rec.surrogate_digest = None;
     app.registry().put_instance(rec, Some(fence)).await?;
+    app.surrogates().forget_instance(&rec.id);
     if app.registry().get_tenant(tenant).await?.is_some() {
         app.registry()
             .set_tenant_status(tenant, TenantStatus::Stopping, Some(fence))

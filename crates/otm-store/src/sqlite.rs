@@ -1290,21 +1290,20 @@ impl Inbox for SqliteRegistry {
         // INSERT … ON CONFLICT DO NOTHING, which would still take a sequence number and leave a
         // gap for every duplicate. The single writer makes the look-then-insert atomic. A
         // missing tenant fails the foreign key.
+        // The new row's seq is its rowid, read back without `RETURNING` (which buffers the
+        // returned rows in a temporary table of its own).
         self.write_append(move |c| {
             let seq: Option<i64> = c
                 .prepare_cached(
                     "INSERT INTO inbox (tenant, update_id, payload, accepted_at_ms) \
                      SELECT ?1, ?2, ?3, ?4 \
-                     WHERE NOT EXISTS (SELECT 1 FROM inbox WHERE tenant = ?1 AND update_id = ?2) \
-                     RETURNING seq",
+                     WHERE NOT EXISTS (SELECT 1 FROM inbox WHERE tenant = ?1 AND update_id = ?2)",
                 )
                 .and_then(|mut s| {
                     let now = otm_core::time::now_ms();
-                    s.query_row(params![tenant.as_str(), update_id, payload, now], |r| {
-                        r.get(0)
-                    })
-                    .optional()
+                    s.execute(params![tenant.as_str(), update_id, payload, now])
                 })
+                .map(|inserted| (inserted == 1).then(|| c.last_insert_rowid()))
                 .map_err(|e| {
                     if is_foreign_key(&e) {
                         record::tenant_not_found(&tenant)
