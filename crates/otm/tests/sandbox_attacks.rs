@@ -427,6 +427,7 @@ async fn a_sandbox_made_ahead_runs_exactly_its_launch() {
             tmp_bytes: 1 << 20,
             ..Default::default()
         },
+        cgroup: None,
     });
     let log = std::fs::File::create(at("agent.log")).unwrap();
     let made = sandbox
