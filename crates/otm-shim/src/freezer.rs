@@ -85,7 +85,7 @@ impl AgentCgroup {
                     ),
                 ));
             }
-            std::thread::sleep(Duration::from_micros(500));
+            std::thread::sleep(Duration::from_micros(100));
         }
     }
 
