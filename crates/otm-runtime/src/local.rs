@@ -12,9 +12,9 @@
 //! Nothing an instance can write is read back as a record: the runtime trusts only
 //! `runtime/<id>/`, and checks even that (the id's shape, the directory matching the id, size,
 //! regular file). Processes are controlled through the instance's cgroup (frozen and killed as a
-//! whole; the agent alone, in a cgroup of its own below, is frozen by its shim), or, where otm cannot create cgroups, through the sandbox's process 1 whose start time
-//! the record holds. When otm runs as root every instance gets a uid of its own from
-//! `uid_base`.
+//! whole; the agent alone, in a cgroup of its own below, is frozen by its shim), or, where otm
+//! cannot create cgroups, through the sandbox's process 1 whose start time the record holds.
+//! When otm runs as root every instance gets a uid of its own from `uid_base`.
 //!
 //! Instances outlive the server: a restarted server finds them again from `runtime/`.
 

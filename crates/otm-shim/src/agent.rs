@@ -396,8 +396,8 @@ impl Agent {
     }
 
     /// Freezes the agent in place: its whole process tree frozen ([`Agent::pause`]: its cgroup,
-    /// or SIGSTOP) until [`Agent::thaw`], costing no CPU and keeping its memory. Refused while it is not ready or
-    /// a delivery runs. Returns whether it was frozen by this call.
+    /// or SIGSTOP) until [`Agent::thaw`], costing no CPU and keeping its memory. Refused while it
+    /// is not ready or a delivery runs. Returns whether it was frozen by this call.
     pub fn freeze(&self) -> Result<bool, String> {
         let Ok(_no_delivery) = self.inner.deliver_lock.try_lock() else {
             return Err("a delivery is under way".to_owned());
