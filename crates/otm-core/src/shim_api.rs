@@ -98,7 +98,8 @@ pub struct FreezeResponse {
     pub frozen: bool,
     /// Whether the call changed anything (false: it was frozen, or thawed, already).
     pub changed: bool,
-    /// How the agent is held: `sigstop` (every process of its tree stopped).
+    /// How the agent is held: `cgroup` (its cgroup frozen, where the instance has one) or
+    /// `sigstop` (every process of its tree stopped).
     #[serde(default)]
     pub method: Option<String>,
     /// Resident memory of the agent's processes, in bytes.

@@ -6,6 +6,16 @@
 //! and `freezer` hierarchies. The instance's first process (`otm sandbox-exec`) writes itself into
 //! the `cgroup.procs` files before it starts anything, so everything the instance ever runs is
 //! inside, and the runtime controls it through the cgroup, never through a pid read from a file.
+//!
+//! Below it, `otm/<instance-id>/agent` (in the freezer hierarchy on v1) holds the agent alone,
+//! so that the shim can freeze the agent without freezing itself ([`otm_shim::freezer`]). It
+//! enables no controller: the instance's limits count the agent as before, and on v2 the
+//! instance's cgroup may keep the shim's processes beside it (the rule against processes in an
+//! inner cgroup applies only to cgroups that hand controllers down). The instance's uid owns
+//! the files the shim writes: the agent cgroup's `cgroup.procs` and `freezer.state` (v2:
+//! `cgroup.freeze`), and on v2 also the instance cgroup's `cgroup.procs`, which the kernel
+//! requires of whoever moves a process between the two. The shim sees only the agent
+//! directory, the agent not even that.
 
 use otm_core::{InstanceId, ResourceLimits};
 use std::path::{Path, PathBuf};
@@ -146,6 +156,9 @@ impl Layout {
     }
 }
 
+/// The name of the agent's cgroup below the instance's.
+pub const AGENT: &str = "agent";
+
 /// A limit an instance ran into.
 pub use otm_core::LimitKind;
 
@@ -229,19 +242,84 @@ impl InstanceCgroup {
         self.dirs().first().is_some_and(|d| d.is_dir())
     }
 
-    /// The host pids of every process in the instance.
-    pub fn procs(&self) -> Vec<i32> {
-        let dir = self
-            .v2
-            .as_ref()
-            .or(self.freezer.as_ref())
-            .or(self.pids.as_ref());
-        let Some(dir) = dir else { return vec![] };
-        std::fs::read_to_string(dir.join("cgroup.procs"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
+    /// The directories of the instance (the agent's included) that exist.
+    pub fn leftovers(&self) -> Vec<PathBuf> {
+        self.dirs()
+            .into_iter()
+            .flat_map(|d| tree(d))
+            .filter(|d| d.is_dir())
             .collect()
+    }
+
+    /// The directory that freezes (v1: of the freezer hierarchy), if any.
+    fn freezer_dir(&self) -> Option<&PathBuf> {
+        self.v2.as_ref().or(self.freezer.as_ref())
+    }
+
+    /// The agent's cgroup directory (not created yet), when the instance has a freezer.
+    pub fn agent_dir(&self) -> Option<PathBuf> {
+        self.freezer_dir().map(|d| d.join(AGENT))
+    }
+
+    /// Creates the agent's cgroup (after [`InstanceCgroup::create`]) and gives `owner` (uid,
+    /// gid) the files the shim writes. Returns its directory; `None` without a freezer.
+    pub fn create_agent(&self, owner: Option<(u32, u32)>) -> std::io::Result<Option<PathBuf>> {
+        let Some(dir) = self.agent_dir() else {
+            return Ok(None);
+        };
+        match std::fs::create_dir(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+        // The instance's uid (bubblewrap, showing the directory to the shim) must reach it:
+        // `otm/`, `otm/<id>/` and the directory itself traversable (not listable) by all.
+        for d in dir.ancestors().skip(1).take(2).chain([dir.as_path()]) {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(d)?.permissions().mode();
+            if mode & 0o111 != 0o111 {
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode | 0o111))?;
+            }
+        }
+        if let Some((uid, gid)) = owner {
+            let mut files = vec![dir.join("cgroup.procs")];
+            match &self.v2 {
+                Some(instance) => {
+                    files.push(dir.join("cgroup.freeze"));
+                    files.push(instance.join("cgroup.procs"));
+                }
+                None => files.push(dir.join("freezer.state")),
+            }
+            for f in files {
+                nix::unistd::chown(
+                    &f,
+                    Some(nix::unistd::Uid::from_raw(uid)),
+                    Some(nix::unistd::Gid::from_raw(gid)),
+                )
+                .map_err(|e| {
+                    std::io::Error::new(
+                        std::io::Error::from(e).kind(),
+                        format!("cannot give {} to uid {uid}: {e}", f.display()),
+                    )
+                })?;
+            }
+        }
+        Ok(Some(dir))
+    }
+
+    /// The host pids of every process in the instance, the agent's cgroup included.
+    pub fn procs(&self) -> Vec<i32> {
+        let dir = self.freezer_dir().or(self.pids.as_ref());
+        let Some(dir) = dir else { return vec![] };
+        let mut out = Vec::new();
+        for d in tree(dir) {
+            out.extend(
+                std::fs::read_to_string(d.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| l.trim().parse::<i32>().ok()),
+            );
+        }
+        out
     }
 
     /// True while any process of the instance lives.
@@ -288,7 +366,8 @@ impl InstanceCgroup {
     }
 
     /// Kills every process of the instance and waits until none is left (up to `timeout`).
-    /// v2: `cgroup.kill`. v1: freeze, SIGKILL every member (none can fork meanwhile), thaw.
+    /// v2: `cgroup.kill`. v1: freeze, SIGKILL every member (none can fork meanwhile), thaw
+    /// (a frozen agent cgroup too: a frozen process dies only once thawed).
     pub fn kill(&self, timeout: Duration) -> std::io::Result<()> {
         use nix::sys::signal::{Signal, kill};
         use nix::unistd::Pid;
@@ -301,7 +380,10 @@ impl InstanceCgroup {
                 for p in self.procs() {
                     let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
                 }
-                let _ = std::fs::write(d.join("cgroup.freeze"), "0");
+                // Inner cgroups first: each keeps its own frozen state.
+                for c in tree(d).into_iter().rev() {
+                    let _ = std::fs::write(c.join("cgroup.freeze"), "0");
+                }
             }
         } else {
             let freezer = self.freezer.as_ref();
@@ -322,7 +404,10 @@ impl InstanceCgroup {
                 }
             }
             if let Some(f) = freezer {
-                let _ = std::fs::write(f.join("freezer.state"), "THAWED");
+                // An inner cgroup frozen on its own stays frozen when its parent thaws.
+                for c in tree(f).into_iter().rev() {
+                    let _ = std::fs::write(c.join("freezer.state"), "THAWED");
+                }
             }
         }
         while self.populated() {
@@ -340,10 +425,138 @@ impl InstanceCgroup {
         Ok(())
     }
 
-    /// Removes the (empty) directories.
+    /// Removes the (empty) directories, inner ones (the agent's) first.
     pub fn remove(&self) {
         for d in self.dirs() {
-            let _ = std::fs::remove_dir(d);
+            for inner in tree(d).into_iter().rev() {
+                let _ = std::fs::remove_dir(inner);
+            }
         }
+    }
+}
+
+/// `dir` and every cgroup below it, parents before children.
+fn tree(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    let mut i = 0;
+    while i < out.len() {
+        if let Ok(listing) = std::fs::read_dir(&out[i]) {
+            let mut inner: Vec<PathBuf> = listing
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect();
+            inner.sort();
+            out.extend(inner);
+        }
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use otm_shim::freezer::AgentCgroup;
+
+    /// A `sleep` moved into each of `procs` (the way `otm sandbox-exec` joins them).
+    fn sleeper(procs: &[PathBuf]) -> std::process::Child {
+        let child = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .unwrap();
+        for f in procs {
+            std::fs::write(f, child.id().to_string())
+                .unwrap_or_else(|e| panic!("joining {}: {e}", f.display()));
+        }
+        child
+    }
+
+    fn state(pid: u32) -> String {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| Some(s.rsplit_once(')')?.1.split_whitespace().next()?.to_owned()))
+            .unwrap_or_default()
+    }
+
+    /// Freezes the agent's cgroup of `cg` with a process in it and one in the instance beside
+    /// it; only the agent's is frozen, and kill and remove still leave nothing behind.
+    fn freeze_kill_remove(cg: &InstanceCgroup) {
+        let agent_dir = cg.create_agent(None).unwrap().expect("a freezer");
+        let mut shim = sleeper(&cg.procs_files());
+        let mut agent = sleeper(&[cg.procs_files(), vec![agent_dir.join("cgroup.procs")]].concat());
+        let freezer = AgentCgroup::open(&agent_dir).unwrap();
+        assert_eq!(freezer.procs(), vec![agent.id() as i32]);
+        freezer.freeze(Duration::from_secs(5)).unwrap();
+        assert!(freezer.is_frozen().unwrap());
+        assert_ne!(state(agent.id()), "T", "frozen by the cgroup, not a signal");
+        let mut procs = cg.procs();
+        procs.sort();
+        let mut expected = vec![shim.id() as i32, agent.id() as i32];
+        expected.sort();
+        assert_eq!(
+            procs, expected,
+            "the instance's processes include the agent's"
+        );
+        assert!(
+            !matches!(state(shim.id()).as_str(), "D" | "T"),
+            "the process beside the agent runs"
+        );
+
+        cg.kill(Duration::from_secs(10)).unwrap();
+        assert!(shim.wait().is_ok() && agent.wait().is_ok());
+        assert!(!cg.populated());
+        cg.remove();
+        assert_eq!(cg.leftovers(), Vec::<PathBuf>::new());
+        for d in cg.dirs() {
+            assert!(!d.exists(), "{} is left behind", d.display());
+        }
+    }
+
+    #[test]
+    fn a_frozen_agent_cgroup_is_killed_and_removed_with_its_instance_v1() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: creating cgroups needs root");
+            return;
+        }
+        let Some(
+            layout @ Layout::V1 {
+                freezer: Some(_), ..
+            },
+        ) = Layout::detect()
+        else {
+            eprintln!("skipped: no cgroup v1 freezer on this host");
+            return;
+        };
+        layout.prepare().unwrap();
+        let cg = layout.instance(&InstanceId::random());
+        cg.create(&ResourceLimits::default()).unwrap();
+        freeze_kill_remove(&cg);
+    }
+
+    #[test]
+    fn a_frozen_agent_cgroup_is_killed_and_removed_with_its_instance_v2() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: creating cgroups needs root");
+            return;
+        }
+        // Any cgroup v2 mount will do: the freezer needs no controller.
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let Some(root) = info.lines().find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let mount_point = left.split_whitespace().nth(4)?;
+            right
+                .starts_with("cgroup2 ")
+                .then(|| PathBuf::from(mount_point))
+        }) else {
+            eprintln!("skipped: no cgroup v2 hierarchy on this host");
+            return;
+        };
+        let cg = InstanceCgroup {
+            v2: Some(root.join(format!("otm-test-{}", InstanceId::random()))),
+            ..Default::default()
+        };
+        std::fs::create_dir(cg.v2.as_ref().unwrap()).unwrap();
+        freeze_kill_remove(&cg);
     }
 }

@@ -12,9 +12,9 @@
 //! Nothing an instance can write is read back as a record: the runtime trusts only
 //! `runtime/<id>/`, and checks even that (the id's shape, the directory matching the id, size,
 //! regular file). Processes are controlled through the instance's cgroup (frozen and killed as a
-//! whole), or, where otm cannot create cgroups, through the sandbox's process 1 whose start time
-//! the record holds. When otm runs as root every instance gets a uid of its own from
-//! `uid_base`.
+//! whole; the agent alone, in a cgroup of its own below, is frozen by its shim), or, where otm
+//! cannot create cgroups, through the sandbox's process 1 whose start time the record holds.
+//! When otm runs as root every instance gets a uid of its own from `uid_base`.
 //!
 //! Instances outlive the server: a restarted server finds them again from `runtime/`.
 
@@ -305,8 +305,14 @@ impl LocalRuntime {
         }
     }
 
-    /// The instance sandbox's bubblewrap arguments, up to and including `--`.
-    fn instance_sandbox_args(&self, dir: &Path, info_fd: i32) -> Vec<String> {
+    /// The instance sandbox's bubblewrap arguments, up to and including `--`. The agent's
+    /// cgroup, when given, is shown writable at [`sandbox::AGENT_CGROUP_DIR`].
+    fn instance_sandbox_args(
+        &self,
+        dir: &Path,
+        agent_cgroup: Option<&Path>,
+        info_fd: i32,
+    ) -> Vec<String> {
         let s = |p: &Path| p.display().to_string();
         let mut a = sandbox::isolation_args();
         a.extend([
@@ -321,6 +327,10 @@ impl LocalRuntime {
         if let Some(dir) = &self.inner.egress_dir {
             // The directory, not a socket file: a restarted server binds a new socket there.
             a.extend(["--ro-bind".into(), s(dir), sandbox::EGRESS_DIR.into()]);
+        }
+        if let Some(cg) = agent_cgroup {
+            // That directory alone, for the shim; the agent's own sandbox does not show it.
+            a.extend(["--bind".into(), s(cg), sandbox::AGENT_CGROUP_DIR.into()]);
         }
         a.extend([
             "--remount-ro".into(),
@@ -551,10 +561,18 @@ impl LocalRuntime {
         std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o400)).map_err(g)?;
 
         let cgroup = self.cgroup(&id);
+        let mut agent_cgroup = None;
         if let Some(cg) = &cgroup {
             cg.create(&spec.limits).map_err(|e| {
                 Error::unavailable(BACKEND, format!("cannot set the instance's limits: {e}"))
             })?;
+            // The agent's own cgroup, which its shim freezes; only sandboxed agents run in one.
+            if sandboxed {
+                let owner = self.inner.uid_base.map(|_| (uid, uid));
+                agent_cgroup = cg.create_agent(owner).map_err(|e| {
+                    Error::unavailable(BACKEND, format!("cannot create the agent's cgroup: {e}"))
+                })?;
+            }
         }
 
         let listener = std::os::unix::net::UnixListener::bind(&socket).map_err(g)?;
@@ -592,7 +610,7 @@ impl LocalRuntime {
         argv.push("--".into());
         if let Some(bwrap) = &self.inner.bwrap {
             argv.push(s(bwrap));
-            argv.extend(self.instance_sandbox_args(&dir, INFO_FD));
+            argv.extend(self.instance_sandbox_args(&dir, agent_cgroup.as_deref(), INFO_FD));
         }
         // `otm-shim` beside otm holds a fraction of the whole otm binary's memory for as long
         // as the instance is awake.
@@ -614,6 +632,9 @@ impl LocalRuntime {
             }
             for p in &self.view().read_only {
                 argv.extend(["--show".into(), s(p)]);
+            }
+            if agent_cgroup.is_some() {
+                argv.extend(["--agent-cgroup".into(), sandbox::AGENT_CGROUP_DIR.into()]);
             }
         }
 

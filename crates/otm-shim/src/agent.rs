@@ -1,5 +1,6 @@
 //! One supervised agent process: start, readiness, restart on crash, delivery, graceful stop.
 
+use crate::freezer::AgentCgroup;
 use crate::profile::{AckRule, AgentLaunch, AgentProfile};
 use crate::sandbox::{AgentSandbox, Prestarted};
 use nix::sys::signal::{Signal, kill, killpg};
@@ -345,15 +346,15 @@ impl Agent {
         true
     }
 
-    /// Pauses the agent and every process it started (SIGSTOP), whatever their process group,
-    /// until the guard is dropped (SIGCONT), so its files can be copied as of one instant.
-    /// Holds nest: the agent resumes when the last one is dropped (a snapshot of a frozen agent
-    /// leaves it frozen). `None` when no agent process runs.
+    /// Pauses the agent and every process it started until the guard is dropped, so its files
+    /// can be copied as of one instant: through its cgroup's freezer where it has one, else by
+    /// SIGSTOP (and SIGCONT). Holds nest: the agent resumes when the last one is dropped (a
+    /// snapshot of a frozen agent leaves it frozen). `None` when no agent process runs.
     pub fn pause(&self) -> Option<Hold> {
         let mut holds = lock(&self.inner.holds);
         if holds.count == 0 {
             let pid = self.state().pid().filter(|p| *p > 0)? as i32;
-            holds.paused = Some(stop_family(pid)?);
+            holds.paused = Some(self.hold_processes(pid)?);
         }
         holds.count += 1;
         Some(Hold {
@@ -361,9 +362,42 @@ impl Agent {
         })
     }
 
-    /// Freezes the agent in place: its whole process tree stopped (SIGSTOP) until
-    /// [`Agent::thaw`], costing no CPU and keeping its memory. Refused while it is not ready or
-    /// a delivery runs. Returns whether it was frozen by this call.
+    /// Stops the agent whose sandbox's process 1 is `pid`: its cgroup frozen, when it has one
+    /// and the agent is in it, else its processes stopped one by one.
+    fn hold_processes(&self, pid: i32) -> Option<Paused> {
+        if let Some(cg) = self.cgroup() {
+            if !cg.procs().contains(&pid) {
+                tracing::warn!(
+                    pid,
+                    cgroup = %cg.dir().display(),
+                    "the agent is not in its cgroup; stopping it by SIGSTOP"
+                );
+            } else {
+                match cg.freeze(crate::freezer::FREEZE_TIMEOUT) {
+                    Ok(()) => return Some(Paused::Cgroup(cg.clone())),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot freeze the agent's cgroup; stopping it by SIGSTOP")
+                    }
+                }
+            }
+        }
+        stop_family(pid).map(Paused::Signals)
+    }
+
+    /// The agent's cgroup, when it runs in one.
+    fn cgroup(&self) -> Option<&Arc<AgentCgroup>> {
+        self.inner.sandbox.as_ref()?.cgroup.as_ref()
+    }
+
+    /// How the agent is held right now: `cgroup` (its cgroup frozen) or `sigstop` (every
+    /// process of its tree stopped); `None` while it runs.
+    pub fn held_by(&self) -> Option<&'static str> {
+        lock(&self.inner.holds).paused.as_ref().map(Paused::method)
+    }
+
+    /// Freezes the agent in place: its whole process tree frozen ([`Agent::pause`]: its cgroup,
+    /// or SIGSTOP) until [`Agent::thaw`], costing no CPU and keeping its memory. Refused while it
+    /// is not ready or a delivery runs. Returns whether it was frozen by this call.
     pub fn freeze(&self) -> Result<bool, String> {
         let Ok(_no_delivery) = self.inner.deliver_lock.try_lock() else {
             return Err("a delivery is under way".to_owned());
@@ -392,7 +426,7 @@ impl Agent {
             .pause()
             .ok_or_else(|| "no agent process to freeze".to_owned())?;
         *frozen = Some(hold);
-        tracing::info!("agent frozen");
+        tracing::info!(method = self.held_by().unwrap_or("none"), "agent frozen");
         Ok(true)
     }
 
@@ -418,12 +452,13 @@ impl Agent {
         Some(family(pid).into_iter().map(rss_bytes).sum())
     }
 
-    /// Drops every hold without resuming anything: the processes they stopped are gone.
+    /// Drops every hold without resuming anything: the processes they stopped are gone. A
+    /// frozen cgroup is thawed, though: the next agent starts in it.
     fn forget_holds(&self) {
         let frozen = lock(&self.inner.frozen).take();
         let mut holds = lock(&self.inner.holds);
-        if let Some(p) = holds.paused.as_mut() {
-            p.pids.clear();
+        if let Some(Paused::Signals(pids)) = holds.paused.as_mut() {
+            pids.clear();
         }
         holds.paused = None;
         drop(holds);
@@ -559,16 +594,28 @@ impl Drop for Hold {
     }
 }
 
-/// Processes stopped by [`stop_family`]; dropping it resumes them.
+/// The agent's processes held stopped; dropping it resumes them.
 #[derive(Debug)]
-struct Paused {
-    pids: Vec<i32>,
+enum Paused {
+    /// Stopped by [`stop_family`] (these pids).
+    Signals(Vec<i32>),
+    /// Its cgroup frozen.
+    Cgroup(Arc<AgentCgroup>),
+}
+
+impl Paused {
+    fn method(&self) -> &'static str {
+        match self {
+            Paused::Signals(_) => "sigstop",
+            Paused::Cgroup(_) => "cgroup",
+        }
+    }
 }
 
 /// Stops `pid` and every process it started (SIGSTOP), whatever their process group: the agent
 /// first, so it starts nothing new; then its descendants, until a pass over /proc finds none
-/// left running. `None` when nothing could be stopped.
-fn stop_family(pid: i32) -> Option<Paused> {
+/// left running. The pids stopped; `None` when nothing could be stopped.
+fn stop_family(pid: i32) -> Option<Vec<i32>> {
     let mut stopped = Vec::new();
     for _ in 0..4 {
         let fresh: Vec<i32> = family(pid)
@@ -584,7 +631,7 @@ fn stop_family(pid: i32) -> Option<Paused> {
             }
         }
     }
-    (!stopped.is_empty()).then_some(Paused { pids: stopped })
+    (!stopped.is_empty()).then_some(stopped)
 }
 
 /// How long [`Agent::freeze`] watches the agent's CPU use before it freezes it.
@@ -627,8 +674,17 @@ fn rss_bytes(pid: i32) -> u64 {
 
 impl Drop for Paused {
     fn drop(&mut self) {
-        for p in &self.pids {
-            let _ = kill(Pid::from_raw(*p), Signal::SIGCONT);
+        match self {
+            Paused::Signals(pids) => {
+                for p in pids {
+                    let _ = kill(Pid::from_raw(*p), Signal::SIGCONT);
+                }
+            }
+            Paused::Cgroup(cg) => {
+                if let Err(e) = cg.thaw() {
+                    tracing::error!(error = %e, cgroup = %cg.dir().display(), "cannot thaw the agent's cgroup");
+                }
+            }
         }
     }
 }

@@ -52,6 +52,10 @@ pub struct ShimArgs {
     /// A path the agent sandbox shows read-only (repeatable).
     #[arg(long)]
     pub show: Vec<PathBuf>,
+    /// The agent's cgroup directory (with `--agent-sandbox`): the agent runs inside it and is
+    /// frozen through it; without one it is frozen by SIGSTOP.
+    #[arg(long)]
+    pub agent_cgroup: Option<PathBuf>,
     /// After SIGTERM, seconds a bound shim keeps serving so that the orchestrator can take the
     /// final snapshot (pods: less than terminationGracePeriodSeconds); 0 stops at once.
     #[arg(long, default_value_t = 0)]
@@ -81,6 +85,9 @@ impl ShimArgs {
         }
         for p in &self.show {
             flag("--show", p.as_os_str());
+        }
+        if let Some(d) = &self.agent_cgroup {
+            flag("--agent-cgroup", d.as_os_str());
         }
         flag("--term-grace-s", self.term_grace_s.to_string().as_ref());
         if self.agent_sandbox {
@@ -116,10 +123,20 @@ impl ShimArgs {
                 passwd: None,
                 tmp_bytes: 256 << 20,
             };
+            // A cgroup that cannot be used leaves the freezing to signals, as without one.
+            let cgroup = self.agent_cgroup.as_deref().and_then(|dir| {
+                crate::freezer::AgentCgroup::open(dir)
+                    .inspect_err(|e| {
+                        tracing::warn!(error = %e, "the agent's cgroup cannot be used; the agent is frozen by SIGSTOP")
+                    })
+                    .ok()
+                    .map(std::sync::Arc::new)
+            });
             Some(std::sync::Arc::new(crate::sandbox::AgentSandbox {
                 bwrap,
                 otm,
                 view,
+                cgroup,
             }))
         } else {
             None
@@ -218,6 +235,7 @@ mod tests {
             egress: Some("/run/otm".into()),
             agent_sandbox: true,
             show: vec!["/usr/bin/otm".into(), "/opt/openclaw".into()],
+            agent_cgroup: Some("/run/otm-cgroup".into()),
             term_grace_s: 20,
         };
         assert_eq!(parse(&full.to_args()), full);
@@ -230,6 +248,7 @@ mod tests {
             egress: None,
             agent_sandbox: false,
             show: vec![],
+            agent_cgroup: None,
             term_grace_s: 0,
         };
         assert_eq!(parse(&pod.to_args()), pod);

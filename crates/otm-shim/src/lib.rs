@@ -17,12 +17,14 @@
 //! - [`sandbox`]: the instance and agent sandboxes (bubblewrap arguments, seccomp filter, the
 //!   sandbox's process 1).
 //! - [`forward`]: the loopback forwarder to otm's egress proxy.
+//! - [`freezer`]: the agent's cgroup, which freezes it where the instance has one.
 
 pub mod agent;
 pub mod archive;
 pub mod cli;
 pub mod client;
 pub mod forward;
+pub mod freezer;
 pub mod pipe;
 pub mod profile;
 pub mod sandbox;

@@ -69,9 +69,9 @@ pub struct AgentProfile {
     pub stop_grace: Duration,
     /// Top-level entries of the state directory left out of snapshots.
     pub snapshot_skip: &'static [&'static str],
-    /// Pause the agent (SIGSTOP to its process group) while a snapshot copies its state
-    /// directory, so files it writes at any time (SQLite databases and their WAL) are copied as
-    /// of one instant. Not needed once the agent has exited.
+    /// Pause the agent (its cgroup frozen, or SIGSTOP to its processes) while a snapshot copies
+    /// its state directory, so files it writes at any time (SQLite databases and their WAL) are
+    /// copied as of one instant. Not needed once the agent has exited.
     pub quiesce_snapshots: bool,
     render: fn(&LaunchInputs<'_>) -> Result<AgentLaunch, String>,
 }

@@ -21,6 +21,10 @@ use std::path::{Path, PathBuf};
 /// Where the directory of the egress proxy's Unix sockets appears inside an instance sandbox.
 pub const EGRESS_DIR: &str = "/run/otm";
 
+/// Where the agent's cgroup directory appears inside an instance sandbox, when the instance
+/// has one ([`crate::freezer`]); the agent's own sandbox never shows it.
+pub const AGENT_CGROUP_DIR: &str = "/run/otm-cgroup";
+
 /// The uid and gid every sandboxed process has inside its user namespace.
 pub const SANDBOX_UID: u32 = 1000;
 
@@ -411,6 +415,9 @@ pub struct AgentSandbox {
     /// when `otm-sandbox-init` is not installed beside it.
     pub otm: PathBuf,
     pub view: SystemView,
+    /// The agent's cgroup, where the instance has one: the sandbox's process 1 joins it before
+    /// it starts anything, and the shim freezes it.
+    pub cgroup: Option<std::sync::Arc<crate::freezer::AgentCgroup>>,
 }
 
 /// The sandbox's process 1 as a command: `otm-sandbox-init` beside `otm` (small, quick to
@@ -447,6 +454,8 @@ enum Start<'a> {
 
 /// The descriptor a waiting process 1 reads its launch from.
 const LAUNCH_FD: i32 = 12;
+/// The descriptor process 1 finds its cgroup's `cgroup.procs` on.
+const CGROUP_FD: i32 = 13;
 
 impl AgentSandbox {
     /// Starts `program` in a new agent sandbox with `writable` directories (created if missing)
@@ -558,6 +567,13 @@ impl AgentSandbox {
         ]);
         a.push("--".into());
         a.extend(init.iter().map(|p| s(p)));
+        let cgroup_procs = match &self.cgroup {
+            Some(cg) => {
+                a.extend(["--cgroup-fd".into(), CGROUP_FD.to_string()]);
+                Some(std::os::fd::OwnedFd::from(cg.procs_for_writing()?))
+            }
+            None => None,
+        };
         for w in writable {
             a.extend(["--rw".into(), s(w)]);
         }
@@ -571,6 +587,12 @@ impl AgentSandbox {
                 child_fd: INFO_FD,
             },
         ];
+        if let Some(procs) = cgroup_procs {
+            fds.push(FdMapping {
+                parent_fd: procs,
+                child_fd: CGROUP_FD,
+            });
+        }
         let env = match how {
             Start::Now { program, args, env } => {
                 a.extend(["--".into(), s(program)]);

@@ -623,14 +623,14 @@ async fn freeze(State(shim): State<Arc<Shim>>) -> Response {
     let begun = Instant::now();
     let frozen = tokio::task::spawn_blocking(move || {
         let changed = agent.freeze()?;
-        Ok::<_, String>((changed, agent.memory_bytes().unwrap_or(0)))
+        Ok::<_, String>((changed, agent.held_by(), agent.memory_bytes().unwrap_or(0)))
     })
     .await;
     match frozen {
-        Ok(Ok((changed, memory_bytes))) => Json(FreezeResponse {
+        Ok(Ok((changed, method, memory_bytes))) => Json(FreezeResponse {
             frozen: true,
             changed,
-            method: Some("sigstop".into()),
+            method: method.map(str::to_owned),
             memory_bytes,
             micros: begun.elapsed().as_micros() as u64,
         })
@@ -653,12 +653,13 @@ async fn thaw(State(shim): State<Arc<Shim>>) -> Response {
         );
     };
     let begun = Instant::now();
+    let method = agent.held_by();
     let changed = agent.thaw();
     let micros = begun.elapsed().as_micros() as u64;
     Json(FreezeResponse {
         frozen: false,
         changed,
-        method: changed.then(|| "sigstop".into()),
+        method: method.filter(|_| changed).map(str::to_owned),
         memory_bytes: 0,
         micros,
     })

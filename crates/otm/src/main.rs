@@ -113,6 +113,9 @@ struct SandboxInitArgs {
     /// A directory the agent may write (Landlock); repeatable. Everything else is read-only.
     #[arg(long = "rw", value_name = "DIR")]
     rw: Vec<std::path::PathBuf>,
+    /// Join the cgroup whose `cgroup.procs` is open as this descriptor before anything else.
+    #[arg(long, value_name = "FD")]
+    cgroup_fd: Option<i32>,
     /// Read the agent, its arguments and its environment from this descriptor instead (a
     /// sandbox made ahead of its agent).
     #[arg(long, value_name = "FD", conflicts_with = "command")]
@@ -169,7 +172,7 @@ fn main() -> std::process::ExitCode {
                     args: a.command[1..].to_vec(),
                 },
             };
-            let code = otm_shim::sandbox::init::run(program, &a.rw);
+            let code = otm_shim::sandbox::init::run(program, &a.rw, a.cgroup_fd);
             return std::process::ExitCode::from(code.clamp(0, 255) as u8);
         }
         Command::Shim(a) => return shim(a),

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::Harness;
+use common::{Harness, proc_state};
 use otm_testkit::text_update;
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -51,16 +51,6 @@ fn sample(metrics: &str, name: &str) -> f64 {
         .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
         .unwrap_or(0.0)
-}
-
-/// The process state letter (`S`, `R`, `T` …) of a pid, from /proc.
-fn proc_state(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("State:"))
-        .map(|s| s.trim().chars().take(1).collect())
-        .unwrap_or_default()
 }
 
 /// The agent's processes inside its sandbox (host pids and names), found through the agent's
@@ -134,12 +124,42 @@ async fn an_idle_tenant_is_frozen_thawed_by_a_message_and_still_sleeps_at_its_id
         .join(instance.as_str().unwrap());
     let agent = agent_processes(&dir);
     assert!(!agent.is_empty(), "the frozen agent still exists");
-    for (pid, comm) in &agent {
-        assert_eq!(
-            proc_state(*pid),
-            "T",
-            "{comm} ({pid}) of the frozen agent is stopped"
-        );
+    // Where the instance has cgroups, the agent is frozen through a cgroup of its own: the
+    // kernel says so, and none of its processes is merely stopped by a signal, or runs.
+    let cgroup = common::instance_cgroup(instance.as_str().unwrap());
+    let freezer = cgroup.as_ref().and_then(|c| c.agent_dir()).map(|d| {
+        otm_shim::freezer::AgentCgroup::open(&d)
+            .unwrap_or_else(|e| panic!("the agent has a cgroup of its own: {e}"))
+    });
+    match &freezer {
+        Some(freezer) => {
+            assert!(freezer.is_frozen().unwrap(), "the agent's cgroup is frozen");
+            let members = freezer.procs();
+            for (pid, comm) in &agent {
+                assert!(
+                    members.contains(&(*pid as i32)),
+                    "{comm} ({pid}) of the frozen agent is in its cgroup: {members:?}"
+                );
+                assert_ne!(
+                    proc_state(*pid),
+                    "T",
+                    "{comm} ({pid}) is frozen by its cgroup, not stopped by a signal"
+                );
+            }
+            let before: Vec<u64> = agent.iter().map(|(p, _)| common::cpu_ticks(*p)).collect();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let after: Vec<u64> = agent.iter().map(|(p, _)| common::cpu_ticks(*p)).collect();
+            assert_eq!(before, after, "the frozen agent used no CPU");
+        }
+        None => {
+            for (pid, comm) in &agent {
+                assert_eq!(
+                    proc_state(*pid),
+                    "T",
+                    "{comm} ({pid}) of the frozen agent is stopped"
+                );
+            }
+        }
     }
     let pid = agent[0].0;
     let (_, list) = h.api(Method::GET, "/tenants", None).await;
@@ -160,6 +180,13 @@ async fn an_idle_tenant_is_frozen_thawed_by_a_message_and_still_sleeps_at_its_id
     let t = tenant(&h, "icy").await;
     assert_eq!(t["instance"], instance, "no new instance: {t}");
     assert_ne!(proc_state(pid), "T");
+    if let Some(freezer) = &freezer {
+        assert!(
+            !freezer.is_frozen().unwrap(),
+            "the agent's cgroup is thawed"
+        );
+        assert!(freezer.procs().contains(&(pid as i32)));
+    }
     let m = metrics(&h).await;
     assert!(
         sample(&m, "otm_wake_seconds_count{path=\"frozen\"}") >= 1.0,
@@ -191,6 +218,15 @@ async fn an_idle_tenant_is_frozen_thawed_by_a_message_and_still_sleeps_at_its_id
     .await;
     let (_, snaps) = h.api(Method::GET, "/tenants/icy/snapshots", None).await;
     assert_eq!(snaps["snapshots"][0]["reason"], "final", "{snaps}");
+    if let Some(cgroup) = &cgroup {
+        // The stopped instance leaves no cgroup behind, the agent's frozen one included.
+        wait_until(
+            "the stopped instance's cgroups to be removed",
+            Duration::from_secs(10),
+            || async { cgroup.leftovers().is_empty() },
+        )
+        .await;
+    }
     patch(&h, "icy", json!({"idle_timeout_s": 600})).await;
     assert_eq!(
         send(&h, "icy", &secret, token, 4).await,

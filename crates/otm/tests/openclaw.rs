@@ -974,13 +974,34 @@ async fn frozen_openclaw_answers_after(test: &str, frozen_for: Duration) {
         })
         .collect();
     assert!(!gw.is_empty(), "the gateway is found");
-    for pid in &gw {
-        let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        assert!(
-            st.lines()
-                .any(|l| l.starts_with("State:") && l.contains('T')),
-            "gateway process {pid} is stopped while frozen: {st}"
-        );
+    // Frozen through the agent's cgroup where the instance has one, else stopped by SIGSTOP.
+    let id = dir.file_name().unwrap().to_str().unwrap();
+    match common::instance_cgroup(id).and_then(|c| c.agent_dir()) {
+        Some(agent_dir) => {
+            let freezer = otm_shim::freezer::AgentCgroup::open(&agent_dir).unwrap();
+            assert!(
+                freezer.is_frozen().unwrap(),
+                "the gateway's cgroup is frozen"
+            );
+            let members = freezer.procs();
+            for pid in &gw {
+                assert!(
+                    members.contains(&(*pid as i32)),
+                    "gateway process {pid} is in the frozen cgroup: {members:?}"
+                );
+                assert_ne!(common::proc_state(*pid), "T", "not stopped by a signal");
+            }
+        }
+        None => {
+            for pid in &gw {
+                let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                assert!(
+                    st.lines()
+                        .any(|l| l.starts_with("State:") && l.contains('T')),
+                    "gateway process {pid} is stopped while frozen: {st}"
+                );
+            }
+        }
     }
     // The turn after the thaw takes seconds, some of them waiting without CPU or a call under
     // way: back to the default, so that it is not frozen again half-way.

@@ -192,6 +192,45 @@ async fn adopted_instances_are_killed_whole() {
     }
 }
 
+/// Deleting an instance whose agent is frozen in its cgroup kills the frozen processes too
+/// (they die only once thawed) and leaves none of the instance's cgroups behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_with_a_frozen_agent_is_deleted_whole() {
+    let dir = common::tempdir();
+    let data = dir.path().join("d");
+    let rt = runtime(&data, SandboxMode::Bubblewrap);
+    let s = spec();
+    rt.create(&s).await.unwrap();
+    let Some(cgroup) = common::instance_cgroup(s.id.as_str()) else {
+        eprintln!("skipped: instances have no cgroups here (not root, or no hierarchy)");
+        rt.delete(&s.id).await.unwrap();
+        return;
+    };
+    let agent_dir = cgroup.agent_dir().expect("a freezer");
+    let freezer = otm_shim::freezer::AgentCgroup::open(&agent_dir).unwrap();
+    // The agent sandbox the shim makes ahead of its agent waits in the agent's cgroup.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while freezer.procs().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing joined the agent's cgroup"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let agent: Vec<u32> = freezer.procs().iter().map(|p| *p as u32).collect();
+    freezer.freeze(Duration::from_secs(5)).unwrap();
+    let pids = instance_pids(&s.id);
+    assert!(pids.len() > agent.len(), "the shim runs beside the agent");
+    rt.delete(&s.id).await.unwrap();
+    for p in pids.iter().chain(&agent) {
+        assert!(
+            !otm_runtime::local::process_alive(*p),
+            "process {p} of the instance outlived its deletion"
+        );
+    }
+    assert_eq!(cgroup.leftovers(), Vec::<PathBuf>::new());
+}
+
 /// The processes in an instance's cgroup (v1 pids controller or v2).
 fn instance_pids(id: &InstanceId) -> Vec<u32> {
     for base in ["/sys/fs/cgroup/pids/otm", "/sys/fs/cgroup/otm"] {

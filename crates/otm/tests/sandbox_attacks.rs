@@ -327,6 +327,72 @@ async fn mounts_namespaces_and_terminals_are_refused() {
     )
     .await;
     a.fails("setting the clock", "date -s '2001-01-01'").await;
+
+    // The agent's own cgroup, which its shim freezes: the agent can neither see it nor thaw,
+    // freeze or leave it, nor write any other cgroup file, nor mount a cgroup hierarchy.
+    let instance = {
+        let inst = h.instances().await;
+        inst.iter().find(|i| i["tenant"] == "mallory").unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let agent_cgroup = common::instance_cgroup(&instance).and_then(|c| c.agent_dir());
+    let mut dirs = vec![otm_shim::sandbox::AGENT_CGROUP_DIR.to_owned()];
+    if let Some(d) = &agent_cgroup {
+        // The agent runs in it, so a write that got through would matter.
+        let pid = common::agent_pid(&h.dir.path().join("d/instances").join(&instance))
+            .expect("the attacker's agent runs");
+        let members = std::fs::read_to_string(d.join("cgroup.procs")).unwrap();
+        assert!(
+            members.lines().any(|l| l.trim() == pid.to_string()),
+            "the agent ({pid}) runs in its cgroup: {members}"
+        );
+        dirs.push(d.display().to_string());
+        dirs.push(d.parent().unwrap().display().to_string());
+    }
+    // Only values that thaw or move: a hole shows as a success, not as a frozen attacker.
+    let writes: Vec<String> = dirs
+        .iter()
+        .flat_map(|d| {
+            [
+                format!("echo THAWED > {d}/freezer.state"),
+                format!("echo 0 > {d}/cgroup.freeze"),
+                format!("echo 0 > {d}/cgroup.procs"),
+                format!("echo 1 > {d}/cgroup.kill"),
+            ]
+        })
+        .collect();
+    let try_all = writes
+        .iter()
+        .map(|w| format!("({w}) 2>/dev/null && echo \"{w}\" && exit 0"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    a.fails("writing a cgroup file", &format!("{try_all}; exit 1"))
+        .await;
+    a.fails(
+        "finding a cgroup file",
+        "find / -path /proc -prune -o \\( -name 'cgroup.*' -o -name 'freezer.*' \\) -print 2>/dev/null | grep .",
+    )
+    .await;
+    a.fails("seeing a cgroup mount", "grep cgroup /proc/self/mountinfo")
+        .await;
+    a.fails(
+        "holding a cgroup descriptor",
+        "ls -l /proc/self/fd/ /proc/$PPID/fd/ | grep cgroup",
+    )
+    .await;
+    a.fails(
+        "mounting the freezer hierarchy",
+        "mount -t cgroup -o freezer none /tmp",
+    )
+    .await;
+    a.fails("mounting cgroup v2", "mount -t cgroup2 none /tmp")
+        .await;
+    if let Some(d) = &agent_cgroup {
+        let state = otm_shim::freezer::AgentCgroup::open(d).unwrap();
+        assert!(!state.is_frozen().unwrap(), "the agent still runs");
+    }
     drop(a);
     h.stop().await;
 }
@@ -427,6 +493,7 @@ async fn a_sandbox_made_ahead_runs_exactly_its_launch() {
             tmp_bytes: 1 << 20,
             ..Default::default()
         },
+        cgroup: None,
     });
     let log = std::fs::File::create(at("agent.log")).unwrap();
     let made = sandbox

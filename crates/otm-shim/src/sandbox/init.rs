@@ -8,6 +8,11 @@
 //! applies the sandbox's Landlock rules ([`super::landlock`]) to itself before the agent starts,
 //! so that the agent and everything it runs inherit them.
 //!
+//! Given `--cgroup-fd N` (the agent's cgroup's `cgroup.procs`, opened by the shim), it first
+//! writes itself into that cgroup and closes the descriptor, so that the agent and everything it
+//! starts are inside, where the shim freezes them ([`crate::freezer`]); it exits rather than
+//! run the agent outside.
+//!
 //! Started ahead of its agent (`--wait-fd N`, a sandbox the shim makes while the instance waits
 //! for its tenant), it first reads what to run from descriptor `N`: the program, its arguments
 //! and its whole environment, as [`encode_launch`] writes them. The agent's secrets then never
@@ -134,9 +139,28 @@ fn read_launch(fd: i32) -> Result<Option<Launch>, String> {
     decode_launch(&buf).map(Some)
 }
 
-/// Runs `program`, allowed to write only below `writable`, and returns the exit code to exit
-/// with.
-pub fn run(program: Program, writable: &[PathBuf]) -> i32 {
+/// Writes this process into the cgroup whose `cgroup.procs` is open as `fd` (opened again
+/// through /proc, as the launch descriptor is), and closes the descriptor.
+fn join_cgroup(fd: i32) -> Result<(), String> {
+    let procs = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/self/fd/{fd}"))
+        .map_err(|e| format!("cannot open the cgroup descriptor {fd}: {e}"));
+    let _ = nix::unistd::close(fd);
+    // "0": the writing process itself, whatever its pid is in any namespace.
+    std::io::Write::write_all(&mut procs?, b"0")
+        .map_err(|e| format!("cannot join the agent's cgroup: {e}"))
+}
+
+/// Runs `program`, allowed to write only below `writable`, inside the cgroup of `cgroup_fd`
+/// when given, and returns the exit code to exit with.
+pub fn run(program: Program, writable: &[PathBuf], cgroup_fd: Option<i32>) -> i32 {
+    if let Some(fd) = cgroup_fd
+        && let Err(e) = join_cgroup(fd)
+    {
+        eprintln!("otm sandbox-init: {e}");
+        return 126;
+    }
     let (program, args, env) = match program {
         Program::Given { program, args } => (program, args, None),
         Program::Wait(fd) => match read_launch(fd) {
@@ -242,30 +266,47 @@ fn reap(agent: Pid) -> Option<i32> {
     }
 }
 
-/// Parses `[--rw DIR]… (--wait-fd N | [--] PROGRAM [ARGS…])`, the arguments of
-/// `otm-sandbox-init`: the directories the agent may write, then the agent or the descriptor
-/// its launch will come from.
-pub fn parse_args(
-    args: impl IntoIterator<Item = OsString>,
-) -> Result<(Vec<PathBuf>, Program), String> {
+/// The arguments of `otm-sandbox-init`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Options {
+    /// The directories the agent may write.
+    pub writable: Vec<PathBuf>,
+    /// The agent cgroup's `cgroup.procs`, open as this descriptor, to join first.
+    pub cgroup_fd: Option<i32>,
+    /// The agent, or the descriptor its launch will come from.
+    pub program: Program,
+}
+
+/// Parses `[--cgroup-fd N] [--rw DIR]… (--wait-fd N | [--] PROGRAM [ARGS…])`, the arguments
+/// of `otm-sandbox-init`.
+pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Options, String> {
     let mut args = args.into_iter();
     let mut writable = Vec::new();
+    let mut cgroup_fd = None;
+    let descriptor = |flag: &str, n: Option<OsString>| {
+        n.and_then(|n| n.to_str()?.parse::<i32>().ok())
+            .filter(|n| *n > 2)
+            .ok_or(format!("{flag} needs a descriptor number above 2"))
+    };
     let program = loop {
         match args.next() {
             Some(a) if a == "--rw" => match args.next() {
                 Some(dir) => writable.push(PathBuf::from(dir)),
                 None => return Err("--rw needs a directory".into()),
             },
+            Some(a) if a == "--cgroup-fd" => {
+                cgroup_fd = Some(descriptor("--cgroup-fd", args.next())?);
+            }
             Some(a) if a == "--wait-fd" => {
-                let fd = args
-                    .next()
-                    .and_then(|n| n.to_str()?.parse::<i32>().ok())
-                    .filter(|n| *n > 2)
-                    .ok_or("--wait-fd needs a descriptor number above 2")?;
+                let fd = descriptor("--wait-fd", args.next())?;
                 if args.next().is_some() {
                     return Err("--wait-fd takes no program".into());
                 }
-                return Ok((writable, Program::Wait(fd)));
+                return Ok(Options {
+                    writable,
+                    cgroup_fd,
+                    program: Program::Wait(fd),
+                });
             }
             Some(a) if a == "--" => match args.next() {
                 Some(p) => break p,
@@ -275,13 +316,14 @@ pub fn parse_args(
             None => return Err("no program given".into()),
         }
     };
-    Ok((
+    Ok(Options {
         writable,
-        Program::Given {
+        cgroup_fd,
+        program: Program::Given {
             program,
             args: args.collect(),
         },
-    ))
+    })
 }
 
 #[cfg(test)]
@@ -294,7 +336,7 @@ mod tests {
 
     #[test]
     fn arguments_name_the_writable_directories_then_the_agent() {
-        let (rw, program) = parse_args(os(&[
+        let o = parse_args(os(&[
             "--rw",
             "/s",
             "--rw",
@@ -305,22 +347,24 @@ mod tests {
             "x",
         ]))
         .unwrap();
-        assert_eq!(rw, vec![PathBuf::from("/s"), PathBuf::from("/t")]);
+        assert_eq!(o.writable, vec![PathBuf::from("/s"), PathBuf::from("/t")]);
+        assert_eq!(o.cgroup_fd, None);
         assert_eq!(
-            program,
+            o.program,
             Program::Given {
                 program: "/bin/agent".into(),
                 args: os(&["--rw", "x"])
             },
             "the agent's own arguments are its own"
         );
-        let (rw, program) = parse_args(os(&["/bin/agent"])).unwrap();
-        assert!(rw.is_empty());
-        assert!(matches!(program, Program::Given { program, .. } if program == "/bin/agent"));
-        let (rw, program) = parse_args(os(&["--rw", "/s", "--wait-fd", "12"])).unwrap();
-        assert_eq!(rw, vec![PathBuf::from("/s")]);
-        assert_eq!(program, Program::Wait(12));
+        let o = parse_args(os(&["/bin/agent"])).unwrap();
+        assert!(o.writable.is_empty());
+        assert!(matches!(o.program, Program::Given { program, .. } if program == "/bin/agent"));
+        let o = parse_args(os(&["--cgroup-fd", "13", "--rw", "/s", "--wait-fd", "12"])).unwrap();
+        assert_eq!(o.writable, vec![PathBuf::from("/s")]);
+        assert_eq!((o.cgroup_fd, o.program), (Some(13), Program::Wait(12)));
         assert!(parse_args(os(&["--wait-fd", "1"])).is_err(), "not stdout");
+        assert!(parse_args(os(&["--cgroup-fd", "2", "/bin/agent"])).is_err());
         assert!(parse_args(os(&["--wait-fd", "12", "/bin/agent"])).is_err());
         assert!(parse_args(os(&["--rw"])).is_err());
         assert!(parse_args(os(&["--"])).is_err());

@@ -214,6 +214,37 @@ pub fn agent_pid(instance_dir: &std::path::Path) -> Option<u32> {
     })
 }
 
+/// The cgroup the local runtime gives instance `id` on this host: `None` where it runs
+/// instances without cgroups (not as root, or no usable hierarchy).
+pub fn instance_cgroup(id: &str) -> Option<otm_runtime::cgroup::InstanceCgroup> {
+    if !nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    let layout = otm_runtime::cgroup::Layout::detect()?;
+    Some(layout.instance(&otm_core::InstanceId::parse(id).ok()?))
+}
+
+/// The process state letter (`S`, `R`, `T`, `D` …) of a pid, from /proc.
+pub fn proc_state(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("State:"))
+        .map(|s| s.trim().chars().take(1).collect())
+        .unwrap_or_default()
+}
+
+/// CPU time used so far by a process (user and system), in clock ticks.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let mut f = s.rsplit_once(')')?.1.split_whitespace().skip(11);
+            Some(f.next()?.parse::<u64>().ok()? + f.next()?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
 /// A loopback port nobody listens on now and that this test process has not handed out before
 /// (the kernel may give the same ephemeral port to two quick probes).
 pub fn free_port() -> u16 {
