@@ -1591,6 +1591,7 @@ impl OtmServer {
         kill_instances(&self.data);
         tokio::time::sleep(Duration::from_millis(300)).await;
         kill_instances(&self.data);
+        remove_cgroups(&self.data);
     }
 }
 
@@ -1710,6 +1711,29 @@ fn kill_instances(data: &Path) {
 }
 
 /// The first process of every instance recorded under a data directory.
+/// Kills what is left in the cgroups of the instances recorded under a data directory (a frozen
+/// agent included: the kill thaws it) and removes them, as the runtime does when it deletes an
+/// instance; the server that would have was stopped with its instances still up.
+fn remove_cgroups(data: &Path) {
+    let Some(layout) = otm_runtime::cgroup::Layout::detect() else {
+        return;
+    };
+    for d in std::fs::read_dir(data.join("runtime"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Some(id) = d.file_name().to_str().map(otm_core::InstanceId::new) else {
+            continue;
+        };
+        let cgroup = layout.instance(&id);
+        if cgroup.exists() {
+            let _ = cgroup.kill(Duration::from_secs(5));
+            cgroup.remove();
+        }
+    }
+}
+
 fn recorded_pids(data: &Path) -> Vec<u64> {
     let Ok(dirs) = std::fs::read_dir(data.join("runtime")) else {
         return Vec::new();
