@@ -14,7 +14,13 @@
 //! - [`Inbox::inbox_ack`] and [`Inbox::inbox_fail`] are single `UPDATE`s.
 //!
 //! A write is durable when it returns: PostgreSQL commits each statement before answering, and a
-//! connection whose session has `synchronous_commit = off` is switched back on.
+//! connection whose session has `synchronous_commit = off` is switched back on. The exceptions are
+//! the writes that redelivery makes safe to lose, as on SQLite: an acknowledgement, a failed
+//! attempt and the tenant's activity time turn `synchronous_commit` off for their own statement
+//! (`set_config(…, true)` inside it), so their commit does not wait for the WAL flush. They
+//! survive a crash of the server's processes, and a crash of its machine can undo only the last
+//! fraction of a second of them: an update delivered again (agents drop repeated `update_id`s),
+//! an attempt counted again.
 //!
 //! Connections: a `deadpool-postgres` pool (at most [`PostgresOptions::pool_size`]), opened on
 //! demand and kept, each with its cache of prepared statements (unbounded: the registry runs a
@@ -1069,6 +1075,14 @@ fn timed_out(what: &str, after: Duration) -> Error {
 }
 
 /// `deadline(at, idle)` in SQL: numeric arithmetic clamped to BIGINT, like the saturating Rust.
+/// A CTE that turns `synchronous_commit` off for the statement's own transaction; the statement
+/// names it in its `WHERE` (`EXISTS (SELECT 1 FROM relaxed)`) so that it runs.
+macro_rules! relaxed_cte {
+    () => {
+        "relaxed AS (SELECT set_config('synchronous_commit', 'off', true))"
+    };
+}
+
 macro_rules! deadline_sql {
     ($at:literal, $idle:literal) => {
         concat!(
@@ -1096,6 +1110,44 @@ macro_rules! offset_sql {
         )
     };
 }
+
+/// [`TenantStore::touch_tenant`], relaxed: ($1 tenant, $2 at).
+const TOUCH_SQL: &str = concat!(
+    "WITH ",
+    relaxed_cte!(),
+    " UPDATE tenants SET last_active_ms = $2, idle_deadline_ms = ",
+    deadline_sql!("$2", "idle_timeout_s"),
+    ", freeze_deadline_ms = ",
+    offset_sql!("$2", "freeze_after_ms"),
+    " WHERE id = $1 AND EXISTS (SELECT 1 FROM relaxed)"
+);
+
+/// [`Inbox::inbox_ack`], relaxed, with the fence check in the same statement: ($1 tenant, $2 seq,
+/// $3 now, $4 fence or NULL).
+const ACK_SQL: &str = concat!(
+    "WITH ",
+    relaxed_cte!(),
+    ", f AS (UPDATE tenants SET dispatch_fence = $4 \
+         WHERE id = $1 AND dispatch_fence <= $4::BIGINT RETURNING id) \
+         UPDATE inbox SET state = 'done', done_at_ms = COALESCE(done_at_ms, $3), \
+         payload = ''::bytea WHERE tenant = $1 AND seq = $2 \
+         AND ($4::BIGINT IS NULL OR EXISTS (SELECT 1 FROM f)) \
+         AND EXISTS (SELECT 1 FROM relaxed)"
+);
+
+/// [`Inbox::inbox_fail`], relaxed: ($1 tenant, $2 seq, $3 error, $4 max attempts, $5 fence or
+/// NULL).
+const FAIL_SQL: &str = concat!(
+    "WITH ",
+    relaxed_cte!(),
+    ", f AS (UPDATE tenants SET dispatch_fence = $5 \
+         WHERE id = $1 AND dispatch_fence <= $5::BIGINT RETURNING id) \
+         UPDATE inbox SET attempts = attempts + 1, last_error = $3, \
+         state = CASE WHEN attempts + 1 >= $4 THEN 'dead' ELSE state END \
+         WHERE tenant = $1 AND seq = $2 AND state = 'pending' \
+         AND ($5::BIGINT IS NULL OR EXISTS (SELECT 1 FROM f)) \
+         AND EXISTS (SELECT 1 FROM relaxed) RETURNING attempts"
+);
 
 fn get<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, idx: usize) -> Result<T> {
     row.try_get(idx).map_err(|e| pg(&e))
@@ -1324,17 +1376,7 @@ impl TenantStore for PostgresRegistry {
 
     async fn touch_tenant(&self, id: &TenantId, at_ms: i64) -> Result<()> {
         let n = self
-            .execute(
-                concat!(
-                    "UPDATE tenants SET last_active_ms = $2, idle_deadline_ms = ",
-                    deadline_sql!("$2", "idle_timeout_s"),
-                    ", freeze_deadline_ms = ",
-                    offset_sql!("$2", "freeze_after_ms"),
-                    " WHERE id = $1"
-                ),
-                &[&id.as_str(), &at_ms],
-                true,
-            )
+            .execute(TOUCH_SQL, &[&id.as_str(), &at_ms], true)
             .await?;
         if n == 0 {
             return Err(record::tenant_not_found(id));
@@ -1627,11 +1669,7 @@ impl Inbox for PostgresRegistry {
         // first part), so a dispatcher that lost the inbox cannot ack in between.
         let n = self
             .execute(
-                "WITH f AS (UPDATE tenants SET dispatch_fence = $4 \
-                 WHERE id = $1 AND dispatch_fence <= $4::BIGINT RETURNING id) \
-                 UPDATE inbox SET state = 'done', done_at_ms = COALESCE(done_at_ms, $3), \
-                 payload = ''::bytea WHERE tenant = $1 AND seq = $2 \
-                 AND ($4::BIGINT IS NULL OR EXISTS (SELECT 1 FROM f))",
+                ACK_SQL,
                 &[&tenant.as_str(), &seq, &otm_core::time::now_ms(), &fence],
                 true,
             )
@@ -1659,12 +1697,7 @@ impl Inbox for PostgresRegistry {
         // if still pending.
         let row = self
             .query_opt(
-                "WITH f AS (UPDATE tenants SET dispatch_fence = $5 \
-                 WHERE id = $1 AND dispatch_fence <= $5::BIGINT RETURNING id) \
-                 UPDATE inbox SET attempts = attempts + 1, last_error = $3, \
-                 state = CASE WHEN attempts + 1 >= $4 THEN 'dead' ELSE state END \
-                 WHERE tenant = $1 AND seq = $2 AND state = 'pending' \
-                 AND ($5::BIGINT IS NULL OR EXISTS (SELECT 1 FROM f)) RETURNING attempts",
+                FAIL_SQL,
                 &[
                     &tenant.as_str(),
                     &seq,
@@ -2119,6 +2152,70 @@ mod tests {
             let value: String = rows[0].get(0);
             assert_eq!(value, "on");
         }
+        r.execute(&format!("DROP SCHEMA {schema} CASCADE"), &[], false)
+            .await
+            .unwrap();
+    }
+
+    /// An acknowledgement, a failed attempt and the activity time turn `synchronous_commit` off
+    /// for their own transaction, and only for it. Run here inside a transaction of the test's
+    /// own, which can look at the setting after them. Needs `OTM_TEST_POSTGRES_URL`; passes
+    /// without doing anything when it is not set.
+    #[tokio::test]
+    async fn relaxed_writes_commit_without_waiting_for_the_wal_flush() {
+        let Some(url) = std::env::var("OTM_TEST_POSTGRES_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+        else {
+            return;
+        };
+        let schema = format!("otm_test_{}", otm_core::id::random_hex(4));
+        let r =
+            PostgresRegistry::connect_with(&url, PostgresOptions::default().with_schema(&schema))
+                .await
+                .unwrap();
+        let ann = TenantId::parse("ann").unwrap();
+        r.create_tenant(&Tenant::new(ann.clone(), "reference", None))
+            .await
+            .unwrap();
+        let Appended::Stored { seq } = r.inbox_append(&ann, 1, b"{}").await.unwrap() else {
+            panic!("stored")
+        };
+        let (mut client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!("SET search_path TO {schema}"))
+            .await
+            .unwrap();
+        let setting = "SELECT current_setting('synchronous_commit')";
+        let no_fence: Option<i64> = None;
+        let tenant = ann.as_str();
+        let statements: [(&str, &str, Vec<&(dyn tokio_postgres::types::ToSql + Sync)>); 3] = [
+            ("touch", TOUCH_SQL, vec![&tenant, &7i64]),
+            (
+                "fail",
+                FAIL_SQL,
+                vec![&tenant, &seq, &"refused", &5i64, &no_fence],
+            ),
+            ("ack", ACK_SQL, vec![&tenant, &seq, &9i64, &no_fence]),
+        ];
+        for (what, sql, params) in statements {
+            let tx = client.transaction().await.unwrap();
+            let n = tx.execute(sql, &params).await.unwrap();
+            assert_eq!(n, 1, "{what} changed its row");
+            let v: String = tx.query_one(setting, &[]).await.unwrap().get(0);
+            assert_eq!(v, "off", "{what} turned synchronous_commit off");
+            tx.rollback().await.unwrap();
+            let v: String = client.query_one(setting, &[]).await.unwrap().get(0);
+            assert_eq!(v, "on", "{what}: for its own transaction only");
+        }
+        // Through the registry, the same calls do what they always did.
+        r.inbox_fail(&ann, seq, "refused", 5, None).await.unwrap();
+        r.touch_tenant(&ann, 1_000).await.unwrap();
+        r.inbox_ack(&ann, seq, None).await.unwrap();
+        assert!(r.inbox_next(&ann).await.unwrap().is_none());
         r.execute(&format!("DROP SCHEMA {schema} CASCADE"), &[], false)
             .await
             .unwrap();
