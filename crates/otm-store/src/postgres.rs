@@ -2052,23 +2052,33 @@ mod tests {
         }
     }
 
+    /// `OTM_TEST_POSTGRES_URL`, when set: the live tests below do nothing without it.
+    fn test_url() -> Option<String> {
+        std::env::var("OTM_TEST_POSTGRES_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+    }
+
+    /// A registry in a schema of its own (the test drops it at the end), and the schema's name.
+    async fn in_fresh_schema(url: &str) -> (PostgresRegistry, String) {
+        let schema = format!("otm_test_{}", otm_core::id::random_hex(4));
+        let r =
+            PostgresRegistry::connect_with(url, PostgresOptions::default().with_schema(&schema))
+                .await
+                .unwrap();
+        (r, schema)
+    }
+
     /// An acknowledged update's text leaves the table's row versions at the next scrub: the
     /// blanked row replaces it, and the vacuum removes the old version. Read with
     /// `pageinspect`, row version by row version. Needs `OTM_TEST_POSTGRES_URL` (as a superuser,
     /// for the extension); passes without doing anything when it is not set.
     #[tokio::test]
     async fn an_acknowledged_payload_leaves_the_table_at_the_next_scrub() {
-        let Some(url) = std::env::var("OTM_TEST_POSTGRES_URL")
-            .ok()
-            .filter(|u| !u.is_empty())
-        else {
+        let Some(url) = test_url() else {
             return;
         };
-        let schema = format!("otm_test_{}", otm_core::id::random_hex(4));
-        let r =
-            PostgresRegistry::connect_with(&url, PostgresOptions::default().with_schema(&schema))
-                .await
-                .unwrap();
+        let (r, schema) = in_fresh_schema(&url).await;
         let id = TenantId::parse("scrubbed").unwrap();
         r.create_tenant(&otm_core::Tenant::new(id.clone(), "reference", None))
             .await
@@ -2128,10 +2138,7 @@ mod tests {
     /// Needs `OTM_TEST_POSTGRES_URL`; passes without doing anything when it is not set.
     #[tokio::test]
     async fn pooled_connections_commit_synchronously() {
-        let Some(url) = std::env::var("OTM_TEST_POSTGRES_URL")
-            .ok()
-            .filter(|u| !u.is_empty())
-        else {
+        let Some(url) = test_url() else {
             return;
         };
         let sep = if url.contains('?') { '&' } else { '?' };
@@ -2163,17 +2170,10 @@ mod tests {
     /// without doing anything when it is not set.
     #[tokio::test]
     async fn relaxed_writes_commit_without_waiting_for_the_wal_flush() {
-        let Some(url) = std::env::var("OTM_TEST_POSTGRES_URL")
-            .ok()
-            .filter(|u| !u.is_empty())
-        else {
+        let Some(url) = test_url() else {
             return;
         };
-        let schema = format!("otm_test_{}", otm_core::id::random_hex(4));
-        let r =
-            PostgresRegistry::connect_with(&url, PostgresOptions::default().with_schema(&schema))
-                .await
-                .unwrap();
+        let (r, schema) = in_fresh_schema(&url).await;
         let ann = TenantId::parse("ann").unwrap();
         r.create_tenant(&Tenant::new(ann.clone(), "reference", None))
             .await
