@@ -5,7 +5,7 @@
 //! `target/bench/`.
 //!
 //! `cargo bench -p otm --bench side_by_side` (about 5 minutes), `-- --quick` for a smoke run of
-//! about a minute. Needs `wrk` and `nginx` on PATH (Debian: `apt-get install wrk nginx`); the
+//! about a minute, `-- --ingress` for the floors and the accept rows alone. Needs `wrk` and `nginx` on PATH (Debian: `apt-get install wrk nginx`); the
 //! PostgreSQL rows need `OTM_TEST_POSTGRES_URL` (and `psql` to drop the schema afterwards).
 
 use otm_testkit::FakeTelegram;
@@ -44,6 +44,8 @@ fn update_body(id: u64) -> String {
 #[derive(Clone, Copy)]
 struct Plan {
     quick: bool,
+    /// Only the floors and the accept rows (`--ingress`), for work on the ingress path.
+    ingress_only: bool,
     /// Seconds of each wrk run in the table.
     run_s: u32,
     /// Seconds of each point of the connection sweep.
@@ -72,9 +74,11 @@ fn main() {
         return;
     }
     let quick = std::env::args().any(|a| a == "--quick");
+    let ingress_only = std::env::args().any(|a| a == "--ingress");
     let plan = if quick {
         Plan {
             quick,
+            ingress_only,
             run_s: 3,
             sweep_s: 2,
             sweep: &[1, 32],
@@ -87,6 +91,7 @@ fn main() {
     } else {
         Plan {
             quick,
+            ingress_only,
             run_s: 8,
             sweep_s: 4,
             sweep: &[1, 4, 16, 32, 64, 128],
@@ -312,6 +317,18 @@ async fn run(plan: Plan) {
             .stderr(Stdio::null())
             .status()
             .await;
+    }
+
+    if plan.ingress_only {
+        println!();
+        println!(
+            "otm side by side, accept rows only (--ingress): {}",
+            machine()
+        );
+        println!();
+        table.print();
+        print_sweep(&sweep_otm);
+        return;
     }
 
     // The drain: a backlog delivered to four awake tenants, with otm's CPU per delivery beside
@@ -695,15 +712,20 @@ async fn run(plan: Plan) {
     println!();
     table.print();
     if plan.sweep.len() > 1 {
-        println!();
-        println!("accepts/s by connections (otm on SQLite, deliveries paused; nginx):");
-        for (c, o, n) in &sweep_otm {
-            println!("  {c:>4}: otm {o:>9.0}  nginx {n:>9.0}");
-        }
+        print_sweep(&sweep_otm);
         println!("plot: {}", sweep_svg.display());
     }
     println!("plot: {}", cdf_svg.display());
     println!("plot: {}", wakes_svg.display());
+}
+
+/// The connection sweep's points: otm's accepts/s beside nginx's.
+fn print_sweep(sweep: &[(u32, f64, f64)]) {
+    println!();
+    println!("accepts/s by connections (otm on SQLite, deliveries paused; nginx):");
+    for (c, o, n) in sweep {
+        println!("  {c:>4}: otm {o:>9.0}  nginx {n:>9.0}");
+    }
 }
 
 /// The phases of a kind of wake in the order they run.
@@ -1121,8 +1143,8 @@ fn sqlite_floor(db: &Path, per_tx: usize, secs: f64) -> f64 {
             done_at_ms     INTEGER,
             UNIQUE (tenant, update_id)
          ) STRICT;
-         CREATE INDEX inbox_queue ON inbox (tenant, state, seq);
-         CREATE INDEX inbox_pending ON inbox (tenant) WHERE state = 'pending';
+         CREATE INDEX inbox_pending ON inbox (tenant, seq) WHERE state = 'pending';
+         CREATE INDEX inbox_dead ON inbox (tenant, seq) WHERE state = 'dead';
          INSERT INTO tenants VALUES ('in0'), ('in1'), ('in2'), ('in3');",
     )
     .unwrap();
