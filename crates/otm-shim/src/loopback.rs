@@ -233,3 +233,116 @@ pub fn header_is(headers: &HeaderMap, name: &str, value: &str) -> bool {
         .and_then(|v: &HeaderValue| v.to_str().ok())
         == Some(value)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A keep-alive HTTP/1.1 server on loopback that answers every request with `answer`; counts
+    /// the connections it accepted and the requests it answered.
+    async fn server(answer: &'static [u8]) -> (String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let (conns, reqs) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (c, r) = (conns.clone(), reqs.clone());
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                c.fetch_add(1, Ordering::SeqCst);
+                let r = r.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        // One whole request: its head, then as many bytes as it says.
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            match tcp.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map_or(0, |v| v.trim().parse().unwrap());
+                        while buf.len() < end + 4 + len {
+                            match tcp.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buf.drain(..end + 4 + len);
+                        r.fetch_add(1, Ordering::SeqCst);
+                        if tcp.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (url, conns, reqs)
+    }
+
+    #[tokio::test]
+    async fn updates_in_a_row_share_one_connection_to_the_agent() {
+        let (url, conns, reqs) = server(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n").await;
+        let client = Client::default();
+        for i in 0..3 {
+            let body = Bytes::from(format!("{{\"update_id\":{i}}}"));
+            let resp = client.post(&url, &[], body).await.unwrap();
+            assert_eq!(resp.status, StatusCode::OK);
+            resp.finish(&client);
+        }
+        assert_eq!(reqs.load(Ordering::SeqCst), 3);
+        assert_eq!(conns.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_refusal_gives_its_status_headers_and_text() {
+        let (url, _, _) = server(
+            b"HTTP/1.1 409 Conflict\r\nx-why: busy\r\ncontent-length: 14\r\n\r\nnot now, sorry",
+        )
+        .await;
+        let client = Client::default();
+        let resp = client.get(&url).await.unwrap();
+        assert_eq!(resp.status, StatusCode::CONFLICT);
+        assert!(header_is(&resp.headers, "x-why", "busy"));
+        assert!(!header_is(&resp.headers, "x-why", "idle"));
+        assert_eq!(resp.text(&client).await, "not now, sorry");
+        // The connection was kept: the next call goes through on it.
+        assert_eq!(client.get(&url).await.unwrap().status, StatusCode::CONFLICT);
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_is_gone_is_an_error() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("http://127.0.0.1:{port}/webhook");
+        let e = Client::default().get(&url).await.unwrap_err();
+        assert!(matches!(e, Error::Io(_)), "{e}");
+    }
+
+    #[test]
+    fn only_plain_http_to_an_address_is_called() {
+        let t = target("http://127.0.0.1:4000/webhook").unwrap();
+        assert_eq!(
+            (t.addr.port(), t.authority, t.path),
+            (4000, "127.0.0.1:4000", "/webhook")
+        );
+        assert_eq!(target("http://[::1]:4000").unwrap().path, "/");
+        for url in [
+            "https://127.0.0.1:4000/webhook",
+            "http://localhost:4000/webhook",
+            "http://127.0.0.1/webhook",
+        ] {
+            assert!(matches!(target(url), Err(Error::Address(_))), "{url}");
+        }
+    }
+}
