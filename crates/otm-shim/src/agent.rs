@@ -66,7 +66,8 @@ struct Inner {
     restarts: AtomicU32,
     /// Serializes deliveries: one update at a time, in order.
     deliver_lock: Mutex<()>,
-    http: reqwest::Client,
+    /// HTTP to the agent's loopback ports: its health checks and its webhook.
+    http: crate::loopback::Client,
     /// Where the agent runs: its own sandbox, or a plain child process.
     sandbox: Option<Arc<AgentSandbox>>,
     /// Directories the agent may write (sandboxed only).
@@ -99,10 +100,6 @@ impl Agent {
         prestarted: Option<Prestarted>,
     ) -> Agent {
         let (state, _) = watch::channel(AgentState::Starting { pid: 0 });
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .expect("HTTP client");
         let agent = Agent {
             inner: Arc::new(Inner {
                 launch,
@@ -113,7 +110,7 @@ impl Agent {
                 stopping: AtomicBool::new(false),
                 restarts: AtomicU32::new(0),
                 deliver_lock: Mutex::new(()),
-                http,
+                http: Default::default(),
                 sandbox,
                 writable,
                 prestarted: std::sync::Mutex::new(prestarted),
@@ -329,11 +326,13 @@ impl Agent {
                 if Instant::now() >= deadline {
                     return false;
                 }
-                let req = self.inner.http.get(url).timeout(Duration::from_secs(2));
-                if let Ok(resp) = req.send().await
-                    && resp.status().is_success()
-                {
-                    break;
+                let probe = self.inner.http.get(url);
+                if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(2), probe).await {
+                    let ready = resp.status.is_success();
+                    resp.finish(&self.inner.http);
+                    if ready {
+                        break;
+                    }
                 }
                 let interval = if started.elapsed() < Duration::from_millis(100) {
                     2
@@ -478,49 +477,54 @@ impl Agent {
                 detail: Some(detail),
             };
         }
-        let resp = self
-            .inner
-            .http
-            .post(&self.inner.launch.webhook_url)
-            .header("content-type", "application/json")
-            .header(
-                "x-telegram-bot-api-secret-token",
-                &self.inner.launch.webhook_secret,
-            )
-            .timeout(self.inner.profile.deliver_timeout)
-            .body(update)
-            .send()
-            .await;
-        match resp {
-            Err(e) => DeliverResponse {
-                acknowledged: false,
-                status: 502,
-                detail: Some(format!("the agent did not answer: {}", without_url(&e))),
-            },
-            Ok(resp) => {
-                let status = resp.status();
-                let acknowledged = status.is_success()
-                    && match &self.inner.profile.ack {
-                        AckRule::Success => true,
-                        AckRule::Header { name, value } => {
-                            resp.headers().get(*name).and_then(|v| v.to_str().ok()) == Some(*value)
-                        }
-                    };
-                let detail = if acknowledged {
-                    None
-                } else {
-                    let body = resp.text().await.unwrap_or_default();
-                    Some(format!(
-                        "agent answered {status}: {}",
-                        body.chars().take(200).collect::<String>()
-                    ))
-                };
-                DeliverResponse {
-                    acknowledged,
-                    status: status.as_u16(),
-                    detail,
+        // Within the delivery timeout: the answer's status and headers, and the body of one
+        // that does not acknowledge the update.
+        let deadline = tokio::time::Instant::now() + self.inner.profile.deliver_timeout;
+        let http = &self.inner.http;
+        let launch = &self.inner.launch;
+        let headers = [
+            (CONTENT_TYPE, "application/json"),
+            (SECRET_TOKEN, launch.webhook_secret.as_str()),
+        ];
+        let post = http.post(&launch.webhook_url, &headers, update);
+        let resp = match tokio::time::timeout_at(deadline, post).await {
+            Ok(Ok(resp)) => resp,
+            failed => {
+                match failed {
+                    Ok(Err(e)) => tracing::debug!(error = %e, "the agent did not answer"),
+                    _ => tracing::debug!("the agent did not answer in time"),
                 }
+                return DeliverResponse {
+                    acknowledged: false,
+                    status: 502,
+                    detail: Some(NO_ANSWER.to_owned()),
+                };
             }
+        };
+        let status = resp.status;
+        let acknowledged = status.is_success()
+            && match &self.inner.profile.ack {
+                AckRule::Success => true,
+                AckRule::Header { name, value } => {
+                    crate::loopback::header_is(&resp.headers, name, value)
+                }
+            };
+        let detail = if acknowledged {
+            resp.finish(http);
+            None
+        } else {
+            let body = tokio::time::timeout_at(deadline, resp.text(http))
+                .await
+                .unwrap_or_default();
+            Some(format!(
+                "agent answered {status}: {}",
+                body.chars().take(200).collect::<String>()
+            ))
+        };
+        DeliverResponse {
+            acknowledged,
+            status: status.as_u16(),
+            detail,
         }
     }
 
@@ -735,14 +739,13 @@ pub(crate) fn open_log(path: &std::path::Path) -> std::io::Result<(std::fs::File
     Ok((out, err))
 }
 
-/// reqwest errors print the URL; the agent's URL is harmless but keep messages short.
-fn without_url(e: &reqwest::Error) -> String {
-    let mut s = e.to_string();
-    if let Some(url) = e.url() {
-        s = s.replace(url.as_str(), "agent");
-    }
-    s
-}
+/// Why a delivery failed when the agent did not answer (it is gone, it refused the connection,
+/// or it did not answer in time): the agent's log says more.
+const NO_ANSWER: &str = "the agent did not answer: error sending request for url (agent)";
+
+const CONTENT_TYPE: hyper::header::HeaderName = hyper::header::CONTENT_TYPE;
+const SECRET_TOKEN: hyper::header::HeaderName =
+    hyper::header::HeaderName::from_static("x-telegram-bot-api-secret-token");
 
 #[cfg(test)]
 mod tests {

@@ -48,6 +48,9 @@ pub async fn start(socket: PathBuf, shutdown: CancellationToken) -> std::io::Res
                     }
                 },
             };
+            // The agent's calls are small requests and answers: each write goes out at once,
+            // never held back waiting for the agent to acknowledge the one before it.
+            let _ = tcp.set_nodelay(true);
             let socket = socket.clone();
             tokio::spawn(async move {
                 let _permit = permit;

@@ -17,6 +17,7 @@
 //! - [`sandbox`]: the instance and agent sandboxes (bubblewrap arguments, seccomp filter, the
 //!   sandbox's process 1).
 //! - [`forward`]: the loopback forwarder to otm's egress proxy.
+//! - [`loopback`]: plain HTTP to the agent's own ports (health checks, the webhook).
 //! - [`freezer`]: the agent's cgroup, which freezes it where the instance has one.
 
 pub mod agent;
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod client;
 pub mod forward;
 pub mod freezer;
+pub mod loopback;
 pub mod pipe;
 pub mod profile;
 pub mod sandbox;
