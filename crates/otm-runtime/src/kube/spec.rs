@@ -549,9 +549,18 @@ mod tests {
         for v in s.volumes.as_ref().unwrap() {
             assert!(v.empty_dir.as_ref().unwrap().size_limit.is_some(), "{v:?}");
         }
-        // No bot token, model key or storage credential: no env but these four.
+        // No bot token, model key or storage credential: no env but these five.
         let names: Vec<_> = env.iter().map(|e| e.name.as_str()).collect();
-        assert_eq!(names, [TOKEN_ENV, "POD_IP", "TMPDIR", "MALLOC_ARENA_MAX"]);
+        assert_eq!(
+            names,
+            [
+                TOKEN_ENV,
+                "POD_IP",
+                "TMPDIR",
+                "MALLOC_ARENA_MAX",
+                "MALLOC_MMAP_THRESHOLD_"
+            ]
+        );
     }
 
     #[test]
