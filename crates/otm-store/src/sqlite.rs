@@ -21,7 +21,6 @@
 //!   run beside the writer, and each sees every commit answered before it started (and may see
 //!   one whose sync is still under way: a delivery of an update whose webhook was not answered
 //!   yet, which Telegram sends again should the machine lose power first).
-//! - A checkpoint thread copies the WAL into the database beside the writer.
 //!
 //! The schema lives in [`MIGRATIONS`], applied in order by `user_version`.
 
@@ -48,11 +47,6 @@ const BACKEND: &str = "sqlite";
 pub const MAX_BATCH: usize = 256;
 /// Most delivered updates one write of [`Inbox::inbox_prune`] deletes.
 const PRUNE_STEP: i64 = 2_000;
-/// The shortest time between two checkpoints of the checkpoint thread.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
-/// WAL pages at which the writer checkpoints by itself: a backstop, should the checkpoint thread
-/// fall behind (the thread copies far fewer at a time).
-const WRITER_CHECKPOINT_PAGES: i64 = 20_000;
 /// Read-only connections in the pool.
 const READERS: usize = 4;
 /// Jobs that may wait for the writer before senders wait too.
@@ -303,22 +297,6 @@ impl SqliteRegistry {
             readers.push(r);
         }
 
-        let checkpoints = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|e| open_error(path, e))?;
-        checkpoints
-            .pragma_update(None, "synchronous", "FULL")
-            .map_err(|e| open_error(path, e))?;
-        let (nudge, nudged) = std::sync::mpsc::sync_channel(1);
-        std::thread::Builder::new()
-            .name("otm-sqlite-checkpoint".into())
-            .spawn(move || checkpoint_loop(checkpoints, nudged))
-            .map_err(|e| {
-                Error::generic(BACKEND, format!("cannot start the checkpoint thread: {e}"))
-            })?;
-
         let stats = Arc::new(Counters::default());
         let (committed, to_sync) = std::sync::mpsc::channel();
         let thread_stats = stats.clone();
@@ -330,7 +308,7 @@ impl SqliteRegistry {
         let thread_stats = stats.clone();
         std::thread::Builder::new()
             .name("otm-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx, &thread_stats, nudge, committed))
+            .spawn(move || writer_loop(conn, rx, &thread_stats, committed))
             .map_err(|e| Error::generic(BACKEND, format!("cannot start the writer thread: {e}")))?;
         tracing::debug!(path = %path.display(), "opened the SQLite registry");
 
@@ -588,7 +566,6 @@ fn writer_loop(
     mut conn: Connection,
     mut rx: mpsc::Receiver<Box<dyn WriteJob>>,
     stats: &Counters,
-    checkpoint: std::sync::mpsc::SyncSender<()>,
     committed: std::sync::mpsc::Sender<Vec<Box<dyn WriteJob>>>,
 ) {
     let mut state = WriterState { freed: true };
@@ -617,9 +594,6 @@ fn writer_loop(
         stats.jobs.fetch_add(batch.len() as u64, Ordering::Relaxed);
         match &outcome {
             Ok(()) => {
-                // The checkpoint thread copies the WAL into the database beside the writer
-                // (a nudge already waiting is enough).
-                let _ = checkpoint.try_send(());
                 stats.commits.fetch_add(1, Ordering::Relaxed);
                 if batch.iter().any(|job| job.durable()) {
                     // Answered by the sync thread once the WAL is on disk; meanwhile this thread
@@ -726,22 +700,6 @@ impl WalSync {
     }
 }
 
-/// Copies the WAL's committed frames into the database, beside the writer, at most every
-/// [`CHECKPOINT_EVERY`] while commits come: the writer itself would otherwise stop every few
-/// thousand pages for a checkpoint (the database's pages written and fsync'd), and every write
-/// queued behind it would wait that long. PASSIVE: it neither waits for nor blocks the writer or
-/// the readers, and copies what they let it; the writer starts the WAL over once all of it was
-/// copied. Stops when the writer does.
-fn checkpoint_loop(conn: Connection, nudged: std::sync::mpsc::Receiver<()>) {
-    while nudged.recv().is_ok() {
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0))
-        {
-            tracing::warn!(error = %e, "the WAL checkpoint failed");
-        }
-        std::thread::sleep(CHECKPOINT_EVERY);
-    }
-}
-
 /// Copies every WAL frame into the database (where `secure_delete` zeroed what was removed) and
 /// cuts the WAL file to nothing, so old versions of rows are gone from both files. A reader in
 /// the middle of a transaction blocks it; the next call tries again.
@@ -808,7 +766,6 @@ fn configure_writer(conn: &Connection) -> rusqlite::Result<()> {
     // FULL while the migrations run on this thread; NORMAL once the writer takes over (see
     // `SqliteRegistry::open`).
     conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
     conn.pragma_update(None, "foreign_keys", true)?;
     // Deleted and overwritten content (an acked update's payload, a deleted tenant's rows) is
     // zeroed in the pages it leaves, not just marked free; `purge_freed` clears the WAL's copies.
