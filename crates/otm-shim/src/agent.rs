@@ -483,7 +483,7 @@ impl Agent {
         let http = &self.inner.http;
         let launch = &self.inner.launch;
         let headers = [
-            (CONTENT_TYPE, "application/json"),
+            (hyper::header::CONTENT_TYPE, "application/json"),
             (SECRET_TOKEN, launch.webhook_secret.as_str()),
         ];
         let post = http.post(&launch.webhook_url, &headers, update);
@@ -743,7 +743,6 @@ pub(crate) fn open_log(path: &std::path::Path) -> std::io::Result<(std::fs::File
 /// or it did not answer in time): the agent's log says more.
 const NO_ANSWER: &str = "the agent did not answer: error sending request for url (agent)";
 
-const CONTENT_TYPE: hyper::header::HeaderName = hyper::header::CONTENT_TYPE;
 const SECRET_TOKEN: hyper::header::HeaderName =
     hyper::header::HeaderName::from_static("x-telegram-bot-api-secret-token");
 

@@ -207,23 +207,10 @@ struct Counters {
     synced_commits: AtomicU64,
     syncs: AtomicU64,
     /// Why the WAL could not be synced, once that happened: every write fails from then on.
-    sync_failure: Mutex<Option<String>>,
+    sync_failure: std::sync::OnceLock<String>,
     /// Set by [`Inbox::purge_freed`]: checkpoint and truncate the WAL after the next commit,
     /// outside any transaction.
     truncate_wal: std::sync::atomic::AtomicBool,
-}
-
-impl Counters {
-    fn sync_failed(&self) -> Option<String> {
-        self.sync_failure
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    fn fail_sync(&self, message: String) {
-        *self.sync_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(message);
-    }
 }
 
 /// What the writer thread alone keeps between batches.
@@ -578,10 +565,10 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        let outcome = match stats.sync_failed() {
+        let outcome = match stats.sync_failure.get() {
             Some(message) => Err(BatchError {
                 busy: false,
-                message,
+                message: message.clone(),
             }),
             None => run_batch(&mut conn, &mut batch),
         };
@@ -637,15 +624,14 @@ fn sync_loop(
     while let Ok(first) = committed.recv() {
         batches.push(first);
         batches.extend(committed.try_iter());
-        let outcome = match stats.sync_failed() {
-            Some(message) => Err(message),
+        let outcome = match stats.sync_failure.get() {
+            Some(message) => Err(message.clone()),
             None => sync().map_err(|e| {
                 let message = format!(
                     "the disk refused to sync the registry's WAL ({e}); writes stop until otm is restarted"
                 );
                 tracing::error!("{message}");
-                stats.fail_sync(message.clone());
-                message
+                stats.sync_failure.get_or_init(|| message).clone()
             }),
         };
         let outcome = outcome.map_err(|message| BatchError {
