@@ -154,6 +154,15 @@ pub trait Inbox: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<Appended>;
     /// The oldest pending update of a tenant.
     async fn inbox_next(&self, tenant: &TenantId) -> Result<Option<InboxItem>>;
+    /// The oldest pending updates of a tenant, at most `limit` of them, oldest first: what a
+    /// dispatcher delivers next, read in one go. Backends that cannot read several at once
+    /// answer the head alone.
+    async fn inbox_head(&self, tenant: &TenantId, limit: usize) -> Result<Vec<InboxItem>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        Ok(self.inbox_next(tenant).await?.into_iter().collect())
+    }
     /// Marks an update delivered and drops its payload (the message text is kept nowhere once
     /// the agent has it); it leaves the pending list but still counts for deduplication until
     /// [`Inbox::inbox_prune`].

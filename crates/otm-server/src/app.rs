@@ -222,13 +222,17 @@ impl App {
     /// Stops take the same tenant lock and lease, so a wake and a stop of one tenant never
     /// overlap. Dispatchers hold a lease of their own (`dispatch:{tenant}`), see
     /// [`crate::dispatch`].
-    #[tracing::instrument(name = "wake", skip_all, fields(%tenant, instance = tracing::field::Empty))]
     pub async fn wake(&self, tenant: &TenantId, chat: Option<i64>) -> otm_core::Result<Woken> {
         let begun = Instant::now();
+        // An awake tenant, the case of nearly every delivery: the cached endpoint, no span.
         if let Some(ep) = self.coordinator.endpoint(tenant).await? {
-            tracing::Span::current().record("instance", tracing::field::display(&ep.instance));
             return Ok(Woken::cached(ep, begun));
         }
+        self.wake_uncached(tenant, chat).await
+    }
+
+    #[tracing::instrument(name = "wake", skip_all, fields(%tenant, instance = tracing::field::Empty))]
+    async fn wake_uncached(&self, tenant: &TenantId, chat: Option<i64>) -> otm_core::Result<Woken> {
         let woken = match self.waker.wake(tenant, chat).await {
             Ok(w) => w,
             Err(e) => {

@@ -1,5 +1,6 @@
 //! Dispatchers: one task per tenant with pending updates drains its inbox in order, one update at
-//! a time, waking the tenant as needed. An update leaves the inbox only after the agent
+//! a time, waking the tenant as needed (the head of the inbox is read several updates at a
+//! time). An update leaves the inbox only after the agent
 //! acknowledged it; failures retry with backoff and end in the dead-letter list.
 
 use crate::app::App;
@@ -19,6 +20,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const RETRY: Backoff = Backoff::new(Duration::from_millis(100), MAX_BACKOFF);
 /// Pauses while the inbox cannot be read: 500 ms, doubling up to five seconds.
 const READ_RETRY: Backoff = Backoff::new(Duration::from_millis(500), MAX_BACKOFF).with_jitter(0.2);
+/// Pending updates a dispatcher reads at once: one registry read for up to this many deliveries
+/// while a backlog drains. Only the dispatcher (holding the tenant's lease) changes pending
+/// updates, so what it read stays true until it delivers them; after anything but a clean
+/// delivery it reads the head again.
+const READ_AHEAD: usize = 32;
 /// While a backlog drains, the tenant's last activity is written at most this often (the idle
 /// sweep counts in seconds, and a tenant with updates waiting is busy anyway); the last
 /// delivery of a burst is always written.
@@ -99,23 +105,26 @@ async fn run(app: &Arc<App>, tenant: &TenantId, notify: Arc<Notify>) {
     }
     let mut read_failures = 0u32;
     let mut activity = Activity::default();
+    let mut ahead = std::collections::VecDeque::with_capacity(READ_AHEAD);
     loop {
         if app.shutdown().is_cancelled() || lease.lost().is_cancelled() {
             break;
         }
-        let next = match app.registry().inbox_next(tenant).await {
-            Ok(n) => {
-                read_failures = 0;
-                n
+        if ahead.is_empty() {
+            match app.registry().inbox_head(tenant, READ_AHEAD).await {
+                Ok(items) => {
+                    read_failures = 0;
+                    ahead.extend(items);
+                }
+                Err(e) => {
+                    tracing::warn!(%tenant, error = %e, "cannot read the inbox");
+                    read_failures += 1;
+                    tokio::time::sleep(READ_RETRY.delay(read_failures)).await;
+                    continue;
+                }
             }
-            Err(e) => {
-                tracing::warn!(%tenant, error = %e, "cannot read the inbox");
-                read_failures += 1;
-                tokio::time::sleep(READ_RETRY.delay(read_failures)).await;
-                continue;
-            }
-        };
-        match next {
+        }
+        match ahead.pop_front() {
             Some(item) => {
                 // A lease that could not be renewed ends the attempt at once: another replica may
                 // be delivering the same update by now.
@@ -123,10 +132,14 @@ async fn run(app: &Arc<App>, tenant: &TenantId, notify: Arc<Notify>) {
                     step = deliver_one(app, tenant, item, lease.fence(), &mut activity) => step,
                     _ = lease.lost().cancelled() => Step::Stop,
                 };
-                if let Step::Stop = step {
-                    app.metrics().delivery(DeliveryOutcome::FencedOut);
-                    tracing::warn!(%tenant, "this dispatcher lost its lease; it stops");
-                    break;
+                match step {
+                    Step::Delivered => {}
+                    Step::ReadAgain => ahead.clear(),
+                    Step::Stop => {
+                        app.metrics().delivery(DeliveryOutcome::FencedOut);
+                        tracing::warn!(%tenant, "this dispatcher lost its lease; it stops");
+                        break;
+                    }
                 }
             }
             None => {
@@ -190,12 +203,17 @@ pub async fn run_notifications(app: Arc<App>) {
 
 /// What the dispatcher does after one delivery.
 enum Step {
-    Continue,
+    /// The update was delivered and acknowledged: on to the next one read.
+    Delivered,
+    /// It was not (it waits, it failed, it is gone): the head of the inbox is read again.
+    ReadAgain,
     /// Its fence is stale: another dispatcher owns the inbox.
     Stop,
 }
 
-#[tracing::instrument(name = "delivery", skip_all, fields(update_id = item.update_id, seq = item.seq, instance = tracing::field::Empty))]
+// At debug level: one span per update (the dispatcher's own span names the tenant, and what is
+// logged below names the update).
+#[tracing::instrument(name = "delivery", level = "debug", skip_all, fields(update_id = item.update_id, seq = item.seq, instance = tracing::field::Empty))]
 async fn deliver_one(
     app: &Arc<App>,
     tenant: &TenantId,
@@ -228,18 +246,24 @@ async fn deliver_one(
                         tracing::warn!(%tenant, update_id = item.update_id, %message, "acknowledgement refused");
                         return Step::Stop;
                     }
+                    // The tenant was deleted meanwhile: nothing is left to acknowledge.
+                    Err(otm_core::Error::NotFound { what }) => {
+                        tracing::warn!(%tenant, update_id = item.update_id, %what, "a delivered update is gone from the inbox");
+                        return Step::ReadAgain;
+                    }
                     Err(e) => {
                         tracing::error!(%tenant, update_id = item.update_id, error = %e, "could not remove a delivered update; trying again");
                         tokio::select! {
                             _ = tokio::time::sleep(RETRY.delay(attempt)) => {}
                             // Left pending: delivered again after the restart.
-                            _ = app.shutdown().cancelled() => return Step::Continue,
+                            _ = app.shutdown().cancelled() => return Step::ReadAgain,
                         }
                         attempt += 1;
                     }
                 }
             }
             activity.delivered(app, tenant).await;
+            return Step::Delivered;
         }
         Err(Failure::Held(message)) => {
             // Admission control: the update waits in the inbox without using up an attempt.
@@ -276,7 +300,7 @@ async fn deliver_one(
             }
         }
     }
-    Step::Continue
+    Step::ReadAgain
 }
 
 /// Why a delivery did not go through.

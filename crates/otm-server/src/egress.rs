@@ -129,7 +129,9 @@ fn refused(app: &App, tenant: Option<&Tenant>, method: &str, reason: &str) {
     }
 }
 
-#[tracing::instrument(name = "egress", skip_all, fields(tenant = tracing::field::Empty, instance = tracing::field::Empty, call = tracing::field::Empty))]
+// At debug level, as the webhook's: one span per call, and what is logged below names the
+// tenant itself.
+#[tracing::instrument(name = "egress", level = "debug", skip_all, fields(tenant = tracing::field::Empty, instance = tracing::field::Empty, call = tracing::field::Empty))]
 async fn proxy(State(app): State<Arc<App>>, req: Request) -> Response {
     if req.method() == axum::http::Method::CONNECT {
         return crate::connect::handle(app, req).await;

@@ -168,8 +168,9 @@ impl ShimClient {
         json(self.call("POST", "/v1/bind", Some(body), timeout).await?)
     }
 
-    /// Delivers one update and returns the agent's answer.
-    #[tracing::instrument(name = "shim", skip_all, fields(call = "deliver"))]
+    /// Delivers one update and returns the agent's answer. (Its span is at debug level: one per
+    /// delivery, and a formatted record each when enabled.)
+    #[tracing::instrument(name = "shim", level = "debug", skip_all, fields(call = "deliver"))]
     pub async fn deliver(&self, update: Bytes, timeout: Duration) -> Result<DeliverResponse> {
         json(
             self.call("POST", "/v1/deliver", Some(update), timeout)

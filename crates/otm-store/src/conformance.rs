@@ -795,6 +795,23 @@ async fn registry_inbox(r: &dyn Registry, run: &str) {
         40,
         "the next update is at the head"
     );
+    // Several at once: pending ones only, oldest first, no more than asked for.
+    let ids =
+        |items: Vec<otm_core::InboxItem>| items.iter().map(|i| i.update_id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(r.inbox_head(&t1, 100).await.unwrap()),
+        [40, 20, 30],
+        "the delivered and the dead-lettered updates are not in the head"
+    );
+    assert_eq!(ids(r.inbox_head(&t1, 2).await.unwrap()), [40, 20]);
+    assert!(r.inbox_head(&t1, 0).await.unwrap().is_empty());
+    assert!(r.inbox_head(&ghost, 10).await.unwrap().is_empty());
+    let head = r.inbox_head(&t1, 1).await.unwrap();
+    assert_eq!(
+        head,
+        vec![r.inbox_next(&t1).await.unwrap().unwrap()],
+        "a head of one is the next update, payload and all"
+    );
     assert_eq!(
         r.inbox_append(&t1, 10, &payload(10, "again"))
             .await

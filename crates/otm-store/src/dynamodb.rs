@@ -1880,6 +1880,10 @@ impl Inbox for DynamoRegistry {
             .next())
     }
 
+    async fn inbox_head(&self, tenant: &TenantId, limit: usize) -> Result<Vec<InboxItem>> {
+        self.inbox_range(tenant, "q#", None, limit).await
+    }
+
     /// Acking a dead-lettered update (an operator redelivered it) moves it to done as well;
     /// acking a delivered one again changes nothing.
     async fn inbox_ack(&self, tenant: &TenantId, seq: i64, fence: Option<u64>) -> Result<()> {

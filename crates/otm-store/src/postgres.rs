@@ -1662,6 +1662,26 @@ impl Inbox for PostgresRegistry {
         .transpose()
     }
 
+    async fn inbox_head(&self, tenant: &TenantId, limit: usize) -> Result<Vec<InboxItem>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.query(
+            concat!(
+                "SELECT ",
+                inbox_columns!(),
+                " FROM inbox WHERE tenant = $1 AND state = 'pending' ORDER BY seq LIMIT $2"
+            ),
+            &[&tenant.as_str(), &limit],
+            true,
+        )
+        .await?
+        .iter()
+        .map(inbox_row)
+        .collect()
+    }
+
     /// Acking a dead-lettered update (an operator redelivered it) moves it to done as well.
     async fn inbox_ack(&self, tenant: &TenantId, seq: i64, fence: Option<u64>) -> Result<()> {
         let fence = fence.map(|f| to_i64(f, "fence")).transpose()?;

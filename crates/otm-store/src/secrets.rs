@@ -765,6 +765,9 @@ impl Inbox for SealedRegistry {
     async fn inbox_next(&self, tenant: &TenantId) -> Result<Option<InboxItem>> {
         self.inner.inbox_next(tenant).await
     }
+    async fn inbox_head(&self, tenant: &TenantId, limit: usize) -> Result<Vec<InboxItem>> {
+        self.inner.inbox_head(tenant, limit).await
+    }
     async fn inbox_ack(&self, tenant: &TenantId, seq: i64, fence: Option<u64>) -> Result<()> {
         self.inner.inbox_ack(tenant, seq, fence).await
     }

@@ -1462,6 +1462,25 @@ impl Inbox for SqliteRegistry {
         .await
     }
 
+    async fn inbox_head(&self, tenant: &TenantId, limit: usize) -> Result<Vec<InboxItem>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let tenant = tenant.clone();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |c| {
+            collect(
+                c,
+                &format!(
+                    "SELECT {INBOX_COLUMNS} FROM inbox WHERE tenant = ?1 AND state = 'pending' ORDER BY seq LIMIT ?2"
+                ),
+                params![tenant.as_str(), limit],
+                inbox_row,
+            )
+        })
+        .await
+    }
+
     /// Acking a dead-lettered update (an operator redelivered it) moves it to done as well.
     async fn inbox_ack(&self, tenant: &TenantId, seq: i64, fence: Option<u64>) -> Result<()> {
         let tenant = tenant.clone();

@@ -258,6 +258,10 @@ macro_rules! delegate_registry {
                 self.around(RegistryOp::InboxNext, self.inner.inbox_next(tenant))
                     .await
             }
+            async fn inbox_head(&self, tenant: &TenantId, limit: usize) -> Result<Vec<InboxItem>> {
+                self.around(RegistryOp::InboxNext, self.inner.inbox_head(tenant, limit))
+                    .await
+            }
             async fn inbox_ack(
                 &self,
                 tenant: &TenantId,

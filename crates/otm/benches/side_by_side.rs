@@ -46,6 +46,8 @@ struct Plan {
     quick: bool,
     /// Only the floors and the accept rows (`--ingress`), for work on the ingress path.
     ingress_only: bool,
+    /// `--drain`: the floors and the drain rows only.
+    drain_only: bool,
     /// Seconds of each wrk run in the table.
     run_s: u32,
     /// Seconds of each point of the connection sweep.
@@ -75,10 +77,12 @@ fn main() {
     }
     let quick = std::env::args().any(|a| a == "--quick");
     let ingress_only = std::env::args().any(|a| a == "--ingress");
+    let drain_only = std::env::args().any(|a| a == "--drain");
     let plan = if quick {
         Plan {
             quick,
             ingress_only,
+            drain_only,
             run_s: 3,
             sweep_s: 2,
             sweep: &[1, 32],
@@ -92,6 +96,7 @@ fn main() {
         Plan {
             quick,
             ingress_only,
+            drain_only,
             run_s: 8,
             sweep_s: 4,
             sweep: &[1, 4, 16, 32, 64, 128],
@@ -205,12 +210,16 @@ async fn run(plan: Plan) {
     let floor256 = floors[2].1;
 
     // otm's ingress, on SQLite and on PostgreSQL, with deliveries paused and running.
+    // With --drain, none: the drain rows alone.
     let mut registries: Vec<(&str, Option<String>)> = vec![("SQLite", None)];
+    if plan.drain_only {
+        registries.clear();
+    }
     let pg_url = std::env::var("OTM_TEST_POSTGRES_URL").ok();
     let mut pg_schemas = Vec::new();
-    if let Some(pg) = &pg_url {
+    if let Some(pg) = pg_url.as_ref().filter(|_| !plan.drain_only) {
         registries.push(("PostgreSQL", Some(pg.clone())));
-    } else {
+    } else if !plan.drain_only {
         eprintln!("OTM_TEST_POSTGRES_URL is not set: no PostgreSQL rows");
     }
     let mut sweep_otm = Vec::new();
@@ -375,6 +384,7 @@ async fn run(plan: Plan) {
         posted.ok as usize, n,
         "every update of the backlog accepted"
     );
+    eprintln!("draining {n} updates…");
     let cpu0 = cpu_use_ms(&server);
     let (t0, a0) = (Instant::now(), answered());
     drained(per_tenant).await;
@@ -429,6 +439,13 @@ async fn run(plan: Plan) {
         "",
     );
     server.stop().await;
+    if plan.drain_only {
+        println!();
+        println!("otm side by side, drain rows only (--drain): {}", machine());
+        println!();
+        table.print();
+        return;
+    }
 
     // Awake reply latency: through otm, straight to the same agent, through nginx as a proxy.
     eprintln!("awake reply latency…");
