@@ -138,7 +138,8 @@ pub async fn start_with_registry(
     // signed, holds no shim token, and is checked before use.
     // Every call is counted and timed for /metrics.
     let registry_calls = otm_store::RegistryMetrics::default();
-    let backend = wrap(otm_store::open::open_registry(&registry_url).await?);
+    let backend =
+        wrap(otm_store::open::open_registry_metered(&registry_url, &registry_calls).await?);
     let registry = Arc::new(otm_store::SealedRegistry::new(
         Arc::new(otm_store::Metered::new(backend, registry_calls.clone())),
         keys.clone(),

@@ -59,5 +59,5 @@ pub use open::{
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresRegistry;
 pub use secrets::{SealedRegistry, SecretKeys, SignedCoordinator};
-pub use sqlite::SqliteRegistry;
+pub use sqlite::{SqliteRegistry, WriteCounters, WriteStats};
 pub use wrap::{FaultHandle, Faulty, Metered, RegistryMetrics, RegistryOp};

@@ -5,7 +5,7 @@
 //! "unknown". URLs may carry passwords: errors name only the scheme, and the enums keep such
 //! URLs as [`Secret`]s.
 
-use crate::{MemoryCoordinator, ObjectStateStore, SqliteRegistry};
+use crate::{MemoryCoordinator, ObjectStateStore, RegistryMetrics, SqliteRegistry};
 use otm_core::{Coordinator, Error, Registry, Result, Secret, StateStore};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -357,6 +357,22 @@ pub async fn migrate_registry(url: &str) -> Result<Arc<dyn Registry>> {
 /// Opens the registry a URL names.
 pub async fn open_registry(url: &str) -> Result<Arc<dyn Registry>> {
     RegistryBackend::parse(url)?.open().await
+}
+
+/// [`open_registry`], and where the backend counts its group commits (SQLite), `metrics`
+/// exports them from then on.
+pub async fn open_registry_metered(
+    url: &str,
+    metrics: &RegistryMetrics,
+) -> Result<Arc<dyn Registry>> {
+    match RegistryBackend::parse(url)? {
+        RegistryBackend::Sqlite { path } => {
+            let registry = SqliteRegistry::open(&path)?;
+            metrics.watch_writes(registry.write_counters());
+            Ok(Arc::new(registry))
+        }
+        other => other.open().await,
+    }
 }
 
 /// Opens the coordinator a URL names.

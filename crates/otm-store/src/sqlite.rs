@@ -199,6 +199,23 @@ pub struct WriteStats {
     pub syncs: u64,
 }
 
+/// A handle on a registry's [`WriteStats`], read whenever asked.
+#[derive(Clone, Debug)]
+pub struct WriteCounters(Arc<Counters>);
+
+impl WriteCounters {
+    /// What the writer thread has done so far.
+    pub fn get(&self) -> WriteStats {
+        let c = &self.0;
+        WriteStats {
+            jobs: c.jobs.load(Ordering::Relaxed),
+            commits: c.commits.load(Ordering::Relaxed),
+            synced_commits: c.synced_commits.load(Ordering::Relaxed),
+            syncs: c.syncs.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// Shared between the registry and its writer thread.
 #[derive(Debug, Default)]
 struct Counters {
@@ -317,12 +334,12 @@ impl SqliteRegistry {
 
     /// What the writer thread has done so far.
     pub fn write_stats(&self) -> WriteStats {
-        WriteStats {
-            jobs: self.stats.jobs.load(Ordering::Relaxed),
-            commits: self.stats.commits.load(Ordering::Relaxed),
-            synced_commits: self.stats.synced_commits.load(Ordering::Relaxed),
-            syncs: self.stats.syncs.load(Ordering::Relaxed),
-        }
+        self.write_counters().get()
+    }
+
+    /// The writer's counters, to be read later (by `/metrics`) while the registry runs.
+    pub fn write_counters(&self) -> WriteCounters {
+        WriteCounters(self.stats.clone())
     }
 
     /// Runs `work` on the writer thread inside the next group commit, in a savepoint of its

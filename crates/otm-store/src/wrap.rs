@@ -3,20 +3,23 @@
 //! [`Registry`] and are one themselves, so they stack with each other and with
 //! [`crate::SealedRegistry`].
 
+use crate::WriteCounters;
 use async_trait::async_trait;
 use otm_core::{
     Appended, DeadLetters, Error, FailOutcome, FleetSettings, Inbox, InboxItem, InboxView,
     InstanceId, InstanceRecord, InstanceStore, Registry, Result, Tenant, TenantId, TenantStatus,
     TenantStore,
 };
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 /// One registry operation: a method of [`TenantStore`], [`InstanceStore`] or [`Inbox`].
@@ -407,6 +410,8 @@ fn latency_histogram() -> Histogram {
 pub struct RegistryMetrics {
     calls: Family<CallLabels, Counter>,
     seconds: Family<OpLabel, Histogram, fn() -> Histogram>,
+    /// The group commits of a backend that counts them (SQLite), once it was opened.
+    writes: Arc<OnceLock<WriteCounters>>,
 }
 
 impl Default for RegistryMetrics {
@@ -414,7 +419,52 @@ impl Default for RegistryMetrics {
         RegistryMetrics {
             calls: Family::default(),
             seconds: Family::new_with_constructor(latency_histogram),
+            writes: Arc::default(),
         }
+    }
+}
+
+/// Exports a backend's group commits, read at each scrape.
+#[derive(Debug)]
+struct WriteCollector(Arc<OnceLock<WriteCounters>>);
+
+impl Collector for WriteCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::result::Result<(), fmt::Error> {
+        let Some(counters) = self.0.get() else {
+            return Ok(());
+        };
+        let stats = counters.get();
+        for (name, help, value) in [
+            (
+                "registry_write_jobs",
+                "Writes run by the registry's writer thread (SQLite)",
+                stats.jobs,
+            ),
+            (
+                "registry_commits",
+                "Transactions the registry's writer committed: fewer than its writes when group commit batched them",
+                stats.commits,
+            ),
+            (
+                "registry_synced_commits",
+                "Commits synced to disk before their writes were answered; the rest held relaxed writes only",
+                stats.synced_commits,
+            ),
+            (
+                "registry_syncs",
+                "Syncs (fdatasync) of the registry's write-ahead log: fewer than its synced commits when one sync covered several",
+                stats.syncs,
+            ),
+        ] {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                counter.metric_type(),
+            )?)?;
+        }
+        Ok(())
     }
 }
 
@@ -422,6 +472,7 @@ impl RegistryMetrics {
     /// Registers `registry_calls` (a counter: `registry_calls_total{op,outcome}`) and
     /// `registry_call_seconds{op}` (a histogram) in `registry`, under its prefix.
     pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register_collector(Box::new(WriteCollector(self.writes.clone())));
         registry.register(
             "registry_calls",
             "Registry calls, by operation and outcome (ok, or the error's kind)",
@@ -432,6 +483,13 @@ impl RegistryMetrics {
             "Registry call latency, by operation",
             self.seconds.clone(),
         );
+    }
+
+    /// Exports the group commits of `counters`' registry as well (`registry_write_jobs_total`,
+    /// `registry_commits_total`, `registry_synced_commits_total`, `registry_syncs_total`).
+    /// The first registry given is the one exported.
+    pub fn watch_writes(&self, counters: WriteCounters) {
+        let _ = self.writes.set(counters);
     }
 
     /// Calls of `op` that ended with `outcome` so far.

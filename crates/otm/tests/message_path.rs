@@ -216,6 +216,25 @@ async fn metrics_cover_every_phase() {
     assert_eq!(value("otm_deliveries_total{outcome=\"acked\"}"), 1.0);
     assert_eq!(value("otm_instances{state=\"ready\"}"), 1.0);
     assert!(text.contains("otm_accept_seconds_bucket"));
+    // The SQLite registry's group commits: the tenant, the update, its delivery and more were
+    // written; the update's commit was synced before its 200.
+    let (jobs, commits) = (
+        value("otm_registry_write_jobs_total"),
+        value("otm_registry_commits_total"),
+    );
+    let (synced, syncs) = (
+        value("otm_registry_synced_commits_total"),
+        value("otm_registry_syncs_total"),
+    );
+    assert!(jobs >= 3.0, "{jobs} writes");
+    assert!(
+        (1.0..=jobs).contains(&commits),
+        "{commits} commits for {jobs} writes"
+    );
+    assert!(
+        (1.0..=commits).contains(&synced) && (1.0..=synced).contains(&syncs),
+        "{syncs} syncs for {synced} synced commits of {commits}"
+    );
     h.stop().await;
 }
 
