@@ -1,7 +1,7 @@
 //! Dispatchers: one task per tenant with pending updates drains its inbox in order, one update at
 //! a time, waking the tenant as needed (the head of the inbox is read several updates at a
-//! time). An update leaves the inbox only after the agent
-//! acknowledged it; failures retry with backoff and end in the dead-letter list.
+//! time). An update leaves the inbox only after the agent acknowledged it; failures retry with
+//! backoff and end in the dead-letter list.
 
 use crate::app::App;
 use crate::lease::HeldLease;

@@ -1663,9 +1663,6 @@ impl Inbox for PostgresRegistry {
     }
 
     async fn inbox_head(&self, tenant: &TenantId, limit: usize) -> Result<Vec<InboxItem>> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.query(
             concat!(

@@ -1480,9 +1480,6 @@ impl Inbox for SqliteRegistry {
     }
 
     async fn inbox_head(&self, tenant: &TenantId, limit: usize) -> Result<Vec<InboxItem>> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
         let tenant = tenant.clone();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.read(move |c| {
