@@ -169,13 +169,32 @@ pub const MIGRATIONS: &[&str] = &[
 
 /// The embedded registry: one SQLite file.
 ///
-/// Cheap to share behind an `Arc`; dropping the last handle lets the writer finish the queued
-/// jobs and stop.
+/// Cheap to share behind an `Arc`. Dropping the last handle lets the writer finish the queued
+/// jobs, then waits while the writer thread closes every connection of the registry, one after
+/// another: once the drop returns, the file may be opened again.
 pub struct SqliteRegistry {
     path: PathBuf,
-    writer: mpsc::Sender<Box<dyn WriteJob>>,
+    /// Taken on drop, which ends the writer's loop.
+    writer: Option<mpsc::Sender<Box<dyn WriteJob>>>,
+    writer_thread: Option<std::thread::JoinHandle<()>>,
     readers: Arc<ReadPool>,
     stats: Arc<Counters>,
+}
+
+impl Drop for SqliteRegistry {
+    /// Closes the registry's connections on one thread, in order. SQLite 3.51's unix VFS takes
+    /// its global mutex and a file's lock mutex in one order when a connection closes and in the
+    /// other when a connection to the same file locks it: a connection closing on one thread
+    /// while another locks the same file on a second thread can deadlock both, forever.
+    fn drop(&mut self) {
+        drop(self.writer.take());
+        if let Some(thread) = self.writer_thread.take()
+            && thread.thread().id() != std::thread::current().id()
+            && thread.join().is_err()
+        {
+            tracing::error!("the SQLite writer thread panicked");
+        }
+    }
 }
 
 impl fmt::Debug for SqliteRegistry {
@@ -308,21 +327,26 @@ impl SqliteRegistry {
             .name("otm-sqlite-sync".into())
             .spawn(move || sync_loop(sync, to_sync, &thread_stats))
             .map_err(|e| Error::generic(BACKEND, format!("cannot start the sync thread: {e}")))?;
+        let readers = Arc::new(ReadPool {
+            conns: Mutex::new(readers),
+            permits: Arc::new(Semaphore::new(READERS)),
+        });
         let (tx, rx) = mpsc::channel(QUEUE);
         let thread_stats = stats.clone();
-        std::thread::Builder::new()
+        let thread_readers = readers.clone();
+        let writer_thread = std::thread::Builder::new()
             .name("otm-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx, &thread_stats, committed))
+            .spawn(move || {
+                writer_loop(conn, rx, &thread_stats, committed, &thread_readers);
+            })
             .map_err(|e| Error::generic(BACKEND, format!("cannot start the writer thread: {e}")))?;
         tracing::debug!(path = %path.display(), "opened the SQLite registry");
 
         Ok(SqliteRegistry {
             path: path.to_owned(),
-            writer: tx,
-            readers: Arc::new(ReadPool {
-                conns: Mutex::new(readers),
-                permits: Arc::new(Semaphore::new(READERS)),
-            }),
+            writer: Some(tx),
+            writer_thread: Some(writer_thread),
+            readers,
             stats,
         })
     }
@@ -386,7 +410,8 @@ impl SqliteRegistry {
             savepoint,
             durable,
         });
-        self.writer.send(job).await.map_err(|_| writer_gone())?;
+        let writer = self.writer.as_ref().ok_or_else(writer_gone)?;
+        writer.send(job).await.map_err(|_| writer_gone())?;
         answer.await.map_err(|_| writer_gone())?
     }
 
@@ -566,11 +591,14 @@ impl From<rusqlite::Error> for BatchError {
     }
 }
 
+/// Runs batches until the registry is dropped, then closes the registry's connections: the
+/// readers first, then its own, the last, which checkpoints the WAL and removes it.
 fn writer_loop(
     mut conn: Connection,
     mut rx: mpsc::Receiver<Box<dyn WriteJob>>,
     stats: &Counters,
     committed: std::sync::mpsc::Sender<Vec<Box<dyn WriteJob>>>,
+    readers: &ReadPool,
 ) {
     let mut state = WriterState { freed: true };
     let mut batch: Vec<Box<dyn WriteJob>> = Vec::with_capacity(MAX_BATCH);
@@ -623,7 +651,22 @@ fn writer_loop(
             job.finish(outcome.as_ref().map(|_| ()));
         }
     }
+    drop(committed);
+    close_readers(readers);
+    drop(conn);
     tracing::debug!("the SQLite writer stopped");
+}
+
+/// Closes the pooled read connections on this thread, after the reads still running (a read
+/// whose caller gave up runs to its end) have put theirs back; one still out after a while is
+/// closed by its read.
+fn close_readers(readers: &ReadPool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while readers.permits.available_permits() < READERS && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let conns = std::mem::take(&mut *readers.conns.lock().unwrap_or_else(|e| e.into_inner()));
+    drop(conns);
 }
 
 /// Makes committed batches durable, then answers their jobs: one `fdatasync` of the WAL for
@@ -1830,6 +1873,59 @@ mod tests {
             r.inbox_append(&id, 8, b"{}").await.unwrap(),
             Appended::Stored { seq: 2 }
         );
+    }
+
+    /// Dropping a registry while its reads and writes are in flight, then opening the file
+    /// again at once, many times over: each drop closes every connection before it returns, so
+    /// no connection closes while another locks the file (which deadlocks SQLite 3.51's VFS).
+    #[test]
+    fn reopening_at_once_while_calls_are_in_flight_never_hangs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let (done, finished) = std::sync::mpsc::channel();
+        let worker = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let id = TenantId::parse("alice").unwrap();
+                SqliteRegistry::open(&path)
+                    .unwrap()
+                    .create_tenant(&tenant("alice"))
+                    .await
+                    .unwrap();
+                for round in 0..150_i64 {
+                    let r = Arc::new(SqliteRegistry::open(&path).unwrap());
+                    let mut calls = Vec::new();
+                    for k in 0..4_i64 {
+                        let (r, id) = (r.clone(), id.clone());
+                        calls.push(tokio::spawn(async move {
+                            let _ = r.get_tenant(&id).await;
+                            let _ = r.inbox_append(&id, round * 4 + k, b"{}").await;
+                            let _ = r.inbox_depth(&id).await;
+                        }));
+                    }
+                    // Some calls are cut off mid-way; their reads still run to the end.
+                    tokio::task::yield_now().await;
+                    for call in &calls {
+                        call.abort();
+                    }
+                    drop(r);
+                    for call in calls {
+                        let _ = call.await;
+                    }
+                }
+                let r = SqliteRegistry::open(&path).unwrap();
+                assert!(r.get_tenant(&id).await.unwrap().is_some());
+            });
+            done.send(()).unwrap();
+        });
+        finished
+            .recv_timeout(Duration::from_secs(300))
+            .expect("opening, using and dropping the registry deadlocked");
+        worker.join().unwrap();
     }
 
     #[tokio::test]
