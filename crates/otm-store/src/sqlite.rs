@@ -889,6 +889,11 @@ fn is_constraint(e: &rusqlite::Error) -> bool {
     e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation)
 }
 
+fn is_unique(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE)
+}
+
 fn is_foreign_key(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _)
         if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY)
@@ -1469,37 +1474,30 @@ impl Inbox for SqliteRegistry {
     ) -> Result<Appended> {
         let tenant = tenant.clone();
         let payload = payload.to_vec();
-        // A look, then an insert unless the update was seen, rather than INSERT … ON CONFLICT
-        // DO NOTHING, which would still take a sequence number and leave a gap for every
-        // duplicate. The single writer makes the look-then-insert atomic. The insert is one row
-        // of VALUES, which SQLite undoes by itself should it fail (INSERT … SELECT would need a
-        // statement journal, written for every append), so no savepoint either. A missing
-        // tenant fails the foreign key.
+        // A plain insert: the unique (tenant, update_id) index finds a duplicate in the same
+        // descent that places the new entry, and the insert then fails before it writes
+        // anything, taking no sequence number (INSERT … ON CONFLICT DO NOTHING would take one
+        // and leave a gap). The insert is one row of VALUES, which SQLite undoes by itself
+        // should it fail (INSERT … SELECT would need a statement journal, written for every
+        // append), so no savepoint either. A missing tenant fails the foreign key.
         // The new row's seq is its rowid, read back without `RETURNING` (which buffers the
         // returned rows in a temporary table of its own).
         self.write_append(move |c| {
-            let seen = c
-                .prepare_cached("SELECT 1 FROM inbox WHERE tenant = ?1 AND update_id = ?2")
-                .and_then(|mut s| s.exists(params![tenant.as_str(), update_id]))
-                .map_err(db)?;
-            if seen {
-                return Ok(Appended::Duplicate);
+            let inserted = c
+                .prepare_cached(
+                    "INSERT INTO inbox (tenant, update_id, payload, accepted_at_ms) \
+                     VALUES (?1, ?2, ?3, ?4)",
+                )
+                .and_then(|mut s| {
+                    let now = otm_core::time::now_ms();
+                    s.execute(params![tenant.as_str(), update_id, payload, now])
+                });
+            match inserted {
+                Ok(_) => {}
+                Err(e) if is_unique(&e) => return Ok(Appended::Duplicate),
+                Err(e) if is_foreign_key(&e) => return Err(record::tenant_not_found(&tenant)),
+                Err(e) => return Err(db(e)),
             }
-            c.prepare_cached(
-                "INSERT INTO inbox (tenant, update_id, payload, accepted_at_ms) \
-                 VALUES (?1, ?2, ?3, ?4)",
-            )
-            .and_then(|mut s| {
-                let now = otm_core::time::now_ms();
-                s.execute(params![tenant.as_str(), update_id, payload, now])
-            })
-            .map_err(|e| {
-                if is_foreign_key(&e) {
-                    record::tenant_not_found(&tenant)
-                } else {
-                    db(e)
-                }
-            })?;
             Ok(Appended::Stored {
                 seq: c.last_insert_rowid(),
             })
@@ -1926,6 +1924,39 @@ mod tests {
             .recv_timeout(Duration::from_secs(300))
             .expect("opening, using and dropping the registry deadlocked");
         worker.join().unwrap();
+    }
+
+    /// A duplicate found by the unique index fails its insert alone: the appends batched with
+    /// it are stored, and the sequence has no gap where it was refused.
+    #[tokio::test]
+    async fn duplicates_in_a_batch_take_no_sequence_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Arc::new(SqliteRegistry::open(&dir.path().join("r.db")).unwrap());
+        r.create_tenant(&tenant("alice")).await.unwrap();
+        let id = TenantId::parse("alice").unwrap();
+        for u in 0..10 {
+            r.inbox_append(&id, u, b"{}").await.unwrap();
+        }
+        // Updates 5..15 at once: 5..10 are duplicates, 10..15 new, in one or a few batches.
+        let calls: Vec<_> = (5..15)
+            .map(|u| {
+                let (r, id) = (r.clone(), id.clone());
+                tokio::spawn(async move { (u, r.inbox_append(&id, u, b"{}").await.unwrap()) })
+            })
+            .collect();
+        let mut seqs = Vec::new();
+        for call in calls {
+            match call.await.unwrap() {
+                (u, Appended::Duplicate) => assert!(u < 10, "update {u} is new"),
+                (u, Appended::Stored { seq }) => {
+                    assert!(u >= 10, "update {u} was stored before");
+                    seqs.push(seq);
+                }
+            }
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, (11..16).collect::<Vec<i64>>());
+        assert_eq!(r.inbox_depth(&id).await.unwrap(), 15);
     }
 
     #[tokio::test]
