@@ -156,6 +156,70 @@ impl Layout {
     }
 }
 
+impl Layout {
+    /// otm's parent directories, one per hierarchy.
+    fn parents(&self) -> Vec<PathBuf> {
+        match self {
+            Layout::V2 { root } => vec![root.join("otm")],
+            Layout::V1 {
+                memory,
+                pids,
+                cpu,
+                freezer,
+            } => [memory, pids, cpu, freezer]
+                .into_iter()
+                .flatten()
+                .map(|p| p.join("otm"))
+                .collect(),
+        }
+    }
+
+    /// Removes the instance cgroups that hold no process and were made more than `min_age`
+    /// ago: those of instances whose otm was killed before it could remove them. A younger
+    /// empty one may belong to an instance that another otm on this host is starting (its first
+    /// process joins just after the directories are made), so it stays. Returns what was removed.
+    pub fn remove_leftovers(&self, min_age: Duration) -> Vec<PathBuf> {
+        remove_leftovers_in(&self.parents(), min_age)
+    }
+}
+
+fn remove_leftovers_in(parents: &[PathBuf], min_age: Duration) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    for parent in parents {
+        let Ok(listing) = std::fs::read_dir(parent) else {
+            continue;
+        };
+        for entry in listing.flatten() {
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let dir = entry.path();
+            let young = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_none_or(|age| age < min_age);
+            let inner = tree(&dir);
+            let busy = inner.iter().any(|d| {
+                std::fs::read_to_string(d.join("cgroup.procs"))
+                    .map(|p| !p.trim().is_empty())
+                    .unwrap_or(true)
+            });
+            if young || busy {
+                continue;
+            }
+            for d in inner.iter().rev() {
+                let _ = std::fs::remove_dir(d);
+            }
+            if !dir.exists() {
+                removed.push(dir);
+            }
+        }
+    }
+    removed
+}
+
 /// The name of the agent's cgroup below the instance's.
 pub const AGENT: &str = "agent";
 
@@ -511,6 +575,54 @@ mod tests {
         for d in cg.dirs() {
             assert!(!d.exists(), "{} is left behind", d.display());
         }
+    }
+
+    /// Empty instance cgroups older than the given age are removed, inner ones first; one
+    /// with a process, or younger, stays.
+    #[test]
+    fn leftover_cgroups_are_removed_and_live_ones_kept() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: creating cgroups needs root");
+            return;
+        }
+        let Some(Layout::V1 {
+            pids: Some(pids), ..
+        }) = Layout::detect()
+        else {
+            eprintln!("skipped: no cgroup v1 pids hierarchy on this host");
+            return;
+        };
+        // A parent of this test's own, so that no other test's cgroups are swept.
+        let parent = pids.join(format!("otm-test-{}", InstanceId::random()));
+        let (left, live) = (parent.join("left"), parent.join("live"));
+        for d in [left.join(AGENT), live.join(AGENT)] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let mut child = sleeper(&[live.join(AGENT).join("cgroup.procs")]);
+        let parents = [parent.clone()];
+
+        assert_eq!(
+            remove_leftovers_in(&parents, Duration::from_secs(3600)),
+            Vec::<PathBuf>::new(),
+            "young cgroups stay"
+        );
+        assert_eq!(
+            remove_leftovers_in(&parents, Duration::ZERO),
+            vec![left.clone()]
+        );
+        assert!(!left.exists());
+        assert!(live.join(AGENT).is_dir(), "a cgroup with a process stays");
+
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // The kernel empties a cgroup once its last process is reaped.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while remove_leftovers_in(&parents, Duration::ZERO).is_empty() && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!live.exists());
+        std::fs::remove_dir(&parent).unwrap();
     }
 
     #[test]

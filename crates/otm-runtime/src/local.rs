@@ -46,6 +46,9 @@ const TMP_BYTES: u64 = 256 << 20;
 const NOFILE: u64 = 4096;
 /// Largest record file read back.
 const MAX_RECORD: u64 = 64 << 10;
+/// How old an empty instance cgroup must be before a starting runtime removes it as left over
+/// (see [`Layout::remove_leftovers`]).
+const LEFTOVER_CGROUP_AGE: Duration = Duration::from_secs(60);
 
 /// Whether to sandbox instances.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -211,7 +214,16 @@ impl LocalRuntime {
                 Some("no cgroup hierarchy with memory and pids controllers is mounted".to_owned()),
             ),
             Some(layout) => match layout.prepare() {
-                Ok(()) => (Some(layout), None),
+                Ok(()) => {
+                    let removed = layout.remove_leftovers(LEFTOVER_CGROUP_AGE);
+                    if !removed.is_empty() {
+                        tracing::info!(
+                            count = removed.len(),
+                            "removed the empty cgroups of instances that no otm removed"
+                        );
+                    }
+                    (Some(layout), None)
+                }
                 Err(e) => (None, Some(format!("cannot create otm's cgroups: {e}"))),
             },
         };
