@@ -72,7 +72,13 @@ struct Bot {
     /// Set from an upstream 429: nothing of this bot goes out before.
     blocked_until: Option<Instant>,
     chats: HashMap<String, Chat>,
+    /// The size past which `chats` is next pruned: twice what the last pruning kept, so that a
+    /// bot writing to many chats a minute prunes now and then, not at every message.
+    prune_above: usize,
 }
+
+/// Chats a bot keeps before quiet ones are forgotten.
+const MIN_PRUNE_ABOVE: usize = 64;
 
 #[derive(Debug, Default)]
 struct Chat {
@@ -140,12 +146,14 @@ impl BotLimiter {
             slot = slot.max(next);
         }
         let minute = Duration::from_secs(60);
-        // Forget chats that have been quiet for a minute, so the map stays small.
-        if b.chats.len() > 64 {
+        // Forget chats that have been quiet for a minute, so the map stays within twice the
+        // chats of the last minute.
+        if b.chats.len() > b.prune_above.max(MIN_PRUNE_ABOVE) {
             b.chats.retain(|_, c| {
                 c.next.is_some_and(|n| n + minute > now)
                     || c.group_slots.back().is_some_and(|s| *s + minute > now)
             });
+            b.prune_above = b.chats.len().saturating_mul(2);
         }
         if let Some(chat) = chat {
             let c = b.chats.entry(chat.to_owned()).or_default();
@@ -290,6 +298,48 @@ mod tests {
         );
         // Calls that are not messages do not wait.
         assert_eq!(l.admit(&t(), false, None, now), Admission::At(now));
+    }
+
+    fn chats(l: &BotLimiter) -> usize {
+        l.bots
+            .lock()
+            .unwrap()
+            .get(&t())
+            .map_or(0, |b| b.chats.len())
+    }
+
+    /// Quiet chats are forgotten once the map outgrows twice what the last pruning kept; a bot
+    /// busy in a thousand chats does not scan them all at every message.
+    #[test]
+    fn quiet_chats_are_forgotten_now_and_then() {
+        let l = BotLimiter::new(BotLimits {
+            per_bot: Duration::ZERO,
+            ..Default::default()
+        });
+        let now = Instant::now();
+        for chat in 0..1000 {
+            assert_eq!(
+                l.admit(&t(), true, Some(&chat.to_string()), now),
+                Admission::At(now)
+            );
+        }
+        assert_eq!(chats(&l), 1000, "every chat of the last minute is kept");
+        let prune_above = l.bots.lock().unwrap()[&t()].prune_above;
+        assert!(
+            (1000..2000).contains(&prune_above),
+            "pruned a few times on the way, not at every message: {prune_above}"
+        );
+        // A minute later, new chats: the quiet ones go at the next pruning.
+        let later = now + Duration::from_secs(61);
+        for chat in 1000..1100 {
+            l.admit(&t(), true, Some(&chat.to_string()), later);
+        }
+        assert!(chats(&l) <= 100, "{} chats kept", chats(&l));
+        assert_eq!(
+            l.admit(&t(), true, Some("1099"), later),
+            Admission::At(later + Duration::from_secs(1)),
+            "a recent chat is still paced"
+        );
     }
 
     #[test]
