@@ -332,8 +332,10 @@ impl PodRunner for ContainerRunner {
                     }
                 }
             };
-            let _ = exit_tx.send(Some(code));
+            // Removed before the exit is told: as a kubelet's, a pod that is gone from the API
+            // has no container left.
             live.remove(&container).await;
+            let _ = exit_tx.send(Some(code));
         });
         Ok(Box::new(ContainerWorkload {
             signals,
