@@ -154,9 +154,7 @@ impl Layout {
             }
         }
     }
-}
 
-impl Layout {
     /// otm's parent directories, one per hierarchy.
     fn parents(&self) -> Vec<PathBuf> {
         match self {
@@ -193,25 +191,25 @@ fn remove_leftovers_in(parents: &[PathBuf], min_age: Duration) -> Vec<PathBuf> {
             if !entry.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }
-            let dir = entry.path();
             let young = entry
                 .metadata()
                 .and_then(|m| m.modified())
                 .ok()
                 .and_then(|t| t.elapsed().ok())
                 .is_none_or(|age| age < min_age);
-            let inner = tree(&dir);
-            let busy = inner.iter().any(|d| {
+            if young {
+                continue;
+            }
+            let dir = entry.path();
+            let busy = tree(&dir).iter().any(|d| {
                 std::fs::read_to_string(d.join("cgroup.procs"))
                     .map(|p| !p.trim().is_empty())
                     .unwrap_or(true)
             });
-            if young || busy {
+            if busy {
                 continue;
             }
-            for d in inner.iter().rev() {
-                let _ = std::fs::remove_dir(d);
-            }
+            remove_tree(&dir);
             if !dir.exists() {
                 removed.push(dir);
             }
@@ -492,10 +490,15 @@ impl InstanceCgroup {
     /// Removes the (empty) directories, inner ones (the agent's) first.
     pub fn remove(&self) {
         for d in self.dirs() {
-            for inner in tree(d).into_iter().rev() {
-                let _ = std::fs::remove_dir(inner);
-            }
+            remove_tree(d);
         }
+    }
+}
+
+/// Removes the (empty) cgroup `dir`, the cgroups below it first.
+fn remove_tree(dir: &Path) {
+    for d in tree(dir).into_iter().rev() {
+        let _ = std::fs::remove_dir(d);
     }
 }
 
