@@ -78,6 +78,10 @@ pub struct LocalRuntimeConfig {
     pub egress_dir: Option<PathBuf>,
     /// First uid of the range instances run as when otm runs as root.
     pub uid_base: u32,
+    /// Whether otm, as root on a host whose hierarchies lack it, turns the kernel's
+    /// `favordynmods` on ([`crate::cgroup::favor_dynamic_moves`]): 10 to 20 ms less per cold
+    /// start, for a kernel-wide change.
+    pub favor_dynmods: bool,
 }
 
 /// The default first uid of instances (65,536 are used from there).
@@ -215,6 +219,24 @@ impl LocalRuntime {
             ),
             Some(layout) => match layout.prepare() {
                 Ok(()) => {
+                    if root && config.favor_dynmods {
+                        use crate::cgroup::{
+                            FAVORDYNMODS_MOUNT, FavorDynmods, favor_dynamic_moves,
+                        };
+                        match favor_dynamic_moves(Path::new(FAVORDYNMODS_MOUNT)) {
+                            Ok(FavorDynmods::Mounted(at)) => tracing::info!(
+                                at = %at.display(),
+                                "mounted a cgroup hierarchy with favordynmods: moving an instance into its cgroups no longer waits for the kernel"
+                            ),
+                            Ok(FavorDynmods::AlreadyOn(at)) => {
+                                tracing::debug!(at = %at.display(), "favordynmods is on")
+                            }
+                            Err(e) => tracing::warn!(
+                                error = %e,
+                                "cannot turn the kernel's favordynmods on: each instance start waits 10 to 20 ms more"
+                            ),
+                        }
+                    }
                     let removed = layout.remove_leftovers(LEFTOVER_CGROUP_AGE);
                     if !removed.is_empty() {
                         tracing::info!(

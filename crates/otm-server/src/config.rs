@@ -192,6 +192,12 @@ pub struct Settings {
     /// must belong to nobody else.
     #[arg(long, env = "OTM_SANDBOX_UID_BASE", default_value_t = otm_runtime::local::DEFAULT_UID_BASE)]
     pub sandbox_uid_base: u32,
+    /// On a host whose cgroup hierarchies lack the kernel's `favordynmods`, otm (as root)
+    /// mounts an empty cgroup hierarchy with it at /run/otm/cgroup-favordynmods: moving an
+    /// instance into its cgroups then no longer waits 10 to 20 ms for the kernel, at the cost
+    /// of slightly slower forks and exits host-wide. `umount` it to undo.
+    #[arg(long, env = "OTM_CGROUP_FAVORDYNMODS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cgroup_favordynmods: bool,
     /// Accept tenants on the `probe` profile: the reference agent answering `/sh <command>` with
     /// the command's output, run inside the sandbox. For testing sandboxes only.
     #[arg(long, env = "OTM_ALLOW_PROBE_PROFILE")]

@@ -189,6 +189,7 @@ pub async fn start_with_registry(
             read_only,
             egress_dir: Some(egress_dir.clone()),
             uid_base: settings.sandbox_uid_base,
+            favor_dynmods: settings.cgroup_favordynmods,
         })?)
     } else {
         Arc::new(crate::remote::NoRuntime)

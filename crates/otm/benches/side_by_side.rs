@@ -48,6 +48,8 @@ struct Plan {
     ingress_only: bool,
     /// `--drain`: the floors and the drain rows only.
     drain_only: bool,
+    /// `--wakes`: the wake rows only (cold, warm pool, frozen), with more wakes each.
+    wakes_only: bool,
     /// Seconds of each wrk run in the table.
     run_s: u32,
     /// Seconds of each point of the connection sweep.
@@ -78,11 +80,13 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let ingress_only = std::env::args().any(|a| a == "--ingress");
     let drain_only = std::env::args().any(|a| a == "--drain");
-    let plan = if quick {
+    let wakes_only = std::env::args().any(|a| a == "--wakes");
+    let mut plan = if quick {
         Plan {
             quick,
             ingress_only,
             drain_only,
+            wakes_only,
             run_s: 3,
             sweep_s: 2,
             sweep: &[1, 32],
@@ -97,6 +101,7 @@ fn main() {
             quick,
             ingress_only,
             drain_only,
+            wakes_only,
             run_s: 8,
             sweep_s: 4,
             sweep: &[1, 4, 16, 32, 64, 128],
@@ -107,6 +112,9 @@ fn main() {
             backlog: 4000,
         }
     };
+    if wakes_only {
+        plan.wakes = if quick { 5 } else { 30 };
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -155,6 +163,14 @@ async fn run(plan: Plan) {
         .build()
         .unwrap();
     let mut table = Table::default();
+    if plan.wakes_only {
+        wake_rows(&plan, dir.path(), &tg, &http, &mut table, &out_dir).await;
+        println!();
+        println!("otm side by side, wake rows only (--wakes): {}", machine());
+        println!();
+        table.print();
+        return;
+    }
 
     // The HTTP floor: nginx answering 200 to the same POSTs.
     let agent_dir = dir.path().join("agent");
@@ -629,23 +645,7 @@ async fn run(plan: Plan) {
     );
 
     // Wakes from the frozen tier through the admin API, by phase.
-    let mut totals = Vec::new();
-    let mut phases: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
-    for _ in 0..plan.wakes {
-        server.wait_frozen(&http, "awake").await;
-        let (s, v) = server
-            .api(&http, reqwest::Method::POST, "/tenants/awake/wake", None)
-            .await;
-        assert_eq!(s, 200, "{v}");
-        assert_eq!(v["path"], "frozen", "{v}");
-        totals.push(v["total_ms"].as_f64().unwrap());
-        for (k, ms) in v["phases_ms"].as_object().unwrap() {
-            phases
-                .entry(k.clone())
-                .or_default()
-                .push(ms.as_f64().unwrap());
-        }
-    }
+    let (totals, phases) = server.frozen_wakes(&http, "awake", plan.wakes).await;
     table.row(
         &format!(
             "wake, frozen tier, reference agent in the bubblewrap sandbox ({} wakes, admin API's answers)",
@@ -763,6 +763,66 @@ fn phase_p50s(phases: &std::collections::BTreeMap<String, Vec<f64>>) -> Vec<(Str
             .unwrap_or(PHASE_ORDER.len())
     });
     out
+}
+
+/// `--wakes`: cold, warm-pool and frozen wakes of one tenant on the reference agent in the
+/// bubblewrap sandbox, by phase, and their plot.
+async fn wake_rows(
+    plan: &Plan,
+    dir: &Path,
+    tg: &FakeTelegram,
+    http: &reqwest::Client,
+    table: &mut Table,
+    out_dir: &Path,
+) {
+    eprintln!("wakes…");
+    let server = OtmServer::start(&dir.join("otm-wakes"), tg, None, "auto").await;
+    let bot = "7200:AWAKE";
+    let secret = server.tenant(http, tg, "awake", bot, "reference").await;
+    // The first wake, and the first reply, bring the binaries' pages in.
+    reply_once(
+        http,
+        tg,
+        &format!("{}/tg/awake", server.public),
+        &secret,
+        bot,
+        1,
+    )
+    .await;
+    let mut runs = Vec::new();
+    for warm in [false, true] {
+        let (totals, phases) = server.wakes(http, "awake", plan.wakes, warm).await;
+        let kind = if warm { "warm pool" } else { "cold" };
+        table.row(
+            &format!("wake, {kind}, reference agent in the bubblewrap sandbox ({} wakes, admin API's answers)", plan.wakes),
+            "the agent's own start is inside `ready`",
+            &wake_text(&totals, &phases),
+            "",
+        );
+        runs.push((kind, totals, phases));
+    }
+    let (s, v) = server
+        .api(
+            http,
+            reqwest::Method::PATCH,
+            "/tenants/awake",
+            Some(json!({"freeze_after_s": 1})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (totals, phases) = server.frozen_wakes(http, "awake", plan.wakes).await;
+    table.row(
+        &format!(
+            "wake, frozen tier, reference agent in the bubblewrap sandbox ({} wakes, admin API's answers)",
+            plan.wakes
+        ),
+        "",
+        &wake_text(&totals, &phases),
+        "",
+    );
+    runs.push(("frozen", totals, phases));
+    server.stop().await;
+    plot_wakes(&out_dir.join("wake-phases.svg"), &runs);
 }
 
 fn wake_text(totals: &[f64], phases: &std::collections::BTreeMap<String, Vec<f64>>) -> String {
@@ -1565,6 +1625,39 @@ impl OtmServer {
     }
 
     /// Waits until the tenant is frozen (its `freeze_after_s` is short).
+    /// `n` wakes from the frozen tier through the admin API: (totals, phases) as `wakes`. The
+    /// tenant has a short `freeze_after_s`.
+    async fn frozen_wakes(
+        &self,
+        http: &reqwest::Client,
+        id: &str,
+        n: usize,
+    ) -> (Vec<f64>, std::collections::BTreeMap<String, Vec<f64>>) {
+        let mut totals = Vec::new();
+        let mut phases: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+        for _ in 0..n {
+            self.wait_frozen(http, id).await;
+            let (s, v) = self
+                .api(
+                    http,
+                    reqwest::Method::POST,
+                    &format!("/tenants/{id}/wake"),
+                    None,
+                )
+                .await;
+            assert_eq!(s, 200, "{v}");
+            assert_eq!(v["path"], "frozen", "{v}");
+            totals.push(v["total_ms"].as_f64().unwrap());
+            for (k, ms) in v["phases_ms"].as_object().unwrap() {
+                phases
+                    .entry(k.clone())
+                    .or_default()
+                    .push(ms.as_f64().unwrap());
+            }
+        }
+        (totals, phases)
+    }
+
     async fn wait_frozen(&self, http: &reqwest::Client, id: &str) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

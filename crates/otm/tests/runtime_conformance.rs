@@ -17,6 +17,7 @@ fn runtime(data_dir: &Path, sandbox: SandboxMode) -> LocalRuntime {
         read_only: vec![],
         egress_dir: None,
         uid_base: otm_runtime::local::DEFAULT_UID_BASE,
+        favor_dynmods: true,
     })
     .unwrap()
 }
@@ -255,6 +256,7 @@ fn a_data_dir_inside_a_shown_directory_is_refused() {
         read_only: vec![prefix.clone()],
         egress_dir: None,
         uid_base: otm_runtime::local::DEFAULT_UID_BASE,
+        favor_dynmods: true,
     })
     .unwrap_err()
     .to_string();
@@ -282,6 +284,7 @@ fn a_data_dir_beside_the_binary_is_refused() {
         read_only: vec![],
         egress_dir: None,
         uid_base: otm_runtime::local::DEFAULT_UID_BASE,
+        favor_dynmods: true,
     })
     .unwrap_err()
     .to_string();
