@@ -218,65 +218,72 @@ async fn wake_locked(
     let mut phases: Vec<(String, u64)> =
         vec![("prepare".into(), begun.elapsed().as_millis() as u64)];
     let mark = Instant::now();
-    // Claim a warm instance, or create one.
-    let claimed = match app.registry().claim_warm_instance(tenant).await? {
-        Some(rec) => claim_warm(app, rec, tenant, &limits).await,
-        None => None,
-    };
-    let (mut rec, path) = match claimed {
-        Some(rec) => (rec, WakePath::Warm),
-        None => {
-            if let Err(e) = make_room(app, &fleet, tenant).await {
-                let _ = app
-                    .registry()
-                    .set_tenant_status(tenant, TenantStatus::Idle, Some(fence))
-                    .await;
-                return Err(e);
-            }
-            if let (true, Some(chat), Some(token)) =
-                (t.cold_start_notice, chat, t.bot_token.as_ref())
-            {
-                let notice = app
-                    .telegram()
-                    .send_message(token, chat, "Starting up, one moment…");
-                match tokio::time::timeout(Duration::from_secs(3), notice).await {
-                    Ok(Ok(())) => app.metrics().reconciler("cold_start_notice"),
-                    Ok(Err(e)) => tracing::warn!(%tenant, error = %e, "cold-start notice failed"),
-                    Err(_) => tracing::warn!(%tenant, "cold-start notice timed out"),
-                }
-            }
-            let id = InstanceId::random();
-            let spec = InstanceSpec {
-                shim_token: app.keys().shim_token(&id),
-                id,
-                tenant: Some(tenant.clone()),
-                limits,
-                profile: Some(t.profile.clone()),
-            };
-            let created = match app.runtime().create(&spec).await {
-                Ok(c) => c,
-                Err(e) => {
+    // Claim a warm instance, or create one, while the newest snapshot is fetched.
+    let instance = async {
+        let claimed = match app.registry().claim_warm_instance(tenant).await? {
+            Some(rec) => claim_warm(app, rec, tenant, &limits).await,
+            None => None,
+        };
+        let (rec, path) = match claimed {
+            Some(rec) => (rec, WakePath::Warm),
+            None => {
+                if let Err(e) = make_room(app, &fleet, tenant).await {
                     let _ = app
                         .registry()
                         .set_tenant_status(tenant, TenantStatus::Idle, Some(fence))
                         .await;
                     return Err(e);
                 }
-            };
-            let now = app.clock().now_ms();
-            let rec = InstanceRecord {
-                id: spec.id,
-                tenant: Some(tenant.clone()),
-                state: InstanceState::Binding,
-                address: created.address,
-                shim_token: spec.shim_token,
-                surrogate_digest: None,
-                created_at_ms: now,
-                bound_at_ms: Some(now),
-            };
-            (rec, WakePath::Cold)
-        }
+                if let (true, Some(chat), Some(token)) =
+                    (t.cold_start_notice, chat, t.bot_token.as_ref())
+                {
+                    let notice =
+                        app.telegram()
+                            .send_message(token, chat, "Starting up, one moment…");
+                    match tokio::time::timeout(Duration::from_secs(3), notice).await {
+                        Ok(Ok(())) => app.metrics().reconciler("cold_start_notice"),
+                        Ok(Err(e)) => {
+                            tracing::warn!(%tenant, error = %e, "cold-start notice failed")
+                        }
+                        Err(_) => tracing::warn!(%tenant, "cold-start notice timed out"),
+                    }
+                }
+                let id = InstanceId::random();
+                let spec = InstanceSpec {
+                    shim_token: app.keys().shim_token(&id),
+                    id,
+                    tenant: Some(tenant.clone()),
+                    limits,
+                    profile: Some(t.profile.clone()),
+                };
+                let created = match app.runtime().create(&spec).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = app
+                            .registry()
+                            .set_tenant_status(tenant, TenantStatus::Idle, Some(fence))
+                            .await;
+                        return Err(e);
+                    }
+                };
+                let now = app.clock().now_ms();
+                let rec = InstanceRecord {
+                    id: spec.id,
+                    tenant: Some(tenant.clone()),
+                    state: InstanceState::Binding,
+                    address: created.address,
+                    shim_token: spec.shim_token,
+                    surrogate_digest: None,
+                    created_at_ms: now,
+                    bound_at_ms: Some(now),
+                };
+                (rec, WakePath::Cold)
+            }
+        };
+        Ok((rec, path))
     };
+    let (prefetched, instance) = tokio::join!(prefetch_newest(app, tenant), instance);
+    let (mut rec, path) = instance?;
     let first = if path == WakePath::Warm {
         "claim"
     } else {
@@ -284,7 +291,7 @@ async fn wake_locked(
     };
     phases.push((first.to_owned(), mark.elapsed().as_millis() as u64));
 
-    let result = bind(app, &t, &mut rec, fence, &mut phases).await;
+    let result = bind(app, &t, &mut rec, fence, prefetched, &mut phases).await;
     if let Err(e) = result {
         tracing::error!(%tenant, instance = %rec.id, error = %e, "wake failed");
         discard(app, &rec).await;
@@ -352,6 +359,7 @@ async fn bind(
     t: &otm_core::Tenant,
     rec: &mut InstanceRecord,
     fence: u64,
+    prefetched: Result<Option<Prefetch>>,
     phases: &mut Vec<(String, u64)>,
 ) -> Result<()> {
     let tenant = &t.id;
@@ -363,11 +371,15 @@ async fn bind(
     ));
     rec.surrogate_digest = Some(surrogate.digest());
     rec.state = InstanceState::Binding;
-    app.registry().put_instance(rec, Some(fence)).await?;
-
     let shim = ShimClient::new(rec.address.clone(), rec.shim_token.clone());
     let restoring = Instant::now();
-    restore_newest(app, tenant, &shim).await?;
+    // The instance is recorded (a wake that dies from here on leaves it to be cleaned up) while
+    // the snapshot goes in.
+    let (recorded, restored) = tokio::join!(app.registry().put_instance(rec, Some(fence)), async {
+        restore_newest(app, tenant, &shim, prefetched?).await
+    });
+    recorded?;
+    restored?;
     phases.push(("restore".into(), restoring.elapsed().as_millis() as u64));
 
     let req = BindRequest {
@@ -406,13 +418,16 @@ async fn bind(
     // `record`: publishing the ready instance (registry writes, endpoint cache).
     let recording = Instant::now();
     rec.state = InstanceState::Ready;
-    app.registry().put_instance(rec, Some(fence)).await?;
-    app.registry()
-        .set_tenant_status(tenant, TenantStatus::Running, Some(fence))
-        .await?;
-    app.registry()
-        .touch_tenant(tenant, app.clock().now_ms())
-        .await?;
+    // Three writes at once: one group commit, one sync.
+    let (put, status, touched) = tokio::join!(
+        app.registry().put_instance(rec, Some(fence)),
+        app.registry()
+            .set_tenant_status(tenant, TenantStatus::Running, Some(fence)),
+        app.registry().touch_tenant(tenant, app.clock().now_ms()),
+    );
+    put?;
+    status?;
+    touched?;
     app.coordinator()
         .set_endpoint(tenant, &Endpoint::from(&*rec), ENDPOINT_TTL)
         .await?;
@@ -1159,40 +1174,95 @@ pub async fn reconcile(app: &Arc<App>) -> Result<()> {
     Ok(())
 }
 
-/// Restores the tenant's newest snapshot that works into the instance: the head, or, when it
-/// fails for any reason (missing, damaged, refused by the checksum, the test decode or the
-/// instance), the newest older one, with each skipped snapshot and why recorded (log, metrics,
-/// the tenant's `last_restore_fallback`). A store or instance that cannot be reached fails the
-/// wake instead (it is retried): an older snapshot would fare no better there, and falling back
-/// over a passing outage would drop newer state. Nothing to do for a tenant without snapshots.
-async fn restore_newest(app: &Arc<App>, tenant: &TenantId, shim: &ShimClient) -> Result<()> {
+/// The tenant's newest snapshot, fetched from the state store and test-decoded into a spool
+/// file (or why it could not be), for [`restore_newest`]. A wake fetches it while the instance
+/// starts, so that restoring is only the copy into the instance.
+pub(crate) struct Prefetch {
+    head: otm_core::SnapshotMeta,
+    spool: SpoolFile,
+    fetched: Result<()>,
+}
+
+/// Fetches the newest snapshot of `tenant`; `None` when it has none. An error reading the head
+/// fails the wake; a snapshot that cannot be fetched or decoded is left to [`restore_newest`],
+/// which falls back to older ones.
+async fn prefetch_newest(app: &Arc<App>, tenant: &TenantId) -> Result<Option<Prefetch>> {
     let Some(head) = app.state().head(tenant).await? else {
-        return Ok(());
+        return Ok(None);
     };
-    let mut candidates = vec![head.clone()];
-    let mut older: Vec<_> = app
-        .state()
-        .list(tenant)
-        .await?
-        .into_iter()
-        .filter(|m| m.id < head.id)
-        .collect();
-    older.reverse();
-    candidates.extend(older);
     // One private file, refilled for each candidate, removed however this ends.
     let (spool, file) = SpoolFile::create(&app.settings().data_dir, tenant.as_str()).await?;
     drop(file);
+    let fetched = fetch_checked(app, tenant, &head.id, &spool)
+        .await
+        .map(|_| ());
+    Ok(Some(Prefetch {
+        head,
+        spool,
+        fetched,
+    }))
+}
+
+/// Restores the tenant's newest snapshot that works into the instance: the head (prefetched),
+/// or, when it fails for any reason (missing, damaged, refused by the checksum, the test decode
+/// or the instance), the newest older one, with each skipped snapshot and why recorded (log,
+/// metrics, the tenant's `last_restore_fallback`). A store or instance that cannot be reached
+/// fails the wake instead (it is retried): an older snapshot would fare no better there, and
+/// falling back over a passing outage would drop newer state. Nothing to do for a tenant
+/// without snapshots.
+async fn restore_newest(
+    app: &Arc<App>,
+    tenant: &TenantId,
+    shim: &ShimClient,
+    prefetched: Option<Prefetch>,
+) -> Result<()> {
+    let Some(Prefetch {
+        head,
+        spool,
+        fetched,
+    }) = prefetched
+    else {
+        return Ok(());
+    };
     let mut skipped = Vec::new();
     let mut restored = None;
-    for meta in candidates {
+    // The older snapshots, newest first: listed only once the newest has failed.
+    let mut older: Option<std::vec::IntoIter<otm_core::SnapshotMeta>> = None;
+    let mut next = Some((head.id.clone(), fetched));
+    loop {
+        let (id, fetched) = match next.take() {
+            Some(candidate) => candidate,
+            None => {
+                if older.is_none() {
+                    let mut list: Vec<_> = match app.state().list(tenant).await {
+                        Ok(list) => list.into_iter().filter(|m| m.id < head.id).collect(),
+                        Err(e) => {
+                            if !skipped.is_empty() {
+                                app.record_restore_fallback(tenant, None, skipped);
+                            }
+                            return Err(e);
+                        }
+                    };
+                    list.reverse();
+                    older = Some(list.into_iter());
+                }
+                let Some(meta) = older.as_mut().and_then(|o| o.next()) else {
+                    break;
+                };
+                let fetched = fetch_checked(app, tenant, &meta.id, &spool)
+                    .await
+                    .map(|_| ());
+                (meta.id, fetched)
+            }
+        };
         let tried = async {
-            fetch_checked(app, tenant, &meta.id, &spool).await?;
+            fetched?;
             shim.restore(spool.open().await?).await
         }
         .await;
         match tried {
             Ok(()) => {
-                restored = Some(meta.id);
+                restored = Some(id);
                 break;
             }
             Err(e @ Error::Unavailable { .. }) => {
@@ -1202,13 +1272,13 @@ async fn restore_newest(app: &Arc<App>, tenant: &TenantId, shim: &ShimClient) ->
                 return Err(e);
             }
             Err(e) => {
-                tracing::error!(%tenant, snapshot = %meta.id, error = %e, "cannot restore this snapshot; trying the one before it");
+                tracing::error!(%tenant, snapshot = %id, error = %e, "cannot restore this snapshot; trying the one before it");
                 app.metrics().reconciler(match e {
                     Error::Corrupt { .. } => "snapshot_corrupt",
                     _ => "restore_refused",
                 });
                 skipped.push(crate::app::SkippedSnapshot {
-                    snapshot: meta.id,
+                    snapshot: id,
                     reason: e.to_string(),
                 });
             }

@@ -317,8 +317,9 @@ impl Agent {
     /// timeout.
     async fn probe_until_ready(&self, _pid: u32) -> bool {
         let deadline = Instant::now() + self.inner.profile.ready_timeout;
-        // Every 2 ms for the first 100 ms (a small agent is up in tens of milliseconds, and a
-        // doubling interval would add up to its own length), then every 25 ms.
+        // Every millisecond for the first 100 ms (a small agent is up in a few milliseconds, a
+        // refused connection costs microseconds, and a doubling interval would add up to the
+        // agent's own start), then every 25 ms.
         let started = Instant::now();
         let launch = &self.inner.launch;
         for url in std::iter::once(&launch.health_url).chain(&launch.also_ready) {
@@ -335,7 +336,7 @@ impl Agent {
                     }
                 }
                 let interval = if started.elapsed() < Duration::from_millis(100) {
-                    2
+                    1
                 } else {
                     25
                 };
