@@ -210,15 +210,16 @@ async fn wake_locked(
     let fleet = app.registry().get_settings().await?;
     let limits = t.limits.over(&fleet.default_limits);
     let _admitted = admit(app, &fleet, tenant).await?;
-    app.registry()
-        .set_tenant_status(tenant, TenantStatus::Provisioning, Some(fence))
-        .await?;
 
-    // `prepare`: locks and the status write before any instance work.
+    // `prepare`: locks and admission before any instance work.
     let mut phases: Vec<(String, u64)> =
         vec![("prepare".into(), begun.elapsed().as_millis() as u64)];
     let mark = Instant::now();
-    // Claim a warm instance, or create one, while the newest snapshot is fetched.
+    // Claim a warm instance, or create one, while the newest snapshot is fetched and the status
+    // written.
+    let provisioning =
+        app.registry()
+            .set_tenant_status(tenant, TenantStatus::Provisioning, Some(fence));
     let instance = async {
         let claimed = match app.registry().claim_warm_instance(tenant).await? {
             Some(rec) => claim_warm(app, rec, tenant, &limits).await,
@@ -282,7 +283,15 @@ async fn wake_locked(
         };
         Ok((rec, path))
     };
-    let (prefetched, instance) = tokio::join!(prefetch_newest(app, tenant), instance);
+    let (status, prefetched, instance) =
+        tokio::join!(provisioning, prefetch_newest(app, tenant), instance);
+    if let Err(e) = status {
+        // The fence was lost (another wake holds the tenant now), or the registry failed.
+        if let Ok((rec, _)) = &instance {
+            discard(app, rec).await;
+        }
+        return Err(e);
+    }
     let (mut rec, path) = instance?;
     let first = if path == WakePath::Warm {
         "claim"

@@ -322,6 +322,21 @@ impl Agent {
         // agent's own start), then every 25 ms.
         let started = Instant::now();
         let launch = &self.inner.launch;
+        // Until the agent listens: a connection attempt every 200 µs on a blocking thread, for
+        // up to 100 ms. A runtime timer ticks in whole milliseconds, which would add up to 2 ms
+        // to every start of a small agent.
+        if let Ok(addr) = crate::loopback::address(&launch.health_url) {
+            let _ = tokio::task::spawn_blocking(move || {
+                let until = Instant::now() + Duration::from_millis(100);
+                while Instant::now() < until {
+                    if std::net::TcpStream::connect(addr).is_ok() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            })
+            .await;
+        }
         for url in std::iter::once(&launch.health_url).chain(&launch.also_ready) {
             loop {
                 if Instant::now() >= deadline {

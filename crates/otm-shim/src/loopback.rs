@@ -227,6 +227,11 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Whether a header value is `value` (a value that is not text is not).
+/// The address an `http://<ip>:<port>/…` URL names.
+pub fn address(url: &str) -> Result<SocketAddr, Error> {
+    Ok(target(url)?.addr)
+}
+
 pub fn header_is(headers: &HeaderMap, name: &str, value: &str) -> bool {
     headers
         .get(name)

@@ -1406,6 +1406,20 @@ impl InstanceStore for SqliteRegistry {
     }
 
     async fn claim_warm_instance(&self, tenant: &TenantId) -> Result<Option<InstanceRecord>> {
+        // With no warm instance (the pool is off, or empty for now), a read answers, and the
+        // wake waits for no sync. One made meanwhile is missed: the wake makes its own.
+        let any_warm = self
+            .read(|c| {
+                c.prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM instances WHERE state = 'warm' AND tenant IS NULL)",
+                )
+                .and_then(|mut s| s.query_row([], |r| r.get::<_, bool>(0)))
+                .map_err(db)
+            })
+            .await?;
+        if !any_warm {
+            return Ok(None);
+        }
         let tenant = tenant.clone();
         // The single writer makes select-then-update atomic: no other write runs in between.
         self.write(move |c| {

@@ -530,16 +530,14 @@ async fn run(plan: Plan) {
     // Wake latency by phase, from the server's own answers.
     eprintln!("wakes…");
     // (path, totals, phases) of each kind of wake, for the table and the plot.
+    let starts_dir = dir.path().join("agent-starts");
+    std::fs::create_dir_all(&starts_dir).unwrap();
+    let starts = agent_starts(&starts_dir, &tg, plan.wakes).await;
     let mut wake_runs = Vec::new();
     for warm in [false, true] {
         let (totals, phases) = server.wakes(&http, "awake", plan.wakes, warm).await;
         let kind = if warm { "warm pool" } else { "cold" };
-        table.row(
-            &format!("wake, {kind}, reference agent in the bubblewrap sandbox ({} wakes, admin API's answers)", plan.wakes),
-            "the agent's own start is inside `ready`",
-            &wake_text(&totals, &phases),
-            "",
-        );
+        wake_row(&mut table, kind, plan.wakes, &totals, &phases, &starts);
         wake_runs.push((kind, totals, phases));
     }
 
@@ -789,16 +787,14 @@ async fn wake_rows(
         1,
     )
     .await;
+    let agent_dir = dir.join("agent-starts");
+    std::fs::create_dir_all(&agent_dir).unwrap();
+    let starts = agent_starts(&agent_dir, tg, plan.wakes).await;
     let mut runs = Vec::new();
     for warm in [false, true] {
         let (totals, phases) = server.wakes(http, "awake", plan.wakes, warm).await;
         let kind = if warm { "warm pool" } else { "cold" };
-        table.row(
-            &format!("wake, {kind}, reference agent in the bubblewrap sandbox ({} wakes, admin API's answers)", plan.wakes),
-            "the agent's own start is inside `ready`",
-            &wake_text(&totals, &phases),
-            "",
-        );
+        wake_row(table, kind, plan.wakes, &totals, &phases, &starts);
         runs.push((kind, totals, phases));
     }
     let (s, v) = server
@@ -823,6 +819,29 @@ async fn wake_rows(
     runs.push(("frozen", totals, phases));
     server.stop().await;
     plot_wakes(&out_dir.join("wake-phases.svg"), &runs);
+}
+
+/// A row of cold or warm-pool wakes, beside the agent's own start.
+fn wake_row(
+    table: &mut Table,
+    kind: &str,
+    n: usize,
+    totals: &[f64],
+    phases: &std::collections::BTreeMap<String, Vec<f64>>,
+    agent_starts: &[f64],
+) {
+    table.row(
+        &format!("wake, {kind}, reference agent in the bubblewrap sandbox ({n} wakes, admin API's answers)"),
+        &format!(
+            "the agent's own start (inside `ready`), spawned by hand without a sandbox, to its first accepted connection: p50 {}",
+            ms(pct(agent_starts, 0.5))
+        ),
+        &wake_text(totals, phases),
+        &format!(
+            "+{} p50 beyond the agent's own start",
+            ms(pct(totals, 0.5) - pct(agent_starts, 0.5))
+        ),
+    );
 }
 
 fn wake_text(totals: &[f64], phases: &std::collections::BTreeMap<String, Vec<f64>>) -> String {
@@ -1403,6 +1422,45 @@ impl DirectAgent {
             secret,
         }
     }
+}
+
+/// The reference agent's own start, `n` times: milliseconds from spawning it by hand (no
+/// sandbox) to its first accepted connection, polled every 100 µs.
+async fn agent_starts(dir: &Path, tg: &FakeTelegram, n: usize) -> Vec<f64> {
+    let (dir, root) = (dir.to_owned(), tg.url());
+    tokio::task::spawn_blocking(move || {
+        (0..n)
+            .map(|_| {
+                let port = free_port();
+                let t0 = Instant::now();
+                let mut child =
+                    std::process::Command::new(env!("CARGO_BIN_EXE_otm-reference-agent"))
+                        .env("OTM_AGENT_LISTEN", format!("127.0.0.1:{port}"))
+                        .env("OTM_AGENT_STATE_DIR", &dir)
+                        .env("OTM_BOT_API_ROOT", &root)
+                        .env("OTM_BOT_TOKEN", "7301:START")
+                        .env("OTM_WEBHOOK_SECRET", "start-secret")
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .expect("starting otm-reference-agent");
+                let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+                while std::net::TcpStream::connect(addr).is_err() {
+                    assert!(
+                        t0.elapsed() < Duration::from_secs(10),
+                        "the agent did not listen"
+                    );
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+                let ms = t0.elapsed().as_secs_f64() * 1000.0;
+                let _ = child.kill();
+                let _ = child.wait();
+                ms
+            })
+            .collect()
+    })
+    .await
+    .unwrap()
 }
 
 impl Drop for DirectAgent {
