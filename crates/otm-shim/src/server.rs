@@ -20,7 +20,7 @@ use otm_core::shim_api::{
 };
 use serde::Deserialize;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
@@ -83,23 +83,25 @@ impl Shim {
     }
     /// What the agent may write: its state, scratch and home directories.
     fn agent_writable(&self) -> Vec<PathBuf> {
-        vec![
-            self.state_dir(),
-            self.config.dir.join("tmp"),
-            self.config.dir.join("home"),
-        ]
+        agent_writable(&self.config.dir)
     }
+}
+
+/// What the agent of the instance directory `dir` may write: its state, scratch and home
+/// directories.
+fn agent_writable(dir: &Path) -> Vec<PathBuf> {
+    vec![dir.join("state"), dir.join("tmp"), dir.join("home")]
 }
 
 /// Makes the agent's sandbox ahead of the bind that needs it: the agent's start then pays for
 /// no namespace and no mount. Whatever the profile, it shows the agent's writable directories
 /// and [`profile::CONFIG_DIR`] read-only; a launch that needs more gets a sandbox of its own.
-fn prestart(shim: &Arc<Shim>) -> Option<tokio::task::JoinHandle<std::io::Result<Prestarted>>> {
-    let sandbox = shim.config.agent_sandbox.clone()?;
-    let config = shim.config.dir.join(profile::CONFIG_DIR);
-    let workdir = shim.state_dir();
-    let writable = shim.agent_writable();
-    let log = shim.log_path();
+fn prestart(shim: &ShimConfig) -> Option<tokio::task::JoinHandle<std::io::Result<Prestarted>>> {
+    let sandbox = shim.agent_sandbox.clone()?;
+    let config = shim.dir.join(profile::CONFIG_DIR);
+    let workdir = shim.dir.join("state");
+    let writable = agent_writable(&shim.dir);
+    let log = shim.dir.join("agent.log");
     Some(tokio::spawn(async move {
         std::fs::create_dir_all(&config)?;
         let (out, _) = crate::agent::open_log(&log)?;
@@ -123,6 +125,8 @@ pub async fn run(
 ) -> std::io::Result<()> {
     std::fs::create_dir_all(config.dir.join("state"))?;
     std::fs::create_dir_all(config.dir.join("tmp"))?;
+    // First, so that the agent's sandbox is under way while the rest starts.
+    let prestarting = prestart(&config);
     let egress_root = match &config.egress {
         Some(socket) => Some(crate::forward::start(socket.clone(), shutdown.clone()).await?),
         None => None,
@@ -132,9 +136,8 @@ pub async fn run(
         bound: Mutex::new(None),
         egress_root,
         agent_stopped: tokio::sync::Notify::new(),
-        prestarting: Mutex::new(None),
+        prestarting: Mutex::new(prestarting),
     });
-    *shim.prestarting.lock().await = prestart(&shim);
     let app = router(shim.clone());
 
     let stop = shutdown.clone();
