@@ -126,6 +126,9 @@ struct Inner {
     cgroup_problem: Option<String>,
     /// Some(base) when instances get uids of their own (otm runs as root).
     uid_base: Option<u32>,
+    /// The uid of every instance with a record here (read from the records at start), so that
+    /// a new instance's uid is picked without reading them all again.
+    uids: Mutex<HashMap<InstanceId, u32>>,
     /// Instances being deleted on purpose: their exit is not news.
     deleting: Mutex<HashSet<InstanceId>>,
     /// Instances watched by a task of ours, with their limits.
@@ -265,12 +268,15 @@ impl LocalRuntime {
                 cgroups,
                 cgroup_problem,
                 uid_base,
+                uids: Mutex::new(HashMap::new()),
                 deleting: Mutex::new(HashSet::new()),
                 watched: Mutex::new(HashMap::new()),
                 events,
             }),
         };
-        for record in rt.records() {
+        let records = rt.records();
+        *rt.inner.uids.lock().unwrap() = records.iter().map(|r| (r.id.clone(), r.uid)).collect();
+        for record in records {
             if rt.alive(&record) {
                 tracing::info!(instance = %record.id, "found running instance");
                 rt.watch(record.id.clone(), None, ResourceLimits::default());
@@ -327,13 +333,15 @@ impl LocalRuntime {
         process_start(r.pid).is_some_and(|s| s == r.pid_start)
     }
 
-    /// Picks a uid no recorded instance uses.
-    fn pick_uid(&self, base: u32) -> u32 {
-        let used: HashSet<u32> = self.records().into_iter().map(|r| r.uid).collect();
+    /// Picks a uid no other instance uses, and holds it for `id` until [`Self::remove`].
+    fn pick_uid(&self, base: u32, id: &InstanceId) -> u32 {
+        let mut uids = self.inner.uids.lock().unwrap();
+        let used: HashSet<u32> = uids.values().copied().collect();
         loop {
             let slot = u32::from_str_radix(&otm_core::id::random_hex(2), 16).unwrap_or(0);
             let uid = base.saturating_add(slot);
             if !used.contains(&uid) {
+                uids.insert(id.clone(), uid);
                 return uid;
             }
         }
@@ -563,7 +571,7 @@ impl LocalRuntime {
         let g = |e: std::io::Error| Error::generic(BACKEND, e);
         let sandboxed = self.inner.bwrap.is_some();
         let uid = match self.inner.uid_base {
-            Some(base) => self.pick_uid(base),
+            Some(base) => self.pick_uid(base, &id),
             None => nix::unistd::geteuid().as_raw(),
         };
         std::fs::create_dir(&rdir).map_err(g)?;
@@ -801,7 +809,9 @@ impl LocalRuntime {
         })
         .await
         .map_err(|e| Error::generic(BACKEND, e))?
-        .map_err(|e| Error::generic(BACKEND, e))
+        .map_err(|e| Error::generic(BACKEND, e))?;
+        self.inner.uids.lock().unwrap().remove(id);
+        Ok(())
     }
 }
 
@@ -1066,4 +1076,49 @@ pub fn which(name: &str) -> Option<PathBuf> {
             .map(|d| d.join(name))
             .find(|p| p.is_file())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Instances get uids no other instance holds, without reading the records each time.
+    #[test]
+    fn picked_uids_are_distinct_and_freed() {
+        if !nix::unistd::geteuid().is_root() || sandbox::bwrap().is_none() {
+            eprintln!("skipped: uids of their own need root and bubblewrap");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("otm-test-uids-{}", InstanceId::random()));
+        let rt = LocalRuntime::new(LocalRuntimeConfig {
+            data_dir: dir.clone(),
+            otm_binary: std::env::current_exe().unwrap(),
+            sandbox: SandboxMode::Bubblewrap,
+            read_only: vec![],
+            egress_dir: None,
+            uid_base: DEFAULT_UID_BASE,
+            favor_dynmods: false,
+        })
+        .unwrap();
+        let ids: Vec<InstanceId> = (0..2000).map(|_| InstanceId::random()).collect();
+        let uids: HashSet<u32> = ids
+            .iter()
+            .map(|id| rt.pick_uid(DEFAULT_UID_BASE, id))
+            .collect();
+        assert_eq!(uids.len(), ids.len(), "a uid was given twice");
+        assert!(
+            uids.iter()
+                .all(|u| (DEFAULT_UID_BASE..DEFAULT_UID_BASE + 65_536).contains(u))
+        );
+        let held = rt.inner.uids.lock().unwrap().len();
+        assert_eq!(held, ids.len());
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(rt.remove(&ids[0]))
+            .unwrap();
+        assert_eq!(rt.inner.uids.lock().unwrap().len(), ids.len() - 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
