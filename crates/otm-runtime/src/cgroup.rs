@@ -42,14 +42,7 @@ impl Layout {
         let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
         let mut v2 = None;
         let (mut memory, mut pids, mut cpu, mut freezer) = (None, None, None, None);
-        for line in info.lines() {
-            let Some((left, right)) = line.split_once(" - ") else {
-                continue;
-            };
-            let mount_point = left.split_whitespace().nth(4).map(PathBuf::from);
-            let mut r = right.split_whitespace();
-            let fstype = r.next().unwrap_or("");
-            let options = r.nth(1).unwrap_or("");
+        for (mount_point, fstype, options) in mounts(&info) {
             match (fstype, mount_point) {
                 ("cgroup2", Some(p)) => {
                     let controllers =
@@ -218,6 +211,18 @@ fn remove_leftovers_in(parents: &[PathBuf], min_age: Duration) -> Vec<PathBuf> {
     removed
 }
 
+/// The mounts of a `/proc/self/mountinfo` text: (mount point, file system type, super options).
+fn mounts(info: &str) -> impl Iterator<Item = (Option<PathBuf>, &str, &str)> {
+    info.lines().filter_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mount_point = left.split_whitespace().nth(4).map(PathBuf::from);
+        let mut r = right.split_whitespace();
+        let fstype = r.next().unwrap_or("");
+        let options = r.nth(1).unwrap_or("");
+        Some((mount_point, fstype, options))
+    })
+}
+
 /// Where otm mounts the cgroup hierarchy that turns the kernel's `favordynmods` on.
 pub const FAVORDYNMODS_MOUNT: &str = "/run/otm/cgroup-favordynmods";
 
@@ -243,14 +248,10 @@ pub enum FavorDynmods {
 /// mounts alone). Needs root and a kernel of 6.0 or later.
 pub fn favor_dynamic_moves(at: &Path) -> std::io::Result<FavorDynmods> {
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    if let Some(found) = info.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let mut r = right.split_whitespace();
-        let fstype = r.next()?;
-        let options = r.nth(1)?;
+    if let Some(found) = mounts(&info).find_map(|(mount_point, fstype, options)| {
         ((fstype == "cgroup" || fstype == "cgroup2")
             && options.split(',').any(|o| o == "favordynmods"))
-        .then(|| PathBuf::from(left.split_whitespace().nth(4).unwrap_or("?")))
+        .then(|| mount_point.unwrap_or_else(|| PathBuf::from("?")))
     }) {
         return Ok(FavorDynmods::AlreadyOn(found));
     }

@@ -223,22 +223,7 @@ impl LocalRuntime {
             Some(layout) => match layout.prepare() {
                 Ok(()) => {
                     if root && config.favor_dynmods {
-                        use crate::cgroup::{
-                            FAVORDYNMODS_MOUNT, FavorDynmods, favor_dynamic_moves,
-                        };
-                        match favor_dynamic_moves(Path::new(FAVORDYNMODS_MOUNT)) {
-                            Ok(FavorDynmods::Mounted(at)) => tracing::info!(
-                                at = %at.display(),
-                                "mounted a cgroup hierarchy with favordynmods: moving an instance into its cgroups no longer waits for the kernel"
-                            ),
-                            Ok(FavorDynmods::AlreadyOn(at)) => {
-                                tracing::debug!(at = %at.display(), "favordynmods is on")
-                            }
-                            Err(e) => tracing::warn!(
-                                error = %e,
-                                "cannot turn the kernel's favordynmods on: each instance start waits 10 to 20 ms more"
-                            ),
-                        }
+                        favor_dynmods();
                     }
                     let removed = layout.remove_leftovers(LEFTOVER_CGROUP_AGE);
                     if !removed.is_empty() {
@@ -946,6 +931,25 @@ impl Runtime for LocalRuntime {
                 format!("cannot pack the state directory from outside: {e}"),
             )
         })
+    }
+}
+
+/// Turns the kernel's favordynmods on ([`crate::cgroup::favor_dynamic_moves`]), saying what it
+/// did; a failure only costs each instance start some milliseconds.
+fn favor_dynmods() {
+    use crate::cgroup::{FAVORDYNMODS_MOUNT, FavorDynmods, favor_dynamic_moves};
+    match favor_dynamic_moves(Path::new(FAVORDYNMODS_MOUNT)) {
+        Ok(FavorDynmods::Mounted(at)) => tracing::info!(
+            at = %at.display(),
+            "mounted a cgroup hierarchy with favordynmods: moving an instance into its cgroups no longer waits for the kernel"
+        ),
+        Ok(FavorDynmods::AlreadyOn(at)) => {
+            tracing::debug!(at = %at.display(), "favordynmods is on")
+        }
+        Err(e) => tracing::warn!(
+            error = %e,
+            "cannot turn the kernel's favordynmods on: each instance start waits 10 to 20 ms more"
+        ),
     }
 }
 

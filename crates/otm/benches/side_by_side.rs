@@ -644,15 +644,7 @@ async fn run(plan: Plan) {
 
     // Wakes from the frozen tier through the admin API, by phase.
     let (totals, phases) = server.frozen_wakes(&http, "awake", plan.wakes).await;
-    table.row(
-        &format!(
-            "wake, frozen tier, reference agent in the bubblewrap sandbox ({} wakes, admin API's answers)",
-            plan.wakes
-        ),
-        "",
-        &wake_text(&totals, &phases),
-        "",
-    );
+    frozen_wake_row(&mut table, plan.wakes, &totals, &phases);
     wake_runs.push(("frozen", totals, phases));
 
     // Control-plane memory per idle tenant.
@@ -807,15 +799,7 @@ async fn wake_rows(
         .await;
     assert_eq!(s, 200, "{v}");
     let (totals, phases) = server.frozen_wakes(http, "awake", plan.wakes).await;
-    table.row(
-        &format!(
-            "wake, frozen tier, reference agent in the bubblewrap sandbox ({} wakes, admin API's answers)",
-            plan.wakes
-        ),
-        "",
-        &wake_text(&totals, &phases),
-        "",
-    );
+    frozen_wake_row(table, plan.wakes, &totals, &phases);
     runs.push(("frozen", totals, phases));
     server.stop().await;
     plot_wakes(&out_dir.join("wake-phases.svg"), &runs);
@@ -842,6 +826,36 @@ fn wake_row(
             ms(pct(totals, 0.5) - pct(agent_starts, 0.5))
         ),
     );
+}
+
+/// A row of wakes from the frozen tier.
+fn frozen_wake_row(
+    table: &mut Table,
+    n: usize,
+    totals: &[f64],
+    phases: &std::collections::BTreeMap<String, Vec<f64>>,
+) {
+    table.row(
+        &format!("wake, frozen tier, reference agent in the bubblewrap sandbox ({n} wakes, admin API's answers)"),
+        "",
+        &wake_text(totals, phases),
+        "",
+    );
+}
+
+/// Adds one answer of the admin API's wake (its total and phases) to a run's figures.
+fn record_wake(
+    v: &serde_json::Value,
+    totals: &mut Vec<f64>,
+    phases: &mut std::collections::BTreeMap<String, Vec<f64>>,
+) {
+    totals.push(v["total_ms"].as_f64().unwrap());
+    for (k, ms) in v["phases_ms"].as_object().unwrap() {
+        phases
+            .entry(k.clone())
+            .or_default()
+            .push(ms.as_f64().unwrap());
+    }
 }
 
 fn wake_text(totals: &[f64], phases: &std::collections::BTreeMap<String, Vec<f64>>) -> String {
@@ -1662,13 +1676,7 @@ impl OtmServer {
             assert_eq!(s, 200, "{v}");
             let expect = if warm { "warm" } else { "cold" };
             assert_eq!(v["path"], expect, "{v}");
-            totals.push(v["total_ms"].as_f64().unwrap());
-            for (k, ms) in v["phases_ms"].as_object().unwrap() {
-                phases
-                    .entry(k.clone())
-                    .or_default()
-                    .push(ms.as_f64().unwrap());
-            }
+            record_wake(&v, &mut totals, &mut phases);
         }
         if warm {
             self.api(
@@ -1705,13 +1713,7 @@ impl OtmServer {
                 .await;
             assert_eq!(s, 200, "{v}");
             assert_eq!(v["path"], "frozen", "{v}");
-            totals.push(v["total_ms"].as_f64().unwrap());
-            for (k, ms) in v["phases_ms"].as_object().unwrap() {
-                phases
-                    .entry(k.clone())
-                    .or_default()
-                    .push(ms.as_f64().unwrap());
-            }
+            record_wake(&v, &mut totals, &mut phases);
         }
         (totals, phases)
     }
